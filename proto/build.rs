@@ -1,0 +1,18 @@
+//! Generates the prost/tonic code for `proto/syncline.proto`.
+//!
+//! Uses the `protoc` binary shipped inside the `protoc-bin-vendored` crate, so building needs no
+//! system protoc. Payload fields are generated as `bytes::Bytes` so the server hands the bytes it
+//! received to the log without copying them.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // Build scripts run single-threaded; setting PROTOC here only affects this process.
+    std::env::set_var("PROTOC", protoc);
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .bytes(".")
+        .file_descriptor_set_path(out_dir.join("syncline_descriptor.bin"))
+        .compile_protos(&["proto/syncline.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/syncline.proto");
+    Ok(())
+}

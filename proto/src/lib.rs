@@ -1,0 +1,16 @@
+//! Syncline's wire format.
+//!
+//! - [`batch`]: the record-batch layout and its codec. Producers encode batches with it, the
+//!   broker validates and stores them byte for byte, consumers decode them.
+//! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
+
+pub mod batch;
+
+/// Generated protobuf and gRPC code for package `syncline.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("syncline.v1");
+
+    /// Encoded `FileDescriptorSet` of the schema, for gRPC server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("syncline_descriptor");
+}
