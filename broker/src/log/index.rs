@@ -1,0 +1,376 @@
+//! Sparse, memory-mapped segment indexes.
+//!
+//! ## Byte maps (little-endian, fixed-width entries, no header)
+//! ```text
+//! <base>.index      entry = 8 bytes:  [0..4) relative offset u32 | [4..8) file position u32
+//! <base>.timeindex  entry = 12 bytes: [0..8) timestamp ms i64     | [8..12) relative offset u32
+//! ```
+//! The relative offset is `offset - segment base offset`. An entry is written when at least
+//! `index_interval_bytes` of log lie between it and the previous entry (the segment start, at
+//! position 0, is implicit and never stored), so every stored relative offset and position is
+//! non-zero and strictly increasing. A time-index entry `(t, r)` says: the largest timestamp of
+//! the batches before and including relative offset `r` is `t`; it is written beside an
+//! offset-index entry when `t` grew.
+//!
+//! ## Life cycle and fault model
+//! - Active segment: the file is sized to its capacity (`segment_bytes_max /
+//!   index_interval_bytes` entries) and mapped writable; blocks are reserved with `fallocate`
+//!   in 64 KiB chunks ahead of the writes, so a full disk can never turn a store through the
+//!   mapping into SIGBUS (an entry that cannot be reserved is skipped: the index is sparse and
+//!   lookups scan forward). The entry count is found on open as the first all-zero entry.
+//! - Sealed segment: the used entries are written to `<name>.tmp`, fsync'd and renamed over the
+//!   index (never a truncation of a mapped file in place), then mapped read-only.
+//! - The index is never fsync'd while active: it may reach disk before or after the data, or
+//!   partially. Recovery therefore treats it as a hint: entries past the valid data are dropped
+//!   and an index that disagrees with the data is rebuilt from a scan.
+//!
+//! Lookups are binary searches over the mapping.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapMut, MmapOptions};
+
+/// Width of an offset-index entry.
+pub const OFFSET_ENTRY_BYTES: usize = 8;
+/// Width of a time-index entry.
+pub const TIME_ENTRY_BYTES: usize = 12;
+/// Index space is reserved in chunks of this size (a few thousand entries).
+const ALLOCATE_CHUNK_BYTES: u64 = 64 * 1024;
+
+enum Mapping {
+    Writable {
+        map: MmapMut,
+        file: File,
+        allocated: u64,
+    },
+    Sealed(Mmap),
+    Empty,
+}
+
+/// A fixed-width-entry index file.
+pub(crate) struct IndexFile<const W: usize> {
+    path: PathBuf,
+    mapping: Mapping,
+    entries: usize,
+    capacity: usize,
+}
+
+impl<const W: usize> std::fmt::Debug for IndexFile<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexFile")
+            .field("path", &self.path)
+            .field("entries", &self.entries)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl<const W: usize> IndexFile<W> {
+    /// Opens (or creates) a writable index of `capacity` entries and drops everything from entry
+    /// `keep` on (pass `usize::MAX` to keep what is there).
+    pub(crate) fn open_writable(path: &Path, capacity: usize, keep: usize) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let size = (capacity * W) as u64;
+        let existing = file.metadata()?.len();
+        if existing != size {
+            // Growing a file that nobody maps yet, or shrinking an unmapped file: both safe.
+            file.set_len(size)?;
+        }
+        // SAFETY: the index file is private to this log (guarded by the directory lock) and is
+        // only resized while unmapped.
+        let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file)? };
+        let mut index = IndexFile {
+            path: path.to_path_buf(),
+            mapping: Mapping::Writable {
+                map,
+                file,
+                allocated: 0,
+            },
+            entries: 0,
+            capacity,
+        };
+        let found = index.count_entries(capacity.min(existing as usize / W));
+        index.entries = found;
+        index.truncate_entries(keep.min(found));
+        index.reserve(((index.entries + 1) * W) as u64)?;
+        Ok(index)
+    }
+
+    /// Maps a sealed (trimmed) index read-only. Fails with `InvalidData` when its size is not a
+    /// whole number of entries.
+    pub(crate) fn open_sealed(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len() as usize;
+        if len % W != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("index size {len} is not a multiple of {W}"),
+            ));
+        }
+        let mapping = if len == 0 {
+            Mapping::Empty
+        } else {
+            // SAFETY: sealed index files are never modified in place (only replaced by rename).
+            Mapping::Sealed(unsafe { Mmap::map(&file)? })
+        };
+        Ok(IndexFile {
+            path: path.to_path_buf(),
+            mapping,
+            entries: len / W,
+            capacity: len / W,
+        })
+    }
+
+    /// Writes exactly `entries` to `path` as a sealed index (temp file, fsync, rename; the caller
+    /// fsyncs the directory) and maps it.
+    pub(crate) fn write_sealed(path: &Path, entries: &[[u8; W]]) -> io::Result<Self> {
+        let bytes: Vec<u8> = entries.iter().flatten().copied().collect();
+        write_file_synced(path, &bytes)?;
+        Self::open_sealed(path)
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.mapping {
+            Mapping::Writable { map, .. } => map,
+            Mapping::Sealed(map) => map,
+            Mapping::Empty => &[],
+        }
+    }
+
+    /// The first all-zero entry marks the end (stored entries are never all zero).
+    fn count_entries(&self, limit: usize) -> usize {
+        let bytes = self.bytes();
+        let is_zero = |i: usize| bytes[i * W..(i + 1) * W].iter().all(|b| *b == 0);
+        let (mut low, mut high) = (0, limit);
+        // Entries are a non-zero prefix followed by zeros (torn writes aside, which the
+        // recovery's consistency check catches): binary search the boundary.
+        while low < high {
+            let mid = (low + high) / 2;
+            if is_zero(mid) {
+                high = mid;
+            } else {
+                low = mid + 1;
+            }
+        }
+        low
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub(crate) fn entry(&self, i: usize) -> [u8; W] {
+        let mut out = [0u8; W];
+        out.copy_from_slice(&self.bytes()[i * W..(i + 1) * W]);
+        out
+    }
+
+    pub(crate) fn entries(&self) -> Vec<[u8; W]> {
+        (0..self.entries).map(|i| self.entry(i)).collect()
+    }
+
+    /// Appends an entry. Returns false (and stores nothing) when the index is full, sealed, or
+    /// its space cannot be reserved; a sparse index tolerates a missing entry.
+    pub(crate) fn push(&mut self, entry: [u8; W]) -> bool {
+        if self.entries >= self.capacity {
+            return false;
+        }
+        let end = ((self.entries + 1) * W) as u64;
+        if let Err(error) = self.reserve(end) {
+            tracing::warn!(path = %self.path.display(), %error, "cannot reserve index space; entry skipped");
+            return false;
+        }
+        let at = self.entries * W;
+        match &mut self.mapping {
+            Mapping::Writable { map, .. } => {
+                map[at..at + W].copy_from_slice(&entry);
+                self.entries += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn reserve(&mut self, end: u64) -> io::Result<()> {
+        let Mapping::Writable {
+            file, allocated, ..
+        } = &mut self.mapping
+        else {
+            return Ok(());
+        };
+        if end <= *allocated {
+            return Ok(());
+        }
+        let size = (self.capacity * W) as u64;
+        let new_allocated = (end + ALLOCATE_CHUNK_BYTES).min(size);
+        let len = new_allocated.saturating_sub(*allocated);
+        if len > 0 {
+            fallocate(file, *allocated, len)?;
+        }
+        *allocated = new_allocated;
+        Ok(())
+    }
+
+    /// Zeroes entries from `keep` on.
+    pub(crate) fn truncate_entries(&mut self, keep: usize) {
+        if keep >= self.entries {
+            return;
+        }
+        if let Mapping::Writable { map, .. } = &mut self.mapping {
+            map[keep * W..self.entries * W].fill(0);
+        }
+        self.entries = keep;
+    }
+
+    /// Replaces the writable index by a trimmed, fsync'd, read-only copy.
+    pub(crate) fn seal(&mut self) -> io::Result<()> {
+        if !matches!(self.mapping, Mapping::Writable { .. }) {
+            return Ok(());
+        }
+        let sealed = Self::write_sealed(&self.path, &self.entries())?;
+        *self = sealed;
+        Ok(())
+    }
+
+    /// Binary search: the last entry `i` with `key(i) <= target` (by `key`), if any.
+    pub(crate) fn floor_by<K: Ord>(&self, target: K, key: impl Fn(&[u8; W]) -> K) -> Option<usize> {
+        let (mut low, mut high) = (0usize, self.entries);
+        while low < high {
+            let mid = (low + high) / 2;
+            if key(&self.entry(mid)) <= target {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        low.checked_sub(1)
+    }
+}
+
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we own; KEEP_SIZE is unnecessary (the file is already sized)
+    // but mode 0 would be identical here.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            0,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        _ => Err(error),
+    }
+}
+
+fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let temp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("index")
+    ));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&temp, path)
+}
+
+/// The offset index of one segment.
+pub(crate) type OffsetIndex = IndexFile<OFFSET_ENTRY_BYTES>;
+/// The time index of one segment.
+pub(crate) type TimeIndex = IndexFile<TIME_ENTRY_BYTES>;
+
+pub(crate) fn offset_entry(relative_offset: u32, position: u32) -> [u8; OFFSET_ENTRY_BYTES] {
+    let mut out = [0u8; OFFSET_ENTRY_BYTES];
+    out[..4].copy_from_slice(&relative_offset.to_le_bytes());
+    out[4..].copy_from_slice(&position.to_le_bytes());
+    out
+}
+
+pub(crate) fn decode_offset_entry(entry: &[u8; OFFSET_ENTRY_BYTES]) -> (u32, u32) {
+    let relative = u32::from_le_bytes([entry[0], entry[1], entry[2], entry[3]]);
+    let position = u32::from_le_bytes([entry[4], entry[5], entry[6], entry[7]]);
+    (relative, position)
+}
+
+pub(crate) fn time_entry(timestamp: i64, relative_offset: u32) -> [u8; TIME_ENTRY_BYTES] {
+    let mut out = [0u8; TIME_ENTRY_BYTES];
+    out[..8].copy_from_slice(&timestamp.to_le_bytes());
+    out[8..].copy_from_slice(&relative_offset.to_le_bytes());
+    out
+}
+
+pub(crate) fn decode_time_entry(entry: &[u8; TIME_ENTRY_BYTES]) -> (i64, u32) {
+    let mut ts = [0u8; 8];
+    ts.copy_from_slice(&entry[..8]);
+    let relative = u32::from_le_bytes([entry[8], entry[9], entry[10], entry[11]]);
+    (i64::from_le_bytes(ts), relative)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_entries_when_reopened_should_count_them_and_find_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.index");
+        let mut index = OffsetIndex::open_writable(&path, 1000, usize::MAX).unwrap();
+        for i in 1..=100u32 {
+            assert!(index.push(offset_entry(i * 10, i * 4096)));
+        }
+        drop(index);
+        let index = OffsetIndex::open_writable(&path, 1000, usize::MAX).unwrap();
+        assert_eq!(index.len(), 100);
+        let key = |e: &[u8; 8]| decode_offset_entry(e).0;
+        assert_eq!(index.floor_by(5, key), None);
+        assert_eq!(index.floor_by(10, key), Some(0));
+        assert_eq!(index.floor_by(15, key), Some(0));
+        assert_eq!(index.floor_by(1000, key), Some(99));
+        assert_eq!(index.floor_by(u32::MAX, key), Some(99));
+    }
+
+    #[test]
+    fn given_writable_index_when_sealed_should_be_trimmed_to_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.timeindex");
+        let mut index = TimeIndex::open_writable(&path, 1 << 16, usize::MAX).unwrap();
+        index.push(time_entry(5, 1));
+        index.push(time_entry(9, 7));
+        index.seal().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 24);
+        let sealed = TimeIndex::open_sealed(&path).unwrap();
+        assert_eq!(sealed.len(), 2);
+        assert_eq!(decode_time_entry(&sealed.entry(1)), (9, 7));
+        assert!(!dir.path().join("0.timeindex.tmp").exists());
+    }
+
+    #[test]
+    fn given_full_index_when_pushed_should_refuse_without_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = OffsetIndex::open_writable(&dir.path().join("i"), 2, usize::MAX).unwrap();
+        assert!(index.push(offset_entry(1, 1)));
+        assert!(index.push(offset_entry(2, 2)));
+        assert!(!index.push(offset_entry(3, 3)));
+        index.truncate_entries(1);
+        assert_eq!(index.len(), 1);
+    }
+}

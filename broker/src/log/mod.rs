@@ -1,0 +1,1214 @@
+//! One partition's log: an append-only sequence of record batches in segment files, with
+//! sparse memory-mapped indexes, group-committed durability, crash recovery and retention.
+//!
+//! ## On disk (`<dir>` is one partition's directory)
+//! ```text
+//! <dir>/.lock                         flock'd while the log is open (one process per log)
+//! <dir>/<base:020>.log                segment: batches as producers encoded them (segment.rs)
+//! <dir>/<base:020>.index              sparse offset -> position index          (index.rs)
+//! <dir>/<base:020>.timeindex          sparse timestamp -> offset index         (index.rs)
+//! <dir>/recovery-point                offset below which everything was fsync'd (checkpoint.rs)
+//! <dir>/.clean-shutdown               present only between a clean close and the next open
+//! ```
+//!
+//! ## Offsets and visibility
+//! - `log start` = base offset of the oldest segment; retention deletes whole sealed segments.
+//! - `end` = next offset to assign. `append` stamps the batch's base offset and leader epoch
+//!   (the fields before the CRC) and writes the rest as it came (`pwritev`: 16 stamped bytes +
+//!   the client's bytes from byte 16 on, no copy).
+//! - `durable` <= `end`: everything below it was covered by an fsync. `read` serves only below
+//!   `durable`, so no reader ever sees a record that a crash could take back and whose offset
+//!   could then be reused.
+//!
+//! ## Durability (group commit)
+//! A flusher task ([`Log::spawn_flusher`]) calls [`Log::sync`] as soon as the previous sync ends
+//! (`FsyncPolicy::Always`) or every N ms (`IntervalMs`). `sync` notes the end offset, fsyncs the
+//! active segment and publishes that end as durable; callers that arrive while an fsync runs
+//! queue behind it and usually find their data already covered, so concurrent appenders share
+//! one fsync. [`Log::wait_durable`] resolves when the durable offset covers an append.
+//! A roll fsyncs the old segment before the new one takes writes, so sealed segments are always
+//! durable and the active segment is the only one that needs syncing.
+//!
+//! ## Fault model
+//! - `kill -9` / power loss at any point: on open without a valid clean-shutdown marker every
+//!   segment is scanned (framing, contiguous offsets, CRC-32C). A bad or partial batch at or
+//!   after the recovery point is a torn tail: the segment is truncated to the last valid batch
+//!   (before it is mapped), later segments are deleted, and the log says how many bytes it
+//!   dropped. A bad batch *before* the recovery point was once fsync'd: that is interior
+//!   corruption and `open` fails with [`LogError::Corrupt`] naming the file (the caller fences
+//!   this partition; other partitions are unaffected). Indexes are hints and are rebuilt when
+//!   missing or inconsistent with the data.
+//! - Clean open (marker matches the files): no scan; the tail after the last index entry is
+//!   walked to check framing; batches are CRC-checked the first time a read touches them.
+//! - A failed write or fsync poisons the log: all later appends and syncs fail with
+//!   [`LogError::Poisoned`] until it is reopened. A full disk (`ENOSPC`) while reserving space
+//!   (`fallocate`, before any byte is written) or writing is a clean [`LogError::NoSpace`]:
+//!   the log's end did not move and the next append overwrites any partial bytes.
+//! - Files are created, renamed and deleted followed by a directory fsync before anything that
+//!   depends on them is acknowledged.
+
+mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod file;
+mod index;
+mod segment;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use syncline_proto::batch;
+use tokio::sync::{watch, Notify};
+
+pub use config::{ConfigError, FsyncPolicy, LogConfig};
+pub use error::LogError;
+pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
+
+use checkpoint::CleanMarker;
+use index::{OffsetIndex, TimeIndex};
+use segment::{IndexCursor, Indexes, Segment, SegmentParts};
+
+/// Milliseconds since the Unix epoch, injectable for tests.
+pub trait Clock: Send + Sync + std::fmt::Debug {
+    /// Now, in ms since the epoch.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock that moves only when told (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock reading `now_ms`.
+    pub fn new(now_ms: i64) -> Self {
+        Self(std::sync::atomic::AtomicI64::new(now_ms))
+    }
+    /// Moves the clock by `ms`.
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// How to open a log besides its config: the file seam and the clock.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Opens segment files (real files by default; a [`FaultInjector`] in tests).
+    pub opener: Arc<dyn FileOpener>,
+    /// The clock for segment age and retention.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            opener: Arc::new(OsOpener),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+/// Where an appended batch landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the batch's first record slot.
+    pub base_offset: u64,
+    /// Offset of its last record slot.
+    pub last_offset: u64,
+}
+
+impl Appended {
+    /// The end offset that must be durable for this batch to be durable.
+    pub fn durable_target(&self) -> u64 {
+        self.last_offset + 1
+    }
+}
+
+/// Whole batches returned by [`Log::read`].
+#[derive(Debug, Clone)]
+pub struct ReadBatches {
+    /// Concatenated whole batches, sliced out of the segment mapping (empty when none).
+    pub bytes: Bytes,
+    /// Base offset of the first batch (meaningless when empty).
+    pub first_offset: u64,
+    /// The offset to read from next.
+    pub next_offset: u64,
+    /// Durable offset at the time of the read (readers never see past it).
+    pub high_watermark: u64,
+}
+
+/// What one retention pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes of log deleted.
+    pub bytes_deleted: u64,
+    /// Log start offset afterwards.
+    pub log_start_offset: u64,
+}
+
+/// A summary of the log, for describe and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogInfo {
+    /// First retained offset.
+    pub start_offset: u64,
+    /// Next offset to assign.
+    pub end_offset: u64,
+    /// Everything below is fsync'd and visible to readers.
+    pub durable_offset: u64,
+    /// Bytes in all segments.
+    pub size_bytes: u64,
+    /// Number of segments.
+    pub segments: usize,
+}
+
+/// What the last open did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// True when the clean-shutdown marker let the open skip the scan.
+    pub clean: bool,
+    /// Bytes of torn tail that were truncated or deleted.
+    pub bytes_truncated: u64,
+    /// Indexes rebuilt because they were missing or inconsistent.
+    pub indexes_rebuilt: usize,
+}
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// fsyncs performed by `sync` (group commits).
+    pub syncs: AtomicU64,
+    /// Batches appended.
+    pub batches_appended: AtomicU64,
+}
+
+struct Writer {
+    active: Arc<Segment>,
+    file: Arc<dyn SegmentFile>,
+    position: u64,
+    allocated: u64,
+    cursor: IndexCursor,
+}
+
+/// One partition's log. Share it as `Arc<Log>`; every method takes `&self`.
+pub struct Log {
+    dir: PathBuf,
+    config: LogConfig,
+    options: OpenOptions,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    writer: Mutex<Writer>,
+    end_offset: AtomicU64,
+    durable_offset: AtomicU64,
+    durable_tx: watch::Sender<u64>,
+    start_offset: AtomicU64,
+    sync_lock: Mutex<()>,
+    poisoned: AtomicBool,
+    poison_cause: Mutex<Option<String>>,
+    closed: AtomicBool,
+    dirty: Arc<Notify>,
+    last_recovery_point: Mutex<(u64, Instant)>,
+    stats: LogStats,
+    recovery: RecoveryReport,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Log {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.dir)
+            .field("info", &self.info())
+            .finish()
+    }
+}
+
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| LogError::io("creating the lock file", &path, e))?;
+    // SAFETY: plain syscall on an fd we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(LogError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        return Err(LogError::io("locking", &path, error));
+    }
+    Ok(file)
+}
+
+/// Lists segment base offsets and removes leftovers of interrupted operations: temp files and
+/// indexes whose segment is gone.
+fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| LogError::io("listing", dir, e))?;
+    let mut bases = Vec::new();
+    let mut indexes = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("listing", dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.ends_with(".tmp") {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| LogError::io("removing leftover", entry.path(), e))?;
+            continue;
+        }
+        let Some((stem, extension)) = name.split_once('.') else {
+            continue;
+        };
+        let Ok(base) = stem.parse::<u64>() else {
+            continue;
+        };
+        if stem.len() != 20 {
+            continue;
+        }
+        match extension {
+            "log" => bases.push(base),
+            "index" | "timeindex" => indexes.push((base, entry.path())),
+            _ => {}
+        }
+    }
+    bases.sort_unstable();
+    for (base, path) in indexes {
+        if bases.binary_search(&base).is_err() {
+            tracing::info!(path = %path.display(), "removing index without a segment");
+            std::fs::remove_file(&path).map_err(|e| LogError::io("removing", &path, e))?;
+        }
+    }
+    Ok(bases)
+}
+
+fn remove_segment_files(dir: &Path, base: u64) -> Result<(), LogError> {
+    // The .log goes first: an index without its segment is cleaned up at the next open.
+    for path in [
+        segment::log_path(dir, base),
+        segment::index_path(dir, base),
+        segment::time_index_path(dir, base),
+    ] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LogError::io("deleting segment file", &path, e)),
+        }
+    }
+    Ok(())
+}
+
+impl Log {
+    /// Opens (or creates) the log in `dir` with real files and the system clock.
+    pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<Log, LogError> {
+        Self::open_with(dir, config, OpenOptions::default())
+    }
+
+    /// Opens (or creates) the log in `dir`, recovering from a crash if needed.
+    pub fn open_with(
+        dir: impl Into<PathBuf>,
+        config: LogConfig,
+        options: OpenOptions,
+    ) -> Result<Log, LogError> {
+        let dir = dir.into();
+        config.validate()?;
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(|e| LogError::io("creating", &dir, e))?;
+            if let Some(parent) = dir.parent() {
+                file::sync_dir(parent).map_err(|e| LogError::io("syncing", parent, e))?;
+            }
+        }
+        let lock = lock_dir(&dir)?;
+        let marker = checkpoint::take_clean_marker(&dir)
+            .map_err(|e| LogError::io("reading the clean-shutdown marker in", &dir, e))?;
+        let recovery_point = checkpoint::read_recovery_point(&dir).map_err(|e| {
+            if e.kind() == io::ErrorKind::InvalidData {
+                LogError::Corrupt {
+                    file: dir.join(checkpoint::RECOVERY_POINT_FILE),
+                    position: 0,
+                    offset: 0,
+                    reason: e.to_string(),
+                }
+            } else {
+                LogError::io("reading the recovery point in", &dir, e)
+            }
+        })?;
+        let mut bases = list_segments(&dir)?;
+        if bases.is_empty() {
+            if let Some(point) = recovery_point.filter(|p| *p > 0) {
+                return Err(LogError::Corrupt {
+                    file: dir.clone(),
+                    position: 0,
+                    offset: point,
+                    reason: format!(
+                        "no segment files, but the recovery point says offsets below {point} were written"
+                    ),
+                });
+            }
+        }
+        let last_base = bases.last().copied();
+        let clean = match (marker, last_base) {
+            (Some(marker), Some(last)) => {
+                let len = std::fs::metadata(segment::log_path(&dir, last))
+                    .map(|m| m.len())
+                    .ok();
+                marker.last_segment == last && Some(marker.last_segment_len) == len
+            }
+            _ => false,
+        };
+        let recovery_point = recovery_point.unwrap_or(0);
+        let mut report = RecoveryReport {
+            clean,
+            ..Default::default()
+        };
+        let now = options.clock.now_ms();
+
+        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
+        let mut writer_parts: Option<(Arc<dyn SegmentFile>, IndexCursor)> = None;
+        let mut i = 0;
+        while i < bases.len() {
+            let base = bases[i];
+            let is_last = i + 1 == bases.len();
+            let path = segment::log_path(&dir, base);
+            let file = options
+                .opener
+                .open(&path, false)
+                .map_err(|e| LogError::io("opening segment", &path, e))?;
+            let mut file_len = file
+                .len()
+                .map_err(|e| LogError::io("reading size of", &path, e))?;
+            let trusted = if clean {
+                Self::load_trusted(&dir, base, is_last, &config, file.file(), file_len, marker)
+            } else {
+                None
+            };
+            let (next_offset, max_timestamp, first_timestamp, cursor, indexes) = match trusted {
+                Some(loaded) => loaded,
+                None => {
+                    let data = segment::map_file(file.file(), file_len)
+                        .map_err(|e| LogError::io("mapping segment", &path, e))?;
+                    let mut scan = segment::scan(&data, base, config.index_interval_bytes, true);
+                    drop(data);
+                    if scan.stop.is_none() && !is_last && scan.next_offset != bases[i + 1] {
+                        scan.stop = Some(format!(
+                            "segment ends at offset {} but the next segment starts at {}",
+                            scan.next_offset,
+                            bases[i + 1]
+                        ));
+                    }
+                    if let Some(reason) = scan.stop.take() {
+                        if scan.next_offset < recovery_point {
+                            return Err(LogError::Corrupt {
+                                file: path,
+                                position: scan.valid_len,
+                                offset: scan.next_offset,
+                                reason: format!(
+                                    "{reason}; this data was fsync'd (recovery point {recovery_point}), so it is interior corruption, not a torn write"
+                                ),
+                            });
+                        }
+                        // Torn tail: cut here, drop everything after.
+                        let mut dropped = file_len - scan.valid_len;
+                        for later in bases.drain(i + 1..) {
+                            let later_path = segment::log_path(&dir, later);
+                            dropped += std::fs::metadata(&later_path).map(|m| m.len()).unwrap_or(0);
+                            remove_segment_files(&dir, later)?;
+                        }
+                        tracing::warn!(
+                            dir = %dir.display(),
+                            segment = %path.display(),
+                            valid_bytes = scan.valid_len,
+                            dropped_bytes = dropped,
+                            next_offset = scan.next_offset,
+                            %reason,
+                            "truncating torn tail of the log"
+                        );
+                        file.set_len(scan.valid_len)
+                            .map_err(|e| LogError::io("truncating torn tail of", &path, e))?;
+                        file.sync_data()
+                            .map_err(|e| LogError::io("syncing", &path, e))?;
+                        file::sync_dir(&dir).map_err(|e| LogError::io("syncing", &dir, e))?;
+                        file_len = scan.valid_len;
+                        report.bytes_truncated += dropped;
+                    }
+                    let is_last = i + 1 == bases.len();
+                    let indexes =
+                        Self::indexes_from_scan(&dir, base, is_last, &config, &scan, &mut report)?;
+                    (
+                        scan.next_offset,
+                        scan.max_timestamp,
+                        scan.first_timestamp,
+                        scan.cursor,
+                        indexes,
+                    )
+                }
+            };
+            let is_last = i + 1 == bases.len();
+            let map_len = if is_last {
+                config.segment_bytes_max.max(file_len)
+            } else {
+                file_len
+            };
+            let data = segment::map_file(file.file(), map_len)
+                .map_err(|e| LogError::io("mapping segment", &path, e))?;
+            segments.push(Arc::new(Segment::new(SegmentParts {
+                base_offset: base,
+                path,
+                data,
+                len: file_len,
+                next_offset,
+                max_timestamp,
+                created_ms: first_timestamp.unwrap_or(now),
+                verified: !clean,
+                indexes,
+            })));
+            if is_last {
+                writer_parts = Some((file, cursor));
+            }
+            // Sealed segments drop their file handle here; the mapping stays.
+            i += 1;
+        }
+
+        let (active, file, cursor) = match (segments.last(), writer_parts) {
+            (Some(active), Some((file, cursor))) => (active.clone(), file, cursor),
+            _ => {
+                let (segment, file) = Self::create_segment(&dir, 0, &config, &options, now)?;
+                segments.push(segment.clone());
+                (segment, file, IndexCursor::default())
+            }
+        };
+        let end = active.next_offset();
+        if !clean {
+            // What survived the crash is served from now on: make sure it is on disk.
+            file.sync_data()
+                .map_err(|e| LogError::io("syncing", &active.path, e))?;
+        }
+        if recovery_point != end {
+            checkpoint::write_recovery_point(&dir, end)
+                .map_err(|e| LogError::io("writing the recovery point in", &dir, e))?;
+        }
+        let start = segments.first().map_or(0, |s| s.base_offset);
+        let position = active.len();
+        if clean {
+            tracing::info!(dir = %dir.display(), start, end, "opened log after clean shutdown");
+        } else {
+            tracing::info!(dir = %dir.display(), start, end, truncated_bytes = report.bytes_truncated, indexes_rebuilt = report.indexes_rebuilt, "recovered log");
+        }
+        Ok(Log {
+            dir,
+            config,
+            options,
+            segments: RwLock::new(Arc::new(segments)),
+            writer: Mutex::new(Writer {
+                active,
+                file,
+                position,
+                allocated: position,
+                cursor,
+            }),
+            end_offset: AtomicU64::new(end),
+            durable_offset: AtomicU64::new(end),
+            durable_tx: watch::Sender::new(end),
+            start_offset: AtomicU64::new(start),
+            sync_lock: Mutex::new(()),
+            poisoned: AtomicBool::new(false),
+            poison_cause: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            dirty: Arc::new(Notify::new()),
+            last_recovery_point: Mutex::new((end, Instant::now())),
+            stats: LogStats::default(),
+            recovery: report,
+            _lock: lock,
+        })
+    }
+
+    /// Clean open of one segment: load its indexes and walk the tail after the last index
+    /// entry. `None` when anything disagrees (the caller then scans).
+    #[allow(clippy::type_complexity)]
+    fn load_trusted(
+        dir: &Path,
+        base: u64,
+        is_last: bool,
+        config: &LogConfig,
+        file: &File,
+        file_len: u64,
+        marker: Option<CleanMarker>,
+    ) -> Option<(u64, i64, Option<i64>, IndexCursor, Indexes)> {
+        let (offsets, times) = if is_last {
+            let capacity = config.index_entries_max();
+            (
+                OffsetIndex::open_writable(&segment::index_path(dir, base), capacity, usize::MAX)
+                    .ok()?,
+                TimeIndex::open_writable(
+                    &segment::time_index_path(dir, base),
+                    capacity,
+                    usize::MAX,
+                )
+                .ok()?,
+            )
+        } else {
+            (
+                OffsetIndex::open_sealed(&segment::index_path(dir, base)).ok()?,
+                TimeIndex::open_sealed(&segment::time_index_path(dir, base)).ok()?,
+            )
+        };
+        let indexes = Indexes { offsets, times };
+        let data = segment::map_file(file, file_len).ok()?;
+        let walked = Segment::walk_tail(&data, base, &indexes);
+        let first_timestamp = (file_len > 0)
+            .then(|| {
+                batch::BatchHeader::parse(&data)
+                    .ok()
+                    .map(|h| h.first_timestamp)
+            })
+            .flatten();
+        match walked {
+            Ok((next, max_timestamp, cursor)) => {
+                if is_last && marker.map(|m| m.end_offset) != Some(next) {
+                    return None;
+                }
+                Some((next, max_timestamp, first_timestamp, cursor, indexes))
+            }
+            Err(reason) => {
+                tracing::warn!(dir = %dir.display(), base, %reason, "segment disagrees with its index after a clean shutdown; scanning it");
+                None
+            }
+        }
+    }
+
+    fn indexes_from_scan(
+        dir: &Path,
+        base: u64,
+        is_last: bool,
+        config: &LogConfig,
+        scan: &segment::Scan,
+        report: &mut RecoveryReport,
+    ) -> Result<Indexes, LogError> {
+        let offsets_path = segment::index_path(dir, base);
+        let times_path = segment::time_index_path(dir, base);
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e| LogError::io("rebuilding index", path, e)
+        };
+        if is_last {
+            let capacity = config.index_entries_max();
+            let mut offsets = OffsetIndex::open_writable(&offsets_path, capacity, usize::MAX)
+                .map_err(io_err(&offsets_path))?;
+            let mut times = TimeIndex::open_writable(&times_path, capacity, usize::MAX)
+                .map_err(io_err(&times_path))?;
+            if offsets.entries() != scan.offset_entries || times.entries() != scan.time_entries {
+                report.indexes_rebuilt += 1;
+                offsets.truncate_entries(0);
+                times.truncate_entries(0);
+                for entry in &scan.offset_entries {
+                    offsets.push(*entry);
+                }
+                for entry in &scan.time_entries {
+                    times.push(*entry);
+                }
+            }
+            return Ok(Indexes { offsets, times });
+        }
+        let matches = |existing: io::Result<Vec<u8>>, expected: &[u8]| {
+            existing.map(|bytes| bytes == expected).unwrap_or(false)
+        };
+        let expected_offsets: Vec<u8> = scan.offset_entries.iter().flatten().copied().collect();
+        let expected_times: Vec<u8> = scan.time_entries.iter().flatten().copied().collect();
+        let offsets_ok = matches(std::fs::read(&offsets_path), &expected_offsets);
+        let times_ok = matches(std::fs::read(&times_path), &expected_times);
+        if !(offsets_ok && times_ok) {
+            report.indexes_rebuilt += 1;
+            tracing::info!(dir = %dir.display(), base, "rebuilding missing or inconsistent index");
+        }
+        let offsets = if offsets_ok {
+            OffsetIndex::open_sealed(&offsets_path)
+        } else {
+            OffsetIndex::write_sealed(&offsets_path, &scan.offset_entries)
+        }
+        .map_err(io_err(&offsets_path))?;
+        let times = if times_ok {
+            TimeIndex::open_sealed(&times_path)
+        } else {
+            TimeIndex::write_sealed(&times_path, &scan.time_entries)
+        }
+        .map_err(io_err(&times_path))?;
+        if !(offsets_ok && times_ok) {
+            file::sync_dir(dir).map_err(|e| LogError::io("syncing", dir, e))?;
+        }
+        Ok(Indexes { offsets, times })
+    }
+
+    fn create_segment(
+        dir: &Path,
+        base: u64,
+        config: &LogConfig,
+        options: &OpenOptions,
+        now: i64,
+    ) -> Result<(Arc<Segment>, Arc<dyn SegmentFile>), LogError> {
+        let path = segment::log_path(dir, base);
+        // A previous attempt may have left an empty file: nothing in it was ever acknowledged.
+        if std::fs::metadata(&path)
+            .map(|m| m.len() == 0)
+            .unwrap_or(false)
+        {
+            std::fs::remove_file(&path).map_err(|e| LogError::io("removing", &path, e))?;
+        }
+        let file = options
+            .opener
+            .open(&path, true)
+            .map_err(|e| LogError::io("creating segment", &path, e))?;
+        let capacity = config.index_entries_max();
+        let offsets_path = segment::index_path(dir, base);
+        let times_path = segment::time_index_path(dir, base);
+        let offsets = OffsetIndex::open_writable(&offsets_path, capacity, 0)
+            .map_err(|e| LogError::io("creating index", &offsets_path, e))?;
+        let times = TimeIndex::open_writable(&times_path, capacity, 0)
+            .map_err(|e| LogError::io("creating index", &times_path, e))?;
+        let data = segment::map_file(file.file(), config.segment_bytes_max)
+            .map_err(|e| LogError::io("mapping segment", &path, e))?;
+        file::sync_dir(dir).map_err(|e| LogError::io("syncing", dir, e))?;
+        let segment = Arc::new(Segment::new(SegmentParts {
+            base_offset: base,
+            path,
+            data,
+            len: 0,
+            next_offset: base,
+            max_timestamp: i64::MIN,
+            created_ms: now,
+            verified: true,
+            indexes: Indexes { offsets, times },
+        }));
+        Ok((segment, file))
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration the log was opened with.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// What the last open found.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+
+    /// Next offset to assign.
+    pub fn end_offset(&self) -> u64 {
+        self.end_offset.load(Ordering::Acquire)
+    }
+
+    /// Everything below this offset is fsync'd and visible to readers.
+    pub fn durable_offset(&self) -> u64 {
+        self.durable_offset.load(Ordering::Acquire)
+    }
+
+    /// First retained offset.
+    pub fn start_offset(&self) -> u64 {
+        self.start_offset.load(Ordering::Acquire)
+    }
+
+    /// Offsets, size and segment count.
+    pub fn info(&self) -> LogInfo {
+        let segments = self.segments.read().clone();
+        LogInfo {
+            start_offset: self.start_offset(),
+            end_offset: self.end_offset(),
+            durable_offset: self.durable_offset(),
+            size_bytes: segments.iter().map(|s| s.len()).sum(),
+            segments: segments.len(),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), LogError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(LogError::Poisoned {
+                dir: self.dir.clone(),
+                cause: self
+                    .poison_cause
+                    .lock()
+                    .clone()
+                    .unwrap_or_else(|| "unknown".into()),
+            });
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn poison(&self, context: &str, error: &io::Error) -> LogError {
+        let cause = format!("{context}: {error}");
+        tracing::error!(dir = %self.dir.display(), %cause, "log poisoned: no more writes until restart");
+        self.poison_cause.lock().get_or_insert(cause.clone());
+        self.poisoned.store(true, Ordering::Release);
+        self.durable_tx.send_modify(|_| {});
+        LogError::Poisoned {
+            dir: self.dir.clone(),
+            cause,
+        }
+    }
+
+    fn is_no_space(error: &io::Error) -> bool {
+        error.raw_os_error() == Some(libc::ENOSPC)
+    }
+
+    /// Validates `batch` (framing, length, CRC-32C), stamps the next offset as its base offset
+    /// and appends it. The write goes to the page cache; see [`Log::wait_durable`].
+    pub fn append(&self, batch: &[u8]) -> Result<Appended, LogError> {
+        if batch.len() > self.config.batch_bytes_max as usize {
+            return Err(LogError::BatchTooLarge {
+                size: batch.len(),
+                max: self.config.batch_bytes_max,
+            });
+        }
+        let header = batch::verify(batch)?;
+        let length = batch.len() as u64;
+        let mut writer = self.writer.lock();
+        self.check_writable()?;
+        let base_offset = self.end_offset.load(Ordering::Acquire);
+        let last_offset = base_offset + u64::from(header.last_offset_delta);
+        if writer.position > 0 && self.needs_roll(&writer, length, last_offset) {
+            self.roll(&mut writer)?;
+        }
+        let position = writer.position;
+        let needed = position + length;
+        if needed > writer.allocated {
+            let chunk = self.config.preallocate_bytes.max(length);
+            let target = (writer.allocated + chunk).max(needed);
+            let target = target.min(self.config.segment_bytes_max.max(needed));
+            match writer
+                .file
+                .allocate(writer.allocated, target - writer.allocated)
+            {
+                Ok(()) => writer.allocated = target,
+                Err(error) => {
+                    return Err(LogError::io(
+                        "reserving space in",
+                        &writer.active.path,
+                        error,
+                    ));
+                }
+            }
+        }
+        // The stamped prefix (base offset, length, leader epoch) sits before the CRC'd bytes,
+        // so stamping never recomputes the CRC; the rest goes out exactly as it came.
+        let prefix = batch::stamped_prefix(base_offset, header.length, segment::LEADER_EPOCH);
+        if let Err(error) =
+            writer
+                .file
+                .write_all_at(&prefix, &batch[batch::STAMPED_PREFIX_LEN..], position)
+        {
+            if Self::is_no_space(&error) {
+                return Err(LogError::io("appending to", &writer.active.path, error));
+            }
+            return Err(self.poison("write failed", &error));
+        }
+        let active = writer.active.clone();
+        let relative = (base_offset - active.base_offset) as u32;
+        let (offset_entry, time_entry) = writer.cursor.observe(
+            relative,
+            position,
+            header.max_timestamp,
+            self.config.index_interval_bytes,
+        );
+        if offset_entry.is_some() || time_entry.is_some() {
+            let mut indexes = active.indexes.write();
+            if let Some(entry) = offset_entry {
+                indexes.offsets.push(entry);
+            }
+            if let Some(entry) = time_entry {
+                indexes.times.push(entry);
+            }
+        }
+        if position == 0 {
+            active
+                .created_ms
+                .store(self.options.clock.now_ms(), Ordering::Release);
+        }
+        writer.position = needed;
+        active.publish(needed, last_offset + 1, header.max_timestamp);
+        self.end_offset.store(last_offset + 1, Ordering::Release);
+        drop(writer);
+        self.stats.batches_appended.fetch_add(1, Ordering::Relaxed);
+        self.dirty.notify_one();
+        Ok(Appended {
+            base_offset,
+            last_offset,
+        })
+    }
+
+    fn needs_roll(&self, writer: &Writer, length: u64, last_offset: u64) -> bool {
+        let active = &writer.active;
+        writer.position + length > self.config.segment_bytes_max
+            || last_offset - active.base_offset > u64::from(u32::MAX)
+            || self.options.clock.now_ms() - active.created_ms.load(Ordering::Acquire)
+                >= self.config.segment_ms as i64
+    }
+
+    /// Seals the active segment (fsync, release preallocation, trimmed indexes, close the fd)
+    /// and starts a new one at the end offset.
+    fn roll(&self, writer: &mut Writer) -> Result<(), LogError> {
+        let old = writer.active.clone();
+        if let Err(error) = writer.file.sync_data() {
+            return Err(self.poison("fsync before roll failed", &error));
+        }
+        // Same-size truncate: frees fallocate'd blocks past the end (ext4 and xfs do this even
+        // when the size does not change) without touching any mapped byte.
+        if let Err(error) = writer.file.set_len(writer.position) {
+            tracing::warn!(path = %old.path.display(), %error, "could not release preallocated space");
+        }
+        {
+            let mut indexes = old.indexes.write();
+            if let Err(error) = indexes.offsets.seal().and_then(|()| indexes.times.seal()) {
+                return Err(self.poison("sealing the index failed", &error));
+            }
+        }
+        let base = self.end_offset.load(Ordering::Acquire);
+        let now = self.options.clock.now_ms();
+        let (segment, file) =
+            Self::create_segment(&self.dir, base, &self.config, &self.options, now)?;
+        {
+            let mut segments = self.segments.write();
+            let mut list = Vec::clone(&segments);
+            list.push(segment.clone());
+            *segments = Arc::new(list);
+        }
+        *writer = Writer {
+            active: segment,
+            file,
+            position: 0,
+            allocated: 0,
+            cursor: IndexCursor::default(),
+        };
+        self.publish_durable(base);
+        if let Err(error) = checkpoint::write_recovery_point(&self.dir, base) {
+            tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point");
+        } else {
+            *self.last_recovery_point.lock() = (base, Instant::now());
+        }
+        tracing::debug!(dir = %self.dir.display(), base, "rolled segment");
+        Ok(())
+    }
+
+    fn publish_durable(&self, offset: u64) {
+        let previous = self.durable_offset.fetch_max(offset, Ordering::AcqRel);
+        if offset > previous {
+            self.durable_tx.send_replace(offset);
+        }
+    }
+
+    /// Makes everything appended so far durable and visible, sharing the fsync with concurrent
+    /// callers (group commit). Returns the durable offset. Blocking: call it from a blocking
+    /// thread.
+    pub fn sync(&self) -> Result<u64, LogError> {
+        let target = self.end_offset();
+        if self.durable_offset() >= target {
+            return Ok(self.durable_offset());
+        }
+        let _turn = self.sync_lock.lock();
+        // Whoever held the lock before us may have covered our target already.
+        if self.durable_offset() >= target {
+            return Ok(self.durable_offset());
+        }
+        if self.poisoned.load(Ordering::Acquire) {
+            self.check_writable()?;
+        }
+        let (file, end) = {
+            let writer = self.writer.lock();
+            (writer.file.clone(), self.end_offset.load(Ordering::Acquire))
+        };
+        if let Err(error) = file.sync_data() {
+            return Err(self.poison("fsync failed", &error));
+        }
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.publish_durable(end);
+        Ok(self.durable_offset())
+    }
+
+    /// Resolves once everything below `offset` is durable (e.g. `Appended::durable_target`).
+    /// Needs a running flusher ([`Log::spawn_flusher`]) or someone calling [`Log::sync`].
+    pub async fn wait_durable(&self, offset: u64) -> Result<u64, LogError> {
+        let mut rx = self.durable_tx.subscribe();
+        loop {
+            let durable = *rx.borrow_and_update();
+            if durable >= offset {
+                return Ok(durable);
+            }
+            self.check_writable()?;
+            if rx.changed().await.is_err() {
+                return Err(LogError::Closed {
+                    dir: self.dir.clone(),
+                });
+            }
+        }
+    }
+
+    /// Starts the background group commit on the current tokio runtime. It ends when the log is
+    /// closed, poisoned or dropped.
+    pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let log = Arc::downgrade(self);
+        let dirty = self.dirty.clone();
+        tokio::spawn(flusher(log, dirty))
+    }
+
+    fn maybe_write_recovery_point(&self) {
+        let durable = self.durable_offset();
+        let mut last = self.last_recovery_point.lock();
+        let interval = Duration::from_millis(self.config.recovery_point_interval_ms);
+        if durable > last.0 && last.1.elapsed() >= interval {
+            match checkpoint::write_recovery_point(&self.dir, durable) {
+                Ok(()) => *last = (durable, Instant::now()),
+                Err(error) => {
+                    tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point")
+                }
+            }
+        }
+    }
+
+    /// Whole batches from `from` on, up to `max_bytes` (at least one batch when any is
+    /// visible), only below the durable offset. Errors when `from` is outside
+    /// `[start_offset, end_offset]`.
+    pub fn read(&self, from: u64, max_bytes: usize) -> Result<ReadBatches, LogError> {
+        self.read_up_to(from, max_bytes, self.durable_offset())
+    }
+
+    /// Like [`Log::read`] with an explicit exclusive upper offset (for replication and the
+    /// cleaner, which may read past the durable offset).
+    pub fn read_up_to(
+        &self,
+        from: u64,
+        max_bytes: usize,
+        upper: u64,
+    ) -> Result<ReadBatches, LogError> {
+        let segments = self.segments.read().clone();
+        let start = self.start_offset();
+        let end = self.end_offset();
+        let high_watermark = self.durable_offset();
+        let upper = upper.min(end);
+        if from < start || from > end {
+            return Err(LogError::OffsetOutOfRange {
+                requested: from,
+                start,
+                end,
+            });
+        }
+        let empty = ReadBatches {
+            bytes: Bytes::new(),
+            first_offset: from,
+            next_offset: from,
+            high_watermark,
+        };
+        if from >= upper {
+            return Ok(empty);
+        }
+        let first = segments
+            .partition_point(|s| s.base_offset <= from)
+            .saturating_sub(1);
+        for segment in &segments[first..] {
+            if segment.base_offset >= upper {
+                break;
+            }
+            if let Some(read) = segment.read(from, max_bytes, upper)? {
+                return Ok(ReadBatches {
+                    bytes: read.bytes,
+                    first_offset: read.first_offset,
+                    next_offset: read.next_offset,
+                    high_watermark,
+                });
+            }
+        }
+        Ok(empty)
+    }
+
+    /// Base offset of the first batch holding a record with timestamp `>= timestamp_ms`, among
+    /// durable batches; `None` when there is none yet.
+    pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, LogError> {
+        let segments = self.segments.read().clone();
+        let upper = self.durable_offset();
+        for segment in segments.iter() {
+            if segment.len() == 0 || segment.max_timestamp() < timestamp_ms {
+                continue;
+            }
+            if let Some(offset) = segment.find_timestamp(timestamp_ms, upper)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the oldest sealed segments beyond `retention_bytes` or older than
+    /// `retention_ms`; the log start offset moves to the first remaining segment.
+    pub fn enforce_retention(&self) -> Result<RetentionOutcome, LogError> {
+        let writer = self.writer.lock();
+        let segments = self.segments.read().clone();
+        let now = self.options.clock.now_ms();
+        let mut total: u64 = segments.iter().map(|s| s.len()).sum();
+        let mut outcome = RetentionOutcome {
+            log_start_offset: self.start_offset(),
+            ..Default::default()
+        };
+        let sealed = &segments[..segments.len().saturating_sub(1)];
+        let mut delete = 0;
+        for segment in sealed {
+            let over_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|limit| total - segment.len() >= limit);
+            let too_old = self
+                .config
+                .retention_ms
+                .is_some_and(|limit| segment.max_timestamp() < now.saturating_sub(limit as i64));
+            if !(over_size || too_old) || segment.next_offset() > self.durable_offset() {
+                break;
+            }
+            total -= segment.len();
+            delete += 1;
+        }
+        if delete == 0 {
+            return Ok(outcome);
+        }
+        let remaining = Arc::new(segments[delete..].to_vec());
+        let new_start = remaining
+            .first()
+            .map_or(self.end_offset(), |s| s.base_offset);
+        // Readers first stop finding the segments, then the files go (mappings stay alive in
+        // readers' `Bytes` until they drop them).
+        *self.segments.write() = remaining;
+        self.start_offset.store(new_start, Ordering::Release);
+        for segment in &segments[..delete] {
+            remove_segment_files(&self.dir, segment.base_offset)?;
+            outcome.segments_deleted += 1;
+            outcome.bytes_deleted += segment.len();
+        }
+        file::sync_dir(&self.dir).map_err(|e| LogError::io("syncing", &self.dir, e))?;
+        drop(writer);
+        outcome.log_start_offset = new_start;
+        tracing::info!(dir = %self.dir.display(), segments = outcome.segments_deleted, bytes = outcome.bytes_deleted, start = new_start, "retention deleted segments");
+        Ok(outcome)
+    }
+
+    /// Flushes everything, records a clean shutdown and refuses further appends. The next open
+    /// skips the recovery scan. Idempotent.
+    pub fn close(&self) -> Result<(), LogError> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.dirty.notify_one();
+        if self.poisoned.load(Ordering::Acquire) {
+            self.durable_tx.send_modify(|_| {});
+            return Err(LogError::Poisoned {
+                dir: self.dir.clone(),
+                cause: self.poison_cause.lock().clone().unwrap_or_default(),
+            });
+        }
+        let _turn = self.sync_lock.lock();
+        let writer = self.writer.lock();
+        if let Err(error) = writer.file.sync_data() {
+            return Err(self.poison("fsync at close failed", &error));
+        }
+        let end = self.end_offset();
+        self.publish_durable(end);
+        let marker = CleanMarker {
+            end_offset: end,
+            last_segment: writer.active.base_offset,
+            last_segment_len: writer.position,
+        };
+        checkpoint::write_recovery_point(&self.dir, end)
+            .and_then(|()| checkpoint::write_clean_marker(&self.dir, marker))
+            .map_err(|e| LogError::io("writing the clean-shutdown marker in", &self.dir, e))?;
+        self.durable_tx.send_modify(|_| {});
+        tracing::info!(dir = %self.dir.display(), end, "closed log");
+        Ok(())
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        // Wakes the flusher so it notices the log is gone.
+        self.dirty.notify_one();
+    }
+}
+
+async fn flusher(log: Weak<Log>, dirty: Arc<Notify>) {
+    loop {
+        let policy = {
+            let Some(log) = log.upgrade() else { return };
+            if log.closed.load(Ordering::Acquire) || log.poisoned.load(Ordering::Acquire) {
+                return;
+            }
+            if log.end_offset() <= log.durable_offset() {
+                None
+            } else {
+                Some(log.config.fsync)
+            }
+        };
+        let Some(policy) = policy else {
+            dirty.notified().await;
+            continue;
+        };
+        if let FsyncPolicy::IntervalMs(ms) = policy {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        let Some(strong) = log.upgrade() else { return };
+        let result = tokio::task::spawn_blocking(move || {
+            let result = strong.sync();
+            if result.is_ok() {
+                strong.maybe_write_recovery_point();
+            }
+            result
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "group commit failed; flusher stops");
+                return;
+            }
+            Err(join_error) => {
+                tracing::error!(%join_error, "group commit task failed; flusher stops");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! One segment: a `<base>.log` file of whole batches, mapped once, plus its two indexes.
+//!
+//! ## Byte map
+//! `<base-offset:020>.log` is the plain concatenation of record batches exactly as producers
+//! encoded them (layout in `syncline_proto::batch`), each with its base offset stamped. No
+//! segment header: the file name carries the base offset, the first batch starts at byte 0,
+//! and batch k+1's base offset is batch k's next offset (the log's contiguity invariant; a
+//! future cleaner keeps it by widening batches over the offsets it removes).
+//!
+//! ## Mapping and readers
+//! The whole segment is mapped read-only once (`segment_bytes_max` for the active segment, the
+//! file length for sealed ones) and wrapped in a [`Bytes`], so a read is `Bytes::slice` of the
+//! mapping: no copy, no decoding. Readers only touch `[0, len)` where `len` is published
+//! (release) after the bytes are written, so they never touch pages past the end of the file.
+//! The file is never shrunk while mapped. A reader's `Bytes` keeps the mapping alive even after
+//! retention unlinked the file.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use bytes::Bytes;
+use memmap2::MmapOptions;
+use parking_lot::RwLock;
+use syncline_proto::batch::{self, BatchHeader, HEADER_LEN};
+
+use super::error::LogError;
+use super::index::{
+    decode_offset_entry, decode_time_entry, offset_entry, time_entry, OffsetIndex, TimeIndex,
+    OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES,
+};
+
+/// The leader epoch the log stamps on every batch. Until replication exists there is one
+/// epoch, 0; the field is stamped (not trusted from the producer) so that a flipped bit in it,
+/// which the CRC does not cover, is caught by this check on recovery and read.
+pub(crate) const LEADER_EPOCH: u32 = 0;
+
+/// File name stem of a segment: the base offset, zero-padded to 20 digits so names sort.
+pub(crate) fn segment_stem(base_offset: u64) -> String {
+    format!("{base_offset:020}")
+}
+
+pub(crate) fn log_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{}.log", segment_stem(base_offset)))
+}
+pub(crate) fn index_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{}.index", segment_stem(base_offset)))
+}
+pub(crate) fn time_index_path(dir: &Path, base_offset: u64) -> PathBuf {
+    dir.join(format!("{}.timeindex", segment_stem(base_offset)))
+}
+
+/// Decides which batches get index entries. Append and the recovery scan share it, so a
+/// rebuilt index is identical to the one written live.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IndexCursor {
+    last_position: u64,
+    pub(crate) max_timestamp: i64,
+    last_time: i64,
+}
+
+impl Default for IndexCursor {
+    fn default() -> Self {
+        Self {
+            last_position: 0,
+            max_timestamp: i64::MIN,
+            last_time: i64::MIN,
+        }
+    }
+}
+
+impl IndexCursor {
+    pub(crate) fn resume(last_position: u64, max_timestamp: i64, last_time: i64) -> Self {
+        Self {
+            last_position,
+            max_timestamp,
+            last_time,
+        }
+    }
+
+    /// Observes a batch at `position`; returns the entries to store for it, if any.
+    pub(crate) fn observe(
+        &mut self,
+        relative_offset: u32,
+        position: u64,
+        batch_max_timestamp: i64,
+        interval: u32,
+    ) -> (
+        Option<[u8; OFFSET_ENTRY_BYTES]>,
+        Option<[u8; TIME_ENTRY_BYTES]>,
+    ) {
+        self.max_timestamp = self.max_timestamp.max(batch_max_timestamp);
+        if position == 0 || position - self.last_position < u64::from(interval) {
+            return (None, None);
+        }
+        self.last_position = position;
+        // Positions fit u32: segments are at most 2 GiB (LogConfig::validate).
+        let offset = Some(offset_entry(relative_offset, position as u32));
+        let time = if self.max_timestamp > self.last_time && relative_offset > 0 {
+            self.last_time = self.max_timestamp;
+            Some(time_entry(self.max_timestamp, relative_offset))
+        } else {
+            None
+        };
+        (offset, time)
+    }
+}
+
+/// Result of walking a segment's batches.
+#[derive(Debug)]
+pub(crate) struct Scan {
+    /// Bytes of whole, valid batches from the start of the walk.
+    pub(crate) valid_len: u64,
+    /// Offset after the last valid batch.
+    pub(crate) next_offset: u64,
+    pub(crate) max_timestamp: i64,
+    pub(crate) first_timestamp: Option<i64>,
+    pub(crate) offset_entries: Vec<[u8; OFFSET_ENTRY_BYTES]>,
+    pub(crate) time_entries: Vec<[u8; TIME_ENTRY_BYTES]>,
+    pub(crate) cursor: IndexCursor,
+    /// Why the walk stopped before the end of `data`, if it did.
+    pub(crate) stop: Option<String>,
+}
+
+/// Walks the batches of `data` (a whole segment), checking framing, contiguous offsets,
+/// relative-offset range and (if `verify_crc`) the CRC of each, and collects index entries.
+pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: bool) -> Scan {
+    let mut scan = Scan {
+        valid_len: 0,
+        next_offset: base_offset,
+        max_timestamp: i64::MIN,
+        first_timestamp: None,
+        offset_entries: Vec::new(),
+        time_entries: Vec::new(),
+        cursor: IndexCursor::default(),
+        stop: None,
+    };
+    let mut position = 0usize;
+    while position < data.len() {
+        let header = match check_batch_at(data, position, scan.next_offset, base_offset, verify_crc)
+        {
+            Ok(header) => header,
+            Err(reason) => {
+                scan.stop = Some(reason);
+                break;
+            }
+        };
+        let relative = (header.base_offset - base_offset) as u32;
+        let (offset_entry, time_entry) =
+            scan.cursor
+                .observe(relative, position as u64, header.max_timestamp, interval);
+        scan.offset_entries.extend(offset_entry);
+        scan.time_entries.extend(time_entry);
+        scan.first_timestamp.get_or_insert(header.first_timestamp);
+        position += header.length as usize;
+        scan.valid_len = position as u64;
+        scan.next_offset = header.next_offset();
+    }
+    scan.max_timestamp = scan.cursor.max_timestamp;
+    scan
+}
+
+/// Checks the batch at `position`: header, length within `data`, base offset equal to
+/// `expected_offset`, last offset within the segment's u32 relative range, and the CRC.
+pub(crate) fn check_batch_at(
+    data: &[u8],
+    position: usize,
+    expected_offset: u64,
+    segment_base: u64,
+    verify_crc: bool,
+) -> Result<BatchHeader, String> {
+    let rest = &data[position..];
+    if rest.len() < HEADER_LEN {
+        return Err(format!(
+            "{} trailing bytes are too short for a batch header",
+            rest.len()
+        ));
+    }
+    let header = BatchHeader::parse(rest).map_err(|e| e.to_string())?;
+    let length = header.length as usize;
+    if length > rest.len() {
+        return Err(format!(
+            "batch of {length} bytes runs past the end of the data ({} bytes left)",
+            rest.len()
+        ));
+    }
+    if header.base_offset != expected_offset {
+        return Err(format!(
+            "batch base offset {} breaks the offset sequence (expected {expected_offset})",
+            header.base_offset
+        ));
+    }
+    if header.leader_epoch != LEADER_EPOCH {
+        return Err(format!(
+            "batch leader epoch {} is not the log's epoch {LEADER_EPOCH}",
+            header.leader_epoch
+        ));
+    }
+    if header.last_offset() - segment_base > u64::from(u32::MAX) {
+        return Err(format!(
+            "batch last offset {} is beyond the segment's relative offset range",
+            header.last_offset()
+        ));
+    }
+    if verify_crc {
+        batch::verify(&rest[..length]).map_err(|e| e.to_string())?;
+    }
+    Ok(header)
+}
+
+pub(crate) struct Indexes {
+    pub(crate) offsets: OffsetIndex,
+    pub(crate) times: TimeIndex,
+}
+
+/// The read side of a segment, shared by readers and the writer.
+pub(crate) struct Segment {
+    pub(crate) base_offset: u64,
+    pub(crate) path: PathBuf,
+    data: Bytes,
+    /// Bytes of complete batches, published after they are written.
+    len: AtomicU64,
+    /// Offset after the last batch.
+    next_offset: AtomicU64,
+    max_timestamp: AtomicI64,
+    /// Timestamp that starts the segment's age (first batch's timestamp, or creation time).
+    pub(crate) created_ms: AtomicI64,
+    /// `[verified_len, unverified_end)` holds batches that this process has not CRC-checked yet
+    /// (after a clean open, which skips the scan); reads check them once.
+    verified_len: AtomicU64,
+    unverified_end: u64,
+    pub(crate) indexes: RwLock<Indexes>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("base_offset", &self.base_offset)
+            .field("len", &self.len())
+            .field("next_offset", &self.next_offset())
+            .finish()
+    }
+}
+
+/// What a read of one segment found.
+pub(crate) struct SegmentRead {
+    pub(crate) bytes: Bytes,
+    pub(crate) first_offset: u64,
+    pub(crate) next_offset: u64,
+}
+
+/// Maps `len` bytes of `file` read-only as `Bytes` (the file may be shorter: see module doc).
+pub(crate) fn map_file(file: &File, len: u64) -> io::Result<Bytes> {
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the log owns the file (directory lock); bytes past the file's end are never read;
+    // the file is never truncated below what has been published to readers while it is mapped.
+    let map = unsafe { MmapOptions::new().len(len as usize).map(file)? };
+    Ok(Bytes::from_owner(map))
+}
+
+pub(crate) struct SegmentParts {
+    pub(crate) base_offset: u64,
+    pub(crate) path: PathBuf,
+    pub(crate) data: Bytes,
+    pub(crate) len: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) max_timestamp: i64,
+    pub(crate) created_ms: i64,
+    pub(crate) verified: bool,
+    pub(crate) indexes: Indexes,
+}
+
+impl Segment {
+    pub(crate) fn new(parts: SegmentParts) -> Self {
+        Segment {
+            base_offset: parts.base_offset,
+            path: parts.path,
+            data: parts.data,
+            len: AtomicU64::new(parts.len),
+            next_offset: AtomicU64::new(parts.next_offset),
+            max_timestamp: AtomicI64::new(parts.max_timestamp),
+            created_ms: AtomicI64::new(parts.created_ms),
+            verified_len: AtomicU64::new(if parts.verified { parts.len } else { 0 }),
+            unverified_end: if parts.verified { 0 } else { parts.len },
+            indexes: RwLock::new(parts.indexes),
+        }
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn next_offset(&self) -> u64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn max_timestamp(&self) -> i64 {
+        self.max_timestamp.load(Ordering::Acquire)
+    }
+
+    /// Publishes a batch the writer has written at the end of the segment.
+    pub(crate) fn publish(&self, new_len: u64, next_offset: u64, max_timestamp: i64) {
+        self.max_timestamp
+            .fetch_max(max_timestamp, Ordering::AcqRel);
+        self.next_offset.store(next_offset, Ordering::Release);
+        self.len.store(new_len, Ordering::Release);
+    }
+
+    /// Start position and offset for a read of `offset`: the closest index entry at or below.
+    fn seek(&self, offset: u64) -> (usize, u64) {
+        let relative = offset
+            .saturating_sub(self.base_offset)
+            .min(u64::from(u32::MAX)) as u32;
+        let indexes = self.indexes.read();
+        match indexes
+            .offsets
+            .floor_by(relative, |e| decode_offset_entry(e).0)
+        {
+            Some(i) => {
+                let (rel, position) = decode_offset_entry(&indexes.offsets.entry(i));
+                (position as usize, self.base_offset + u64::from(rel))
+            }
+            None => (0, self.base_offset),
+        }
+    }
+
+    fn corrupt(&self, position: usize, offset: u64, reason: String) -> LogError {
+        LogError::Corrupt {
+            file: self.path.clone(),
+            position: position as u64,
+            offset,
+            reason,
+        }
+    }
+
+    /// Whole batches containing offsets `>= from` and `< upper`, at most `max_bytes` (but at
+    /// least one batch), as one slice of the mapping. `None` when this segment has none.
+    pub(crate) fn read(
+        &self,
+        from: u64,
+        max_bytes: usize,
+        upper: u64,
+    ) -> Result<Option<SegmentRead>, LogError> {
+        let len = self.len() as usize;
+        let data = &self.data[..len];
+        let (mut position, mut expected) = self.seek(from);
+        let mut start: Option<(usize, u64)> = None;
+        while position < len {
+            let header = check_batch_at(data, position, expected, self.base_offset, false)
+                .map_err(|reason| self.corrupt(position, expected, reason))?;
+            if header.base_offset >= upper {
+                break;
+            }
+            let batch_end = position + header.length as usize;
+            if header.next_offset() > from {
+                if let Some((start_position, _)) = start {
+                    if batch_end - start_position > max_bytes {
+                        break;
+                    }
+                }
+                // Only batches that are returned need their CRC checked.
+                self.verify_once(data, position, &header)?;
+                start.get_or_insert((position, header.base_offset));
+            }
+            position = batch_end;
+            expected = header.next_offset();
+        }
+        Ok(start
+            .map(|(start_position, first_offset)| SegmentRead {
+                bytes: self.data.slice(start_position..position.min(len)),
+                first_offset,
+                next_offset: expected,
+            })
+            .filter(|read| !read.bytes.is_empty()))
+    }
+
+    /// CRC-checks a batch about to be returned, unless this process already checked it (it
+    /// appended it, scanned it at recovery, or a read checked it before: see `verified_len`).
+    fn verify_once(
+        &self,
+        data: &[u8],
+        position: usize,
+        header: &BatchHeader,
+    ) -> Result<(), LogError> {
+        let pos = position as u64;
+        if pos < self.verified_len.load(Ordering::Acquire) || pos >= self.unverified_end {
+            return Ok(());
+        }
+        let end = position + header.length as usize;
+        batch::verify(&data[position..end])
+            .map_err(|e| self.corrupt(position, header.base_offset, e.to_string()))?;
+        // Advance the watermark only when contiguous; otherwise a later read re-checks.
+        let _ = self.verified_len.compare_exchange(
+            pos,
+            end as u64,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        Ok(())
+    }
+
+    /// Base offset of the first batch whose max timestamp is `>= timestamp` and whose base
+    /// offset is `< upper`.
+    pub(crate) fn find_timestamp(
+        &self,
+        timestamp: i64,
+        upper: u64,
+    ) -> Result<Option<u64>, LogError> {
+        let start_relative = {
+            let indexes = self.indexes.read();
+            indexes
+                .times
+                .floor_by(timestamp.saturating_sub(1), |e| decode_time_entry(e).0)
+                .map(|i| decode_time_entry(&indexes.times.entry(i)).1)
+        };
+        let from = self.base_offset + u64::from(start_relative.unwrap_or(0));
+        let len = self.len() as usize;
+        let data = &self.data[..len];
+        let (mut position, mut expected) = self.seek(from);
+        while position < len {
+            let header = check_batch_at(data, position, expected, self.base_offset, false)
+                .map_err(|reason| self.corrupt(position, expected, reason))?;
+            if header.base_offset >= upper {
+                return Ok(None);
+            }
+            if header.max_timestamp >= timestamp {
+                return Ok(Some(header.base_offset));
+            }
+            position += header.length as usize;
+            expected = header.next_offset();
+        }
+        Ok(None)
+    }
+
+    /// Walks batch headers (no CRC) from the last offset-index entry to `file_len`: the cheap
+    /// consistency check of a clean open. Returns (next offset, max timestamp, cursor).
+    pub(crate) fn walk_tail(
+        data: &[u8],
+        base_offset: u64,
+        indexes: &Indexes,
+    ) -> Result<(u64, i64, IndexCursor), String> {
+        let (mut position, mut expected) = match indexes.offsets.len() {
+            0 => (0usize, base_offset),
+            n => {
+                let (rel, position) = decode_offset_entry(&indexes.offsets.entry(n - 1));
+                (position as usize, base_offset + u64::from(rel))
+            }
+        };
+        let last_time = match indexes.times.len() {
+            0 => i64::MIN,
+            n => decode_time_entry(&indexes.times.entry(n - 1)).0,
+        };
+        if position > data.len() {
+            return Err(format!(
+                "index entry points at byte {position}, past the end of the data ({} bytes)",
+                data.len()
+            ));
+        }
+        let cursor_position = position as u64;
+        let mut max_timestamp = last_time;
+        while position < data.len() {
+            let header = check_batch_at(data, position, expected, base_offset, false)?;
+            max_timestamp = max_timestamp.max(header.max_timestamp);
+            position += header.length as usize;
+            expected = header.next_offset();
+        }
+        Ok((
+            expected,
+            max_timestamp,
+            IndexCursor::resume(cursor_position, max_timestamp, last_time),
+        ))
+    }
+}
