@@ -12,5 +12,6 @@ pub mod v1 {
     tonic::include_proto!("syncline.v1");
 
     /// Encoded `FileDescriptorSet` of the schema, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("syncline_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("syncline_descriptor");
 }

@@ -4,21 +4,16 @@
 use syncline_proto::batch::{BATCH_LEN_MAX, HEADER_LEN};
 
 /// When the log calls `fdatasync`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FsyncPolicy {
     /// Continuous group commit: a flush starts as soon as the previous one ends and covers
     /// everything appended meanwhile. The default: readers and `DURABLE` acks wait at most about
     /// one fsync.
+    #[default]
     Always,
     /// One flush every N milliseconds while there is unflushed data. Fewer fsyncs, but readers
     /// and durable acks wait up to N ms.
     IntervalMs(u64),
-}
-
-impl Default for FsyncPolicy {
-    fn default() -> Self {
-        Self::Always
-    }
 }
 
 /// A configuration value out of its bounds.

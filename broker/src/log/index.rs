@@ -109,7 +109,7 @@ impl<const W: usize> IndexFile<W> {
     pub(crate) fn open_sealed(path: &Path) -> io::Result<Self> {
         let file = File::open(path)?;
         let len = file.metadata()?.len() as usize;
-        if len % W != 0 {
+        if !len.is_multiple_of(W) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("index size {len} is not a multiple of {W}"),

@@ -607,7 +607,7 @@ fn given_size_retention_when_enforced_should_delete_oldest_segments_and_move_sta
     );
     assert_eq!(after.size_bytes, before.size_bytes - outcome.bytes_deleted);
     assert_eq!(after.start_offset, outcome.log_start_offset);
-    assert!(after.start_offset > 0 && after.start_offset % 3 == 0);
+    assert!(after.start_offset > 0 && after.start_offset.is_multiple_of(3));
     assert!(matches!(
         log.read(0, 10),
         Err(LogError::OffsetOutOfRange { start, .. }) if start == after.start_offset
