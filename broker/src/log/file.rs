@@ -288,11 +288,13 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Writes `contents` to `dir/name` so that a crash leaves either the old file or the new one:
-/// temp file, fsync, rename, directory fsync.
-pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+/// Writes `contents` to `path` through `<path>.tmp`: write, fsync, rename. A crash leaves the old
+/// file or the new one; the caller fsyncs the directory to make the rename durable.
+pub(crate) fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    let temp = dir.join(format!("{name}.tmp"));
+    let mut temp_name = path.as_os_str().to_owned();
+    temp_name.push(".tmp");
+    let temp = std::path::PathBuf::from(temp_name);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -301,7 +303,12 @@ pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::R
     file.write_all(contents)?;
     file.sync_all()?;
     drop(file);
-    std::fs::rename(&temp, dir.join(name))?;
+    std::fs::rename(&temp, path)
+}
+
+/// [`replace_file`] of `dir/name` followed by the directory fsync.
+pub(crate) fn write_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    replace_file(&dir.join(name), contents)?;
     sync_dir(dir)
 }
 

@@ -133,7 +133,7 @@ impl<const W: usize> IndexFile<W> {
     /// fsyncs the directory) and maps it.
     pub(crate) fn write_sealed(path: &Path, entries: &[[u8; W]]) -> io::Result<Self> {
         let bytes: Vec<u8> = entries.iter().flatten().copied().collect();
-        write_file_synced(path, &bytes)?;
+        super::file::replace_file(path, &bytes)?;
         Self::open_sealed(path)
     }
 
@@ -274,23 +274,6 @@ fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
         Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
         _ => Err(error),
     }
-}
-
-fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let temp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("index")
-    ));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, path)
 }
 
 /// The offset index of one segment.
