@@ -28,8 +28,23 @@ pub enum LogError {
         max: u32,
     },
 
+    /// A producer batch must span exactly its records (`last_offset_delta == record_count - 1`);
+    /// only the cleaner writes batches with gaps. Nothing was appended.
+    #[error(
+        "batch claims offsets for {} records but holds {record_count}: last_offset_delta must be record_count - 1",
+        u64::from(*last_offset_delta) + 1
+    )]
+    BatchOffsetSpan {
+        /// The batch's last offset delta.
+        last_offset_delta: u32,
+        /// The batch's record count.
+        record_count: u32,
+    },
+
     /// The requested offset is not in the log.
-    #[error("offset {requested} is out of range: the log holds offsets [{start}, {end})")]
+    #[error(
+        "offset {requested} is out of range: the log holds offsets [{start}, {end}) and reads may start at {start} through {end}"
+    )]
     OffsetOutOfRange {
         /// The offset asked for.
         requested: u64,

@@ -230,6 +230,20 @@ impl<const W: usize> IndexFile<W> {
         self.entries = keep;
     }
 
+    /// Zeroes every non-zero page of a writable index, including stale entries past a zero gap
+    /// that an unsynced index can hold after a crash. Pages that are already zero (holes) are
+    /// only read, so they stay unallocated.
+    pub(crate) fn clear_all(&mut self) {
+        if let Mapping::Writable { map, .. } = &mut self.mapping {
+            for page in map.chunks_mut(4096) {
+                if page.iter().any(|b| *b != 0) {
+                    page.fill(0);
+                }
+            }
+        }
+        self.entries = 0;
+    }
+
     /// Replaces the writable index by a trimmed, fsync'd, read-only copy.
     pub(crate) fn seal(&mut self) -> io::Result<()> {
         if !matches!(self.mapping, Mapping::Writable { .. }) {

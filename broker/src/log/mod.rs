@@ -31,13 +31,18 @@
 //!
 //! ## Fault model
 //! - `kill -9` / power loss at any point: on open without a valid clean-shutdown marker every
-//!   segment is scanned (framing, contiguous offsets, CRC-32C). A bad or partial batch at or
-//!   after the recovery point is a torn tail: the segment is truncated to the last valid batch
-//!   (before it is mapped), later segments are deleted, and the log says how many bytes it
-//!   dropped. A bad batch *before* the recovery point was once fsync'd: that is interior
-//!   corruption and `open` fails with [`LogError::Corrupt`] naming the file (the caller fences
-//!   this partition; other partitions are unaffected). Indexes are hints and are rebuilt when
-//!   missing or inconsistent with the data.
+//!   segment is scanned (framing, contiguous offsets, stamped leader epoch, CRC-32C). A bad or
+//!   partial batch in the last segment at or after the recovery point is a torn tail: the
+//!   segment is truncated to the last valid batch (before it is mapped) and the log says how
+//!   many bytes it dropped. Anything else was fsync'd once — a sealed segment is synced before
+//!   its successor is created, and everything below the recovery point was synced — so a bad
+//!   batch there, or a log that ends below the recovery point, is interior corruption: `open`
+//!   fails with [`LogError::Corrupt`] naming the file (the caller fences this partition; other
+//!   partitions are unaffected). Indexes are hints: rebuilt when missing or inconsistent.
+//! - Roll order: fsync the old segment, create the successor (removed again if that fails, so
+//!   a full disk leaves no empty segment behind), trim the old indexes, publish, then persist
+//!   the recovery point. A crash between any two steps leaves a log that opens: at worst an
+//!   empty last segment, or an untrimmed index that the open rebuilds.
 //! - Clean open (marker matches the files): no scan; the tail after the last index entry is
 //!   walked to check framing; batches are CRC-checked the first time a read touches them.
 //! - A failed write or fsync poisons the log: all later appends and syncs fail with
@@ -312,6 +317,13 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
     Ok(bases)
 }
 
+/// When the file was created (statx birth time), in ms since the epoch: a segment's age.
+fn birth_time_ms(file: &File) -> Option<i64> {
+    let created = file.metadata().ok()?.created().ok()?;
+    let since = created.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(since.as_millis()).ok()
+}
+
 fn remove_segment_files(dir: &Path, base: u64) -> Result<(), LogError> {
     // The .log goes first: an index without its segment is cleaned up at the next open.
     for path in [
@@ -363,7 +375,7 @@ impl Log {
                 LogError::io("reading the recovery point in", &dir, e)
             }
         })?;
-        let mut bases = list_segments(&dir)?;
+        let bases = list_segments(&dir)?;
         if bases.is_empty() {
             if let Some(point) = recovery_point.filter(|p| *p > 0) {
                 return Err(LogError::Corrupt {
@@ -395,6 +407,25 @@ impl Log {
 
         let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
         let mut writer_parts: Option<(Arc<dyn SegmentFile>, IndexCursor)> = None;
+        // An empty non-last segment is a successor whose roll never got a batch in (its files
+        // were not cleaned up): it holds nothing. The offset check between its neighbours still
+        // guards the sequence.
+        let last_index = bases.len().saturating_sub(1);
+        let mut kept = Vec::with_capacity(bases.len());
+        for (i, base) in bases.iter().copied().enumerate() {
+            let path = segment::log_path(&dir, base);
+            let empty = std::fs::metadata(&path)
+                .map(|m| m.len() == 0)
+                .unwrap_or(false);
+            if empty && i < last_index {
+                tracing::warn!(path = %path.display(), "removing empty non-last segment");
+                remove_segment_files(&dir, base)?;
+                file::sync_dir(&dir).map_err(|e| LogError::io("syncing", &dir, e))?;
+            } else {
+                kept.push(base);
+            }
+        }
+        let bases = kept;
         let mut i = 0;
         while i < bases.len() {
             let base = bases[i];
@@ -408,11 +439,20 @@ impl Log {
                 .len()
                 .map_err(|e| LogError::io("reading size of", &path, e))?;
             let trusted = if clean {
-                Self::load_trusted(&dir, base, is_last, &config, file.file(), file_len, marker)
+                let next_base = bases.get(i + 1).copied();
+                Self::load_trusted(
+                    &dir,
+                    base,
+                    next_base,
+                    &config,
+                    file.file(),
+                    file_len,
+                    marker,
+                )
             } else {
                 None
             };
-            let (next_offset, max_timestamp, first_timestamp, cursor, indexes) = match trusted {
+            let (next_offset, max_timestamp, cursor, indexes) = match trusted {
                 Some(loaded) => loaded,
                 None => {
                     let data = segment::map_file(file.file(), file_len)
@@ -427,23 +467,28 @@ impl Log {
                         ));
                     }
                     if let Some(reason) = scan.stop.take() {
-                        if scan.next_offset < recovery_point {
+                        // A non-last segment was fsync'd before its successor was created, and
+                        // anything below the recovery point was fsync'd too: damage there is
+                        // corruption, never a torn write.
+                        if !is_last || scan.next_offset < recovery_point {
+                            let why = if is_last {
+                                format!("this data was fsync'd (recovery point {recovery_point})")
+                            } else {
+                                "this sealed segment was fsync'd before the next one was created"
+                                    .to_string()
+                            };
                             return Err(LogError::Corrupt {
                                 file: path,
                                 position: scan.valid_len,
                                 offset: scan.next_offset,
                                 reason: format!(
-                                    "{reason}; this data was fsync'd (recovery point {recovery_point}), so it is interior corruption, not a torn write"
+                                    "{reason}; {why}, so this is interior corruption, not a torn write"
                                 ),
                             });
                         }
-                        // Torn tail: cut here, drop everything after.
-                        let mut dropped = file_len - scan.valid_len;
-                        for later in bases.drain(i + 1..) {
-                            let later_path = segment::log_path(&dir, later);
-                            dropped += std::fs::metadata(&later_path).map(|m| m.len()).unwrap_or(0);
-                            remove_segment_files(&dir, later)?;
-                        }
+                        // Torn tail of the last segment: cut it (before it is mapped for
+                        // serving).
+                        let dropped = file_len - scan.valid_len;
                         tracing::warn!(
                             dir = %dir.display(),
                             segment = %path.display(),
@@ -457,20 +502,13 @@ impl Log {
                             .map_err(|e| LogError::io("truncating torn tail of", &path, e))?;
                         file.sync_data()
                             .map_err(|e| LogError::io("syncing", &path, e))?;
-                        file::sync_dir(&dir).map_err(|e| LogError::io("syncing", &dir, e))?;
                         file_len = scan.valid_len;
                         report.bytes_truncated += dropped;
                     }
                     let is_last = i + 1 == bases.len();
                     let indexes =
                         Self::indexes_from_scan(&dir, base, is_last, &config, &scan, &mut report)?;
-                    (
-                        scan.next_offset,
-                        scan.max_timestamp,
-                        scan.first_timestamp,
-                        scan.cursor,
-                        indexes,
-                    )
+                    (scan.next_offset, scan.max_timestamp, scan.cursor, indexes)
                 }
             };
             let is_last = i + 1 == bases.len();
@@ -488,7 +526,7 @@ impl Log {
                 len: file_len,
                 next_offset,
                 max_timestamp,
-                created_ms: first_timestamp.unwrap_or(now),
+                created_ms: birth_time_ms(file.file()).unwrap_or(now).min(now),
                 verified: !clean,
                 indexes,
             })));
@@ -508,6 +546,16 @@ impl Log {
             }
         };
         let end = active.next_offset();
+        if end < recovery_point {
+            return Err(LogError::Corrupt {
+                file: active.path.clone(),
+                position: active.len(),
+                offset: end,
+                reason: format!(
+                    "the log ends at offset {end} but offsets below {recovery_point} were fsync'd (recovery point): acknowledged data is missing"
+                ),
+            });
+        }
         if !clean {
             // What survived the crash is served from now on: make sure it is on disk.
             file.sync_data()
@@ -554,16 +602,16 @@ impl Log {
 
     /// Clean open of one segment: load its indexes and walk the tail after the last index
     /// entry. `None` when anything disagrees (the caller then scans).
-    #[allow(clippy::type_complexity)]
     fn load_trusted(
         dir: &Path,
         base: u64,
-        is_last: bool,
+        next_base: Option<u64>,
         config: &LogConfig,
         file: &File,
         file_len: u64,
         marker: Option<CleanMarker>,
-    ) -> Option<(u64, i64, Option<i64>, IndexCursor, Indexes)> {
+    ) -> Option<(u64, i64, IndexCursor, Indexes)> {
+        let is_last = next_base.is_none();
         let (offsets, times) = if is_last {
             let capacity = config.index_entries_max();
             (
@@ -584,20 +632,16 @@ impl Log {
         };
         let indexes = Indexes { offsets, times };
         let data = segment::map_file(file, file_len).ok()?;
-        let walked = Segment::walk_tail(&data, base, &indexes);
-        let first_timestamp = (file_len > 0)
-            .then(|| {
-                batch::BatchHeader::parse(&data)
-                    .ok()
-                    .map(|h| h.first_timestamp)
-            })
-            .flatten();
-        match walked {
+        let checked = segment::check_index(&indexes, file_len)
+            .and_then(|()| Segment::walk_tail(&data, base, &indexes));
+        match checked {
             Ok((next, max_timestamp, cursor)) => {
-                if is_last && marker.map(|m| m.end_offset) != Some(next) {
+                let expected_next = next_base.or(marker.map(|m| m.end_offset));
+                if expected_next != Some(next) {
+                    tracing::warn!(dir = %dir.display(), base, next, ?expected_next, "segment does not end where the next one starts; scanning it");
                     return None;
                 }
-                Some((next, max_timestamp, first_timestamp, cursor, indexes))
+                Some((next, max_timestamp, cursor, indexes))
             }
             Err(reason) => {
                 tracing::warn!(dir = %dir.display(), base, %reason, "segment disagrees with its index after a clean shutdown; scanning it");
@@ -628,8 +672,12 @@ impl Log {
                 .map_err(io_err(&times_path))?;
             if offsets.entries() != scan.offset_entries || times.entries() != scan.time_entries {
                 report.indexes_rebuilt += 1;
-                offsets.truncate_entries(0);
-                times.truncate_entries(0);
+            }
+            // Always rewritten from the scan: an unsynced index may hold stale entries past a
+            // zero gap that the entry count cannot see.
+            {
+                offsets.clear_all();
+                times.clear_all();
                 for entry in &scan.offset_entries {
                     offsets.push(*entry);
                 }
@@ -669,6 +717,23 @@ impl Log {
     }
 
     fn create_segment(
+        dir: &Path,
+        base: u64,
+        config: &LogConfig,
+        options: &OpenOptions,
+        now: i64,
+    ) -> Result<(Arc<Segment>, Arc<dyn SegmentFile>), LogError> {
+        let result = Self::try_create_segment(dir, base, config, options, now);
+        if result.is_err() {
+            // Leave nothing behind: an empty segment file between two real ones would break the
+            // offset sequence on the next open.
+            let _ = remove_segment_files(dir, base);
+            let _ = file::sync_dir(dir);
+        }
+        result
+    }
+
+    fn try_create_segment(
         dir: &Path,
         base: u64,
         config: &LogConfig,
@@ -803,6 +868,13 @@ impl Log {
             });
         }
         let header = batch::verify(batch)?;
+        if u64::from(header.last_offset_delta) + 1 != u64::from(header.record_count) {
+            // A producer batch covers exactly its records; wider batches are the cleaner's.
+            return Err(LogError::BatchOffsetSpan {
+                last_offset_delta: header.last_offset_delta,
+                record_count: header.record_count,
+            });
+        }
         let length = batch.len() as u64;
         let mut writer = self.writer.lock();
         self.check_writable()?;
@@ -882,32 +954,43 @@ impl Log {
         let active = &writer.active;
         writer.position + length > self.config.segment_bytes_max
             || last_offset - active.base_offset > u64::from(u32::MAX)
-            || self.options.clock.now_ms() - active.created_ms.load(Ordering::Acquire)
-                >= self.config.segment_ms as i64
+            || self
+                .options
+                .clock
+                .now_ms()
+                .saturating_sub(active.created_ms.load(Ordering::Acquire))
+                >= i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX)
     }
 
     /// Seals the active segment (fsync, release preallocation, trimmed indexes, close the fd)
     /// and starts a new one at the end offset.
     fn roll(&self, writer: &mut Writer) -> Result<(), LogError> {
         let old = writer.active.clone();
+        // 1. The old segment becomes durable before a successor exists: every non-last segment
+        //    on disk is fully synced, so recovery treats any damage in one as corruption.
         if let Err(error) = writer.file.sync_data() {
             return Err(self.poison("fsync before roll failed", &error));
         }
-        // Same-size truncate: frees fallocate'd blocks past the end (ext4 and xfs do this even
-        // when the size does not change) without touching any mapped byte.
-        if let Err(error) = writer.file.set_len(writer.position) {
-            tracing::warn!(path = %old.path.display(), %error, "could not release preallocated space");
-        }
-        {
-            let mut indexes = old.indexes.write();
-            if let Err(error) = indexes.offsets.seal().and_then(|()| indexes.times.seal()) {
-                return Err(self.poison("sealing the index failed", &error));
-            }
-        }
+        // 2. The successor. On failure `create_segment` removes what it made; the old segment
+        //    stays active and nothing else changed (a full disk is a clean NoSpace).
         let base = self.end_offset.load(Ordering::Acquire);
         let now = self.options.clock.now_ms();
         let (segment, file) =
             Self::create_segment(&self.dir, base, &self.config, &self.options, now)?;
+        // 3. Release the preallocated blocks past the end. The size only shrinks over bytes no
+        //    reader was ever given (a partial write that failed), and ext4/xfs free fallocate'd
+        //    blocks even when the size does not change.
+        if let Err(error) = writer.file.set_len(writer.position) {
+            tracing::warn!(path = %old.path.display(), %error, "could not release preallocated space");
+        }
+        // 4. Trimmed index copies. A failure (e.g. a full disk) leaves the untrimmed index in
+        //    place, which still works; the next open checks and rebuilds it.
+        {
+            let mut indexes = old.indexes.write();
+            if let Err(error) = indexes.offsets.seal().and_then(|()| indexes.times.seal()) {
+                tracing::warn!(path = %old.path.display(), %error, "could not write the trimmed index; keeping the untrimmed one");
+            }
+        }
         {
             let mut segments = self.segments.write();
             let mut list = Vec::clone(&segments);
@@ -922,20 +1005,42 @@ impl Log {
             cursor: IndexCursor::default(),
         };
         self.publish_durable(base);
-        if let Err(error) = checkpoint::write_recovery_point(&self.dir, base) {
-            tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point");
-        } else {
-            *self.last_recovery_point.lock() = (base, Instant::now());
-        }
+        self.persist_recovery_point(base);
         tracing::debug!(dir = %self.dir.display(), base, "rolled segment");
         Ok(())
     }
 
-    fn publish_durable(&self, offset: u64) {
-        let previous = self.durable_offset.fetch_max(offset, Ordering::AcqRel);
-        if offset > previous {
-            self.durable_tx.send_replace(offset);
+    /// Persists `offset` as the recovery point unless a larger one is already persisted. All
+    /// writers (roll, flusher, close) go through here, under one lock, so the temp file is never
+    /// shared and the point never moves backwards.
+    fn persist_recovery_point(&self, offset: u64) -> bool {
+        let mut last = self.last_recovery_point.lock();
+        if offset <= last.0 {
+            return true;
         }
+        match checkpoint::write_recovery_point(&self.dir, offset) {
+            Ok(()) => {
+                *last = (offset, Instant::now());
+                true
+            }
+            Err(error) => {
+                tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point");
+                false
+            }
+        }
+    }
+
+    fn publish_durable(&self, offset: u64) {
+        self.durable_offset.fetch_max(offset, Ordering::AcqRel);
+        // Monotonic under concurrent publishers: a smaller value never overwrites a larger one.
+        self.durable_tx.send_if_modified(|current| {
+            if offset > *current {
+                *current = offset;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// Makes everything appended so far durable and visible, sharing the fsync with concurrent
@@ -971,7 +1076,7 @@ impl Log {
     pub async fn wait_durable(&self, offset: u64) -> Result<u64, LogError> {
         let mut rx = self.durable_tx.subscribe();
         loop {
-            let durable = *rx.borrow_and_update();
+            let durable = (*rx.borrow_and_update()).max(self.durable_offset());
             if durable >= offset {
                 return Ok(durable);
             }
@@ -993,16 +1098,12 @@ impl Log {
     }
 
     fn maybe_write_recovery_point(&self) {
-        let durable = self.durable_offset();
-        let mut last = self.last_recovery_point.lock();
-        let interval = Duration::from_millis(self.config.recovery_point_interval_ms);
-        if durable > last.0 && last.1.elapsed() >= interval {
-            match checkpoint::write_recovery_point(&self.dir, durable) {
-                Ok(()) => *last = (durable, Instant::now()),
-                Err(error) => {
-                    tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point")
-                }
-            }
+        let due = {
+            let last = self.last_recovery_point.lock();
+            last.1.elapsed() >= Duration::from_millis(self.config.recovery_point_interval_ms)
+        };
+        if due {
+            self.persist_recovery_point(self.durable_offset());
         }
     }
 
@@ -1022,7 +1123,9 @@ impl Log {
         upper: u64,
     ) -> Result<ReadBatches, LogError> {
         let segments = self.segments.read().clone();
-        let start = self.start_offset();
+        // The start comes from the same snapshot as the segments, so a concurrent retention
+        // pass cannot make this read skip silently past deleted offsets.
+        let start = segments.first().map_or(0, |s| s.base_offset);
         let end = self.end_offset();
         let high_watermark = self.durable_offset();
         let upper = upper.min(end);
@@ -1050,6 +1153,17 @@ impl Log {
                 break;
             }
             if let Some(read) = segment.read(from, max_bytes, upper)? {
+                if read.first_offset > from.max(segment.base_offset) {
+                    return Err(LogError::Corrupt {
+                        file: segment.path.clone(),
+                        position: 0,
+                        offset: from,
+                        reason: format!(
+                            "read of offset {from} found the first batch at {} (offsets missing)",
+                            read.first_offset
+                        ),
+                    });
+                }
                 return Ok(ReadBatches {
                     bytes: read.bytes,
                     first_offset: read.first_offset,
@@ -1098,7 +1212,8 @@ impl Log {
             let too_old = self
                 .config
                 .retention_ms
-                .is_some_and(|limit| segment.max_timestamp() < now.saturating_sub(limit as i64));
+                .and_then(|limit| i64::try_from(limit).ok())
+                .is_some_and(|limit| segment.max_timestamp() < now.saturating_sub(limit));
             if !(over_size || too_old) || segment.next_offset() > self.durable_offset() {
                 break;
             }
@@ -1154,8 +1269,14 @@ impl Log {
             last_segment: writer.active.base_offset,
             last_segment_len: writer.position,
         };
-        checkpoint::write_recovery_point(&self.dir, end)
-            .and_then(|()| checkpoint::write_clean_marker(&self.dir, marker))
+        if !self.persist_recovery_point(end) {
+            return Err(LogError::io(
+                "writing the recovery point in",
+                &self.dir,
+                io::Error::other("see the warning above"),
+            ));
+        }
+        checkpoint::write_clean_marker(&self.dir, marker)
             .map_err(|e| LogError::io("writing the clean-shutdown marker in", &self.dir, e))?;
         self.durable_tx.send_modify(|_| {});
         tracing::info!(dir = %self.dir.display(), end, "closed log");

@@ -115,7 +115,6 @@ pub(crate) struct Scan {
     /// Offset after the last valid batch.
     pub(crate) next_offset: u64,
     pub(crate) max_timestamp: i64,
-    pub(crate) first_timestamp: Option<i64>,
     pub(crate) offset_entries: Vec<[u8; OFFSET_ENTRY_BYTES]>,
     pub(crate) time_entries: Vec<[u8; TIME_ENTRY_BYTES]>,
     pub(crate) cursor: IndexCursor,
@@ -130,7 +129,6 @@ pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: boo
         valid_len: 0,
         next_offset: base_offset,
         max_timestamp: i64::MIN,
-        first_timestamp: None,
         offset_entries: Vec::new(),
         time_entries: Vec::new(),
         cursor: IndexCursor::default(),
@@ -152,7 +150,6 @@ pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: boo
                 .observe(relative, position as u64, header.max_timestamp, interval);
         scan.offset_entries.extend(offset_entry);
         scan.time_entries.extend(time_entry);
-        scan.first_timestamp.get_or_insert(header.first_timestamp);
         position += header.length as usize;
         scan.valid_len = position as u64;
         scan.next_offset = header.next_offset();
@@ -207,6 +204,30 @@ pub(crate) fn check_batch_at(
         batch::verify(&rest[..length]).map_err(|e| e.to_string())?;
     }
     Ok(header)
+}
+
+/// Structural check of an index against its segment: entries strictly increasing, positions
+/// inside the data. Cheap (no data read); used when a clean open trusts the index.
+pub(crate) fn check_index(indexes: &Indexes, data_len: u64) -> Result<(), String> {
+    let mut previous = (0u32, 0u32);
+    for i in 0..indexes.offsets.len() {
+        let (relative, position) = decode_offset_entry(&indexes.offsets.entry(i));
+        if relative <= previous.0 || position <= previous.1 || u64::from(position) >= data_len {
+            return Err(format!(
+                "offset index entry {i} ({relative}, {position}) is out of order or past the data"
+            ));
+        }
+        previous = (relative, position);
+    }
+    let mut previous = (i64::MIN, 0u32);
+    for i in 0..indexes.times.len() {
+        let (timestamp, relative) = decode_time_entry(&indexes.times.entry(i));
+        if (i > 0 && timestamp <= previous.0) || relative <= previous.1 {
+            return Err(format!("time index entry {i} is out of order"));
+        }
+        previous = (timestamp, relative);
+    }
+    Ok(())
 }
 
 pub(crate) struct Indexes {
@@ -321,6 +342,11 @@ impl Segment {
         {
             Some(i) => {
                 let (rel, position) = decode_offset_entry(&indexes.offsets.entry(i));
+                if u64::from(position) >= self.len() {
+                    // An entry past the data cannot be right; walking from the start is.
+                    tracing::warn!(path = %self.path.display(), entry = i, "index entry past the data; scanning from the segment start");
+                    return (0, self.base_offset);
+                }
                 (position as usize, self.base_offset + u64::from(rel))
             }
             None => (0, self.base_offset),

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use syncline_proto::batch::{BatchBuilder, BatchHeader, HEADER_LEN};
+use syncline_proto::batch::{BatchBuilder, BatchHeader};
 
 use super::*;
 
@@ -298,6 +298,11 @@ fn given_flipped_bytes_in_last_batch_when_reopened_should_drop_it_and_serve_the_
         let log = Log::open(dir.path(), small_config()).unwrap();
         let batches = read_all(&log, 0);
         assert_batches(&batches, &stored[..4], &format!("flip at {position}"));
+        assert_eq!(
+            log.recovery_report().bytes_truncated,
+            stored[4].len() as u64
+        );
+        assert_eq!(log.append(&make_batch(1, 1, 1, 7)).unwrap().base_offset, 12);
         drop(log);
         std::fs::write(&path, &full).unwrap();
         std::fs::remove_file(dir.path().join("recovery-point")).unwrap();
@@ -568,10 +573,10 @@ fn given_many_concurrent_durable_appenders_should_share_fsyncs() {
 }
 
 #[test]
-fn given_interval_policy_when_waiting_should_become_durable_after_interval() {
+fn given_interval_policy_when_waiting_should_become_durable_only_after_interval() {
     let dir = tempfile::tempdir().unwrap();
     let config = LogConfig {
-        fsync: FsyncPolicy::IntervalMs(20),
+        fsync: FsyncPolicy::IntervalMs(300),
         ..small_config()
     };
     let log = Arc::new(Log::open(dir.path(), config).unwrap());
@@ -581,9 +586,17 @@ fn given_interval_policy_when_waiting_should_become_durable_after_interval() {
         .unwrap();
     runtime.block_on(async {
         let _flusher = log.spawn_flusher();
+        let started = std::time::Instant::now();
         let appended = log.append(&make_batch(2, 10, 1, 1)).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(
+            log.durable_offset(),
+            0,
+            "the interval policy must not sync at once"
+        );
         let durable = log.wait_durable(appended.durable_target()).await.unwrap();
         assert_eq!(durable, 2);
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
         assert_eq!(log.read(0, 100).unwrap().next_offset, 2);
     });
 }
@@ -700,10 +713,189 @@ fn given_open_log_when_opened_again_should_fail_with_locked() {
     assert!(matches!(error, LogError::Locked { .. }), "{error}");
 }
 
-#[test]
-fn given_header_len_constant_should_match_codec() {
-    // The segment scanner relies on the codec's fixed header length.
-    assert_eq!(HEADER_LEN, 64);
+mod review {
+    //! Regression tests for bugs found in review (one per bug).
+    use super::*;
+
+    fn push(log: &Log, stored: &mut Vec<Vec<u8>>, value_len: usize, seed: &mut u8) {
+        *seed = seed.wrapping_add(1);
+        let batch = make_batch(1, value_len, 1_000, *seed);
+        let appended = log.append(&batch).unwrap();
+        stored.push(stamped(&batch, appended.base_offset));
+    }
+
+    /// A roll whose new segment cannot be created (a directory squats on its time index name),
+    /// then more appends into the old segment and a later successful roll.
+    fn failed_roll_then_more_appends(dir: &Path) -> (Log, Vec<Vec<u8>>) {
+        let log = Log::open(dir, small_config()).unwrap();
+        let (mut stored, mut seed) = (Vec::new(), 0u8);
+        while log.info().size_bytes < 52 * 1024 {
+            push(&log, &mut stored, 1000, &mut seed);
+        }
+        let failed_base = log.end_offset();
+        let blocker = dir.join(format!("{failed_base:020}.timeindex"));
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(log.append(&make_batch(1, 14 * 1024, 1_000, 200)).is_err());
+        assert!(
+            !dir.join(format!("{failed_base:020}.log")).exists(),
+            "a failed roll must not leave its segment file"
+        );
+        std::fs::remove_dir(&blocker).unwrap();
+        for _ in 0..3 {
+            push(&log, &mut stored, 100, &mut seed);
+        }
+        assert!(log.end_offset() > failed_base);
+        while log.info().segments < 2 {
+            push(&log, &mut stored, 1000, &mut seed);
+        }
+        for _ in 0..5 {
+            push(&log, &mut stored, 1000, &mut seed);
+        }
+        log.sync().unwrap();
+        assert_batches(&read_all(&log, 0), &stored, "before restart");
+        (log, stored)
+    }
+
+    #[test]
+    fn given_failed_roll_then_crash_when_reopened_should_keep_durable_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, stored) = failed_roll_then_more_appends(dir.path());
+        let durable_end = log.durable_offset();
+        drop(log);
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        assert_eq!(log.end_offset(), durable_end);
+        assert_batches(&read_all(&log, 0), &stored, "after crash");
+    }
+
+    #[test]
+    fn given_failed_roll_then_clean_close_when_reopened_should_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, stored) = failed_roll_then_more_appends(dir.path());
+        log.close().unwrap();
+        drop(log);
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        assert_batches(&read_all(&log, 0), &stored, "after clean restart");
+    }
+
+    #[test]
+    fn given_empty_non_last_segment_when_reopened_should_remove_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = {
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            fill(&log, 100, 1000)
+        };
+        // An empty leftover between two real segments, at a base inside the first one.
+        std::fs::write(dir.path().join(format!("{:020}.log", 5)), b"").unwrap();
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        assert!(!dir.path().join(format!("{:020}.log", 5)).exists());
+        assert_batches(
+            &read_all(&log, 0),
+            &stored,
+            "after removing the empty segment",
+        );
+    }
+
+    #[test]
+    fn given_rotten_sealed_index_entry_after_clean_close_should_not_skip_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = {
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            let stored = fill(&log, 100, 1000);
+            log.close().unwrap();
+            stored
+        };
+        let index = segment_files(dir.path())[0].with_extension("index");
+        let mut bytes = std::fs::read(&index).unwrap();
+        let relative = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+        bytes[12..16].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
+        std::fs::write(&index, bytes).unwrap();
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        let read = log.read(u64::from(relative), 1).unwrap();
+        assert!(read.first_offset <= u64::from(relative));
+        assert_batches(&read_all(&log, 0), &stored, "after index rot");
+    }
+
+    #[test]
+    fn given_extreme_client_timestamp_when_appending_after_restart_should_not_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            log.append(&make_batch(1, 10, i64::MIN, 1)).unwrap();
+            log.close().unwrap();
+        }
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        log.append(&make_batch(1, 10, 1, 2)).unwrap();
+        assert_eq!(
+            log.info().segments,
+            1,
+            "a client timestamp must not age the segment"
+        );
+    }
+
+    #[test]
+    fn given_huge_retention_and_segment_age_should_mean_forever() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            retention_ms: Some(u64::MAX),
+            segment_ms: u64::MAX,
+            ..small_config()
+        };
+        config.validate().unwrap();
+        let log = Log::open(dir.path(), config).unwrap();
+        let now = SystemClock.now_ms();
+        for i in 0..5u8 {
+            log.append(&make_batch(1, 10, now, i)).unwrap();
+        }
+        assert_eq!(
+            log.info().segments,
+            1,
+            "u64::MAX segment_ms must not roll every append"
+        );
+        for i in 0..100u8 {
+            log.append(&make_batch(3, 1000, now, i)).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.enforce_retention().unwrap().segments_deleted, 0);
+    }
+
+    #[test]
+    fn given_log_shorter_than_recovery_point_should_refuse_instead_of_reusing_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = {
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            let stored = fill(&log, 5, 40);
+            log.close().unwrap();
+            stored
+        };
+        std::fs::remove_file(dir.path().join(".clean-shutdown")).unwrap();
+        let path = segment_files(dir.path()).pop().unwrap();
+        let full = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &full[..full.len() - stored[4].len()]).unwrap();
+        let error = Log::open(dir.path(), small_config()).unwrap_err();
+        assert!(matches!(error, LogError::Corrupt { .. }), "{error}");
+        assert!(error.to_string().contains("recovery point"), "{error}");
+    }
+
+    #[test]
+    fn given_batch_claiming_more_offsets_than_records_should_reject_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        let mut builder = BatchBuilder::new().last_offset_delta(1_000_000);
+        builder.push(1, Some(b"k"), Some(b"v"), &[]);
+        let wide = builder.finish().unwrap();
+        let error = log.append(&wide).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                LogError::BatchOffsetSpan {
+                    record_count: 1,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(log.end_offset(), 0);
+    }
 }
 
 mod model {
