@@ -62,7 +62,7 @@
 //!
 //! # Stamped fields and what the CRC covers
 //!
-//! The broker assigns `base_offset` (and later `leader_epoch`) when it appends a batch, and
+//! The broker assigns `base_offset` and `leader_epoch` (0 until replication) when it appends a batch, and
 //! `length` frames it. These three sit in the first 16 bytes, *before* the CRC field, so the broker
 //! can stamp them (in place with [`stamp_base_offset`], or by writing a fresh
 //! [`stamped_prefix`] followed by the producer's bytes from offset 16 with `writev`) without
