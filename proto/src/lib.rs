@@ -2,9 +2,11 @@
 //!
 //! - [`batch`]: the record-batch layout and its codec. Producers encode batches with it, the
 //!   broker validates and stores them byte for byte, consumers decode them.
+//! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
+pub mod partitioner;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.
 #[allow(clippy::all, missing_docs)]
