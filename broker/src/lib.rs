@@ -3,7 +3,16 @@
 //! Layers, bottom up (nothing below `server/` knows about gRPC):
 //! - [`log`]: one partition's log: segments, memory-mapped indexes, durability, recovery,
 //!   retention.
+//! - [`partition`]: a log plus produce validation that needs the topic (keys -> partitions).
+//! - [`topic`]: the topic registry, topic metadata, the data directory.
+//! - [`server`]: the tonic services, request validation and the error -> status mapping.
+//! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod config;
+pub mod error;
 pub mod log;
+pub mod partition;
+pub mod server;
+pub mod topic;

@@ -868,6 +868,27 @@ impl Log {
             });
         }
         let header = batch::verify(batch)?;
+        self.append_verified(batch, header)
+    }
+
+    /// Appends a batch the caller already verified ([`batch::Batch::parse`] checks framing and
+    /// CRC), so the CRC is computed once per produce.
+    pub fn append_batch(&self, batch: &batch::Batch) -> Result<Appended, LogError> {
+        let bytes = batch.as_bytes();
+        if bytes.len() > self.config.batch_bytes_max as usize {
+            return Err(LogError::BatchTooLarge {
+                size: bytes.len(),
+                max: self.config.batch_bytes_max,
+            });
+        }
+        self.append_verified(bytes, *batch.header())
+    }
+
+    fn append_verified(
+        &self,
+        batch: &[u8],
+        header: batch::BatchHeader,
+    ) -> Result<Appended, LogError> {
         if u64::from(header.last_offset_delta) + 1 != u64::from(header.record_count) {
             // A producer batch covers exactly its records; wider batches are the cleaner's.
             return Err(LogError::BatchOffsetSpan {
@@ -1087,6 +1108,17 @@ impl Log {
                 });
             }
         }
+    }
+
+    /// A receiver that changes whenever the durable offset grows (what long-polls and
+    /// subscriptions wait on).
+    pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
+        self.durable_tx.subscribe()
+    }
+
+    /// True once the log was poisoned by an I/O failure.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
     }
 
     /// Starts the background group commit on the current tokio runtime. It ends when the log is

@@ -1,0 +1,125 @@
+//! Errors of the broker layers above the log (topics, partitions, requests). The gRPC layer
+//! maps them to statuses in one place (`server::status`).
+
+use std::path::PathBuf;
+
+use crate::log::{ConfigError, LogError};
+
+/// A broker error: either the request is rejected (nothing changed) or the partition is broken.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No such topic.
+    #[error("topic `{topic}` does not exist")]
+    TopicNotFound {
+        /// The name asked for.
+        topic: String,
+    },
+    /// A topic of that name exists already.
+    #[error("topic `{topic}` already exists")]
+    TopicExists {
+        /// The name.
+        topic: String,
+    },
+    /// The name breaks the naming rules.
+    #[error("invalid topic name `{name}`: {reason}")]
+    InvalidTopicName {
+        /// The name given.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A setting is out of bounds.
+    #[error("invalid topic config: {0}")]
+    InvalidConfig(#[from] ConfigError),
+    /// The partition number is not in the topic.
+    #[error("topic `{topic}` has partitions 0..{partitions}; partition {partition} does not exist")]
+    PartitionNotFound {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many the topic has.
+        partitions: u32,
+    },
+    /// A keyed record was sent to a partition its key does not map to.
+    #[error(
+        "record {index} has a key that belongs to partition {expected} of topic `{topic}`, not {partition} (partition = murmur2(key) mod partitions)"
+    )]
+    WrongPartitionForKey {
+        /// The topic.
+        topic: String,
+        /// Where it was sent.
+        partition: u32,
+        /// Where its key belongs.
+        expected: u32,
+        /// The record's index in the batch.
+        index: usize,
+    },
+    /// The request itself is malformed.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The request is larger than a limit allows.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The partition refused to open (interior corruption) and is fenced until an operator acts.
+    #[error("partition {partition} of topic `{topic}` is fenced: {reason}")]
+    Fenced {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The partition's log failed the operation.
+    #[error("partition {partition} of topic `{topic}`: {source}")]
+    Log {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The log's error.
+        #[source]
+        source: LogError,
+    },
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    /// Metadata I/O failed.
+    #[error("I/O error while {context} {path}: {source}")]
+    Io {
+        /// What the broker was doing.
+        context: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another broker owns the data directory.
+    #[error("data directory {dir} is in use by another broker (lock file {dir}/.lock is held)")]
+    DataDirLocked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The data directory was written by an incompatible version.
+    #[error("data directory {dir} has format `{found}`; this broker reads `{expected}`")]
+    DataDirFormat {
+        /// The directory.
+        dir: PathBuf,
+        /// What the format file says.
+        found: String,
+        /// What this version writes.
+        expected: String,
+    },
+}
+
+impl BrokerError {
+    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        BrokerError::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+}

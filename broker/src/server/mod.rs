@@ -1,0 +1,134 @@
+//! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
+//! port, with graceful shutdown.
+
+mod service;
+pub mod status;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use syncline_proto::v1::broker_server::BrokerServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use service::BrokerService;
+
+use crate::config::Config;
+use crate::error::BrokerError;
+use crate::topic::Registry;
+
+/// HTTP/2 windows: large enough that a multi-MiB batch or fetch is not throttled by flow control
+/// on loopback (the defaults are 64 KiB).
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// gRPC message bodies may exceed the largest batch or fetch by this much (protobuf framing).
+const MESSAGE_SLACK_BYTES: usize = 1024 * 1024;
+
+/// A broker that has recovered its topics and bound its port: "accepts connections" means
+/// "ready".
+#[derive(Debug)]
+pub struct Broker {
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Broker {
+    /// Opens the data directory (recovering every partition), then binds the listen address.
+    pub async fn start(config: Config) -> Result<Broker, BrokerError> {
+        let listen = config.listen;
+        let config = Arc::new(config);
+        let registry = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || {
+                // Partition logs start their flushers on this runtime.
+                let handle = tokio::runtime::Handle::current();
+                let _guard = handle.enter();
+                Registry::open(config)
+            })
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("startup task failed: {e}")))??
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| BrokerError::io("binding", listen.to_string(), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| BrokerError::io("reading the address of", listen.to_string(), e))?;
+        Ok(Broker {
+            registry: Arc::new(registry),
+            listener,
+            local_addr,
+        })
+    }
+
+    /// The bound address (the real port when the config asked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The topics.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Serves until `signal` resolves; then stops accepting, ends streams, lets in-flight
+    /// requests finish, and closes every log (fsync + clean-shutdown marker).
+    pub async fn serve(self, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BrokerError> {
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let limits = self.registry.config().limits.clone();
+        let service = BrokerService::new(self.registry.clone(), shutdown_rx.clone());
+        let broker = BrokerServer::new(service)
+            .max_decoding_message_size(limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
+            .max_encoding_message_size(limits.max_fetch_bytes as usize + MESSAGE_SLACK_BYTES);
+        let (health_reporter, health) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(syncline_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| BrokerError::InvalidRequest(format!("reflection service: {e}")))?;
+
+        let retention = tokio::spawn(retention_loop(
+            self.registry.clone(),
+            Duration::from_millis(self.registry.config().retention_check_ms),
+            shutdown_rx.clone(),
+        ));
+        let shutdown = async move {
+            signal.await;
+            tracing::info!("shutting down: no new connections; finishing in-flight requests");
+            health_reporter
+                .set_not_serving::<BrokerServer<BrokerService>>()
+                .await;
+            let _ = shutdown_tx.send(true);
+        };
+        tracing::info!("listening on {}", self.local_addr);
+        let served = tonic::transport::Server::builder()
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .tcp_nodelay(true)
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(broker)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
+            .await;
+        let _ = retention.await;
+        self.registry.close().await;
+        tracing::info!("all logs flushed and closed");
+        served.map_err(|e| BrokerError::io("serving", self.local_addr.to_string(), std::io::Error::other(e)))
+    }
+}
+
+async fn retention_loop(registry: Arc<Registry>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let registry = registry.clone();
+        let _ = tokio::task::spawn_blocking(move || registry.enforce_retention()).await;
+    }
+}

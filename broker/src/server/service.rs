@@ -1,0 +1,588 @@
+//! The `syncline.v1.Broker` service: request validation, then calls into topics and
+//! partitions. Responses carry the stored batch bytes as `Bytes` slices of the segment
+//! mappings (no copy).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use syncline_proto::batch::Batches;
+use syncline_proto::v1::{self, broker_server::Broker};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status::to_status;
+use crate::config::parse_fsync;
+use crate::error::BrokerError;
+use crate::log::{Appended, ConfigError, FsyncPolicy, Log, ReadBatches};
+use crate::partition::{Partition, PlainRecord};
+use crate::topic::{Cleanup, Registry, Topic, TopicSettings};
+
+/// Fetch size when a request does not say (1 MiB).
+const DEFAULT_FETCH_BYTES: u32 = 1024 * 1024;
+/// Produce requests one `ProduceStream` may have in flight before the broker stops reading it.
+const STREAM_IN_FLIGHT_MAX: usize = 1024;
+
+/// The service state: the topics and the shutdown signal.
+#[derive(Debug, Clone)]
+pub struct BrokerService {
+    registry: Arc<Registry>,
+    shutdown: watch::Receiver<bool>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acks {
+    None,
+    Leader,
+    Durable,
+}
+
+fn acks_of(value: i32) -> Result<Acks, BrokerError> {
+    match v1::Acks::try_from(value) {
+        Ok(v1::Acks::Unspecified) | Ok(v1::Acks::Durable) => Ok(Acks::Durable),
+        Ok(v1::Acks::Leader) => Ok(Acks::Leader),
+        Ok(v1::Acks::None) => Ok(Acks::None),
+        Err(_) => Err(BrokerError::InvalidRequest(format!(
+            "unknown acks value {value}: use ACKS_NONE, ACKS_LEADER or ACKS_DURABLE"
+        ))),
+    }
+}
+
+fn retention_override(value: Option<i64>, key: &'static str) -> Result<Option<Option<u64>>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(-1) => Ok(Some(None)),
+        Some(v) if v > 0 => Ok(Some(Some(v as u64))),
+        Some(v) => Err(ConfigError {
+            key,
+            message: format!("{v}: use a positive number, or -1 for no limit"),
+        }),
+    }
+}
+
+fn describe(topic: &Topic) -> v1::TopicDescription {
+    let settings = &topic.settings;
+    let partitions = topic
+        .partitions
+        .iter()
+        .map(|partition| match partition.log() {
+            Ok(log) => {
+                let info = log.info();
+                v1::PartitionDescription {
+                    partition: partition.id,
+                    log_start_offset: info.start_offset,
+                    durable_offset: info.durable_offset,
+                    log_end_offset: info.end_offset,
+                    size_bytes: info.size_bytes,
+                    segments: info.segments as u32,
+                    error: String::new(),
+                }
+            }
+            Err(_) => v1::PartitionDescription {
+                partition: partition.id,
+                error: partition.fence_reason().unwrap_or_default().to_string(),
+                ..Default::default()
+            },
+        })
+        .collect();
+    v1::TopicDescription {
+        name: topic.name.to_string(),
+        config: Some(topic_config(settings)),
+        partitions,
+    }
+}
+
+fn cleanup_of(cleanup: Cleanup) -> v1::CleanupPolicy {
+    match cleanup {
+        Cleanup::Delete => v1::CleanupPolicy::Delete,
+        Cleanup::Compact => v1::CleanupPolicy::Compact,
+    }
+}
+
+fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
+    let (fsync_policy, fsync_interval_ms) = match settings.log.fsync {
+        FsyncPolicy::Always => (v1::FsyncPolicy::Always, None),
+        FsyncPolicy::IntervalMs(ms) => (v1::FsyncPolicy::Interval, Some(ms)),
+    };
+    v1::TopicConfig {
+        partitions: settings.partitions,
+        cleanup_policy: cleanup_of(settings.cleanup) as i32,
+        retention_ms: Some(settings.log.retention_ms.map_or(-1, |v| v as i64)),
+        retention_bytes: Some(settings.log.retention_bytes.map_or(-1, |v| v as i64)),
+        segment_bytes: Some(settings.log.segment_bytes),
+        segment_ms: Some(settings.log.segment_ms),
+        fsync_policy: fsync_policy as i32,
+        fsync_interval_ms,
+    }
+}
+
+/// Splits fetched batches into records at or after `from` (for clients without the codec).
+fn decode_records(bytes: &Bytes, from: u64) -> Result<Vec<v1::FetchedRecord>, BrokerError> {
+    let mut out = Vec::new();
+    for batch in Batches::new(bytes.clone()) {
+        let batch = batch.map_err(|e| BrokerError::InvalidRequest(format!("stored batch: {e}")))?;
+        for record in batch.records() {
+            let record =
+                record.map_err(|e| BrokerError::InvalidRequest(format!("stored record: {e}")))?;
+            if record.offset < from {
+                continue;
+            }
+            out.push(v1::FetchedRecord {
+                offset: record.offset,
+                timestamp_ms: record.timestamp,
+                key: record.key,
+                value: record.value,
+                headers: record
+                    .headers
+                    .into_iter()
+                    .map(|h| v1::RecordHeader {
+                        key: h.key,
+                        value: h.value,
+                    })
+                    .collect(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn fetch_response(
+    partition: u32,
+    read: ReadBatches,
+    log: &Log,
+    decode_from: Option<u64>,
+) -> Result<v1::FetchResponse, BrokerError> {
+    let records = match decode_from {
+        Some(from) => decode_records(&read.bytes, from)?,
+        None => Vec::new(),
+    };
+    Ok(v1::FetchResponse {
+        partition,
+        batches: read.bytes,
+        records,
+        next_offset: read.next_offset,
+        high_watermark: read.high_watermark,
+        log_start_offset: log.start_offset(),
+    })
+}
+
+impl BrokerService {
+    /// A service over `registry`; streams end when `shutdown` turns true.
+    pub fn new(registry: Arc<Registry>, shutdown: watch::Receiver<bool>) -> Self {
+        Self { registry, shutdown }
+    }
+
+    fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
+        let topic = self.registry.get(topic)?;
+        let partition = topic.partition(partition)?.clone();
+        Ok((topic, partition))
+    }
+
+    fn check_running(&self) -> Result<(), BrokerError> {
+        if *self.shutdown.borrow() {
+            return Err(BrokerError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Validates and appends one produce request; returns what to wait on for its ack.
+    fn append(&self, request: v1::ProduceRequest) -> Result<(Arc<Partition>, Appended, Acks), BrokerError> {
+        self.check_running()?;
+        let acks = acks_of(request.acks)?;
+        let (_topic, partition) = self.partition(&request.topic, request.partition)?;
+        let limits = &self.registry.config().limits;
+        let appended = match (request.batch.is_empty(), request.records.is_empty()) {
+            (false, true) => {
+                if request.batch.len() > limits.max_batch_bytes as usize {
+                    return Err(BrokerError::TooLarge(format!(
+                        "batch of {} bytes exceeds the broker's max_batch_bytes ({})",
+                        request.batch.len(),
+                        limits.max_batch_bytes
+                    )));
+                }
+                partition.append_batch(request.batch)?
+            }
+            (true, false) => {
+                if request.records.len() > limits.max_records_per_request {
+                    return Err(BrokerError::TooLarge(format!(
+                        "{} records exceed the limit of {} per request",
+                        request.records.len(),
+                        limits.max_records_per_request
+                    )));
+                }
+                let records: Vec<PlainRecord> = request
+                    .records
+                    .into_iter()
+                    .map(|r| PlainRecord {
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                        timestamp_ms: r.timestamp_ms,
+                    })
+                    .collect();
+                partition.append_records(&records, now_ms())?
+            }
+            (false, false) => {
+                return Err(BrokerError::InvalidRequest(
+                    "a produce request carries either `batch` or `records`, not both".into(),
+                ))
+            }
+            (true, true) => {
+                return Err(BrokerError::InvalidRequest(
+                    "empty produce request: set `batch` (an encoded record batch) or `records`".into(),
+                ))
+            }
+        };
+        Ok((partition, appended, acks))
+    }
+
+    async fn ack(partition: &Partition, appended: Appended, acks: Acks) -> Result<(), BrokerError> {
+        if acks == Acks::Durable {
+            let log = partition.log()?;
+            log.wait_durable(appended.durable_target())
+                .await
+                .map_err(|e| partition.log_error(e))?;
+        }
+        Ok(())
+    }
+
+    fn produce_response(correlation_id: u64, partition: u32, appended: Appended) -> v1::ProduceResponse {
+        v1::ProduceResponse {
+            correlation_id,
+            partition,
+            base_offset: appended.base_offset,
+            last_offset: appended.last_offset,
+            error: None,
+        }
+    }
+
+    fn error_response(correlation_id: u64, partition: u32, error: BrokerError) -> v1::ProduceResponse {
+        let status = to_status(error);
+        v1::ProduceResponse {
+            correlation_id,
+            partition,
+            base_offset: 0,
+            last_offset: 0,
+            error: Some(v1::ErrorStatus {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            }),
+        }
+    }
+
+    fn fetch_limits(&self, max_bytes: u32) -> usize {
+        let limit = self.registry.config().limits.max_fetch_bytes;
+        let requested = if max_bytes == 0 { DEFAULT_FETCH_BYTES } else { max_bytes };
+        requested.min(limit) as usize
+    }
+}
+
+#[tonic::async_trait]
+impl Broker for BrokerService {
+    async fn create_topic(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.unwrap_or_default();
+        let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
+            Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => Cleanup::Delete,
+            Ok(v1::CleanupPolicy::Compact) => Cleanup::Compact,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown cleanup policy {}: use delete or compact",
+                    config.cleanup_policy
+                )))
+            }
+        };
+        let fsync_policy = v1::FsyncPolicy::try_from(config.fsync_policy).map_err(|_| {
+            Status::invalid_argument(format!(
+                "unknown fsync policy {}: use always or interval",
+                config.fsync_policy
+            ))
+        })?;
+        let partitions = (config.partitions != 0).then_some(config.partitions);
+        let settings = self
+            .registry
+            .resolve_settings(partitions, Some(cleanup), |log| {
+                if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
+                    log.retention_ms = value;
+                }
+                if let Some(value) = retention_override(config.retention_bytes, "retention_bytes")? {
+                    log.retention_bytes = value;
+                }
+                if let Some(bytes) = config.segment_bytes {
+                    log.segment_bytes = bytes;
+                }
+                if let Some(ms) = config.segment_ms {
+                    log.segment_ms = ms;
+                }
+                match fsync_policy {
+                    v1::FsyncPolicy::Unspecified => {}
+                    v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
+                    v1::FsyncPolicy::Interval => {
+                        log.fsync = parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
+                    }
+                }
+                Ok(())
+            })
+            .map_err(to_status)?;
+        let topic = self
+            .registry
+            .create(&request.name, settings)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(v1::CreateTopicResponse {
+            topic: Some(describe(&topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        self.registry
+            .delete(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(v1::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<v1::ListTopicsRequest>,
+    ) -> Result<Response<v1::ListTopicsResponse>, Status> {
+        let topics = self
+            .registry
+            .list()
+            .iter()
+            .map(|topic| v1::TopicSummary {
+                name: topic.name.to_string(),
+                partitions: topic.settings.partitions,
+                cleanup_policy: cleanup_of(topic.settings.cleanup) as i32,
+            })
+            .collect();
+        Ok(Response::new(v1::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<v1::DescribeTopicRequest>,
+    ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
+        let topic = self
+            .registry
+            .get(&request.into_inner().name)
+            .map_err(to_status)?;
+        Ok(Response::new(v1::DescribeTopicResponse {
+            topic: Some(describe(&topic)),
+        }))
+    }
+
+    async fn produce(
+        &self,
+        request: Request<v1::ProduceRequest>,
+    ) -> Result<Response<v1::ProduceResponse>, Status> {
+        let request = request.into_inner();
+        let correlation_id = request.correlation_id;
+        let partition_id = request.partition;
+        let (partition, appended, acks) = self.append(request).map_err(to_status)?;
+        Self::ack(&partition, appended, acks).await.map_err(to_status)?;
+        Ok(Response::new(Self::produce_response(correlation_id, partition_id, appended)))
+    }
+
+    type ProduceStreamStream = ResponseStream<v1::ProduceResponse>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<v1::ProduceRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
+        let service = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX));
+            loop {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                };
+                let request = match next {
+                    Some(Ok(request)) => request,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "produce stream ended by the client");
+                        break;
+                    }
+                    None => break,
+                };
+                // Bounded in flight: the stream is not read further until acks drain.
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let correlation_id = request.correlation_id;
+                let partition_id = request.partition;
+                match service.append(request) {
+                    Err(error) => {
+                        drop(permit);
+                        if tx.send(Ok(Self::error_response(correlation_id, partition_id, error))).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok((partition, appended, Acks::Durable)) => {
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let response = match Self::ack(&partition, appended, Acks::Durable).await {
+                                Ok(()) => Self::produce_response(correlation_id, partition_id, appended),
+                                Err(error) => Self::error_response(correlation_id, partition_id, error),
+                            };
+                            let _ = tx.send(Ok(response)).await;
+                            drop(permit);
+                        });
+                    }
+                    Ok((_, appended, _)) => {
+                        drop(permit);
+                        let response = Self::produce_response(correlation_id, partition_id, appended);
+                        if tx.send(Ok(response)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<v1::FetchRequest>,
+    ) -> Result<Response<v1::FetchResponse>, Status> {
+        let request = request.into_inner();
+        let (_topic, partition) = self
+            .partition(&request.topic, request.partition)
+            .map_err(to_status)?;
+        let log = partition.log().map_err(to_status)?.clone();
+        let max_bytes = self.fetch_limits(request.max_bytes);
+        let max_wait = request.max_wait_ms.min(self.registry.config().limits.max_wait_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(max_wait));
+        let mut durable = log.subscribe_durable();
+        let mut shutdown = self.shutdown.clone();
+        let decode_from = request.decode_records.then_some(request.offset);
+        loop {
+            durable.borrow_and_update();
+            let read = log
+                .read(request.offset, max_bytes)
+                .map_err(|e| to_status(partition.log_error(e)))?;
+            if !read.bytes.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
+                let response = fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
+                return Ok(Response::new(response));
+            }
+            tokio::select! {
+                changed = durable.changed() => {
+                    if changed.is_err() {
+                        return Err(to_status(BrokerError::ShuttingDown));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.wait_for(|stop| *stop) => {}
+            }
+        }
+    }
+
+    type SubscribeStream = ResponseStream<v1::FetchResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let (topic, partition) = self
+            .partition(&request.topic, request.partition)
+            .map_err(to_status)?;
+        let log = partition.log().map_err(to_status)?.clone();
+        // Validate the start offset now, so a bad one is an error status, not an empty stream.
+        log.read(request.offset, 1)
+            .map_err(|e| to_status(partition.log_error(e)))?;
+        let max_bytes = self.fetch_limits(request.max_bytes);
+        let read_ahead = self.registry.config().limits.subscribe_read_ahead;
+        let (tx, rx) = mpsc::channel(read_ahead);
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            let mut durable = log.subscribe_durable();
+            loop {
+                durable.borrow_and_update();
+                if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = tx
+                        .send(Err(Status::not_found(format!("topic `{}` was deleted", topic.name))))
+                        .await;
+                    return;
+                }
+                let read = match log.read(offset, max_bytes) {
+                    Ok(read) => read,
+                    Err(error) => {
+                        let _ = tx.send(Err(to_status(partition.log_error(error)))).await;
+                        return;
+                    }
+                };
+                if !read.bytes.is_empty() {
+                    offset = read.next_offset;
+                    let decode_from = request.decode_records.then_some(request.offset);
+                    let response = fetch_response(partition.id, read, &log, decode_from).map_err(to_status);
+                    // Waits while the subscriber is `read_ahead` responses behind: the flow
+                    // control that bounds what the broker buffers for a slow consumer.
+                    tokio::select! {
+                        sent = tx.send(response) => if sent.is_err() { return },
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    changed = durable.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_offsets(
+        &self,
+        request: Request<v1::ListOffsetsRequest>,
+    ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
+        let request = request.into_inner();
+        let (_topic, partition) = self
+            .partition(&request.topic, request.partition)
+            .map_err(to_status)?;
+        let log = partition.log().map_err(to_status)?;
+        let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
+            Status::invalid_argument(format!(
+                "unknown offset spec {}: use EARLIEST, LATEST or TIMESTAMP",
+                request.spec
+            ))
+        })?;
+        let (offset, found) = match spec {
+            v1::OffsetSpec::Earliest => (log.start_offset(), true),
+            v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => (log.durable_offset(), true),
+            v1::OffsetSpec::Timestamp => match log
+                .offset_for_timestamp(request.timestamp_ms)
+                .map_err(|e| to_status(partition.log_error(e)))?
+            {
+                Some(offset) => (offset, true),
+                None => (log.durable_offset(), false),
+            },
+        };
+        Ok(Response::new(v1::ListOffsetsResponse { offset, found }))
+    }
+}

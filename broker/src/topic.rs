@@ -1,0 +1,477 @@
+//! The topic registry: create, delete, list and find topics; topic metadata on disk; the data
+//! directory's lock and format file.
+//!
+//! ## On disk
+//! ```text
+//! DATA_DIR/.lock                      flock: one broker per data dir
+//! DATA_DIR/format-version             "syncline-data 1"
+//! DATA_DIR/<topic>/topic.toml         TopicMeta (below), written temp + fsync + rename
+//! DATA_DIR/<topic>/<partition>/...    one log per partition (crate::log)
+//! DATA_DIR/~creating-<n>/             a create in progress (removed at startup)
+//! DATA_DIR/~deleted-<n>/              a delete in progress (removed at startup)
+//! ```
+//! `~` cannot appear in topic names, so work-in-progress directories never collide with
+//! topics.
+//!
+//! ## Crash safety
+//! - Create: build the whole topic under `<name>~creating-<n>` (partition directories and
+//!   `topic.toml`, each fsync'd), then rename it to `<name>` and fsync DATA_DIR. A crash leaves
+//!   either no topic or the whole topic.
+//! - Delete: rename `<name>` to `<name>~deleted-<n>`, fsync DATA_DIR, then remove the tree. A
+//!   crash leaves either the topic or a leftover that startup removes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, TopicDefaults};
+use crate::error::BrokerError;
+use crate::log::{ConfigError, FsyncPolicy, Log, LogError};
+use crate::partition::Partition;
+
+const FORMAT_FILE: &str = "format-version";
+const FORMAT: &str = "syncline-data 1";
+const META_FILE: &str = "topic.toml";
+/// Longest topic name (Kafka's bound; fits a directory name).
+pub const TOPIC_NAME_MAX: usize = 249;
+
+/// Cleanup policy of a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cleanup {
+    /// Retention deletes old segments.
+    Delete,
+    /// A table: the latest value of each key is kept (compaction comes with the tables issue).
+    Compact,
+}
+
+/// Effective settings of a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSettings {
+    /// Partition count.
+    pub partitions: u32,
+    /// Cleanup policy.
+    pub cleanup: Cleanup,
+    /// Log settings.
+    pub log: TopicDefaults,
+}
+
+/// `topic.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicMeta {
+    format: u32,
+    name: String,
+    partitions: u32,
+    cleanup: Cleanup,
+    segment_bytes: u64,
+    segment_ms: u64,
+    retention_ms: Option<u64>,
+    retention_bytes: Option<u64>,
+    fsync_policy: String,
+    fsync_interval_ms: u64,
+    created_ms: i64,
+}
+
+impl TopicMeta {
+    fn settings(&self) -> Result<TopicSettings, ConfigError> {
+        Ok(TopicSettings {
+            partitions: self.partitions,
+            cleanup: self.cleanup,
+            log: TopicDefaults {
+                partitions: self.partitions,
+                segment_bytes: self.segment_bytes,
+                segment_ms: self.segment_ms,
+                retention_ms: self.retention_ms,
+                retention_bytes: self.retention_bytes,
+                fsync: crate::config::parse_fsync(&self.fsync_policy, self.fsync_interval_ms)?,
+            },
+        })
+    }
+}
+
+/// Checks a topic name: `[A-Za-z0-9._-]{1,249}`, not `.` or `..`, not starting with `__`
+/// (reserved for internal topics).
+pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
+    let invalid = |reason| {
+        Err(BrokerError::InvalidTopicName {
+            name: name.chars().take(300).collect(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return invalid("the name is empty");
+    }
+    if name.len() > TOPIC_NAME_MAX {
+        return invalid("the name is longer than 249 characters");
+    }
+    if name == "." || name == ".." {
+        return invalid("`.` and `..` are not topic names");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
+        return invalid("use only letters, digits, `.`, `_` and `-`");
+    }
+    if name.starts_with("__") {
+        return invalid("names starting with `__` are reserved for internal topics");
+    }
+    Ok(())
+}
+
+/// A topic: its settings and partitions.
+#[derive(Debug)]
+pub struct Topic {
+    /// Name.
+    pub name: Arc<str>,
+    /// Effective settings.
+    pub settings: TopicSettings,
+    /// Partitions, indexed by number.
+    pub partitions: Vec<Arc<Partition>>,
+    /// Set once the topic is deleted, so in-flight streams end.
+    pub deleted: AtomicBool,
+}
+
+impl Topic {
+    /// The partition, or NOT_FOUND-style error naming the valid range.
+    pub fn partition(&self, id: u32) -> Result<&Arc<Partition>, BrokerError> {
+        self.partitions
+            .get(id as usize)
+            .ok_or_else(|| BrokerError::PartitionNotFound {
+                topic: self.name.to_string(),
+                partition: id,
+                partitions: self.settings.partitions,
+            })
+    }
+}
+
+/// All topics of a data directory.
+#[derive(Debug)]
+pub struct Registry {
+    config: Arc<Config>,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serializes creates and deletes (metadata changes are rare and do I/O).
+    admin: tokio::sync::Mutex<()>,
+    sequence: AtomicU64,
+    _lock: File,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BrokerError::io("syncing directory", dir, e))
+}
+
+fn write_synced(path: &Path, contents: &[u8]) -> Result<(), BrokerError> {
+    use std::io::Write;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(".tmp");
+    let temp = PathBuf::from(temp);
+    let mut file = File::create(&temp).map_err(|e| BrokerError::io("creating", &temp, e))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| BrokerError::io("writing", &temp, e))?;
+    std::fs::rename(&temp, path).map_err(|e| BrokerError::io("renaming", &temp, e))
+}
+
+impl Registry {
+    /// Locks the data directory, removes interrupted creates and deletes, and opens every
+    /// topic (recovering each partition's log). A partition whose log reports corruption is
+    /// fenced; the rest serve.
+    pub fn open(config: Arc<Config>) -> Result<Registry, BrokerError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+        let lock_path = dir.join(".lock");
+        let lock = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| BrokerError::io("opening", &lock_path, e))?;
+        // SAFETY: plain syscall on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(BrokerError::DataDirLocked { dir });
+        }
+        let format_path = dir.join(FORMAT_FILE);
+        match std::fs::read_to_string(&format_path) {
+            Ok(found) if found.trim() == FORMAT => {}
+            Ok(found) => {
+                return Err(BrokerError::DataDirFormat {
+                    dir,
+                    found: found.trim().to_string(),
+                    expected: FORMAT.into(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write_synced(&format_path, format!("{FORMAT}\n").as_bytes())?;
+                sync_dir(&dir)?;
+            }
+            Err(e) => return Err(BrokerError::io("reading", &format_path, e)),
+        }
+        let registry = Registry {
+            config,
+            topics: RwLock::new(BTreeMap::new()),
+            admin: tokio::sync::Mutex::new(()),
+            sequence: AtomicU64::new(0),
+            _lock: lock,
+        };
+        let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
+        let mut loaded = BTreeMap::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| BrokerError::io("listing", &dir, e))?;
+            let path = entry.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.contains('~') {
+                tracing::info!(path = %path.display(), "removing interrupted topic create/delete");
+                std::fs::remove_dir_all(&path).map_err(|e| BrokerError::io("removing", &path, e))?;
+                continue;
+            }
+            if !path.join(META_FILE).exists() {
+                tracing::warn!(path = %path.display(), "directory without topic.toml in the data dir; ignoring it");
+                continue;
+            }
+            let topic = registry.load_topic(&path)?;
+            loaded.insert(topic.name.to_string(), topic);
+        }
+        sync_dir(&dir)?;
+        tracing::info!(dir = %dir.display(), topics = loaded.len(), "loaded topics");
+        *registry.topics.write() = loaded;
+        Ok(registry)
+    }
+
+    fn load_topic(&self, path: &Path) -> Result<Arc<Topic>, BrokerError> {
+        let meta_path = path.join(META_FILE);
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
+        let meta: TopicMeta = toml::from_str(&text).map_err(|e| {
+            BrokerError::io(
+                "parsing",
+                &meta_path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+            )
+        })?;
+        let settings = meta.settings()?;
+        Ok(Arc::new(self.open_partitions(&meta.name, path, settings)))
+    }
+
+    fn open_partitions(&self, name: &str, path: &Path, settings: TopicSettings) -> Topic {
+        let name: Arc<str> = Arc::from(name);
+        let log_config = self.config.log_config_for(&settings.log);
+        let partitions = (0..settings.partitions)
+            .map(|id| {
+                let dir = path.join(id.to_string());
+                match Log::open(&dir, log_config.clone()) {
+                    Ok(log) => Arc::new(Partition::open(name.clone(), id, settings.partitions, log)),
+                    Err(error) => {
+                        tracing::error!(topic = %name, partition = id, %error, "partition fenced: its log does not open");
+                        Arc::new(Partition::fenced(name.clone(), id, settings.partitions, error.to_string()))
+                    }
+                }
+            })
+            .collect();
+        Topic {
+            name,
+            settings,
+            partitions,
+            deleted: AtomicBool::new(false),
+        }
+    }
+
+    /// The effective settings for a create request (unset fields take the broker's defaults).
+    pub fn resolve_settings(
+        &self,
+        partitions: Option<u32>,
+        cleanup: Option<Cleanup>,
+        overrides: impl FnOnce(&mut TopicDefaults) -> Result<(), ConfigError>,
+    ) -> Result<TopicSettings, BrokerError> {
+        let mut log = self.config.topic_defaults.clone();
+        overrides(&mut log)?;
+        let partitions = partitions.unwrap_or(log.partitions);
+        let max = self.config.limits.max_partitions;
+        if partitions == 0 || partitions > max {
+            return Err(BrokerError::InvalidConfig(ConfigError {
+                key: "partitions",
+                message: format!("{partitions} is outside [1, {max}]"),
+            }));
+        }
+        log.partitions = partitions;
+        self.config.log_config_for(&log).validate()?;
+        Ok(TopicSettings {
+            partitions,
+            cleanup: cleanup.unwrap_or(Cleanup::Delete),
+            log,
+        })
+    }
+
+    /// Creates a topic (see the module doc for the crash-safe order).
+    pub async fn create(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>, BrokerError> {
+        validate_topic_name(name)?;
+        let _admin = self.admin.lock().await;
+        if self.topics.read().contains_key(name) {
+            return Err(BrokerError::TopicExists { topic: name.into() });
+        }
+        let data_dir = self.config.data_dir.clone();
+        let final_path = data_dir.join(name);
+        if final_path.exists() {
+            return Err(BrokerError::TopicExists { topic: name.into() });
+        }
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let staging = data_dir.join(format!("~creating-{}-{sequence}", now_ms()));
+        let meta = TopicMeta {
+            format: 1,
+            name: name.to_string(),
+            partitions: settings.partitions,
+            cleanup: settings.cleanup,
+            segment_bytes: settings.log.segment_bytes,
+            segment_ms: settings.log.segment_ms,
+            retention_ms: settings.log.retention_ms,
+            retention_bytes: settings.log.retention_bytes,
+            fsync_policy: match settings.log.fsync {
+                FsyncPolicy::Always => "always".into(),
+                FsyncPolicy::IntervalMs(_) => "interval".into(),
+            },
+            fsync_interval_ms: match settings.log.fsync {
+                FsyncPolicy::Always => 100,
+                FsyncPolicy::IntervalMs(ms) => ms,
+            },
+            created_ms: now_ms(),
+        };
+        let text = toml::to_string(&meta).map_err(|e| {
+            BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
+        })?;
+        let build = || -> Result<(), BrokerError> {
+            std::fs::create_dir(&staging).map_err(|e| BrokerError::io("creating", &staging, e))?;
+            for id in 0..settings.partitions {
+                let dir = staging.join(id.to_string());
+                std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+            }
+            write_synced(&staging.join(META_FILE), text.as_bytes())?;
+            sync_dir(&staging)?;
+            std::fs::rename(&staging, &final_path)
+                .map_err(|e| BrokerError::io("renaming", &staging, e))?;
+            sync_dir(&data_dir)
+        };
+        let built = tokio::task::block_in_place(build);
+        if let Err(error) = built {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(error);
+        }
+        let topic = Arc::new(tokio::task::block_in_place(|| {
+            self.open_partitions(name, &final_path, settings)
+        }));
+        self.topics.write().insert(name.to_string(), topic.clone());
+        tracing::info!(topic = name, partitions = topic.settings.partitions, "created topic");
+        Ok(topic)
+    }
+
+    /// Deletes a topic: it disappears from the registry at once, its logs are closed, and its
+    /// directory is renamed away and removed.
+    pub async fn delete(&self, name: &str) -> Result<(), BrokerError> {
+        let _admin = self.admin.lock().await;
+        let topic = self
+            .topics
+            .write()
+            .remove(name)
+            .ok_or_else(|| BrokerError::TopicNotFound { topic: name.into() })?;
+        topic.deleted.store(true, Ordering::Release);
+        for partition in &topic.partitions {
+            partition.close().await;
+        }
+        let data_dir = self.config.data_dir.clone();
+        let path = data_dir.join(name);
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let doomed = data_dir.join(format!("~deleted-{}-{sequence}", now_ms()));
+        tokio::task::block_in_place(|| -> Result<(), BrokerError> {
+            std::fs::rename(&path, &doomed).map_err(|e| BrokerError::io("renaming", &path, e))?;
+            sync_dir(&data_dir)?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| BrokerError::io("removing", &doomed, e))
+        })?;
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// The topic, or NOT_FOUND.
+    pub fn get(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::TopicNotFound { topic: name.into() })
+    }
+
+    /// All topics, by name.
+    pub fn list(&self) -> Vec<Arc<Topic>> {
+        self.topics.read().values().cloned().collect()
+    }
+
+    /// The broker configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Runs retention on every partition (blocking I/O: call from a blocking thread).
+    pub fn enforce_retention(&self) {
+        for topic in self.list() {
+            if topic.settings.cleanup != Cleanup::Delete {
+                continue;
+            }
+            for partition in &topic.partitions {
+                if let Ok(log) = partition.log() {
+                    if let Err(error) = log.enforce_retention() {
+                        tracing::warn!(topic = %topic.name, partition = partition.id, %error, "retention failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every partition: final fsync and clean-shutdown marker.
+    pub async fn close(&self) {
+        for topic in self.list() {
+            for partition in &topic.partitions {
+                partition.close().await;
+            }
+        }
+    }
+}
+
+/// Whether a log error means the request was bad (vs the partition being broken).
+pub fn is_request_error(error: &LogError) -> bool {
+    !error.is_fatal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_names_when_validated_should_accept_only_the_allowed_charset() {
+        for good in ["orders", "a", "A.b_c-9", &"x".repeat(249)] {
+            assert!(validate_topic_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "a/b", "../etc", "a b", "é", "__offsets", &"x".repeat(250), "a~b"] {
+            assert!(
+                matches!(validate_topic_name(bad), Err(BrokerError::InvalidTopicName { .. })),
+                "{bad}"
+            );
+        }
+    }
+}
