@@ -59,11 +59,21 @@ pub struct Flags {
     pub segment_ms: Option<u64>,
 
     /// Default retention by age; -1 keeps records forever [default: -1]
-    #[arg(long, env = "SYNCLINE_RETENTION_MS", value_name = "MS", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "SYNCLINE_RETENTION_MS",
+        value_name = "MS",
+        allow_hyphen_values = true
+    )]
     pub retention_ms: Option<i64>,
 
     /// Default retention by size, per partition; -1 means no limit [default: -1]
-    #[arg(long, env = "SYNCLINE_RETENTION_BYTES", value_name = "BYTES", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        env = "SYNCLINE_RETENTION_BYTES",
+        value_name = "BYTES",
+        allow_hyphen_values = true
+    )]
     pub retention_bytes: Option<i64>,
 
     /// Default fsync policy: `always` (continuous group commit) or `interval` [default: always]
@@ -242,7 +252,10 @@ impl Config {
         };
         let mut config = Config::default();
         let defaults = config.clone();
-        config.data_dir = flags.data_dir.or(file.data_dir).unwrap_or(defaults.data_dir);
+        config.data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or(defaults.data_dir);
         config.listen = flags.listen.or(file.listen).unwrap_or(defaults.listen);
         config.log = flags.log.or(file.log).unwrap_or(defaults.log);
         let topic = &mut config.topic_defaults;
@@ -254,7 +267,10 @@ impl Config {
             .segment_bytes
             .or(file.segment_bytes)
             .unwrap_or(topic.segment_bytes);
-        topic.segment_ms = flags.segment_ms.or(file.segment_ms).unwrap_or(topic.segment_ms);
+        topic.segment_ms = flags
+            .segment_ms
+            .or(file.segment_ms)
+            .unwrap_or(topic.segment_ms);
         if let Some(value) = flags.retention_ms.or(file.retention_ms) {
             topic.retention_ms = retention(value, "retention_ms")?;
         }
@@ -294,13 +310,19 @@ impl Config {
         let err = |key: &'static str, message: String| Err(ConfigError { key, message });
         let limits = &self.limits;
         if !(1..=100_000).contains(&limits.max_partitions) {
-            return err("max_partitions", format!("{} is outside [1, 100000]", limits.max_partitions));
+            return err(
+                "max_partitions",
+                format!("{} is outside [1, 100000]", limits.max_partitions),
+            );
         }
         let partitions = self.topic_defaults.partitions;
         if partitions == 0 || partitions > limits.max_partitions {
             return err(
                 "default_partitions",
-                format!("{partitions} is outside [1, max_partitions = {}]", limits.max_partitions),
+                format!(
+                    "{partitions} is outside [1, max_partitions = {}]",
+                    limits.max_partitions
+                ),
             );
         }
         if !(1024..=syncline_proto::batch::BATCH_LEN_MAX).contains(&limits.max_batch_bytes) {
@@ -314,7 +336,10 @@ impl Config {
             );
         }
         if !(1024..=(256 * 1024 * 1024)).contains(&limits.max_fetch_bytes) {
-            return err("max_fetch_bytes", format!("{} is outside [1024, 268435456]", limits.max_fetch_bytes));
+            return err(
+                "max_fetch_bytes",
+                format!("{} is outside [1024, 268435456]", limits.max_fetch_bytes),
+            );
         }
         if self.retention_check_ms == 0 {
             return err("retention_check_ms", "must be at least 1".into());
@@ -379,14 +404,18 @@ mod tests {
         };
         let config = Config::load(flags).unwrap();
         assert_eq!(config.listen.port(), 9001, "flag beats file");
-        assert_eq!(config.topic_defaults.segment_bytes, 1_048_576, "file beats default");
+        assert_eq!(
+            config.topic_defaults.segment_bytes, 1_048_576,
+            "file beats default"
+        );
         assert_eq!(config.topic_defaults.retention_ms, Some(60_000));
     }
 
     #[test]
     fn given_environment_when_parsed_should_sit_between_file_and_flags() {
         // clap merges env below flags; checked on the parser directly (no process-wide env).
-        let flags = Flags::try_parse_from(["syncline-broker", "--segment-bytes", "2097152"]).unwrap();
+        let flags =
+            Flags::try_parse_from(["syncline-broker", "--segment-bytes", "2097152"]).unwrap();
         assert_eq!(flags.segment_bytes, Some(2_097_152));
     }
 
@@ -395,13 +424,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, "segment_bytes = 10\n").unwrap();
-        let error = Config::load(Flags { config: Some(path.clone()), ..Flags::default() }).unwrap_err();
+        let error = Config::load(Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap_err();
         assert!(error.to_string().contains("segment_bytes_max"), "{error}");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        let error = Config::load(Flags { config: Some(path), ..Flags::default() }).unwrap_err();
+        let error = Config::load(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err();
         assert!(error.to_string().contains("no_such_key"), "{error}");
-        let error = Config::load(Flags { fsync_policy: Some("sometimes".into()), ..Flags::default() })
-            .unwrap_err();
+        let error = Config::load(Flags {
+            fsync_policy: Some("sometimes".into()),
+            ..Flags::default()
+        })
+        .unwrap_err();
         assert!(error.to_string().contains("fsync_policy"), "{error}");
     }
 }

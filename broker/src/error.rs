@@ -32,7 +32,9 @@ pub enum BrokerError {
     #[error("invalid topic config: {0}")]
     InvalidConfig(#[from] ConfigError),
     /// The partition number is not in the topic.
-    #[error("topic `{topic}` has partitions 0..{partitions}; partition {partition} does not exist")]
+    #[error(
+        "topic `{topic}` has partitions 0..{partitions}; partition {partition} does not exist"
+    )]
     PartitionNotFound {
         /// The topic.
         topic: String,
@@ -115,7 +117,11 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    pub(crate) fn io(context: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        context: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         BrokerError::Io {
             context,
             path: path.into(),

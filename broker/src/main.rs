@@ -14,7 +14,8 @@ fn raise_open_file_limit() {
     };
     // SAFETY: plain syscalls with a valid pointer to a local struct.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
             limit.rlim_cur = limit.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
@@ -58,7 +59,10 @@ fn main() -> std::process::ExitCode {
         .with_ansi(false)
         .init();
     raise_open_file_limit();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");

@@ -126,7 +126,9 @@ impl Partition {
             records
                 .iter()
                 .map(|r| {
-                    r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()) + 32
+                    r.key.as_ref().map_or(0, |k| k.len())
+                        + r.value.as_ref().map_or(0, |v| v.len())
+                        + 32
                 })
                 .sum::<usize>()
                 + 64,
@@ -153,7 +155,12 @@ impl Partition {
             } else {
                 record.timestamp_ms
             };
-            builder.push(timestamp, record.key.as_deref(), record.value.as_deref(), &headers);
+            builder.push(
+                timestamp,
+                record.key.as_deref(),
+                record.value.as_deref(),
+                &headers,
+            );
         }
         let bytes = builder
             .finish()

@@ -241,7 +241,8 @@ impl Registry {
             let name = entry.file_name().to_string_lossy().to_string();
             if name.contains('~') {
                 tracing::info!(path = %path.display(), "removing interrupted topic create/delete");
-                std::fs::remove_dir_all(&path).map_err(|e| BrokerError::io("removing", &path, e))?;
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| BrokerError::io("removing", &path, e))?;
                 continue;
             }
             if !path.join(META_FILE).exists() {
@@ -322,7 +323,11 @@ impl Registry {
     }
 
     /// Creates a topic (see the module doc for the crash-safe order).
-    pub async fn create(&self, name: &str, settings: TopicSettings) -> Result<Arc<Topic>, BrokerError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        settings: TopicSettings,
+    ) -> Result<Arc<Topic>, BrokerError> {
         validate_topic_name(name)?;
         let _admin = self.admin.lock().await;
         if self.topics.read().contains_key(name) {
@@ -378,7 +383,11 @@ impl Registry {
             self.open_partitions(name, &final_path, settings)
         }));
         self.topics.write().insert(name.to_string(), topic.clone());
-        tracing::info!(topic = name, partitions = topic.settings.partitions, "created topic");
+        tracing::info!(
+            topic = name,
+            partitions = topic.settings.partitions,
+            "created topic"
+        );
         Ok(topic)
     }
 
@@ -467,9 +476,23 @@ mod tests {
         for good in ["orders", "a", "A.b_c-9", &"x".repeat(249)] {
             assert!(validate_topic_name(good).is_ok(), "{good}");
         }
-        for bad in ["", ".", "..", "a/b", "../etc", "a b", "é", "__offsets", &"x".repeat(250), "a~b"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "../etc",
+            "a b",
+            "é",
+            "__offsets",
+            &"x".repeat(250),
+            "a~b",
+        ] {
             assert!(
-                matches!(validate_topic_name(bad), Err(BrokerError::InvalidTopicName { .. })),
+                matches!(
+                    validate_topic_name(bad),
+                    Err(BrokerError::InvalidTopicName { .. })
+                ),
                 "{bad}"
             );
         }

@@ -77,15 +77,22 @@ impl Broker {
 
     /// Serves until `signal` resolves; then stops accepting, ends streams, lets in-flight
     /// requests finish, and closes every log (fsync + clean-shutdown marker).
-    pub async fn serve(self, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BrokerError> {
+    pub async fn serve(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BrokerError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
         let service = BrokerService::new(self.registry.clone(), shutdown_rx.clone());
         let broker = BrokerServer::new(service)
-            .max_decoding_message_size(limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
+            // Twice the batch limit, so an oversized batch reaches our check and gets a clear
+            // RESOURCE_EXHAUSTED (tonic itself answers OUT_OF_RANGE past this limit).
+            .max_decoding_message_size(2 * limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
             .max_encoding_message_size(limits.max_fetch_bytes as usize + MESSAGE_SLACK_BYTES);
         let (health_reporter, health) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
+        health_reporter
+            .set_serving::<BrokerServer<BrokerService>>()
+            .await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(syncline_proto::v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -118,11 +125,21 @@ impl Broker {
         let _ = retention.await;
         self.registry.close().await;
         tracing::info!("all logs flushed and closed");
-        served.map_err(|e| BrokerError::io("serving", self.local_addr.to_string(), std::io::Error::other(e)))
+        served.map_err(|e| {
+            BrokerError::io(
+                "serving",
+                self.local_addr.to_string(),
+                std::io::Error::other(e),
+            )
+        })
     }
 }
 
-async fn retention_loop(registry: Arc<Registry>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+async fn retention_loop(
+    registry: Arc<Registry>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

@@ -61,7 +61,10 @@ fn acks_of(value: i32) -> Result<Acks, BrokerError> {
     }
 }
 
-fn retention_override(value: Option<i64>, key: &'static str) -> Result<Option<Option<u64>>, ConfigError> {
+fn retention_override(
+    value: Option<i64>,
+    key: &'static str,
+) -> Result<Option<Option<u64>>, ConfigError> {
     match value {
         None => Ok(None),
         Some(-1) => Ok(Some(None)),
@@ -185,7 +188,11 @@ impl BrokerService {
         Self { registry, shutdown }
     }
 
-    fn partition(&self, topic: &str, partition: u32) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
+    fn partition(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<(Arc<Topic>, Arc<Partition>), BrokerError> {
         let topic = self.registry.get(topic)?;
         let partition = topic.partition(partition)?.clone();
         Ok((topic, partition))
@@ -199,7 +206,10 @@ impl BrokerService {
     }
 
     /// Validates and appends one produce request; returns what to wait on for its ack.
-    fn append(&self, request: v1::ProduceRequest) -> Result<(Arc<Partition>, Appended, Acks), BrokerError> {
+    fn append(
+        &self,
+        request: v1::ProduceRequest,
+    ) -> Result<(Arc<Partition>, Appended, Acks), BrokerError> {
         self.check_running()?;
         let acks = acks_of(request.acks)?;
         let (_topic, partition) = self.partition(&request.topic, request.partition)?;
@@ -242,7 +252,8 @@ impl BrokerService {
             }
             (true, true) => {
                 return Err(BrokerError::InvalidRequest(
-                    "empty produce request: set `batch` (an encoded record batch) or `records`".into(),
+                    "empty produce request: set `batch` (an encoded record batch) or `records`"
+                        .into(),
                 ))
             }
         };
@@ -259,7 +270,11 @@ impl BrokerService {
         Ok(())
     }
 
-    fn produce_response(correlation_id: u64, partition: u32, appended: Appended) -> v1::ProduceResponse {
+    fn produce_response(
+        correlation_id: u64,
+        partition: u32,
+        appended: Appended,
+    ) -> v1::ProduceResponse {
         v1::ProduceResponse {
             correlation_id,
             partition,
@@ -269,7 +284,11 @@ impl BrokerService {
         }
     }
 
-    fn error_response(correlation_id: u64, partition: u32, error: BrokerError) -> v1::ProduceResponse {
+    fn error_response(
+        correlation_id: u64,
+        partition: u32,
+        error: BrokerError,
+    ) -> v1::ProduceResponse {
         let status = to_status(error);
         v1::ProduceResponse {
             correlation_id,
@@ -285,7 +304,11 @@ impl BrokerService {
 
     fn fetch_limits(&self, max_bytes: u32) -> usize {
         let limit = self.registry.config().limits.max_fetch_bytes;
-        let requested = if max_bytes == 0 { DEFAULT_FETCH_BYTES } else { max_bytes };
+        let requested = if max_bytes == 0 {
+            DEFAULT_FETCH_BYTES
+        } else {
+            max_bytes
+        };
         requested.min(limit) as usize
     }
 }
@@ -321,7 +344,8 @@ impl Broker for BrokerService {
                 if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
                     log.retention_ms = value;
                 }
-                if let Some(value) = retention_override(config.retention_bytes, "retention_bytes")? {
+                if let Some(value) = retention_override(config.retention_bytes, "retention_bytes")?
+                {
                     log.retention_bytes = value;
                 }
                 if let Some(bytes) = config.segment_bytes {
@@ -334,7 +358,8 @@ impl Broker for BrokerService {
                     v1::FsyncPolicy::Unspecified => {}
                     v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
                     v1::FsyncPolicy::Interval => {
-                        log.fsync = parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
+                        log.fsync =
+                            parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
                     }
                 }
                 Ok(())
@@ -399,8 +424,14 @@ impl Broker for BrokerService {
         let correlation_id = request.correlation_id;
         let partition_id = request.partition;
         let (partition, appended, acks) = self.append(request).map_err(to_status)?;
-        Self::ack(&partition, appended, acks).await.map_err(to_status)?;
-        Ok(Response::new(Self::produce_response(correlation_id, partition_id, appended)))
+        Self::ack(&partition, appended, acks)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(Self::produce_response(
+            correlation_id,
+            partition_id,
+            appended,
+        )))
     }
 
     type ProduceStreamStream = ResponseStream<v1::ProduceResponse>;
@@ -429,22 +460,38 @@ impl Broker for BrokerService {
                     None => break,
                 };
                 // Bounded in flight: the stream is not read further until acks drain.
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
                 let correlation_id = request.correlation_id;
                 let partition_id = request.partition;
                 match service.append(request) {
                     Err(error) => {
                         drop(permit);
-                        if tx.send(Ok(Self::error_response(correlation_id, partition_id, error))).await.is_err() {
+                        if tx
+                            .send(Ok(Self::error_response(
+                                correlation_id,
+                                partition_id,
+                                error,
+                            )))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
                     Ok((partition, appended, Acks::Durable)) => {
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let response = match Self::ack(&partition, appended, Acks::Durable).await {
-                                Ok(()) => Self::produce_response(correlation_id, partition_id, appended),
-                                Err(error) => Self::error_response(correlation_id, partition_id, error),
+                            let response = match Self::ack(&partition, appended, Acks::Durable)
+                                .await
+                            {
+                                Ok(()) => {
+                                    Self::produce_response(correlation_id, partition_id, appended)
+                                }
+                                Err(error) => {
+                                    Self::error_response(correlation_id, partition_id, error)
+                                }
                             };
                             let _ = tx.send(Ok(response)).await;
                             drop(permit);
@@ -452,7 +499,8 @@ impl Broker for BrokerService {
                     }
                     Ok((_, appended, _)) => {
                         drop(permit);
-                        let response = Self::produce_response(correlation_id, partition_id, appended);
+                        let response =
+                            Self::produce_response(correlation_id, partition_id, appended);
                         if tx.send(Ok(response)).await.is_err() {
                             break;
                         }
@@ -473,7 +521,9 @@ impl Broker for BrokerService {
             .map_err(to_status)?;
         let log = partition.log().map_err(to_status)?.clone();
         let max_bytes = self.fetch_limits(request.max_bytes);
-        let max_wait = request.max_wait_ms.min(self.registry.config().limits.max_wait_ms);
+        let max_wait = request
+            .max_wait_ms
+            .min(self.registry.config().limits.max_wait_ms);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(max_wait));
         let mut durable = log.subscribe_durable();
         let mut shutdown = self.shutdown.clone();
@@ -483,8 +533,12 @@ impl Broker for BrokerService {
             let read = log
                 .read(request.offset, max_bytes)
                 .map_err(|e| to_status(partition.log_error(e)))?;
-            if !read.bytes.is_empty() || tokio::time::Instant::now() >= deadline || *shutdown.borrow() {
-                let response = fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
+            if !read.bytes.is_empty()
+                || tokio::time::Instant::now() >= deadline
+                || *shutdown.borrow()
+            {
+                let response =
+                    fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
                 return Ok(Response::new(response));
             }
             tokio::select! {
@@ -524,7 +578,10 @@ impl Broker for BrokerService {
                 durable.borrow_and_update();
                 if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
                     let _ = tx
-                        .send(Err(Status::not_found(format!("topic `{}` was deleted", topic.name))))
+                        .send(Err(Status::not_found(format!(
+                            "topic `{}` was deleted",
+                            topic.name
+                        ))))
                         .await;
                     return;
                 }
@@ -538,7 +595,8 @@ impl Broker for BrokerService {
                 if !read.bytes.is_empty() {
                     offset = read.next_offset;
                     let decode_from = request.decode_records.then_some(request.offset);
-                    let response = fetch_response(partition.id, read, &log, decode_from).map_err(to_status);
+                    let response =
+                        fetch_response(partition.id, read, &log, decode_from).map_err(to_status);
                     // Waits while the subscriber is `read_ahead` responses behind: the flow
                     // control that bounds what the broker buffers for a slow consumer.
                     tokio::select! {

@@ -45,9 +45,9 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Closed { .. } => Status::unavailable(message),
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
-        BrokerError::Io { .. } | BrokerError::DataDirLocked { .. } | BrokerError::DataDirFormat { .. } => {
-            Status::internal(message)
-        }
+        BrokerError::Io { .. }
+        | BrokerError::DataDirLocked { .. }
+        | BrokerError::DataDirFormat { .. } => Status::internal(message),
     }
 }
 
@@ -61,11 +61,18 @@ mod tests {
         let status = to_status(BrokerError::TopicNotFound { topic: "t".into() });
         assert_eq!(status.code(), Code::NotFound);
         assert_eq!(status.message(), "topic `t` does not exist");
-        assert_eq!(to_status(BrokerError::TopicExists { topic: "t".into() }).code(), Code::AlreadyExists);
+        assert_eq!(
+            to_status(BrokerError::TopicExists { topic: "t".into() }).code(),
+            Code::AlreadyExists
+        );
         let range = BrokerError::Log {
             topic: "t".into(),
             partition: 0,
-            source: LogError::OffsetOutOfRange { requested: 9, start: 0, end: 3 },
+            source: LogError::OffsetOutOfRange {
+                requested: 9,
+                start: 0,
+                end: 3,
+            },
         };
         assert_eq!(to_status(range).code(), Code::OutOfRange);
         let big = BrokerError::Log {
@@ -74,6 +81,9 @@ mod tests {
             source: LogError::BatchTooLarge { size: 10, max: 5 },
         };
         assert_eq!(to_status(big).code(), Code::ResourceExhausted);
-        assert_eq!(to_status(BrokerError::ShuttingDown).code(), Code::Unavailable);
+        assert_eq!(
+            to_status(BrokerError::ShuttingDown).code(),
+            Code::Unavailable
+        );
     }
 }
