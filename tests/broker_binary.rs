@@ -1,0 +1,183 @@
+//! Pins the `syncline-broker` binary's command-line contract: `--help`/`--version`, config
+//! precedence (file < env < flags), clear one-line errors and exit codes for bad settings, the
+//! data-dir lock, the standard health and reflection services, and the clean-shutdown marker
+//! written on SIGTERM.
+
+mod common;
+
+use std::process::Command;
+
+use common::{binary, BrokerProcess};
+use tokio_stream::StreamExt;
+
+#[test]
+fn given_help_and_version_flags_should_explain_and_exit_zero() {
+    let help = Command::new(binary("syncline-broker"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8(help.stdout).unwrap();
+    for option in [
+        "--data-dir",
+        "--listen",
+        "--config",
+        "--segment-bytes",
+        "--fsync-policy",
+        "SYNCLINE_DATA_DIR",
+    ] {
+        assert!(text.contains(option), "--help lacks {option}:\n{text}");
+    }
+    assert!(
+        text.contains("./syncline-data") && text.contains("127.0.0.1:7450"),
+        "{text}"
+    );
+    let version = Command::new(binary("syncline-broker"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(version.status.success());
+    assert_eq!(
+        String::from_utf8(version.stdout).unwrap().trim(),
+        format!("syncline-broker {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn given_bad_settings_should_fail_with_one_line_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "segment_bytes = 10\n").unwrap();
+    let output = Command::new(binary("syncline-broker"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("segment_bytes"),
+        "{stderr}"
+    );
+
+    // The environment overrides the file; a flag overrides the environment.
+    std::fs::write(&config, "fsync_policy = \"sometimes\"\n").unwrap();
+    let env_wins = Command::new(binary("syncline-broker"))
+        .arg("--config")
+        .arg(&config)
+        .env("SYNCLINE_FSYNC_POLICY", "never-ever")
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(env_wins.stderr).unwrap();
+    assert!(
+        stderr.contains("never-ever"),
+        "env must beat the file: {stderr}"
+    );
+    let flag_wins = Command::new(binary("syncline-broker"))
+        .arg("--config")
+        .arg(&config)
+        .env("SYNCLINE_FSYNC_POLICY", "never-ever")
+        .args(["--fsync-policy", "nope-flag"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(flag_wins.stderr).unwrap();
+    assert!(
+        stderr.contains("nope-flag"),
+        "the flag must beat env: {stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_reflection() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+
+    let second = Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8(second.stderr).unwrap();
+    assert!(stderr.contains("in use by another broker"), "{stderr}");
+
+    let channel = tonic::transport::Channel::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "syncline.v1.Broker"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"syncline.v1.Broker".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    // SIGTERM: clean exit, and every partition log is marked clean.
+    let mut client = broker.client().await;
+    client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "t".into(),
+            config: Some(syncline_proto::v1::TopicConfig {
+                partitions: 3,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    drop(client);
+    assert!(broker.stop());
+    for partition in 0..3 {
+        assert!(dir
+            .path()
+            .join(format!("t/{partition}/.clean-shutdown"))
+            .exists());
+    }
+}
