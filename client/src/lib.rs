@@ -1,7 +1,83 @@
 //! The Syncline client library.
 //!
-//! Producers encode record batches with the shared codec re-exported here as [`batch`], so the
-//! broker can validate and store them byte for byte. The gRPC client (admin, batching producer,
-//! consumer, group consumer, `SyncTable`) and the `syncline` CLI build on it.
+//! - [`Client`]: one connection to a broker; topic administration ([`Client::create_topic`],
+//!   [`Client::delete_topic`], [`Client::list_topics`], [`Client::describe_topic`]) and offset
+//!   lookups ([`Client::list_offsets`]).
+//! - [`Producer`]: a batching producer. Records are encoded once into per-partition record
+//!   batches (the shared codec, re-exported as [`batch`]), sent pipelined on a `ProduceStream`,
+//!   and acknowledged at the chosen [`Acks`] level (durable by default). Keyed records go to
+//!   [`partition_for_key`]; transient failures are retried within a delivery timeout.
+//! - [`Consumer`]: reads all or chosen partitions from the earliest, latest, a given offset or a
+//!   timestamp, as a `Stream` of [`ConsumerRecord`]s, with a policy for positions that retention
+//!   has passed ([`OffsetReset`]).
+//!
+//! Errors are one [`Error`] type; [`Error::code`] gives the broker's gRPC status code and
+//! [`Error::is_transient`] tells whether a retry may help.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use syncline_client::{Client, ConsumerConfig, ProducerConfig, StartOffset, TopicConfig};
+//!
+//! # async fn example() -> Result<(), syncline_client::Error> {
+//! let client = Client::connect("127.0.0.1:7450").await?;
+//! client.create_topic("orders", TopicConfig::with_partitions(3)).await?;
+//!
+//! // Records with the same key land in the same partition, in order.
+//! let producer = client.producer("orders", ProducerConfig::default()).await?;
+//! let delivery = producer
+//!     .send(Some(b"order-1".as_slice()), Some(b"created".as_slice()), &[])
+//!     .await?;
+//! println!("stored in partition {} at offset {}", delivery.partition, delivery.offset);
+//!
+//! // Many records in flight at once: enqueue, then await the deliveries.
+//! let mut pending = Vec::new();
+//! for i in 0..1000 {
+//!     let value = format!("event {i}");
+//!     pending.push(producer.enqueue(None, Some(value.as_bytes()), &[]).await?);
+//! }
+//! for delivery in pending {
+//!     delivery.await?;
+//! }
+//!
+//! // Read everything back from the beginning.
+//! let config = ConsumerConfig {
+//!     start: StartOffset::Earliest,
+//!     ..ConsumerConfig::default()
+//! };
+//! let mut consumer = client.consumer("orders", config).await?;
+//! while let Some(record) = consumer.recv().await {
+//!     let record = record?;
+//!     println!("{}@{}: {:?}", record.partition, record.offset, record.value);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod address;
+mod admin;
+mod client;
+mod consumer;
+mod error;
+mod producer;
 
 pub use syncline_proto::batch;
+pub use syncline_proto::batch::Header;
+pub use syncline_proto::partitioner::partition_for_key;
+/// The generated gRPC types, for calls this crate does not wrap (see [`Client::grpc`]).
+pub use syncline_proto::v1;
+
+pub use address::{BrokerAddress, DEFAULT_PORT};
+pub use admin::{
+    CleanupPolicy, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription, TopicConfig,
+    TopicDescription, TopicSummary,
+};
+pub use client::{Client, ClientConfig};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
+pub use error::{Error, Result};
+pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, UnkeyedPartitioning};
+/// The gRPC status code in [`Error::Broker`] and [`Error::code`].
+pub use tonic::Code;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,612 @@
+//! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout).
+//!
+//! Exit status: 0 on success; 1 on failure, with one line `error: MESSAGE` on stderr; 2 for a
+//! usage error (clap's message).
+
+mod input;
+mod output;
+
+use std::io::{self, IsTerminal as _, Write};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::FutureExt as _;
+use syncline_client::{
+    Acks, CleanupPolicy, Client, ConsumerConfig, DeliveryFuture, OffsetReset, ProducerConfig,
+    StartOffset, TopicConfig,
+};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::sync::mpsc;
+
+use crate::input::{parse_line, strip_line_ending};
+use crate::output::{table, write_json, write_text, TextFormat};
+
+const ABOUT: &str = "Command-line client for the Syncline message broker";
+
+const AFTER_HELP: &str = "\
+The broker address comes from --broker (before or after the subcommand), else from the \
+SYNCLINE_BROKER environment variable, else 127.0.0.1:7450.
+
+Exit status: 0 on success; 1 on failure, with a one-line `error: MESSAGE` on stderr (unknown \
+or duplicate topic, bad name, broker unreachable, ...); 2 on a usage error.
+
+Set RUST_LOG (e.g. RUST_LOG=syncline_client=debug) for diagnostics on stderr.";
+
+#[derive(Debug, Parser)]
+#[command(name = "syncline", version, about = ABOUT, after_help = AFTER_HELP)]
+struct Cli {
+    /// Broker address as HOST:PORT (an http:// prefix is accepted).
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCLINE_BROKER",
+        default_value = "127.0.0.1:7450",
+        value_name = "HOST:PORT"
+    )]
+    broker: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, list, describe or delete topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Produce records read from stdin, one per line.
+    Produce(ProduceArgs),
+    /// Consume records of a topic and print them to stdout.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum TopicCommand {
+    /// Create a topic. Options not given take the broker's defaults.
+    Create(CreateArgs),
+    /// List topic names, one per line (sorted).
+    List {
+        /// Print a table with partitions and cleanup policy instead of names only.
+        #[arg(long, short)]
+        long: bool,
+    },
+    /// Show a topic's config and, per partition, its start, durable and end offsets and size.
+    Describe {
+        /// The topic.
+        name: String,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        /// The topic.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Topic name: 1 to 249 of A-Z a-z 0-9 . _ - (not "." or "..").
+    name: String,
+
+    /// Number of partitions (default: the broker's).
+    #[arg(long, value_name = "N")]
+    partitions: Option<u32>,
+
+    /// Cleanup policy: `delete` removes old segments by retention; `compact` keeps the latest
+    /// record of each key (a table).
+    #[arg(long, value_enum, value_name = "POLICY")]
+    cleanup: Option<CleanupArg>,
+
+    /// Delete segments older than MS milliseconds; -1 keeps records forever.
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    retention_ms: Option<i64>,
+
+    /// Delete the oldest segments when a partition holds more than B bytes; -1 = no limit.
+    #[arg(long, value_name = "B", allow_negative_numbers = true)]
+    retention_bytes: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CleanupArg {
+    Delete,
+    Compact,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AcksArg {
+    /// The broker answers without waiting.
+    None,
+    /// Written to the broker's page cache.
+    Leader,
+    /// Covered by an fsync (survives a crash).
+    Durable,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Each line of stdin (without its \\n or \\r\\n) becomes one record; an empty line is a record \
+with an empty value. Records with the same key go to the same partition, in order; records \
+without a key are spread over the partitions. On a line without the key separator nothing more \
+is read: the records before it are produced, then the command fails naming the line.
+
+On success a summary (records, bytes of keys and values, elapsed time, rate) goes to stderr.")]
+struct ProduceArgs {
+    /// The topic.
+    topic: String,
+
+    /// Split each line at the first SEP into key and value (`key<SEP>value`); a line without
+    /// SEP is an error. Without this option the whole line is the value and records have no
+    /// key.
+    #[arg(long, value_name = "SEP")]
+    key_separator: Option<String>,
+
+    /// Acknowledgement level to wait for.
+    #[arg(long, value_enum, default_value = "durable", value_name = "LEVEL")]
+    acks: AcksArg,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "\
+Output: one line per record. By default only the value, written as is. --print-offset prefixes \
+the record's offset and a tab, --print-key the key and a tab; with both a line is \
+OFFSET<TAB>KEY<TAB>VALUE. An absent key or value (tombstone) prints as nothing.
+
+With --json each line is one object: {\"partition\":P,\"offset\":O,\"key\":K,\"value\":V,\
+\"timestamp\":T} (timestamp in ms since the Unix epoch). Key and value are UTF-8 strings, or \
+null when absent; bytes that are not valid UTF-8 are printed in base64 and the object then \
+also has \"key_encoding\":\"base64\" or \"value_encoding\":\"base64\". Records with headers \
+also have \"headers\":[{\"key\":..,\"value\":..}].
+
+Records of one partition are printed in offset order; partitions interleave. The command \
+exits 0 after --max-records records, after --timeout-ms without a record, or on Ctrl-C.")]
+struct ConsumeArgs {
+    /// The topic.
+    topic: String,
+
+    /// Start from the first retained record (default: only records produced from now on).
+    #[arg(long, conflicts_with = "offset")]
+    from_beginning: bool,
+
+    /// Start at offset N in every partition read (combine with --partition to pick one); fails
+    /// if a partition's log no longer or not yet holds N.
+    #[arg(long, value_name = "N")]
+    offset: Option<u64>,
+
+    /// Read only partition P (default: all partitions).
+    #[arg(long, value_name = "P")]
+    partition: Option<u32>,
+
+    /// Exit after printing N records.
+    #[arg(long, value_name = "N")]
+    max_records: Option<u64>,
+
+    /// Exit when no record has arrived for MS milliseconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "MS")]
+    timeout_ms: Option<u64>,
+
+    /// Print each record's key before its value, tab-separated.
+    #[arg(long)]
+    print_key: bool,
+
+    /// Print each record's offset first, tab-separated.
+    #[arg(long)]
+    print_offset: bool,
+
+    /// Print each record as one JSON object per line (--print-key and --print-offset are then
+    /// ignored: the object has every field).
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&anyhow!("cannot start the async runtime: {error}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) => fail(&error),
+    }
+}
+
+/// Prints `error: MESSAGE` on one line.
+fn fail(error: &anyhow::Error) -> ExitCode {
+    let message = format!("{error:#}").replace(['\n', '\r'], " ");
+    eprintln!("error: {message}");
+    ExitCode::FAILURE
+}
+
+/// A reader that closed our stdout (`| head`) is not a failure.
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<io::Error>()
+        .is_some_and(|error| error.kind() == io::ErrorKind::BrokenPipe)
+}
+
+fn init_tracing() {
+    // Quiet unless asked: stderr carries the one-line error and the produce summary.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
+        .with_writer(io::stderr)
+        .init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.broker).await?;
+    match cli.command {
+        Command::Topic(command) => topic(&client, command).await,
+        Command::Produce(args) => produce(&client, args).await,
+        Command::Consume(args) => consume(&client, args).await,
+    }
+}
+
+async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    match command {
+        TopicCommand::Create(args) => {
+            let config = TopicConfig {
+                partitions: args.partitions,
+                cleanup_policy: match args.cleanup {
+                    None | Some(CleanupArg::Delete) => CleanupPolicy::Delete,
+                    Some(CleanupArg::Compact) => CleanupPolicy::Compact,
+                },
+                retention_ms: args.retention_ms,
+                retention_bytes: args.retention_bytes,
+                ..TopicConfig::default()
+            };
+            let description = client.create_topic(&args.name, config).await?;
+            writeln!(
+                stdout,
+                "created topic {} with {} partition(s)",
+                args.name,
+                description.partition_count()
+            )?;
+        }
+        TopicCommand::List { long } => {
+            let topics = client.list_topics().await?;
+            if long {
+                let mut rows = vec![vec![
+                    "TOPIC".to_owned(),
+                    "PARTITIONS".to_owned(),
+                    "CLEANUP".to_owned(),
+                ]];
+                rows.extend(topics.iter().map(|topic| {
+                    vec![
+                        topic.name.clone(),
+                        topic.partitions.to_string(),
+                        topic.cleanup_policy.to_string(),
+                    ]
+                }));
+                stdout.write_all(table(&rows).as_bytes())?;
+            } else {
+                for topic in topics {
+                    writeln!(stdout, "{}", topic.name)?;
+                }
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let description = client.describe_topic(&name).await?;
+            let config = &description.config;
+            let setting =
+                |value: Option<i64>| value.map_or("default".to_owned(), |v| v.to_string());
+            writeln!(stdout, "topic: {}", description.name)?;
+            writeln!(stdout, "partitions: {}", description.partition_count())?;
+            writeln!(stdout, "cleanup: {}", config.cleanup_policy)?;
+            writeln!(stdout, "retention-ms: {}", setting(config.retention_ms))?;
+            writeln!(
+                stdout,
+                "retention-bytes: {}",
+                setting(config.retention_bytes)
+            )?;
+            writeln!(stdout)?;
+            let mut rows = vec![[
+                "PARTITION",
+                "START",
+                "DURABLE",
+                "END",
+                "SIZE-BYTES",
+                "SEGMENTS",
+                "ERROR",
+            ]
+            .map(str::to_owned)
+            .to_vec()];
+            for partition in &description.partitions {
+                rows.push(vec![
+                    partition.partition.to_string(),
+                    partition.log_start_offset.to_string(),
+                    partition.durable_offset.to_string(),
+                    partition.log_end_offset.to_string(),
+                    partition.size_bytes.to_string(),
+                    partition.segments.to_string(),
+                    partition.error.clone().unwrap_or_default(),
+                ]);
+            }
+            stdout.write_all(table(&rows).as_bytes())?;
+        }
+        TopicCommand::Delete { name } => {
+            client.delete_topic(&name).await?;
+            writeln!(stdout, "deleted topic {name}")?;
+        }
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Deliveries awaited in send order by a separate task, so stdin keeps flowing while the
+/// broker acknowledges. Bounded: the producer's own memory budget bounds the records in flight,
+/// this bounds the futures waiting to be checked.
+const PENDING_DELIVERIES_MAX: usize = 65_536;
+
+async fn produce(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
+    let separator = match &args.key_separator {
+        Some(separator) if separator.is_empty() => bail!("--key-separator must not be empty"),
+        Some(separator) => Some(separator.as_bytes().to_vec()),
+        None => None,
+    };
+    let config = ProducerConfig {
+        acks: match args.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::Durable => Acks::Durable,
+        },
+        ..ProducerConfig::default()
+    };
+    let producer = client.producer(&args.topic, config).await?;
+    let started = Instant::now();
+
+    let (pending, mut deliveries) = mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES_MAX);
+    let checker = tokio::spawn(async move {
+        while let Some(delivery) = deliveries.recv().await {
+            delivery.await?;
+        }
+        Ok::<(), syncline_client::Error>(())
+    });
+
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    let mut line = Vec::new();
+    let mut line_number: u64 = 0;
+    let mut records: u64 = 0;
+    let mut bytes: u64 = 0;
+    let mut bad_line = None;
+    loop {
+        line.clear();
+        let read = stdin
+            .read_until(b'\n', &mut line)
+            .await
+            .context("cannot read stdin")?;
+        if read == 0 {
+            break;
+        }
+        line_number += 1;
+        let (key, value) =
+            match parse_line(strip_line_ending(&line), separator.as_deref(), line_number) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    bad_line = Some(error);
+                    break;
+                }
+            };
+        let delivery = producer.enqueue(key, Some(value), &[]).await?;
+        records += 1;
+        bytes += (key.map_or(0, <[u8]>::len) + value.len()) as u64;
+        if pending.send(delivery).await.is_err() {
+            // The checker stopped at a failed delivery; it reports it below.
+            break;
+        }
+    }
+    drop(pending);
+    producer.flush().await;
+    checker.await.context("delivery checker failed")??;
+    if let Some(error) = bad_line {
+        return Err(error.into());
+    }
+    let elapsed = started.elapsed();
+    eprintln!("{}", produce_summary(records, bytes, elapsed));
+    Ok(())
+}
+
+/// `produced N records (B bytes) in S s (R records/s, X <unit>/s)` (one line, to stderr).
+fn produce_summary(records: u64, bytes: u64, elapsed: Duration) -> String {
+    let seconds = elapsed.as_secs_f64().max(1e-6);
+    format!(
+        "produced {records} {} ({bytes} bytes) in {:.3} s ({:.0} records/s, {})",
+        if records == 1 { "record" } else { "records" },
+        elapsed.as_secs_f64(),
+        records as f64 / seconds,
+        byte_rate(bytes as f64 / seconds),
+    )
+}
+
+/// A byte rate in B/s, KiB/s or MiB/s.
+fn byte_rate(bytes_per_second: f64) -> String {
+    const KIB: f64 = 1024.0;
+    if bytes_per_second < KIB {
+        format!("{bytes_per_second:.0} B/s")
+    } else if bytes_per_second < KIB * KIB {
+        format!("{:.1} KiB/s", bytes_per_second / KIB)
+    } else {
+        format!("{:.2} MiB/s", bytes_per_second / (KIB * KIB))
+    }
+}
+
+async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
+    let (start, offset_reset) = match (args.from_beginning, args.offset) {
+        // Retention may pass the first offset between lookup and fetch: start over there.
+        (true, _) => (StartOffset::Earliest, OffsetReset::Earliest),
+        // An explicit offset that is gone is an error, not a silent skip.
+        (false, Some(offset)) => (StartOffset::Offset(offset), OffsetReset::Error),
+        (false, None) => (StartOffset::Latest, OffsetReset::Latest),
+    };
+    let config = ConsumerConfig {
+        partitions: args.partition.map(|partition| vec![partition]),
+        start,
+        offset_reset,
+        ..ConsumerConfig::default()
+    };
+    if args.max_records == Some(0) {
+        // Still check that the topic and partition exist.
+        client.consumer(&args.topic, config).await?;
+        return Ok(());
+    }
+    let mut consumer = client.consumer(&args.topic, config).await?;
+    let idle_timeout = args.timeout_ms.map(Duration::from_millis);
+    let format = TextFormat {
+        print_offset: args.print_offset,
+        print_key: args.print_key,
+    };
+    let mut stdout = io::BufWriter::new(io::stdout().lock());
+    let mut printed: u64 = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let next = match consumer.recv().now_or_never() {
+            Some(next) => next,
+            None => {
+                // Nothing buffered: show what we have before waiting.
+                stdout.flush()?;
+                let wait = async {
+                    match idle_timeout {
+                        Some(timeout) => tokio::time::timeout(timeout, consumer.recv()).await.ok(),
+                        None => Some(consumer.recv().await),
+                    }
+                };
+                tokio::select! {
+                    next = wait => match next {
+                        Some(next) => next,
+                        None => break, // idle for --timeout-ms
+                    },
+                    _ = &mut ctrl_c => break,
+                }
+            }
+        };
+        let record = match next {
+            Some(record) => record?,
+            None => break,
+        };
+        if args.json {
+            write_json(&mut stdout, &record)?;
+        } else {
+            write_text(&mut stdout, &record, format)?;
+        }
+        printed += 1;
+        if args.max_records.is_some_and(|max| printed >= max) {
+            break;
+        }
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_should_be_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn broker_option_should_be_accepted_before_and_after_the_subcommand() {
+        let before = Cli::try_parse_from(["syncline", "--broker", "h:1", "topic", "list"]).unwrap();
+        let after = Cli::try_parse_from(["syncline", "topic", "list", "--broker", "h:2"]).unwrap();
+        assert_eq!(before.broker, "h:1");
+        assert_eq!(after.broker, "h:2");
+    }
+
+    #[test]
+    fn consume_should_reject_from_beginning_with_offset() {
+        assert!(Cli::try_parse_from([
+            "syncline",
+            "consume",
+            "t",
+            "--from-beginning",
+            "--offset",
+            "3"
+        ])
+        .is_err());
+        let parsed = Cli::try_parse_from([
+            "syncline",
+            "consume",
+            "t",
+            "--partition",
+            "1",
+            "--max-records",
+            "5",
+            "--timeout-ms",
+            "100",
+            "--print-key",
+            "--print-offset",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Consume(args) = parsed.command else {
+            panic!("not consume");
+        };
+        assert_eq!(args.partition, Some(1));
+        assert_eq!(args.max_records, Some(5));
+        assert_eq!(args.timeout_ms, Some(100));
+        assert!(args.print_key && args.print_offset && args.json);
+    }
+
+    #[test]
+    fn topic_create_should_accept_negative_retention() {
+        let parsed = Cli::try_parse_from([
+            "syncline",
+            "topic",
+            "create",
+            "t",
+            "--partitions",
+            "3",
+            "--cleanup",
+            "compact",
+            "--retention-ms",
+            "-1",
+            "--retention-bytes",
+            "-1",
+        ])
+        .unwrap();
+        let Command::Topic(TopicCommand::Create(args)) = parsed.command else {
+            panic!("not topic create");
+        };
+        assert_eq!(args.partitions, Some(3));
+        assert!(matches!(args.cleanup, Some(CleanupArg::Compact)));
+        assert_eq!(args.retention_ms, Some(-1));
+        assert_eq!(args.retention_bytes, Some(-1));
+    }
+
+    #[test]
+    fn produce_acks_should_default_to_durable() {
+        let parsed = Cli::try_parse_from(["syncline", "produce", "t"]).unwrap();
+        let Command::Produce(args) = parsed.command else {
+            panic!("not produce");
+        };
+        assert!(matches!(args.acks, AcksArg::Durable));
+        assert!(args.key_separator.is_none());
+    }
+
+    #[test]
+    fn summary_should_report_records_bytes_time_and_rate() {
+        assert_eq!(
+            produce_summary(1000, 2 * 1024 * 1024, Duration::from_millis(500)),
+            "produced 1000 records (2097152 bytes) in 0.500 s (2000 records/s, 4.00 MiB/s)"
+        );
+        assert_eq!(
+            produce_summary(1, 15, Duration::from_secs(1)),
+            "produced 1 record (15 bytes) in 1.000 s (1 records/s, 15 B/s)"
+        );
+        assert_eq!(byte_rate(2048.0), "2.0 KiB/s");
+    }
+}

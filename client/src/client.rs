@@ -1,0 +1,238 @@
+//! [`Client`]: one HTTP/2 connection to a broker, topic administration, and the factory for
+//! producers and consumers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use syncline_proto::batch::BATCH_LEN_MAX;
+use syncline_proto::v1::{self, broker_client::BrokerClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::address::BrokerAddress;
+use crate::admin::{ListedOffset, OffsetQuery, TopicConfig, TopicDescription, TopicSummary};
+use crate::consumer::{Consumer, ConsumerConfig};
+use crate::error::{Error, Result};
+use crate::producer::{Producer, ProducerConfig};
+
+/// How the client connects. The defaults suit a broker on a local network.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// How long to wait for the TCP connection (and each reconnection) to the broker.
+    pub connect_timeout: Duration,
+    /// Largest gRPC message the client sends or accepts. A fetch returns at least one whole
+    /// batch (up to the codec's 64 MiB) plus up to its byte budget, so the default is twice
+    /// the largest batch.
+    pub message_bytes_max: usize,
+    /// HTTP/2 keepalive ping interval; a broker that stops answering pings is treated as gone
+    /// and in-flight requests fail (and are retried) instead of hanging.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(5),
+            message_bytes_max: 2 * BATCH_LEN_MAX as usize,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Checks each field against its bounds.
+    pub fn validate(&self) -> Result<()> {
+        if self.connect_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                key: "connect_timeout",
+                reason: "must be above 0".to_owned(),
+            });
+        }
+        if self.message_bytes_max < BATCH_LEN_MAX as usize {
+            return Err(Error::InvalidConfig {
+                key: "message_bytes_max",
+                reason: format!(
+                    "{} is below the largest batch ({BATCH_LEN_MAX} bytes)",
+                    self.message_bytes_max
+                ),
+            });
+        }
+        if self.keepalive_interval.is_zero() || self.keepalive_timeout.is_zero() {
+            return Err(Error::InvalidConfig {
+                key: "keepalive_interval",
+                reason: "keepalive interval and timeout must be above 0".to_owned(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A connection to one Syncline broker. Cheap to clone: clones share the connection, which
+/// multiplexes every request (HTTP/2) and reconnects by itself after a broker restart.
+#[derive(Debug, Clone)]
+pub struct Client {
+    grpc: BrokerClient<Channel>,
+    address: Arc<str>,
+}
+
+/// HTTP/2 flow-control windows: large enough that one stream can carry a full batch without
+/// waiting for window updates (the defaults of 64 KiB throttle bulk produce and fetch).
+const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
+impl Client {
+    /// Connects to the broker at `address` (`host:port` or `http://host:port`) with the default
+    /// [`ClientConfig`]. Fails with [`Error::Unreachable`] when no connection can be made.
+    pub async fn connect(address: &str) -> Result<Client> {
+        Client::connect_with(address, ClientConfig::default()).await
+    }
+
+    /// Connects with an explicit [`ClientConfig`].
+    pub async fn connect_with(address: &str, config: ClientConfig) -> Result<Client> {
+        config.validate()?;
+        let address = BrokerAddress::parse(address)?;
+        let endpoint = Endpoint::from_shared(address.uri())
+            .map_err(|error| Error::InvalidAddress {
+                address: address.authority.clone(),
+                reason: error.to_string(),
+            })?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_keep_alive_interval(config.keepalive_interval)
+            .keep_alive_timeout(config.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|error| Error::from_transport(&address.authority, &error))?;
+        let grpc = BrokerClient::new(channel)
+            .max_decoding_message_size(config.message_bytes_max)
+            .max_encoding_message_size(config.message_bytes_max);
+        Ok(Client {
+            grpc,
+            address: Arc::from(address.authority),
+        })
+    }
+
+    /// The broker's address as `host:port`.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The generated gRPC client on this connection, for calls this crate does not wrap.
+    pub fn grpc(&self) -> BrokerClient<Channel> {
+        self.grpc.clone()
+    }
+
+    pub(crate) fn error(&self, status: tonic::Status) -> Error {
+        Error::from_status(&self.address, status)
+    }
+
+    /// Creates a topic. Fails with ALREADY_EXISTS for a duplicate name and INVALID_ARGUMENT for
+    /// a bad name or config (see [`Error::code`]).
+    pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicDescription> {
+        let response = self
+            .grpc()
+            .create_topic(v1::CreateTopicRequest {
+                name: name.to_owned(),
+                config: Some(config.to_wire()),
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        TopicDescription::from_wire(response.into_inner().topic)
+    }
+
+    /// Deletes a topic and its data. Fails with NOT_FOUND for an unknown topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<()> {
+        self.grpc()
+            .delete_topic(v1::DeleteTopicRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        Ok(())
+    }
+
+    /// Every topic, sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
+        let response = self
+            .grpc()
+            .list_topics(v1::ListTopicsRequest {})
+            .await
+            .map_err(|status| self.error(status))?;
+        let mut topics: Vec<TopicSummary> = response
+            .into_inner()
+            .topics
+            .into_iter()
+            .map(TopicSummary::from_wire)
+            .collect();
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(topics)
+    }
+
+    /// A topic's effective config and per-partition offsets and sizes.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let response = self
+            .grpc()
+            .describe_topic(v1::DescribeTopicRequest {
+                name: name.to_owned(),
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        TopicDescription::from_wire(response.into_inner().topic)
+    }
+
+    /// Looks up an offset of one partition: earliest, latest (durable), or by timestamp.
+    pub async fn list_offsets(
+        &self,
+        topic: &str,
+        partition: u32,
+        query: OffsetQuery,
+    ) -> Result<ListedOffset> {
+        let (spec, timestamp_ms) = match query {
+            OffsetQuery::Earliest => (v1::OffsetSpec::Earliest, 0),
+            OffsetQuery::Latest => (v1::OffsetSpec::Latest, 0),
+            OffsetQuery::Timestamp(timestamp_ms) => (v1::OffsetSpec::Timestamp, timestamp_ms),
+        };
+        let response = self
+            .grpc()
+            .list_offsets(v1::ListOffsetsRequest {
+                topic: topic.to_owned(),
+                partition,
+                spec: spec as i32,
+                timestamp_ms,
+            })
+            .await
+            .map_err(|status| self.error(status))?
+            .into_inner();
+        Ok(ListedOffset {
+            offset: response.offset,
+            found: match query {
+                OffsetQuery::Timestamp(_) => response.found,
+                OffsetQuery::Earliest | OffsetQuery::Latest => true,
+            },
+        })
+    }
+
+    /// A batching producer for `topic`. Looks the topic up once for its partition count (keyed
+    /// records must go to `partition_for_key(key, partitions)`).
+    pub async fn producer(&self, topic: &str, config: ProducerConfig) -> Result<Producer> {
+        config.validate()?;
+        let description = self.describe_topic(topic).await?;
+        Ok(Producer::start(
+            self.clone(),
+            topic.to_owned(),
+            description.partition_count(),
+            config,
+        ))
+    }
+
+    /// A consumer of `topic` that reads the partitions and from the offsets `config` says.
+    pub async fn consumer(&self, topic: &str, config: ConsumerConfig) -> Result<Consumer> {
+        Consumer::start(self.clone(), topic, config).await
+    }
+}

@@ -1,0 +1,826 @@
+//! The batching [`Producer`].
+//!
+//! # How a record travels
+//!
+//! 1. [`Producer::enqueue`] (or [`Producer::send`]) takes room for the record in the producer's
+//!    memory budget (`buffer_bytes_max`; waits while it is full), picks the partition
+//!    (`partition_for_key` for keyed records, sticky or round-robin otherwise) and encodes the
+//!    record straight into that partition's open batch. Nothing is copied or encoded again.
+//! 2. The batch is sealed when it is full (`batch_bytes_max`), when `linger` has passed since its
+//!    first record, or on [`Producer::flush`].
+//! 3. A dispatcher task sends sealed batches in the order they were sealed on one
+//!    `ProduceStream` call, at most `in_flight_max` requests at a time; each response is matched
+//!    to its request by correlation id.
+//! 4. A response completes the delivery future of every record in the batch with its offset
+//!    (`base_offset + index`). A transient failure (broker unreachable or UNAVAILABLE) is
+//!    retried with the same bytes, with backoff, until `delivery_timeout` after the batch's
+//!    first record; then the records fail with [`Error::DeliveryTimeout`]. Other failures fail
+//!    the records at once with the broker's error.
+//!
+//! # Ordering
+//!
+//! Batches of one partition are sent in order on one stream, so records of one key are stored
+//! in send order as long as no batch is retried. A retry after a broken connection can land
+//! behind a later batch of the same partition; set `in_flight_max = 1` when order must hold
+//! even then. (Idempotent producers, which would make retries exact, need `InitProducer`, which
+//! the protocol does not have yet.)
+//!
+//! Dropping the last handle of a producer still delivers what was sent; [`Producer::close`]
+//! also waits for it.
+
+mod accumulator;
+mod connection;
+
+pub use accumulator::UnkeyedPartitioning;
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use syncline_proto::batch::{BATCH_LEN_MAX, HEADER_LEN, MAX_HEADERS_PER_RECORD};
+use syncline_proto::v1;
+use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use self::accumulator::{record_size_max, Accumulator, RecordRef, SealedBatch};
+use self::connection::{Attempt, Connection};
+use crate::client::Client;
+use crate::error::{Error, Result};
+
+/// How long the broker waits before it acknowledges a produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// No wait: the broker answers as soon as it has assigned offsets.
+    None,
+    /// Written to the broker's page cache (lost if the machine crashes before an fsync).
+    Leader,
+    /// Covered by an fsync: survives a crash or power loss. The default.
+    #[default]
+    Durable,
+}
+
+impl Acks {
+    fn to_wire(self) -> v1::Acks {
+        match self {
+            Acks::None => v1::Acks::None,
+            Acks::Leader => v1::Acks::Leader,
+            Acks::Durable => v1::Acks::Durable,
+        }
+    }
+}
+
+/// Producer settings. The defaults favour safety (durable acks) and throughput (batches of up
+/// to 1 MiB, 5 ms linger, 8 requests in flight).
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records after its first one.
+    pub linger: Duration,
+    /// Largest batch, in encoded bytes (header included); a single bigger record still goes,
+    /// alone in its batch.
+    pub batch_bytes_max: usize,
+    /// Most produce requests awaiting a response at once.
+    pub in_flight_max: usize,
+    /// Memory for records not yet acknowledged; `send` waits when it is used up.
+    pub buffer_bytes_max: usize,
+    /// Acknowledgement level; durable by default.
+    pub acks: Acks,
+    /// How long after its first record a batch may take to be acknowledged, retries
+    /// included. Then its records fail with [`Error::DeliveryTimeout`].
+    pub delivery_timeout: Duration,
+    /// First pause before a retry; doubled after each failure up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// Longest pause between retries.
+    pub retry_backoff_max: Duration,
+    /// Where records without a key go.
+    pub unkeyed_partitioning: UnkeyedPartitioning,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            linger: Duration::from_millis(5),
+            batch_bytes_max: 1024 * 1024,
+            in_flight_max: 8,
+            buffer_bytes_max: 64 * 1024 * 1024,
+            acks: Acks::Durable,
+            delivery_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_millis(100),
+            retry_backoff_max: Duration::from_secs(1),
+            unkeyed_partitioning: UnkeyedPartitioning::Sticky,
+        }
+    }
+}
+
+/// Bound on `in_flight_max`: each in-flight request holds a whole batch in memory and a slot in
+/// the broker's per-stream limit.
+const IN_FLIGHT_MAX_LIMIT: usize = 1024;
+/// Smallest useful batch: a header and a small record.
+const BATCH_BYTES_MIN: usize = HEADER_LEN + 64;
+
+impl ProducerConfig {
+    /// Checks each field against its bounds and the relations between them.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |key: &'static str, reason: String| Err(Error::InvalidConfig { key, reason });
+        if !(BATCH_BYTES_MIN..=BATCH_LEN_MAX as usize).contains(&self.batch_bytes_max) {
+            return invalid(
+                "batch_bytes_max",
+                format!(
+                    "{} is outside [{BATCH_BYTES_MIN}, {BATCH_LEN_MAX}]",
+                    self.batch_bytes_max
+                ),
+            );
+        }
+        if !(1..=IN_FLIGHT_MAX_LIMIT).contains(&self.in_flight_max) {
+            return invalid(
+                "in_flight_max",
+                format!(
+                    "{} is outside [1, {IN_FLIGHT_MAX_LIMIT}]",
+                    self.in_flight_max
+                ),
+            );
+        }
+        if self.buffer_bytes_max < self.batch_bytes_max
+            || u32::try_from(self.buffer_bytes_max).is_err()
+        {
+            return invalid(
+                "buffer_bytes_max",
+                format!(
+                    "{} must be at least batch_bytes_max ({}) and at most {}",
+                    self.buffer_bytes_max,
+                    self.batch_bytes_max,
+                    u32::MAX
+                ),
+            );
+        }
+        if self.delivery_timeout.is_zero() || self.delivery_timeout < self.linger {
+            return invalid(
+                "delivery_timeout",
+                format!(
+                    "{:?} must be above 0 and at least linger ({:?})",
+                    self.delivery_timeout, self.linger
+                ),
+            );
+        }
+        if self.retry_backoff.is_zero() || self.retry_backoff > self.retry_backoff_max {
+            return invalid(
+                "retry_backoff",
+                format!(
+                    "{:?} must be above 0 and at most retry_backoff_max ({:?})",
+                    self.retry_backoff, self.retry_backoff_max
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where a record was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// The partition.
+    pub partition: u32,
+    /// Its offset in the partition (also its version).
+    pub offset: u64,
+    /// The timestamp it was sent with, ms since the Unix epoch.
+    pub timestamp: i64,
+}
+
+/// The outcome of one record, resolved when its batch is acknowledged or fails.
+#[derive(Debug)]
+#[must_use = "a delivery future does nothing but report; await it to see failures"]
+pub struct DeliveryFuture {
+    partition: u32,
+    reply: oneshot::Receiver<Result<Delivery>>,
+}
+
+impl DeliveryFuture {
+    /// The partition the record went to (known before it is acknowledged).
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+}
+
+impl Future for DeliveryFuture {
+    type Output = Result<Delivery>;
+
+    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.reply)
+            .poll(context)
+            .map(|result| result.unwrap_or(Err(Error::Closed("producer"))))
+    }
+}
+
+/// A batching producer for one topic; see the module doc. Cheap to clone: clones share the
+/// batches, the connection and the budget.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    handle: Arc<Handle>,
+}
+
+/// Dropped with the last [`Producer`] clone: its `watch` sender's drop tells the dispatcher to
+/// seal what is left and stop.
+#[derive(Debug)]
+struct Handle {
+    shared: Arc<Shared>,
+    _closer: watch::Sender<()>,
+}
+
+/// One record's place in a batch: where to send its outcome, its timestamp, and its share of
+/// the memory budget (returned when this is dropped).
+#[derive(Debug)]
+struct Waiter {
+    reply: oneshot::Sender<Result<Delivery>>,
+    timestamp: i64,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// A sealed batch with its place in the flush order.
+#[derive(Debug)]
+struct Ready {
+    batch: SealedBatch<Waiter>,
+    _ticket: Ticket,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: Client,
+    topic: String,
+    config: ProducerConfig,
+    accumulator: Mutex<Accumulator<Waiter>>,
+    ready: mpsc::UnboundedSender<Ready>,
+    /// A batch opened: the dispatcher's next linger deadline may be earlier.
+    batch_opened: Notify,
+    budget: Arc<Semaphore>,
+    in_flight: Arc<Semaphore>,
+    tracker: Arc<Tracker>,
+    connection: Mutex<Option<Arc<Connection>>>,
+    next_correlation_id: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No code path leaves these structures half-updated on panic.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+impl Producer {
+    pub(crate) fn start(
+        client: Client,
+        topic: String,
+        partitions: u32,
+        config: ProducerConfig,
+    ) -> Producer {
+        let (ready, ready_receiver) = mpsc::unbounded_channel();
+        let (closer, closing) = watch::channel(());
+        // Spreads the first sticky partition of producers started at the same time.
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos());
+        let accumulator = Accumulator::new(
+            partitions,
+            config.batch_bytes_max,
+            config.linger,
+            config.unkeyed_partitioning,
+            seed,
+        );
+        let shared = Arc::new(Shared {
+            client,
+            topic,
+            accumulator: Mutex::new(accumulator),
+            ready,
+            batch_opened: Notify::new(),
+            budget: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            in_flight: Arc::new(Semaphore::new(config.in_flight_max)),
+            tracker: Arc::new(Tracker::default()),
+            connection: Mutex::new(None),
+            next_correlation_id: AtomicU64::new(1),
+            config,
+        });
+        tokio::spawn(run_dispatcher(shared.clone(), ready_receiver, closing));
+        Producer {
+            handle: Arc::new(Handle {
+                shared,
+                _closer: closer,
+            }),
+        }
+    }
+
+    /// The topic this producer writes to.
+    pub fn topic(&self) -> &str {
+        &self.handle.shared.topic
+    }
+
+    /// The topic's partition count, as read when the producer started.
+    pub fn partitions(&self) -> u32 {
+        lock(&self.handle.shared.accumulator).partitions()
+    }
+
+    /// Sends one record and waits until it is acknowledged at the configured level. Records
+    /// sent concurrently (from several tasks, or `join_all` over many sends) share batches.
+    /// To pipeline from one task in a fixed order, use [`Producer::enqueue`].
+    ///
+    /// `key`: `None` for an unkeyed record. `value`: `None` is a tombstone.
+    pub async fn send(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<Delivery> {
+        self.enqueue(key, value, headers).await?.await
+    }
+
+    /// Adds one record to its partition's batch and returns the future of its delivery,
+    /// without waiting for the broker. Waits only while the memory budget is used up. Records
+    /// enqueued one after another from one task are stored in that order (per partition).
+    ///
+    /// Fails at once for a record that can never be sent (too many headers, bigger than a
+    /// batch may be or than the whole budget).
+    pub async fn enqueue(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+    ) -> Result<DeliveryFuture> {
+        let shared = &self.handle.shared;
+        if headers.len() > MAX_HEADERS_PER_RECORD as usize {
+            return Err(Error::TooManyHeaders {
+                count: headers.len(),
+                max: MAX_HEADERS_PER_RECORD,
+            });
+        }
+        let size = record_size_max(key, value, headers.iter().copied());
+        let record_max = (BATCH_LEN_MAX as usize - HEADER_LEN).min(shared.config.buffer_bytes_max);
+        let Some(permits) = u32::try_from(size).ok().filter(|_| size <= record_max) else {
+            return Err(Error::RecordTooLarge {
+                size,
+                max: record_max,
+            });
+        };
+        let budget = shared
+            .budget
+            .clone()
+            .acquire_many_owned(permits)
+            .await
+            .map_err(|_| Error::Closed("producer"))?;
+        let (reply, receiver) = oneshot::channel();
+        let timestamp = now_ms();
+        let waiter = Waiter {
+            reply,
+            timestamp,
+            _budget: budget,
+        };
+        let record = RecordRef {
+            timestamp,
+            key,
+            value,
+            headers,
+        };
+        let partition = {
+            let mut accumulator = lock(&shared.accumulator);
+            let appended = accumulator.append(record, Instant::now().into_std(), waiter);
+            shared.push_ready(appended.sealed);
+            if appended.opened {
+                shared.batch_opened.notify_one();
+            }
+            appended.partition
+        };
+        Ok(DeliveryFuture {
+            partition,
+            reply: receiver,
+        })
+    }
+
+    /// Seals every open batch and waits until every record enqueued before this call is
+    /// acknowledged or has failed (each record's own future says which).
+    pub async fn flush(&self) {
+        let shared = &self.handle.shared;
+        let last = {
+            let mut accumulator = lock(&shared.accumulator);
+            let sealed = accumulator.drain_all();
+            shared.push_ready(sealed);
+            shared.tracker.last_issued()
+        };
+        if let Some(last) = last {
+            shared.tracker.wait_through(last).await;
+        }
+    }
+
+    /// Flushes, then drops this handle. Other clones keep working.
+    pub async fn close(self) {
+        self.flush().await;
+    }
+}
+
+impl Shared {
+    /// Queues sealed batches for the dispatcher. Called with the accumulator locked, so the
+    /// queue (and the tickets) follow the sealing order.
+    fn push_ready(&self, sealed: Vec<SealedBatch<Waiter>>) {
+        for batch in sealed {
+            let ready = Ready {
+                batch,
+                _ticket: self.tracker.issue(),
+            };
+            if let Err(mpsc::error::SendError(ready)) = self.ready.send(ready) {
+                // Only after the dispatcher stopped, which happens once every handle is gone.
+                fail_all(ready.batch.waiters, &Error::Closed("producer"));
+            }
+        }
+    }
+
+    fn next_request(&self, partition: u32, batch: bytes::Bytes) -> v1::ProduceRequest {
+        v1::ProduceRequest {
+            correlation_id: self.next_correlation_id.fetch_add(1, Ordering::Relaxed),
+            topic: self.topic.clone(),
+            partition,
+            acks: self.config.acks.to_wire() as i32,
+            batch,
+            records: Vec::new(),
+        }
+    }
+
+    /// Sends `request` on the current stream, opening a new one if there is none or it ended.
+    fn submit(&self, request: v1::ProduceRequest) -> Result<Attempt> {
+        let connection = {
+            let mut current = lock(&self.connection);
+            match current.as_ref() {
+                Some(connection) if !connection.is_closed() => connection.clone(),
+                _ => {
+                    let connection = Arc::new(Connection::open(&self.client));
+                    *current = Some(connection.clone());
+                    connection
+                }
+            }
+        };
+        connection.submit(request, self.client.address())
+    }
+}
+
+fn fail_all(waiters: Vec<Waiter>, error: &Error) {
+    for waiter in waiters {
+        let _ = waiter.reply.send(Err(error.clone()));
+    }
+}
+
+/// Seals batches whose linger ran out and sends sealed batches in order, as in-flight slots
+/// free up. Stops when the last producer handle is dropped, after sending what was left.
+async fn run_dispatcher(
+    shared: Arc<Shared>,
+    mut ready: mpsc::UnboundedReceiver<Ready>,
+    mut closing: watch::Receiver<()>,
+) {
+    loop {
+        let deadline = lock(&shared.accumulator).next_deadline();
+        tokio::select! {
+            // Expired batches first, so a steady stream of full batches cannot hold back
+            // lingering ones.
+            biased;
+            () = sleep_until(deadline), if deadline.is_some() => {
+                let mut accumulator = lock(&shared.accumulator);
+                let expired = accumulator.drain_expired(Instant::now().into_std());
+                shared.push_ready(expired);
+            }
+            next = ready.recv() => match next {
+                Some(next) => dispatch(&shared, next).await,
+                None => return,
+            },
+            () = shared.batch_opened.notified() => {}
+            _ = closing.changed() => break,
+        }
+    }
+    // Every handle is gone: nothing new can arrive. Send what is left.
+    {
+        let mut accumulator = lock(&shared.accumulator);
+        let rest = accumulator.drain_all();
+        shared.push_ready(rest);
+    }
+    while let Ok(next) = ready.try_recv() {
+        dispatch(&shared, next).await;
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(Instant::from_std(deadline)).await;
+    }
+}
+
+/// Takes an in-flight slot, submits the batch's first attempt (in dispatch order) and leaves
+/// the rest to a delivery task.
+async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
+    let Ok(slot) = shared.in_flight.clone().acquire_owned().await else {
+        fail_all(ready.batch.waiters, &Error::Closed("producer"));
+        return;
+    };
+    let encoded = match &ready.batch.encoded {
+        Ok(encoded) => encoded.clone(),
+        Err(error) => {
+            fail_all(ready.batch.waiters, &Error::Batch(error.clone()));
+            return;
+        }
+    };
+    // A batch that waited for a slot past its deadline is not sent at all: sending it now
+    // could store records whose futures already say they failed.
+    let deadline = Instant::from_std(ready.batch.opened_at) + shared.config.delivery_timeout;
+    if Instant::now() >= deadline {
+        let error = Error::DeliveryTimeout {
+            topic: shared.topic.clone(),
+            partition: ready.batch.partition,
+            attempts: 0,
+            elapsed_ms: elapsed_ms(ready.batch.opened_at),
+            last_error: None,
+        };
+        fail_all(ready.batch.waiters, &error);
+        return;
+    }
+    let request = shared.next_request(ready.batch.partition, encoded.clone());
+    let first = shared.submit(request);
+    tokio::spawn(deliver(shared.clone(), ready, encoded, first, slot));
+}
+
+/// Waits for the batch's acknowledgement, retrying transient failures until the delivery
+/// timeout, and resolves every record's future.
+async fn deliver(
+    shared: Arc<Shared>,
+    ready: Ready,
+    encoded: bytes::Bytes,
+    first: Result<Attempt>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let config = &shared.config;
+    let partition = ready.batch.partition;
+    let opened_at = Instant::from_std(ready.batch.opened_at);
+    let deadline = opened_at + config.delivery_timeout;
+    let mut attempt = first;
+    let mut attempts: u32 = 1;
+    let mut backoff = config.retry_backoff;
+    let mut last_error: Option<Error> = None;
+    let timed_out = |attempts: u32, last_error: Option<Error>| Error::DeliveryTimeout {
+        topic: shared.topic.clone(),
+        partition,
+        attempts,
+        elapsed_ms: elapsed_ms(ready.batch.opened_at),
+        last_error: last_error.map(Box::new),
+    };
+    let outcome = loop {
+        let result = match &mut attempt {
+            Ok(pending) => {
+                match tokio::time::timeout_at(deadline, pending.response(shared.client.address()))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => break Err(timed_out(attempts, last_error)),
+                }
+            }
+            Err(error) => Err(error.clone()),
+        };
+        match result {
+            Ok(response) => break acknowledged(&shared.topic, &ready.batch, &response),
+            Err(error) if error.is_transient() => {
+                if Instant::now() + backoff >= deadline {
+                    break Err(timed_out(attempts, Some(error)));
+                }
+                tracing::warn!(
+                    topic = %shared.topic,
+                    partition,
+                    attempts,
+                    %error,
+                    "produce failed; retrying in {backoff:?}"
+                );
+                last_error = Some(error);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.retry_backoff_max);
+                attempts += 1;
+                attempt = shared.submit(shared.next_request(partition, encoded.clone()));
+            }
+            Err(error) => break Err(error),
+        }
+    };
+    match outcome {
+        Ok(base_offset) => {
+            for (index, waiter) in ready.batch.waiters.into_iter().enumerate() {
+                let delivery = Delivery {
+                    partition,
+                    offset: base_offset + index as u64,
+                    timestamp: waiter.timestamp,
+                };
+                let _ = waiter.reply.send(Ok(delivery));
+            }
+        }
+        Err(error) => fail_all(ready.batch.waiters, &error),
+    }
+}
+
+fn elapsed_ms(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Checks an acknowledgement against the batch sent; returns the base offset.
+fn acknowledged(
+    topic: &str,
+    batch: &SealedBatch<Waiter>,
+    response: &v1::ProduceResponse,
+) -> Result<u64> {
+    let spans = response
+        .last_offset
+        .checked_sub(response.base_offset)
+        .and_then(|span| span.checked_add(1));
+    if response.partition != batch.partition || spans != Some(u64::from(batch.record_count)) {
+        return Err(Error::Protocol(format!(
+            "produce to {topic}/{} of {} records was acknowledged for partition {} \
+             with offsets {}..={}",
+            batch.partition,
+            batch.record_count,
+            response.partition,
+            response.base_offset,
+            response.last_offset
+        )));
+    }
+    Ok(response.base_offset)
+}
+
+/// Which sealed batches are still in progress, for [`Producer::flush`]: each gets a ticket with
+/// an increasing number when sealed, returned when the batch is done.
+#[derive(Debug, Default)]
+struct Tracker {
+    state: Mutex<TrackerState>,
+    done: Notify,
+}
+
+#[derive(Debug, Default)]
+struct TrackerState {
+    next: u64,
+    in_progress: BTreeSet<u64>,
+}
+
+#[derive(Debug)]
+struct Ticket {
+    tracker: Arc<Tracker>,
+    number: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.tracker.state).in_progress.remove(&self.number);
+        self.tracker.done.notify_waiters();
+    }
+}
+
+impl Tracker {
+    fn issue(self: &Arc<Self>) -> Ticket {
+        let mut state = lock(&self.state);
+        let number = state.next;
+        state.next += 1;
+        state.in_progress.insert(number);
+        Ticket {
+            tracker: self.clone(),
+            number,
+        }
+    }
+
+    fn last_issued(&self) -> Option<u64> {
+        lock(&self.state).next.checked_sub(1)
+    }
+
+    /// Waits until every ticket numbered `last` or lower is returned.
+    async fn wait_through(&self, last: u64) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let oldest = lock(&self.state).in_progress.first().copied();
+            if oldest.is_none_or(|oldest| oldest > last) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_should_be_valid_and_durable() {
+        let config = ProducerConfig::default();
+        config.validate().unwrap();
+        assert_eq!(config.acks, Acks::Durable);
+        assert_eq!(config.delivery_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn given_out_of_bounds_config_should_name_the_key() {
+        let cases: [(ProducerConfig, &str); 5] = [
+            (
+                ProducerConfig {
+                    batch_bytes_max: 10,
+                    ..Default::default()
+                },
+                "batch_bytes_max",
+            ),
+            (
+                ProducerConfig {
+                    in_flight_max: 0,
+                    ..Default::default()
+                },
+                "in_flight_max",
+            ),
+            (
+                ProducerConfig {
+                    buffer_bytes_max: 1000,
+                    ..Default::default()
+                },
+                "buffer_bytes_max",
+            ),
+            (
+                ProducerConfig {
+                    delivery_timeout: Duration::from_millis(1),
+                    linger: Duration::from_millis(2),
+                    ..Default::default()
+                },
+                "delivery_timeout",
+            ),
+            (
+                ProducerConfig {
+                    retry_backoff: Duration::from_secs(5),
+                    ..Default::default()
+                },
+                "retry_backoff",
+            ),
+        ];
+        for (config, expected) in cases {
+            let error = config.validate().unwrap_err();
+            assert!(
+                matches!(error, Error::InvalidConfig { key, .. } if key == expected),
+                "{expected}: {error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn tracker_should_wait_for_tickets_up_to_the_mark_only() {
+        let tracker = Arc::new(Tracker::default());
+        assert_eq!(tracker.last_issued(), None);
+        let first = tracker.issue();
+        let second = tracker.issue();
+        let mark = tracker.last_issued().unwrap();
+        let later = tracker.issue();
+        let waiting = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move { tracker.wait_through(mark).await })
+        };
+        drop(second);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        // `later` is past the mark: it must not hold the flush.
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(later);
+    }
+
+    #[test]
+    fn acknowledgement_should_match_partition_and_record_count() {
+        let waiters: Vec<Waiter> = Vec::new();
+        let batch = SealedBatch {
+            partition: 2,
+            encoded: Ok(bytes::Bytes::new()),
+            record_count: 3,
+            waiters,
+            opened_at: std::time::Instant::now(),
+        };
+        let response = |partition, base_offset, last_offset| v1::ProduceResponse {
+            correlation_id: 1,
+            partition,
+            base_offset,
+            last_offset,
+            error: None,
+        };
+        assert_eq!(acknowledged("t", &batch, &response(2, 10, 12)).unwrap(), 10);
+        for bad in [
+            response(1, 10, 12),
+            response(2, 10, 11),
+            response(2, 12, 10),
+        ] {
+            assert!(matches!(
+                acknowledged("t", &batch, &bad),
+                Err(Error::Protocol(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Pins the `syncline` CLI contract through the real binaries: topic admin, `produce` from
+//! stdin and `consume` back (values only; `--json`; keys with a separator), and one-line errors
+//! with non-zero exit codes for an unknown topic, a duplicate topic, a bad name and an
+//! unreachable broker.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::{binary, BrokerProcess};
+
+fn syncline(broker: &BrokerProcess, args: &[&str]) -> Output {
+    Command::new(binary("syncline"))
+        .args(["--broker", &broker.addr])
+        .args(args)
+        .output()
+        .expect("run syncline")
+}
+
+fn syncline_stdin(broker: &BrokerProcess, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(binary("syncline"))
+        .args(args)
+        .env("SYNCLINE_BROKER", &broker.addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run syncline");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+#[track_caller]
+fn assert_one_line_error(output: &Output, needle: &str) {
+    assert!(
+        !output.status.success(),
+        "expected failure, got success: {}",
+        stdout(output)
+    );
+    let err = stderr(output);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(err.starts_with("error:"), "{err}");
+    assert!(
+        err.to_lowercase().contains(needle),
+        "`{needle}` not in: {err}"
+    );
+}
+
+#[test]
+fn given_file_when_produced_and_consumed_should_come_back_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let created = syncline(&broker, &["topic", "create", "lines", "--partitions", "3"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    let lines: Vec<String> = (0..500)
+        .map(|i| format!("line number {i} with some text"))
+        .collect();
+    let input = lines.join("\n") + "\n";
+    let produced = syncline_stdin(&broker, &["produce", "lines"], input.as_bytes());
+    assert!(produced.status.success(), "{}", stderr(&produced));
+    assert!(
+        stderr(&produced).contains("500"),
+        "summary mentions the count: {}",
+        stderr(&produced)
+    );
+
+    let consumed = syncline(
+        &broker,
+        &[
+            "consume",
+            "lines",
+            "--from-beginning",
+            "--max-records",
+            "500",
+            "--timeout-ms",
+            "5000",
+        ],
+    );
+    assert!(consumed.status.success(), "{}", stderr(&consumed));
+    let mut got: Vec<String> = stdout(&consumed).lines().map(String::from).collect();
+    let mut expected = lines.clone();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+
+    // Keyed input: same key -> same partition, order kept per key; --json carries the fields.
+    let keyed: String = (0..50).map(|i| format!("user-{}:v{i}\n", i % 5)).collect();
+    syncline(&broker, &["topic", "create", "keyed", "--partitions", "4"]);
+    let produced = syncline_stdin(
+        &broker,
+        &["produce", "keyed", "--key-separator", ":"],
+        keyed.as_bytes(),
+    );
+    assert!(produced.status.success(), "{}", stderr(&produced));
+    let consumed = syncline(
+        &broker,
+        &[
+            "consume",
+            "keyed",
+            "--from-beginning",
+            "--json",
+            "--timeout-ms",
+            "2000",
+        ],
+    );
+    assert!(consumed.status.success(), "{}", stderr(&consumed));
+    let mut last: std::collections::HashMap<String, u32> = Default::default();
+    let mut count = 0;
+    for line in stdout(&consumed).lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        for field in ["partition", "offset", "key", "value", "timestamp"] {
+            assert!(record.get(field).is_some(), "{field} missing in {line}");
+        }
+        let key = record["key"].as_str().unwrap().to_string();
+        let version: u32 = record["value"].as_str().unwrap()[1..].parse().unwrap();
+        if let Some(previous) = last.insert(key.clone(), version) {
+            assert!(version > previous, "{key}: {previous} then {version}");
+        }
+        count += 1;
+    }
+    assert_eq!(count, 50);
+
+    let listed = syncline(&broker, &["topic", "list"]);
+    assert!(stdout(&listed).contains("lines") && stdout(&listed).contains("keyed"));
+    let described = syncline(&broker, &["topic", "describe", "lines"]);
+    assert!(described.status.success(), "{}", stderr(&described));
+    let deleted = syncline(&broker, &["topic", "delete", "lines"]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+}
+
+#[test]
+fn given_bad_requests_should_exit_non_zero_with_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    assert!(syncline(&broker, &["topic", "create", "dup"])
+        .status
+        .success());
+    assert_one_line_error(
+        &syncline(&broker, &["topic", "create", "dup"]),
+        "already exists",
+    );
+    assert_one_line_error(
+        &syncline(&broker, &["topic", "create", "bad/name"]),
+        "invalid topic name",
+    );
+    assert_one_line_error(
+        &syncline(&broker, &["topic", "describe", "missing"]),
+        "does not exist",
+    );
+    assert_one_line_error(
+        &syncline_stdin(&broker, &["produce", "missing"], b"x\n"),
+        "does not exist",
+    );
+    assert_one_line_error(
+        &syncline(&broker, &["consume", "missing", "--timeout-ms", "500"]),
+        "does not exist",
+    );
+    // --broker accepted after the subcommand too, with http://; nothing listens on this port.
+    let unreachable = Command::new(binary("syncline"))
+        .args(["topic", "list", "--broker", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&unreachable, "127.0.0.1:1");
+}
