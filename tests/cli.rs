@@ -70,7 +70,13 @@ fn given_file_when_produced_and_consumed_should_come_back_identical() {
         .map(|i| format!("line number {i} with some text"))
         .collect();
     let input = lines.join("\n") + "\n";
-    let produced = syncline_stdin(&broker, &["produce", "lines"], input.as_bytes());
+    let file = dir.path().join("lines.txt");
+    std::fs::write(&file, &input).unwrap();
+    let produced = Command::new(binary("syncline"))
+        .args(["produce", "lines", "--broker", &broker.addr])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .unwrap();
     assert!(produced.status.success(), "{}", stderr(&produced));
     assert!(
         stderr(&produced).contains("500"),
