@@ -461,3 +461,52 @@ async fn given_bad_inputs_should_get_their_status_codes_and_leave_the_log_unchan
     assert_eq!(gone.code(), Code::NotFound);
     assert!(!dir.path().join("t").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_open_streams_when_sigterm_should_end_them_and_exit_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    client.create_topic(topic_request("s", 1)).await.unwrap();
+    // A produce stream whose request side stays open, and a live subscription.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut responses = client
+        .produce_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut builder = BatchBuilder::new();
+    builder.push(1, None, Some(b"x"), &[]);
+    tx.send(produce("s", 0, builder.finish().unwrap()))
+        .await
+        .unwrap();
+    assert!(responses.next().await.unwrap().unwrap().error.is_none());
+    let mut subscription = client
+        .subscribe(v1::SubscribeRequest {
+            topic: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(subscription.next().await.unwrap().is_ok());
+
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(broker.child.id() as i32, libc::SIGTERM);
+    }
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = broker.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "broker hangs on open streams"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    assert!(dir.path().join("s/0/.clean-shutdown").exists());
+    drop(tx);
+}
