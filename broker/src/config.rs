@@ -341,6 +341,15 @@ impl Config {
                 format!("{} is outside [1024, 268435456]", limits.max_fetch_bytes),
             );
         }
+        if limits.max_fetch_bytes < limits.max_batch_bytes {
+            return err(
+                "max_fetch_bytes",
+                format!(
+                    "{} is below max_batch_bytes ({}): a fetch must fit the largest batch",
+                    limits.max_fetch_bytes, limits.max_batch_bytes
+                ),
+            );
+        }
         if self.retention_check_ms == 0 {
             return err("retention_check_ms", "must be at least 1".into());
         }

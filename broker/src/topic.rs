@@ -120,6 +120,9 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
     {
         return invalid("use only letters, digits, `.`, `_` and `-`");
     }
+    if name == FORMAT_FILE {
+        return invalid("`format-version` is the data directory's format file");
+    }
     if name.starts_with("__") {
         return invalid("names starting with `__` are reserved for internal topics");
     }
@@ -274,9 +277,15 @@ impl Registry {
     }
 
     fn open_partitions(&self, name: &str, path: &Path, settings: TopicSettings) -> Topic {
-        let name: Arc<str> = Arc::from(name);
-        let log_config = self.config.log_config_for(&settings.log);
-        let partitions = (0..settings.partitions)
+        open_partitions(&self.config, name, path, settings)
+    }
+}
+
+/// Opens (or creates) every partition log of a topic; a log that refuses to open is fenced.
+fn open_partitions(config: &Config, name: &str, path: &Path, settings: TopicSettings) -> Topic {
+    let name: Arc<str> = Arc::from(name);
+    let log_config = config.log_config_for(&settings.log);
+    let partitions = (0..settings.partitions)
             .map(|id| {
                 let dir = path.join(id.to_string());
                 match Log::open(&dir, log_config.clone()) {
@@ -288,14 +297,15 @@ impl Registry {
                 }
             })
             .collect();
-        Topic {
-            name,
-            settings,
-            partitions,
-            deleted: AtomicBool::new(false),
-        }
+    Topic {
+        name,
+        settings,
+        partitions,
+        deleted: AtomicBool::new(false),
     }
+}
 
+impl Registry {
     /// The effective settings for a create request (unset fields take the broker's defaults).
     pub fn resolve_settings(
         &self,
@@ -362,26 +372,32 @@ impl Registry {
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
         })?;
-        let build = || -> Result<(), BrokerError> {
-            std::fs::create_dir(&staging).map_err(|e| BrokerError::io("creating", &staging, e))?;
-            for id in 0..settings.partitions {
-                let dir = staging.join(id.to_string());
-                std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+        let config = self.config.clone();
+        let owned_name = name.to_string();
+        let build = move || -> Result<Topic, BrokerError> {
+            let built = (|| {
+                std::fs::create_dir(&staging)
+                    .map_err(|e| BrokerError::io("creating", &staging, e))?;
+                for id in 0..settings.partitions {
+                    let dir = staging.join(id.to_string());
+                    std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+                }
+                write_synced(&staging.join(META_FILE), text.as_bytes())?;
+                sync_dir(&staging)?;
+                std::fs::rename(&staging, &final_path)
+                    .map_err(|e| BrokerError::io("renaming", &staging, e))?;
+                sync_dir(&data_dir)
+            })();
+            if let Err(error) = built {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(error);
             }
-            write_synced(&staging.join(META_FILE), text.as_bytes())?;
-            sync_dir(&staging)?;
-            std::fs::rename(&staging, &final_path)
-                .map_err(|e| BrokerError::io("renaming", &staging, e))?;
-            sync_dir(&data_dir)
+            Ok(open_partitions(&config, &owned_name, &final_path, settings))
         };
-        let built = tokio::task::block_in_place(build);
-        if let Err(error) = built {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(error);
-        }
-        let topic = Arc::new(tokio::task::block_in_place(|| {
-            self.open_partitions(name, &final_path, settings)
-        }));
+        let topic = tokio::task::spawn_blocking(build)
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("create task failed: {e}")))??;
+        let topic = Arc::new(topic);
         self.topics.write().insert(name.to_string(), topic.clone());
         tracing::info!(
             topic = name,
@@ -408,11 +424,13 @@ impl Registry {
         let path = data_dir.join(name);
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let doomed = data_dir.join(format!("~deleted-{}-{sequence}", now_ms()));
-        tokio::task::block_in_place(|| -> Result<(), BrokerError> {
+        tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
             std::fs::rename(&path, &doomed).map_err(|e| BrokerError::io("renaming", &path, e))?;
             sync_dir(&data_dir)?;
             std::fs::remove_dir_all(&doomed).map_err(|e| BrokerError::io("removing", &doomed, e))
-        })?;
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidRequest(format!("delete task failed: {e}")))??;
         tracing::info!(topic = name, "deleted topic");
         Ok(())
     }

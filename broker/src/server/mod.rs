@@ -24,6 +24,8 @@ use crate::topic::Registry;
 /// on loopback (the defaults are 64 KiB).
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// How long a shutdown waits for in-flight requests and streams before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// gRPC message bodies may exceed the largest batch or fetch by this much (protobuf framing).
 const MESSAGE_SLACK_BYTES: usize = 1024 * 1024;
 
@@ -88,7 +90,12 @@ impl Broker {
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (tonic itself answers OUT_OF_RANGE past this limit).
             .max_decoding_message_size(2 * limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
-            .max_encoding_message_size(limits.max_fetch_bytes as usize + MESSAGE_SLACK_BYTES);
+            // A response holds at least one whole batch (up to max_batch_bytes) and, when
+            // records are decoded, about twice the batch bytes.
+            .max_encoding_message_size(
+                2 * limits.max_fetch_bytes.max(limits.max_batch_bytes) as usize
+                    + MESSAGE_SLACK_BYTES,
+            );
         let (health_reporter, health) = tonic_health::server::health_reporter();
         health_reporter
             .set_serving::<BrokerServer<BrokerService>>()
@@ -104,6 +111,7 @@ impl Broker {
             Duration::from_millis(self.registry.config().retention_check_ms),
             shutdown_rx.clone(),
         ));
+        let mut grace_rx = shutdown_rx.clone();
         let shutdown = async move {
             signal.await;
             tracing::info!("shutting down: no new connections; finishing in-flight requests");
@@ -113,15 +121,27 @@ impl Broker {
             let _ = shutdown_tx.send(true);
         };
         tracing::info!("listening on {}", self.local_addr);
-        let served = tonic::transport::Server::builder()
+        let serving = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)
             .add_service(broker)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown)
-            .await;
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown);
+        // Clients that stop reading keep their streams (and so the server) alive: after the
+        // grace period the remaining connections are dropped and the logs closed anyway.
+        let grace = async move {
+            let _ = grace_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            _ = grace => {
+                tracing::warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "in-flight requests did not finish within the grace period; dropping their connections");
+                Ok(())
+            }
+        };
         let _ = retention.await;
         self.registry.close().await;
         tracing::info!("all logs flushed and closed");

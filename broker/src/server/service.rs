@@ -302,14 +302,21 @@ impl BrokerService {
         }
     }
 
-    fn fetch_limits(&self, max_bytes: u32) -> usize {
+    /// Bytes of batches one response may carry. Decoded records roughly double a response, so
+    /// a decoding fetch reads half as much to stay within the message limit.
+    fn fetch_limits(&self, max_bytes: u32, decode_records: bool) -> usize {
         let limit = self.registry.config().limits.max_fetch_bytes;
         let requested = if max_bytes == 0 {
             DEFAULT_FETCH_BYTES
         } else {
             max_bytes
         };
-        requested.min(limit) as usize
+        let bytes = requested.min(limit) as usize;
+        if decode_records {
+            (bytes / 2).max(1)
+        } else {
+            bytes
+        }
     }
 }
 
@@ -454,34 +461,44 @@ impl Broker for BrokerService {
                 let request = match next {
                     Some(Ok(request)) => request,
                     Some(Err(status)) => {
-                        tracing::debug!(%status, "produce stream ended by the client");
+                        // E.g. a message over the size limit: tell the client instead of ending
+                        // the stream as if all were well (which it would retry).
+                        tracing::debug!(%status, "produce stream request failed to decode");
+                        let status = if status.message().contains("too large") {
+                            Status::resource_exhausted(format!(
+                                "produce request too large: {}",
+                                status.message()
+                            ))
+                        } else {
+                            status
+                        };
+                        let _ = tx.try_send(Err(status));
                         break;
                     }
                     None => break,
                 };
                 // Bounded in flight: the stream is not read further until acks drain.
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
+                let permit = tokio::select! {
+                    permit = in_flight.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.wait_for(|stop| *stop) => break,
                 };
                 let correlation_id = request.correlation_id;
                 let partition_id = request.partition;
                 match service.append(request) {
                     Err(error) => {
                         drop(permit);
-                        if tx
-                            .send(Ok(Self::error_response(
-                                correlation_id,
-                                partition_id,
-                                error,
-                            )))
-                            .await
-                            .is_err()
-                        {
-                            break;
+                        let response = Self::error_response(correlation_id, partition_id, error);
+                        tokio::select! {
+                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                            _ = shutdown.wait_for(|stop| *stop) => break,
                         }
                     }
                     Ok((partition, appended, Acks::Durable)) => {
                         let tx = tx.clone();
+                        let mut shutdown = shutdown.clone();
                         tokio::spawn(async move {
                             let response = match Self::ack(&partition, appended, Acks::Durable)
                                 .await
@@ -493,7 +510,11 @@ impl Broker for BrokerService {
                                     Self::error_response(correlation_id, partition_id, error)
                                 }
                             };
-                            let _ = tx.send(Ok(response)).await;
+                            // A client that stops reading pins this task only until shutdown.
+                            tokio::select! {
+                                _ = tx.send(Ok(response)) => {}
+                                _ = shutdown.wait_for(|stop| *stop) => {}
+                            }
                             drop(permit);
                         });
                     }
@@ -501,8 +522,9 @@ impl Broker for BrokerService {
                         drop(permit);
                         let response =
                             Self::produce_response(correlation_id, partition_id, appended);
-                        if tx.send(Ok(response)).await.is_err() {
-                            break;
+                        tokio::select! {
+                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                            _ = shutdown.wait_for(|stop| *stop) => break,
                         }
                     }
                 }
@@ -516,11 +538,11 @@ impl Broker for BrokerService {
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
-        let (_topic, partition) = self
+        let (topic, partition) = self
             .partition(&request.topic, request.partition)
             .map_err(to_status)?;
         let log = partition.log().map_err(to_status)?.clone();
-        let max_bytes = self.fetch_limits(request.max_bytes);
+        let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
         let max_wait = request
             .max_wait_ms
             .min(self.registry.config().limits.max_wait_ms);
@@ -530,6 +552,12 @@ impl Broker for BrokerService {
         let decode_from = request.decode_records.then_some(request.offset);
         loop {
             durable.borrow_and_update();
+            if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Status::not_found(format!(
+                    "topic `{}` was deleted",
+                    topic.name
+                )));
+            }
             let read = log
                 .read(request.offset, max_bytes)
                 .map_err(|e| to_status(partition.log_error(e)))?;
@@ -567,7 +595,7 @@ impl Broker for BrokerService {
         // Validate the start offset now, so a bad one is an error status, not an empty stream.
         log.read(request.offset, 1)
             .map_err(|e| to_status(partition.log_error(e)))?;
-        let max_bytes = self.fetch_limits(request.max_bytes);
+        let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
         let read_ahead = self.registry.config().limits.subscribe_read_ahead;
         let (tx, rx) = mpsc::channel(read_ahead);
         let mut shutdown = self.shutdown.clone();

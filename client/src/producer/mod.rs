@@ -51,6 +51,10 @@ use self::connection::{Attempt, Connection};
 use crate::client::Client;
 use crate::error::{Error, Result};
 
+/// The broker's default `max_batch_bytes`: the largest batch it accepts unless configured
+/// otherwise.
+pub const BROKER_BATCH_BYTES_DEFAULT: usize = 8 * 1024 * 1024;
+
 /// How long the broker waits before it acknowledges a produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Acks {
@@ -362,7 +366,11 @@ impl Producer {
             });
         }
         let size = record_size_max(key, value, headers.iter().copied());
-        let record_max = (BATCH_LEN_MAX as usize - HEADER_LEN).min(shared.config.buffer_bytes_max);
+        // A record must fit in one batch the broker accepts (its default max_batch_bytes is
+        // 8 MiB); failing here is faster and clearer than a broker rejection.
+        let record_max = (BATCH_LEN_MAX as usize - HEADER_LEN)
+            .min(shared.config.buffer_bytes_max)
+            .min(BROKER_BATCH_BYTES_DEFAULT - HEADER_LEN);
         let Some(permits) = u32::try_from(size).ok().filter(|_| size <= record_max) else {
             return Err(Error::RecordTooLarge {
                 size,

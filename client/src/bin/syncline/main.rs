@@ -483,7 +483,12 @@ async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
                 tokio::select! {
                     next = wait => match next {
                         Some(next) => next,
-                        None => break, // idle for --timeout-ms
+                        None => {
+                            // Idle for --timeout-ms. Quiet because the topic is quiet, or
+                            // because the broker is gone (the consumer retries silently)?
+                            client.describe_topic(&args.topic).await?;
+                            break;
+                        }
                     },
                     _ = &mut ctrl_c => break,
                 }
