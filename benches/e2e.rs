@@ -50,6 +50,8 @@ fn setup() -> Setup {
     let config = Config {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+        metrics_listen_explicit: true,
         ..Config::default()
     };
     let client = runtime.block_on(async {

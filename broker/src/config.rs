@@ -34,6 +34,12 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
+    /// Address of the Prometheus `/metrics` endpoint; port 0 picks a free port. When the
+    /// default is taken the broker runs without metrics; an explicit address that cannot be
+    /// bound stops the start [default: 127.0.0.1:7451]
+    #[arg(long, env = "SYNCLINE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// TOML file with any of these settings (keys in snake_case, e.g. `segment_bytes = 1048576`)
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -103,6 +109,7 @@ pub struct Flags {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
     log: Option<String>,
     default_partitions: Option<u32>,
     max_partitions: Option<u32>,
@@ -158,6 +165,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// Prometheus endpoint address.
+    pub metrics_listen: SocketAddr,
+    /// True when `metrics_listen` was configured (then failing to bind it is an error).
+    pub metrics_listen_explicit: bool,
     /// Log filter.
     pub log: String,
     /// Topic defaults.
@@ -173,6 +184,8 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("./syncline-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 7450)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 7451)),
+            metrics_listen_explicit: false,
             log: "info".into(),
             topic_defaults: TopicDefaults {
                 partitions: 1,
@@ -257,6 +270,10 @@ impl Config {
             .or(file.data_dir)
             .unwrap_or(defaults.data_dir);
         config.listen = flags.listen.or(file.listen).unwrap_or(defaults.listen);
+        if let Some(addr) = flags.metrics_listen.or(file.metrics_listen) {
+            config.metrics_listen = addr;
+            config.metrics_listen_explicit = true;
+        }
         config.log = flags.log.or(file.log).unwrap_or(defaults.log);
         let topic = &mut config.topic_defaults;
         topic.partitions = flags

@@ -7,12 +7,14 @@
 //! - [`topic`]: the topic registry, topic metadata, the data directory.
 //! - [`server`]: the tonic services, request validation and the error -> status mapping.
 //! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
+//! - [`metrics`]: Prometheus metric names, the recorder and the `/metrics` endpoint.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config;
 pub mod error;
 pub mod log;
+pub mod metrics;
 pub mod partition;
 pub mod server;
 pub mod topic;

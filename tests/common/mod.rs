@@ -31,6 +31,8 @@ pub fn binary(name: &str) -> PathBuf {
 pub struct BrokerProcess {
     pub child: Child,
     pub addr: String,
+    /// The Prometheus endpoint's address.
+    pub metrics_addr: Option<String>,
     pub data_dir: PathBuf,
     stderr_lines: mpsc::Receiver<String>,
 }
@@ -46,7 +48,7 @@ impl BrokerProcess {
         let mut child = Command::new(binary("syncline-broker"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -63,10 +65,13 @@ impl BrokerProcess {
             }
         });
         let mut seen = Vec::new();
+        let mut metrics_addr = None;
         loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) => {
-                    if let Some(rest) = line.split("listening on ").nth(1) {
+                    if let Some(rest) = line.split("metrics listening on ").nth(1) {
+                        metrics_addr = rest.split_whitespace().next().map(String::from);
+                    } else if let Some(rest) = line.split("listening on ").nth(1) {
                         let addr = rest
                             .split_whitespace()
                             .next()
@@ -75,6 +80,7 @@ impl BrokerProcess {
                         return BrokerProcess {
                             child,
                             addr,
+                            metrics_addr,
                             data_dir: data_dir.to_path_buf(),
                             stderr_lines: rx,
                         };

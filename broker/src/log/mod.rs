@@ -213,6 +213,8 @@ pub struct LogStats {
     pub syncs: AtomicU64,
     /// Batches appended.
     pub batches_appended: AtomicU64,
+    /// `batches_appended` as of the last fsync (for the group-commit size).
+    pub batches_synced: AtomicU64,
 }
 
 struct Writer {
@@ -964,6 +966,9 @@ impl Log {
         self.end_offset.store(last_offset + 1, Ordering::Release);
         drop(writer);
         self.stats.batches_appended.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("syncline_batches_appended_total").increment(1);
+        metrics::counter!("syncline_records_appended_total")
+            .increment(u64::from(header.record_count));
         self.dirty.notify_one();
         Ok(Appended {
             base_offset,
@@ -1084,9 +1089,16 @@ impl Log {
             let writer = self.writer.lock();
             (writer.file.clone(), self.end_offset.load(Ordering::Acquire))
         };
+        let batches = self.stats.batches_appended.load(Ordering::Relaxed);
+        let started = Instant::now();
         if let Err(error) = file.sync_data() {
             return Err(self.poison("fsync failed", &error));
         }
+        metrics::histogram!("syncline_fsync_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let previous = self.stats.batches_synced.swap(batches, Ordering::Relaxed);
+        metrics::histogram!("syncline_group_commit_batches")
+            .record(batches.saturating_sub(previous) as f64);
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.publish_durable(end);
         Ok(self.durable_offset())

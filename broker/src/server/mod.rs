@@ -13,6 +13,7 @@ use syncline_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 pub use service::BrokerService;
 
@@ -36,6 +37,8 @@ pub struct Broker {
     registry: Arc<Registry>,
     listener: TcpListener,
     local_addr: SocketAddr,
+    metrics: Option<(TcpListener, SocketAddr)>,
+    metrics_handle: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl Broker {
@@ -54,6 +57,29 @@ impl Broker {
             .await
             .map_err(|e| BrokerError::InvalidRequest(format!("startup task failed: {e}")))??
         };
+        let metrics_handle = crate::metrics::install();
+        let metrics =
+            match crate::metrics::bind(config.metrics_listen, config.metrics_listen_explicit)
+                .await
+                .map_err(|e| {
+                    BrokerError::io(
+                        "binding the metrics address",
+                        config.metrics_listen.to_string(),
+                        e,
+                    )
+                })? {
+                Some(listener) => {
+                    let addr = listener.local_addr().map_err(|e| {
+                        BrokerError::io(
+                            "reading the address of",
+                            config.metrics_listen.to_string(),
+                            e,
+                        )
+                    })?;
+                    Some((listener, addr))
+                }
+                None => None,
+            };
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| BrokerError::io("binding", listen.to_string(), e))?;
@@ -64,12 +90,19 @@ impl Broker {
             registry: Arc::new(registry),
             listener,
             local_addr,
+            metrics,
+            metrics_handle,
         })
     }
 
     /// The bound address (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound metrics address, when metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, addr)| *addr)
     }
 
     /// The topics.
@@ -120,7 +153,21 @@ impl Broker {
                 .await;
             let _ = shutdown_tx.send(true);
         };
+        let metrics_task = self.metrics.map(|(listener, addr)| {
+            tracing::info!("metrics listening on {addr}");
+            let mut stop = shutdown_rx.clone();
+            tokio::spawn(crate::metrics::serve(
+                listener,
+                self.metrics_handle.clone(),
+                self.registry.clone(),
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                },
+            ))
+        });
         tracing::info!("listening on {}", self.local_addr);
+        let incoming = TcpListenerStream::new(self.listener)
+            .map(|accepted| accepted.map(crate::metrics::CountedConnection::new));
         let serving = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
@@ -128,7 +175,7 @@ impl Broker {
             .add_service(health)
             .add_service(reflection)
             .add_service(broker)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), shutdown);
+            .serve_with_incoming_shutdown(incoming, shutdown);
         // Clients that stop reading keep their streams (and so the server) alive: after the
         // grace period the remaining connections are dropped and the logs closed anyway.
         let grace = async move {
@@ -143,6 +190,9 @@ impl Broker {
             }
         };
         let _ = retention.await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
         self.registry.close().await;
         tracing::info!("all logs flushed and closed");
         served.map_err(|e| {

@@ -4,7 +4,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::status::to_status;
 use crate::config::parse_fsync;
@@ -35,6 +36,25 @@ pub struct BrokerService {
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Records the request's outcome and latency (see `crate::metrics`).
+fn finish<T>(rpc: &'static str, started: Instant, result: Result<T, Status>) -> Result<T, Status> {
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    crate::metrics::observe_request(rpc, started, code);
+    result
+}
+
+/// Records one ProduceStream message like a unary request.
+fn observe_message(started: Instant, response: &v1::ProduceResponse) {
+    let code = response
+        .error
+        .as_ref()
+        .map_or(tonic::Code::Ok, |e| tonic::Code::from_i32(e.code));
+    crate::metrics::observe_request("ProduceStreamMessage", started, code);
+}
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -172,6 +192,7 @@ fn fetch_response(
         Some(from) => decode_records(&read.bytes, from)?,
         None => Vec::new(),
     };
+    metrics::counter!(crate::metrics::FETCH_BYTES_TOTAL).increment(read.bytes.len() as u64);
     Ok(v1::FetchResponse {
         partition,
         batches: read.bytes,
@@ -214,6 +235,14 @@ impl BrokerService {
         let acks = acks_of(request.acks)?;
         let (_topic, partition) = self.partition(&request.topic, request.partition)?;
         let limits = &self.registry.config().limits;
+        let request_bytes = request.batch.len() as u64
+            + request
+                .records
+                .iter()
+                .map(|r| {
+                    r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len())
+                })
+                .sum::<usize>() as u64;
         let appended = match (request.batch.is_empty(), request.records.is_empty()) {
             (false, true) => {
                 if request.batch.len() > limits.max_batch_bytes as usize {
@@ -257,6 +286,7 @@ impl BrokerService {
                 ))
             }
         };
+        metrics::counter!(crate::metrics::PRODUCE_BYTES_TOTAL).increment(request_bytes);
         Ok((partition, appended, acks))
     }
 
@@ -326,119 +356,157 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
-        let request = request.into_inner();
-        let config = request.config.unwrap_or_default();
-        let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
-            Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => Cleanup::Delete,
-            Ok(v1::CleanupPolicy::Compact) => Cleanup::Compact,
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "unknown cleanup policy {}: use delete or compact",
-                    config.cleanup_policy
-                )))
-            }
-        };
-        let fsync_policy = v1::FsyncPolicy::try_from(config.fsync_policy).map_err(|_| {
-            Status::invalid_argument(format!(
-                "unknown fsync policy {}: use always or interval",
-                config.fsync_policy
-            ))
-        })?;
-        let partitions = (config.partitions != 0).then_some(config.partitions);
-        let settings = self
-            .registry
-            .resolve_settings(partitions, Some(cleanup), |log| {
-                if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
-                    log.retention_ms = value;
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "CreateTopic");
+        let result = async move {
+            let request = request.into_inner();
+            let config = request.config.unwrap_or_default();
+            let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
+                Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => {
+                    Cleanup::Delete
                 }
-                if let Some(value) = retention_override(config.retention_bytes, "retention_bytes")?
-                {
-                    log.retention_bytes = value;
+                Ok(v1::CleanupPolicy::Compact) => Cleanup::Compact,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown cleanup policy {}: use delete or compact",
+                        config.cleanup_policy
+                    )))
                 }
-                if let Some(bytes) = config.segment_bytes {
-                    log.segment_bytes = bytes;
-                }
-                if let Some(ms) = config.segment_ms {
-                    log.segment_ms = ms;
-                }
-                match fsync_policy {
-                    v1::FsyncPolicy::Unspecified => {}
-                    v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
-                    v1::FsyncPolicy::Interval => {
-                        log.fsync =
-                            parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
+            };
+            let fsync_policy = v1::FsyncPolicy::try_from(config.fsync_policy).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "unknown fsync policy {}: use always or interval",
+                    config.fsync_policy
+                ))
+            })?;
+            let partitions = (config.partitions != 0).then_some(config.partitions);
+            let settings = self
+                .registry
+                .resolve_settings(partitions, Some(cleanup), |log| {
+                    if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
+                        log.retention_ms = value;
                     }
-                }
-                Ok(())
-            })
-            .map_err(to_status)?;
-        let topic = self
-            .registry
-            .create(&request.name, settings)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(v1::CreateTopicResponse {
-            topic: Some(describe(&topic)),
-        }))
+                    if let Some(value) =
+                        retention_override(config.retention_bytes, "retention_bytes")?
+                    {
+                        log.retention_bytes = value;
+                    }
+                    if let Some(bytes) = config.segment_bytes {
+                        log.segment_bytes = bytes;
+                    }
+                    if let Some(ms) = config.segment_ms {
+                        log.segment_ms = ms;
+                    }
+                    match fsync_policy {
+                        v1::FsyncPolicy::Unspecified => {}
+                        v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
+                        v1::FsyncPolicy::Interval => {
+                            log.fsync =
+                                parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
+                        }
+                    }
+                    Ok(())
+                })
+                .map_err(to_status)?;
+            let topic = self
+                .registry
+                .create(&request.name, settings)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(v1::CreateTopicResponse {
+                topic: Some(describe(&topic)),
+            }))
+        }
+        .instrument(span)
+        .await;
+        finish("CreateTopic", started, result)
     }
 
     async fn delete_topic(
         &self,
         request: Request<v1::DeleteTopicRequest>,
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
-        self.registry
-            .delete(&request.into_inner().name)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(v1::DeleteTopicResponse {}))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "DeleteTopic");
+        let result = async move {
+            self.registry
+                .delete(&request.into_inner().name)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(v1::DeleteTopicResponse {}))
+        }
+        .instrument(span)
+        .await;
+        finish("DeleteTopic", started, result)
     }
 
     async fn list_topics(
         &self,
         _request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
-        let topics = self
-            .registry
-            .list()
-            .iter()
-            .map(|topic| v1::TopicSummary {
-                name: topic.name.to_string(),
-                partitions: topic.settings.partitions,
-                cleanup_policy: cleanup_of(topic.settings.cleanup) as i32,
-            })
-            .collect();
-        Ok(Response::new(v1::ListTopicsResponse { topics }))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "ListTopics");
+        let result = async move {
+            let topics = self
+                .registry
+                .list()
+                .iter()
+                .map(|topic| v1::TopicSummary {
+                    name: topic.name.to_string(),
+                    partitions: topic.settings.partitions,
+                    cleanup_policy: cleanup_of(topic.settings.cleanup) as i32,
+                })
+                .collect();
+            Ok(Response::new(v1::ListTopicsResponse { topics }))
+        }
+        .instrument(span)
+        .await;
+        finish("ListTopics", started, result)
     }
 
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
-        let topic = self
-            .registry
-            .get(&request.into_inner().name)
-            .map_err(to_status)?;
-        Ok(Response::new(v1::DescribeTopicResponse {
-            topic: Some(describe(&topic)),
-        }))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "DescribeTopic");
+        let result = async move {
+            let topic = self
+                .registry
+                .get(&request.into_inner().name)
+                .map_err(to_status)?;
+            Ok(Response::new(v1::DescribeTopicResponse {
+                topic: Some(describe(&topic)),
+            }))
+        }
+        .instrument(span)
+        .await;
+        finish("DescribeTopic", started, result)
     }
 
     async fn produce(
         &self,
         request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        let request = request.into_inner();
-        let correlation_id = request.correlation_id;
-        let partition_id = request.partition;
-        let (partition, appended, acks) = self.append(request).map_err(to_status)?;
-        Self::ack(&partition, appended, acks)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(Self::produce_response(
-            correlation_id,
-            partition_id,
-            appended,
-        )))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "Produce");
+        let result = async move {
+            let request = request.into_inner();
+            let correlation_id = request.correlation_id;
+            let partition_id = request.partition;
+            let (partition, appended, acks) = self.append(request).map_err(to_status)?;
+            Self::ack(&partition, appended, acks)
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(Self::produce_response(
+                correlation_id,
+                partition_id,
+                appended,
+            )))
+        }
+        .instrument(span)
+        .await;
+        finish("Produce", started, result)
     }
 
     type ProduceStreamStream = ResponseStream<v1::ProduceResponse>;
@@ -447,138 +515,160 @@ impl Broker for BrokerService {
         &self,
         request: Request<Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
-        let service = self.clone();
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX));
-            loop {
-                let next = tokio::select! {
-                    next = inbound.next() => next,
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                };
-                let request = match next {
-                    Some(Ok(request)) => request,
-                    Some(Err(status)) => {
-                        // E.g. a message over the size limit: tell the client instead of ending
-                        // the stream as if all were well (which it would retry).
-                        tracing::debug!(%status, "produce stream request failed to decode");
-                        let status = if status.message().contains("too large") {
-                            Status::resource_exhausted(format!(
-                                "produce request too large: {}",
-                                status.message()
-                            ))
-                        } else {
-                            status
-                        };
-                        let _ = tx.try_send(Err(status));
-                        break;
-                    }
-                    None => break,
-                };
-                // Bounded in flight: the stream is not read further until acks drain.
-                let permit = tokio::select! {
-                    permit = in_flight.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                };
-                let correlation_id = request.correlation_id;
-                let partition_id = request.partition;
-                match service.append(request) {
-                    Err(error) => {
-                        drop(permit);
-                        let response = Self::error_response(correlation_id, partition_id, error);
-                        tokio::select! {
-                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
-                            _ = shutdown.wait_for(|stop| *stop) => break,
-                        }
-                    }
-                    Ok((partition, appended, Acks::Durable)) => {
-                        let tx = tx.clone();
-                        let mut shutdown = shutdown.clone();
-                        tokio::spawn(async move {
-                            let response = match Self::ack(&partition, appended, Acks::Durable)
-                                .await
-                            {
-                                Ok(()) => {
-                                    Self::produce_response(correlation_id, partition_id, appended)
-                                }
-                                Err(error) => {
-                                    Self::error_response(correlation_id, partition_id, error)
-                                }
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "ProduceStream");
+        let result = async move {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
+            let service = self.clone();
+            let mut shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX));
+                loop {
+                    let next = tokio::select! {
+                        next = inbound.next() => next,
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                    };
+                    let request = match next {
+                        Some(Ok(request)) => request,
+                        Some(Err(status)) => {
+                            // E.g. a message over the size limit: tell the client instead of ending
+                            // the stream as if all were well (which it would retry).
+                            tracing::debug!(%status, "produce stream request failed to decode");
+                            let status = if status.message().contains("too large") {
+                                Status::resource_exhausted(format!(
+                                    "produce request too large: {}",
+                                    status.message()
+                                ))
+                            } else {
+                                status
                             };
-                            // A client that stops reading pins this task only until shutdown.
-                            tokio::select! {
-                                _ = tx.send(Ok(response)) => {}
-                                _ = shutdown.wait_for(|stop| *stop) => {}
-                            }
+                            let _ = tx.try_send(Err(status));
+                            break;
+                        }
+                        None => break,
+                    };
+                    // Bounded in flight: the stream is not read further until acks drain.
+                    let permit = tokio::select! {
+                        permit = in_flight.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        },
+                        _ = shutdown.wait_for(|stop| *stop) => break,
+                    };
+                    let correlation_id = request.correlation_id;
+                    let partition_id = request.partition;
+                    let message_started = Instant::now();
+                    match service.append(request) {
+                        Err(error) => {
                             drop(permit);
-                        });
-                    }
-                    Ok((_, appended, _)) => {
-                        drop(permit);
-                        let response =
-                            Self::produce_response(correlation_id, partition_id, appended);
-                        tokio::select! {
-                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
-                            _ = shutdown.wait_for(|stop| *stop) => break,
+                            let response =
+                                Self::error_response(correlation_id, partition_id, error);
+                            observe_message(message_started, &response);
+                            tokio::select! {
+                                sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                                _ = shutdown.wait_for(|stop| *stop) => break,
+                            }
+                        }
+                        Ok((partition, appended, Acks::Durable)) => {
+                            let tx = tx.clone();
+                            let mut shutdown = shutdown.clone();
+                            tokio::spawn(async move {
+                                let response = match Self::ack(&partition, appended, Acks::Durable)
+                                    .await
+                                {
+                                    Ok(()) => Self::produce_response(
+                                        correlation_id,
+                                        partition_id,
+                                        appended,
+                                    ),
+                                    Err(error) => {
+                                        Self::error_response(correlation_id, partition_id, error)
+                                    }
+                                };
+                                observe_message(message_started, &response);
+                                // A client that stops reading pins this task only until shutdown.
+                                tokio::select! {
+                                    _ = tx.send(Ok(response)) => {}
+                                    _ = shutdown.wait_for(|stop| *stop) => {}
+                                }
+                                drop(permit);
+                            });
+                        }
+                        Ok((_, appended, _)) => {
+                            drop(permit);
+                            let response =
+                                Self::produce_response(correlation_id, partition_id, appended);
+                            observe_message(message_started, &response);
+                            tokio::select! {
+                                sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                                _ = shutdown.wait_for(|stop| *stop) => break,
+                            }
                         }
                     }
                 }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            });
+            let stream: Self::ProduceStreamStream = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await;
+        finish("ProduceStream", started, result)
     }
 
     async fn fetch(
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
-        let request = request.into_inner();
-        let (topic, partition) = self
-            .partition(&request.topic, request.partition)
-            .map_err(to_status)?;
-        let log = partition.log().map_err(to_status)?.clone();
-        let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
-        let max_wait = request
-            .max_wait_ms
-            .min(self.registry.config().limits.max_wait_ms);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(max_wait));
-        let mut durable = log.subscribe_durable();
-        let mut shutdown = self.shutdown.clone();
-        let decode_from = request.decode_records.then_some(request.offset);
-        loop {
-            durable.borrow_and_update();
-            if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(Status::not_found(format!(
-                    "topic `{}` was deleted",
-                    topic.name
-                )));
-            }
-            let read = log
-                .read(request.offset, max_bytes)
-                .map_err(|e| to_status(partition.log_error(e)))?;
-            if !read.bytes.is_empty()
-                || tokio::time::Instant::now() >= deadline
-                || *shutdown.borrow()
-            {
-                let response =
-                    fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
-                return Ok(Response::new(response));
-            }
-            tokio::select! {
-                changed = durable.changed() => {
-                    if changed.is_err() {
-                        return Err(to_status(BrokerError::ShuttingDown));
-                    }
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "Fetch");
+        let result = async move {
+            let request = request.into_inner();
+            let (topic, partition) = self
+                .partition(&request.topic, request.partition)
+                .map_err(to_status)?;
+            let log = partition.log().map_err(to_status)?.clone();
+            let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
+            let max_wait = request
+                .max_wait_ms
+                .min(self.registry.config().limits.max_wait_ms);
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(max_wait));
+            let mut durable = log.subscribe_durable();
+            let mut shutdown = self.shutdown.clone();
+            let decode_from = request.decode_records.then_some(request.offset);
+            loop {
+                durable.borrow_and_update();
+                if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(Status::not_found(format!(
+                        "topic `{}` was deleted",
+                        topic.name
+                    )));
                 }
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = shutdown.wait_for(|stop| *stop) => {}
+                let read = log
+                    .read(request.offset, max_bytes)
+                    .map_err(|e| to_status(partition.log_error(e)))?;
+                if !read.bytes.is_empty()
+                    || tokio::time::Instant::now() >= deadline
+                    || *shutdown.borrow()
+                {
+                    let response =
+                        fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
+                    return Ok(Response::new(response));
+                }
+                tokio::select! {
+                    changed = durable.changed() => {
+                        if changed.is_err() {
+                            return Err(to_status(BrokerError::ShuttingDown));
+                        }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => {}
+                }
             }
         }
+        .instrument(span)
+        .await;
+        finish("Fetch", started, result)
     }
 
     type SubscribeStream = ResponseStream<v1::FetchResponse>;
@@ -587,88 +677,105 @@ impl Broker for BrokerService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let request = request.into_inner();
-        let (topic, partition) = self
-            .partition(&request.topic, request.partition)
-            .map_err(to_status)?;
-        let log = partition.log().map_err(to_status)?.clone();
-        // Validate the start offset now, so a bad one is an error status, not an empty stream.
-        log.read(request.offset, 1)
-            .map_err(|e| to_status(partition.log_error(e)))?;
-        let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
-        let read_ahead = self.registry.config().limits.subscribe_read_ahead;
-        let (tx, rx) = mpsc::channel(read_ahead);
-        let mut shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut offset = request.offset;
-            let mut durable = log.subscribe_durable();
-            loop {
-                durable.borrow_and_update();
-                if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
-                    let _ = tx
-                        .send(Err(Status::not_found(format!(
-                            "topic `{}` was deleted",
-                            topic.name
-                        ))))
-                        .await;
-                    return;
-                }
-                let read = match log.read(offset, max_bytes) {
-                    Ok(read) => read,
-                    Err(error) => {
-                        let _ = tx.send(Err(to_status(partition.log_error(error)))).await;
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "Subscribe");
+        let result = async move {
+            let request = request.into_inner();
+            let (topic, partition) = self
+                .partition(&request.topic, request.partition)
+                .map_err(to_status)?;
+            let log = partition.log().map_err(to_status)?.clone();
+            // Validate the start offset now, so a bad one is an error status, not an empty stream.
+            log.read(request.offset, 1)
+                .map_err(|e| to_status(partition.log_error(e)))?;
+            let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
+            let read_ahead = self.registry.config().limits.subscribe_read_ahead;
+            let (tx, rx) = mpsc::channel(read_ahead);
+            let mut shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let mut offset = request.offset;
+                let mut durable = log.subscribe_durable();
+                loop {
+                    durable.borrow_and_update();
+                    if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
+                        let _ = tx
+                            .send(Err(Status::not_found(format!(
+                                "topic `{}` was deleted",
+                                topic.name
+                            ))))
+                            .await;
                         return;
                     }
-                };
-                if !read.bytes.is_empty() {
-                    offset = read.next_offset;
-                    let decode_from = request.decode_records.then_some(request.offset);
-                    let response =
-                        fetch_response(partition.id, read, &log, decode_from).map_err(to_status);
-                    // Waits while the subscriber is `read_ahead` responses behind: the flow
-                    // control that bounds what the broker buffers for a slow consumer.
+                    let read = match log.read(offset, max_bytes) {
+                        Ok(read) => read,
+                        Err(error) => {
+                            let _ = tx.send(Err(to_status(partition.log_error(error)))).await;
+                            return;
+                        }
+                    };
+                    if !read.bytes.is_empty() {
+                        offset = read.next_offset;
+                        let decode_from = request.decode_records.then_some(request.offset);
+                        let response = fetch_response(partition.id, read, &log, decode_from)
+                            .map_err(to_status);
+                        // Waits while the subscriber is `read_ahead` responses behind: the flow
+                        // control that bounds what the broker buffers for a slow consumer.
+                        tokio::select! {
+                            sent = tx.send(response) => if sent.is_err() { return },
+                            _ = shutdown.wait_for(|stop| *stop) => return,
+                        }
+                        continue;
+                    }
                     tokio::select! {
-                        sent = tx.send(response) => if sent.is_err() { return },
+                        changed = durable.changed() => if changed.is_err() { return },
+                        _ = tx.closed() => return,
                         _ = shutdown.wait_for(|stop| *stop) => return,
                     }
-                    continue;
                 }
-                tokio::select! {
-                    changed = durable.changed() => if changed.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            });
+            let stream: Self::SubscribeStream = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await;
+        finish("Subscribe", started, result)
     }
 
     async fn list_offsets(
         &self,
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
-        let request = request.into_inner();
-        let (_topic, partition) = self
-            .partition(&request.topic, request.partition)
-            .map_err(to_status)?;
-        let log = partition.log().map_err(to_status)?;
-        let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
-            Status::invalid_argument(format!(
-                "unknown offset spec {}: use EARLIEST, LATEST or TIMESTAMP",
-                request.spec
-            ))
-        })?;
-        let (offset, found) = match spec {
-            v1::OffsetSpec::Earliest => (log.start_offset(), true),
-            v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => (log.durable_offset(), true),
-            v1::OffsetSpec::Timestamp => match log
-                .offset_for_timestamp(request.timestamp_ms)
-                .map_err(|e| to_status(partition.log_error(e)))?
-            {
-                Some(offset) => (offset, true),
-                None => (log.durable_offset(), false),
-            },
-        };
-        Ok(Response::new(v1::ListOffsetsResponse { offset, found }))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "ListOffsets");
+        let result = async move {
+            let request = request.into_inner();
+            let (_topic, partition) = self
+                .partition(&request.topic, request.partition)
+                .map_err(to_status)?;
+            let log = partition.log().map_err(to_status)?;
+            let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
+                Status::invalid_argument(format!(
+                    "unknown offset spec {}: use EARLIEST, LATEST or TIMESTAMP",
+                    request.spec
+                ))
+            })?;
+            let (offset, found) = match spec {
+                v1::OffsetSpec::Earliest => (log.start_offset(), true),
+                v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
+                    (log.durable_offset(), true)
+                }
+                v1::OffsetSpec::Timestamp => match log
+                    .offset_for_timestamp(request.timestamp_ms)
+                    .map_err(|e| to_status(partition.log_error(e)))?
+                {
+                    Some(offset) => (offset, true),
+                    None => (log.durable_offset(), false),
+                },
+            };
+            Ok(Response::new(v1::ListOffsetsResponse { offset, found }))
+        }
+        .instrument(span)
+        .await;
+        finish("ListOffsets", started, result)
     }
 }

@@ -1,0 +1,351 @@
+//! Prometheus metrics: the names, the recorder, and the `/metrics` HTTP endpoint.
+//!
+//! Layers record through the `metrics` facade (a no-op until [`install`] runs), so the log and
+//! the service need no handle plumbing. Per-partition gauges are read from the topic registry
+//! at scrape time, so a deleted topic's series disappear with it.
+//!
+//! | name | type | labels | meaning |
+//! |---|---|---|---|
+//! | `syncline_requests_total` | counter | rpc, code | gRPC requests (ProduceStream: per message) by status code |
+//! | `syncline_request_duration_seconds` | histogram | rpc | time to answer (produce: until the ack) |
+//! | `syncline_produce_bytes_total` | counter | | batch bytes accepted by produce |
+//! | `syncline_fetch_bytes_total` | counter | | batch bytes returned by fetch and subscribe |
+//! | `syncline_records_appended_total` | counter | | records appended to logs |
+//! | `syncline_batches_appended_total` | counter | | batches appended to logs |
+//! | `syncline_fsync_duration_seconds` | histogram | | one group-commit fsync |
+//! | `syncline_group_commit_batches` | histogram | | batches made durable by one fsync |
+//! | `syncline_connections` | gauge | | open client connections |
+//! | `syncline_connections_accepted_total` | counter | | accepted connections |
+//! | `syncline_partition_log_start_offset` | gauge | topic, partition | first retained offset |
+//! | `syncline_partition_log_end_offset` | gauge | topic, partition | next offset to assign |
+//! | `syncline_partition_durable_offset` | gauge | topic, partition | fsync'd and visible |
+//! | `syncline_partition_durable_lag_records` | gauge | topic, partition | end - durable |
+//! | `syncline_partition_size_bytes` | gauge | topic, partition | bytes in segments |
+//! | `syncline_partition_segments` | gauge | topic, partition | segment files |
+//! | `syncline_partition_fenced` | gauge | topic, partition | 1 when the partition is fenced |
+//!
+//! Consumer-group lag joins this table with consumer groups.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::topic::Registry;
+
+/// gRPC requests by rpc and code.
+pub const REQUESTS_TOTAL: &str = "syncline_requests_total";
+/// Request latency by rpc.
+pub const REQUEST_DURATION_SECONDS: &str = "syncline_request_duration_seconds";
+/// Produced batch bytes.
+pub const PRODUCE_BYTES_TOTAL: &str = "syncline_produce_bytes_total";
+/// Fetched batch bytes.
+pub const FETCH_BYTES_TOTAL: &str = "syncline_fetch_bytes_total";
+/// Records appended.
+pub const RECORDS_APPENDED_TOTAL: &str = "syncline_records_appended_total";
+/// Batches appended.
+pub const BATCHES_APPENDED_TOTAL: &str = "syncline_batches_appended_total";
+/// fsync latency.
+pub const FSYNC_DURATION_SECONDS: &str = "syncline_fsync_duration_seconds";
+/// Batches per group commit.
+pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
+/// Open connections.
+pub const CONNECTIONS: &str = "syncline_connections";
+/// Accepted connections.
+pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
+
+/// Latency buckets in seconds: 50 us .. 10 s (fsyncs here take ~0.2 ms, long polls up to 30 s).
+const SECONDS_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+/// Group-commit sizes: 1 .. 4096 batches per fsync.
+const BATCH_COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets(SECONDS_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        metrics_exporter_prometheus::Matcher::Full(GROUP_COMMIT_BATCHES.into()),
+                        BATCH_COUNT_BUCKETS,
+                    )
+                });
+            let recorder = match builder {
+                Ok(builder) => builder.build_recorder(),
+                Err(error) => {
+                    tracing::warn!(%error, "metric buckets rejected; using summaries");
+                    PrometheusBuilder::new().build_recorder()
+                }
+            };
+            let handle = recorder.handle();
+            if let Err(error) = metrics::set_global_recorder(recorder) {
+                tracing::warn!(%error, "a metrics recorder was already installed");
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS_TOTAL,
+        "gRPC requests by rpc and status code (ProduceStream counts each message)"
+    );
+    describe_histogram!(
+        REQUEST_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time to answer a request; produce includes waiting for the ack"
+    );
+    describe_counter!(
+        PRODUCE_BYTES_TOTAL,
+        Unit::Bytes,
+        "Record batch bytes accepted by produce"
+    );
+    describe_counter!(
+        FETCH_BYTES_TOTAL,
+        Unit::Bytes,
+        "Record batch bytes returned by fetch and subscribe"
+    );
+    describe_counter!(RECORDS_APPENDED_TOTAL, "Records appended to partition logs");
+    describe_counter!(
+        BATCHES_APPENDED_TOTAL,
+        "Record batches appended to partition logs"
+    );
+    describe_histogram!(
+        FSYNC_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one group-commit fsync"
+    );
+    describe_histogram!(
+        GROUP_COMMIT_BATCHES,
+        "Batches made durable by one group-commit fsync"
+    );
+    describe_gauge!(CONNECTIONS, "Open client connections");
+    describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
+}
+
+/// The text of the status code, as a label value.
+pub fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Records one request's outcome and latency.
+pub fn observe_request(rpc: &'static str, started: Instant, code: tonic::Code) {
+    metrics::counter!(REQUESTS_TOTAL, "rpc" => rpc, "code" => code_label(code)).increment(1);
+    metrics::histogram!(REQUEST_DURATION_SECONDS, "rpc" => rpc)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Renders the exposition text: the recorder's metrics plus per-partition gauges.
+pub fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
+    let mut out = handle.render();
+    let gauges: [(&str, &str); 7] = [
+        (
+            "syncline_partition_log_start_offset",
+            "First retained offset of the partition",
+        ),
+        (
+            "syncline_partition_log_end_offset",
+            "Next offset the partition will assign",
+        ),
+        (
+            "syncline_partition_durable_offset",
+            "Offset below which the partition is fsync'd and visible",
+        ),
+        (
+            "syncline_partition_durable_lag_records",
+            "Offsets appended but not yet fsync'd (end - durable)",
+        ),
+        (
+            "syncline_partition_size_bytes",
+            "Bytes in the partition's segments",
+        ),
+        (
+            "syncline_partition_segments",
+            "Segment files of the partition",
+        ),
+        (
+            "syncline_partition_fenced",
+            "1 when the partition is fenced by corruption",
+        ),
+    ];
+    let topics = registry.list();
+    for (index, (name, help)) in gauges.iter().enumerate() {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for topic in &topics {
+            for partition in &topic.partitions {
+                let value = match partition.log() {
+                    Ok(log) => {
+                        let info = log.info();
+                        match index {
+                            0 => info.start_offset,
+                            1 => info.end_offset,
+                            2 => info.durable_offset,
+                            3 => info.end_offset.saturating_sub(info.durable_offset),
+                            4 => info.size_bytes,
+                            5 => info.segments as u64,
+                            _ => 0,
+                        }
+                    }
+                    Err(_) => u64::from(index == 6),
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",partition=\"{}\"}} {value}",
+                    topic.name, partition.id
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Binds the metrics address. `Ok(None)`: the default address is taken, so the broker runs
+/// without metrics (logged); an explicitly configured address that cannot be bound is an error.
+pub async fn bind(addr: SocketAddr, explicit: bool) -> std::io::Result<Option<TcpListener>> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(error) if !explicit => {
+            tracing::warn!(%addr, %error, "the default metrics address is taken; serving without metrics (set --metrics-listen)");
+            Ok(None)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// Serves `/metrics` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    registry: Arc<Registry>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    use axum::routing::get;
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                let registry = registry.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        render(&handle, &registry),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/",
+            get(|| async { "syncline-broker: metrics at /metrics\n" }),
+        );
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
+
+/// A client connection, counted in `syncline_connections` while it is open.
+pub struct CountedConnection {
+    inner: TcpStream,
+}
+
+impl CountedConnection {
+    /// Wraps an accepted connection (and turns Nagle off: acks are small and latency matters).
+    pub fn new(inner: TcpStream) -> Self {
+        let _ = inner.set_nodelay(true);
+        metrics::gauge!(CONNECTIONS).increment(1.0);
+        metrics::counter!(CONNECTIONS_ACCEPTED_TOTAL).increment(1);
+        Self { inner }
+    }
+}
+
+impl Drop for CountedConnection {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+impl AsyncRead for CountedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for CountedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for CountedConnection {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
