@@ -1,8 +1,10 @@
-//! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout).
+//! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout,
+//! and `bench`, a load generator that verifies what it reads back).
 //!
 //! Exit status: 0 on success; 1 on failure, with one line `error: MESSAGE` on stderr; 2 for a
 //! usage error (clap's message).
 
+mod bench;
 mod input;
 mod output;
 
@@ -60,6 +62,8 @@ enum Command {
     Produce(ProduceArgs),
     /// Consume records of a topic and print them to stdout.
     Consume(ConsumeArgs),
+    /// Measure produce and consume throughput and latency, verifying every record read back.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -247,6 +251,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(command) => topic(&client, command).await,
         Command::Produce(args) => produce(&client, args).await,
         Command::Consume(args) => consume(&client, args).await,
+        Command::Bench(args) => bench::run(&client, &cli.broker, args).await,
     }
 }
 
