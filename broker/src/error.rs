@@ -84,6 +84,31 @@ pub enum BrokerError {
         #[source]
         source: LogError,
     },
+    /// A table call on a topic that is not a table.
+    #[error("topic `{topic}` is not a table: tables are topics created with cleanup=compact (`syncline topic create {topic} --cleanup compact`)")]
+    NotATable {
+        /// The topic.
+        topic: String,
+    },
+    /// The key has no live value (never written, or deleted).
+    #[error("key `{key}` not found in table `{topic}`")]
+    KeyNotFound {
+        /// The topic.
+        topic: String,
+        /// The key, escaped for printing.
+        key: String,
+    },
+    /// A compare-and-set condition failed; nothing was appended.
+    #[error("{message}")]
+    CasConflict {
+        /// What failed, for people.
+        message: String,
+        /// The current version of every conditioned key.
+        current: Vec<syncline_proto::v1::KeyVersion>,
+    },
+    /// An idempotent producer's batch was refused.
+    #[error(transparent)]
+    Sequence(#[from] crate::state::SequenceError),
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,

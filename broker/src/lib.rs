@@ -17,4 +17,5 @@ pub mod log;
 pub mod metrics;
 pub mod partition;
 pub mod server;
+pub mod state;
 pub mod topic;

@@ -10,6 +10,9 @@ use syncline_proto::partitioner::partition_for_key;
 
 use crate::error::BrokerError;
 use crate::log::{Appended, Log, LogError};
+use crate::state::{KeyIndex, PartitionState, ProducedBatch, SequenceCheck};
+use syncline_proto::batch::Batches;
+use syncline_proto::v1;
 
 /// A partition: its log, or the reason it is fenced.
 #[derive(Debug)]
@@ -22,6 +25,44 @@ pub struct Partition {
     pub partitions: u32,
     state: Result<Arc<Log>, String>,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Key index and producer state; its lock is the partition's one-writer critical section:
+    /// dedupe, CAS check, offset assignment (append) and index update happen under it.
+    live: Mutex<PartitionState>,
+    /// True for tables (cleanup=compact): keeps a key index.
+    pub is_table: bool,
+}
+
+/// A compare-and-set condition.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    /// The key.
+    pub key: Bytes,
+    /// `Some(v)`: the latest version must be `v`; `None`: the key must be absent or deleted.
+    pub expected: Option<u64>,
+}
+
+/// Keys of a batch to index: (key, offset delta, tombstone).
+type BatchKeys = Vec<(Bytes, u64, bool)>;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Printable form of a key for messages.
+pub fn show_key(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.chars().take(200).collect(),
+        Err(_) => format!(
+            "0x{}",
+            key.iter()
+                .take(100)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ),
+    }
 }
 
 /// One plain record, as the broker receives it from clients without the codec.
@@ -38,9 +79,11 @@ pub struct PlainRecord {
 }
 
 impl Partition {
-    /// A partition serving `log`, with its group-commit flusher started.
-    pub fn open(topic: Arc<str>, id: u32, partitions: u32, log: Log) -> Partition {
+    /// A partition serving `log`: its live state is restored from the snapshot plus the log
+    /// after it, then its group-commit flusher is started.
+    pub fn open(topic: Arc<str>, id: u32, partitions: u32, log: Log, is_table: bool) -> Partition {
         let log = Arc::new(log);
+        let live = restore_state(&log, is_table);
         let flusher = log.spawn_flusher();
         Partition {
             topic,
@@ -48,6 +91,8 @@ impl Partition {
             partitions,
             state: Ok(log),
             flusher: Mutex::new(Some(flusher)),
+            live: Mutex::new(live),
+            is_table,
         }
     }
 
@@ -59,6 +104,8 @@ impl Partition {
             partitions,
             state: Err(reason),
             flusher: Mutex::new(None),
+            live: Mutex::new(PartitionState::default()),
+            is_table: false,
         }
     }
 
@@ -85,8 +132,11 @@ impl Partition {
     }
 
     /// Checks every record of a verified batch: well formed, and each key in this partition.
-    /// The one per-record pass of the produce path (the batch is neither copied nor re-encoded).
-    pub fn check_records(&self, batch: &Batch) -> Result<(), BrokerError> {
+    /// The one per-record pass of the produce path (the batch is neither copied nor re-encoded);
+    /// for tables it also collects the keys to index.
+    pub fn check_records(&self, batch: &Batch) -> Result<BatchKeys, BrokerError> {
+        let mut keys = Vec::new();
+        let base = batch.header().base_offset;
         for (index, record) in batch.records().enumerate() {
             let record = record.map_err(|e| {
                 BrokerError::InvalidRequest(format!("invalid batch: record {index}: {e}"))
@@ -101,27 +151,184 @@ impl Partition {
                         index,
                     });
                 }
+                if self.is_table {
+                    keys.push((key.clone(), record.offset - base, record.value.is_none()));
+                }
+            } else if self.is_table {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "record {index} has no key: every record of a table needs one"
+                )));
             }
         }
-        Ok(())
+        Ok(keys)
     }
 
-    /// Validates and appends an encoded batch.
-    pub fn append_batch(&self, bytes: Bytes) -> Result<Appended, BrokerError> {
+    /// The one-writer critical section: producer dedupe, CAS check, append, index update.
+    fn append_checked(
+        &self,
+        batch: &Batch,
+        keys: BatchKeys,
+        conditions: &[Condition],
+    ) -> Result<Appended, BrokerError> {
         let log = self.log()?;
+        if !conditions.is_empty() && !self.is_table {
+            return Err(BrokerError::NotATable {
+                topic: self.topic.to_string(),
+            });
+        }
+        for condition in conditions {
+            let expected = partition_for_key(&condition.key, self.partitions);
+            if expected != self.id {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "condition key `{}` belongs to partition {expected}, not {}",
+                    show_key(&condition.key),
+                    self.id
+                )));
+            }
+        }
+        let header = *batch.header();
+        let mut live = self.live.lock();
+        let idempotent = header.producer_id >= 0;
+        if idempotent {
+            match live.producers.check(
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence,
+            )? {
+                SequenceCheck::Duplicate(done) => {
+                    return Ok(Appended {
+                        base_offset: done.base_offset,
+                        last_offset: done.last_offset,
+                    })
+                }
+                SequenceCheck::Append => {}
+            }
+        }
+        if !conditions.is_empty() {
+            let index = live.index.get_or_insert_with(KeyIndex::default);
+            let mut failed = Vec::new();
+            let mut current = Vec::new();
+            for condition in conditions {
+                let slot = index.get(&condition.key).filter(|s| !s.tombstone);
+                let ok = match (condition.expected, slot) {
+                    (None, None) => true,
+                    (Some(version), Some(slot)) => slot.offset == version,
+                    _ => false,
+                };
+                if !ok {
+                    failed.push(match slot {
+                        Some(slot) => format!(
+                            "key `{}`: expected {}, current version is {}",
+                            show_key(&condition.key),
+                            condition
+                                .expected
+                                .map_or("absent".to_string(), |v| format!("version {v}")),
+                            slot.offset
+                        ),
+                        None => format!(
+                            "key `{}`: expected version {}, but the key is absent",
+                            show_key(&condition.key),
+                            condition.expected.unwrap_or_default()
+                        ),
+                    });
+                }
+                current.push(v1::KeyVersion {
+                    key: condition.key.clone(),
+                    version: slot.map_or(0, |s| s.offset),
+                    absent: slot.is_none(),
+                });
+            }
+            if !failed.is_empty() {
+                return Err(BrokerError::CasConflict {
+                    message: format!(
+                        "compare-and-set failed, nothing was written: {}",
+                        failed.join("; ")
+                    ),
+                    current,
+                });
+            }
+        }
+        let appended = log.append_batch(batch).map_err(|e| self.log_error(e))?;
+        if idempotent {
+            live.producers.record(
+                header.producer_id,
+                header.producer_epoch,
+                ProducedBatch {
+                    base_sequence: header.base_sequence,
+                    records: header.record_count,
+                    base_offset: appended.base_offset,
+                    last_offset: appended.last_offset,
+                },
+                now_ms(),
+            );
+        }
+        if self.is_table {
+            let index = live.index.get_or_insert_with(KeyIndex::default);
+            for (key, delta, tombstone) in keys {
+                index.set(&key, appended.base_offset + delta, tombstone);
+            }
+        }
+        live.applied_offset = appended.last_offset + 1;
+        live.dirty += 1;
+        Ok(appended)
+    }
+
+    /// The latest version of `key` (tables only), counting deletes.
+    pub fn latest(&self, key: &[u8]) -> Result<Option<crate::state::Slot>, BrokerError> {
+        if !self.is_table {
+            return Err(BrokerError::NotATable {
+                topic: self.topic.to_string(),
+            });
+        }
+        Ok(self
+            .live
+            .lock()
+            .index
+            .as_ref()
+            .and_then(|index| index.get(key)))
+    }
+
+    /// The highest epoch this partition has seen per producer id.
+    pub fn producer_epochs(&self) -> Vec<(i64, i16)> {
+        self.live.lock().producers.epochs().collect()
+    }
+
+    /// Writes the state snapshot if anything changed since the last one (and forgets idle
+    /// producers).
+    pub fn checkpoint(&self) {
+        let Ok(log) = &self.state else { return };
+        let mut live = self.live.lock();
+        live.producers.expire(now_ms());
+        if live.dirty == 0 {
+            return;
+        }
+        if let Err(error) = live.save(log.dir()) {
+            tracing::warn!(topic = %self.topic, partition = self.id, %error, "could not write the state snapshot");
+        }
+    }
+
+    /// Validates and appends an encoded batch (with optional CAS conditions).
+    pub fn append_batch(
+        &self,
+        bytes: Bytes,
+        conditions: &[Condition],
+    ) -> Result<Appended, BrokerError> {
+        self.log()?;
         let batch = Batch::parse(bytes)
             .map_err(|e| BrokerError::InvalidRequest(format!("invalid batch: {e}")))?;
-        self.check_records(&batch)?;
-        log.append_batch(&batch).map_err(|e| self.log_error(e))
+        let keys = self.check_records(&batch)?;
+        self.append_checked(&batch, keys, conditions)
     }
 
-    /// Encodes plain records into one batch and appends it.
+    /// Encodes plain records into one batch (with the producer fields, if any) and appends it.
     pub fn append_records(
         &self,
         records: &[PlainRecord],
+        producer: Option<(i64, i16, i32)>,
+        conditions: &[Condition],
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
-        let log = self.log()?;
+        self.log()?;
         let mut builder = BatchBuilder::with_capacity(
             records
                 .iter()
@@ -133,18 +340,10 @@ impl Partition {
                 .sum::<usize>()
                 + 64,
         );
-        for (index, record) in records.iter().enumerate() {
-            if let Some(key) = &record.key {
-                let expected = partition_for_key(key, self.partitions);
-                if expected != self.id {
-                    return Err(BrokerError::WrongPartitionForKey {
-                        topic: self.topic.to_string(),
-                        partition: self.id,
-                        expected,
-                        index,
-                    });
-                }
-            }
+        if let Some((id, epoch, sequence)) = producer {
+            builder = builder.producer(id, epoch, sequence);
+        }
+        for record in records {
             let headers: Vec<(&str, &[u8])> = record
                 .headers
                 .iter()
@@ -167,11 +366,13 @@ impl Partition {
             .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))?;
         let batch = Batch::parse(bytes)
             .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))?;
-        log.append_batch(&batch).map_err(|e| self.log_error(e))
+        let keys = self.check_records(&batch)?;
+        self.append_checked(&batch, keys, conditions)
     }
 
     /// Flushes, writes the clean-shutdown marker and stops the flusher.
     pub async fn close(&self) {
+        self.checkpoint();
         if let Ok(log) = &self.state {
             let log = log.clone();
             let topic = self.topic.clone();
@@ -192,4 +393,76 @@ impl Partition {
             let _ = flusher.await;
         }
     }
+}
+
+/// Rebuilds the live state: the snapshot if it is usable, then every batch after it.
+fn restore_state(log: &Log, is_table: bool) -> PartitionState {
+    let end = log.end_offset();
+    let mut state = match PartitionState::load(log.dir()) {
+        Some(state)
+            if state.applied_offset <= end && state.applied_offset >= log.start_offset() =>
+        {
+            state
+        }
+        Some(_) => {
+            tracing::warn!(dir = %log.dir().display(), "state snapshot does not match the log; rebuilding from the log");
+            PartitionState::default()
+        }
+        None => PartitionState::default(),
+    };
+    if state.applied_offset < log.start_offset() {
+        state.applied_offset = log.start_offset();
+    }
+    if is_table && state.index.is_none() {
+        state.index = Some(KeyIndex::default());
+        state.applied_offset = log.start_offset();
+    }
+    let mut offset = state.applied_offset;
+    let started = std::time::Instant::now();
+    let mut replayed = 0u64;
+    while offset < end {
+        let read = match log.read_up_to(offset, 4 * 1024 * 1024, end) {
+            Ok(read) if !read.bytes.is_empty() => read,
+            Ok(_) => break,
+            Err(error) => {
+                tracing::error!(dir = %log.dir().display(), %error, "cannot replay the log into the partition state");
+                break;
+            }
+        };
+        for batch in Batches::new(read.bytes.clone()) {
+            let Ok(batch) = batch else { break };
+            let header = *batch.header();
+            if header.next_offset() <= offset {
+                continue;
+            }
+            if header.producer_id >= 0 {
+                state.producers.record(
+                    header.producer_id,
+                    header.producer_epoch,
+                    ProducedBatch {
+                        base_sequence: header.base_sequence,
+                        records: header.record_count,
+                        base_offset: header.base_offset,
+                        last_offset: header.last_offset(),
+                    },
+                    now_ms(),
+                );
+            }
+            if let Some(index) = state.index.as_mut() {
+                for record in batch.records().flatten() {
+                    if let Some(key) = &record.key {
+                        index.set(key, record.offset, record.value.is_none());
+                    }
+                }
+            }
+            replayed += 1;
+        }
+        offset = read.next_offset;
+    }
+    state.applied_offset = end;
+    if replayed > 0 {
+        state.dirty = replayed;
+        tracing::info!(dir = %log.dir().display(), batches = replayed, keys = state.index.as_ref().map_or(0, |i| i.len()), elapsed_ms = started.elapsed().as_millis() as u64, "rebuilt partition state from the log");
+    }
+    state
 }

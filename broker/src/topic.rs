@@ -163,6 +163,8 @@ pub struct Registry {
     /// Serializes creates and deletes (metadata changes are rare and do I/O).
     admin: tokio::sync::Mutex<()>,
     sequence: AtomicU64,
+    /// Highest epoch handed out per producer id (rebuilt from the partitions at startup).
+    producer_epochs: parking_lot::Mutex<std::collections::HashMap<i64, i16>>,
     _lock: File,
 }
 
@@ -231,6 +233,7 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
+            producer_epochs: parking_lot::Mutex::new(std::collections::HashMap::new()),
             _lock: lock,
         };
         let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
@@ -256,6 +259,17 @@ impl Registry {
             loaded.insert(topic.name.to_string(), topic);
         }
         sync_dir(&dir)?;
+        {
+            let mut epochs = registry.producer_epochs.lock();
+            for topic in loaded.values() {
+                for partition in &topic.partitions {
+                    for (id, epoch) in partition.producer_epochs() {
+                        let known = epochs.entry(id).or_insert(epoch);
+                        *known = (*known).max(epoch);
+                    }
+                }
+            }
+        }
         tracing::info!(dir = %dir.display(), topics = loaded.len(), "loaded topics");
         *registry.topics.write() = loaded;
         Ok(registry)
@@ -289,7 +303,13 @@ fn open_partitions(config: &Config, name: &str, path: &Path, settings: TopicSett
             .map(|id| {
                 let dir = path.join(id.to_string());
                 match Log::open(&dir, log_config.clone()) {
-                    Ok(log) => Arc::new(Partition::open(name.clone(), id, settings.partitions, log)),
+                    Ok(log) => Arc::new(Partition::open(
+                        name.clone(),
+                        id,
+                        settings.partitions,
+                        log,
+                        settings.cleanup == Cleanup::Compact,
+                    )),
                     Err(error) => {
                         tracing::error!(topic = %name, partition = id, %error, "partition fenced: its log does not open");
                         Arc::new(Partition::fenced(name.clone(), id, settings.partitions, error.to_string()))
@@ -466,6 +486,45 @@ impl Registry {
                         tracing::warn!(topic = %topic.name, partition = partition.id, %error, "retention failed");
                     }
                 }
+            }
+        }
+    }
+
+    /// A new producer id (epoch 0), or the next epoch of `producer_id`, which fences older
+    /// instances. Ids are 63-bit (the batch header stores an i64): milliseconds since the epoch
+    /// in the high bits and a counter in the low 16, so ids do not repeat across restarts.
+    pub fn init_producer(&self, producer_id: u64) -> Result<(i64, i16), BrokerError> {
+        let mut epochs = self.producer_epochs.lock();
+        if producer_id == 0 {
+            let counter = self.sequence.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
+            let mut id = ((now_ms() as u64) << 16 | counter) as i64 & i64::MAX;
+            while epochs.contains_key(&id) {
+                id = id.wrapping_add(1) & i64::MAX;
+            }
+            epochs.insert(id, 0);
+            return Ok((id, 0));
+        }
+        let id = i64::try_from(producer_id).map_err(|_| {
+            BrokerError::InvalidRequest(format!(
+                "producer id {producer_id} does not fit in 63 bits"
+            ))
+        })?;
+        let epoch = epochs.get(&id).map_or(Ok(0), |epoch| {
+            epoch.checked_add(1).ok_or_else(|| {
+                BrokerError::InvalidRequest(format!(
+                    "producer {id} has used every epoch; initialise a new producer id"
+                ))
+            })
+        })?;
+        epochs.insert(id, epoch);
+        Ok((id, epoch))
+    }
+
+    /// Writes changed partition state snapshots (blocking I/O: call from a blocking thread).
+    pub fn checkpoint(&self) {
+        for topic in self.list() {
+            for partition in &topic.partitions {
+                partition.checkpoint();
             }
         }
     }

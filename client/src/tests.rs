@@ -87,6 +87,30 @@ impl FakeBroker {
 
 #[tonic::async_trait]
 impl Broker for FakeBroker {
+    async fn init_producer(
+        &self,
+        _request: Request<v1::InitProducerRequest>,
+    ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        Ok(Response::new(v1::InitProducerResponse {
+            producer_id: 1,
+            producer_epoch: 0,
+        }))
+    }
+
+    async fn get(
+        &self,
+        _request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no tables"))
+    }
+
+    async fn history(
+        &self,
+        _request: Request<v1::HistoryRequest>,
+    ) -> Result<Response<v1::HistoryResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no tables"))
+    }
+
     async fn create_topic(
         &self,
         request: Request<v1::CreateTopicRequest>,

@@ -78,6 +78,12 @@ pub use config::{ConfigError, FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
 
+/// Writes `dir/name` so that a crash leaves the old or the new file (temp file, fsync, rename,
+/// directory fsync). For the partition layer's small state files.
+pub fn write_file_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Result<()> {
+    file::write_atomically(dir, name, contents)
+}
+
 use checkpoint::CleanMarker;
 use index::{OffsetIndex, TimeIndex};
 use segment::{IndexCursor, Indexes, Segment, SegmentParts};

@@ -216,6 +216,10 @@ async fn retention_loop(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
         let registry = registry.clone();
-        let _ = tokio::task::spawn_blocking(move || registry.enforce_retention()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            registry.enforce_retention();
+            registry.checkpoint();
+        })
+        .await;
     }
 }

@@ -20,7 +20,7 @@ use super::status::to_status;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log, ReadBatches};
-use crate::partition::{Partition, PlainRecord};
+use crate::partition::{show_key, Condition, Partition, PlainRecord};
 use crate::topic::{Cleanup, Registry, Topic, TopicSettings};
 
 /// Fetch size when a request does not say (1 MiB).
@@ -219,6 +219,58 @@ impl BrokerService {
         Ok((topic, partition))
     }
 
+    /// The partition of `key` in table `topic` and the key's live latest version.
+    fn latest(
+        &self,
+        topic: &str,
+        key: &[u8],
+    ) -> Result<(Arc<Partition>, crate::state::Slot), Status> {
+        let topic_ref = self.registry.get(topic).map_err(to_status)?;
+        let id = syncline_proto::partitioner::partition_for_key(key, topic_ref.settings.partitions);
+        let partition = topic_ref.partition(id).map_err(to_status)?.clone();
+        match partition.latest(key).map_err(to_status)? {
+            Some(slot) if !slot.tombstone => Ok((partition, slot)),
+            _ => Err(to_status(BrokerError::KeyNotFound {
+                topic: topic.to_string(),
+                key: show_key(key),
+            })),
+        }
+    }
+
+    /// The record at `offset`, once it is durable (reads never see more).
+    async fn read_version(
+        &self,
+        partition: &Partition,
+        key: &[u8],
+        offset: u64,
+    ) -> Result<syncline_proto::batch::Record, Status> {
+        let log = partition.log().map_err(to_status)?;
+        log.wait_durable(offset + 1)
+            .await
+            .map_err(|e| to_status(partition.log_error(e)))?;
+        let read = log
+            .read(offset, 1)
+            .map_err(|e| to_status(partition.log_error(e)))?;
+        for batch in Batches::new(read.bytes) {
+            let batch = batch.map_err(|e| Status::data_loss(format!("stored batch: {e}")))?;
+            for record in batch.records() {
+                let record =
+                    record.map_err(|e| Status::data_loss(format!("stored record: {e}")))?;
+                if record.offset == offset {
+                    if record.key.as_deref() != Some(key) {
+                        return Err(Status::internal(format!(
+                            "key index collision at offset {offset}: the record there has another key"
+                        )));
+                    }
+                    return Ok(record);
+                }
+            }
+        }
+        Err(Status::internal(format!(
+            "key index points at offset {offset}, which holds no record"
+        )))
+    }
+
     fn check_running(&self) -> Result<(), BrokerError> {
         if *self.shutdown.borrow() {
             return Err(BrokerError::ShuttingDown);
@@ -243,6 +295,29 @@ impl BrokerService {
                     r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len())
                 })
                 .sum::<usize>() as u64;
+        if request.conditions.len() > 1000 {
+            return Err(BrokerError::TooLarge(format!(
+                "{} conditions exceed the limit of 1000 per request",
+                request.conditions.len()
+            )));
+        }
+        let conditions: Vec<Condition> = request
+            .conditions
+            .iter()
+            .map(|c| match c.expect {
+                Some(v1::condition::Expect::Version(version)) => Ok(Condition {
+                    key: c.key.clone(),
+                    expected: Some(version),
+                }),
+                Some(v1::condition::Expect::Absent(true)) => Ok(Condition {
+                    key: c.key.clone(),
+                    expected: None,
+                }),
+                _ => Err(BrokerError::InvalidRequest(
+                    "a condition needs `version` or `absent: true`".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?;
         let appended = match (request.batch.is_empty(), request.records.is_empty()) {
             (false, true) => {
                 if request.batch.len() > limits.max_batch_bytes as usize {
@@ -252,7 +327,7 @@ impl BrokerService {
                         limits.max_batch_bytes
                     )));
                 }
-                partition.append_batch(request.batch)?
+                partition.append_batch(request.batch, &conditions)?
             }
             (true, false) => {
                 if request.records.len() > limits.max_records_per_request {
@@ -272,7 +347,12 @@ impl BrokerService {
                         timestamp_ms: r.timestamp_ms,
                     })
                     .collect();
-                partition.append_records(&records, now_ms())?
+                let producer = (request.producer_id != 0).then_some((
+                    request.producer_id as i64,
+                    request.producer_epoch as i16,
+                    request.base_sequence as i32,
+                ));
+                partition.append_records(&records, producer, &conditions, now_ms())?
             }
             (false, false) => {
                 return Err(BrokerError::InvalidRequest(
@@ -777,5 +857,126 @@ impl Broker for BrokerService {
         .instrument(span)
         .await;
         finish("ListOffsets", started, result)
+    }
+
+    async fn init_producer(
+        &self,
+        request: Request<v1::InitProducerRequest>,
+    ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .registry
+            .init_producer(request.into_inner().producer_id)
+            .map(|(id, epoch)| {
+                Response::new(v1::InitProducerResponse {
+                    producer_id: id as u64,
+                    producer_epoch: epoch as u32,
+                })
+            })
+            .map_err(to_status);
+        finish("InitProducer", started, result)
+    }
+
+    async fn get(
+        &self,
+        request: Request<v1::GetRequest>,
+    ) -> Result<Response<v1::GetResponse>, Status> {
+        let started = Instant::now();
+        let result = async move {
+            let request = request.into_inner();
+            let (partition, slot) = self.latest(&request.topic, &request.key)?;
+            let record = self
+                .read_version(&partition, &request.key, slot.offset)
+                .await?;
+            Ok(Response::new(v1::GetResponse {
+                partition: partition.id,
+                version: record.offset,
+                value: record.value.unwrap_or_default(),
+                timestamp_ms: record.timestamp,
+                headers: record
+                    .headers
+                    .into_iter()
+                    .map(|h| v1::RecordHeader {
+                        key: h.key,
+                        value: h.value,
+                    })
+                    .collect(),
+            }))
+        }
+        .await;
+        finish("Get", started, result)
+    }
+
+    async fn history(
+        &self,
+        request: Request<v1::HistoryRequest>,
+    ) -> Result<Response<v1::HistoryResponse>, Status> {
+        let started = Instant::now();
+        let result = async move {
+            let request = request.into_inner();
+            let topic = self.registry.get(&request.topic).map_err(to_status)?;
+            let partition_id = syncline_proto::partitioner::partition_for_key(
+                &request.key,
+                topic.settings.partitions,
+            );
+            let partition = topic.partition(partition_id).map_err(to_status)?.clone();
+            if !partition.is_table {
+                return Err(to_status(BrokerError::NotATable {
+                    topic: request.topic,
+                }));
+            }
+            let limit = match request.limit {
+                0 => 100,
+                n => n.min(10_000),
+            } as usize;
+            let log = partition.log().map_err(to_status)?.clone();
+            let key = request.key.clone();
+            // A scan of the partition up to the durable offset (versions are not chained).
+            let versions =
+                tokio::task::spawn_blocking(move || -> Result<Vec<v1::Version>, BrokerError> {
+                    let mut versions = std::collections::VecDeque::new();
+                    let mut offset = log.start_offset();
+                    let upper = log.durable_offset();
+                    while offset < upper {
+                        let read = log
+                            .read(offset, 4 * 1024 * 1024)
+                            .map_err(|e| partition.log_error(e))?;
+                        if read.bytes.is_empty() {
+                            break;
+                        }
+                        for batch in Batches::new(read.bytes.clone()) {
+                            let batch = batch.map_err(|e| {
+                                BrokerError::InvalidRequest(format!("stored batch: {e}"))
+                            })?;
+                            for record in batch.records() {
+                                let record = record.map_err(|e| {
+                                    BrokerError::InvalidRequest(format!("stored record: {e}"))
+                                })?;
+                                if record.key.as_deref() == Some(&key[..]) {
+                                    versions.push_back(v1::Version {
+                                        version: record.offset,
+                                        value: record.value,
+                                        timestamp_ms: record.timestamp,
+                                    });
+                                    if versions.len() > limit {
+                                        versions.pop_front();
+                                    }
+                                }
+                            }
+                        }
+                        offset = read.next_offset;
+                    }
+                    Ok(versions.into_iter().collect())
+                })
+                .await
+                .map_err(|e| Status::internal(format!("history task failed: {e}")))?
+                .map_err(to_status)?;
+            Ok(Response::new(v1::HistoryResponse {
+                partition: partition_id,
+                versions,
+            }))
+        }
+        .await;
+        finish("History", started, result)
     }
 }

@@ -32,6 +32,22 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::TooLarge(_) => Status::resource_exhausted(message),
         BrokerError::Fenced { .. } => Status::failed_precondition(message),
         BrokerError::ShuttingDown => Status::unavailable(message),
+        BrokerError::NotATable { .. } => Status::failed_precondition(message),
+        BrokerError::KeyNotFound { .. } => Status::not_found(message),
+        BrokerError::CasConflict { current, .. } => {
+            use prost::Message as _;
+            let details = syncline_proto::v1::CasConflict {
+                current: current.clone(),
+            }
+            .encode_to_vec();
+            Status::with_details(tonic::Code::FailedPrecondition, message, details.into())
+        }
+        BrokerError::Sequence(crate::state::SequenceError::Fenced { .. }) => {
+            Status::failed_precondition(message)
+        }
+        BrokerError::Sequence(crate::state::SequenceError::OutOfOrder { .. }) => {
+            Status::out_of_range(message)
+        }
         BrokerError::Log { source, .. } => match source {
             LogError::InvalidBatch(_) | LogError::BatchOffsetSpan { .. } | LogError::Config(_) => {
                 Status::invalid_argument(message)

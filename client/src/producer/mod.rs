@@ -455,7 +455,7 @@ impl Shared {
             partition,
             acks: self.config.acks.to_wire() as i32,
             batch,
-            records: Vec::new(),
+            ..Default::default()
         }
     }
 
