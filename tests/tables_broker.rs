@@ -344,4 +344,24 @@ async fn given_retried_idempotent_batch_after_restart_should_ack_original_offset
         .into_inner()
         .offset;
     assert_eq!(end, 6, "three distinct batches of two records");
+
+    // A bump with no batch after it still fences after a SIGKILL + restart (it is persisted).
+    let bumped = client
+        .init_producer(v1::InitProducerRequest {
+            producer_id: producer.producer_id,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bumped.producer_epoch, 2);
+    broker.kill9();
+    let broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    let fenced = client.produce(send(batch(2, 1))).await.unwrap_err();
+    assert_eq!(
+        fenced.code(),
+        Code::FailedPrecondition,
+        "{}",
+        fenced.message()
+    );
 }

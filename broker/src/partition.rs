@@ -30,6 +30,8 @@ pub struct Partition {
     live: Mutex<PartitionState>,
     /// True for tables (cleanup=compact): keeps a key index.
     pub is_table: bool,
+    /// The broker's current producer epochs (fencing before a new epoch writes here).
+    epochs: Option<crate::topic::ProducerEpochs>,
 }
 
 /// A compare-and-set condition.
@@ -81,7 +83,14 @@ pub struct PlainRecord {
 impl Partition {
     /// A partition serving `log`: its live state is restored from the snapshot plus the log
     /// after it, then its group-commit flusher is started.
-    pub fn open(topic: Arc<str>, id: u32, partitions: u32, log: Log, is_table: bool) -> Partition {
+    pub fn open(
+        topic: Arc<str>,
+        id: u32,
+        partitions: u32,
+        log: Log,
+        is_table: bool,
+        epochs: crate::topic::ProducerEpochs,
+    ) -> Partition {
         let log = Arc::new(log);
         let live = restore_state(&log, is_table);
         let flusher = log.spawn_flusher();
@@ -93,6 +102,7 @@ impl Partition {
             flusher: Mutex::new(Some(flusher)),
             live: Mutex::new(live),
             is_table,
+            epochs: Some(epochs),
         }
     }
 
@@ -106,6 +116,7 @@ impl Partition {
             flusher: Mutex::new(None),
             live: Mutex::new(PartitionState::default()),
             is_table: false,
+            epochs: None,
         }
     }
 
@@ -190,6 +201,18 @@ impl Partition {
         let mut live = self.live.lock();
         let idempotent = header.producer_id >= 0;
         if idempotent {
+            let current = self
+                .epochs
+                .as_ref()
+                .and_then(|e| e.current(header.producer_id));
+            if let Some(current) = current.filter(|c| header.producer_epoch < *c) {
+                return Err(crate::state::SequenceError::Fenced {
+                    producer_id: header.producer_id,
+                    epoch: header.producer_epoch,
+                    current,
+                }
+                .into());
+            }
             match live.producers.check(
                 header.producer_id,
                 header.producer_epoch,

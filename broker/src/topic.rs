@@ -164,7 +164,7 @@ pub struct Registry {
     admin: tokio::sync::Mutex<()>,
     sequence: AtomicU64,
     /// Highest epoch handed out per producer id (rebuilt from the partitions at startup).
-    producer_epochs: parking_lot::Mutex<std::collections::HashMap<i64, i16>>,
+    producer_epochs: ProducerEpochs,
     _lock: File,
 }
 
@@ -233,9 +233,10 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
-            producer_epochs: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            producer_epochs: ProducerEpochs::default(),
             _lock: lock,
         };
+        registry.producer_epochs.load(&dir)?;
         let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
         let mut loaded = BTreeMap::new();
         for entry in entries {
@@ -259,14 +260,10 @@ impl Registry {
             loaded.insert(topic.name.to_string(), topic);
         }
         sync_dir(&dir)?;
-        {
-            let mut epochs = registry.producer_epochs.lock();
-            for topic in loaded.values() {
-                for partition in &topic.partitions {
-                    for (id, epoch) in partition.producer_epochs() {
-                        let known = epochs.entry(id).or_insert(epoch);
-                        *known = (*known).max(epoch);
-                    }
+        for topic in loaded.values() {
+            for partition in &topic.partitions {
+                for (id, epoch) in partition.producer_epochs() {
+                    registry.producer_epochs.observe(id, epoch);
                 }
             }
         }
@@ -287,16 +284,24 @@ impl Registry {
             )
         })?;
         let settings = meta.settings()?;
-        Ok(Arc::new(self.open_partitions(&meta.name, path, settings)))
-    }
-
-    fn open_partitions(&self, name: &str, path: &Path, settings: TopicSettings) -> Topic {
-        open_partitions(&self.config, name, path, settings)
+        Ok(Arc::new(open_partitions(
+            &self.config,
+            &self.producer_epochs,
+            &meta.name,
+            path,
+            settings,
+        )))
     }
 }
 
 /// Opens (or creates) every partition log of a topic; a log that refuses to open is fenced.
-fn open_partitions(config: &Config, name: &str, path: &Path, settings: TopicSettings) -> Topic {
+fn open_partitions(
+    config: &Config,
+    epochs: &ProducerEpochs,
+    name: &str,
+    path: &Path,
+    settings: TopicSettings,
+) -> Topic {
     let name: Arc<str> = Arc::from(name);
     let log_config = config.log_config_for(&settings.log);
     let partitions = (0..settings.partitions)
@@ -309,6 +314,7 @@ fn open_partitions(config: &Config, name: &str, path: &Path, settings: TopicSett
                         settings.partitions,
                         log,
                         settings.cleanup == Cleanup::Compact,
+                        epochs.clone(),
                     )),
                     Err(error) => {
                         tracing::error!(topic = %name, partition = id, %error, "partition fenced: its log does not open");
@@ -393,6 +399,7 @@ impl Registry {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
         })?;
         let config = self.config.clone();
+        let epochs = self.producer_epochs.clone();
         let owned_name = name.to_string();
         let build = move || -> Result<Topic, BrokerError> {
             let built = (|| {
@@ -412,7 +419,13 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&staging);
                 return Err(error);
             }
-            Ok(open_partitions(&config, &owned_name, &final_path, settings))
+            Ok(open_partitions(
+                &config,
+                &epochs,
+                &owned_name,
+                &final_path,
+                settings,
+            ))
         };
         let topic = tokio::task::spawn_blocking(build)
             .await
@@ -494,30 +507,21 @@ impl Registry {
     /// instances. Ids are 63-bit (the batch header stores an i64): milliseconds since the epoch
     /// in the high bits and a counter in the low 16, so ids do not repeat across restarts.
     pub fn init_producer(&self, producer_id: u64) -> Result<(i64, i16), BrokerError> {
-        let mut epochs = self.producer_epochs.lock();
         if producer_id == 0 {
-            let counter = self.sequence.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
-            let mut id = ((now_ms() as u64) << 16 | counter) as i64 & i64::MAX;
-            while epochs.contains_key(&id) {
-                id = id.wrapping_add(1) & i64::MAX;
+            loop {
+                let counter = self.sequence.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
+                let id = ((now_ms() as u64) << 16 | counter) as i64 & i64::MAX;
+                if self.producer_epochs.claim_new(id) {
+                    return Ok((id, 0));
+                }
             }
-            epochs.insert(id, 0);
-            return Ok((id, 0));
         }
         let id = i64::try_from(producer_id).map_err(|_| {
             BrokerError::InvalidRequest(format!(
                 "producer id {producer_id} does not fit in 63 bits"
             ))
         })?;
-        let epoch = epochs.get(&id).map_or(Ok(0), |epoch| {
-            epoch.checked_add(1).ok_or_else(|| {
-                BrokerError::InvalidRequest(format!(
-                    "producer {id} has used every epoch; initialise a new producer id"
-                ))
-            })
-        })?;
-        epochs.insert(id, epoch);
-        Ok((id, epoch))
+        self.producer_epochs.bump(id, &self.config.data_dir)
     }
 
     /// Writes changed partition state snapshots (blocking I/O: call from a blocking thread).
@@ -536,6 +540,81 @@ impl Registry {
                 partition.close().await;
             }
         }
+    }
+}
+
+/// The current epoch of every producer id, shared by the registry (which hands epochs out) and
+/// the partitions (which refuse batches from older epochs, even before the new epoch has
+/// written there). Bumped epochs are persisted in `DATA_DIR/producer-epochs` (one `id epoch`
+/// line each, written temp + fsync + rename), so a fence survives a restart.
+#[derive(Debug, Clone, Default)]
+pub struct ProducerEpochs {
+    inner: Arc<parking_lot::Mutex<std::collections::HashMap<i64, i16>>>,
+}
+
+const EPOCHS_FILE: &str = "producer-epochs";
+
+impl ProducerEpochs {
+    /// The current epoch of `id`, if known.
+    pub fn current(&self, id: i64) -> Option<i16> {
+        self.inner.lock().get(&id).copied()
+    }
+
+    fn observe(&self, id: i64, epoch: i16) {
+        let mut map = self.inner.lock();
+        let known = map.entry(id).or_insert(epoch);
+        *known = (*known).max(epoch);
+    }
+
+    fn claim_new(&self, id: i64) -> bool {
+        let mut map = self.inner.lock();
+        if map.contains_key(&id) {
+            return false;
+        }
+        map.insert(id, 0);
+        true
+    }
+
+    fn bump(&self, id: i64, data_dir: &Path) -> Result<(i64, i16), BrokerError> {
+        let mut map = self.inner.lock();
+        let epoch = match map.get(&id) {
+            None => 0,
+            Some(epoch) => epoch.checked_add(1).ok_or_else(|| {
+                BrokerError::InvalidRequest(format!(
+                    "producer {id} has used every epoch; initialise a new producer id"
+                ))
+            })?,
+        };
+        map.insert(id, epoch);
+        let mut text = String::new();
+        for (id, epoch) in map.iter().filter(|(_, e)| **e > 0) {
+            text.push_str(&format!("{id} {epoch}\n"));
+        }
+        crate::log::write_file_atomically(data_dir, EPOCHS_FILE, text.as_bytes())
+            .map_err(|e| BrokerError::io("writing", data_dir.join(EPOCHS_FILE), e))?;
+        Ok((id, epoch))
+    }
+
+    fn load(&self, data_dir: &Path) -> Result<(), BrokerError> {
+        let path = data_dir.join(EPOCHS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(BrokerError::io("reading", &path, e)),
+        };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            match (
+                parts.next().and_then(|p| p.parse::<i64>().ok()),
+                parts.next().and_then(|p| p.parse::<i16>().ok()),
+            ) {
+                (Some(id), Some(epoch)) => self.observe(id, epoch),
+                _ => {
+                    tracing::warn!(path = %path.display(), line, "ignoring a malformed producer epoch line")
+                }
+            }
+        }
+        Ok(())
     }
 }
 

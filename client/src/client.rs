@@ -1,5 +1,5 @@
 //! [`Client`]: one HTTP/2 connection to a broker, topic administration, and the factory for
-//! producers and consumers.
+//! producers, consumers and table handles.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,8 @@ use crate::address::BrokerAddress;
 use crate::admin::{ListedOffset, OffsetQuery, TopicConfig, TopicDescription, TopicSummary};
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{Error, Result};
-use crate::producer::{Producer, ProducerConfig};
+use crate::producer::{Producer, ProducerConfig, ProducerIdentity};
+use crate::table::Table;
 
 /// How the client connects. The defaults suit a broker on a local network.
 #[derive(Debug, Clone)]
@@ -219,16 +220,90 @@ impl Client {
     }
 
     /// A batching producer for `topic`. Looks the topic up once for its partition count (keyed
-    /// records must go to `partition_for_key(key, partitions)`).
+    /// records must go to `partition_for_key(key, partitions)`) and, when the producer is
+    /// idempotent (the default), takes a producer id.
     pub async fn producer(&self, topic: &str, config: ProducerConfig) -> Result<Producer> {
         config.validate()?;
         let description = self.describe_topic(topic).await?;
+        self.start_producer(topic, description.partition_count(), config)
+            .await
+    }
+
+    /// Starts a producer for a topic whose partition count is known.
+    pub(crate) async fn start_producer(
+        &self,
+        topic: &str,
+        partitions: u32,
+        config: ProducerConfig,
+    ) -> Result<Producer> {
+        config.validate()?;
+        let identity = if config.idempotent {
+            Some(self.init_producer(None).await?)
+        } else {
+            None
+        };
         Ok(Producer::start(
             self.clone(),
             topic.to_owned(),
-            description.partition_count(),
+            partitions,
             config,
+            identity,
         ))
+    }
+
+    /// `InitProducer`: `None` asks for a new producer id (epoch 0); `Some(id)` re-initialises
+    /// that id with the next epoch, which fences every older instance still writing under it
+    /// (their batches are refused from then on).
+    pub async fn init_producer(&self, producer_id: Option<u64>) -> Result<ProducerIdentity> {
+        let response = self
+            .grpc()
+            .init_producer(v1::InitProducerRequest {
+                producer_id: producer_id.unwrap_or(0),
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        ProducerIdentity::from_wire(&response.into_inner())
+    }
+
+    /// [`Client::init_producer`] for a new id, retrying transient failures with a doubling
+    /// `backoff` (up to `backoff_max`) until `deadline`.
+    pub(crate) async fn new_producer_id_until(
+        &self,
+        deadline: tokio::time::Instant,
+        mut backoff: Duration,
+        backoff_max: Duration,
+    ) -> Result<ProducerIdentity> {
+        loop {
+            let error = match tokio::time::timeout_at(deadline, self.init_producer(None)).await {
+                Ok(Ok(identity)) => return Ok(identity),
+                Ok(Err(error)) => error,
+                Err(_) => {
+                    return Err(Error::Unreachable {
+                        address: self.address().to_owned(),
+                        reason: "no answer to InitProducer in time".to_owned(),
+                    })
+                }
+            };
+            if !error.is_transient() || tokio::time::Instant::now() + backoff >= deadline {
+                return Err(error);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(backoff_max);
+        }
+    }
+
+    /// A handle on table `topic` (a topic created with cleanup=compact): get, history, put,
+    /// delete and compare-and-set writes. Fails with [`Error::NotATable`] for any other topic.
+    pub async fn table(&self, topic: &str) -> Result<Table> {
+        self.table_with(topic, ProducerConfig::default()).await
+    }
+
+    /// A table handle whose writes use `config` (acks, timeouts and retries; batching for
+    /// unconditional writes).
+    pub async fn table_with(&self, topic: &str, config: ProducerConfig) -> Result<Table> {
+        config.validate()?;
+        let description = self.describe_topic(topic).await?;
+        Table::open(self.clone(), description, config)
     }
 
     /// A consumer of `topic` that reads the partitions and from the offsets `config` says.

@@ -8,13 +8,19 @@
 //!   [`Error::InvalidConfig`], [`Error::UnknownPartition`], [`Error::RecordTooLarge`],
 //!   [`Error::TooManyHeaders`]),
 //! - a delivery or a read gave up ([`Error::DeliveryTimeout`], [`Error::OffsetOutOfRange`]),
+//! - a table write lost a compare-and-set ([`Error::Conflict`]: nothing was written), a table
+//!   call went to a topic that is not a table ([`Error::NotATable`]), or an idempotent producer
+//!   was fenced by a newer instance of itself ([`Error::ProducerFenced`]),
 //! - the data or the broker's answer is wrong ([`Error::Corrupt`], [`Error::Protocol`]).
 //!
 //! Errors are `Clone` because one failed batch fails the delivery future of every record in it.
 
 use std::error::Error as _;
 
+use bytes::Bytes;
+use prost::Message as _;
 use syncline_proto::batch::BatchError;
+use syncline_proto::v1;
 use tonic::Code;
 
 /// Result with the client's [`Error`].
@@ -151,6 +157,47 @@ pub enum Error {
     /// The producer or consumer stopped before the operation completed.
     #[error("{0} is closed")]
     Closed(&'static str),
+
+    /// A compare-and-set condition did not hold: nothing was written. `current` is the key's
+    /// version when the broker checked (`None`: absent or deleted).
+    #[error(
+        "version conflict on key {}: {}",
+        show_key(key),
+        current.map_or_else(|| "key is absent".to_owned(), |version| format!("current version is {version}"))
+    )]
+    Conflict {
+        /// The table.
+        topic: String,
+        /// The conditioned key.
+        key: Bytes,
+        /// Its current version, or `None` when it is absent or deleted.
+        current: Option<u64>,
+    },
+
+    /// A table operation on a topic that is not a table (not created with cleanup=compact).
+    #[error(
+        "topic `{topic}` is not a table: tables are topics created with cleanup=compact \
+         (`syncline topic create {topic} --cleanup compact`)"
+    )]
+    NotATable {
+        /// The topic.
+        topic: String,
+    },
+
+    /// Another instance re-initialised this idempotent producer's id (a newer epoch), so this
+    /// one may not write any more: two writers with one identity would break exactly-once.
+    #[error(
+        "producer {producer_id} epoch {epoch} is fenced: another instance re-initialised this \
+         producer id, so this one accepts no more records (broker: {message})"
+    )]
+    ProducerFenced {
+        /// The producer id.
+        producer_id: u64,
+        /// This instance's (old) epoch.
+        epoch: u32,
+        /// The broker's message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -159,6 +206,9 @@ impl Error {
         match self {
             Error::Broker { code, .. } => Some(*code),
             Error::Unreachable { .. } => Some(Code::Unavailable),
+            Error::Conflict { .. } | Error::NotATable { .. } | Error::ProducerFenced { .. } => {
+                Some(Code::FailedPrecondition)
+            }
             _ => None,
         }
     }
@@ -200,6 +250,50 @@ impl Error {
             address: address.to_owned(),
             reason: join_unique(chain(error)),
         }
+    }
+}
+
+/// Whether a broker error refuses an idempotent producer's batch because a newer epoch of its
+/// id exists. The status code alone cannot tell: FAILED_PRECONDITION also means a fenced
+/// (corrupt) partition, after which the producer must not give up its identity. The broker's
+/// message for this case is "producer ID epoch E is fenced by epoch C: ...".
+pub(crate) fn is_producer_fenced(code: Code, message: &str) -> bool {
+    code == Code::FailedPrecondition
+        && message.starts_with("producer ")
+        && message.contains(" is fenced by epoch ")
+}
+
+/// The current version of `key` from the details of a failed compare-and-set (a
+/// FAILED_PRECONDITION status whose details hold a protobuf `CasConflict`): `Ok(None)` when
+/// the status carries no details (some other failed precondition), `Ok(Some(current))` with
+/// the key's version (`None`: absent or deleted).
+pub(crate) fn conflict_version(details: &[u8], key: &[u8]) -> Result<Option<Option<u64>>> {
+    if details.is_empty() {
+        return Ok(None);
+    }
+    let conflict = v1::CasConflict::decode(details).map_err(|error| {
+        Error::Protocol(format!(
+            "a failed compare-and-set carries undecodable details: {error}"
+        ))
+    })?;
+    let current = conflict
+        .current
+        .iter()
+        .find(|current| current.key == key)
+        .ok_or_else(|| {
+            Error::Protocol(format!(
+                "a failed compare-and-set does not report the version of key {}",
+                show_key(key)
+            ))
+        })?;
+    Ok(Some((!current.absent).then_some(current.version)))
+}
+
+/// A key for messages: the text when it is UTF-8, else its bytes escaped (`\xff`).
+pub(crate) fn show_key(key: &[u8]) -> String {
+    match std::str::from_utf8(key) {
+        Ok(text) => text.to_owned(),
+        Err(_) => key.escape_ascii().to_string(),
     }
 }
 
@@ -281,6 +375,111 @@ mod tests {
         );
         assert!(text.contains("connection refused"), "{text}");
         assert!(error.is_transient());
+    }
+
+    fn cas_details(current: Vec<v1::KeyVersion>) -> Vec<u8> {
+        v1::CasConflict { current }.encode_to_vec()
+    }
+
+    #[test]
+    fn given_cas_conflict_details_should_decode_the_current_version_of_the_key() {
+        let details = cas_details(vec![
+            v1::KeyVersion {
+                key: Bytes::from_static(b"other"),
+                version: 1,
+                absent: false,
+            },
+            v1::KeyVersion {
+                key: Bytes::from_static(b"counter"),
+                version: 42,
+                absent: false,
+            },
+        ]);
+        assert_eq!(
+            conflict_version(&details, b"counter").unwrap(),
+            Some(Some(42))
+        );
+        let absent = cas_details(vec![v1::KeyVersion {
+            key: Bytes::from_static(b"counter"),
+            version: 0,
+            absent: true,
+        }]);
+        assert_eq!(conflict_version(&absent, b"counter").unwrap(), Some(None));
+    }
+
+    #[test]
+    fn given_no_details_should_not_be_a_conflict() {
+        assert_eq!(conflict_version(&[], b"k").unwrap(), None);
+    }
+
+    #[test]
+    fn given_bad_or_incomplete_cas_details_should_be_a_protocol_error() {
+        assert!(matches!(
+            conflict_version(&[0xff, 0xff, 0xff], b"k"),
+            Err(Error::Protocol(_))
+        ));
+        let other_key = cas_details(vec![v1::KeyVersion {
+            key: Bytes::from_static(b"other"),
+            version: 3,
+            absent: false,
+        }]);
+        assert!(matches!(
+            conflict_version(&other_key, b"k"),
+            Err(Error::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn conflict_should_name_the_key_and_its_current_version() {
+        let conflict = |current| Error::Conflict {
+            topic: "t".into(),
+            key: Bytes::from_static(b"user-1"),
+            current,
+        };
+        assert_eq!(
+            conflict(Some(42)).to_string(),
+            "version conflict on key user-1: current version is 42"
+        );
+        assert_eq!(
+            conflict(None).to_string(),
+            "version conflict on key user-1: key is absent"
+        );
+        let binary = Error::Conflict {
+            topic: "t".into(),
+            key: Bytes::from_static(&[0xff, b'a']),
+            current: Some(1),
+        };
+        assert_eq!(
+            binary.to_string(),
+            "version conflict on key \\xffa: current version is 1"
+        );
+        assert_eq!(conflict(None).code(), Some(Code::FailedPrecondition));
+    }
+
+    #[test]
+    fn not_a_table_should_say_how_to_create_one() {
+        let error = Error::NotATable {
+            topic: "events".into(),
+        };
+        assert!(error
+            .to_string()
+            .contains("`syncline topic create events --cleanup compact`"));
+    }
+
+    #[test]
+    fn producer_fence_should_be_told_apart_from_a_fenced_partition() {
+        assert!(is_producer_fenced(
+            Code::FailedPrecondition,
+            "producer 7 epoch 0 is fenced by epoch 1: another instance re-initialised this producer id"
+        ));
+        assert!(!is_producer_fenced(
+            Code::FailedPrecondition,
+            "partition 0 of topic `t` is fenced: bad CRC at offset 12"
+        ));
+        assert!(!is_producer_fenced(
+            Code::OutOfRange,
+            "producer 7 epoch 0 is fenced by epoch 1"
+        ));
     }
 
     #[test]

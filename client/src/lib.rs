@@ -11,6 +11,15 @@
 //!   timestamp, as a `Stream` of [`ConsumerRecord`]s, with a policy for positions that retention
 //!   has passed ([`OffsetReset`]).
 //!
+//! - [`Table`] ([`Client::table`]): a topic created with cleanup=compact as a key-value table:
+//!   [`Table::get`] and [`Table::history`] by key, [`Table::put`] and [`Table::delete`], and
+//!   compare-and-set writes ([`Table::put_if`], [`Table::put_if_absent`]) that fail with
+//!   [`Error::Conflict`] naming the key's current version. Every write returns the key's new
+//!   version (its offset).
+//!
+//! Producers are idempotent by default ([`ProducerConfig::idempotent`], [`Client::init_producer`]):
+//! a retried batch is stored once.
+//!
 //! Errors are one [`Error`] type; [`Error::code`] gives the broker's gRPC status code and
 //! [`Error::is_transient`] tells whether a retry may help.
 //!
@@ -60,6 +69,7 @@ mod client;
 mod consumer;
 mod error;
 mod producer;
+mod table;
 
 pub use syncline_proto::batch;
 pub use syncline_proto::batch::Header;
@@ -75,7 +85,11 @@ pub use admin::{
 pub use client::{Client, ClientConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
 pub use error::{Error, Result};
-pub use producer::{Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, UnkeyedPartitioning};
+pub use producer::{
+    Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity,
+    UnkeyedPartitioning, PARTITION_WINDOW_BATCHES,
+};
+pub use table::{Entry, Expect, History, Table, Version, Written};
 /// The gRPC status code in [`Error::Broker`] and [`Error::code`].
 pub use tonic::Code;
 

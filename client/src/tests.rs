@@ -1,16 +1,19 @@
-//! Producer and consumer against an in-process fake broker: pins the client's side of the wire
-//! contract (correlation ids, per-request errors on a live stream, retries within the delivery
-//! timeout, keyed partitioning, skipping records below the fetch offset, out-of-range policies)
-//! without the real broker. The fake keeps whole stamped batches per partition and can be
-//! scripted to fail the next produce requests.
+//! Producer, consumer and table writes against an in-process fake broker: pins the client's side
+//! of the wire contract (correlation ids, per-request errors on a live stream, retries within
+//! the delivery timeout, keyed partitioning, skipping records below the fetch offset,
+//! out-of-range policies, idempotent sequences and retries, compare-and-set requests) without
+//! the real broker. The fake keeps whole stamped batches per partition, checks idempotent
+//! producers' sequences like the broker does (next expected, repeats of recent batches, gaps),
+//! checks compare-and-set conditions, and can be scripted to fail the next produce requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures::FutureExt as _;
-use syncline_proto::batch::{stamp_base_offset, Batch};
+use prost::Message as _;
+use syncline_proto::batch::{stamp_base_offset, Batch, BatchBuilder};
 use syncline_proto::partitioner::partition_for_key;
 use syncline_proto::v1::broker_server::{Broker, BrokerServer};
 use syncline_proto::v1::{self, ErrorStatus};
@@ -18,7 +21,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Client, ConsumerConfig, Error, OffsetReset, ProducerConfig, StartOffset, TopicConfig};
+use crate::{
+    CleanupPolicy, Client, ConsumerConfig, Error, OffsetReset, ProducerConfig, StartOffset,
+    TopicConfig,
+};
 
 /// What the fake does with the next produce request instead of appending it.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +33,18 @@ enum Scripted {
     Fail(Code),
     /// End the whole stream with UNAVAILABLE.
     BreakStream,
+    /// Answer with `error` set to this code and message.
+    FailWith(Code, &'static str),
+    /// Append the batch, then answer UNAVAILABLE as if the acknowledgement was lost.
+    LoseAck,
+}
+
+/// The fake's memory of one idempotent producer in one partition.
+#[derive(Debug, Default)]
+struct ProducerState {
+    next_sequence: i32,
+    /// `(base_sequence, base_offset, last_offset)` of the batches appended.
+    appended: Vec<(i32, u64, u64)>,
 }
 
 #[derive(Debug, Default)]
@@ -40,8 +58,18 @@ struct PartitionLog {
 #[derive(Debug, Default)]
 struct State {
     topics: HashMap<String, Vec<PartitionLog>>,
+    cleanup_policies: HashMap<String, i32>,
     script: VecDeque<Scripted>,
+    /// For unary `Produce` (conditional writes): `Fail*` and `LoseAck` apply.
+    unary_script: VecDeque<Scripted>,
     produce_requests: u64,
+    /// Every batch received on a produce stream, per partition, in arrival order.
+    received_batches: Vec<(u32, Bytes)>,
+    /// Every unary produce request, in arrival order.
+    unary_requests: Vec<v1::ProduceRequest>,
+    /// `(producer id, topic, partition)` → sequence state.
+    producers: HashMap<(i64, String, u32), ProducerState>,
+    producer_ids_issued: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -54,9 +82,16 @@ impl FakeBroker {
         self.state.lock().unwrap()
     }
 
-    /// Appends like the real broker: verify, check key partitions, stamp the base offset.
-    fn append(&self, request: &v1::ProduceRequest) -> Result<(u64, u64), Status> {
-        let mut state = self.lock();
+    /// Appends like the real broker: verify, check key partitions, check the producer's
+    /// sequence (a repeat of a recent batch gets its original offsets), check the conditions
+    /// against the latest version of each key, stamp the base offset.
+    fn append(
+        &self,
+        request: &v1::ProduceRequest,
+        conditions: &[v1::Condition],
+    ) -> Result<(u64, u64), Status> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let partitions = state.topics.get_mut(&request.topic).ok_or_else(|| {
             Status::not_found(format!("topic `{}` does not exist", request.topic))
         })?;
@@ -74,6 +109,47 @@ impl FakeBroker {
                 }
             }
         }
+        let header = *batch.header();
+        let producer_key = (header.producer_id, request.topic.clone(), request.partition);
+        if header.producer_id >= 0 {
+            let producer = state.producers.entry(producer_key.clone()).or_default();
+            if let Some(&(_, base, last)) = producer
+                .appended
+                .iter()
+                .rev()
+                .take(5)
+                .find(|(sequence, _, _)| *sequence == header.base_sequence)
+            {
+                return Ok((base, last));
+            }
+            if header.base_sequence != producer.next_sequence {
+                return Err(Status::out_of_range(format!(
+                    "sequence gap: expected {} got {}",
+                    producer.next_sequence, header.base_sequence
+                )));
+            }
+        }
+        let mut current = Vec::new();
+        let mut failed = false;
+        for condition in conditions {
+            let latest = latest_version(log, &condition.key);
+            failed |= match condition.expect {
+                Some(v1::condition::Expect::Version(version)) => latest != Some(version),
+                _ => latest.is_some(),
+            };
+            current.push(v1::KeyVersion {
+                key: condition.key.clone(),
+                version: latest.unwrap_or(0),
+                absent: latest.is_none(),
+            });
+        }
+        if failed {
+            return Err(Status::with_details(
+                Code::FailedPrecondition,
+                "compare-and-set failed",
+                v1::CasConflict { current }.encode_to_vec().into(),
+            ));
+        }
         let base_offset = log.end_offset;
         let mut stamped = BytesMut::from(&request.batch[..]);
         stamp_base_offset(&mut stamped, base_offset);
@@ -81,8 +157,52 @@ impl FakeBroker {
         log.end_offset = batch.header().next_offset();
         let last_offset = batch.header().last_offset();
         log.batches.push(batch);
+        if header.producer_id >= 0 {
+            let producer = state.producers.entry(producer_key).or_default();
+            producer.next_sequence = header
+                .base_sequence
+                .wrapping_add(header.record_count as i32);
+            producer
+                .appended
+                .push((header.base_sequence, base_offset, last_offset));
+        }
         Ok((base_offset, last_offset))
     }
+}
+
+/// The latest live version of `key` in `log` (`None`: absent or deleted).
+fn latest_version(log: &PartitionLog, key: &[u8]) -> Option<u64> {
+    let mut latest = None;
+    for batch in &log.batches {
+        for record in batch.records() {
+            let record = record.unwrap();
+            if record.key.as_deref() == Some(key) {
+                latest = record.value.is_some().then_some(record.offset);
+            }
+        }
+    }
+    latest
+}
+
+/// Encodes a unary request's plain records into one batch with its producer fields.
+fn encode_plain(request: &v1::ProduceRequest) -> Bytes {
+    let mut builder = BatchBuilder::new();
+    if request.producer_id != 0 {
+        builder = builder.producer(
+            request.producer_id as i64,
+            request.producer_epoch as i16,
+            request.base_sequence as i32,
+        );
+    }
+    for record in &request.records {
+        builder.push(
+            record.timestamp_ms,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &[],
+        );
+    }
+    builder.finish().unwrap()
 }
 
 #[tonic::async_trait]
@@ -91,8 +211,10 @@ impl Broker for FakeBroker {
         &self,
         _request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
+        let mut state = self.lock();
+        state.producer_ids_issued += 1;
         Ok(Response::new(v1::InitProducerResponse {
-            producer_id: 1,
+            producer_id: state.producer_ids_issued,
             producer_epoch: 0,
         }))
     }
@@ -125,8 +247,12 @@ impl Broker for FakeBroker {
             request.name.clone(),
             (0..partitions).map(|_| PartitionLog::default()).collect(),
         );
+        let cleanup_policy = request.config.map_or(0, |config| config.cleanup_policy);
+        state
+            .cleanup_policies
+            .insert(request.name.clone(), cleanup_policy);
         Ok(Response::new(v1::CreateTopicResponse {
-            topic: Some(describe(&request.name, partitions)),
+            topic: Some(describe(&request.name, partitions, cleanup_policy)),
         }))
     }
 
@@ -149,22 +275,46 @@ impl Broker for FakeBroker {
         request: Request<v1::DescribeTopicRequest>,
     ) -> Result<Response<v1::DescribeTopicResponse>, Status> {
         let name = request.into_inner().name;
-        let partitions = self
-            .lock()
+        let state = self.lock();
+        let partitions = state
             .topics
             .get(&name)
             .map(|partitions| partitions.len() as u32)
             .ok_or_else(|| Status::not_found(format!("topic `{name}` does not exist")))?;
+        let cleanup_policy = state.cleanup_policies.get(&name).copied().unwrap_or(0);
         Ok(Response::new(v1::DescribeTopicResponse {
-            topic: Some(describe(&name, partitions)),
+            topic: Some(describe(&name, partitions, cleanup_policy)),
         }))
     }
 
     async fn produce(
         &self,
-        _: Request<v1::ProduceRequest>,
+        request: Request<v1::ProduceRequest>,
     ) -> Result<Response<v1::ProduceResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        let mut request = request.into_inner();
+        let scripted = {
+            let mut state = self.lock();
+            state.unary_requests.push(request.clone());
+            state.unary_script.pop_front()
+        };
+        match scripted {
+            Some(Scripted::Fail(code)) => return Err(Status::new(code, "scripted")),
+            Some(Scripted::FailWith(code, message)) => return Err(Status::new(code, message)),
+            _ => {}
+        }
+        let conditions = std::mem::take(&mut request.conditions);
+        request.batch = encode_plain(&request);
+        let (base_offset, last_offset) = self.append(&request, &conditions)?;
+        if matches!(scripted, Some(Scripted::LoseAck)) {
+            return Err(Status::unavailable("scripted: acknowledgement lost"));
+        }
+        Ok(Response::new(v1::ProduceResponse {
+            correlation_id: request.correlation_id,
+            partition: request.partition,
+            base_offset,
+            last_offset,
+            error: None,
+        }))
     }
 
     type ProduceStreamStream = ReceiverStream<Result<v1::ProduceResponse, Status>>;
@@ -181,6 +331,9 @@ impl Broker for FakeBroker {
                 let scripted = {
                     let mut state = broker.lock();
                     state.produce_requests += 1;
+                    state
+                        .received_batches
+                        .push((request.partition, request.batch.clone()));
                     state.script.pop_front()
                 };
                 let mut response = v1::ProduceResponse {
@@ -199,7 +352,20 @@ impl Broker for FakeBroker {
                             message: format!("scripted {code:?}"),
                         });
                     }
-                    None => match broker.append(&request) {
+                    Some(Scripted::FailWith(code, message)) => {
+                        response.error = Some(ErrorStatus {
+                            code: code as i32,
+                            message: message.to_owned(),
+                        });
+                    }
+                    Some(Scripted::LoseAck) => {
+                        let _ = broker.append(&request, &[]);
+                        response.error = Some(ErrorStatus {
+                            code: Code::Unavailable as i32,
+                            message: "scripted: acknowledgement lost".to_owned(),
+                        });
+                    }
+                    None => match broker.append(&request, &[]) {
                         Ok((base_offset, last_offset)) => {
                             response.base_offset = base_offset;
                             response.last_offset = last_offset;
@@ -293,11 +459,12 @@ impl Broker for FakeBroker {
     }
 }
 
-fn describe(name: &str, partitions: u32) -> v1::TopicDescription {
+fn describe(name: &str, partitions: u32, cleanup_policy: i32) -> v1::TopicDescription {
     v1::TopicDescription {
         name: name.to_owned(),
         config: Some(v1::TopicConfig {
             partitions,
+            cleanup_policy,
             ..Default::default()
         }),
         partitions: (0..partitions)
@@ -684,4 +851,339 @@ async fn connecting_to_a_closed_port_should_name_the_address() {
             .starts_with(&format!("cannot reach the broker at {address}: ")),
         "{error}"
     );
+}
+
+/// The producer fields of a batch as sent: `(producer_id, epoch, base_sequence, records)`.
+fn producer_fields(batch: &Bytes) -> (i64, i16, i32, u32) {
+    let header = *Batch::parse(batch.clone()).unwrap().header();
+    (
+        header.producer_id,
+        header.producer_epoch,
+        header.base_sequence,
+        header.record_count,
+    )
+}
+
+/// Enqueues `values` as one batch (unkeyed, one partition) and waits for each delivery.
+async fn send_batch(producer: &crate::Producer, values: &[&str]) -> Vec<crate::Result<u64>> {
+    let mut pending = Vec::new();
+    for value in values {
+        pending.push(
+            producer
+                .enqueue(None, Some(value.as_bytes()), &[])
+                .await
+                .unwrap(),
+        );
+    }
+    producer.flush().await;
+    let mut offsets = Vec::new();
+    for delivery in pending {
+        offsets.push(delivery.await.map(|delivery| delivery.offset));
+    }
+    offsets
+}
+
+#[tokio::test]
+async fn idempotent_batches_should_carry_the_producer_id_and_sequences_counting_records() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let producer = client.producer("t", fast_retries()).await.unwrap();
+    let identity = producer.identity().expect("idempotent by default");
+    assert_eq!(identity.epoch(), 0);
+    let id = identity.producer_id() as i64;
+    send_batch(&producer, &["a", "b", "c"]).await;
+    send_batch(&producer, &["d", "e"]).await;
+    send_batch(&producer, &["f"]).await;
+    let sent: Vec<_> = broker
+        .lock()
+        .received_batches
+        .iter()
+        .map(|(_, batch)| producer_fields(batch))
+        .collect();
+    assert_eq!(sent, [(id, 0, 0, 3), (id, 0, 3, 2), (id, 0, 5, 1)]);
+}
+
+#[tokio::test]
+async fn non_idempotent_producer_should_send_batches_without_producer_fields() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let config = ProducerConfig {
+        idempotent: false,
+        ..fast_retries()
+    };
+    let producer = client.producer("t", config).await.unwrap();
+    assert_eq!(producer.identity(), None);
+    send_batch(&producer, &["a"]).await;
+    let (_, batch) = broker.lock().received_batches[0].clone();
+    assert_eq!(producer_fields(&batch), (-1, -1, -1, 1));
+    assert_eq!(broker.lock().producer_ids_issued, 0);
+}
+
+#[tokio::test]
+async fn given_lost_acknowledgement_retry_should_resend_the_same_bytes_and_store_once() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let producer = client.producer("t", fast_retries()).await.unwrap();
+    broker
+        .lock()
+        .script
+        .extend([Scripted::LoseAck, Scripted::Fail(Code::Unavailable)]);
+    let offsets = send_batch(&producer, &["x", "y"]).await;
+    assert_eq!(
+        offsets.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let state = broker.lock();
+    assert_eq!(state.received_batches.len(), 3, "two retries");
+    let first = &state.received_batches[0].1;
+    for (_, retry) in &state.received_batches[1..] {
+        assert_eq!(retry, first, "a retry is the same bytes, same sequence");
+    }
+    assert_eq!(state.topics["t"][0].batches.len(), 1, "stored once");
+    assert_eq!(state.topics["t"][0].end_offset, 2);
+}
+
+#[tokio::test]
+async fn given_batch_that_overtook_a_retried_one_should_retry_behind_it_in_order() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    // Every record fills its batch, so the two records travel in two batches at once.
+    let config = ProducerConfig {
+        batch_bytes_max: 128,
+        ..fast_retries()
+    };
+    let producer = client.producer("t", config).await.unwrap();
+    // The first batch is lost; the second then arrives with a sequence gap.
+    broker
+        .lock()
+        .script
+        .push_back(Scripted::Fail(Code::Unavailable));
+    let value = "v".repeat(100);
+    let first = producer
+        .enqueue(None, Some(format!("1{value}").as_bytes()), &[])
+        .await
+        .unwrap();
+    let second = producer
+        .enqueue(None, Some(format!("2{value}").as_bytes()), &[])
+        .await
+        .unwrap();
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((first.offset, second.offset), (0, 1), "send order kept");
+    let state = broker.lock();
+    let sequences: Vec<i32> = state
+        .received_batches
+        .iter()
+        .map(|(_, batch)| producer_fields(batch).2)
+        .collect();
+    assert!(sequences.len() >= 3, "{sequences:?}");
+    assert_eq!(&sequences[..2], [0, 1]);
+}
+
+#[tokio::test]
+async fn given_batch_refused_for_good_should_continue_under_a_new_producer_id_from_sequence_zero() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let producer = client.producer("t", fast_retries()).await.unwrap();
+    let first_id = producer.identity().unwrap().producer_id();
+    send_batch(&producer, &["a", "b"]).await;
+    broker
+        .lock()
+        .script
+        .push_back(Scripted::Fail(Code::ResourceExhausted));
+    let refused = send_batch(&producer, &["c"]).await;
+    assert!(matches!(
+        refused[0],
+        Err(Error::Broker {
+            code: Code::ResourceExhausted,
+            ..
+        })
+    ));
+    let offsets = send_batch(&producer, &["d"]).await;
+    assert_eq!(*offsets[0].as_ref().unwrap(), 2);
+    let renewed = producer.identity().unwrap().producer_id();
+    assert_ne!(renewed, first_id);
+    let (_, last) = broker.lock().received_batches.last().unwrap().clone();
+    assert_eq!(producer_fields(&last), (renewed as i64, 0, 0, 1));
+}
+
+#[tokio::test]
+async fn given_fenced_producer_should_fail_clearly_and_refuse_later_records() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let producer = client.producer("t", fast_retries()).await.unwrap();
+    broker.lock().script.push_back(Scripted::FailWith(
+        Code::FailedPrecondition,
+        "producer 1 epoch 0 is fenced by epoch 1: another instance re-initialised this producer id",
+    ));
+    let error = send_value(&producer, "x").await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::ProducerFenced {
+                producer_id: 1,
+                epoch: 0,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("is fenced"), "{error}");
+    let later = producer.enqueue(None, Some(b"y"), &[]).await.unwrap_err();
+    assert!(matches!(later, Error::ProducerFenced { .. }), "{later:?}");
+    assert_eq!(
+        broker.lock().producer_ids_issued,
+        1,
+        "the id is not taken back"
+    );
+}
+
+async fn table(client: &Client, partitions: u32) -> crate::Table {
+    let config = TopicConfig {
+        partitions: Some(partitions),
+        cleanup_policy: CleanupPolicy::Compact,
+        ..TopicConfig::default()
+    };
+    client.create_topic("table", config).await.unwrap();
+    client.table_with("table", fast_retries()).await.unwrap()
+}
+
+#[tokio::test]
+async fn table_handle_should_refuse_a_topic_that_is_not_a_table() {
+    let (client, _broker) = start().await;
+    client
+        .create_topic("events", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let error = client.table("events").await.unwrap_err();
+    assert!(matches!(&error, Error::NotATable { topic } if topic == "events"));
+    assert!(error.to_string().contains("--cleanup compact"), "{error}");
+}
+
+#[tokio::test]
+async fn given_conflict_should_report_the_current_version_and_leave_the_sequence_free() {
+    let (client, broker) = start().await;
+    let table = table(&client, 3).await;
+    let created = table.put_if_absent("k", "1").await.unwrap();
+    assert_eq!(created.partition, partition_for_key(b"k", 3));
+    assert_eq!(created.version, 0);
+    let error = table.put_if("k", "2", 5).await.unwrap_err();
+    assert!(
+        matches!(&error, Error::Conflict { current: Some(0), key, .. } if key == "k"),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "version conflict on key k: current version is 0"
+    );
+    let absent = table.put_if_absent("k", "2").await.unwrap_err();
+    assert!(matches!(
+        absent,
+        Error::Conflict {
+            current: Some(0),
+            ..
+        }
+    ));
+    let missing = table.put_if("other", "x", 3).await.unwrap_err();
+    assert!(
+        matches!(missing, Error::Conflict { current: None, .. }),
+        "{missing:?}"
+    );
+    assert_eq!(
+        missing.to_string(),
+        "version conflict on key other: key is absent"
+    );
+    let updated = table.put_if("k", "2", 0).await.unwrap();
+    assert_eq!(updated.version, 1);
+
+    let state = broker.lock();
+    let fields: Vec<(u64, u32, Option<v1::condition::Expect>)> = state
+        .unary_requests
+        .iter()
+        .filter(|request| request.records[0].key.as_deref() == Some(b"k".as_slice()))
+        .map(|request| {
+            (
+                request.producer_id,
+                request.base_sequence,
+                request.conditions[0].expect,
+            )
+        })
+        .collect();
+    let id = fields[0].0;
+    assert_ne!(id, 0);
+    use v1::condition::Expect;
+    assert_eq!(
+        fields,
+        [
+            (id, 0, Some(Expect::Absent(true))),
+            // Refused writes do not use up the sequence.
+            (id, 1, Some(Expect::Version(5))),
+            (id, 1, Some(Expect::Absent(true))),
+            (id, 1, Some(Expect::Version(0))),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn given_lost_acknowledgement_conditional_write_should_get_its_original_version() {
+    let (client, broker) = start().await;
+    let table = table(&client, 1).await;
+    broker.lock().unary_script.push_back(Scripted::LoseAck);
+    // Without idempotence the retry would fail its own condition (the key exists now).
+    let written = table.put_if_absent("k", "v").await.unwrap();
+    assert_eq!(written.version, 0);
+    let state = broker.lock();
+    assert_eq!(state.unary_requests.len(), 2);
+    assert_eq!(
+        state.unary_requests[0], state.unary_requests[1],
+        "the retry is the same request, same sequence"
+    );
+    assert_eq!(state.topics["table"][0].end_offset, 1, "stored once");
+}
+
+#[tokio::test]
+async fn given_unknown_outcome_next_conditional_write_should_use_a_new_producer_id() {
+    let (client, broker) = start().await;
+    let config = ProducerConfig {
+        delivery_timeout: Duration::from_millis(200),
+        ..fast_retries()
+    };
+    let topic_config = TopicConfig {
+        partitions: Some(1),
+        cleanup_policy: CleanupPolicy::Compact,
+        ..TopicConfig::default()
+    };
+    client.create_topic("table", topic_config).await.unwrap();
+    let table = client.table_with("table", config).await.unwrap();
+    table.put_if_absent("a", "1").await.unwrap();
+    broker
+        .lock()
+        .unary_script
+        .extend(std::iter::repeat_n(Scripted::Fail(Code::Unavailable), 1000));
+    let error = table.put_if("a", "2", 0).await.unwrap_err();
+    assert!(matches!(error, Error::DeliveryTimeout { .. }), "{error:?}");
+    broker.lock().unary_script.clear();
+    table.put_if("a", "2", 0).await.unwrap();
+    let state = broker.lock();
+    let first = &state.unary_requests[0];
+    let last = state.unary_requests.last().unwrap();
+    assert_ne!(last.producer_id, first.producer_id);
+    assert_eq!(last.base_sequence, 0);
 }

@@ -2,7 +2,9 @@
 //! when an open batch is sealed (full, lingered long enough, or flushed).
 //!
 //! Each partition has at most one open batch, a [`BatchBuilder`] that records are encoded into
-//! as they arrive, so a batch is encoded exactly once. A batch is sealed when the next record
+//! as they arrive, so a batch is encoded exactly once. A sealed batch leaves as its builder: the
+//! header (with the idempotent producer's sequence, which is assigned when the batch is sent)
+//! and the CRC are written by [`finish_batch`]. A batch is sealed when the next record
 //! would take it over `batch_bytes_max`, when it reaches `batch_bytes_max`, when its linger
 //! deadline (first record + linger) passes, or on flush. A record bigger than `batch_bytes_max`
 //! travels alone in its own batch. Time is passed in by the caller (tests use fake instants).
@@ -15,6 +17,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use syncline_proto::batch::{BatchBuilder, BatchError, HEADER_LEN};
 use syncline_proto::partitioner::partition_for_key;
+
+use super::idempotence::Stamp;
 
 /// Where records without a key go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -63,14 +67,30 @@ pub struct RecordRef<'a> {
 pub struct SealedBatch<W> {
     /// Its partition.
     pub partition: u32,
-    /// The encoded batch, or why encoding failed (every record then fails with it).
-    pub encoded: Result<Bytes, BatchError>,
+    /// The records, encoded; [`finish_batch`] adds the header.
+    pub builder: BatchBuilder,
     /// Number of records, equal to `waiters.len()`.
     pub record_count: u32,
     /// One waiter per record, in record order.
     pub waiters: Vec<W>,
     /// When its first record was appended: the delivery timeout counts from here.
     pub opened_at: Instant,
+}
+
+/// Writes a sealed batch's header, with the idempotent producer's fields when `stamp` is
+/// given, and its CRC. Fails with an error kept from encoding a record (every record of the
+/// batch then fails with it).
+pub fn finish_batch(builder: BatchBuilder, stamp: Option<&Stamp>) -> Result<Bytes, BatchError> {
+    match stamp {
+        Some(stamp) => builder
+            .producer(
+                stamp.identity.header_producer_id(),
+                stamp.identity.header_epoch(),
+                stamp.base_sequence,
+            )
+            .finish(),
+        None => builder.finish(),
+    }
 }
 
 /// What [`Accumulator::append`] did.
@@ -217,7 +237,7 @@ impl<W> Accumulator<W> {
         let record_count = batch.builder.record_count();
         Some(SealedBatch {
             partition,
-            encoded: batch.builder.finish(),
+            builder: batch.builder,
             record_count,
             waiters: batch.waiters,
             opened_at: batch.opened_at,
@@ -275,8 +295,8 @@ mod tests {
         }
     }
 
-    fn decoded_values(batch: &SealedBatch<u32>) -> Vec<Vec<u8>> {
-        let bytes = batch.encoded.clone().unwrap();
+    fn decoded_values(batch: SealedBatch<u32>) -> Vec<Vec<u8>> {
+        let bytes = finish_batch(batch.builder, None).unwrap();
         Batch::parse(bytes)
             .unwrap()
             .records()
@@ -347,14 +367,12 @@ mod tests {
         assert!(sealed.len() > 2);
         let waiters: Vec<u32> = sealed.iter().flat_map(|b| b.waiters.clone()).collect();
         assert_eq!(waiters, (0..10).collect::<Vec<_>>(), "record order kept");
-        for batch in &sealed {
-            let bytes = batch.encoded.as_ref().unwrap();
-            assert!(bytes.len() <= 200, "batch of {} bytes", bytes.len());
-            assert_eq!(batch.record_count as usize, batch.waiters.len());
-            assert_eq!(
-                decoded_values(batch),
-                vec![value.to_vec(); batch.waiters.len()]
-            );
+        for batch in sealed {
+            let bytes = batch.builder.encoded_len();
+            assert!(bytes <= 200, "batch of {bytes} bytes");
+            let records = batch.waiters.len();
+            assert_eq!(batch.record_count as usize, records);
+            assert_eq!(decoded_values(batch), vec![value.to_vec(); records]);
         }
     }
 
@@ -372,7 +390,8 @@ mod tests {
         assert_eq!(appended.sealed.len(), 2);
         assert_eq!(appended.sealed[0].waiters, [0]);
         assert_eq!(appended.sealed[1].waiters, [1]);
-        assert_eq!(decoded_values(&appended.sealed[1]), [big.to_vec()]);
+        let mut sealed = appended.sealed;
+        assert_eq!(decoded_values(sealed.remove(1)), [big.to_vec()]);
         assert!(!appended.opened);
         assert!(accumulator.is_empty());
     }
@@ -419,9 +438,34 @@ mod tests {
         let now = Instant::now();
         accumulator.append(record(None, b"x"), now, 0);
         accumulator.append(record(None, b"y"), now, 1);
-        let expired = accumulator.drain_expired(now);
+        let mut expired = accumulator.drain_expired(now);
         assert_eq!(expired.len(), 1);
-        assert_eq!(decoded_values(&expired[0]), [b"x".to_vec(), b"y".to_vec()]);
+        assert_eq!(
+            decoded_values(expired.remove(0)),
+            [b"x".to_vec(), b"y".to_vec()]
+        );
+    }
+
+    #[test]
+    fn finished_batch_should_carry_the_stamped_producer_fields() {
+        use crate::producer::idempotence::{Next, ProducerIdentity, Sequences};
+        let mut accumulator = Accumulator::new(1, 1 << 20, LINGER, Default::default(), 0);
+        accumulator.append(record(None, b"x"), Instant::now(), 0);
+        let batch = accumulator.drain_all().remove(0);
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(42, 3), 1);
+        let Ok(Next::Stamp(stamp)) = sequences.next(0, 1) else {
+            panic!("no stamp");
+        };
+        let bytes = finish_batch(batch.builder, Some(&stamp)).unwrap();
+        let header = *Batch::parse(bytes).unwrap().header();
+        assert_eq!(
+            (
+                header.producer_id,
+                header.producer_epoch,
+                header.base_sequence
+            ),
+            (42, 3, 0)
+        );
     }
 
     #[test]

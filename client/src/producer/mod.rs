@@ -17,21 +17,35 @@
 //!    first record; then the records fail with [`Error::DeliveryTimeout`]. Other failures fail
 //!    the records at once with the broker's error.
 //!
+//! # Idempotence (on by default)
+//!
+//! With [`ProducerConfig::idempotent`] the producer takes a producer id (`InitProducer`) when
+//! it is created, and the dispatcher gives each batch its sequence in its partition as it sends
+//! it (rules and failure handling: the `idempotence` module). A retry is the same bytes with
+//! the same sequence, so the broker stores a batch once however often it is retried, and
+//! acknowledges a repeat with the original offsets. At most
+//! [`PARTITION_WINDOW_BATCHES`](idempotence::PARTITION_WINDOW_BATCHES) batches of one partition
+//! are unresolved at a time; the dispatcher waits when a partition's window is full. When
+//! another instance re-initialises the same producer id, this one is fenced: its records fail
+//! with [`Error::ProducerFenced`] and it accepts no more.
+//!
 //! # Ordering
 //!
-//! Batches of one partition are sent in order on one stream, so records of one key are stored
-//! in send order as long as no batch is retried. A retry after a broken connection can land
-//! behind a later batch of the same partition; set `in_flight_max = 1` when order must hold
-//! even then. (Idempotent producers, which would make retries exact, need `InitProducer`, which
-//! the protocol does not have yet.)
+//! Batches of one partition are sent in order on one stream. With idempotence records of one
+//! key are stored in send order even across retries: the broker refuses a batch that overtakes
+//! an unacknowledged earlier one (a sequence gap) and the producer retries it behind that one.
+//! Without idempotence a retry after a broken connection can land behind a later batch of the
+//! same partition; set `in_flight_max = 1` when order must hold even then.
 //!
 //! Dropping the last handle of a producer still delivers what was sent; [`Producer::close`]
 //! also waits for it.
 
 mod accumulator;
 mod connection;
+mod idempotence;
 
 pub use accumulator::UnkeyedPartitioning;
+pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -46,10 +60,11 @@ use syncline_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use self::accumulator::{record_size_max, Accumulator, RecordRef, SealedBatch};
+use self::accumulator::{finish_batch, record_size_max, Accumulator, RecordRef, SealedBatch};
 use self::connection::{Attempt, Connection};
+use self::idempotence::{Next, Outcome, Sequences, Stamp};
 use crate::client::Client;
-use crate::error::{Error, Result};
+use crate::error::{is_producer_fenced, Error, Result};
 
 /// The broker's default `max_batch_bytes`: the largest batch it accepts unless configured
 /// otherwise.
@@ -68,7 +83,7 @@ pub enum Acks {
 }
 
 impl Acks {
-    fn to_wire(self) -> v1::Acks {
+    pub(crate) fn to_wire(self) -> v1::Acks {
         match self {
             Acks::None => v1::Acks::None,
             Acks::Leader => v1::Acks::Leader,
@@ -77,8 +92,8 @@ impl Acks {
     }
 }
 
-/// Producer settings. The defaults favour safety (durable acks) and throughput (batches of up
-/// to 1 MiB, 5 ms linger, 8 requests in flight).
+/// Producer settings. The defaults favour safety (durable acks, idempotence) and throughput
+/// (batches of up to 1 MiB, 5 ms linger, 8 requests in flight).
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     /// How long a batch waits for more records after its first one.
@@ -101,6 +116,9 @@ pub struct ProducerConfig {
     pub retry_backoff_max: Duration,
     /// Where records without a key go.
     pub unkeyed_partitioning: UnkeyedPartitioning,
+    /// Take a producer id and number every batch, so that retries never store a batch twice
+    /// and keep the order of each partition (see the module doc). On by default.
+    pub idempotent: bool,
 }
 
 impl Default for ProducerConfig {
@@ -115,6 +133,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(1),
             unkeyed_partitioning: UnkeyedPartitioning::Sticky,
+            idempotent: true,
         }
     }
 }
@@ -246,6 +265,18 @@ struct Waiter {
 #[derive(Debug)]
 struct Ready {
     batch: SealedBatch<Waiter>,
+    ticket: Ticket,
+}
+
+/// A batch on its way: sent at least once, waiting for its acknowledgement.
+#[derive(Debug)]
+struct Sent {
+    partition: u32,
+    record_count: u32,
+    waiters: Vec<Waiter>,
+    opened_at: std::time::Instant,
+    /// Its idempotence fields, when the producer is idempotent.
+    stamp: Option<Stamp>,
     _ticket: Ticket,
 }
 
@@ -263,6 +294,10 @@ struct Shared {
     tracker: Arc<Tracker>,
     connection: Mutex<Option<Arc<Connection>>>,
     next_correlation_id: AtomicU64,
+    /// Sequence state of an idempotent producer.
+    sequences: Option<Mutex<Sequences>>,
+    /// A sent batch was resolved: a partition's window may have room again.
+    sequence_resolved: Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -272,7 +307,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| {
@@ -281,11 +316,13 @@ fn now_ms() -> i64 {
 }
 
 impl Producer {
+    /// Starts the dispatcher. `identity` is the producer's id when it is idempotent.
     pub(crate) fn start(
         client: Client,
         topic: String,
         partitions: u32,
         config: ProducerConfig,
+        identity: Option<ProducerIdentity>,
     ) -> Producer {
         let (ready, ready_receiver) = mpsc::unbounded_channel();
         let (closer, closing) = watch::channel(());
@@ -311,6 +348,8 @@ impl Producer {
             tracker: Arc::new(Tracker::default()),
             connection: Mutex::new(None),
             next_correlation_id: AtomicU64::new(1),
+            sequences: identity.map(|identity| Mutex::new(Sequences::new(identity, partitions))),
+            sequence_resolved: Notify::new(),
             config,
         });
         tokio::spawn(run_dispatcher(shared.clone(), ready_receiver, closing));
@@ -332,6 +371,16 @@ impl Producer {
         lock(&self.handle.shared.accumulator).partitions()
     }
 
+    /// The id and epoch batches are sent under now, for an idempotent producer. It changes
+    /// only after a batch failed for good (see the module doc).
+    pub fn identity(&self) -> Option<ProducerIdentity> {
+        self.handle
+            .shared
+            .sequences
+            .as_ref()
+            .map(|sequences| lock(sequences).identity())
+    }
+
     /// Sends one record and waits until it is acknowledged at the configured level. Records
     /// sent concurrently (from several tasks, or `join_all` over many sends) share batches.
     /// To pipeline from one task in a fixed order, use [`Producer::enqueue`].
@@ -351,7 +400,7 @@ impl Producer {
     /// enqueued one after another from one task are stored in that order (per partition).
     ///
     /// Fails at once for a record that can never be sent (too many headers, bigger than a
-    /// batch may be or than the whole budget).
+    /// batch may be or than the whole budget) and once the producer is fenced.
     pub async fn enqueue(
         &self,
         key: Option<&[u8]>,
@@ -359,6 +408,11 @@ impl Producer {
         headers: &[(&str, &[u8])],
     ) -> Result<DeliveryFuture> {
         let shared = &self.handle.shared;
+        if let Some(sequences) = &shared.sequences {
+            if let Some(error) = lock(sequences).fenced() {
+                return Err(error.clone());
+            }
+        }
         if headers.len() > MAX_HEADERS_PER_RECORD as usize {
             return Err(Error::TooManyHeaders {
                 count: headers.len(),
@@ -439,7 +493,7 @@ impl Shared {
         for batch in sealed {
             let ready = Ready {
                 batch,
-                _ticket: self.tracker.issue(),
+                ticket: self.tracker.issue(),
             };
             if let Err(mpsc::error::SendError(ready)) = self.ready.send(ready) {
                 // Only after the dispatcher stopped, which happens once every handle is gone.
@@ -457,6 +511,88 @@ impl Shared {
             batch,
             ..Default::default()
         }
+    }
+
+    /// The idempotence fields for the next batch of `partition`, once its window has room;
+    /// takes a new producer id first when a batch failed for good. `None` for a producer that
+    /// is not idempotent. Called by the dispatcher only, in sending order.
+    async fn stamp(
+        &self,
+        partition: u32,
+        record_count: u32,
+        deadline: Instant,
+        opened_at: std::time::Instant,
+    ) -> Result<Option<Stamp>> {
+        let Some(sequences) = &self.sequences else {
+            return Ok(None);
+        };
+        let timed_out = |last_error: Option<Error>| Error::DeliveryTimeout {
+            topic: self.topic.clone(),
+            partition,
+            attempts: 0,
+            elapsed_ms: elapsed_ms(opened_at),
+            last_error: last_error.map(Box::new),
+        };
+        loop {
+            let resolved = self.sequence_resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            let next = lock(sequences).next(partition, record_count)?;
+            match next {
+                Next::Stamp(stamp) => return Ok(Some(stamp)),
+                Next::WindowFull => {
+                    if tokio::time::timeout_at(deadline, resolved).await.is_err() {
+                        return Err(timed_out(None));
+                    }
+                }
+                Next::NeedsIdentity => {
+                    let renewed = self.client.new_producer_id_until(
+                        deadline,
+                        self.config.retry_backoff,
+                        self.config.retry_backoff_max,
+                    );
+                    let identity = renewed.await.map_err(|error| {
+                        if error.is_transient() {
+                            timed_out(Some(error))
+                        } else {
+                            error
+                        }
+                    })?;
+                    tracing::info!(
+                        topic = %self.topic,
+                        producer_id = identity.producer_id(),
+                        "a batch failed for good; continuing under a new producer id"
+                    );
+                    lock(sequences).install(identity);
+                }
+            }
+        }
+    }
+
+    /// Whether a failed attempt of an idempotent batch is worth retrying although it is not
+    /// transient: a sequence gap because the batch overtook an earlier, unresolved one.
+    fn overtook_earlier_batch(&self, stamp: Option<&Stamp>, error: &Error) -> bool {
+        match (stamp, &self.sequences) {
+            (Some(stamp), Some(sequences)) => {
+                error.code() == Some(tonic::Code::OutOfRange)
+                    && lock(sequences).earlier_unresolved(stamp)
+            }
+            _ => false,
+        }
+    }
+
+    /// Records how a sent idempotent batch ended and wakes a dispatcher waiting for room.
+    fn resolve(&self, stamp: &Stamp, outcome: &Result<u64>) {
+        let Some(sequences) = &self.sequences else {
+            return;
+        };
+        let outcome = match outcome {
+            Ok(_) => Outcome::Acknowledged,
+            Err(error @ Error::ProducerFenced { .. }) => Outcome::Fenced(error.clone()),
+            Err(_) => Outcome::Failed,
+        };
+        lock(sequences).resolve(stamp, outcome);
+        self.sequence_resolved.notify_waiters();
     }
 
     /// Sends `request` on the current stream, opening a new one if there is none or it ended.
@@ -525,51 +661,81 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-/// Takes an in-flight slot, submits the batch's first attempt (in dispatch order) and leaves
-/// the rest to a delivery task.
+/// Takes an in-flight slot, stamps the batch (idempotence), submits its first attempt (in
+/// dispatch order) and leaves the rest to a delivery task.
 async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
+    let Ready { batch, ticket } = ready;
+    let SealedBatch {
+        partition,
+        builder,
+        record_count,
+        waiters,
+        opened_at,
+    } = batch;
     let Ok(slot) = shared.in_flight.clone().acquire_owned().await else {
-        fail_all(ready.batch.waiters, &Error::Closed("producer"));
+        fail_all(waiters, &Error::Closed("producer"));
         return;
-    };
-    let encoded = match &ready.batch.encoded {
-        Ok(encoded) => encoded.clone(),
-        Err(error) => {
-            fail_all(ready.batch.waiters, &Error::Batch(error.clone()));
-            return;
-        }
     };
     // A batch that waited for a slot past its deadline is not sent at all: sending it now
     // could store records whose futures already say they failed.
-    let deadline = Instant::from_std(ready.batch.opened_at) + shared.config.delivery_timeout;
+    let deadline = Instant::from_std(opened_at) + shared.config.delivery_timeout;
     if Instant::now() >= deadline {
         let error = Error::DeliveryTimeout {
             topic: shared.topic.clone(),
-            partition: ready.batch.partition,
+            partition,
             attempts: 0,
-            elapsed_ms: elapsed_ms(ready.batch.opened_at),
+            elapsed_ms: elapsed_ms(opened_at),
             last_error: None,
         };
-        fail_all(ready.batch.waiters, &error);
+        fail_all(waiters, &error);
         return;
     }
-    let request = shared.next_request(ready.batch.partition, encoded.clone());
+    let stamp = match shared
+        .stamp(partition, record_count, deadline, opened_at)
+        .await
+    {
+        Ok(stamp) => stamp,
+        Err(error) => {
+            fail_all(waiters, &error);
+            return;
+        }
+    };
+    let encoded = match finish_batch(builder, stamp.as_ref()) {
+        Ok(encoded) => encoded,
+        Err(error) => {
+            if let (Some(stamp), Some(sequences)) = (&stamp, &shared.sequences) {
+                // Never sent: the next batch takes its sequence.
+                lock(sequences).unassign(stamp);
+            }
+            fail_all(waiters, &Error::Batch(error));
+            return;
+        }
+    };
+    let sent = Sent {
+        partition,
+        record_count,
+        waiters,
+        opened_at,
+        stamp,
+        _ticket: ticket,
+    };
+    let request = shared.next_request(partition, encoded.clone());
     let first = shared.submit(request);
-    tokio::spawn(deliver(shared.clone(), ready, encoded, first, slot));
+    tokio::spawn(deliver(shared.clone(), sent, encoded, first, slot));
 }
 
 /// Waits for the batch's acknowledgement, retrying transient failures until the delivery
 /// timeout, and resolves every record's future.
 async fn deliver(
     shared: Arc<Shared>,
-    ready: Ready,
+    sent: Sent,
     encoded: bytes::Bytes,
     first: Result<Attempt>,
     _slot: OwnedSemaphorePermit,
 ) {
     let config = &shared.config;
-    let partition = ready.batch.partition;
-    let opened_at = Instant::from_std(ready.batch.opened_at);
+    let partition = sent.partition;
+    let opened_at = Instant::from_std(sent.opened_at);
     let deadline = opened_at + config.delivery_timeout;
     let mut attempt = first;
     let mut attempts: u32 = 1;
@@ -579,7 +745,7 @@ async fn deliver(
         topic: shared.topic.clone(),
         partition,
         attempts,
-        elapsed_ms: elapsed_ms(ready.batch.opened_at),
+        elapsed_ms: elapsed_ms(sent.opened_at),
         last_error: last_error.map(Box::new),
     };
     let outcome = loop {
@@ -595,18 +761,33 @@ async fn deliver(
             Err(error) => Err(error.clone()),
         };
         match result {
-            Ok(response) => break acknowledged(&shared.topic, &ready.batch, &response),
-            Err(error) if error.is_transient() => {
+            Ok(response) => {
+                break acknowledged(&shared.topic, partition, sent.record_count, &response)
+            }
+            Err(error)
+                if error.is_transient()
+                    || shared.overtook_earlier_batch(sent.stamp.as_ref(), &error) =>
+            {
                 if Instant::now() + backoff >= deadline {
                     break Err(timed_out(attempts, Some(error)));
                 }
-                tracing::warn!(
-                    topic = %shared.topic,
-                    partition,
-                    attempts,
-                    %error,
-                    "produce failed; retrying in {backoff:?}"
-                );
+                if error.is_transient() {
+                    tracing::warn!(
+                        topic = %shared.topic,
+                        partition,
+                        attempts,
+                        %error,
+                        "produce failed; retrying in {backoff:?}"
+                    );
+                } else {
+                    tracing::debug!(
+                        topic = %shared.topic,
+                        partition,
+                        attempts,
+                        %error,
+                        "batch overtook an earlier one that is being retried; retrying behind it"
+                    );
+                }
                 last_error = Some(error);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.retry_backoff_max);
@@ -616,9 +797,24 @@ async fn deliver(
             Err(error) => break Err(error),
         }
     };
+    let outcome = match (outcome, &sent.stamp) {
+        (Err(Error::Broker { code, message }), Some(stamp))
+            if is_producer_fenced(code, &message) =>
+        {
+            Err(Error::ProducerFenced {
+                producer_id: stamp.identity.producer_id(),
+                epoch: stamp.identity.epoch(),
+                message,
+            })
+        }
+        (outcome, _) => outcome,
+    };
+    if let Some(stamp) = &sent.stamp {
+        shared.resolve(stamp, &outcome);
+    }
     match outcome {
         Ok(base_offset) => {
-            for (index, waiter) in ready.batch.waiters.into_iter().enumerate() {
+            for (index, waiter) in sent.waiters.into_iter().enumerate() {
                 let delivery = Delivery {
                     partition,
                     offset: base_offset + index as u64,
@@ -627,7 +823,7 @@ async fn deliver(
                 let _ = waiter.reply.send(Ok(delivery));
             }
         }
-        Err(error) => fail_all(ready.batch.waiters, &error),
+        Err(error) => fail_all(sent.waiters, &error),
     }
 }
 
@@ -635,25 +831,23 @@ fn elapsed_ms(since: std::time::Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Checks an acknowledgement against the batch sent; returns the base offset.
-fn acknowledged(
+/// Checks an acknowledgement against the batch sent (`record_count` records to `partition`);
+/// returns the base offset.
+pub(crate) fn acknowledged(
     topic: &str,
-    batch: &SealedBatch<Waiter>,
+    partition: u32,
+    record_count: u32,
     response: &v1::ProduceResponse,
 ) -> Result<u64> {
     let spans = response
         .last_offset
         .checked_sub(response.base_offset)
         .and_then(|span| span.checked_add(1));
-    if response.partition != batch.partition || spans != Some(u64::from(batch.record_count)) {
+    if response.partition != partition || spans != Some(u64::from(record_count)) {
         return Err(Error::Protocol(format!(
             "produce to {topic}/{} of {} records was acknowledged for partition {} \
              with offsets {}..={}",
-            batch.partition,
-            batch.record_count,
-            response.partition,
-            response.base_offset,
-            response.last_offset
+            partition, record_count, response.partition, response.base_offset, response.last_offset
         )));
     }
     Ok(response.base_offset)
@@ -804,14 +998,6 @@ mod tests {
 
     #[test]
     fn acknowledgement_should_match_partition_and_record_count() {
-        let waiters: Vec<Waiter> = Vec::new();
-        let batch = SealedBatch {
-            partition: 2,
-            encoded: Ok(bytes::Bytes::new()),
-            record_count: 3,
-            waiters,
-            opened_at: std::time::Instant::now(),
-        };
         let response = |partition, base_offset, last_offset| v1::ProduceResponse {
             correlation_id: 1,
             partition,
@@ -819,14 +1005,14 @@ mod tests {
             last_offset,
             error: None,
         };
-        assert_eq!(acknowledged("t", &batch, &response(2, 10, 12)).unwrap(), 10);
+        assert_eq!(acknowledged("t", 2, 3, &response(2, 10, 12)).unwrap(), 10);
         for bad in [
             response(1, 10, 12),
             response(2, 10, 11),
             response(2, 12, 10),
         ] {
             assert!(matches!(
-                acknowledged("t", &batch, &bad),
+                acknowledged("t", 2, 3, &bad),
                 Err(Error::Protocol(_))
             ));
         }

@@ -1,5 +1,6 @@
 //! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout,
-//! and `bench`, a load generator that verifies what it reads back).
+//! tables by key with `put`, `get`, `history` and `delete`, and `bench`, a load generator that
+//! verifies what it reads back).
 //!
 //! Exit status: 0 on success; 1 on failure, with one line `error: MESSAGE` on stderr; 2 for a
 //! usage error (clap's message).
@@ -7,6 +8,7 @@
 mod bench;
 mod input;
 mod output;
+mod table;
 
 use std::io::{self, IsTerminal as _, Write};
 use std::process::ExitCode;
@@ -62,6 +64,14 @@ enum Command {
     Produce(ProduceArgs),
     /// Consume records of a topic and print them to stdout.
     Consume(ConsumeArgs),
+    /// Set a key of a table, optionally only at an expected version (compare-and-set).
+    Put(table::PutArgs),
+    /// Print the latest value of a key of a table.
+    Get(table::GetArgs),
+    /// Print the retained versions of a key of a table, oldest first.
+    History(table::HistoryArgs),
+    /// Delete a key of a table.
+    Delete(table::DeleteArgs),
     /// Measure produce and consume throughput and latency, verifying every record read back.
     Bench(bench::BenchArgs),
 }
@@ -251,6 +261,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(command) => topic(&client, command).await,
         Command::Produce(args) => produce(&client, args).await,
         Command::Consume(args) => consume(&client, args).await,
+        Command::Put(args) => table::put(&client, args).await,
+        Command::Get(args) => table::get(&client, args).await,
+        Command::History(args) => table::history(&client, args).await,
+        Command::Delete(args) => table::delete(&client, args).await,
         Command::Bench(args) => bench::run(&client, &cli.broker, args).await,
     }
 }
@@ -605,6 +619,42 @@ mod tests {
         };
         assert!(matches!(args.acks, AcksArg::Durable));
         assert!(args.key_separator.is_none());
+    }
+
+    #[test]
+    fn put_should_take_one_condition_at_most() {
+        assert!(Cli::try_parse_from([
+            "syncline",
+            "put",
+            "t",
+            "k",
+            "v",
+            "--expect-version",
+            "3",
+            "--expect-absent"
+        ])
+        .is_err());
+        let parsed =
+            Cli::try_parse_from(["syncline", "put", "t", "k", "v", "--expect-version", "3"])
+                .unwrap();
+        assert!(matches!(parsed.command, Command::Put(_)));
+        for args in [
+            &["syncline", "get", "t", "k", "--json"][..],
+            &["syncline", "history", "t", "k", "--limit", "5"],
+            &["syncline", "delete", "t", "k", "--expect-version", "1"],
+            &[
+                "syncline",
+                "put",
+                "t",
+                "k",
+                "v",
+                "--expect-absent",
+                "--json",
+            ],
+        ] {
+            Cli::try_parse_from(args).unwrap();
+        }
+        assert!(Cli::try_parse_from(["syncline", "history", "t", "k", "--limit", "0"]).is_err());
     }
 
     #[test]

@@ -1,0 +1,404 @@
+//! The idempotent producer's bookkeeping, without I/O: its identity, the sequence number of
+//! each batch, and when the identity must be replaced.
+//!
+//! # The contract with the broker
+//!
+//! `InitProducer` hands out a producer id and an epoch. Every batch then carries them and a
+//! `base_sequence` in its header; sequences count records per (producer, partition) from 0, and
+//! the next batch's `base_sequence` is the previous one's plus its record count. The broker
+//! appends a batch only if its sequence is the next one expected, acknowledges a batch it
+//! already appended (one of the last [`PARTITION_WINDOW_BATCHES`] of that partition) with its
+//! original offsets, answers a sequence gap with OUT_OF_RANGE, and a batch of an older epoch
+//! with FAILED_PRECONDITION ("fenced").
+//!
+//! # What this gives the producer
+//!
+//! - **Exact retries.** A retried batch is the same bytes with the same sequence, so a retry
+//!   after a lost acknowledgement is acknowledged with the original offsets, not stored twice.
+//! - **Order.** A batch that overtakes an earlier one of its partition (the earlier one is
+//!   being retried) is refused with a gap; the producer retries it while an earlier batch of
+//!   the same partition and identity is still unresolved ([`Sequences::earlier_unresolved`]).
+//! - **A window.** A batch is only sent while it is fewer than [`PARTITION_WINDOW_BATCHES`]
+//!   batches after the oldest unresolved batch of its partition, so a retry always falls within
+//!   what the broker remembers.
+//!
+//! # When a batch fails for good
+//!
+//! A batch that is neither acknowledged nor retried any more leaves a hole in its partition's
+//! sequence (or an unknown outcome, after a timeout): every later sequence would be refused as
+//! a gap. The producer then takes a new producer id before it sends the next batch; batches
+//! already sent under the old id finish under it (their retries are still recognised). Each id
+//! is a *generation*. A batch refused because a newer epoch of the id exists (another instance
+//! took it over) fences the producer for good: it must not take the id back.
+
+use std::collections::BTreeSet;
+
+use syncline_proto::v1;
+
+use crate::error::{Error, Result};
+
+/// Batches of one partition the broker remembers per producer; a retry is recognised only
+/// among them. The window of unresolved batches per partition is kept this small.
+pub const PARTITION_WINDOW_BATCHES: u64 = 5;
+
+/// An idempotent producer's id and epoch, from `InitProducer` ([`crate::Client::init_producer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProducerIdentity {
+    producer_id: u64,
+    epoch: u32,
+}
+
+impl ProducerIdentity {
+    /// Checks the broker's answer: the id is not 0 and fits the batch header's `i64`, the epoch
+    /// its `i16`.
+    pub(crate) fn from_wire(response: &v1::InitProducerResponse) -> Result<ProducerIdentity> {
+        if response.producer_id == 0 || i64::try_from(response.producer_id).is_err() {
+            return Err(Error::Protocol(format!(
+                "InitProducer returned producer id {}, outside [1, {}]",
+                response.producer_id,
+                i64::MAX
+            )));
+        }
+        if i16::try_from(response.producer_epoch).is_err() {
+            return Err(Error::Protocol(format!(
+                "InitProducer returned epoch {}, above {}",
+                response.producer_epoch,
+                i16::MAX
+            )));
+        }
+        Ok(ProducerIdentity {
+            producer_id: response.producer_id,
+            epoch: response.producer_epoch,
+        })
+    }
+
+    /// The producer id.
+    pub fn producer_id(&self) -> u64 {
+        self.producer_id
+    }
+
+    /// The epoch; a newer one fences older instances with the same id.
+    pub fn epoch(&self) -> u32 {
+        self.epoch
+    }
+
+    /// The id as the batch header carries it (checked to fit by `from_wire`).
+    pub(crate) fn header_producer_id(&self) -> i64 {
+        i64::try_from(self.producer_id).unwrap_or(i64::MAX)
+    }
+
+    /// The epoch as the batch header carries it (checked to fit by `from_wire`).
+    pub(crate) fn header_epoch(&self) -> i16 {
+        i16::try_from(self.epoch).unwrap_or(i16::MAX)
+    }
+}
+
+#[cfg(test)]
+impl ProducerIdentity {
+    pub(crate) fn for_tests(producer_id: u64, epoch: u32) -> ProducerIdentity {
+        ProducerIdentity { producer_id, epoch }
+    }
+}
+
+/// The idempotence fields of one sent batch and where it sits in the bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// The identity the batch was sent under.
+    pub identity: ProducerIdentity,
+    /// Which identity of this producer that is (0 for the first).
+    pub generation: u64,
+    /// The batch's partition.
+    pub partition: u32,
+    /// The batch's position among the batches of its partition and generation.
+    pub index: u64,
+    /// The batch header's `base_sequence`.
+    pub base_sequence: i32,
+}
+
+/// What [`Sequences::next`] allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Send the batch with these fields.
+    Stamp(Stamp),
+    /// The partition's window is full: wait until an earlier batch is resolved.
+    WindowFull,
+    /// A batch failed for good: take a new identity ([`Sequences::install`]) first.
+    NeedsIdentity,
+}
+
+/// How a sent batch ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Acknowledged (appended now or before).
+    Acknowledged,
+    /// Failed for good: refused, or its outcome is unknown.
+    Failed,
+    /// Refused because a newer epoch of the id exists.
+    Fenced(Error),
+}
+
+#[derive(Debug, Default)]
+struct PartitionSequences {
+    next_sequence: i32,
+    next_index: u64,
+    /// `(generation, index)` of every sent batch not yet resolved.
+    unresolved: BTreeSet<(u64, u64)>,
+}
+
+/// The sequence state of one idempotent producer; see the module doc.
+#[derive(Debug)]
+pub struct Sequences {
+    identity: ProducerIdentity,
+    generation: u64,
+    partitions: Vec<PartitionSequences>,
+    needs_identity: bool,
+    fenced: Option<Error>,
+}
+
+impl Sequences {
+    /// State for a producer of `partitions` partitions that starts with `identity`.
+    pub fn new(identity: ProducerIdentity, partitions: u32) -> Sequences {
+        Sequences {
+            identity,
+            generation: 0,
+            partitions: (0..partitions.max(1))
+                .map(|_| PartitionSequences::default())
+                .collect(),
+            needs_identity: false,
+            fenced: None,
+        }
+    }
+
+    /// The identity batches are sent under now.
+    pub fn identity(&self) -> ProducerIdentity {
+        self.identity
+    }
+
+    /// The error of a fenced producer, which accepts nothing any more.
+    pub fn fenced(&self) -> Option<&Error> {
+        self.fenced.as_ref()
+    }
+
+    /// Assigns the next batch of `partition` (of `record_count` records) its sequence, if the
+    /// window allows. Fails for a fenced producer.
+    pub fn next(&mut self, partition: u32, record_count: u32) -> Result<Next> {
+        if let Some(error) = &self.fenced {
+            return Err(error.clone());
+        }
+        if self.needs_identity {
+            return Ok(Next::NeedsIdentity);
+        }
+        let generation = self.generation;
+        let partitions = self.partitions.len();
+        let state = self.partitions.get_mut(partition as usize).ok_or_else(|| {
+            Error::Protocol(format!(
+                "batch for partition {partition} of a producer with {partitions} partitions"
+            ))
+        })?;
+        let oldest = state
+            .unresolved
+            .range((generation, 0)..)
+            .next()
+            .map(|&(_, index)| index);
+        if oldest.is_some_and(|oldest| state.next_index - oldest >= PARTITION_WINDOW_BATCHES) {
+            return Ok(Next::WindowFull);
+        }
+        let stamp = Stamp {
+            identity: self.identity,
+            generation,
+            partition,
+            index: state.next_index,
+            base_sequence: state.next_sequence,
+        };
+        // Sequences are i32 in the batch header and wrap, as the broker's do.
+        state.next_sequence = state
+            .next_sequence
+            .wrapping_add(i32::try_from(record_count).unwrap_or(i32::MAX));
+        state.next_index += 1;
+        state.unresolved.insert((generation, stamp.index));
+        Ok(Next::Stamp(stamp))
+    }
+
+    /// Takes back the most recent stamp of its partition, for a batch that was never sent.
+    pub fn unassign(&mut self, stamp: &Stamp) {
+        if stamp.generation != self.generation {
+            return;
+        }
+        if let Some(state) = self.partitions.get_mut(stamp.partition as usize) {
+            if state.next_index == stamp.index + 1 {
+                state.next_index = stamp.index;
+                state.next_sequence = stamp.base_sequence;
+                state.unresolved.remove(&(stamp.generation, stamp.index));
+            }
+        }
+    }
+
+    /// Starts a new generation with `identity`: sequences start again at 0.
+    pub fn install(&mut self, identity: ProducerIdentity) {
+        self.identity = identity;
+        self.generation += 1;
+        self.needs_identity = false;
+        for state in &mut self.partitions {
+            state.next_sequence = 0;
+            state.next_index = 0;
+        }
+    }
+
+    /// Records how a sent batch ended. A failure or fence of an older generation changes
+    /// nothing: that identity is no longer used.
+    pub fn resolve(&mut self, stamp: &Stamp, outcome: Outcome) {
+        if let Some(state) = self.partitions.get_mut(stamp.partition as usize) {
+            state.unresolved.remove(&(stamp.generation, stamp.index));
+        }
+        if stamp.generation != self.generation {
+            return;
+        }
+        match outcome {
+            Outcome::Acknowledged => {}
+            Outcome::Failed => self.needs_identity = true,
+            Outcome::Fenced(error) => self.fenced = Some(error),
+        }
+    }
+
+    /// Whether a batch of the same partition and generation sent before `stamp` is still
+    /// unresolved: then a sequence gap for `stamp` means it overtook that batch, and it is
+    /// worth retrying.
+    pub fn earlier_unresolved(&self, stamp: &Stamp) -> bool {
+        self.partitions
+            .get(stamp.partition as usize)
+            .is_some_and(|state| {
+                state
+                    .unresolved
+                    .range((stamp.generation, 0)..(stamp.generation, stamp.index))
+                    .next()
+                    .is_some()
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(sequences: &mut Sequences, partition: u32, records: u32) -> Stamp {
+        match sequences.next(partition, records).unwrap() {
+            Next::Stamp(stamp) => stamp,
+            other => panic!("expected a stamp, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sequences_should_count_records_per_partition_from_zero() {
+        let identity = ProducerIdentity::for_tests(9, 2);
+        let mut sequences = Sequences::new(identity, 2);
+        let first = stamp(&mut sequences, 0, 3);
+        let other_partition = stamp(&mut sequences, 1, 10);
+        let second = stamp(&mut sequences, 0, 4);
+        let third = stamp(&mut sequences, 0, 1);
+        assert_eq!(
+            (
+                first.base_sequence,
+                second.base_sequence,
+                third.base_sequence
+            ),
+            (0, 3, 7)
+        );
+        assert_eq!(other_partition.base_sequence, 0);
+        assert_eq!(first.identity, identity);
+        assert_eq!((first.index, second.index, third.index), (0, 1, 2));
+    }
+
+    #[test]
+    fn given_window_of_unresolved_batches_should_hold_the_next_until_the_oldest_resolves() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        let sent: Vec<Stamp> = (0..PARTITION_WINDOW_BATCHES)
+            .map(|_| stamp(&mut sequences, 0, 1))
+            .collect();
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        // Another partition is not held.
+        stamp(&mut sequences, 1, 1);
+        // Resolving a later batch does not help: the retry of the oldest must stay within
+        // what the broker remembers.
+        sequences.resolve(&sent[3], Outcome::Acknowledged);
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        sequences.resolve(&sent[0], Outcome::Acknowledged);
+        assert_eq!(stamp(&mut sequences, 0, 1).base_sequence, 5);
+    }
+
+    #[test]
+    fn gap_should_be_worth_retrying_only_behind_an_unresolved_earlier_batch() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        assert!(!sequences.earlier_unresolved(&first));
+        assert!(sequences.earlier_unresolved(&second));
+        sequences.resolve(&first, Outcome::Acknowledged);
+        assert!(!sequences.earlier_unresolved(&second));
+    }
+
+    #[test]
+    fn given_batch_failed_for_good_should_need_a_new_identity_and_restart_sequences() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        sequences.resolve(&first, Outcome::Failed);
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::NeedsIdentity);
+        let renewed = ProducerIdentity::for_tests(2, 0);
+        sequences.install(renewed);
+        let third = stamp(&mut sequences, 0, 1);
+        assert_eq!(
+            (third.identity, third.generation, third.base_sequence),
+            (renewed, 1, 0)
+        );
+        // The old generation's batches finish under the old id and change nothing now.
+        assert!(!sequences.earlier_unresolved(&second));
+        sequences.resolve(&second, Outcome::Failed);
+        assert!(matches!(sequences.next(0, 1).unwrap(), Next::Stamp(_)));
+    }
+
+    #[test]
+    fn given_fence_should_refuse_every_later_batch() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let first = stamp(&mut sequences, 0, 1);
+        let fence = Error::ProducerFenced {
+            producer_id: 1,
+            epoch: 0,
+            message: "fenced".into(),
+        };
+        sequences.resolve(&first, Outcome::Fenced(fence));
+        assert!(matches!(
+            sequences.next(0, 1),
+            Err(Error::ProducerFenced { producer_id: 1, .. })
+        ));
+        assert!(sequences.fenced().is_some());
+    }
+
+    #[test]
+    fn unassign_should_give_the_sequence_back_to_the_next_batch() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        stamp(&mut sequences, 0, 3);
+        let unsent = stamp(&mut sequences, 0, 2);
+        sequences.unassign(&unsent);
+        let next = stamp(&mut sequences, 0, 1);
+        assert_eq!((next.base_sequence, next.index), (3, 1));
+    }
+
+    #[test]
+    fn identity_from_the_broker_should_fit_the_batch_header() {
+        let ok = ProducerIdentity::from_wire(&v1::InitProducerResponse {
+            producer_id: 77,
+            producer_epoch: 3,
+        })
+        .unwrap();
+        assert_eq!((ok.header_producer_id(), ok.header_epoch()), (77, 3));
+        for (producer_id, producer_epoch) in [(0, 0), (u64::MAX, 0), (1, 40_000)] {
+            assert!(matches!(
+                ProducerIdentity::from_wire(&v1::InitProducerResponse {
+                    producer_id,
+                    producer_epoch
+                }),
+                Err(Error::Protocol(_))
+            ));
+        }
+    }
+}
