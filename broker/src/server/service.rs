@@ -347,11 +347,23 @@ impl BrokerService {
                         timestamp_ms: r.timestamp_ms,
                     })
                     .collect();
-                let producer = (request.producer_id != 0).then_some((
-                    request.producer_id as i64,
-                    request.producer_epoch as i16,
-                    request.base_sequence as i32,
-                ));
+                let producer = if request.producer_id == 0 {
+                    None
+                } else {
+                    match (
+                        i64::try_from(request.producer_id),
+                        i16::try_from(request.producer_epoch),
+                        i32::try_from(request.base_sequence),
+                    ) {
+                        (Ok(id), Ok(epoch), Ok(sequence)) => Some((id, epoch, sequence)),
+                        _ => {
+                            return Err(BrokerError::InvalidRequest(format!(
+                                "producer fields out of range: producer_id {} (< 2^63), producer_epoch {} (< 2^15), base_sequence {} (< 2^31)",
+                                request.producer_id, request.producer_epoch, request.base_sequence
+                            )))
+                        }
+                    }
+                };
                 partition.append_records(&records, producer, &conditions, now_ms())?
             }
             (false, false) => {
