@@ -92,7 +92,13 @@ impl Partition {
         epochs: crate::topic::ProducerEpochs,
     ) -> Partition {
         let log = Arc::new(log);
-        let live = restore_state(&log, is_table);
+        let live = match restore_state(&log, is_table) {
+            Ok(live) => live,
+            Err(reason) => {
+                tracing::error!(topic = %topic, partition = id, %reason, "partition fenced: its state cannot be rebuilt from the log");
+                return Partition::fenced(topic, id, partitions, reason);
+            }
+        };
         let flusher = log.spawn_flusher();
         Partition {
             topic,
@@ -273,6 +279,9 @@ impl Partition {
         }
         let appended = log.append_batch(batch).map_err(|e| self.log_error(e))?;
         if idempotent {
+            if let Some(epochs) = &self.epochs {
+                epochs.observe(header.producer_id, header.producer_epoch);
+            }
             live.producers.record(
                 header.producer_id,
                 header.producer_epoch,
@@ -323,6 +332,12 @@ impl Partition {
         let mut live = self.live.lock();
         live.producers.expire(now_ms());
         if live.dirty == 0 {
+            return;
+        }
+        // Only durable state is snapshotted: a snapshot must never cover appends a crash can
+        // take back (their offsets would be reused by other records).
+        if let Err(error) = log.sync() {
+            tracing::warn!(topic = %self.topic, partition = self.id, %error, "no state snapshot: the log cannot sync");
             return;
         }
         if let Err(error) = live.save(log.dir()) {
@@ -419,7 +434,7 @@ impl Partition {
 }
 
 /// Rebuilds the live state: the snapshot if it is usable, then every batch after it.
-fn restore_state(log: &Log, is_table: bool) -> PartitionState {
+fn restore_state(log: &Log, is_table: bool) -> Result<PartitionState, String> {
     let end = log.end_offset();
     let mut state = match PartitionState::load(log.dir()) {
         Some(state)
@@ -428,7 +443,11 @@ fn restore_state(log: &Log, is_table: bool) -> PartitionState {
             state
         }
         Some(_) => {
+            // Delete it, so that a later crash cannot bring this stale snapshot back once the
+            // log has grown past its offset again.
             tracing::warn!(dir = %log.dir().display(), "state snapshot does not match the log; rebuilding from the log");
+            PartitionState::discard(log.dir())
+                .map_err(|e| format!("cannot remove the stale state snapshot: {e}"))?;
             PartitionState::default()
         }
         None => PartitionState::default(),
@@ -447,13 +466,10 @@ fn restore_state(log: &Log, is_table: bool) -> PartitionState {
         let read = match log.read_up_to(offset, 4 * 1024 * 1024, end) {
             Ok(read) if !read.bytes.is_empty() => read,
             Ok(_) => break,
-            Err(error) => {
-                tracing::error!(dir = %log.dir().display(), %error, "cannot replay the log into the partition state");
-                break;
-            }
+            Err(error) => return Err(format!("replaying the log at offset {offset}: {error}")),
         };
         for batch in Batches::new(read.bytes.clone()) {
-            let Ok(batch) = batch else { break };
+            let batch = batch.map_err(|e| format!("replaying the log at offset {offset}: {e}"))?;
             let header = *batch.header();
             if header.next_offset() <= offset {
                 continue;
@@ -472,7 +488,9 @@ fn restore_state(log: &Log, is_table: bool) -> PartitionState {
                 );
             }
             if let Some(index) = state.index.as_mut() {
-                for record in batch.records().flatten() {
+                for record in batch.records() {
+                    let record =
+                        record.map_err(|e| format!("replaying the log at offset {offset}: {e}"))?;
                     if let Some(key) = &record.key {
                         index.set(key, record.offset, record.value.is_none());
                     }
@@ -482,10 +500,72 @@ fn restore_state(log: &Log, is_table: bool) -> PartitionState {
         }
         offset = read.next_offset;
     }
+    if offset < end {
+        return Err(format!(
+            "replay stopped at offset {offset}, before the log end {end}"
+        ));
+    }
     state.applied_offset = end;
     if replayed > 0 {
         state.dirty = replayed;
         tracing::info!(dir = %log.dir().display(), batches = replayed, keys = state.index.as_ref().map_or(0, |i| i.len()), elapsed_ms = started.elapsed().as_millis() as u64, "rebuilt partition state from the log");
     }
-    state
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::LogConfig;
+
+    fn keyed(key: &str, value: &str) -> Bytes {
+        let mut builder = BatchBuilder::new();
+        builder.push(1, Some(key.as_bytes()), Some(value.as_bytes()), &[]);
+        builder.finish().unwrap()
+    }
+
+    #[test]
+    fn given_snapshot_ahead_of_the_log_should_discard_it_and_rebuild_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        log.append(&keyed("a", "1")).unwrap();
+        log.append(&keyed("b", "2")).unwrap();
+        log.sync().unwrap();
+        // A snapshot that claims more than the log holds (its tail was lost in a crash).
+        let mut stale = PartitionState {
+            index: Some(KeyIndex::default()),
+            applied_offset: 100,
+            ..Default::default()
+        };
+        if let Some(index) = stale.index.as_mut() {
+            index.set(b"ghost", 50, false);
+        }
+        stale.save(dir.path()).unwrap();
+        let live = restore_state(&log, true).unwrap();
+        assert!(
+            !dir.path().join("state.snapshot").exists(),
+            "a stale snapshot is deleted"
+        );
+        let index = live.index.unwrap();
+        assert_eq!(index.get(b"ghost"), None);
+        assert_eq!(index.get(b"b").map(|s| s.offset), Some(1));
+        assert_eq!(live.applied_offset, 2);
+    }
+
+    #[test]
+    fn given_snapshot_behind_the_log_should_replay_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), LogConfig::default()).unwrap();
+        log.append(&keyed("a", "1")).unwrap();
+        log.sync().unwrap();
+        let mut state = restore_state(&log, true).unwrap();
+        state.save(dir.path()).unwrap();
+        log.append(&keyed("a", "2")).unwrap();
+        log.append(&keyed("c", "3")).unwrap();
+        log.sync().unwrap();
+        let live = restore_state(&log, true).unwrap();
+        let index = live.index.unwrap();
+        assert_eq!(index.get(b"a").map(|s| s.offset), Some(1));
+        assert_eq!(index.get(b"c").map(|s| s.offset), Some(2));
+    }
 }

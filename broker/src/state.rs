@@ -255,6 +255,10 @@ impl Producers {
             entry.recent.pop_front();
         }
         entry.last_seen_ms = entry.last_seen_ms.max(now_ms);
+        if self.entries.len() > PRODUCERS_MAX + PRODUCERS_MAX / 10 {
+            // Amortised: trim back to the cap once it is exceeded by 10%.
+            self.expire(now_ms);
+        }
     }
 
     /// The highest epoch seen for `producer_id`.
@@ -491,6 +495,15 @@ impl PartitionState {
         crate::log::write_file_atomically(dir, SNAPSHOT_FILE, &self.encode())?;
         self.dirty = 0;
         Ok(())
+    }
+
+    /// Removes the snapshot of `dir` (and makes the removal durable).
+    pub fn discard(dir: &Path) -> std::io::Result<()> {
+        match std::fs::remove_file(dir.join(SNAPSHOT_FILE)) {
+            Ok(()) => std::fs::File::open(dir)?.sync_all(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Loads the snapshot of `dir`, if there is a valid one.

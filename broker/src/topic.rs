@@ -560,7 +560,8 @@ impl ProducerEpochs {
         self.inner.lock().get(&id).copied()
     }
 
-    fn observe(&self, id: i64, epoch: i16) {
+    /// Raises the known epoch of `id` to `epoch`.
+    pub fn observe(&self, id: i64, epoch: i16) {
         let mut map = self.inner.lock();
         let known = map.entry(id).or_insert(epoch);
         *known = (*known).max(epoch);

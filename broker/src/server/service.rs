@@ -237,6 +237,20 @@ impl BrokerService {
         }
     }
 
+    /// Waits until the key's latest record (a delete) is durable, if it is one.
+    async fn wait_for_delete(&self, topic: &str, key: &[u8]) {
+        let Ok(topic) = self.registry.get(topic) else {
+            return;
+        };
+        let id = syncline_proto::partitioner::partition_for_key(key, topic.settings.partitions);
+        let Ok(partition) = topic.partition(id) else {
+            return;
+        };
+        if let (Ok(Some(slot)), Ok(log)) = (partition.latest(key), partition.log()) {
+            let _ = log.wait_durable(slot.offset + 1).await;
+        }
+    }
+
     /// The record at `offset`, once it is durable (reads never see more).
     async fn read_version(
         &self,
@@ -896,7 +910,14 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let result = async move {
             let request = request.into_inner();
-            let (partition, slot) = self.latest(&request.topic, &request.key)?;
+            let (partition, slot) = match self.latest(&request.topic, &request.key) {
+                Ok(found) => found,
+                Err(status) => {
+                    // A delete is only reported once it is durable, like any other read.
+                    self.wait_for_delete(&request.topic, &request.key).await;
+                    return Err(status);
+                }
+            };
             let record = self
                 .read_version(&partition, &request.key, slot.offset)
                 .await?;
