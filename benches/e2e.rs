@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use syncline_broker::config::Config;
-use syncline_broker::server::Broker;
 use syncline_proto::batch::BatchBuilder;
 use syncline_proto::v1::{self, broker_client::BrokerClient};
 use tokio_stream::StreamExt;
@@ -29,46 +29,6 @@ fn batch() -> Bytes {
         builder.push(1_700_000_000_000, None, Some(&value), &[]);
     }
     builder.finish().expect("batch")
-}
-
-struct Setup {
-    runtime: tokio::runtime::Runtime,
-    client: BrokerClient<Channel>,
-    _dir: tempfile::TempDir,
-}
-
-fn setup() -> Setup {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::Builder::new()
-        .prefix("syncline-e2e-")
-        .tempdir()
-        .expect("tempdir");
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen_explicit: true,
-        ..Config::default()
-    };
-    let client = runtime.block_on(async {
-        let broker = Broker::start(config).await.expect("broker");
-        let url = format!("http://{}", broker.local_addr());
-        tokio::spawn(broker.serve(std::future::pending()));
-        BrokerClient::connect(url)
-            .await
-            .expect("connect")
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .max_encoding_message_size(64 * 1024 * 1024)
-    });
-    Setup {
-        runtime,
-        client,
-        _dir: dir,
-    }
 }
 
 static TOPICS: AtomicU64 = AtomicU64::new(0);
@@ -131,7 +91,7 @@ async fn produce(
 }
 
 fn produce_bench(c: &mut Criterion) {
-    let mut setup = setup();
+    let mut setup = common::setup("syncline-e2e-");
     let batch = batch();
     let mut group = c.benchmark_group("e2e_produce_1KiB_x256");
     group.throughput(Throughput::ElementsAndBytes {
@@ -158,7 +118,7 @@ fn produce_bench(c: &mut Criterion) {
 }
 
 fn consume_bench(c: &mut Criterion) {
-    let mut setup = setup();
+    let mut setup = common::setup("syncline-e2e-");
     let batch = batch();
     let total_batches = 1000u64; // ~260 MiB
     let topic = setup.runtime.block_on(async {

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use syncline_broker::config::Config;
-use syncline_broker::server::Broker;
 use syncline_broker::state::KeyIndex;
 use syncline_proto::partitioner::partition_for_key;
 use syncline_proto::v1::{self, broker_client::BrokerClient};
@@ -16,36 +16,6 @@ use tonic::transport::Channel;
 
 const PARTITIONS: u32 = 4;
 static TOPICS: AtomicU64 = AtomicU64::new(0);
-
-fn setup() -> (
-    tokio::runtime::Runtime,
-    BrokerClient<Channel>,
-    tempfile::TempDir,
-) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let dir = tempfile::Builder::new()
-        .prefix("syncline-tables-")
-        .tempdir()
-        .expect("tempdir");
-    let config = Config {
-        data_dir: dir.path().to_path_buf(),
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen: "127.0.0.1:0".parse().expect("addr"),
-        metrics_listen_explicit: true,
-        ..Config::default()
-    };
-    let client = runtime.block_on(async {
-        let broker = Broker::start(config).await.expect("broker");
-        let url = format!("http://{}", broker.local_addr());
-        tokio::spawn(broker.serve(std::future::pending()));
-        BrokerClient::connect(url).await.expect("connect")
-    });
-    (runtime, client, dir)
-}
 
 async fn create_table(client: &mut BrokerClient<Channel>) -> String {
     let name = format!("table-{}", TOPICS.fetch_add(1, Ordering::Relaxed));
@@ -96,7 +66,11 @@ async fn cas(
 }
 
 fn cas_puts(c: &mut Criterion) {
-    let (runtime, mut client, _dir) = setup();
+    let common::Setup {
+        runtime,
+        mut client,
+        _dir,
+    } = common::setup("syncline-tables-");
     let mut group = c.benchmark_group("cas_put_durable");
     group.throughput(Throughput::Elements(1));
     group.bench_function("one_hot_key", |b| {

@@ -35,6 +35,9 @@ pub struct BrokerService {
     shutdown: watch::Receiver<bool>,
 }
 
+/// A topic, one of its partitions, and that partition's log.
+type PartitionLog = (Arc<Topic>, Arc<Partition>, Arc<Log>);
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Records the request's outcome and latency (see `crate::metrics`).
@@ -219,15 +222,27 @@ impl BrokerService {
         Ok((topic, partition))
     }
 
+    /// The partition that holds `key` in `topic` (by the key partitioner).
+    fn key_partition(&self, topic: &str, key: &[u8]) -> Result<Arc<Partition>, BrokerError> {
+        let topic = self.registry.get(topic)?;
+        let id = syncline_proto::partitioner::partition_for_key(key, topic.settings.partitions);
+        Ok(topic.partition(id)?.clone())
+    }
+
+    /// A partition and its log, for the read RPCs.
+    fn partition_log(&self, topic: &str, partition: u32) -> Result<PartitionLog, Status> {
+        let (topic, partition) = self.partition(topic, partition).map_err(to_status)?;
+        let log = partition.log().map_err(to_status)?.clone();
+        Ok((topic, partition, log))
+    }
+
     /// The partition of `key` in table `topic` and the key's live latest version.
     fn latest(
         &self,
         topic: &str,
         key: &[u8],
     ) -> Result<(Arc<Partition>, crate::state::Slot), Status> {
-        let topic_ref = self.registry.get(topic).map_err(to_status)?;
-        let id = syncline_proto::partitioner::partition_for_key(key, topic_ref.settings.partitions);
-        let partition = topic_ref.partition(id).map_err(to_status)?.clone();
+        let partition = self.key_partition(topic, key).map_err(to_status)?;
         match partition.latest(key).map_err(to_status)? {
             Some(slot) if !slot.tombstone => Ok((partition, slot)),
             _ => Err(to_status(BrokerError::KeyNotFound {
@@ -239,11 +254,7 @@ impl BrokerService {
 
     /// Waits until the key's latest record (a delete) is durable, if it is one.
     async fn wait_for_delete(&self, topic: &str, key: &[u8]) {
-        let Ok(topic) = self.registry.get(topic) else {
-            return;
-        };
-        let id = syncline_proto::partitioner::partition_for_key(key, topic.settings.partitions);
-        let Ok(partition) = topic.partition(id) else {
+        let Ok(partition) = self.key_partition(topic, key) else {
             return;
         };
         if let (Ok(Some(slot)), Ok(log)) = (partition.latest(key), partition.log()) {
@@ -730,10 +741,7 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "Fetch");
         let result = async move {
             let request = request.into_inner();
-            let (topic, partition) = self
-                .partition(&request.topic, request.partition)
-                .map_err(to_status)?;
-            let log = partition.log().map_err(to_status)?.clone();
+            let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
             let max_wait = request
                 .max_wait_ms
@@ -787,10 +795,7 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "Subscribe");
         let result = async move {
             let request = request.into_inner();
-            let (topic, partition) = self
-                .partition(&request.topic, request.partition)
-                .map_err(to_status)?;
-            let log = partition.log().map_err(to_status)?.clone();
+            let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             // Validate the start offset now, so a bad one is an error status, not an empty stream.
             log.read(request.offset, 1)
                 .map_err(|e| to_status(partition.log_error(e)))?;
@@ -855,10 +860,7 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "ListOffsets");
         let result = async move {
             let request = request.into_inner();
-            let (_topic, partition) = self
-                .partition(&request.topic, request.partition)
-                .map_err(to_status)?;
-            let log = partition.log().map_err(to_status)?;
+            let (_topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
                 Status::invalid_argument(format!(
                     "unknown offset spec {}: use EARLIEST, LATEST or TIMESTAMP",
@@ -947,12 +949,10 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let result = async move {
             let request = request.into_inner();
-            let topic = self.registry.get(&request.topic).map_err(to_status)?;
-            let partition_id = syncline_proto::partitioner::partition_for_key(
-                &request.key,
-                topic.settings.partitions,
-            );
-            let partition = topic.partition(partition_id).map_err(to_status)?.clone();
+            let partition = self
+                .key_partition(&request.topic, &request.key)
+                .map_err(to_status)?;
+            let partition_id = partition.id;
             if !partition.is_table {
                 return Err(to_status(BrokerError::NotATable {
                     topic: request.topic,
