@@ -106,6 +106,8 @@ impl TopicConfig {
             segment_ms: self.segment_ms,
             fsync_policy: fsync_policy as i32,
             fsync_interval_ms,
+            delete_retention_ms: None,
+            min_cleanable_dirty_ratio: None,
         }
     }
 

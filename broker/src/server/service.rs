@@ -115,6 +115,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
                     size_bytes: info.size_bytes,
                     segments: info.segments as u32,
                     error: String::new(),
+                    ..Default::default()
                 }
             }
             Err(_) => v1::PartitionDescription {
@@ -152,6 +153,8 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         segment_ms: Some(settings.log.segment_ms),
         fsync_policy: fsync_policy as i32,
         fsync_interval_ms,
+        delete_retention_ms: None,
+        min_cleanable_dirty_ratio: None,
     }
 }
 
@@ -203,6 +206,7 @@ fn fetch_response(
         next_offset: read.next_offset,
         high_watermark: read.high_watermark,
         log_start_offset: log.start_offset(),
+        compaction_horizon: 0,
     })
 }
 
@@ -1011,5 +1015,21 @@ impl Broker for BrokerService {
         }
         .await;
         finish("History", started, result)
+    }
+
+    type SnapshotStream = ResponseStream<v1::SnapshotResponse>;
+
+    async fn snapshot(
+        &self,
+        _request: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("Snapshot is being built (issue 7)"))
+    }
+
+    async fn compact_topic(
+        &self,
+        _request: Request<v1::CompactTopicRequest>,
+    ) -> Result<Response<v1::CompactTopicResponse>, Status> {
+        Err(Status::unimplemented("CompactTopic is being built (issue 7)"))
     }
 }
