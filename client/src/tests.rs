@@ -226,6 +226,24 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("the fake broker has no tables"))
     }
 
+    type SnapshotStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<v1::SnapshotResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn snapshot(
+        &self,
+        _request: Request<v1::SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("the fake broker has no tables"))
+    }
+
+    async fn compact_topic(
+        &self,
+        _request: Request<v1::CompactTopicRequest>,
+    ) -> Result<Response<v1::CompactTopicResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no tables"))
+    }
+
     async fn history(
         &self,
         _request: Request<v1::HistoryRequest>,
@@ -419,6 +437,7 @@ impl Broker for FakeBroker {
                 next_offset,
                 high_watermark: log.end_offset,
                 log_start_offset: log.log_start_offset,
+                compaction_horizon: 0,
             }
         };
         if response.batches.is_empty() {

@@ -1030,6 +1030,8 @@ impl Broker for BrokerService {
         &self,
         _request: Request<v1::CompactTopicRequest>,
     ) -> Result<Response<v1::CompactTopicResponse>, Status> {
-        Err(Status::unimplemented("CompactTopic is being built (issue 7)"))
+        Err(Status::unimplemented(
+            "CompactTopic is being built (issue 7)",
+        ))
     }
 }
