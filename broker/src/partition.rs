@@ -32,6 +32,29 @@ pub struct Partition {
     pub is_table: bool,
     /// The broker's current producer epochs (fencing before a new epoch writes here).
     epochs: Option<crate::topic::ProducerEpochs>,
+    /// Snapshots in progress, by their offset H (count per offset). The cleaner never drops a
+    /// record for being superseded by one at or above the oldest pin, so a snapshot streaming
+    /// "every key's latest value below H" never loses a record under it.
+    pins: Arc<Mutex<std::collections::BTreeMap<u64, usize>>>,
+}
+
+/// Holds a snapshot's pin until dropped (see `Partition::pin`).
+#[derive(Debug)]
+pub struct SnapshotPin {
+    pins: Arc<Mutex<std::collections::BTreeMap<u64, usize>>>,
+    offset: u64,
+}
+
+impl Drop for SnapshotPin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.lock();
+        if let Some(count) = pins.get_mut(&self.offset) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.offset);
+            }
+        }
+    }
 }
 
 /// A compare-and-set condition.
@@ -109,6 +132,7 @@ impl Partition {
             live: Mutex::new(live),
             is_table,
             epochs: Some(epochs),
+            pins: Arc::default(),
         }
     }
 
@@ -123,6 +147,7 @@ impl Partition {
             live: Mutex::new(PartitionState::default()),
             is_table: false,
             epochs: None,
+            pins: Arc::default(),
         }
     }
 
@@ -318,6 +343,21 @@ impl Partition {
             .index
             .as_ref()
             .and_then(|index| index.get(key)))
+    }
+
+    /// Pins `offset` (a snapshot's H) until the guard drops: the cleaner keeps every record
+    /// that is the latest of its key below the oldest pin.
+    pub fn pin(&self, offset: u64) -> SnapshotPin {
+        *self.pins.lock().entry(offset).or_insert(0) += 1;
+        SnapshotPin {
+            pins: self.pins.clone(),
+            offset,
+        }
+    }
+
+    /// The oldest pinned snapshot offset, if any snapshot is in progress.
+    pub fn oldest_pin(&self) -> Option<u64> {
+        self.pins.lock().keys().next().copied()
     }
 
     /// The highest epoch this partition has seen per producer id.
