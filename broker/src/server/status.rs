@@ -59,6 +59,7 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Poisoned { .. } => Status::failed_precondition(message),
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
+            LogError::Compaction { .. } => Status::aborted(message),
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
         BrokerError::Io { .. }
