@@ -9,7 +9,9 @@ use syncline_proto::batch::{Batch, BatchBuilder};
 use syncline_proto::partitioner::partition_for_key;
 
 use crate::error::BrokerError;
-use crate::log::{Appended, Log, LogError};
+use crate::log::{
+    Appended, CompactOptions, CompactionFilter, CompactionOutcome, Log, LogError, Verdict,
+};
 use crate::state::{KeyIndex, PartitionState, ProducedBatch, SequenceCheck};
 use syncline_proto::batch::Batches;
 use syncline_proto::v1;
@@ -360,6 +362,26 @@ impl Partition {
         self.pins.lock().keys().next().copied()
     }
 
+    /// Runs one compaction pass (tables only; blocking: call from a blocking thread).
+    pub fn compact(&self, options: &CompactOptions) -> Result<CompactionOutcome, BrokerError> {
+        if !self.is_table {
+            return Err(BrokerError::NotATable {
+                topic: self.topic.to_string(),
+            });
+        }
+        let log = self.log()?;
+        // Durable only grows and a snapshot that starts later pins an offset at or above the
+        // durable offset now, so a limit taken once covers the whole pass.
+        let limit = log
+            .durable_offset()
+            .min(self.oldest_pin().unwrap_or(u64::MAX));
+        let filter = KeyIndexFilter {
+            partition: self,
+            limit,
+        };
+        log.compact(&filter, options).map_err(|e| self.log_error(e))
+    }
+
     /// The highest epoch this partition has seen per producer id.
     pub fn producer_epochs(&self) -> Vec<(i64, i16)> {
         self.live.lock().producers.epochs().collect()
@@ -470,6 +492,74 @@ impl Partition {
         if let Some(flusher) = flusher {
             let _ = flusher.await;
         }
+    }
+}
+
+/// Compaction decisions from the key index: a record is superseded when its key's latest
+/// version is newer and below `limit` (durable, and below every running snapshot's offset); a
+/// delete that is its key's latest version goes once its retention passed. Keys the index
+/// does not know are kept (keeping is always safe).
+struct KeyIndexFilter<'a> {
+    partition: &'a Partition,
+    limit: u64,
+}
+
+impl CompactionFilter for KeyIndexFilter<'_> {
+    fn decide(
+        &self,
+        batch: &Batch,
+        tombstones_expired: bool,
+        out: &mut Vec<Verdict>,
+    ) -> Result<(), String> {
+        let mut records = Vec::with_capacity(batch.header().record_count as usize);
+        for record in batch.records() {
+            let record = record.map_err(|e| format!("stored record: {e}"))?;
+            records.push((record.key, record.offset, record.value.is_none()));
+        }
+        let live = self.partition.live.lock();
+        let Some(index) = live.index.as_ref() else {
+            out.extend(records.iter().map(|_| Verdict::Keep));
+            return Ok(());
+        };
+        for (key, offset, tombstone) in records {
+            let slot = key.as_deref().and_then(|key| index.get(key));
+            out.push(match slot {
+                Some(slot) if slot.offset > offset && slot.offset < self.limit => {
+                    Verdict::Superseded
+                }
+                Some(slot)
+                    if slot.offset == offset
+                        && tombstone
+                        && tombstones_expired
+                        && offset < self.limit =>
+                {
+                    Verdict::ExpiredTombstone
+                }
+                _ => Verdict::Keep,
+            });
+        }
+        Ok(())
+    }
+
+    fn keep_whole(&self, header: &syncline_proto::batch::BatchHeader) -> bool {
+        header.producer_id >= 0
+            && self
+                .partition
+                .live
+                .lock()
+                .producers
+                .is_recent_batch(header.producer_id, header.base_offset)
+    }
+
+    fn tombstones_removed(&self, removed: &[(Bytes, u64)]) {
+        let mut live = self.partition.live.lock();
+        let mut changed = 0;
+        if let Some(index) = live.index.as_mut() {
+            for (key, offset) in removed {
+                changed += u64::from(index.remove_if(key, *offset));
+            }
+        }
+        live.dirty += changed;
     }
 }
 

@@ -88,6 +88,26 @@ impl KeyIndex {
             })
     }
 
+    /// Forgets `key` if its latest version is still `offset` (compaction removed that record,
+    /// a delete, from the log). Returns whether it did.
+    pub fn remove_if(&mut self, key: &[u8], offset: u64) -> bool {
+        if let Some(slot) = self.exact.get(key) {
+            if slot.offset == offset {
+                self.exact.remove(key);
+                return true;
+            }
+            return false;
+        }
+        let (hash, fingerprint) = hashes(key);
+        match self.hashed.get(&hash) {
+            Some(slot) if slot.fingerprint == fingerprint && slot.offset == offset => {
+                self.hashed.remove(&hash);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records that `key`'s latest version is `offset`.
     pub fn set(&mut self, key: &[u8], offset: u64, tombstone: bool) {
         if let Some(slot) = self.exact.get_mut(key) {
@@ -264,6 +284,14 @@ impl Producers {
     /// The highest epoch seen for `producer_id`.
     pub fn epoch(&self, producer_id: i64) -> Option<i16> {
         self.entries.get(&producer_id).map(|e| e.epoch)
+    }
+
+    /// Whether the batch appended at `base_offset` is one of `producer_id`'s remembered recent
+    /// batches (compaction keeps those whole, so a restart can rebuild the producer's state).
+    pub fn is_recent_batch(&self, producer_id: i64, base_offset: u64) -> bool {
+        self.entries
+            .get(&producer_id)
+            .is_some_and(|e| e.recent.iter().any(|b| b.base_offset == base_offset))
     }
 
     /// All (producer id, epoch) pairs.

@@ -108,6 +108,8 @@ pub struct CompactOptions {
     pub roll: bool,
     /// Shared I/O budget.
     pub throttle: Option<Arc<Throttle>>,
+    /// Set to stop the pass early (broker shutdown); nothing is committed then.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Tests: stop after this step, leaving the files as a crash there would.
     #[doc(hidden)]
     pub stop_after: Option<CompactStep>,
@@ -444,9 +446,9 @@ impl Log {
             segments_before: sealed.len(),
             segments_after: outputs.len(),
         };
-        metrics::counter!("syncline_compaction_runs_total").increment(1);
-        metrics::counter!("syncline_compaction_bytes_read_total").increment(bytes_before);
-        metrics::counter!("syncline_compaction_bytes_reclaimed_total")
+        metrics::counter!(crate::metrics::COMPACTION_RUNS_TOTAL).increment(1);
+        metrics::counter!(crate::metrics::COMPACTION_BYTES_READ_TOTAL).increment(bytes_before);
+        metrics::counter!(crate::metrics::COMPACTION_BYTES_RECLAIMED_TOTAL)
             .increment(bytes_before.saturating_sub(bytes_after));
         tracing::info!(
             dir = %self.dir.display(),
@@ -566,6 +568,13 @@ impl Log {
                 batch::verify(batch.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
                 if let Some(throttle) = &options.throttle {
                     throttle.acquire(batch.as_bytes().len() as u64);
+                }
+                if options
+                    .cancel
+                    .as_ref()
+                    .is_some_and(|c| c.load(Ordering::Acquire))
+                {
+                    return Err(self.compaction_error("cancelled (shutting down)"));
                 }
                 let header = *batch.header();
                 verdicts.clear();

@@ -107,6 +107,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
         .map(|partition| match partition.log() {
             Ok(log) => {
                 let info = log.info();
+                let compaction = log.compaction_info();
                 v1::PartitionDescription {
                     partition: partition.id,
                     log_start_offset: info.start_offset,
@@ -115,7 +116,10 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
                     size_bytes: info.size_bytes,
                     segments: info.segments as u32,
                     error: String::new(),
-                    ..Default::default()
+                    dirty_ratio: compaction.dirty_ratio,
+                    last_compaction_ms: compaction.last_run_ms,
+                    bytes_reclaimed: compaction.bytes_reclaimed,
+                    compaction_horizon: compaction.horizon,
                 }
             }
             Err(_) => v1::PartitionDescription {
@@ -153,8 +157,8 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         segment_ms: Some(settings.log.segment_ms),
         fsync_policy: fsync_policy as i32,
         fsync_interval_ms,
-        delete_retention_ms: None,
-        min_cleanable_dirty_ratio: None,
+        delete_retention_ms: Some(settings.log.delete_retention_ms),
+        min_cleanable_dirty_ratio: Some(settings.log.min_cleanable_dirty_ratio),
     }
 }
 
@@ -206,7 +210,7 @@ fn fetch_response(
         next_offset: read.next_offset,
         high_watermark: read.high_watermark,
         log_start_offset: log.start_offset(),
-        compaction_horizon: 0,
+        compaction_horizon: log.compaction_horizon(),
     })
 }
 
@@ -517,6 +521,13 @@ impl Broker for BrokerService {
                     }
                     if let Some(ms) = config.segment_ms {
                         log.segment_ms = ms;
+                    }
+                    if let Some(ms) = config.delete_retention_ms {
+                        log.delete_retention_ms = ms;
+                    }
+                    if let Some(ratio) = config.min_cleanable_dirty_ratio {
+                        crate::config::check_dirty_ratio(ratio)?;
+                        log.min_cleanable_dirty_ratio = ratio;
                     }
                     match fsync_policy {
                         v1::FsyncPolicy::Unspecified => {}
