@@ -200,7 +200,6 @@ async fn reference(client: &mut Grpc, topic: &str, partition: u32, upper: u64) -
                 max_bytes: 64 * 1024,
                 max_wait_ms: 0,
                 decode_records: true,
-                ..Default::default()
             })
             .await
             .unwrap()
