@@ -3,7 +3,9 @@
 //! (rebuilt here independently with Fetch), records come in ascending offsets, H is the durable
 //! offset, small `max_bytes` splits it into several messages with `last` only on the final one,
 //! an empty table is one final message, wrong topics and partitions get the documented codes,
-//! and under concurrent writers every snapshot is exactly the prefix below its own H.
+//! under concurrent writers every snapshot is exactly the prefix below its own H, and (in an
+//! in-process broker whose pins the test can see) a running snapshot pins its H until the
+//! client goes away, and a broker shutdown ends it without a final message.
 
 mod common;
 
@@ -416,4 +418,172 @@ async fn given_concurrent_writers_each_snapshot_should_equal_the_log_prefix_belo
             "partition {partition}: H never goes back: {hs:?}"
         );
     }
+}
+
+/// An in-process broker (the binary's code) whose registry the test can look into, serving
+/// until `stop` fires.
+async fn in_process(
+    dir: &std::path::Path,
+) -> (
+    Grpc,
+    Arc<syncline_broker::topic::Registry>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let config = syncline_broker::config::Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen_explicit: true,
+        ..Default::default()
+    };
+    let broker = syncline_broker::server::Broker::start(config)
+        .await
+        .unwrap();
+    let url = format!("http://{}", broker.local_addr());
+    let registry = broker.registry().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(async move {
+        broker
+            .serve(async move {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    let client = BrokerClient::connect(url).await.unwrap();
+    (client, registry, stop, served)
+}
+
+/// Bytes per value of the big table: 4000 of them (16 MiB) are far more than the HTTP/2
+/// windows and the snapshot channel can hold, so a snapshot of it is still running while the
+/// client has read only its first message.
+const BIG_VALUE_BYTES: usize = 4096;
+const BIG_KEYS: usize = 4000;
+
+/// One-partition table `big` with BIG_KEYS keys of BIG_VALUE_BYTES each.
+async fn big_table(client: &mut Grpc) {
+    client
+        .create_topic(v1::CreateTopicRequest {
+            name: "big".into(),
+            config: Some(v1::TopicConfig {
+                partitions: 1,
+                cleanup_policy: v1::CleanupPolicy::Compact as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let value = Bytes::from(vec![b'v'; BIG_VALUE_BYTES]);
+    for chunk in 0..BIG_KEYS / 100 {
+        let records = (0..100)
+            .map(|i| v1::Record {
+                key: Some(Bytes::from(format!("key-{}", chunk * 100 + i))),
+                value: Some(value.clone()),
+                ..Default::default()
+            })
+            .collect();
+        client
+            .produce(v1::ProduceRequest {
+                topic: "big".into(),
+                partition: 0,
+                records,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Waits until no snapshot pins partition 0 of `big`. Gives up (fails) after a minute, far
+/// beyond the milliseconds it takes, so a leaked pin fails the test instead of hanging it.
+async fn wait_unpinned(registry: &syncline_broker::topic::Registry) {
+    let topic = registry.get("big").unwrap();
+    let partition = topic.partition(0).unwrap().clone();
+    for _ in 0..6000 {
+        if partition.oldest_pin().is_none() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "the snapshot still pins offset {:?}",
+        partition.oldest_pin()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_client_that_goes_away_mid_snapshot_should_stop_and_release_the_pin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut client, registry, stop, served) = in_process(dir.path()).await;
+    big_table(&mut client).await;
+    let mut stream = client
+        .snapshot(v1::SnapshotRequest {
+            topic: "big".into(),
+            partition: 0,
+            max_bytes: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.last);
+    assert_eq!(first.keys_total, BIG_KEYS as u64);
+    let partition = registry.get("big").unwrap().partition(0).unwrap().clone();
+    assert_eq!(
+        partition.oldest_pin(),
+        Some(first.high_watermark),
+        "a running snapshot pins its H"
+    );
+    drop(stream);
+    wait_unpinned(&registry).await;
+    let _ = stop.send(());
+    served.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_broker_shutdown_mid_snapshot_should_end_the_stream_without_a_final_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut client, registry, stop, served) = in_process(dir.path()).await;
+    big_table(&mut client).await;
+    let mut stream = client
+        .snapshot(v1::SnapshotRequest {
+            topic: "big".into(),
+            partition: 0,
+            max_bytes: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.last);
+    let _ = stop.send(());
+    let mut received = 1;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(message) => {
+                assert!(
+                    !message.last,
+                    "a stopped snapshot never claims to be complete"
+                );
+                received += 1;
+            }
+            Err(status) => {
+                assert!(
+                    matches!(
+                        status.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ),
+                    "{status:?}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(
+        received < BIG_KEYS,
+        "the stream ended early ({received} messages)"
+    );
+    served.await.unwrap();
+    wait_unpinned(&registry).await;
 }
