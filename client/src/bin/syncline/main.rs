@@ -627,6 +627,20 @@ async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long ago `ms` (since the Unix epoch) was, e.g. `42s ago`.
+fn format_age(ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let seconds = (now - ms).max(0) / 1000;
+    match seconds {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -764,19 +778,5 @@ mod tests {
             "produced 1 record (15 bytes) in 1.000 s (1 records/s, 15 B/s)"
         );
         assert_eq!(byte_rate(2048.0), "2.0 KiB/s");
-    }
-}
-
-/// How long ago `ms` (since the Unix epoch) was, e.g. `42s ago`.
-fn format_age(ms: i64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let seconds = (now - ms).max(0) / 1000;
-    match seconds {
-        s if s < 120 => format!("{s}s ago"),
-        s if s < 7200 => format!("{}m ago", s / 60),
-        s if s < 172_800 => format!("{}h ago", s / 3600),
-        s => format!("{}d ago", s / 86_400),
     }
 }
