@@ -1002,6 +1002,49 @@ mod tests {
         assert_eq!(live.applied_offset, 2);
     }
 
+    #[tokio::test]
+    async fn given_many_rounds_of_updates_when_compacted_should_drop_superseded_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig {
+            segment_bytes_max: 64 * 1024,
+            batch_bytes_max: 64 * 1024,
+            ..LogConfig::default()
+        };
+        let log = Log::open(dir.path(), config).unwrap();
+        let partition = Partition::open(
+            Arc::from("t"),
+            0,
+            1,
+            log,
+            true,
+            crate::topic::ProducerEpochs::default(),
+        );
+        let value = "x".repeat(1000);
+        for round in 0..30 {
+            let records: Vec<PlainRecord> = (0..30)
+                .map(|k| PlainRecord {
+                    key: Some(Bytes::from(format!("k{k}"))),
+                    value: Some(Bytes::from(format!("{round}{value}"))),
+                    headers: Vec::new(),
+                    timestamp_ms: 1,
+                })
+                .collect();
+            partition.append_records(&records, None, &[], 1).unwrap();
+        }
+        partition.log().unwrap().sync().unwrap();
+        let outcome = partition
+            .compact(&CompactOptions {
+                delete_retention_ms: u64::MAX / 2,
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(outcome.segments_before > 5, "{outcome:?}");
+        assert!(
+            outcome.bytes_after * 10 < outcome.bytes_before,
+            "{outcome:?}"
+        );
+    }
+
     #[test]
     fn given_snapshot_behind_the_log_should_replay_the_rest() {
         let dir = tempfile::tempdir().unwrap();
