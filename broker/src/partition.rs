@@ -532,6 +532,7 @@ impl Partition {
         let limit = log
             .durable_offset()
             .min(self.oldest_pin().unwrap_or(u64::MAX));
+        tracing::debug!(topic = %self.topic, partition = self.id, limit, "compaction pass starts");
         let filter = KeyIndexFilter {
             partition: self,
             limit,
