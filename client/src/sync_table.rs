@@ -709,9 +709,12 @@ impl Shared {
                     source,
                 }
             })?;
-        let end_offset = match (decoded.truncated, decoded.end_offset) {
-            (_, Some(end)) => end,
-            (_, None) => response.next_offset,
+        let end_offset = match decoded.end_offset {
+            // Resubscribed from the end of the whole batches.
+            Some(end) if decoded.truncated => end,
+            // The broker's next offset may pass a gap compaction left after the last batch.
+            Some(end) => end.max(response.next_offset),
+            None => response.next_offset,
         };
         {
             let mut state = self.write();

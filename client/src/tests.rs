@@ -82,6 +82,8 @@ struct State {
     subscribe_requests: u64,
     /// Bumping it ends every live subscription with UNAVAILABLE (a dropped connection).
     subscription_generation: u64,
+    /// Fetch, Subscribe and Snapshot requests refused because of `unavailable`.
+    refused_while_unavailable: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -250,6 +252,7 @@ impl Broker for FakeBroker {
         let mut state = self.lock();
         state.snapshot_requests += 1;
         if state.unavailable {
+            state.refused_while_unavailable += 1;
             return Err(Status::unavailable("scripted: restarting"));
         }
         let log = state
@@ -487,8 +490,9 @@ impl Broker for FakeBroker {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
         let response = {
-            let state = self.lock();
+            let mut state = self.lock();
             if state.unavailable {
+                state.refused_while_unavailable += 1;
                 return Err(Status::unavailable("scripted: restarting"));
             }
             let log = state
@@ -538,6 +542,7 @@ impl Broker for FakeBroker {
             let mut state = self.lock();
             state.subscribe_requests += 1;
             if state.unavailable {
+                state.refused_while_unavailable += 1;
                 return Err(Status::unavailable("scripted: restarting"));
             }
             let log = state
@@ -1800,4 +1805,45 @@ async fn sync_table_should_refuse_a_topic_that_is_not_a_table_and_report_snapsho
         "{error:?}"
     );
     assert!(replica.error().is_some());
+}
+
+#[tokio::test]
+async fn given_broker_unavailable_for_a_while_should_resume_from_the_next_offset_without_a_snapshot(
+) {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    writer.put("a", "1").await.unwrap(); // 0
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let (_, mut changes) = replica.entries_and_changes();
+    while_down(&broker, |_| {});
+    writer.put("a", "2").await.unwrap(); // 1
+    writer.put("b", "1").await.unwrap(); // 2
+                                         // The table tries to resume while the broker is down, and is refused.
+    bounded(async {
+        while broker.lock().refused_while_unavailable == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    back_up(&broker);
+    let last = writer.put("a", "3").await.unwrap(); // 3
+    bounded(replica.wait_for_write(last)).await.unwrap();
+    assert_eq!(
+        next_changes(&mut changes, 3).await,
+        [
+            ("a".into(), Some("2".into()), 1, Some(0), false),
+            ("b".into(), Some("1".into()), 2, None, false),
+            ("a".into(), Some("3".into()), 3, Some(1), false),
+        ]
+    );
+    assert_eq!(
+        broker.lock().snapshot_requests,
+        1,
+        "resumed, not re-snapshotted"
+    );
+    assert!(replica.error().is_none());
 }
