@@ -101,6 +101,25 @@ pub struct Flags {
     /// How often retention runs, in milliseconds [default: 30000]
     #[arg(long, env = "SYNCLINE_RETENTION_CHECK_MS", value_name = "MS")]
     pub retention_check_ms: Option<u64>,
+
+    /// Tables: how long a delete (tombstone) stays after compaction could remove it, so that
+    /// replicas that are behind still see it [default: 86400000, one day]
+    #[arg(long, env = "SYNCLINE_DELETE_RETENTION_MS", value_name = "MS")]
+    pub delete_retention_ms: Option<u64>,
+
+    /// Tables: the cleaner compacts a partition once this share of its sealed bytes was
+    /// written since the last pass, in (0, 1] [default: 0.5]
+    #[arg(long, env = "SYNCLINE_MIN_CLEANABLE_DIRTY_RATIO", value_name = "RATIO")]
+    pub min_cleanable_dirty_ratio: Option<f64>,
+
+    /// How often the cleaner looks for tables to compact, in milliseconds [default: 15000]
+    #[arg(long, env = "SYNCLINE_CLEANER_INTERVAL_MS", value_name = "MS")]
+    pub cleaner_interval_ms: Option<u64>,
+
+    /// The cleaner's I/O budget in bytes read per second, shared by all partitions, so that it
+    /// does not starve produce; 0 = unthrottled [default: 134217728, 128 MiB/s]
+    #[arg(long, env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
+    pub cleaner_io_bytes_per_sec: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -122,10 +141,14 @@ struct FileConfig {
     max_batch_bytes: Option<u32>,
     max_fetch_bytes: Option<u32>,
     retention_check_ms: Option<u64>,
+    delete_retention_ms: Option<u64>,
+    min_cleanable_dirty_ratio: Option<f64>,
+    cleaner_interval_ms: Option<u64>,
+    cleaner_io_bytes_per_sec: Option<u64>,
 }
 
 /// Defaults for topics created without explicit settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TopicDefaults {
     /// Partitions.
     pub partitions: u32,
@@ -139,6 +162,10 @@ pub struct TopicDefaults {
     pub retention_bytes: Option<u64>,
     /// fsync policy.
     pub fsync: FsyncPolicy,
+    /// Tables: how long a delete stays after compaction could remove it, in ms.
+    pub delete_retention_ms: u64,
+    /// Tables: dirty share of the sealed bytes that triggers a compaction pass.
+    pub min_cleanable_dirty_ratio: f64,
 }
 
 /// Bounds on what requests may ask for.
@@ -159,7 +186,7 @@ pub struct Limits {
 }
 
 /// The broker's configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where topics live.
     pub data_dir: PathBuf,
@@ -177,6 +204,10 @@ pub struct Config {
     pub limits: Limits,
     /// How often retention runs.
     pub retention_check_ms: u64,
+    /// How often the cleaner looks for tables to compact.
+    pub cleaner_interval_ms: u64,
+    /// The cleaner's I/O budget (bytes read per second; 0 = unthrottled).
+    pub cleaner_io_bytes_per_sec: u64,
 }
 
 impl Default for Config {
@@ -194,6 +225,8 @@ impl Default for Config {
                 retention_ms: None,
                 retention_bytes: None,
                 fsync: FsyncPolicy::Always,
+                delete_retention_ms: 86_400_000,
+                min_cleanable_dirty_ratio: 0.5,
             },
             limits: Limits {
                 max_partitions: 1024,
@@ -204,6 +237,8 @@ impl Default for Config {
                 subscribe_read_ahead: 4,
             },
             retention_check_ms: 30_000,
+            cleaner_interval_ms: 15_000,
+            cleaner_io_bytes_per_sec: 128 * 1024 * 1024,
         }
     }
 }
@@ -240,6 +275,18 @@ fn retention(value: i64, key: &'static str) -> Result<Option<u64>, ConfigError> 
             key,
             message: format!("{v}: use a positive number, or -1 for no limit"),
         }),
+    }
+}
+
+/// Checks a `min_cleanable_dirty_ratio`: in (0, 1].
+pub fn check_dirty_ratio(ratio: f64) -> Result<(), ConfigError> {
+    if ratio > 0.0 && ratio <= 1.0 {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            key: "min_cleanable_dirty_ratio",
+            message: format!("{ratio} is outside (0, 1]"),
+        })
     }
 }
 
@@ -318,6 +365,23 @@ impl Config {
             .retention_check_ms
             .or(file.retention_check_ms)
             .unwrap_or(config.retention_check_ms);
+        let topic = &mut config.topic_defaults;
+        topic.delete_retention_ms = flags
+            .delete_retention_ms
+            .or(file.delete_retention_ms)
+            .unwrap_or(topic.delete_retention_ms);
+        topic.min_cleanable_dirty_ratio = flags
+            .min_cleanable_dirty_ratio
+            .or(file.min_cleanable_dirty_ratio)
+            .unwrap_or(topic.min_cleanable_dirty_ratio);
+        config.cleaner_interval_ms = flags
+            .cleaner_interval_ms
+            .or(file.cleaner_interval_ms)
+            .unwrap_or(config.cleaner_interval_ms);
+        config.cleaner_io_bytes_per_sec = flags
+            .cleaner_io_bytes_per_sec
+            .or(file.cleaner_io_bytes_per_sec)
+            .unwrap_or(config.cleaner_io_bytes_per_sec);
         config.validate()?;
         Ok(config)
     }
@@ -370,6 +434,10 @@ impl Config {
         if self.retention_check_ms == 0 {
             return err("retention_check_ms", "must be at least 1".into());
         }
+        if self.cleaner_interval_ms == 0 {
+            return err("cleaner_interval_ms", "must be at least 1".into());
+        }
+        check_dirty_ratio(self.topic_defaults.min_cleanable_dirty_ratio)?;
         // The per-topic log config must be valid with these defaults.
         self.log_config_for(&self.topic_defaults).validate()
     }

@@ -106,6 +106,20 @@ pub enum BrokerError {
         /// The current version of every conditioned key.
         current: Vec<syncline_proto::v1::KeyVersion>,
     },
+    /// A snapshot found the log disagreeing with the key index: the record the index names as
+    /// a key's live value is missing or is not a live value. A compaction bug or corruption;
+    /// the snapshot stops instead of skipping the key.
+    #[error("snapshot of partition {partition} of topic `{topic}` is inconsistent at offset {offset}: {reason}")]
+    SnapshotInconsistent {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The offset the key index names.
+        offset: u64,
+        /// What the log holds instead.
+        reason: String,
+    },
     /// An idempotent producer's batch was refused.
     #[error(transparent)]
     Sequence(#[from] crate::state::SequenceError),

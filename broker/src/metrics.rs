@@ -59,6 +59,12 @@ pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
 pub const CONNECTIONS: &str = "syncline_connections";
 /// Accepted connections.
 pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
+/// Counter: compaction passes committed.
+pub const COMPACTION_RUNS_TOTAL: &str = "syncline_compaction_runs_total";
+/// Counter: bytes of segments compaction read and rewrote.
+pub const COMPACTION_BYTES_READ_TOTAL: &str = "syncline_compaction_bytes_read_total";
+/// Counter: bytes compaction removed.
+pub const COMPACTION_BYTES_RECLAIMED_TOTAL: &str = "syncline_compaction_bytes_reclaimed_total";
 
 /// Latency buckets in seconds: 50 us .. 10 s (fsyncs here take ~0.2 ms, long polls up to 30 s).
 const SECONDS_BUCKETS: &[f64] = &[
@@ -138,6 +144,17 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open client connections");
     describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
+    describe_counter!(COMPACTION_RUNS_TOTAL, "Compaction passes committed");
+    describe_counter!(
+        COMPACTION_BYTES_READ_TOTAL,
+        Unit::Bytes,
+        "Bytes of segments read and rewritten by compaction"
+    );
+    describe_counter!(
+        COMPACTION_BYTES_RECLAIMED_TOTAL,
+        Unit::Bytes,
+        "Bytes removed from table logs by compaction"
+    );
 }
 
 /// The text of the status code, as a label value.
@@ -229,6 +246,25 @@ pub fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
                     out,
                     "{name}{{topic=\"{}\",partition=\"{}\"}} {value}",
                     topic.name, partition.id
+                );
+            }
+        }
+    }
+    let name = "syncline_partition_dirty_ratio";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Tables: share of the sealed bytes written since the last compaction pass"
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for topic in &topics {
+        for partition in topic.partitions.iter().filter(|p| p.is_table) {
+            if let Ok(log) = partition.log() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",partition=\"{}\"}} {}",
+                    topic.name,
+                    partition.id,
+                    log.compaction_info().dirty_ratio
                 );
             }
         }

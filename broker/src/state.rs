@@ -88,6 +88,26 @@ impl KeyIndex {
             })
     }
 
+    /// Forgets `key` if its latest version is still `offset` (compaction removed that record,
+    /// a delete, from the log). Returns whether it did.
+    pub fn remove_if(&mut self, key: &[u8], offset: u64) -> bool {
+        if let Some(slot) = self.exact.get(key) {
+            if slot.offset == offset {
+                self.exact.remove(key);
+                return true;
+            }
+            return false;
+        }
+        let (hash, fingerprint) = hashes(key);
+        match self.hashed.get(&hash) {
+            Some(slot) if slot.fingerprint == fingerprint && slot.offset == offset => {
+                self.hashed.remove(&hash);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Records that `key`'s latest version is `offset`.
     pub fn set(&mut self, key: &[u8], offset: u64, tombstone: bool) {
         if let Some(slot) = self.exact.get_mut(key) {
@@ -116,6 +136,24 @@ impl KeyIndex {
                 );
             }
         }
+    }
+
+    /// The latest version of every key ever written (live and deleted), in no particular
+    /// order: the hashed slots, then the exact slots of keys whose hash collided.
+    pub fn slots(&self) -> impl Iterator<Item = Slot> + '_ {
+        let hashed = self.hashed.values().map(|slot| Slot {
+            offset: slot.offset,
+            tombstone: slot.tombstone,
+        });
+        hashed.chain(self.exact.values().copied())
+    }
+
+    /// Offsets of the latest record of every live key (deletes left out), in no particular
+    /// order: what a snapshot streams.
+    pub fn live_offsets(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots()
+            .filter(|slot| !slot.tombstone)
+            .map(|slot| slot.offset)
     }
 
     /// Keys tracked.
@@ -264,6 +302,14 @@ impl Producers {
     /// The highest epoch seen for `producer_id`.
     pub fn epoch(&self, producer_id: i64) -> Option<i16> {
         self.entries.get(&producer_id).map(|e| e.epoch)
+    }
+
+    /// Whether the batch appended at `base_offset` is one of `producer_id`'s remembered recent
+    /// batches (compaction keeps those whole, so a restart can rebuild the producer's state).
+    pub fn is_recent_batch(&self, producer_id: i64, base_offset: u64) -> bool {
+        self.entries
+            .get(&producer_id)
+            .is_some_and(|e| e.recent.iter().any(|b| b.base_offset == base_offset))
     }
 
     /// All (producer id, epoch) pairs.
@@ -645,6 +691,47 @@ mod tests {
             }
             prop_assert_eq!(index.get(b"never"), None);
         }
+    }
+
+    #[test]
+    fn given_puts_deletes_and_a_collision_live_offsets_should_cover_both_maps_and_skip_tombstones()
+    {
+        let mut index = KeyIndex::default();
+        index.set(b"a", 1, false);
+        index.set(b"b", 2, false);
+        index.set(b"a", 3, false);
+        index.set(b"c", 4, false);
+        index.set(b"c", 5, true);
+        index.set(b"d", 6, true);
+        // A key in the exact map (its hash collides with another key's): live, then one deleted.
+        let (hash, fingerprint) = hashes(b"x");
+        index.hashed.insert(
+            hash,
+            HashedSlot {
+                offset: 0,
+                fingerprint: fingerprint ^ 1,
+                tombstone: false,
+            },
+        );
+        index.set(b"x", 7, false);
+        let (hash, fingerprint) = hashes(b"y");
+        index.hashed.insert(
+            hash,
+            HashedSlot {
+                offset: 8,
+                fingerprint: fingerprint ^ 1,
+                tombstone: true,
+            },
+        );
+        index.set(b"y", 9, true);
+        assert_eq!(index.exact.len(), 2);
+        let mut slots: Vec<Slot> = index.slots().collect();
+        slots.sort_by_key(|s| s.offset);
+        assert_eq!(slots.len(), index.len());
+        let mut live: Vec<u64> = index.live_offsets().collect();
+        live.sort_unstable();
+        // a@3, b@2, the forged colliding entry @0, x@7; c, d, y and the forged @8 are deletes.
+        assert_eq!(live, vec![0, 2, 3, 7]);
     }
 
     #[test]

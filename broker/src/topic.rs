@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, TopicDefaults};
 use crate::error::BrokerError;
-use crate::log::{ConfigError, FsyncPolicy, Log, LogError};
+use crate::log::{CompactOptions, ConfigError, FsyncPolicy, Log, LogError, Throttle};
 use crate::partition::Partition;
 
 const FORMAT_FILE: &str = "format-version";
@@ -52,7 +52,7 @@ pub enum Cleanup {
 }
 
 /// Effective settings of a topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TopicSettings {
     /// Partition count.
     pub partitions: u32,
@@ -77,6 +77,18 @@ struct TopicMeta {
     fsync_policy: String,
     fsync_interval_ms: u64,
     created_ms: i64,
+    #[serde(default = "default_delete_retention_ms")]
+    delete_retention_ms: u64,
+    #[serde(default = "default_min_cleanable_dirty_ratio")]
+    min_cleanable_dirty_ratio: f64,
+}
+
+// Topics written before these settings existed take the built-in defaults.
+fn default_delete_retention_ms() -> u64 {
+    Config::default().topic_defaults.delete_retention_ms
+}
+fn default_min_cleanable_dirty_ratio() -> f64 {
+    Config::default().topic_defaults.min_cleanable_dirty_ratio
 }
 
 impl TopicMeta {
@@ -91,6 +103,8 @@ impl TopicMeta {
                 retention_ms: self.retention_ms,
                 retention_bytes: self.retention_bytes,
                 fsync: crate::config::parse_fsync(&self.fsync_policy, self.fsync_interval_ms)?,
+                delete_retention_ms: self.delete_retention_ms,
+                min_cleanable_dirty_ratio: self.min_cleanable_dirty_ratio,
             },
         })
     }
@@ -165,6 +179,8 @@ pub struct Registry {
     sequence: AtomicU64,
     /// Highest epoch handed out per producer id (rebuilt from the partitions at startup).
     producer_epochs: ProducerEpochs,
+    /// The cleaner's shared I/O budget (None: unthrottled).
+    throttle: Option<Arc<Throttle>>,
     _lock: File,
 }
 
@@ -229,11 +245,13 @@ impl Registry {
             Err(e) => return Err(BrokerError::io("reading", &format_path, e)),
         }
         let registry = Registry {
-            config,
+            config: config.clone(),
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
             producer_epochs: ProducerEpochs::default(),
+            throttle: (config.cleaner_io_bytes_per_sec > 0)
+                .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
             _lock: lock,
         };
         registry.producer_epochs.load(&dir)?;
@@ -394,6 +412,8 @@ impl Registry {
                 FsyncPolicy::IntervalMs(ms) => ms,
             },
             created_ms: now_ms(),
+            delete_retention_ms: settings.log.delete_retention_ms,
+            min_cleanable_dirty_ratio: settings.log.min_cleanable_dirty_ratio,
         };
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
@@ -497,6 +517,44 @@ impl Registry {
                 if let Ok(log) = partition.log() {
                     if let Err(error) = log.enforce_retention() {
                         tracing::warn!(topic = %topic.name, partition = partition.id, %error, "retention failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The options of a compaction pass over `topic`.
+    pub fn compact_options(&self, topic: &Topic, roll: bool) -> CompactOptions {
+        CompactOptions {
+            delete_retention_ms: topic.settings.log.delete_retention_ms,
+            roll,
+            throttle: self.throttle.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The background cleaner's round: compacts every table partition that is due (enough
+    /// dirty bytes, or a kept delete past its retention). Blocking: call from a blocking
+    /// thread. Stops between passes, and inside one, when `cancel` is set.
+    pub fn run_cleaner(&self, cancel: &Arc<AtomicBool>) {
+        for topic in self.list() {
+            if topic.settings.cleanup != Cleanup::Compact {
+                continue;
+            }
+            let mut options = self.compact_options(&topic, false);
+            options.cancel = Some(cancel.clone());
+            for partition in &topic.partitions {
+                if cancel.load(Ordering::Acquire) || topic.deleted.load(Ordering::Acquire) {
+                    return;
+                }
+                let Ok(log) = partition.log() else { continue };
+                if !log.compaction_due(topic.settings.log.min_cleanable_dirty_ratio) {
+                    continue;
+                }
+                match partition.compact(&options) {
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(topic = %topic.name, partition = partition.id, %error, "compaction pass failed; the log is unchanged");
                     }
                 }
             }

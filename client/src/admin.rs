@@ -62,7 +62,7 @@ pub enum FsyncPolicy {
 
 /// Topic settings. `None` (and `partitions: None`) take the broker's defaults; a description
 /// returns the effective values.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TopicConfig {
     /// Number of partitions; `None` = broker default.
     pub partitions: Option<u32>,
@@ -78,6 +78,11 @@ pub struct TopicConfig {
     pub segment_ms: Option<u64>,
     /// When writes become durable; `None` = broker default.
     pub fsync_policy: Option<FsyncPolicy>,
+    /// Tables: how long a delete stays after compaction could remove it, in ms.
+    pub delete_retention_ms: Option<u64>,
+    /// Tables: share of the sealed bytes written since the last compaction that triggers the
+    /// next one, in (0, 1].
+    pub min_cleanable_dirty_ratio: Option<f64>,
 }
 
 impl TopicConfig {
@@ -106,8 +111,8 @@ impl TopicConfig {
             segment_ms: self.segment_ms,
             fsync_policy: fsync_policy as i32,
             fsync_interval_ms,
-            delete_retention_ms: None,
-            min_cleanable_dirty_ratio: None,
+            delete_retention_ms: self.delete_retention_ms,
+            min_cleanable_dirty_ratio: self.min_cleanable_dirty_ratio,
         }
     }
 
@@ -127,6 +132,8 @@ impl TopicConfig {
             segment_bytes: config.segment_bytes,
             segment_ms: config.segment_ms,
             fsync_policy,
+            delete_retention_ms: config.delete_retention_ms,
+            min_cleanable_dirty_ratio: config.min_cleanable_dirty_ratio,
         }
     }
 }
@@ -153,7 +160,7 @@ impl TopicSummary {
 }
 
 /// A topic's effective config and the state of each partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TopicDescription {
     /// The topic's name.
     pub name: String,
@@ -198,7 +205,7 @@ impl TopicDescription {
 }
 
 /// The state of one partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PartitionDescription {
     /// The partition number.
     pub partition: u32,
@@ -214,6 +221,50 @@ pub struct PartitionDescription {
     pub segments: u32,
     /// Why the partition is fenced, if it is.
     pub error: Option<String>,
+    /// Tables: share of the sealed bytes written since the last compaction pass.
+    pub dirty_ratio: f64,
+    /// Tables: when the last compaction pass finished (ms since the epoch; 0 = never).
+    pub last_compaction_ms: i64,
+    /// Tables: bytes compaction removed over the partition's life.
+    pub bytes_reclaimed: u64,
+    /// Tables: deletes below this offset may have been removed by compaction (0 = none).
+    pub compaction_horizon: u64,
+}
+
+/// What one compaction pass did to one partition ([`crate::Client::compact_topic`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionOutcome {
+    /// The partition.
+    pub partition: u32,
+    /// Bytes of the segments the pass rewrote.
+    pub bytes_before: u64,
+    /// Bytes of their replacements.
+    pub bytes_after: u64,
+    /// Superseded records and expired deletes removed.
+    pub records_removed: u64,
+    /// Expired deletes removed.
+    pub tombstones_removed: u64,
+    /// Segments rewritten.
+    pub segments_before: u32,
+    /// Segments written.
+    pub segments_after: u32,
+    /// Why this partition could not be compacted, if it could not.
+    pub error: Option<String>,
+}
+
+impl CompactionOutcome {
+    pub(crate) fn from_wire(outcome: v1::CompactionOutcome) -> CompactionOutcome {
+        CompactionOutcome {
+            partition: outcome.partition,
+            bytes_before: outcome.bytes_before,
+            bytes_after: outcome.bytes_after,
+            records_removed: outcome.records_removed,
+            tombstones_removed: outcome.tombstones_removed,
+            segments_before: outcome.segments_before,
+            segments_after: outcome.segments_after,
+            error: (!outcome.error.is_empty()).then_some(outcome.error),
+        }
+    }
 }
 
 impl PartitionDescription {
@@ -226,6 +277,10 @@ impl PartitionDescription {
             size_bytes: partition.size_bytes,
             segments: partition.segments,
             error: (!partition.error.is_empty()).then_some(partition.error),
+            dirty_ratio: partition.dirty_ratio,
+            last_compaction_ms: partition.last_compaction_ms,
+            bytes_reclaimed: partition.bytes_reclaimed,
+            compaction_horizon: partition.compaction_horizon,
         }
     }
 }
@@ -265,6 +320,8 @@ mod tests {
             segment_bytes: Some(1 << 20),
             segment_ms: None,
             fsync_policy: Some(FsyncPolicy::Interval { interval_ms: 5 }),
+            delete_retention_ms: Some(60_000),
+            min_cleanable_dirty_ratio: Some(0.25),
         };
         assert_eq!(TopicConfig::from_wire(&config.to_wire()), config);
         let defaults = TopicConfig::default();

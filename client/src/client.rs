@@ -9,7 +9,9 @@ use syncline_proto::v1::{self, broker_client::BrokerClient};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::address::BrokerAddress;
-use crate::admin::{ListedOffset, OffsetQuery, TopicConfig, TopicDescription, TopicSummary};
+use crate::admin::{
+    CompactionOutcome, ListedOffset, OffsetQuery, TopicConfig, TopicDescription, TopicSummary,
+};
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{Error, Result};
 use crate::producer::{Producer, ProducerConfig, ProducerIdentity};
@@ -187,6 +189,25 @@ impl Client {
             .await
             .map_err(|status| self.error(status))?;
         TopicDescription::from_wire(response.into_inner().topic)
+    }
+
+    /// Runs a compaction pass over every partition of a table now and reports what each did
+    /// (`roll`: seal the active segments first, so everything durable is compacted).
+    pub async fn compact_topic(&self, name: &str, roll: bool) -> Result<Vec<CompactionOutcome>> {
+        let response = self
+            .grpc()
+            .compact_topic(v1::CompactTopicRequest {
+                name: name.to_owned(),
+                roll,
+            })
+            .await
+            .map_err(|status| self.error(status))?;
+        Ok(response
+            .into_inner()
+            .partitions
+            .into_iter()
+            .map(CompactionOutcome::from_wire)
+            .collect())
     }
 
     /// Looks up an offset of one partition: earliest, latest (durable), or by timestamp.

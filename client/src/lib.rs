@@ -87,8 +87,8 @@ pub use syncline_proto::v1;
 
 pub use address::{BrokerAddress, DEFAULT_PORT};
 pub use admin::{
-    CleanupPolicy, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription, TopicConfig,
-    TopicDescription, TopicSummary,
+    CleanupPolicy, CompactionOutcome, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription,
+    TopicConfig, TopicDescription, TopicSummary,
 };
 pub use client::{Client, ClientConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};

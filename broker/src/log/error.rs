@@ -110,6 +110,15 @@ pub enum LogError {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
+    /// A compaction pass stopped before it committed; the log is unchanged.
+    #[error("compaction of {dir} stopped: {reason}")]
+    Compaction {
+        /// The log directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
     /// The log was closed.
     #[error("log {dir} is closed")]
     Closed {

@@ -53,10 +53,12 @@
 //!   depends on them is acknowledged.
 
 mod checkpoint;
+mod compact;
 pub mod config;
 pub mod error;
 pub mod file;
 mod index;
+mod manifest;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -74,6 +76,10 @@ use parking_lot::{Mutex, RwLock};
 use syncline_proto::batch;
 use tokio::sync::{watch, Notify};
 
+pub use compact::{
+    CompactOptions, CompactStep, CompactionFilter, CompactionInfo, CompactionOutcome, Throttle,
+    Verdict,
+};
 pub use config::{ConfigError, FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
@@ -86,7 +92,8 @@ pub fn write_file_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Res
 
 use checkpoint::CleanMarker;
 use index::{OffsetIndex, TimeIndex};
-use segment::{IndexCursor, Indexes, Segment, SegmentParts};
+use manifest::Manifest;
+use segment::{IndexCursor, Indexes, Segment, SegmentName, SegmentParts};
 
 /// Milliseconds since the Unix epoch, injectable for tests.
 pub trait Clock: Send + Sync + std::fmt::Debug {
@@ -250,6 +257,14 @@ pub struct Log {
     last_recovery_point: Mutex<(u64, Instant)>,
     stats: LogStats,
     recovery: RecoveryReport,
+    /// The committed compaction state (segment manifest).
+    manifest: Mutex<Manifest>,
+    /// `manifest.horizon`, readable without the lock (every fetch reports it).
+    horizon: AtomicU64,
+    /// One compaction pass at a time.
+    compact_lock: Mutex<()>,
+    /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
+    tombstone_expiry_ms: std::sync::atomic::AtomicI64,
     _lock: File,
 }
 
@@ -285,11 +300,11 @@ fn lock_dir(dir: &Path) -> Result<File, LogError> {
     Ok(file)
 }
 
-/// Lists segment base offsets and removes leftovers of interrupted operations: temp files and
-/// indexes whose segment is gone.
-fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+/// Lists segment files (sorted by base offset, then generation) and removes leftovers of
+/// interrupted operations: temp files and indexes whose segment is gone.
+fn list_segments(dir: &Path) -> Result<Vec<SegmentName>, LogError> {
     let entries = std::fs::read_dir(dir).map_err(|e| LogError::io("listing", dir, e))?;
-    let mut bases = Vec::new();
+    let mut names = Vec::new();
     let mut indexes = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|e| LogError::io("listing", dir, e))?;
@@ -303,26 +318,23 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
         let Some((stem, extension)) = name.split_once('.') else {
             continue;
         };
-        let Ok(base) = stem.parse::<u64>() else {
+        let Some(segment) = SegmentName::parse(stem) else {
             continue;
         };
-        if stem.len() != 20 {
-            continue;
-        }
         match extension {
-            "log" => bases.push(base),
-            "index" | "timeindex" => indexes.push((base, entry.path())),
+            "log" => names.push(segment),
+            "index" | "timeindex" => indexes.push((segment, entry.path())),
             _ => {}
         }
     }
-    bases.sort_unstable();
-    for (base, path) in indexes {
-        if bases.binary_search(&base).is_err() {
+    names.sort_unstable();
+    for (segment, path) in indexes {
+        if names.binary_search(&segment).is_err() {
             tracing::info!(path = %path.display(), "removing index without a segment");
             std::fs::remove_file(&path).map_err(|e| LogError::io("removing", &path, e))?;
         }
     }
-    Ok(bases)
+    Ok(names)
 }
 
 /// When the file was created (statx birth time), in ms since the epoch: a segment's age.
@@ -332,13 +344,9 @@ fn birth_time_ms(file: &File) -> Option<i64> {
     i64::try_from(since.as_millis()).ok()
 }
 
-fn remove_segment_files(dir: &Path, base: u64) -> Result<(), LogError> {
+fn remove_segment_files(dir: &Path, name: SegmentName) -> Result<(), LogError> {
     // The .log goes first: an index without its segment is cleaned up at the next open.
-    for path in [
-        segment::log_path(dir, base),
-        segment::index_path(dir, base),
-        segment::time_index_path(dir, base),
-    ] {
+    for path in [name.log(dir), name.index(dir), name.time_index(dir)] {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -383,8 +391,9 @@ impl Log {
                 LogError::io("reading the recovery point in", &dir, e)
             }
         })?;
-        let bases = list_segments(&dir)?;
-        if bases.is_empty() {
+        let manifest = Manifest::read(&dir)?;
+        let names = manifest.resolve(&dir, list_segments(&dir)?, remove_segment_files)?;
+        if names.is_empty() {
             if let Some(point) = recovery_point.filter(|p| *p > 0) {
                 return Err(LogError::Corrupt {
                     file: dir.clone(),
@@ -396,13 +405,13 @@ impl Log {
                 });
             }
         }
-        let last_base = bases.last().copied();
-        let clean = match (marker, last_base) {
+        let last_name = names.last().copied();
+        let clean = match (marker, last_name) {
             (Some(marker), Some(last)) => {
-                let len = std::fs::metadata(segment::log_path(&dir, last))
-                    .map(|m| m.len())
-                    .ok();
-                marker.last_segment == last && Some(marker.last_segment_len) == len
+                let len = std::fs::metadata(last.log(&dir)).map(|m| m.len()).ok();
+                marker.last_segment == last.base
+                    && last.generation == 0
+                    && Some(marker.last_segment_len) == len
             }
             _ => false,
         };
@@ -413,32 +422,33 @@ impl Log {
         };
         let now = options.clock.now_ms();
 
-        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(bases.len() + 1);
+        let mut segments: Vec<Arc<Segment>> = Vec::with_capacity(names.len() + 1);
         let mut writer_parts: Option<(Arc<dyn SegmentFile>, IndexCursor)> = None;
         // An empty non-last segment is a successor whose roll never got a batch in (its files
         // were not cleaned up): it holds nothing. The offset check between its neighbours still
         // guards the sequence.
-        let last_index = bases.len().saturating_sub(1);
-        let mut kept = Vec::with_capacity(bases.len());
-        for (i, base) in bases.iter().copied().enumerate() {
-            let path = segment::log_path(&dir, base);
+        let last_index = names.len().saturating_sub(1);
+        let mut kept = Vec::with_capacity(names.len());
+        for (i, name) in names.iter().copied().enumerate() {
+            let path = name.log(&dir);
             let empty = std::fs::metadata(&path)
                 .map(|m| m.len() == 0)
                 .unwrap_or(false);
-            if empty && i < last_index {
+            if empty && i < last_index && name.generation == 0 {
                 tracing::warn!(path = %path.display(), "removing empty non-last segment");
-                remove_segment_files(&dir, base)?;
+                remove_segment_files(&dir, name)?;
                 file::sync_dir(&dir).map_err(|e| LogError::io("syncing", &dir, e))?;
             } else {
-                kept.push(base);
+                kept.push(name);
             }
         }
-        let bases = kept;
+        let names = kept;
         let mut i = 0;
-        while i < bases.len() {
-            let base = bases[i];
-            let is_last = i + 1 == bases.len();
-            let path = segment::log_path(&dir, base);
+        while i < names.len() {
+            let name = names[i];
+            let base = name.base;
+            let is_last = i + 1 == names.len();
+            let path = name.log(&dir);
             let file = options
                 .opener
                 .open(&path, false)
@@ -447,10 +457,10 @@ impl Log {
                 .len()
                 .map_err(|e| LogError::io("reading size of", &path, e))?;
             let trusted = if clean {
-                let next_base = bases.get(i + 1).copied();
+                let next_base = names.get(i + 1).map(|n| n.base);
                 Self::load_trusted(
                     &dir,
-                    base,
+                    name,
                     next_base,
                     &config,
                     file.file(),
@@ -467,11 +477,11 @@ impl Log {
                         .map_err(|e| LogError::io("mapping segment", &path, e))?;
                     let mut scan = segment::scan(&data, base, config.index_interval_bytes, true);
                     drop(data);
-                    if scan.stop.is_none() && !is_last && scan.next_offset != bases[i + 1] {
+                    if scan.stop.is_none() && !is_last && scan.next_offset != names[i + 1].base {
                         scan.stop = Some(format!(
                             "segment ends at offset {} but the next segment starts at {}",
                             scan.next_offset,
-                            bases[i + 1]
+                            names[i + 1].base
                         ));
                     }
                     if let Some(reason) = scan.stop.take() {
@@ -513,13 +523,13 @@ impl Log {
                         file_len = scan.valid_len;
                         report.bytes_truncated += dropped;
                     }
-                    let is_last = i + 1 == bases.len();
+                    let is_last = i + 1 == names.len();
                     let indexes =
-                        Self::indexes_from_scan(&dir, base, is_last, &config, &scan, &mut report)?;
+                        Self::indexes_from_scan(&dir, name, is_last, &config, &scan, &mut report)?;
                     (scan.next_offset, scan.max_timestamp, scan.cursor, indexes)
                 }
             };
-            let is_last = i + 1 == bases.len();
+            let is_last = i + 1 == names.len();
             let map_len = if is_last {
                 config.segment_bytes_max.max(file_len)
             } else {
@@ -529,6 +539,7 @@ impl Log {
                 .map_err(|e| LogError::io("mapping segment", &path, e))?;
             segments.push(Arc::new(Segment::new(SegmentParts {
                 base_offset: base,
+                generation: name.generation,
                 path,
                 data,
                 len: file_len,
@@ -604,6 +615,10 @@ impl Log {
             last_recovery_point: Mutex::new((end, Instant::now())),
             stats: LogStats::default(),
             recovery: report,
+            horizon: AtomicU64::new(manifest.horizon),
+            tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
+            manifest: Mutex::new(manifest),
+            compact_lock: Mutex::new(()),
             _lock: lock,
         })
     }
@@ -612,30 +627,25 @@ impl Log {
     /// entry. `None` when anything disagrees (the caller then scans).
     fn load_trusted(
         dir: &Path,
-        base: u64,
+        name: SegmentName,
         next_base: Option<u64>,
         config: &LogConfig,
         file: &File,
         file_len: u64,
         marker: Option<CleanMarker>,
     ) -> Option<(u64, i64, IndexCursor, Indexes)> {
+        let base = name.base;
         let is_last = next_base.is_none();
         let (offsets, times) = if is_last {
             let capacity = config.index_entries_max();
             (
-                OffsetIndex::open_writable(&segment::index_path(dir, base), capacity, usize::MAX)
-                    .ok()?,
-                TimeIndex::open_writable(
-                    &segment::time_index_path(dir, base),
-                    capacity,
-                    usize::MAX,
-                )
-                .ok()?,
+                OffsetIndex::open_writable(&name.index(dir), capacity, usize::MAX).ok()?,
+                TimeIndex::open_writable(&name.time_index(dir), capacity, usize::MAX).ok()?,
             )
         } else {
             (
-                OffsetIndex::open_sealed(&segment::index_path(dir, base)).ok()?,
-                TimeIndex::open_sealed(&segment::time_index_path(dir, base)).ok()?,
+                OffsetIndex::open_sealed(&name.index(dir)).ok()?,
+                TimeIndex::open_sealed(&name.time_index(dir)).ok()?,
             )
         };
         let indexes = Indexes { offsets, times };
@@ -660,14 +670,15 @@ impl Log {
 
     fn indexes_from_scan(
         dir: &Path,
-        base: u64,
+        name: SegmentName,
         is_last: bool,
         config: &LogConfig,
         scan: &segment::Scan,
         report: &mut RecoveryReport,
     ) -> Result<Indexes, LogError> {
-        let offsets_path = segment::index_path(dir, base);
-        let times_path = segment::time_index_path(dir, base);
+        let base = name.base;
+        let offsets_path = name.index(dir);
+        let times_path = name.time_index(dir);
         let io_err = |path: &Path| {
             let path = path.to_path_buf();
             move |e| LogError::io("rebuilding index", path, e)
@@ -735,7 +746,7 @@ impl Log {
         if result.is_err() {
             // Leave nothing behind: an empty segment file between two real ones would break the
             // offset sequence on the next open.
-            let _ = remove_segment_files(dir, base);
+            let _ = remove_segment_files(dir, SegmentName::appended(base));
             let _ = file::sync_dir(dir);
         }
         result
@@ -748,7 +759,8 @@ impl Log {
         options: &OpenOptions,
         now: i64,
     ) -> Result<(Arc<Segment>, Arc<dyn SegmentFile>), LogError> {
-        let path = segment::log_path(dir, base);
+        let name = SegmentName::appended(base);
+        let path = name.log(dir);
         // A previous attempt may have left an empty file: nothing in it was ever acknowledged.
         if std::fs::metadata(&path)
             .map(|m| m.len() == 0)
@@ -761,8 +773,8 @@ impl Log {
             .open(&path, true)
             .map_err(|e| LogError::io("creating segment", &path, e))?;
         let capacity = config.index_entries_max();
-        let offsets_path = segment::index_path(dir, base);
-        let times_path = segment::time_index_path(dir, base);
+        let offsets_path = name.index(dir);
+        let times_path = name.time_index(dir);
         let offsets = OffsetIndex::open_writable(&offsets_path, capacity, 0)
             .map_err(|e| LogError::io("creating index", &offsets_path, e))?;
         let times = TimeIndex::open_writable(&times_path, capacity, 0)
@@ -772,6 +784,7 @@ impl Log {
         file::sync_dir(dir).map_err(|e| LogError::io("syncing", dir, e))?;
         let segment = Arc::new(Segment::new(SegmentParts {
             base_offset: base,
+            generation: 0,
             path,
             data,
             len: 0,
@@ -1277,12 +1290,28 @@ impl Log {
         let new_start = remaining
             .first()
             .map_or(self.end_offset(), |s| s.base_offset);
+        {
+            // Listed (compacted) segments leave the manifest before their files go, so an open
+            // never finds a listed segment missing.
+            let mut manifest = self.manifest.lock();
+            if segments[..delete]
+                .iter()
+                .any(|s| manifest.segments.contains(&s.name()))
+            {
+                let mut shortened = manifest.clone();
+                shortened.segments.retain(|name| name.base >= new_start);
+                shortened
+                    .write(&self.dir)
+                    .map_err(|e| LogError::io("writing the segment manifest in", &self.dir, e))?;
+                *manifest = shortened;
+            }
+        }
         // Readers first stop finding the segments, then the files go (mappings stay alive in
         // readers' `Bytes` until they drop them).
         *self.segments.write() = remaining;
         self.start_offset.store(new_start, Ordering::Release);
         for segment in &segments[..delete] {
-            remove_segment_files(&self.dir, segment.base_offset)?;
+            remove_segment_files(&self.dir, segment.name())?;
             outcome.segments_deleted += 1;
             outcome.bytes_deleted += segment.len();
         }

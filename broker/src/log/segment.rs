@@ -36,19 +36,57 @@ use super::index::{
 /// which the CRC does not cover, is caught by this check on recovery and read.
 pub(crate) const LEADER_EPOCH: u32 = 0;
 
-/// File name stem of a segment: the base offset, zero-padded to 20 digits so names sort.
-pub(crate) fn segment_stem(base_offset: u64) -> String {
-    format!("{base_offset:020}")
+/// A segment's file name: its base offset and its generation. Appends write generation 0,
+/// `<base:020>.log`; the cleaner writes generation g > 0, `<base:020>-<g:010>.log`, and commits
+/// it through the manifest (`manifest.rs`). Zero-padded so names sort by base offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct SegmentName {
+    pub(crate) base: u64,
+    pub(crate) generation: u64,
 }
 
-pub(crate) fn log_path(dir: &Path, base_offset: u64) -> PathBuf {
-    dir.join(format!("{}.log", segment_stem(base_offset)))
-}
-pub(crate) fn index_path(dir: &Path, base_offset: u64) -> PathBuf {
-    dir.join(format!("{}.index", segment_stem(base_offset)))
-}
-pub(crate) fn time_index_path(dir: &Path, base_offset: u64) -> PathBuf {
-    dir.join(format!("{}.timeindex", segment_stem(base_offset)))
+impl SegmentName {
+    pub(crate) fn new(base: u64, generation: u64) -> Self {
+        Self { base, generation }
+    }
+
+    /// Generation 0: a segment written by appends.
+    pub(crate) fn appended(base: u64) -> Self {
+        Self::new(base, 0)
+    }
+
+    pub(crate) fn stem(&self) -> String {
+        if self.generation == 0 {
+            format!("{:020}", self.base)
+        } else {
+            format!("{:020}-{:010}", self.base, self.generation)
+        }
+    }
+
+    /// Parses a stem written by [`SegmentName::stem`].
+    pub(crate) fn parse(stem: &str) -> Option<Self> {
+        let (base, generation) = match stem.split_once('-') {
+            Some((base, generation)) if generation.len() == 10 => {
+                (base, generation.parse::<u64>().ok().filter(|g| *g > 0)?)
+            }
+            Some(_) => return None,
+            None => (stem, 0),
+        };
+        if base.len() != 20 || !base.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some(Self::new(base.parse().ok()?, generation))
+    }
+
+    pub(crate) fn log(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.log", self.stem()))
+    }
+    pub(crate) fn index(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.index", self.stem()))
+    }
+    pub(crate) fn time_index(&self, dir: &Path) -> PathBuf {
+        dir.join(format!("{}.timeindex", self.stem()))
+    }
 }
 
 /// Decides which batches get index entries. Append and the recovery scan share it, so a
@@ -238,6 +276,7 @@ pub(crate) struct Indexes {
 /// The read side of a segment, shared by readers and the writer.
 pub(crate) struct Segment {
     pub(crate) base_offset: u64,
+    pub(crate) generation: u64,
     pub(crate) path: PathBuf,
     data: Bytes,
     /// Bytes of complete batches, published after they are written.
@@ -284,6 +323,7 @@ pub(crate) fn map_file(file: &File, len: u64) -> io::Result<Bytes> {
 
 pub(crate) struct SegmentParts {
     pub(crate) base_offset: u64,
+    pub(crate) generation: u64,
     pub(crate) path: PathBuf,
     pub(crate) data: Bytes,
     pub(crate) len: u64,
@@ -298,6 +338,7 @@ impl Segment {
     pub(crate) fn new(parts: SegmentParts) -> Self {
         Segment {
             base_offset: parts.base_offset,
+            generation: parts.generation,
             path: parts.path,
             data: parts.data,
             len: AtomicU64::new(parts.len),
@@ -312,6 +353,15 @@ impl Segment {
 
     pub(crate) fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn name(&self) -> SegmentName {
+        SegmentName::new(self.base_offset, self.generation)
+    }
+
+    /// The mapped bytes of complete batches.
+    pub(crate) fn data(&self) -> Bytes {
+        self.data.slice(..self.len() as usize)
     }
 
     pub(crate) fn next_offset(&self) -> u64 {

@@ -144,6 +144,11 @@ impl Broker {
             Duration::from_millis(self.registry.config().retention_check_ms),
             shutdown_rx.clone(),
         ));
+        let cleaner = tokio::spawn(cleaner_loop(
+            self.registry.clone(),
+            Duration::from_millis(self.registry.config().cleaner_interval_ms),
+            shutdown_rx.clone(),
+        ));
         let mut grace_rx = shutdown_rx.clone();
         let shutdown = async move {
             signal.await;
@@ -190,6 +195,7 @@ impl Broker {
             }
         };
         let _ = retention.await;
+        let _ = cleaner.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
@@ -202,6 +208,35 @@ impl Broker {
                 std::io::Error::other(e),
             )
         })
+    }
+}
+
+/// The background cleaner: every `every`, compacts the table partitions that are due, one at a
+/// time on a blocking thread (throttled by the registry's I/O budget). Shutdown cancels a pass
+/// in progress (nothing of it is committed).
+async fn cleaner_loop(
+    registry: Arc<Registry>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let registry = registry.clone();
+        let pass_cancel = cancel.clone();
+        let mut pass = tokio::task::spawn_blocking(move || registry.run_cleaner(&pass_cancel));
+        let stopping = tokio::select! {
+            _ = &mut pass => false,
+            stop = shutdown.wait_for(|stop| *stop) => stop.is_ok(),
+        };
+        if stopping {
+            cancel.store(true, std::sync::atomic::Ordering::Release);
+            let _ = pass.await;
+            return;
+        }
     }
 }
 

@@ -1,14 +1,22 @@
 //! The `syncline.v1.Broker` service: request validation, then calls into topics and
 //! partitions. Responses carry the stored batch bytes as `Bytes` slices of the segment
 //! mappings (no copy).
+//!
+//! `Snapshot` fixes H, the live keys' offsets and a pin in the partition's writer critical
+//! section (`Partition::begin_snapshot`; the module doc of `crate::partition` says why that is
+//! consistent), waits until H is durable, then a blocking task walks the log below H and sends
+//! the records in messages of at most `max_bytes` through a channel of
+//! `SNAPSHOT_READ_AHEAD` messages: a slow client stops the walk instead of growing memory.
 
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use syncline_proto::batch::Batches;
+use prost::Message as _;
+use syncline_proto::batch::{Batches, Record};
 use syncline_proto::v1::{self, broker_server::Broker};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,11 +28,23 @@ use super::status::to_status;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log, ReadBatches};
-use crate::partition::{show_key, Condition, Partition, PlainRecord};
+use crate::partition::{show_key, Condition, Partition, PlainRecord, SnapshotPlan};
 use crate::topic::{Cleanup, Registry, Topic, TopicSettings};
 
 /// Fetch size when a request does not say (1 MiB).
 const DEFAULT_FETCH_BYTES: u32 = 1024 * 1024;
+/// Snapshot message size when a request does not say (1 MiB).
+const DEFAULT_SNAPSHOT_BYTES: u32 = 1024 * 1024;
+/// Largest snapshot message a client may ask for (4 MiB): well under the gRPC message limit
+/// (twice the fetch limit plus slack), and small enough that the read-ahead stays cheap.
+const SNAPSHOT_BYTES_MAX: u32 = 4 * 1024 * 1024;
+/// Snapshot messages buffered ahead of a slow client before the walk waits.
+const SNAPSHOT_READ_AHEAD: usize = 2;
+/// Batch bytes one log read of a snapshot walk takes (1 MiB: a few reads per message).
+const SNAPSHOT_READ_BYTES: usize = 1024 * 1024;
+/// Protobuf framing of one `FetchedRecord` inside a `SnapshotResponse` (tag + length varint),
+/// counted on top of the record's encoded length.
+const RECORD_FRAMING_BYTES: usize = 6;
 /// Produce requests one `ProduceStream` may have in flight before the broker stops reading it.
 const STREAM_IN_FLIGHT_MAX: usize = 1024;
 
@@ -107,6 +127,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
         .map(|partition| match partition.log() {
             Ok(log) => {
                 let info = log.info();
+                let compaction = log.compaction_info();
                 v1::PartitionDescription {
                     partition: partition.id,
                     log_start_offset: info.start_offset,
@@ -115,7 +136,10 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
                     size_bytes: info.size_bytes,
                     segments: info.segments as u32,
                     error: String::new(),
-                    ..Default::default()
+                    dirty_ratio: compaction.dirty_ratio,
+                    last_compaction_ms: compaction.last_run_ms,
+                    bytes_reclaimed: compaction.bytes_reclaimed,
+                    compaction_horizon: compaction.horizon,
                 }
             }
             Err(_) => v1::PartitionDescription {
@@ -153,8 +177,26 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         segment_ms: Some(settings.log.segment_ms),
         fsync_policy: fsync_policy as i32,
         fsync_interval_ms,
-        delete_retention_ms: None,
-        min_cleanable_dirty_ratio: None,
+        delete_retention_ms: Some(settings.log.delete_retention_ms),
+        min_cleanable_dirty_ratio: Some(settings.log.min_cleanable_dirty_ratio),
+    }
+}
+
+/// A decoded record as the wire carries it (Fetch with `decode_records`, Snapshot).
+fn fetched_record(record: Record) -> v1::FetchedRecord {
+    v1::FetchedRecord {
+        offset: record.offset,
+        timestamp_ms: record.timestamp,
+        key: record.key,
+        value: record.value,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|h| v1::RecordHeader {
+                key: h.key,
+                value: h.value,
+            })
+            .collect(),
     }
 }
 
@@ -169,23 +211,75 @@ fn decode_records(bytes: &Bytes, from: u64) -> Result<Vec<v1::FetchedRecord>, Br
             if record.offset < from {
                 continue;
             }
-            out.push(v1::FetchedRecord {
-                offset: record.offset,
-                timestamp_ms: record.timestamp,
-                key: record.key,
-                value: record.value,
-                headers: record
-                    .headers
-                    .into_iter()
-                    .map(|h| v1::RecordHeader {
-                        key: h.key,
-                        value: h.value,
-                    })
-                    .collect(),
-            });
+            out.push(fetched_record(record));
         }
     }
     Ok(out)
+}
+
+/// Streams a snapshot's records (runs on a blocking thread; see the module doc). Ends early,
+/// without a final message, when the client goes away or the broker shuts down (the client
+/// then gets UNAVAILABLE if there is room for it in the channel).
+fn stream_snapshot(
+    runtime: tokio::runtime::Handle,
+    partition: Arc<Partition>,
+    plan: SnapshotPlan,
+    max_bytes: usize,
+    tx: mpsc::Sender<Result<v1::SnapshotResponse, Status>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let keys_total = plan.offsets.len() as u64;
+    let message = |records: Vec<v1::FetchedRecord>, last: bool| v1::SnapshotResponse {
+        partition: partition.id,
+        high_watermark: plan.high_watermark,
+        keys_total,
+        records,
+        last,
+    };
+    // Waits while the client is SNAPSHOT_READ_AHEAD messages behind; false once the client is
+    // gone or the broker stops.
+    let mut send = |item: Result<v1::SnapshotResponse, Status>| -> bool {
+        runtime.block_on(async {
+            tokio::select! {
+                sent = tx.send(item) => sent.is_ok(),
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    let _ = tx.try_send(Err(to_status(BrokerError::ShuttingDown)));
+                    false
+                }
+            }
+        })
+    };
+    let mut chunk: Vec<v1::FetchedRecord> = Vec::new();
+    let mut chunk_bytes = 0;
+    let mut stopped = false;
+    let walked = partition.walk_snapshot(&plan, SNAPSHOT_READ_BYTES, |record| {
+        let record = fetched_record(record);
+        let bytes = record.encoded_len() + RECORD_FRAMING_BYTES;
+        // At least one record per message, whatever its size (a record fits in a batch, and
+        // the message limit is above the batch limit).
+        if !chunk.is_empty() && chunk_bytes + bytes > max_bytes {
+            if !send(Ok(message(std::mem::take(&mut chunk), false))) {
+                stopped = true;
+                return ControlFlow::Break(());
+            }
+            chunk_bytes = 0;
+        }
+        chunk_bytes += bytes;
+        chunk.push(record);
+        ControlFlow::Continue(())
+    });
+    match walked {
+        Ok(()) if stopped => {
+            tracing::debug!(topic = %partition.topic, partition = partition.id, "snapshot stopped: the client went away or the broker is stopping");
+        }
+        Ok(()) => {
+            send(Ok(message(chunk, true)));
+        }
+        Err(error) => {
+            tracing::error!(topic = %partition.topic, partition = partition.id, high_watermark = plan.high_watermark, %error, "snapshot failed");
+            send(Err(to_status(error)));
+        }
+    }
 }
 
 fn fetch_response(
@@ -206,7 +300,7 @@ fn fetch_response(
         next_offset: read.next_offset,
         high_watermark: read.high_watermark,
         log_start_offset: log.start_offset(),
-        compaction_horizon: 0,
+        compaction_horizon: log.compaction_horizon(),
     })
 }
 
@@ -469,6 +563,19 @@ impl BrokerService {
             bytes
         }
     }
+
+    /// Record bytes one snapshot message may carry: the request's, or 1 MiB, at most 4 MiB and
+    /// at most the fetch limit.
+    fn snapshot_limits(&self, max_bytes: u32) -> usize {
+        let requested = if max_bytes == 0 {
+            DEFAULT_SNAPSHOT_BYTES
+        } else {
+            max_bytes
+        };
+        requested
+            .min(SNAPSHOT_BYTES_MAX)
+            .min(self.registry.config().limits.max_fetch_bytes) as usize
+    }
 }
 
 #[tonic::async_trait]
@@ -517,6 +624,13 @@ impl Broker for BrokerService {
                     }
                     if let Some(ms) = config.segment_ms {
                         log.segment_ms = ms;
+                    }
+                    if let Some(ms) = config.delete_retention_ms {
+                        log.delete_retention_ms = ms;
+                    }
+                    if let Some(ratio) = config.min_cleanable_dirty_ratio {
+                        crate::config::check_dirty_ratio(ratio)?;
+                        log.min_cleanable_dirty_ratio = ratio;
                     }
                     match fsync_policy {
                         v1::FsyncPolicy::Unspecified => {}
@@ -1021,9 +1135,41 @@ impl Broker for BrokerService {
 
     async fn snapshot(
         &self,
-        _request: Request<v1::SnapshotRequest>,
+        request: Request<v1::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented("Snapshot is being built (issue 7)"))
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "Snapshot");
+        let result = async move {
+            let request = request.into_inner();
+            self.check_running().map_err(to_status)?;
+            let (_topic, partition) = self
+                .partition(&request.topic, request.partition)
+                .map_err(to_status)?;
+            let plan = partition.begin_snapshot().map_err(to_status)?;
+            let log = partition.log().map_err(to_status)?.clone();
+            // Readers see only durable records: nothing below H is streamed before H is.
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                durable = log.wait_durable(plan.high_watermark) => {
+                    durable.map_err(|e| to_status(partition.log_error(e)))?;
+                }
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    return Err(to_status(BrokerError::ShuttingDown));
+                }
+            }
+            let max_bytes = self.snapshot_limits(request.max_bytes);
+            let (tx, rx) = mpsc::channel(SNAPSHOT_READ_AHEAD);
+            let runtime = tokio::runtime::Handle::current();
+            let shutdown = self.shutdown.clone();
+            tokio::task::spawn_blocking(move || {
+                stream_snapshot(runtime, partition, plan, max_bytes, tx, shutdown)
+            });
+            let stream: Self::SnapshotStream = Box::pin(ReceiverStream::new(rx));
+            Ok(Response::new(stream))
+        }
+        .instrument(span)
+        .await;
+        finish("Snapshot", started, result)
     }
 
     async fn compact_topic(

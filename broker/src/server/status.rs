@@ -10,7 +10,7 @@
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
 //! | shutting down, log closed | UNAVAILABLE |
-//! | other I/O | INTERNAL |
+//! | other I/O; a snapshot finding the log and key index disagree | INTERNAL |
 
 use tonic::Status;
 
@@ -59,9 +59,11 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Poisoned { .. } => Status::failed_precondition(message),
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
+            LogError::Compaction { .. } => Status::aborted(message),
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
         BrokerError::Io { .. }
+        | BrokerError::SnapshotInconsistent { .. }
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. } => Status::internal(message),
     }
@@ -100,6 +102,20 @@ mod tests {
         assert_eq!(
             to_status(BrokerError::ShuttingDown).code(),
             Code::Unavailable
+        );
+        let not_a_table = to_status(BrokerError::NotATable { topic: "t".into() });
+        assert_eq!(not_a_table.code(), Code::FailedPrecondition);
+        assert!(not_a_table.message().contains("not a table"));
+        let inconsistent = to_status(BrokerError::SnapshotInconsistent {
+            topic: "t".into(),
+            partition: 2,
+            offset: 41,
+            reason: "no record there".into(),
+        });
+        assert_eq!(inconsistent.code(), Code::Internal);
+        assert_eq!(
+            inconsistent.message(),
+            "snapshot of partition 2 of topic `t` is inconsistent at offset 41: no record there"
         );
     }
 }

@@ -100,6 +100,17 @@ enum TopicCommand {
         /// The topic.
         name: String,
     },
+    /// Compact a table now: keep only the latest record of each key (and deletes until their
+    /// retention passes), then print what each partition reclaimed. The broker also compacts
+    /// in the background once a partition's dirty ratio passes min-cleanable-dirty-ratio.
+    Compact {
+        /// The table.
+        name: String,
+        /// Leave the active segments alone (by default they are sealed first, so that every
+        /// durable record is compacted).
+        #[arg(long)]
+        no_roll: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +134,16 @@ struct CreateArgs {
     /// Delete the oldest segments when a partition holds more than B bytes; -1 = no limit.
     #[arg(long, value_name = "B", allow_negative_numbers = true)]
     retention_bytes: Option<i64>,
+
+    /// Tables: keep a delete this many milliseconds after compaction could remove it, so
+    /// that readers that are behind still see it (default: the broker's, one day).
+    #[arg(long, value_name = "MS")]
+    delete_retention_ms: Option<u64>,
+
+    /// Tables: compact a partition once this share of its sealed bytes was written since the
+    /// last pass, in (0, 1] (default: the broker's, 0.5).
+    #[arg(long, value_name = "RATIO")]
+    min_cleanable_dirty_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -286,6 +307,8 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 },
                 retention_ms: args.retention_ms,
                 retention_bytes: args.retention_bytes,
+                delete_retention_ms: args.delete_retention_ms,
+                min_cleanable_dirty_ratio: args.min_cleanable_dirty_ratio,
                 ..TopicConfig::default()
             };
             let description = client.create_topic(&args.name, config).await?;
@@ -332,34 +355,107 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "retention-bytes: {}",
                 setting(config.retention_bytes)
             )?;
+            let is_table = config.cleanup_policy == CleanupPolicy::Compact;
+            if is_table {
+                let unsigned =
+                    |value: Option<u64>| value.map_or("default".to_owned(), |v| v.to_string());
+                writeln!(
+                    stdout,
+                    "delete-retention-ms: {}",
+                    unsigned(config.delete_retention_ms)
+                )?;
+                writeln!(
+                    stdout,
+                    "min-cleanable-dirty-ratio: {}",
+                    config
+                        .min_cleanable_dirty_ratio
+                        .map_or("default".to_owned(), |v| v.to_string())
+                )?;
+            }
             writeln!(stdout)?;
-            let mut rows = vec![[
+            let mut header = vec![
                 "PARTITION",
                 "START",
                 "DURABLE",
                 "END",
                 "SIZE-BYTES",
                 "SEGMENTS",
-                "ERROR",
-            ]
-            .map(str::to_owned)
-            .to_vec()];
+            ];
+            if is_table {
+                header.extend([
+                    "DIRTY-RATIO",
+                    "LAST-COMPACTION",
+                    "RECLAIMED-BYTES",
+                    "HORIZON",
+                ]);
+            }
+            header.push("ERROR");
+            let mut rows = vec![header.into_iter().map(str::to_owned).collect::<Vec<_>>()];
             for partition in &description.partitions {
-                rows.push(vec![
+                let mut row = vec![
                     partition.partition.to_string(),
                     partition.log_start_offset.to_string(),
                     partition.durable_offset.to_string(),
                     partition.log_end_offset.to_string(),
                     partition.size_bytes.to_string(),
                     partition.segments.to_string(),
-                    partition.error.clone().unwrap_or_default(),
-                ]);
+                ];
+                if is_table {
+                    row.push(format!("{:.2}", partition.dirty_ratio));
+                    row.push(match partition.last_compaction_ms {
+                        0 => "never".to_owned(),
+                        ms => format_age(ms),
+                    });
+                    row.push(partition.bytes_reclaimed.to_string());
+                    row.push(partition.compaction_horizon.to_string());
+                }
+                row.push(partition.error.clone().unwrap_or_default());
+                rows.push(row);
             }
             stdout.write_all(table(&rows).as_bytes())?;
         }
         TopicCommand::Delete { name } => {
             client.delete_topic(&name).await?;
             writeln!(stdout, "deleted topic {name}")?;
+        }
+        TopicCommand::Compact { name, no_roll } => {
+            let outcomes = client.compact_topic(&name, !no_roll).await?;
+            let mut rows = vec![[
+                "PARTITION",
+                "BYTES-BEFORE",
+                "BYTES-AFTER",
+                "RECORDS-REMOVED",
+                "DELETES-REMOVED",
+                "SEGMENTS",
+                "ERROR",
+            ]
+            .map(str::to_owned)
+            .to_vec()];
+            let (mut before, mut after, mut failed) = (0u64, 0u64, 0usize);
+            for outcome in &outcomes {
+                before += outcome.bytes_before;
+                after += outcome.bytes_after;
+                failed += usize::from(outcome.error.is_some());
+                rows.push(vec![
+                    outcome.partition.to_string(),
+                    outcome.bytes_before.to_string(),
+                    outcome.bytes_after.to_string(),
+                    outcome.records_removed.to_string(),
+                    outcome.tombstones_removed.to_string(),
+                    format!("{} -> {}", outcome.segments_before, outcome.segments_after),
+                    outcome.error.clone().unwrap_or_default(),
+                ]);
+            }
+            stdout.write_all(table(&rows).as_bytes())?;
+            writeln!(
+                stdout,
+                "compacted {name}: {before} -> {after} bytes ({} reclaimed)",
+                before.saturating_sub(after)
+            )?;
+            if failed > 0 {
+                stdout.flush()?;
+                bail!("{failed} partition(s) of {name} could not be compacted (see ERROR)");
+            }
         }
     }
     stdout.flush()?;
@@ -534,6 +630,20 @@ async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
     }
     stdout.flush()?;
     Ok(())
+}
+
+/// How long ago `ms` (since the Unix epoch) was, e.g. `42s ago`.
+fn format_age(ms: i64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let seconds = (now - ms).max(0) / 1000;
+    match seconds {
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s if s < 172_800 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
 }
 
 #[cfg(test)]
