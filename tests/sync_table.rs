@@ -16,13 +16,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{binary, BrokerProcess};
 use syncline_client::{
-    Change, Changes, CleanupPolicy, Client, ConsumerConfig, StartOffset, SyncTable,
+    Change, Changes, CleanupPolicy, Client, ConsumerConfig, ProducerConfig, StartOffset, SyncTable,
     SyncTableConfig, TopicConfig, Written,
 };
 
 /// Generous bound on any wait that normally takes milliseconds (a loaded CI machine fsyncs
 /// slowly).
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(20);
 /// Writer tasks and writes each in the convergence test: enough interleaving over 3
 /// partitions to exercise batching and ordering, few enough to stay quick (every write waits
 /// for an fsync).
@@ -45,6 +45,13 @@ fn fast_config() -> SyncTableConfig {
         retry_backoff: Duration::from_millis(20),
         retry_backoff_max: Duration::from_millis(250),
         ..SyncTableConfig::default()
+    }
+}
+
+fn plain_writes() -> ProducerConfig {
+    ProducerConfig {
+        idempotent: false,
+        ..ProducerConfig::default()
     }
 }
 
@@ -392,4 +399,111 @@ fn watch_should_fail_with_one_line_for_an_unknown_topic_or_a_plain_topic() {
     assert!(String::from_utf8(unreachable.stderr)
         .unwrap()
         .starts_with("error: cannot reach the broker at 127.0.0.1:1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn given_compaction_past_the_position_during_an_outage_should_resnapshot_and_emit_the_diff() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let address = broker.addr.clone();
+    let client = Client::connect(&address).await.unwrap();
+    let config = TopicConfig {
+        partitions: Some(1),
+        cleanup_policy: CleanupPolicy::Compact,
+        // Deletes expire at once, every append after a millisecond starts a new segment (the
+        // cleaner only rewrites sealed ones), and any new data makes a partition worth
+        // cleaning: the background cleaner soon removes a delete.
+        delete_retention_ms: Some(0),
+        segment_ms: Some(1),
+        min_cleanable_dirty_ratio: Some(0.01),
+        ..TopicConfig::default()
+    };
+    client.create_topic("t", config).await.unwrap();
+    // Not idempotent: the cleaner keeps an idempotent producer's recent batches whole.
+    let writer = client.table_with("t", plain_writes()).await.unwrap();
+    let a = writer.put("a", "1").await.unwrap();
+    let b = writer.put("b", "1").await.unwrap();
+    let c = writer.put("c", "1").await.unwrap();
+    drop(writer);
+    let replica = client.sync_table_with("t", fast_config()).await.unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let (_, mut changes) = replica.entries_and_changes();
+    let position = replica.next_offset(0).unwrap();
+    assert_eq!(position, c.version + 1);
+
+    // While the table cannot reach it (the broker runs on another port), the log moves on and
+    // compaction removes a delete the table has not read.
+    assert!(broker.stop(), "clean stop");
+    // The cleaner looks every 50 ms instead of every 15 s.
+    let elsewhere = BrokerProcess::start_with(dir.path(), &["--cleaner-interval-ms", "50"]);
+    assert_ne!(elsewhere.addr, address);
+    let other = Client::connect(&elsewhere.addr).await.unwrap();
+    let writer = other.table_with("t", plain_writes()).await.unwrap();
+    let a2 = writer.put("a", "2").await.unwrap();
+    let b_deleted = writer.delete("b").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2)).await; // the next append rolls a segment
+    let d = writer.put("d", "1").await.unwrap();
+    drop(writer);
+    // Wait for the cleaner to remove the delete (the horizon passes it).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let description = other.describe_topic("t").await.unwrap();
+        if description.partitions[0].compaction_horizon > b_deleted.version {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cleaner did not remove the delete at {}: {description:?}\n{}",
+            b_deleted.version,
+            elsewhere.drain_log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(elsewhere.stop(), "clean stop");
+
+    // Back on the table's address: it re-snapshots and reports the difference.
+    let _broker = BrokerProcess::start_with(dir.path(), &["--listen", &address]);
+    let mut received = take_changes(&mut changes, 3).await;
+    received.sort_by(|x, y| x.key.cmp(&y.key));
+    let summary: Vec<_> = received
+        .iter()
+        .map(|change| {
+            (
+                change.key.clone(),
+                change.value.clone(),
+                change.previous_version,
+                change.from_snapshot,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                Bytes::from("a"),
+                Some(Bytes::from("2")),
+                Some(a.version),
+                true
+            ),
+            (Bytes::from("b"), None, Some(b.version), true),
+            (Bytes::from("d"), Some(Bytes::from("1")), None, true),
+        ]
+    );
+    assert_eq!(received[0].version, a2.version);
+    assert!(
+        received[1].version >= b_deleted.version,
+        "{:?}",
+        received[1]
+    );
+    assert_eq!(received[2].version, d.version);
+    assert_eq!(
+        map_of(&replica),
+        BTreeMap::from([
+            (Bytes::from("a"), (Bytes::from("2"), a2.version)),
+            (Bytes::from("c"), (Bytes::from("1"), c.version)),
+            (Bytes::from("d"), (Bytes::from("1"), d.version)),
+        ])
+    );
+    assert!(replica.next_offset(0).unwrap() > d.version);
+    assert!(replica.error().is_none());
 }
