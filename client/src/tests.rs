@@ -84,6 +84,8 @@ struct State {
     subscription_generation: u64,
     /// Fetch, Subscribe and Snapshot requests refused because of `unavailable`.
     refused_while_unavailable: u64,
+    /// The next snapshot stream ends without its final message (the broker went away).
+    cut_next_snapshot: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -301,13 +303,17 @@ impl Broker for FakeBroker {
                 })
             })
             .collect();
-        messages.push(Ok(v1::SnapshotResponse {
-            partition: request.partition,
-            high_watermark,
-            keys_total,
-            records: Vec::new(),
-            last: true,
-        }));
+        if std::mem::take(&mut state.cut_next_snapshot) {
+            messages.truncate(1);
+        } else {
+            messages.push(Ok(v1::SnapshotResponse {
+                partition: request.partition,
+                high_watermark,
+                keys_total,
+                records: Vec::new(),
+                last: true,
+            }));
+        }
         Ok(Response::new(Box::pin(futures::stream::iter(messages))))
     }
 
@@ -1845,5 +1851,62 @@ async fn given_broker_unavailable_for_a_while_should_resume_from_the_next_offset
         1,
         "resumed, not re-snapshotted"
     );
+    assert!(replica.error().is_none());
+}
+
+#[tokio::test]
+async fn snapshot_call_should_give_h_then_every_live_key_in_ascending_chunks() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 1).await;
+    for (key, value) in [("a", "1"), ("b", "1"), ("c", "1"), ("a", "2"), ("d", "1")] {
+        writer.put(key, value).await.unwrap();
+    }
+    writer.delete("b").await.unwrap(); // 5
+    let mut snapshot = client.snapshot("table", 0).await.unwrap();
+    assert_eq!(snapshot.high_watermark(), 6);
+    assert_eq!(snapshot.keys_total(), 3);
+    let mut chunks = 0;
+    let mut records = Vec::new();
+    while let Some(chunk) = snapshot.next_chunk().await.unwrap() {
+        chunks += 1;
+        records.extend(chunk.into_iter().map(|record| {
+            (
+                String::from_utf8(record.key.unwrap().to_vec()).unwrap(),
+                record.offset,
+            )
+        }));
+    }
+    assert_eq!(
+        records,
+        [
+            ("c".to_owned(), 2),
+            ("a".to_owned(), 3),
+            ("d".to_owned(), 4)
+        ]
+    );
+    assert_eq!(chunks, 3, "two records a message, then the final one");
+    assert!(snapshot.next_chunk().await.unwrap().is_none());
+    let missing = client.snapshot("missing", 0).await.unwrap_err();
+    assert_eq!(missing.code(), Some(Code::NotFound));
+}
+
+#[tokio::test]
+async fn given_snapshot_cut_short_sync_table_should_load_it_again() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    for key in ["a", "b", "c"] {
+        writer.put(key, "1").await.unwrap();
+    }
+    broker.lock().cut_next_snapshot = true;
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    assert_eq!(
+        contents(&replica),
+        expected(&[("a", "1", 0), ("b", "1", 1), ("c", "1", 2)])
+    );
+    assert_eq!(broker.lock().snapshot_requests, 2);
     assert!(replica.error().is_none());
 }
