@@ -652,12 +652,15 @@ impl Shared {
                 continue;
             }
             let offset = record.offset;
-            let key_missing = record.key.is_none();
             match owned_record(record) {
-                None if key_missing => {
-                    tracing::debug!(topic = %self.topic, partition, offset, "skipping a record without a key");
+                None => {
+                    tracing::debug!(
+                        topic = %self.topic,
+                        partition,
+                        offset,
+                        "skipping a record without a key"
+                    );
                 }
-                None => {}
                 Some((key, Some(entry))) => {
                     let value = entry.value.clone();
                     let entries = &mut state.partitions[index].entries;
