@@ -15,6 +15,8 @@ use crate::admin::{
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{Error, Result};
 use crate::producer::{Producer, ProducerConfig, ProducerIdentity};
+use crate::snapshot::Snapshot;
+use crate::sync_table::{SyncTable, SyncTableConfig};
 use crate::table::Table;
 
 /// How the client connects. The defaults suit a broker on a local network.
@@ -325,6 +327,26 @@ impl Client {
         config.validate()?;
         let description = self.describe_topic(topic).await?;
         Table::open(self.clone(), description, config)
+    }
+
+    /// `Snapshot`: the latest value of every live key of one partition of table `topic` as of
+    /// the partition's durable offset H ([`Snapshot::high_watermark`], known when this
+    /// returns), streamed in chunks ([`Snapshot::next_chunk`]). Tail the partition from H to
+    /// follow it. Fails like the other calls: NOT_FOUND for an unknown topic or partition,
+    /// FAILED_PRECONDITION for a topic that is not a table.
+    pub async fn snapshot(&self, topic: &str, partition: u32) -> Result<Snapshot> {
+        Snapshot::start(self, topic, partition).await
+    }
+
+    /// A live, caught-up copy of table `topic` ([`SyncTable`]) with the default
+    /// [`SyncTableConfig`].
+    pub async fn sync_table(&self, topic: &str) -> Result<SyncTable> {
+        SyncTable::open(self, topic).await
+    }
+
+    /// A [`SyncTable`] with an explicit config.
+    pub async fn sync_table_with(&self, topic: &str, config: SyncTableConfig) -> Result<SyncTable> {
+        SyncTable::open_with(self, topic, config).await
     }
 
     /// A consumer of `topic` that reads the partitions and from the offsets `config` says.

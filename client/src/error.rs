@@ -184,6 +184,24 @@ pub enum Error {
         topic: String,
     },
 
+    /// A [`crate::SyncTable`]'s change receiver fell behind by more than the change buffer
+    /// holds: `missed` changes were dropped for it. The table itself is complete; re-read it
+    /// ([`crate::SyncTable::entries_and_changes`]) to resynchronise.
+    #[error("the change receiver fell behind: {missed} change(s) were dropped for it")]
+    ChangesLagged {
+        /// Changes dropped for this receiver.
+        missed: u64,
+    },
+
+    /// A [`crate::SyncTable`] would hold more keys than its configured maximum.
+    #[error("table `{topic}` has more than {max} keys, the configured maximum (keys_max)")]
+    TableTooLarge {
+        /// The table.
+        topic: String,
+        /// The limit.
+        max: usize,
+    },
+
     /// Another instance re-initialised this idempotent producer's id (a newer epoch), so this
     /// one may not write any more: two writers with one identity would break exactly-once.
     #[error(

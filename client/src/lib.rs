@@ -17,6 +17,12 @@
 //!   [`Error::Conflict`] naming the key's current version. Every write returns the key's new
 //!   version (its offset).
 //!
+//! - [`SyncTable`] ([`Client::sync_table`]): a live, caught-up copy of a table. It loads every
+//!   partition's snapshot ([`Client::snapshot`]), then follows each partition from there,
+//!   through broker restarts and compaction, and streams every change it applies
+//!   ([`SyncTable::changes`]); [`SyncTable::wait_for`] gives read-your-writes after a
+//!   [`Table::put`].
+//!
 //! Producers are idempotent by default ([`ProducerConfig::idempotent`], [`Client::init_producer`]):
 //! a retried batch is stored once.
 //!
@@ -69,6 +75,8 @@ mod client;
 mod consumer;
 mod error;
 mod producer;
+mod snapshot;
+mod sync_table;
 mod table;
 
 pub use syncline_proto::batch;
@@ -89,6 +97,8 @@ pub use producer::{
     Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity,
     UnkeyedPartitioning, PARTITION_WINDOW_BATCHES,
 };
+pub use snapshot::Snapshot;
+pub use sync_table::{Change, Changes, SyncTable, SyncTableConfig};
 pub use table::{Entry, Expect, History, Table, Version, Written};
 /// The gRPC status code in [`Error::Broker`] and [`Error::code`].
 pub use tonic::Code;

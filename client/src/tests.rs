@@ -53,6 +53,8 @@ struct PartitionLog {
     batches: Vec<Batch>,
     log_start_offset: u64,
     end_offset: u64,
+    /// Compaction removed deletes below this offset (0: never).
+    compaction_horizon: u64,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +72,20 @@ struct State {
     /// `(producer id, topic, partition)` → sequence state.
     producers: HashMap<(i64, String, u32), ProducerState>,
     producer_ids_issued: u64,
+    /// While set, Fetch, Subscribe and Snapshot answer UNAVAILABLE and live subscriptions end
+    /// with UNAVAILABLE (a broker restart as a follower sees it).
+    unavailable: bool,
+    /// Each new subscription's first response starts at the log start, whatever the offset
+    /// asked (the first batch may start before the requested offset; this stretches it).
+    subscribe_overlap: bool,
+    snapshot_requests: u64,
+    subscribe_requests: u64,
+    /// Bumping it ends every live subscription with UNAVAILABLE (a dropped connection).
+    subscription_generation: u64,
+    /// Fetch, Subscribe and Snapshot requests refused because of `unavailable`.
+    refused_while_unavailable: u64,
+    /// The next snapshot stream ends without its final message (the broker went away).
+    cut_next_snapshot: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -232,9 +248,73 @@ impl Broker for FakeBroker {
 
     async fn snapshot(
         &self,
-        _request: Request<v1::SnapshotRequest>,
+        request: Request<v1::SnapshotRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented("the fake broker has no tables"))
+        let request = request.into_inner();
+        let mut state = self.lock();
+        state.snapshot_requests += 1;
+        if state.unavailable {
+            state.refused_while_unavailable += 1;
+            return Err(Status::unavailable("scripted: restarting"));
+        }
+        let log = state
+            .topics
+            .get(&request.topic)
+            .and_then(|partitions| partitions.get(request.partition as usize))
+            .ok_or_else(|| Status::not_found("no such topic or partition"))?;
+        let mut latest: HashMap<Bytes, v1::FetchedRecord> = HashMap::new();
+        for batch in &log.batches {
+            for record in batch.records() {
+                let record = record.unwrap();
+                let key = record.key.clone().unwrap();
+                match record.value {
+                    None => {
+                        latest.remove(&key);
+                    }
+                    Some(value) => {
+                        latest.insert(
+                            key.clone(),
+                            v1::FetchedRecord {
+                                offset: record.offset,
+                                timestamp_ms: record.timestamp,
+                                key: Some(key),
+                                value: Some(value),
+                                headers: Vec::new(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        let mut records: Vec<v1::FetchedRecord> = latest.into_values().collect();
+        records.sort_by_key(|record| record.offset);
+        let keys_total = records.len() as u64;
+        let high_watermark = log.end_offset;
+        // Two records a message, so that every snapshot of more than two keys is chunked.
+        let mut messages: Vec<Result<v1::SnapshotResponse, Status>> = records
+            .chunks(2)
+            .map(|chunk| {
+                Ok(v1::SnapshotResponse {
+                    partition: request.partition,
+                    high_watermark,
+                    keys_total,
+                    records: chunk.to_vec(),
+                    last: false,
+                })
+            })
+            .collect();
+        if std::mem::take(&mut state.cut_next_snapshot) {
+            messages.truncate(1);
+        } else {
+            messages.push(Ok(v1::SnapshotResponse {
+                partition: request.partition,
+                high_watermark,
+                keys_total,
+                records: Vec::new(),
+                last: true,
+            }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(messages))))
     }
 
     async fn compact_topic(
@@ -300,8 +380,14 @@ impl Broker for FakeBroker {
             .map(|partitions| partitions.len() as u32)
             .ok_or_else(|| Status::not_found(format!("topic `{name}` does not exist")))?;
         let cleanup_policy = state.cleanup_policies.get(&name).copied().unwrap_or(0);
+        let mut description = describe(&name, partitions, cleanup_policy);
+        for (described, log) in description.partitions.iter_mut().zip(&state.topics[&name]) {
+            described.durable_offset = log.end_offset;
+            described.log_end_offset = log.end_offset;
+            described.log_start_offset = log.log_start_offset;
+        }
         Ok(Response::new(v1::DescribeTopicResponse {
-            topic: Some(describe(&name, partitions, cleanup_policy)),
+            topic: Some(description),
         }))
     }
 
@@ -410,7 +496,11 @@ impl Broker for FakeBroker {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let request = request.into_inner();
         let response = {
-            let state = self.lock();
+            let mut state = self.lock();
+            if state.unavailable {
+                state.refused_while_unavailable += 1;
+                return Err(Status::unavailable("scripted: restarting"));
+            }
             let log = state
                 .topics
                 .get(&request.topic)
@@ -437,7 +527,7 @@ impl Broker for FakeBroker {
                 next_offset,
                 high_watermark: log.end_offset,
                 log_start_offset: log.log_start_offset,
-                compaction_horizon: 0,
+                compaction_horizon: log.compaction_horizon,
             }
         };
         if response.batches.is_empty() {
@@ -451,9 +541,88 @@ impl Broker for FakeBroker {
 
     async fn subscribe(
         &self,
-        _: Request<v1::SubscribeRequest>,
+        request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        Err(Status::unimplemented("fake"))
+        let request = request.into_inner();
+        let (overlap, generation) = {
+            let mut state = self.lock();
+            state.subscribe_requests += 1;
+            if state.unavailable {
+                state.refused_while_unavailable += 1;
+                return Err(Status::unavailable("scripted: restarting"));
+            }
+            let log = state
+                .topics
+                .get(&request.topic)
+                .and_then(|partitions| partitions.get(request.partition as usize))
+                .ok_or_else(|| Status::not_found("no such topic or partition"))?;
+            if request.offset < log.log_start_offset || request.offset > log.end_offset {
+                return Err(Status::out_of_range("offset outside the log"));
+            }
+            (state.subscribe_overlap, state.subscription_generation)
+        };
+        let (sender, receiver) = mpsc::channel(4);
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            let mut read_from = if overlap { 0 } else { offset };
+            loop {
+                let response = 'read: {
+                    let state = broker.lock();
+                    let log = state
+                        .topics
+                        .get(&request.topic)
+                        .and_then(|partitions| partitions.get(request.partition as usize));
+                    let log = match log {
+                        Some(log)
+                            if !state.unavailable
+                                && state.subscription_generation == generation =>
+                        {
+                            log
+                        }
+                        _ => break 'read Err(Status::unavailable("scripted: restarting")),
+                    };
+                    let mut bytes = BytesMut::new();
+                    let mut next_offset = offset;
+                    for batch in &log.batches {
+                        if batch.header().next_offset() > read_from {
+                            bytes.extend_from_slice(batch.as_bytes());
+                            next_offset = next_offset.max(batch.header().next_offset());
+                        }
+                    }
+                    Ok((!bytes.is_empty()).then(|| v1::FetchResponse {
+                        partition: request.partition,
+                        batches: bytes.freeze(),
+                        records: Vec::new(),
+                        next_offset,
+                        high_watermark: log.end_offset,
+                        log_start_offset: log.log_start_offset,
+                        compaction_horizon: log.compaction_horizon,
+                    }))
+                };
+                match response {
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                    Ok(Some(response)) => {
+                        offset = response.next_offset;
+                        read_from = offset;
+                        if sender.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        if sender.is_closed() {
+                            return;
+                        }
+                        // The fake has no wake-ups: poll the log.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn list_offsets(
@@ -1205,4 +1374,539 @@ async fn given_unknown_outcome_next_conditional_write_should_use_a_new_producer_
     let last = state.unary_requests.last().unwrap();
     assert_ne!(last.producer_id, first.producer_id);
     assert_eq!(last.base_sequence, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SyncTable against the fake: snapshot then tail, resuming without duplicates, re-snapshots on
+// a compaction horizon and on OUT_OF_RANGE, read-your-writes, change events.
+
+/// A generous bound on waits that should end within milliseconds.
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .expect("timed out waiting")
+}
+
+fn sync_config() -> crate::SyncTableConfig {
+    crate::SyncTableConfig {
+        retry_backoff: Duration::from_millis(5),
+        retry_backoff_max: Duration::from_millis(20),
+        ..crate::SyncTableConfig::default()
+    }
+}
+
+/// The table's map as `key -> (value, version)` strings.
+fn contents(table: &crate::SyncTable) -> std::collections::BTreeMap<String, (String, u64)> {
+    table
+        .entries()
+        .into_iter()
+        .map(|(key, entry)| {
+            (
+                String::from_utf8(key.to_vec()).unwrap(),
+                (
+                    String::from_utf8(entry.value.to_vec()).unwrap(),
+                    entry.version,
+                ),
+            )
+        })
+        .collect()
+}
+
+fn expected(pairs: &[(&str, &str, u64)]) -> std::collections::BTreeMap<String, (String, u64)> {
+    pairs
+        .iter()
+        .map(|(key, value, version)| (key.to_string(), (value.to_string(), *version)))
+        .collect()
+}
+
+/// A change as `(key, value, version, previous_version, from_snapshot)`.
+type Seen = (String, Option<String>, u64, Option<u64>, bool);
+
+fn seen(change: crate::Change) -> Seen {
+    (
+        String::from_utf8(change.key.to_vec()).unwrap(),
+        change
+            .value
+            .map(|value| String::from_utf8(value.to_vec()).unwrap()),
+        change.version,
+        change.previous_version,
+        change.from_snapshot,
+    )
+}
+
+async fn next_changes(changes: &mut crate::Changes, count: usize) -> Vec<Seen> {
+    let mut out = Vec::new();
+    for _ in 0..count {
+        out.push(seen(bounded(changes.recv()).await.unwrap()));
+    }
+    out
+}
+
+/// Makes the fake unreachable for followers (and ends their subscriptions), runs `change` on
+/// its state, then makes it reachable again: a broker restart during which the log changed.
+fn while_down(broker: &FakeBroker, change: impl FnOnce(&mut State)) {
+    let mut state = broker.lock();
+    state.unavailable = true;
+    change(&mut state);
+}
+
+fn back_up(broker: &FakeBroker) {
+    broker.lock().unavailable = false;
+}
+
+/// Compacts a partition like the broker's cleaner: keeps each key's latest record, drops every
+/// delete, and moves the compaction horizon to the end of the log.
+fn compact(log: &mut PartitionLog) {
+    let mut latest: HashMap<Bytes, u64> = HashMap::new();
+    for batch in &log.batches {
+        for record in batch.records() {
+            let record = record.unwrap();
+            latest.insert(record.key.unwrap(), record.offset);
+        }
+    }
+    let mut kept = Vec::new();
+    for batch in &log.batches {
+        for record in batch.records() {
+            let record = record.unwrap();
+            let key = record.key.clone().unwrap();
+            if latest[&key] != record.offset || record.value.is_none() {
+                continue;
+            }
+            let mut builder = BatchBuilder::new();
+            builder.push(record.timestamp, Some(&key), record.value.as_deref(), &[]);
+            let mut bytes = BytesMut::from(&builder.finish().unwrap()[..]);
+            stamp_base_offset(&mut bytes, record.offset);
+            kept.push(Batch::parse(bytes.freeze()).unwrap());
+        }
+    }
+    log.batches = kept;
+    log.compaction_horizon = log.end_offset;
+}
+
+#[tokio::test]
+async fn sync_table_should_load_the_snapshot_then_tail_with_previous_versions() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    writer.put("a", "1").await.unwrap(); // 0
+    writer.put("b", "1").await.unwrap(); // 1
+    writer.put("a", "2").await.unwrap(); // 2
+    writer.put("c", "1").await.unwrap(); // 3
+    writer.delete("c").await.unwrap(); // 4
+
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    assert_eq!(
+        contents(&replica),
+        expected(&[("a", "2", 2), ("b", "1", 1)])
+    );
+    assert_eq!(replica.len(), 2);
+    assert_eq!(replica.next_offset(0), Some(5));
+    assert_eq!(broker.lock().snapshot_requests, 1);
+
+    let (before, mut changes) = replica.entries_and_changes();
+    assert_eq!(before.len(), 2);
+    let written = writer.put("b", "2").await.unwrap();
+    assert_eq!(written.version, 5);
+    bounded(replica.wait_for_write(written)).await.unwrap();
+    assert_eq!(replica.get("b").unwrap().version, 5);
+    writer.delete("a").await.unwrap(); // 6
+    writer.put("d", "1").await.unwrap(); // 7
+    writer.delete("nothing").await.unwrap(); // 8: a delete of an absent key changes nothing
+    let last = writer.put("d", "2").await.unwrap(); // 9
+    bounded(replica.wait_for_write(last)).await.unwrap();
+    assert_eq!(
+        next_changes(&mut changes, 4).await,
+        [
+            ("b".into(), Some("2".into()), 5, Some(1), false),
+            ("a".into(), None, 6, Some(2), false),
+            ("d".into(), Some("1".into()), 7, None, false),
+            ("d".into(), Some("2".into()), 9, Some(7), false),
+        ]
+    );
+    assert_eq!(
+        contents(&replica),
+        expected(&[("b", "2", 5), ("d", "2", 9)])
+    );
+    // Only the tail was used after the first load.
+    assert_eq!(broker.lock().snapshot_requests, 1);
+}
+
+#[tokio::test]
+async fn sync_table_changes_from_open_should_rebuild_the_table() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 3).await;
+    for i in 0..20 {
+        writer
+            .put(format!("k{}", i % 7), format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    // Subscribed before the first load: the load arrives as puts without previous versions.
+    let mut changes = replica.changes();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let mut rebuilt = std::collections::BTreeMap::new();
+    for _ in 0..7 {
+        let change = bounded(changes.recv()).await.unwrap();
+        assert!(change.from_snapshot);
+        assert_eq!(change.previous_version, None);
+        rebuilt.insert(change.key, (change.value.unwrap(), change.version));
+    }
+    let table: std::collections::BTreeMap<_, _> = replica
+        .entries()
+        .into_iter()
+        .map(|(key, entry)| (key, (entry.value, entry.version)))
+        .collect();
+    assert_eq!(rebuilt, table);
+}
+
+#[tokio::test]
+async fn given_resumed_subscription_overlapping_applied_records_should_apply_each_once() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 2).await;
+    broker.lock().subscribe_overlap = true;
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let mut changes = replica.changes();
+    let mut written = Vec::new();
+    for round in 0..4 {
+        for i in 0..5 {
+            written.push(
+                writer
+                    .put(format!("k{i}"), format!("{round}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for last in &written {
+            bounded(replica.wait_for_write(*last)).await.unwrap();
+        }
+        // Drop every subscription: the table resubscribes, and the fake's first response
+        // starts at the log start again.
+        broker.lock().subscription_generation += 1;
+    }
+    let received = next_changes(&mut changes, written.len()).await;
+    let mut by_partition: HashMap<u32, Vec<u64>> = HashMap::new();
+    for change in &received {
+        let partition = partition_for_key(change.0.as_bytes(), 2);
+        by_partition.entry(partition).or_default().push(change.2);
+    }
+    let mut expected_by_partition: HashMap<u32, Vec<u64>> = HashMap::new();
+    for write in &written {
+        expected_by_partition
+            .entry(write.partition)
+            .or_default()
+            .push(write.version);
+    }
+    assert_eq!(
+        by_partition, expected_by_partition,
+        "every write once, in order"
+    );
+    // No further change is pending (a duplicate would be).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), changes.recv())
+            .await
+            .is_err(),
+        "no duplicate"
+    );
+    assert!(broker.lock().subscribe_requests >= 2 * 4);
+    assert_eq!(
+        broker.lock().snapshot_requests,
+        2,
+        "resumed, not re-snapshotted"
+    );
+}
+
+#[tokio::test]
+async fn given_compaction_horizon_above_the_position_should_resnapshot_and_emit_the_diff() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    writer.put("a", "1").await.unwrap(); // 0
+    writer.put("b", "1").await.unwrap(); // 1
+    writer.put("c", "1").await.unwrap(); // 2
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let (_, mut changes) = replica.entries_and_changes();
+
+    while_down(&broker, |_| {});
+    writer.put("a", "2").await.unwrap(); // 3
+    writer.delete("b").await.unwrap(); // 4
+    writer.put("d", "1").await.unwrap(); // 5
+    writer.put("x", "1").await.unwrap(); // 6
+    writer.delete("x").await.unwrap(); // 7
+    compact(&mut broker.lock().topics.get_mut("table").unwrap()[0]);
+    back_up(&broker);
+
+    assert_eq!(
+        next_changes(&mut changes, 3).await,
+        [
+            ("a".into(), Some("2".into()), 3, Some(0), true),
+            ("d".into(), Some("1".into()), 5, None, true),
+            // The tombstone is gone: the delete carries the snapshot's last offset.
+            ("b".into(), None, 7, Some(1), true),
+        ]
+    );
+    assert_eq!(
+        contents(&replica),
+        expected(&[("a", "2", 3), ("c", "1", 2), ("d", "1", 5)])
+    );
+    assert_eq!(replica.next_offset(0), Some(8));
+    assert_eq!(broker.lock().snapshot_requests, 2);
+    // And tails on from the new H.
+    let written = writer.put("e", "1").await.unwrap();
+    assert_eq!(
+        next_changes(&mut changes, 1).await,
+        [("e".into(), Some("1".into()), written.version, None, false)]
+    );
+}
+
+#[tokio::test]
+async fn given_position_out_of_range_should_resnapshot() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    writer.put("a", "1").await.unwrap(); // 0
+    writer.put("b", "1").await.unwrap(); // 1
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let (_, mut changes) = replica.entries_and_changes();
+
+    while_down(&broker, |_| {});
+    writer.put("b", "2").await.unwrap(); // 2
+    writer.put("c", "1").await.unwrap(); // 3
+    {
+        // Retention removes the first two batches: the table's position (2) is still in the
+        // log, so remove one more to pass it.
+        let mut state = broker.lock();
+        let log = &mut state.topics.get_mut("table").unwrap()[0];
+        log.batches.drain(..3);
+        log.log_start_offset = 3;
+    }
+    back_up(&broker);
+    assert_eq!(
+        next_changes(&mut changes, 3).await,
+        [
+            ("c".into(), Some("1".into()), 3, None, true),
+            ("a".into(), None, 3, Some(0), true),
+            ("b".into(), None, 3, Some(1), true),
+        ]
+    );
+    assert_eq!(contents(&replica), expected(&[("c", "1", 3)]));
+    assert_eq!(broker.lock().snapshot_requests, 2);
+}
+
+#[tokio::test]
+async fn wait_for_should_wait_for_the_offset_and_refuse_unknown_partitions() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 2).await;
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    assert!(replica.is_empty());
+    let partition = writer.partition_of("k");
+    // Nothing at offset 0 yet: the wait does not end.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), replica.wait_for(partition, 0))
+            .await
+            .is_err()
+    );
+    let waiting = {
+        let replica = replica.clone();
+        tokio::spawn(async move { replica.wait_for(partition, 0).await })
+    };
+    let written = writer.put("k", "v").await.unwrap();
+    assert_eq!((written.partition, written.version), (partition, 0));
+    bounded(waiting).await.unwrap().unwrap();
+    assert_eq!(replica.get("k").unwrap().value, "v");
+    assert!(matches!(
+        replica.wait_for(2, 0).await,
+        Err(Error::UnknownPartition { partition: 2, .. })
+    ));
+    replica.close();
+    assert!(matches!(
+        replica.wait_for(partition, 100).await,
+        Err(Error::Closed(_))
+    ));
+}
+
+#[tokio::test]
+async fn slow_change_receiver_should_be_told_it_lagged() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 1).await;
+    let config = crate::SyncTableConfig {
+        changes_max: 2,
+        ..sync_config()
+    };
+    let replica = client.sync_table_with("table", config).await.unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let mut changes = replica.changes();
+    let mut last = None;
+    for i in 0..5 {
+        last = Some(writer.put(format!("k{i}"), "v").await.unwrap());
+    }
+    bounded(replica.wait_for_write(last.unwrap()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        changes.recv().await,
+        Err(Error::ChangesLagged { missed: 3 })
+    ));
+    assert_eq!(changes.recv().await.unwrap().version, 3);
+}
+
+#[tokio::test]
+async fn sync_table_should_refuse_a_topic_that_is_not_a_table_and_report_snapshot_errors() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("events", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        client.sync_table("events").await,
+        Err(Error::NotATable { .. })
+    ));
+    assert!(matches!(
+        client.sync_table("missing").await,
+        Err(Error::Broker {
+            code: Code::NotFound,
+            ..
+        })
+    ));
+    // The topic disappears under the table: NOT_FOUND is not retried.
+    table(&client, 1).await;
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    broker.lock().topics.remove("table");
+    broker.lock().subscription_generation += 1;
+    let error = bounded(replica.wait_for(0, 0)).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::Broker {
+                code: Code::NotFound,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert!(replica.error().is_some());
+}
+
+#[tokio::test]
+async fn given_broker_unavailable_for_a_while_should_resume_from_the_next_offset_without_a_snapshot(
+) {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    writer.put("a", "1").await.unwrap(); // 0
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    let (_, mut changes) = replica.entries_and_changes();
+    while_down(&broker, |_| {});
+    writer.put("a", "2").await.unwrap(); // 1
+    writer.put("b", "1").await.unwrap(); // 2
+                                         // The table tries to resume while the broker is down, and is refused.
+    bounded(async {
+        while broker.lock().refused_while_unavailable == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    back_up(&broker);
+    let last = writer.put("a", "3").await.unwrap(); // 3
+    bounded(replica.wait_for_write(last)).await.unwrap();
+    assert_eq!(
+        next_changes(&mut changes, 3).await,
+        [
+            ("a".into(), Some("2".into()), 1, Some(0), false),
+            ("b".into(), Some("1".into()), 2, None, false),
+            ("a".into(), Some("3".into()), 3, Some(1), false),
+        ]
+    );
+    assert_eq!(
+        broker.lock().snapshot_requests,
+        1,
+        "resumed, not re-snapshotted"
+    );
+    assert!(replica.error().is_none());
+}
+
+#[tokio::test]
+async fn snapshot_call_should_give_h_then_every_live_key_in_ascending_chunks() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 1).await;
+    for (key, value) in [("a", "1"), ("b", "1"), ("c", "1"), ("a", "2"), ("d", "1")] {
+        writer.put(key, value).await.unwrap();
+    }
+    writer.delete("b").await.unwrap(); // 5
+    let mut snapshot = client.snapshot("table", 0).await.unwrap();
+    assert_eq!(snapshot.high_watermark(), 6);
+    assert_eq!(snapshot.keys_total(), 3);
+    let mut chunks = 0;
+    let mut records = Vec::new();
+    while let Some(chunk) = snapshot.next_chunk().await.unwrap() {
+        chunks += 1;
+        records.extend(chunk.into_iter().map(|record| {
+            (
+                String::from_utf8(record.key.unwrap().to_vec()).unwrap(),
+                record.offset,
+            )
+        }));
+    }
+    assert_eq!(
+        records,
+        [
+            ("c".to_owned(), 2),
+            ("a".to_owned(), 3),
+            ("d".to_owned(), 4)
+        ]
+    );
+    assert_eq!(chunks, 3, "two records a message, then the final one");
+    assert!(snapshot.next_chunk().await.unwrap().is_none());
+    let missing = client.snapshot("missing", 0).await.unwrap_err();
+    assert_eq!(missing.code(), Some(Code::NotFound));
+}
+
+#[tokio::test]
+async fn given_snapshot_cut_short_sync_table_should_load_it_again() {
+    let (client, broker) = start().await;
+    let writer = table(&client, 1).await;
+    for key in ["a", "b", "c"] {
+        writer.put(key, "1").await.unwrap();
+    }
+    broker.lock().cut_next_snapshot = true;
+    let replica = client
+        .sync_table_with("table", sync_config())
+        .await
+        .unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    assert_eq!(
+        contents(&replica),
+        expected(&[("a", "1", 0), ("b", "1", 1), ("c", "1", 2)])
+    );
+    assert_eq!(broker.lock().snapshot_requests, 2);
+    assert!(replica.error().is_none());
 }

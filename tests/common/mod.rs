@@ -44,11 +44,19 @@ impl BrokerProcess {
         Self::start_with(data_dir, &[])
     }
 
+    /// [`BrokerProcess::start`] with more flags. `--listen ADDR` among them replaces the
+    /// ephemeral port (e.g. to restart on the port a first start picked).
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = Command::new(binary("syncline-broker"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(listen)
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

@@ -1,5 +1,6 @@
 //! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout,
-//! tables by key with `put`, `get`, `history` and `delete`, and `bench`, a load generator that
+//! tables by key with `put`, `get`, `history` and `delete`, a live view of a table with `watch`,
+//! and `bench`, a load generator that
 //! verifies what it reads back).
 //!
 //! Exit status: 0 on success; 1 on failure, with one line `error: MESSAGE` on stderr; 2 for a
@@ -9,6 +10,7 @@ mod bench;
 mod input;
 mod output;
 mod table;
+mod watch;
 
 use std::io::{self, IsTerminal as _, Write};
 use std::process::ExitCode;
@@ -72,6 +74,8 @@ enum Command {
     History(table::HistoryArgs),
     /// Delete a key of a table.
     Delete(table::DeleteArgs),
+    /// Follow a table: print every key once caught up, then each change as it happens.
+    Watch(watch::WatchArgs),
     /// Measure produce and consume throughput and latency, verifying every record read back.
     Bench(bench::BenchArgs),
 }
@@ -286,6 +290,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get(args) => table::get(&client, args).await,
         Command::History(args) => table::history(&client, args).await,
         Command::Delete(args) => table::delete(&client, args).await,
+        Command::Watch(args) => watch::watch(&client, args).await,
         Command::Bench(args) => bench::run(&client, &cli.broker, args).await,
     }
 }

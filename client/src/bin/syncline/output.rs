@@ -69,7 +69,8 @@ fn text_or_base64(bytes: &[u8]) -> (Cow<'_, str>, Option<&'static str>) {
     }
 }
 
-fn optional_text(bytes: Option<&[u8]>) -> (Option<Cow<'_, str>>, Option<&'static str>) {
+/// Optional bytes as an optional JSON string and its encoding; see [`text_or_base64`].
+pub fn optional_text(bytes: Option<&[u8]>) -> (Option<Cow<'_, str>>, Option<&'static str>) {
     match bytes {
         None => (None, None),
         Some(bytes) => {
