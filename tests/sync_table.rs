@@ -507,3 +507,53 @@ async fn given_compaction_past_the_position_during_an_outage_should_resnapshot_a
     assert!(replica.next_offset(0).unwrap() > d.version);
     assert!(replica.error().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn given_table_opened_after_compaction_should_equal_one_that_watched_from_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let client = Client::connect(&broker.addr).await.unwrap();
+    let config = TopicConfig {
+        partitions: Some(3),
+        cleanup_policy: CleanupPolicy::Compact,
+        // Deletes may go at the first pass: the late table must not miss them either way.
+        delete_retention_ms: Some(0),
+        ..TopicConfig::default()
+    };
+    client.create_topic("t", config).await.unwrap();
+    let watcher = client.sync_table_with("t", fast_config()).await.unwrap();
+    bounded(watcher.wait_caught_up()).await.unwrap();
+    let writer = client.table_with("t", plain_writes()).await.unwrap();
+    let mut last = None;
+    for round in 0..20 {
+        for key in 0..KEYS {
+            let key = format!("key-{key}");
+            let written = if (round + key.len()) % 7 == 3 {
+                writer.delete(&key).await.unwrap()
+            } else {
+                writer.put(&key, format!("{round}")).await.unwrap()
+            };
+            last = Some(written);
+        }
+    }
+    let outcomes = client.compact_topic("t", true).await.unwrap();
+    assert!(outcomes.iter().all(|o| o.error.is_none()), "{outcomes:?}");
+    assert!(
+        outcomes.iter().map(|o| o.records_removed).sum::<u64>() > 0,
+        "{outcomes:?}"
+    );
+    // Writes after the pass, too.
+    for key in 0..KEYS / 2 {
+        last = Some(writer.put(format!("key-{key}"), "after").await.unwrap());
+    }
+    let late = client.sync_table_with("t", fast_config()).await.unwrap();
+    bounded(late.wait_caught_up()).await.unwrap();
+    let last = last.unwrap();
+    bounded(watcher.wait_for_write(last)).await.unwrap();
+    bounded(late.wait_for_write(last)).await.unwrap();
+    // Partitions other than the last write's are caught up by wait_caught_up (the late table
+    // opened after every write was durable).
+    assert_eq!(map_of(&late), map_of(&watcher));
+    assert_eq!(map_of(&late), reference(&client, "t").await);
+    assert!(late.error().is_none() && watcher.error().is_none());
+}
