@@ -419,8 +419,11 @@ impl Log {
         if options.stop_after == Some(CompactStep::ManifestCommitted) {
             return Err(self.stopped(CompactStep::ManifestCommitted));
         }
-        *self.segments.write() = Arc::new(list);
+        // The horizon goes up before readers can find the new segments: a fetch loads it after
+        // its read, so one that read a segment without a dropped delete also sees a horizon
+        // past it (the other order let a follower step over the missing delete unwarned).
         self.horizon.store(manifest.horizon, Ordering::Release);
+        *self.segments.write() = Arc::new(list);
         *self.manifest.lock() = manifest;
         self.tombstone_expiry_ms.store(
             pass.next_tombstone_expiry_ms.unwrap_or(i64::MAX),
