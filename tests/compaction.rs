@@ -394,6 +394,8 @@ async fn given_dirty_table_background_cleaner_should_compact_it() {
             "100",
             "--min-cleanable-dirty-ratio",
             "0.3",
+            "--log",
+            "info,syncline_broker::partition=debug",
         ],
     );
     let mut client = broker.client().await;
@@ -409,10 +411,14 @@ async fn given_dirty_table_background_cleaner_should_compact_it() {
         if p.last_compaction_ms > 0 && p.bytes_reclaimed > 0 {
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cleaner never ran: {p:?}"
-        );
+        if std::time::Instant::now() >= deadline {
+            let log: Vec<String> = broker
+                .drain_log()
+                .into_iter()
+                .filter(|l| l.contains("compact"))
+                .collect();
+            panic!("the cleaner never compacted: {p:?}\n{}", log.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     check(&mut client, topic, 1, &written, false).await;

@@ -725,8 +725,13 @@ impl CompactionFilter for KeyIndexFilter<'_> {
 fn restore_state(log: &Log, is_table: bool) -> Result<PartitionState, String> {
     let end = log.end_offset();
     let mut state = match PartitionState::load(log.dir()) {
+        // A snapshot below the compaction horizon may name a key as live whose delete, at or
+        // after the snapshot's offset, compaction has since removed (with the older values):
+        // the replay would never see the delete and the key would come back. Rebuild instead.
         Some(state)
-            if state.applied_offset <= end && state.applied_offset >= log.start_offset() =>
+            if state.applied_offset <= end
+                && state.applied_offset >= log.start_offset()
+                && state.applied_offset >= log.compaction_horizon() =>
         {
             state
         }
@@ -1044,6 +1049,45 @@ mod tests {
             outcome.bytes_after * 10 < outcome.bytes_before,
             "{outcome:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn given_state_snapshot_older_than_a_dropped_delete_when_restored_should_not_resurrect_the_key(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let partition = table(dir.path(), true);
+        // f@0 fills the segment's first batch (the placeholder a pass always keeps), so the
+        // pass can drop both k@1 (superseded) and the delete k@2 (expired at once).
+        partition
+            .append_records(&[put("f", Some("f0"))], None, &[], 1)
+            .unwrap();
+        partition
+            .append_records(&[put("k", Some("v1"))], None, &[], 1)
+            .unwrap();
+        // The state snapshot says k is live at 1.
+        partition.checkpoint();
+        partition
+            .append_records(&[put("k", None)], None, &[], 1)
+            .unwrap();
+        let log = partition.log().unwrap().clone();
+        log.sync().unwrap();
+        let outcome = partition
+            .compact(&CompactOptions {
+                roll: true,
+                delete_retention_ms: 0,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(outcome.tombstones_removed, 1, "{outcome:?}");
+        // A crash before the next checkpoint: the restart finds the old state snapshot.
+        let restored = restore_state(&log, true).unwrap();
+        let index = restored.index.unwrap();
+        assert!(
+            index.get(b"k").is_none_or(|slot| slot.tombstone),
+            "a deleted key came back: {:?}",
+            index.get(b"k")
+        );
+        assert_eq!(index.live_offsets().collect::<Vec<_>>(), vec![0]);
     }
 
     #[test]

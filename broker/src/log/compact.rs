@@ -113,6 +113,9 @@ pub struct CompactOptions {
     /// Tests: stop after this step, leaving the files as a crash there would.
     #[doc(hidden)]
     pub stop_after: Option<CompactStep>,
+    /// Tests: the directory fsync after the manifest's rename fails.
+    #[doc(hidden)]
+    pub fail_manifest_dir_sync: bool,
 }
 
 /// What one pass did.
@@ -407,20 +410,34 @@ impl Log {
                 .map(|s| s.name())
                 .collect(),
         };
-        if let Err(error) = manifest.write(&self.dir) {
+        let committed = if options.fail_manifest_dir_sync {
+            file::replace_file(
+                &self.dir.join(super::manifest::MANIFEST_FILE),
+                &manifest.encode(),
+            )
+            .and(Err(std::io::Error::other(
+                "injected directory fsync failure",
+            )))
+        } else {
+            manifest.write(&self.dir)
+        };
+        if let Err(error) = committed {
+            // The rename may already have happened (only the directory fsync failed), so the
+            // manifest on disk may list the outputs: they must stay, or the next open would
+            // remove the inputs as replaced and find the listed outputs missing. If it did not
+            // happen, they are an uncommitted generation the next open removes. Memory and disk
+            // may now disagree: poisoned until restart, which resolves it from the disk.
             drop(writer);
-            discard(&written);
-            return Err(LogError::io(
-                "writing the segment manifest in",
-                &self.dir,
-                error,
-            ));
+            return Err(self.poison("writing the segment manifest", &error));
         }
         if options.stop_after == Some(CompactStep::ManifestCommitted) {
             return Err(self.stopped(CompactStep::ManifestCommitted));
         }
-        *self.segments.write() = Arc::new(list);
+        // The horizon goes up before readers can find the new segments: a fetch loads it after
+        // its read, so one that read a segment without a dropped delete also sees a horizon
+        // past it (the other order let a follower step over the missing delete unwarned).
         self.horizon.store(manifest.horizon, Ordering::Release);
+        *self.segments.write() = Arc::new(list);
         *self.manifest.lock() = manifest;
         self.tombstone_expiry_ms.store(
             pass.next_tombstone_expiry_ms.unwrap_or(i64::MAX),
@@ -1095,6 +1112,36 @@ mod tests {
             .unwrap();
             history.check(&log, false);
         }
+    }
+
+    #[test]
+    fn given_manifest_dir_sync_failing_after_rename_should_poison_and_reopen_with_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), config()).unwrap();
+        let mut history = History::new();
+        for round in 0..30 {
+            history.append(&log, &writes(20, 40, round));
+        }
+        log.sync().unwrap();
+        let error = log
+            .compact(
+                &history.filter,
+                &CompactOptions {
+                    roll: true,
+                    fail_manifest_dir_sync: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(error, LogError::Poisoned { .. }), "{error}");
+        assert!(
+            matches!(log.roll_now(), Err(LogError::Poisoned { .. })),
+            "no writes after a failed manifest commit"
+        );
+        drop(log);
+        // The renamed manifest is what the disk holds: the outputs it lists must be there.
+        let log = Log::open(dir.path(), config()).unwrap();
+        history.check(&log, false);
     }
 
     #[test]
