@@ -699,6 +699,10 @@ impl CompactionFilter for KeyIndexFilter<'_> {
         Ok(())
     }
 
+    fn limit(&self) -> u64 {
+        self.limit
+    }
+
     fn keep_whole(&self, header: &syncline_proto::batch::BatchHeader) -> bool {
         header.producer_id >= 0
             && self
@@ -1010,10 +1014,25 @@ mod tests {
 
     #[tokio::test]
     async fn given_many_rounds_of_updates_when_compacted_should_drop_superseded_records() {
+        many_rounds_compacted(true).await;
+    }
+
+    /// Regression: every key's latest version sat in the active segment, not yet durable, and
+    /// the pass kept every older version (the background cleaner on a busy table reclaimed
+    /// nothing). Versions superseded inside the sealed, durable segments must go anyway.
+    #[tokio::test]
+    async fn given_latest_versions_not_yet_durable_when_compacted_should_still_drop_superseded_records(
+    ) {
+        many_rounds_compacted(false).await;
+    }
+
+    async fn many_rounds_compacted(sync_first: bool) {
         let dir = tempfile::tempdir().unwrap();
         let config = LogConfig {
             segment_bytes_max: 64 * 1024,
             batch_bytes_max: 64 * 1024,
+            // No group commit in between: only rolls make data durable.
+            fsync: crate::log::FsyncPolicy::IntervalMs(3_600_000),
             ..LogConfig::default()
         };
         let log = Log::open(dir.path(), config).unwrap();
@@ -1037,7 +1056,15 @@ mod tests {
                 .collect();
             partition.append_records(&records, None, &[], 1).unwrap();
         }
-        partition.log().unwrap().sync().unwrap();
+        let log = partition.log().unwrap().clone();
+        if sync_first {
+            log.sync().unwrap();
+        }
+        assert_eq!(
+            log.durable_offset() < log.end_offset(),
+            !sync_first,
+            "the last round is durable only when synced"
+        );
         let outcome = partition
             .compact(&CompactOptions {
                 delete_retention_ms: u64::MAX / 2,

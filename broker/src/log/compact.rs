@@ -38,7 +38,7 @@
 //! A [`Throttle`] (token bucket, bytes of input per second, shared by every partition's pass)
 //! bounds the cleaner's I/O so it does not starve produce; a pass runs on a blocking thread.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -81,6 +81,10 @@ pub trait CompactionFilter {
 
     /// Keep this batch exactly as it is (e.g. an idempotent producer's recent batch).
     fn keep_whole(&self, header: &BatchHeader) -> bool;
+
+    /// Records at or above this offset never make an older record of their key droppable
+    /// (they are not durable yet, or a running snapshot needs what they replace).
+    fn limit(&self) -> u64;
 
     /// After a pass committed: these tombstones (key, offset), each its key's latest record,
     /// are gone from the log.
@@ -199,6 +203,61 @@ struct Pass {
     records_removed: u64,
     /// Earliest time a kept, latest tombstone expires.
     next_tombstone_expiry_ms: Option<i64>,
+}
+
+/// The latest version of each key among the records being compacted that are below the
+/// filter's limit: a record with a later version here is superseded by a durable record even
+/// when the key's overall latest version (the filter's view) is not durable yet — without it a
+/// key written faster than the group commit could never be compacted. Keyed like the key index
+/// (64-bit hash + an independent 32-bit fingerprint; a hash match with another fingerprint
+/// counts as "unknown", which keeps the record). Bounded: past `LATER_VERSIONS_MAX` keys new
+/// keys are not added (their records fall back to the filter's view).
+#[derive(Default)]
+struct LaterVersions {
+    latest: HashMap<u64, (u32, u64)>,
+    full: bool,
+}
+
+/// What every group of a pass reads.
+#[derive(Clone, Copy)]
+struct PassInputs<'a> {
+    filter: &'a dyn CompactionFilter,
+    later: &'a LaterVersions,
+    options: &'a CompactOptions,
+    now: i64,
+}
+
+/// Keys tracked by one pass's [`LaterVersions`] (~30 bytes each: at most ~60 MiB).
+const LATER_VERSIONS_MAX: usize = 2_000_000;
+
+fn key_hashes(key: &[u8]) -> (u64, u32) {
+    (
+        xxhash_rust::xxh3::xxh3_64(key),
+        xxhash_rust::xxh3::xxh3_64_with_seed(key, 0x5EED_CAFE) as u32,
+    )
+}
+
+impl LaterVersions {
+    fn observe(&mut self, key: &[u8], offset: u64) {
+        let (hash, fingerprint) = key_hashes(key);
+        let room = self.latest.len() < LATER_VERSIONS_MAX;
+        match self.latest.get_mut(&hash) {
+            Some(entry) if entry.0 == fingerprint => entry.1 = entry.1.max(offset),
+            Some(_) => {}
+            None if room => {
+                self.latest.insert(hash, (fingerprint, offset));
+            }
+            None => self.full = true,
+        }
+    }
+
+    /// Whether a later version of `key` than `offset` was seen.
+    fn supersedes(&self, key: &[u8], offset: u64) -> bool {
+        let (hash, fingerprint) = key_hashes(key);
+        self.latest
+            .get(&hash)
+            .is_some_and(|(f, latest)| *f == fingerprint && *latest > offset)
+    }
 }
 
 fn key_hash(key: &[u8]) -> u64 {
@@ -334,6 +393,13 @@ impl Log {
         let now = self.options.clock.now_ms();
         let started = Instant::now();
         let mut pass = Pass::default();
+        let later = self.later_versions(&sealed, filter.limit(), options)?;
+        let inputs = PassInputs {
+            filter,
+            later: &later,
+            options,
+            now,
+        };
         let mut outputs: Vec<Arc<Segment>> = Vec::new();
         let groups = self.group(&sealed);
         let mut written: Vec<SegmentName> = Vec::new();
@@ -341,7 +407,7 @@ impl Log {
             for group in &groups {
                 let name = SegmentName::new(group[0].base_offset, generation);
                 written.push(name);
-                outputs.push(self.clean_group(group, name, filter, options, now, &mut pass)?);
+                outputs.push(self.clean_group(group, name, &inputs, &mut pass)?);
             }
             file::sync_dir(&self.dir).map_err(|e| LogError::io("syncing", &self.dir, e))?;
             Ok(())
@@ -481,6 +547,53 @@ impl Log {
         Ok(outcome)
     }
 
+    /// Reads the sealed segments once (framing only; the rewrite checks every CRC before it
+    /// commits) for the latest version of each key below `limit`.
+    fn later_versions(
+        &self,
+        sealed: &[Arc<Segment>],
+        limit: u64,
+        options: &CompactOptions,
+    ) -> Result<LaterVersions, LogError> {
+        let mut later = LaterVersions::default();
+        for segment in sealed {
+            if segment.base_offset >= limit {
+                break;
+            }
+            for batch in Batches::new(segment.data()) {
+                let batch = batch.map_err(|e| LogError::Corrupt {
+                    file: segment.path.clone(),
+                    position: 0,
+                    offset: segment.base_offset,
+                    reason: format!("compaction found a bad batch: {e}"),
+                })?;
+                if let Some(throttle) = &options.throttle {
+                    throttle.acquire(batch.as_bytes().len() as u64);
+                }
+                if batch.header().base_offset >= limit {
+                    break;
+                }
+                for record in batch.records() {
+                    let record = record.map_err(|e| self.compaction_error(&e.to_string()))?;
+                    if let (Some(key), true) = (record.key.as_deref(), record.offset < limit) {
+                        later.observe(key, record.offset);
+                    }
+                }
+            }
+            if options
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Acquire))
+            {
+                return Err(self.compaction_error("cancelled (shutting down)"));
+            }
+        }
+        if later.full {
+            tracing::warn!(dir = %self.dir.display(), keys = LATER_VERSIONS_MAX, "compaction tracks the latest versions of its first keys only; later keys rely on the key index");
+        }
+        Ok(later)
+    }
+
     fn stopped(&self, step: CompactStep) -> LogError {
         self.compaction_error(&format!("stopped after {step:?} (test hook)"))
     }
@@ -519,11 +632,15 @@ impl Log {
         &self,
         group: &[Arc<Segment>],
         name: SegmentName,
-        filter: &dyn CompactionFilter,
-        options: &CompactOptions,
-        now: i64,
+        inputs: &PassInputs<'_>,
         pass: &mut Pass,
     ) -> Result<Arc<Segment>, LogError> {
+        let PassInputs {
+            filter,
+            later,
+            options,
+            now,
+        } = *inputs;
         let path = name.log(&self.dir);
         let out_file = std::fs::OpenOptions::new()
             .read(true)
@@ -607,6 +724,12 @@ impl Log {
                 for (record, verdict) in batch.records().zip(&verdicts) {
                     let record = record.map_err(|e| corrupt(e.to_string()))?;
                     let hash = record.key.as_deref().map(key_hash);
+                    let verdict = match (verdict, record.key.as_deref()) {
+                        (Verdict::Keep, Some(key)) if later.supersedes(key, record.offset) => {
+                            &Verdict::Superseded
+                        }
+                        _ => verdict,
+                    };
                     let kept = match verdict {
                         Verdict::Keep => true,
                         Verdict::Superseded => whole,
@@ -771,6 +894,9 @@ mod tests {
         fn keep_whole(&self, header: &BatchHeader) -> bool {
             self.whole.contains(&header.base_offset)
         }
+        fn limit(&self) -> u64 {
+            u64::MAX
+        }
         fn tombstones_removed(&self, removed: &[(Bytes, u64)]) {
             self.removed.lock().extend_from_slice(removed);
         }
@@ -859,6 +985,16 @@ mod tests {
                 .iter()
                 .map(|(_, offset)| *offset)
                 .collect();
+            // A dropped delete leaves no older value of its key behind (a restart that rebuilds
+            // the key index from the log would bring it back).
+            for (key, offset) in self.filter.removed.lock().iter() {
+                assert!(
+                    !survivors
+                        .iter()
+                        .any(|r| r.key.as_ref() == Some(key) && r.offset < *offset),
+                    "an older value of {key:?} survives its dropped delete at {offset}"
+                );
+            }
             for (key, latest) in &self.filter.latest {
                 let tombstone = self.all[latest].1.is_none();
                 if seen.contains(latest) {
