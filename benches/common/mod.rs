@@ -14,7 +14,14 @@ pub struct Setup {
 }
 
 /// Starts a broker over a fresh temp dir (same disk as the project, not a tmpfs).
+#[allow(dead_code)] // Benches that need broker settings use `setup_with` only.
 pub fn setup(prefix: &str) -> Setup {
+    setup_with(prefix, |_| {})
+}
+
+/// Like [`setup`], with broker settings changed by `configure` (the data dir and the listen
+/// addresses are set before it runs; leave them alone).
+pub fn setup_with(prefix: &str, configure: impl FnOnce(&mut Config)) -> Setup {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -24,13 +31,14 @@ pub fn setup(prefix: &str) -> Setup {
         .prefix(prefix)
         .tempdir()
         .expect("tempdir");
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().expect("addr"),
         metrics_listen: "127.0.0.1:0".parse().expect("addr"),
         metrics_listen_explicit: true,
         ..Config::default()
     };
+    configure(&mut config);
     let client = runtime.block_on(async {
         let broker = Broker::start(config).await.expect("broker");
         let url = format!("http://{}", broker.local_addr());
