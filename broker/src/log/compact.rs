@@ -158,15 +158,21 @@ pub struct CompactionInfo {
 #[derive(Debug)]
 pub struct Throttle {
     bytes_per_sec: f64,
+    /// Bucket size: a tenth of a second of budget (at least 1 MiB), so a pass cannot start
+    /// with a long burst.
+    burst: f64,
     state: Mutex<(Instant, f64)>,
 }
 
 impl Throttle {
-    /// At most `bytes_per_sec` on average, with up to one second of burst.
+    /// At most `bytes_per_sec` on average, with bursts of a tenth of a second's budget.
     pub fn new(bytes_per_sec: u64) -> Self {
+        let bytes_per_sec = bytes_per_sec.max(1) as f64;
+        let burst = (bytes_per_sec / 10.0).max(1024.0 * 1024.0);
         Self {
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
-            state: Mutex::new((Instant::now(), bytes_per_sec as f64)),
+            bytes_per_sec,
+            burst,
+            state: Mutex::new((Instant::now(), burst)),
         }
     }
 
@@ -177,7 +183,7 @@ impl Throttle {
             let now = Instant::now();
             let refill = now.duration_since(state.0).as_secs_f64() * self.bytes_per_sec;
             state.0 = now;
-            state.1 = (state.1 + refill).min(self.bytes_per_sec) - bytes as f64;
+            state.1 = (state.1 + refill).min(self.burst) - bytes as f64;
             if state.1 >= 0.0 {
                 return;
             }
@@ -514,6 +520,9 @@ impl Log {
             return Err(self.stopped(CompactStep::Swapped));
         }
         for segment in &sealed {
+            if outputs.iter().any(|kept| Arc::ptr_eq(kept, segment)) {
+                continue; // unchanged: still in the list
+            }
             if written.contains(&segment.name()) {
                 continue;
             }
@@ -627,7 +636,8 @@ impl Log {
         groups
     }
 
-    /// Writes the compacted copy of `group` as segment `name` and returns it, mapped.
+    /// Writes the compacted copy of `group` as segment `name` and returns it, mapped; returns
+    /// the input itself when it is a single segment with nothing to remove.
     fn clean_group(
         &self,
         group: &[Arc<Segment>],
@@ -650,6 +660,7 @@ impl Log {
             .open(&path)
             .map_err(|e| LogError::io("creating compacted segment", &path, e))?;
         let mut out = std::io::BufWriter::with_capacity(1 << 20, &out_file);
+        let removed_before = pass.records_removed;
         let group_base = group[0].base_offset;
         let group_end = group.last().map_or(group_base, |s| s.next_offset());
         let mut position = 0u64;
@@ -698,8 +709,8 @@ impl Log {
                     offset: segment.base_offset,
                     reason: format!("compaction found a bad batch: {reason}"),
                 };
+                // `Batches` checks framing and the CRC of every batch it yields.
                 let batch = batch.map_err(|e| corrupt(e.to_string()))?;
-                batch::verify(batch.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
                 if let Some(throttle) = &options.throttle {
                     throttle.acquire(batch.as_bytes().len() as u64);
                 }
@@ -721,6 +732,7 @@ impl Log {
                 let whole = filter.keep_whole(&header);
                 keep.clear();
                 let mut records = Vec::with_capacity(verdicts.len());
+                let mut has_tombstone = false;
                 for (record, verdict) in batch.records().zip(&verdicts) {
                     let record = record.map_err(|e| corrupt(e.to_string()))?;
                     let hash = record.key.as_deref().map(key_hash);
@@ -738,6 +750,7 @@ impl Log {
                         }
                     };
                     keep.push(kept);
+                    has_tombstone |= record.value.is_none();
                     records.push((record.key, record.offset, hash, *verdict));
                 }
                 if first_batch && !keep.iter().any(|k| *k) {
@@ -764,7 +777,7 @@ impl Log {
                     }
                 }
                 // Tombstones still waiting for their retention.
-                if !expired && verdicts.contains(&Verdict::Keep) && batch_has_tombstone(&batch) {
+                if !expired && has_tombstone && verdicts.contains(&Verdict::Keep) {
                     pass.next_tombstone_expiry_ms = Some(
                         pass.next_tombstone_expiry_ms
                             .map_or(expires_ms, |t| t.min(expires_ms)),
@@ -800,6 +813,12 @@ impl Log {
         emit(last, &mut out, &mut position)?;
         out.flush().map_err(write_err)?;
         drop(out);
+        if group.len() == 1 && pass.records_removed == removed_before {
+            // Nothing to remove: the segment stays as it is (no fsync, no new name).
+            drop(out_file);
+            super::remove_segment_files(&self.dir, name)?;
+            return Ok(group[0].clone());
+        }
         if let Some(ms) = newest_input_ms {
             let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
             if let Err(error) = out_file.set_modified(time) {
@@ -844,16 +863,12 @@ impl Log {
     }
 }
 
-fn batch_has_tombstone(batch: &Batch) -> bool {
-    batch
-        .records()
-        .any(|r| r.map(|r| r.value.is_none()).unwrap_or(false))
-}
-
 #[cfg(test)]
 mod tests {
     //! Compaction against a model: the full history of appended records.
     use std::collections::HashMap;
+
+    use std::path::Path;
 
     use proptest::prelude::*;
     use syncline_proto::batch::Record;
@@ -1153,6 +1168,47 @@ mod tests {
     }
 
     #[test]
+    fn given_clean_log_when_compacted_again_should_leave_its_segments_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path(), config()).unwrap();
+        let mut history = History::new();
+        for round in 0..40 {
+            history.append(&log, &writes(20, 30, round));
+        }
+        log.sync().unwrap();
+        let options = CompactOptions {
+            roll: true,
+            ..Default::default()
+        };
+        log.compact(&history.filter, &options).unwrap();
+        let second = log
+            .compact(&history.filter, &CompactOptions::default())
+            .unwrap();
+        // The first pass merged the small outputs' inputs; a second merges what is left; then
+        // nothing changes any more.
+        let third = log
+            .compact(&history.filter, &CompactOptions::default())
+            .unwrap();
+        let names = |dir: &Path| {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n.ends_with(".log"))
+                .collect();
+            names.sort();
+            names
+        };
+        let before = names(dir.path());
+        let fourth = log
+            .compact(&history.filter, &CompactOptions::default())
+            .unwrap();
+        assert_eq!(fourth.records_removed, 0, "{second:?} {third:?} {fourth:?}");
+        assert_eq!(fourth.bytes_before, fourth.bytes_after);
+        assert_eq!(names(dir.path()), before, "no segment rewritten");
+        history.check(&log, false);
+    }
+
+    #[test]
     fn given_reader_holding_old_segments_when_compacted_should_still_read_them() {
         let dir = tempfile::tempdir().unwrap();
         let log = Log::open(dir.path(), config()).unwrap();
@@ -1352,7 +1408,7 @@ mod tests {
     fn given_throttle_should_pace_bytes() {
         let throttle = Throttle::new(1_000_000);
         let started = Instant::now();
-        throttle.acquire(1_000_000); // the initial burst
+        throttle.acquire(1_048_576); // the initial burst
         throttle.acquire(200_000);
         assert!(started.elapsed() >= Duration::from_millis(150));
     }
