@@ -7,9 +7,14 @@
 //! <dir>/<base:020>.log                segment: batches as producers encoded them (segment.rs)
 //! <dir>/<base:020>.index              sparse offset -> position index          (index.rs)
 //! <dir>/<base:020>.timeindex          sparse timestamp -> offset index         (index.rs)
+//! <dir>/<base:020>-<gen:010>.log      a segment the cleaner wrote (generation gen > 0), with
+//!                                     its `.index`/`.timeindex` named the same way
+//! <dir>/segments.manifest             the committed compacted prefix (manifest.rs)
 //! <dir>/recovery-point                offset below which everything was fsync'd (checkpoint.rs)
 //! <dir>/.clean-shutdown               present only between a clean close and the next open
 //! ```
+//! Tables are compacted by `compact.rs`; its swap is committed through the manifest and open
+//! resolves what an interrupted swap left behind (see both module docs).
 //!
 //! ## Offsets and visibility
 //! - `log start` = base offset of the oldest segment; retention deletes whole sealed segments.
