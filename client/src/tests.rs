@@ -317,6 +317,55 @@ impl Broker for FakeBroker {
         Ok(Response::new(Box::pin(futures::stream::iter(messages))))
     }
 
+    async fn join_group(
+        &self,
+        _request: Request<v1::JoinGroupRequest>,
+    ) -> Result<Response<v1::JoinGroupResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn leave_group(
+        &self,
+        _request: Request<v1::LeaveGroupRequest>,
+    ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn commit_offsets(
+        &self,
+        _request: Request<v1::CommitOffsetsRequest>,
+    ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        _request: Request<v1::FetchOffsetsRequest>,
+    ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
+    async fn describe_group(
+        &self,
+        _request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        Err(Status::unimplemented("the fake broker has no groups"))
+    }
+
     async fn compact_topic(
         &self,
         _request: Request<v1::CompactTopicRequest>,

@@ -1221,4 +1221,67 @@ impl Broker for BrokerService {
         .await;
         finish("CompactTopic", started, result)
     }
+
+    async fn join_group(
+        &self,
+        _request: Request<v1::JoinGroupRequest>,
+    ) -> Result<Response<v1::JoinGroupResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        _request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn leave_group(
+        &self,
+        _request: Request<v1::LeaveGroupRequest>,
+    ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn commit_offsets(
+        &self,
+        _request: Request<v1::CommitOffsetsRequest>,
+    ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        _request: Request<v1::FetchOffsetsRequest>,
+    ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn list_groups(
+        &self,
+        _request: Request<v1::ListGroupsRequest>,
+    ) -> Result<Response<v1::ListGroupsResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
+
+    async fn describe_group(
+        &self,
+        _request: Request<v1::DescribeGroupRequest>,
+    ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
+        Err(Status::unimplemented(
+            "consumer groups are being built (issue 8)",
+        ))
+    }
 }
