@@ -397,11 +397,11 @@ impl Coordinator {
         )?;
         let owned = flatten(&request.owned);
         // Released: held by this member, no longer its target, not reported as read.
-        let target = group.target.clone().unwrap_or_default();
+        let target = &group.target;
         group.owner.retain(|partition, holder| {
             holder != &request.member_id
                 || owned.contains(partition)
-                || target.get(partition) == Some(holder)
+                || target.as_ref().and_then(|t| t.get(partition)) == Some(holder)
         });
         if group.target.is_none() {
             group.retarget(&self.registry, now);
