@@ -446,6 +446,13 @@ impl SyncTable {
     }
 }
 
+impl State {
+    /// Whether the table failed or was closed: no partition applies anything any more.
+    fn is_stopped(&self) -> bool {
+        self.failed.is_some() || self.closed
+    }
+}
+
 fn copy_entries(state: &State) -> BTreeMap<Bytes, Entry> {
     state
         .partitions
@@ -554,6 +561,10 @@ impl Shared {
         );
         {
             let mut state = self.write();
+            if state.is_stopped() {
+                // Another partition stopped the table: its copy stays as it was.
+                return Ok(());
+            }
             self.replace(&mut state, partition, entries, high_watermark)?;
         }
         self.bump();
@@ -721,6 +732,10 @@ impl Shared {
         };
         {
             let mut state = self.write();
+            if state.is_stopped() {
+                // Another partition stopped the table: its copy stays as it was.
+                return Ok(Handled::Stopped);
+            }
             self.apply(&mut state, partition, decoded.records, end_offset)?;
         }
         self.bump();
@@ -753,6 +768,7 @@ impl Shared {
         match self.handle(partition, probe)? {
             Handled::Resnapshot => return Ok(Step::Resnapshot),
             Handled::Truncated => return Ok(Step::Resubscribe),
+            Handled::Stopped => return Ok(Step::Stop),
             Handled::Applied => *progressed = true,
         }
         let offset = self.read().partitions[partition as usize].next_offset;
@@ -778,6 +794,7 @@ impl Shared {
             match self.handle(partition, response)? {
                 Handled::Resnapshot => return Ok(Step::Resnapshot),
                 Handled::Truncated => return Ok(Step::Resubscribe),
+                Handled::Stopped => return Ok(Step::Stop),
                 Handled::Applied => *progressed = true,
             }
         }
@@ -845,6 +862,8 @@ enum Handled {
     Resnapshot,
     /// The response ended in a partial batch: resubscribe from the next offset.
     Truncated,
+    /// The table stopped (another partition failed, or it was closed): nothing was applied.
+    Stopped,
 }
 
 /// Why a tail ended without an error.
@@ -853,6 +872,8 @@ enum Step {
     Resubscribe,
     /// The stream ended (the broker is shutting down): reconnect after a pause.
     Reconnect,
+    /// The table stopped: the task ends.
+    Stop,
 }
 
 /// Whether a tail or snapshot failure is worth retrying: the broker is unreachable, restarting
@@ -874,6 +895,10 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
     // a broker that keeps answering OUT_OF_RANGE is not hammered.
     let mut snapshots_in_a_row = 0u32;
     loop {
+        if shared.read().is_stopped() {
+            // Another partition's failure stops the whole table (see the module doc).
+            return;
+        }
         let outcome = if need_snapshot {
             if snapshots_in_a_row > 0 {
                 tokio::time::sleep(backoff).await;
@@ -901,6 +926,7 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
                 continue;
             }
             Ok(Some(Step::Resubscribe)) => continue,
+            Ok(Some(Step::Stop)) => return,
             Ok(Some(Step::Reconnect)) => {
                 tracing::info!(%topic, partition, "subscription ended; reconnecting in {backoff:?}");
                 tokio::time::sleep(backoff).await;

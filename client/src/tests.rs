@@ -1959,3 +1959,38 @@ async fn given_snapshot_cut_short_sync_table_should_load_it_again() {
     assert_eq!(broker.lock().snapshot_requests, 2);
     assert!(replica.error().is_none());
 }
+
+#[tokio::test]
+async fn given_one_partition_stops_the_table_the_others_should_stop_applying_too() {
+    let (client, _broker) = start().await;
+    let writer = table(&client, 2).await;
+    // One key in each partition, then a table that holds at most those two.
+    let key_in = |partition: u32, skip: &str| {
+        (0..)
+            .map(|i| format!("k{i}"))
+            .find(|key| key != skip && writer.partition_of(key) == partition)
+            .unwrap()
+    };
+    let first = key_in(0, "");
+    let second = key_in(1, "");
+    let extra = key_in(0, &first);
+    writer.put(&first, "1").await.unwrap();
+    let kept = writer.put(&second, "1").await.unwrap();
+    let config = crate::SyncTableConfig {
+        keys_max: 2,
+        ..sync_config()
+    };
+    let replica = client.sync_table_with("table", config).await.unwrap();
+    bounded(replica.wait_caught_up()).await.unwrap();
+    // A third key stops the table (partition 0's follower hits the key limit)...
+    writer.put(&extra, "1").await.unwrap();
+    let error = bounded(replica.wait_for(0, u64::MAX - 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::TableTooLarge { .. }), "{error:?}");
+    // ...so a later write to partition 1 must not change the copy: reads serve the last state.
+    let later = writer.put(&second, "2").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(replica.get(&second).unwrap().version, kept.version);
+    assert!(replica.next_offset(1).unwrap() <= later.version);
+}
