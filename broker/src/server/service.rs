@@ -221,6 +221,9 @@ fn decode_records(bytes: &Bytes, from: u64) -> Result<Vec<v1::FetchedRecord>, Br
 /// Streams a snapshot's records (runs on a blocking thread; see the module doc). Ends early,
 /// without a final message, when the client goes away or the broker shuts down (the client
 /// then gets UNAVAILABLE if there is room for it in the channel).
+/// How long a snapshot stream waits for a client that does not read before giving up.
+const SNAPSHOT_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 fn stream_snapshot(
     runtime: tokio::runtime::Handle,
     partition: Arc<Partition>,
@@ -238,11 +241,23 @@ fn stream_snapshot(
         last,
     };
     // Waits while the client is SNAPSHOT_READ_AHEAD messages behind; false once the client is
-    // gone or the broker stops.
+    // gone, the broker stops, or the client has not taken a message for SNAPSHOT_STALL_LIMIT
+    // (a stalled reader must not hold the snapshot's pin, which holds back compaction, forever).
     let mut send = |item: Result<v1::SnapshotResponse, Status>| -> bool {
         runtime.block_on(async {
             tokio::select! {
-                sent = tx.send(item) => sent.is_ok(),
+                sent = tx.send_timeout(item, SNAPSHOT_STALL_LIMIT) => match sent {
+                    Ok(()) => true,
+                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                        tracing::warn!(topic = %partition.topic, partition = partition.id, "snapshot reader stalled; ending its stream");
+                        let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+                            "the snapshot was not read for {} s; load it again",
+                            SNAPSHOT_STALL_LIMIT.as_secs()
+                        ))));
+                        false
+                    }
+                    Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+                },
                 _ = shutdown.wait_for(|stop| *stop) => {
                     let _ = tx.try_send(Err(to_status(BrokerError::ShuttingDown)));
                     false

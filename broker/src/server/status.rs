@@ -67,8 +67,9 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Compaction { .. } => Status::aborted(message),
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
+        // Like corrupt log data: the client must not retry it forever.
+        BrokerError::SnapshotInconsistent { .. } => Status::data_loss(message),
         BrokerError::Io { .. }
-        | BrokerError::SnapshotInconsistent { .. }
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. } => Status::internal(message),
     }
@@ -117,7 +118,7 @@ mod tests {
             offset: 41,
             reason: "no record there".into(),
         });
-        assert_eq!(inconsistent.code(), Code::Internal);
+        assert_eq!(inconsistent.code(), Code::DataLoss);
         assert_eq!(
             inconsistent.message(),
             "snapshot of partition 2 of topic `t` is inconsistent at offset 41: no record there"
