@@ -120,6 +120,25 @@ pub struct Flags {
     /// does not starve produce; 0 = unthrottled [default: 134217728, 128 MiB/s]
     #[arg(long, env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
     pub cleaner_io_bytes_per_sec: Option<u64>,
+
+    /// Consumer groups: how long the first assignment of an empty group waits for more members
+    /// to join, so that members started together share the work from the start [default: 3000]
+    #[arg(
+        long,
+        env = "SYNCLINE_GROUP_INITIAL_REBALANCE_DELAY_MS",
+        value_name = "MS"
+    )]
+    pub group_initial_rebalance_delay_ms: Option<u64>,
+
+    /// Consumer groups: how often members heartbeat (they learn assignment changes from
+    /// heartbeats, so this bounds how fast partitions move) [default: 1000]
+    #[arg(long, env = "SYNCLINE_GROUP_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
+    pub group_heartbeat_interval_ms: Option<u32>,
+
+    /// Consumer groups: session timeout of members that ask for none; a member silent this
+    /// long is removed and its partitions move [default: 10000]
+    #[arg(long, env = "SYNCLINE_GROUP_SESSION_TIMEOUT_MS", value_name = "MS")]
+    pub group_session_timeout_ms: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -145,6 +164,9 @@ struct FileConfig {
     min_cleanable_dirty_ratio: Option<f64>,
     cleaner_interval_ms: Option<u64>,
     cleaner_io_bytes_per_sec: Option<u64>,
+    group_initial_rebalance_delay_ms: Option<u64>,
+    group_heartbeat_interval_ms: Option<u32>,
+    group_session_timeout_ms: Option<u32>,
 }
 
 /// Defaults for topics created without explicit settings.
@@ -208,6 +230,12 @@ pub struct Config {
     pub cleaner_interval_ms: u64,
     /// The cleaner's I/O budget (bytes read per second; 0 = unthrottled).
     pub cleaner_io_bytes_per_sec: u64,
+    /// Wait before the first assignment of an empty group.
+    pub group_initial_rebalance_delay_ms: u64,
+    /// How often group members heartbeat.
+    pub group_heartbeat_interval_ms: u32,
+    /// Session timeout of members that ask for none.
+    pub group_session_timeout_ms: u32,
 }
 
 impl Default for Config {
@@ -239,6 +267,9 @@ impl Default for Config {
             retention_check_ms: 30_000,
             cleaner_interval_ms: 15_000,
             cleaner_io_bytes_per_sec: 128 * 1024 * 1024,
+            group_initial_rebalance_delay_ms: 3000,
+            group_heartbeat_interval_ms: 1000,
+            group_session_timeout_ms: 10_000,
         }
     }
 }
@@ -382,6 +413,18 @@ impl Config {
             .cleaner_io_bytes_per_sec
             .or(file.cleaner_io_bytes_per_sec)
             .unwrap_or(config.cleaner_io_bytes_per_sec);
+        config.group_initial_rebalance_delay_ms = flags
+            .group_initial_rebalance_delay_ms
+            .or(file.group_initial_rebalance_delay_ms)
+            .unwrap_or(config.group_initial_rebalance_delay_ms);
+        config.group_heartbeat_interval_ms = flags
+            .group_heartbeat_interval_ms
+            .or(file.group_heartbeat_interval_ms)
+            .unwrap_or(config.group_heartbeat_interval_ms);
+        config.group_session_timeout_ms = flags
+            .group_session_timeout_ms
+            .or(file.group_session_timeout_ms)
+            .unwrap_or(config.group_session_timeout_ms);
         config.validate()?;
         Ok(config)
     }
@@ -438,6 +481,34 @@ impl Config {
             return err("cleaner_interval_ms", "must be at least 1".into());
         }
         check_dirty_ratio(self.topic_defaults.min_cleanable_dirty_ratio)?;
+        if self.group_initial_rebalance_delay_ms > 300_000 {
+            return err(
+                "group_initial_rebalance_delay_ms",
+                format!("{} is above 300000", self.group_initial_rebalance_delay_ms),
+            );
+        }
+        if !(10..=60_000).contains(&self.group_heartbeat_interval_ms) {
+            return err(
+                "group_heartbeat_interval_ms",
+                format!(
+                    "{} is outside [10, 60000]",
+                    self.group_heartbeat_interval_ms
+                ),
+            );
+        }
+        let (min, max) = (
+            crate::group::SESSION_TIMEOUT_MIN_MS,
+            crate::group::SESSION_TIMEOUT_MAX_MS,
+        );
+        if !(min..=max).contains(&self.group_session_timeout_ms) {
+            return err(
+                "group_session_timeout_ms",
+                format!(
+                    "{} is outside [{min}, {max}]",
+                    self.group_session_timeout_ms
+                ),
+            );
+        }
         // The per-topic log config must be valid with these defaults.
         self.log_config_for(&self.topic_defaults).validate()
     }

@@ -43,6 +43,55 @@ pub enum BrokerError {
         /// How many the topic has.
         partitions: u32,
     },
+    /// No such consumer group.
+    #[error("consumer group `{group}` does not exist (no member joined it and it has no committed offsets)")]
+    GroupNotFound {
+        /// The group.
+        group: String,
+    },
+    /// The member is not (or no longer) in the group: its session expired, it left, or the
+    /// broker restarted. Join again.
+    #[error("member `{member}` is not in consumer group `{group}` (its session expired, it left, or the broker restarted): join again")]
+    UnknownMember {
+        /// The group.
+        group: String,
+        /// The member id.
+        member: String,
+    },
+    /// The member's epoch is not the current one: it missed an assignment change.
+    #[error("member `{member}` of group `{group}` sent epoch {got}, but its current epoch is {current}: join again")]
+    StaleMemberEpoch {
+        /// The group.
+        group: String,
+        /// The member id.
+        member: String,
+        /// The epoch in the request.
+        got: u32,
+        /// The member's current epoch.
+        current: u32,
+    },
+    /// A commit for a partition the member does not own.
+    #[error("member `{member}` of group `{group}` does not own partition {partition} of `{topic}`{owner}")]
+    NotPartitionOwner {
+        /// The group.
+        group: String,
+        /// The member id.
+        member: String,
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// ", member X does" or "".
+        owner: String,
+    },
+    /// A standalone commit (no member id) to a group that has members.
+    #[error("consumer group `{group}` has {members} active member(s): only they can commit its offsets (stop them first)")]
+    GroupHasMembers {
+        /// The group.
+        group: String,
+        /// How many.
+        members: usize,
+    },
     /// A keyed record was sent to a partition its key does not map to.
     #[error(
         "record {index} has a key that belongs to partition {expected} of topic `{topic}`, not {partition} (partition = murmur2(key) mod partitions)"

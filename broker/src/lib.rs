@@ -5,6 +5,7 @@
 //!   retention.
 //! - [`partition`]: a log plus produce validation that needs the topic (keys -> partitions).
 //! - [`topic`]: the topic registry, topic metadata, the data directory.
+//! - [`group`]: the consumer group coordinator and the committed-offset store (`__offsets`).
 //! - [`server`]: the tonic services, request validation and the error -> status mapping.
 //! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
 //! - [`metrics`]: Prometheus metric names, the recorder and the `/metrics` endpoint.
@@ -13,6 +14,7 @@
 
 pub mod config;
 pub mod error;
+pub mod group;
 pub mod log;
 pub mod metrics;
 pub mod partition;

@@ -59,6 +59,10 @@ pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
 pub const CONNECTIONS: &str = "syncline_connections";
 /// Accepted connections.
 pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
+/// Counter: offsets committed by consumer groups.
+pub const OFFSET_COMMITS_TOTAL: &str = "syncline_offset_commits_total";
+/// Counter: group members removed because their session expired.
+pub const GROUP_SESSIONS_EXPIRED_TOTAL: &str = "syncline_group_sessions_expired_total";
 /// Counter: compaction passes committed.
 pub const COMPACTION_RUNS_TOTAL: &str = "syncline_compaction_runs_total";
 /// Counter: bytes of segments compaction read and rewrote.
@@ -146,6 +150,14 @@ fn describe() {
     describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
     describe_counter!(COMPACTION_RUNS_TOTAL, "Compaction passes committed");
     describe_counter!(
+        OFFSET_COMMITS_TOTAL,
+        "Partition offsets committed by consumer groups"
+    );
+    describe_counter!(
+        GROUP_SESSIONS_EXPIRED_TOTAL,
+        "Consumer group members removed because their session expired"
+    );
+    describe_counter!(
         COMPACTION_BYTES_READ_TOTAL,
         Unit::Bytes,
         "Bytes of segments read and rewritten by compaction"
@@ -189,7 +201,11 @@ pub fn observe_request(rpc: &'static str, started: Instant, code: tonic::Code) {
 }
 
 /// Renders the exposition text: the recorder's metrics plus per-partition gauges.
-pub fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
+pub fn render(
+    handle: &PrometheusHandle,
+    registry: &Registry,
+    coordinator: Option<&crate::group::Coordinator>,
+) -> String {
     let mut out = handle.render();
     let gauges: [(&str, &str); 7] = [
         (
@@ -269,6 +285,26 @@ pub fn render(handle: &PrometheusHandle, registry: &Registry) -> String {
             }
         }
     }
+    if let Some(coordinator) = coordinator {
+        let name = "syncline_consumer_group_lag";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Records between a group's committed offset and the partition's durable offset"
+        );
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (group, topic, partition, lag) in coordinator.lags() {
+            let _ = writeln!(
+                out,
+                "{name}{{group=\"{group}\",topic=\"{topic}\",partition=\"{partition}\"}} {lag}"
+            );
+        }
+        let name = "syncline_consumer_group_members";
+        let _ = writeln!(out, "# HELP {name} Members of a consumer group");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for (group, members) in coordinator.member_counts() {
+            let _ = writeln!(out, "{name}{{group=\"{group}\"}} {members}");
+        }
+    }
     out
 }
 
@@ -290,6 +326,7 @@ pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     registry: Arc<Registry>,
+    coordinator: Arc<crate::group::Coordinator>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use axum::routing::get;
@@ -299,13 +336,14 @@ pub async fn serve(
             get(move || {
                 let handle = handle.clone();
                 let registry = registry.clone();
+                let coordinator = coordinator.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        render(&handle, &registry),
+                        render(&handle, &registry, Some(&coordinator)),
                     )
                 }
             }),

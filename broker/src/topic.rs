@@ -383,6 +383,36 @@ impl Registry {
         settings: TopicSettings,
     ) -> Result<Arc<Topic>, BrokerError> {
         validate_topic_name(name)?;
+        self.create_any(name, settings).await
+    }
+
+    /// The internal `__offsets` topic (a one-partition table), created on first use.
+    pub async fn offsets_topic(&self) -> Result<Arc<Topic>, BrokerError> {
+        let name = crate::group::offsets::OFFSETS_TOPIC;
+        if let Ok(topic) = self.get(name) {
+            return Ok(topic);
+        }
+        let mut log = self.config.topic_defaults.clone();
+        log.partitions = 1;
+        // Small segments, so the cleaner keeps it as small as the number of committed
+        // partitions.
+        log.segment_bytes = 64 * 1024 * 1024;
+        let settings = TopicSettings {
+            partitions: 1,
+            cleanup: Cleanup::Compact,
+            log,
+        };
+        match self.create_any(name, settings).await {
+            Err(BrokerError::TopicExists { .. }) => self.get(name),
+            other => other,
+        }
+    }
+
+    async fn create_any(
+        &self,
+        name: &str,
+        settings: TopicSettings,
+    ) -> Result<Arc<Topic>, BrokerError> {
         let _admin = self.admin.lock().await;
         if self.topics.read().contains_key(name) {
             return Err(BrokerError::TopicExists { topic: name.into() });
@@ -463,6 +493,12 @@ impl Registry {
     /// Deletes a topic: it disappears from the registry at once, its logs are closed, and its
     /// directory is renamed away and removed.
     pub async fn delete(&self, name: &str) -> Result<(), BrokerError> {
+        if name.starts_with("__") && self.topics.read().contains_key(name) {
+            return Err(BrokerError::InvalidTopicName {
+                name: name.into(),
+                reason: "internal topics cannot be deleted",
+            });
+        }
         let _admin = self.admin.lock().await;
         let topic = self
             .topics

@@ -4,6 +4,7 @@
 mod service;
 pub mod status;
 
+use crate::group::{Coordinator, GroupConfig};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,6 +36,7 @@ const MESSAGE_SLACK_BYTES: usize = 1024 * 1024;
 #[derive(Debug)]
 pub struct Broker {
     registry: Arc<Registry>,
+    coordinator: Arc<Coordinator>,
     listener: TcpListener,
     local_addr: SocketAddr,
     metrics: Option<(TcpListener, SocketAddr)>,
@@ -57,6 +59,20 @@ impl Broker {
             .await
             .map_err(|e| BrokerError::InvalidRequest(format!("startup task failed: {e}")))??
         };
+        let registry = Arc::new(registry);
+        let coordinator = Arc::new(
+            Coordinator::open(
+                registry.clone(),
+                GroupConfig {
+                    initial_rebalance_delay: Duration::from_millis(
+                        config.group_initial_rebalance_delay_ms,
+                    ),
+                    heartbeat_interval_ms: config.group_heartbeat_interval_ms,
+                    session_timeout_default_ms: config.group_session_timeout_ms,
+                },
+            )
+            .await?,
+        );
         let metrics_handle = crate::metrics::install();
         let metrics =
             match crate::metrics::bind(config.metrics_listen, config.metrics_listen_explicit)
@@ -87,7 +103,8 @@ impl Broker {
             .local_addr()
             .map_err(|e| BrokerError::io("reading the address of", listen.to_string(), e))?;
         Ok(Broker {
-            registry: Arc::new(registry),
+            registry,
+            coordinator,
             listener,
             local_addr,
             metrics,
@@ -105,6 +122,11 @@ impl Broker {
         self.metrics.as_ref().map(|(_, addr)| *addr)
     }
 
+    /// The consumer group coordinator.
+    pub fn coordinator(&self) -> &Arc<Coordinator> {
+        &self.coordinator
+    }
+
     /// The topics.
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
@@ -118,7 +140,11 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
-        let service = BrokerService::new(self.registry.clone(), shutdown_rx.clone());
+        let service = BrokerService::new(
+            self.registry.clone(),
+            self.coordinator.clone(),
+            shutdown_rx.clone(),
+        );
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (tonic itself answers OUT_OF_RANGE past this limit).
@@ -144,6 +170,10 @@ impl Broker {
             Duration::from_millis(self.registry.config().retention_check_ms),
             shutdown_rx.clone(),
         ));
+        let expiry = tokio::spawn(session_expiry_loop(
+            self.coordinator.clone(),
+            shutdown_rx.clone(),
+        ));
         let cleaner = tokio::spawn(cleaner_loop(
             self.registry.clone(),
             Duration::from_millis(self.registry.config().cleaner_interval_ms),
@@ -165,6 +195,7 @@ impl Broker {
                 listener,
                 self.metrics_handle.clone(),
                 self.registry.clone(),
+                self.coordinator.clone(),
                 async move {
                     let _ = stop.wait_for(|stop| *stop).await;
                 },
@@ -196,6 +227,7 @@ impl Broker {
         };
         let _ = retention.await;
         let _ = cleaner.await;
+        let _ = expiry.await;
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
@@ -208,6 +240,16 @@ impl Broker {
                 std::io::Error::other(e),
             )
         })
+    }
+}
+
+/// Removes group members whose session expired, every 100 ms.
+async fn session_expiry_loop(coordinator: Arc<Coordinator>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => coordinator.expire(),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

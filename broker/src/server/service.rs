@@ -52,6 +52,7 @@ const STREAM_IN_FLIGHT_MAX: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct BrokerService {
     registry: Arc<Registry>,
+    coordinator: Arc<crate::group::Coordinator>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -306,8 +307,16 @@ fn fetch_response(
 
 impl BrokerService {
     /// A service over `registry`; streams end when `shutdown` turns true.
-    pub fn new(registry: Arc<Registry>, shutdown: watch::Receiver<bool>) -> Self {
-        Self { registry, shutdown }
+    pub fn new(
+        registry: Arc<Registry>,
+        coordinator: Arc<crate::group::Coordinator>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            registry,
+            coordinator,
+            shutdown,
+        }
     }
 
     fn partition(
@@ -686,6 +695,8 @@ impl Broker for BrokerService {
                 .registry
                 .list()
                 .iter()
+                // Internal topics (`__offsets`) stay out of listings; describe still works.
+                .filter(|topic| !topic.name.starts_with("__"))
                 .map(|topic| v1::TopicSummary {
                     name: topic.name.to_string(),
                     partitions: topic.settings.partitions,
@@ -1224,64 +1235,114 @@ impl Broker for BrokerService {
 
     async fn join_group(
         &self,
-        _request: Request<v1::JoinGroupRequest>,
+        request: Request<v1::JoinGroupRequest>,
     ) -> Result<Response<v1::JoinGroupResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            self.check_running().map_err(to_status)?;
+            let response = self
+                .coordinator
+                .join(request.into_inner())
+                .map_err(to_status)?;
+            Ok(Response::new(response))
+        }
+        .await;
+        finish("JoinGroup", started, result)
     }
 
     async fn heartbeat(
         &self,
-        _request: Request<v1::HeartbeatRequest>,
+        request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            self.check_running().map_err(to_status)?;
+            let response = self
+                .coordinator
+                .heartbeat(request.into_inner())
+                .map_err(to_status)?;
+            Ok(Response::new(response))
+        }
+        .await;
+        finish("Heartbeat", started, result)
     }
 
     async fn leave_group(
         &self,
-        _request: Request<v1::LeaveGroupRequest>,
+        request: Request<v1::LeaveGroupRequest>,
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            self.coordinator
+                .leave(request.into_inner())
+                .map_err(to_status)?;
+            Ok(Response::new(v1::LeaveGroupResponse {}))
+        }
+        .await;
+        finish("LeaveGroup", started, result)
     }
 
     async fn commit_offsets(
         &self,
-        _request: Request<v1::CommitOffsetsRequest>,
+        request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            self.check_running().map_err(to_status)?;
+            self.coordinator
+                .commit(request.into_inner())
+                .await
+                .map_err(to_status)?;
+            Ok(Response::new(v1::CommitOffsetsResponse {}))
+        }
+        .await;
+        finish("CommitOffsets", started, result)
     }
 
     async fn fetch_offsets(
         &self,
-        _request: Request<v1::FetchOffsetsRequest>,
+        request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            let offsets = self
+                .coordinator
+                .fetch_offsets(request.into_inner())
+                .map_err(to_status)?;
+            Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
+        }
+        .await;
+        finish("FetchOffsets", started, result)
     }
 
     async fn list_groups(
         &self,
-        _request: Request<v1::ListGroupsRequest>,
+        request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            let _ = request;
+            Ok(Response::new(v1::ListGroupsResponse {
+                groups: self.coordinator.list(),
+            }))
+        }
+        .await;
+        finish("ListGroups", started, result)
     }
 
     async fn describe_group(
         &self,
-        _request: Request<v1::DescribeGroupRequest>,
+        request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
-        Err(Status::unimplemented(
-            "consumer groups are being built (issue 8)",
-        ))
+        let started = Instant::now();
+        let result = async move {
+            let response = self
+                .coordinator
+                .describe(&request.into_inner().group)
+                .map_err(to_status)?;
+            Ok(Response::new(response))
+        }
+        .await;
+        finish("DescribeGroup", started, result)
     }
 }

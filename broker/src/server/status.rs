@@ -22,7 +22,12 @@ use crate::log::LogError;
 pub fn to_status(error: BrokerError) -> Status {
     let message = error.to_string();
     match &error {
-        BrokerError::TopicNotFound { .. } => Status::not_found(message),
+        BrokerError::TopicNotFound { .. }
+        | BrokerError::GroupNotFound { .. }
+        | BrokerError::UnknownMember { .. } => Status::not_found(message),
+        BrokerError::StaleMemberEpoch { .. }
+        | BrokerError::NotPartitionOwner { .. }
+        | BrokerError::GroupHasMembers { .. } => Status::failed_precondition(message),
         BrokerError::TopicExists { .. } => Status::already_exists(message),
         BrokerError::InvalidTopicName { .. }
         | BrokerError::InvalidConfig(_)

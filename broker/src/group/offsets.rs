@@ -1,0 +1,239 @@
+//! Committed offsets, stored in the internal compacted topic `__offsets`.
+//!
+//! Every commit is one batch of records appended to `__offsets` (one partition, a table) and
+//! acknowledged once durable; the compaction cleaner keeps the latest record per key, so the
+//! topic stays as small as the number of committed partitions. On start the store replays the
+//! topic (compacted: short) into memory; reads are served from memory.
+//!
+//! ## Record layout
+//! ```text
+//! key   = group bytes | 0x00 | topic bytes | 0x00 | partition u32 big-endian
+//! value = protobuf `syncline.v1.CommittedOffset` (topic, partition, offset, metadata,
+//!         commit_timestamp_ms)
+//! ```
+//! Group and topic names are `[A-Za-z0-9._-]`, so the separators are unambiguous. A key's
+//! latest record wins; a record in the log at a higher `__offsets` offset always replaces one
+//! at a lower offset, also when two commits' durability waits finish out of order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+use prost::Message as _;
+use syncline_proto::batch::Batches;
+use syncline_proto::v1;
+
+use crate::error::BrokerError;
+use crate::partition::{Partition, PlainRecord};
+
+/// The internal topic's name.
+pub const OFFSETS_TOPIC: &str = "__offsets";
+
+/// One committed offset and where its record sits in `__offsets`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    /// The next offset to read.
+    pub offset: u64,
+    /// Free text from the committer.
+    pub metadata: String,
+    /// When it was committed.
+    pub timestamp_ms: i64,
+    /// Offset of its record in `__offsets` (newer records win).
+    version: u64,
+}
+
+/// group -> (topic, partition) -> committed offset.
+type Groups = HashMap<String, BTreeMap<(String, u32), Committed>>;
+
+/// The committed offsets of every group.
+#[derive(Debug)]
+pub struct OffsetStore {
+    partition: Arc<Partition>,
+    groups: Mutex<Groups>,
+}
+
+fn key(group: &str, topic: &str, partition: u32) -> Bytes {
+    let mut key = BytesMut::with_capacity(group.len() + topic.len() + 6);
+    key.put_slice(group.as_bytes());
+    key.put_u8(0);
+    key.put_slice(topic.as_bytes());
+    key.put_u8(0);
+    key.put_u32(partition);
+    key.freeze()
+}
+
+fn parse_key(key: &[u8]) -> Option<(String, String, u32)> {
+    let (rest, partition) = key.split_at(key.len().checked_sub(4)?);
+    let rest = rest.strip_suffix(&[0])?;
+    let split = rest.iter().position(|b| *b == 0)?;
+    let group = std::str::from_utf8(&rest[..split]).ok()?;
+    let topic = std::str::from_utf8(&rest[split + 1..]).ok()?;
+    let partition = u32::from_be_bytes(partition.try_into().ok()?);
+    Some((group.to_string(), topic.to_string(), partition))
+}
+
+impl OffsetStore {
+    /// Loads every committed offset from the `__offsets` partition.
+    pub fn load(partition: Arc<Partition>) -> Result<OffsetStore, BrokerError> {
+        let log = partition.log()?.clone();
+        let mut groups = Groups::new();
+        let end = log.end_offset();
+        let mut offset = log.start_offset();
+        let mut records = 0u64;
+        while offset < end {
+            let read = log
+                .read_up_to(offset, 4 * 1024 * 1024, end)
+                .map_err(|e| partition.log_error(e))?;
+            if read.bytes.is_empty() {
+                break;
+            }
+            for batch in Batches::new(read.bytes.clone()) {
+                let batch = batch.map_err(|e| {
+                    BrokerError::InvalidRequest(format!("{OFFSETS_TOPIC}: stored batch: {e}"))
+                })?;
+                for record in batch.records() {
+                    let record = record.map_err(|e| {
+                        BrokerError::InvalidRequest(format!("{OFFSETS_TOPIC}: stored record: {e}"))
+                    })?;
+                    let Some((group, topic, p)) = record.key.as_deref().and_then(parse_key) else {
+                        tracing::warn!(
+                            offset = record.offset,
+                            "skipping an {OFFSETS_TOPIC} record with an unreadable key"
+                        );
+                        continue;
+                    };
+                    records += 1;
+                    match record.value {
+                        None => {
+                            if let Some(map) = groups.get_mut(&group) {
+                                map.remove(&(topic, p));
+                            }
+                        }
+                        Some(value) => match v1::CommittedOffset::decode(value) {
+                            Ok(value) => {
+                                groups.entry(group).or_default().insert(
+                                    (topic, p),
+                                    Committed {
+                                        offset: value.offset,
+                                        metadata: value.metadata,
+                                        timestamp_ms: value.commit_timestamp_ms,
+                                        version: record.offset,
+                                    },
+                                );
+                            }
+                            Err(error) => {
+                                tracing::warn!(offset = record.offset, %error, "skipping an unreadable {OFFSETS_TOPIC} value");
+                            }
+                        },
+                    }
+                }
+            }
+            offset = read.next_offset;
+        }
+        groups.retain(|_, map| !map.is_empty());
+        tracing::info!(
+            groups = groups.len(),
+            records,
+            "loaded committed offsets from {OFFSETS_TOPIC}"
+        );
+        Ok(OffsetStore {
+            partition,
+            groups: Mutex::new(groups),
+        })
+    }
+
+    /// Appends the commits as one batch, waits until it is durable, then publishes them.
+    pub async fn commit(
+        &self,
+        group: &str,
+        commits: &[v1::OffsetCommit],
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
+        if commits.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<PlainRecord> = commits
+            .iter()
+            .map(|c| PlainRecord {
+                key: Some(key(group, &c.topic, c.partition)),
+                value: Some(Bytes::from(
+                    v1::CommittedOffset {
+                        topic: c.topic.clone(),
+                        partition: c.partition,
+                        offset: c.offset,
+                        metadata: c.metadata.clone(),
+                        commit_timestamp_ms: now_ms,
+                    }
+                    .encode_to_vec(),
+                )),
+                headers: Vec::new(),
+                timestamp_ms: now_ms,
+            })
+            .collect();
+        let appended = self.partition.append_records(&records, None, &[], now_ms)?;
+        let log = self.partition.log()?.clone();
+        log.wait_durable(appended.durable_target())
+            .await
+            .map_err(|e| self.partition.log_error(e))?;
+        let mut groups = self.groups.lock();
+        let map = groups.entry(group.to_string()).or_default();
+        for (i, c) in commits.iter().enumerate() {
+            let version = appended.base_offset + i as u64;
+            let entry = map.entry((c.topic.clone(), c.partition));
+            let fresh = Committed {
+                offset: c.offset,
+                metadata: c.metadata.clone(),
+                timestamp_ms: now_ms,
+                version,
+            };
+            match entry {
+                std::collections::btree_map::Entry::Occupied(mut slot) => {
+                    if slot.get().version < version {
+                        slot.insert(fresh);
+                    }
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(fresh);
+                }
+            }
+        }
+        metrics::counter!(crate::metrics::OFFSET_COMMITS_TOTAL).increment(commits.len() as u64);
+        Ok(())
+    }
+
+    /// The committed offsets of `group` (all of them when `only` is empty).
+    pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Vec<((String, u32), Committed)> {
+        let groups = self.groups.lock();
+        let Some(map) = groups.get(group) else {
+            return Vec::new();
+        };
+        if only.is_empty() {
+            return map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        only.iter()
+            .filter_map(|k| map.get(k).map(|v| (k.clone(), v.clone())))
+            .collect()
+    }
+
+    /// Groups with at least one committed offset.
+    pub fn groups(&self) -> Vec<String> {
+        self.groups.lock().keys().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_key_when_parsed_should_give_back_its_parts() {
+        let k = key("g.1", "orders-eu", 7);
+        assert_eq!(parse_key(&k), Some(("g.1".into(), "orders-eu".into(), 7)));
+        // A partition whose big-endian bytes contain zeros still parses.
+        let k = key("g", "t", 0x0001_0000);
+        assert_eq!(parse_key(&k), Some(("g".into(), "t".into(), 0x0001_0000)));
+        assert_eq!(parse_key(b"no-separators"), None);
+        assert_eq!(parse_key(b""), None);
+    }
+}

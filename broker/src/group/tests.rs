@@ -1,0 +1,408 @@
+//! The coordinator against a real registry in a temp dir: assignment, the hand-over rule
+//! (never two owners), expiry, fencing, standalone commits, and offsets surviving a restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::Config;
+use crate::topic::{Cleanup, Registry};
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    _registry: Arc<Registry>,
+    coordinator: Coordinator,
+}
+
+fn group_config(delay_ms: u64) -> GroupConfig {
+    GroupConfig {
+        initial_rebalance_delay: Duration::from_millis(delay_ms),
+        heartbeat_interval_ms: 100,
+        session_timeout_default_ms: 10_000,
+    }
+}
+
+async fn open(dir: &std::path::Path, delay_ms: u64) -> (Arc<Registry>, Coordinator) {
+    let config = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    let registry = Arc::new(Registry::open(Arc::new(config)).unwrap());
+    let coordinator = Coordinator::open(registry.clone(), group_config(delay_ms))
+        .await
+        .unwrap();
+    (registry, coordinator)
+}
+
+async fn harness(partitions: u32, delay_ms: u64) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, coordinator) = open(dir.path(), delay_ms).await;
+    let settings = registry
+        .resolve_settings(Some(partitions), Some(Cleanup::Delete), |_| Ok(()))
+        .unwrap();
+    registry.create("t", settings).await.unwrap();
+    Harness {
+        _dir: dir,
+        _registry: registry,
+        coordinator,
+    }
+}
+
+/// A member as a client sees it: its id, epoch and what it reads.
+struct Client {
+    id: String,
+    epoch: u32,
+    reading: BTreeSet<(String, u32)>,
+}
+
+impl Harness {
+    fn join(&self, session_timeout_ms: u32) -> Client {
+        let response = self
+            .coordinator
+            .join(v1::JoinGroupRequest {
+                group: "g".into(),
+                member_id: String::new(),
+                topics: vec!["t".into()],
+                session_timeout_ms,
+                client_id: "test".into(),
+            })
+            .unwrap();
+        Client {
+            id: response.member_id,
+            epoch: response.member_epoch,
+            reading: flatten(&response.assignment),
+        }
+    }
+
+    /// One heartbeat that behaves like a correct client: reads what it is given and drops
+    /// (after "committing") what it is no longer given.
+    fn beat(&self, client: &mut Client) {
+        let response = self
+            .coordinator
+            .heartbeat(v1::HeartbeatRequest {
+                group: "g".into(),
+                member_id: client.id.clone(),
+                member_epoch: client.epoch,
+                owned: grouped(&client.reading),
+            })
+            .unwrap();
+        client.epoch = response.member_epoch;
+        client.reading = flatten(&response.assignment);
+    }
+
+    fn owners(&self) -> BTreeMap<(String, u32), String> {
+        self.coordinator
+            .describe("g")
+            .unwrap()
+            .partitions
+            .into_iter()
+            .filter(|p| !p.member_id.is_empty())
+            .map(|p| ((p.topic, p.partition), p.member_id))
+            .collect()
+    }
+}
+
+/// No partition is read by two clients at once.
+#[track_caller]
+fn assert_exclusive(clients: &[&Client]) {
+    let mut seen = BTreeSet::new();
+    for client in clients {
+        for partition in &client.reading {
+            assert!(
+                seen.insert(partition.clone()),
+                "{partition:?} is read twice"
+            );
+        }
+    }
+}
+
+fn round(h: &Harness, clients: &mut [&mut Client]) {
+    for client in clients.iter_mut() {
+        h.beat(client);
+    }
+}
+
+#[tokio::test]
+async fn given_three_members_over_twelve_partitions_should_give_each_four() {
+    let h = harness(12, 0).await;
+    let (mut a, mut b, mut c) = (h.join(0), h.join(0), h.join(0));
+    for _ in 0..3 {
+        round(&h, &mut [&mut a, &mut b, &mut c]);
+        assert_exclusive(&[&a, &b, &c]);
+    }
+    for client in [&a, &b, &c] {
+        assert_eq!(client.reading.len(), 4, "{:?}", client.reading);
+    }
+    assert_eq!(h.owners().len(), 12);
+    assert_eq!(h.coordinator.describe("g").unwrap().state, "stable");
+}
+
+#[tokio::test]
+async fn given_a_new_member_should_get_partitions_only_after_their_owners_release_them() {
+    let h = harness(12, 0).await;
+    let (mut a, mut b, mut c) = (h.join(0), h.join(0), h.join(0));
+    round(&h, &mut [&mut a, &mut b, &mut c]);
+    let mut d = h.join(0);
+    assert!(d.reading.is_empty(), "everything is still held");
+    h.beat(&mut d);
+    assert!(d.reading.is_empty(), "everything is still held");
+    assert_eq!(h.coordinator.describe("g").unwrap().state, "reconciling");
+    // The old owners learn what they give up; the new one gets it at its next heartbeat.
+    for _ in 0..3 {
+        round(&h, &mut [&mut a, &mut b, &mut c, &mut d]);
+        assert_exclusive(&[&a, &b, &c, &d]);
+    }
+    for client in [&a, &b, &c, &d] {
+        assert_eq!(client.reading.len(), 3);
+    }
+    assert_eq!(h.coordinator.describe("g").unwrap().state, "stable");
+}
+
+#[tokio::test]
+async fn given_a_slow_old_owner_its_partition_should_wait_and_it_may_still_commit() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(0);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 2);
+    let mut b = h.join(0);
+    h.beat(&mut b);
+    assert!(b.reading.is_empty());
+    // a learns it must give one up but has not released it yet: it can commit for it.
+    let response = h
+        .coordinator
+        .heartbeat(v1::HeartbeatRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+            owned: grouped(&a.reading),
+        })
+        .unwrap();
+    let kept = flatten(&response.assignment);
+    assert_eq!(kept.len(), 1);
+    let given_up = a.reading.difference(&kept).next().cloned().unwrap();
+    h.coordinator
+        .commit(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: response.member_epoch,
+            offsets: vec![v1::OffsetCommit {
+                topic: given_up.0.clone(),
+                partition: given_up.1,
+                offset: 0,
+                metadata: "before release".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    h.beat(&mut b);
+    assert!(b.reading.is_empty(), "still held by a");
+    // Released: a heartbeats without it.
+    a.epoch = response.member_epoch;
+    a.reading = kept;
+    h.beat(&mut a);
+    h.beat(&mut b);
+    assert_eq!(b.reading, BTreeSet::from([given_up.clone()]));
+    // Now a may no longer commit for it.
+    let error = h
+        .coordinator
+        .commit(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+            offsets: vec![v1::OffsetCommit {
+                topic: given_up.0,
+                partition: given_up.1,
+                offset: 0,
+                metadata: String::new(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, BrokerError::NotPartitionOwner { .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn given_member_silent_past_its_session_should_expire_and_free_its_partitions() {
+    let h = harness(6, 0).await;
+    let mut a = h.join(1000);
+    let mut b = h.join(10_000);
+    round(&h, &mut [&mut a, &mut b]);
+    round(&h, &mut [&mut a, &mut b]);
+    assert_eq!(b.reading.len(), 3);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    h.beat(&mut b);
+    h.coordinator.expire();
+    h.beat(&mut b);
+    assert_eq!(b.reading.len(), 6, "a's partitions moved to b");
+    let error = h
+        .coordinator
+        .heartbeat(v1::HeartbeatRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+            owned: Vec::new(),
+        })
+        .unwrap_err();
+    assert!(
+        matches!(error, BrokerError::UnknownMember { .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn given_initial_delay_should_assign_nothing_before_it_ends() {
+    let h = harness(4, 300).await;
+    let mut a = h.join(0);
+    assert!(a.reading.is_empty());
+    assert_eq!(h.coordinator.describe("g").unwrap().state, "assigning");
+    let mut b = h.join(0);
+    h.beat(&mut a);
+    assert!(a.reading.is_empty());
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    round(&h, &mut [&mut a, &mut b]);
+    assert_eq!(
+        a.reading.len(),
+        2,
+        "both members share from the first assignment"
+    );
+    assert_eq!(b.reading.len(), 2);
+}
+
+#[tokio::test]
+async fn given_stale_epoch_or_unknown_member_or_members_should_refuse_and_change_nothing() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(0);
+    h.beat(&mut a);
+    let commit = |member: &str, epoch: u32| v1::CommitOffsetsRequest {
+        group: "g".into(),
+        member_id: member.into(),
+        member_epoch: epoch,
+        offsets: vec![v1::OffsetCommit {
+            topic: "t".into(),
+            partition: 0,
+            offset: 0,
+            metadata: String::new(),
+        }],
+    };
+    let stale = h.coordinator.commit(commit(&a.id, a.epoch - 1)).await;
+    assert!(
+        matches!(stale, Err(BrokerError::StaleMemberEpoch { .. })),
+        "{stale:?}"
+    );
+    let unknown = h.coordinator.commit(commit("nobody", 1)).await;
+    assert!(
+        matches!(unknown, Err(BrokerError::UnknownMember { .. })),
+        "{unknown:?}"
+    );
+    let standalone = h.coordinator.commit(commit("", 0)).await;
+    assert!(
+        matches!(standalone, Err(BrokerError::GroupHasMembers { .. })),
+        "{standalone:?}"
+    );
+    let stale_beat = h.coordinator.heartbeat(v1::HeartbeatRequest {
+        group: "g".into(),
+        member_id: a.id.clone(),
+        member_epoch: a.epoch + 5,
+        owned: Vec::new(),
+    });
+    assert!(matches!(
+        stale_beat,
+        Err(BrokerError::StaleMemberEpoch { .. })
+    ));
+    assert!(h
+        .coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "g".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap()
+        .is_empty());
+    h.coordinator.commit(commit(&a.id, a.epoch)).await.unwrap();
+    h.coordinator
+        .leave(v1::LeaveGroupRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+        })
+        .unwrap();
+    // Without members a standalone consumer (or reset-offsets) may commit.
+    h.coordinator.commit(commit("", 0)).await.unwrap();
+    let past_end = h
+        .coordinator
+        .commit(v1::CommitOffsetsRequest {
+            offsets: vec![v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: 99,
+                metadata: String::new(),
+            }],
+            ..commit("", 0)
+        })
+        .await;
+    assert!(
+        matches!(past_end, Err(BrokerError::InvalidRequest(_))),
+        "{past_end:?}"
+    );
+}
+
+#[tokio::test]
+async fn given_committed_offsets_should_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        let settings = registry
+            .resolve_settings(Some(3), Some(Cleanup::Delete), |_| Ok(()))
+            .unwrap();
+        let topic = registry.create("t", settings).await.unwrap();
+        let mut builder = syncline_proto::batch::BatchBuilder::new();
+        builder.push(1, None, Some(b"x"), &[]);
+        builder.push(1, None, Some(b"y"), &[]);
+        topic
+            .partition(1)
+            .unwrap()
+            .append_batch(builder.finish().unwrap(), &[])
+            .unwrap();
+        for (offset, metadata) in [(1, "first"), (2, "second")] {
+            coordinator
+                .commit(v1::CommitOffsetsRequest {
+                    group: "standalone".into(),
+                    member_id: String::new(),
+                    member_epoch: 0,
+                    offsets: vec![v1::OffsetCommit {
+                        topic: "t".into(),
+                        partition: 1,
+                        offset,
+                        metadata: metadata.into(),
+                    }],
+                })
+                .await
+                .unwrap();
+        }
+        registry.close().await;
+    }
+    let (_registry, coordinator) = open(dir.path(), 0).await;
+    let offsets = coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "standalone".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap();
+    assert_eq!(offsets.len(), 1);
+    assert_eq!(
+        (offsets[0].offset, offsets[0].metadata.as_str()),
+        (2, "second")
+    );
+    let described = coordinator.describe("standalone").unwrap();
+    assert_eq!(described.state, "empty");
+    let lag: Vec<(u32, u64)> = described
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.lag))
+        .collect();
+    assert_eq!(lag, vec![(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(coordinator.list()[0].group, "standalone");
+}
