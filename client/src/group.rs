@@ -60,13 +60,15 @@ use crate::admin::OffsetQuery;
 use crate::client::Client;
 use crate::consumer::{ConsumerConfig, ConsumerRecord, Message, OffsetReset, PartitionReader};
 use crate::error::{Error, Result};
-use crate::group_admin::{from_wire_partitions, to_wire_partitions, TopicPartition};
+use crate::group_admin::{
+    from_wire_partitions, to_wire_partitions, TopicPartition, OFFSETS_PER_REQUEST_MAX,
+};
 
 /// Most partitions one member reads at once (one reader task each). An assignment above it is
 /// a protocol error: the member could not honour it.
 pub const ASSIGNED_PARTITIONS_MAX: usize = 10_000;
-/// Most topics one member subscribes to.
-pub const GROUP_TOPICS_MAX: usize = 1_000;
+/// Most topics one member subscribes to (the broker's limit).
+pub const GROUP_TOPICS_MAX: usize = 100;
 /// Largest `buffered_records_max`: beyond it the buffer is no longer a bound worth having.
 const BUFFERED_RECORDS_LIMIT: usize = 10_000_000;
 /// Most events kept for a slow event reader.
@@ -427,7 +429,7 @@ impl GroupConsumer {
             return invalid("group", "must not be empty");
         }
         if topics.is_empty() || topics.len() > GROUP_TOPICS_MAX {
-            return invalid("topics", "give between 1 and 1000 topics");
+            return invalid("topics", "give between 1 and 100 topics");
         }
         let topics: Vec<String> = topics
             .iter()
@@ -469,6 +471,7 @@ impl GroupConsumer {
         member.backoff = member.config.retry_backoff;
         // The first join is synchronous: a bad group name or an unknown topic fails here.
         let joined = member.join().await?;
+        shared.lock().member_id = joined.member_id.clone();
         let task = tokio::spawn(member.run(joined));
         Ok(GroupConsumer {
             group: group.to_owned(),
@@ -1042,8 +1045,18 @@ impl Member {
         }
     }
 
-    /// Sends one commit with the member's id and epoch; on success records the positions.
-    async fn send_commit(&mut self, offsets: Vec<v1::OffsetCommit>) -> Result<()> {
+    /// Sends the commits with the member's id and epoch, in requests of at most
+    /// [`OFFSETS_PER_REQUEST_MAX`]; on success records the positions.
+    async fn send_commit(&mut self, mut offsets: Vec<v1::OffsetCommit>) -> Result<()> {
+        while offsets.len() > OFFSETS_PER_REQUEST_MAX {
+            let rest = offsets.split_off(OFFSETS_PER_REQUEST_MAX);
+            self.send_commit_request(std::mem::replace(&mut offsets, rest))
+                .await?;
+        }
+        self.send_commit_request(offsets).await
+    }
+
+    async fn send_commit_request(&mut self, offsets: Vec<v1::OffsetCommit>) -> Result<()> {
         let committed: Vec<(Key, u64)> = offsets
             .iter()
             .map(|offset| {

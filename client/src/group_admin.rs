@@ -12,9 +12,8 @@ use syncline_proto::v1;
 use crate::client::Client;
 use crate::error::{Error, Result};
 
-/// Most offsets one standalone commit or lookup carries: the broker's limit on partitions per
-/// request is of this order, and a request this size is still well under a megabyte.
-pub const OFFSETS_PER_REQUEST_MAX: usize = 10_000;
+/// Most offsets one commit or lookup carries: the broker's limit per commit request.
+pub const OFFSETS_PER_REQUEST_MAX: usize = 1000;
 
 /// One partition of one topic.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
