@@ -14,6 +14,7 @@ use crate::admin::{
 };
 use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{Error, Result};
+use crate::group::{GroupConsumer, GroupConsumerConfig};
 use crate::producer::{Producer, ProducerConfig, ProducerIdentity};
 use crate::snapshot::Snapshot;
 use crate::sync_table::{SyncTable, SyncTableConfig};
@@ -352,5 +353,17 @@ impl Client {
     /// A consumer of `topic` that reads the partitions and from the offsets `config` says.
     pub async fn consumer(&self, topic: &str, config: ConsumerConfig) -> Result<Consumer> {
         Consumer::start(self.clone(), topic, config).await
+    }
+
+    /// Joins consumer group `group` subscribing to `topics` and starts reading the partitions
+    /// the coordinator assigns (see [`GroupConsumer`]). Fails at once for a bad group name, an
+    /// unknown topic or a bad config.
+    pub async fn group_consumer(
+        &self,
+        group: &str,
+        topics: &[&str],
+        config: GroupConsumerConfig,
+    ) -> Result<GroupConsumer> {
+        GroupConsumer::start(self.clone(), group, topics, config).await
     }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -153,6 +154,8 @@ impl ConsumerConfig {
 /// A record read from a partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
+    /// The topic (shared by every record of the partition).
+    pub topic: Arc<str>,
     /// The partition.
     pub partition: u32,
     /// Its offset in the partition.
@@ -169,7 +172,7 @@ pub struct ConsumerRecord {
 
 /// What a partition task hands the consumer.
 #[derive(Debug)]
-enum Message {
+pub(crate) enum Message {
     Records {
         partition: u32,
         records: Vec<ConsumerRecord>,
@@ -247,10 +250,11 @@ impl Consumer {
         }
         let (sender, messages) = mpsc::channel(config.buffered_responses_max);
         let mut tasks = JoinSet::new();
+        let shared_topic: Arc<str> = Arc::from(topic);
         for (&partition, &offset) in &positions {
             let reader = PartitionReader {
                 client: client.clone(),
-                topic: topic.to_owned(),
+                topic: Arc::clone(&shared_topic),
                 partition,
                 config: config.clone(),
                 sender: sender.clone(),
@@ -336,6 +340,7 @@ pub(crate) struct Decoded {
 /// skipping control batches. A partial batch at the end (after at least one whole one) is
 /// dropped; any other failure is corruption.
 pub(crate) fn decode_batches(
+    topic: &Arc<str>,
     partition: u32,
     from_offset: u64,
     batches: Bytes,
@@ -365,6 +370,7 @@ pub(crate) fn decode_batches(
                 continue;
             }
             decoded.records.push(ConsumerRecord {
+                topic: Arc::clone(topic),
                 partition,
                 offset: record.offset,
                 timestamp: record.timestamp,
@@ -377,20 +383,21 @@ pub(crate) fn decode_batches(
     Ok(decoded)
 }
 
-/// The fetch loop of one partition.
-struct PartitionReader {
-    client: Client,
-    topic: String,
-    partition: u32,
-    config: ConsumerConfig,
-    sender: mpsc::Sender<Message>,
+/// The fetch loop of one partition (also the reader of each partition a
+/// [`crate::GroupConsumer`] owns).
+pub(crate) struct PartitionReader {
+    pub(crate) client: Client,
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: u32,
+    pub(crate) config: ConsumerConfig,
+    pub(crate) sender: mpsc::Sender<Message>,
 }
 
 /// Why a partition stopped: the reader is gone (normal) or an error was reported.
 struct Stopped;
 
 impl PartitionReader {
-    async fn run(self, offset: u64) {
+    pub(crate) async fn run(self, offset: u64) {
         let _ = self.read_from(offset).await;
     }
 
@@ -405,7 +412,7 @@ impl PartitionReader {
         let max_wait_ms = u32::try_from(self.config.fetch_max_wait.as_millis()).unwrap_or(u32::MAX);
         loop {
             let request = v1::FetchRequest {
-                topic: self.topic.clone(),
+                topic: self.topic.to_string(),
                 partition: self.partition,
                 offset,
                 max_bytes: self.config.fetch_bytes_max,
@@ -455,12 +462,12 @@ impl PartitionReader {
         offset: u64,
         response: v1::FetchResponse,
     ) -> std::result::Result<u64, Stopped> {
-        let decoded = match decode_batches(self.partition, offset, response.batches) {
+        let decoded = match decode_batches(&self.topic, self.partition, offset, response.batches) {
             Ok(decoded) => decoded,
             Err(source) => {
                 return Err(self
                     .report(Error::Corrupt {
-                        topic: self.topic.clone(),
+                        topic: self.topic.to_string(),
                         partition: self.partition,
                         offset,
                         source,
@@ -496,7 +503,7 @@ impl PartitionReader {
                 let bounds = self.bounds().await;
                 let error = match bounds {
                     Ok((log_start_offset, latest_offset)) => Error::OffsetOutOfRange {
-                        topic: self.topic.clone(),
+                        topic: self.topic.to_string(),
                         partition: self.partition,
                         offset,
                         log_start_offset,
@@ -578,7 +585,7 @@ mod tests {
     fn given_first_batch_starting_before_the_offset_should_skip_records_below_it() {
         let mut bytes = batch(10, &["a", "b", "c"]);
         bytes.extend(batch(13, &["d"]));
-        let decoded = decode_batches(4, 12, Bytes::from(bytes)).unwrap();
+        let decoded = decode_batches(&Arc::from("t"), 4, 12, Bytes::from(bytes)).unwrap();
         assert_eq!(values(&decoded), [(12, "c".into()), (13, "d".into())]);
         assert_eq!(decoded.end_offset, Some(14));
         assert!(!decoded.truncated);
@@ -595,7 +602,7 @@ mod tests {
         let mut bytes = batch(0, &["a"]);
         let second = batch(1, &["b", "c"]);
         bytes.extend_from_slice(&second[..second.len() - 3]);
-        let decoded = decode_batches(0, 0, Bytes::from(bytes)).unwrap();
+        let decoded = decode_batches(&Arc::from("t"), 0, 0, Bytes::from(bytes)).unwrap();
         assert_eq!(values(&decoded), [(0, "a".into())]);
         assert_eq!(decoded.end_offset, Some(1));
         assert!(decoded.truncated);
@@ -607,12 +614,17 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         assert!(matches!(
-            decode_batches(0, 0, Bytes::from(bytes)),
+            decode_batches(&Arc::from("t"), 0, 0, Bytes::from(bytes)),
             Err(BatchError::CrcMismatch { .. })
         ));
         let first_only_partial = batch(0, &["a"]);
         assert!(matches!(
-            decode_batches(0, 0, Bytes::from(first_only_partial[..70].to_vec())),
+            decode_batches(
+                &Arc::from("t"),
+                0,
+                0,
+                Bytes::from(first_only_partial[..70].to_vec())
+            ),
             Err(BatchError::TooShort { .. })
         ));
     }
@@ -625,14 +637,14 @@ mod tests {
         stamp_base_offset(&mut control, 5);
         let mut bytes = control;
         bytes.extend(batch(6, &["x"]));
-        let decoded = decode_batches(0, 5, Bytes::from(bytes)).unwrap();
+        let decoded = decode_batches(&Arc::from("t"), 0, 5, Bytes::from(bytes)).unwrap();
         assert_eq!(values(&decoded), [(6, "x".into())]);
         assert_eq!(decoded.end_offset, Some(7));
     }
 
     #[test]
     fn given_empty_response_should_decode_nothing() {
-        let decoded = decode_batches(0, 3, Bytes::new()).unwrap();
+        let decoded = decode_batches(&Arc::from("t"), 0, 3, Bytes::new()).unwrap();
         assert!(decoded.records.is_empty());
         assert_eq!(decoded.end_offset, None);
     }

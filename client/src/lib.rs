@@ -11,6 +11,13 @@
 //!   timestamp, as a `Stream` of [`ConsumerRecord`]s, with a policy for positions that retention
 //!   has passed ([`OffsetReset`]).
 //!
+//! - [`GroupConsumer`] ([`Client::group_consumer`]): a member of a consumer group. The broker
+//!   assigns partitions to the members; each reads its own from the group's committed offsets
+//!   and commits what it handed out (automatically, on [`GroupConsumer::commit`], before a
+//!   partition moves away, and on [`GroupConsumer::close`]). At least once; per-partition (so
+//!   per-key) order. Group administration: [`Client::commit_offsets`],
+//!   [`Client::fetch_offsets`], [`Client::list_groups`], [`Client::describe_group`].
+//!
 //! - [`Table`] ([`Client::table`]): a topic created with cleanup=compact as a key-value table:
 //!   [`Table::get`] and [`Table::history`] by key, [`Table::put`] and [`Table::delete`], and
 //!   compare-and-set writes ([`Table::put_if`], [`Table::put_if_absent`]) that fail with
@@ -74,6 +81,8 @@ mod admin;
 mod client;
 mod consumer;
 mod error;
+mod group;
+mod group_admin;
 mod producer;
 mod snapshot;
 mod sync_table;
@@ -93,6 +102,14 @@ pub use admin::{
 pub use client::{Client, ClientConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
 pub use error::{Error, Result};
+pub use group::{
+    GroupConsumer, GroupConsumerConfig, GroupEvent, GroupEvents, ASSIGNED_PARTITIONS_MAX,
+    GROUP_TOPICS_MAX,
+};
+pub use group_admin::{
+    CommittedOffset, GroupDescription, GroupMember, GroupSummary, OffsetCommit, PartitionLag,
+    TopicPartition, OFFSETS_PER_REQUEST_MAX,
+};
 pub use producer::{
     Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity,
     UnkeyedPartitioning, PARTITION_WINDOW_BATCHES,

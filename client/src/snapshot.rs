@@ -104,11 +104,13 @@ impl Snapshot {
         self.check(&message)?;
         self.finished = message.last;
         let partition = self.partition;
+        let topic: std::sync::Arc<str> = std::sync::Arc::from(self.topic.as_str());
         Ok(Some(
             message
                 .records
                 .into_iter()
                 .map(|record| ConsumerRecord {
+                    topic: std::sync::Arc::clone(&topic),
                     partition,
                     offset: record.offset,
                     timestamp: record.timestamp_ms,

@@ -714,15 +714,18 @@ impl Shared {
             );
             return Ok(Handled::Resnapshot);
         }
-        let decoded =
-            decode_batches(partition, next_offset, response.batches).map_err(|source| {
-                Error::Corrupt {
-                    topic: self.topic.clone(),
-                    partition,
-                    offset: next_offset,
-                    source,
-                }
-            })?;
+        let decoded = decode_batches(
+            &std::sync::Arc::from(self.topic.as_str()),
+            partition,
+            next_offset,
+            response.batches,
+        )
+        .map_err(|source| Error::Corrupt {
+            topic: self.topic.clone(),
+            partition,
+            offset: next_offset,
+            source,
+        })?;
         let end_offset = match decoded.end_offset {
             // Resubscribed from the end of the whole batches.
             Some(end) if decoded.truncated => end,

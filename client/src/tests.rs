@@ -86,6 +86,65 @@ struct State {
     refused_while_unavailable: u64,
     /// The next snapshot stream ends without its final message (the broker went away).
     cut_next_snapshot: bool,
+    /// The fake group coordinator: every member of a group gets the group's `target`.
+    groups: HashMap<String, FakeGroup>,
+    /// Every group call, in arrival order.
+    group_calls: Vec<GroupCall>,
+}
+
+/// A group of the fake coordinator. Tests set the assignment (`target`) directly; the epoch
+/// changes with it. No initial delay, no hand-over protocol: the tests play both sides.
+#[derive(Debug, Default)]
+struct FakeGroup {
+    members: std::collections::HashSet<String>,
+    members_joined: u64,
+    epoch: u32,
+    target: Vec<(String, u32)>,
+    commits: HashMap<(String, u32), u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum GroupCall {
+    Join {
+        member_id: String,
+    },
+    Heartbeat {
+        epoch: u32,
+        owned: Vec<(String, u32)>,
+    },
+    Commit {
+        epoch: u32,
+        offsets: Vec<(String, u32, u64)>,
+    },
+    Leave,
+}
+
+/// Short, so that group tests take milliseconds.
+const FAKE_HEARTBEAT_INTERVAL_MS: u32 = 20;
+
+fn wire(partitions: &[(String, u32)]) -> Vec<v1::TopicPartitions> {
+    let mut by_topic: std::collections::BTreeMap<&str, Vec<u32>> = Default::default();
+    for (topic, partition) in partitions {
+        by_topic.entry(topic).or_default().push(*partition);
+    }
+    by_topic
+        .into_iter()
+        .map(|(topic, partitions)| v1::TopicPartitions {
+            topic: topic.to_owned(),
+            partitions,
+        })
+        .collect()
+}
+
+fn flat(lists: &[v1::TopicPartitions]) -> Vec<(String, u32)> {
+    lists
+        .iter()
+        .flat_map(|list| {
+            list.partitions
+                .iter()
+                .map(|partition| (list.topic.clone(), *partition))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Default)]
@@ -319,51 +378,136 @@ impl Broker for FakeBroker {
 
     async fn join_group(
         &self,
-        _request: Request<v1::JoinGroupRequest>,
+        request: Request<v1::JoinGroupRequest>,
     ) -> Result<Response<v1::JoinGroupResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        let request = request.into_inner();
+        let mut state = self.lock();
+        let group = state.groups.entry(request.group.clone()).or_default();
+        let member_id = if request.member_id.is_empty() {
+            group.members_joined += 1;
+            format!("m-{}", group.members_joined)
+        } else {
+            request.member_id.clone()
+        };
+        group.members.insert(member_id.clone());
+        let response = v1::JoinGroupResponse {
+            member_id: member_id.clone(),
+            member_epoch: group.epoch,
+            heartbeat_interval_ms: FAKE_HEARTBEAT_INTERVAL_MS,
+            assignment: wire(&group.target),
+        };
+        state.group_calls.push(GroupCall::Join { member_id });
+        Ok(Response::new(response))
     }
 
     async fn heartbeat(
         &self,
-        _request: Request<v1::HeartbeatRequest>,
+        request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        let request = request.into_inner();
+        let mut state = self.lock();
+        state.group_calls.push(GroupCall::Heartbeat {
+            epoch: request.member_epoch,
+            owned: flat(&request.owned),
+        });
+        let group = state.groups.entry(request.group.clone()).or_default();
+        if !group.members.contains(&request.member_id) {
+            return Err(Status::not_found("unknown member"));
+        }
+        Ok(Response::new(v1::HeartbeatResponse {
+            member_epoch: group.epoch,
+            heartbeat_interval_ms: FAKE_HEARTBEAT_INTERVAL_MS,
+            assignment: wire(&group.target),
+        }))
     }
 
     async fn leave_group(
         &self,
-        _request: Request<v1::LeaveGroupRequest>,
+        request: Request<v1::LeaveGroupRequest>,
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        let request = request.into_inner();
+        let mut state = self.lock();
+        if let Some(group) = state.groups.get_mut(&request.group) {
+            group.members.remove(&request.member_id);
+        }
+        state.group_calls.push(GroupCall::Leave);
+        Ok(Response::new(v1::LeaveGroupResponse {}))
     }
 
     async fn commit_offsets(
         &self,
-        _request: Request<v1::CommitOffsetsRequest>,
+        request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        let request = request.into_inner();
+        let mut state = self.lock();
+        let offsets: Vec<(String, u32, u64)> = request
+            .offsets
+            .iter()
+            .map(|offset| (offset.topic.clone(), offset.partition, offset.offset))
+            .collect();
+        state.group_calls.push(GroupCall::Commit {
+            epoch: request.member_epoch,
+            offsets: offsets.clone(),
+        });
+        let group = state.groups.entry(request.group.clone()).or_default();
+        if request.member_id.is_empty() {
+            if !group.members.is_empty() {
+                return Err(Status::failed_precondition("the group has members"));
+            }
+        } else if !group.members.contains(&request.member_id) {
+            return Err(Status::not_found("unknown member"));
+        } else if request.member_epoch != group.epoch {
+            return Err(Status::failed_precondition("stale member epoch"));
+        }
+        for (topic, partition, offset) in offsets {
+            group.commits.insert((topic, partition), offset);
+        }
+        Ok(Response::new(v1::CommitOffsetsResponse {}))
     }
 
     async fn fetch_offsets(
         &self,
-        _request: Request<v1::FetchOffsetsRequest>,
+        request: Request<v1::FetchOffsetsRequest>,
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        let request = request.into_inner();
+        let state = self.lock();
+        let wanted = flat(&request.partitions);
+        let offsets = state
+            .groups
+            .get(&request.group)
+            .map(|group| {
+                group
+                    .commits
+                    .iter()
+                    .filter(|(key, _)| wanted.is_empty() || wanted.contains(key))
+                    .map(|((topic, partition), offset)| v1::CommittedOffset {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                        ..Default::default()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
     }
 
     async fn list_groups(
         &self,
         _request: Request<v1::ListGroupsRequest>,
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        Err(Status::unimplemented(
+            "the fake broker does not list groups",
+        ))
     }
 
     async fn describe_group(
         &self,
         _request: Request<v1::DescribeGroupRequest>,
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
-        Err(Status::unimplemented("the fake broker has no groups"))
+        Err(Status::unimplemented(
+            "the fake broker does not describe groups",
+        ))
     }
 
     async fn compact_topic(
@@ -1993,4 +2137,381 @@ async fn given_one_partition_stops_the_table_the_others_should_stop_applying_too
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(replica.get(&second).unwrap().version, kept.version);
     assert!(replica.next_offset(1).unwrap() <= later.version);
+}
+
+// ----- Group consumer against the fake coordinator ------------------------------------------
+
+/// Appends one batch of `values` to `topic`/`partition` of the fake, as a produce would.
+fn append_values(broker: &FakeBroker, topic: &str, partition: u32, values: &[&str]) {
+    let mut builder = BatchBuilder::new();
+    for value in values {
+        builder.push(1_000, None, Some(value.as_bytes()), &[]);
+    }
+    let request = v1::ProduceRequest {
+        topic: topic.to_owned(),
+        partition,
+        batch: builder.finish().unwrap(),
+        ..Default::default()
+    };
+    broker.append(&request, &[]).unwrap();
+}
+
+/// Sets the assignment every member of `group` gets from now on (a new epoch).
+fn assign(broker: &FakeBroker, group: &str, partitions: &[(&str, u32)]) {
+    let mut state = broker.lock();
+    let group = state.groups.entry(group.to_owned()).or_default();
+    group.epoch += 1;
+    group.target = partitions
+        .iter()
+        .map(|(topic, partition)| ((*topic).to_owned(), *partition))
+        .collect();
+}
+
+fn group_calls(broker: &FakeBroker) -> Vec<GroupCall> {
+    broker.lock().group_calls.clone()
+}
+
+/// Waits (up to 5 s) until the calls so far satisfy `done`; returns them.
+async fn wait_for_calls(
+    broker: &FakeBroker,
+    done: impl Fn(&[GroupCall]) -> bool,
+) -> Vec<GroupCall> {
+    bounded(async {
+        loop {
+            let calls = group_calls(broker);
+            if done(&calls) {
+                return calls;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+fn manual_commits() -> crate::GroupConsumerConfig {
+    crate::GroupConsumerConfig {
+        auto_commit_interval: None,
+        retry_backoff: Duration::from_millis(5),
+        retry_backoff_max: Duration::from_millis(20),
+        ..crate::GroupConsumerConfig::default()
+    }
+}
+
+async fn next_group_record(consumer: &mut crate::GroupConsumer) -> (String, u32, u64, String) {
+    let record = bounded(consumer.recv())
+        .await
+        .expect("consumer running")
+        .expect("a record");
+    (
+        record.topic.to_string(),
+        record.partition,
+        record.offset,
+        String::from_utf8(record.value.unwrap().to_vec()).unwrap(),
+    )
+}
+
+async fn next_event(events: &mut crate::GroupEvents) -> crate::GroupEvent {
+    bounded(events.recv())
+        .await
+        .expect("events")
+        .expect("no lag")
+}
+
+fn tp(topic: &str, partition: u32) -> crate::TopicPartition {
+    crate::TopicPartition::new(topic, partition)
+}
+
+#[tokio::test]
+async fn given_committed_offset_when_assigned_should_read_from_it() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c", "d", "e"]);
+    assign(&broker, "g", &[("t", 0)]);
+    broker
+        .lock()
+        .groups
+        .get_mut("g")
+        .unwrap()
+        .commits
+        .insert(("t".into(), 0), 2);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    assert_eq!(
+        next_event(&mut events).await,
+        crate::GroupEvent::Assigned(vec![tp("t", 0)])
+    );
+    assert_eq!(consumer.member_id(), "m-1");
+    assert_eq!(consumer.assignment(), [tp("t", 0)]);
+    for (offset, value) in [(2, "c"), (3, "d"), (4, "e")] {
+        assert_eq!(
+            next_group_record(&mut consumer).await,
+            ("t".to_owned(), 0, offset, value.to_owned())
+        );
+    }
+    assert_eq!(consumer.position("t", 0), Some(5));
+    consumer.commit().await.unwrap();
+    assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 5);
+}
+
+#[tokio::test]
+async fn given_revocation_should_commit_processed_positions_before_reporting_the_release() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(2))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c"]);
+    append_values(&broker, "t", 1, &["x", "y"]);
+    assign(&broker, "g", &[("t", 0), ("t", 1)]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        seen.push(next_group_record(&mut consumer).await);
+    }
+    // Per-partition order holds whatever the interleaving.
+    let offsets = |partition: u32| -> Vec<u64> {
+        seen.iter()
+            .filter(|record| record.1 == partition)
+            .map(|record| record.2)
+            .collect()
+    };
+    assert_eq!(offsets(0), [0, 1, 2]);
+    assert_eq!(offsets(1), [0, 1]);
+
+    assign(&broker, "g", &[("t", 1)]);
+    let epoch = broker.lock().groups["g"].epoch;
+    let calls = wait_for_calls(&broker, |calls| {
+        calls.iter().any(|call| {
+            matches!(call, GroupCall::Heartbeat { owned, .. } if owned == &[("t".to_owned(), 1)])
+        })
+    })
+    .await;
+    let commit = calls
+        .iter()
+        .position(|call| {
+            matches!(call, GroupCall::Commit { epoch: e, offsets }
+                if *e == epoch && offsets == &[("t".to_owned(), 0, 3)])
+        })
+        .expect("a commit of partition 0 at offset 3 with the new epoch");
+    let released = calls
+        .iter()
+        .position(|call| {
+            matches!(call, GroupCall::Heartbeat { owned, .. } if owned == &[("t".to_owned(), 1)])
+        })
+        .unwrap();
+    assert!(commit < released, "commit before release: {calls:?}");
+    // Partition 1 was not revoked: nothing committed for it yet.
+    assert!(!calls
+        .iter()
+        .any(|call| matches!(call, GroupCall::Commit { offsets, .. }
+        if offsets.iter().any(|offset| offset.1 == 1))));
+    let mut revoked = None;
+    while revoked.is_none() {
+        if let crate::GroupEvent::Revoked(partitions) = next_event(&mut events).await {
+            revoked = Some(partitions);
+        }
+    }
+    assert_eq!(revoked.unwrap(), [tp("t", 0)]);
+    assert_eq!(consumer.assignment(), [tp("t", 1)]);
+}
+
+#[tokio::test]
+async fn given_not_found_should_rejoin_without_committing_and_read_again_from_the_commit() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    assert!(matches!(
+        next_event(&mut events).await,
+        crate::GroupEvent::Assigned(_)
+    ));
+    assert_eq!(next_group_record(&mut consumer).await.2, 0);
+    assert_eq!(next_group_record(&mut consumer).await.2, 1);
+
+    // The coordinator forgets the member (session expired, broker restarted).
+    broker.lock().groups.get_mut("g").unwrap().members.clear();
+    assert_eq!(
+        next_event(&mut events).await,
+        crate::GroupEvent::Lost(vec![tp("t", 0)])
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        crate::GroupEvent::Assigned(vec![tp("t", 0)])
+    );
+    let calls = group_calls(&broker);
+    let joins: Vec<&GroupCall> = calls
+        .iter()
+        .filter(|call| matches!(call, GroupCall::Join { .. }))
+        .collect();
+    assert_eq!(
+        joins,
+        [
+            &GroupCall::Join {
+                member_id: "m-1".into()
+            },
+            &GroupCall::Join {
+                member_id: "m-1".into()
+            }
+        ],
+        "rejoined with the same id"
+    );
+    assert!(
+        !calls
+            .iter()
+            .any(|call| matches!(call, GroupCall::Commit { .. })),
+        "no commit for partitions it no longer owns: {calls:?}"
+    );
+    // Without a commit, the partition starts over from the earliest offset.
+    assert_eq!(next_group_record(&mut consumer).await.2, 0);
+}
+
+#[tokio::test]
+async fn given_revoked_partition_its_buffered_records_should_not_be_handed_out() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c", "d", "e", "f"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    // One record handed out; the rest of the response is buffered.
+    assert_eq!(next_group_record(&mut consumer).await.2, 0);
+    assign(&broker, "g", &[]);
+    loop {
+        if let crate::GroupEvent::Revoked(partitions) = next_event(&mut events).await {
+            assert_eq!(partitions, [tp("t", 0)]);
+            break;
+        }
+    }
+    let more = tokio::time::timeout(Duration::from_millis(300), consumer.recv()).await;
+    assert!(
+        more.is_err(),
+        "nothing handed out after revocation: {more:?}"
+    );
+    // The commit covers exactly the record handed out.
+    assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 1);
+    assert!(consumer.assignment().is_empty());
+}
+
+#[tokio::test]
+async fn auto_commit_should_commit_handed_out_records_and_close_should_commit_then_leave() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let config = crate::GroupConsumerConfig {
+        auto_commit_interval: Some(Duration::from_millis(50)),
+        ..manual_commits()
+    };
+    let mut consumer = client.group_consumer("g", &["t"], config).await.unwrap();
+    for _ in 0..2 {
+        next_group_record(&mut consumer).await;
+    }
+    wait_for_calls(&broker, |calls| {
+        calls.iter().any(|call| {
+            matches!(call, GroupCall::Commit { offsets, .. } if offsets == &[("t".to_owned(), 0, 2)])
+        })
+    })
+    .await;
+    // No new record: no more commits.
+    let commits = |calls: &[GroupCall]| {
+        calls
+            .iter()
+            .filter(|call| matches!(call, GroupCall::Commit { .. }))
+            .count()
+    };
+    let before = commits(&group_calls(&broker));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(commits(&group_calls(&broker)), before);
+
+    next_group_record(&mut consumer).await;
+    consumer.close().await.unwrap();
+    let calls = group_calls(&broker);
+    let last_two = &calls[calls.len() - 2..];
+    assert!(
+        matches!(&last_two[0], GroupCall::Commit { offsets, .. } if offsets == &[("t".to_owned(), 0, 3)]),
+        "{calls:?}"
+    );
+    assert_eq!(last_two[1], GroupCall::Leave);
+    assert!(broker.lock().groups["g"].members.is_empty());
+}
+
+#[tokio::test]
+async fn abort_should_neither_commit_nor_leave() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], crate::GroupConsumerConfig::default())
+        .await
+        .unwrap();
+    next_group_record(&mut consumer).await;
+    consumer.abort();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let calls = group_calls(&broker);
+    assert!(
+        !calls
+            .iter()
+            .any(|call| matches!(call, GroupCall::Commit { .. } | GroupCall::Leave)),
+        "{calls:?}"
+    );
+    assert_eq!(broker.lock().groups["g"].members.len(), 1);
+}
+
+#[tokio::test]
+async fn standalone_commit_and_fetch_offsets_should_round_trip() {
+    let (client, _broker) = start().await;
+    client
+        .commit_offsets(
+            "g",
+            &[
+                crate::OffsetCommit::new("t", 1, 7),
+                crate::OffsetCommit::new("t", 0, 3),
+            ],
+        )
+        .await
+        .unwrap();
+    let all = client.fetch_offsets("g", None).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|offset| (offset.partition, offset.offset))
+            .collect::<Vec<_>>(),
+        [(0, 3), (1, 7)]
+    );
+    let one = client
+        .fetch_offsets("g", Some(&[tp("t", 1)]))
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].offset, 7);
 }

@@ -1,4 +1,5 @@
-//! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout,
+//! `syncline`: the Syncline command-line client (topics, produce from stdin, consume to stdout
+//! alone or as a consumer-group member, consumer groups,
 //! tables by key with `put`, `get`, `history` and `delete`, a live view of a table with `watch`,
 //! and `bench`, a load generator that
 //! verifies what it reads back).
@@ -7,6 +8,7 @@
 //! usage error (clap's message).
 
 mod bench;
+mod group;
 mod input;
 mod output;
 mod table;
@@ -20,8 +22,8 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::FutureExt as _;
 use syncline_client::{
-    Acks, CleanupPolicy, Client, ConsumerConfig, DeliveryFuture, OffsetReset, ProducerConfig,
-    StartOffset, TopicConfig,
+    Acks, CleanupPolicy, Client, ConsumerConfig, DeliveryFuture, GroupConsumerConfig, GroupEvent,
+    OffsetReset, ProducerConfig, StartOffset, TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
@@ -64,8 +66,13 @@ enum Command {
     Topic(TopicCommand),
     /// Produce records read from stdin, one per line.
     Produce(ProduceArgs),
-    /// Consume records of a topic and print them to stdout.
+    /// Consume records of a topic and print them to stdout (alone, or as a member of a
+    /// consumer group with --group).
     Consume(ConsumeArgs),
+    /// List consumer groups, describe one (members, owners, committed offsets, lag), or reset
+    /// a group's committed offsets.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Set a key of a table, optionally only at an expected version (compare-and-set).
     Put(table::PutArgs),
     /// Print the latest value of a key of a table.
@@ -198,7 +205,18 @@ also has \"key_encoding\":\"base64\" or \"value_encoding\":\"base64\". Records w
 also have \"headers\":[{\"key\":..,\"value\":..}].
 
 Records of one partition are printed in offset order; partitions interleave. The command \
-exits 0 after --max-records records, after --timeout-ms without a record, or on Ctrl-C.")]
+exits 0 after --max-records records, after --timeout-ms without a record, or on Ctrl-C or \
+SIGTERM.
+
+With --group G the command is a member of consumer group G: the broker assigns it a share of \
+the topic's partitions (all of them when it is the only member) and it reads each from the \
+group's committed offset (from the earliest offset when the group has none). The --timeout-ms \
+clock starts at the first assignment (a new group's first assignment waits the broker's \
+initial delay, 3 s by default). Every record is flushed to stdout as it is printed; the \
+offsets of the printed records are committed every 5 s, before a partition moves to another \
+member, and on exit (after --max-records, --timeout-ms, Ctrl-C or SIGTERM), synchronously, \
+before the command leaves the group. So a second run with the same group prints only newer \
+records (at least once: a crash prints again what came after the last commit).")]
 struct ConsumeArgs {
     /// The topic.
     topic: String,
@@ -206,6 +224,15 @@ struct ConsumeArgs {
     /// Start from the first retained record (default: only records produced from now on).
     #[arg(long, conflicts_with = "offset")]
     from_beginning: bool,
+
+    /// Consume as a member of consumer group G: read the partitions the broker assigns, from
+    /// the group's committed offsets, and commit what was printed (see below).
+    #[arg(
+        long,
+        value_name = "G",
+        conflicts_with_all = ["from_beginning", "offset", "partition"]
+    )]
+    group: Option<String>,
 
     /// Start at offset N in every partition read (combine with --partition to pick one); fails
     /// if a partition's log no longer or not yet holds N.
@@ -285,7 +312,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Topic(command) => topic(&client, command).await,
         Command::Produce(args) => produce(&client, args).await,
-        Command::Consume(args) => consume(&client, args).await,
+        Command::Consume(args) => match args.group.clone() {
+            Some(group) => consume_group(&client, &group, args).await,
+            None => consume(&client, args).await,
+        },
+        Command::Group(command) => group::run(&client, command).await,
         Command::Put(args) => table::put(&client, args).await,
         Command::Get(args) => table::get(&client, args).await,
         Command::History(args) => table::history(&client, args).await,
@@ -586,7 +617,7 @@ async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
     };
     let mut stdout = io::BufWriter::new(io::stdout().lock());
     let mut printed: u64 = 0;
-    let ctrl_c = tokio::signal::ctrl_c();
+    let ctrl_c = stop_signal();
     tokio::pin!(ctrl_c);
     loop {
         let next = match consumer.recv().now_or_never() {
@@ -629,6 +660,113 @@ async fn consume(client: &Client, args: ConsumeArgs) -> anyhow::Result<()> {
         }
     }
     stdout.flush()?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            // Without a SIGTERM handler, only Ctrl-C stops the command.
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+/// How often `consume --group` commits what it printed while running.
+const GROUP_COMMIT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `consume --group`: see the command's help.
+async fn consume_group(client: &Client, group: &str, args: ConsumeArgs) -> anyhow::Result<()> {
+    let config = GroupConsumerConfig {
+        // Commits are made here, after the records are flushed to stdout.
+        auto_commit_interval: None,
+        offset_reset: OffsetReset::Earliest,
+        client_id: Some(format!("syncline-cli/{}", std::process::id())),
+        ..GroupConsumerConfig::default()
+    };
+    let mut consumer = client
+        .group_consumer(group, &[args.topic.as_str()], config)
+        .await?;
+    if args.max_records == Some(0) {
+        consumer.close().await?;
+        return Ok(());
+    }
+    let mut events = consumer.events();
+    let idle_timeout = args.timeout_ms.map(Duration::from_millis);
+    let format = TextFormat {
+        print_offset: args.print_offset,
+        print_key: args.print_key,
+    };
+    let mut stdout = io::stdout().lock();
+    let mut printed: u64 = 0;
+    let mut assigned = !consumer.assignment().is_empty();
+    let mut idle_since = tokio::time::Instant::now();
+    let mut last_commit = tokio::time::Instant::now();
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    let outcome: anyhow::Result<()> = loop {
+        let idle_deadline = match (assigned, idle_timeout) {
+            (true, Some(timeout)) => Some(idle_since + timeout),
+            _ => None,
+        };
+        let commit_due = last_commit + GROUP_COMMIT_INTERVAL;
+        tokio::select! {
+            next = consumer.recv() => {
+                let record = match next {
+                    Some(Ok(record)) => record,
+                    Some(Err(error)) => break Err(error.into()),
+                    None => break Ok(()),
+                };
+                let written = if args.json {
+                    write_json(&mut stdout, &record)
+                } else {
+                    write_text(&mut stdout, &record, format)
+                };
+                // Flushed before the next record is taken: whatever a commit covers is out.
+                if let Err(error) = written.and_then(|()| stdout.flush()) {
+                    break Err(error.into());
+                }
+                printed += 1;
+                idle_since = tokio::time::Instant::now();
+                if args.max_records.is_some_and(|max| printed >= max) {
+                    break Ok(());
+                }
+            }
+            event = events.recv() => {
+                if let Some(Ok(GroupEvent::Assigned(_))) = event {
+                    if !assigned {
+                        assigned = true;
+                        idle_since = tokio::time::Instant::now();
+                    }
+                }
+            }
+            () = async {
+                match idle_deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            } => break Ok(()),
+            () = tokio::time::sleep_until(commit_due) => {
+                if let Err(error) = consumer.commit().await {
+                    tracing::warn!(%error, "commit failed; retrying later");
+                }
+                last_commit = tokio::time::Instant::now();
+            }
+            () = &mut stop => break Ok(()),
+        }
+    };
+    // Commit what was printed, then leave; report the first failure.
+    let closed = consumer.close().await;
+    outcome?;
+    closed?;
     Ok(())
 }
 

@@ -158,6 +158,7 @@ mod tests {
 
     fn record(key: Option<&'static [u8]>, value: Option<&'static [u8]>) -> ConsumerRecord {
         ConsumerRecord {
+            topic: "t".into(),
             partition: 2,
             offset: 41,
             timestamp: 1_700_000_000_123,
