@@ -46,11 +46,18 @@ pub struct Committed {
 /// group -> (topic, partition) -> committed offset.
 type Groups = HashMap<String, BTreeMap<(String, u32), Committed>>;
 
+/// Committed offsets of one group, by (topic, partition).
+pub type GroupOffsets = Vec<((String, u32), Committed)>;
+
 /// The committed offsets of every group.
 #[derive(Debug)]
 pub struct OffsetStore {
     partition: Arc<Partition>,
     groups: Mutex<Groups>,
+    /// Why the committed offsets could not be loaded (interior corruption of `__offsets`):
+    /// then commits and fetches are refused naming `__offsets`, instead of the whole broker
+    /// refusing to start or answering from a partial history.
+    unavailable: Option<String>,
 }
 
 fn key(group: &str, topic: &str, partition: u32) -> Bytes {
@@ -140,7 +147,28 @@ impl OffsetStore {
         Ok(OffsetStore {
             partition,
             groups: Mutex::new(groups),
+            unavailable: None,
         })
+    }
+
+    /// A store whose history could not be loaded: every commit and fetch gets `reason`.
+    pub fn unavailable(partition: Arc<Partition>, reason: String) -> OffsetStore {
+        OffsetStore {
+            partition,
+            groups: Mutex::new(Groups::new()),
+            unavailable: Some(reason),
+        }
+    }
+
+    fn check_available(&self) -> Result<(), BrokerError> {
+        match &self.unavailable {
+            None => Ok(()),
+            Some(reason) => Err(BrokerError::Fenced {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: 0,
+                reason: reason.clone(),
+            }),
+        }
     }
 
     /// Appends the commits as one batch, waits until it is durable, then publishes them.
@@ -150,6 +178,7 @@ impl OffsetStore {
         commits: &[v1::OffsetCommit],
         now_ms: i64,
     ) -> Result<(), BrokerError> {
+        self.check_available()?;
         if commits.is_empty() {
             return Ok(());
         }
@@ -203,17 +232,19 @@ impl OffsetStore {
     }
 
     /// The committed offsets of `group` (all of them when `only` is empty).
-    pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Vec<((String, u32), Committed)> {
+    pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Result<GroupOffsets, BrokerError> {
+        self.check_available()?;
         let groups = self.groups.lock();
         let Some(map) = groups.get(group) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         if only.is_empty() {
-            return map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            return Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         }
-        only.iter()
+        Ok(only
+            .iter()
             .filter_map(|k| map.get(k).map(|v| (k.clone(), v.clone())))
-            .collect()
+            .collect())
     }
 
     /// Groups with at least one committed offset.
