@@ -76,6 +76,17 @@ fn parse_key(key: &[u8]) -> Option<(String, String, u32)> {
     let split = rest.iter().position(|b| *b == 0)?;
     let group = std::str::from_utf8(&rest[..split]).ok()?;
     let topic = std::str::from_utf8(&rest[split + 1..]).ok()?;
+    // Names end up in metrics labels unescaped: only what a commit could have written.
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 249
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if !name_ok(group) || !name_ok(topic) {
+        return None;
+    }
     let partition = u32::from_be_bytes(partition.try_into().ok()?);
     Some((group.to_string(), topic.to_string(), partition))
 }
@@ -266,5 +277,8 @@ mod tests {
         assert_eq!(parse_key(&k), Some(("g".into(), "t".into(), 0x0001_0000)));
         assert_eq!(parse_key(b"no-separators"), None);
         assert_eq!(parse_key(b""), None);
+        // Names a commit could not have written (they would break metrics labels).
+        assert_eq!(parse_key(&key("evil\"} 1\n", "t", 0)), None);
+        assert_eq!(parse_key(&key("", "t", 0)), None);
     }
 }
