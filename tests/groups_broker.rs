@@ -302,3 +302,49 @@ async fn given_commits_should_refuse_stale_epochs_and_survive_restarts() {
         .unwrap_err();
     assert_eq!(error.code(), Code::InvalidArgument);
 }
+
+/// Review: `Produce` into `__offsets` was accepted, so anyone could rewrite any group's
+/// committed offsets without being a member (no fencing), and a key with a crafted group name
+/// (quotes, newlines) was replayed at the next start and printed unescaped into the
+/// `syncline_consumer_group_lag` labels. Only the coordinator writes internal topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_produce_into_offsets_topic_should_refuse_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(dir.path(), &FAST);
+    let mut client = broker.client().await;
+    create(&mut client, 1).await;
+    let mut key = b"evil\"} 1\n\x00events\x00".to_vec();
+    key.extend_from_slice(&0u32.to_be_bytes());
+    let value = v1::CommittedOffset {
+        topic: "events".into(),
+        partition: 0,
+        offset: 0,
+        metadata: String::new(),
+        commit_timestamp_ms: 0,
+    };
+    let error = client
+        .produce(v1::ProduceRequest {
+            topic: "__offsets".into(),
+            partition: 0,
+            acks: v1::Acks::Durable as i32,
+            records: vec![v1::Record {
+                key: Some(Bytes::from(key)),
+                value: Some(Bytes::from(prost::Message::encode_to_vec(&value))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    broker.stop();
+    let broker = BrokerProcess::start_with(dir.path(), &FAST);
+    let mut client = broker.client().await;
+    let groups = client
+        .list_groups(v1::ListGroupsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .groups;
+    assert!(groups.is_empty(), "{groups:?}");
+}

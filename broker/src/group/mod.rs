@@ -242,9 +242,18 @@ impl Coordinator {
     ) -> Result<Coordinator, BrokerError> {
         let topic = registry.offsets_topic().await?;
         let partition = topic.partition(0)?.clone();
-        let offsets = tokio::task::spawn_blocking(move || OffsetStore::load(partition))
+        let loading = partition.clone();
+        let loaded = tokio::task::spawn_blocking(move || OffsetStore::load(loading))
             .await
-            .map_err(|e| BrokerError::InvalidRequest(format!("loading offsets failed: {e}")))??;
+            .map_err(|e| BrokerError::InvalidRequest(format!("loading offsets failed: {e}")))?;
+        // Corruption in `__offsets` fences committed offsets only, not the whole broker.
+        let offsets = match loaded {
+            Ok(offsets) => offsets,
+            Err(error) => {
+                tracing::error!(%error, "committed offsets unavailable: {} cannot be loaded", offsets::OFFSETS_TOPIC);
+                OffsetStore::unavailable(partition, error.to_string())
+            }
+        };
         Ok(Coordinator {
             registry,
             config,
@@ -576,7 +585,7 @@ impl Coordinator {
         let only: Vec<(String, u32)> = flatten(&request.partitions).into_iter().collect();
         Ok(self
             .offsets
-            .fetch(&request.group, &only)
+            .fetch(&request.group, &only)?
             .into_iter()
             .map(|((topic, partition), c)| v1::CommittedOffset {
                 topic,
@@ -616,7 +625,7 @@ impl Coordinator {
         validate_group(name)?;
         let now = Instant::now();
         let committed: BTreeMap<(String, u32), offsets::Committed> =
-            self.offsets.fetch(name, &[]).into_iter().collect();
+            self.offsets.fetch(name, &[])?.into_iter().collect();
         let groups = self.groups.lock();
         let group = groups.get(name);
         if group.is_none() && committed.is_empty() {
@@ -690,7 +699,9 @@ impl Coordinator {
     pub fn lags(&self) -> Vec<(String, String, u32, u64)> {
         let mut out = Vec::new();
         for name in self.offsets.groups() {
-            for ((topic, partition), committed) in self.offsets.fetch(&name, &[]) {
+            for ((topic, partition), committed) in
+                self.offsets.fetch(&name, &[]).unwrap_or_default()
+            {
                 let end = self
                     .registry
                     .get(&topic)

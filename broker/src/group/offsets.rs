@@ -46,11 +46,18 @@ pub struct Committed {
 /// group -> (topic, partition) -> committed offset.
 type Groups = HashMap<String, BTreeMap<(String, u32), Committed>>;
 
+/// Committed offsets of one group, by (topic, partition).
+pub type GroupOffsets = Vec<((String, u32), Committed)>;
+
 /// The committed offsets of every group.
 #[derive(Debug)]
 pub struct OffsetStore {
     partition: Arc<Partition>,
     groups: Mutex<Groups>,
+    /// Why the committed offsets could not be loaded (interior corruption of `__offsets`):
+    /// then commits and fetches are refused naming `__offsets`, instead of the whole broker
+    /// refusing to start or answering from a partial history.
+    unavailable: Option<String>,
 }
 
 fn key(group: &str, topic: &str, partition: u32) -> Bytes {
@@ -69,6 +76,17 @@ fn parse_key(key: &[u8]) -> Option<(String, String, u32)> {
     let split = rest.iter().position(|b| *b == 0)?;
     let group = std::str::from_utf8(&rest[..split]).ok()?;
     let topic = std::str::from_utf8(&rest[split + 1..]).ok()?;
+    // Names end up in metrics labels unescaped: only what a commit could have written.
+    let name_ok = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 249
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if !name_ok(group) || !name_ok(topic) {
+        return None;
+    }
     let partition = u32::from_be_bytes(partition.try_into().ok()?);
     Some((group.to_string(), topic.to_string(), partition))
 }
@@ -140,7 +158,28 @@ impl OffsetStore {
         Ok(OffsetStore {
             partition,
             groups: Mutex::new(groups),
+            unavailable: None,
         })
+    }
+
+    /// A store whose history could not be loaded: every commit and fetch gets `reason`.
+    pub fn unavailable(partition: Arc<Partition>, reason: String) -> OffsetStore {
+        OffsetStore {
+            partition,
+            groups: Mutex::new(Groups::new()),
+            unavailable: Some(reason),
+        }
+    }
+
+    fn check_available(&self) -> Result<(), BrokerError> {
+        match &self.unavailable {
+            None => Ok(()),
+            Some(reason) => Err(BrokerError::Fenced {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: 0,
+                reason: reason.clone(),
+            }),
+        }
     }
 
     /// Appends the commits as one batch, waits until it is durable, then publishes them.
@@ -150,6 +189,7 @@ impl OffsetStore {
         commits: &[v1::OffsetCommit],
         now_ms: i64,
     ) -> Result<(), BrokerError> {
+        self.check_available()?;
         if commits.is_empty() {
             return Ok(());
         }
@@ -203,17 +243,19 @@ impl OffsetStore {
     }
 
     /// The committed offsets of `group` (all of them when `only` is empty).
-    pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Vec<((String, u32), Committed)> {
+    pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Result<GroupOffsets, BrokerError> {
+        self.check_available()?;
         let groups = self.groups.lock();
         let Some(map) = groups.get(group) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         if only.is_empty() {
-            return map.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            return Ok(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
         }
-        only.iter()
+        Ok(only
+            .iter()
             .filter_map(|k| map.get(k).map(|v| (k.clone(), v.clone())))
-            .collect()
+            .collect())
     }
 
     /// Groups with at least one committed offset.
@@ -235,5 +277,8 @@ mod tests {
         assert_eq!(parse_key(&k), Some(("g".into(), "t".into(), 0x0001_0000)));
         assert_eq!(parse_key(b"no-separators"), None);
         assert_eq!(parse_key(b""), None);
+        // Names a commit could not have written (they would break metrics labels).
+        assert_eq!(parse_key(&key("evil\"} 1\n", "t", 0)), None);
+        assert_eq!(parse_key(&key("", "t", 0)), None);
     }
 }

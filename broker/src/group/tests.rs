@@ -406,3 +406,83 @@ async fn given_committed_offsets_should_survive_a_restart() {
     assert_eq!(lag, vec![(0, 0), (1, 0), (2, 0)]);
     assert_eq!(coordinator.list()[0].group, "standalone");
 }
+
+/// Review: interior corruption in `__offsets` made `Coordinator::open` fail, so the whole
+/// broker refused to start and every topic was down. It must fence committed offsets only
+/// (commits and fetches get an error naming `__offsets`), the rest keeps working.
+#[tokio::test]
+async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        let settings = registry
+            .resolve_settings(Some(1), Some(Cleanup::Delete), |_| Ok(()))
+            .unwrap();
+        registry.create("t", settings).await.unwrap();
+        // Large metadata, so a byte at a quarter of the segment sits inside the first batch.
+        for metadata in ["a", "b"] {
+            coordinator
+                .commit(v1::CommitOffsetsRequest {
+                    group: "standalone".into(),
+                    member_id: String::new(),
+                    member_epoch: 0,
+                    offsets: vec![v1::OffsetCommit {
+                        topic: "t".into(),
+                        partition: 0,
+                        offset: 0,
+                        metadata: metadata.repeat(1000),
+                    }],
+                })
+                .await
+                .unwrap();
+        }
+        registry.close().await;
+    }
+    let partition_dir = dir.path().join(offsets::OFFSETS_TOPIC).join("0");
+    let _ = std::fs::remove_file(partition_dir.join(".clean-shutdown"));
+    let segment = partition_dir.join(format!("{:020}.log", 0));
+    let mut data = std::fs::read(&segment).unwrap();
+    let at = data.len() / 4;
+    data[at] ^= 0x10;
+    std::fs::write(&segment, data).unwrap();
+
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let registry = Arc::new(Registry::open(Arc::new(config)).unwrap());
+    let coordinator = Coordinator::open(registry.clone(), group_config(0))
+        .await
+        .expect("a corrupt __offsets must not stop the broker");
+    assert!(registry.get("t").is_ok());
+    let fetched = coordinator.fetch_offsets(v1::FetchOffsetsRequest {
+        group: "standalone".into(),
+        partitions: Vec::new(),
+    });
+    assert!(
+        matches!(&fetched, Err(BrokerError::Fenced { topic, .. }) if topic == offsets::OFFSETS_TOPIC),
+        "{fetched:?}"
+    );
+    let committed = coordinator
+        .commit(v1::CommitOffsetsRequest {
+            group: "standalone".into(),
+            member_id: String::new(),
+            member_epoch: 0,
+            offsets: vec![v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                metadata: String::new(),
+            }],
+        })
+        .await;
+    assert!(
+        matches!(&committed, Err(BrokerError::Fenced { .. })),
+        "{committed:?}"
+    );
+    let described = coordinator.describe("standalone");
+    assert!(
+        matches!(&described, Err(BrokerError::Fenced { .. })),
+        "{described:?}"
+    );
+}

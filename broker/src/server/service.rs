@@ -433,6 +433,14 @@ impl BrokerService {
         self.check_running()?;
         let acks = acks_of(request.acks)?;
         let (_topic, partition) = self.partition(&request.topic, request.partition)?;
+        // Internal topics (`__offsets`) are written by the broker only: a client record there
+        // would bypass the coordinator's fencing and be replayed as committed offsets.
+        if request.topic.starts_with("__") {
+            return Err(BrokerError::InvalidTopicName {
+                name: request.topic.clone(),
+                reason: "internal topics are written by the broker only",
+            });
+        }
         let limits = &self.registry.config().limits;
         let request_bytes = request.batch.len() as u64
             + request
