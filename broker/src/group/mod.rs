@@ -536,7 +536,13 @@ impl Coordinator {
                 )));
             }
         }
-        {
+        if request.offsets.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        // The ownership check and the append happen under the group lock, so no other member
+        // can take a partition over (and commit for it) between the two.
+        let appended = {
             let groups = self.groups.lock();
             let group = groups.get(&request.group);
             if request.member_id.is_empty() {
@@ -570,9 +576,10 @@ impl Coordinator {
                     }
                 }
             }
-        }
+            self.offsets.append(&request.group, &request.offsets, now)?
+        };
         self.offsets
-            .commit(&request.group, &request.offsets, now_ms())
+            .publish(&request.group, &request.offsets, appended, now)
             .await
     }
 

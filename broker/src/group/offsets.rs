@@ -183,15 +183,19 @@ impl OffsetStore {
     }
 
     /// Appends the commits as one batch, waits until it is durable, then publishes them.
-    pub async fn commit(
+    /// Appends the commits as one batch (page cache; see [`OffsetStore::publish`]). Called
+    /// under the coordinator's lock, so the ownership check and the append are one step.
+    pub fn append(
         &self,
         group: &str,
         commits: &[v1::OffsetCommit],
         now_ms: i64,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<crate::log::Appended, BrokerError> {
         self.check_available()?;
         if commits.is_empty() {
-            return Ok(());
+            return Err(BrokerError::InvalidRequest(
+                "a commit with no offsets".into(),
+            ));
         }
         let records: Vec<PlainRecord> = commits
             .iter()
@@ -212,6 +216,20 @@ impl OffsetStore {
             })
             .collect();
         let appended = self.partition.append_records(&records, None, &[], now_ms)?;
+        Ok(appended)
+    }
+
+    /// Waits until an [`OffsetStore::append`] is durable, then publishes its commits.
+    pub async fn publish(
+        &self,
+        group: &str,
+        commits: &[v1::OffsetCommit],
+        appended: crate::log::Appended,
+        now_ms: i64,
+    ) -> Result<(), BrokerError> {
+        if commits.is_empty() {
+            return Ok(());
+        }
         let log = self.partition.log()?.clone();
         log.wait_durable(appended.durable_target())
             .await
