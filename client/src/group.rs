@@ -316,6 +316,9 @@ struct Shared {
     /// Signalled (all waiters) when the queue shrinks.
     space_ready: Notify,
     records_max: usize,
+    /// Reader tasks the background task still keeps (finished ones included), for tests.
+    #[cfg(test)]
+    reader_tasks: std::sync::atomic::AtomicUsize,
 }
 
 impl Buffer {
@@ -467,6 +470,8 @@ impl GroupConsumer {
             records_ready: Notify::new(),
             space_ready: Notify::new(),
             records_max: config.buffered_records_max,
+            #[cfg(test)]
+            reader_tasks: std::sync::atomic::AtomicUsize::new(0),
         });
         let (events, first_events) = broadcast::channel(config.events_buffered_max);
         let (command_sender, commands) = mpsc::channel(16);
@@ -613,6 +618,13 @@ impl GroupConsumer {
     pub fn abort(self) {
         self.shared.close();
     }
+
+    #[cfg(test)]
+    pub(crate) fn reader_tasks(&self) -> usize {
+        self.shared
+            .reader_tasks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// One partition being read.
@@ -668,6 +680,13 @@ impl Member {
         let auto_commit = self.config.auto_commit_interval;
         let mut next_auto_commit = auto_commit.map(|interval| Instant::now() + interval);
         loop {
+            // Stopped readers (revoked, lost, failed) stay in the set until reaped: without
+            // this each rebalance would keep their tasks' memory for good.
+            while self.tasks.try_join_next().is_some() {}
+            #[cfg(test)]
+            self.shared
+                .reader_tasks
+                .store(self.tasks.len(), std::sync::atomic::Ordering::Relaxed);
             let auto_commit_at = next_auto_commit;
             tokio::select! {
                 () = tokio::time::sleep_until(next_heartbeat) => {

@@ -2595,3 +2595,37 @@ async fn given_application_waiting_in_recv_background_commits_should_cover_every
     }
     assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 2);
 }
+
+/// Every revocation stops a reader task; a long-lived member must not keep them all.
+#[tokio::test]
+async fn stopped_reader_tasks_should_not_accumulate_over_rebalances() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a"]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    // Rebalances of partition 0 away and back.
+    const REBALANCES: usize = 20;
+    for _ in 0..REBALANCES {
+        assign(&broker, "g", &[("t", 0)]);
+        while !matches!(
+            next_event(&mut events).await,
+            crate::GroupEvent::Assigned(_)
+        ) {}
+        assign(&broker, "g", &[]);
+        while !matches!(next_event(&mut events).await, crate::GroupEvent::Revoked(_)) {}
+    }
+    // Give the loop a few turns (heartbeats) to reap.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        consumer.reader_tasks() <= 1,
+        "{} reader tasks kept after {REBALANCES} revocations",
+        consumer.reader_tasks()
+    );
+}
