@@ -947,18 +947,18 @@ impl Member {
     /// next heartbeat tries again.
     async fn start_reading(&mut self, added: Vec<Key>) -> Result<()> {
         let partitions: Vec<TopicPartition> = added.iter().map(partition_of).collect();
-        let committed = match self
-            .client
-            .fetch_offsets(&self.group, Some(&partitions))
-            .await
-        {
-            Ok(committed) => committed,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(group = %self.group, %error, "cannot fetch committed offsets; will retry");
-                return Ok(());
+        // An assignment may hold more partitions than one lookup carries.
+        let mut committed = Vec::new();
+        for chunk in partitions.chunks(OFFSETS_PER_REQUEST_MAX) {
+            match self.client.fetch_offsets(&self.group, Some(chunk)).await {
+                Ok(offsets) => committed.extend(offsets),
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(group = %self.group, %error, "cannot fetch committed offsets; will retry");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
-        };
+        }
         let committed: HashMap<Key, u64> = committed
             .into_iter()
             .map(|offset| {

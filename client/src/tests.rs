@@ -2629,3 +2629,34 @@ async fn stopped_reader_tasks_should_not_accumulate_over_rebalances() {
         consumer.reader_tasks()
     );
 }
+
+/// A member may own up to `ASSIGNED_PARTITIONS_MAX` partitions, more than one offset lookup
+/// carries: the start positions are looked up in several requests.
+#[tokio::test]
+async fn given_more_new_partitions_than_one_offset_lookup_carries_should_read_them_all() {
+    let (client, broker) = start().await;
+    let partitions = crate::OFFSETS_PER_REQUEST_MAX as u32 + 1;
+    client
+        .create_topic("t", TopicConfig::with_partitions(partitions))
+        .await
+        .unwrap();
+    let all: Vec<(&str, u32)> = (0..partitions).map(|partition| ("t", partition)).collect();
+    assign(&broker, "g", &all);
+    append_values(&broker, "t", partitions - 1, &["last"]);
+    // Committed offsets for all, so that the start needs no per-partition ListOffsets.
+    broker
+        .lock()
+        .groups
+        .get_mut("g")
+        .unwrap()
+        .commits
+        .extend((0..partitions).map(|partition| (("t".to_owned(), partition), 0)));
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let record = bounded(consumer.recv()).await.expect("consumer running");
+    let record = record.expect("a record, not the member's failure");
+    assert_eq!((record.partition, record.offset), (partitions - 1, 0));
+    assert_eq!(consumer.assignment().len(), partitions as usize);
+}
