@@ -556,3 +556,42 @@ async fn cli_group_consume_should_commit_what_it_printed_and_reset_offsets_shoul
     let usage = syncline(&broker, &["group", "reset-offsets", "cg", "--topic", "t"]);
     assert_eq!(usage.status.code(), Some(2));
 }
+
+/// A record the command took but could not print (stdout closed: `| head`, a dead pipe) must
+/// not be committed, or the group's next run skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_group_consume_should_not_commit_a_record_it_failed_to_print() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(dir.path(), BROKER_FLAGS);
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    produce_keyed(&client, "t", 5, 5, 0).await;
+    let mut child = Command::new(binary("syncline"))
+        .args(["--broker", &broker.addr])
+        .args([
+            "consume",
+            "t",
+            "--group",
+            "dead-pipe",
+            "--timeout-ms",
+            "1500",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run syncline");
+    // Close the reading end: the first write fails with a broken pipe.
+    drop(child.stdout.take());
+    // A reader that went away is not a failure (`| head`), but what it did not get stays
+    // uncommitted.
+    let output = child.wait_with_output().unwrap();
+    assert_success(&output);
+    let committed = client.fetch_offsets("dead-pipe", None).await.unwrap();
+    assert!(
+        committed.iter().all(|offset| offset.offset == 0),
+        "nothing was printed, nothing may be committed: {committed:?}"
+    );
+}

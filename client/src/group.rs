@@ -25,9 +25,11 @@
 //!
 //! # Delivery
 //!
-//! At least once. A record counts as processed once [`GroupConsumer::recv`] has handed it out:
-//! commits cover every record handed out so far, so process a record before asking for the
-//! next one (or turn auto-commit off and [`GroupConsumer::commit`] after processing). Records of
+//! At least once. A record counts as processed once the application asks for the next one
+//! ([`GroupConsumer::recv`]), commits ([`GroupConsumer::commit`]) or closes: background commits
+//! (auto-commit, revocation) cover every record handed out before the one the application
+//! still holds, so a crash while processing it does not skip it; `commit` and `close` cover
+//! every record handed out. So process a record before asking for the next one. Records of
 //! one partition come in offset order, so records with one key keep their order within a
 //! member; after a partition moves, its new owner starts at the last commit and may see again
 //! records the old owner processed after it.
@@ -295,6 +297,12 @@ struct Buffer {
     /// partition in `owned` (revocation removes both under one lock).
     queue: VecDeque<Result<ConsumerRecord>>,
     owned: HashMap<Key, Owned>,
+    /// The last record handed out while the application may still be processing it (it has
+    /// not called `recv`, `commit` or `close` since): its partition, ownership token and
+    /// offset. Background commits (auto-commit, revocation) stop before it, since a crash
+    /// while processing it must not skip it; asking for the next record, `commit` or `close`
+    /// says it is done.
+    in_hand: Option<(Key, u64, u64)>,
     member_id: String,
     /// The background task has ended: `recv` returns `None` once the queue is empty.
     closed: bool,
@@ -308,6 +316,22 @@ struct Shared {
     /// Signalled (all waiters) when the queue shrinks.
     space_ready: Notify,
     records_max: usize,
+    /// Reader tasks the background task still keeps (finished ones included), for tests.
+    #[cfg(test)]
+    reader_tasks: std::sync::atomic::AtomicUsize,
+}
+
+impl Buffer {
+    /// What a background commit of `key` may store: the position after the records handed
+    /// out, but not past the record the application still holds.
+    fn committable(&self, key: &Key, owned: &Owned) -> u64 {
+        match &self.in_hand {
+            Some((held, token, offset)) if held == key && *token == owned.token => {
+                owned.processed.min(*offset)
+            }
+            _ => owned.processed,
+        }
+    }
 }
 
 impl Shared {
@@ -357,7 +381,7 @@ impl Shared {
         let mut released = Vec::new();
         for key in keys {
             if let Some(owned) = buffer.owned.remove(key) {
-                released.push((key.clone(), owned.processed));
+                released.push((key.clone(), buffer.committable(key, &owned)));
             }
         }
         let before = buffer.queue.len();
@@ -446,6 +470,8 @@ impl GroupConsumer {
             records_ready: Notify::new(),
             space_ready: Notify::new(),
             records_max: config.buffered_records_max,
+            #[cfg(test)]
+            reader_tasks: std::sync::atomic::AtomicUsize::new(0),
         });
         let (events, first_events) = broadcast::channel(config.events_buffered_max);
         let (command_sender, commands) = mpsc::channel(16);
@@ -527,6 +553,8 @@ impl GroupConsumer {
     /// offset under it) or the member's (a coordinator error that joining again cannot fix);
     /// `None` once the consumer has stopped. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Result<ConsumerRecord>> {
+        // Asking for the next record says the one handed out before is processed.
+        self.shared.lock().in_hand = None;
         loop {
             {
                 let mut buffer = self.shared.lock();
@@ -537,6 +565,8 @@ impl GroupConsumer {
                         if let Some(owned) = buffer.owned.get_mut(&key) {
                             debug_assert!(record.offset >= owned.processed);
                             owned.processed = record.offset.saturating_add(1);
+                            let token = owned.token;
+                            buffer.in_hand = Some((key, token, record.offset));
                         }
                     }
                     drop(buffer);
@@ -568,6 +598,8 @@ impl GroupConsumer {
     /// Commits the position after the last record handed out of every partition this member
     /// reads, and waits for the broker's answer. Partitions without new records are left out.
     pub async fn commit(&self) -> Result<()> {
+        // Committing says every record handed out is processed, the last one too.
+        self.shared.lock().in_hand = None;
         self.ask(Command::Commit).await
     }
 
@@ -575,6 +607,7 @@ impl GroupConsumer {
     /// to the other members at once). Records still buffered are dropped. Returns the commit's
     /// error if it failed (the member leaves anyway).
     pub async fn close(mut self) -> Result<()> {
+        self.shared.lock().in_hand = None;
         let result = self.ask(Command::Close).await;
         // The task ends by itself after answering.
         let _ = (&mut self.task).await;
@@ -584,6 +617,13 @@ impl GroupConsumer {
     /// Stops at once without committing or leaving, as a crash would (the same as dropping).
     pub fn abort(self) {
         self.shared.close();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn reader_tasks(&self) -> usize {
+        self.shared
+            .reader_tasks
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -640,6 +680,13 @@ impl Member {
         let auto_commit = self.config.auto_commit_interval;
         let mut next_auto_commit = auto_commit.map(|interval| Instant::now() + interval);
         loop {
+            // Stopped readers (revoked, lost, failed) stay in the set until reaped: without
+            // this each rebalance would keep their tasks' memory for good.
+            while self.tasks.try_join_next().is_some() {}
+            #[cfg(test)]
+            self.shared
+                .reader_tasks
+                .store(self.tasks.len(), std::sync::atomic::Ordering::Relaxed);
             let auto_commit_at = next_auto_commit;
             tokio::select! {
                 () = tokio::time::sleep_until(next_heartbeat) => {
@@ -900,18 +947,18 @@ impl Member {
     /// next heartbeat tries again.
     async fn start_reading(&mut self, added: Vec<Key>) -> Result<()> {
         let partitions: Vec<TopicPartition> = added.iter().map(partition_of).collect();
-        let committed = match self
-            .client
-            .fetch_offsets(&self.group, Some(&partitions))
-            .await
-        {
-            Ok(committed) => committed,
-            Err(error) if error.is_transient() => {
-                tracing::warn!(group = %self.group, %error, "cannot fetch committed offsets; will retry");
-                return Ok(());
+        // An assignment may hold more partitions than one lookup carries.
+        let mut committed = Vec::new();
+        for chunk in partitions.chunks(OFFSETS_PER_REQUEST_MAX) {
+            match self.client.fetch_offsets(&self.group, Some(chunk)).await {
+                Ok(offsets) => committed.extend(offsets),
+                Err(error) if error.is_transient() => {
+                    tracing::warn!(group = %self.group, %error, "cannot fetch committed offsets; will retry");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
             }
-            Err(error) => return Err(error),
-        };
+        }
         let committed: HashMap<Key, u64> = committed
             .into_iter()
             .map(|offset| {
@@ -1021,11 +1068,12 @@ impl Member {
                 .iter()
                 .filter_map(|(key, reader)| {
                     let owned = buffer.owned.get(key)?;
-                    (owned.token == reader.token && owned.processed > reader.committed).then(|| {
+                    let offset = buffer.committable(key, owned);
+                    (owned.token == reader.token && offset > reader.committed).then(|| {
                         v1::OffsetCommit {
                             topic: key.0.to_string(),
                             partition: key.1,
-                            offset: owned.processed,
+                            offset,
                             metadata: String::new(),
                         }
                     })

@@ -2411,8 +2411,11 @@ async fn given_revoked_partition_its_buffered_records_should_not_be_handed_out()
         more.is_err(),
         "nothing handed out after revocation: {more:?}"
     );
-    // The commit covers exactly the record handed out.
-    assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 1);
+    // Record 0 was still held (no `recv` after it): no commit covers it, so its next owner
+    // reads it again.
+    assert!(!broker.lock().groups["g"]
+        .commits
+        .contains_key(&("t".to_owned(), 0)));
     assert!(consumer.assignment().is_empty());
 }
 
@@ -2433,9 +2436,10 @@ async fn auto_commit_should_commit_handed_out_records_and_close_should_commit_th
     for _ in 0..2 {
         next_group_record(&mut consumer).await;
     }
+    // Record 1 is still held: the auto-commit covers record 0 only.
     wait_for_calls(&broker, |calls| {
         calls.iter().any(|call| {
-            matches!(call, GroupCall::Commit { offsets, .. } if offsets == &[("t".to_owned(), 0, 2)])
+            matches!(call, GroupCall::Commit { offsets, .. } if offsets == &[("t".to_owned(), 0, 1)])
         })
     })
     .await;
@@ -2514,4 +2518,145 @@ async fn standalone_commit_and_fetch_offsets_should_round_trip() {
         .unwrap();
     assert_eq!(one.len(), 1);
     assert_eq!(one[0].offset, 7);
+}
+
+/// The record the application holds (handed out, the next `recv` not yet called) may still be
+/// in processing: a background commit (auto-commit, revocation) covering it would skip it if
+/// the application crashed before finishing it.
+#[tokio::test]
+async fn background_commits_should_not_cover_the_record_the_application_still_holds() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let config = crate::GroupConsumerConfig {
+        auto_commit_interval: Some(Duration::from_millis(20)),
+        ..manual_commits()
+    };
+    let mut consumer = client.group_consumer("g", &["t"], config).await.unwrap();
+    let mut events = consumer.events();
+    assert_eq!(next_group_record(&mut consumer).await.2, 0);
+    assert_eq!(next_group_record(&mut consumer).await.2, 1);
+    // Asking for record 1 said record 0 is done: auto-commit may store 1, never 2 while record
+    // 1 is still held.
+    wait_for_calls(&broker, |calls| {
+        calls.iter().any(|call| {
+            matches!(call, GroupCall::Commit { offsets, .. } if offsets == &[("t".to_owned(), 0, 1)])
+        })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The revocation commit must not cover it either.
+    assign(&broker, "g", &[]);
+    loop {
+        if let crate::GroupEvent::Revoked(_) = next_event(&mut events).await {
+            break;
+        }
+    }
+    let calls = group_calls(&broker);
+    assert!(
+        !calls
+            .iter()
+            .any(|call| matches!(call, GroupCall::Commit { offsets, .. }
+            if offsets.iter().any(|offset| offset.2 > 1))),
+        "a commit covered the record still held: {calls:?}"
+    );
+    assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 1);
+}
+
+/// Waiting in `recv` means the application is done with what it held: an idle member's
+/// commits cover everything it was handed (no duplicate for its next owner).
+#[tokio::test]
+async fn given_application_waiting_in_recv_background_commits_should_cover_every_record() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    assert_eq!(next_group_record(&mut consumer).await.2, 0);
+    assert_eq!(next_group_record(&mut consumer).await.2, 1);
+    let waiting = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+    assert!(waiting.is_err(), "no third record");
+    assign(&broker, "g", &[]);
+    loop {
+        if let crate::GroupEvent::Revoked(_) = next_event(&mut events).await {
+            break;
+        }
+    }
+    assert_eq!(broker.lock().groups["g"].commits[&("t".to_owned(), 0)], 2);
+}
+
+/// Every revocation stops a reader task; a long-lived member must not keep them all.
+#[tokio::test]
+async fn stopped_reader_tasks_should_not_accumulate_over_rebalances() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a"]);
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let mut events = consumer.events();
+    // Rebalances of partition 0 away and back.
+    const REBALANCES: usize = 20;
+    for _ in 0..REBALANCES {
+        assign(&broker, "g", &[("t", 0)]);
+        while !matches!(
+            next_event(&mut events).await,
+            crate::GroupEvent::Assigned(_)
+        ) {}
+        assign(&broker, "g", &[]);
+        while !matches!(next_event(&mut events).await, crate::GroupEvent::Revoked(_)) {}
+    }
+    // Give the loop a few turns (heartbeats) to reap.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        consumer.reader_tasks() <= 1,
+        "{} reader tasks kept after {REBALANCES} revocations",
+        consumer.reader_tasks()
+    );
+}
+
+/// A member may own up to `ASSIGNED_PARTITIONS_MAX` partitions, more than one offset lookup
+/// carries: the start positions are looked up in several requests.
+#[tokio::test]
+async fn given_more_new_partitions_than_one_offset_lookup_carries_should_read_them_all() {
+    let (client, broker) = start().await;
+    let partitions = crate::OFFSETS_PER_REQUEST_MAX as u32 + 1;
+    client
+        .create_topic("t", TopicConfig::with_partitions(partitions))
+        .await
+        .unwrap();
+    let all: Vec<(&str, u32)> = (0..partitions).map(|partition| ("t", partition)).collect();
+    assign(&broker, "g", &all);
+    append_values(&broker, "t", partitions - 1, &["last"]);
+    // Committed offsets for all, so that the start needs no per-partition ListOffsets.
+    broker
+        .lock()
+        .groups
+        .get_mut("g")
+        .unwrap()
+        .commits
+        .extend((0..partitions).map(|partition| (("t".to_owned(), partition), 0)));
+    let mut consumer = client
+        .group_consumer("g", &["t"], manual_commits())
+        .await
+        .unwrap();
+    let record = bounded(consumer.recv()).await.expect("consumer running");
+    let record = record.expect("a record, not the member's failure");
+    assert_eq!((record.partition, record.offset), (partitions - 1, 0));
+    assert_eq!(consumer.assignment().len(), partitions as usize);
 }

@@ -732,7 +732,11 @@ async fn consume_group(client: &Client, group: &str, args: ConsumeArgs) -> anyho
                 };
                 // Flushed before the next record is taken: whatever a commit covers is out.
                 if let Err(error) = written.and_then(|()| stdout.flush()) {
-                    break Err(error.into());
+                    // This record was taken but not printed, and `close` (like `commit`)
+                    // would cover it: stop without committing (as a crash; at least once,
+                    // the printed ones after the last commit come again).
+                    consumer.abort();
+                    return Err(error.into());
                 }
                 printed += 1;
                 idle_since = tokio::time::Instant::now();
