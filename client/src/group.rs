@@ -94,6 +94,9 @@ const AUTO_COMMIT_INTERVAL_MIN: Duration = Duration::from_millis(10);
 const READER_RETRY_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// [`GroupConsumer`] settings. The defaults: broker-default session (10 s), auto-commit every
+/// Start-offset lookups (ListOffsets) in flight while a new assignment is taken on.
+const RESET_LOOKUPS_IN_FLIGHT: usize = 32;
+
 /// 5 s, earliest start without a commit, 10 000 records buffered.
 #[derive(Debug, Clone)]
 pub struct GroupConsumerConfig {
@@ -968,11 +971,30 @@ impl Member {
                 )
             })
             .collect();
+        // Start offsets of partitions without a commit, looked up concurrently: a big
+        // assignment must not hold the heartbeat for one round trip per partition.
+        let missing: Vec<Key> = added
+            .iter()
+            .filter(|key| !committed.contains_key(*key))
+            .cloned()
+            .collect();
+        let mut resets: HashMap<Key, Result<Option<u64>>> = {
+            use futures::stream::StreamExt as _;
+            let this = &*self;
+            futures::stream::iter(missing)
+                .map(|key| async move {
+                    let start = this.reset_position(&key).await;
+                    (key, start)
+                })
+                .buffer_unordered(RESET_LOOKUPS_IN_FLIGHT)
+                .collect()
+                .await
+        };
         let mut started = Vec::new();
         for key in added {
             let start = match committed.get(&key) {
                 Some(&offset) => Some(offset),
-                None => match self.reset_position(&key).await {
+                None => match resets.remove(&key).unwrap_or(Ok(None)) {
                     Ok(start) => start,
                     Err(error) if error.is_transient() => {
                         tracing::warn!(group = %self.group, %error, "cannot look up a start offset; will retry");
