@@ -37,13 +37,19 @@ use memmap2::{Mmap, MmapMut, MmapOptions};
 pub const OFFSET_ENTRY_BYTES: usize = 8;
 /// Width of a time-index entry.
 pub const TIME_ENTRY_BYTES: usize = 12;
-/// Index space is reserved in chunks of this size (a few thousand entries).
-const ALLOCATE_CHUNK_BYTES: u64 = 64 * 1024;
+/// A writable index file grows in chunks of this size (hundreds of entries: one chunk covers
+/// megabytes of log). The file is only as long as its chunks, so opening a broker with
+/// thousands of partitions reads (and keeps resident) a page or two per index, not the whole
+/// capacity.
+const ALLOCATE_CHUNK_BYTES: u64 = 8 * 1024;
 
 enum Mapping {
     Writable {
+        /// Mapped for the whole capacity; only `[0, allocated)` is inside the file and ever
+        /// touched (pages past the end of a file must not be accessed).
         map: MmapMut,
         file: File,
+        /// The file's length: the end of the space reserved so far.
         allocated: u64,
     },
     Sealed(Mmap),
@@ -79,20 +85,21 @@ impl<const W: usize> IndexFile<W> {
             .truncate(false)
             .open(path)?;
         let size = (capacity * W) as u64;
-        let existing = file.metadata()?.len();
-        if existing != size {
-            // Growing a file that nobody maps yet, or shrinking an unmapped file: both safe.
+        let mut existing = file.metadata()?.len();
+        if existing > size {
+            // Shrinking a file nobody maps yet (older versions sized it to the capacity).
             file.set_len(size)?;
+            existing = size;
         }
-        // SAFETY: the index file is private to this log (guarded by the directory lock) and is
-        // only resized while unmapped.
+        // SAFETY: the index file is private to this log (guarded by the directory lock); it
+        // only grows while mapped, and only `[0, file length)` of the mapping is accessed.
         let map = unsafe { MmapOptions::new().len(size as usize).map_mut(&file)? };
         let mut index = IndexFile {
             path: path.to_path_buf(),
             mapping: Mapping::Writable {
                 map,
                 file,
-                allocated: 0,
+                allocated: existing,
             },
             entries: 0,
             capacity,
@@ -212,8 +219,9 @@ impl<const W: usize> IndexFile<W> {
         let size = (self.capacity * W) as u64;
         let new_allocated = (end + ALLOCATE_CHUNK_BYTES).min(size);
         let len = new_allocated.saturating_sub(*allocated);
-        if len > 0 {
-            fallocate(file, *allocated, len)?;
+        if len > 0 && !fallocate(file, *allocated, len)? {
+            // No fallocate on this file system: grow the file (sparse) instead.
+            file.set_len(new_allocated)?;
         }
         *allocated = new_allocated;
         Ok(())
@@ -234,8 +242,9 @@ impl<const W: usize> IndexFile<W> {
     /// that an unsynced index can hold after a crash. Pages that are already zero (holes) are
     /// only read, so they stay unallocated.
     pub(crate) fn clear_all(&mut self) {
-        if let Mapping::Writable { map, .. } = &mut self.mapping {
-            for page in map.chunks_mut(4096) {
+        if let Mapping::Writable { map, allocated, .. } = &mut self.mapping {
+            let inside = (*allocated as usize).min(map.len());
+            for page in map[..inside].chunks_mut(4096) {
                 if page.iter().any(|b| *b != 0) {
                     page.fill(0);
                 }
@@ -269,9 +278,10 @@ impl<const W: usize> IndexFile<W> {
     }
 }
 
-fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd we own; KEEP_SIZE is unnecessary (the file is already sized)
-    // but mode 0 would be identical here.
+/// Reserves `[offset, offset + len)` and grows the file over it (mode 0). `Ok(false)` when the
+/// file system has no fallocate (the caller then grows the file with `set_len`).
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    // SAFETY: plain syscall on an fd we own.
     let rc = unsafe {
         libc::fallocate(
             file.as_raw_fd(),
@@ -281,11 +291,11 @@ fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
         )
     };
     if rc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let error = io::Error::last_os_error();
     match error.raw_os_error() {
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(()),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
         _ => Err(error),
     }
 }
@@ -325,6 +335,48 @@ pub(crate) fn decode_time_entry(entry: &[u8; TIME_ENTRY_BYTES]) -> (i64, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a writable index was sized to its whole capacity (2-3 MiB for a 1 GiB
+    /// segment) and the crash-recovery rewrite read every page of it, so reopening a broker
+    /// with 1000 partitions kept gigabytes resident. The file now grows with its entries.
+    #[test]
+    fn given_large_capacity_index_should_stay_as_small_as_its_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.index");
+        let capacity = 262_144; // a 1 GiB segment at one entry per 4 KiB
+        let len = |path: &Path| std::fs::metadata(path).unwrap().len();
+        let mut index = OffsetIndex::open_writable(&path, capacity, usize::MAX).unwrap();
+        assert!(len(&path) <= 2 * ALLOCATE_CHUNK_BYTES, "{}", len(&path));
+        index.clear_all();
+        for i in 1..=2000u32 {
+            assert!(index.push(offset_entry(i, i * 4096)));
+        }
+        let used = 2000 * OFFSET_ENTRY_BYTES as u64;
+        assert!(len(&path) >= used && len(&path) <= used + 2 * ALLOCATE_CHUNK_BYTES);
+        drop(index);
+        let mut index = OffsetIndex::open_writable(&path, capacity, usize::MAX).unwrap();
+        assert_eq!(index.len(), 2000);
+        index.clear_all();
+        assert_eq!(index.len(), 0);
+        assert!(
+            len(&path) <= used + 2 * ALLOCATE_CHUNK_BYTES,
+            "clear_all does not grow it"
+        );
+        // An index an older version sized to its capacity still opens, with its entries.
+        drop(index);
+        let old = dir.path().join("old.index");
+        let mut index = OffsetIndex::open_writable(&old, capacity, usize::MAX).unwrap();
+        assert!(index.push(offset_entry(7, 4096)));
+        drop(index);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_len((capacity * OFFSET_ENTRY_BYTES) as u64)
+            .unwrap();
+        let index = OffsetIndex::open_writable(&old, capacity, usize::MAX).unwrap();
+        assert_eq!(index.len(), 1);
+    }
 
     #[test]
     fn given_entries_when_reopened_should_count_them_and_find_floor() {
