@@ -273,6 +273,8 @@ struct Ready {
 struct Sent {
     partition: u32,
     record_count: u32,
+    /// When the first attempt's request was handed to the connection.
+    submitted_at: std::time::Instant,
     waiters: Vec<Waiter>,
     opened_at: std::time::Instant,
     /// Its idempotence fields, when the producer is idempotent.
@@ -298,6 +300,8 @@ struct Shared {
     sequences: Option<Mutex<Sequences>>,
     /// A sent batch was resolved: a partition's window may have room again.
     sequence_resolved: Notify,
+    /// Request -> acknowledgement time of batches acknowledged at their first attempt, µs.
+    batch_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -305,6 +309,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A histogram of 1 µs .. 1 h with 3 significant digits (the bounds are valid constants, so
+/// `None` cannot happen in practice).
+fn new_latency_histogram() -> Option<hdrhistogram::Histogram<u64>> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -350,6 +360,7 @@ impl Producer {
             next_correlation_id: AtomicU64::new(1),
             sequences: identity.map(|identity| Mutex::new(Sequences::new(identity, partitions))),
             sequence_resolved: Notify::new(),
+            batch_latency: Mutex::new(new_latency_histogram()),
             config,
         });
         tokio::spawn(run_dispatcher(shared.clone(), ready_receiver, closing));
@@ -379,6 +390,12 @@ impl Producer {
             .sequences
             .as_ref()
             .map(|sequences| lock(sequences).identity())
+    }
+
+    /// Request -> acknowledgement time of every batch acknowledged at its first attempt so far
+    /// (µs; batches that needed retries are left out), for load tools and diagnostics.
+    pub fn batch_latency(&self) -> Option<hdrhistogram::Histogram<u64>> {
+        lock(&self.handle.shared.batch_latency).clone()
     }
 
     /// Sends one record and waits until it is acknowledged at the configured level. Records
@@ -711,15 +728,17 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
             return;
         }
     };
-    let sent = Sent {
+    let mut sent = Sent {
         partition,
         record_count,
+        submitted_at: std::time::Instant::now(),
         waiters,
         opened_at,
         stamp,
         _ticket: ticket,
     };
     let request = shared.next_request(partition, encoded.clone());
+    sent.submitted_at = std::time::Instant::now();
     let first = shared.submit(request);
     tokio::spawn(deliver(shared.clone(), sent, encoded, first, slot));
 }
@@ -762,7 +781,13 @@ async fn deliver(
         };
         match result {
             Ok(response) => {
-                break acknowledged(&shared.topic, partition, sent.record_count, &response)
+                if attempts == 1 {
+                    let micros = sent.submitted_at.elapsed().as_micros();
+                    if let Some(histogram) = lock(&shared.batch_latency).as_mut() {
+                        histogram.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+                    }
+                }
+                break acknowledged(&shared.topic, partition, sent.record_count, &response);
             }
             Err(error)
                 if error.is_transient()

@@ -69,13 +69,14 @@ not read counts as lost.
 
 Output: progress on stderr (a live bar on a terminal, else a line per second), then a summary \
 on stdout: records/s and MB/s (1 MB = 10^6 bytes of keys and values) for produce and consume, \
-produce latency (send -> ack) and end-to-end latency (send -> consumed) percentiles. Rates are \
+produce latency (send -> ack, per record; and request -> ack, per batch) and end-to-end latency \
+(send -> consumed) percentiles. Rates are \
 over the time from the start of the run to the last acknowledgement or the last record consumed.
 
 With --json stdout holds one object: {\"config\": {...}, \"produce\": {\"records\", \"bytes\", \
 \"elapsed_secs\", \"records_per_sec\", \"mb_per_sec\", \"latency_ms\": {\"p50\", \"p90\", \"p99\", \
-\"p999\", \"max\", \"mean\"}}, \"consume\": {the same keys; end-to-end latency} or null with \
---consumers 0, \"verify\": {\"checked\", \"produced\", \"produce_errors\", \"consumed\", \"lost\", \
+\"p999\", \"max\", \"mean\"}}, \"batch_latency_ms\": {the same percentiles per produce request, \
+request -> ack}, \"consume\": {the same keys; end-to-end latency} or null with --consumers 0, \"verify\": {\"checked\", \"produced\", \"produce_errors\", \"consumed\", \"lost\", \
 \"duplicated\", \"reordered\", \"corrupt\"}}.
 
 Exit status: 0 when every record was acknowledged and read back exactly once, in order and \
@@ -492,6 +493,8 @@ async fn measure(
         consuming.spawn(consume::run(consumer, plan));
     }
     let mut producing = JoinSet::new();
+    // Handles kept to read the producers' per-batch latency after the run.
+    let producer_handles: Vec<Producer> = producers.clone();
     for (id, producer) in producers.into_iter().enumerate() {
         let id = id as u32;
         let plan = ProducerPlan {
@@ -543,6 +546,13 @@ async fn measure(
         _ => Vec::new(),
     };
 
+    let mut batch_latency = latency_histogram();
+    for producer in &producer_handles {
+        if let Some(histogram) = producer.batch_latency() {
+            batch_latency.add(&histogram).ok();
+        }
+    }
+    drop(producer_handles);
     let mut produce_latency = latency_histogram();
     let mut verify = Verification {
         checked: args.consumers > 0,
@@ -615,6 +625,7 @@ async fn measure(
             debug_skip_every: args.debug_skip_every,
         },
         produce,
+        batch_latency_ms: report::Percentiles::of(&batch_latency),
         consume,
         verify,
     };

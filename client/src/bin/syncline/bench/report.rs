@@ -164,6 +164,8 @@ pub struct ReportConfig {
 pub struct Report {
     pub config: ReportConfig,
     pub produce: Throughput,
+    /// Produce request -> acknowledgement, per batch (first attempts), from the producers.
+    pub batch_latency_ms: Percentiles,
     /// Null with `--consumers 0`.
     pub consume: Option<Throughput>,
     pub verify: Verification,
@@ -209,6 +211,13 @@ impl Report {
             );
         };
         direction(&mut out, "produce", "send -> ack", &self.produce);
+        let b = self.batch_latency_ms;
+        let _ = writeln!(
+            out,
+            "  latency per batch, request -> ack (ms): p50 {:.3}  p90 {:.3}  p99 {:.3}  \
+             p99.9 {:.3}  max {:.3}  mean {:.3}",
+            b.p50, b.p90, b.p99, b.p999, b.max, b.mean
+        );
         match &self.consume {
             Some(consume) => direction(&mut out, "consume", "send -> consumed", consume),
             None => out.push_str("consume: none (--consumers 0)\n"),
@@ -306,6 +315,7 @@ mod tests {
         let report = Report {
             config: config(),
             produce: side,
+            batch_latency_ms: Percentiles::default(),
             consume: Some(side),
             verify: Verification {
                 checked: true,
@@ -381,6 +391,7 @@ mod tests {
         let report = Report {
             config: config(),
             produce: side,
+            batch_latency_ms: Percentiles::default(),
             consume: Some(side),
             verify: Verification {
                 checked: true,
