@@ -342,6 +342,12 @@ mod tests {
                 );
             }
         }
+        for key in ["p50", "p90", "p99", "p999", "max", "mean"] {
+            assert!(
+                json["batch_latency_ms"][key].is_number(),
+                "batch_latency_ms.{key}"
+            );
+        }
         for key in [
             "produced",
             "produce_errors",
