@@ -184,9 +184,22 @@ impl<W> Accumulator<W> {
 
     /// Encodes `record` into its partition's open batch (opening one at `now` if needed) and
     /// returns the batches that this sealed.
+    #[cfg(test)]
     pub fn append(&mut self, record: RecordRef<'_>, now: Instant, waiter: W) -> Appended<W> {
         let record_bytes =
             record_size_max(record.key, record.value, record.headers.iter().copied());
+        self.append_sized(record, record_bytes, || now, waiter)
+    }
+
+    /// [`Accumulator::append`] for a caller that already computed `record_size_max` of the
+    /// record; `now` is only read when a batch opens (the hot path reads no clock).
+    pub fn append_sized(
+        &mut self,
+        record: RecordRef<'_>,
+        record_bytes: usize,
+        now: impl FnOnce() -> Instant,
+        waiter: W,
+    ) -> Appended<W> {
         let mut sealed = Vec::new();
         let mut partition = self.choose_partition(record.key);
         if self.would_overflow(partition, record_bytes) {
@@ -202,15 +215,19 @@ impl<W> Accumulator<W> {
         let linger = self.linger;
         let slot = &mut self.open[partition as usize];
         let mut opened = slot.is_none();
-        let batch = slot.get_or_insert_with(|| OpenBatch {
-            // Room for the header and this record, or a modest start that grows.
-            builder: BatchBuilder::with_capacity(
-                HEADER_LEN
-                    + record_bytes.max(INITIAL_BATCH_CAPACITY_BYTES.min(self.batch_bytes_max)),
-            ),
-            waiters: Vec::new(),
-            opened_at: now,
-            deadline: now + linger,
+        let batch_bytes_max = self.batch_bytes_max;
+        let batch = slot.get_or_insert_with(|| {
+            let now = now();
+            OpenBatch {
+                // Room for the header and this record, or a modest start that grows.
+                builder: BatchBuilder::with_capacity(
+                    HEADER_LEN
+                        + record_bytes.max(INITIAL_BATCH_CAPACITY_BYTES.min(batch_bytes_max)),
+                ),
+                waiters: Vec::new(),
+                opened_at: now,
+                deadline: now + linger,
+            }
         });
         batch
             .builder

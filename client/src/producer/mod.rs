@@ -469,7 +469,12 @@ impl Producer {
         };
         let partition = {
             let mut accumulator = lock(&shared.accumulator);
-            let appended = accumulator.append(record, Instant::now().into_std(), waiter);
+            let appended = accumulator.append_sized(
+                record,
+                size,
+                || Instant::now().into_std(),
+                waiter,
+            );
             shared.push_ready(appended.sealed);
             if appended.opened {
                 shared.batch_opened.notify_one();
