@@ -258,7 +258,9 @@ struct Handle {
 struct Waiter {
     reply: oneshot::Sender<Result<Delivery>>,
     timestamp: i64,
-    _budget: OwnedSemaphorePermit,
+    /// The record's share of the memory budget; merged into one permit per batch when the
+    /// batch is dispatched, so the budget is returned once per batch, not once per record.
+    budget: Option<OwnedSemaphorePermit>,
 }
 
 /// A sealed batch with its place in the flush order.
@@ -275,6 +277,8 @@ struct Sent {
     record_count: u32,
     /// When the first attempt's request was handed to the connection.
     submitted_at: std::time::Instant,
+    /// The batch's records' memory budget, returned when the batch is resolved.
+    _budget: Option<OwnedSemaphorePermit>,
     waiters: Vec<Waiter>,
     opened_at: std::time::Instant,
     /// Its idempotence fields, when the producer is idempotent.
@@ -459,7 +463,7 @@ impl Producer {
         let waiter = Waiter {
             reply,
             timestamp,
-            _budget: budget,
+            budget: Some(budget),
         };
         let record = RecordRef {
             timestamp,
@@ -469,12 +473,8 @@ impl Producer {
         };
         let partition = {
             let mut accumulator = lock(&shared.accumulator);
-            let appended = accumulator.append_sized(
-                record,
-                size,
-                || Instant::now().into_std(),
-                waiter,
-            );
+            let appended =
+                accumulator.append_sized(record, size, || Instant::now().into_std(), waiter);
             shared.push_ready(appended.sealed);
             if appended.opened {
                 shared.batch_opened.notify_one();
@@ -691,9 +691,16 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
         partition,
         builder,
         record_count,
-        waiters,
+        mut waiters,
         opened_at,
     } = batch;
+    let mut budget: Option<OwnedSemaphorePermit> = None;
+    for permit in waiters.iter_mut().filter_map(|waiter| waiter.budget.take()) {
+        match &mut budget {
+            Some(merged) => merged.merge(permit),
+            None => budget = Some(permit),
+        }
+    }
     let Ok(slot) = shared.in_flight.clone().acquire_owned().await else {
         fail_all(waiters, &Error::Closed("producer"));
         return;
@@ -737,6 +744,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
         partition,
         record_count,
         submitted_at: std::time::Instant::now(),
+        _budget: budget,
         waiters,
         opened_at,
         stamp,
