@@ -85,17 +85,25 @@ trap cleanup EXIT
 
 log() { echo "[compare $(date +%H:%M:%S)] $*" >&2; }
 
-# The machine has 2 cores shared by client and server: wait (up to 2 min) for a quiet moment.
+# The machine has 2 cores shared by client and server: before each run, wait (up to 2 min) until
+# the CPUs were less than 40% busy (of all cores) over the last 2 s. The load average would count
+# our own previous run for a minute; /proc/stat between runs sees only the others.
 quiet() {
-  local load
+  local busy
   for _ in $(seq 1 24); do
-    load=$(cut -d' ' -f1 /proc/loadavg)
-    python3 -c "import sys; sys.exit(0 if float('$load') <= 2.5 else 1)" && return 0
-    log "load average $load > 2.5 (something else is running): waiting 5 s"
+    busy=$(python3 -c '
+import time
+def snap():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+t0, i0 = snap(); time.sleep(2); t1, i1 = snap()
+print(round(100 * (1 - (i1 - i0) / max(t1 - t0, 1))))')
+    [ "$busy" -le 40 ] && return 0
+    log "CPUs ${busy}% busy before a run (something else is running): waiting 5 s"
     sleep 5
   done
-  log "load average still $load: measuring anyway (noted in the results)"
-  echo -e "note\t\t\t\t\t\t\t\t\t\t\t\tload average $load during a run" >> "$RESULTS"
+  log "CPUs still ${busy}% busy: measuring anyway (noted in the results)"
+  echo -e "note\t\t\t\t\t\t\t\t\t\t\t\tCPUs ${busy}% busy by others at the start of a run" >> "$RESULTS"
 }
 
 # One result row: system mode class size partitions direction run rec/s MB/s p50 p99 lat-unit note
@@ -309,7 +317,7 @@ peer_bench() {
   local f=$WORK/$peer.$mode.$size.$run.txt
   quiet
   sync; sleep 1
-  if ! timeout 600 "$PEERS_DIR/$peer.sh" bench "$size" "$count" > "$f" 2>&1; then
+  if ! timeout 600 "$PEERS_DIR/$peer.sh" bench "$size" "$count" > "$f" 2>&1 < /dev/null; then
     log "$peer bench $size $count failed: $(tail -1 "$f")"
   fi
   python3 - "$f" "$peer" "$mode" "$cls" "$size" "$run" >> "$RESULTS" <<'PY'
@@ -398,16 +406,16 @@ for peer in "${PEER_LIST[@]}"; do
   current=""
   while read -r mode cls size count; do
     if [ "$mode" != "$current" ]; then
-      [ -n "$current" ] && "$PEERS_DIR/$peer.sh" stop >/dev/null
+      [ -n "$current" ] && "$PEERS_DIR/$peer.sh" stop > /dev/null < /dev/null
       log "$peer: start $mode"
       PEER_RUNNING=$peer
-      "$PEERS_DIR/$peer.sh" start "$mode" > "$WORK/$peer.$mode.start.log" 2>&1 ||
+      "$PEERS_DIR/$peer.sh" start "$mode" > "$WORK/$peer.$mode.start.log" 2>&1 < /dev/null ||
         { log "$peer start $mode failed"; cat "$WORK/$peer.$mode.start.log" >&2; current=""; continue; }
       current=$mode
     fi
     log "$peer $mode: $size B x $count ($RUNS runs)"
     for run in $(seq 1 "$RUNS"); do peer_bench "$peer" "$mode" "$cls" "$size" "$count" "$run"; done
-  done < <(peer_cases "$peer")
+  done < <(peer_cases "$peer")   # (the peer commands above read /dev/null, not this list)
   "$PEERS_DIR/$peer.sh" stop >/dev/null || true
   PEER_RUNNING=""
 done
