@@ -385,6 +385,24 @@ impl Coordinator {
         Ok(member)
     }
 
+    /// The group of a known member whose epoch is current (NOT_FOUND / FAILED_PRECONDITION
+    /// otherwise).
+    fn checked_group<'a>(
+        groups: &'a mut HashMap<String, Group>,
+        name: &str,
+        member_id: &str,
+        epoch: u32,
+    ) -> Result<&'a mut Group, BrokerError> {
+        let group = groups
+            .get_mut(name)
+            .ok_or_else(|| BrokerError::UnknownMember {
+                group: name.to_string(),
+                member: member_id.to_string(),
+            })?;
+        Self::check_member(name, group, member_id, epoch)?;
+        Ok(group)
+    }
+
     /// A member's heartbeat: releases what it gave up and answers what it may read now.
     pub fn heartbeat(
         &self,
@@ -392,15 +410,9 @@ impl Coordinator {
     ) -> Result<v1::HeartbeatResponse, BrokerError> {
         let now = Instant::now();
         let mut groups = self.groups.lock();
-        let group = groups
-            .get_mut(&request.group)
-            .ok_or_else(|| BrokerError::UnknownMember {
-                group: request.group.clone(),
-                member: request.member_id.clone(),
-            })?;
-        Self::check_member(
+        let group = Self::checked_group(
+            &mut groups,
             &request.group,
-            group,
             &request.member_id,
             request.member_epoch,
         )?;
@@ -434,15 +446,9 @@ impl Coordinator {
     pub fn leave(&self, request: v1::LeaveGroupRequest) -> Result<(), BrokerError> {
         let now = Instant::now();
         let mut groups = self.groups.lock();
-        let group = groups
-            .get_mut(&request.group)
-            .ok_or_else(|| BrokerError::UnknownMember {
-                group: request.group.clone(),
-                member: request.member_id.clone(),
-            })?;
-        Self::check_member(
+        let group = Self::checked_group(
+            &mut groups,
             &request.group,
-            group,
             &request.member_id,
             request.member_epoch,
         )?;
