@@ -139,6 +139,13 @@ pub struct Flags {
     /// long is removed and its partitions move [default: 10000]
     #[arg(long, env = "SYNCLINE_GROUP_SESSION_TIMEOUT_MS", value_name = "MS")]
     pub group_session_timeout_ms: Option<u32>,
+
+    /// Most segment space reserved ahead of written data across all partitions, in bytes.
+    /// Each partition reserves (fallocate) in chunks that start at 64 KiB and double up to
+    /// 16 MiB while it writes fast; past this total, appends reserve only what they write;
+    /// 0 = no reservation ahead [default: 268435456, 256 MiB]
+    #[arg(long, env = "SYNCLINE_PREALLOCATE_BYTES_MAX", value_name = "BYTES")]
+    pub preallocate_bytes_max: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -167,6 +174,7 @@ struct FileConfig {
     group_initial_rebalance_delay_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u32>,
     group_session_timeout_ms: Option<u32>,
+    preallocate_bytes_max: Option<u64>,
 }
 
 /// Defaults for topics created without explicit settings.
@@ -236,6 +244,8 @@ pub struct Config {
     pub group_heartbeat_interval_ms: u32,
     /// Session timeout of members that ask for none.
     pub group_session_timeout_ms: u32,
+    /// Most segment space reserved ahead of written data, across all partitions.
+    pub preallocate_bytes_max: u64,
 }
 
 impl Default for Config {
@@ -270,6 +280,7 @@ impl Default for Config {
             group_initial_rebalance_delay_ms: 3000,
             group_heartbeat_interval_ms: 1000,
             group_session_timeout_ms: 10_000,
+            preallocate_bytes_max: crate::log::preallocate::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -425,6 +436,10 @@ impl Config {
             .group_session_timeout_ms
             .or(file.group_session_timeout_ms)
             .unwrap_or(config.group_session_timeout_ms);
+        config.preallocate_bytes_max = flags
+            .preallocate_bytes_max
+            .or(file.preallocate_bytes_max)
+            .unwrap_or(config.preallocate_bytes_max);
         config.validate()?;
         Ok(config)
     }

@@ -628,9 +628,11 @@ impl Partition {
         self.append_checked(&batch, keys, conditions)
     }
 
-    /// Flushes, writes the clean-shutdown marker and stops the flusher.
-    pub async fn close(&self) {
+    /// Flushes, writes the clean-shutdown marker and stops the flusher. False when the log
+    /// could not be closed cleanly (logged): its next open recovers it by scanning.
+    pub async fn close(&self) -> bool {
         self.checkpoint();
+        let mut clean = true;
         if let Ok(log) = &self.state {
             let log = log.clone();
             let topic = self.topic.clone();
@@ -639,9 +641,11 @@ impl Partition {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
+                    clean = false;
                     tracing::error!(topic = %topic, partition = id, %error, "closing partition log failed")
                 }
                 Err(error) => {
+                    clean = false;
                     tracing::error!(topic = %topic, partition = id, %error, "closing partition log panicked")
                 }
             }
@@ -650,6 +654,7 @@ impl Partition {
         if let Some(flusher) = flusher {
             let _ = flusher.await;
         }
+        clean
     }
 }
 

@@ -6,7 +6,7 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large, disk full | RESOURCE_EXHAUSTED |
+//! | batch or request too large, disk full (ENOSPC anywhere), too few descriptors for a new topic | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
 //! | shutting down, log closed | UNAVAILABLE |
@@ -69,9 +69,16 @@ pub fn to_status(error: BrokerError) -> Status {
         },
         // Like corrupt log data: the client must not retry it forever.
         BrokerError::SnapshotInconsistent { .. } => Status::data_loss(message),
+        // A full disk is the client's to wait out, wherever it struck; the message names the
+        // path.
+        BrokerError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            Status::resource_exhausted(message)
+        }
+        BrokerError::TooFewDescriptors { .. } => Status::resource_exhausted(message),
         BrokerError::Io { .. }
         | BrokerError::DataDirLocked { .. }
-        | BrokerError::DataDirFormat { .. } => Status::internal(message),
+        | BrokerError::DataDirFormat { .. }
+        | BrokerError::UncleanShutdown { .. } => Status::internal(message),
     }
 }
 
