@@ -181,3 +181,12 @@ pub fn scrape(addr: &str) -> String {
     }
     body
 }
+
+/// How many partitions the broker reports fenced (`syncline_partition_fenced`).
+pub fn fenced_partitions(broker: &BrokerProcess) -> usize {
+    let addr = broker.metrics_addr.as_deref().expect("metrics address");
+    scrape(addr)
+        .lines()
+        .filter(|line| line.starts_with("syncline_partition_fenced{") && line.ends_with(" 1"))
+        .count()
+}
