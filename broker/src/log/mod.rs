@@ -3,7 +3,9 @@
 //!
 //! ## On disk (`<dir>` is one partition's directory)
 //! ```text
-//! <dir>/.lock                         flock'd while the log is open (one process per log)
+//! <dir>/.lock                         flock'd while the log is open (one process per log),
+//!                                     unless the caller locks all its logs at once (the
+//!                                     broker locks its data directory: one descriptor less)
 //! <dir>/<base:020>.log                segment: batches as producers encoded them (segment.rs)
 //! <dir>/<base:020>.index              sparse offset -> position index          (index.rs)
 //! <dir>/<base:020>.timeindex          sparse timestamp -> offset index         (index.rs)
@@ -53,7 +55,18 @@
 //! - A failed write or fsync poisons the log: all later appends and syncs fail with
 //!   [`LogError::Poisoned`] until it is reopened. A full disk (`ENOSPC`) while reserving space
 //!   (`fallocate`, before any byte is written) or writing is a clean [`LogError::NoSpace`]:
-//!   the log's end did not move and the next append overwrites any partial bytes.
+//!   the log's end did not move and the next append overwrites any partial bytes; appends
+//!   succeed again by themselves as soon as there is space (no restart). A failed
+//!   reservation keeps no blocks (the file is cut back to its written length).
+//! - Opening needs no free space, so a broker restarting on a full disk serves what it has: a
+//!   recovery point that cannot be rewritten is a warning (the old, lower one stays valid), a
+//!   sealed index that cannot be rebuilt is served detached (reads scan the segment), and an
+//!   active index that cannot grow skips entries (it is sparse). Only appends need space.
+//! - Space is reserved ahead of the writes adaptively, within a broker-wide budget, and given
+//!   back at seal, close and open (`preallocate.rs`; why cutting a mapped segment to its
+//!   written length is safe: `file.rs`).
+//! - Descriptors: the active segment keeps one (appends and fsync go through it); sealed
+//!   segments and every index are served from mappings whose descriptors are closed.
 //! - Files are created, renamed and deleted followed by a directory fsync before anything that
 //!   depends on them is acknowledged.
 

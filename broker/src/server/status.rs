@@ -131,4 +131,25 @@ mod tests {
             "snapshot of partition 2 of topic `t` is inconsistent at offset 41: no record there"
         );
     }
+
+    /// Regression (issue 13, item 6): CreateTopic on a full disk answered INTERNAL.
+    #[test]
+    fn given_no_space_anywhere_should_be_resource_exhausted_naming_the_path() {
+        let full = BrokerError::io(
+            "writing",
+            "/data/~creating-1/topic.toml.tmp",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let status = to_status(full);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status
+            .message()
+            .contains("/data/~creating-1/topic.toml.tmp"));
+        let other = BrokerError::io(
+            "writing",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert_eq!(to_status(other).code(), Code::Internal);
+    }
 }
