@@ -600,6 +600,36 @@ mod tests {
     }
 
     #[test]
+    fn given_preallocate_bytes_max_in_file_or_flag_should_set_the_broker_wide_cap() {
+        assert_eq!(
+            Config::load(Flags::default())
+                .unwrap()
+                .preallocate_bytes_max,
+            256 * 1024 * 1024
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "preallocate_bytes_max = 1048576\n").unwrap();
+        let from_file = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        assert_eq!(
+            Config::load(from_file).unwrap().preallocate_bytes_max,
+            1 << 20
+        );
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--preallocate-bytes-max",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(Config::load(flags).unwrap().preallocate_bytes_max, 0);
+    }
+
+    #[test]
     fn given_bad_values_when_loaded_should_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
