@@ -546,9 +546,10 @@ impl Partition {
     }
 
     /// Writes the state snapshot if anything changed since the last one (and forgets idle
-    /// producers).
+    /// producers); gives back the space an idle log reserved ahead of its writes.
     pub fn checkpoint(&self) {
         let Ok(log) = &self.state else { return };
+        log.release_idle_reservation();
         let mut live = self.live.lock();
         live.producers.expire(now_ms());
         if live.dirty == 0 {

@@ -262,7 +262,10 @@ impl Registry {
             throttle: (config.cleaner_io_bytes_per_sec > 0)
                 .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
             log_options: OpenOptions {
-                preallocation: Arc::new(Preallocation::new(config.preallocate_bytes_max)),
+                preallocation: Arc::new(Preallocation::for_data_dir(
+                    &dir,
+                    config.preallocate_bytes_max,
+                )),
                 lock_dir: false,
                 ..OpenOptions::default()
             },

@@ -1127,6 +1127,18 @@ impl Log {
         }
     }
 
+    /// Gives back what an idle or slow log has reserved ahead of its writes (no new
+    /// reservation for `preallocate::SHRINK_AFTER`). Called periodically by the broker.
+    pub fn release_idle_reservation(&self) {
+        let mut writer = self.writer.lock();
+        if writer.allocated > writer.position
+            && writer.chunk.idle(Instant::now())
+            && self.check_writable().is_ok()
+        {
+            self.release_reservation(&mut writer);
+        }
+    }
+
     fn needs_roll(&self, writer: &Writer, length: u64, last_offset: u64) -> bool {
         let active = &writer.active;
         writer.position + length > self.config.segment_bytes_max

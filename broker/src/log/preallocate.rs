@@ -11,8 +11,11 @@
 //!   big chunks within a second; an idle one holds at most 64 KiB ahead.
 //! - A broker-wide [`Preallocation`] budget caps the bytes reserved but not yet written across
 //!   all logs (`--preallocate-bytes-max`). Past it, appends reserve exactly what the batch needs.
-//! - Unused reservation is given back when a segment is sealed, when the log closes, and when
-//!   it opens after a crash (the file is cut to its written length; see `file.rs` for why that
+//! - Without `--preallocate-bytes-max` the cap is 1/16 of the data directory's file system, at
+//!   most 256 MiB (4 MiB of a 64 MiB disk).
+//! - Unused reservation is given back when a segment is sealed, when the log closes, when the
+//!   log made no new reservation for [`SHRINK_AFTER`] (the broker's periodic checkpoint asks),
+//!   and when it opens after a crash (the file is cut to its written length; see `file.rs` for why that
 //!   is safe while it is mapped). A reservation that fails is released too: nothing is kept
 //!   from a failed `fallocate`.
 
@@ -25,8 +28,11 @@ pub const CHUNK_MIN: u64 = 64 * 1024;
 pub const GROW_WITHIN: Duration = Duration::from_secs(1);
 /// A chunk that took longer than this to fill makes the next one half as large.
 pub const SHRINK_AFTER: Duration = Duration::from_secs(30);
-/// Default of the broker-wide cap (`--preallocate-bytes-max`): 256 MiB.
+/// Largest default of the broker-wide cap (`--preallocate-bytes-max`): 256 MiB.
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// Without an explicit cap, at most this share of the file system is reserved ahead (1/16:
+/// 4 MiB of a 64 MiB disk).
+pub const DEFAULT_SHARE_DIVISOR: u64 = 16;
 
 /// The broker-wide count of bytes reserved ahead of written data, with its cap. Shared by every
 /// log through `OpenOptions`.
@@ -49,6 +55,18 @@ impl Preallocation {
             limit,
             reserved: AtomicU64::new(0),
         }
+    }
+
+    /// The cap `explicit` when set; otherwise 1/16 of the file system holding `dir`, at most
+    /// [`DEFAULT_MAX_BYTES`] (that alone when the size cannot be read).
+    pub fn for_data_dir(dir: &std::path::Path, explicit: Option<u64>) -> Self {
+        let limit = explicit.unwrap_or_else(|| {
+            filesystem_bytes(dir).map_or(DEFAULT_MAX_BYTES, |size| {
+                (size / DEFAULT_SHARE_DIVISOR).min(DEFAULT_MAX_BYTES)
+            })
+        });
+        tracing::info!(dir = %dir.display(), limit, "segment preallocation cap");
+        Self::new(limit)
     }
 
     /// Bytes reserved ahead of written data right now (the `syncline_preallocated_bytes`
@@ -94,6 +112,19 @@ impl Preallocation {
     }
 }
 
+/// Size of the file system holding `dir` (`statvfs`).
+fn filesystem_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statvfs` is plain data, valid when zeroed.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a pointer to a local struct.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_blocks.saturating_mul(stat.f_frsize))
+}
+
 /// One log's chunk size, adapted to how fast its chunks fill.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChunkSize {
@@ -126,6 +157,22 @@ impl ChunkSize {
         self.chunk = self.chunk.clamp(min, max);
         self.last_reservation = Some(now);
         self.chunk
+    }
+
+    /// A chunk size whose last reservation was at `at` (tests).
+    #[cfg(test)]
+    pub(crate) fn reserved_at(at: Instant) -> Self {
+        Self {
+            chunk: CHUNK_MIN,
+            last_reservation: Some(at),
+        }
+    }
+
+    /// True when the last reservation is older than [`SHRINK_AFTER`]: what is still reserved
+    /// ahead of such a slow or idle log goes back.
+    pub(crate) fn idle(&self, now: Instant) -> bool {
+        self.last_reservation
+            .is_some_and(|last| now.saturating_duration_since(last) > SHRINK_AFTER)
     }
 }
 
@@ -167,5 +214,17 @@ mod tests {
         assert_eq!(budget.take(70), 50);
         budget.give_back(1000);
         assert_eq!(budget.reserved(), 0, "never below zero");
+    }
+
+    #[test]
+    fn given_no_explicit_cap_should_take_a_sixteenth_of_the_file_system_at_most_256_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Preallocation::for_data_dir(dir.path(), Some(7)).limit(), 7);
+        let size = filesystem_bytes(dir.path()).unwrap();
+        assert!(size > 0);
+        assert_eq!(
+            Preallocation::for_data_dir(dir.path(), None).limit(),
+            (size / 16).min(DEFAULT_MAX_BYTES)
+        );
     }
 }

@@ -1153,3 +1153,26 @@ fn given_caller_holding_the_lock_when_opened_should_take_no_lock_file() {
         Err(LogError::Locked { .. })
     ));
 }
+
+#[test]
+fn given_idle_log_when_asked_should_give_its_reservation_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Arc::new(Preallocation::new(u64::MAX));
+    let options = OpenOptions {
+        preallocation: budget.clone(),
+        ..Default::default()
+    };
+    let log = Log::open_with(dir.path(), small_config(), options).unwrap();
+    log.append(&make_batch(1, 10, 1, 1)).unwrap();
+    log.release_idle_reservation();
+    assert!(budget.reserved() > 0, "a log that just reserved keeps it");
+    let Some(long_ago) = Instant::now().checked_sub(preallocate::SHRINK_AFTER * 2) else {
+        return; // the monotonic clock started less than a minute ago
+    };
+    log.writer.lock().chunk = preallocate::ChunkSize::reserved_at(long_ago);
+    log.release_idle_reservation();
+    assert_eq!(budget.reserved(), 0, "an idle log gives it back");
+    let segment = SegmentName::appended(0).log(dir.path());
+    assert_eq!(blocks_past_end(&segment), 0);
+    assert_eq!(log.append(&make_batch(1, 10, 1, 2)).unwrap().base_offset, 1);
+}
