@@ -1213,6 +1213,9 @@ impl Log {
                 true
             }
             Err(error) => {
+                // Retried at the next interval, not at every group commit (a full disk would
+                // log this at every fsync).
+                last.1 = Instant::now();
                 tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point");
                 false
             }
