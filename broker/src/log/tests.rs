@@ -1080,15 +1080,23 @@ fn given_shared_budget_when_logs_append_should_cap_reservations_and_give_them_ba
     );
 }
 
-#[test]
-fn given_roll_when_segment_sealed_should_give_its_reservation_back() {
-    let dir = tempfile::tempdir().unwrap();
+/// A log with `small_config` and a preallocation budget of its own, without a cap.
+fn log_with_own_budget(dir: &Path) -> (Log, Arc<Preallocation>) {
     let budget = Arc::new(Preallocation::new(u64::MAX));
     let options = OpenOptions {
         preallocation: budget.clone(),
         ..Default::default()
     };
-    let log = Log::open_with(dir.path(), small_config(), options).unwrap();
+    (
+        Log::open_with(dir, small_config(), options).unwrap(),
+        budget,
+    )
+}
+
+#[test]
+fn given_roll_when_segment_sealed_should_give_its_reservation_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, budget) = log_with_own_budget(dir.path());
     while log.info().segments < 2 {
         log.append(&make_batch(4, 1000, 1, 1)).unwrap();
     }
@@ -1157,12 +1165,7 @@ fn given_caller_holding_the_lock_when_opened_should_take_no_lock_file() {
 #[test]
 fn given_idle_log_when_asked_should_give_its_reservation_back() {
     let dir = tempfile::tempdir().unwrap();
-    let budget = Arc::new(Preallocation::new(u64::MAX));
-    let options = OpenOptions {
-        preallocation: budget.clone(),
-        ..Default::default()
-    };
-    let log = Log::open_with(dir.path(), small_config(), options).unwrap();
+    let (log, budget) = log_with_own_budget(dir.path());
     log.append(&make_batch(1, 10, 1, 1)).unwrap();
     log.release_idle_reservation();
     assert!(budget.reserved() > 0, "a log that just reserved keeps it");
