@@ -139,6 +139,14 @@ pub struct Flags {
     /// long is removed and its partitions move [default: 10000]
     #[arg(long, env = "SYNCLINE_GROUP_SESSION_TIMEOUT_MS", value_name = "MS")]
     pub group_session_timeout_ms: Option<u32>,
+
+    /// Most segment space reserved ahead of written data across all partitions, in bytes.
+    /// Each partition reserves (fallocate) in chunks that start at 64 KiB and double up to
+    /// 16 MiB while it writes fast; past this total, appends reserve only what they write;
+    /// 0 = no reservation ahead [default: 1/16 of the data directory's file system, at most
+    /// 268435456 (256 MiB)]
+    #[arg(long, env = "SYNCLINE_PREALLOCATE_BYTES_MAX", value_name = "BYTES")]
+    pub preallocate_bytes_max: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -167,6 +175,7 @@ struct FileConfig {
     group_initial_rebalance_delay_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u32>,
     group_session_timeout_ms: Option<u32>,
+    preallocate_bytes_max: Option<u64>,
 }
 
 /// Defaults for topics created without explicit settings.
@@ -236,6 +245,9 @@ pub struct Config {
     pub group_heartbeat_interval_ms: u32,
     /// Session timeout of members that ask for none.
     pub group_session_timeout_ms: u32,
+    /// Most segment space reserved ahead of written data, across all partitions (None: 1/16
+    /// of the data directory's file system, at most 256 MiB).
+    pub preallocate_bytes_max: Option<u64>,
 }
 
 impl Default for Config {
@@ -270,6 +282,7 @@ impl Default for Config {
             group_initial_rebalance_delay_ms: 3000,
             group_heartbeat_interval_ms: 1000,
             group_session_timeout_ms: 10_000,
+            preallocate_bytes_max: None,
         }
     }
 }
@@ -425,6 +438,7 @@ impl Config {
             .group_session_timeout_ms
             .or(file.group_session_timeout_ms)
             .unwrap_or(config.group_session_timeout_ms);
+        config.preallocate_bytes_max = flags.preallocate_bytes_max.or(file.preallocate_bytes_max);
         config.validate()?;
         Ok(config)
     }
@@ -582,6 +596,30 @@ mod tests {
         let flags =
             Flags::try_parse_from(["syncline-broker", "--segment-bytes", "2097152"]).unwrap();
         assert_eq!(flags.segment_bytes, Some(2_097_152));
+    }
+
+    #[test]
+    fn given_preallocate_bytes_max_in_file_or_flag_should_set_the_broker_wide_cap() {
+        let default = Config::load(Flags::default()).unwrap();
+        assert_eq!(default.preallocate_bytes_max, None, "sized at start");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "preallocate_bytes_max = 1048576\n").unwrap();
+        let from_file = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
+        let config = Config::load(from_file).unwrap();
+        assert_eq!(config.preallocate_bytes_max, Some(1 << 20));
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--preallocate-bytes-max",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(Config::load(flags).unwrap().preallocate_bytes_max, Some(0));
     }
 
     #[test]

@@ -202,6 +202,23 @@ pub enum BrokerError {
         /// What this version writes.
         expected: String,
     },
+    /// The open-file limit is too low for the partitions (and connections) to be served.
+    #[error("{partitions} partitions need about {needed} file descriptors but the limit (ulimit -n) is {limit}; raise it with `ulimit -n` (or LimitNOFILE= in a systemd unit)")]
+    TooFewDescriptors {
+        /// Partitions (existing, plus any being created).
+        partitions: u64,
+        /// Descriptors they need with the connections and a margin (`descriptor_budget`).
+        needed: u64,
+        /// The soft RLIMIT_NOFILE after raising it to the hard limit.
+        limit: u64,
+    },
+    /// Shutdown could not close every log cleanly (its data is safe, but the next start
+    /// recovers it by scanning).
+    #[error("{logs} partition log(s) could not be closed cleanly (see the errors above); the next start recovers them")]
+    UncleanShutdown {
+        /// How many logs failed to close.
+        logs: usize,
+    },
 }
 
 impl BrokerError {

@@ -8,11 +8,13 @@
 //! - [`group`]: the consumer group coordinator and the committed-offset store (`__offsets`).
 //! - [`server`]: the tonic services, request validation and the error -> status mapping.
 //! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
+//! - [`descriptors`]: file descriptors a broker needs and the open-file limit check.
 //! - [`metrics`]: Prometheus metric names, the recorder and the `/metrics` endpoint.
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod config;
+pub mod descriptors;
 pub mod error;
 pub mod group;
 pub mod log;

@@ -5,23 +5,6 @@ use syncline_broker::config::{Config, Flags};
 use syncline_broker::server::Broker;
 use tracing_subscriber::EnvFilter;
 
-/// Raises the soft open-file limit to the hard limit: every sealed segment keeps a mapping and
-/// every active one a descriptor.
-fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let term = async {
@@ -58,7 +41,8 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
-    raise_open_file_limit();
+    // Partitions hold a descriptor each; the registry checks they fit when it opens them.
+    syncline_broker::descriptors::raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

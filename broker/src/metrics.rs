@@ -23,6 +23,7 @@
 //! | `syncline_partition_size_bytes` | gauge | topic, partition | bytes in segments |
 //! | `syncline_partition_segments` | gauge | topic, partition | segment files |
 //! | `syncline_partition_fenced` | gauge | topic, partition | 1 when the partition is fenced |
+//! | `syncline_preallocated_bytes` | gauge | | segment space reserved ahead of written data, all partitions (capped by `--preallocate-bytes-max`) |
 //!
 //! Consumer-group lag joins this table with consumer groups.
 
@@ -63,6 +64,8 @@ pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_tota
 pub const OFFSET_COMMITS_TOTAL: &str = "syncline_offset_commits_total";
 /// Counter: group members removed because their session expired.
 pub const GROUP_SESSIONS_EXPIRED_TOTAL: &str = "syncline_group_sessions_expired_total";
+/// Gauge: segment space reserved ahead of written data across all partitions.
+pub const PREALLOCATED_BYTES: &str = "syncline_preallocated_bytes";
 /// Counter: compaction passes committed.
 pub const COMPACTION_RUNS_TOTAL: &str = "syncline_compaction_runs_total";
 /// Counter: bytes of segments compaction read and rewrote.
@@ -266,6 +269,13 @@ pub fn render(
             }
         }
     }
+    let name = PREALLOCATED_BYTES;
+    let _ = writeln!(
+        out,
+        "# HELP {name} Segment space reserved (fallocate) ahead of written data, all partitions"
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    let _ = writeln!(out, "{name} {}", registry.preallocated_bytes());
     let name = "syncline_partition_dirty_ratio";
     let _ = writeln!(
         out,

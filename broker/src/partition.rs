@@ -546,9 +546,10 @@ impl Partition {
     }
 
     /// Writes the state snapshot if anything changed since the last one (and forgets idle
-    /// producers).
+    /// producers); gives back the space an idle log reserved ahead of its writes.
     pub fn checkpoint(&self) {
         let Ok(log) = &self.state else { return };
+        log.release_idle_reservation();
         let mut live = self.live.lock();
         live.producers.expire(now_ms());
         if live.dirty == 0 {
@@ -628,9 +629,11 @@ impl Partition {
         self.append_checked(&batch, keys, conditions)
     }
 
-    /// Flushes, writes the clean-shutdown marker and stops the flusher.
-    pub async fn close(&self) {
+    /// Flushes, writes the clean-shutdown marker and stops the flusher. False when the log
+    /// could not be closed cleanly (logged): its next open recovers it by scanning.
+    pub async fn close(&self) -> bool {
         self.checkpoint();
+        let mut clean = true;
         if let Ok(log) = &self.state {
             let log = log.clone();
             let topic = self.topic.clone();
@@ -639,9 +642,11 @@ impl Partition {
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
+                    clean = false;
                     tracing::error!(topic = %topic, partition = id, %error, "closing partition log failed")
                 }
                 Err(error) => {
+                    clean = false;
                     tracing::error!(topic = %topic, partition = id, %error, "closing partition log panicked")
                 }
             }
@@ -650,6 +655,7 @@ impl Partition {
         if let Some(flusher) = flusher {
             let _ = flusher.await;
         }
+        clean
     }
 }
 

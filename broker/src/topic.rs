@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, TopicDefaults};
 use crate::error::BrokerError;
-use crate::log::{CompactOptions, ConfigError, FsyncPolicy, Log, LogError, Throttle};
+use crate::log::{
+    CompactOptions, ConfigError, FsyncPolicy, Log, LogError, OpenOptions, Preallocation, Throttle,
+};
 use crate::partition::Partition;
 
 const FORMAT_FILE: &str = "format-version";
@@ -181,6 +183,9 @@ pub struct Registry {
     producer_epochs: ProducerEpochs,
     /// The cleaner's shared I/O budget (None: unthrottled).
     throttle: Option<Arc<Throttle>>,
+    /// How partition logs are opened: the broker-wide preallocation budget, and no per-log
+    /// lock file (the data directory's lock covers them: one descriptor per partition less).
+    log_options: OpenOptions,
     _lock: File,
 }
 
@@ -195,6 +200,10 @@ fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| BrokerError::io("syncing directory", dir, e))
+}
+
+fn file_sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn write_synced(path: &Path, contents: &[u8]) -> Result<(), BrokerError> {
@@ -252,11 +261,19 @@ impl Registry {
             producer_epochs: ProducerEpochs::default(),
             throttle: (config.cleaner_io_bytes_per_sec > 0)
                 .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
+            log_options: OpenOptions {
+                preallocation: Arc::new(Preallocation::for_data_dir(
+                    &dir,
+                    config.preallocate_bytes_max,
+                )),
+                lock_dir: false,
+                ..OpenOptions::default()
+            },
             _lock: lock,
         };
         registry.producer_epochs.load(&dir)?;
         let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
-        let mut loaded = BTreeMap::new();
+        let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|e| BrokerError::io("listing", &dir, e))?;
             let path = entry.path();
@@ -274,7 +291,18 @@ impl Registry {
                 tracing::warn!(path = %path.display(), "directory without topic.toml in the data dir; ignoring it");
                 continue;
             }
-            let topic = registry.load_topic(&path)?;
+            found.push((path.clone(), read_meta(&path)?));
+        }
+        // Every partition holds a descriptor: refuse to start rather than fence the ones that
+        // find none. (An explicitly set connection limit joins this count.)
+        let partitions = found
+            .iter()
+            .map(|(_, meta)| u64::from(meta.partitions))
+            .sum();
+        crate::descriptors::check(partitions, 0)?;
+        let mut loaded = BTreeMap::new();
+        for (path, meta) in found {
+            let topic = registry.load_topic(&path, meta)?;
             loaded.insert(topic.name.to_string(), topic);
         }
         sync_dir(&dir)?;
@@ -290,62 +318,78 @@ impl Registry {
         Ok(registry)
     }
 
-    fn load_topic(&self, path: &Path) -> Result<Arc<Topic>, BrokerError> {
-        let meta_path = path.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
-        let meta: TopicMeta = toml::from_str(&text).map_err(|e| {
-            BrokerError::io(
-                "parsing",
-                &meta_path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            )
-        })?;
+    /// Opens an existing topic; a partition whose log refuses to open is fenced.
+    fn load_topic(&self, path: &Path, meta: TopicMeta) -> Result<Arc<Topic>, BrokerError> {
         let settings = meta.settings()?;
-        Ok(Arc::new(open_partitions(
-            &self.config,
-            &self.producer_epochs,
-            &meta.name,
+        let opener = PartitionOpener {
+            config: &self.config,
+            options: &self.log_options,
+            epochs: &self.producer_epochs,
+            name: Arc::from(meta.name.as_str()),
             path,
-            settings,
-        )))
-    }
-}
-
-/// Opens (or creates) every partition log of a topic; a log that refuses to open is fenced.
-fn open_partitions(
-    config: &Config,
-    epochs: &ProducerEpochs,
-    name: &str,
-    path: &Path,
-    settings: TopicSettings,
-) -> Topic {
-    let name: Arc<str> = Arc::from(name);
-    let log_config = config.log_config_for(&settings.log);
-    let partitions = (0..settings.partitions)
-            .map(|id| {
-                let dir = path.join(id.to_string());
-                match Log::open(&dir, log_config.clone()) {
-                    Ok(log) => Arc::new(Partition::open(
-                        name.clone(),
-                        id,
-                        settings.partitions,
-                        log,
-                        settings.cleanup == Cleanup::Compact,
-                        epochs.clone(),
-                    )),
-                    Err(error) => {
-                        tracing::error!(topic = %name, partition = id, %error, "partition fenced: its log does not open");
-                        Arc::new(Partition::fenced(name.clone(), id, settings.partitions, error.to_string()))
-                    }
+            settings: &settings,
+        };
+        let partitions = (0..settings.partitions)
+            .map(|id| match opener.open(id) {
+                Ok(partition) => Arc::new(partition),
+                Err(error) => {
+                    tracing::error!(topic = %meta.name, partition = id, %error, "partition fenced: its log does not open");
+                    Arc::new(Partition::fenced(opener.name.clone(), id, settings.partitions, error.to_string()))
                 }
             })
             .collect();
-    Topic {
-        name,
-        settings,
-        partitions,
-        deleted: AtomicBool::new(false),
+        Ok(Arc::new(Topic {
+            name: opener.name.clone(),
+            settings,
+            partitions,
+            deleted: AtomicBool::new(false),
+        }))
+    }
+
+    /// Bytes of segment space reserved ahead of written data across all partitions (the
+    /// `syncline_preallocated_bytes` gauge).
+    pub fn preallocated_bytes(&self) -> u64 {
+        self.log_options.preallocation.reserved()
+    }
+}
+
+fn read_meta(path: &Path) -> Result<TopicMeta, BrokerError> {
+    let meta_path = path.join(META_FILE);
+    let text = std::fs::read_to_string(&meta_path)
+        .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
+    toml::from_str(&text).map_err(|e| {
+        BrokerError::io(
+            "parsing",
+            &meta_path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        )
+    })
+}
+
+/// Opens the partition logs of one topic.
+struct PartitionOpener<'a> {
+    config: &'a Config,
+    options: &'a OpenOptions,
+    epochs: &'a ProducerEpochs,
+    name: Arc<str>,
+    path: &'a Path,
+    settings: &'a TopicSettings,
+}
+
+impl PartitionOpener<'_> {
+    /// Opens (or creates) partition `id`'s log and restores its state.
+    fn open(&self, id: u32) -> Result<Partition, LogError> {
+        let dir = self.path.join(id.to_string());
+        let log_config = self.config.log_config_for(&self.settings.log);
+        let log = Log::open_with(&dir, log_config, self.options.clone())?;
+        Ok(Partition::open(
+            self.name.clone(),
+            id,
+            self.settings.partitions,
+            log,
+            self.settings.cleanup == Cleanup::Compact,
+            self.epochs.clone(),
+        ))
     }
 }
 
@@ -448,8 +492,15 @@ impl Registry {
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
         })?;
+        let open_partitions: u64 = self
+            .list()
+            .iter()
+            .map(|topic| topic.partitions.len() as u64)
+            .sum();
+        crate::descriptors::check(open_partitions + u64::from(settings.partitions), 0)?;
         let config = self.config.clone();
         let epochs = self.producer_epochs.clone();
+        let options = self.log_options.clone();
         let owned_name = name.to_string();
         let build = move || -> Result<Topic, BrokerError> {
             let built = (|| {
@@ -469,13 +520,45 @@ impl Registry {
                 let _ = std::fs::remove_dir_all(&staging);
                 return Err(error);
             }
-            Ok(open_partitions(
-                &config,
-                &epochs,
-                &owned_name,
-                &final_path,
-                settings,
-            ))
+            // A new partition that does not open (a full disk, no descriptor) fails the create:
+            // a topic is never born fenced. What was made is removed again.
+            let opener = PartitionOpener {
+                config: &config,
+                options: &options,
+                epochs: &epochs,
+                name: Arc::from(owned_name.as_str()),
+                path: &final_path,
+                settings: &settings,
+            };
+            let mut partitions = Vec::with_capacity(settings.partitions as usize);
+            for id in 0..settings.partitions {
+                match opener.open(id) {
+                    Ok(partition) => partitions.push(Arc::new(partition)),
+                    Err(source) => {
+                        drop(partitions);
+                        // Renamed away first, as a delete does: a crash leaves a leftover
+                        // that startup removes, never half a topic.
+                        let doomed = data_dir.join(format!("~deleted-{}-create", now_ms()));
+                        if let Err(error) = std::fs::rename(&final_path, &doomed)
+                            .and_then(|()| file_sync_dir(&data_dir))
+                            .and_then(|()| std::fs::remove_dir_all(&doomed))
+                        {
+                            tracing::warn!(path = %final_path.display(), %error, "could not remove the topic whose create failed");
+                        }
+                        return Err(BrokerError::Log {
+                            topic: owned_name,
+                            partition: id,
+                            source,
+                        });
+                    }
+                }
+            }
+            Ok(Topic {
+                name: opener.name.clone(),
+                settings: settings.clone(),
+                partitions,
+                deleted: AtomicBool::new(false),
+            })
         };
         let topic = tokio::task::spawn_blocking(build)
             .await
@@ -627,13 +710,21 @@ impl Registry {
         }
     }
 
-    /// Closes every partition: final fsync and clean-shutdown marker.
-    pub async fn close(&self) {
+    /// Closes every partition: final fsync and clean-shutdown marker. Fails when a log could
+    /// not be closed cleanly (each failure is logged), so the process exits non-zero.
+    pub async fn close(&self) -> Result<(), BrokerError> {
+        let mut unclean = 0;
         for topic in self.list() {
             for partition in &topic.partitions {
-                partition.close().await;
+                if !partition.close().await {
+                    unclean += 1;
+                }
             }
         }
+        if unclean > 0 {
+            return Err(BrokerError::UncleanShutdown { logs: unclean });
+        }
+        Ok(())
     }
 }
 

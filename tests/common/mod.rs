@@ -144,3 +144,49 @@ impl Drop for BrokerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// GETs `/metrics` from `addr` and returns the body (chunked encoding undone).
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    // Chunked transfer encoding: drop the chunk-size lines.
+    if response
+        .to_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body.as_str();
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.push_str(&tail[..size]);
+            rest = &tail[size + 2..];
+        }
+        return out;
+    }
+    body
+}
+
+/// How many partitions the broker reports fenced (`syncline_partition_fenced`).
+pub fn fenced_partitions(broker: &BrokerProcess) -> usize {
+    let addr = broker.metrics_addr.as_deref().expect("metrics address");
+    scrape(addr)
+        .lines()
+        .filter(|line| line.starts_with("syncline_partition_fenced{") && line.ends_with(" 1"))
+        .count()
+}

@@ -382,7 +382,7 @@ async fn given_committed_offsets_should_survive_a_restart() {
                 .await
                 .unwrap();
         }
-        registry.close().await;
+        registry.close().await.unwrap();
     }
     let (_registry, coordinator) = open(dir.path(), 0).await;
     let offsets = coordinator
@@ -436,7 +436,7 @@ async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
                 .await
                 .unwrap();
         }
-        registry.close().await;
+        registry.close().await.unwrap();
     }
     let partition_dir = dir.path().join(offsets::OFFSETS_TOPIC).join("0");
     let _ = std::fs::remove_file(partition_dir.join(".clean-shutdown"));

@@ -11,6 +11,16 @@
 //! - `allocate` is `fallocate(FALLOC_FL_KEEP_SIZE)`: blocks are reserved but the file size (what
 //!   readers and recovery see) only grows with real writes. `ENOSPC` surfaces here, before any
 //!   byte of the batch is written. File systems without `fallocate` skip it.
+//! - `set_len(written length)` gives reserved blocks back (sealing, close, open after a crash,
+//!   a failed reservation: see `preallocate.rs`). `ftruncate` frees the blocks past the new
+//!   size even when the size does not change (ext4, xfs, tmpfs). `FALLOC_FL_PUNCH_HOLE` would
+//!   not do: ext4 ignores a hole punched past the file size, which is where KEEP_SIZE blocks
+//!   lie. It is safe on a mapped segment although DESIGN says a mapped file is never truncated
+//!   in place, because that rule guards readers from pages that vanish under them, and here
+//!   none can: appends go through `pwritev`, never through the mapping; readers only touch
+//!   `[0, published length)`; and the cut is never below the published length (it only drops
+//!   KEEP_SIZE blocks past the end, or a partial write that failed and was never published).
+//!   Pages past the new end are never accessed, so no reader can fault on them.
 //! - `sync_data` is `fdatasync`; after a failure the kernel may have dropped the dirty pages, so
 //!   the caller poisons the log.
 

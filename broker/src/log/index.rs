@@ -18,6 +18,9 @@
 //!   in 64 KiB chunks ahead of the writes, so a full disk can never turn a store through the
 //!   mapping into SIGBUS (an entry that cannot be reserved is skipped: the index is sparse and
 //!   lookups scan forward). The entry count is found on open as the first all-zero entry.
+//!   The mapping stays valid after its descriptor is closed, so an open index holds none: the
+//!   file is reopened by path for the `fallocate` that grows it (once per 8 KiB of entries).
+//!   Opening never needs free space: when the next entry cannot be reserved, it is skipped.
 //! - Sealed segment: the used entries are written to `<name>.tmp`, fsync'd and renamed over the
 //!   index (never a truncation of a mapped file in place), then mapped read-only.
 //! - The index is never fsync'd while active: it may reach disk before or after the data, or
@@ -46,9 +49,10 @@ const ALLOCATE_CHUNK_BYTES: u64 = 8 * 1024;
 enum Mapping {
     Writable {
         /// Mapped for the whole capacity; only `[0, allocated)` is inside the file and ever
-        /// touched (pages past the end of a file must not be accessed).
+        /// touched (pages past the end of a file must not be accessed). The mapping outlives
+        /// the descriptor it was made from: growing the file reopens it by path for the one
+        /// `fallocate`, so an open index holds no descriptor.
         map: MmapMut,
-        file: File,
         /// The file's length: the end of the space reserved so far.
         allocated: u64,
     },
@@ -98,7 +102,6 @@ impl<const W: usize> IndexFile<W> {
             path: path.to_path_buf(),
             mapping: Mapping::Writable {
                 map,
-                file,
                 allocated: existing,
             },
             entries: 0,
@@ -107,7 +110,11 @@ impl<const W: usize> IndexFile<W> {
         let found = index.count_entries(capacity.min(existing as usize / W));
         index.entries = found;
         index.truncate_entries(keep.min(found));
-        index.reserve(((index.entries + 1) * W) as u64)?;
+        // Room for the next entry. Opening must not need free space (a broker restarting on a
+        // full disk serves what it has): without it the next entry is skipped, as in `push`.
+        if let Err(error) = index.reserve(((index.entries + 1) * W) as u64) {
+            tracing::warn!(path = %path.display(), %error, "cannot reserve index space; entries are skipped until there is space");
+        }
         Ok(index)
     }
 
@@ -134,6 +141,18 @@ impl<const W: usize> IndexFile<W> {
             entries: len / W,
             capacity: len / W,
         })
+    }
+
+    /// An index with no entries that touches no file: lookups scan the segment from its start.
+    /// What a sealed segment uses when its index cannot be rebuilt on disk (a full disk at
+    /// open); the next open rebuilds it.
+    pub(crate) fn detached(path: &Path) -> Self {
+        IndexFile {
+            path: path.to_path_buf(),
+            mapping: Mapping::Empty,
+            entries: 0,
+            capacity: 0,
+        }
     }
 
     /// Writes exactly `entries` to `path` as a sealed index (temp file, fsync, rename; the caller
@@ -207,10 +226,7 @@ impl<const W: usize> IndexFile<W> {
     }
 
     fn reserve(&mut self, end: u64) -> io::Result<()> {
-        let Mapping::Writable {
-            file, allocated, ..
-        } = &mut self.mapping
-        else {
+        let Mapping::Writable { allocated, .. } = &mut self.mapping else {
             return Ok(());
         };
         if end <= *allocated {
@@ -219,9 +235,12 @@ impl<const W: usize> IndexFile<W> {
         let size = (self.capacity * W) as u64;
         let new_allocated = (end + ALLOCATE_CHUNK_BYTES).min(size);
         let len = new_allocated.saturating_sub(*allocated);
-        if len > 0 && !fallocate(file, *allocated, len)? {
-            // No fallocate on this file system: grow the file (sparse) instead.
-            file.set_len(new_allocated)?;
+        if len > 0 {
+            let file = OpenOptions::new().write(true).open(&self.path)?;
+            if !fallocate(&file, *allocated, len)? {
+                // No fallocate on this file system: grow the file (sparse) instead.
+                file.set_len(new_allocated)?;
+            }
         }
         *allocated = new_allocated;
         Ok(())

@@ -3,7 +3,9 @@
 //!
 //! ## On disk (`<dir>` is one partition's directory)
 //! ```text
-//! <dir>/.lock                         flock'd while the log is open (one process per log)
+//! <dir>/.lock                         flock'd while the log is open (one process per log),
+//!                                     unless the caller locks all its logs at once (the
+//!                                     broker locks its data directory: one descriptor less)
 //! <dir>/<base:020>.log                segment: batches as producers encoded them (segment.rs)
 //! <dir>/<base:020>.index              sparse offset -> position index          (index.rs)
 //! <dir>/<base:020>.timeindex          sparse timestamp -> offset index         (index.rs)
@@ -53,7 +55,18 @@
 //! - A failed write or fsync poisons the log: all later appends and syncs fail with
 //!   [`LogError::Poisoned`] until it is reopened. A full disk (`ENOSPC`) while reserving space
 //!   (`fallocate`, before any byte is written) or writing is a clean [`LogError::NoSpace`]:
-//!   the log's end did not move and the next append overwrites any partial bytes.
+//!   the log's end did not move and the next append overwrites any partial bytes; appends
+//!   succeed again by themselves as soon as there is space (no restart). A failed
+//!   reservation keeps no blocks (the file is cut back to its written length).
+//! - Opening needs no free space, so a broker restarting on a full disk serves what it has: a
+//!   recovery point that cannot be rewritten is a warning (the old, lower one stays valid), a
+//!   sealed index that cannot be rebuilt is served detached (reads scan the segment), and an
+//!   active index that cannot grow skips entries (it is sparse). Only appends need space.
+//! - Space is reserved ahead of the writes adaptively, within a broker-wide budget, and given
+//!   back at seal, close and open (`preallocate.rs`; why cutting a mapped segment to its
+//!   written length is safe: `file.rs`).
+//! - Descriptors: the active segment keeps one (appends and fsync go through it); sealed
+//!   segments and every index are served from mappings whose descriptors are closed.
 //! - Files are created, renamed and deleted followed by a directory fsync before anything that
 //!   depends on them is acknowledged.
 
@@ -64,6 +77,7 @@ pub mod error;
 pub mod file;
 mod index;
 mod manifest;
+pub mod preallocate;
 mod segment;
 #[cfg(test)]
 mod tests;
@@ -88,6 +102,7 @@ pub use compact::{
 pub use config::{ConfigError, FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
+pub use preallocate::Preallocation;
 
 /// Writes `dir/name` so that a crash leaves the old or the new file (temp file, fsync, rename,
 /// directory fsync). For the partition layer's small state files.
@@ -96,7 +111,7 @@ pub fn write_file_atomically(dir: &Path, name: &str, contents: &[u8]) -> io::Res
 }
 
 use checkpoint::CleanMarker;
-use index::{OffsetIndex, TimeIndex};
+use index::{IndexFile, OffsetIndex, TimeIndex};
 use manifest::Manifest;
 use segment::{IndexCursor, Indexes, Segment, SegmentName, SegmentParts};
 
@@ -147,6 +162,13 @@ pub struct OpenOptions {
     pub opener: Arc<dyn FileOpener>,
     /// The clock for segment age and retention.
     pub clock: Arc<dyn Clock>,
+    /// The budget of space reserved ahead of writes, shared by every log of a broker (a
+    /// private one per log by default). See `preallocate.rs`.
+    pub preallocation: Arc<Preallocation>,
+    /// Take the log directory's `.lock` (the default). A caller that holds one lock over all
+    /// its logs (the broker locks its data directory) turns it off, which saves a descriptor
+    /// per log.
+    pub lock_dir: bool,
 }
 
 impl Default for OpenOptions {
@@ -154,6 +176,8 @@ impl Default for OpenOptions {
         Self {
             opener: Arc::new(OsOpener),
             clock: Arc::new(SystemClock),
+            preallocation: Arc::new(Preallocation::default()),
+            lock_dir: true,
         }
     }
 }
@@ -238,9 +262,15 @@ pub struct LogStats {
 struct Writer {
     active: Arc<Segment>,
     file: Arc<dyn SegmentFile>,
+    /// End of the written bytes (what readers may see once published).
     position: u64,
+    /// End of the reserved blocks (`>= position` once a batch is written).
     allocated: u64,
     cursor: IndexCursor,
+    /// The adaptive reservation chunk (carried over from segment to segment).
+    chunk: preallocate::ChunkSize,
+    /// Bytes of `[position, allocated)` this writer counts in the broker-wide budget.
+    counted: u64,
 }
 
 /// One partition's log. Share it as `Arc<Log>`; every method takes `&self`.
@@ -270,7 +300,7 @@ pub struct Log {
     compact_lock: Mutex<()>,
     /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
     tombstone_expiry_ms: std::sync::atomic::AtomicI64,
-    _lock: File,
+    _lock: Option<File>,
 }
 
 impl std::fmt::Debug for Log {
@@ -342,6 +372,22 @@ fn list_segments(dir: &Path) -> Result<Vec<SegmentName>, LogError> {
     Ok(names)
 }
 
+/// A sealed index that could not be written for lack of space is served detached (no entries:
+/// lookups scan the segment) until the next open rebuilds it; other errors fail the open.
+fn detach_on_no_space<const W: usize>(
+    result: io::Result<IndexFile<W>>,
+    path: &Path,
+) -> Result<IndexFile<W>, LogError> {
+    match result {
+        Ok(index) => Ok(index),
+        Err(error) if Log::is_no_space(&error) => {
+            tracing::warn!(path = %path.display(), %error, "cannot write the rebuilt index; serving without it until the next open");
+            Ok(IndexFile::detached(path))
+        }
+        Err(error) => Err(LogError::io("rebuilding index", path, error)),
+    }
+}
+
 /// When the file was created (statx birth time), in ms since the epoch: a segment's age.
 fn birth_time_ms(file: &File) -> Option<i64> {
     let created = file.metadata().ok()?.created().ok()?;
@@ -381,7 +427,11 @@ impl Log {
                 file::sync_dir(parent).map_err(|e| LogError::io("syncing", parent, e))?;
             }
         }
-        let lock = lock_dir(&dir)?;
+        let lock = if options.lock_dir {
+            Some(lock_dir(&dir)?)
+        } else {
+            None
+        };
         let marker = checkpoint::take_clean_marker(&dir)
             .map_err(|e| LogError::io("reading the clean-shutdown marker in", &dir, e))?;
         let recovery_point = checkpoint::read_recovery_point(&dir).map_err(|e| {
@@ -535,6 +585,13 @@ impl Log {
                 }
             };
             let is_last = i + 1 == names.len();
+            if is_last {
+                // Blocks a crash left reserved past the written end go back to the file system
+                // (the file is not mapped yet; see `preallocate.rs`).
+                if let Err(error) = file.set_len(file_len) {
+                    tracing::warn!(path = %path.display(), %error, "could not release preallocated space");
+                }
+            }
             let map_len = if is_last {
                 config.segment_bytes_max.max(file_len)
             } else {
@@ -585,9 +642,17 @@ impl Log {
             file.sync_data()
                 .map_err(|e| LogError::io("syncing", &active.path, e))?;
         }
+        // Opening must not need free space: a recovery point that cannot be written is a
+        // warning. The old one stays valid (it is lower: recovery only treats less of the log
+        // as known-synced), and the flusher or close writes the new one once there is room.
+        let mut persisted_point = recovery_point;
         if recovery_point != end {
-            checkpoint::write_recovery_point(&dir, end)
-                .map_err(|e| LogError::io("writing the recovery point in", &dir, e))?;
+            match checkpoint::write_recovery_point(&dir, end) {
+                Ok(()) => persisted_point = end,
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), %error, "could not write the recovery point; the log serves, and writes wait for space");
+                }
+            }
         }
         let start = segments.first().map_or(0, |s| s.base_offset);
         let position = active.len();
@@ -607,6 +672,8 @@ impl Log {
                 position,
                 allocated: position,
                 cursor,
+                chunk: preallocate::ChunkSize::default(),
+                counted: 0,
             }),
             end_offset: AtomicU64::new(end),
             durable_offset: AtomicU64::new(end),
@@ -617,7 +684,7 @@ impl Log {
             poison_cause: Mutex::new(None),
             closed: AtomicBool::new(false),
             dirty: Arc::new(Notify::new()),
-            last_recovery_point: Mutex::new((end, Instant::now())),
+            last_recovery_point: Mutex::new((persisted_point, Instant::now())),
             stats: LogStats::default(),
             recovery: report,
             horizon: AtomicU64::new(manifest.horizon),
@@ -722,20 +789,29 @@ impl Log {
             report.indexes_rebuilt += 1;
             tracing::info!(dir = %dir.display(), base, "rebuilding missing or inconsistent index");
         }
-        let offsets = if offsets_ok {
-            OffsetIndex::open_sealed(&offsets_path)
-        } else {
-            OffsetIndex::write_sealed(&offsets_path, &scan.offset_entries)
-        }
-        .map_err(io_err(&offsets_path))?;
-        let times = if times_ok {
-            TimeIndex::open_sealed(&times_path)
-        } else {
-            TimeIndex::write_sealed(&times_path, &scan.time_entries)
-        }
-        .map_err(io_err(&times_path))?;
+        // A rebuilt index that cannot be written (a full disk) is served detached: lookups
+        // scan the segment from its start until the next open rebuilds it. Opening must not
+        // need free space.
+        let offsets = detach_on_no_space(
+            if offsets_ok {
+                OffsetIndex::open_sealed(&offsets_path)
+            } else {
+                OffsetIndex::write_sealed(&offsets_path, &scan.offset_entries)
+            },
+            &offsets_path,
+        )?;
+        let times = detach_on_no_space(
+            if times_ok {
+                TimeIndex::open_sealed(&times_path)
+            } else {
+                TimeIndex::write_sealed(&times_path, &scan.time_entries)
+            },
+            &times_path,
+        )?;
         if !(offsets_ok && times_ok) {
-            file::sync_dir(dir).map_err(|e| LogError::io("syncing", dir, e))?;
+            if let Err(error) = file::sync_dir(dir) {
+                tracing::warn!(dir = %dir.display(), %error, "cannot sync the directory after rebuilding an index");
+            }
         }
         Ok(Indexes { offsets, times })
     }
@@ -933,22 +1009,7 @@ impl Log {
         let position = writer.position;
         let needed = position + length;
         if needed > writer.allocated {
-            let chunk = self.config.preallocate_bytes.max(length);
-            let target = (writer.allocated + chunk).max(needed);
-            let target = target.min(self.config.segment_bytes_max.max(needed));
-            match writer
-                .file
-                .allocate(writer.allocated, target - writer.allocated)
-            {
-                Ok(()) => writer.allocated = target,
-                Err(error) => {
-                    return Err(LogError::io(
-                        "reserving space in",
-                        &writer.active.path,
-                        error,
-                    ));
-                }
-            }
+            self.reserve(&mut writer, needed)?;
         }
         // The stamped prefix (base offset, length, leader epoch) sits before the CRC'd bytes,
         // so stamping never recomputes the CRC; the rest goes out exactly as it came.
@@ -986,6 +1047,7 @@ impl Log {
                 .store(self.options.clock.now_ms(), Ordering::Release);
         }
         writer.position = needed;
+        self.settle(&mut writer);
         active.publish(needed, last_offset + 1, header.max_timestamp);
         self.end_offset.store(last_offset + 1, Ordering::Release);
         drop(writer);
@@ -998,6 +1060,83 @@ impl Log {
             base_offset,
             last_offset,
         })
+    }
+
+    /// Reserves blocks up to `needed` (the end of the batch about to be written) plus an
+    /// adaptive chunk ahead, within the broker-wide budget (see `preallocate.rs`). Nothing of
+    /// a failed reservation is kept; on a full disk it retries without the chunk ahead.
+    fn reserve(&self, writer: &mut Writer, needed: u64) -> Result<(), LogError> {
+        let budget = &self.options.preallocation;
+        let room = self.config.segment_bytes_max.saturating_sub(needed);
+        let chunk = writer
+            .chunk
+            .next(Instant::now(), self.config.preallocate_bytes);
+        let ahead = budget.take(chunk.min(room));
+        writer.counted += ahead;
+        let error = match writer
+            .file
+            .allocate(writer.allocated, needed + ahead - writer.allocated)
+        {
+            Ok(()) => {
+                writer.allocated = needed + ahead;
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        budget.give_back(ahead);
+        writer.counted -= ahead;
+        self.release_reservation(writer);
+        if ahead > 0 && Self::is_no_space(&error) {
+            // The chunk ahead did not fit; the batch alone may.
+            match writer
+                .file
+                .allocate(writer.position, needed - writer.position)
+            {
+                Ok(()) => {
+                    writer.allocated = needed;
+                    return Ok(());
+                }
+                Err(_) => self.release_reservation(writer),
+            }
+        }
+        Err(LogError::io(
+            "reserving space in",
+            &writer.active.path,
+            error,
+        ))
+    }
+
+    /// Gives the blocks reserved past the written end back to the file system (also what a
+    /// failed `fallocate` may have left) by cutting the file to its written length, and the
+    /// bytes back to the budget. The cut only removes bytes no reader was ever given: see
+    /// the file-length rules in `file.rs`.
+    fn release_reservation(&self, writer: &mut Writer) {
+        if let Err(error) = writer.file.set_len(writer.position) {
+            tracing::warn!(path = %writer.active.path.display(), %error, "could not release preallocated space");
+        }
+        writer.allocated = writer.position;
+        self.settle(writer);
+    }
+
+    /// Brings the budget in line with what this writer still has reserved ahead.
+    fn settle(&self, writer: &mut Writer) {
+        let ahead = writer.allocated.saturating_sub(writer.position);
+        if writer.counted > ahead {
+            self.options.preallocation.give_back(writer.counted - ahead);
+            writer.counted = ahead;
+        }
+    }
+
+    /// Gives back what an idle or slow log has reserved ahead of its writes (no new
+    /// reservation for `preallocate::SHRINK_AFTER`). Called periodically by the broker.
+    pub fn release_idle_reservation(&self) {
+        let mut writer = self.writer.lock();
+        if writer.allocated > writer.position
+            && writer.chunk.idle(Instant::now())
+            && self.check_writable().is_ok()
+        {
+            self.release_reservation(&mut writer);
+        }
     }
 
     fn needs_roll(&self, writer: &Writer, length: u64, last_offset: u64) -> bool {
@@ -1028,11 +1167,9 @@ impl Log {
         let (segment, file) =
             Self::create_segment(&self.dir, base, &self.config, &self.options, now)?;
         // 3. Release the preallocated blocks past the end. The size only shrinks over bytes no
-        //    reader was ever given (a partial write that failed), and ext4/xfs free fallocate'd
-        //    blocks even when the size does not change.
-        if let Err(error) = writer.file.set_len(writer.position) {
-            tracing::warn!(path = %old.path.display(), %error, "could not release preallocated space");
-        }
+        //    reader was ever given (a partial write that failed), and ext4/xfs/tmpfs free
+        //    fallocate'd blocks even when the size does not change.
+        self.release_reservation(writer);
         // 4. Trimmed index copies. A failure (e.g. a full disk) leaves the untrimmed index in
         //    place, which still works; the next open checks and rebuilds it.
         {
@@ -1053,6 +1190,8 @@ impl Log {
             position: 0,
             allocated: 0,
             cursor: IndexCursor::default(),
+            chunk: writer.chunk,
+            counted: 0,
         };
         self.publish_durable(base);
         self.persist_recovery_point(base);
@@ -1074,6 +1213,9 @@ impl Log {
                 true
             }
             Err(error) => {
+                // Retried at the next interval, not at every group commit (a full disk would
+                // log this at every fsync).
+                last.1 = Instant::now();
                 tracing::warn!(dir = %self.dir.display(), %error, "could not write the recovery point");
                 false
             }
@@ -1342,10 +1484,11 @@ impl Log {
             });
         }
         let _turn = self.sync_lock.lock();
-        let writer = self.writer.lock();
+        let mut writer = self.writer.lock();
         if let Err(error) = writer.file.sync_data() {
             return Err(self.poison("fsync at close failed", &error));
         }
+        self.release_reservation(&mut writer);
         let end = self.end_offset();
         self.publish_durable(end);
         let marker = CleanMarker {
@@ -1370,6 +1513,8 @@ impl Log {
 
 impl Drop for Log {
     fn drop(&mut self) {
+        let counted = std::mem::take(&mut self.writer.get_mut().counted);
+        self.options.preallocation.give_back(counted);
         // Wakes the flusher so it notices the log is gone.
         self.dirty.notify_one();
     }

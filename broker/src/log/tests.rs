@@ -1025,3 +1025,157 @@ mod model {
         }
     }
 }
+
+/// Bytes allocated to `path` past its size, less two blocks of slack for the file system's
+/// own metadata (ext4 counts extent-tree blocks in `st_blocks`).
+fn blocks_past_end(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).unwrap();
+    (metadata.blocks() * 512).saturating_sub(metadata.len().div_ceil(4096) * 4096 + 8192)
+}
+
+/// Regression (issue 13, item 5): every log reserved 16 MiB ahead of its writes. The chunk now
+/// starts small and grows with the write rate, a shared budget caps the total, and sealing and
+/// closing give the rest back.
+#[test]
+fn given_shared_budget_when_logs_append_should_cap_reservations_and_give_them_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let budget = Arc::new(Preallocation::new(200 * 1024));
+    let options = OpenOptions {
+        preallocation: budget.clone(),
+        ..Default::default()
+    };
+    let config = LogConfig {
+        segment_bytes_max: 4 * 1024 * 1024,
+        preallocate_bytes: 1024 * 1024,
+        ..small_config()
+    };
+    let a = Log::open_with(dir.path().join("a"), config.clone(), options.clone()).unwrap();
+    let b = Log::open_with(dir.path().join("b"), config.clone(), options).unwrap();
+    a.append(&make_batch(1, 100, 1, 1)).unwrap();
+    let first = budget.reserved();
+    assert!(
+        first > 0 && first <= preallocate::CHUNK_MIN,
+        "the first chunk is small: {first}"
+    );
+    // Fast appends double the chunk; the budget caps both logs together.
+    for seed in 0..200u8 {
+        a.append(&make_batch(4, 1000, 1, seed)).unwrap();
+        b.append(&make_batch(4, 1000, 1, seed)).unwrap();
+        assert!(budget.reserved() <= 200 * 1024, "{}", budget.reserved());
+    }
+    assert!(
+        budget.reserved() > first,
+        "the chunk grew with the write rate"
+    );
+    let segment = SegmentName::appended(0).log(&dir.path().join("a"));
+    a.close().unwrap();
+    assert_eq!(blocks_past_end(&segment), 0, "close gives the blocks back");
+    drop(a);
+    drop(b);
+    assert_eq!(
+        budget.reserved(),
+        0,
+        "closed and dropped logs hold no budget"
+    );
+}
+
+/// A log with `small_config` and a preallocation budget of its own, without a cap.
+fn log_with_own_budget(dir: &Path) -> (Log, Arc<Preallocation>) {
+    let budget = Arc::new(Preallocation::new(u64::MAX));
+    let options = OpenOptions {
+        preallocation: budget.clone(),
+        ..Default::default()
+    };
+    (
+        Log::open_with(dir, small_config(), options).unwrap(),
+        budget,
+    )
+}
+
+#[test]
+fn given_roll_when_segment_sealed_should_give_its_reservation_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, budget) = log_with_own_budget(dir.path());
+    while log.info().segments < 2 {
+        log.append(&make_batch(4, 1000, 1, 1)).unwrap();
+    }
+    let sealed = SegmentName::appended(0).log(dir.path());
+    assert_eq!(blocks_past_end(&sealed), 0);
+    let ahead = budget.reserved();
+    assert!(
+        ahead <= small_config().preallocate_bytes,
+        "only the active segment's chunk is counted: {ahead}"
+    );
+}
+
+/// A reservation that fails keeps nothing; on a full disk the append retries without the chunk
+/// ahead, and fails cleanly (not poisoned, budget returned) when even that does not fit.
+#[test]
+fn given_failed_reservation_should_release_it_and_retry_without_the_chunk_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FaultInjector::new();
+    let budget = Arc::new(Preallocation::default());
+    let options = OpenOptions {
+        opener: Arc::new(faults.clone()),
+        preallocation: budget.clone(),
+        ..Default::default()
+    };
+    let log = Log::open_with(dir.path(), small_config(), options).unwrap();
+    faults.fail(FaultKind::Allocate, 1, libc::ENOSPC);
+    log.append(&make_batch(1, 10, 1, 1))
+        .expect("the batch alone fits after the chunk did not");
+    assert_eq!(
+        budget.reserved(),
+        0,
+        "nothing is reserved ahead after a failure"
+    );
+    faults.fail_always(FaultKind::Allocate, libc::ENOSPC);
+    let big = make_batch(1, 15 * 1024, 1, 2);
+    let error = log.append(&big).unwrap_err();
+    assert!(matches!(error, LogError::NoSpace { .. }), "{error}");
+    assert!(error.to_string().contains(&*dir.path().to_string_lossy()));
+    assert!(!log.is_poisoned());
+    assert_eq!(budget.reserved(), 0);
+    faults.clear();
+    assert_eq!(
+        log.append(&big).unwrap().base_offset,
+        1,
+        "resumes by itself"
+    );
+}
+
+#[test]
+fn given_caller_holding_the_lock_when_opened_should_take_no_lock_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let unlocked = OpenOptions {
+        lock_dir: false,
+        ..Default::default()
+    };
+    let log = Log::open_with(dir.path(), small_config(), unlocked).unwrap();
+    assert!(!dir.path().join(".lock").exists());
+    drop(log);
+    let _locked = Log::open(dir.path(), small_config()).unwrap();
+    assert!(matches!(
+        Log::open(dir.path(), small_config()),
+        Err(LogError::Locked { .. })
+    ));
+}
+
+#[test]
+fn given_idle_log_when_asked_should_give_its_reservation_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, budget) = log_with_own_budget(dir.path());
+    log.append(&make_batch(1, 10, 1, 1)).unwrap();
+    log.release_idle_reservation();
+    assert!(budget.reserved() > 0, "a log that just reserved keeps it");
+    let Some(long_ago) = Instant::now().checked_sub(preallocate::SHRINK_AFTER * 2) else {
+        return; // the monotonic clock started less than a minute ago
+    };
+    log.writer.lock().chunk = preallocate::ChunkSize::reserved_at(long_ago);
+    log.release_idle_reservation();
+    assert_eq!(budget.reserved(), 0, "an idle log gives it back");
+    let segment = SegmentName::appended(0).log(dir.path());
+    assert_eq!(blocks_past_end(&segment), 0);
+    assert_eq!(log.append(&make_batch(1, 10, 1, 2)).unwrap().base_offset, 1);
+}

@@ -231,15 +231,18 @@ impl Broker {
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
-        self.registry.close().await;
-        tracing::info!("all logs flushed and closed");
+        let closed = self.registry.close().await;
+        if closed.is_ok() {
+            tracing::info!("all logs flushed and closed");
+        }
         served.map_err(|e| {
             BrokerError::io(
                 "serving",
                 self.local_addr.to_string(),
                 std::io::Error::other(e),
             )
-        })
+        })?;
+        closed
     }
 }
 

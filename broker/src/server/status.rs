@@ -6,7 +6,7 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large, disk full | RESOURCE_EXHAUSTED |
+//! | batch or request too large, disk full (ENOSPC anywhere), too few descriptors for a new topic | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
 //! | shutting down, log closed | UNAVAILABLE |
@@ -69,9 +69,16 @@ pub fn to_status(error: BrokerError) -> Status {
         },
         // Like corrupt log data: the client must not retry it forever.
         BrokerError::SnapshotInconsistent { .. } => Status::data_loss(message),
+        // A full disk is the client's to wait out, wherever it struck; the message names the
+        // path.
+        BrokerError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            Status::resource_exhausted(message)
+        }
+        BrokerError::TooFewDescriptors { .. } => Status::resource_exhausted(message),
         BrokerError::Io { .. }
         | BrokerError::DataDirLocked { .. }
-        | BrokerError::DataDirFormat { .. } => Status::internal(message),
+        | BrokerError::DataDirFormat { .. }
+        | BrokerError::UncleanShutdown { .. } => Status::internal(message),
     }
 }
 
@@ -123,5 +130,26 @@ mod tests {
             inconsistent.message(),
             "snapshot of partition 2 of topic `t` is inconsistent at offset 41: no record there"
         );
+    }
+
+    /// Regression (issue 13, item 6): CreateTopic on a full disk answered INTERNAL.
+    #[test]
+    fn given_no_space_anywhere_should_be_resource_exhausted_naming_the_path() {
+        let full = BrokerError::io(
+            "writing",
+            "/data/~creating-1/topic.toml.tmp",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let status = to_status(full);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status
+            .message()
+            .contains("/data/~creating-1/topic.toml.tmp"));
+        let other = BrokerError::io(
+            "writing",
+            "/x",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        );
+        assert_eq!(to_status(other).code(), Code::Internal);
     }
 }
