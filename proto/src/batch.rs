@@ -124,6 +124,10 @@ pub const ATTR_CONTROL: u16 = 0x10;
 
 /// Attribute bits this version knows; any other set bit is rejected.
 const ATTR_KNOWN: u16 = ATTR_COMPRESSION_MASK | ATTR_CONTROL;
+/// Attribute bits only the broker may set on the batches it writes itself: a client batch with
+/// one of them set is refused. A control batch is skipped by consumers and table replicas but
+/// read by `Get`/`History`, so a client-written one would make replicas diverge.
+pub const ATTR_BROKER_RESERVED: u16 = ATTR_CONTROL;
 
 /// The smallest possible record, length prefix included: length (1) + attributes (1) +
 /// timestamp_delta (1) + offset_delta (1) + key_length -1 (1) + value_length -1 (1) +
