@@ -36,7 +36,7 @@ async fn create(client: &mut Grpc, name: &str, cleanup: v1::CleanupPolicy) {
         .create_topic(v1::CreateTopicRequest {
             name: name.into(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 cleanup_policy: cleanup as i32,
                 ..Default::default()
             }),
@@ -99,7 +99,7 @@ async fn snapshot(
         .snapshot(v1::SnapshotRequest {
             topic: topic.into(),
             partition,
-            max_bytes,
+            max_bytes: Some(max_bytes),
         })
         .await
         .unwrap()
@@ -116,7 +116,7 @@ async fn snapshot_error(client: &mut Grpc, topic: &str, partition: u32) -> tonic
         .snapshot(v1::SnapshotRequest {
             topic: topic.into(),
             partition,
-            max_bytes: 0,
+            max_bytes: None,
         })
         .await
     {
@@ -199,7 +199,7 @@ async fn reference(client: &mut Grpc, topic: &str, partition: u32, upper: u64) -
                 topic: topic.into(),
                 partition,
                 offset,
-                max_bytes: 64 * 1024,
+                max_bytes: Some(64 * 1024),
                 max_wait_ms: 0,
                 decode_records: true,
             })
@@ -467,7 +467,7 @@ async fn big_table(client: &mut Grpc) {
         .create_topic(v1::CreateTopicRequest {
             name: "big".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 ..Default::default()
             }),
@@ -521,7 +521,7 @@ async fn given_a_client_that_goes_away_mid_snapshot_should_stop_and_release_the_
         .snapshot(v1::SnapshotRequest {
             topic: "big".into(),
             partition: 0,
-            max_bytes: 1,
+            max_bytes: Some(1),
         })
         .await
         .unwrap()
@@ -550,7 +550,7 @@ async fn given_broker_shutdown_mid_snapshot_should_end_the_stream_without_a_fina
         .snapshot(v1::SnapshotRequest {
             topic: "big".into(),
             partition: 0,
-            max_bytes: 1,
+            max_bytes: Some(1),
         })
         .await
         .unwrap()

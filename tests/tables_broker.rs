@@ -24,7 +24,7 @@ async fn create_table(client: &mut v1::broker_client::BrokerClient<tonic::transp
         .create_topic(v1::CreateTopicRequest {
             name: "table".into(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 ..Default::default()
             }),
@@ -189,7 +189,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .history(v1::HistoryRequest {
             topic: "table".into(),
             key: Bytes::from_static(b"user"),
-            limit: 0,
+            limit: None,
         })
         .await
         .unwrap()
@@ -218,7 +218,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .history(v1::HistoryRequest {
             topic: "table".into(),
             key: Bytes::from_static(b"user"),
-            limit: 2,
+            limit: Some(2),
         })
         .await
         .unwrap()
@@ -231,7 +231,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .create_topic(v1::CreateTopicRequest {
             name: "plain".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })
@@ -261,7 +261,7 @@ async fn given_retried_idempotent_batch_after_restart_should_ack_original_offset
         .create_topic(v1::CreateTopicRequest {
             name: "events".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })

@@ -64,7 +64,7 @@ impl Harness {
                 group: "g".into(),
                 member_id: String::new(),
                 topics: vec!["t".into()],
-                session_timeout_ms,
+                session_timeout_ms: Some(session_timeout_ms),
                 client_id: "test".into(),
             })
             .unwrap();

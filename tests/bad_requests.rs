@@ -1,0 +1,201 @@
+//! Hostile or broken requests get a clean status through the real broker binary, and change
+//! nothing: batches with attribute bits the broker reserves for itself, zero where a setting
+//! must be positive, messages over the size limit, garbage protobuf, and the standard
+//! `google.rpc.Status` form of CAS conflict details.
+
+mod common;
+
+use bytes::Bytes;
+use common::BrokerProcess;
+use syncline_proto::batch::BatchBuilder;
+use syncline_proto::v1;
+use syncline_proto::v1::broker_client::BrokerClient;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn create(client: &mut BrokerClient<Channel>, name: &str, cleanup: v1::CleanupPolicy) {
+    client
+        .create_topic(v1::CreateTopicRequest {
+            name: name.into(),
+            config: Some(v1::TopicConfig {
+                partitions: Some(1),
+                cleanup_policy: cleanup as i32,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+/// The partition's next offset to assign.
+async fn end_offset(client: &mut BrokerClient<Channel>, topic: &str) -> u64 {
+    let described = client
+        .describe_topic(v1::DescribeTopicRequest { name: topic.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    described.topic.unwrap().partitions[0].log_end_offset
+}
+
+/// A keyed one-record batch with the control attribute (bit 4) set, as a hostile client
+/// could encode it.
+fn control_batch() -> Bytes {
+    let mut builder = BatchBuilder::new().control();
+    builder.push(1, Some(b"k"), Some(b"v"), &[]);
+    builder.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_batch_with_control_attribute_when_produced_should_be_invalid_argument_and_append_nothing(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    for (topic, cleanup) in [
+        ("stream", v1::CleanupPolicy::Delete),
+        ("table", v1::CleanupPolicy::Compact),
+    ] {
+        create(&mut client, topic, cleanup).await;
+        let refused = client
+            .produce(v1::ProduceRequest {
+                topic: topic.into(),
+                batch: control_batch(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+        assert!(refused.message().contains("reserved"), "{refused:?}");
+
+        // The same through ProduceStream: that request fails, the stream goes on.
+        let requests = tokio_stream::iter([v1::ProduceRequest {
+            correlation_id: 7,
+            topic: topic.into(),
+            batch: control_batch(),
+            ..Default::default()
+        }]);
+        let mut responses = client.produce_stream(requests).await.unwrap().into_inner();
+        let response = responses.next().await.unwrap().unwrap();
+        assert_eq!(response.correlation_id, 7);
+        let error = response.error.expect("the control batch was acknowledged");
+        assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
+
+        assert_eq!(end_offset(&mut client, topic).await, 0, "{topic}: appended");
+        if topic == "table" {
+            let missing = client
+                .get(v1::GetRequest {
+                    topic: topic.into(),
+                    key: Bytes::from_static(b"k"),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(missing.code(), Code::NotFound);
+        }
+    }
+}
+
+#[test]
+fn given_zero_partitions_when_cli_creates_topic_should_fail_naming_the_setting_and_create_nothing()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let syncline = |args: &[&str]| {
+        std::process::Command::new(common::binary("syncline"))
+            .args(["--broker", &broker.addr])
+            .args(args)
+            .output()
+            .expect("run syncline")
+    };
+    let refused = syncline(&["topic", "create", "t", "--partitions", "0"]);
+    assert!(!refused.status.success(), "--partitions 0 was accepted");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("partitions") && stderr.contains("0 is outside [1, "),
+        "{stderr}"
+    );
+    let listed = syncline(&["topic", "list"]);
+    assert!(listed.status.success());
+    assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "");
+    // Without the flag the broker's default applies.
+    assert!(syncline(&["topic", "create", "t"]).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_explicit_zero_in_a_size_or_count_field_should_be_invalid_argument_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    create(&mut client, "stream", v1::CleanupPolicy::Delete).await;
+    create(&mut client, "table", v1::CleanupPolicy::Compact).await;
+    let mut refusals = Vec::new();
+    refusals.push((
+        "`max_bytes` 0 is outside [1, ",
+        client
+            .fetch(v1::FetchRequest {
+                topic: "stream".into(),
+                max_bytes: Some(0),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ));
+    refusals.push((
+        "`max_bytes` 0 is outside [1, ",
+        client
+            .subscribe(v1::SubscribeRequest {
+                topic: "stream".into(),
+                max_bytes: Some(0),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ));
+    refusals.push((
+        "`max_bytes` 0 is outside [1, ",
+        client
+            .snapshot(v1::SnapshotRequest {
+                topic: "table".into(),
+                max_bytes: Some(0),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ));
+    refusals.push((
+        "`limit` 0 is outside [1, 10000]",
+        client
+            .history(v1::HistoryRequest {
+                topic: "table".into(),
+                key: Bytes::from_static(b"k"),
+                limit: Some(0),
+            })
+            .await
+            .map(|_| ()),
+    ));
+    refusals.push((
+        "`session_timeout_ms` 0 is outside [1000, 300000]",
+        client
+            .join_group(v1::JoinGroupRequest {
+                group: "g".into(),
+                topics: vec!["stream".into()],
+                session_timeout_ms: Some(0),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+    ));
+    for (needle, result) in refusals {
+        let status = result.expect_err(needle);
+        assert_eq!(status.code(), Code::InvalidArgument, "{needle}: {status:?}");
+        assert!(status.message().contains(needle), "{needle}: {status:?}");
+    }
+    // Unset still means the default.
+    client
+        .fetch(v1::FetchRequest {
+            topic: "stream".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
