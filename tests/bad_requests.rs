@@ -199,3 +199,72 @@ async fn given_explicit_zero_in_a_size_or_count_field_should_be_invalid_argument
         .await
         .unwrap();
 }
+
+/// `google.rpc.Status` and `google.protobuf.Any`, declared here from their public .proto files
+/// so that the test reads the details the way independent tooling does.
+mod google_rpc {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(int32, tag = "1")]
+        pub code: i32,
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(message, repeated, tag = "3")]
+        pub details: Vec<Any>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Any {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub value: Vec<u8>,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_cas_conflict_should_carry_a_standard_google_rpc_status_with_the_conflict_as_any() {
+    use prost::Message as _;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    create(&mut client, "table", v1::CleanupPolicy::Compact).await;
+    let put = |condition: v1::condition::Expect| v1::ProduceRequest {
+        topic: "table".into(),
+        records: vec![v1::Record {
+            key: Some(Bytes::from_static(b"k")),
+            value: Some(Bytes::from_static(b"v")),
+            ..Default::default()
+        }],
+        conditions: vec![v1::Condition {
+            key: Bytes::from_static(b"k"),
+            expect: Some(condition),
+        }],
+        ..Default::default()
+    };
+    client
+        .produce(put(v1::condition::Expect::Absent(true)))
+        .await
+        .unwrap();
+    let conflict = client
+        .produce(put(v1::condition::Expect::Absent(true)))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::FailedPrecondition, "{conflict:?}");
+    let status = google_rpc::Status::decode(conflict.details()).expect("a google.rpc.Status");
+    assert_eq!(status.code, Code::FailedPrecondition as i32);
+    assert_eq!(status.message, conflict.message());
+    assert_eq!(status.details.len(), 1, "{status:?}");
+    assert_eq!(
+        status.details[0].type_url,
+        "type.googleapis.com/syncline.v1.CasConflict"
+    );
+    let detail = v1::CasConflict::decode(status.details[0].value.as_slice()).unwrap();
+    assert_eq!(
+        detail.current,
+        vec![v1::KeyVersion {
+            key: Bytes::from_static(b"k"),
+            version: 0,
+            absent: false,
+        }]
+    );
+}

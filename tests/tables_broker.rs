@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::BrokerProcess;
-use prost::Message;
 use syncline_proto::batch::BatchBuilder;
 use syncline_proto::partitioner::partition_for_key;
 use syncline_proto::v1;
@@ -161,7 +160,10 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         "{}",
         status.message()
     );
-    let conflict = v1::CasConflict::decode(status.details()).unwrap();
+    // The details are a standard google.rpc.Status with the CasConflict packed as an Any.
+    let conflict = syncline_proto::error_details::cas_conflict(status.details())
+        .unwrap()
+        .expect("a CasConflict detail");
     assert_eq!(conflict.current[0].version, v2_offset);
     assert!(!conflict.current[0].absent);
     let mut fresh = put("user", Some("c"));

@@ -2,10 +2,13 @@
 //!
 //! - [`batch`]: the record-batch layout and its codec. Producers encode batches with it, the
 //!   broker validates and stores them byte for byte, consumers decode them.
+//! - [`error_details`]: error details in the standard `google.rpc.Status` form (a CAS
+//!   conflict's current versions), written by the broker and read by clients.
 //! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
+pub mod error_details;
 pub mod partitioner;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.

@@ -8,6 +8,7 @@
 //! | offset outside the log | OUT_OF_RANGE |
 //! | batch or request too large, disk full | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
+//! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
 //! | shutting down, log closed | UNAVAILABLE |
 //! | other I/O; a snapshot finding the log and key index disagree | INTERNAL |
@@ -39,13 +40,14 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::ShuttingDown => Status::unavailable(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
         BrokerError::KeyNotFound { .. } => Status::not_found(message),
+        // Details: a standard `google.rpc.Status` with the CasConflict as an `Any`.
         BrokerError::CasConflict { current, .. } => {
-            use prost::Message as _;
-            let details = syncline_proto::v1::CasConflict {
-                current: current.clone(),
-            }
-            .encode_to_vec();
-            Status::with_details(tonic::Code::FailedPrecondition, message, details.into())
+            syncline_proto::error_details::cas_conflict_status(
+                message,
+                &syncline_proto::v1::CasConflict {
+                    current: current.clone(),
+                },
+            )
         }
         BrokerError::Sequence(crate::state::SequenceError::Fenced { .. }) => {
             Status::failed_precondition(message)
