@@ -268,3 +268,98 @@ async fn given_cas_conflict_should_carry_a_standard_google_rpc_status_with_the_c
         }]
     );
 }
+
+/// A codec that sends the request bytes as they are (no protobuf encoding) and returns the
+/// response bytes undecoded: a hostile client's view of the wire.
+#[derive(Debug, Clone, Default)]
+struct RawCodec;
+
+#[derive(Debug, Clone, Default)]
+struct RawCoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCoder;
+    type Decoder = RawCoder;
+
+    fn encoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+
+    fn decoder(&mut self) -> RawCoder {
+        RawCoder
+    }
+}
+
+impl tonic::codec::Encoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let bytes = bytes::Buf::copy_to_bytes(buf, bytes::Buf::remaining(buf));
+        Ok(Some(bytes.to_vec()))
+    }
+}
+
+/// Sends `body` as the request message of the unary `method` of syncline.v1.Broker.
+async fn raw_unary(broker: &BrokerProcess, method: &str, body: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = format!("/syncline.v1.Broker/{method}");
+    grpc.unary(
+        tonic::Request::new(body),
+        path.parse::<tonic::codegen::http::uri::PathAndQuery>()
+            .unwrap(),
+        RawCodec,
+    )
+    .await
+    .expect_err("the broker accepted a malformed request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_garbage_or_invalid_utf8_request_should_be_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    // Not protobuf at all: a field key whose varint never ends.
+    let garbage = raw_unary(&broker, "CreateTopic", vec![0xff; 16]).await;
+    assert_eq!(garbage.code(), Code::InvalidArgument, "{garbage:?}");
+    assert!(
+        garbage.message().contains("not a valid protobuf message"),
+        "{garbage:?}"
+    );
+    // CreateTopicRequest.name (field 1, a string) holding the bytes ff fe: not UTF-8.
+    let not_utf8 = raw_unary(&broker, "CreateTopic", vec![0x0a, 0x02, 0xff, 0xfe]).await;
+    assert_eq!(not_utf8.code(), Code::InvalidArgument, "{not_utf8:?}");
+    let produce = raw_unary(&broker, "Produce", vec![0x12, 0x01, 0x80]).await;
+    assert_eq!(produce.code(), Code::InvalidArgument, "{produce:?}");
+    let mut client = broker.client().await;
+    let topics = client
+        .list_topics(v1::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(topics.topics.is_empty(), "{topics:?}");
+}

@@ -10,7 +10,7 @@
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
-//! | shutting down, log closed | UNAVAILABLE |
+//! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE) | UNAVAILABLE |
 //! | other I/O; a snapshot finding the log and key index disagree | INTERNAL |
 
 use tonic::Status;
@@ -67,14 +67,26 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
             LogError::Compaction { .. } => Status::aborted(message),
+            LogError::Io { source, .. } if out_of_descriptors(source) => {
+                Status::unavailable(message)
+            }
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
         // Like corrupt log data: the client must not retry it forever.
         BrokerError::SnapshotInconsistent { .. } => Status::data_loss(message),
+        BrokerError::Io { source, .. } if out_of_descriptors(source) => {
+            Status::unavailable(message)
+        }
         BrokerError::Io { .. }
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. } => Status::internal(message),
     }
+}
+
+/// The process or the system ran out of file descriptors: a transient condition of the node
+/// (a retry may succeed once descriptors are freed), not a broken one.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
 #[cfg(test)]
@@ -125,5 +137,37 @@ mod tests {
             inconsistent.message(),
             "snapshot of partition 2 of topic `t` is inconsistent at offset 41: no record there"
         );
+    }
+
+    #[test]
+    fn given_descriptor_exhaustion_should_be_unavailable_and_other_io_internal() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let log = to_status(BrokerError::Log {
+                topic: "t".into(),
+                partition: 0,
+                source: LogError::Io {
+                    context: "opening",
+                    path: "/data/t-0/00000000000000000000.log".into(),
+                    source: std::io::Error::from_raw_os_error(errno),
+                },
+            });
+            assert_eq!(log.code(), Code::Unavailable, "{log:?}");
+            assert!(
+                log.message().contains("00000000000000000000.log"),
+                "{log:?}"
+            );
+            let meta = to_status(BrokerError::io(
+                "creating",
+                "/data/t-0",
+                std::io::Error::from_raw_os_error(errno),
+            ));
+            assert_eq!(meta.code(), Code::Unavailable, "{meta:?}");
+        }
+        let other = to_status(BrokerError::io(
+            "creating",
+            "/data/t-0",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+        assert_eq!(other.code(), Code::Internal);
     }
 }
