@@ -363,3 +363,43 @@ async fn given_garbage_or_invalid_utf8_request_should_be_invalid_argument() {
         .into_inner();
     assert!(topics.topics.is_empty(), "{topics:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_20_mib_produce_over_the_message_limit_should_be_resource_exhausted_naming_the_limit()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let mut client = broker.client().await;
+    create(&mut client, "stream", v1::CleanupPolicy::Delete).await;
+    // 20 MiB: over the broker's gRPC message limit (2 x max_batch_bytes 8 MiB + 1 MiB).
+    let oversized = || v1::ProduceRequest {
+        topic: "stream".into(),
+        batch: Bytes::from(vec![0u8; 20 << 20]),
+        ..Default::default()
+    };
+    let refused = client.produce(oversized()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("exceeds the broker's limit of")
+            && refused.message().contains("max_batch_bytes (8388608)"),
+        "{refused:?}"
+    );
+
+    let requests = tokio_stream::iter([oversized()]);
+    let mut responses = client.produce_stream(requests).await.unwrap().into_inner();
+    let refused = responses.next().await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_batch_bytes"), "{refused:?}");
+    assert_eq!(end_offset(&mut client, "stream").await, 0);
+
+    // The broker's own OUT_OF_RANGE (an offset outside the log) is unchanged.
+    let range = client
+        .fetch(v1::FetchRequest {
+            topic: "stream".into(),
+            offset: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(range.code(), Code::OutOfRange, "{range:?}");
+}

@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::status::to_status;
+use super::status::{decode_limit_to_resource_exhausted, to_status};
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log, ReadBatches};
@@ -819,14 +819,10 @@ impl Broker for BrokerService {
                             // E.g. a message over the size limit: tell the client instead of ending
                             // the stream as if all were well (which it would retry).
                             tracing::debug!(%status, "produce stream request failed to decode");
-                            let status = if status.message().contains("too large") {
-                                Status::resource_exhausted(format!(
-                                    "produce request too large: {}",
-                                    status.message()
-                                ))
-                            } else {
-                                status
-                            };
+                            let status = decode_limit_to_resource_exhausted(
+                                status,
+                                service.registry.config().limits.max_batch_bytes,
+                            );
                             let _ = tx.try_send(Err(status));
                             break;
                         }

@@ -6,7 +6,7 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large, disk full | RESOURCE_EXHAUSTED |
+//! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
@@ -81,6 +81,40 @@ pub fn to_status(error: BrokerError) -> Status {
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. } => Status::internal(message),
     }
+}
+
+/// Start of tonic's message for a request message over the decode limit (`max_decoding_message_size`),
+/// which tonic answers with OUT_OF_RANGE.
+const DECODE_LIMIT_MESSAGE: &str = "Error, decoded message length too large";
+
+/// tonic answers a request message over the decode limit with OUT_OF_RANGE, the code the broker
+/// uses for "offset outside the log"; this turns that one status into RESOURCE_EXHAUSTED with
+/// the limit (the README's promise for "too large"). Every other status passes unchanged.
+pub fn decode_limit_to_resource_exhausted(status: Status, max_batch_bytes: u32) -> Status {
+    if status.code() != tonic::Code::OutOfRange
+        || !status.message().starts_with(DECODE_LIMIT_MESSAGE)
+    {
+        return status;
+    }
+    // "...: found {len} bytes, the limit is: {limit} bytes"
+    let number_after = |marker: &str| {
+        let rest = &status.message()[status.message().find(marker)? + marker.len()..];
+        rest.split(' ').next()?.parse::<u64>().ok()
+    };
+    let size = match (number_after("found "), number_after("the limit is: ")) {
+        (Some(found), Some(limit)) => {
+            format!(
+                "a request message of {found} bytes exceeds the broker's limit of {limit} bytes"
+            )
+        }
+        _ => format!(
+            "a request message exceeds the broker's limit ({})",
+            status.message()
+        ),
+    };
+    Status::resource_exhausted(format!(
+        "{size}: batches may hold at most max_batch_bytes ({max_batch_bytes}) bytes; send smaller batches"
+    ))
 }
 
 /// The process or the system ran out of file descriptors: a transient condition of the node
@@ -169,5 +203,32 @@ mod tests {
             std::io::Error::from_raw_os_error(libc::EIO),
         ));
         assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn given_tonic_decode_limit_status_should_become_resource_exhausted_naming_the_limit() {
+        let tonic_status = Status::out_of_range(
+            "Error, decoded message length too large: found 20971536 bytes, the limit is: 17825792 bytes",
+        );
+        let status = decode_limit_to_resource_exhausted(tonic_status, 8 << 20);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "a request message of 20971536 bytes exceeds the broker's limit of 17825792 bytes: batches may hold at most max_batch_bytes (8388608) bytes; send smaller batches"
+        );
+        // The broker's own OUT_OF_RANGE (an offset outside the log) stays.
+        let range = to_status(BrokerError::Log {
+            topic: "t".into(),
+            partition: 0,
+            source: LogError::OffsetOutOfRange {
+                requested: 9,
+                start: 0,
+                end: 3,
+            },
+        });
+        let message = range.message().to_owned();
+        let kept = decode_limit_to_resource_exhausted(range, 8 << 20);
+        assert_eq!(kept.code(), Code::OutOfRange);
+        assert_eq!(kept.message(), message);
     }
 }
