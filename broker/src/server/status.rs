@@ -128,6 +128,18 @@ mod tests {
     use super::*;
     use tonic::Code;
 
+    fn offset_out_of_range() -> BrokerError {
+        BrokerError::Log {
+            topic: "t".into(),
+            partition: 0,
+            source: LogError::OffsetOutOfRange {
+                requested: 9,
+                start: 0,
+                end: 3,
+            },
+        }
+    }
+
     #[test]
     fn given_each_error_kind_should_map_to_its_code_with_the_message() {
         let status = to_status(BrokerError::TopicNotFound { topic: "t".into() });
@@ -137,16 +149,7 @@ mod tests {
             to_status(BrokerError::TopicExists { topic: "t".into() }).code(),
             Code::AlreadyExists
         );
-        let range = BrokerError::Log {
-            topic: "t".into(),
-            partition: 0,
-            source: LogError::OffsetOutOfRange {
-                requested: 9,
-                start: 0,
-                end: 3,
-            },
-        };
-        assert_eq!(to_status(range).code(), Code::OutOfRange);
+        assert_eq!(to_status(offset_out_of_range()).code(), Code::OutOfRange);
         let big = BrokerError::Log {
             topic: "t".into(),
             partition: 0,
@@ -217,15 +220,7 @@ mod tests {
             "a request message of 20971536 bytes exceeds the broker's limit of 17825792 bytes: batches may hold at most max_batch_bytes (8388608) bytes; send smaller batches"
         );
         // The broker's own OUT_OF_RANGE (an offset outside the log) stays.
-        let range = to_status(BrokerError::Log {
-            topic: "t".into(),
-            partition: 0,
-            source: LogError::OffsetOutOfRange {
-                requested: 9,
-                start: 0,
-                end: 3,
-            },
-        });
+        let range = to_status(offset_out_of_range());
         let message = range.message().to_owned();
         let kept = decode_limit_to_resource_exhausted(range, 8 << 20);
         assert_eq!(kept.code(), Code::OutOfRange);
