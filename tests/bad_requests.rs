@@ -303,8 +303,8 @@ impl tonic::codec::Decoder for RawCoder {
     }
 }
 
-/// Sends `body` as the request message of the unary `method` of syncline.v1.Broker.
-async fn raw_unary(broker: &BrokerProcess, method: &str, body: Vec<u8>) -> tonic::Status {
+/// A gRPC client of `broker` that sends bytes as they are (with [`RawCodec`]).
+async fn raw_grpc(broker: &BrokerProcess) -> tonic::client::Grpc<Channel> {
     let channel = tonic::transport::Endpoint::from_shared(broker.url())
         .unwrap()
         .connect()
@@ -312,6 +312,12 @@ async fn raw_unary(broker: &BrokerProcess, method: &str, body: Vec<u8>) -> tonic
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
+    grpc
+}
+
+/// Sends `body` as the request message of the unary `method` of syncline.v1.Broker.
+async fn raw_unary(broker: &BrokerProcess, method: &str, body: Vec<u8>) -> tonic::Status {
+    let mut grpc = raw_grpc(broker).await;
     let path = format!("/syncline.v1.Broker/{method}");
     grpc.unary(
         tonic::Request::new(body),
@@ -339,6 +345,28 @@ async fn given_garbage_or_invalid_utf8_request_should_be_invalid_argument() {
     assert_eq!(not_utf8.code(), Code::InvalidArgument, "{not_utf8:?}");
     let produce = raw_unary(&broker, "Produce", vec![0x12, 0x01, 0x80]).await;
     assert_eq!(produce.code(), Code::InvalidArgument, "{produce:?}");
+    // On ProduceStream the undecodable message ends the stream with the same status.
+    let mut grpc = raw_grpc(&broker).await;
+    let path = "/syncline.v1.Broker/ProduceStream"
+        .parse::<tonic::codegen::http::uri::PathAndQuery>()
+        .unwrap();
+    let requests = tokio_stream::iter([vec![0xffu8; 16]]);
+    let stream = grpc
+        .streaming(tonic::Request::new(requests), path, RawCodec)
+        .await;
+    let status = match stream {
+        Err(status) => status,
+        Ok(response) => {
+            let mut responses = response.into_inner();
+            responses
+                .next()
+                .await
+                .expect("the stream ended without a status")
+                .expect_err("a garbage message was answered")
+        }
+    };
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
     let mut client = broker.client().await;
     let topics = client
         .list_topics(v1::ListTopicsRequest {})

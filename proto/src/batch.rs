@@ -25,8 +25,9 @@
 //!  ---------------------------------- CRC-covered from here on -----------------------------
 //!  20     1   version            u8    FORMAT_VERSION = 1
 //!  21     1   reserved           u8    0
-//!  22     2   attributes         u16   bits 0-2 compression (only 0 = none), bit 4 control,
-//!                                      every other bit 0
+//!  22     2   attributes         u16   bits 0-2 compression (only 0 = none), bit 4 control
+//!                                      (broker-written batches only: the broker refuses it
+//!                                      from producers), every other bit 0
 //!  24     4   last_offset_delta  u32   offset of the last record slot relative to base_offset;
 //!                                      >= record_count - 1 (larger after compaction)
 //!  28     4   record_count       u32   >= 1
