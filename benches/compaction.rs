@@ -116,14 +116,14 @@ async fn create_topic(
     let name = format!("{prefix}-{}", TOPICS.fetch_add(1, Ordering::Relaxed));
     let config = if table {
         v1::TopicConfig {
-            partitions,
+            partitions: Some(partitions),
             cleanup_policy: v1::CleanupPolicy::Compact as i32,
             segment_bytes: Some(TABLE_SEGMENT_BYTES),
             ..Default::default()
         }
     } else {
         v1::TopicConfig {
-            partitions,
+            partitions: Some(partitions),
             ..Default::default()
         }
     };
@@ -287,7 +287,7 @@ async fn replay_partition(
                 topic: topic.clone(),
                 partition,
                 offset,
-                max_bytes: BOOTSTRAP_MESSAGE_BYTES,
+                max_bytes: Some(BOOTSTRAP_MESSAGE_BYTES),
                 ..Default::default()
             })
             .await
@@ -349,7 +349,7 @@ async fn snapshot_partition(
         .snapshot(v1::SnapshotRequest {
             topic,
             partition,
-            max_bytes: BOOTSTRAP_MESSAGE_BYTES,
+            max_bytes: Some(BOOTSTRAP_MESSAGE_BYTES),
         })
         .await
         .expect("snapshot")

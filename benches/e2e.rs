@@ -39,7 +39,7 @@ async fn create_topic(client: &mut BrokerClient<Channel>) -> String {
         .create_topic(v1::CreateTopicRequest {
             name: name.clone(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })
@@ -142,7 +142,7 @@ fn consume_bench(c: &mut Criterion) {
                 topic: topic.clone(),
                 partition: 0,
                 offset: 0,
-                max_bytes: 1024 * 1024,
+                max_bytes: Some(1024 * 1024),
                 ..Default::default()
             })
             .await
@@ -164,7 +164,7 @@ fn consume_bench(c: &mut Criterion) {
                 topic: topic.clone(),
                 partition: 0,
                 offset,
-                max_bytes: 1024 * 1024,
+                max_bytes: Some(1024 * 1024),
                 ..Default::default()
             }));
             let response = response.expect("fetch").into_inner();

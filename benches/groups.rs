@@ -136,7 +136,7 @@ fn rebalance(c: &mut Criterion) {
             .create_topic(v1::CreateTopicRequest {
                 name: "events".into(),
                 config: Some(v1::TopicConfig {
-                    partitions: PARTITIONS,
+                    partitions: Some(PARTITIONS),
                     ..Default::default()
                 }),
             })
@@ -204,7 +204,7 @@ fn commits(c: &mut Criterion) {
             .create_topic(v1::CreateTopicRequest {
                 name: "events".into(),
                 config: Some(v1::TopicConfig {
-                    partitions: PARTITIONS,
+                    partitions: Some(PARTITIONS),
                     ..Default::default()
                 }),
             })

@@ -23,7 +23,7 @@ async fn create_table(client: &mut BrokerClient<Channel>) -> String {
         .create_topic(v1::CreateTopicRequest {
             name: name.clone(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 ..Default::default()
             }),

@@ -166,7 +166,7 @@ async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_refl
         .create_topic(syncline_proto::v1::CreateTopicRequest {
             name: "t".into(),
             config: Some(syncline_proto::v1::TopicConfig {
-                partitions: 3,
+                partitions: Some(3),
                 ..Default::default()
             }),
         })

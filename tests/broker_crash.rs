@@ -30,7 +30,7 @@ async fn given_broker_killed_mid_stream_when_restarted_should_keep_every_durable
                 .create_topic(v1::CreateTopicRequest {
                     name: "durable".into(),
                     config: Some(v1::TopicConfig {
-                        partitions: 1,
+                        partitions: Some(1),
                         segment_bytes: Some(256 * 1024),
                         ..Default::default()
                     }),
@@ -102,7 +102,7 @@ async fn given_broker_killed_mid_stream_when_restarted_should_keep_every_durable
                     topic: "durable".into(),
                     partition: 0,
                     offset,
-                    max_bytes: 1024 * 1024,
+                    max_bytes: Some(1024 * 1024),
                     ..Default::default()
                 })
                 .await

@@ -19,7 +19,7 @@ fn topic_request(name: &str, partitions: u32) -> v1::CreateTopicRequest {
     v1::CreateTopicRequest {
         name: name.into(),
         config: Some(v1::TopicConfig {
-            partitions,
+            partitions: Some(partitions),
             ..Default::default()
         }),
     }
@@ -62,7 +62,7 @@ async fn read_partition(
                 topic: topic.into(),
                 partition,
                 offset,
-                max_bytes: 64 * 1024,
+                max_bytes: Some(64 * 1024),
                 ..Default::default()
             })
             .await

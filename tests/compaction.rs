@@ -28,7 +28,7 @@ async fn create_table(client: &mut Grpc, name: &str, partitions: u32, delete_ret
         .create_topic(v1::CreateTopicRequest {
             name: name.into(),
             config: Some(v1::TopicConfig {
-                partitions,
+                partitions: Some(partitions),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 segment_bytes: Some(64 * 1024),
                 delete_retention_ms: Some(delete_retention_ms),
@@ -118,7 +118,7 @@ async fn read_partition(
                 topic: topic.into(),
                 partition,
                 offset,
-                max_bytes: 1 << 20,
+                max_bytes: Some(1 << 20),
                 decode_records: true,
                 ..Default::default()
             })
@@ -145,7 +145,7 @@ async fn snapshot(client: &mut Grpc, topic: &str, partition: u32) -> Vec<v1::Fet
         .snapshot(v1::SnapshotRequest {
             topic: topic.into(),
             partition,
-            max_bytes: 0,
+            max_bytes: None,
         })
         .await
         .unwrap()

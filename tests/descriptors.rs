@@ -25,7 +25,7 @@ async fn create_and_write(broker: &BrokerProcess) {
         .create_topic(v1::CreateTopicRequest {
             name: "many".into(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 ..Default::default()
             }),
         })

@@ -83,7 +83,7 @@ async fn create(client: &mut Client, name: &str, partitions: u32) -> Result<(), 
         .create_topic(v1::CreateTopicRequest {
             name: name.into(),
             config: Some(v1::TopicConfig {
-                partitions,
+                partitions: Some(partitions),
                 ..Default::default()
             }),
         })

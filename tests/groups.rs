@@ -339,7 +339,7 @@ async fn stale_epoch_commit_should_be_refused_and_offsets_should_survive_a_resta
             group: "g".into(),
             member_id: String::new(),
             topics: vec!["t".into()],
-            session_timeout_ms: 10_000,
+            session_timeout_ms: Some(10_000),
             client_id: "test".into(),
         })
         .await

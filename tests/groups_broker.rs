@@ -56,7 +56,7 @@ async fn create(client: &mut Grpc, partitions: u32) {
         .create_topic(v1::CreateTopicRequest {
             name: "events".into(),
             config: Some(v1::TopicConfig {
-                partitions,
+                partitions: Some(partitions),
                 ..Default::default()
             }),
         })
@@ -69,7 +69,7 @@ async fn join(client: &mut Grpc, session_timeout_ms: u32) -> Member {
         .join_group(v1::JoinGroupRequest {
             group: "g".into(),
             topics: vec!["events".into()],
-            session_timeout_ms,
+            session_timeout_ms: Some(session_timeout_ms),
             ..Default::default()
         })
         .await

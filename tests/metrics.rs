@@ -31,7 +31,7 @@ async fn given_traffic_when_scraped_should_expose_moving_metrics_that_pass_promt
         .create_topic(v1::CreateTopicRequest {
             name: "m".into(),
             config: Some(v1::TopicConfig {
-                partitions: 2,
+                partitions: Some(2),
                 ..Default::default()
             }),
         })

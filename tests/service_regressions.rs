@@ -30,7 +30,7 @@ async fn create(
         .create_topic(v1::CreateTopicRequest {
             name: name.into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })
@@ -57,7 +57,7 @@ async fn given_subscriber_that_stops_reading_when_sigterm_should_still_exit() {
     let _never_read = client
         .subscribe(v1::SubscribeRequest {
             topic: "s".into(),
-            max_bytes: 1024 * 1024,
+            max_bytes: Some(1024 * 1024),
             ..Default::default()
         })
         .await
@@ -154,7 +154,7 @@ async fn given_decoded_fetch_of_large_batches_should_fit_the_message_limit() {
             .fetch(v1::FetchRequest {
                 topic: "d".into(),
                 offset,
-                max_bytes: 16 * 1024 * 1024,
+                max_bytes: Some(16 * 1024 * 1024),
                 decode_records: true,
                 ..Default::default()
             })

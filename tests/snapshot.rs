@@ -36,7 +36,7 @@ async fn create(client: &mut Grpc, name: &str, cleanup: v1::CleanupPolicy) {
         .create_topic(v1::CreateTopicRequest {
             name: name.into(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 cleanup_policy: cleanup as i32,
                 ..Default::default()
             }),
@@ -93,7 +93,7 @@ async fn snapshot(
     client: &mut Grpc,
     topic: &str,
     partition: u32,
-    max_bytes: u32,
+    max_bytes: Option<u32>,
 ) -> Vec<v1::SnapshotResponse> {
     let mut stream = client
         .snapshot(v1::SnapshotRequest {
@@ -116,7 +116,7 @@ async fn snapshot_error(client: &mut Grpc, topic: &str, partition: u32) -> tonic
         .snapshot(v1::SnapshotRequest {
             topic: topic.into(),
             partition,
-            max_bytes: 0,
+            max_bytes: None,
         })
         .await
     {
@@ -199,7 +199,7 @@ async fn reference(client: &mut Grpc, topic: &str, partition: u32, upper: u64) -
                 topic: topic.into(),
                 partition,
                 offset,
-                max_bytes: 64 * 1024,
+                max_bytes: Some(64 * 1024),
                 max_wait_ms: 0,
                 decode_records: true,
             })
@@ -249,7 +249,7 @@ async fn given_versions_and_deletes_snapshot_of_each_partition_should_equal_the_
     let deleted = populate(&mut client, "table").await;
     let mut seen_keys = 0;
     for partition in 0..PARTITIONS {
-        let messages = snapshot(&mut client, "table", partition, 0).await;
+        let messages = snapshot(&mut client, "table", partition, None).await;
         let (high_watermark, records) = records_of(&messages, partition);
         assert_eq!(
             high_watermark,
@@ -277,11 +277,11 @@ async fn given_small_max_bytes_snapshot_should_come_in_several_messages_with_las
     create(&mut client, "table", v1::CleanupPolicy::Compact).await;
     populate(&mut client, "table").await;
     for partition in 0..PARTITIONS {
-        let whole = snapshot(&mut client, "table", partition, 0).await;
+        let whole = snapshot(&mut client, "table", partition, None).await;
         assert_eq!(whole.len(), 1, "a small partition fits one default message");
         let (high_watermark, all) = records_of(&whole, partition);
         // Each record is about 40-110 bytes encoded: 256 bytes holds a few of them.
-        let chunked = snapshot(&mut client, "table", partition, 256).await;
+        let chunked = snapshot(&mut client, "table", partition, Some(256)).await;
         let (chunked_high_watermark, records) = records_of(&chunked, partition);
         assert_eq!(chunked_high_watermark, high_watermark);
         assert!(chunked.len() > 1, "{} records in one message", all.len());
@@ -292,7 +292,7 @@ async fn given_small_max_bytes_snapshot_should_come_in_several_messages_with_las
         }
         assert_eq!(records, all, "chunking changes the framing only");
         // A record larger than max_bytes still goes out, alone in its message.
-        let tiny = snapshot(&mut client, "table", partition, 1).await;
+        let tiny = snapshot(&mut client, "table", partition, Some(1)).await;
         let (_, records) = records_of(&tiny, partition);
         assert_eq!(records, all);
         assert!(tiny[..tiny.len() - 1].iter().all(|m| m.records.len() == 1));
@@ -306,7 +306,7 @@ async fn given_an_empty_table_snapshot_should_be_one_final_message_with_no_keys(
     let mut client = broker.client().await;
     create(&mut client, "table", v1::CleanupPolicy::Compact).await;
     for partition in 0..PARTITIONS {
-        let messages = snapshot(&mut client, "table", partition, 0).await;
+        let messages = snapshot(&mut client, "table", partition, None).await;
         assert_eq!(messages.len(), 1);
         let message = &messages[0];
         assert!(message.last);
@@ -321,7 +321,7 @@ async fn given_an_empty_table_snapshot_should_be_one_final_message_with_no_keys(
         .unwrap();
     client.produce(put("table", "gone", None)).await.unwrap();
     let partition = partition_for_key(b"gone", PARTITIONS);
-    let messages = snapshot(&mut client, "table", partition, 0).await;
+    let messages = snapshot(&mut client, "table", partition, None).await;
     assert_eq!(messages.len(), 1);
     assert!(messages[0].last && messages[0].records.is_empty());
     assert_eq!(messages[0].keys_total, 0);
@@ -393,7 +393,7 @@ async fn given_concurrent_writers_each_snapshot_should_equal_the_log_prefix_belo
     let mut high_watermarks = vec![Vec::new(); PARTITIONS as usize];
     for _round in 0..4 {
         for partition in 0..PARTITIONS {
-            let messages = snapshot(&mut client, "table", partition, 512).await;
+            let messages = snapshot(&mut client, "table", partition, Some(512)).await;
             let (high_watermark, records) = records_of(&messages, partition);
             let expected = reference(&mut client, "table", partition, high_watermark).await;
             assert_eq!(
@@ -467,7 +467,7 @@ async fn big_table(client: &mut Grpc) {
         .create_topic(v1::CreateTopicRequest {
             name: "big".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 ..Default::default()
             }),
@@ -521,7 +521,7 @@ async fn given_a_client_that_goes_away_mid_snapshot_should_stop_and_release_the_
         .snapshot(v1::SnapshotRequest {
             topic: "big".into(),
             partition: 0,
-            max_bytes: 1,
+            max_bytes: Some(1),
         })
         .await
         .unwrap()
@@ -550,7 +550,7 @@ async fn given_broker_shutdown_mid_snapshot_should_end_the_stream_without_a_fina
         .snapshot(v1::SnapshotRequest {
             topic: "big".into(),
             partition: 0,
-            max_bytes: 1,
+            max_bytes: Some(1),
         })
         .await
         .unwrap()

@@ -10,7 +10,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use common::BrokerProcess;
-use prost::Message;
 use syncline_proto::batch::BatchBuilder;
 use syncline_proto::partitioner::partition_for_key;
 use syncline_proto::v1;
@@ -24,7 +23,7 @@ async fn create_table(client: &mut v1::broker_client::BrokerClient<tonic::transp
         .create_topic(v1::CreateTopicRequest {
             name: "table".into(),
             config: Some(v1::TopicConfig {
-                partitions: PARTITIONS,
+                partitions: Some(PARTITIONS),
                 cleanup_policy: v1::CleanupPolicy::Compact as i32,
                 ..Default::default()
             }),
@@ -161,7 +160,10 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         "{}",
         status.message()
     );
-    let conflict = v1::CasConflict::decode(status.details()).unwrap();
+    // The details are a standard google.rpc.Status with the CasConflict packed as an Any.
+    let conflict = syncline_proto::error_details::cas_conflict(status.details())
+        .unwrap()
+        .expect("a CasConflict detail");
     assert_eq!(conflict.current[0].version, v2_offset);
     assert!(!conflict.current[0].absent);
     let mut fresh = put("user", Some("c"));
@@ -189,7 +191,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .history(v1::HistoryRequest {
             topic: "table".into(),
             key: Bytes::from_static(b"user"),
-            limit: 0,
+            limit: None,
         })
         .await
         .unwrap()
@@ -218,7 +220,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .history(v1::HistoryRequest {
             topic: "table".into(),
             key: Bytes::from_static(b"user"),
-            limit: 2,
+            limit: Some(2),
         })
         .await
         .unwrap()
@@ -231,7 +233,7 @@ async fn given_deletes_and_cas_should_answer_get_history_and_conflicts() {
         .create_topic(v1::CreateTopicRequest {
             name: "plain".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })
@@ -261,7 +263,7 @@ async fn given_retried_idempotent_batch_after_restart_should_ack_original_offset
         .create_topic(v1::CreateTopicRequest {
             name: "events".into(),
             config: Some(v1::TopicConfig {
-                partitions: 1,
+                partitions: Some(1),
                 ..Default::default()
             }),
         })

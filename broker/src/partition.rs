@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use syncline_proto::batch::{Batch, BatchBuilder, Record};
+use syncline_proto::batch::{Batch, BatchBuilder, Record, ATTR_BROKER_RESERVED};
 use syncline_proto::partitioner::partition_for_key;
 
 use crate::error::BrokerError;
@@ -566,7 +566,8 @@ impl Partition {
         }
     }
 
-    /// Validates and appends an encoded batch (with optional CAS conditions).
+    /// Validates and appends an encoded batch from a client (with optional CAS conditions).
+    /// Attribute bits the broker reserves for its own batches are refused: nothing is appended.
     pub fn append_batch(
         &self,
         bytes: Bytes,
@@ -575,6 +576,12 @@ impl Partition {
         self.log()?;
         let batch = Batch::parse(bytes)
             .map_err(|e| BrokerError::InvalidRequest(format!("invalid batch: {e}")))?;
+        let reserved = batch.header().attributes & ATTR_BROKER_RESERVED;
+        if reserved != 0 {
+            return Err(BrokerError::InvalidRequest(format!(
+                "invalid batch: attribute bits {reserved:#06x} (bit 4 = control) are reserved for batches the broker writes itself; clients must leave them 0"
+            )));
+        }
         let keys = self.check_records(&batch)?;
         self.append_checked(&batch, keys, conditions)
     }
@@ -1138,5 +1145,30 @@ mod tests {
         let index = live.index.unwrap();
         assert_eq!(index.get(b"a").map(|s| s.offset), Some(1));
         assert_eq!(index.get(b"c").map(|s| s.offset), Some(2));
+    }
+
+    #[tokio::test]
+    async fn given_client_batch_with_control_attribute_when_appended_should_refuse_and_append_nothing(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        for is_table in [false, true] {
+            let dir = dir.path().join(format!("table-{is_table}"));
+            let partition = table(&dir, is_table);
+            let mut builder = BatchBuilder::new().control();
+            builder.push(1, Some(b"k"), Some(b"v"), &[]);
+            let refused = partition.append_batch(builder.finish().unwrap(), &[]);
+            assert!(
+                matches!(&refused, Err(BrokerError::InvalidRequest(message)) if message.contains("reserved")),
+                "{refused:?}"
+            );
+            let log = partition.log().unwrap();
+            assert_eq!(log.info().end_offset, 0, "a refused batch was appended");
+            if is_table {
+                assert!(partition.latest(b"k").unwrap().is_none());
+            }
+            // The same batch without the bit is accepted.
+            partition.append_batch(keyed("k", "v"), &[]).unwrap();
+            assert_eq!(log.info().end_offset, 1);
+        }
     }
 }

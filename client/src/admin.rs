@@ -103,7 +103,7 @@ impl TopicConfig {
             }
         };
         v1::TopicConfig {
-            partitions: self.partitions.unwrap_or(0),
+            partitions: self.partitions,
             cleanup_policy: self.cleanup_policy.to_wire() as i32,
             retention_ms: self.retention_ms,
             retention_bytes: self.retention_bytes,
@@ -125,7 +125,7 @@ impl TopicConfig {
             _ => None,
         };
         TopicConfig {
-            partitions: (config.partitions != 0).then_some(config.partitions),
+            partitions: config.partitions,
             cleanup_policy: CleanupPolicy::from_wire(config.cleanup_policy),
             retention_ms: config.retention_ms,
             retention_bytes: config.retention_bytes,
@@ -326,7 +326,7 @@ mod tests {
         assert_eq!(TopicConfig::from_wire(&config.to_wire()), config);
         let defaults = TopicConfig::default();
         let wire = defaults.to_wire();
-        assert_eq!(wire.partitions, 0);
+        assert_eq!(wire.partitions, None, "unset must stay absent on the wire");
         assert_eq!(wire.cleanup_policy, v1::CleanupPolicy::Delete as i32);
         assert_eq!(TopicConfig::from_wire(&wire), defaults);
     }

@@ -415,7 +415,7 @@ impl PartitionReader {
                 topic: self.topic.to_string(),
                 partition: self.partition,
                 offset,
-                max_bytes: self.config.fetch_bytes_max,
+                max_bytes: Some(self.config.fetch_bytes_max),
                 max_wait_ms,
                 decode_records: false,
             };

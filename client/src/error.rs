@@ -18,9 +18,7 @@
 use std::error::Error as _;
 
 use bytes::Bytes;
-use prost::Message as _;
 use syncline_proto::batch::BatchError;
-use syncline_proto::v1;
 use tonic::Code;
 
 /// Result with the client's [`Error`].
@@ -282,18 +280,19 @@ pub(crate) fn is_producer_fenced(code: Code, message: &str) -> bool {
 }
 
 /// The current version of `key` from the details of a failed compare-and-set (a
-/// FAILED_PRECONDITION status whose details hold a protobuf `CasConflict`): `Ok(None)` when
-/// the status carries no details (some other failed precondition), `Ok(Some(current))` with
-/// the key's version (`None`: absent or deleted).
+/// FAILED_PRECONDITION status whose details are a `google.rpc.Status` holding a `CasConflict`,
+/// or the bare `CasConflict` of older brokers): `Ok(None)` when the status carries no conflict
+/// (some other failed precondition), `Ok(Some(current))` with the key's version (`None`:
+/// absent or deleted).
 pub(crate) fn conflict_version(details: &[u8], key: &[u8]) -> Result<Option<Option<u64>>> {
-    if details.is_empty() {
-        return Ok(None);
-    }
-    let conflict = v1::CasConflict::decode(details).map_err(|error| {
+    let conflict = syncline_proto::error_details::cas_conflict(details).map_err(|error| {
         Error::Protocol(format!(
             "a failed compare-and-set carries undecodable details: {error}"
         ))
     })?;
+    let Some(conflict) = conflict else {
+        return Ok(None);
+    };
     let current = conflict
         .current
         .iter()
@@ -357,6 +356,8 @@ fn join_unique(parts: Vec<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
+    use syncline_proto::v1;
 
     #[test]
     fn given_broker_status_should_keep_code_and_message() {
@@ -395,8 +396,27 @@ mod tests {
         assert!(error.is_transient());
     }
 
+    /// Details as the broker sends them: a `google.rpc.Status` with the conflict as an `Any`.
     fn cas_details(current: Vec<v1::KeyVersion>) -> Vec<u8> {
-        v1::CasConflict { current }.encode_to_vec()
+        syncline_proto::error_details::cas_conflict_status(
+            "version conflict",
+            &v1::CasConflict { current },
+        )
+        .details()
+        .to_vec()
+    }
+
+    #[test]
+    fn given_bare_cas_conflict_of_an_older_broker_should_still_decode() {
+        let bare = v1::CasConflict {
+            current: vec![v1::KeyVersion {
+                key: Bytes::from_static(b"counter"),
+                version: 7,
+                absent: false,
+            }],
+        }
+        .encode_to_vec();
+        assert_eq!(conflict_version(&bare, b"counter").unwrap(), Some(Some(7)));
     }
 
     #[test]

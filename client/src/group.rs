@@ -213,10 +213,10 @@ impl GroupConsumerConfig {
         Ok(())
     }
 
-    fn session_timeout_ms(&self) -> u32 {
-        self.session_timeout.map_or(0, |timeout| {
-            u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
-        })
+    /// Absent (the broker's default) unless the config sets one.
+    fn session_timeout_ms(&self) -> Option<u32> {
+        self.session_timeout
+            .map(|timeout| u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX))
     }
 
     /// How long one coordinator request may take before it counts as a transient failure.

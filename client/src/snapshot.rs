@@ -40,7 +40,8 @@ impl Snapshot {
         let request = v1::SnapshotRequest {
             topic: topic.to_owned(),
             partition,
-            max_bytes: 0,
+            // The broker's default message size.
+            max_bytes: None,
         };
         let mut stream = client
             .grpc()

@@ -761,7 +761,7 @@ impl Shared {
                 topic: self.topic.clone(),
                 partition,
                 offset,
-                max_bytes: self.config.fetch_bytes_max,
+                max_bytes: Some(self.config.fetch_bytes_max),
                 max_wait_ms: 0,
                 decode_records: false,
             })
@@ -782,7 +782,7 @@ impl Shared {
                 topic: self.topic.clone(),
                 partition,
                 offset,
-                max_bytes: self.config.fetch_bytes_max,
+                max_bytes: Some(self.config.fetch_bytes_max),
                 decode_records: false,
             })
             .await

@@ -219,8 +219,8 @@ impl Table {
         }))
     }
 
-    /// The most recent `limit` retained versions of `key` (0: the broker's default of 100; the
-    /// broker returns at most 10000), oldest first. A delete is a version without a value. A
+    /// The most recent `limit` retained versions of `key` (at least 1: the broker refuses 0;
+    /// it returns at most 10000), oldest first. A delete is a version without a value. A
     /// key never written has no versions.
     pub async fn history(&self, key: impl AsRef<[u8]>, limit: u32) -> Result<History> {
         let key = key.as_ref();
@@ -231,7 +231,7 @@ impl Table {
             .history(v1::HistoryRequest {
                 topic: inner.topic.clone(),
                 key: Bytes::copy_from_slice(key),
-                limit,
+                limit: Some(limit),
             })
             .await
             .map_err(|status| inner.client.error(status))?

@@ -529,7 +529,10 @@ impl Broker for FakeBroker {
         request: Request<v1::CreateTopicRequest>,
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let request = request.into_inner();
-        let partitions = request.config.map_or(1, |config| config.partitions.max(1));
+        let partitions = request
+            .config
+            .and_then(|config| config.partitions)
+            .map_or(1, |n| n.max(1));
         let mut state = self.lock();
         if state.topics.contains_key(&request.name) {
             return Err(Status::already_exists("exists"));
@@ -844,7 +847,7 @@ fn describe(name: &str, partitions: u32, cleanup_policy: i32) -> v1::TopicDescri
     v1::TopicDescription {
         name: name.to_owned(),
         config: Some(v1::TopicConfig {
-            partitions,
+            partitions: Some(partitions),
             cleanup_policy,
             ..Default::default()
         }),

@@ -25,8 +25,9 @@
 //!  ---------------------------------- CRC-covered from here on -----------------------------
 //!  20     1   version            u8    FORMAT_VERSION = 1
 //!  21     1   reserved           u8    0
-//!  22     2   attributes         u16   bits 0-2 compression (only 0 = none), bit 4 control,
-//!                                      every other bit 0
+//!  22     2   attributes         u16   bits 0-2 compression (only 0 = none), bit 4 control
+//!                                      (broker-written batches only: the broker refuses it
+//!                                      from producers), every other bit 0
 //!  24     4   last_offset_delta  u32   offset of the last record slot relative to base_offset;
 //!                                      >= record_count - 1 (larger after compaction)
 //!  28     4   record_count       u32   >= 1
@@ -124,6 +125,10 @@ pub const ATTR_CONTROL: u16 = 0x10;
 
 /// Attribute bits this version knows; any other set bit is rejected.
 const ATTR_KNOWN: u16 = ATTR_COMPRESSION_MASK | ATTR_CONTROL;
+/// Attribute bits only the broker may set on the batches it writes itself: a client batch with
+/// one of them set is refused. A control batch is skipped by consumers and table replicas but
+/// read by `Get`/`History`, so a client-written one would make replicas diverge.
+pub const ATTR_BROKER_RESERVED: u16 = ATTR_CONTROL;
 
 /// The smallest possible record, length prefix included: length (1) + attributes (1) +
 /// timestamp_delta (1) + offset_delta (1) + key_length -1 (1) + value_length -1 (1) +

@@ -1,17 +1,24 @@
 //! Syncline's wire format.
 //!
+//! - [`codec`]: the server's codec (a request that does not decode is INVALID_ARGUMENT).
 //! - [`batch`]: the record-batch layout and its codec. Producers encode batches with it, the
 //!   broker validates and stores them byte for byte, consumers decode them.
+//! - [`error_details`]: error details in the standard `google.rpc.Status` form (a CAS
+//!   conflict's current versions), written by the broker and read by clients.
 //! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
+pub mod codec;
+pub mod error_details;
 pub mod partitioner;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("syncline.v1");
+    // The server, generated in a second pass with `crate::codec::RequestCodec` (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/server/syncline.v1.rs"));
 
     /// Encoded `FileDescriptorSet` of the schema, for gRPC server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

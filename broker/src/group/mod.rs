@@ -263,14 +263,12 @@ impl Coordinator {
         })
     }
 
-    fn session_timeout(&self, requested: u32) -> Result<Duration, BrokerError> {
-        let ms = match requested {
-            0 => self.config.session_timeout_default_ms,
-            ms => ms,
-        };
+    /// Absent: the broker default; an explicit value (0 included) must be within the bounds.
+    fn session_timeout(&self, requested: Option<u32>) -> Result<Duration, BrokerError> {
+        let ms = requested.unwrap_or(self.config.session_timeout_default_ms);
         if !(SESSION_TIMEOUT_MIN_MS..=SESSION_TIMEOUT_MAX_MS).contains(&ms) {
             return Err(BrokerError::InvalidRequest(format!(
-                "session timeout {ms} ms is outside [{SESSION_TIMEOUT_MIN_MS}, {SESSION_TIMEOUT_MAX_MS}]"
+                "`session_timeout_ms` {ms} is outside [{SESSION_TIMEOUT_MIN_MS}, {SESSION_TIMEOUT_MAX_MS}]: leave it unset for the broker default"
             )));
         }
         Ok(Duration::from_millis(u64::from(ms)))

@@ -57,7 +57,8 @@ struct Client {
 }
 
 impl Harness {
-    fn join(&self, session_timeout_ms: u32) -> Client {
+    /// Joins member; `None` takes the broker's default session timeout.
+    fn join(&self, session_timeout_ms: Option<u32>) -> Client {
         let response = self
             .coordinator
             .join(v1::JoinGroupRequest {
@@ -126,7 +127,7 @@ fn round(h: &Harness, clients: &mut [&mut Client]) {
 #[tokio::test]
 async fn given_three_members_over_twelve_partitions_should_give_each_four() {
     let h = harness(12, 0).await;
-    let (mut a, mut b, mut c) = (h.join(0), h.join(0), h.join(0));
+    let (mut a, mut b, mut c) = (h.join(None), h.join(None), h.join(None));
     for _ in 0..3 {
         round(&h, &mut [&mut a, &mut b, &mut c]);
         assert_exclusive(&[&a, &b, &c]);
@@ -141,9 +142,9 @@ async fn given_three_members_over_twelve_partitions_should_give_each_four() {
 #[tokio::test]
 async fn given_a_new_member_should_get_partitions_only_after_their_owners_release_them() {
     let h = harness(12, 0).await;
-    let (mut a, mut b, mut c) = (h.join(0), h.join(0), h.join(0));
+    let (mut a, mut b, mut c) = (h.join(None), h.join(None), h.join(None));
     round(&h, &mut [&mut a, &mut b, &mut c]);
-    let mut d = h.join(0);
+    let mut d = h.join(None);
     assert!(d.reading.is_empty(), "everything is still held");
     h.beat(&mut d);
     assert!(d.reading.is_empty(), "everything is still held");
@@ -162,10 +163,10 @@ async fn given_a_new_member_should_get_partitions_only_after_their_owners_releas
 #[tokio::test]
 async fn given_a_slow_old_owner_its_partition_should_wait_and_it_may_still_commit() {
     let h = harness(2, 0).await;
-    let mut a = h.join(0);
+    let mut a = h.join(None);
     h.beat(&mut a);
     assert_eq!(a.reading.len(), 2);
-    let mut b = h.join(0);
+    let mut b = h.join(None);
     h.beat(&mut b);
     assert!(b.reading.is_empty());
     // a learns it must give one up but has not released it yet: it can commit for it.
@@ -228,8 +229,8 @@ async fn given_a_slow_old_owner_its_partition_should_wait_and_it_may_still_commi
 #[tokio::test]
 async fn given_member_silent_past_its_session_should_expire_and_free_its_partitions() {
     let h = harness(6, 0).await;
-    let mut a = h.join(1000);
-    let mut b = h.join(10_000);
+    let mut a = h.join(Some(1000));
+    let mut b = h.join(Some(10_000));
     round(&h, &mut [&mut a, &mut b]);
     round(&h, &mut [&mut a, &mut b]);
     assert_eq!(b.reading.len(), 3);
@@ -256,10 +257,10 @@ async fn given_member_silent_past_its_session_should_expire_and_free_its_partiti
 #[tokio::test]
 async fn given_initial_delay_should_assign_nothing_before_it_ends() {
     let h = harness(4, 300).await;
-    let mut a = h.join(0);
+    let mut a = h.join(None);
     assert!(a.reading.is_empty());
     assert_eq!(h.coordinator.describe("g").unwrap().state, "assigning");
-    let mut b = h.join(0);
+    let mut b = h.join(None);
     h.beat(&mut a);
     assert!(a.reading.is_empty());
     tokio::time::sleep(Duration::from_millis(350)).await;
@@ -275,7 +276,7 @@ async fn given_initial_delay_should_assign_nothing_before_it_ends() {
 #[tokio::test]
 async fn given_stale_epoch_or_unknown_member_or_members_should_refuse_and_change_nothing() {
     let h = harness(2, 0).await;
-    let mut a = h.join(0);
+    let mut a = h.join(None);
     h.beat(&mut a);
     let commit = |member: &str, epoch: u32| v1::CommitOffsetsRequest {
         group: "g".into(),
@@ -485,4 +486,23 @@ async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
         matches!(&described, Err(BrokerError::Fenced { .. })),
         "{described:?}"
     );
+}
+
+#[tokio::test]
+async fn given_explicit_zero_session_timeout_should_refuse_and_absent_take_the_default() {
+    let h = harness(1, 0).await;
+    let request = |session_timeout_ms| v1::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into()],
+        session_timeout_ms,
+        ..Default::default()
+    };
+    let refused = h.coordinator.join(request(Some(0)));
+    assert!(
+        matches!(&refused, Err(BrokerError::InvalidRequest(message)) if message.contains("`session_timeout_ms` 0 is outside [1000, 300000]")),
+        "{refused:?}"
+    );
+    h.coordinator.join(request(None)).unwrap();
+    let described = h.coordinator.describe("g").unwrap();
+    assert_eq!(described.members[0].session_timeout_ms, 10_000);
 }

@@ -1,6 +1,7 @@
 //! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
 //! port, with graceful shutdown.
 
+mod decode_limit;
 mod service;
 pub mod status;
 
@@ -147,7 +148,8 @@ impl Broker {
         );
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
-            // RESOURCE_EXHAUSTED (tonic itself answers OUT_OF_RANGE past this limit).
+            // RESOURCE_EXHAUSTED (past this limit tonic answers OUT_OF_RANGE, which DecodeLimit
+            // below turns into RESOURCE_EXHAUSTED).
             .max_decoding_message_size(2 * limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
             // A response holds at least one whole batch (up to max_batch_bytes) and, when
             // records are decoded, about twice the batch bytes.
@@ -210,7 +212,10 @@ impl Broker {
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)
-            .add_service(broker)
+            .add_service(decode_limit::DecodeLimit::new(
+                broker,
+                limits.max_batch_bytes,
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown);
         // Clients that stop reading keep their streams (and so the server) alive: after the
         // grace period the remaining connections are dropped and the logs closed anyway.

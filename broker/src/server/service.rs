@@ -24,13 +24,17 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::status::to_status;
+use super::status::{decode_limit_to_resource_exhausted, to_status};
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log, ReadBatches};
 use crate::partition::{show_key, Condition, Partition, PlainRecord, SnapshotPlan};
 use crate::topic::{Cleanup, Registry, Topic, TopicSettings};
 
+/// Versions a History request returns when it does not say.
+const HISTORY_LIMIT_DEFAULT: u32 = 100;
+/// Most versions one History request returns: bounds the scan's answer.
+const HISTORY_LIMIT_MAX: u32 = 10_000;
 /// Fetch size when a request does not say (1 MiB).
 const DEFAULT_FETCH_BYTES: u32 = 1024 * 1024;
 /// Snapshot message size when a request does not say (1 MiB).
@@ -105,6 +109,24 @@ fn acks_of(value: i32) -> Result<Acks, BrokerError> {
     }
 }
 
+/// A request's optional positive number: absent takes `default`, larger than `max` is capped at
+/// `max`, and an explicit 0 is refused (proto3 `optional` tells it apart from "not set", so a 0
+/// never silently means the default).
+fn positive_or_default(
+    value: Option<u32>,
+    field: &'static str,
+    default: u32,
+    max: u32,
+) -> Result<u32, BrokerError> {
+    match value {
+        None => Ok(default.min(max)),
+        Some(0) => Err(BrokerError::InvalidRequest(format!(
+            "`{field}` 0 is outside [1, {max}]: leave it unset for the default ({default}); larger values are capped at {max}"
+        ))),
+        Some(value) => Ok(value.min(max)),
+    }
+}
+
 fn retention_override(
     value: Option<i64>,
     key: &'static str,
@@ -170,7 +192,7 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         FsyncPolicy::IntervalMs(ms) => (v1::FsyncPolicy::Interval, Some(ms)),
     };
     v1::TopicConfig {
-        partitions: settings.partitions,
+        partitions: Some(settings.partitions),
         cleanup_policy: cleanup_of(settings.cleanup) as i32,
         retention_ms: Some(settings.log.retention_ms.map_or(-1, |v| v as i64)),
         retention_bytes: Some(settings.log.retention_bytes.map_or(-1, |v| v as i64)),
@@ -581,32 +603,26 @@ impl BrokerService {
 
     /// Bytes of batches one response may carry. Decoded records roughly double a response, so
     /// a decoding fetch reads half as much to stay within the message limit.
-    fn fetch_limits(&self, max_bytes: u32, decode_records: bool) -> usize {
+    fn fetch_limits(
+        &self,
+        max_bytes: Option<u32>,
+        decode_records: bool,
+    ) -> Result<usize, BrokerError> {
         let limit = self.registry.config().limits.max_fetch_bytes;
-        let requested = if max_bytes == 0 {
-            DEFAULT_FETCH_BYTES
-        } else {
-            max_bytes
-        };
-        let bytes = requested.min(limit) as usize;
-        if decode_records {
+        let bytes =
+            positive_or_default(max_bytes, "max_bytes", DEFAULT_FETCH_BYTES, limit)? as usize;
+        Ok(if decode_records {
             (bytes / 2).max(1)
         } else {
             bytes
-        }
+        })
     }
 
     /// Record bytes one snapshot message may carry: the request's, or 1 MiB, at most 4 MiB and
     /// at most the fetch limit.
-    fn snapshot_limits(&self, max_bytes: u32) -> usize {
-        let requested = if max_bytes == 0 {
-            DEFAULT_SNAPSHOT_BYTES
-        } else {
-            max_bytes
-        };
-        requested
-            .min(SNAPSHOT_BYTES_MAX)
-            .min(self.registry.config().limits.max_fetch_bytes) as usize
+    fn snapshot_limits(&self, max_bytes: Option<u32>) -> Result<usize, BrokerError> {
+        let max = SNAPSHOT_BYTES_MAX.min(self.registry.config().limits.max_fetch_bytes);
+        Ok(positive_or_default(max_bytes, "max_bytes", DEFAULT_SNAPSHOT_BYTES, max)? as usize)
     }
 }
 
@@ -639,10 +655,9 @@ impl Broker for BrokerService {
                     config.fsync_policy
                 ))
             })?;
-            let partitions = (config.partitions != 0).then_some(config.partitions);
             let settings = self
                 .registry
-                .resolve_settings(partitions, Some(cleanup), |log| {
+                .resolve_settings(config.partitions, Some(cleanup), |log| {
                     if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
                         log.retention_ms = value;
                     }
@@ -804,14 +819,10 @@ impl Broker for BrokerService {
                             // E.g. a message over the size limit: tell the client instead of ending
                             // the stream as if all were well (which it would retry).
                             tracing::debug!(%status, "produce stream request failed to decode");
-                            let status = if status.message().contains("too large") {
-                                Status::resource_exhausted(format!(
-                                    "produce request too large: {}",
-                                    status.message()
-                                ))
-                            } else {
-                                status
-                            };
+                            let status = decode_limit_to_resource_exhausted(
+                                status,
+                                service.registry.config().limits.max_batch_bytes,
+                            );
                             let _ = tx.try_send(Err(status));
                             break;
                         }
@@ -894,7 +905,9 @@ impl Broker for BrokerService {
         let result = async move {
             let request = request.into_inner();
             let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
-            let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
+            let max_bytes = self
+                .fetch_limits(request.max_bytes, request.decode_records)
+                .map_err(to_status)?;
             let max_wait = request
                 .max_wait_ms
                 .min(self.registry.config().limits.max_wait_ms);
@@ -951,7 +964,9 @@ impl Broker for BrokerService {
             // Validate the start offset now, so a bad one is an error status, not an empty stream.
             log.read(request.offset, 1)
                 .map_err(|e| to_status(partition.log_error(e)))?;
-            let max_bytes = self.fetch_limits(request.max_bytes, request.decode_records);
+            let max_bytes = self
+                .fetch_limits(request.max_bytes, request.decode_records)
+                .map_err(to_status)?;
             let read_ahead = self.registry.config().limits.subscribe_read_ahead;
             let (tx, rx) = mpsc::channel(read_ahead);
             let mut shutdown = self.shutdown.clone();
@@ -1110,10 +1125,13 @@ impl Broker for BrokerService {
                     topic: request.topic,
                 }));
             }
-            let limit = match request.limit {
-                0 => 100,
-                n => n.min(10_000),
-            } as usize;
+            let limit = positive_or_default(
+                request.limit,
+                "limit",
+                HISTORY_LIMIT_DEFAULT,
+                HISTORY_LIMIT_MAX,
+            )
+            .map_err(to_status)? as usize;
             let log = partition.log().map_err(to_status)?.clone();
             let key = request.key.clone();
             // A scan of the partition up to the durable offset (versions are not chained).
@@ -1191,7 +1209,7 @@ impl Broker for BrokerService {
                     return Err(to_status(BrokerError::ShuttingDown));
                 }
             }
-            let max_bytes = self.snapshot_limits(request.max_bytes);
+            let max_bytes = self.snapshot_limits(request.max_bytes).map_err(to_status)?;
             let (tx, rx) = mpsc::channel(SNAPSHOT_READ_AHEAD);
             let runtime = tokio::runtime::Handle::current();
             let shutdown = self.shutdown.clone();

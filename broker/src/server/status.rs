@@ -6,10 +6,11 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large, disk full (ENOSPC anywhere), too few descriptors for a new topic | RESOURCE_EXHAUSTED |
+//! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
+//! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
-//! | shutting down, log closed | UNAVAILABLE |
+//! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE) | UNAVAILABLE |
 //! | other I/O; a snapshot finding the log and key index disagree | INTERNAL |
 
 use tonic::Status;
@@ -39,13 +40,14 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::ShuttingDown => Status::unavailable(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
         BrokerError::KeyNotFound { .. } => Status::not_found(message),
+        // Details: a standard `google.rpc.Status` with the CasConflict as an `Any`.
         BrokerError::CasConflict { current, .. } => {
-            use prost::Message as _;
-            let details = syncline_proto::v1::CasConflict {
-                current: current.clone(),
-            }
-            .encode_to_vec();
-            Status::with_details(tonic::Code::FailedPrecondition, message, details.into())
+            syncline_proto::error_details::cas_conflict_status(
+                message,
+                &syncline_proto::v1::CasConflict {
+                    current: current.clone(),
+                },
+            )
         }
         BrokerError::Sequence(crate::state::SequenceError::Fenced { .. }) => {
             Status::failed_precondition(message)
@@ -65,6 +67,9 @@ pub fn to_status(error: BrokerError) -> Status {
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
             LogError::Compaction { .. } => Status::aborted(message),
+            LogError::Io { source, .. } if out_of_descriptors(source) => {
+                Status::unavailable(message)
+            }
             LogError::Io { .. } | LogError::Locked { .. } => Status::internal(message),
         },
         // Like corrupt log data: the client must not retry it forever.
@@ -75,6 +80,9 @@ pub fn to_status(error: BrokerError) -> Status {
             Status::resource_exhausted(message)
         }
         BrokerError::TooFewDescriptors { .. } => Status::resource_exhausted(message),
+        BrokerError::Io { source, .. } if out_of_descriptors(source) => {
+            Status::unavailable(message)
+        }
         BrokerError::Io { .. }
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. }
@@ -82,10 +90,62 @@ pub fn to_status(error: BrokerError) -> Status {
     }
 }
 
+/// Start of tonic's message for a request message over the decode limit (`max_decoding_message_size`),
+/// which tonic answers with OUT_OF_RANGE.
+const DECODE_LIMIT_MESSAGE: &str = "Error, decoded message length too large";
+
+/// tonic answers a request message over the decode limit with OUT_OF_RANGE, the code the broker
+/// uses for "offset outside the log"; this turns that one status into RESOURCE_EXHAUSTED with
+/// the limit (the README's promise for "too large"). Every other status passes unchanged.
+pub fn decode_limit_to_resource_exhausted(status: Status, max_batch_bytes: u32) -> Status {
+    if status.code() != tonic::Code::OutOfRange
+        || !status.message().starts_with(DECODE_LIMIT_MESSAGE)
+    {
+        return status;
+    }
+    // "...: found {len} bytes, the limit is: {limit} bytes"
+    let number_after = |marker: &str| {
+        let rest = &status.message()[status.message().find(marker)? + marker.len()..];
+        rest.split(' ').next()?.parse::<u64>().ok()
+    };
+    let size = match (number_after("found "), number_after("the limit is: ")) {
+        (Some(found), Some(limit)) => {
+            format!(
+                "a request message of {found} bytes exceeds the broker's limit of {limit} bytes"
+            )
+        }
+        _ => format!(
+            "a request message exceeds the broker's limit ({})",
+            status.message()
+        ),
+    };
+    Status::resource_exhausted(format!(
+        "{size}: batches may hold at most max_batch_bytes ({max_batch_bytes}) bytes; send smaller batches"
+    ))
+}
+
+/// The process or the system ran out of file descriptors: a transient condition of the node
+/// (a retry may succeed once descriptors are freed), not a broken one.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tonic::Code;
+
+    fn offset_out_of_range() -> BrokerError {
+        BrokerError::Log {
+            topic: "t".into(),
+            partition: 0,
+            source: LogError::OffsetOutOfRange {
+                requested: 9,
+                start: 0,
+                end: 3,
+            },
+        }
+    }
 
     #[test]
     fn given_each_error_kind_should_map_to_its_code_with_the_message() {
@@ -96,16 +156,7 @@ mod tests {
             to_status(BrokerError::TopicExists { topic: "t".into() }).code(),
             Code::AlreadyExists
         );
-        let range = BrokerError::Log {
-            topic: "t".into(),
-            partition: 0,
-            source: LogError::OffsetOutOfRange {
-                requested: 9,
-                start: 0,
-                end: 3,
-            },
-        };
-        assert_eq!(to_status(range).code(), Code::OutOfRange);
+        assert_eq!(to_status(offset_out_of_range()).code(), Code::OutOfRange);
         let big = BrokerError::Log {
             topic: "t".into(),
             partition: 0,
@@ -151,5 +202,56 @@ mod tests {
             std::io::Error::from_raw_os_error(libc::EIO),
         );
         assert_eq!(to_status(other).code(), Code::Internal);
+    }
+
+    #[test]
+    fn given_descriptor_exhaustion_should_be_unavailable_and_other_io_internal() {
+        for errno in [libc::EMFILE, libc::ENFILE] {
+            let log = to_status(BrokerError::Log {
+                topic: "t".into(),
+                partition: 0,
+                source: LogError::Io {
+                    context: "opening",
+                    path: "/data/t-0/00000000000000000000.log".into(),
+                    source: std::io::Error::from_raw_os_error(errno),
+                },
+            });
+            assert_eq!(log.code(), Code::Unavailable, "{log:?}");
+            assert!(
+                log.message().contains("00000000000000000000.log"),
+                "{log:?}"
+            );
+            let meta = to_status(BrokerError::io(
+                "creating",
+                "/data/t-0",
+                std::io::Error::from_raw_os_error(errno),
+            ));
+            assert_eq!(meta.code(), Code::Unavailable, "{meta:?}");
+        }
+        let other = to_status(BrokerError::io(
+            "creating",
+            "/data/t-0",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+        assert_eq!(other.code(), Code::Internal);
+    }
+
+    #[test]
+    fn given_tonic_decode_limit_status_should_become_resource_exhausted_naming_the_limit() {
+        let tonic_status = Status::out_of_range(
+            "Error, decoded message length too large: found 20971536 bytes, the limit is: 17825792 bytes",
+        );
+        let status = decode_limit_to_resource_exhausted(tonic_status, 8 << 20);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.message(),
+            "a request message of 20971536 bytes exceeds the broker's limit of 17825792 bytes: batches may hold at most max_batch_bytes (8388608) bytes; send smaller batches"
+        );
+        // The broker's own OUT_OF_RANGE (an offset outside the log) stays.
+        let range = to_status(offset_out_of_range());
+        let message = range.message().to_owned();
+        let kept = decode_limit_to_resource_exhausted(range, 8 << 20);
+        assert_eq!(kept.code(), Code::OutOfRange);
+        assert_eq!(kept.message(), message);
     }
 }
