@@ -13,6 +13,14 @@
 //! `~` cannot appear in topic names, so work-in-progress directories never collide with
 //! topics.
 //!
+//! `topic.toml` holds the topic's **id** (`id = "8-4-4-4-12 hex"`, 128 random bits from the
+//! kernel's `getrandom`), drawn when the topic is created: a topic deleted and created again
+//! under the same name is another incarnation with another id, and committed offsets belong to
+//! an incarnation (see `group::offsets`). A topic written before ids existed gets one at open
+//! (metadata rewritten temp + fsync + rename, then the directory fsync'd, before the topic
+//! serves) together with `legacy_offsets = true`: it adopts the committed offsets that were
+//! stored without an id, which only it can own (a re-created topic never has the flag).
+//!
 //! ## Crash safety
 //! - Create: build the whole topic under `<name>~creating-<n>` (partition directories and
 //!   `topic.toml`, each fsync'd), then rename it to `<name>` and fsync DATA_DIR. A crash leaves
@@ -81,6 +89,80 @@ struct TopicMeta {
     delete_retention_ms: u64,
     #[serde(default = "default_min_cleanable_dirty_ratio")]
     min_cleanable_dirty_ratio: f64,
+    /// The incarnation id (absent in topics written before ids existed: assigned at open).
+    #[serde(default)]
+    id: Option<String>,
+    /// The topic got its id at open: committed offsets stored without an id are its.
+    #[serde(default, skip_serializing_if = "is_false")]
+    legacy_offsets: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
+}
+
+/// The id of one incarnation of a topic: 128 random bits, shown as 8-4-4-4-12 lowercase hex.
+/// Never zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicId(u128);
+
+impl TopicId {
+    /// A fresh random id.
+    pub fn random() -> Result<TopicId, BrokerError> {
+        let mut bytes = [0u8; 16];
+        loop {
+            let mut filled = 0;
+            while filled < bytes.len() {
+                // SAFETY: getrandom(2) writes at most `len - filled` bytes into our buffer.
+                let got = unsafe {
+                    libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+                };
+                if got < 0 {
+                    let error = std::io::Error::last_os_error();
+                    if error.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(BrokerError::io(
+                        "drawing a topic id from",
+                        "getrandom",
+                        error,
+                    ));
+                }
+                filled += got as usize;
+            }
+            let id = u128::from_be_bytes(bytes);
+            if id != 0 {
+                return Ok(TopicId(id));
+            }
+        }
+    }
+
+    /// Parses the 8-4-4-4-12 hex form (or 32 hex digits).
+    pub fn parse(text: &str) -> Option<TopicId> {
+        let hex: String = text.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(&hex, 16)
+            .ok()
+            .filter(|id| *id != 0)
+            .map(TopicId)
+    }
+}
+
+impl std::fmt::Display for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
 }
 
 // Topics written before these settings existed take the built-in defaults.
@@ -148,6 +230,11 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
 pub struct Topic {
     /// Name.
     pub name: Arc<str>,
+    /// This incarnation's id.
+    pub id: TopicId,
+    /// The id was assigned at open to a topic written before ids existed: committed offsets
+    /// stored without an id belong to this incarnation.
+    pub legacy_offsets: bool,
     /// Effective settings.
     pub settings: TopicSettings,
     /// Partitions, indexed by number.
@@ -157,6 +244,15 @@ pub struct Topic {
 }
 
 impl Topic {
+    /// Whether a committed offset stored with `topic_id` (empty: stored before ids existed)
+    /// belongs to this incarnation.
+    pub fn owns_commit(&self, topic_id: &str) -> bool {
+        if topic_id.is_empty() {
+            return self.legacy_offsets;
+        }
+        TopicId::parse(topic_id) == Some(self.id)
+    }
+
     /// The partition, or NOT_FOUND-style error naming the valid range.
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>, BrokerError> {
         self.partitions
@@ -294,18 +390,35 @@ impl Registry {
         let meta_path = path.join(META_FILE);
         let text = std::fs::read_to_string(&meta_path)
             .map_err(|e| BrokerError::io("reading", &meta_path, e))?;
-        let meta: TopicMeta = toml::from_str(&text).map_err(|e| {
+        let invalid = |message: String| {
             BrokerError::io(
                 "parsing",
                 &meta_path,
-                std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+                std::io::Error::new(std::io::ErrorKind::InvalidData, message),
             )
-        })?;
+        };
+        let mut meta: TopicMeta = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         let settings = meta.settings()?;
+        let id = match &meta.id {
+            Some(text) => TopicId::parse(text)
+                .ok_or_else(|| invalid(format!("`id = {text:?}` is not a topic id")))?,
+            None => {
+                // Written before topic ids: assign one durably before the topic serves, and
+                // let this incarnation adopt the committed offsets stored without an id.
+                let id = TopicId::random()?;
+                meta.id = Some(id.to_string());
+                meta.legacy_offsets = true;
+                let text = toml::to_string(&meta).map_err(|e| invalid(e.to_string()))?;
+                write_synced(&meta_path, text.as_bytes())?;
+                sync_dir(path)?;
+                tracing::info!(topic = %meta.name, %id, "assigned a topic id");
+                id
+            }
+        };
         Ok(Arc::new(open_partitions(
             &self.config,
             &self.producer_epochs,
-            &meta.name,
+            (&meta.name, id, meta.legacy_offsets),
             path,
             settings,
         )))
@@ -316,7 +429,7 @@ impl Registry {
 fn open_partitions(
     config: &Config,
     epochs: &ProducerEpochs,
-    name: &str,
+    (name, id, legacy_offsets): (&str, TopicId, bool),
     path: &Path,
     settings: TopicSettings,
 ) -> Topic {
@@ -343,6 +456,8 @@ fn open_partitions(
             .collect();
     Topic {
         name,
+        id,
+        legacy_offsets,
         settings,
         partitions,
         deleted: AtomicBool::new(false),
@@ -424,6 +539,7 @@ impl Registry {
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let staging = data_dir.join(format!("~creating-{}-{sequence}", now_ms()));
+        let id = TopicId::random()?;
         let meta = TopicMeta {
             format: 1,
             name: name.to_string(),
@@ -444,6 +560,8 @@ impl Registry {
             created_ms: now_ms(),
             delete_retention_ms: settings.log.delete_retention_ms,
             min_cleanable_dirty_ratio: settings.log.min_cleanable_dirty_ratio,
+            id: Some(id.to_string()),
+            legacy_offsets: false,
         };
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
@@ -472,7 +590,7 @@ impl Registry {
             Ok(open_partitions(
                 &config,
                 &epochs,
-                &owned_name,
+                (&owned_name, id, false),
                 &final_path,
                 settings,
             ))
@@ -484,6 +602,7 @@ impl Registry {
         self.topics.write().insert(name.to_string(), topic.clone());
         tracing::info!(
             topic = name,
+            id = %topic.id,
             partitions = topic.settings.partitions,
             "created topic"
         );
@@ -721,6 +840,73 @@ pub fn is_request_error(error: &LogError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_topic_ids_should_print_as_uuid_and_parse_back() {
+        let id = TopicId::random().unwrap();
+        let text = id.to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(text.matches('-').count(), 4);
+        assert_eq!(TopicId::parse(&text), Some(id));
+        assert_ne!(
+            TopicId::random().unwrap(),
+            id,
+            "128 random bits do not repeat"
+        );
+        assert_eq!(TopicId::parse("00000000-0000-0000-0000-000000000000"), None);
+        assert_eq!(TopicId::parse("not-an-id"), None);
+    }
+
+    /// A data dir written before topic ids: the topic gets an id at open, keeps it across
+    /// restarts, and adopts the committed offsets stored without an id; a re-created topic is
+    /// another incarnation that adopts nothing.
+    #[tokio::test]
+    async fn given_topic_without_id_when_opened_should_persist_an_id_that_adopts_old_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        });
+        let registry = Registry::open(config.clone()).unwrap();
+        let settings = registry
+            .resolve_settings(Some(1), None, |_| Ok(()))
+            .unwrap();
+        let created = registry.create("orders", settings.clone()).await.unwrap();
+        assert!(!created.legacy_offsets);
+        assert!(created.owns_commit(&created.id.to_string()));
+        assert!(
+            !created.owns_commit(""),
+            "a new topic adopts no id-less commit"
+        );
+        registry.close().await;
+        drop((created, registry));
+        let meta_path = dir.path().join("orders").join(META_FILE);
+        let old: String = std::fs::read_to_string(&meta_path)
+            .unwrap()
+            .lines()
+            .filter(|line| !line.starts_with("id ="))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        std::fs::write(&meta_path, old).unwrap();
+
+        let registry = Registry::open(config.clone()).unwrap();
+        let upgraded = registry.get("orders").unwrap();
+        assert!(upgraded.legacy_offsets);
+        assert!(upgraded.owns_commit(""));
+        assert!(!upgraded.owns_commit(&TopicId::random().unwrap().to_string()));
+        let id = upgraded.id;
+        registry.close().await;
+        drop((upgraded, registry));
+
+        let registry = Registry::open(config.clone()).unwrap();
+        let reopened = registry.get("orders").unwrap();
+        assert_eq!((reopened.id, reopened.legacy_offsets), (id, true));
+        registry.delete("orders").await.unwrap();
+        let recreated = registry.create("orders", settings).await.unwrap();
+        assert_ne!(recreated.id, id);
+        assert!(!recreated.owns_commit("") && !recreated.owns_commit(&id.to_string()));
+        registry.close().await;
+    }
 
     #[test]
     fn given_names_when_validated_should_accept_only_the_allowed_charset() {

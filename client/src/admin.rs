@@ -147,6 +147,8 @@ pub struct TopicSummary {
     pub partitions: u32,
     /// Delete or compact.
     pub cleanup_policy: CleanupPolicy,
+    /// This incarnation of the topic (see [`TopicDescription::topic_id`]).
+    pub topic_id: String,
 }
 
 impl TopicSummary {
@@ -155,6 +157,7 @@ impl TopicSummary {
             cleanup_policy: CleanupPolicy::from_wire(summary.cleanup_policy),
             name: summary.name,
             partitions: summary.partitions,
+            topic_id: summary.topic_id,
         }
     }
 }
@@ -168,6 +171,9 @@ pub struct TopicDescription {
     pub config: TopicConfig,
     /// One entry per partition, in partition order.
     pub partitions: Vec<PartitionDescription>,
+    /// This incarnation of the topic: a topic deleted and created again under the same name
+    /// has another id (and no committed offsets). Empty from brokers without topic ids.
+    pub topic_id: String,
 }
 
 impl TopicDescription {
@@ -191,6 +197,7 @@ impl TopicDescription {
                 .map(TopicConfig::from_wire)
                 .unwrap_or_default(),
             partitions,
+            topic_id: description.topic_id,
         })
     }
 

@@ -486,3 +486,132 @@ async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
         "{described:?}"
     );
 }
+
+fn standalone_commit(topic: &str, offset: u64) -> v1::CommitOffsetsRequest {
+    v1::CommitOffsetsRequest {
+        group: "standalone".into(),
+        member_id: String::new(),
+        member_epoch: 0,
+        offsets: vec![v1::OffsetCommit {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            metadata: String::new(),
+        }],
+    }
+}
+
+fn committed_of(coordinator: &Coordinator) -> Vec<(String, u64)> {
+    coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "standalone".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.topic, c.offset))
+        .collect()
+}
+
+async fn create_with_records(registry: &Registry, name: &str, records: usize) {
+    let settings = registry
+        .resolve_settings(Some(1), Some(Cleanup::Delete), |_| Ok(()))
+        .unwrap();
+    let topic = registry.create(name, settings).await.unwrap();
+    if records == 0 {
+        return;
+    }
+    let mut builder = syncline_proto::batch::BatchBuilder::new();
+    for _ in 0..records {
+        builder.push(1, None, Some(b"x"), &[]);
+    }
+    topic
+        .partition(0)
+        .unwrap()
+        .append_batch(builder.finish().unwrap(), &[])
+        .unwrap();
+}
+
+/// Issue 13 item 1: committed offsets outlived their topic. After a delete and a re-create
+/// under the same name the group starts with no committed offset (also when the broker never
+/// got to forget the old ones, and after a restart), and describe shows the whole lag.
+#[tokio::test]
+async fn given_topic_deleted_and_recreated_should_forget_its_committed_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        create_with_records(&registry, "t", 5).await;
+        create_with_records(&registry, "kept", 2).await;
+        coordinator.commit(standalone_commit("t", 5)).await.unwrap();
+        coordinator
+            .commit(standalone_commit("kept", 2))
+            .await
+            .unwrap();
+        // As a crash right after the delete: the coordinator is never told.
+        registry.delete("t").await.unwrap();
+        create_with_records(&registry, "t", 3).await;
+        assert_eq!(committed_of(&coordinator), vec![("kept".into(), 2)]);
+        let described = coordinator.describe("standalone").unwrap();
+        let lag: Vec<(String, Option<u64>, u64)> = described
+            .partitions
+            .into_iter()
+            .map(|p| (p.topic, p.committed_offset, p.lag))
+            .collect();
+        assert_eq!(lag, vec![("kept".into(), Some(2), 0)]);
+        registry.close().await;
+    }
+    let (registry, coordinator) = open(dir.path(), 0).await;
+    assert_eq!(committed_of(&coordinator), vec![("kept".into(), 2)]);
+    // The new incarnation's own commits count.
+    coordinator.commit(standalone_commit("t", 1)).await.unwrap();
+    assert_eq!(
+        committed_of(&coordinator),
+        vec![("kept".into(), 2), ("t".into(), 1)]
+    );
+    // Without commits left the group is gone from listings.
+    registry.delete("kept").await.unwrap();
+    registry.delete("t").await.unwrap();
+    coordinator.forget_deleted_topics();
+    assert!(coordinator.list().is_empty());
+    assert!(matches!(
+        coordinator.describe("standalone"),
+        Err(BrokerError::GroupNotFound { .. })
+    ));
+    registry.close().await;
+}
+
+/// A data dir from before topic ids: commits stored without an id belong to the topic that got
+/// its id at the upgrade, and to no later incarnation.
+#[tokio::test]
+async fn given_commits_without_topic_id_should_belong_to_the_upgraded_topic_only() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        create_with_records(&registry, "t", 4).await;
+        let commits = standalone_commit("t", 4).offsets;
+        let appended = coordinator
+            .offsets
+            .append("standalone", &commits, &[String::new()], 0)
+            .unwrap();
+        coordinator
+            .offsets
+            .publish("standalone", &commits, &[String::new()], appended, 0)
+            .await
+            .unwrap();
+        registry.close().await;
+    }
+    let meta = dir.path().join("t").join("topic.toml");
+    let old: String = std::fs::read_to_string(&meta)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.starts_with("id ="))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    std::fs::write(&meta, old).unwrap();
+    let (registry, coordinator) = open(dir.path(), 0).await;
+    assert_eq!(committed_of(&coordinator), vec![("t".into(), 4)]);
+    registry.delete("t").await.unwrap();
+    create_with_records(&registry, "t", 1).await;
+    assert!(committed_of(&coordinator).is_empty());
+    registry.close().await;
+}

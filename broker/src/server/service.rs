@@ -154,6 +154,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
         name: topic.name.to_string(),
         config: Some(topic_config(settings)),
         partitions,
+        topic_id: topic.id.to_string(),
     }
 }
 
@@ -700,6 +701,9 @@ impl Broker for BrokerService {
                 .delete(&request.into_inner().name)
                 .await
                 .map_err(to_status)?;
+            // Its committed offsets are already ignored (they carry the deleted incarnation's
+            // id); this only frees their memory.
+            self.coordinator.forget_deleted_topics();
             Ok(Response::new(v1::DeleteTopicResponse {}))
         }
         .instrument(span)
@@ -724,6 +728,7 @@ impl Broker for BrokerService {
                     name: topic.name.to_string(),
                     partitions: topic.settings.partitions,
                     cleanup_policy: cleanup_of(topic.settings.cleanup) as i32,
+                    topic_id: topic.id.to_string(),
                 })
                 .collect();
             Ok(Response::new(v1::ListTopicsResponse { topics }))

@@ -93,7 +93,7 @@ enum TopicCommand {
     Create(CreateArgs),
     /// List topic names, one per line (sorted).
     List {
-        /// Print a table with partitions and cleanup policy instead of names only.
+        /// Print a table with partitions, cleanup policy and topic id instead of names only.
         #[arg(long, short)]
         long: bool,
     },
@@ -357,12 +357,14 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     "TOPIC".to_owned(),
                     "PARTITIONS".to_owned(),
                     "CLEANUP".to_owned(),
+                    "ID".to_owned(),
                 ]];
                 rows.extend(topics.iter().map(|topic| {
                     vec![
                         topic.name.clone(),
                         topic.partitions.to_string(),
                         topic.cleanup_policy.to_string(),
+                        topic.topic_id.clone(),
                     ]
                 }));
                 stdout.write_all(table(&rows).as_bytes())?;
@@ -378,6 +380,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let setting =
                 |value: Option<i64>| value.map_or("default".to_owned(), |v| v.to_string());
             writeln!(stdout, "topic: {}", description.name)?;
+            writeln!(stdout, "id: {}", description.topic_id)?;
             writeln!(stdout, "partitions: {}", description.partition_count())?;
             writeln!(stdout, "cleanup: {}", config.cleanup_policy)?;
             writeln!(stdout, "retention-ms: {}", setting(config.retention_ms))?;
