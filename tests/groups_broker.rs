@@ -348,3 +348,55 @@ async fn given_produce_into_offsets_topic_should_refuse_and_change_nothing() {
         .groups;
     assert!(groups.is_empty(), "{groups:?}");
 }
+
+/// Issue 13 item 13, as a hostile client found it: JoinGroup on an internal topic was
+/// accepted, and a Heartbeat could claim partitions the member never got (or that do not
+/// exist). Both are refused with a clear message and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_internal_topic_join_or_bogus_owned_claim_should_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(dir.path(), &FAST);
+    let mut client = broker.client().await;
+    create(&mut client, 2).await;
+    let error = client
+        .join_group(v1::JoinGroupRequest {
+            group: "g".into(),
+            topics: vec!["__offsets".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("internal topic"), "{error:?}");
+
+    let mut member = join(&mut client, 10_000).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while member.reading.len() != 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        beat(&mut client, &mut member).await;
+    }
+    for bogus in [("events", 99), ("__offsets", 0), ("missing", 0)] {
+        let mut claimed = member.reading.clone();
+        claimed.insert((bogus.0.to_string(), bogus.1));
+        let error = client
+            .heartbeat(v1::HeartbeatRequest {
+                group: "g".into(),
+                member_id: member.id.clone(),
+                member_epoch: member.epoch,
+                owned: grouped(&claimed),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::FailedPrecondition,
+            "{bogus:?}: {error:?}"
+        );
+        assert!(error.message().contains("does not own"), "{error:?}");
+    }
+    // Nothing changed: the same epoch still heartbeats and keeps both partitions.
+    let epoch = member.epoch;
+    beat(&mut client, &mut member).await;
+    assert_eq!((member.epoch, member.reading.len()), (epoch, 2));
+}

@@ -42,6 +42,7 @@ use crate::config::{Config, TopicDefaults};
 use crate::error::BrokerError;
 use crate::log::{CompactOptions, ConfigError, FsyncPolicy, Log, LogError, Throttle};
 use crate::partition::Partition;
+pub use crate::producer_ids::ProducerEpochs;
 
 const FORMAT_FILE: &str = "format-version";
 const FORMAT: &str = "syncline-data 1";
@@ -287,7 +288,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| BrokerError::io("syncing directory", dir, e))
@@ -345,12 +346,11 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
-            producer_epochs: ProducerEpochs::default(),
+            producer_epochs: ProducerEpochs::open(&dir)?,
             throttle: (config.cleaner_io_bytes_per_sec > 0)
                 .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
             _lock: lock,
         };
-        registry.producer_epochs.load(&dir)?;
         let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
         let mut loaded = BTreeMap::new();
         for entry in entries {
@@ -717,24 +717,18 @@ impl Registry {
     }
 
     /// A new producer id (epoch 0), or the next epoch of `producer_id`, which fences older
-    /// instances. Ids are 63-bit (the batch header stores an i64): milliseconds since the epoch
-    /// in the high bits and a counter in the low 16, so ids do not repeat across restarts.
+    /// instances (see [`crate::producer_ids`]). Blocking (it may fsync): call from a blocking
+    /// thread.
     pub fn init_producer(&self, producer_id: u64) -> Result<(i64, i16), BrokerError> {
         if producer_id == 0 {
-            loop {
-                let counter = self.sequence.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
-                let id = ((now_ms() as u64) << 16 | counter) as i64 & i64::MAX;
-                if self.producer_epochs.claim_new(id) {
-                    return Ok((id, 0));
-                }
-            }
+            return Ok((self.producer_epochs.new_id()?, 0));
         }
         let id = i64::try_from(producer_id).map_err(|_| {
             BrokerError::InvalidRequest(format!(
                 "producer id {producer_id} does not fit in 63 bits"
             ))
         })?;
-        self.producer_epochs.bump(id, &self.config.data_dir)
+        Ok((id, self.producer_epochs.bump(id)?))
     }
 
     /// Writes changed partition state snapshots (blocking I/O: call from a blocking thread).
@@ -753,82 +747,6 @@ impl Registry {
                 partition.close().await;
             }
         }
-    }
-}
-
-/// The current epoch of every producer id, shared by the registry (which hands epochs out) and
-/// the partitions (which refuse batches from older epochs, even before the new epoch has
-/// written there). Bumped epochs are persisted in `DATA_DIR/producer-epochs` (one `id epoch`
-/// line each, written temp + fsync + rename), so a fence survives a restart.
-#[derive(Debug, Clone, Default)]
-pub struct ProducerEpochs {
-    inner: Arc<parking_lot::Mutex<std::collections::HashMap<i64, i16>>>,
-}
-
-const EPOCHS_FILE: &str = "producer-epochs";
-
-impl ProducerEpochs {
-    /// The current epoch of `id`, if known.
-    pub fn current(&self, id: i64) -> Option<i16> {
-        self.inner.lock().get(&id).copied()
-    }
-
-    /// Raises the known epoch of `id` to `epoch`.
-    pub fn observe(&self, id: i64, epoch: i16) {
-        let mut map = self.inner.lock();
-        let known = map.entry(id).or_insert(epoch);
-        *known = (*known).max(epoch);
-    }
-
-    fn claim_new(&self, id: i64) -> bool {
-        let mut map = self.inner.lock();
-        if map.contains_key(&id) {
-            return false;
-        }
-        map.insert(id, 0);
-        true
-    }
-
-    fn bump(&self, id: i64, data_dir: &Path) -> Result<(i64, i16), BrokerError> {
-        let mut map = self.inner.lock();
-        let epoch = match map.get(&id) {
-            None => 0,
-            Some(epoch) => epoch.checked_add(1).ok_or_else(|| {
-                BrokerError::InvalidRequest(format!(
-                    "producer {id} has used every epoch; initialise a new producer id"
-                ))
-            })?,
-        };
-        map.insert(id, epoch);
-        let mut text = String::new();
-        for (id, epoch) in map.iter().filter(|(_, e)| **e > 0) {
-            text.push_str(&format!("{id} {epoch}\n"));
-        }
-        crate::log::write_file_atomically(data_dir, EPOCHS_FILE, text.as_bytes())
-            .map_err(|e| BrokerError::io("writing", data_dir.join(EPOCHS_FILE), e))?;
-        Ok((id, epoch))
-    }
-
-    fn load(&self, data_dir: &Path) -> Result<(), BrokerError> {
-        let path = data_dir.join(EPOCHS_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(BrokerError::io("reading", &path, e)),
-        };
-        for line in text.lines() {
-            let mut parts = line.split_whitespace();
-            match (
-                parts.next().and_then(|p| p.parse::<i64>().ok()),
-                parts.next().and_then(|p| p.parse::<i16>().ok()),
-            ) {
-                (Some(id), Some(epoch)) => self.observe(id, epoch),
-                _ => {
-                    tracing::warn!(path = %path.display(), line, "ignoring a malformed producer epoch line")
-                }
-            }
-        }
-        Ok(())
     }
 }
 

@@ -315,6 +315,11 @@ impl Coordinator {
             )));
         }
         for topic in &request.topics {
+            if topic.starts_with("__") {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "`{topic}` is an internal topic: consumer groups cannot subscribe to it"
+                )));
+            }
             self.registry.get(topic)?;
         }
         if request.member_id.len() > 200 || request.client_id.len() > 200 {
@@ -437,6 +442,24 @@ impl Coordinator {
             &request.member_id,
             request.member_epoch,
         )?;
+        // A member may report only partitions the coordinator says it holds (its assignment,
+        // and those being revoked from it until it stops listing them): anything else is a
+        // confused or hostile client, refused before anything changes.
+        for claimed in &request.owned {
+            for partition in &claimed.partitions {
+                let key = (claimed.topic.clone(), *partition);
+                let holder = group.owner.get(&key);
+                if holder != Some(&request.member_id) {
+                    return Err(BrokerError::NotPartitionOwner {
+                        group: request.group.clone(),
+                        member: request.member_id.clone(),
+                        topic: claimed.topic.clone(),
+                        partition: *partition,
+                        owner: self.why_not_owner(holder, &claimed.topic, *partition),
+                    });
+                }
+            }
+        }
         let owned = flatten(&request.owned);
         // Released: held by this member, no longer its target, not reported as read.
         let target = &group.target;
@@ -461,6 +484,22 @@ impl Coordinator {
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             assignment: grouped(&member.assigned),
         })
+    }
+
+    /// The tail of a [`BrokerError::NotPartitionOwner`] message: who holds the partition, or
+    /// that it does not exist.
+    fn why_not_owner(&self, holder: Option<&String>, topic: &str, partition: u32) -> String {
+        if let Some(holder) = holder {
+            return format!(", member `{holder}` does");
+        }
+        match self.registry.get(topic) {
+            Err(_) => format!(" (no topic `{topic}` exists)"),
+            Ok(found) if partition >= found.settings.partitions => format!(
+                " (`{topic}` has {} partition(s))",
+                found.settings.partitions
+            ),
+            Ok(_) => " (it was not assigned to it)".to_string(),
+        }
     }
 
     /// Removes a member; its partitions are free at once.

@@ -615,3 +615,89 @@ async fn given_commits_without_topic_id_should_belong_to_the_upgraded_topic_only
     assert!(committed_of(&coordinator).is_empty());
     registry.close().await;
 }
+
+/// Issue 13 item 13: a member may not subscribe to an internal topic.
+#[tokio::test]
+async fn given_join_with_internal_topic_should_refuse_it() {
+    let h = harness(1, 0).await;
+    let joined = h.coordinator.join(v1::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into(), offsets::OFFSETS_TOPIC.into()],
+        ..Default::default()
+    });
+    assert!(
+        matches!(&joined, Err(BrokerError::InvalidRequest(m)) if m.contains("internal topic")),
+        "{joined:?}"
+    );
+    assert!(h.coordinator.list().is_empty(), "nothing joined");
+}
+
+/// Issue 13 item 13: a heartbeat that claims a partition the member does not hold (another
+/// member's, an unassigned one, or one that does not exist) is refused and changes nothing;
+/// a member still reporting a partition being revoked from it is the legitimate case.
+#[tokio::test]
+async fn given_heartbeat_claiming_partitions_not_held_should_refuse_and_change_nothing() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(0);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 2);
+    // A second member: one partition is to move from `a` to `b` (revoked, still held by `a`).
+    let mut b = h.join(0);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 1, "told to give one up");
+    let revoked: BTreeSet<(String, u32)> = h
+        .owners()
+        .into_iter()
+        .filter(|(p, m)| *m == a.id && !a.reading.contains(p))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(
+        revoked.len(),
+        1,
+        "still held by `a` until it stops listing it"
+    );
+    let claim = |client: &Client, owned: BTreeSet<(String, u32)>| v1::HeartbeatRequest {
+        group: "g".into(),
+        member_id: client.id.clone(),
+        member_epoch: client.epoch,
+        owned: grouped(&owned),
+    };
+    // `a` reporting the partition being revoked from it is fine (and keeps it held).
+    let mut still_reading = a.reading.clone();
+    still_reading.extend(revoked.iter().cloned());
+    h.coordinator
+        .heartbeat(claim(&a, still_reading.clone()))
+        .unwrap();
+    let state = || {
+        let described = h.coordinator.describe("g").unwrap();
+        let members: Vec<_> = described
+            .members
+            .into_iter()
+            .map(|m| (m.member_id, m.member_epoch, m.assignment, m.pending))
+            .collect();
+        (h.owners(), described.group_epoch, members)
+    };
+    let before = state();
+    for bogus in [
+        ("t".to_string(), 7),                   // no such partition
+        ("nope".to_string(), 0),                // no such topic
+        revoked.iter().next().unwrap().clone(), // held by `a`, not `b`
+    ] {
+        let refused = h
+            .coordinator
+            .heartbeat(claim(&b, BTreeSet::from([bogus.clone()])));
+        assert!(
+            matches!(&refused, Err(BrokerError::NotPartitionOwner { topic, partition, .. }) if (topic.clone(), *partition) == bogus),
+            "{bogus:?}: {refused:?}"
+        );
+        let message = refused.unwrap_err().to_string();
+        assert!(message.contains("does not own"), "{message}");
+    }
+    assert_eq!(state(), before, "refused heartbeats change nothing");
+    // The hand-over still completes for correct clients.
+    h.beat(&mut a);
+    h.beat(&mut b);
+    h.beat(&mut b);
+    assert_eq!((a.reading.len(), b.reading.len()), (1, 1));
+    assert_exclusive(&[&a, &b]);
+}

@@ -666,14 +666,21 @@ impl Broker for BrokerService {
                         log.min_cleanable_dirty_ratio = ratio;
                     }
                     match fsync_policy {
-                        v1::FsyncPolicy::Unspecified => {}
+                        v1::FsyncPolicy::Unspecified => {
+                            // The broker's default policy, with this interval if it has one.
+                            if let (FsyncPolicy::IntervalMs(_), Some(ms)) =
+                                (log.fsync, config.fsync_interval_ms)
+                            {
+                                log.fsync = FsyncPolicy::IntervalMs(ms);
+                            }
+                        }
                         v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
                         v1::FsyncPolicy::Interval => {
                             log.fsync =
                                 parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
                         }
                     }
-                    Ok(())
+                    crate::config::check_fsync_interval(log.fsync, config.fsync_interval_ms)
                 })
                 .map_err(to_status)?;
             let topic = self
@@ -1049,9 +1056,13 @@ impl Broker for BrokerService {
         request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .registry
-            .init_producer(request.into_inner().producer_id)
+        let registry = self.registry.clone();
+        let producer_id = request.into_inner().producer_id;
+        // It may fsync (an epoch bump, a new block of ids).
+        let result = tokio::task::spawn_blocking(move || registry.init_producer(producer_id))
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("init producer task failed: {e}")))
+            .and_then(|result| result)
             .map(|(id, epoch)| {
                 Response::new(v1::InitProducerResponse {
                     producer_id: id as u64,
