@@ -320,7 +320,7 @@ async fn given_produce_into_offsets_topic_should_refuse_and_change_nothing() {
         partition: 0,
         offset: 0,
         metadata: String::new(),
-        commit_timestamp_ms: 0,
+        ..Default::default()
     };
     let error = client
         .produce(v1::ProduceRequest {
