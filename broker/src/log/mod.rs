@@ -270,6 +270,8 @@ pub struct Log {
     compact_lock: Mutex<()>,
     /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
     tombstone_expiry_ms: std::sync::atomic::AtomicI64,
+    /// Records the last compaction pass kept only for idempotent producers (describe).
+    kept_for_producers: AtomicU64,
     _lock: File,
 }
 
@@ -622,6 +624,7 @@ impl Log {
             recovery: report,
             horizon: AtomicU64::new(manifest.horizon),
             tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
+            kept_for_producers: AtomicU64::new(0),
             manifest: Mutex::new(manifest),
             compact_lock: Mutex::new(()),
             _lock: lock,

@@ -141,6 +141,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
                     last_compaction_ms: compaction.last_run_ms,
                     bytes_reclaimed: compaction.bytes_reclaimed,
                     compaction_horizon: compaction.horizon,
+                    records_kept_for_producers: compaction.records_kept_for_producers,
                 }
             }
             Err(_) => v1::PartitionDescription {
@@ -1253,6 +1254,8 @@ impl Broker for BrokerService {
                             segments_before: outcome.segments_before as u32,
                             segments_after: outcome.segments_after as u32,
                             error: String::new(),
+                            records_kept_for_producers: outcome.records_kept_for_producers,
+                            batches_kept_for_producers: outcome.batches_kept_for_producers,
                         },
                         Err(error) => v1::CompactionOutcome {
                             partition: partition.id,

@@ -421,6 +421,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     "LAST-COMPACTION",
                     "RECLAIMED-BYTES",
                     "HORIZON",
+                    "KEPT-FOR-PRODUCERS",
                 ]);
             }
             header.push("ERROR");
@@ -442,6 +443,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     });
                     row.push(partition.bytes_reclaimed.to_string());
                     row.push(partition.compaction_horizon.to_string());
+                    row.push(partition.records_kept_for_producers.to_string());
                 }
                 row.push(partition.error.clone().unwrap_or_default());
                 rows.push(row);
@@ -460,15 +462,18 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "BYTES-AFTER",
                 "RECORDS-REMOVED",
                 "DELETES-REMOVED",
+                "KEPT-FOR-PRODUCERS",
                 "SEGMENTS",
                 "ERROR",
             ]
             .map(str::to_owned)
             .to_vec()];
             let (mut before, mut after, mut failed) = (0u64, 0u64, 0usize);
+            let mut kept_for_producers = 0u64;
             for outcome in &outcomes {
                 before += outcome.bytes_before;
                 after += outcome.bytes_after;
+                kept_for_producers += outcome.records_kept_for_producers;
                 failed += usize::from(outcome.error.is_some());
                 rows.push(vec![
                     outcome.partition.to_string(),
@@ -476,6 +481,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     outcome.bytes_after.to_string(),
                     outcome.records_removed.to_string(),
                     outcome.tombstones_removed.to_string(),
+                    outcome.records_kept_for_producers.to_string(),
                     format!("{} -> {}", outcome.segments_before, outcome.segments_after),
                     outcome.error.clone().unwrap_or_default(),
                 ]);
@@ -486,6 +492,15 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "compacted {name}: {before} -> {after} bytes ({} reclaimed)",
                 before.saturating_sub(after)
             )?;
+            if kept_for_producers > 0 {
+                writeln!(
+                    stdout,
+                    "kept {kept_for_producers} superseded record(s): they are recent writes of \
+                     idempotent producers, kept whole so a retry is still recognised after a \
+                     broker restart; a later compaction removes them once those producers have \
+                     not written for 2 minutes"
+                )?;
+            }
             if failed > 0 {
                 stdout.flush()?;
                 bail!("{failed} partition(s) of {name} could not be compacted (see ERROR)");
