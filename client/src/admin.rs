@@ -371,6 +371,7 @@ mod tests {
                 },
                 v1::PartitionDescription::default(),
             ],
+            ..Default::default()
         }))
         .unwrap();
         assert_eq!(description.partition_count(), 2);
