@@ -16,10 +16,12 @@
 //! `topic.toml` holds the topic's **id** (`id = "8-4-4-4-12 hex"`, 128 random bits from the
 //! kernel's `getrandom`), drawn when the topic is created: a topic deleted and created again
 //! under the same name is another incarnation with another id, and committed offsets belong to
-//! an incarnation (see `group::offsets`). A topic written before ids existed gets one at open
-//! (metadata rewritten temp + fsync + rename, then the directory fsync'd, before the topic
-//! serves) together with `legacy_offsets = true`: it adopts the committed offsets that were
-//! stored without an id, which only it can own (a re-created topic never has the flag).
+//! an incarnation (see `group::offsets`). A topic written before ids existed gets one at open,
+//! derived from its name and `created_ms` (so it is the same at every open even if it cannot
+//! be written), persisted (metadata rewritten temp + fsync + rename, then the directory
+//! fsync'd; a failure, e.g. a full disk, is a warning and the next open tries again) together
+//! with `legacy_offsets = true`: it adopts the committed offsets that were stored without an
+//! id, which only it can own (a re-created topic never has the flag).
 //!
 //! ## Crash safety
 //! - Create: build the whole topic under `<name>~creating-<n>` (partition directories and
@@ -136,6 +138,16 @@ impl TopicId {
                 return Ok(TopicId(id));
             }
         }
+    }
+
+    /// The id of a topic written before ids existed: derived from what identifies that
+    /// incarnation (its name and creation time), so every open agrees without a write.
+    fn legacy(name: &str, created_ms: i64) -> TopicId {
+        let mut input = b"syncline legacy topic id\0".to_vec();
+        input.extend_from_slice(name.as_bytes());
+        input.push(0);
+        input.extend_from_slice(&created_ms.to_le_bytes());
+        TopicId(xxhash_rust::xxh3::xxh3_128(&input).max(1))
     }
 
     /// Parses the 8-4-4-4-12 hex form (or 32 hex digits).
@@ -403,15 +415,18 @@ impl Registry {
             Some(text) => TopicId::parse(text)
                 .ok_or_else(|| invalid(format!("`id = {text:?}` is not a topic id")))?,
             None => {
-                // Written before topic ids: assign one durably before the topic serves, and
-                // let this incarnation adopt the committed offsets stored without an id.
-                let id = TopicId::random()?;
+                // Written before topic ids: this incarnation gets its derived id and adopts
+                // the committed offsets stored without an id.
+                let id = TopicId::legacy(&meta.name, meta.created_ms);
                 meta.id = Some(id.to_string());
                 meta.legacy_offsets = true;
                 let text = toml::to_string(&meta).map_err(|e| invalid(e.to_string()))?;
-                write_synced(&meta_path, text.as_bytes())?;
-                sync_dir(path)?;
-                tracing::info!(topic = %meta.name, %id, "assigned a topic id");
+                match write_synced(&meta_path, text.as_bytes()).and_then(|()| sync_dir(path)) {
+                    Ok(()) => tracing::info!(topic = %meta.name, %id, "assigned a topic id"),
+                    Err(error) => {
+                        tracing::warn!(topic = %meta.name, %id, %error, "cannot store the topic id now (it is derived, the next open tries again)")
+                    }
+                }
                 id
             }
         };
@@ -810,6 +825,14 @@ mod tests {
         let registry = Registry::open(config.clone()).unwrap();
         let upgraded = registry.get("orders").unwrap();
         assert!(upgraded.legacy_offsets);
+        let meta: TopicMeta =
+            toml::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+        assert_eq!(
+            TopicId::legacy("orders", meta.created_ms),
+            upgraded.id,
+            "derived, so an open that cannot write it still agrees"
+        );
+        assert_eq!(meta.id, Some(upgraded.id.to_string()), "and persisted");
         assert!(upgraded.owns_commit(""));
         assert!(!upgraded.owns_commit(&TopicId::random().unwrap().to_string()));
         let id = upgraded.id;
