@@ -125,11 +125,12 @@ async fn given_topic_deleted_and_recreated_when_group_consumes_should_read_every
         vec![("orders".into(), 8, second_id)]
     );
 
-    // Delete, restart, re-create: the commit of the deleted incarnation is still on disk.
+    // Delete, re-create, restart: the deleted incarnation's commit is still in `__offsets`
+    // and a topic of its name exists when the broker loads it.
     syncline(&broker, &["topic", "delete", "orders"], b"");
+    let third_id = create_orders(&broker, &values("newer", 10));
     assert!(broker.stop());
     let broker = BrokerProcess::start_with(dir.path(), &FAST);
-    let third_id = create_orders(&broker, &values("newer", 10));
     assert!(committed(&broker).await.is_empty());
     let described = broker
         .client()
