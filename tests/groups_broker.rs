@@ -97,6 +97,18 @@ async fn beat(client: &mut Grpc, member: &mut Member) {
     member.reading = flatten(&response.assignment);
 }
 
+/// A member that joined alone and heartbeated until it reads `partitions` partitions.
+async fn joined_reading(client: &mut Grpc, partitions: usize) -> Member {
+    let mut member = join(client, 10_000).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while member.reading.len() != partitions {
+        assert!(Instant::now() < deadline, "never assigned {partitions}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        beat(client, &mut member).await;
+    }
+    member
+}
+
 #[track_caller]
 fn assert_exclusive(members: &[&Member]) {
     let mut seen = BTreeSet::new();
@@ -186,13 +198,7 @@ async fn given_commits_should_refuse_stale_epochs_and_survive_restarts() {
             .await
             .unwrap();
     }
-    let mut member = join(&mut client, 10_000).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while member.reading.len() != 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        beat(&mut client, &mut member).await;
-    }
+    let member = joined_reading(&mut client, 2).await;
     let commit = |epoch: u32, offset: u64| v1::CommitOffsetsRequest {
         group: "g".into(),
         member_id: member.id.clone(),
@@ -369,13 +375,7 @@ async fn given_internal_topic_join_or_bogus_owned_claim_should_refuse() {
     assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
     assert!(error.message().contains("internal topic"), "{error:?}");
 
-    let mut member = join(&mut client, 10_000).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while member.reading.len() != 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        beat(&mut client, &mut member).await;
-    }
+    let mut member = joined_reading(&mut client, 2).await;
     for bogus in [("events", 99), ("__offsets", 0), ("missing", 0)] {
         let mut claimed = member.reading.clone();
         claimed.insert((bogus.0.to_string(), bogus.1));

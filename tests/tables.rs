@@ -162,6 +162,23 @@ fn version_of(printed: &str) -> u64 {
         .unwrap_or_else(|| panic!("not a version and a newline: {printed:?}"))
 }
 
+/// `topic create kv --partitions N --cleanup compact`.
+fn create_kv(broker: &BrokerProcess, partitions: u32) {
+    let partitions = partitions.to_string();
+    ok(
+        broker,
+        &[
+            "topic",
+            "create",
+            "kv",
+            "--partitions",
+            &partitions,
+            "--cleanup",
+            "compact",
+        ],
+    );
+}
+
 fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}"))
 }
@@ -170,18 +187,7 @@ fn json(line: &str) -> serde_json::Value {
 fn cli_put_get_history_delete_should_round_trip_and_report_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
-    ok(
-        &broker,
-        &[
-            "topic",
-            "create",
-            "kv",
-            "--partitions",
-            "3",
-            "--cleanup",
-            "compact",
-        ],
-    );
+    create_kv(&broker, 3);
 
     let first = version_of(&ok(&broker, &["put", "kv", "user-1", "hello world"]));
     assert_eq!(ok(&broker, &["get", "kv", "user-1"]), "hello world\n");
@@ -602,18 +608,7 @@ fn compact_row(output: &str) -> (u64, u64) {
 fn cli_puts_of_one_key_when_compacted_should_reclaim_superseded_and_say_what_it_kept() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
-    ok(
-        &broker,
-        &[
-            "topic",
-            "create",
-            "kv",
-            "--partitions",
-            "1",
-            "--cleanup",
-            "compact",
-        ],
-    );
+    create_kv(&broker, 1);
     // A first record of another key: the output segment's first batch is never emptied.
     ok(&broker, &["put", "kv", "first", "x"]);
     for i in 0..8 {

@@ -765,6 +765,19 @@ impl Registry {
     }
 }
 
+/// Tests: makes `DATA_DIR/<topic>/topic.toml` look written before topic ids (no `id`).
+#[cfg(test)]
+pub(crate) fn strip_topic_id_for_tests(topic_dir: &Path) {
+    let path = topic_dir.join(META_FILE);
+    let old: String = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| !line.starts_with("id ="))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(std::fs::write(&path, old).is_ok(), "{}", path.display());
+}
+
 /// Whether a log error means the request was bad (vs the partition being broken).
 pub fn is_request_error(error: &LogError) -> bool {
     !error.is_fatal()
@@ -813,14 +826,8 @@ mod tests {
         );
         registry.close().await;
         drop((created, registry));
+        strip_topic_id_for_tests(&dir.path().join("orders"));
         let meta_path = dir.path().join("orders").join(META_FILE);
-        let old: String = std::fs::read_to_string(&meta_path)
-            .unwrap()
-            .lines()
-            .filter(|line| !line.starts_with("id ="))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        std::fs::write(&meta_path, old).unwrap();
 
         let registry = Registry::open(config.clone()).unwrap();
         let upgraded = registry.get("orders").unwrap();

@@ -600,14 +600,7 @@ async fn given_commits_without_topic_id_should_belong_to_the_upgraded_topic_only
             .unwrap();
         registry.close().await;
     }
-    let meta = dir.path().join("t").join("topic.toml");
-    let old: String = std::fs::read_to_string(&meta)
-        .unwrap()
-        .lines()
-        .filter(|line| !line.starts_with("id ="))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    std::fs::write(&meta, old).unwrap();
+    crate::topic::strip_topic_id_for_tests(&dir.path().join("t"));
     let (registry, coordinator) = open(dir.path(), 0).await;
     assert_eq!(committed_of(&coordinator), vec![("t".into(), 4)]);
     registry.delete("t").await.unwrap();
