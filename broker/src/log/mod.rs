@@ -266,12 +266,12 @@ pub struct Log {
     manifest: Mutex<Manifest>,
     /// `manifest.horizon`, readable without the lock (every fetch reports it).
     horizon: AtomicU64,
+    /// Records the last compaction pass kept only for idempotent producers (describe).
+    kept_for_producers: AtomicU64,
     /// One compaction pass at a time.
     compact_lock: Mutex<()>,
     /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
     tombstone_expiry_ms: std::sync::atomic::AtomicI64,
-    /// Records the last compaction pass kept only for idempotent producers (describe).
-    kept_for_producers: AtomicU64,
     _lock: File,
 }
 
@@ -623,8 +623,8 @@ impl Log {
             stats: LogStats::default(),
             recovery: report,
             horizon: AtomicU64::new(manifest.horizon),
-            tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
             kept_for_producers: AtomicU64::new(0),
+            tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
             manifest: Mutex::new(manifest),
             compact_lock: Mutex::new(()),
             _lock: lock,
