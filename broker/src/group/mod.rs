@@ -664,8 +664,27 @@ impl Coordinator {
         Ok(offsets)
     }
 
-    /// Forgets the committed offsets of deleted topic incarnations (call after a delete).
-    pub fn forget_deleted_topics(&self) {
+    /// Call after `topic` was deleted: no member holds its partitions any more (a member that
+    /// still reads the deleted incarnation cannot commit its position for a topic re-created
+    /// under the name: its commits and heartbeats are refused and it joins again), and the
+    /// committed offsets of deleted incarnations leave memory.
+    pub fn topic_deleted(&self, topic: &str) {
+        let now = Instant::now();
+        {
+            let mut groups = self.groups.lock();
+            for group in groups.values_mut() {
+                let held = group.owner.len();
+                group.owner.retain(|(held_topic, _), _| held_topic != topic);
+                let targeted = group
+                    .target
+                    .as_ref()
+                    .is_some_and(|target| target.keys().any(|(t, _)| t == topic));
+                if group.owner.len() != held || targeted {
+                    group.epoch += 1;
+                    group.retarget(&self.registry, now);
+                }
+            }
+        }
         let registry = &self.registry;
         self.offsets
             .forget_stale(|topic, id| is_current(registry, topic, id));

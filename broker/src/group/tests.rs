@@ -571,7 +571,8 @@ async fn given_topic_deleted_and_recreated_should_forget_its_committed_offsets()
     // Without commits left the group is gone from listings.
     registry.delete("kept").await.unwrap();
     registry.delete("t").await.unwrap();
-    coordinator.forget_deleted_topics();
+    coordinator.topic_deleted("kept");
+    coordinator.topic_deleted("t");
     assert!(coordinator.list().is_empty());
     assert!(matches!(
         coordinator.describe("standalone"),
@@ -693,4 +694,75 @@ async fn given_heartbeat_claiming_partitions_not_held_should_refuse_and_change_n
     h.beat(&mut b);
     assert_eq!((a.reading.len(), b.reading.len()), (1, 1));
     assert_exclusive(&[&a, &b]);
+}
+
+/// Issue 13 item 1, with a member still running: after a delete and a re-create it can no
+/// longer commit the deleted incarnation's position for the new topic (nor claim its
+/// partitions); joining again it gets the new partitions with no committed offset.
+#[tokio::test]
+async fn given_member_reading_a_deleted_topic_should_not_commit_into_its_new_incarnation() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(0);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 2);
+    h._registry.delete("t").await.unwrap();
+    h.coordinator.topic_deleted("t");
+    create_with_records(&h._registry, "t", 5).await;
+    let commit = h
+        .coordinator
+        .commit(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+            offsets: vec![v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: 3,
+                metadata: String::new(),
+            }],
+        })
+        .await;
+    assert!(
+        matches!(
+            commit,
+            Err(BrokerError::NotPartitionOwner { .. } | BrokerError::StaleMemberEpoch { .. })
+        ),
+        "{commit:?}"
+    );
+    let beat = h.coordinator.heartbeat(v1::HeartbeatRequest {
+        group: "g".into(),
+        member_id: a.id.clone(),
+        member_epoch: a.epoch,
+        owned: grouped(&a.reading),
+    });
+    assert!(beat.is_err(), "{beat:?}");
+    // The client answers a refused heartbeat by joining again under its id.
+    let rejoined = h
+        .coordinator
+        .join(v1::JoinGroupRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            topics: vec!["t".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    let mut again = Client {
+        id: rejoined.member_id,
+        epoch: rejoined.member_epoch,
+        reading: flatten(&rejoined.assignment),
+    };
+    h.beat(&mut again);
+    assert_eq!(
+        again.reading,
+        BTreeSet::from([("t".to_string(), 0)]),
+        "the re-created topic has one partition"
+    );
+    assert!(h
+        .coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "g".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap()
+        .is_empty());
 }

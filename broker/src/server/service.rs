@@ -705,13 +705,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DeleteTopic");
         let result = async move {
-            self.registry
-                .delete(&request.into_inner().name)
-                .await
-                .map_err(to_status)?;
+            let name = request.into_inner().name;
+            self.registry.delete(&name).await.map_err(to_status)?;
             // Its committed offsets are already ignored (they carry the deleted incarnation's
-            // id); this only frees their memory.
-            self.coordinator.forget_deleted_topics();
+            // id); this frees their memory and takes its partitions from group members.
+            self.coordinator.topic_deleted(&name);
             Ok(Response::new(v1::DeleteTopicResponse {}))
         }
         .instrument(span)
