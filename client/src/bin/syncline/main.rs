@@ -108,7 +108,9 @@ enum TopicCommand {
         name: String,
     },
     /// Compact a table now: keep only the latest record of each key (and deletes until their
-    /// retention passes), then print what each partition reclaimed. The broker also compacts
+    /// retention passes), then print what each partition reclaimed, and what it kept only
+    /// because an idempotent producer wrote it in the last 2 minutes (KEPT-FOR-PRODUCERS: kept
+    /// so that a retry is still recognised after a broker restart). The broker also compacts
     /// in the background once a partition's dirty ratio passes min-cleanable-dirty-ratio.
     Compact {
         /// The table.
