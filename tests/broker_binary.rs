@@ -181,3 +181,43 @@ async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_refl
             .exists());
     }
 }
+
+/// Issue 13 item 13: `fsync = always` with an fsync interval (at start, or on CreateTopic) and
+/// a heartbeat interval not below the session timeout are refused instead of half ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_contradicting_settings_should_refuse_to_start_and_to_create() {
+    let dir = tempfile::tempdir().unwrap();
+    for flags in [
+        &["--fsync-policy", "always", "--fsync-interval-ms", "50"][..],
+        &["--fsync-interval-ms", "50"][..],
+        &["--group-heartbeat-interval-ms", "20000"][..],
+    ] {
+        let output = Command::new(binary("syncline-broker"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(flags)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(output.status.code(), Some(2), "{flags:?}: {stderr}");
+        let key = flags[flags.len() - 2]
+            .trim_start_matches("--")
+            .replace('-', "_");
+        assert!(stderr.contains(&key), "{flags:?}: {stderr}");
+    }
+    let broker = common::BrokerProcess::start(&dir.path().join("data"));
+    let mut client = broker.client().await;
+    let error = client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "t".into(),
+            config: Some(syncline_proto::v1::TopicConfig {
+                fsync_policy: syncline_proto::v1::FsyncPolicy::Always as i32,
+                fsync_interval_ms: Some(50),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("fsync_interval_ms"), "{error:?}");
+}

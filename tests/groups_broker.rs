@@ -97,6 +97,18 @@ async fn beat(client: &mut Grpc, member: &mut Member) {
     member.reading = flatten(&response.assignment);
 }
 
+/// A member that joined alone and heartbeated until it reads `partitions` partitions.
+async fn joined_reading(client: &mut Grpc, partitions: usize) -> Member {
+    let mut member = join(client, 10_000).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while member.reading.len() != partitions {
+        assert!(Instant::now() < deadline, "never assigned {partitions}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        beat(client, &mut member).await;
+    }
+    member
+}
+
 #[track_caller]
 fn assert_exclusive(members: &[&Member]) {
     let mut seen = BTreeSet::new();
@@ -186,13 +198,7 @@ async fn given_commits_should_refuse_stale_epochs_and_survive_restarts() {
             .await
             .unwrap();
     }
-    let mut member = join(&mut client, 10_000).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while member.reading.len() != 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        beat(&mut client, &mut member).await;
-    }
+    let member = joined_reading(&mut client, 2).await;
     let commit = |epoch: u32, offset: u64| v1::CommitOffsetsRequest {
         group: "g".into(),
         member_id: member.id.clone(),
@@ -320,7 +326,7 @@ async fn given_produce_into_offsets_topic_should_refuse_and_change_nothing() {
         partition: 0,
         offset: 0,
         metadata: String::new(),
-        commit_timestamp_ms: 0,
+        ..Default::default()
     };
     let error = client
         .produce(v1::ProduceRequest {
@@ -347,4 +353,50 @@ async fn given_produce_into_offsets_topic_should_refuse_and_change_nothing() {
         .into_inner()
         .groups;
     assert!(groups.is_empty(), "{groups:?}");
+}
+
+/// Issue 13 item 13, as a hostile client found it: JoinGroup on an internal topic was
+/// accepted, and a Heartbeat could claim partitions the member never got (or that do not
+/// exist). Both are refused with a clear message and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_internal_topic_join_or_bogus_owned_claim_should_refuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(dir.path(), &FAST);
+    let mut client = broker.client().await;
+    create(&mut client, 2).await;
+    let error = client
+        .join_group(v1::JoinGroupRequest {
+            group: "g".into(),
+            topics: vec!["__offsets".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument, "{error:?}");
+    assert!(error.message().contains("internal topic"), "{error:?}");
+
+    let mut member = joined_reading(&mut client, 2).await;
+    for bogus in [("events", 99), ("__offsets", 0), ("missing", 0)] {
+        let mut claimed = member.reading.clone();
+        claimed.insert((bogus.0.to_string(), bogus.1));
+        let error = client
+            .heartbeat(v1::HeartbeatRequest {
+                group: "g".into(),
+                member_id: member.id.clone(),
+                member_epoch: member.epoch,
+                owned: grouped(&claimed),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.code(),
+            Code::FailedPrecondition,
+            "{bogus:?}: {error:?}"
+        );
+        assert!(error.message().contains("does not own"), "{error:?}");
+    }
+    // Nothing changed: the same epoch still heartbeats and keeps both partitions.
+    let epoch = member.epoch;
+    beat(&mut client, &mut member).await;
+    assert_eq!((member.epoch, member.reading.len()), (epoch, 2));
 }

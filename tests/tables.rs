@@ -162,6 +162,23 @@ fn version_of(printed: &str) -> u64 {
         .unwrap_or_else(|| panic!("not a version and a newline: {printed:?}"))
 }
 
+/// `topic create kv --partitions N --cleanup compact`.
+fn create_kv(broker: &BrokerProcess, partitions: u32) {
+    let partitions = partitions.to_string();
+    ok(
+        broker,
+        &[
+            "topic",
+            "create",
+            "kv",
+            "--partitions",
+            &partitions,
+            "--cleanup",
+            "compact",
+        ],
+    );
+}
+
 fn json(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}"))
 }
@@ -170,18 +187,7 @@ fn json(line: &str) -> serde_json::Value {
 fn cli_put_get_history_delete_should_round_trip_and_report_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
-    ok(
-        &broker,
-        &[
-            "topic",
-            "create",
-            "kv",
-            "--partitions",
-            "3",
-            "--cleanup",
-            "compact",
-        ],
-    );
+    create_kv(&broker, 3);
 
     let first = version_of(&ok(&broker, &["put", "kv", "user-1", "hello world"]));
     assert_eq!(ok(&broker, &["get", "kv", "user-1"]), "hello world\n");
@@ -567,4 +573,78 @@ async fn batching_producer_should_be_idempotent_and_fail_clearly_when_fenced() {
         .map(|partition| partition.log_end_offset)
         .sum();
     assert_eq!(stored, 100 + 2, "nothing stored after the fence");
+}
+
+/// One partition's row of `topic compact`: (records removed, records kept for producers).
+fn compact_row(output: &str) -> (u64, u64) {
+    let header: Vec<&str> = output
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} column in {output}"))
+    };
+    let row: Vec<&str> = output
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let at = |name: &str| row[column(name)].parse::<u64>().unwrap();
+    (at("RECORDS-REMOVED"), at("KEPT-FOR-PRODUCERS"))
+}
+
+/// Issue 13 item 15: `topic compact` after eight `syncline put` calls of one key reclaimed
+/// nothing and said nothing, because each put was a new idempotent producer whose batch
+/// compaction kept whole for an hour. Plain puts no longer pin anything; one-shot
+/// compare-and-set puts (still idempotent, so a retry is recognised) are kept for a short while
+/// and the compact output and `topic describe` say so.
+#[test]
+fn cli_puts_of_one_key_when_compacted_should_reclaim_superseded_and_say_what_it_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    create_kv(&broker, 1);
+    // A first record of another key: the output segment's first batch is never emptied.
+    ok(&broker, &["put", "kv", "first", "x"]);
+    for i in 0..8 {
+        ok(&broker, &["put", "kv", "k", &format!("v{i}")]);
+    }
+    let compacted = ok(&broker, &["topic", "compact", "kv"]);
+    assert_eq!(compact_row(&compacted), (7, 0), "{compacted}");
+    assert!(!compacted.contains("kept "), "{compacted}");
+    assert_eq!(
+        ok(&broker, &["history", "kv", "k"]),
+        "8\tput\tv7\n",
+        "only the latest version is left"
+    );
+
+    // Three compare-and-set puts of one key: each its own idempotent producer.
+    let mut version = version_of(&ok(&broker, &["put", "kv", "c", "c0", "--expect-absent"]));
+    for value in ["c1", "c2"] {
+        version = version_of(&ok(
+            &broker,
+            &[
+                "put",
+                "kv",
+                "c",
+                value,
+                "--expect-version",
+                &version.to_string(),
+            ],
+        ));
+    }
+    let compacted = ok(&broker, &["topic", "compact", "kv"]);
+    assert_eq!(compact_row(&compacted), (0, 2), "{compacted}");
+    assert!(
+        compacted.contains("kept 2 superseded record(s)")
+            && compacted.contains("idempotent producers"),
+        "{compacted}"
+    );
+    let described = ok(&broker, &["topic", "describe", "kv"]);
+    assert!(described.contains("KEPT-FOR-PRODUCERS"), "{described}");
 }

@@ -86,7 +86,8 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_FSYNC_POLICY", value_name = "POLICY")]
     pub fsync_policy: Option<String>,
 
-    /// With `--fsync-policy interval`: milliseconds between fsyncs [default: 100]
+    /// With `--fsync-policy interval`: milliseconds between fsyncs; refused with the `always`
+    /// policy, which has no interval [default: 100]
     #[arg(long, env = "SYNCLINE_FSYNC_INTERVAL_MS", value_name = "MS")]
     pub fsync_interval_ms: Option<u64>,
 
@@ -131,7 +132,8 @@ pub struct Flags {
     pub group_initial_rebalance_delay_ms: Option<u64>,
 
     /// Consumer groups: how often members heartbeat (they learn assignment changes from
-    /// heartbeats, so this bounds how fast partitions move) [default: 1000]
+    /// heartbeats, so this bounds how fast partitions move); must be below
+    /// --group-session-timeout-ms [default: 1000]
     #[arg(long, env = "SYNCLINE_GROUP_HEARTBEAT_INTERVAL_MS", value_name = "MS")]
     pub group_heartbeat_interval_ms: Option<u32>,
 
@@ -334,6 +336,24 @@ pub fn check_dirty_ratio(ratio: f64) -> Result<(), ConfigError> {
     }
 }
 
+/// An fsync interval set explicitly under the `always` policy would be ignored: refused, so
+/// nobody believes they configured interval fsyncs (or `always`) when they did not.
+pub fn check_fsync_interval(
+    policy: FsyncPolicy,
+    interval_ms: Option<u64>,
+) -> Result<(), ConfigError> {
+    match (policy, interval_ms) {
+        (FsyncPolicy::Always, Some(ms)) => Err(ConfigError {
+            key: "fsync_interval_ms",
+            message: format!(
+                "{ms} is set, but fsync_policy is `always` (which fsyncs continuously and has \
+                 no interval): set fsync_policy = `interval`, or leave fsync_interval_ms out"
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Parses an fsync policy name.
 pub fn parse_fsync(policy: &str, interval_ms: u64) -> Result<FsyncPolicy, ConfigError> {
     match policy {
@@ -385,13 +405,11 @@ impl Config {
         if let Some(value) = flags.retention_bytes.or(file.retention_bytes) {
             topic.retention_bytes = retention(value, "retention_bytes")?;
         }
-        let interval = flags
-            .fsync_interval_ms
-            .or(file.fsync_interval_ms)
-            .unwrap_or(100);
+        let interval = flags.fsync_interval_ms.or(file.fsync_interval_ms);
         if let Some(policy) = flags.fsync_policy.or(file.fsync_policy) {
-            topic.fsync = parse_fsync(&policy, interval)?;
+            topic.fsync = parse_fsync(&policy, interval.unwrap_or(100))?;
         }
+        check_fsync_interval(topic.fsync, interval)?;
         let limits = &mut config.limits;
         limits.max_partitions = flags
             .max_partitions
@@ -523,6 +541,16 @@ impl Config {
                 ),
             );
         }
+        if self.group_heartbeat_interval_ms >= self.group_session_timeout_ms {
+            return err(
+                "group_heartbeat_interval_ms",
+                format!(
+                    "{} is not below group_session_timeout_ms ({}): members would expire \
+                     between two heartbeats",
+                    self.group_heartbeat_interval_ms, self.group_session_timeout_ms
+                ),
+            );
+        }
         // The per-topic log config must be valid with these defaults.
         self.log_config_for(&self.topic_defaults).validate()
     }
@@ -646,5 +674,47 @@ mod tests {
         })
         .unwrap_err();
         assert!(error.to_string().contains("fsync_policy"), "{error}");
+    }
+
+    /// Issue 13 item 13: settings that contradict each other are refused at start, naming the
+    /// key, instead of one of them being silently ignored.
+    #[test]
+    fn given_contradicting_settings_when_loaded_should_refuse_naming_the_key() {
+        let refused = [
+            (
+                Flags {
+                    fsync_policy: Some("always".into()),
+                    fsync_interval_ms: Some(50),
+                    ..Flags::default()
+                },
+                "fsync_interval_ms",
+            ),
+            (
+                Flags {
+                    fsync_interval_ms: Some(50),
+                    ..Flags::default()
+                },
+                "fsync_interval_ms",
+            ),
+            (
+                Flags {
+                    group_heartbeat_interval_ms: Some(20_000),
+                    group_session_timeout_ms: Some(10_000),
+                    ..Flags::default()
+                },
+                "group_heartbeat_interval_ms",
+            ),
+        ];
+        for (flags, key) in refused {
+            let error = Config::load(flags).unwrap_err();
+            assert!(error.to_string().contains(key), "{key}: {error}");
+        }
+        let interval = Config::load(Flags {
+            fsync_policy: Some("interval".into()),
+            fsync_interval_ms: Some(50),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(interval.topic_defaults.fsync, FsyncPolicy::IntervalMs(50));
     }
 }

@@ -70,7 +70,7 @@ pub enum BrokerError {
         /// The member's current epoch.
         current: u32,
     },
-    /// A commit for a partition the member does not own.
+    /// A commit for (or a heartbeat claiming) a partition the member does not own.
     #[error("member `{member}` of group `{group}` does not own partition {partition} of `{topic}`{owner}")]
     NotPartitionOwner {
         /// The group.
@@ -81,7 +81,7 @@ pub enum BrokerError {
         topic: String,
         /// The partition.
         partition: u32,
-        /// ", member X does" or "".
+        /// ", member X does", why it cannot be owned (no such partition), or "".
         owner: String,
     },
     /// A standalone commit (no member id) to a group that has members.

@@ -5,6 +5,7 @@
 //!   retention.
 //! - [`partition`]: a log plus produce validation that needs the topic (keys -> partitions).
 //! - [`topic`]: the topic registry, topic metadata, the data directory.
+//! - [`producer_ids`]: idempotent producers' ids and epochs (fencing), broker-wide.
 //! - [`group`]: the consumer group coordinator and the committed-offset store (`__offsets`).
 //! - [`server`]: the tonic services, request validation and the error -> status mapping.
 //! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
@@ -20,6 +21,7 @@ pub mod group;
 pub mod log;
 pub mod metrics;
 pub mod partition;
+pub mod producer_ids;
 pub mod server;
 pub mod state;
 pub mod topic;

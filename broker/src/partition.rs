@@ -536,6 +536,7 @@ impl Partition {
         let filter = KeyIndexFilter {
             partition: self,
             limit,
+            now_ms: now_ms(),
         };
         log.compact(&filter, options).map_err(|e| self.log_error(e))
     }
@@ -673,6 +674,8 @@ impl Partition {
 struct KeyIndexFilter<'a> {
     partition: &'a Partition,
     limit: u64,
+    /// When the pass started (decides which producers' batches are still pinned).
+    now_ms: i64,
 }
 
 impl CompactionFilter for KeyIndexFilter<'_> {
@@ -718,12 +721,11 @@ impl CompactionFilter for KeyIndexFilter<'_> {
 
     fn keep_whole(&self, header: &syncline_proto::batch::BatchHeader) -> bool {
         header.producer_id >= 0
-            && self
-                .partition
-                .live
-                .lock()
-                .producers
-                .is_recent_batch(header.producer_id, header.base_offset)
+            && self.partition.live.lock().producers.is_recent_batch(
+                header.producer_id,
+                header.base_offset,
+                self.now_ms,
+            )
     }
 
     fn tombstones_removed(&self, removed: &[(Bytes, u64)]) {

@@ -17,6 +17,12 @@
 //! at most 100 000 producers per partition (the least recently seen go first), so thousands of
 //! short-lived CLI producers cannot grow it without bound.
 //!
+//! Compaction keeps a producer's recent batches whole (their headers rebuild its state if a
+//! restart has to replay the log) only while the producer wrote within
+//! [`PRODUCER_BATCH_PIN_MS`]: a retry, the only thing that state serves, comes within the
+//! client's delivery timeout (30 s by default). So a one-shot producer (a CLI `put`, a one-off
+//! compare-and-set) does not keep a superseded value for the hour its state lives.
+//!
 //! ## Snapshot file `state.snapshot` (little-endian, written temp + fsync + rename)
 //! ```text
 //! magic "SLST" | version u32 = 1 | covered_offset u64 (log end when written)
@@ -38,6 +44,9 @@ use bytes::Bytes;
 pub const PRODUCER_RECENT_BATCHES: usize = 5;
 /// Producers idle longer than this are forgotten.
 pub const PRODUCER_EXPIRY_MS: i64 = 3_600_000;
+/// Compaction keeps a producer's recent batches whole only while it wrote this recently: four
+/// times the client's default delivery timeout (30 s), within which any retry comes.
+pub const PRODUCER_BATCH_PIN_MS: i64 = 120_000;
 /// Producers remembered per partition at most.
 pub const PRODUCERS_MAX: usize = 100_000;
 const SNAPSHOT_FILE: &str = "state.snapshot";
@@ -305,11 +314,14 @@ impl Producers {
     }
 
     /// Whether the batch appended at `base_offset` is one of `producer_id`'s remembered recent
-    /// batches (compaction keeps those whole, so a restart can rebuild the producer's state).
-    pub fn is_recent_batch(&self, producer_id: i64, base_offset: u64) -> bool {
-        self.entries
-            .get(&producer_id)
-            .is_some_and(|e| e.recent.iter().any(|b| b.base_offset == base_offset))
+    /// batches and the producer wrote within [`PRODUCER_BATCH_PIN_MS`] before `now_ms`
+    /// (compaction keeps those whole, so a restart can rebuild the producer's state for a
+    /// retry).
+    pub fn is_recent_batch(&self, producer_id: i64, base_offset: u64, now_ms: i64) -> bool {
+        self.entries.get(&producer_id).is_some_and(|e| {
+            e.last_seen_ms >= now_ms.saturating_sub(PRODUCER_BATCH_PIN_MS)
+                && e.recent.iter().any(|b| b.base_offset == base_offset)
+        })
     }
 
     /// All (producer id, epoch) pairs.
@@ -628,6 +640,15 @@ mod tests {
                 Err(SequenceError::OutOfOrder { .. })
             ),
             "only the last 5 are remembered"
+        );
+        assert!(producers.is_recent_batch(7, 19, 3 + PRODUCER_BATCH_PIN_MS));
+        assert!(
+            !producers.is_recent_batch(7, 19, 3 + PRODUCER_BATCH_PIN_MS + 1),
+            "a producer idle past the pin window pins nothing"
+        );
+        assert!(
+            !producers.is_recent_batch(7, 13, 3),
+            "no longer among the last 5"
         );
         producers.expire(3 + PRODUCER_EXPIRY_MS + 1);
         assert!(producers.is_empty());

@@ -13,6 +13,16 @@
 //! `~` cannot appear in topic names, so work-in-progress directories never collide with
 //! topics.
 //!
+//! `topic.toml` holds the topic's **id** (`id = "8-4-4-4-12 hex"`, 128 random bits from the
+//! kernel's `getrandom`), drawn when the topic is created: a topic deleted and created again
+//! under the same name is another incarnation with another id, and committed offsets belong to
+//! an incarnation (see `group::offsets`). A topic written before ids existed gets one at open,
+//! derived from its name and `created_ms` (so it is the same at every open even if it cannot
+//! be written), persisted (metadata rewritten temp + fsync + rename, then the directory
+//! fsync'd; a failure, e.g. a full disk, is a warning and the next open tries again) together
+//! with `legacy_offsets = true`: it adopts the committed offsets that were stored without an
+//! id, which only it can own (a re-created topic never has the flag).
+//!
 //! ## Crash safety
 //! - Create: build the whole topic under `<name>~creating-<n>` (partition directories and
 //!   `topic.toml`, each fsync'd), then rename it to `<name>` and fsync DATA_DIR. A crash leaves
@@ -36,6 +46,7 @@ use crate::log::{
     CompactOptions, ConfigError, FsyncPolicy, Log, LogError, OpenOptions, Preallocation, Throttle,
 };
 use crate::partition::Partition;
+pub use crate::producer_ids::ProducerEpochs;
 
 const FORMAT_FILE: &str = "format-version";
 const FORMAT: &str = "syncline-data 1";
@@ -83,6 +94,90 @@ struct TopicMeta {
     delete_retention_ms: u64,
     #[serde(default = "default_min_cleanable_dirty_ratio")]
     min_cleanable_dirty_ratio: f64,
+    /// The incarnation id (absent in topics written before ids existed: assigned at open).
+    #[serde(default)]
+    id: Option<String>,
+    /// The topic got its id at open: committed offsets stored without an id are its.
+    #[serde(default, skip_serializing_if = "is_false")]
+    legacy_offsets: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
+}
+
+/// The id of one incarnation of a topic: 128 random bits, shown as 8-4-4-4-12 lowercase hex.
+/// Never zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TopicId(u128);
+
+impl TopicId {
+    /// A fresh random id.
+    pub fn random() -> Result<TopicId, BrokerError> {
+        let mut bytes = [0u8; 16];
+        loop {
+            let mut filled = 0;
+            while filled < bytes.len() {
+                // SAFETY: getrandom(2) writes at most `len - filled` bytes into our buffer.
+                let got = unsafe {
+                    libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+                };
+                if got < 0 {
+                    let error = std::io::Error::last_os_error();
+                    if error.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(BrokerError::io(
+                        "drawing a topic id from",
+                        "getrandom",
+                        error,
+                    ));
+                }
+                filled += got as usize;
+            }
+            let id = u128::from_be_bytes(bytes);
+            if id != 0 {
+                return Ok(TopicId(id));
+            }
+        }
+    }
+
+    /// The id of a topic written before ids existed: derived from what identifies that
+    /// incarnation (its name and creation time), so every open agrees without a write.
+    fn legacy(name: &str, created_ms: i64) -> TopicId {
+        let mut input = b"syncline legacy topic id\0".to_vec();
+        input.extend_from_slice(name.as_bytes());
+        input.push(0);
+        input.extend_from_slice(&created_ms.to_le_bytes());
+        TopicId(xxhash_rust::xxh3::xxh3_128(&input).max(1))
+    }
+
+    /// Parses the 8-4-4-4-12 hex form (or 32 hex digits).
+    pub fn parse(text: &str) -> Option<TopicId> {
+        let hex: String = text.chars().filter(|c| *c != '-').collect();
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(&hex, 16)
+            .ok()
+            .filter(|id| *id != 0)
+            .map(TopicId)
+    }
+}
+
+impl std::fmt::Display for TopicId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = format!("{:032x}", self.0);
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
 }
 
 // Topics written before these settings existed take the built-in defaults.
@@ -150,6 +245,11 @@ pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
 pub struct Topic {
     /// Name.
     pub name: Arc<str>,
+    /// This incarnation's id.
+    pub id: TopicId,
+    /// The id was assigned at open to a topic written before ids existed: committed offsets
+    /// stored without an id belong to this incarnation.
+    pub legacy_offsets: bool,
     /// Effective settings.
     pub settings: TopicSettings,
     /// Partitions, indexed by number.
@@ -159,6 +259,15 @@ pub struct Topic {
 }
 
 impl Topic {
+    /// Whether a committed offset stored with `topic_id` (empty: stored before ids existed)
+    /// belongs to this incarnation.
+    pub fn owns_commit(&self, topic_id: &str) -> bool {
+        if topic_id.is_empty() {
+            return self.legacy_offsets;
+        }
+        TopicId::parse(topic_id) == Some(self.id)
+    }
+
     /// The partition, or NOT_FOUND-style error naming the valid range.
     pub fn partition(&self, id: u32) -> Result<&Arc<Partition>, BrokerError> {
         self.partitions
@@ -196,7 +305,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), BrokerError> {
     File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| BrokerError::io("syncing directory", dir, e))
@@ -258,7 +367,7 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
-            producer_epochs: ProducerEpochs::default(),
+            producer_epochs: ProducerEpochs::open(&dir)?,
             throttle: (config.cleaner_io_bytes_per_sec > 0)
                 .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
             log_options: OpenOptions {
@@ -271,7 +380,6 @@ impl Registry {
             },
             _lock: lock,
         };
-        registry.producer_epochs.load(&dir)?;
         let entries = std::fs::read_dir(&dir).map_err(|e| BrokerError::io("listing", &dir, e))?;
         let mut found = Vec::new();
         for entry in entries {
@@ -319,8 +427,9 @@ impl Registry {
     }
 
     /// Opens an existing topic; a partition whose log refuses to open is fenced.
-    fn load_topic(&self, path: &Path, meta: TopicMeta) -> Result<Arc<Topic>, BrokerError> {
+    fn load_topic(&self, path: &Path, mut meta: TopicMeta) -> Result<Arc<Topic>, BrokerError> {
         let settings = meta.settings()?;
+        let id = topic_id_of(path, &mut meta)?;
         let opener = PartitionOpener {
             config: &self.config,
             options: &self.log_options,
@@ -340,6 +449,8 @@ impl Registry {
             .collect();
         Ok(Arc::new(Topic {
             name: opener.name.clone(),
+            id,
+            legacy_offsets: meta.legacy_offsets,
             settings,
             partitions,
             deleted: AtomicBool::new(false),
@@ -351,6 +462,35 @@ impl Registry {
     pub fn preallocated_bytes(&self) -> u64 {
         self.log_options.preallocation.reserved()
     }
+}
+
+/// The topic's id; a topic written before ids gets its derived one (see the module doc).
+fn topic_id_of(path: &Path, meta: &mut TopicMeta) -> Result<TopicId, BrokerError> {
+    let meta_path = path.join(META_FILE);
+    let invalid = |message: String| {
+        BrokerError::io(
+            "parsing",
+            &meta_path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, message),
+        )
+    };
+    if let Some(text) = &meta.id {
+        return TopicId::parse(text)
+            .ok_or_else(|| invalid(format!("`id = {text:?}` is not a topic id")));
+    }
+    // Written before topic ids: this incarnation gets its derived id and adopts the committed
+    // offsets stored without an id.
+    let id = TopicId::legacy(&meta.name, meta.created_ms);
+    meta.id = Some(id.to_string());
+    meta.legacy_offsets = true;
+    let text = toml::to_string(&*meta).map_err(|e| invalid(e.to_string()))?;
+    match write_synced(&meta_path, text.as_bytes()).and_then(|()| sync_dir(path)) {
+        Ok(()) => tracing::info!(topic = %meta.name, %id, "assigned a topic id"),
+        Err(error) => {
+            tracing::warn!(topic = %meta.name, %id, %error, "cannot store the topic id now (it is derived, the next open tries again)")
+        }
+    }
+    Ok(id)
 }
 
 fn read_meta(path: &Path) -> Result<TopicMeta, BrokerError> {
@@ -468,6 +608,7 @@ impl Registry {
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let staging = data_dir.join(format!("~creating-{}-{sequence}", now_ms()));
+        let id = TopicId::random()?;
         let meta = TopicMeta {
             format: 1,
             name: name.to_string(),
@@ -488,6 +629,8 @@ impl Registry {
             created_ms: now_ms(),
             delete_retention_ms: settings.log.delete_retention_ms,
             min_cleanable_dirty_ratio: settings.log.min_cleanable_dirty_ratio,
+            id: Some(id.to_string()),
+            legacy_offsets: false,
         };
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
@@ -555,6 +698,8 @@ impl Registry {
             }
             Ok(Topic {
                 name: opener.name.clone(),
+                id,
+                legacy_offsets: false,
                 settings: settings.clone(),
                 partitions,
                 deleted: AtomicBool::new(false),
@@ -567,6 +712,7 @@ impl Registry {
         self.topics.write().insert(name.to_string(), topic.clone());
         tracing::info!(
             topic = name,
+            id = %topic.id,
             partitions = topic.settings.partitions,
             "created topic"
         );
@@ -681,24 +827,18 @@ impl Registry {
     }
 
     /// A new producer id (epoch 0), or the next epoch of `producer_id`, which fences older
-    /// instances. Ids are 63-bit (the batch header stores an i64): milliseconds since the epoch
-    /// in the high bits and a counter in the low 16, so ids do not repeat across restarts.
+    /// instances (see [`crate::producer_ids`]). Blocking (it may fsync): call from a blocking
+    /// thread.
     pub fn init_producer(&self, producer_id: u64) -> Result<(i64, i16), BrokerError> {
         if producer_id == 0 {
-            loop {
-                let counter = self.sequence.fetch_add(1, Ordering::Relaxed) & 0xFFFF;
-                let id = ((now_ms() as u64) << 16 | counter) as i64 & i64::MAX;
-                if self.producer_epochs.claim_new(id) {
-                    return Ok((id, 0));
-                }
-            }
+            return Ok((self.producer_epochs.new_id()?, 0));
         }
         let id = i64::try_from(producer_id).map_err(|_| {
             BrokerError::InvalidRequest(format!(
                 "producer id {producer_id} does not fit in 63 bits"
             ))
         })?;
-        self.producer_epochs.bump(id, &self.config.data_dir)
+        Ok((id, self.producer_epochs.bump(id)?))
     }
 
     /// Writes changed partition state snapshots (blocking I/O: call from a blocking thread).
@@ -728,80 +868,17 @@ impl Registry {
     }
 }
 
-/// The current epoch of every producer id, shared by the registry (which hands epochs out) and
-/// the partitions (which refuse batches from older epochs, even before the new epoch has
-/// written there). Bumped epochs are persisted in `DATA_DIR/producer-epochs` (one `id epoch`
-/// line each, written temp + fsync + rename), so a fence survives a restart.
-#[derive(Debug, Clone, Default)]
-pub struct ProducerEpochs {
-    inner: Arc<parking_lot::Mutex<std::collections::HashMap<i64, i16>>>,
-}
-
-const EPOCHS_FILE: &str = "producer-epochs";
-
-impl ProducerEpochs {
-    /// The current epoch of `id`, if known.
-    pub fn current(&self, id: i64) -> Option<i16> {
-        self.inner.lock().get(&id).copied()
-    }
-
-    /// Raises the known epoch of `id` to `epoch`.
-    pub fn observe(&self, id: i64, epoch: i16) {
-        let mut map = self.inner.lock();
-        let known = map.entry(id).or_insert(epoch);
-        *known = (*known).max(epoch);
-    }
-
-    fn claim_new(&self, id: i64) -> bool {
-        let mut map = self.inner.lock();
-        if map.contains_key(&id) {
-            return false;
-        }
-        map.insert(id, 0);
-        true
-    }
-
-    fn bump(&self, id: i64, data_dir: &Path) -> Result<(i64, i16), BrokerError> {
-        let mut map = self.inner.lock();
-        let epoch = match map.get(&id) {
-            None => 0,
-            Some(epoch) => epoch.checked_add(1).ok_or_else(|| {
-                BrokerError::InvalidRequest(format!(
-                    "producer {id} has used every epoch; initialise a new producer id"
-                ))
-            })?,
-        };
-        map.insert(id, epoch);
-        let mut text = String::new();
-        for (id, epoch) in map.iter().filter(|(_, e)| **e > 0) {
-            text.push_str(&format!("{id} {epoch}\n"));
-        }
-        crate::log::write_file_atomically(data_dir, EPOCHS_FILE, text.as_bytes())
-            .map_err(|e| BrokerError::io("writing", data_dir.join(EPOCHS_FILE), e))?;
-        Ok((id, epoch))
-    }
-
-    fn load(&self, data_dir: &Path) -> Result<(), BrokerError> {
-        let path = data_dir.join(EPOCHS_FILE);
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(BrokerError::io("reading", &path, e)),
-        };
-        for line in text.lines() {
-            let mut parts = line.split_whitespace();
-            match (
-                parts.next().and_then(|p| p.parse::<i64>().ok()),
-                parts.next().and_then(|p| p.parse::<i16>().ok()),
-            ) {
-                (Some(id), Some(epoch)) => self.observe(id, epoch),
-                _ => {
-                    tracing::warn!(path = %path.display(), line, "ignoring a malformed producer epoch line")
-                }
-            }
-        }
-        Ok(())
-    }
+/// Tests: makes `DATA_DIR/<topic>/topic.toml` look written before topic ids (no `id`).
+#[cfg(test)]
+pub(crate) fn strip_topic_id_for_tests(topic_dir: &Path) {
+    let path = topic_dir.join(META_FILE);
+    let old: String = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| !line.starts_with("id ="))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    assert!(std::fs::write(&path, old).is_ok(), "{}", path.display());
 }
 
 /// Whether a log error means the request was bad (vs the partition being broken).
@@ -812,6 +889,75 @@ pub fn is_request_error(error: &LogError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_topic_ids_should_print_as_uuid_and_parse_back() {
+        let id = TopicId::random().unwrap();
+        let text = id.to_string();
+        assert_eq!(text.len(), 36);
+        assert_eq!(text.matches('-').count(), 4);
+        assert_eq!(TopicId::parse(&text), Some(id));
+        assert_ne!(
+            TopicId::random().unwrap(),
+            id,
+            "128 random bits do not repeat"
+        );
+        assert_eq!(TopicId::parse("00000000-0000-0000-0000-000000000000"), None);
+        assert_eq!(TopicId::parse("not-an-id"), None);
+    }
+
+    /// A data dir written before topic ids: the topic gets an id at open, keeps it across
+    /// restarts, and adopts the committed offsets stored without an id; a re-created topic is
+    /// another incarnation that adopts nothing.
+    #[tokio::test]
+    async fn given_topic_without_id_when_opened_should_persist_an_id_that_adopts_old_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Arc::new(Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        });
+        let registry = Registry::open(config.clone()).unwrap();
+        let settings = registry
+            .resolve_settings(Some(1), None, |_| Ok(()))
+            .unwrap();
+        let created = registry.create("orders", settings.clone()).await.unwrap();
+        assert!(!created.legacy_offsets);
+        assert!(created.owns_commit(&created.id.to_string()));
+        assert!(
+            !created.owns_commit(""),
+            "a new topic adopts no id-less commit"
+        );
+        registry.close().await.unwrap();
+        drop((created, registry));
+        strip_topic_id_for_tests(&dir.path().join("orders"));
+        let meta_path = dir.path().join("orders").join(META_FILE);
+
+        let registry = Registry::open(config.clone()).unwrap();
+        let upgraded = registry.get("orders").unwrap();
+        assert!(upgraded.legacy_offsets);
+        let meta: TopicMeta =
+            toml::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+        assert_eq!(
+            TopicId::legacy("orders", meta.created_ms),
+            upgraded.id,
+            "derived, so an open that cannot write it still agrees"
+        );
+        assert_eq!(meta.id, Some(upgraded.id.to_string()), "and persisted");
+        assert!(upgraded.owns_commit(""));
+        assert!(!upgraded.owns_commit(&TopicId::random().unwrap().to_string()));
+        let id = upgraded.id;
+        registry.close().await.unwrap();
+        drop((upgraded, registry));
+
+        let registry = Registry::open(config.clone()).unwrap();
+        let reopened = registry.get("orders").unwrap();
+        assert_eq!((reopened.id, reopened.legacy_offsets), (id, true));
+        registry.delete("orders").await.unwrap();
+        let recreated = registry.create("orders", settings).await.unwrap();
+        assert_ne!(recreated.id, id);
+        assert!(!recreated.owns_commit("") && !recreated.owns_commit(&id.to_string()));
+        registry.close().await.unwrap();
+    }
 
     #[test]
     fn given_names_when_validated_should_accept_only_the_allowed_charset() {

@@ -147,6 +147,8 @@ pub struct TopicSummary {
     pub partitions: u32,
     /// Delete or compact.
     pub cleanup_policy: CleanupPolicy,
+    /// This incarnation of the topic (see [`TopicDescription::topic_id`]).
+    pub topic_id: String,
 }
 
 impl TopicSummary {
@@ -155,6 +157,7 @@ impl TopicSummary {
             cleanup_policy: CleanupPolicy::from_wire(summary.cleanup_policy),
             name: summary.name,
             partitions: summary.partitions,
+            topic_id: summary.topic_id,
         }
     }
 }
@@ -168,6 +171,9 @@ pub struct TopicDescription {
     pub config: TopicConfig,
     /// One entry per partition, in partition order.
     pub partitions: Vec<PartitionDescription>,
+    /// This incarnation of the topic: a topic deleted and created again under the same name
+    /// has another id (and no committed offsets). Empty from brokers without topic ids.
+    pub topic_id: String,
 }
 
 impl TopicDescription {
@@ -191,6 +197,7 @@ impl TopicDescription {
                 .map(TopicConfig::from_wire)
                 .unwrap_or_default(),
             partitions,
+            topic_id: description.topic_id,
         })
     }
 
@@ -229,6 +236,9 @@ pub struct PartitionDescription {
     pub bytes_reclaimed: u64,
     /// Tables: deletes below this offset may have been removed by compaction (0 = none).
     pub compaction_horizon: u64,
+    /// Tables: records the last compaction pass (since the broker started) kept only for
+    /// idempotent producers ([`CompactionOutcome::records_kept_for_producers`]).
+    pub records_kept_for_producers: u64,
 }
 
 /// What one compaction pass did to one partition ([`crate::Client::compact_topic`]).
@@ -250,6 +260,12 @@ pub struct CompactionOutcome {
     pub segments_after: u32,
     /// Why this partition could not be compacted, if it could not.
     pub error: Option<String>,
+    /// Superseded records (and expired deletes) kept only because their batch is a recent
+    /// batch of an idempotent producer (kept whole for its retries, until the producer has
+    /// not written for 2 minutes).
+    pub records_kept_for_producers: u64,
+    /// The batches holding them.
+    pub batches_kept_for_producers: u64,
 }
 
 impl CompactionOutcome {
@@ -263,6 +279,8 @@ impl CompactionOutcome {
             segments_before: outcome.segments_before,
             segments_after: outcome.segments_after,
             error: (!outcome.error.is_empty()).then_some(outcome.error),
+            records_kept_for_producers: outcome.records_kept_for_producers,
+            batches_kept_for_producers: outcome.batches_kept_for_producers,
         }
     }
 }
@@ -281,6 +299,7 @@ impl PartitionDescription {
             last_compaction_ms: partition.last_compaction_ms,
             bytes_reclaimed: partition.bytes_reclaimed,
             compaction_horizon: partition.compaction_horizon,
+            records_kept_for_producers: partition.records_kept_for_producers,
         }
     }
 }
@@ -352,6 +371,7 @@ mod tests {
                 },
                 v1::PartitionDescription::default(),
             ],
+            ..Default::default()
         }))
         .unwrap();
         assert_eq!(description.partition_count(), 2);

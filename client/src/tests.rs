@@ -857,6 +857,7 @@ fn describe(name: &str, partitions: u32, cleanup_policy: i32) -> v1::TopicDescri
                 ..Default::default()
             })
             .collect(),
+        ..Default::default()
     }
 }
 

@@ -29,6 +29,10 @@
 //!
 //! Group membership is not persisted: after a broker restart members get NOT_FOUND and join
 //! again; committed offsets survive.
+//!
+//! Committed offsets belong to a topic incarnation (`offsets` module doc): a commit made for a
+//! topic that was deleted since is answered by no call (fetch, describe, list, lag metrics),
+//! also when a topic of the same name exists again.
 
 pub mod assign;
 pub mod offsets;
@@ -223,6 +227,14 @@ fn validate_group(group: &str) -> Result<(), BrokerError> {
     })
 }
 
+/// Whether a commit stored for `topic` with `topic_id` belongs to the topic's current
+/// incarnation.
+fn is_current(registry: &Registry, topic: &str, topic_id: &str) -> bool {
+    registry
+        .get(topic)
+        .is_ok_and(|topic| topic.owns_commit(topic_id))
+}
+
 /// The coordinator of every consumer group of this broker.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -248,7 +260,16 @@ impl Coordinator {
             .map_err(|e| BrokerError::InvalidRequest(format!("loading offsets failed: {e}")))?;
         // Corruption in `__offsets` fences committed offsets only, not the whole broker.
         let offsets = match loaded {
-            Ok(offsets) => offsets,
+            Ok(offsets) => {
+                let stale = offsets.forget_stale(|topic, id| is_current(&registry, topic, id));
+                if stale > 0 {
+                    tracing::info!(
+                        stale,
+                        "ignoring committed offsets of deleted topic incarnations"
+                    );
+                }
+                offsets
+            }
             Err(error) => {
                 tracing::error!(%error, "committed offsets unavailable: {} cannot be loaded", offsets::OFFSETS_TOPIC);
                 OffsetStore::unavailable(partition, error.to_string())
@@ -292,6 +313,11 @@ impl Coordinator {
             )));
         }
         for topic in &request.topics {
+            if topic.starts_with("__") {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "`{topic}` is an internal topic: consumer groups cannot subscribe to it"
+                )));
+            }
             self.registry.get(topic)?;
         }
         if request.member_id.len() > 200 || request.client_id.len() > 200 {
@@ -414,6 +440,24 @@ impl Coordinator {
             &request.member_id,
             request.member_epoch,
         )?;
+        // A member may report only partitions the coordinator says it holds (its assignment,
+        // and those being revoked from it until it stops listing them): anything else is a
+        // confused or hostile client, refused before anything changes.
+        for claimed in &request.owned {
+            for partition in &claimed.partitions {
+                let key = (claimed.topic.clone(), *partition);
+                let holder = group.owner.get(&key);
+                if holder != Some(&request.member_id) {
+                    return Err(BrokerError::NotPartitionOwner {
+                        group: request.group.clone(),
+                        member: request.member_id.clone(),
+                        topic: claimed.topic.clone(),
+                        partition: *partition,
+                        owner: self.why_not_owner(holder, &claimed.topic, *partition),
+                    });
+                }
+            }
+        }
         let owned = flatten(&request.owned);
         // Released: held by this member, no longer its target, not reported as read.
         let target = &group.target;
@@ -438,6 +482,22 @@ impl Coordinator {
             heartbeat_interval_ms: self.config.heartbeat_interval_ms,
             assignment: grouped(&member.assigned),
         })
+    }
+
+    /// The tail of a [`BrokerError::NotPartitionOwner`] message: who holds the partition, or
+    /// that it does not exist.
+    fn why_not_owner(&self, holder: Option<&String>, topic: &str, partition: u32) -> String {
+        if let Some(holder) = holder {
+            return format!(", member `{holder}` does");
+        }
+        match self.registry.get(topic) {
+            Err(_) => format!(" (no topic `{topic}` exists)"),
+            Ok(found) if partition >= found.settings.partitions => format!(
+                " (`{topic}` has {} partition(s))",
+                found.settings.partitions
+            ),
+            Ok(_) => " (it was not assigned to it)".to_string(),
+        }
     }
 
     /// Removes a member; its partitions are free at once.
@@ -514,6 +574,7 @@ impl Coordinator {
             )));
         }
         let mut seen = BTreeSet::new();
+        let mut topic_ids = Vec::with_capacity(request.offsets.len());
         for commit in &request.offsets {
             if commit.metadata.len() > COMMIT_METADATA_MAX {
                 return Err(BrokerError::InvalidRequest(format!(
@@ -530,6 +591,7 @@ impl Coordinator {
                 )));
             }
             let topic = self.registry.get(&commit.topic)?;
+            topic_ids.push(topic.id.to_string());
             let partition = topic.partition(commit.partition)?;
             let log = partition.log()?;
             let end = log.end_offset();
@@ -580,11 +642,50 @@ impl Coordinator {
                     }
                 }
             }
-            self.offsets.append(&request.group, &request.offsets, now)?
+            self.offsets
+                .append(&request.group, &request.offsets, &topic_ids, now)?
         };
         self.offsets
-            .publish(&request.group, &request.offsets, appended, now)
+            .publish(&request.group, &request.offsets, &topic_ids, appended, now)
             .await
+    }
+
+    /// The committed offsets of `group` that belong to the current incarnation of their topic
+    /// (all of them when `only` is empty).
+    fn committed(
+        &self,
+        group: &str,
+        only: &[(String, u32)],
+    ) -> Result<offsets::GroupOffsets, BrokerError> {
+        let mut offsets = self.offsets.fetch(group, only)?;
+        offsets.retain(|((topic, _), c)| is_current(&self.registry, topic, &c.topic_id));
+        Ok(offsets)
+    }
+
+    /// Call after `topic` was deleted: no member holds its partitions any more (a member that
+    /// still reads the deleted incarnation cannot commit its position for a topic re-created
+    /// under the name: its commits and heartbeats are refused and it joins again), and the
+    /// committed offsets of deleted incarnations leave memory.
+    pub fn topic_deleted(&self, topic: &str) {
+        let now = Instant::now();
+        {
+            let mut groups = self.groups.lock();
+            for group in groups.values_mut() {
+                let held = group.owner.len();
+                group.owner.retain(|(held_topic, _), _| held_topic != topic);
+                let targeted = group
+                    .target
+                    .as_ref()
+                    .is_some_and(|target| target.keys().any(|(t, _)| t == topic));
+                if group.owner.len() != held || targeted {
+                    group.epoch += 1;
+                    group.retarget(&self.registry, now);
+                }
+            }
+        }
+        let registry = &self.registry;
+        self.offsets
+            .forget_stale(|topic, id| is_current(registry, topic, id));
     }
 
     /// Committed offsets of a group.
@@ -595,8 +696,7 @@ impl Coordinator {
         validate_group(&request.group)?;
         let only: Vec<(String, u32)> = flatten(&request.partitions).into_iter().collect();
         Ok(self
-            .offsets
-            .fetch(&request.group, &only)?
+            .committed(&request.group, &only)?
             .into_iter()
             .map(|((topic, partition), c)| v1::CommittedOffset {
                 topic,
@@ -604,6 +704,7 @@ impl Coordinator {
                 offset: c.offset,
                 metadata: c.metadata,
                 commit_timestamp_ms: c.timestamp_ms,
+                topic_id: c.topic_id,
             })
             .collect())
     }
@@ -613,7 +714,12 @@ impl Coordinator {
         let now = Instant::now();
         let groups = self.groups.lock();
         let mut names: BTreeSet<String> = groups.keys().cloned().collect();
-        names.extend(self.offsets.groups());
+        names.extend(
+            self.offsets
+                .groups()
+                .into_iter()
+                .filter(|name| self.committed(name, &[]).is_ok_and(|c| !c.is_empty())),
+        );
         names
             .into_iter()
             .map(|name| match groups.get(&name) {
@@ -636,7 +742,7 @@ impl Coordinator {
         validate_group(name)?;
         let now = Instant::now();
         let committed: BTreeMap<(String, u32), offsets::Committed> =
-            self.offsets.fetch(name, &[])?.into_iter().collect();
+            self.committed(name, &[])?.into_iter().collect();
         let groups = self.groups.lock();
         let group = groups.get(name);
         if group.is_none() && committed.is_empty() {
@@ -710,9 +816,7 @@ impl Coordinator {
     pub fn lags(&self) -> Vec<(String, String, u32, u64)> {
         let mut out = Vec::new();
         for name in self.offsets.groups() {
-            for ((topic, partition), committed) in
-                self.offsets.fetch(&name, &[]).unwrap_or_default()
-            {
+            for ((topic, partition), committed) in self.committed(&name, &[]).unwrap_or_default() {
                 let end = self
                     .registry
                     .get(&topic)

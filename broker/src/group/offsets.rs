@@ -9,8 +9,17 @@
 //! ```text
 //! key   = group bytes | 0x00 | topic bytes | 0x00 | partition u32 big-endian
 //! value = protobuf `syncline.v1.CommittedOffset` (topic, partition, offset, metadata,
-//!         commit_timestamp_ms)
+//!         commit_timestamp_ms, topic_id)
 //! ```
+//! `topic_id` is the id of the topic incarnation the offset was committed for
+//! (`crate::topic::TopicId`). A topic deleted and created again under the same name has
+//! another id, so the old incarnation's commits are simply not its: the coordinator answers
+//! only commits the current incarnation owns ([`crate::topic::Topic::owns_commit`]). That
+//! needs no write when a topic is deleted, so no crash between a delete and a cleanup can
+//! resurrect a stale offset. Stale records stay in `__offsets` (one per group and partition at
+//! most, after compaction) until the key is committed again; they are dropped from memory at
+//! load and when their topic is deleted. Records written before ids existed have none: they
+//! belong to the incarnation that got its id at the upgrade (`legacy_offsets`).
 //! Group and topic names are `[A-Za-z0-9._-]`, so the separators are unambiguous. A key's
 //! latest record wins; a record in the log at a higher `__offsets` offset always replaces one
 //! at a lower offset, also when two commits' durability waits finish out of order.
@@ -39,6 +48,8 @@ pub struct Committed {
     pub metadata: String,
     /// When it was committed.
     pub timestamp_ms: i64,
+    /// The topic incarnation it was committed for (empty: before topic ids existed).
+    pub topic_id: String,
     /// Offset of its record in `__offsets` (newer records win).
     version: u64,
 }
@@ -136,6 +147,7 @@ impl OffsetStore {
                                         offset: value.offset,
                                         metadata: value.metadata,
                                         timestamp_ms: value.commit_timestamp_ms,
+                                        topic_id: value.topic_id,
                                         version: record.offset,
                                     },
                                 );
@@ -182,13 +194,14 @@ impl OffsetStore {
         }
     }
 
-    /// Appends the commits as one batch, waits until it is durable, then publishes them.
     /// Appends the commits as one batch (page cache; see [`OffsetStore::publish`]). Called
     /// under the coordinator's lock, so the ownership check and the append are one step.
+    /// `topic_ids[i]` is the incarnation `commits[i]` was made for.
     pub fn append(
         &self,
         group: &str,
         commits: &[v1::OffsetCommit],
+        topic_ids: &[String],
         now_ms: i64,
     ) -> Result<crate::log::Appended, BrokerError> {
         self.check_available()?;
@@ -199,7 +212,8 @@ impl OffsetStore {
         }
         let records: Vec<PlainRecord> = commits
             .iter()
-            .map(|c| PlainRecord {
+            .zip(topic_ids)
+            .map(|(c, topic_id)| PlainRecord {
                 key: Some(key(group, &c.topic, c.partition)),
                 value: Some(Bytes::from(
                     v1::CommittedOffset {
@@ -208,6 +222,7 @@ impl OffsetStore {
                         offset: c.offset,
                         metadata: c.metadata.clone(),
                         commit_timestamp_ms: now_ms,
+                        topic_id: topic_id.clone(),
                     }
                     .encode_to_vec(),
                 )),
@@ -224,6 +239,7 @@ impl OffsetStore {
         &self,
         group: &str,
         commits: &[v1::OffsetCommit],
+        topic_ids: &[String],
         appended: crate::log::Appended,
         now_ms: i64,
     ) -> Result<(), BrokerError> {
@@ -236,13 +252,14 @@ impl OffsetStore {
             .map_err(|e| self.partition.log_error(e))?;
         let mut groups = self.groups.lock();
         let map = groups.entry(group.to_string()).or_default();
-        for (i, c) in commits.iter().enumerate() {
+        for (i, (c, topic_id)) in commits.iter().zip(topic_ids).enumerate() {
             let version = appended.base_offset + i as u64;
             let entry = map.entry((c.topic.clone(), c.partition));
             let fresh = Committed {
                 offset: c.offset,
                 metadata: c.metadata.clone(),
                 timestamp_ms: now_ms,
+                topic_id: topic_id.clone(),
                 version,
             };
             match entry {
@@ -279,6 +296,21 @@ impl OffsetStore {
     /// Groups with at least one committed offset.
     pub fn groups(&self) -> Vec<String> {
         self.groups.lock().keys().cloned().collect()
+    }
+
+    /// Drops from memory every committed offset that `current` (topic name, topic id of the
+    /// commit) says belongs to no live topic incarnation. The records stay in `__offsets` and
+    /// are ignored (see the module doc).
+    pub fn forget_stale(&self, current: impl Fn(&str, &str) -> bool) -> usize {
+        let mut groups = self.groups.lock();
+        let mut dropped = 0;
+        for map in groups.values_mut() {
+            let before = map.len();
+            map.retain(|(topic, _), committed| current(topic, &committed.topic_id));
+            dropped += before - map.len();
+        }
+        groups.retain(|_, map| !map.is_empty());
+        dropped
     }
 }
 

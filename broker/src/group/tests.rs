@@ -506,3 +506,283 @@ async fn given_explicit_zero_session_timeout_should_refuse_and_absent_take_the_d
     let described = h.coordinator.describe("g").unwrap();
     assert_eq!(described.members[0].session_timeout_ms, 10_000);
 }
+
+fn standalone_commit(topic: &str, offset: u64) -> v1::CommitOffsetsRequest {
+    v1::CommitOffsetsRequest {
+        group: "standalone".into(),
+        member_id: String::new(),
+        member_epoch: 0,
+        offsets: vec![v1::OffsetCommit {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            metadata: String::new(),
+        }],
+    }
+}
+
+fn committed_of(coordinator: &Coordinator) -> Vec<(String, u64)> {
+    coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "standalone".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.topic, c.offset))
+        .collect()
+}
+
+async fn create_with_records(registry: &Registry, name: &str, records: usize) {
+    let settings = registry
+        .resolve_settings(Some(1), Some(Cleanup::Delete), |_| Ok(()))
+        .unwrap();
+    let topic = registry.create(name, settings).await.unwrap();
+    if records == 0 {
+        return;
+    }
+    let mut builder = syncline_proto::batch::BatchBuilder::new();
+    for _ in 0..records {
+        builder.push(1, None, Some(b"x"), &[]);
+    }
+    topic
+        .partition(0)
+        .unwrap()
+        .append_batch(builder.finish().unwrap(), &[])
+        .unwrap();
+}
+
+/// Issue 13 item 1: committed offsets outlived their topic. After a delete and a re-create
+/// under the same name the group starts with no committed offset (also when the broker never
+/// got to forget the old ones, and after a restart), and describe shows the whole lag.
+#[tokio::test]
+async fn given_topic_deleted_and_recreated_should_forget_its_committed_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        create_with_records(&registry, "t", 5).await;
+        create_with_records(&registry, "kept", 2).await;
+        coordinator.commit(standalone_commit("t", 5)).await.unwrap();
+        coordinator
+            .commit(standalone_commit("kept", 2))
+            .await
+            .unwrap();
+        // As a crash right after the delete: the coordinator is never told.
+        registry.delete("t").await.unwrap();
+        create_with_records(&registry, "t", 3).await;
+        assert_eq!(committed_of(&coordinator), vec![("kept".into(), 2)]);
+        let described = coordinator.describe("standalone").unwrap();
+        let lag: Vec<(String, Option<u64>, u64)> = described
+            .partitions
+            .into_iter()
+            .map(|p| (p.topic, p.committed_offset, p.lag))
+            .collect();
+        assert_eq!(lag, vec![("kept".into(), Some(2), 0)]);
+        registry.close().await.unwrap();
+    }
+    let (registry, coordinator) = open(dir.path(), 0).await;
+    assert_eq!(committed_of(&coordinator), vec![("kept".into(), 2)]);
+    // The new incarnation's own commits count.
+    coordinator.commit(standalone_commit("t", 1)).await.unwrap();
+    assert_eq!(
+        committed_of(&coordinator),
+        vec![("kept".into(), 2), ("t".into(), 1)]
+    );
+    // Without commits left the group is gone from listings.
+    registry.delete("kept").await.unwrap();
+    registry.delete("t").await.unwrap();
+    coordinator.topic_deleted("kept");
+    coordinator.topic_deleted("t");
+    assert!(coordinator.list().is_empty());
+    assert!(matches!(
+        coordinator.describe("standalone"),
+        Err(BrokerError::GroupNotFound { .. })
+    ));
+    registry.close().await.unwrap();
+}
+
+/// A data dir from before topic ids: commits stored without an id belong to the topic that got
+/// its id at the upgrade, and to no later incarnation.
+#[tokio::test]
+async fn given_commits_without_topic_id_should_belong_to_the_upgraded_topic_only() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (registry, coordinator) = open(dir.path(), 0).await;
+        create_with_records(&registry, "t", 4).await;
+        let commits = standalone_commit("t", 4).offsets;
+        let appended = coordinator
+            .offsets
+            .append("standalone", &commits, &[String::new()], 0)
+            .unwrap();
+        coordinator
+            .offsets
+            .publish("standalone", &commits, &[String::new()], appended, 0)
+            .await
+            .unwrap();
+        registry.close().await.unwrap();
+    }
+    crate::topic::strip_topic_id_for_tests(&dir.path().join("t"));
+    let (registry, coordinator) = open(dir.path(), 0).await;
+    assert_eq!(committed_of(&coordinator), vec![("t".into(), 4)]);
+    registry.delete("t").await.unwrap();
+    create_with_records(&registry, "t", 1).await;
+    assert!(committed_of(&coordinator).is_empty());
+    registry.close().await.unwrap();
+}
+
+/// Issue 13 item 13: a member may not subscribe to an internal topic.
+#[tokio::test]
+async fn given_join_with_internal_topic_should_refuse_it() {
+    let h = harness(1, 0).await;
+    let joined = h.coordinator.join(v1::JoinGroupRequest {
+        group: "g".into(),
+        topics: vec!["t".into(), offsets::OFFSETS_TOPIC.into()],
+        ..Default::default()
+    });
+    assert!(
+        matches!(&joined, Err(BrokerError::InvalidRequest(m)) if m.contains("internal topic")),
+        "{joined:?}"
+    );
+    assert!(h.coordinator.list().is_empty(), "nothing joined");
+}
+
+/// Issue 13 item 13: a heartbeat that claims a partition the member does not hold (another
+/// member's, an unassigned one, or one that does not exist) is refused and changes nothing;
+/// a member still reporting a partition being revoked from it is the legitimate case.
+#[tokio::test]
+async fn given_heartbeat_claiming_partitions_not_held_should_refuse_and_change_nothing() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(None);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 2);
+    // A second member: one partition is to move from `a` to `b` (revoked, still held by `a`).
+    let mut b = h.join(None);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 1, "told to give one up");
+    let revoked: BTreeSet<(String, u32)> = h
+        .owners()
+        .into_iter()
+        .filter(|(p, m)| *m == a.id && !a.reading.contains(p))
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(
+        revoked.len(),
+        1,
+        "still held by `a` until it stops listing it"
+    );
+    let claim = |client: &Client, owned: BTreeSet<(String, u32)>| v1::HeartbeatRequest {
+        group: "g".into(),
+        member_id: client.id.clone(),
+        member_epoch: client.epoch,
+        owned: grouped(&owned),
+    };
+    // `a` reporting the partition being revoked from it is fine (and keeps it held).
+    let mut still_reading = a.reading.clone();
+    still_reading.extend(revoked.iter().cloned());
+    h.coordinator
+        .heartbeat(claim(&a, still_reading.clone()))
+        .unwrap();
+    let state = || {
+        let described = h.coordinator.describe("g").unwrap();
+        let members: Vec<_> = described
+            .members
+            .into_iter()
+            .map(|m| (m.member_id, m.member_epoch, m.assignment, m.pending))
+            .collect();
+        (h.owners(), described.group_epoch, members)
+    };
+    let before = state();
+    for bogus in [
+        ("t".to_string(), 7),                   // no such partition
+        ("nope".to_string(), 0),                // no such topic
+        revoked.iter().next().unwrap().clone(), // held by `a`, not `b`
+    ] {
+        let refused = h
+            .coordinator
+            .heartbeat(claim(&b, BTreeSet::from([bogus.clone()])));
+        assert!(
+            matches!(&refused, Err(BrokerError::NotPartitionOwner { topic, partition, .. }) if (topic.clone(), *partition) == bogus),
+            "{bogus:?}: {refused:?}"
+        );
+        let message = refused.unwrap_err().to_string();
+        assert!(message.contains("does not own"), "{message}");
+    }
+    assert_eq!(state(), before, "refused heartbeats change nothing");
+    // The hand-over still completes for correct clients.
+    h.beat(&mut a);
+    h.beat(&mut b);
+    h.beat(&mut b);
+    assert_eq!((a.reading.len(), b.reading.len()), (1, 1));
+    assert_exclusive(&[&a, &b]);
+}
+
+/// Issue 13 item 1, with a member still running: after a delete and a re-create it can no
+/// longer commit the deleted incarnation's position for the new topic (nor claim its
+/// partitions); joining again it gets the new partitions with no committed offset.
+#[tokio::test]
+async fn given_member_reading_a_deleted_topic_should_not_commit_into_its_new_incarnation() {
+    let h = harness(2, 0).await;
+    let mut a = h.join(None);
+    h.beat(&mut a);
+    assert_eq!(a.reading.len(), 2);
+    h._registry.delete("t").await.unwrap();
+    h.coordinator.topic_deleted("t");
+    create_with_records(&h._registry, "t", 5).await;
+    let commit = h
+        .coordinator
+        .commit(v1::CommitOffsetsRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            member_epoch: a.epoch,
+            offsets: vec![v1::OffsetCommit {
+                topic: "t".into(),
+                partition: 0,
+                offset: 3,
+                metadata: String::new(),
+            }],
+        })
+        .await;
+    assert!(
+        matches!(
+            commit,
+            Err(BrokerError::NotPartitionOwner { .. } | BrokerError::StaleMemberEpoch { .. })
+        ),
+        "{commit:?}"
+    );
+    let beat = h.coordinator.heartbeat(v1::HeartbeatRequest {
+        group: "g".into(),
+        member_id: a.id.clone(),
+        member_epoch: a.epoch,
+        owned: grouped(&a.reading),
+    });
+    assert!(beat.is_err(), "{beat:?}");
+    // The client answers a refused heartbeat by joining again under its id.
+    let rejoined = h
+        .coordinator
+        .join(v1::JoinGroupRequest {
+            group: "g".into(),
+            member_id: a.id.clone(),
+            topics: vec!["t".into()],
+            ..Default::default()
+        })
+        .unwrap();
+    let mut again = Client {
+        id: rejoined.member_id,
+        epoch: rejoined.member_epoch,
+        reading: flatten(&rejoined.assignment),
+    };
+    h.beat(&mut again);
+    assert_eq!(
+        again.reading,
+        BTreeSet::from([("t".to_string(), 0)]),
+        "the re-created topic has one partition"
+    );
+    assert!(h
+        .coordinator
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "g".into(),
+            partitions: Vec::new(),
+        })
+        .unwrap()
+        .is_empty());
+}

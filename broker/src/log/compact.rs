@@ -7,7 +7,8 @@
 //! [`Verdict::ExpiredTombstone`] (the key's latest record is a delete whose segment was last
 //! written more than `delete_retention_ms` ago). On top of the filter:
 //! - a batch the filter wants whole (an idempotent producer's recent batch, whose header the
-//!   producer state needs after a restart) is copied as it is;
+//!   producer state needs after a restart) is copied as it is; the records it keeps only for
+//!   that are counted (`records_kept_for_producers`), so a pass that reclaims little says why;
 //! - the first batch of every output segment keeps at least one record (its last), so that an
 //!   output segment always starts at its input's base offset and never is empty;
 //! - an expired tombstone is dropped only if no older record of its key survives this pass
@@ -137,6 +138,11 @@ pub struct CompactionOutcome {
     pub segments_before: usize,
     /// Segments written.
     pub segments_after: usize,
+    /// Superseded records and expired deletes kept only because their batch is a recent batch
+    /// of an idempotent producer (kept whole for its retries).
+    pub records_kept_for_producers: u64,
+    /// Batches kept whole for that reason.
+    pub batches_kept_for_producers: u64,
 }
 
 /// Compaction progress of a log, for describe and metrics.
@@ -151,6 +157,8 @@ pub struct CompactionInfo {
     pub bytes_reclaimed: u64,
     /// Deletes below this offset may have been removed (0 = none).
     pub horizon: u64,
+    /// The last pass since the log opened: records it kept only for idempotent producers.
+    pub records_kept_for_producers: u64,
 }
 
 /// Token bucket over bytes per second, shared by all passes. Blocking (passes run on blocking
@@ -207,6 +215,10 @@ struct Pass {
     /// Expired tombstones dropped (key, offset).
     dropped_tombstones: Vec<(Bytes, u64)>,
     records_removed: u64,
+    /// Records kept only because their batch was kept whole for its producer.
+    records_kept_for_producers: u64,
+    /// Batches kept whole for their producer that held such records.
+    batches_kept_for_producers: u64,
     /// Earliest time a kept, latest tombstone expires.
     next_tombstone_expiry_ms: Option<i64>,
 }
@@ -350,6 +362,7 @@ impl Log {
             last_run_ms: manifest.last_run_ms,
             bytes_reclaimed: manifest.bytes_reclaimed,
             horizon: manifest.horizon,
+            records_kept_for_producers: self.kept_for_producers.load(Ordering::Acquire),
         }
     }
 
@@ -537,7 +550,11 @@ impl Log {
             tombstones_removed: pass.dropped_tombstones.len() as u64,
             segments_before: sealed.len(),
             segments_after: outputs.len(),
+            records_kept_for_producers: pass.records_kept_for_producers,
+            batches_kept_for_producers: pass.batches_kept_for_producers,
         };
+        self.kept_for_producers
+            .store(pass.records_kept_for_producers, Ordering::Release);
         metrics::counter!(crate::metrics::COMPACTION_RUNS_TOTAL).increment(1);
         metrics::counter!(crate::metrics::COMPACTION_BYTES_READ_TOTAL).increment(bytes_before);
         metrics::counter!(crate::metrics::COMPACTION_BYTES_RECLAIMED_TOTAL)
@@ -550,6 +567,7 @@ impl Log {
             tombstones_removed = outcome.tombstones_removed,
             segments_before = outcome.segments_before,
             segments_after = outcome.segments_after,
+            records_kept_for_producers = outcome.records_kept_for_producers,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "compacted"
         );
@@ -760,7 +778,11 @@ impl Log {
                     }
                 }
                 first_batch = false;
+                let kept_before = pass.records_kept_for_producers;
                 for ((key, offset, hash, verdict), kept) in records.into_iter().zip(&keep) {
+                    if whole && *kept && verdict != Verdict::Keep {
+                        pass.records_kept_for_producers += 1;
+                    }
                     match (verdict, kept) {
                         (Verdict::Superseded, true) => {
                             pass.kept_superseded.extend(hash);
@@ -775,6 +797,9 @@ impl Log {
                         (Verdict::ExpiredTombstone, true) => {}
                         (Verdict::Keep, _) => {}
                     }
+                }
+                if pass.records_kept_for_producers > kept_before {
+                    pass.batches_kept_for_producers += 1;
                 }
                 // Tombstones still waiting for their retention.
                 if !expired && has_tombstone && verdicts.contains(&Verdict::Keep) {
@@ -1155,7 +1180,17 @@ mod tests {
             delete_retention_ms: 0,
             ..Default::default()
         };
-        log.compact(&history.filter, &options).unwrap();
+        let outcome = log.compact(&history.filter, &options).unwrap();
+        // The superseded `old` value, kept only for its producer, is counted and reported.
+        assert_eq!(
+            (
+                outcome.records_kept_for_producers,
+                outcome.batches_kept_for_producers
+            ),
+            (1, 1),
+            "{outcome:?}"
+        );
+        assert_eq!(log.compaction_info().records_kept_for_producers, 1);
         let survivors = records(&log);
         assert!(survivors.iter().any(|r| r.offset == whole), "kept whole");
         assert!(

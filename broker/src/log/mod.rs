@@ -296,6 +296,8 @@ pub struct Log {
     manifest: Mutex<Manifest>,
     /// `manifest.horizon`, readable without the lock (every fetch reports it).
     horizon: AtomicU64,
+    /// Records the last compaction pass kept only for idempotent producers (describe).
+    kept_for_producers: AtomicU64,
     /// One compaction pass at a time.
     compact_lock: Mutex<()>,
     /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
@@ -688,6 +690,7 @@ impl Log {
             stats: LogStats::default(),
             recovery: report,
             horizon: AtomicU64::new(manifest.horizon),
+            kept_for_producers: AtomicU64::new(0),
             tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
             manifest: Mutex::new(manifest),
             compact_lock: Mutex::new(()),

@@ -163,6 +163,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
                     last_compaction_ms: compaction.last_run_ms,
                     bytes_reclaimed: compaction.bytes_reclaimed,
                     compaction_horizon: compaction.horizon,
+                    records_kept_for_producers: compaction.records_kept_for_producers,
                 }
             }
             Err(_) => v1::PartitionDescription {
@@ -176,6 +177,7 @@ fn describe(topic: &Topic) -> v1::TopicDescription {
         name: topic.name.to_string(),
         config: Some(topic_config(settings)),
         partitions,
+        topic_id: topic.id.to_string(),
     }
 }
 
@@ -680,14 +682,21 @@ impl Broker for BrokerService {
                         log.min_cleanable_dirty_ratio = ratio;
                     }
                     match fsync_policy {
-                        v1::FsyncPolicy::Unspecified => {}
+                        v1::FsyncPolicy::Unspecified => {
+                            // The broker's default policy, with this interval if it has one.
+                            if let (FsyncPolicy::IntervalMs(_), Some(ms)) =
+                                (log.fsync, config.fsync_interval_ms)
+                            {
+                                log.fsync = FsyncPolicy::IntervalMs(ms);
+                            }
+                        }
                         v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
                         v1::FsyncPolicy::Interval => {
                             log.fsync =
                                 parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
                         }
                     }
-                    Ok(())
+                    crate::config::check_fsync_interval(log.fsync, config.fsync_interval_ms)
                 })
                 .map_err(to_status)?;
             let topic = self
@@ -711,10 +720,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DeleteTopic");
         let result = async move {
-            self.registry
-                .delete(&request.into_inner().name)
-                .await
-                .map_err(to_status)?;
+            let name = request.into_inner().name;
+            self.registry.delete(&name).await.map_err(to_status)?;
+            // Its committed offsets are already ignored (they carry the deleted incarnation's
+            // id); this frees their memory and takes its partitions from group members.
+            self.coordinator.topic_deleted(&name);
             Ok(Response::new(v1::DeleteTopicResponse {}))
         }
         .instrument(span)
@@ -739,6 +749,7 @@ impl Broker for BrokerService {
                     name: topic.name.to_string(),
                     partitions: topic.settings.partitions,
                     cleanup_policy: cleanup_of(topic.settings.cleanup) as i32,
+                    topic_id: topic.id.to_string(),
                 })
                 .collect();
             Ok(Response::new(v1::ListTopicsResponse { topics }))
@@ -1059,9 +1070,13 @@ impl Broker for BrokerService {
         request: Request<v1::InitProducerRequest>,
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
         let started = Instant::now();
-        let result = self
-            .registry
-            .init_producer(request.into_inner().producer_id)
+        let registry = self.registry.clone();
+        let producer_id = request.into_inner().producer_id;
+        // It may fsync (an epoch bump, a new block of ids).
+        let result = tokio::task::spawn_blocking(move || registry.init_producer(producer_id))
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("init producer task failed: {e}")))
+            .and_then(|result| result)
             .map(|(id, epoch)| {
                 Response::new(v1::InitProducerResponse {
                     producer_id: id as u64,
@@ -1255,6 +1270,8 @@ impl Broker for BrokerService {
                             segments_before: outcome.segments_before as u32,
                             segments_after: outcome.segments_after as u32,
                             error: String::new(),
+                            records_kept_for_producers: outcome.records_kept_for_producers,
+                            batches_kept_for_producers: outcome.batches_kept_for_producers,
                         },
                         Err(error) => v1::CompactionOutcome {
                             partition: partition.id,

@@ -93,7 +93,7 @@ enum TopicCommand {
     Create(CreateArgs),
     /// List topic names, one per line (sorted).
     List {
-        /// Print a table with partitions and cleanup policy instead of names only.
+        /// Print a table with partitions, cleanup policy and topic id instead of names only.
         #[arg(long, short)]
         long: bool,
     },
@@ -108,7 +108,9 @@ enum TopicCommand {
         name: String,
     },
     /// Compact a table now: keep only the latest record of each key (and deletes until their
-    /// retention passes), then print what each partition reclaimed. The broker also compacts
+    /// retention passes), then print what each partition reclaimed, and what it kept only
+    /// because an idempotent producer wrote it in the last 2 minutes (KEPT-FOR-PRODUCERS: kept
+    /// so that a retry is still recognised after a broker restart). The broker also compacts
     /// in the background once a partition's dirty ratio passes min-cleanable-dirty-ratio.
     Compact {
         /// The table.
@@ -357,12 +359,14 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     "TOPIC".to_owned(),
                     "PARTITIONS".to_owned(),
                     "CLEANUP".to_owned(),
+                    "ID".to_owned(),
                 ]];
                 rows.extend(topics.iter().map(|topic| {
                     vec![
                         topic.name.clone(),
                         topic.partitions.to_string(),
                         topic.cleanup_policy.to_string(),
+                        topic.topic_id.clone(),
                     ]
                 }));
                 stdout.write_all(table(&rows).as_bytes())?;
@@ -378,6 +382,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let setting =
                 |value: Option<i64>| value.map_or("default".to_owned(), |v| v.to_string());
             writeln!(stdout, "topic: {}", description.name)?;
+            writeln!(stdout, "id: {}", description.topic_id)?;
             writeln!(stdout, "partitions: {}", description.partition_count())?;
             writeln!(stdout, "cleanup: {}", config.cleanup_policy)?;
             writeln!(stdout, "retention-ms: {}", setting(config.retention_ms))?;
@@ -418,6 +423,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     "LAST-COMPACTION",
                     "RECLAIMED-BYTES",
                     "HORIZON",
+                    "KEPT-FOR-PRODUCERS",
                 ]);
             }
             header.push("ERROR");
@@ -439,6 +445,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     });
                     row.push(partition.bytes_reclaimed.to_string());
                     row.push(partition.compaction_horizon.to_string());
+                    row.push(partition.records_kept_for_producers.to_string());
                 }
                 row.push(partition.error.clone().unwrap_or_default());
                 rows.push(row);
@@ -457,15 +464,18 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "BYTES-AFTER",
                 "RECORDS-REMOVED",
                 "DELETES-REMOVED",
+                "KEPT-FOR-PRODUCERS",
                 "SEGMENTS",
                 "ERROR",
             ]
             .map(str::to_owned)
             .to_vec()];
             let (mut before, mut after, mut failed) = (0u64, 0u64, 0usize);
+            let mut kept_for_producers = 0u64;
             for outcome in &outcomes {
                 before += outcome.bytes_before;
                 after += outcome.bytes_after;
+                kept_for_producers += outcome.records_kept_for_producers;
                 failed += usize::from(outcome.error.is_some());
                 rows.push(vec![
                     outcome.partition.to_string(),
@@ -473,6 +483,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     outcome.bytes_after.to_string(),
                     outcome.records_removed.to_string(),
                     outcome.tombstones_removed.to_string(),
+                    outcome.records_kept_for_producers.to_string(),
                     format!("{} -> {}", outcome.segments_before, outcome.segments_after),
                     outcome.error.clone().unwrap_or_default(),
                 ]);
@@ -483,6 +494,15 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "compacted {name}: {before} -> {after} bytes ({} reclaimed)",
                 before.saturating_sub(after)
             )?;
+            if kept_for_producers > 0 {
+                writeln!(
+                    stdout,
+                    "kept {kept_for_producers} superseded record(s): they are recent writes of \
+                     idempotent producers, kept whole so a retry is still recognised after a \
+                     broker restart; a later compaction removes them once those producers have \
+                     not written for 2 minutes"
+                )?;
+            }
             if failed > 0 {
                 stdout.flush()?;
                 bail!("{failed} partition(s) of {name} could not be compacted (see ERROR)");

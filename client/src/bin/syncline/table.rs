@@ -18,7 +18,7 @@ use anyhow::bail;
 use base64::Engine as _;
 use clap::Args;
 use serde::Serialize;
-use syncline_client::{Client, Expect, Written};
+use syncline_client::{Client, Expect, ProducerConfig, Table, Written};
 
 const JSON_HELP: &str = "\
 With --json each line is one object: {\"key\":K,\"value\":V,\"version\":N,\"partition\":P} (get \
@@ -108,7 +108,6 @@ pub struct HistoryArgs {
 }
 
 pub async fn put(client: &Client, args: PutArgs) -> anyhow::Result<()> {
-    let table = client.table(&args.topic).await?;
     let expect = match (args.expect_version, args.expect_absent) {
         (Some(version), _) => Some(Expect::Version(version)),
         (None, true) => Some(Expect::Absent),
@@ -116,20 +115,48 @@ pub async fn put(client: &Client, args: PutArgs) -> anyhow::Result<()> {
     };
     let written = match expect {
         Some(expect) => {
-            table
+            client
+                .table(&args.topic)
+                .await?
                 .write_if(&args.key, Some(args.value.as_bytes()), expect)
                 .await?
         }
-        None => table.put(&args.key, &args.value).await?,
+        None => {
+            one_shot_table(client, &args.topic)
+                .await?
+                .put(&args.key, &args.value)
+                .await?
+        }
     };
     print_written(&args.key, Some(args.value.as_bytes()), written, args.json)
 }
 
+/// A table handle for one unconditional write: not idempotent. Its one batch would otherwise
+/// be an idempotent producer's recent batch, which compaction keeps whole for a while (see
+/// `topic compact`); a retry of a lone put at worst writes the same value once more.
+async fn one_shot_table(client: &Client, topic: &str) -> anyhow::Result<Table> {
+    let config = ProducerConfig {
+        idempotent: false,
+        ..ProducerConfig::default()
+    };
+    Ok(client.table_with(topic, config).await?)
+}
+
 pub async fn delete(client: &Client, args: DeleteArgs) -> anyhow::Result<()> {
-    let table = client.table(&args.topic).await?;
     let written = match args.expect_version {
-        Some(version) => table.delete_if(&args.key, version).await?,
-        None => table.delete(&args.key).await?,
+        Some(version) => {
+            client
+                .table(&args.topic)
+                .await?
+                .delete_if(&args.key, version)
+                .await?
+        }
+        None => {
+            one_shot_table(client, &args.topic)
+                .await?
+                .delete(&args.key)
+                .await?
+        }
     };
     print_written(&args.key, None, written, args.json)
 }
