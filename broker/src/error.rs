@@ -109,6 +109,15 @@ pub enum BrokerError {
     /// The request itself is malformed.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The broker's response-bytes budget stayed taken by other responses for as long as a
+    /// fetch waits for it.
+    #[error("the broker is busy: its response-bytes budget (response_bytes_max = {budget_bytes}) stayed in use by other responses for {waited_ms} ms; retry later")]
+    ResponseBudgetExhausted {
+        /// The budget.
+        budget_bytes: u64,
+        /// How long the fetch waited.
+        waited_ms: u64,
+    },
     /// The request is larger than a limit allows.
     #[error("{0}")]
     TooLarge(String),

@@ -16,6 +16,9 @@
 //! | `syncline_group_commit_batches` | histogram | | batches made durable by one fsync |
 //! | `syncline_connections` | gauge | | open client connections |
 //! | `syncline_connections_accepted_total` | counter | | accepted connections |
+//! | `syncline_connections_refused_total` | counter | | connections closed at once: `max_connections` reached |
+//! | `syncline_response_bytes_in_flight` | gauge | | response bytes produced but not yet sent (the `response_bytes_max` budget in use) |
+//! | `syncline_response_budget_waits_total` | counter | | response messages that waited for the response-bytes budget |
 //! | `syncline_partition_log_start_offset` | gauge | topic, partition | first retained offset |
 //! | `syncline_partition_log_end_offset` | gauge | topic, partition | next offset to assign |
 //! | `syncline_partition_durable_offset` | gauge | topic, partition | fsync'd and visible |
@@ -59,6 +62,12 @@ pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
 pub const CONNECTIONS: &str = "syncline_connections";
 /// Accepted connections.
 pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
+/// Counter: connections closed at once because `max_connections` were open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "syncline_connections_refused_total";
+/// Gauge: response bytes produced but not yet sent (see `server::budget`).
+pub const RESPONSE_BYTES_IN_FLIGHT: &str = "syncline_response_bytes_in_flight";
+/// Counter: response messages that waited for the response-bytes budget.
+pub const RESPONSE_BUDGET_WAITS_TOTAL: &str = "syncline_response_budget_waits_total";
 /// Counter: offsets committed by consumer groups.
 pub const OFFSET_COMMITS_TOTAL: &str = "syncline_offset_commits_total";
 /// Counter: group members removed because their session expired.
@@ -148,6 +157,19 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open client connections");
     describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once because max_connections were open"
+    );
+    describe_gauge!(
+        RESPONSE_BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "Response bytes produced but not yet sent (the response_bytes_max budget in use)"
+    );
+    describe_counter!(
+        RESPONSE_BUDGET_WAITS_TOTAL,
+        "Response messages that waited for the response-bytes budget"
+    );
     describe_counter!(COMPACTION_RUNS_TOTAL, "Compaction passes committed");
     describe_counter!(
         OFFSET_COMMITS_TOTAL,

@@ -2,6 +2,8 @@
 //! ephemeral loopback port, find the binaries, connect a raw gRPC client.
 #![allow(dead_code)]
 
+pub mod probe;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

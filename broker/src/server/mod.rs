@@ -1,6 +1,7 @@
 //! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
 //! port, with graceful shutdown.
 
+pub mod budget;
 mod service;
 pub mod status;
 
@@ -144,6 +145,7 @@ impl Broker {
             self.registry.clone(),
             self.coordinator.clone(),
             shutdown_rx.clone(),
+            Arc::new(budget::ResponseBudget::new(limits.response_bytes_max)),
         );
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear

@@ -6,7 +6,7 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large, disk full | RESOURCE_EXHAUSTED |
+//! | batch or request too large, disk full, response-bytes budget taken | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
 //! | shutting down, log closed | UNAVAILABLE |
@@ -34,7 +34,9 @@ pub fn to_status(error: BrokerError) -> Status {
         | BrokerError::InvalidRequest(_)
         | BrokerError::PartitionNotFound { .. }
         | BrokerError::WrongPartitionForKey { .. } => Status::invalid_argument(message),
-        BrokerError::TooLarge(_) => Status::resource_exhausted(message),
+        BrokerError::TooLarge(_) | BrokerError::ResponseBudgetExhausted { .. } => {
+            Status::resource_exhausted(message)
+        }
         BrokerError::Fenced { .. } => Status::failed_precondition(message),
         BrokerError::ShuttingDown => Status::unavailable(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
