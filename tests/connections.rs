@@ -151,3 +151,72 @@ async fn given_peer_that_stops_answering_pings_should_be_dropped_while_live_idle
     list_topics(&mut client).await;
     assert!(broker.stop(), "clean exit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_descriptors_exhausted_when_accept_fails_should_log_and_serve_again_once_freed() {
+    /// Open files the broker may have: enough to start, few enough that the idle scrapes below
+    /// take the rest.
+    const OPEN_FILES: u64 = 128;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_limited(dir.path(), &[], Some(OPEN_FILES));
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    // Idle connections to the metrics endpoint (its own listener, not under max_connections)
+    // until the broker holds all the descriptors it may have (not many more: the listen
+    // backlog behind them is short).
+    let open_files = || {
+        std::fs::read_dir(format!("/proc/{}/fd", broker.child.id()))
+            .unwrap()
+            .count()
+    };
+    let mut scrapers = Vec::new();
+    while open_files() < OPEN_FILES as usize {
+        assert!(
+            scrapers.len() < 2 * OPEN_FILES as usize,
+            "descriptors never ran out"
+        );
+        scrapers.push(TcpStream::connect(&metrics).unwrap());
+        if scrapers.len() % 8 == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A client now waits in the listen backlog: the broker has no descriptor to accept it with.
+    let url = broker.url();
+    let waiting = tokio::spawn(async move {
+        let mut client = v1::broker_client::BrokerClient::connect(url).await?;
+        client.list_topics(v1::ListTopicsRequest {}).await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    });
+    let started = Instant::now();
+    let mut log = Vec::new();
+    while !log
+        .iter()
+        .any(|line: &String| line.contains("accepting a connection failed"))
+    {
+        assert!(
+            started.elapsed() < CLOSE_WAIT,
+            "no accept failure logged; the broker said:\n{}",
+            log.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log.extend(broker.drain_log());
+    }
+    // Descriptors come back: the waiting client is accepted and served.
+    drop(scrapers);
+    tokio::time::timeout(CLOSE_WAIT, waiting)
+        .await
+        .expect("the waiting client is served once descriptors are free")
+        .unwrap()
+        .expect("served");
+    log.extend(broker.drain_log());
+    let failures = log
+        .iter()
+        .filter(|line| line.contains("accepting a connection failed"))
+        .count();
+    // At most one line a second (rate-limited), not one per retry.
+    assert!(
+        failures as u64 <= started.elapsed().as_secs() + 1,
+        "{failures} accept failures logged in {:?}",
+        started.elapsed()
+    );
+    assert!(broker.stop(), "clean exit");
+}

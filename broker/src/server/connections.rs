@@ -23,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 
-use crate::metrics::{CountedConnection, CONNECTIONS_REFUSED_TOTAL};
+use crate::metrics::{CONNECTIONS, CONNECTIONS_ACCEPTED_TOTAL, CONNECTIONS_REFUSED_TOTAL};
 
 /// `max_connections` when the descriptor limit leaves room for more.
 pub const MAX_CONNECTIONS_DEFAULT: u32 = 10_000;
@@ -127,10 +127,11 @@ impl Acceptor {
                         drop(stream);
                         continue;
                     }
-                    self.open.fetch_add(1, Ordering::AcqRel);
+                    // Acks are small and latency matters: no Nagle.
+                    let _ = stream.set_nodelay(true);
                     return Connection {
-                        inner: CountedConnection::new(stream),
-                        _slot: Slot(self.open.clone()),
+                        inner: stream,
+                        _slot: Slot::take(&self.open),
                         handshake: Some(Handshake::new(self.settings.handshake_timeout)),
                     };
                 }
@@ -179,12 +180,23 @@ impl RateLimited {
     }
 }
 
-/// One of the `max_connections` places; given back when the connection is dropped.
+/// One of the `max_connections` places, counted in `syncline_connections` while taken; given
+/// back when the connection is dropped.
 struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        metrics::gauge!(CONNECTIONS).increment(1.0);
+        metrics::counter!(CONNECTIONS_ACCEPTED_TOTAL).increment(1);
+        Self(open.clone())
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(CONNECTIONS).decrement(1.0);
     }
 }
 
@@ -232,7 +244,7 @@ impl Handshake {
 /// An accepted client connection: counted (metrics and the limit) while open, and closed when
 /// its HTTP/2 handshake does not arrive in time.
 pub struct Connection {
-    inner: CountedConnection,
+    inner: TcpStream,
     _slot: Slot,
     handshake: Option<Handshake>,
 }
