@@ -143,7 +143,8 @@ pub struct Flags {
     /// Budget on response bytes produced but not yet sent, shared by all clients: a
     /// subscription over its share waits for its reader instead of reading ahead, and a fetch
     /// that finds the budget taken waits up to 5 s, then answers RESOURCE_EXHAUSTED. One message
-    /// takes at most 1/16 of it (or one batch) [default: 268435456, 256 MiB]
+    /// takes at most 1/16 of it (or one batch); streams together at most 3/4
+    /// [default: 268435456, 256 MiB]
     #[arg(long, env = "SYNCLINE_RESPONSE_BYTES_MAX", value_name = "BYTES")]
     pub response_bytes_max: Option<u64>,
 
