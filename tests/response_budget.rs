@@ -198,3 +198,153 @@ async fn given_many_subscribers_that_never_read_when_budget_is_small_should_boun
     assert!(metric_value(&text, "syncline_response_bytes_in_flight").is_some());
     assert!(broker.stop(), "clean exit");
 }
+
+/// A hand-made HTTP/2 client that sends unary Fetch requests and never lets a response in: its
+/// SETTINGS give every stream a window of 0 bytes, so the broker cannot send any DATA and each
+/// encoded response stays in the broker's send buffers.
+struct StalledUnaryClient {
+    stream: std::net::TcpStream,
+    next_stream_id: u32,
+}
+
+impl StalledUnaryClient {
+    const PREFACE: &'static [u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    /// SETTINGS_INITIAL_WINDOW_SIZE.
+    const INITIAL_WINDOW_SIZE: u16 = 0x4;
+
+    fn connect(addr: &str) -> Self {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(Self::PREFACE).unwrap();
+        let mut settings = Self::INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        settings.extend_from_slice(&0u32.to_be_bytes());
+        let mut client = Self {
+            stream,
+            next_stream_id: 1,
+        };
+        client.frame(Self::SETTINGS, 0, 0, &settings);
+        client
+    }
+
+    fn frame(&mut self, kind: u8, flags: u8, stream_id: u32, payload: &[u8]) {
+        use std::io::Write;
+        let length = (payload.len() as u32).to_be_bytes();
+        let mut frame = vec![length[1], length[2], length[3], kind, flags];
+        frame.extend_from_slice(&stream_id.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// Sends one Fetch on a new stream (headers as HPACK literals without indexing).
+    fn fetch(&mut self, request: &v1::FetchRequest) {
+        use prost::Message;
+        let mut headers = Vec::new();
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/syncline.v1.Broker/Fetch"),
+            (":authority", "localhost"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            headers.push(0);
+            headers.push(name.len() as u8);
+            headers.extend_from_slice(name.as_bytes());
+            headers.push(value.len() as u8);
+            headers.extend_from_slice(value.as_bytes());
+        }
+        let message = request.encode_to_vec();
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(&message);
+        let id = self.next_stream_id;
+        self.next_stream_id += 2;
+        self.frame(Self::HEADERS, Self::END_HEADERS, id, &headers);
+        self.frame(Self::DATA, Self::END_STREAM, id, &body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_unary_fetches_never_read_should_hold_the_budget_until_sent_and_refuse_more() {
+    /// 8 MiB: one message takes at most 512 KiB of it, so 16 stalled 512 KiB fetches fill it.
+    const BUDGET: u64 = 8 * MIB;
+    const STALLED_FETCHES: usize = 24;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = BUDGET.to_string();
+    let broker = BrokerProcess::start_with(dir.path(), &["--response-bytes-max", &budget]);
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    let mut client = connect(&broker).await;
+    client
+        .create_topic(v1::CreateTopicRequest {
+            name: "big".into(),
+            config: Some(v1::TopicConfig {
+                partitions: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut builder = BatchBuilder::new();
+    for _ in 0..64 {
+        builder.push(1, None, Some(&[7u8; 1024][..]), &[]);
+    }
+    let batch = builder.finish().unwrap();
+    for _ in 0..64 {
+        client
+            .produce(v1::ProduceRequest {
+                topic: "big".into(),
+                batch: batch.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let fetch = v1::FetchRequest {
+        topic: "big".into(),
+        max_bytes: MIB as u32,
+        ..Default::default()
+    };
+    let mut stalled = StalledUnaryClient::connect(&broker.addr);
+    for _ in 0..STALLED_FETCHES {
+        stalled.fetch(&fetch);
+    }
+    // The responses the broker made wait in its send buffers, each holding its bytes.
+    let started = Instant::now();
+    let in_flight = || {
+        metric_value(&metrics_text(&metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
+    };
+    while in_flight() < (BUDGET / 2) as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "unsent fetch responses hold no budget: {} bytes in flight",
+            in_flight()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(in_flight() <= BUDGET as f64);
+    // A fetch that finds the budget taken waits, then is refused with RESOURCE_EXHAUSTED.
+    let refused = client.fetch(fetch.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused.message().contains("response_bytes_max"),
+        "{refused}"
+    );
+    // Once the stalled client is gone its bytes return, and fetches are served again.
+    drop(stalled);
+    let started = Instant::now();
+    while in_flight() > 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "budget not returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = client.fetch(fetch).await.unwrap().into_inner();
+    assert!(!served.batches.is_empty());
+    assert!(broker.stop(), "clean exit");
+}

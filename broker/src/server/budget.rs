@@ -20,11 +20,15 @@
 //!   stream cannot take the whole budget. Streams together hold at most
 //!   [`STREAMS_SHARE_NUMERATOR`]/[`STREAMS_SHARE_DENOMINATOR`] of it, so that unary fetches find
 //!   room even while stalled subscribers hold their part.
+//! - A unary response carries its permit to [`HoldUnaryPermits`] in its extensions
+//!   ([`UnaryPermit`]); [`PermitBody`] hands the encoded message to hyper in two pieces, all
+//!   but its last byte first, and drops the permit when hyper asks for more after the last
+//!   byte: hyper hands that byte over only once the rest is (nearly) written out, as above.
 //! - A stream message waits for budget as long as it takes (backpressure: nothing is read
 //!   ahead); a unary fetch waits a bounded time and then answers RESOURCE_EXHAUSTED.
 //!
-//! Not counted: a unary response once tonic has it (h2 gives no signal when it is written; the
-//! permit covers building it), and tonic's batching of messages smaller than 32 KiB.
+//! Not counted: up to h2's 400 KiB send buffer per stream, and tonic's batching of stream
+//! messages smaller than 32 KiB.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -32,8 +36,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::Stream;
+use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::codegen::http;
 
 use crate::metrics::{RESPONSE_BUDGET_WAITS_TOTAL, RESPONSE_BYTES_IN_FLIGHT};
 
@@ -218,6 +225,121 @@ where
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// A unary response's permit on its way from the handler to [`HoldUnaryPermits`], in the
+/// response extensions (which must be `Clone`).
+#[derive(Debug, Clone)]
+pub struct UnaryPermit(Arc<parking_lot::Mutex<Option<ResponsePermit>>>);
+
+impl UnaryPermit {
+    /// Wraps `permit`.
+    pub fn new(permit: ResponsePermit) -> Self {
+        Self(Arc::new(parking_lot::Mutex::new(Some(permit))))
+    }
+
+    fn take(&self) -> Option<ResponsePermit> {
+        self.0.lock().take()
+    }
+}
+
+/// Wraps a tonic service: responses that carry a [`UnaryPermit`] get a [`PermitBody`].
+#[derive(Debug, Clone)]
+pub struct HoldUnaryPermits<S> {
+    inner: S,
+}
+
+impl<S> HoldUnaryPermits<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        Self { inner }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for HoldUnaryPermits<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for HoldUnaryPermits<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<PermitBody>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let permit = response
+                .extensions_mut()
+                .remove::<UnaryPermit>()
+                .and_then(|permit| permit.take());
+            Ok(response.map(|inner| PermitBody {
+                inner,
+                permit,
+                tail: None,
+                tail_handed_over: false,
+            }))
+        })
+    }
+}
+
+/// A response body holding its permit until the transport has (nearly) written it (see the
+/// module doc).
+pub struct PermitBody {
+    inner: tonic::body::Body,
+    permit: Option<ResponsePermit>,
+    /// The last byte of the message, handed over after the rest.
+    tail: Option<Bytes>,
+    tail_handed_over: bool,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = Bytes;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(tail) = this.tail.take() {
+            this.tail_handed_over = true;
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
+        if std::mem::take(&mut this.tail_handed_over) {
+            // Asked for more after the last byte: the rest has left.
+            this.permit = None;
+        }
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) if this.permit.is_some() => frame,
+            other => return other,
+        };
+        Poll::Ready(Some(Ok(match frame.into_data() {
+            Ok(mut data) if data.len() >= 2 => {
+                this.tail = Some(data.split_off(data.len() - 1));
+                Frame::data(data)
+            }
+            Ok(data) => Frame::data(data),
+            Err(frame) => frame,
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.tail.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
     }
 }
 

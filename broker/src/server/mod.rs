@@ -239,7 +239,7 @@ impl Broker {
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)
-            .add_service(broker)
+            .add_service(budget::HoldUnaryPermits::new(broker))
             .serve_with_incoming_shutdown(incoming, shutdown);
         // Clients that stop reading keep their streams (and so the server) alive: after the
         // grace period the remaining connections are dropped and the logs closed anyway.

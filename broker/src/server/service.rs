@@ -24,7 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit};
+use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::status::to_status;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
@@ -1036,14 +1036,19 @@ impl Broker for BrokerService {
                     || tokio::time::Instant::now() >= deadline
                     || *shutdown.borrow()
                 {
-                    // Held while the response is built and handed to tonic.
-                    let _permit = self
+                    let permit = self
                         .fetch_permit(read.bytes.len(), request.decode_records)
                         .await
                         .map_err(to_status)?;
-                    let response =
+                    let message =
                         fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
-                    return Ok(Response::new(response));
+                    let mut response = Response::new(message);
+                    if let Some(mut permit) = permit {
+                        permit.shrink_to(response.get_ref().encoded_len());
+                        // Held until the transport has written the response (`super::budget`).
+                        response.extensions_mut().insert(UnaryPermit::new(permit));
+                    }
+                    return Ok(response);
                 }
                 tokio::select! {
                     changed = durable.changed() => {
