@@ -31,17 +31,48 @@ const VALUE_BYTES: usize = 1024;
 /// shape of the reported finding).
 const STREAM_MAX_BYTES: u32 = 16 * MIB as u32;
 
-fn batch() -> Bytes {
-    let mut builder = BatchBuilder::new();
-    let value = vec![7u8; VALUE_BYTES];
-    for _ in 0..RECORDS_PER_BATCH {
-        builder.push(1, None, Some(&value), &[]);
-    }
-    builder.finish().unwrap()
-}
-
 async fn connect(broker: &BrokerProcess) -> BrokerClient<Channel> {
     broker.client().await
+}
+
+/// A broker with a response budget of `budget_bytes`, and its topic `big` (1 partition) holding
+/// `batches` batches of `records` records of `VALUE_BYTES`.
+async fn start_with_topic(
+    dir: &std::path::Path,
+    budget_bytes: u64,
+    batches: usize,
+    records: usize,
+) -> (BrokerProcess, BrokerClient<Channel>) {
+    let budget = budget_bytes.to_string();
+    let broker = BrokerProcess::start_with(dir, &["--response-bytes-max", &budget]);
+    let mut client = connect(&broker).await;
+    client
+        .create_topic(v1::CreateTopicRequest {
+            name: "big".into(),
+            config: Some(v1::TopicConfig {
+                partitions: 1,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let mut builder = BatchBuilder::new();
+    let value = vec![7u8; VALUE_BYTES];
+    for _ in 0..records {
+        builder.push(1, None, Some(&value), &[]);
+    }
+    let batch: Bytes = builder.finish().unwrap();
+    for _ in 0..batches {
+        client
+            .produce(v1::ProduceRequest {
+                topic: "big".into(),
+                batch: batch.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    (broker, client)
 }
 
 async fn stalled_subscribe(
@@ -74,32 +105,10 @@ async fn peak_anonymous_memory(pid: u32, period: Duration) -> u64 {
 async fn given_many_subscribers_that_never_read_when_budget_is_small_should_bound_memory_and_keep_serving(
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let budget = BUDGET_BYTES.to_string();
-    let broker = BrokerProcess::start_with(dir.path(), &["--response-bytes-max", &budget]);
+    let (broker, _client) =
+        start_with_topic(dir.path(), BUDGET_BYTES, BATCHES, RECORDS_PER_BATCH).await;
     let metrics = broker.metrics_addr.clone().expect("metrics address");
     let pid = broker.child.id();
-    let mut client = connect(&broker).await;
-    client
-        .create_topic(v1::CreateTopicRequest {
-            name: "big".into(),
-            config: Some(v1::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let batch = batch();
-    for _ in 0..BATCHES {
-        client
-            .produce(v1::ProduceRequest {
-                topic: "big".into(),
-                batch: batch.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
     let records = (BATCHES * RECORDS_PER_BATCH) as u64;
     let baseline = anonymous_memory_bytes(pid);
 
@@ -275,35 +284,9 @@ async fn given_unary_fetches_never_read_should_hold_the_budget_until_sent_and_re
     const BUDGET: u64 = 8 * MIB;
     const STALLED_FETCHES: usize = 24;
     let dir = tempfile::tempdir().unwrap();
-    let budget = BUDGET.to_string();
-    let broker = BrokerProcess::start_with(dir.path(), &["--response-bytes-max", &budget]);
+    // 4 MiB in batches of 64 KiB: a fetch gets its 512 KiB share in whole batches.
+    let (broker, mut client) = start_with_topic(dir.path(), BUDGET, 64, 64).await;
     let metrics = broker.metrics_addr.clone().expect("metrics address");
-    let mut client = connect(&broker).await;
-    client
-        .create_topic(v1::CreateTopicRequest {
-            name: "big".into(),
-            config: Some(v1::TopicConfig {
-                partitions: 1,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let mut builder = BatchBuilder::new();
-    for _ in 0..64 {
-        builder.push(1, None, Some(&[7u8; 1024][..]), &[]);
-    }
-    let batch = builder.finish().unwrap();
-    for _ in 0..64 {
-        client
-            .produce(v1::ProduceRequest {
-                topic: "big".into(),
-                batch: batch.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
     let fetch = v1::FetchRequest {
         topic: "big".into(),
         max_bytes: MIB as u32,
