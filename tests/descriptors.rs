@@ -58,7 +58,7 @@ fn assert_about_one_per_partition(broker: &BrokerProcess, when: &str) {
 }
 
 /// Starts the broker under `ulimit -n {limit}` (soft and hard) and waits for it to exit.
-fn run_with_fd_limit(data_dir: &Path, limit: u32) -> std::process::Output {
+fn run_with_fd_limit(data_dir: &Path, limit: u32, extra: &[&str]) -> std::process::Output {
     Command::new("sh")
         .arg("-c")
         .arg(format!("ulimit -n {limit} && exec \"$0\" \"$@\""))
@@ -66,6 +66,7 @@ fn run_with_fd_limit(data_dir: &Path, limit: u32) -> std::process::Output {
         .arg("--data-dir")
         .arg(data_dir)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
@@ -93,7 +94,7 @@ async fn given_descriptor_limit_below_the_partitions_should_refuse_to_start_nami
     create_and_write(&broker).await;
     assert!(broker.stop());
 
-    let output = run_with_fd_limit(dir.path(), 256);
+    let output = run_with_fd_limit(dir.path(), 256, &[]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success(),
@@ -111,4 +112,20 @@ async fn given_descriptor_limit_below_the_partitions_should_refuse_to_start_nami
     let broker = BrokerProcess::start(dir.path());
     assert_eq!(fenced_partitions(&broker), 0);
     assert!(broker.stop());
+}
+
+/// Issue 13 item 9: an explicitly set `--max-connections` counts against the descriptor limit
+/// too; a start that cannot honour it is refused, naming both knobs.
+#[test]
+fn given_explicit_max_connections_over_the_descriptor_limit_should_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_with_fd_limit(dir.path(), 256, &["--max-connections", "1000"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("and max_connections = 1000 need about")
+            && stderr.contains("the limit (ulimit -n) is 256")
+            && stderr.contains("or lower max_connections"),
+        "{stderr}"
+    );
 }

@@ -149,6 +149,33 @@ pub struct Flags {
     /// 268435456 (256 MiB)]
     #[arg(long, env = "SYNCLINE_PREALLOCATE_BYTES_MAX", value_name = "BYTES")]
     pub preallocate_bytes_max: Option<u64>,
+    /// Budget on response bytes produced but not yet sent, shared by all clients: a
+    /// subscription over its share waits for its reader instead of reading ahead, and a fetch
+    /// that finds the budget taken waits up to 5 s, then answers RESOURCE_EXHAUSTED. One message
+    /// takes at most 1/16 of it (or one batch); streams together at most 3/4
+    /// [default: 268435456, 256 MiB]
+    #[arg(long, env = "SYNCLINE_RESPONSE_BYTES_MAX", value_name = "BYTES")]
+    pub response_bytes_max: Option<u64>,
+
+    /// Open client connections at most; more are accepted and closed at once (counted in
+    /// syncline_connections_refused_total) [default: 10000, or what the open-file limit leaves
+    /// after the partitions' descriptors when that is less]
+    #[arg(long, env = "SYNCLINE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u32>,
+
+    /// A connection that has not sent the HTTP/2 preface and its SETTINGS within this time is
+    /// closed [default: 10000]
+    #[arg(long, env = "SYNCLINE_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+
+    /// How often the broker pings an HTTP/2 connection to find dead peers [default: 30000]
+    #[arg(long, env = "SYNCLINE_KEEPALIVE_INTERVAL_MS", value_name = "MS")]
+    pub keepalive_interval_ms: Option<u64>,
+
+    /// A connection whose peer does not answer a ping within this time is closed
+    /// [default: 20000]
+    #[arg(long, env = "SYNCLINE_KEEPALIVE_TIMEOUT_MS", value_name = "MS")]
+    pub keepalive_timeout_ms: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -178,6 +205,11 @@ struct FileConfig {
     group_heartbeat_interval_ms: Option<u32>,
     group_session_timeout_ms: Option<u32>,
     preallocate_bytes_max: Option<u64>,
+    response_bytes_max: Option<u64>,
+    max_connections: Option<u32>,
+    handshake_timeout_ms: Option<u64>,
+    keepalive_interval_ms: Option<u64>,
+    keepalive_timeout_ms: Option<u64>,
 }
 
 /// Defaults for topics created without explicit settings.
@@ -214,8 +246,22 @@ pub struct Limits {
     pub max_wait_ms: u32,
     /// Plain records per produce request.
     pub max_records_per_request: usize,
-    /// Fetch responses a subscription reads ahead of a slow subscriber.
-    pub subscribe_read_ahead: usize,
+    /// Response bytes produced but not yet sent, broker-wide (see `server::budget`).
+    pub response_bytes_max: u64,
+}
+
+/// Bounds on connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Open connections at most; `None`: computed at start from the open-file limit (see
+    /// `server::connections::default_max_connections`).
+    pub max_connections: Option<u32>,
+    /// Time a new connection has to send the HTTP/2 preface and SETTINGS, in ms.
+    pub handshake_timeout_ms: u64,
+    /// HTTP/2 ping interval, in ms.
+    pub keepalive_interval_ms: u64,
+    /// Time a peer has to answer a ping, in ms.
+    pub keepalive_timeout_ms: u64,
 }
 
 /// The broker's configuration.
@@ -235,6 +281,8 @@ pub struct Config {
     pub topic_defaults: TopicDefaults,
     /// Request limits.
     pub limits: Limits,
+    /// Connection limits.
+    pub connections: ConnectionLimits,
     /// How often retention runs.
     pub retention_check_ms: u64,
     /// How often the cleaner looks for tables to compact.
@@ -276,7 +324,13 @@ impl Default for Config {
                 max_fetch_bytes: 16 * 1024 * 1024,
                 max_wait_ms: 30_000,
                 max_records_per_request: 100_000,
-                subscribe_read_ahead: 4,
+                response_bytes_max: 256 * 1024 * 1024,
+            },
+            connections: ConnectionLimits {
+                max_connections: None,
+                handshake_timeout_ms: 10_000,
+                keepalive_interval_ms: 30_000,
+                keepalive_timeout_ms: 20_000,
             },
             retention_check_ms: 30_000,
             cleaner_interval_ms: 15_000,
@@ -457,6 +511,24 @@ impl Config {
             .or(file.group_session_timeout_ms)
             .unwrap_or(config.group_session_timeout_ms);
         config.preallocate_bytes_max = flags.preallocate_bytes_max.or(file.preallocate_bytes_max);
+        config.limits.response_bytes_max = flags
+            .response_bytes_max
+            .or(file.response_bytes_max)
+            .unwrap_or(config.limits.response_bytes_max);
+        let connections = &mut config.connections;
+        connections.max_connections = flags.max_connections.or(file.max_connections);
+        connections.handshake_timeout_ms = flags
+            .handshake_timeout_ms
+            .or(file.handshake_timeout_ms)
+            .unwrap_or(connections.handshake_timeout_ms);
+        connections.keepalive_interval_ms = flags
+            .keepalive_interval_ms
+            .or(file.keepalive_interval_ms)
+            .unwrap_or(connections.keepalive_interval_ms);
+        connections.keepalive_timeout_ms = flags
+            .keepalive_timeout_ms
+            .or(file.keepalive_timeout_ms)
+            .unwrap_or(connections.keepalive_timeout_ms);
         config.validate()?;
         Ok(config)
     }
@@ -505,6 +577,29 @@ impl Config {
                     limits.max_fetch_bytes, limits.max_batch_bytes
                 ),
             );
+        }
+        const MIB: u64 = 1024 * 1024;
+        if !(MIB..=(1 << 40)).contains(&limits.response_bytes_max) {
+            return err(
+                "response_bytes_max",
+                format!(
+                    "{} is outside [1048576, 1099511627776]",
+                    limits.response_bytes_max
+                ),
+            );
+        }
+        let connections = &self.connections;
+        if connections.max_connections == Some(0) {
+            return err("max_connections", "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("handshake_timeout_ms", connections.handshake_timeout_ms),
+            ("keepalive_interval_ms", connections.keepalive_interval_ms),
+            ("keepalive_timeout_ms", connections.keepalive_timeout_ms),
+        ] {
+            if !(1..=3_600_000).contains(&value) {
+                return err(key, format!("{value} is outside [1, 3600000]"));
+            }
         }
         if self.retention_check_ms == 0 {
             return err("retention_check_ms", "must be at least 1".into());
@@ -716,5 +811,70 @@ mod tests {
         })
         .unwrap();
         assert_eq!(interval.topic_defaults.fsync, FsyncPolicy::IntervalMs(50));
+    }
+
+    #[test]
+    fn given_budget_and_connection_settings_should_load_from_file_and_flags_and_check_bounds() {
+        let defaults = Config::load(Flags::default()).unwrap();
+        assert_eq!(defaults.limits.response_bytes_max, 256 * 1024 * 1024);
+        assert_eq!(defaults.connections.max_connections, None);
+        assert_eq!(defaults.connections.handshake_timeout_ms, 10_000);
+        assert_eq!(defaults.connections.keepalive_interval_ms, 30_000);
+        assert_eq!(defaults.connections.keepalive_timeout_ms, 20_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "response_bytes_max = 33554432\nmax_connections = 4\nhandshake_timeout_ms = 500\n",
+        )
+        .unwrap();
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--keepalive-interval-ms",
+            "1000",
+            "--keepalive-timeout-ms",
+            "700",
+            "--max-connections",
+            "5",
+        ])
+        .unwrap();
+        let config = Config::load(flags).unwrap();
+        assert_eq!(config.limits.response_bytes_max, 32 * 1024 * 1024);
+        assert_eq!(
+            config.connections.max_connections,
+            Some(5),
+            "flag beats file"
+        );
+        assert_eq!(config.connections.handshake_timeout_ms, 500);
+        assert_eq!(config.connections.keepalive_interval_ms, 1000);
+        assert_eq!(config.connections.keepalive_timeout_ms, 700);
+        for (flags, key) in [
+            (
+                Flags {
+                    response_bytes_max: Some(1000),
+                    ..Flags::default()
+                },
+                "response_bytes_max",
+            ),
+            (
+                Flags {
+                    max_connections: Some(0),
+                    ..Flags::default()
+                },
+                "max_connections",
+            ),
+            (
+                Flags {
+                    handshake_timeout_ms: Some(0),
+                    ..Flags::default()
+                },
+                "handshake_timeout_ms",
+            ),
+        ] {
+            let error = Config::load(flags).unwrap_err();
+            assert!(error.to_string().contains(key), "{error}");
+        }
     }
 }

@@ -80,6 +80,7 @@ pub fn check(partitions: u64, connections: u64) -> Result<(), BrokerError> {
     if needed > limit {
         return Err(BrokerError::TooFewDescriptors {
             partitions,
+            connections,
             needed,
             limit,
         });

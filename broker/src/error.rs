@@ -109,6 +109,15 @@ pub enum BrokerError {
     /// The request itself is malformed.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The broker's response-bytes budget stayed taken by other responses for as long as a
+    /// fetch waits for it.
+    #[error("the broker is busy: its response-bytes budget (response_bytes_max = {budget_bytes}) stayed in use by other responses for {waited_ms} ms; retry later")]
+    ResponseBudgetExhausted {
+        /// The budget.
+        budget_bytes: u64,
+        /// How long the fetch waited.
+        waited_ms: u64,
+    },
     /// The request is larger than a limit allows.
     #[error("{0}")]
     TooLarge(String),
@@ -203,10 +212,12 @@ pub enum BrokerError {
         expected: String,
     },
     /// The open-file limit is too low for the partitions (and connections) to be served.
-    #[error("{partitions} partitions need about {needed} file descriptors but the limit (ulimit -n) is {limit}; raise it with `ulimit -n` (or LimitNOFILE= in a systemd unit)")]
+    #[error("{partitions} partitions{} need about {needed} file descriptors but the limit (ulimit -n) is {limit}; raise it with `ulimit -n` (or LimitNOFILE= in a systemd unit){}", if *connections > 0 { format!(" and max_connections = {connections}") } else { String::new() }, if *connections > 0 { ", or lower max_connections" } else { "" })]
     TooFewDescriptors {
         /// Partitions (existing, plus any being created).
         partitions: u64,
+        /// The explicitly set connection limit (0 when it is the default, which adapts).
+        connections: u64,
         /// Descriptors they need with the connections and a margin (`descriptor_budget`).
         needed: u64,
         /// The soft RLIMIT_NOFILE after raising it to the hard limit.

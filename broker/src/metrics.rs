@@ -16,6 +16,9 @@
 //! | `syncline_group_commit_batches` | histogram | | batches made durable by one fsync |
 //! | `syncline_connections` | gauge | | open client connections |
 //! | `syncline_connections_accepted_total` | counter | | accepted connections |
+//! | `syncline_connections_refused_total` | counter | | connections closed at once: `max_connections` reached |
+//! | `syncline_response_bytes_in_flight` | gauge | | response bytes produced but not yet sent (the `response_bytes_max` budget in use) |
+//! | `syncline_response_budget_waits_total` | counter | | response messages that waited for the response-bytes budget |
 //! | `syncline_partition_log_start_offset` | gauge | topic, partition | first retained offset |
 //! | `syncline_partition_log_end_offset` | gauge | topic, partition | next offset to assign |
 //! | `syncline_partition_durable_offset` | gauge | topic, partition | fsync'd and visible |
@@ -29,14 +32,11 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::topic::Registry;
 
@@ -60,6 +60,12 @@ pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
 pub const CONNECTIONS: &str = "syncline_connections";
 /// Accepted connections.
 pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
+/// Counter: connections closed at once because `max_connections` were open.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "syncline_connections_refused_total";
+/// Gauge: response bytes produced but not yet sent (see `server::budget`).
+pub const RESPONSE_BYTES_IN_FLIGHT: &str = "syncline_response_bytes_in_flight";
+/// Counter: response messages that waited for the response-bytes budget.
+pub const RESPONSE_BUDGET_WAITS_TOTAL: &str = "syncline_response_budget_waits_total";
 /// Counter: offsets committed by consumer groups.
 pub const OFFSET_COMMITS_TOTAL: &str = "syncline_offset_commits_total";
 /// Counter: group members removed because their session expired.
@@ -151,6 +157,19 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS, "Open client connections");
     describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
+    describe_counter!(
+        CONNECTIONS_REFUSED_TOTAL,
+        "Connections closed at once because max_connections were open"
+    );
+    describe_gauge!(
+        RESPONSE_BYTES_IN_FLIGHT,
+        Unit::Bytes,
+        "Response bytes produced but not yet sent (the response_bytes_max budget in use)"
+    );
+    describe_counter!(
+        RESPONSE_BUDGET_WAITS_TOTAL,
+        "Response messages that waited for the response-bytes budget"
+    );
     describe_counter!(COMPACTION_RUNS_TOTAL, "Compaction passes committed");
     describe_counter!(
         OFFSET_COMMITS_TOTAL,
@@ -367,69 +386,5 @@ pub async fn serve(
         .await
     {
         tracing::warn!(%error, "metrics endpoint stopped");
-    }
-}
-
-/// A client connection, counted in `syncline_connections` while it is open.
-pub struct CountedConnection {
-    inner: TcpStream,
-}
-
-impl CountedConnection {
-    /// Wraps an accepted connection (and turns Nagle off: acks are small and latency matters).
-    pub fn new(inner: TcpStream) -> Self {
-        let _ = inner.set_nodelay(true);
-        metrics::gauge!(CONNECTIONS).increment(1.0);
-        metrics::counter!(CONNECTIONS_ACCEPTED_TOTAL).increment(1);
-        Self { inner }
-    }
-}
-
-impl Drop for CountedConnection {
-    fn drop(&mut self) {
-        metrics::gauge!(CONNECTIONS).decrement(1.0);
-    }
-}
-
-impl AsyncRead for CountedConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CountedConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
-impl tonic::transport::server::Connected for CountedConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
     }
 }

@@ -407,7 +407,7 @@ impl Registry {
             .iter()
             .map(|(_, meta)| u64::from(meta.partitions))
             .sum();
-        crate::descriptors::check(partitions, 0)?;
+        crate::descriptors::check(partitions, explicit_connections(&config))?;
         let mut loaded = BTreeMap::new();
         for (path, meta) in found {
             let topic = registry.load_topic(&path, meta)?;
@@ -640,7 +640,10 @@ impl Registry {
             .iter()
             .map(|topic| topic.partitions.len() as u64)
             .sum();
-        crate::descriptors::check(open_partitions + u64::from(settings.partitions), 0)?;
+        crate::descriptors::check(
+            open_partitions + u64::from(settings.partitions),
+            explicit_connections(&self.config),
+        )?;
         let config = self.config.clone();
         let epochs = self.producer_epochs.clone();
         let options = self.log_options.clone();
@@ -879,6 +882,12 @@ pub(crate) fn strip_topic_id_for_tests(topic_dir: &Path) {
         .map(|line| format!("{line}\n"))
         .collect();
     assert!(std::fs::write(&path, old).is_ok(), "{}", path.display());
+}
+
+/// Descriptors an explicitly set `max_connections` claims beside the partitions (a default
+/// limit adapts to what the partitions leave, so it claims none).
+fn explicit_connections(config: &Config) -> u64 {
+    config.connections.max_connections.map_or(0, u64::from)
 }
 
 /// Whether a log error means the request was bad (vs the partition being broken).

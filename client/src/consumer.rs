@@ -438,7 +438,9 @@ impl PartitionReader {
                 offset = self.reset(offset, error).await?;
                 continue;
             }
-            if !error.is_transient() {
+            // A fetch asks for nothing "too large" (the broker clamps max_bytes): here
+            // RESOURCE_EXHAUSTED means the broker's response budget is busy, so retry.
+            if !error.is_transient() && error.code() != Some(Code::ResourceExhausted) {
                 return Err(self.report(error).await);
             }
             let since = *failing_since.get_or_insert_with(Instant::now);

@@ -86,6 +86,8 @@ struct State {
     refused_while_unavailable: u64,
     /// The next snapshot stream ends without its final message (the broker went away).
     cut_next_snapshot: bool,
+    /// Codes the next Fetch requests fail with, one each.
+    fetch_failures: VecDeque<Code>,
     /// The fake group coordinator: every member of a group gets the group's `target`.
     groups: HashMap<String, FakeGroup>,
     /// Every group call, in arrival order.
@@ -693,6 +695,9 @@ impl Broker for FakeBroker {
         let request = request.into_inner();
         let response = {
             let mut state = self.lock();
+            if let Some(code) = state.fetch_failures.pop_front() {
+                return Err(Status::new(code, "scripted"));
+            }
             if state.unavailable {
                 state.refused_while_unavailable += 1;
                 return Err(Status::unavailable("scripted: restarting"));
@@ -1135,6 +1140,35 @@ async fn consumer_should_skip_records_below_its_start_offset_in_the_first_batch(
         .unwrap();
     produce_batch(&client, &["h"]).await;
     assert_eq!(next_value(&mut latest).await.unwrap(), (7, "h".to_owned()));
+}
+
+#[tokio::test]
+async fn given_broker_out_of_response_budget_consumer_should_retry_the_fetch() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    produce_batch(&client, &["a", "b"]).await;
+    // The broker's response-bytes budget is taken: RESOURCE_EXHAUSTED means "busy" for a fetch.
+    broker
+        .lock()
+        .fetch_failures
+        .extend([Code::ResourceExhausted, Code::ResourceExhausted]);
+    let config = ConsumerConfig {
+        start: StartOffset::Offset(0),
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = client.consumer("t", config).await.unwrap();
+    assert_eq!(
+        next_value(&mut consumer).await.unwrap(),
+        (0, "a".to_owned())
+    );
+    assert_eq!(
+        next_value(&mut consumer).await.unwrap(),
+        (1, "b".to_owned())
+    );
+    assert!(broker.lock().fetch_failures.is_empty());
 }
 
 #[tokio::test]

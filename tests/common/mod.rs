@@ -2,6 +2,8 @@
 //! ephemeral loopback port, find the binaries, connect a raw gRPC client.
 #![allow(dead_code)]
 
+pub mod probe;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,12 +49,40 @@ impl BrokerProcess {
     /// [`BrokerProcess::start`] with more flags. `--listen ADDR` among them replaces the
     /// ephemeral port (e.g. to restart on the port a first start picked).
     pub fn start_with(data_dir: &Path, extra: &[&str]) -> BrokerProcess {
+        Self::start_limited(data_dir, extra, None)
+    }
+
+    /// [`BrokerProcess::start_with`] with the open-file limit (soft and hard) set to
+    /// `open_files` when given.
+    pub fn start_limited(
+        data_dir: &Path,
+        extra: &[&str],
+        open_files: Option<u64>,
+    ) -> BrokerProcess {
         let listen: &[&str] = if extra.contains(&"--listen") {
             &[]
         } else {
             &["--listen", "127.0.0.1:0"]
         };
-        let mut child = Command::new(binary("syncline-broker"))
+        let mut command = Command::new(binary("syncline-broker"));
+        if let Some(open_files) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: open_files,
+                        rlim_max: open_files,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .arg("--data-dir")
             .arg(data_dir)
             .args(listen)

@@ -2,6 +2,8 @@
 //! port, with graceful shutdown.
 
 mod decode_limit;
+pub mod budget;
+pub mod connections;
 mod service;
 pub mod status;
 
@@ -14,8 +16,6 @@ use std::time::Duration;
 use syncline_proto::v1::broker_server::BrokerServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 
 pub use service::BrokerService;
 
@@ -145,6 +145,7 @@ impl Broker {
             self.registry.clone(),
             self.coordinator.clone(),
             shutdown_rx.clone(),
+            Arc::new(budget::ResponseBudget::new(limits.response_bytes_max)),
         );
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
@@ -203,17 +204,45 @@ impl Broker {
                 },
             ))
         });
+        let settings = &self.registry.config().connections;
+        let max_connections = settings.max_connections.unwrap_or_else(|| {
+            let partitions = self
+                .registry
+                .list()
+                .iter()
+                .map(|topic| u64::from(topic.settings.partitions))
+                .sum();
+            connections::default_max_connections(
+                crate::descriptors::open_file_limit().unwrap_or(u64::MAX),
+                partitions,
+            )
+        });
+        tracing::info!(
+            max_connections,
+            handshake_timeout_ms = settings.handshake_timeout_ms,
+            keepalive_interval_ms = settings.keepalive_interval_ms,
+            keepalive_timeout_ms = settings.keepalive_timeout_ms,
+            response_bytes_max = limits.response_bytes_max,
+            "connection and response limits"
+        );
+        let incoming = connections::accept(
+            self.listener,
+            connections::AcceptSettings {
+                max_connections,
+                handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
+            },
+        );
         tracing::info!("listening on {}", self.local_addr);
-        let incoming = TcpListenerStream::new(self.listener)
-            .map(|accepted| accepted.map(crate::metrics::CountedConnection::new));
         let serving = tonic::transport::Server::builder()
             .initial_stream_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_keepalive_interval(Some(Duration::from_millis(settings.keepalive_interval_ms)))
+            .http2_keepalive_timeout(Some(Duration::from_millis(settings.keepalive_timeout_ms)))
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)
             .add_service(decode_limit::DecodeLimit::new(
-                broker,
+                budget::HoldUnaryPermits::new(broker),
                 limits.max_batch_bytes,
             ))
             .serve_with_incoming_shutdown(incoming, shutdown);

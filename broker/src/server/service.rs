@@ -24,6 +24,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::status::{decode_limit_to_resource_exhausted, to_status};
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
@@ -51,6 +52,11 @@ const SNAPSHOT_READ_BYTES: usize = 1024 * 1024;
 const RECORD_FRAMING_BYTES: usize = 6;
 /// Produce requests one `ProduceStream` may have in flight before the broker stops reading it.
 const STREAM_IN_FLIGHT_MAX: usize = 1024;
+/// How long a fetch waits for response budget before it answers RESOURCE_EXHAUSTED: long
+/// enough to ride out a burst, short next to a client's usual deadline.
+const FETCH_BUDGET_WAIT: Duration = Duration::from_secs(5);
+/// Protobuf framing of a `FetchResponse` around its batches and records (the scalar fields).
+const RESPONSE_FRAMING_BYTES: usize = 64;
 
 /// The service state: the topics and the shutdown signal.
 #[derive(Debug, Clone)]
@@ -58,12 +64,23 @@ pub struct BrokerService {
     registry: Arc<Registry>,
     coordinator: Arc<crate::group::Coordinator>,
     shutdown: watch::Receiver<bool>,
+    budget: Arc<ResponseBudget>,
 }
 
 /// A topic, one of its partitions, and that partition's log.
 type PartitionLog = (Arc<Topic>, Arc<Partition>, Arc<Log>);
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A stream message and the budget its bytes hold (see `super::budget`).
+type Budgeted<T> = (Result<T, Status>, Option<ResponsePermit>);
+
+/// Upper estimate of a fetch response's encoded size before it is built: the batches, and with
+/// decoded records up to twice as much again (for tiny records the full offset and timestamp
+/// of a decoded record outweigh their stored deltas).
+fn response_bytes_estimate(batch_bytes: usize, decode: bool) -> usize {
+    RESPONSE_FRAMING_BYTES + if decode { 3 * batch_bytes } else { batch_bytes }
+}
 
 /// Records the request's outcome and latency (see `crate::metrics`).
 fn finish<T>(rpc: &'static str, started: Instant, result: Result<T, Status>) -> Result<T, Status> {
@@ -253,8 +270,9 @@ fn stream_snapshot(
     partition: Arc<Partition>,
     plan: SnapshotPlan,
     max_bytes: usize,
-    tx: mpsc::Sender<Result<v1::SnapshotResponse, Status>>,
+    tx: mpsc::Sender<Budgeted<v1::SnapshotResponse>>,
     mut shutdown: watch::Receiver<bool>,
+    budget: Arc<ResponseBudget>,
 ) {
     let keys_total = plan.offsets.len() as u64;
     let message = |records: Vec<v1::FetchedRecord>, last: bool| v1::SnapshotResponse {
@@ -264,26 +282,34 @@ fn stream_snapshot(
         records,
         last,
     };
-    // Waits while the client is SNAPSHOT_READ_AHEAD messages behind; false once the client is
-    // gone, the broker stops, or the client has not taken a message for SNAPSHOT_STALL_LIMIT
-    // (a stalled reader must not hold the snapshot's pin, which holds back compaction, forever).
+    // Waits for response budget and while the client is SNAPSHOT_READ_AHEAD messages behind;
+    // false once the client is gone, the broker stops, or the message could not be handed over
+    // for SNAPSHOT_STALL_LIMIT (a stalled reader must not hold the snapshot's pin, which holds
+    // back compaction, forever).
     let mut send = |item: Result<v1::SnapshotResponse, Status>| -> bool {
+        let deliver = async {
+            let permit = match &item {
+                Ok(message) => Some(budget.acquire_for_stream(message.encoded_len()).await?),
+                Err(_) => None,
+            };
+            tx.send((item, permit)).await.ok()
+        };
         runtime.block_on(async {
             tokio::select! {
-                sent = tx.send_timeout(item, SNAPSHOT_STALL_LIMIT) => match sent {
-                    Ok(()) => true,
-                    Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                delivered = tokio::time::timeout(SNAPSHOT_STALL_LIMIT, deliver) => match delivered {
+                    Ok(Some(())) => true,
+                    Ok(None) => false,
+                    Err(_) => {
                         tracing::warn!(topic = %partition.topic, partition = partition.id, "snapshot reader stalled; ending its stream");
-                        let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
-                            "the snapshot was not read for {} s; load it again",
+                        let _ = tx.try_send((Err(Status::deadline_exceeded(format!(
+                            "the snapshot was not read (or the broker's response budget stayed taken) for {} s; load it again",
                             SNAPSHOT_STALL_LIMIT.as_secs()
-                        ))));
+                        ))), None));
                         false
                     }
-                    Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
                 },
                 _ = shutdown.wait_for(|stop| *stop) => {
-                    let _ = tx.try_send(Err(to_status(BrokerError::ShuttingDown)));
+                    let _ = tx.try_send((Err(to_status(BrokerError::ShuttingDown)), None));
                     false
                 }
             }
@@ -344,17 +370,85 @@ fn fetch_response(
     })
 }
 
+/// One Subscribe stream's position and what it reads from.
+struct Subscription {
+    topic: Arc<Topic>,
+    partition: Arc<Partition>,
+    log: Arc<Log>,
+    durable: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
+    budget: Arc<ResponseBudget>,
+    offset: u64,
+    max_bytes: usize,
+    decode_from: Option<u64>,
+    ended: bool,
+}
+
+impl Subscription {
+    /// The next message: waits for durable records, then for budget. `None` ends the stream
+    /// (shutdown, or after an error message).
+    async fn next_message(&mut self) -> Option<Budgeted<v1::FetchResponse>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            self.durable.borrow_and_update();
+            if self
+                .topic
+                .deleted
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                return self.end(Status::not_found(format!(
+                    "topic `{}` was deleted",
+                    self.topic.name
+                )));
+            }
+            let read = match self.log.read(self.offset, self.max_bytes) {
+                Ok(read) => read,
+                Err(error) => return self.end(to_status(self.partition.log_error(error))),
+            };
+            if !read.bytes.is_empty() {
+                let estimate =
+                    response_bytes_estimate(read.bytes.len(), self.decode_from.is_some());
+                let mut permit = tokio::select! {
+                    permit = self.budget.acquire_for_stream(estimate) => permit?,
+                    _ = self.shutdown.wait_for(|stop| *stop) => return None,
+                };
+                self.offset = read.next_offset;
+                return match fetch_response(self.partition.id, read, &self.log, self.decode_from) {
+                    Ok(response) => {
+                        permit.shrink_to(response.encoded_len());
+                        Some((Ok(response), Some(permit)))
+                    }
+                    Err(error) => self.end(to_status(error)),
+                };
+            }
+            tokio::select! {
+                changed = self.durable.changed() => changed.ok()?,
+                _ = self.shutdown.wait_for(|stop| *stop) => return None,
+            }
+        }
+    }
+
+    fn end(&mut self, status: Status) -> Option<Budgeted<v1::FetchResponse>> {
+        self.ended = true;
+        Some((Err(status), None))
+    }
+}
+
 impl BrokerService {
     /// A service over `registry`; streams end when `shutdown` turns true.
     pub fn new(
         registry: Arc<Registry>,
         coordinator: Arc<crate::group::Coordinator>,
         shutdown: watch::Receiver<bool>,
+        budget: Arc<ResponseBudget>,
     ) -> Self {
         Self {
             registry,
             coordinator,
             shutdown,
+            budget,
         }
     }
 
@@ -603,7 +697,8 @@ impl BrokerService {
         }
     }
 
-    /// Bytes of batches one response may carry. Decoded records roughly double a response, so
+    /// Bytes of batches one response may carry: the request's, at most the fetch limit and the
+    /// message's share of the response budget. Decoded records roughly double a response, so
     /// a decoding fetch reads half as much to stay within the message limit.
     fn fetch_limits(
         &self,
@@ -611,8 +706,9 @@ impl BrokerService {
         decode_records: bool,
     ) -> Result<usize, BrokerError> {
         let limit = self.registry.config().limits.max_fetch_bytes;
-        let bytes =
-            positive_or_default(max_bytes, "max_bytes", DEFAULT_FETCH_BYTES, limit)? as usize;
+        let bytes = (positive_or_default(max_bytes, "max_bytes", DEFAULT_FETCH_BYTES, limit)?
+            as usize)
+            .min(self.budget.message_bytes_max());
         Ok(if decode_records {
             (bytes / 2).max(1)
         } else {
@@ -624,7 +720,33 @@ impl BrokerService {
     /// at most the fetch limit.
     fn snapshot_limits(&self, max_bytes: Option<u32>) -> Result<usize, BrokerError> {
         let max = SNAPSHOT_BYTES_MAX.min(self.registry.config().limits.max_fetch_bytes);
-        Ok(positive_or_default(max_bytes, "max_bytes", DEFAULT_SNAPSHOT_BYTES, max)? as usize)
+        Ok(
+            (positive_or_default(max_bytes, "max_bytes", DEFAULT_SNAPSHOT_BYTES, max)? as usize)
+                .min(self.budget.message_bytes_max()),
+        )
+    }
+
+    /// Budget for a fetch response of `batch_bytes`: waits up to [`FETCH_BUDGET_WAIT`].
+    async fn fetch_permit(
+        &self,
+        batch_bytes: usize,
+        decode: bool,
+    ) -> Result<Option<ResponsePermit>, BrokerError> {
+        if batch_bytes == 0 {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        self.budget
+            .acquire_for_unary(
+                response_bytes_estimate(batch_bytes, decode),
+                FETCH_BUDGET_WAIT,
+            )
+            .await
+            .map(Some)
+            .map_err(|_| BrokerError::ResponseBudgetExhausted {
+                budget_bytes: self.budget.budget_bytes() as u64,
+                waited_ms: started.elapsed().as_millis() as u64,
+            })
     }
 }
 
@@ -941,9 +1063,19 @@ impl Broker for BrokerService {
                     || tokio::time::Instant::now() >= deadline
                     || *shutdown.borrow()
                 {
-                    let response =
+                    let permit = self
+                        .fetch_permit(read.bytes.len(), request.decode_records)
+                        .await
+                        .map_err(to_status)?;
+                    let message =
                         fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
-                    return Ok(Response::new(response));
+                    let mut response = Response::new(message);
+                    if let Some(mut permit) = permit {
+                        permit.shrink_to(response.get_ref().encoded_len());
+                        // Held until the transport has written the response (`super::budget`).
+                        response.extensions_mut().insert(UnaryPermit::new(permit));
+                    }
+                    return Ok(response);
                 }
                 tokio::select! {
                     changed = durable.changed() => {
@@ -975,54 +1107,30 @@ impl Broker for BrokerService {
             // Validate the start offset now, so a bad one is an error status, not an empty stream.
             log.read(request.offset, 1)
                 .map_err(|e| to_status(partition.log_error(e)))?;
-            let max_bytes = self
-                .fetch_limits(request.max_bytes, request.decode_records)
-                .map_err(to_status)?;
-            let read_ahead = self.registry.config().limits.subscribe_read_ahead;
-            let (tx, rx) = mpsc::channel(read_ahead);
-            let mut shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
-                let mut offset = request.offset;
-                let mut durable = log.subscribe_durable();
-                loop {
-                    durable.borrow_and_update();
-                    if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
-                        let _ = tx
-                            .send(Err(Status::not_found(format!(
-                                "topic `{}` was deleted",
-                                topic.name
-                            ))))
-                            .await;
-                        return;
-                    }
-                    let read = match log.read(offset, max_bytes) {
-                        Ok(read) => read,
-                        Err(error) => {
-                            let _ = tx.send(Err(to_status(partition.log_error(error)))).await;
-                            return;
-                        }
-                    };
-                    if !read.bytes.is_empty() {
-                        offset = read.next_offset;
-                        let decode_from = request.decode_records.then_some(request.offset);
-                        let response = fetch_response(partition.id, read, &log, decode_from)
-                            .map_err(to_status);
-                        // Waits while the subscriber is `read_ahead` responses behind: the flow
-                        // control that bounds what the broker buffers for a slow consumer.
-                        tokio::select! {
-                            sent = tx.send(response) => if sent.is_err() { return },
-                            _ = shutdown.wait_for(|stop| *stop) => return,
-                        }
-                        continue;
-                    }
-                    tokio::select! {
-                        changed = durable.changed() => if changed.is_err() { return },
-                        _ = tx.closed() => return,
-                        _ = shutdown.wait_for(|stop| *stop) => return,
-                    }
-                }
-            });
-            let stream: Self::SubscribeStream = Box::pin(ReceiverStream::new(rx));
+            let subscription = Subscription {
+                max_bytes: self
+                    .fetch_limits(request.max_bytes, request.decode_records)
+                    .map_err(to_status)?,
+                decode_from: request.decode_records.then_some(request.offset),
+                offset: request.offset,
+                durable: log.subscribe_durable(),
+                topic,
+                partition,
+                log,
+                shutdown: self.shutdown.clone(),
+                budget: self.budget.clone(),
+                ended: false,
+            };
+            // Produced one message at a time, when the transport asks for it: nothing is read
+            // ahead of a slow subscriber, and the budget bounds what the transport holds.
+            let messages = Box::pin(futures_util::stream::unfold(
+                subscription,
+                |mut subscription| async move {
+                    let message = subscription.next_message().await?;
+                    Some((message, subscription))
+                },
+            ));
+            let stream: Self::SubscribeStream = Box::pin(HeldUntilSent::new(messages));
             Ok(Response::new(stream))
         }
         .instrument(span)
@@ -1228,10 +1336,12 @@ impl Broker for BrokerService {
             let (tx, rx) = mpsc::channel(SNAPSHOT_READ_AHEAD);
             let runtime = tokio::runtime::Handle::current();
             let shutdown = self.shutdown.clone();
+            let budget = self.budget.clone();
             tokio::task::spawn_blocking(move || {
-                stream_snapshot(runtime, partition, plan, max_bytes, tx, shutdown)
+                stream_snapshot(runtime, partition, plan, max_bytes, tx, shutdown, budget)
             });
-            let stream: Self::SnapshotStream = Box::pin(ReceiverStream::new(rx));
+            let stream: Self::SnapshotStream =
+                Box::pin(HeldUntilSent::new(ReceiverStream::new(rx)));
             Ok(Response::new(stream))
         }
         .instrument(span)

@@ -6,7 +6,7 @@
 //! | duplicate topic | ALREADY_EXISTS |
 //! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
 //! | offset outside the log | OUT_OF_RANGE |
-//! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic | RESOURCE_EXHAUSTED |
+//! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic, response-bytes budget taken | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
 //! | corrupt data found on read | DATA_LOSS |
@@ -35,7 +35,9 @@ pub fn to_status(error: BrokerError) -> Status {
         | BrokerError::InvalidRequest(_)
         | BrokerError::PartitionNotFound { .. }
         | BrokerError::WrongPartitionForKey { .. } => Status::invalid_argument(message),
-        BrokerError::TooLarge(_) => Status::resource_exhausted(message),
+        BrokerError::TooLarge(_) | BrokerError::ResponseBudgetExhausted { .. } => {
+            Status::resource_exhausted(message)
+        }
         BrokerError::Fenced { .. } => Status::failed_precondition(message),
         BrokerError::ShuttingDown => Status::unavailable(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
