@@ -94,6 +94,28 @@ fn given_bad_settings_should_fail_with_one_line_naming_the_key() {
     );
 }
 
+#[test]
+fn given_unbindable_listen_address_should_print_the_error_once_and_exit_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.contains(&addr)).collect();
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "the startup error is printed exactly once: {stderr}"
+    );
+    assert!(error_lines[0].starts_with("error: "), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_reflection() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +129,11 @@ async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_refl
         .unwrap();
     assert!(!second.status.success());
     let stderr = String::from_utf8(second.stderr).unwrap();
-    assert!(stderr.contains("in use by another broker"), "{stderr}");
+    assert_eq!(
+        stderr.matches("in use by another broker").count(),
+        1,
+        "the startup error is printed exactly once: {stderr}"
+    );
 
     let channel = tonic::transport::Channel::from_shared(broker.url())
         .unwrap()
