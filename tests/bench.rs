@@ -65,7 +65,11 @@ fn assert_positive(json: &Value, pointer: &str) {
 fn given_clean_run_when_json_should_report_every_key_and_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
-    let output = bench(&broker, &[&SMALL_RUN[..], &["--json"]].concat());
+    // Sizes take units, like the broker's settings.
+    let output = bench(
+        &broker,
+        &[&SMALL_RUN[..], &["--json", "--batch-bytes", "256KiB"]].concat(),
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let json = report(&output);
 
@@ -74,6 +78,7 @@ fn given_clean_run_when_json_should_report_every_key_and_nothing_lost() {
     assert_eq!(config["consumers"], 2);
     assert_eq!(config["partitions"], 2);
     assert_eq!(config["record_size"], 100);
+    assert_eq!(config["batch_bytes"], 256 * 1024);
     assert_eq!(config["records"], 20000);
     assert_eq!(config["acks"], "durable");
     assert_eq!(config["keys"], 0);

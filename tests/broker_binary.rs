@@ -94,6 +94,64 @@ fn given_bad_settings_should_fail_with_one_line_naming_the_key() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_sizes_with_units_in_flags_env_and_file_should_start_with_those_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "max_fetch_bytes = \"32MiB\"\nretention_bytes = \"1GB\"\n",
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap();
+    let broker = BrokerProcess::start_with(
+        &dir.path().join("data"),
+        &[
+            "--segment-bytes",
+            "64MiB",
+            "--max-batch-bytes",
+            "1 MiB",
+            "--config",
+            config_arg,
+        ],
+    );
+    let mut client = broker.client().await;
+    client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "sized".into(),
+            config: Some(Default::default()),
+        })
+        .await
+        .unwrap();
+    let topic = client
+        .describe_topic(syncline_proto::v1::DescribeTopicRequest {
+            name: "sized".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    let topic_config = topic.config.unwrap();
+    assert_eq!(topic_config.segment_bytes, Some(64 << 20));
+    assert_eq!(topic_config.retention_bytes, Some(1_000_000_000));
+    drop(broker);
+
+    // The environment takes units too; an ambiguous one is refused naming both spellings.
+    let output = Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SYNCLINE_SEGMENT_BYTES", "64M")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("64M") && stderr.contains("MiB") && stderr.contains("MB"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn given_unbindable_listen_address_should_print_the_error_once_and_exit_non_zero() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

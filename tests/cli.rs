@@ -149,6 +149,42 @@ fn given_file_when_produced_and_consumed_should_come_back_identical() {
 }
 
 #[test]
+fn given_sizes_with_units_when_creating_a_topic_should_store_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let created = syncline(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "sized",
+            "--segment-bytes",
+            "64MiB",
+            "--retention-bytes",
+            "10GB",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    let described = syncline(&broker, &["topic", "describe", "sized"]);
+    let text = stdout(&described);
+    assert!(text.contains("segment-bytes: 67108864"), "{text}");
+    assert!(text.contains("retention-bytes: 10000000000"), "{text}");
+    // -1 still means no limit; an ambiguous unit is a usage error that names both spellings.
+    let unlimited = syncline(
+        &broker,
+        &["topic", "create", "unlimited", "--retention-bytes", "-1"],
+    );
+    assert!(unlimited.status.success(), "{}", stderr(&unlimited));
+    let ambiguous = syncline(
+        &broker,
+        &["topic", "create", "vague", "--segment-bytes", "64M"],
+    );
+    assert_eq!(ambiguous.status.code(), Some(2));
+    let err = stderr(&ambiguous);
+    assert!(err.contains("MiB") && err.contains("MB"), "{err}");
+}
+
+#[test]
 fn given_bad_requests_should_exit_non_zero_with_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());

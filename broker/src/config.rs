@@ -4,12 +4,19 @@
 //! Every setting has the same name everywhere: flag `--segment-bytes`, environment
 //! `SYNCLINE_SEGMENT_BYTES`, TOML key `segment_bytes`. The defaults are the safe choices
 //! (durable fsync, loopback address, a data dir under the current folder).
+//!
+//! Sizes (`*_bytes`, `cleaner_io_bytes_per_sec`) take a plain number of bytes or a number with
+//! a unit, the same in flags, variables and TOML (there as a string: `segment_bytes = "64MiB"`):
+//! `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024, `KB`, `MB`, `GB`, `TB` powers of 1000, and a
+//! bare `K`/`M`/`G` is refused as ambiguous (see [`syncline_proto::size`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Deserialize;
+
+use syncline_proto::size::{parse_signed_size, parse_size, parse_size_u32};
 
 use crate::log::{ConfigError, FsyncPolicy};
 
@@ -21,8 +28,9 @@ use crate::log::{ConfigError, FsyncPolicy};
     about = "Syncline broker: partitioned, durable, memory-mapped logs served over gRPC",
     long_about = "Syncline broker: partitioned, durable, memory-mapped logs served over gRPC.\n\n\
 Settings come from, lowest precedence first: built-in defaults, the TOML file given by --config, \
-SYNCLINE_* environment variables, then these flags. The gRPC port serves the Syncline API, \
-grpc.health.v1.Health and server reflection."
+SYNCLINE_* environment variables, then these flags. Sizes take a plain number of bytes or a unit: \
+B, KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. 64MiB. The gRPC \
+port serves the Syncline API, grpc.health.v1.Health and server reflection."
 )]
 pub struct Flags {
     /// Directory holding the topics' logs (created if missing) [default: ./syncline-data]
@@ -40,7 +48,9 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// TOML file with any of these settings (keys in snake_case, e.g. `segment_bytes = 1048576`)
+    /// TOML file with any of these settings (keys in snake_case, e.g. `segment_bytes = "64MiB"`).
+    /// Sizes take B, KiB, MiB, GiB, TiB (1024-based) or KB, MB, GB, TB (1000-based); a plain
+    /// number is bytes
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -57,7 +67,7 @@ pub struct Flags {
     pub max_partitions: Option<u32>,
 
     /// Default segment size: a segment rolls when the next batch would pass it [default: 1 GiB]
-    #[arg(long, env = "SYNCLINE_SEGMENT_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "SYNCLINE_SEGMENT_BYTES", value_name = "BYTES", value_parser = parse_size)]
     pub segment_bytes: Option<u64>,
 
     /// Default segment age before it rolls [default: 7 days]
@@ -78,7 +88,8 @@ pub struct Flags {
         long,
         env = "SYNCLINE_RETENTION_BYTES",
         value_name = "BYTES",
-        allow_hyphen_values = true
+        allow_hyphen_values = true,
+        value_parser = parse_signed_size
     )]
     pub retention_bytes: Option<i64>,
 
@@ -91,11 +102,11 @@ pub struct Flags {
     pub fsync_interval_ms: Option<u64>,
 
     /// Largest record batch a produce may carry, in bytes [default: 8 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_BATCH_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "SYNCLINE_MAX_BATCH_BYTES", value_name = "BYTES", value_parser = parse_size_u32)]
     pub max_batch_bytes: Option<u32>,
 
     /// Largest fetch response, in bytes [default: 16 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_FETCH_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "SYNCLINE_MAX_FETCH_BYTES", value_name = "BYTES", value_parser = parse_size_u32)]
     pub max_fetch_bytes: Option<u32>,
 
     /// How often retention runs, in milliseconds [default: 30000]
@@ -118,7 +129,12 @@ pub struct Flags {
 
     /// The cleaner's I/O budget in bytes read per second, shared by all partitions, so that it
     /// does not starve produce; 0 = unthrottled [default: 134217728, 128 MiB/s]
-    #[arg(long, env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC",
+        value_name = "BYTES",
+        value_parser = parse_size
+    )]
     pub cleaner_io_bytes_per_sec: Option<u64>,
 
     /// Consumer groups: how long the first assignment of an empty group waits for more members
@@ -151,22 +167,75 @@ struct FileConfig {
     log: Option<String>,
     default_partitions: Option<u32>,
     max_partitions: Option<u32>,
-    segment_bytes: Option<u64>,
+    segment_bytes: Option<SizeValue>,
     segment_ms: Option<u64>,
     retention_ms: Option<i64>,
-    retention_bytes: Option<i64>,
+    retention_bytes: Option<SizeValue>,
     fsync_policy: Option<String>,
     fsync_interval_ms: Option<u64>,
-    max_batch_bytes: Option<u32>,
-    max_fetch_bytes: Option<u32>,
+    max_batch_bytes: Option<SizeValue>,
+    max_fetch_bytes: Option<SizeValue>,
     retention_check_ms: Option<u64>,
     delete_retention_ms: Option<u64>,
     min_cleanable_dirty_ratio: Option<f64>,
     cleaner_interval_ms: Option<u64>,
-    cleaner_io_bytes_per_sec: Option<u64>,
+    cleaner_io_bytes_per_sec: Option<SizeValue>,
     group_initial_rebalance_delay_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u32>,
     group_session_timeout_ms: Option<u32>,
+}
+
+/// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(i64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn signed(self, key: &'static str) -> Result<i64, ConfigError> {
+        match self {
+            SizeValue::Bytes(bytes) => Ok(bytes),
+            SizeValue::Text(text) => parse_signed_size(&text).map_err(|e| ConfigError {
+                key,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn unsigned(self, key: &'static str) -> Result<u64, ConfigError> {
+        let bytes = match self {
+            SizeValue::Bytes(bytes) => bytes,
+            SizeValue::Text(text) => {
+                return parse_size(&text).map_err(|e| ConfigError {
+                    key,
+                    message: e.to_string(),
+                })
+            }
+        };
+        u64::try_from(bytes).map_err(|_| ConfigError {
+            key,
+            message: format!("{bytes} is negative"),
+        })
+    }
+
+    fn u32(self, key: &'static str) -> Result<u32, ConfigError> {
+        let bytes = self.unsigned(key)?;
+        u32::try_from(bytes).map_err(|_| ConfigError {
+            key,
+            message: format!("{bytes} is above {}", u32::MAX),
+        })
+    }
+}
+
+/// Reads an optional size of the TOML file, naming `key` when it is invalid.
+fn file_size<T>(
+    value: Option<SizeValue>,
+    key: &'static str,
+    convert: fn(SizeValue, &'static str) -> Result<T, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    value.map(|v| convert(v, key)).transpose()
 }
 
 /// Defaults for topics created without explicit settings.
@@ -360,7 +429,11 @@ impl Config {
             .unwrap_or(topic.partitions);
         topic.segment_bytes = flags
             .segment_bytes
-            .or(file.segment_bytes)
+            .or(file_size(
+                file.segment_bytes,
+                "segment_bytes",
+                SizeValue::unsigned,
+            )?)
             .unwrap_or(topic.segment_bytes);
         topic.segment_ms = flags
             .segment_ms
@@ -369,7 +442,11 @@ impl Config {
         if let Some(value) = flags.retention_ms.or(file.retention_ms) {
             topic.retention_ms = retention(value, "retention_ms")?;
         }
-        if let Some(value) = flags.retention_bytes.or(file.retention_bytes) {
+        if let Some(value) = flags.retention_bytes.or(file_size(
+            file.retention_bytes,
+            "retention_bytes",
+            SizeValue::signed,
+        )?) {
             topic.retention_bytes = retention(value, "retention_bytes")?;
         }
         let interval = flags
@@ -386,11 +463,19 @@ impl Config {
             .unwrap_or(limits.max_partitions);
         limits.max_batch_bytes = flags
             .max_batch_bytes
-            .or(file.max_batch_bytes)
+            .or(file_size(
+                file.max_batch_bytes,
+                "max_batch_bytes",
+                SizeValue::u32,
+            )?)
             .unwrap_or(limits.max_batch_bytes);
         limits.max_fetch_bytes = flags
             .max_fetch_bytes
-            .or(file.max_fetch_bytes)
+            .or(file_size(
+                file.max_fetch_bytes,
+                "max_fetch_bytes",
+                SizeValue::u32,
+            )?)
             .unwrap_or(limits.max_fetch_bytes);
         config.retention_check_ms = flags
             .retention_check_ms
@@ -411,7 +496,11 @@ impl Config {
             .unwrap_or(config.cleaner_interval_ms);
         config.cleaner_io_bytes_per_sec = flags
             .cleaner_io_bytes_per_sec
-            .or(file.cleaner_io_bytes_per_sec)
+            .or(file_size(
+                file.cleaner_io_bytes_per_sec,
+                "cleaner_io_bytes_per_sec",
+                SizeValue::unsigned,
+            )?)
             .unwrap_or(config.cleaner_io_bytes_per_sec);
         config.group_initial_rebalance_delay_ms = flags
             .group_initial_rebalance_delay_ms
@@ -582,6 +671,57 @@ mod tests {
         let flags =
             Flags::try_parse_from(["syncline-broker", "--segment-bytes", "2097152"]).unwrap();
         assert_eq!(flags.segment_bytes, Some(2_097_152));
+    }
+
+    #[test]
+    fn given_sizes_with_units_should_parse_in_flags_and_file() {
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--segment-bytes",
+            "64MiB",
+            "--max-batch-bytes",
+            "2MiB",
+            "--retention-bytes",
+            "-1",
+            "--cleaner-io-bytes-per-sec",
+            "100MB",
+        ])
+        .unwrap();
+        assert_eq!(flags.segment_bytes, Some(64 << 20));
+        assert_eq!(flags.max_batch_bytes, Some(2 << 20));
+        assert_eq!(flags.retention_bytes, Some(-1));
+        assert_eq!(flags.cleaner_io_bytes_per_sec, Some(100_000_000));
+        let error = Flags::try_parse_from(["syncline-broker", "--segment-bytes", "64M"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("MiB") && error.contains("MB"), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "segment_bytes = \"256 MiB\"\nretention_bytes = \"10GiB\"\nmax_fetch_bytes = 33554432\n",
+        )
+        .unwrap();
+        let config = Config::load(Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(config.topic_defaults.segment_bytes, 256 << 20);
+        assert_eq!(config.topic_defaults.retention_bytes, Some(10 << 30));
+        assert_eq!(config.limits.max_fetch_bytes, 32 << 20);
+        std::fs::write(&path, "max_batch_bytes = \"8 furlongs\"\n").unwrap();
+        let error = Config::load(Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("max_batch_bytes") && error.contains("furlongs"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! - [`batch`]: the record-batch layout and its codec. Producers encode batches with it, the
 //!   broker validates and stores them byte for byte, consumers decode them.
 //! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
+//! - [`size`]: byte sizes with units (`64MiB`), parsed alike by the broker's settings and the
+//!   CLI (no wire meaning; shared here because both depend on this crate).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
 pub mod partitioner;
+pub mod size;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.
 #[allow(clippy::all, missing_docs)]

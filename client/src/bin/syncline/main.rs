@@ -138,9 +138,20 @@ struct CreateArgs {
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     retention_ms: Option<i64>,
 
-    /// Delete the oldest segments when a partition holds more than B bytes; -1 = no limit.
-    #[arg(long, value_name = "B", allow_negative_numbers = true)]
+    /// Delete the oldest segments when a partition holds more than this size (bytes, or with
+    /// a unit: 10GiB, 500MB); -1 = no limit.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        allow_negative_numbers = true,
+        value_parser = syncline_proto::size::parse_signed_size
+    )]
     retention_bytes: Option<i64>,
+
+    /// Roll to a new segment when the next batch would pass this size (bytes, or with a unit:
+    /// 64MiB, 1GiB) (default: the broker's).
+    #[arg(long, value_name = "SIZE", value_parser = syncline_proto::size::parse_size)]
+    segment_bytes: Option<u64>,
 
     /// Tables: keep a delete this many milliseconds after compaction could remove it, so
     /// that readers that are behind still see it (default: the broker's, one day).
@@ -338,6 +349,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 },
                 retention_ms: args.retention_ms,
                 retention_bytes: args.retention_bytes,
+                segment_bytes: args.segment_bytes,
                 delete_retention_ms: args.delete_retention_ms,
                 min_cleanable_dirty_ratio: args.min_cleanable_dirty_ratio,
                 ..TopicConfig::default()
@@ -386,10 +398,11 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "retention-bytes: {}",
                 setting(config.retention_bytes)
             )?;
+            let unsigned =
+                |value: Option<u64>| value.map_or("default".to_owned(), |v| v.to_string());
+            writeln!(stdout, "segment-bytes: {}", unsigned(config.segment_bytes))?;
             let is_table = config.cleanup_policy == CleanupPolicy::Compact;
             if is_table {
-                let unsigned =
-                    |value: Option<u64>| value.map_or("default".to_owned(), |v| v.to_string());
                 writeln!(
                     stdout,
                     "delete-retention-ms: {}",

@@ -102,8 +102,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
 
-    /// Value bytes per record, 32 (the verification header) to 1048576.
-    #[arg(long, default_value_t = 100, value_name = "BYTES")]
+    /// Value bytes per record, 32 (the verification header) to 1MiB; units accepted (1KiB).
+    #[arg(
+        long,
+        default_value = "100",
+        value_name = "SIZE",
+        value_parser = syncline_proto::size::parse_size_usize
+    )]
     pub record_size: usize,
 
     /// Records to send over all producers [default: 1000000 unless --duration].
@@ -114,8 +119,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECS")]
     pub duration: Option<u64>,
 
-    /// Largest batch in bytes (the producer's batch_bytes_max).
-    #[arg(long, default_value_t = 1024 * 1024, value_name = "B")]
+    /// Largest batch (the producer's batch_bytes_max), in bytes or with a unit (256KiB).
+    #[arg(
+        long,
+        default_value = "1MiB",
+        value_name = "SIZE",
+        value_parser = syncline_proto::size::parse_size_usize
+    )]
     pub batch_bytes: usize,
 
     /// How long a batch waits for more records after its first (the producer's linger).
