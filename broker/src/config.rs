@@ -724,6 +724,105 @@ mod tests {
         );
     }
 
+    /// The example configuration at the repository root.
+    const EXAMPLE: &str = include_str!("../../syncline.toml");
+
+    /// The keys of the TOML file, as serde sees them (captured from `deserialize_struct`).
+    fn file_keys() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor};
+        struct Capture(&'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for &mut Capture {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Self::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0 = fields;
+                Err(Self::Error::custom("captured"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut capture = Capture(&[]);
+        let _ = FileConfig::deserialize(&mut capture);
+        assert!(!capture.0.is_empty());
+        capture.0
+    }
+
+    /// The example's settings: each `#key = value` line, as (key, the line uncommented).
+    fn example_settings() -> Vec<(&'static str, &'static str)> {
+        EXAMPLE
+            .lines()
+            .filter_map(|line| line.strip_prefix('#'))
+            .filter_map(|line| {
+                let (key, _) = line.split_once(" = ")?;
+                key.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                    .then_some((key, line))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_example_config_should_list_every_setting_at_its_default() {
+        let settings = example_settings();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncline.toml");
+        // Commented out, the file is valid as it is.
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let defaults = Config::default();
+        let loaded = Config::load(Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(loaded, defaults);
+        // Each setting, uncommented alone, is valid and its value is the default.
+        for (key, line) in &settings {
+            std::fs::write(&path, line).unwrap();
+            let mut loaded = Config::load(Flags {
+                config: Some(path.clone()),
+                ..Flags::default()
+            })
+            .unwrap_or_else(|e| panic!("syncline.toml: `{line}`: {e}"));
+            if *key == "metrics_listen" {
+                loaded.metrics_listen_explicit = false;
+            }
+            assert_eq!(
+                loaded, defaults,
+                "syncline.toml: `{line}` is not the default"
+            );
+        }
+        // Every key the file format knows is there, once, and every flag has its key.
+        let keys: Vec<&str> = settings.iter().map(|(key, _)| *key).collect();
+        for key in file_keys() {
+            assert_eq!(
+                keys.iter().filter(|k| *k == key).count(),
+                1,
+                "syncline.toml must list `{key}` once"
+            );
+        }
+        use clap::CommandFactory;
+        for arg in Flags::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let key = long.replace('-', "_");
+            if !["config", "help", "version"].contains(&key.as_str()) {
+                assert!(
+                    file_keys().contains(&key.as_str()),
+                    "--{long} has no TOML key `{key}`"
+                );
+            }
+        }
+    }
+
     #[test]
     fn given_bad_values_when_loaded_should_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
