@@ -211,6 +211,18 @@ fn given_bad_requests_should_exit_non_zero_with_one_line_errors() {
         &syncline(&broker, &["consume", "missing", "--timeout-ms", "500"]),
         "does not exist",
     );
+    // Topic names are quoted one way, in backticks, in the broker's errors and the client's.
+    assert_one_line_error(
+        &syncline(&broker, &["topic", "describe", "missing"]),
+        "topic `missing` does not exist",
+    );
+    assert_one_line_error(
+        &syncline(
+            &broker,
+            &["consume", "dup", "--partition", "7", "--timeout-ms", "500"],
+        ),
+        "topic `dup` has no partition 7",
+    );
     // --broker accepted after the subcommand too, with http://; nothing listens on this port.
     let unreachable = Command::new(binary("syncline"))
         .args(["topic", "list", "--broker", "http://127.0.0.1:1"])

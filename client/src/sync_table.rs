@@ -292,7 +292,7 @@ impl SyncTable {
         let partitions = description.partition_count();
         if partitions == 0 {
             return Err(Error::Protocol(format!(
-                "topic {topic} is described with no partitions"
+                "topic `{topic}` is described with no partitions"
             )));
         }
         let mut states: Vec<PartitionState> =

@@ -302,7 +302,7 @@ async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTo
         client
             .create_topic(&name, TopicConfig::with_partitions(partitions))
             .await
-            .with_context(|| format!("cannot create topic {name}"))?;
+            .with_context(|| format!("cannot create topic `{name}`"))?;
         anyhow::Ok(BenchTopic {
             name,
             created: true,
@@ -321,7 +321,7 @@ async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTo
             let partitions = description.partition_count();
             if args.partitions.is_some_and(|wanted| wanted != partitions) {
                 bail!(
-                    "topic {name} has {partitions} partitions, not the {} of --partitions",
+                    "topic `{name}` has {partitions} partitions, not the {} of --partitions",
                     args.partitions.unwrap_or_default()
                 );
             }
@@ -415,7 +415,7 @@ async fn measure(
     let partitions = topic.partitions;
     if args.consumers > partitions {
         bail!(
-            "--consumers {} is more than the {} of topic {}: each consumer reads at least one \
+            "--consumers {} is more than the {} of topic `{}`: each consumer reads at least one \
              partition",
             args.consumers,
             report::plural(partitions.into(), "partition"),
@@ -468,7 +468,7 @@ async fn measure(
             .await?;
         if producer.partitions() != partitions {
             bail!(
-                "topic {} changed its partition count during the run",
+                "topic `{}` changed its partition count during the run",
                 topic.name
             );
         }
