@@ -22,8 +22,8 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::FutureExt as _;
 use syncline_client::{
-    Acks, CleanupPolicy, Client, ConsumerConfig, DeliveryFuture, GroupConsumerConfig, GroupEvent,
-    OffsetReset, ProducerConfig, StartOffset, TopicConfig,
+    Acks, CleanupPolicy, Client, Connectivity, ConsumerConfig, DeliveryFuture, GroupConsumerConfig,
+    GroupEvent, OffsetReset, ProducerConfig, StartOffset, TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
@@ -217,7 +217,8 @@ also have \"headers\":[{\"key\":..,\"value\":..}].
 
 Records of one partition are printed in offset order; partitions interleave. The command \
 exits 0 after --max-records records, after --timeout-ms without a record, or on Ctrl-C or \
-SIGTERM.
+SIGTERM. While the broker is unreachable it retries for up to 30 s, saying `reconnecting... \
+(ERROR)` on stderr once, and `reconnected` when the broker is back.
 
 With --group G the command is a member of consumer group G: the broker assigns it a share of \
 the topic's partitions (all of them when it is the only member) and it reads each from the \
@@ -318,8 +319,27 @@ fn init_tracing() {
         .init();
 }
 
+/// Says on stderr when the broker goes away and comes back, which the retry loops of
+/// `consume` and `watch` otherwise hide for up to their retry timeout: `reconnecting...
+/// (ERROR)` once per outage, then `reconnected`.
+fn report_connectivity(client: &Client) {
+    let mut changes = client.connectivity();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let line = match &*changes.borrow_and_update() {
+                Connectivity::Reconnecting { error } => {
+                    format!("reconnecting... ({error})").replace(['\n', '\r'], " ")
+                }
+                Connectivity::Connected => "reconnected".to_owned(),
+            };
+            eprintln!("{line}");
+        }
+    });
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect(&cli.broker).await?;
+    report_connectivity(&client);
     match cli.command {
         Command::Topic(command) => topic(&client, command).await,
         Command::Produce(args) => produce(&client, args).await,
