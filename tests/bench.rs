@@ -180,6 +180,18 @@ fn given_plot_should_write_an_svg_and_print_the_human_summary() {
         "{}",
         &svg[..svg.len().min(100)]
     );
+    // A run this short (tens of milliseconds) still gets a throughput curve: its first blue
+    // line (produce) has a point per percent of the run, not one per 100 ms sample.
+    let throughput = svg
+        .split("<polyline")
+        .find(|line| line.contains("stroke=\"#0000FF\""))
+        .and_then(|line| line.split("points=\"").nth(1))
+        .and_then(|points| points.split('"').next())
+        .unwrap_or_default();
+    assert!(
+        throughput.split_whitespace().count() >= 50,
+        "few throughput points: {throughput}"
+    );
     let summary = stdout(&output);
     for needle in [
         "records/s",

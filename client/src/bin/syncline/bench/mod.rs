@@ -32,7 +32,7 @@ use clap::Args;
 use syncline_client::{
     Client, Code, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartOffset, TopicConfig,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use self::consume::{ConsumeOutcome, ConsumerPlan, EndOffsets};
@@ -480,15 +480,12 @@ async fn measure(
     let deadline = args
         .duration
         .map(|seconds| started + Duration::from_secs(seconds));
-    let (stop_progress, progress_stopped) = oneshot::channel();
-    // In a JoinSet, so that a failed run stops showing progress.
-    let mut progress = JoinSet::new();
-    progress.spawn(progress::run(
-        counters.clone(),
-        started,
-        records,
-        progress_stopped,
-    ));
+    // A failed run drops `stop_progress`, which stops the progress thread too.
+    let (stop_progress, progress_stopped) = std::sync::mpsc::channel();
+    let progress = {
+        let counters = counters.clone();
+        std::thread::spawn(move || progress::run(counters, started, records, progress_stopped))
+    };
     let (end_offsets, end_offsets_received) = watch::channel::<EndOffsets>(None);
     let mut consuming = JoinSet::new();
     for (id, consumer) in consumers.into_iter().enumerate() {
@@ -551,10 +548,9 @@ async fn measure(
         consumed.push(joined.context("a consumer task failed")??);
     }
     let _ = stop_progress.send(());
-    let samples = match progress.join_next().await {
-        Some(Ok(samples)) => samples,
-        _ => Vec::new(),
-    };
+    let samples = tokio::task::spawn_blocking(move || progress.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
 
     let mut batch_latency = latency_histogram();
     for producer in &producer_handles {
