@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{binary, BrokerProcess};
+use common::{binary, run_broker, BrokerProcess};
 use tokio_stream::StreamExt;
 
 #[test]
@@ -157,12 +157,10 @@ fn given_unbindable_listen_address_should_print_the_error_once_and_exit_non_zero
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(binary("syncline-broker"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", &addr, "--metrics-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let output = run_broker(
+        dir.path(),
+        &["--listen", &addr, "--metrics-listen", "127.0.0.1:0"],
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     let error_lines: Vec<&str> = stderr.lines().filter(|l| l.contains(&addr)).collect();
@@ -179,12 +177,7 @@ async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_refl
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
 
-    let second = Command::new(binary("syncline-broker"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let second = run_broker(dir.path(), &["--listen", "127.0.0.1:0"]);
     assert!(!second.status.success());
     let stderr = String::from_utf8(second.stderr).unwrap();
     assert_eq!(

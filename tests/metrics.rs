@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 
-use common::{binary, BrokerProcess};
+use common::{run_broker, BrokerProcess};
 use syncline_proto::v1;
 
 fn scrape(addr: &str) -> String {
@@ -308,12 +308,10 @@ fn given_metrics_address_taken_should_refuse_if_explicit_and_warn_if_default() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(binary("syncline-broker"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", &addr])
-        .output()
-        .unwrap();
+    let output = run_broker(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--metrics-listen", &addr],
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(

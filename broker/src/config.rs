@@ -634,6 +634,14 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigLoadError> {
 mod tests {
     use super::*;
 
+    /// Loads the TOML file at `path` (and defaults for everything else).
+    fn load_file(path: impl Into<PathBuf>) -> Result<Config, ConfigLoadError> {
+        Config::load(Flags {
+            config: Some(path.into()),
+            ..Flags::default()
+        })
+    }
+
     #[test]
     fn given_no_settings_when_loaded_should_use_safe_defaults() {
         let config = Config::load(Flags::default()).unwrap();
@@ -703,21 +711,12 @@ mod tests {
             "segment_bytes = \"256 MiB\"\nretention_bytes = \"10GiB\"\nmax_fetch_bytes = 33554432\n",
         )
         .unwrap();
-        let config = Config::load(Flags {
-            config: Some(path.clone()),
-            ..Flags::default()
-        })
-        .unwrap();
+        let config = load_file(path.clone()).unwrap();
         assert_eq!(config.topic_defaults.segment_bytes, 256 << 20);
         assert_eq!(config.topic_defaults.retention_bytes, Some(10 << 30));
         assert_eq!(config.limits.max_fetch_bytes, 32 << 20);
         std::fs::write(&path, "max_batch_bytes = \"8 furlongs\"\n").unwrap();
-        let error = Config::load(Flags {
-            config: Some(path),
-            ..Flags::default()
-        })
-        .unwrap_err()
-        .to_string();
+        let error = load_file(path).unwrap_err().to_string();
         assert!(
             error.contains("max_batch_bytes") && error.contains("furlongs"),
             "{error}"
@@ -779,20 +778,13 @@ mod tests {
         // Commented out, the file is valid as it is.
         std::fs::write(&path, EXAMPLE).unwrap();
         let defaults = Config::default();
-        let loaded = Config::load(Flags {
-            config: Some(path.clone()),
-            ..Flags::default()
-        })
-        .unwrap();
+        let loaded = load_file(path.clone()).unwrap();
         assert_eq!(loaded, defaults);
         // Each setting, uncommented alone, is valid and its value is the default.
         for (key, line) in &settings {
             std::fs::write(&path, line).unwrap();
-            let mut loaded = Config::load(Flags {
-                config: Some(path.clone()),
-                ..Flags::default()
-            })
-            .unwrap_or_else(|e| panic!("syncline.toml: `{line}`: {e}"));
+            let mut loaded =
+                load_file(path.clone()).unwrap_or_else(|e| panic!("syncline.toml: `{line}`: {e}"));
             if *key == "metrics_listen" {
                 loaded.metrics_listen_explicit = false;
             }
@@ -828,18 +820,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, "segment_bytes = 10\n").unwrap();
-        let error = Config::load(Flags {
-            config: Some(path.clone()),
-            ..Flags::default()
-        })
-        .unwrap_err();
+        let error = load_file(path.clone()).unwrap_err();
         assert!(error.to_string().contains("segment_bytes_max"), "{error}");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        let error = Config::load(Flags {
-            config: Some(path),
-            ..Flags::default()
-        })
-        .unwrap_err();
+        let error = load_file(path).unwrap_err();
         assert!(error.to_string().contains("no_such_key"), "{error}");
         let error = Config::load(Flags {
             fsync_policy: Some("sometimes".into()),

@@ -144,3 +144,14 @@ impl Drop for BrokerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `syncline-broker --data-dir DATA_DIR ARGS...` to its end (for starts that must fail)
+/// and returns its output.
+pub fn run_broker(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .expect("run syncline-broker")
+}

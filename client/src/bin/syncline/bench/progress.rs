@@ -59,11 +59,10 @@ pub fn run(
     };
     // Rates on the progress line are over the last second.
     let mut window = (Duration::ZERO, 0u64, 0u64);
-    loop {
-        match stop.recv_timeout(sample_interval(started.elapsed())) {
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
+    // A message or a dropped sender (a failed run) stops the loop; a timeout is the next tick.
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(sample_interval(started.elapsed()))
+    {
         let sample = take();
         ticks += 1;
         if ticks == stride {
