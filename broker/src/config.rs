@@ -67,7 +67,12 @@ pub struct Flags {
     pub max_partitions: Option<u32>,
 
     /// Default segment size: a segment rolls when the next batch would pass it [default: 1 GiB]
-    #[arg(long, env = "SYNCLINE_SEGMENT_BYTES", value_name = "BYTES", value_parser = parse_size)]
+    #[arg(
+        long,
+        env = "SYNCLINE_SEGMENT_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
     pub segment_bytes: Option<u64>,
 
     /// Default segment age before it rolls [default: 7 days]
@@ -83,11 +88,11 @@ pub struct Flags {
     )]
     pub retention_ms: Option<i64>,
 
-    /// Default retention by size, per partition; -1 means no limit [default: -1]
+    /// Default retention by size, per partition (e.g. 10GiB); -1 means no limit [default: -1]
     #[arg(
         long,
         env = "SYNCLINE_RETENTION_BYTES",
-        value_name = "BYTES",
+        value_name = "SIZE",
         allow_hyphen_values = true,
         value_parser = parse_signed_size
     )]
@@ -101,12 +106,22 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_FSYNC_INTERVAL_MS", value_name = "MS")]
     pub fsync_interval_ms: Option<u64>,
 
-    /// Largest record batch a produce may carry, in bytes [default: 8 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_BATCH_BYTES", value_name = "BYTES", value_parser = parse_size_u32)]
+    /// Largest record batch a produce may carry [default: 8 MiB]
+    #[arg(
+        long,
+        env = "SYNCLINE_MAX_BATCH_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size_u32
+    )]
     pub max_batch_bytes: Option<u32>,
 
-    /// Largest fetch response, in bytes [default: 16 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_FETCH_BYTES", value_name = "BYTES", value_parser = parse_size_u32)]
+    /// Largest fetch response [default: 16 MiB]
+    #[arg(
+        long,
+        env = "SYNCLINE_MAX_FETCH_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size_u32
+    )]
     pub max_fetch_bytes: Option<u32>,
 
     /// How often retention runs, in milliseconds [default: 30000]
@@ -127,12 +142,12 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_CLEANER_INTERVAL_MS", value_name = "MS")]
     pub cleaner_interval_ms: Option<u64>,
 
-    /// The cleaner's I/O budget in bytes read per second, shared by all partitions, so that it
-    /// does not starve produce; 0 = unthrottled [default: 134217728, 128 MiB/s]
+    /// The cleaner's I/O budget in bytes read per second (a size: 64MiB), shared by all
+    /// partitions, so that it does not starve produce; 0 = unthrottled [default: 128 MiB]
     #[arg(
         long,
         env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC",
-        value_name = "BYTES",
+        value_name = "SIZE",
         value_parser = parse_size
     )]
     pub cleaner_io_bytes_per_sec: Option<u64>,
