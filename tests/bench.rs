@@ -65,7 +65,11 @@ fn assert_positive(json: &Value, pointer: &str) {
 fn given_clean_run_when_json_should_report_every_key_and_nothing_lost() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
-    let output = bench(&broker, &[&SMALL_RUN[..], &["--json"]].concat());
+    // Sizes take units, like the broker's settings.
+    let output = bench(
+        &broker,
+        &[&SMALL_RUN[..], &["--json", "--batch-bytes", "256KiB"]].concat(),
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let json = report(&output);
 
@@ -74,6 +78,7 @@ fn given_clean_run_when_json_should_report_every_key_and_nothing_lost() {
     assert_eq!(config["consumers"], 2);
     assert_eq!(config["partitions"], 2);
     assert_eq!(config["record_size"], 100);
+    assert_eq!(config["batch_bytes"], 256 * 1024);
     assert_eq!(config["records"], 20000);
     assert_eq!(config["acks"], "durable");
     assert_eq!(config["keys"], 0);
@@ -174,6 +179,19 @@ fn given_plot_should_write_an_svg_and_print_the_human_summary() {
         svg.starts_with("<svg") || svg.starts_with("<?xml"),
         "{}",
         &svg[..svg.len().min(100)]
+    );
+    // A run this short (tens of milliseconds) still gets a throughput curve: its first blue
+    // line (produce) has a point per bucket of about 1% of the run rounded up to a 1-2-5 step
+    // (so 40 to 101 points), not one per 100 ms sample (2 or 3 points before).
+    let throughput = svg
+        .split("<polyline")
+        .find(|line| line.contains("stroke=\"#0000FF\""))
+        .and_then(|line| line.split("points=\"").nth(1))
+        .and_then(|points| points.split('"').next())
+        .unwrap_or_default();
+    assert!(
+        throughput.split_whitespace().count() >= 30,
+        "few throughput points: {throughput}"
     );
     let summary = stdout(&output);
     for needle in [

@@ -7,7 +7,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{binary, BrokerProcess};
+use common::{binary, run_broker, BrokerProcess};
 use tokio_stream::StreamExt;
 
 #[test]
@@ -95,19 +95,96 @@ fn given_bad_settings_should_fail_with_one_line_naming_the_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_sizes_with_units_in_flags_env_and_file_should_start_with_those_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(
+        &config,
+        "max_fetch_bytes = \"32MiB\"\nretention_bytes = \"1GB\"\n",
+    )
+    .unwrap();
+    let config_arg = config.to_str().unwrap();
+    let broker = BrokerProcess::start_with(
+        &dir.path().join("data"),
+        &[
+            "--segment-bytes",
+            "64MiB",
+            "--max-batch-bytes",
+            "1 MiB",
+            "--config",
+            config_arg,
+        ],
+    );
+    let mut client = broker.client().await;
+    client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "sized".into(),
+            config: Some(Default::default()),
+        })
+        .await
+        .unwrap();
+    let topic = client
+        .describe_topic(syncline_proto::v1::DescribeTopicRequest {
+            name: "sized".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .topic
+        .unwrap();
+    let topic_config = topic.config.unwrap();
+    assert_eq!(topic_config.segment_bytes, Some(64 << 20));
+    assert_eq!(topic_config.retention_bytes, Some(1_000_000_000));
+    drop(broker);
+
+    // The environment takes units too; an ambiguous one is refused naming both spellings.
+    let output = Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("SYNCLINE_SEGMENT_BYTES", "64M")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("64M") && stderr.contains("MiB") && stderr.contains("MB"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn given_unbindable_listen_address_should_print_the_error_once_and_exit_non_zero() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_broker(
+        dir.path(),
+        &["--listen", &addr, "--metrics-listen", "127.0.0.1:0"],
+    );
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let error_lines: Vec<&str> = stderr.lines().filter(|l| l.contains(&addr)).collect();
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "the startup error is printed exactly once: {stderr}"
+    );
+    assert!(error_lines[0].starts_with("error: "), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_running_broker_should_hold_the_data_dir_and_serve_health_and_reflection() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
 
-    let second = Command::new(binary("syncline-broker"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+    let second = run_broker(dir.path(), &["--listen", "127.0.0.1:0"]);
     assert!(!second.status.success());
     let stderr = String::from_utf8(second.stderr).unwrap();
-    assert!(stderr.contains("in use by another broker"), "{stderr}");
+    assert_eq!(
+        stderr.matches("in use by another broker").count(),
+        1,
+        "the startup error is printed exactly once: {stderr}"
+    );
 
     let channel = tonic::transport::Channel::from_shared(broker.url())
         .unwrap()

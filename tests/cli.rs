@@ -1,7 +1,8 @@
 //! Pins the `syncline` CLI contract through the real binaries: topic admin, `produce` from
 //! stdin and `consume` back (values only; `--json`; keys with a separator), and one-line errors
 //! with non-zero exit codes for an unknown topic, a duplicate topic, a bad name and an
-//! unreachable broker.
+//! unreachable broker; sizes with units; topic names quoted one way; and `consume`/`watch`
+//! saying `reconnecting...` and `reconnected` on stderr when the broker goes and comes back.
 
 mod common;
 
@@ -149,6 +150,42 @@ fn given_file_when_produced_and_consumed_should_come_back_identical() {
 }
 
 #[test]
+fn given_sizes_with_units_when_creating_a_topic_should_store_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let created = syncline(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "sized",
+            "--segment-bytes",
+            "64MiB",
+            "--retention-bytes",
+            "10GB",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    let described = syncline(&broker, &["topic", "describe", "sized"]);
+    let text = stdout(&described);
+    assert!(text.contains("segment-bytes: 67108864"), "{text}");
+    assert!(text.contains("retention-bytes: 10000000000"), "{text}");
+    // -1 still means no limit; an ambiguous unit is a usage error that names both spellings.
+    let unlimited = syncline(
+        &broker,
+        &["topic", "create", "unlimited", "--retention-bytes", "-1"],
+    );
+    assert!(unlimited.status.success(), "{}", stderr(&unlimited));
+    let ambiguous = syncline(
+        &broker,
+        &["topic", "create", "vague", "--segment-bytes", "64M"],
+    );
+    assert_eq!(ambiguous.status.code(), Some(2));
+    let err = stderr(&ambiguous);
+    assert!(err.contains("MiB") && err.contains("MB"), "{err}");
+}
+
+#[test]
 fn given_bad_requests_should_exit_non_zero_with_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(dir.path());
@@ -175,10 +212,160 @@ fn given_bad_requests_should_exit_non_zero_with_one_line_errors() {
         &syncline(&broker, &["consume", "missing", "--timeout-ms", "500"]),
         "does not exist",
     );
+    // Topic names are quoted one way, in backticks, in the broker's errors and the client's.
+    assert_one_line_error(
+        &syncline(&broker, &["topic", "describe", "missing"]),
+        "topic `missing` does not exist",
+    );
+    assert_one_line_error(
+        &syncline(
+            &broker,
+            &["consume", "dup", "--partition", "7", "--timeout-ms", "500"],
+        ),
+        "topic `dup` has no partition 7",
+    );
     // --broker accepted after the subcommand too, with http://; nothing listens on this port.
     let unreachable = Command::new(binary("syncline"))
         .args(["topic", "list", "--broker", "http://127.0.0.1:1"])
         .output()
         .unwrap();
     assert_one_line_error(&unreachable, "127.0.0.1:1");
+}
+
+/// A running `syncline` command whose stdout and stderr lines the test reads with timeouts.
+struct Running {
+    child: std::process::Child,
+    stdout: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line seen so far.
+    stderr_seen: Vec<String>,
+}
+
+impl Running {
+    fn spawn(broker: &str, args: &[&str]) -> Running {
+        let mut child = Command::new(binary("syncline"))
+            .args(["--broker", broker])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run syncline");
+        let stdout = lines_of(child.stdout.take().unwrap());
+        let stderr = lines_of(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+            stderr_seen: Vec::new(),
+        }
+    }
+
+    #[track_caller]
+    fn stdout_until(&self, needle: &str, wait: std::time::Duration) {
+        let deadline = std::time::Instant::now() + wait;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.stdout.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no `{needle}` on stdout within {wait:?}");
+    }
+
+    #[track_caller]
+    fn stderr_until(&mut self, needle: &str, wait: std::time::Duration) -> String {
+        let deadline = std::time::Instant::now() + wait;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match self.stderr.recv_timeout(left) {
+                Ok(line) => {
+                    self.stderr_seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "no `{needle}` on stderr within {wait:?}; it said: {:?}",
+            self.stderr_seen
+        );
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead as _;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    receiver
+}
+
+#[test]
+fn given_broker_down_when_consuming_or_watching_should_say_reconnecting_then_reconnected() {
+    use std::time::Duration;
+    // Generous for a loaded CI machine; the retry loops notice a lost broker within a second
+    // or two (the client's backoff starts at 100 ms).
+    const NOTICE: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let addr = broker.addr.clone();
+    assert!(syncline(&broker, &["topic", "create", "events"])
+        .status
+        .success());
+    assert!(
+        syncline(&broker, &["topic", "create", "kv", "--cleanup", "compact"])
+            .status
+            .success()
+    );
+    let mut consume = Running::spawn(&addr, &["consume", "events", "--from-beginning"]);
+    let mut watch = Running::spawn(&addr, &["watch", "kv"]);
+    watch.stdout_until("# caught up", NOTICE);
+    assert!(syncline_stdin(&broker, &["produce", "events"], b"before\n")
+        .status
+        .success());
+    consume.stdout_until("before", NOTICE);
+
+    broker.kill9();
+    let line = consume.stderr_until("reconnecting...", NOTICE);
+    assert!(line.contains(&addr), "the line names the broker: {line}");
+    watch.stderr_until("reconnecting...", NOTICE);
+
+    // Back on the same port: both go on where they were and say so, once.
+    let broker = BrokerProcess::start_with(dir.path(), &["--listen", &addr]);
+    consume.stderr_until("reconnected", Duration::from_secs(30));
+    watch.stderr_until("reconnected", Duration::from_secs(30));
+    assert!(syncline_stdin(&broker, &["produce", "events"], b"after\n")
+        .status
+        .success());
+    consume.stdout_until("after", NOTICE);
+    assert!(syncline(&broker, &["put", "kv", "k", "v"]).status.success());
+    watch.stdout_until("put k", NOTICE);
+    for running in [&mut consume, &mut watch] {
+        let later: Vec<String> = running.stderr.try_iter().collect();
+        running.stderr_seen.extend(later);
+        let reconnecting = running
+            .stderr_seen
+            .iter()
+            .filter(|l| l.contains("reconnecting"))
+            .count();
+        assert_eq!(
+            reconnecting, 1,
+            "once per outage: {:?}",
+            running.stderr_seen
+        );
+    }
 }

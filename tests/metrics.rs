@@ -1,14 +1,16 @@
 //! Pins the Prometheus endpoint of the real broker: `/metrics` serves the documented metric
-//! names with values that move with traffic, the text passes `promtool check metrics`, and the
-//! metrics address follows its contract (port 0 picks a port; an explicit address that is taken
-//! refuses to start; the default one being taken only warns).
+//! names with values that move with traffic, a fresh broker serves every metric of
+//! `syncline_broker::metrics::METRICS` at zero (and nothing else), the Grafana dashboard charts
+//! each of them, the text passes `promtool check metrics`, and the metrics address follows its
+//! contract (port 0 picks a port; an explicit address that is taken refuses to start; the
+//! default one being taken only warns).
 
 mod common;
 
 use std::io::Write;
 use std::process::Command;
 
-use common::{binary, scrape, BrokerProcess};
+use common::{run_broker, scrape, BrokerProcess};
 use syncline_proto::v1;
 
 /// The value of the first sample of `name` whose line contains all of `labels`.
@@ -118,35 +120,11 @@ async fn given_traffic_when_scraped_should_expose_moving_metrics_that_pass_promt
     );
     assert!(sample(&text, "syncline_partition_size_bytes", &["topic=\"m\""]).unwrap() > 0.0);
 
-    // Every metric the Grafana dashboard queries is one the broker serves.
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/grafana/syncline.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
-    let mut queried = 0;
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            for (start, _) in expr.match_indices("syncline_") {
-                let name: String = expr[start..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
-                assert!(
-                    text.contains(&format!("\n{name}")),
-                    "dashboard queries {name}, which /metrics lacks"
-                );
-                queried += 1;
-            }
-        }
-    }
-    assert!(queried >= 10);
+    promtool_check(&text);
+}
 
-    // promtool (Debian's `prometheus` package; .ci/run installs it) lints names and format.
+/// Lints the exposition text with promtool (Debian's `prometheus` package; .ci/run installs it).
+fn promtool_check(text: &str) {
     match Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
@@ -182,17 +160,122 @@ async fn given_traffic_when_scraped_should_expose_moving_metrics_that_pass_promt
     }
 }
 
+/// The `# TYPE` of `name` in the exposition text.
+fn exposed_type<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("# TYPE {name} ")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_fresh_broker_when_scraped_should_serve_every_listed_metric_at_zero() {
+    use syncline_broker::metrics::{Kind, METRICS};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let text = scrape(
+        broker
+            .metrics_addr
+            .as_deref()
+            .expect("metrics address logged"),
+    );
+    for metric in METRICS {
+        assert_eq!(
+            exposed_type(&text, metric.name),
+            Some(metric.kind.prometheus_type()),
+            "{} is listed but a fresh broker does not serve it:\n{text}",
+            metric.name
+        );
+        if !metric.labels.is_empty() {
+            continue;
+        }
+        let sample_name = match metric.kind {
+            Kind::Histogram => format!("{}_count", metric.name),
+            _ => metric.name.to_string(),
+        };
+        assert_eq!(
+            sample(&text, &sample_name, &[]),
+            Some(0.0),
+            "{sample_name} must start at zero"
+        );
+    }
+    // The labelled request metrics are registered for every RPC with code OK.
+    assert_eq!(
+        sample(
+            &text,
+            "syncline_requests_total",
+            &["rpc=\"CommitOffsets\"", "code=\"OK\""]
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    // And nothing is served that the list lacks.
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).unwrap();
+        assert!(
+            METRICS.iter().any(|m| m.name == name),
+            "{name} is served but missing from syncline_broker::metrics::METRICS"
+        );
+    }
+    promtool_check(&text);
+}
+
+#[test]
+fn given_dashboard_should_chart_every_listed_metric_and_only_listed_ones() {
+    use syncline_broker::metrics::METRICS;
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/syncline.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut queried = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let targets = panel["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap();
+            for (start, _) in expr.match_indices("syncline_") {
+                let name: String = expr[start..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| {
+                        name.strip_suffix(suffix)
+                            .filter(|base| METRICS.iter().any(|m| m.name == *base))
+                    })
+                    .unwrap_or(&name)
+                    .to_string();
+                assert!(
+                    METRICS.iter().any(|m| m.name == base),
+                    "the dashboard queries {name}, which the broker does not export"
+                );
+                queried.insert(base);
+            }
+        }
+    }
+    for metric in METRICS {
+        assert!(
+            queried.contains(metric.name),
+            "no dashboard panel charts {}",
+            metric.name
+        );
+    }
+}
+
 #[test]
 fn given_metrics_address_taken_should_refuse_if_explicit_and_warn_if_default() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let output = Command::new(binary("syncline-broker"))
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", &addr])
-        .output()
-        .unwrap();
+    let output = run_broker(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--metrics-listen", &addr],
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(

@@ -4,12 +4,19 @@
 //! Every setting has the same name everywhere: flag `--segment-bytes`, environment
 //! `SYNCLINE_SEGMENT_BYTES`, TOML key `segment_bytes`. The defaults are the safe choices
 //! (durable fsync, loopback address, a data dir under the current folder).
+//!
+//! Sizes (`*_bytes`, `cleaner_io_bytes_per_sec`) take a plain number of bytes or a number with
+//! a unit, the same in flags, variables and TOML (there as a string: `segment_bytes = "64MiB"`):
+//! `KiB`, `MiB`, `GiB`, `TiB` are powers of 1024, `KB`, `MB`, `GB`, `TB` powers of 1000, and a
+//! bare `K`/`M`/`G` is refused as ambiguous (see [`syncline_proto::size`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use serde::Deserialize;
+
+use syncline_proto::size::{parse_signed_size, parse_size, parse_size_u32};
 
 use crate::log::{ConfigError, FsyncPolicy};
 
@@ -21,8 +28,9 @@ use crate::log::{ConfigError, FsyncPolicy};
     about = "Syncline broker: partitioned, durable, memory-mapped logs served over gRPC",
     long_about = "Syncline broker: partitioned, durable, memory-mapped logs served over gRPC.\n\n\
 Settings come from, lowest precedence first: built-in defaults, the TOML file given by --config, \
-SYNCLINE_* environment variables, then these flags. The gRPC port serves the Syncline API, \
-grpc.health.v1.Health and server reflection."
+SYNCLINE_* environment variables, then these flags. Sizes take a plain number of bytes or a unit: \
+B, KiB, MiB, GiB, TiB (powers of 1024) or KB, MB, GB, TB (powers of 1000), e.g. 64MiB. The gRPC \
+port serves the Syncline API, grpc.health.v1.Health and server reflection."
 )]
 pub struct Flags {
     /// Directory holding the topics' logs (created if missing) [default: ./syncline-data]
@@ -40,7 +48,9 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
 
-    /// TOML file with any of these settings (keys in snake_case, e.g. `segment_bytes = 1048576`)
+    /// TOML file with any of these settings (keys in snake_case, e.g. `segment_bytes = "64MiB"`).
+    /// Sizes take B, KiB, MiB, GiB, TiB (1024-based) or KB, MB, GB, TB (1000-based); a plain
+    /// number is bytes
     #[arg(long, env = "SYNCLINE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
@@ -57,7 +67,12 @@ pub struct Flags {
     pub max_partitions: Option<u32>,
 
     /// Default segment size: a segment rolls when the next batch would pass it [default: 1 GiB]
-    #[arg(long, env = "SYNCLINE_SEGMENT_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "SYNCLINE_SEGMENT_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
     pub segment_bytes: Option<u64>,
 
     /// Default segment age before it rolls [default: 7 days]
@@ -73,12 +88,13 @@ pub struct Flags {
     )]
     pub retention_ms: Option<i64>,
 
-    /// Default retention by size, per partition; -1 means no limit [default: -1]
+    /// Default retention by size, per partition (e.g. 10GiB); -1 means no limit [default: -1]
     #[arg(
         long,
         env = "SYNCLINE_RETENTION_BYTES",
-        value_name = "BYTES",
-        allow_hyphen_values = true
+        value_name = "SIZE",
+        allow_hyphen_values = true,
+        value_parser = parse_signed_size
     )]
     pub retention_bytes: Option<i64>,
 
@@ -91,12 +107,22 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_FSYNC_INTERVAL_MS", value_name = "MS")]
     pub fsync_interval_ms: Option<u64>,
 
-    /// Largest record batch a produce may carry, in bytes [default: 8 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_BATCH_BYTES", value_name = "BYTES")]
+    /// Largest record batch a produce may carry [default: 8 MiB]
+    #[arg(
+        long,
+        env = "SYNCLINE_MAX_BATCH_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size_u32
+    )]
     pub max_batch_bytes: Option<u32>,
 
-    /// Largest fetch response, in bytes [default: 16 MiB]
-    #[arg(long, env = "SYNCLINE_MAX_FETCH_BYTES", value_name = "BYTES")]
+    /// Largest fetch response [default: 16 MiB]
+    #[arg(
+        long,
+        env = "SYNCLINE_MAX_FETCH_BYTES",
+        value_name = "SIZE",
+        value_parser = parse_size_u32
+    )]
     pub max_fetch_bytes: Option<u32>,
 
     /// How often retention runs, in milliseconds [default: 30000]
@@ -117,9 +143,14 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_CLEANER_INTERVAL_MS", value_name = "MS")]
     pub cleaner_interval_ms: Option<u64>,
 
-    /// The cleaner's I/O budget in bytes read per second, shared by all partitions, so that it
-    /// does not starve produce; 0 = unthrottled [default: 134217728, 128 MiB/s]
-    #[arg(long, env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC", value_name = "BYTES")]
+    /// The cleaner's I/O budget in bytes read per second (a size: 64MiB), shared by all
+    /// partitions, so that it does not starve produce; 0 = unthrottled [default: 128 MiB]
+    #[arg(
+        long,
+        env = "SYNCLINE_CLEANER_IO_BYTES_PER_SEC",
+        value_name = "SIZE",
+        value_parser = parse_size
+    )]
     pub cleaner_io_bytes_per_sec: Option<u64>,
 
     /// Consumer groups: how long the first assignment of an empty group waits for more members
@@ -147,14 +178,25 @@ pub struct Flags {
     /// 16 MiB while it writes fast; past this total, appends reserve only what they write;
     /// 0 = no reservation ahead [default: 1/16 of the data directory's file system, at most
     /// 268435456 (256 MiB)]
-    #[arg(long, env = "SYNCLINE_PREALLOCATE_BYTES_MAX", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "SYNCLINE_PREALLOCATE_BYTES_MAX",
+        value_name = "BYTES",
+        value_parser = parse_size
+    )]
     pub preallocate_bytes_max: Option<u64>,
+
     /// Budget on response bytes produced but not yet sent, shared by all clients: a
     /// subscription over its share waits for its reader instead of reading ahead, and a fetch
     /// that finds the budget taken waits up to 5 s, then answers RESOURCE_EXHAUSTED. One message
     /// takes at most 1/16 of it (or one batch); streams together at most 3/4
     /// [default: 268435456, 256 MiB]
-    #[arg(long, env = "SYNCLINE_RESPONSE_BYTES_MAX", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "SYNCLINE_RESPONSE_BYTES_MAX",
+        value_name = "BYTES",
+        value_parser = parse_size
+    )]
     pub response_bytes_max: Option<u64>,
 
     /// Open client connections at most; more are accepted and closed at once (counted in
@@ -188,28 +230,81 @@ struct FileConfig {
     log: Option<String>,
     default_partitions: Option<u32>,
     max_partitions: Option<u32>,
-    segment_bytes: Option<u64>,
+    segment_bytes: Option<SizeValue>,
     segment_ms: Option<u64>,
     retention_ms: Option<i64>,
-    retention_bytes: Option<i64>,
+    retention_bytes: Option<SizeValue>,
     fsync_policy: Option<String>,
     fsync_interval_ms: Option<u64>,
-    max_batch_bytes: Option<u32>,
-    max_fetch_bytes: Option<u32>,
+    max_batch_bytes: Option<SizeValue>,
+    max_fetch_bytes: Option<SizeValue>,
     retention_check_ms: Option<u64>,
     delete_retention_ms: Option<u64>,
     min_cleanable_dirty_ratio: Option<f64>,
     cleaner_interval_ms: Option<u64>,
-    cleaner_io_bytes_per_sec: Option<u64>,
+    cleaner_io_bytes_per_sec: Option<SizeValue>,
     group_initial_rebalance_delay_ms: Option<u64>,
     group_heartbeat_interval_ms: Option<u32>,
     group_session_timeout_ms: Option<u32>,
-    preallocate_bytes_max: Option<u64>,
-    response_bytes_max: Option<u64>,
+    preallocate_bytes_max: Option<SizeValue>,
+    response_bytes_max: Option<SizeValue>,
     max_connections: Option<u32>,
     handshake_timeout_ms: Option<u64>,
     keepalive_interval_ms: Option<u64>,
     keepalive_timeout_ms: Option<u64>,
+}
+
+/// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(i64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn signed(self, key: &'static str) -> Result<i64, ConfigError> {
+        match self {
+            SizeValue::Bytes(bytes) => Ok(bytes),
+            SizeValue::Text(text) => parse_signed_size(&text).map_err(|e| ConfigError {
+                key,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn unsigned(self, key: &'static str) -> Result<u64, ConfigError> {
+        let bytes = match self {
+            SizeValue::Bytes(bytes) => bytes,
+            SizeValue::Text(text) => {
+                return parse_size(&text).map_err(|e| ConfigError {
+                    key,
+                    message: e.to_string(),
+                })
+            }
+        };
+        u64::try_from(bytes).map_err(|_| ConfigError {
+            key,
+            message: format!("{bytes} is negative"),
+        })
+    }
+
+    fn u32(self, key: &'static str) -> Result<u32, ConfigError> {
+        let bytes = self.unsigned(key)?;
+        u32::try_from(bytes).map_err(|_| ConfigError {
+            key,
+            message: format!("{bytes} is above {}", u32::MAX),
+        })
+    }
+}
+
+/// Reads an optional size of the TOML file, naming `key` when it is invalid.
+fn file_size<T>(
+    value: Option<SizeValue>,
+    key: &'static str,
+    convert: fn(SizeValue, &'static str) -> Result<T, ConfigError>,
+) -> Result<Option<T>, ConfigError> {
+    value.map(|v| convert(v, key)).transpose()
 }
 
 /// Defaults for topics created without explicit settings.
@@ -447,7 +542,11 @@ impl Config {
             .unwrap_or(topic.partitions);
         topic.segment_bytes = flags
             .segment_bytes
-            .or(file.segment_bytes)
+            .or(file_size(
+                file.segment_bytes,
+                "segment_bytes",
+                SizeValue::unsigned,
+            )?)
             .unwrap_or(topic.segment_bytes);
         topic.segment_ms = flags
             .segment_ms
@@ -456,7 +555,11 @@ impl Config {
         if let Some(value) = flags.retention_ms.or(file.retention_ms) {
             topic.retention_ms = retention(value, "retention_ms")?;
         }
-        if let Some(value) = flags.retention_bytes.or(file.retention_bytes) {
+        if let Some(value) = flags.retention_bytes.or(file_size(
+            file.retention_bytes,
+            "retention_bytes",
+            SizeValue::signed,
+        )?) {
             topic.retention_bytes = retention(value, "retention_bytes")?;
         }
         let interval = flags.fsync_interval_ms.or(file.fsync_interval_ms);
@@ -471,11 +574,19 @@ impl Config {
             .unwrap_or(limits.max_partitions);
         limits.max_batch_bytes = flags
             .max_batch_bytes
-            .or(file.max_batch_bytes)
+            .or(file_size(
+                file.max_batch_bytes,
+                "max_batch_bytes",
+                SizeValue::u32,
+            )?)
             .unwrap_or(limits.max_batch_bytes);
         limits.max_fetch_bytes = flags
             .max_fetch_bytes
-            .or(file.max_fetch_bytes)
+            .or(file_size(
+                file.max_fetch_bytes,
+                "max_fetch_bytes",
+                SizeValue::u32,
+            )?)
             .unwrap_or(limits.max_fetch_bytes);
         config.retention_check_ms = flags
             .retention_check_ms
@@ -496,7 +607,11 @@ impl Config {
             .unwrap_or(config.cleaner_interval_ms);
         config.cleaner_io_bytes_per_sec = flags
             .cleaner_io_bytes_per_sec
-            .or(file.cleaner_io_bytes_per_sec)
+            .or(file_size(
+                file.cleaner_io_bytes_per_sec,
+                "cleaner_io_bytes_per_sec",
+                SizeValue::unsigned,
+            )?)
             .unwrap_or(config.cleaner_io_bytes_per_sec);
         config.group_initial_rebalance_delay_ms = flags
             .group_initial_rebalance_delay_ms
@@ -510,10 +625,18 @@ impl Config {
             .group_session_timeout_ms
             .or(file.group_session_timeout_ms)
             .unwrap_or(config.group_session_timeout_ms);
-        config.preallocate_bytes_max = flags.preallocate_bytes_max.or(file.preallocate_bytes_max);
+        config.preallocate_bytes_max = flags.preallocate_bytes_max.or(file_size(
+            file.preallocate_bytes_max,
+            "preallocate_bytes_max",
+            SizeValue::unsigned,
+        )?);
         config.limits.response_bytes_max = flags
             .response_bytes_max
-            .or(file.response_bytes_max)
+            .or(file_size(
+                file.response_bytes_max,
+                "response_bytes_max",
+                SizeValue::unsigned,
+            )?)
             .unwrap_or(config.limits.response_bytes_max);
         let connections = &mut config.connections;
         connections.max_connections = flags.max_connections.or(file.max_connections);
@@ -682,6 +805,14 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigLoadError> {
 mod tests {
     use super::*;
 
+    /// Loads the TOML file at `path` (and defaults for everything else).
+    fn load_file(path: impl Into<PathBuf>) -> Result<Config, ConfigLoadError> {
+        Config::load(Flags {
+            config: Some(path.into()),
+            ..Flags::default()
+        })
+    }
+
     #[test]
     fn given_no_settings_when_loaded_should_use_safe_defaults() {
         let config = Config::load(Flags::default()).unwrap();
@@ -746,22 +877,168 @@ mod tests {
     }
 
     #[test]
+    fn given_sizes_with_units_should_parse_in_flags_and_file() {
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--segment-bytes",
+            "64MiB",
+            "--max-batch-bytes",
+            "2MiB",
+            "--retention-bytes",
+            "-1",
+            "--cleaner-io-bytes-per-sec",
+            "100MB",
+        ])
+        .unwrap();
+        assert_eq!(flags.segment_bytes, Some(64 << 20));
+        assert_eq!(flags.max_batch_bytes, Some(2 << 20));
+        assert_eq!(flags.retention_bytes, Some(-1));
+        assert_eq!(flags.cleaner_io_bytes_per_sec, Some(100_000_000));
+        let error = Flags::try_parse_from(["syncline-broker", "--segment-bytes", "64M"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("MiB") && error.contains("MB"), "{error}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "segment_bytes = \"256 MiB\"\nretention_bytes = \"10GiB\"\nmax_fetch_bytes = 33554432\n",
+        )
+        .unwrap();
+        let config = load_file(path.clone()).unwrap();
+        assert_eq!(config.topic_defaults.segment_bytes, 256 << 20);
+        assert_eq!(config.topic_defaults.retention_bytes, Some(10 << 30));
+        assert_eq!(config.limits.max_fetch_bytes, 32 << 20);
+        std::fs::write(&path, "max_batch_bytes = \"8 furlongs\"\n").unwrap();
+        let error = load_file(path).unwrap_err().to_string();
+        assert!(
+            error.contains("max_batch_bytes") && error.contains("furlongs"),
+            "{error}"
+        );
+    }
+
+    /// The example configuration at the repository root.
+    const EXAMPLE: &str = include_str!("../../syncline.toml");
+
+    /// The keys of the TOML file, as serde sees them (captured from `deserialize_struct`).
+    fn file_keys() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor};
+        struct Capture(&'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for &mut Capture {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Self::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0 = fields;
+                Err(Self::Error::custom("captured"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+                identifier ignored_any
+            }
+        }
+        let mut capture = Capture(&[]);
+        let _ = FileConfig::deserialize(&mut capture);
+        assert!(!capture.0.is_empty());
+        capture.0
+    }
+
+    /// The example's settings: each `#key = value` line, as (key, the line uncommented).
+    fn example_settings() -> Vec<(&'static str, &'static str)> {
+        EXAMPLE
+            .lines()
+            .filter_map(|line| line.strip_prefix('#'))
+            .filter_map(|line| {
+                let (key, _) = line.split_once(" = ")?;
+                key.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                    .then_some((key, line))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_example_config_should_list_every_setting_at_its_default() {
+        let settings = example_settings();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("syncline.toml");
+        // Commented out, the file is valid as it is.
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let defaults = Config::default();
+        let loaded = load_file(path.clone()).unwrap();
+        assert_eq!(loaded, defaults);
+        // Each setting, uncommented alone, is valid and its value is the default.
+        for (key, line) in &settings {
+            let mut expected = defaults.clone();
+            let text = match *key {
+                // Only meaningful with the interval policy: checked with it.
+                "fsync_interval_ms" => {
+                    expected.topic_defaults.fsync = FsyncPolicy::IntervalMs(100);
+                    format!("fsync_policy = \"interval\"\n{line}\n")
+                }
+                "metrics_listen" => {
+                    expected.metrics_listen_explicit = true;
+                    format!("{line}\n")
+                }
+                // Sized from the file system at start; the example gives the cap.
+                "preallocate_bytes_max" => {
+                    expected.preallocate_bytes_max = Some(256 << 20);
+                    format!("{line}\n")
+                }
+                // Sized from the open-file limit at start; the example gives the cap.
+                "max_connections" => {
+                    expected.connections.max_connections = Some(10_000);
+                    format!("{line}\n")
+                }
+                _ => format!("{line}\n"),
+            };
+            std::fs::write(&path, text).unwrap();
+            let loaded =
+                load_file(path.clone()).unwrap_or_else(|e| panic!("syncline.toml: `{line}`: {e}"));
+            assert_eq!(
+                loaded, expected,
+                "syncline.toml: `{line}` is not the default"
+            );
+        }
+        // Every key the file format knows is there, once, and every flag has its key.
+        let keys: Vec<&str> = settings.iter().map(|(key, _)| *key).collect();
+        for key in file_keys() {
+            assert_eq!(
+                keys.iter().filter(|k| *k == key).count(),
+                1,
+                "syncline.toml must list `{key}` once"
+            );
+        }
+        use clap::CommandFactory;
+        for arg in Flags::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let key = long.replace('-', "_");
+            if !["config", "help", "version"].contains(&key.as_str()) {
+                assert!(
+                    file_keys().contains(&key.as_str()),
+                    "--{long} has no TOML key `{key}`"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn given_bad_values_when_loaded_should_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, "segment_bytes = 10\n").unwrap();
-        let error = Config::load(Flags {
-            config: Some(path.clone()),
-            ..Flags::default()
-        })
-        .unwrap_err();
+        let error = load_file(path.clone()).unwrap_err();
         assert!(error.to_string().contains("segment_bytes_max"), "{error}");
         std::fs::write(&path, "no_such_key = 1\n").unwrap();
-        let error = Config::load(Flags {
-            config: Some(path),
-            ..Flags::default()
-        })
-        .unwrap_err();
+        let error = load_file(path).unwrap_err();
         assert!(error.to_string().contains("no_such_key"), "{error}");
         let error = Config::load(Flags {
             fsync_policy: Some("sometimes".into()),

@@ -71,7 +71,7 @@ pub enum BrokerError {
         current: u32,
     },
     /// A commit for (or a heartbeat claiming) a partition the member does not own.
-    #[error("member `{member}` of group `{group}` does not own partition {partition} of `{topic}`{owner}")]
+    #[error("member `{member}` of group `{group}` does not own partition {partition} of topic `{topic}`{owner}")]
     NotPartitionOwner {
         /// The group.
         group: String,

@@ -61,7 +61,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!(%error, "broker stopped with an error");
+            // Once, as the same `error:` line a bad setting gets (the log goes to stderr too,
+            // so a log line as well would print it twice).
             eprintln!("error: {error}");
             std::process::ExitCode::FAILURE
         }

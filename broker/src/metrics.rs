@@ -1,34 +1,15 @@
 //! Prometheus metrics: the names, the recorder, and the `/metrics` HTTP endpoint.
 //!
 //! Layers record through the `metrics` facade (a no-op until [`install`] runs), so the log and
-//! the service need no handle plumbing. Per-partition gauges are read from the topic registry
-//! at scrape time, so a deleted topic's series disappear with it.
+//! the service need no handle plumbing. Per-partition and per-group gauges are read from the
+//! topic registry and the coordinator at scrape time, so a deleted topic's series disappear
+//! with it.
 //!
-//! | name | type | labels | meaning |
-//! |---|---|---|---|
-//! | `syncline_requests_total` | counter | rpc, code | gRPC requests (ProduceStream: per message) by status code |
-//! | `syncline_request_duration_seconds` | histogram | rpc | time to answer (produce: until the ack) |
-//! | `syncline_produce_bytes_total` | counter | | batch bytes accepted by produce |
-//! | `syncline_fetch_bytes_total` | counter | | batch bytes returned by fetch and subscribe |
-//! | `syncline_records_appended_total` | counter | | records appended to logs |
-//! | `syncline_batches_appended_total` | counter | | batches appended to logs |
-//! | `syncline_fsync_duration_seconds` | histogram | | one group-commit fsync |
-//! | `syncline_group_commit_batches` | histogram | | batches made durable by one fsync |
-//! | `syncline_connections` | gauge | | open client connections |
-//! | `syncline_connections_accepted_total` | counter | | accepted connections |
-//! | `syncline_connections_refused_total` | counter | | connections closed at once: `max_connections` reached |
-//! | `syncline_response_bytes_in_flight` | gauge | | response bytes produced but not yet sent (the `response_bytes_max` budget in use) |
-//! | `syncline_response_budget_waits_total` | counter | | response messages that waited for the response-bytes budget |
-//! | `syncline_partition_log_start_offset` | gauge | topic, partition | first retained offset |
-//! | `syncline_partition_log_end_offset` | gauge | topic, partition | next offset to assign |
-//! | `syncline_partition_durable_offset` | gauge | topic, partition | fsync'd and visible |
-//! | `syncline_partition_durable_lag_records` | gauge | topic, partition | end - durable |
-//! | `syncline_partition_size_bytes` | gauge | topic, partition | bytes in segments |
-//! | `syncline_partition_segments` | gauge | topic, partition | segment files |
-//! | `syncline_partition_fenced` | gauge | topic, partition | 1 when the partition is fenced |
-//! | `syncline_preallocated_bytes` | gauge | | segment space reserved ahead of written data, all partitions (capped by `--preallocate-bytes-max`) |
-//!
-//! Consumer-group lag joins this table with consumer groups.
+//! [`METRICS`] is the one list of every metric the broker exports (name, type, labels, help);
+//! adding a metric is one row of the `metrics!` table below. [`install`] registers every
+//! recorder metric at zero (the labelled request metrics for every RPC of the service with code
+//! `OK`), so a fresh broker serves each of them before its first event and dashboards and
+//! `rate()` see a series from the start.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -40,44 +21,116 @@ use tokio::net::TcpListener;
 
 use crate::topic::Registry;
 
-/// gRPC requests by rpc and code.
-pub const REQUESTS_TOTAL: &str = "syncline_requests_total";
-/// Request latency by rpc.
-pub const REQUEST_DURATION_SECONDS: &str = "syncline_request_duration_seconds";
-/// Produced batch bytes.
-pub const PRODUCE_BYTES_TOTAL: &str = "syncline_produce_bytes_total";
-/// Fetched batch bytes.
-pub const FETCH_BYTES_TOTAL: &str = "syncline_fetch_bytes_total";
-/// Records appended.
-pub const RECORDS_APPENDED_TOTAL: &str = "syncline_records_appended_total";
-/// Batches appended.
-pub const BATCHES_APPENDED_TOTAL: &str = "syncline_batches_appended_total";
-/// fsync latency.
-pub const FSYNC_DURATION_SECONDS: &str = "syncline_fsync_duration_seconds";
-/// Batches per group commit.
-pub const GROUP_COMMIT_BATCHES: &str = "syncline_group_commit_batches";
-/// Open connections.
-pub const CONNECTIONS: &str = "syncline_connections";
-/// Accepted connections.
-pub const CONNECTIONS_ACCEPTED_TOTAL: &str = "syncline_connections_accepted_total";
-/// Counter: connections closed at once because `max_connections` were open.
-pub const CONNECTIONS_REFUSED_TOTAL: &str = "syncline_connections_refused_total";
-/// Gauge: response bytes produced but not yet sent (see `server::budget`).
-pub const RESPONSE_BYTES_IN_FLIGHT: &str = "syncline_response_bytes_in_flight";
-/// Counter: response messages that waited for the response-bytes budget.
-pub const RESPONSE_BUDGET_WAITS_TOTAL: &str = "syncline_response_budget_waits_total";
-/// Counter: offsets committed by consumer groups.
-pub const OFFSET_COMMITS_TOTAL: &str = "syncline_offset_commits_total";
-/// Counter: group members removed because their session expired.
-pub const GROUP_SESSIONS_EXPIRED_TOTAL: &str = "syncline_group_sessions_expired_total";
-/// Gauge: segment space reserved ahead of written data across all partitions.
-pub const PREALLOCATED_BYTES: &str = "syncline_preallocated_bytes";
-/// Counter: compaction passes committed.
-pub const COMPACTION_RUNS_TOTAL: &str = "syncline_compaction_runs_total";
-/// Counter: bytes of segments compaction read and rewrote.
-pub const COMPACTION_BYTES_READ_TOTAL: &str = "syncline_compaction_bytes_read_total";
-/// Counter: bytes compaction removed.
-pub const COMPACTION_BYTES_RECLAIMED_TOTAL: &str = "syncline_compaction_bytes_reclaimed_total";
+/// How a metric is produced and what Prometheus type it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A counter recorded through the `metrics` facade.
+    Counter,
+    /// A gauge recorded through the `metrics` facade.
+    Gauge,
+    /// A histogram recorded through the `metrics` facade.
+    Histogram,
+    /// A gauge computed at scrape time from the topic registry or the group coordinator.
+    ScrapeGauge,
+}
+
+impl Kind {
+    /// The Prometheus `# TYPE` of the metric.
+    pub fn prometheus_type(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Gauge | Kind::ScrapeGauge => "gauge",
+            Kind::Histogram => "histogram",
+        }
+    }
+}
+
+/// One exported metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Metric {
+    /// The exported name.
+    pub name: &'static str,
+    /// Type and source.
+    pub kind: Kind,
+    /// Label names of its series.
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub help: &'static str,
+}
+
+/// Declares a name constant per metric and the [`METRICS`] list, from one row per metric:
+/// `CONSTANT = "name", Kind, [labels], "help";`
+macro_rules! metrics {
+    ($($constant:ident = $name:literal, $kind:ident, [$($label:literal),*], $help:literal;)*) => {
+        $(
+            #[doc = concat!("`", $name, "`: ", $help)]
+            pub const $constant: &str = $name;
+        )*
+        /// Every metric the broker exports, in exposition order of the recorder's part.
+        pub const METRICS: &[Metric] = &[$(Metric {
+            name: $name,
+            kind: Kind::$kind,
+            labels: &[$($label),*],
+            help: $help,
+        }),*];
+    };
+}
+
+metrics! {
+    REQUESTS_TOTAL = "syncline_requests_total", Counter, ["rpc", "code"], "gRPC requests by rpc and status code (ProduceStream counts each message as ProduceStreamMessage)";
+    REQUEST_DURATION_SECONDS = "syncline_request_duration_seconds", Histogram, ["rpc"], "Time to answer a request; produce includes waiting for the ack";
+    PRODUCE_BYTES_TOTAL = "syncline_produce_bytes_total", Counter, [], "Record batch bytes accepted by produce";
+    FETCH_BYTES_TOTAL = "syncline_fetch_bytes_total", Counter, [], "Record batch bytes returned by fetch and subscribe";
+    RECORDS_APPENDED_TOTAL = "syncline_records_appended_total", Counter, [], "Records appended to partition logs";
+    BATCHES_APPENDED_TOTAL = "syncline_batches_appended_total", Counter, [], "Record batches appended to partition logs";
+    FSYNC_DURATION_SECONDS = "syncline_fsync_duration_seconds", Histogram, [], "Duration of one group-commit fsync";
+    GROUP_COMMIT_BATCHES = "syncline_group_commit_batches", Histogram, [], "Batches made durable by one group-commit fsync";
+    CONNECTIONS = "syncline_connections", Gauge, [], "Open client connections";
+    CONNECTIONS_ACCEPTED_TOTAL = "syncline_connections_accepted_total", Counter, [], "Accepted client connections";
+    CONNECTIONS_REFUSED_TOTAL = "syncline_connections_refused_total", Counter, [], "Connections closed at once because max_connections were open";
+    RESPONSE_BYTES_IN_FLIGHT = "syncline_response_bytes_in_flight", Gauge, [], "Response bytes produced but not yet sent (the response_bytes_max budget in use)";
+    RESPONSE_BUDGET_WAITS_TOTAL = "syncline_response_budget_waits_total", Counter, [], "Response messages that waited for the response-bytes budget";
+    OFFSET_COMMITS_TOTAL = "syncline_offset_commits_total", Counter, [], "Partition offsets committed by consumer groups";
+    GROUP_SESSIONS_EXPIRED_TOTAL = "syncline_group_sessions_expired_total", Counter, [], "Consumer group members removed because their session expired";
+    COMPACTION_RUNS_TOTAL = "syncline_compaction_runs_total", Counter, [], "Compaction passes committed";
+    COMPACTION_BYTES_READ_TOTAL = "syncline_compaction_bytes_read_total", Counter, [], "Bytes of segments read and rewritten by compaction";
+    COMPACTION_BYTES_RECLAIMED_TOTAL = "syncline_compaction_bytes_reclaimed_total", Counter, [], "Bytes removed from table logs by compaction";
+    PARTITION_LOG_START_OFFSET = "syncline_partition_log_start_offset", ScrapeGauge, ["topic", "partition"], "First retained offset of the partition";
+    PARTITION_LOG_END_OFFSET = "syncline_partition_log_end_offset", ScrapeGauge, ["topic", "partition"], "Next offset the partition will assign";
+    PARTITION_DURABLE_OFFSET = "syncline_partition_durable_offset", ScrapeGauge, ["topic", "partition"], "Offset below which the partition is fsync'd and visible";
+    PARTITION_DURABLE_LAG_RECORDS = "syncline_partition_durable_lag_records", ScrapeGauge, ["topic", "partition"], "Offsets appended but not yet fsync'd (end - durable)";
+    PARTITION_SIZE_BYTES = "syncline_partition_size_bytes", ScrapeGauge, ["topic", "partition"], "Bytes in the partition's segments";
+    PARTITION_SEGMENTS = "syncline_partition_segments", ScrapeGauge, ["topic", "partition"], "Segment files of the partition";
+    PARTITION_FENCED = "syncline_partition_fenced", ScrapeGauge, ["topic", "partition"], "1 when the partition is fenced by corruption";
+    PARTITION_DIRTY_RATIO = "syncline_partition_dirty_ratio", ScrapeGauge, ["topic", "partition"], "Tables: share of the sealed bytes written since the last compaction pass";
+    CONSUMER_GROUP_LAG = "syncline_consumer_group_lag", ScrapeGauge, ["group", "topic", "partition"], "Records between a group's committed offset and the partition's durable offset";
+    CONSUMER_GROUP_MEMBERS = "syncline_consumer_group_members", ScrapeGauge, ["group"], "Members of a consumer group";
+    PREALLOCATED_BYTES = "syncline_preallocated_bytes", ScrapeGauge, [], "Segment space reserved (fallocate) ahead of written data, all partitions (capped by preallocate_bytes_max)";
+}
+
+/// The metric named `name` in [`METRICS`].
+pub fn metric(name: &str) -> Option<&'static Metric> {
+    METRICS.iter().find(|m| m.name == name)
+}
+
+/// The RPC label values: every method of the services in `syncline.proto`, plus
+/// `ProduceStreamMessage` (one per message of a `ProduceStream`).
+pub fn rpc_names() -> Vec<String> {
+    use prost::Message as _;
+    let mut names = Vec::new();
+    match prost_types::FileDescriptorSet::decode(syncline_proto::v1::FILE_DESCRIPTOR_SET) {
+        Ok(set) => {
+            for file in &set.file {
+                for service in &file.service {
+                    names.extend(service.method.iter().filter_map(|m| m.name.clone()));
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the service descriptor"),
+    }
+    names.push("ProduceStreamMessage".into());
+    names
+}
 
 /// Latency buckets in seconds: 50 us .. 10 s (fsyncs here take ~0.2 ms, long polls up to 30 s).
 const SECONDS_BUCKETS: &[f64] = &[
@@ -114,81 +167,44 @@ pub fn install() -> PrometheusHandle {
             if let Err(error) = metrics::set_global_recorder(recorder) {
                 tracing::warn!(%error, "a metrics recorder was already installed");
             }
-            describe();
+            describe_and_register();
             handle
         })
         .clone()
 }
 
-fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(
-        REQUESTS_TOTAL,
-        "gRPC requests by rpc and status code (ProduceStream counts each message)"
-    );
-    describe_histogram!(
-        REQUEST_DURATION_SECONDS,
-        Unit::Seconds,
-        "Time to answer a request; produce includes waiting for the ack"
-    );
-    describe_counter!(
-        PRODUCE_BYTES_TOTAL,
-        Unit::Bytes,
-        "Record batch bytes accepted by produce"
-    );
-    describe_counter!(
-        FETCH_BYTES_TOTAL,
-        Unit::Bytes,
-        "Record batch bytes returned by fetch and subscribe"
-    );
-    describe_counter!(RECORDS_APPENDED_TOTAL, "Records appended to partition logs");
-    describe_counter!(
-        BATCHES_APPENDED_TOTAL,
-        "Record batches appended to partition logs"
-    );
-    describe_histogram!(
-        FSYNC_DURATION_SECONDS,
-        Unit::Seconds,
-        "Duration of one group-commit fsync"
-    );
-    describe_histogram!(
-        GROUP_COMMIT_BATCHES,
-        "Batches made durable by one group-commit fsync"
-    );
-    describe_gauge!(CONNECTIONS, "Open client connections");
-    describe_counter!(CONNECTIONS_ACCEPTED_TOTAL, "Accepted client connections");
-    describe_counter!(
-        CONNECTIONS_REFUSED_TOTAL,
-        "Connections closed at once because max_connections were open"
-    );
-    describe_gauge!(
-        RESPONSE_BYTES_IN_FLIGHT,
-        Unit::Bytes,
-        "Response bytes produced but not yet sent (the response_bytes_max budget in use)"
-    );
-    describe_counter!(
-        RESPONSE_BUDGET_WAITS_TOTAL,
-        "Response messages that waited for the response-bytes budget"
-    );
-    describe_counter!(COMPACTION_RUNS_TOTAL, "Compaction passes committed");
-    describe_counter!(
-        OFFSET_COMMITS_TOTAL,
-        "Partition offsets committed by consumer groups"
-    );
-    describe_counter!(
-        GROUP_SESSIONS_EXPIRED_TOTAL,
-        "Consumer group members removed because their session expired"
-    );
-    describe_counter!(
-        COMPACTION_BYTES_READ_TOTAL,
-        Unit::Bytes,
-        "Bytes of segments read and rewritten by compaction"
-    );
-    describe_counter!(
-        COMPACTION_BYTES_RECLAIMED_TOTAL,
-        Unit::Bytes,
-        "Bytes removed from table logs by compaction"
-    );
+/// Describes every recorder metric and registers it at zero.
+fn describe_and_register() {
+    let rpcs = rpc_names();
+    for metric in METRICS {
+        let (name, help) = (metric.name, metric.help);
+        match metric.kind {
+            Kind::Counter => {
+                metrics::describe_counter!(name, help);
+                if metric.labels.is_empty() {
+                    metrics::counter!(name).increment(0);
+                }
+            }
+            Kind::Gauge => {
+                metrics::describe_gauge!(name, help);
+                if metric.labels.is_empty() {
+                    metrics::gauge!(name).increment(0.0);
+                }
+            }
+            Kind::Histogram => {
+                metrics::describe_histogram!(name, help);
+                if metric.labels.is_empty() {
+                    // Registered with no samples: served with zero counts.
+                    let _ = metrics::histogram!(name);
+                }
+            }
+            Kind::ScrapeGauge => {}
+        }
+    }
+    for rpc in rpcs {
+        metrics::counter!(REQUESTS_TOTAL, "rpc" => rpc.clone(), "code" => "OK").increment(0);
+        let _ = metrics::histogram!(REQUEST_DURATION_SECONDS, "rpc" => rpc);
+    }
 }
 
 /// The text of the status code, as a label value.
@@ -222,47 +238,33 @@ pub fn observe_request(rpc: &'static str, started: Instant, code: tonic::Code) {
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Renders the exposition text: the recorder's metrics plus per-partition gauges.
+/// Writes the `# HELP` and `# TYPE` lines of a scrape-time metric from [`METRICS`].
+fn header(out: &mut String, name: &str) {
+    if let Some(metric) = metric(name) {
+        let _ = writeln!(out, "# HELP {name} {}", metric.help);
+        let _ = writeln!(out, "# TYPE {name} {}", metric.kind.prometheus_type());
+    }
+}
+
+/// Renders the exposition text: the recorder's metrics plus the scrape-time gauges.
 pub fn render(
     handle: &PrometheusHandle,
     registry: &Registry,
     coordinator: Option<&crate::group::Coordinator>,
 ) -> String {
     let mut out = handle.render();
-    let gauges: [(&str, &str); 7] = [
-        (
-            "syncline_partition_log_start_offset",
-            "First retained offset of the partition",
-        ),
-        (
-            "syncline_partition_log_end_offset",
-            "Next offset the partition will assign",
-        ),
-        (
-            "syncline_partition_durable_offset",
-            "Offset below which the partition is fsync'd and visible",
-        ),
-        (
-            "syncline_partition_durable_lag_records",
-            "Offsets appended but not yet fsync'd (end - durable)",
-        ),
-        (
-            "syncline_partition_size_bytes",
-            "Bytes in the partition's segments",
-        ),
-        (
-            "syncline_partition_segments",
-            "Segment files of the partition",
-        ),
-        (
-            "syncline_partition_fenced",
-            "1 when the partition is fenced by corruption",
-        ),
+    let gauges = [
+        PARTITION_LOG_START_OFFSET,
+        PARTITION_LOG_END_OFFSET,
+        PARTITION_DURABLE_OFFSET,
+        PARTITION_DURABLE_LAG_RECORDS,
+        PARTITION_SIZE_BYTES,
+        PARTITION_SEGMENTS,
+        PARTITION_FENCED,
     ];
     let topics = registry.list();
-    for (index, (name, help)) in gauges.iter().enumerate() {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+    for (index, name) in gauges.iter().enumerate() {
+        header(&mut out, name);
         for topic in &topics {
             for partition in &topic.partitions {
                 let value = match partition.log() {
@@ -289,18 +291,10 @@ pub fn render(
         }
     }
     let name = PREALLOCATED_BYTES;
-    let _ = writeln!(
-        out,
-        "# HELP {name} Segment space reserved (fallocate) ahead of written data, all partitions"
-    );
-    let _ = writeln!(out, "# TYPE {name} gauge");
+    header(&mut out, name);
     let _ = writeln!(out, "{name} {}", registry.preallocated_bytes());
-    let name = "syncline_partition_dirty_ratio";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Tables: share of the sealed bytes written since the last compaction pass"
-    );
-    let _ = writeln!(out, "# TYPE {name} gauge");
+    let name = PARTITION_DIRTY_RATIO;
+    header(&mut out, name);
     for topic in &topics {
         for partition in topic.partitions.iter().filter(|p| p.is_table) {
             if let Ok(log) = partition.log() {
@@ -315,21 +309,16 @@ pub fn render(
         }
     }
     if let Some(coordinator) = coordinator {
-        let name = "syncline_consumer_group_lag";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Records between a group's committed offset and the partition's durable offset"
-        );
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        let name = CONSUMER_GROUP_LAG;
+        header(&mut out, name);
         for (group, topic, partition, lag) in coordinator.lags() {
             let _ = writeln!(
                 out,
                 "{name}{{group=\"{group}\",topic=\"{topic}\",partition=\"{partition}\"}} {lag}"
             );
         }
-        let name = "syncline_consumer_group_members";
-        let _ = writeln!(out, "# HELP {name} Members of a consumer group");
-        let _ = writeln!(out, "# TYPE {name} gauge");
+        let name = CONSUMER_GROUP_MEMBERS;
+        header(&mut out, name);
         for (group, members) in coordinator.member_counts() {
             let _ = writeln!(out, "{name}{{group=\"{group}\"}} {members}");
         }
@@ -386,5 +375,34 @@ pub async fn serve(
         .await
     {
         tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_the_metric_list_should_hold_unique_prometheus_conventional_names() {
+        let mut names = std::collections::HashSet::new();
+        for metric in METRICS {
+            assert!(names.insert(metric.name), "{} listed twice", metric.name);
+            assert!(metric.name.starts_with("syncline_"), "{}", metric.name);
+            assert_eq!(
+                metric.kind == Kind::Counter,
+                metric.name.ends_with("_total"),
+                "counters and only counters end in _total: {}",
+                metric.name
+            );
+            assert!(!metric.help.is_empty(), "{}", metric.name);
+        }
+    }
+
+    #[test]
+    fn given_the_service_descriptor_should_name_every_rpc() {
+        let rpcs = rpc_names();
+        for rpc in ["Produce", "Fetch", "CommitOffsets", "ProduceStreamMessage"] {
+            assert!(rpcs.iter().any(|r| r == rpc), "{rpc} missing from {rpcs:?}");
+        }
     }
 }

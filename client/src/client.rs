@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use syncline_proto::batch::BATCH_LEN_MAX;
 use syncline_proto::v1::{self, broker_client::BrokerClient};
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::address::BrokerAddress;
@@ -81,6 +82,22 @@ impl ClientConfig {
 pub struct Client {
     grpc: BrokerClient<Channel>,
     address: Arc<str>,
+    connectivity: Arc<watch::Sender<Connectivity>>,
+}
+
+/// Whether the retry loops of a client's consumers, group consumers and synced tables reach
+/// the broker ([`Client::connectivity`]): so that a program can say it is waiting for the
+/// broker instead of staying silent while they retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connectivity {
+    /// Requests go through (or none failed yet).
+    Connected,
+    /// The broker is unreachable and the loops are retrying; `error` is the failure that
+    /// started this outage (later failures of the same outage do not change it).
+    Reconnecting {
+        /// The first error of the outage.
+        error: String,
+    },
 }
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a full batch without
@@ -121,7 +138,39 @@ impl Client {
         Ok(Client {
             grpc,
             address: Arc::from(address.authority),
+            connectivity: Arc::new(watch::Sender::new(Connectivity::Connected)),
         })
+    }
+
+    /// Follows whether the client's retry loops reach the broker: the value changes once when
+    /// an outage starts (the first transient failure) and once when a request goes through
+    /// again, whichever consumer or table of this client (or its clones) sees it.
+    pub fn connectivity(&self) -> watch::Receiver<Connectivity> {
+        self.connectivity.subscribe()
+    }
+
+    /// A retry loop failed with a transient `error` and will try again.
+    pub(crate) fn note_unreachable(&self, error: &Error) {
+        self.connectivity.send_if_modified(|state| match state {
+            Connectivity::Connected => {
+                *state = Connectivity::Reconnecting {
+                    error: error.to_string(),
+                };
+                true
+            }
+            Connectivity::Reconnecting { .. } => false,
+        });
+    }
+
+    /// A request of a retry loop went through.
+    pub(crate) fn note_reachable(&self) {
+        self.connectivity.send_if_modified(|state| match state {
+            Connectivity::Connected => false,
+            Connectivity::Reconnecting { .. } => {
+                *state = Connectivity::Connected;
+                true
+            }
+        });
     }
 
     /// The broker's address as `host:port`.

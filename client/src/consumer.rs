@@ -429,6 +429,7 @@ impl PartitionReader {
                 Ok(response) => {
                     failing_since = None;
                     backoff = self.config.retry_backoff;
+                    self.client.note_reachable();
                     offset = self.take(offset, response.into_inner()).await?;
                     continue;
                 }
@@ -447,6 +448,7 @@ impl PartitionReader {
             if since.elapsed() >= self.config.retry_timeout {
                 return Err(self.report(error).await);
             }
+            self.client.note_unreachable(&error);
             tracing::warn!(
                 topic = %self.topic,
                 partition = self.partition,

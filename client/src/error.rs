@@ -65,7 +65,7 @@ pub enum Error {
     },
 
     /// A partition that the topic does not have.
-    #[error("topic {topic:?} has no partition {partition} (it has {partitions})")]
+    #[error("topic `{topic}` has no partition {partition} (it has {partitions})")]
     UnknownPartition {
         /// The topic.
         topic: String,
@@ -363,13 +363,13 @@ mod tests {
     fn given_broker_status_should_keep_code_and_message() {
         let error = Error::from_status(
             "127.0.0.1:1",
-            tonic::Status::not_found("topic \"x\" does not exist"),
+            tonic::Status::not_found("topic `x` does not exist"),
         );
         assert!(matches!(
             &error,
-            Error::Broker { code: Code::NotFound, message } if message == "topic \"x\" does not exist"
+            Error::Broker { code: Code::NotFound, message } if message == "topic `x` does not exist"
         ));
-        assert_eq!(error.to_string(), "topic \"x\" does not exist");
+        assert_eq!(error.to_string(), "topic `x` does not exist");
         assert!(!error.is_transient());
         assert_eq!(error.code(), Some(Code::NotFound));
     }

@@ -738,6 +738,7 @@ impl Member {
         if !self.joined {
             return match self.join().await {
                 Ok(response) => {
+                    self.client.note_reachable();
                     self.backoff = self.config.retry_backoff;
                     self.accept_join(response).await
                 }
@@ -747,6 +748,7 @@ impl Member {
         }
         match self.heartbeat().await {
             Ok(response) => {
+                self.client.note_reachable();
                 self.backoff = self.config.retry_backoff;
                 self.epoch = response.member_epoch;
                 self.set_interval(response.heartbeat_interval_ms);
@@ -775,6 +777,7 @@ impl Member {
     }
 
     fn retry_later(&mut self, error: &Error, what: &str) -> Instant {
+        self.client.note_unreachable(error);
         tracing::warn!(group = %self.group, %error, "{what} failed; retrying in {:?}", self.backoff);
         let next = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(self.config.retry_backoff_max);

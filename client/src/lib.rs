@@ -99,7 +99,7 @@ pub use admin::{
     CleanupPolicy, CompactionOutcome, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription,
     TopicConfig, TopicDescription, TopicSummary,
 };
-pub use client::{Client, ClientConfig};
+pub use client::{Client, ClientConfig, Connectivity};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
 pub use error::{Error, Result};
 pub use group::{

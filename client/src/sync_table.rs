@@ -292,7 +292,7 @@ impl SyncTable {
         let partitions = description.partition_count();
         if partitions == 0 {
             return Err(Error::Protocol(format!(
-                "topic {topic} is described with no partitions"
+                "topic `{topic}` is described with no partitions"
             )));
         }
         let mut states: Vec<PartitionState> =
@@ -540,6 +540,7 @@ impl Shared {
     /// Loads a whole snapshot of `partition` and replaces the partition's keys with it.
     async fn load_snapshot(&self, partition: u32) -> Result<()> {
         let mut snapshot = self.client.snapshot(&self.topic, partition).await?;
+        self.client.note_reachable();
         let high_watermark = snapshot.high_watermark();
         let mut entries = HashMap::new();
         while let Some(records) = snapshot.next_chunk().await? {
@@ -768,6 +769,7 @@ impl Shared {
             .await
             .map_err(|status| self.client.error(status))?
             .into_inner();
+        self.client.note_reachable();
         match self.handle(partition, probe)? {
             Handled::Resnapshot => return Ok(Step::Resnapshot),
             Handled::Truncated => return Ok(Step::Resubscribe),
@@ -944,6 +946,9 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
             continue;
         }
         if is_retryable(&error) {
+            if error.is_transient() {
+                shared.client.note_unreachable(&error);
+            }
             tracing::warn!(%topic, partition, %error, "retrying in {backoff:?}");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(shared.config.retry_backoff_max);

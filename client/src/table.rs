@@ -153,7 +153,7 @@ impl Table {
         let partitions = description.partition_count();
         if partitions == 0 {
             return Err(Error::Protocol(format!(
-                "topic {} is described with no partitions",
+                "topic `{}` is described with no partitions",
                 description.name
             )));
         }

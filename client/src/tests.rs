@@ -1103,6 +1103,49 @@ async fn next_value(consumer: &mut crate::Consumer) -> crate::Result<(u64, Strin
 }
 
 #[tokio::test]
+async fn given_broker_unavailable_then_back_connectivity_should_change_once_each_way() {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(2))
+        .await
+        .unwrap();
+    let mut connectivity = client.connectivity();
+    assert_eq!(*connectivity.borrow(), crate::Connectivity::Connected);
+    let config = ConsumerConfig {
+        fetch_max_wait: Duration::from_millis(10),
+        retry_backoff: Duration::from_millis(5),
+        ..ConsumerConfig::default()
+    };
+    let _consumer = client.consumer("t", config).await.unwrap();
+    broker.lock().unavailable = true;
+    tokio::time::timeout(Duration::from_secs(5), connectivity.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    match &*connectivity.borrow_and_update() {
+        crate::Connectivity::Reconnecting { error } => {
+            assert!(error.contains("scripted: restarting"), "{error}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Both partitions keep failing: still one outage, no new change.
+    let refused = broker.lock().refused_while_unavailable;
+    while broker.lock().refused_while_unavailable < refused + 6 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!connectivity.has_changed().unwrap());
+    broker.lock().unavailable = false;
+    tokio::time::timeout(Duration::from_secs(5), connectivity.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        *connectivity.borrow_and_update(),
+        crate::Connectivity::Connected
+    );
+}
+
+#[tokio::test]
 async fn consumer_should_skip_records_below_its_start_offset_in_the_first_batch() {
     let (client, broker) = start().await;
     client

@@ -6,12 +6,15 @@
 //! - [`error_details`]: error details in the standard `google.rpc.Status` form (a CAS
 //!   conflict's current versions), written by the broker and read by clients.
 //! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
+//! - [`size`]: byte sizes with units (`64MiB`), parsed alike by the broker's settings and the
+//!   CLI (no wire meaning; shared here because both depend on this crate).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
 pub mod codec;
 pub mod error_details;
 pub mod partitioner;
+pub mod size;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.
 #[allow(clippy::all, missing_docs)]

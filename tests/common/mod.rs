@@ -220,3 +220,14 @@ pub fn fenced_partitions(broker: &BrokerProcess) -> usize {
         .filter(|line| line.starts_with("syncline_partition_fenced{") && line.ends_with(" 1"))
         .count()
 }
+
+/// Runs `syncline-broker --data-dir DATA_DIR ARGS...` to its end (for starts that must fail)
+/// and returns its output.
+pub fn run_broker(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .expect("run syncline-broker")
+}

@@ -1055,8 +1055,8 @@ impl Log {
         self.end_offset.store(last_offset + 1, Ordering::Release);
         drop(writer);
         self.stats.batches_appended.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("syncline_batches_appended_total").increment(1);
-        metrics::counter!("syncline_records_appended_total")
+        metrics::counter!(crate::metrics::BATCHES_APPENDED_TOTAL).increment(1);
+        metrics::counter!(crate::metrics::RECORDS_APPENDED_TOTAL)
             .increment(u64::from(header.record_count));
         self.dirty.notify_one();
         Ok(Appended {
@@ -1263,10 +1263,10 @@ impl Log {
         if let Err(error) = file.sync_data() {
             return Err(self.poison("fsync failed", &error));
         }
-        metrics::histogram!("syncline_fsync_duration_seconds")
+        metrics::histogram!(crate::metrics::FSYNC_DURATION_SECONDS)
             .record(started.elapsed().as_secs_f64());
         let previous = self.stats.batches_synced.swap(batches, Ordering::Relaxed);
-        metrics::histogram!("syncline_group_commit_batches")
+        metrics::histogram!(crate::metrics::GROUP_COMMIT_BATCHES)
             .record(batches.saturating_sub(previous) as f64);
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.publish_durable(end);

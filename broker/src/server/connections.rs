@@ -46,7 +46,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// that is less (at least 1, so that a broker over its descriptor budget still answers;
 /// refusing to start then is the job of the descriptor check at start).
 pub fn default_max_connections(open_files_limit: u64, partitions: u64) -> u32 {
-    let left = open_files_limit.saturating_sub(crate::descriptors::descriptor_budget(partitions, 0));
+    let left =
+        open_files_limit.saturating_sub(crate::descriptors::descriptor_budget(partitions, 0));
     left.clamp(1, u64::from(MAX_CONNECTIONS_DEFAULT)) as u32
 }
 

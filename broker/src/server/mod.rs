@@ -1,9 +1,9 @@
 //! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
 //! port, with graceful shutdown.
 
-mod decode_limit;
 pub mod budget;
 pub mod connections;
+mod decode_limit;
 mod service;
 pub mod status;
 

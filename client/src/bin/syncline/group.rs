@@ -170,7 +170,7 @@ async fn reset_offsets(client: &Client, args: ResetArgs) -> anyhow::Result<()> {
     let topic = client.describe_topic(&args.topic).await?;
     let partitions: Vec<u32> = match args.partition {
         Some(partition) if partition >= topic.partition_count() => bail!(
-            "topic {} has no partition {partition} (it has {})",
+            "topic `{}` has no partition {partition} (it has {})",
             args.topic,
             topic.partition_count()
         ),

@@ -22,8 +22,8 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::FutureExt as _;
 use syncline_client::{
-    Acks, CleanupPolicy, Client, ConsumerConfig, DeliveryFuture, GroupConsumerConfig, GroupEvent,
-    OffsetReset, ProducerConfig, StartOffset, TopicConfig,
+    Acks, CleanupPolicy, Client, Connectivity, ConsumerConfig, DeliveryFuture, GroupConsumerConfig,
+    GroupEvent, OffsetReset, ProducerConfig, StartOffset, TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
@@ -140,9 +140,20 @@ struct CreateArgs {
     #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     retention_ms: Option<i64>,
 
-    /// Delete the oldest segments when a partition holds more than B bytes; -1 = no limit.
-    #[arg(long, value_name = "B", allow_negative_numbers = true)]
+    /// Delete the oldest segments when a partition holds more than this size (bytes, or with
+    /// a unit: 10GiB, 500MB); -1 = no limit.
+    #[arg(
+        long,
+        value_name = "SIZE",
+        allow_negative_numbers = true,
+        value_parser = syncline_proto::size::parse_signed_size
+    )]
     retention_bytes: Option<i64>,
+
+    /// Roll to a new segment when the next batch would pass this size (bytes, or with a unit:
+    /// 64MiB, 1GiB) (default: the broker's).
+    #[arg(long, value_name = "SIZE", value_parser = syncline_proto::size::parse_size)]
+    segment_bytes: Option<u64>,
 
     /// Tables: keep a delete this many milliseconds after compaction could remove it, so
     /// that readers that are behind still see it (default: the broker's, one day).
@@ -208,7 +219,8 @@ also have \"headers\":[{\"key\":..,\"value\":..}].
 
 Records of one partition are printed in offset order; partitions interleave. The command \
 exits 0 after --max-records records, after --timeout-ms without a record, or on Ctrl-C or \
-SIGTERM.
+SIGTERM. While the broker is unreachable it retries for up to 30 s, saying `reconnecting... \
+(ERROR)` on stderr once, and `reconnected` when the broker is back.
 
 With --group G the command is a member of consumer group G: the broker assigns it a share of \
 the topic's partitions (all of them when it is the only member) and it reads each from the \
@@ -309,8 +321,27 @@ fn init_tracing() {
         .init();
 }
 
+/// Says on stderr when the broker goes away and comes back, which the retry loops of
+/// `consume` and `watch` otherwise hide for up to their retry timeout: `reconnecting...
+/// (ERROR)` once per outage, then `reconnected`.
+fn report_connectivity(client: &Client) {
+    let mut changes = client.connectivity();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let line = match &*changes.borrow_and_update() {
+                Connectivity::Reconnecting { error } => {
+                    format!("reconnecting... ({error})").replace(['\n', '\r'], " ")
+                }
+                Connectivity::Connected => "reconnected".to_owned(),
+            };
+            eprintln!("{line}");
+        }
+    });
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect(&cli.broker).await?;
+    report_connectivity(&client);
     match cli.command {
         Command::Topic(command) => topic(&client, command).await,
         Command::Produce(args) => produce(&client, args).await,
@@ -340,6 +371,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 },
                 retention_ms: args.retention_ms,
                 retention_bytes: args.retention_bytes,
+                segment_bytes: args.segment_bytes,
                 delete_retention_ms: args.delete_retention_ms,
                 min_cleanable_dirty_ratio: args.min_cleanable_dirty_ratio,
                 ..TopicConfig::default()
@@ -391,10 +423,11 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 "retention-bytes: {}",
                 setting(config.retention_bytes)
             )?;
+            let unsigned =
+                |value: Option<u64>| value.map_or("default".to_owned(), |v| v.to_string());
+            writeln!(stdout, "segment-bytes: {}", unsigned(config.segment_bytes))?;
             let is_table = config.cleanup_policy == CleanupPolicy::Compact;
             if is_table {
-                let unsigned =
-                    |value: Option<u64>| value.map_or("default".to_owned(), |v| v.to_string());
                 writeln!(
                     stdout,
                     "delete-retention-ms: {}",

@@ -15,7 +15,8 @@ pub const WATCH_HELP: &str = "\
 Loads the whole table, prints every key once it has caught up (with the durable offsets seen \
 at start), then a line saying so, then each change as it happens, until interrupted (Ctrl-C or \
 SIGTERM: exit status 0). It survives broker restarts (it reconnects and resumes where it \
-stopped) and compaction (it reloads the partition and prints the differences).
+stopped; stderr says `reconnecting... (ERROR)` once while the broker is unreachable and \
+`reconnected` when it is back) and compaction (it reloads the partition and prints the differences).
 
 Plain output, one line each, keys sorted, key and value bytes as they are:
   KEY<TAB>VALUE                 every key once caught up

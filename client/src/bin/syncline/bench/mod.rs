@@ -32,7 +32,7 @@ use clap::Args;
 use syncline_client::{
     Client, Code, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartOffset, TopicConfig,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use self::consume::{ConsumeOutcome, ConsumerPlan, EndOffsets};
@@ -102,8 +102,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
 
-    /// Value bytes per record, 32 (the verification header) to 1048576.
-    #[arg(long, default_value_t = 100, value_name = "BYTES")]
+    /// Value bytes per record, 32 (the verification header) to 1MiB; units accepted (1KiB).
+    #[arg(
+        long,
+        default_value = "100",
+        value_name = "SIZE",
+        value_parser = syncline_proto::size::parse_size_usize
+    )]
     pub record_size: usize,
 
     /// Records to send over all producers [default: 1000000 unless --duration].
@@ -114,8 +119,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SECS")]
     pub duration: Option<u64>,
 
-    /// Largest batch in bytes (the producer's batch_bytes_max).
-    #[arg(long, default_value_t = 1024 * 1024, value_name = "B")]
+    /// Largest batch (the producer's batch_bytes_max), in bytes or with a unit (256KiB).
+    #[arg(
+        long,
+        default_value = "1MiB",
+        value_name = "SIZE",
+        value_parser = syncline_proto::size::parse_size_usize
+    )]
     pub batch_bytes: usize,
 
     /// How long a batch waits for more records after its first (the producer's linger).
@@ -292,7 +302,7 @@ async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTo
         client
             .create_topic(&name, TopicConfig::with_partitions(partitions))
             .await
-            .with_context(|| format!("cannot create topic {name}"))?;
+            .with_context(|| format!("cannot create topic `{name}`"))?;
         anyhow::Ok(BenchTopic {
             name,
             created: true,
@@ -311,7 +321,7 @@ async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTo
             let partitions = description.partition_count();
             if args.partitions.is_some_and(|wanted| wanted != partitions) {
                 bail!(
-                    "topic {name} has {partitions} partitions, not the {} of --partitions",
+                    "topic `{name}` has {partitions} partitions, not the {} of --partitions",
                     args.partitions.unwrap_or_default()
                 );
             }
@@ -405,7 +415,7 @@ async fn measure(
     let partitions = topic.partitions;
     if args.consumers > partitions {
         bail!(
-            "--consumers {} is more than the {} of topic {}: each consumer reads at least one \
+            "--consumers {} is more than the {} of topic `{}`: each consumer reads at least one \
              partition",
             args.consumers,
             report::plural(partitions.into(), "partition"),
@@ -458,7 +468,7 @@ async fn measure(
             .await?;
         if producer.partitions() != partitions {
             bail!(
-                "topic {} changed its partition count during the run",
+                "topic `{}` changed its partition count during the run",
                 topic.name
             );
         }
@@ -470,15 +480,12 @@ async fn measure(
     let deadline = args
         .duration
         .map(|seconds| started + Duration::from_secs(seconds));
-    let (stop_progress, progress_stopped) = oneshot::channel();
-    // In a JoinSet, so that a failed run stops showing progress.
-    let mut progress = JoinSet::new();
-    progress.spawn(progress::run(
-        counters.clone(),
-        started,
-        records,
-        progress_stopped,
-    ));
+    // A failed run drops `stop_progress`, which stops the progress thread too.
+    let (stop_progress, progress_stopped) = std::sync::mpsc::channel();
+    let progress = {
+        let counters = counters.clone();
+        std::thread::spawn(move || progress::run(counters, started, records, progress_stopped))
+    };
     let (end_offsets, end_offsets_received) = watch::channel::<EndOffsets>(None);
     let mut consuming = JoinSet::new();
     for (id, consumer) in consumers.into_iter().enumerate() {
@@ -541,10 +548,9 @@ async fn measure(
         consumed.push(joined.context("a consumer task failed")??);
     }
     let _ = stop_progress.send(());
-    let samples = match progress.join_next().await {
-        Some(Ok(samples)) => samples,
-        _ => Vec::new(),
-    };
+    let samples = tokio::task::spawn_blocking(move || progress.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
 
     let mut batch_latency = latency_histogram();
     for producer in &producer_handles {

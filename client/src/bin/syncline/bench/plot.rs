@@ -1,8 +1,14 @@
 //! `--plot FILE.svg`: throughput over time (top) and the latency distribution (bottom) in one
 //! SVG.
 //!
+//! The throughput chart shows rates over buckets of about 1/RATE_POINTS of the run, rounded to
+//! a 1-2-5 step (a 50 ms run gets 1 ms buckets, an hour 20 s ones), so a short run still shows
+//! its shape and a long one stays readable.
+//!
 //! The latency chart is the usual HdrHistogram percentile plot: the x axis is
 //! `-log10(1 - quantile)`, so 90%, 99%, 99.9% ... are evenly spaced and the tail is visible.
+//! Its log y axis is labelled at 1-2-5 steps (or every decade over a wide range), so a narrow
+//! range still has several labels.
 
 use std::path::Path;
 
@@ -24,24 +30,65 @@ pub struct Sample {
 /// (x, y) points of a line.
 type Series = Vec<(f64, f64)>;
 
-/// Records/s between consecutive samples, at the end of each interval: (produce, consume).
+/// Throughput points the chart aims at over a run.
+const RATE_POINTS: f64 = 100.0;
+
+/// The smallest 1-2-5 step (..., 0.1, 0.2, 0.5, 1, 2, 5, 10, ...) at or above `value` (> 0).
+fn step_at_least(value: f64) -> f64 {
+    let decade = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|mantissa| mantissa * decade)
+        .find(|step| *step >= value * (1.0 - 1e-9))
+        .unwrap_or(10.0 * decade)
+}
+
+/// Buckets one throughput point averages over: smooths the bursts of acknowledgements (a
+/// batch is acknowledged at once) without hiding the run's shape.
+const RATE_WINDOW_BUCKETS: f64 = 4.0;
+
+/// A counter at `seconds`, interpolated linearly between the samples (0 at the start).
+fn counter_at(samples: &[Sample], seconds: f64, counter: fn(&Sample) -> u64) -> f64 {
+    let mut before = (0.0, 0.0);
+    for sample in samples {
+        let point = (sample.seconds, counter(sample) as f64);
+        if point.0 >= seconds {
+            let span = point.0 - before.0;
+            return if span <= 0.0 {
+                point.1
+            } else {
+                before.1 + (point.1 - before.1) * (seconds - before.0) / span
+            };
+        }
+        before = point;
+    }
+    before.1
+}
+
+/// Records/s at the end of each bucket of the run (see the module doc), each averaged over the
+/// RATE_WINDOW_BUCKETS buckets before it: (produce, consume).
 pub fn rates(samples: &[Sample]) -> (Series, Series) {
     let mut produce = vec![(0.0, 0.0)];
     let mut consume = vec![(0.0, 0.0)];
-    let mut previous = Sample {
-        seconds: 0.0,
-        produced: 0,
-        consumed: 0,
-    };
-    for sample in samples {
-        let interval = sample.seconds - previous.seconds;
-        if interval <= 0.0 {
-            continue;
-        }
-        let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / interval;
-        produce.push((sample.seconds, rate(sample.produced, previous.produced)));
-        consume.push((sample.seconds, rate(sample.consumed, previous.consumed)));
-        previous = *sample;
+    let end = samples.last().map_or(0.0, |sample| sample.seconds);
+    if end <= 0.0 {
+        return (produce, consume);
+    }
+    let bucket = step_at_least(end / RATE_POINTS);
+    let window = bucket * RATE_WINDOW_BUCKETS;
+    let mut times: Vec<f64> = (1..)
+        .map(|index| f64::from(index) * bucket)
+        .take_while(|seconds| *seconds < end)
+        .collect();
+    times.push(end);
+    for seconds in times {
+        let from = (seconds - window).max(0.0);
+        let rate = |counter: fn(&Sample) -> u64| {
+            (counter_at(samples, seconds, counter) - counter_at(samples, from, counter))
+                / (seconds - from)
+        };
+        produce.push((seconds, rate(|sample| sample.produced)));
+        consume.push((seconds, rate(|sample| sample.consumed)));
     }
     (produce, consume)
 }
@@ -57,6 +104,56 @@ fn percentile_label(x: &f64) -> String {
     let label = format!("{percentile:.4}");
     let label = label.trim_end_matches('0').trim_end_matches('.');
     format!("{label}%")
+}
+
+/// Labelled values of a log axis over `low..high` (> 0): 1-2-5 steps, or only the powers of
+/// ten when those would be more than `LOG_TICKS_MAX`; finer steps when a narrow range would
+/// get fewer than `LOG_TICKS_MIN`.
+fn log_ticks(low: f64, high: f64) -> Vec<f64> {
+    const LOG_TICKS_MIN: usize = 4;
+    const LOG_TICKS_MAX: usize = 12;
+    let in_range = |mantissas: &[f64]| -> Vec<f64> {
+        let mut ticks = Vec::new();
+        let mut exponent = low.log10().floor() as i32;
+        while 10f64.powi(exponent) <= high {
+            for mantissa in mantissas {
+                // Rounded to 12 significant digits, so that 3 * 0.1 is 0.3.
+                let value = format!("{:.11e}", mantissa * 10f64.powi(exponent))
+                    .parse::<f64>()
+                    .unwrap_or(0.0);
+                if value >= low && value <= high {
+                    ticks.push(value);
+                }
+            }
+            exponent += 1;
+        }
+        ticks
+    };
+    let steps: [&[f64]; 3] = [
+        &[1.0, 2.0, 5.0],
+        &[1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+        &[
+            1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0,
+        ],
+    ];
+    let coarse = in_range(steps[0]);
+    if coarse.len() > LOG_TICKS_MAX {
+        return in_range(&[1.0]);
+    }
+    let mut ticks = coarse;
+    for finer in &steps[1..] {
+        if ticks.len() >= LOG_TICKS_MIN {
+            break;
+        }
+        ticks = in_range(finer);
+    }
+    ticks
+}
+
+/// A tick label: the value with no trailing zeros (0.5, 2, 150).
+fn tick_label(value: &f64) -> String {
+    let text = format!("{value:.6}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
 /// Last point of the percentile axis: 99.999%.
@@ -157,8 +254,11 @@ fn draw_inner(
             .chain(&end_to_end_curve)
             .map(|&(_, ms)| ms)
     };
-    let latency_min = latencies().fold(f64::INFINITY, f64::min).clamp(0.001, 1.0);
-    let latency_max = latencies().fold(latency_min * 10.0, f64::max);
+    // The data's range with some room, at least a factor of 4 (so that it gets several labels).
+    let data_min = latencies().fold(f64::INFINITY, f64::min).max(0.001);
+    let data_min = if data_min.is_finite() { data_min } else { 1.0 };
+    let data_max = latencies().fold(data_min, f64::max);
+    let (latency_low, latency_high) = (data_min * 0.8, (data_max * 1.25).max(data_min * 4.0));
     let mut chart = ChartBuilder::on(&bottom)
         .caption("Latency by percentile (ms, log scale)", ("sans-serif", 16))
         .margin(15)
@@ -167,7 +267,9 @@ fn draw_inner(
         .y_label_area_size(80)
         .build_cartesian_2d(
             0.0..QUANTILE_X_MAX,
-            (latency_min * 0.8..latency_max * 1.5).log_scale(),
+            (latency_low..latency_high)
+                .log_scale()
+                .with_key_points(log_ticks(latency_low, latency_high)),
         )?;
     chart
         .configure_mesh()
@@ -177,7 +279,7 @@ fn draw_inner(
         .y_desc("latency (ms)")
         .x_labels(6)
         .x_label_formatter(&percentile_label)
-        .y_label_formatter(&|ms| format!("{ms}"))
+        .y_label_formatter(&tick_label)
         .draw()?;
     chart
         .draw_series(LineSeries::new(produce_curve, BLUE.stroke_width(2)))?
@@ -204,23 +306,63 @@ mod tests {
     use super::*;
     use crate::bench::report::{latency_histogram, record_latency_ns};
 
+    /// Samples of a steady run: `per_second` records/s over `seconds`, sampled every `step`.
+    fn steady(seconds: f64, step: f64, per_second: f64) -> Vec<Sample> {
+        let count = (seconds / step).round() as u32;
+        (1..=count)
+            .map(|index| {
+                let at = f64::from(index) * step;
+                Sample {
+                    seconds: at,
+                    produced: (at * per_second).round() as u64,
+                    consumed: (at * per_second).round() as u64,
+                }
+            })
+            .collect()
+    }
+
     #[test]
-    fn rates_should_be_differences_over_intervals() {
-        let samples = [
-            Sample {
-                seconds: 0.5,
-                produced: 100,
-                consumed: 50,
-            },
-            Sample {
-                seconds: 1.0,
-                produced: 300,
-                consumed: 250,
-            },
-        ];
-        let (produce, consume) = rates(&samples);
-        assert_eq!(produce, [(0.0, 0.0), (0.5, 200.0), (1.0, 400.0)]);
-        assert_eq!(consume, [(0.0, 0.0), (0.5, 100.0), (1.0, 400.0)]);
+    fn given_steady_run_rates_should_be_that_rate_in_buckets_of_a_percent_of_the_run() {
+        let (produce, consume) = rates(&steady(10.0, 0.1, 1000.0));
+        assert_eq!(produce.len(), 101, "{produce:?}");
+        assert_eq!(produce[0], (0.0, 0.0));
+        for &(seconds, rate) in &produce[1..] {
+            assert!((rate - 1000.0).abs() < 1.0, "{seconds}: {rate}");
+        }
+        assert_eq!(produce, consume);
+        assert_eq!(step_at_least(0.003), 0.005);
+        assert_eq!(step_at_least(0.01), 0.01);
+        assert_eq!(step_at_least(18.0), 20.0);
+    }
+
+    #[test]
+    fn given_very_short_run_rates_should_still_have_many_points() {
+        // 40 ms sampled every millisecond (what the progress thread does at the start).
+        let (produce, _) = rates(&steady(0.04, 0.001, 100_000.0));
+        assert!(produce.len() >= 40, "{produce:?}");
+        // A single sample (the run ended before the first tick) is a line, not a point.
+        let one = [Sample {
+            seconds: 0.02,
+            produced: 100,
+            consumed: 0,
+        }];
+        assert!(rates(&one).0.len() > 10);
+    }
+
+    #[test]
+    fn given_narrow_latency_range_log_axis_should_label_one_two_five_steps() {
+        assert_eq!(log_ticks(0.8, 60.0), [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]);
+        // Three 1-2-5 values are too few: every digit, plus 1.5.
+        assert_eq!(log_ticks(0.095, 0.55), [0.1, 0.15, 0.2, 0.3, 0.4, 0.5]);
+        // Narrower still: finer steps, at least four labels.
+        assert!(log_ticks(1.1, 1.9).len() >= 4, "{:?}", log_ticks(1.1, 1.9));
+        // Wide: decades only.
+        assert_eq!(
+            log_ticks(0.01, 10_000.0),
+            [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10_000.0]
+        );
+        assert_eq!(tick_label(&0.3), "0.3");
+        assert_eq!(tick_label(&20.0), "20");
     }
 
     #[test]
@@ -229,6 +371,53 @@ mod tests {
         assert_eq!(percentile_label(&1.0), "90%");
         assert_eq!(percentile_label(&3.0), "99.9%");
         assert!((quantile_x(0.99) - 2.0).abs() < 1e-9);
+    }
+
+    /// The y-axis labels of the latency chart (the lower one) in an SVG the chart drew.
+    fn latency_axis_labels(svg: &str) -> Vec<f64> {
+        svg.split("<text")
+            .skip(1)
+            .filter(|text| text.contains("text-anchor=\"end\""))
+            .filter(|text| {
+                let y = text
+                    .split("y=\"")
+                    .nth(1)
+                    .and_then(|rest| rest.split('"').next());
+                y.and_then(|y| y.parse::<f64>().ok())
+                    .is_some_and(|y| y > 450.0)
+            })
+            .filter_map(|text| {
+                let content = text.split_once('>')?.1.split_once("</text>")?.0;
+                content.trim().parse().ok()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_latencies_over_two_decades_should_label_the_axis_in_one_two_five_steps() {
+        let mut produce = latency_histogram();
+        for ms in 1..=60u64 {
+            record_latency_ns(&mut produce, ms * 1_000_000);
+        }
+        let dir = tempfile_dir("labels");
+        let path = dir.join("bench.svg");
+        let samples = [Sample {
+            seconds: 0.05,
+            produced: 60,
+            consumed: 0,
+        }];
+        draw(&path, "test", &samples, &produce, None).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let labels = latency_axis_labels(&svg);
+        // Before: only the decades (1 and 10) were labelled.
+        assert_eq!(labels, [1.0, 2.0, 5.0, 10.0, 20.0, 50.0], "{labels:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("syncline-plot-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Samples the run's counters for the plot and shows progress on stderr: a live bar when
-//! stderr is a terminal, else one plain line per second.
+//! stderr is a terminal, else one plain line per second. It runs on its own thread, so that
+//! sampling keeps its pace while producers and consumers keep the async runtime busy.
 
 use std::io::IsTerminal as _;
 use std::sync::atomic::Ordering;
@@ -7,13 +8,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tokio::sync::oneshot;
+use std::sync::mpsc;
 
 use super::plot::Sample;
 use super::Counters;
 
-/// How often the counters are sampled (the plot's resolution).
-const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the counters are sampled (the plot's resolution): about one sample per
+/// 1/SAMPLES_PER_RUN of the time run so far, so that a run of a few milliseconds still gets a
+/// curve and a long one is sampled every 100 ms.
+const SAMPLE_INTERVAL_MIN: Duration = Duration::from_millis(1);
+const SAMPLE_INTERVAL_MAX: Duration = Duration::from_millis(100);
+const SAMPLES_PER_RUN: u32 = 400;
+
+/// The pause before the next sample, `elapsed` into the run.
+fn sample_interval(elapsed: Duration) -> Duration {
+    (elapsed / SAMPLES_PER_RUN).clamp(SAMPLE_INTERVAL_MIN, SAMPLE_INTERVAL_MAX)
+}
 /// Samples kept; past this every other one is dropped and sampling slows down by half, so a
 /// long `--duration` run keeps a bounded series (an hour at full resolution).
 const SAMPLES_MAX: usize = 36_000;
@@ -26,12 +36,13 @@ enum Display {
     Plain,
 }
 
-/// Runs until `stop` fires (or its sender is dropped); returns the samples.
-pub async fn run(
+/// Runs until `stop` receives (or its sender is dropped: a failed run); returns the samples.
+/// Blocks: call it on a thread of its own.
+pub fn run(
     counters: Arc<Counters>,
     started: Instant,
     total_records: Option<u64>,
-    stop: oneshot::Receiver<()>,
+    stop: mpsc::Receiver<()>,
 ) -> Vec<Sample> {
     let mut display = if std::io::stderr().is_terminal() {
         Display::Bar(bar(total_records))
@@ -41,10 +52,6 @@ pub async fn run(
     let mut samples: Vec<Sample> = Vec::new();
     let mut stride: u32 = 1;
     let mut ticks: u32 = 0;
-    let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticker.tick().await;
-    tokio::pin!(stop);
     let take = || Sample {
         seconds: started.elapsed().as_secs_f64(),
         produced: counters.produced.load(Ordering::Relaxed),
@@ -52,11 +59,10 @@ pub async fn run(
     };
     // Rates on the progress line are over the last second.
     let mut window = (Duration::ZERO, 0u64, 0u64);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = ticker.tick() => {}
-        }
+    // A message or a dropped sender (a failed run) stops the loop; a timeout is the next tick.
+    while let Err(mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(sample_interval(started.elapsed()))
+    {
         let sample = take();
         ticks += 1;
         if ticks == stride {
@@ -89,9 +95,11 @@ pub async fn run(
     // A last interval much shorter than the others would show a meaningless spike: fold it
     // into the one before.
     let last = take();
-    if samples.last().is_some_and(|previous| {
-        last.seconds - previous.seconds < SAMPLE_INTERVAL.as_secs_f64() / 2.0
-    }) {
+    let interval = sample_interval(Duration::from_secs_f64(last.seconds)).as_secs_f64();
+    if samples
+        .last()
+        .is_some_and(|previous| last.seconds - previous.seconds < interval / 2.0)
+    {
         samples.pop();
     }
     samples.push(last);
