@@ -177,11 +177,11 @@ pub struct Flags {
     /// Each partition reserves (fallocate) in chunks that start at 64 KiB and double up to
     /// 16 MiB while it writes fast; past this total, appends reserve only what they write;
     /// 0 = no reservation ahead [default: 1/16 of the data directory's file system, at most
-    /// 268435456 (256 MiB)]
+    /// 256 MiB]
     #[arg(
         long,
         env = "SYNCLINE_PREALLOCATE_BYTES_MAX",
-        value_name = "BYTES",
+        value_name = "SIZE",
         value_parser = parse_size
     )]
     pub preallocate_bytes_max: Option<u64>,
@@ -190,11 +190,11 @@ pub struct Flags {
     /// subscription over its share waits for its reader instead of reading ahead, and a fetch
     /// that finds the budget taken waits up to 5 s, then answers RESOURCE_EXHAUSTED. One message
     /// takes at most 1/16 of it (or one batch); streams together at most 3/4
-    /// [default: 268435456, 256 MiB]
+    /// [default: 256 MiB]
     #[arg(
         long,
         env = "SYNCLINE_RESPONSE_BYTES_MAX",
-        value_name = "BYTES",
+        value_name = "SIZE",
         value_parser = parse_size
     )]
     pub response_bytes_max: Option<u64>,
