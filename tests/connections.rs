@@ -225,3 +225,50 @@ async fn given_descriptors_exhausted_when_accept_fails_should_log_and_serve_agai
     );
     assert!(broker.stop(), "clean exit");
 }
+
+/// Review finding (issue 13 items 8 and 9): the default connection limit was computed once at
+/// start, so partitions created later could take the descriptors it had promised to
+/// connections. It now follows the partitions: after a big CreateTopic under a 256-descriptor
+/// limit, only what the partitions leave is admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_default_limit_when_topics_take_descriptors_should_admit_only_what_is_left() {
+    const OPEN_FILES: u64 = 256;
+    // With `__offsets`, the partitions then hold 189 descriptors; 64 are the broker's own:
+    // 256 - 189 - 64 = 3 connections are left.
+    const PARTITIONS: u32 = 188;
+    let dir = tempfile::tempdir().unwrap();
+    let broker =
+        BrokerProcess::start_limited(dir.path(), &["--max-partitions", "1024"], Some(OPEN_FILES));
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    let mut admin = broker.client().await;
+    admin
+        .create_topic(v1::CreateTopicRequest {
+            name: "wide".into(),
+            config: Some(v1::TopicConfig {
+                partitions: Some(PARTITIONS),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("the partitions fit the descriptor limit");
+    let mut clients = vec![admin];
+    for _ in 0..2 {
+        let mut client = broker.client().await;
+        list_topics(&mut client).await;
+        clients.push(client);
+    }
+    let mut fourth = TcpStream::connect(&broker.addr).unwrap();
+    let _ = fourth.write_all(PREFACE);
+    wait_until_closed(&mut fourth);
+    assert_eq!(
+        metric_value(
+            &metrics_text(&metrics),
+            "syncline_connections_refused_total"
+        ),
+        Some(1.0)
+    );
+    for client in &mut clients {
+        list_topics(client).await;
+    }
+    assert!(broker.stop(), "clean exit");
+}

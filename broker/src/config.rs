@@ -563,10 +563,21 @@ impl Config {
             topic.retention_bytes = retention(value, "retention_bytes")?;
         }
         let interval = flags.fsync_interval_ms.or(file.fsync_interval_ms);
+        // Which layer (0 default, 1 file, 2 env or flag) set each: an interval is refused only
+        // when it was given at least as high as the policy, so a flag or env var can switch a
+        // file's `interval` policy to `always` without editing the file.
+        let layer = |flag: bool, file: bool| if flag { 2 } else { u8::from(file) };
+        let policy_layer = layer(flags.fsync_policy.is_some(), file.fsync_policy.is_some());
+        let interval_layer = layer(
+            flags.fsync_interval_ms.is_some(),
+            file.fsync_interval_ms.is_some(),
+        );
         if let Some(policy) = flags.fsync_policy.or(file.fsync_policy) {
             topic.fsync = parse_fsync(&policy, interval.unwrap_or(100))?;
         }
-        check_fsync_interval(topic.fsync, interval)?;
+        if interval_layer >= policy_layer {
+            check_fsync_interval(topic.fsync, interval)?;
+        }
         let limits = &mut config.limits;
         limits.max_partitions = flags
             .max_partitions
@@ -1088,6 +1099,26 @@ mod tests {
         })
         .unwrap();
         assert_eq!(interval.topic_defaults.fsync, FsyncPolicy::IntervalMs(50));
+        // A flag (or env var) that switches a file's interval policy to `always` wins: the
+        // file's interval is then moot, not a contradiction (review finding).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            "fsync_policy = \"interval\"\nfsync_interval_ms = 50\n",
+        )
+        .unwrap();
+        let switched = Config::load(Flags {
+            config: Some(path.clone()),
+            fsync_policy: Some("always".into()),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert_eq!(switched.topic_defaults.fsync, FsyncPolicy::Always);
+        // The same contradiction within one layer is still refused.
+        std::fs::write(&path, "fsync_policy = \"always\"\nfsync_interval_ms = 50\n").unwrap();
+        let error = load_file(path).unwrap_err();
+        assert!(error.to_string().contains("fsync_interval_ms"), "{error}");
     }
 
     #[test]

@@ -64,12 +64,6 @@ pub fn raise_open_file_limit() -> Option<u64> {
     open_file_limit()
 }
 
-/// Connections the open-file limit leaves after `partitions` and the margin (`None`: no
-/// limit). What a default connection limit can be at most.
-pub fn connections_left(partitions: u64) -> Option<u64> {
-    open_file_limit().map(|limit| limit.saturating_sub(descriptor_budget(partitions, 0)))
-}
-
 /// Fails with [`BrokerError::TooFewDescriptors`] when `partitions` and `connections` do not
 /// fit the current open-file limit.
 pub fn check(partitions: u64, connections: u64) -> Result<(), BrokerError> {
@@ -113,7 +107,5 @@ mod tests {
             "{error}"
         );
         assert!(check(0, 0).is_ok() || limit < MARGIN);
-        assert_eq!(connections_left(0), Some(limit.saturating_sub(MARGIN)));
-        assert_eq!(connections_left(limit), Some(0));
     }
 }

@@ -685,10 +685,12 @@ impl Registry {
                         // Renamed away first, as a delete does: a crash leaves a leftover
                         // that startup removes, never half a topic.
                         let doomed = data_dir.join(format!("~deleted-{}-create", now_ms()));
-                        if let Err(error) = std::fs::rename(&final_path, &doomed)
-                            .and_then(|()| file_sync_dir(&data_dir))
-                            .and_then(|()| std::fs::remove_dir_all(&doomed))
-                        {
+                        // Removed whenever the rename went through, even if the directory
+                        // fsync failed (as it may in the EMFILE case being handled).
+                        if let Err(error) = std::fs::rename(&final_path, &doomed).and_then(|()| {
+                            let synced = file_sync_dir(&data_dir);
+                            std::fs::remove_dir_all(&doomed).and(synced)
+                        }) {
                             tracing::warn!(path = %final_path.display(), %error, "could not remove the topic whose create failed");
                         }
                         return Err(BrokerError::Log {

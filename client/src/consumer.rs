@@ -448,7 +448,11 @@ impl PartitionReader {
             if since.elapsed() >= self.config.retry_timeout {
                 return Err(self.report(error).await);
             }
-            self.client.note_unreachable(&error);
+            // A busy broker (RESOURCE_EXHAUSTED) is reachable: only transport errors are an
+            // outage worth a `reconnecting...`.
+            if error.is_transient() {
+                self.client.note_unreachable(&error);
+            }
             tracing::warn!(
                 topic = %self.topic,
                 partition = self.partition,

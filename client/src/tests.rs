@@ -1202,6 +1202,7 @@ async fn given_broker_out_of_response_budget_consumer_should_retry_the_fetch() {
         start: StartOffset::Offset(0),
         ..ConsumerConfig::default()
     };
+    let connectivity = client.connectivity();
     let mut consumer = client.consumer("t", config).await.unwrap();
     assert_eq!(
         next_value(&mut consumer).await.unwrap(),
@@ -1212,6 +1213,12 @@ async fn given_broker_out_of_response_budget_consumer_should_retry_the_fetch() {
         (1, "b".to_owned())
     );
     assert!(broker.lock().fetch_failures.is_empty());
+    // A busy broker is reachable: no `reconnecting...` for it (a merge once reported it).
+    assert!(
+        !connectivity.has_changed().unwrap(),
+        "{:?}",
+        *connectivity.borrow()
+    );
 }
 
 #[tokio::test]

@@ -51,11 +51,15 @@ pub fn default_max_connections(open_files_limit: u64, partitions: u64) -> u32 {
     left.clamp(1, u64::from(MAX_CONNECTIONS_DEFAULT)) as u32
 }
 
+/// The connection limit in force, asked at every accept: an explicit `max_connections`, or the
+/// default, which follows the partitions created and deleted since the start.
+pub type ConnectionLimit = Arc<dyn Fn() -> u32 + Send + Sync>;
+
 /// What the accept loop enforces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct AcceptSettings {
     /// Open connections at most.
-    pub max_connections: u32,
+    pub max_connections: ConnectionLimit,
     /// Time to send the HTTP/2 preface and SETTINGS.
     pub handshake_timeout: Duration,
 }
@@ -97,7 +101,7 @@ impl Acceptor {
                 Ok((stream, peer)) => {
                     self.backoff = ACCEPT_BACKOFF_MIN;
                     // Only this loop adds, so the check and the add cannot race.
-                    let limit = self.settings.max_connections as usize;
+                    let limit = (self.settings.max_connections)() as usize;
                     if self.open.load(Ordering::Acquire) >= limit {
                         metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(1);
                         if let Some(suppressed) = self.refusals.due() {

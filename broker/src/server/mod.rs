@@ -205,20 +205,26 @@ impl Broker {
             ))
         });
         let settings = &self.registry.config().connections;
-        let max_connections = settings.max_connections.unwrap_or_else(|| {
-            let partitions = self
-                .registry
-                .list()
-                .iter()
-                .map(|topic| u64::from(topic.settings.partitions))
-                .sum();
-            connections::default_max_connections(
-                crate::descriptors::open_file_limit().unwrap_or(u64::MAX),
-                partitions,
-            )
-        });
+        let max_connections: connections::ConnectionLimit = match settings.max_connections {
+            Some(explicit) => Arc::new(move || explicit),
+            // Follows the partitions: topics created later take descriptors from connections.
+            None => {
+                let registry = Arc::downgrade(&self.registry);
+                let open_files = crate::descriptors::open_file_limit().unwrap_or(u64::MAX);
+                Arc::new(move || {
+                    let partitions = registry.upgrade().map_or(0, |registry| {
+                        registry
+                            .list()
+                            .iter()
+                            .map(|topic| u64::from(topic.settings.partitions))
+                            .sum()
+                    });
+                    connections::default_max_connections(open_files, partitions)
+                })
+            }
+        };
         tracing::info!(
-            max_connections,
+            max_connections = max_connections(),
             handshake_timeout_ms = settings.handshake_timeout_ms,
             keepalive_interval_ms = settings.keepalive_interval_ms,
             keepalive_timeout_ms = settings.keepalive_timeout_ms,

@@ -2,16 +2,18 @@
 //!
 //! | error | code |
 //! |---|---|
-//! | unknown topic | NOT_FOUND |
+//! | unknown topic, group, member or key | NOT_FOUND |
 //! | duplicate topic | ALREADY_EXISTS |
-//! | bad name, config, batch, partition, key, request | INVALID_ARGUMENT |
-//! | offset outside the log | OUT_OF_RANGE |
+//! | bad name, config, batch (also reserved attribute bits), partition, key, request (also an explicit 0 where a size or count must be positive; malformed protobuf, see `syncline_proto::codec`) | INVALID_ARGUMENT |
+//! | offset outside the log; a producer sequence out of order | OUT_OF_RANGE |
 //! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic, response-bytes budget taken | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
-//! | corrupt data found on read | DATA_LOSS |
+//! | stale member epoch, partition not owned, group has members, not a table, fenced producer epoch | FAILED_PRECONDITION |
+//! | a compaction pass that could not run | ABORTED |
+//! | corrupt data found on read; a snapshot finding the log and key index disagree | DATA_LOSS |
 //! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE) | UNAVAILABLE |
-//! | other I/O; a snapshot finding the log and key index disagree | INTERNAL |
+//! | other I/O, a lock held by another process, an unclean shutdown | INTERNAL |
 
 use tonic::Status;
 
