@@ -218,6 +218,7 @@ fn commits(c: &mut Criterion) {
             partition,
             offset: 0,
             metadata: String::new(),
+            topic_id: String::new(),
         }],
         ..Default::default()
     };

@@ -272,6 +272,7 @@ async fn given_full_disk_when_writing_should_answer_resource_exhausted_and_resum
             partition: 0,
             offset,
             metadata: String::new(),
+            topic_id: String::new(),
         }],
         ..Default::default()
     };

@@ -376,7 +376,7 @@ async fn stale_epoch_commit_should_be_refused_and_offsets_should_survive_a_resta
             topic: "t".into(),
             partition,
             offset,
-            metadata: String::new(),
+            ..Default::default()
         }],
     };
     grpc.commit_offsets(commit(epoch, 3)).await.unwrap();

@@ -208,6 +208,7 @@ async fn given_commits_should_refuse_stale_epochs_and_survive_restarts() {
             partition: 0,
             offset,
             metadata: "m".into(),
+            topic_id: String::new(),
         }],
     };
     client
@@ -275,6 +276,7 @@ async fn given_commits_should_refuse_stale_epochs_and_survive_restarts() {
                 partition: 0,
                 offset: 5,
                 metadata: String::new(),
+                topic_id: String::new(),
             }],
             ..Default::default()
         })

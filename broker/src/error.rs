@@ -70,6 +70,18 @@ pub enum BrokerError {
         /// The member's current epoch.
         current: u32,
     },
+    /// A commit that names a topic incarnation other than the current one.
+    #[error("the offset for partition {partition} of topic `{topic}` was read from incarnation {committed_for}, but the topic was deleted and created again (now {current}): read the new topic from its start or look its offsets up again")]
+    StaleTopicIncarnation {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The incarnation the commit names.
+        committed_for: String,
+        /// The topic's current incarnation.
+        current: String,
+    },
     /// A commit for (or a heartbeat claiming) a partition the member does not own.
     #[error("member `{member}` of group `{group}` does not own partition {partition} of topic `{topic}`{owner}")]
     NotPartitionOwner {

@@ -907,7 +907,7 @@ impl Member {
                         topic: key.0.to_string(),
                         partition: key.1,
                         offset: processed,
-                        metadata: String::new(),
+                        ..Default::default()
                     });
                 }
             }
@@ -1099,7 +1099,7 @@ impl Member {
                             topic: key.0.to_string(),
                             partition: key.1,
                             offset,
-                            metadata: String::new(),
+                            ..Default::default()
                         }
                     })
                 })

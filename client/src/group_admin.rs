@@ -91,6 +91,10 @@ pub struct OffsetCommit {
     pub offset: u64,
     /// Free text stored with the offset (at most 4096 bytes).
     pub metadata: String,
+    /// The topic incarnation ([`crate::TopicDescription::topic_id`]) the offset was read from;
+    /// when set, the broker refuses the commit (FAILED_PRECONDITION) if the topic has since
+    /// been deleted and created again. Empty: not checked.
+    pub topic_id: String,
 }
 
 impl OffsetCommit {
@@ -101,7 +105,15 @@ impl OffsetCommit {
             partition,
             offset,
             metadata: String::new(),
+            topic_id: String::new(),
         }
+    }
+
+    /// The same commit, refused by the broker unless the topic is still incarnation
+    /// `topic_id`.
+    pub fn for_incarnation(mut self, topic_id: impl Into<String>) -> OffsetCommit {
+        self.topic_id = topic_id.into();
+        self
     }
 
     pub(crate) fn to_wire(&self) -> v1::OffsetCommit {
@@ -110,6 +122,7 @@ impl OffsetCommit {
             partition: self.partition,
             offset: self.offset,
             metadata: self.metadata.clone(),
+            topic_id: self.topic_id.clone(),
         }
     }
 }

@@ -591,7 +591,16 @@ impl Coordinator {
                 )));
             }
             let topic = self.registry.get(&commit.topic)?;
-            topic_ids.push(topic.id.to_string());
+            let current = topic.id.to_string();
+            if !commit.topic_id.is_empty() && commit.topic_id != current {
+                return Err(BrokerError::StaleTopicIncarnation {
+                    topic: commit.topic.clone(),
+                    partition: commit.partition,
+                    committed_for: commit.topic_id.clone(),
+                    current,
+                });
+            }
+            topic_ids.push(current);
             let partition = topic.partition(commit.partition)?;
             let log = partition.log()?;
             let end = log.end_offset();

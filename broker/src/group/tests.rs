@@ -192,6 +192,7 @@ async fn given_a_slow_old_owner_its_partition_should_wait_and_it_may_still_commi
                 partition: given_up.1,
                 offset: 0,
                 metadata: "before release".into(),
+                topic_id: String::new(),
             }],
         })
         .await
@@ -216,6 +217,7 @@ async fn given_a_slow_old_owner_its_partition_should_wait_and_it_may_still_commi
                 partition: given_up.1,
                 offset: 0,
                 metadata: String::new(),
+                topic_id: String::new(),
             }],
         })
         .await
@@ -287,6 +289,7 @@ async fn given_stale_epoch_or_unknown_member_or_members_should_refuse_and_change
             partition: 0,
             offset: 0,
             metadata: String::new(),
+            topic_id: String::new(),
         }],
     };
     let stale = h.coordinator.commit(commit(&a.id, a.epoch - 1)).await;
@@ -340,6 +343,7 @@ async fn given_stale_epoch_or_unknown_member_or_members_should_refuse_and_change
                 partition: 0,
                 offset: 99,
                 metadata: String::new(),
+                topic_id: String::new(),
             }],
             ..commit("", 0)
         })
@@ -378,6 +382,7 @@ async fn given_committed_offsets_should_survive_a_restart() {
                         partition: 1,
                         offset,
                         metadata: metadata.into(),
+                        topic_id: String::new(),
                     }],
                 })
                 .await
@@ -432,6 +437,7 @@ async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
                         partition: 0,
                         offset: 0,
                         metadata: metadata.repeat(1000),
+                        topic_id: String::new(),
                     }],
                 })
                 .await
@@ -474,6 +480,7 @@ async fn given_corrupt_offsets_topic_when_reopened_should_fence_offsets_only() {
                 partition: 0,
                 offset: 0,
                 metadata: String::new(),
+                topic_id: String::new(),
             }],
         })
         .await;
@@ -517,6 +524,7 @@ fn standalone_commit(topic: &str, offset: u64) -> v1::CommitOffsetsRequest {
             partition: 0,
             offset,
             metadata: String::new(),
+            topic_id: String::new(),
         }],
     }
 }
@@ -739,6 +747,7 @@ async fn given_member_reading_a_deleted_topic_should_not_commit_into_its_new_inc
                 partition: 0,
                 offset: 3,
                 metadata: String::new(),
+                topic_id: String::new(),
             }],
         })
         .await;
@@ -785,4 +794,43 @@ async fn given_member_reading_a_deleted_topic_should_not_commit_into_its_new_inc
         })
         .unwrap()
         .is_empty());
+}
+
+/// Review finding (issue 13 item 1): a standalone consumer that read the deleted incarnation
+/// could still commit its old position onto the re-created topic. A commit that names the
+/// incarnation it read from is refused once the topic is another one; without a name it is
+/// taken as before.
+#[tokio::test]
+async fn given_commit_naming_a_deleted_incarnation_should_refuse_and_keep_the_new_topic_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (registry, coordinator) = open(dir.path(), 0).await;
+    create_with_records(&registry, "t", 5).await;
+    let old_id = registry.get("t").unwrap().id.to_string();
+    let naming = |offset: u64, topic_id: &str| {
+        let mut request = standalone_commit("t", offset);
+        request.offsets[0].topic_id = topic_id.to_string();
+        request
+    };
+    coordinator.commit(naming(5, &old_id)).await.unwrap();
+    registry.delete("t").await.unwrap();
+    coordinator.topic_deleted("t");
+    create_with_records(&registry, "t", 5).await;
+    let new_id = registry.get("t").unwrap().id.to_string();
+    assert_ne!(old_id, new_id);
+
+    let refused = coordinator.commit(naming(4, &old_id)).await;
+    assert!(
+        matches!(&refused, Err(BrokerError::StaleTopicIncarnation { committed_for, current, .. })
+            if *committed_for == old_id && *current == new_id),
+        "{refused:?}"
+    );
+    assert_eq!(
+        crate::server::status::to_status(refused.unwrap_err()).code(),
+        tonic::Code::FailedPrecondition
+    );
+    assert!(committed_of(&coordinator).is_empty(), "nothing committed");
+    coordinator.commit(naming(2, &new_id)).await.unwrap();
+    coordinator.commit(standalone_commit("t", 3)).await.unwrap();
+    assert_eq!(committed_of(&coordinator), vec![("t".into(), 3)]);
+    registry.close().await.unwrap();
 }

@@ -9,7 +9,7 @@
 //! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic, response-bytes budget taken | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
-//! | stale member epoch, partition not owned, group has members, not a table, fenced producer epoch | FAILED_PRECONDITION |
+//! | stale member epoch, stale topic incarnation in a commit, partition not owned, group has members, not a table, fenced producer epoch | FAILED_PRECONDITION |
 //! | a compaction pass that could not run | ABORTED |
 //! | corrupt data found on read; a snapshot finding the log and key index disagree | DATA_LOSS |
 //! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE) | UNAVAILABLE |
@@ -29,6 +29,7 @@ pub fn to_status(error: BrokerError) -> Status {
         | BrokerError::GroupNotFound { .. }
         | BrokerError::UnknownMember { .. } => Status::not_found(message),
         BrokerError::StaleMemberEpoch { .. }
+        | BrokerError::StaleTopicIncarnation { .. }
         | BrokerError::NotPartitionOwner { .. }
         | BrokerError::GroupHasMembers { .. } => Status::failed_precondition(message),
         BrokerError::TopicExists { .. } => Status::already_exists(message),
