@@ -104,6 +104,46 @@ async fn stalled_subscribe(
         .into_inner()
 }
 
+/// `syncline_response_bytes_in_flight` of the broker serving metrics at `metrics`.
+fn bytes_in_flight(metrics: &str) -> f64 {
+    metric_value(&metrics_text(metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
+}
+
+/// Waits (up to 15 s) until `holders` hold at least `bytes` of the budget.
+async fn wait_for_budget_taken(metrics: &str, bytes: u64, holders: &str) {
+    let started = Instant::now();
+    while bytes_in_flight(metrics) < bytes as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{holders} hold no budget: {} bytes in flight",
+            bytes_in_flight(metrics)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads the first `count` records from `stream`, checking their order; each message must come
+/// within `wait` (`moves` says what is expected).
+async fn read_in_order(
+    stream: &mut tonic::Streaming<v1::FetchResponse>,
+    count: u64,
+    wait: Duration,
+    moves: &str,
+) {
+    let mut next = 0;
+    while next < count {
+        let message = tokio::time::timeout(wait, stream.message())
+            .await
+            .expect(moves)
+            .unwrap()
+            .expect("stream open");
+        for record in &message.records {
+            assert_eq!(record.offset, next, "records in order, none lost");
+            next += 1;
+        }
+    }
+}
+
 /// The largest anonymous memory of `pid` seen over `period`.
 async fn peak_anonymous_memory(pid: u32, period: Duration) -> u64 {
     let started = Instant::now();
@@ -203,18 +243,13 @@ async fn given_many_subscribers_that_never_read_when_budget_is_small_should_boun
     // The stalled streams go away; their budget returns and the survivor gets every record.
     drop(stalled);
     drop(clients);
-    let mut next = 0;
-    while next <= records {
-        let message = tokio::time::timeout(Duration::from_secs(30), survivor.message())
-            .await
-            .expect("the survivor's stream moves once the others are gone")
-            .unwrap()
-            .expect("stream open");
-        for record in &message.records {
-            assert_eq!(record.offset, next, "records in order, none lost");
-            next += 1;
-        }
-    }
+    read_in_order(
+        &mut survivor,
+        records + 1,
+        Duration::from_secs(30),
+        "the survivor's stream moves once the others are gone",
+    )
+    .await;
     let text = metrics_text(&metrics);
     drop(survivor);
     drop(survivor_client);
@@ -311,18 +346,8 @@ async fn given_unary_fetches_never_read_should_hold_the_budget_until_sent_and_re
         stalled.fetch(&fetch);
     }
     // The responses the broker made wait in its send buffers, each holding its bytes.
-    let started = Instant::now();
-    let in_flight = || {
-        metric_value(&metrics_text(&metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
-    };
-    while in_flight() < (BUDGET / 2) as f64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "unsent fetch responses hold no budget: {} bytes in flight",
-            in_flight()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let in_flight = || bytes_in_flight(&metrics);
+    wait_for_budget_taken(&metrics, BUDGET / 2, "unsent fetch responses").await;
     assert!(in_flight() <= BUDGET as f64);
     // A fetch that finds the budget taken waits, then is refused with RESOURCE_EXHAUSTED.
     let refused = client.fetch(fetch.clone()).await.unwrap_err();
@@ -376,36 +401,20 @@ async fn given_stalled_subscribers_holding_the_budget_should_close_them_after_th
         stalled.push(stalled_subscribe(&mut clients[index % STALLED_CONNECTIONS]).await);
     }
     // The stalled streams take the streams' part of the budget.
-    let started = Instant::now();
-    let in_flight = || {
-        metric_value(&metrics_text(&metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
-    };
-    while in_flight() < (BUDGET_BYTES / 2) as f64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "stalled streams hold no budget: {} bytes in flight",
-            in_flight()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_budget_taken(&metrics, BUDGET_BYTES / 2, "stalled streams").await;
 
     // A healthy subscriber on a connection of its own gets every record while the stalled
     // clients are still connected (their streams kept, never read).
     let mut healthy_client = connect(&broker).await;
     let mut healthy = stalled_subscribe(&mut healthy_client).await;
-    let mut next = 0;
     let memory = tokio::spawn(peak_anonymous_memory(pid, Duration::from_secs(3)));
-    while next < records {
-        let message = tokio::time::timeout(Duration::from_secs(10), healthy.message())
-            .await
-            .expect("the healthy stream moves while stalled streams hold the budget")
-            .unwrap()
-            .expect("stream open");
-        for record in &message.records {
-            assert_eq!(record.offset, next, "records in order, none lost");
-            next += 1;
-        }
-    }
+    read_in_order(
+        &mut healthy,
+        records,
+        Duration::from_secs(10),
+        "the healthy stream moves while stalled streams hold the budget",
+    )
+    .await;
     let peak = memory.await.unwrap();
     let grown = peak.saturating_sub(baseline);
     let bound = 3 * BUDGET_BYTES;
