@@ -428,22 +428,30 @@ async fn given_stalled_subscribers_holding_the_budget_should_close_them_after_th
     let text = metrics_text(&metrics);
     let closed = metric_value(&text, "syncline_stalled_streams_closed_total").unwrap_or(0.0);
     assert!(closed > 0.0, "stalled streams closed: {closed}");
-    // A stalled stream learns that its connection was closed once it reads.
-    let mut ended = 0;
-    for stream in &mut stalled {
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-                Ok(Ok(Some(_))) => continue,
-                Ok(Ok(None)) | Ok(Err(_)) => {
-                    ended += 1;
-                    break;
+    // A stalled stream learns that its connection was closed once it reads; one whose
+    // connection stayed open moves (all read at once: unread streams of a connection hold its
+    // HTTP/2 window).
+    let readers: Vec<_> = stalled
+        .drain(..)
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut received = 0;
+                while received < records {
+                    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                        Ok(Ok(Some(message))) => received += message.records.len() as u64,
+                        Ok(Ok(None)) | Ok(Err(_)) => return true,
+                        Err(_) => panic!("a stalled stream neither ends nor moves once read"),
+                    }
                 }
-                Err(_) => break,
-            }
-        }
+                false
+            })
+        })
+        .collect();
+    let mut ended = 0;
+    for reader in readers {
+        ended += usize::from(reader.await.unwrap());
     }
     assert!(ended > 0, "no stalled stream was closed");
-    drop(stalled);
     drop(clients);
     drop(healthy);
     drop(healthy_client);

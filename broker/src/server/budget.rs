@@ -43,7 +43,7 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::http;
 
-use super::stall::StreamWatch;
+use super::stall::{Polled, StreamWatch};
 use crate::metrics::{RESPONSE_BUDGET_WAITS_TOTAL, RESPONSE_BYTES_IN_FLIGHT};
 
 /// A message may take 1/16 of the budget (or one batch, when that is larger): with the 256 MiB
@@ -253,23 +253,21 @@ where
         if this.held.len() >= MESSAGES_HELD {
             this.held.pop_front();
         }
-        if let Some(watch) = &this.watch {
-            watch.asked();
-        }
-        match Pin::new(&mut this.inner).poll_next(cx) {
+        let (polled, outcome) = match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some((item, permit))) => {
                 this.held.extend(permit);
-                if let Some(watch) = this.watch.as_ref().filter(|_| !this.held.is_empty()) {
-                    watch.handed();
-                }
-                Poll::Ready(Some(item))
+                (Polled::Handed, Poll::Ready(Some(item)))
             }
             Poll::Ready(None) => {
                 this.held.clear();
-                Poll::Ready(None)
+                (Polled::Ended, Poll::Ready(None))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => (Polled::Pending, Poll::Pending),
+        };
+        if let Some(watch) = &this.watch {
+            watch.polled(polled, !this.held.is_empty());
         }
+        outcome
     }
 }
 
@@ -458,10 +456,25 @@ mod tests {
         );
         tx.send((0, budget.acquire_for_stream(1000).await)).unwrap();
         assert_eq!(stream.next().await, Some(0));
-        // The transport asks for more (nothing there yet): not stalled.
+        // The transport asks for more (nothing there yet): holding, but with a handed stream
+        // somewhere ...
         assert_eq!(stream.next().now_or_never(), None);
-        assert_eq!(stalls.close_stalled(std::time::Instant::now(), true), 0);
-        // Handed the next message (message 0's budget still held) and not asked since: stalled.
+        let other_connection = ConnectionInfo {
+            peer: None,
+            close: CloseHandle::default(),
+        };
+        let mut other = HeldUntilSent::watched(
+            futures_util::stream::iter([(7, budget.acquire_for_stream(1000).await)]),
+            stalls.watch(Some(&other_connection), "Subscribe"),
+        );
+        assert_eq!(other.next().await, Some(7));
+        // ... the handed one is closed, not the holding one.
+        assert_eq!(stalls.close_stalled(std::time::Instant::now(), true), 1);
+        assert!(other_connection.close.is_closed());
+        assert!(!connection.close.is_closed());
+        // The other ends (gives its budget back); ours is handed the next message (message 0's
+        // budget still held) and not polled since: stalled.
+        assert_eq!(other.next().await, None);
         tx.send((1, None)).unwrap();
         assert_eq!(stream.next().await, Some(1));
         assert_eq!(stalls.close_stalled(std::time::Instant::now(), true), 1);

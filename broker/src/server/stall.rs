@@ -6,19 +6,24 @@
 //! streams' part of the budget, and every other stream then waits until they read or go away.
 //!
 //! How:
-//! - [`super::budget::HeldUntilSent`] reports to its [`StreamWatch`] when it hands the transport
-//!   a message holding budget, and when the transport asks for the next one. A stream stalls
-//!   from the moment it hands a message until the next ask: hyper asks for the next message as
-//!   soon as it could hand the last one to h2, which needs the previous one written out.
+//! - [`super::budget::HeldUntilSent`] reports to its [`StreamWatch`] every time the transport
+//!   polls it ([`Polled`]) and whether it still holds budget. A stream is *handed* from the
+//!   moment it hands the transport a message while holding budget until the next poll: hyper
+//!   asks for the next message as soon as it could hand the last one to h2, which needs the
+//!   previous one written out; a reader that stops leaves its stream handed for good. A stream
+//!   is *holding* when a poll found no message ready (it waits for records or for budget) while
+//!   it holds budget for messages handed earlier, which may still be unread.
 //! - One watchdog task ([`StallWatch::run`]) looks, while some response waits for budget, for
-//!   streams stalled longer than the timeout, and closes their connection
+//!   streams handed longer than the timeout, and closes their connection
 //!   (`super::connections::CloseHandle`): once the reader stops, hyper no longer polls the
 //!   stream, and the bytes are in h2's send buffer, so only dropping the connection frees them
 //!   (hyper then drops every stream of the connection with its permits). Each such stream is
 //!   counted in `syncline_stalled_streams_closed_total` and logged (at most once per second).
 //!   The other streams of that connection end too; clients reconnect and resume.
-//! - Not caught: a stream whose transport asked for its next message and that waits for budget
-//!   while its last message is still unread; it becomes stalled once it gets its budget.
+//! - When no stream is handed at all, nothing frees budget by itself: the budget is held by
+//!   holding streams, each waiting (for budget, or for records) with one message that it gives
+//!   back only once it gets the next. Then the stream holding longest, if longer than the
+//!   timeout, has its connection closed, one per look, until budget moves again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,12 +53,32 @@ pub struct StallWatch {
     warnings: Mutex<RateLimited>,
 }
 
+/// What the transport got from the last poll of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Polled {
+    /// A message.
+    Handed,
+    /// Nothing yet.
+    Pending,
+    /// The end of the stream.
+    Ended,
+}
+
+/// A watched stream's state (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Holds no budget, or was polled since it handed a message and got one ready.
+    Free,
+    /// Handed a message at this instant while holding budget, not polled since.
+    Handed(Instant),
+    /// Has had nothing ready since this instant while holding budget.
+    Holding(Instant),
+}
+
 /// One watched stream.
 #[derive(Debug)]
 struct Watched {
-    /// Since when the transport holds a message of this stream holding budget without asking
-    /// for the next one.
-    handed_at: Mutex<Option<Instant>>,
+    state: Mutex<State>,
     connection: ConnectionInfo,
     rpc: &'static str,
     /// Counted and closed already.
@@ -69,21 +94,21 @@ pub struct StreamWatch {
 }
 
 impl StreamWatch {
-    /// The stream handed the transport a message that holds budget.
-    pub fn handed(&self) {
-        self.handed_at(Instant::now());
+    /// The transport polled the stream and got `polled`; `holding`: the stream holds budget
+    /// (for the messages the transport may still hold).
+    pub fn polled(&self, polled: Polled, holding: bool) {
+        self.polled_at(polled, holding, Instant::now());
     }
 
-    fn handed_at(&self, now: Instant) {
-        let mut handed_at = self.entry.handed_at.lock();
-        if handed_at.is_none() {
-            *handed_at = Some(now);
-        }
-    }
-
-    /// The transport asked for the next message.
-    pub fn asked(&self) {
-        *self.entry.handed_at.lock() = None;
+    fn polled_at(&self, polled: Polled, holding: bool, now: Instant) {
+        let mut state = self.entry.state.lock();
+        *state = match (polled, *state) {
+            _ if !holding => State::Free,
+            (Polled::Handed, _) => State::Handed(now),
+            (Polled::Pending, State::Holding(since)) => State::Holding(since),
+            (Polled::Pending, _) => State::Holding(now),
+            (Polled::Ended, _) => State::Free,
+        };
     }
 }
 
@@ -113,7 +138,7 @@ impl StallWatch {
         rpc: &'static str,
     ) -> Option<StreamWatch> {
         let entry = Arc::new(Watched {
-            handed_at: Mutex::new(None),
+            state: Mutex::new(State::Free),
             connection: connection?.clone(),
             rpc,
             closed: AtomicBool::new(false),
@@ -127,24 +152,48 @@ impl StallWatch {
         })
     }
 
-    /// Closes the connections of the streams stalled at `now` for the timeout or longer, when
-    /// `others_wait`; returns how many streams were closed.
+    /// When `others_wait`, closes the connections of the streams handed at `now` for the timeout
+    /// or longer, or when none is handed, of the one holding longest, if for the timeout or
+    /// longer; returns how many streams were closed.
     pub fn close_stalled(&self, now: Instant, others_wait: bool) -> usize {
         if !others_wait {
             return 0;
         }
-        let stalled: Vec<Arc<Watched>> = self
+        let states: Vec<(Arc<Watched>, State)> = self
             .streams
             .lock()
             .values()
-            .filter(|entry| {
-                entry
-                    .handed_at
-                    .lock()
-                    .is_some_and(|since| now.saturating_duration_since(since) >= self.timeout)
-            })
-            .cloned()
+            .map(|entry| (entry.clone(), *entry.state.lock()))
             .collect();
+        let stalled_since = |since: Instant| now.saturating_duration_since(since) >= self.timeout;
+        let handed = states
+            .iter()
+            .filter_map(|(entry, state)| match state {
+                State::Handed(since) => Some((entry, *since)),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        let stalled: Vec<Arc<Watched>> = if handed.is_empty() {
+            states
+                .iter()
+                .filter_map(|(entry, state)| match state {
+                    State::Holding(since) if !entry.closed.load(Ordering::Acquire) => {
+                        Some((entry, *since))
+                    }
+                    _ => None,
+                })
+                .min_by_key(|(_, since)| *since)
+                .filter(|(_, since)| stalled_since(*since))
+                .map(|(entry, _)| entry.clone())
+                .into_iter()
+                .collect()
+        } else {
+            handed
+                .into_iter()
+                .filter(|(_, since)| stalled_since(*since))
+                .map(|(entry, _)| entry.clone())
+                .collect()
+        };
         let mut closed = 0;
         for entry in stalled {
             if entry.closed.swap(true, Ordering::AcqRel) {
@@ -210,14 +259,12 @@ mod tests {
         let idle = watch.watch(Some(&idle_conn), "Snapshot").unwrap();
         assert!(watch.watch(None, "Subscribe").is_none());
         let start = Instant::now();
-        stalled.handed_at(start);
-        reading.handed_at(start);
-        idle.asked();
+        stalled.polled_at(Polled::Handed, true, start);
+        reading.polled_at(Polled::Handed, true, start);
+        idle.polled_at(Polled::Pending, true, start);
         // The reader asks for more and is handed the next message: its clock restarts.
-        reading.asked();
-        reading.handed_at(start + Duration::from_millis(600));
-        // Handed again without an ask in between: the clock keeps running.
-        stalled.handed_at(start + Duration::from_millis(600));
+        let later = start + Duration::from_millis(600);
+        reading.polled_at(Polled::Handed, true, later);
         let now = start + Duration::from_millis(1200);
         assert_eq!(
             watch.close_stalled(now, false),
@@ -228,9 +275,46 @@ mod tests {
         assert_eq!(watch.close_stalled(now, true), 1);
         assert!(stalled_conn.close.is_closed());
         assert!(!reading_conn.close.is_closed(), "handed 600 ms ago");
-        assert!(!idle_conn.close.is_closed(), "asked for more: not stalled");
+        assert!(
+            !idle_conn.close.is_closed(),
+            "holding, but a handed stream will free budget"
+        );
         assert_eq!(watch.close_stalled(now, true), 0, "closed once");
         drop((stalled, reading, idle));
         assert!(watch.streams.lock().is_empty(), "dropped watches leave");
+    }
+
+    #[test]
+    fn given_only_holding_streams_when_others_wait_should_close_the_longest_holding_one_per_look() {
+        let watch = StallWatch::new(Duration::from_secs(1));
+        let connections = [connection(), connection(), connection(), connection()];
+        let streams: Vec<StreamWatch> = connections
+            .iter()
+            .map(|connection| watch.watch(Some(connection), "Subscribe").unwrap())
+            .collect();
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        // 0 and 1 wait holding budget (a poll that finds nothing again keeps the clock), 2
+        // holds nothing, 3 was just handed a message.
+        streams[0].polled_at(Polled::Pending, true, at(200));
+        streams[0].polled_at(Polled::Pending, true, at(900));
+        streams[1].polled_at(Polled::Pending, true, at(100));
+        streams[2].polled_at(Polled::Pending, false, at(0));
+        streams[3].polled_at(Polled::Handed, true, at(500));
+        let closed = |index: usize| connections[index].close.is_closed();
+        assert_eq!(
+            watch.close_stalled(at(1150), true),
+            0,
+            "3 is handed: it frees budget by itself, or is closed once stalled"
+        );
+        streams[3].polled_at(Polled::Ended, true, at(1200));
+        assert_eq!(watch.close_stalled(at(1300), false), 0, "nobody waits");
+        assert_eq!(watch.close_stalled(at(1300), true), 1);
+        assert!(closed(1), "the longest holding");
+        assert!(!closed(0) && !closed(2) && !closed(3));
+        assert_eq!(watch.close_stalled(at(1300), true), 1);
+        assert!(closed(0), "next look, the next one");
+        assert_eq!(watch.close_stalled(at(1300), true), 0);
+        assert!(!closed(2) && !closed(3), "free streams stay");
     }
 }
