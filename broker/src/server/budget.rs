@@ -26,6 +26,9 @@
 //!   byte: hyper hands that byte over only once the rest is (nearly) written out, as above.
 //! - A stream message waits for budget as long as it takes (backpressure: nothing is read
 //!   ahead); a unary fetch waits a bounded time and then answers RESOURCE_EXHAUSTED.
+//! - A stream whose reader leaves its messages unread while others wait for budget loses its
+//!   connection after `stalled_stream_timeout_ms` (`super::stall`): that is what frees its
+//!   budget, so that stalled readers cannot keep the others waiting for good.
 //!
 //! Not counted: up to h2's 400 KiB send buffer per stream, and tonic's batching of stream
 //! messages smaller than 32 KiB.

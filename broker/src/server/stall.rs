@@ -28,11 +28,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use std::time::Instant;
-
 use tokio::sync::watch;
 
 use super::budget::ResponseBudget;
