@@ -1,7 +1,8 @@
 //! Pins the broker-wide response-bytes budget (`--response-bytes-max`): subscribers that never
 //! read hold at most their share of it, so the broker's memory stays bounded by the budget instead
 //! of growing with every stalled stream, other clients are still served meanwhile, and a stalled
-//! stream resumes losing nothing once it reads.
+//! stream resumes losing nothing once it reads; streams whose readers stall while others wait for
+//! budget lose their connection after `--stalled-stream-timeout-ms`, so the others move on.
 
 mod common;
 
@@ -43,8 +44,21 @@ async fn start_with_topic(
     batches: usize,
     records: usize,
 ) -> (BrokerProcess, BrokerClient<Channel>) {
+    start_with_topic_and(dir, budget_bytes, batches, records, &[]).await
+}
+
+/// [`start_with_topic`] with more broker flags.
+async fn start_with_topic_and(
+    dir: &std::path::Path,
+    budget_bytes: u64,
+    batches: usize,
+    records: usize,
+    extra: &[&str],
+) -> (BrokerProcess, BrokerClient<Channel>) {
     let budget = budget_bytes.to_string();
-    let broker = BrokerProcess::start_with(dir, &["--response-bytes-max", &budget]);
+    let mut args = vec!["--response-bytes-max", &budget];
+    args.extend_from_slice(extra);
+    let broker = BrokerProcess::start_with(dir, &args);
     let mut client = connect(&broker).await;
     client
         .create_topic(v1::CreateTopicRequest {
@@ -88,6 +102,46 @@ async fn stalled_subscribe(
         .await
         .unwrap()
         .into_inner()
+}
+
+/// `syncline_response_bytes_in_flight` of the broker serving metrics at `metrics`.
+fn bytes_in_flight(metrics: &str) -> f64 {
+    metric_value(&metrics_text(metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
+}
+
+/// Waits (up to 15 s) until `holders` hold at least `bytes` of the budget.
+async fn wait_for_budget_taken(metrics: &str, bytes: u64, holders: &str) {
+    let started = Instant::now();
+    while bytes_in_flight(metrics) < bytes as f64 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{holders} hold no budget: {} bytes in flight",
+            bytes_in_flight(metrics)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads the first `count` records from `stream`, checking their order; each message must come
+/// within `wait` (`moves` says what is expected).
+async fn read_in_order(
+    stream: &mut tonic::Streaming<v1::FetchResponse>,
+    count: u64,
+    wait: Duration,
+    moves: &str,
+) {
+    let mut next = 0;
+    while next < count {
+        let message = tokio::time::timeout(wait, stream.message())
+            .await
+            .expect(moves)
+            .unwrap()
+            .expect("stream open");
+        for record in &message.records {
+            assert_eq!(record.offset, next, "records in order, none lost");
+            next += 1;
+        }
+    }
 }
 
 /// The largest anonymous memory of `pid` seen over `period`.
@@ -189,18 +243,13 @@ async fn given_many_subscribers_that_never_read_when_budget_is_small_should_boun
     // The stalled streams go away; their budget returns and the survivor gets every record.
     drop(stalled);
     drop(clients);
-    let mut next = 0;
-    while next <= records {
-        let message = tokio::time::timeout(Duration::from_secs(30), survivor.message())
-            .await
-            .expect("the survivor's stream moves once the others are gone")
-            .unwrap()
-            .expect("stream open");
-        for record in &message.records {
-            assert_eq!(record.offset, next, "records in order, none lost");
-            next += 1;
-        }
-    }
+    read_in_order(
+        &mut survivor,
+        records + 1,
+        Duration::from_secs(30),
+        "the survivor's stream moves once the others are gone",
+    )
+    .await;
     let text = metrics_text(&metrics);
     drop(survivor);
     drop(survivor_client);
@@ -297,18 +346,8 @@ async fn given_unary_fetches_never_read_should_hold_the_budget_until_sent_and_re
         stalled.fetch(&fetch);
     }
     // The responses the broker made wait in its send buffers, each holding its bytes.
-    let started = Instant::now();
-    let in_flight = || {
-        metric_value(&metrics_text(&metrics), "syncline_response_bytes_in_flight").unwrap_or(0.0)
-    };
-    while in_flight() < (BUDGET / 2) as f64 {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "unsent fetch responses hold no budget: {} bytes in flight",
-            in_flight()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let in_flight = || bytes_in_flight(&metrics);
+    wait_for_budget_taken(&metrics, BUDGET / 2, "unsent fetch responses").await;
     assert!(in_flight() <= BUDGET as f64);
     // A fetch that finds the budget taken waits, then is refused with RESOURCE_EXHAUSTED.
     let refused = client.fetch(fetch.clone()).await.unwrap_err();
@@ -329,5 +368,92 @@ async fn given_unary_fetches_never_read_should_hold_the_budget_until_sent_and_re
     }
     let served = client.fetch(fetch).await.unwrap().into_inner();
     assert!(!served.batches.is_empty());
+    assert!(broker.stop(), "clean exit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_stalled_subscribers_holding_the_budget_should_close_them_after_the_stall_timeout_and_serve_a_healthy_one(
+) {
+    /// Stalled streams, several per connection: together they want far more than the streams'
+    /// part of the budget (24 MiB), so without the stall timeout every later stream waits.
+    const STALLED: usize = 16;
+    const STALLED_CONNECTIONS: usize = 4;
+    const STALL_TIMEOUT_MS: &str = "1000";
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, _client) = start_with_topic_and(
+        dir.path(),
+        BUDGET_BYTES,
+        BATCHES,
+        RECORDS_PER_BATCH,
+        &["--stalled-stream-timeout-ms", STALL_TIMEOUT_MS],
+    )
+    .await;
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    let pid = broker.child.id();
+    let records = (BATCHES * RECORDS_PER_BATCH) as u64;
+    let baseline = anonymous_memory_bytes(pid);
+    let mut clients = Vec::new();
+    for _ in 0..STALLED_CONNECTIONS {
+        clients.push(connect(&broker).await);
+    }
+    let mut stalled = Vec::new();
+    for index in 0..STALLED {
+        stalled.push(stalled_subscribe(&mut clients[index % STALLED_CONNECTIONS]).await);
+    }
+    // The stalled streams take the streams' part of the budget.
+    wait_for_budget_taken(&metrics, BUDGET_BYTES / 2, "stalled streams").await;
+
+    // A healthy subscriber on a connection of its own gets every record while the stalled
+    // clients are still connected (their streams kept, never read).
+    let mut healthy_client = connect(&broker).await;
+    let mut healthy = stalled_subscribe(&mut healthy_client).await;
+    let memory = tokio::spawn(peak_anonymous_memory(pid, Duration::from_secs(3)));
+    read_in_order(
+        &mut healthy,
+        records,
+        Duration::from_secs(10),
+        "the healthy stream moves while stalled streams hold the budget",
+    )
+    .await;
+    let peak = memory.await.unwrap();
+    let grown = peak.saturating_sub(baseline);
+    let bound = 3 * BUDGET_BYTES;
+    assert!(
+        grown < bound,
+        "the broker grew by {} MiB (bound {} MiB)",
+        grown / MIB,
+        bound / MIB
+    );
+
+    let text = metrics_text(&metrics);
+    let closed = metric_value(&text, "syncline_stalled_streams_closed_total").unwrap_or(0.0);
+    assert!(closed > 0.0, "stalled streams closed: {closed}");
+    // A stalled stream learns that its connection was closed once it reads; one whose
+    // connection stayed open moves (all read at once: unread streams of a connection hold its
+    // HTTP/2 window).
+    let readers: Vec<_> = stalled
+        .drain(..)
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut received = 0;
+                while received < records {
+                    match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                        Ok(Ok(Some(message))) => received += message.records.len() as u64,
+                        Ok(Ok(None)) | Ok(Err(_)) => return true,
+                        Err(_) => panic!("a stalled stream neither ends nor moves once read"),
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    let mut ended = 0;
+    for reader in readers {
+        ended += usize::from(reader.await.unwrap());
+    }
+    assert!(ended > 0, "no stalled stream was closed");
+    drop(clients);
+    drop(healthy);
+    drop(healthy_client);
     assert!(broker.stop(), "clean exit");
 }

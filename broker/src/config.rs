@@ -218,6 +218,13 @@ pub struct Flags {
     /// [default: 20000]
     #[arg(long, env = "SYNCLINE_KEEPALIVE_TIMEOUT_MS", value_name = "MS")]
     pub keepalive_timeout_ms: Option<u64>,
+
+    /// A response stream (Subscribe, Snapshot) whose reader has left a message holding response
+    /// budget unread for this long, while other responses wait for budget, loses its connection
+    /// so that the budget is freed (counted in syncline_stalled_streams_closed_total; clients
+    /// reconnect and resume) [default: 30000]
+    #[arg(long, env = "SYNCLINE_STALLED_STREAM_TIMEOUT_MS", value_name = "MS")]
+    pub stalled_stream_timeout_ms: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -252,6 +259,7 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     keepalive_interval_ms: Option<u64>,
     keepalive_timeout_ms: Option<u64>,
+    stalled_stream_timeout_ms: Option<u64>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -357,6 +365,9 @@ pub struct ConnectionLimits {
     pub keepalive_interval_ms: u64,
     /// Time a peer has to answer a ping, in ms.
     pub keepalive_timeout_ms: u64,
+    /// Time a stream may leave budget-holding messages unread while others wait for budget,
+    /// before its connection is closed, in ms (see `server::stall`).
+    pub stalled_stream_timeout_ms: u64,
 }
 
 /// The broker's configuration.
@@ -426,6 +437,7 @@ impl Default for Config {
                 handshake_timeout_ms: 10_000,
                 keepalive_interval_ms: 30_000,
                 keepalive_timeout_ms: 20_000,
+                stalled_stream_timeout_ms: 30_000,
             },
             retention_check_ms: 30_000,
             cleaner_interval_ms: 15_000,
@@ -663,6 +675,10 @@ impl Config {
             .keepalive_timeout_ms
             .or(file.keepalive_timeout_ms)
             .unwrap_or(connections.keepalive_timeout_ms);
+        connections.stalled_stream_timeout_ms = flags
+            .stalled_stream_timeout_ms
+            .or(file.stalled_stream_timeout_ms)
+            .unwrap_or(connections.stalled_stream_timeout_ms);
         config.validate()?;
         Ok(config)
     }
@@ -734,6 +750,13 @@ impl Config {
             if !(1..=3_600_000).contains(&value) {
                 return err(key, format!("{value} is outside [1, 3600000]"));
             }
+        }
+        let stalled = connections.stalled_stream_timeout_ms;
+        if !(100..=3_600_000).contains(&stalled) {
+            return err(
+                "stalled_stream_timeout_ms",
+                format!("{stalled} is outside [100, 3600000]"),
+            );
         }
         if self.retention_check_ms == 0 {
             return err("retention_check_ms", "must be at least 1".into());
@@ -1119,6 +1142,38 @@ mod tests {
         std::fs::write(&path, "fsync_policy = \"always\"\nfsync_interval_ms = 50\n").unwrap();
         let error = load_file(path).unwrap_err();
         assert!(error.to_string().contains("fsync_interval_ms"), "{error}");
+    }
+
+    #[test]
+    fn given_stalled_stream_timeout_should_load_from_file_and_flags_and_check_bounds() {
+        let defaults = Config::load(Flags::default()).unwrap();
+        assert_eq!(defaults.connections.stalled_stream_timeout_ms, 30_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, "stalled_stream_timeout_ms = 500\n").unwrap();
+        let from_file = load_file(path.clone()).unwrap();
+        assert_eq!(from_file.connections.stalled_stream_timeout_ms, 500);
+        let flags = Flags::try_parse_from([
+            "syncline-broker",
+            "--config",
+            path.to_str().unwrap(),
+            "--stalled-stream-timeout-ms",
+            "1000",
+        ])
+        .unwrap();
+        let config = Config::load(flags).unwrap();
+        assert_eq!(config.connections.stalled_stream_timeout_ms, 1000);
+        for value in [99, 3_600_001] {
+            let error = Config::load(Flags {
+                stalled_stream_timeout_ms: Some(value),
+                ..Flags::default()
+            })
+            .unwrap_err();
+            assert!(
+                error.to_string().contains("stalled_stream_timeout_ms"),
+                "{error}"
+            );
+        }
     }
 
     #[test]

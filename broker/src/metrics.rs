@@ -90,6 +90,7 @@ metrics! {
     CONNECTIONS_REFUSED_TOTAL = "syncline_connections_refused_total", Counter, [], "Connections closed at once because max_connections were open";
     RESPONSE_BYTES_IN_FLIGHT = "syncline_response_bytes_in_flight", Gauge, [], "Response bytes produced but not yet sent (the response_bytes_max budget in use)";
     RESPONSE_BUDGET_WAITS_TOTAL = "syncline_response_budget_waits_total", Counter, [], "Response messages that waited for the response-bytes budget";
+    STALLED_STREAMS_CLOSED_TOTAL = "syncline_stalled_streams_closed_total", Counter, [], "Response streams whose connection was closed because the reader held response budget unread for stalled_stream_timeout_ms while other responses waited";
     OFFSET_COMMITS_TOTAL = "syncline_offset_commits_total", Counter, [], "Partition offsets committed by consumer groups";
     GROUP_SESSIONS_EXPIRED_TOTAL = "syncline_group_sessions_expired_total", Counter, [], "Consumer group members removed because their session expired";
     COMPACTION_RUNS_TOTAL = "syncline_compaction_runs_total", Counter, [], "Compaction passes committed";

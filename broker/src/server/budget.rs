@@ -26,12 +26,16 @@
 //!   byte: hyper hands that byte over only once the rest is (nearly) written out, as above.
 //! - A stream message waits for budget as long as it takes (backpressure: nothing is read
 //!   ahead); a unary fetch waits a bounded time and then answers RESOURCE_EXHAUSTED.
+//! - A stream whose reader leaves its messages unread while others wait for budget loses its
+//!   connection after `stalled_stream_timeout_ms` (`super::stall`): that is what frees its
+//!   budget, so that stalled readers cannot keep the others waiting for good.
 //!
 //! Not counted: up to h2's 400 KiB send buffer per stream, and tonic's batching of stream
 //! messages smaller than 32 KiB.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -42,6 +46,7 @@ use http_body::{Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::codegen::http;
 
+use super::stall::{Polled, StreamWatch};
 use crate::metrics::{RESPONSE_BUDGET_WAITS_TOTAL, RESPONSE_BYTES_IN_FLIGHT};
 
 /// A message may take 1/16 of the budget (or one batch, when that is larger): with the 256 MiB
@@ -62,6 +67,8 @@ pub struct ResponseBudget {
     streams: Arc<Semaphore>,
     budget_bytes: usize,
     streams_bytes: usize,
+    /// Messages waiting for budget now (see [`ResponseBudget::has_waiters`]).
+    waiting: AtomicUsize,
 }
 
 /// Bytes of the budget held by one response message; dropping it gives them back.
@@ -90,7 +97,14 @@ impl ResponseBudget {
             streams: Arc::new(Semaphore::new(streams_bytes)),
             budget_bytes,
             streams_bytes,
+            waiting: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether some response message is waiting for budget now (the stall watchdog closes
+    /// stalled streams only then, `super::stall`).
+    pub fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::Acquire) > 0
     }
 
     /// Batch bytes one message should read: its share of the budget (a read still returns at
@@ -109,8 +123,8 @@ impl ResponseBudget {
     pub async fn acquire_for_stream(&self, bytes: usize) -> Option<ResponsePermit> {
         let bytes = permits(bytes, self.streams_bytes);
         let mut waited = false;
-        let streams = acquire(&self.streams, bytes, &mut waited).await?;
-        let all = acquire(&self.all, bytes, &mut waited).await?;
+        let streams = acquire(&self.streams, bytes, &mut waited, &self.waiting).await?;
+        let all = acquire(&self.all, bytes, &mut waited, &self.waiting).await?;
         Some(ResponsePermit::new(all, Some(streams)))
     }
 
@@ -122,7 +136,8 @@ impl ResponseBudget {
     ) -> Result<ResponsePermit, BudgetTimeout> {
         let bytes = permits(bytes, self.budget_bytes);
         let mut waited = false;
-        let all = tokio::time::timeout(wait, acquire(&self.all, bytes, &mut waited)).await;
+        let all =
+            tokio::time::timeout(wait, acquire(&self.all, bytes, &mut waited, &self.waiting)).await;
         match all {
             Ok(Some(all)) => Ok(ResponsePermit::new(all, None)),
             Ok(None) | Err(_) => Err(BudgetTimeout),
@@ -142,6 +157,7 @@ async fn acquire(
     semaphore: &Arc<Semaphore>,
     permits: u32,
     waited: &mut bool,
+    waiting: &AtomicUsize,
 ) -> Option<OwnedSemaphorePermit> {
     if let Ok(permit) = semaphore.clone().try_acquire_many_owned(permits) {
         return Some(permit);
@@ -150,7 +166,24 @@ async fn acquire(
         *waited = true;
         metrics::counter!(RESPONSE_BUDGET_WAITS_TOTAL).increment(1);
     }
+    let _waiting = Waiting::new(waiting);
     semaphore.clone().acquire_many_owned(permits).await.ok()
+}
+
+/// Counts one waiting message while it lives (a cancelled wait is dropped too).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ResponsePermit {
@@ -190,14 +223,23 @@ impl Drop for ResponsePermit {
 pub struct HeldUntilSent<S> {
     inner: S,
     held: VecDeque<ResponsePermit>,
+    /// Told when a message holding budget is handed over and when the next is asked for
+    /// (`super::stall`).
+    watch: Option<StreamWatch>,
 }
 
 impl<S> HeldUntilSent<S> {
     /// Wraps `inner`.
     pub fn new(inner: S) -> Self {
+        Self::watched(inner, None)
+    }
+
+    /// Wraps `inner`, reporting to `watch`.
+    pub fn watched(inner: S, watch: Option<StreamWatch>) -> Self {
         Self {
             inner,
             held: VecDeque::with_capacity(MESSAGES_HELD),
+            watch,
         }
     }
 }
@@ -214,17 +256,21 @@ where
         if this.held.len() >= MESSAGES_HELD {
             this.held.pop_front();
         }
-        match Pin::new(&mut this.inner).poll_next(cx) {
+        let (polled, outcome) = match Pin::new(&mut this.inner).poll_next(cx) {
             Poll::Ready(Some((item, permit))) => {
                 this.held.extend(permit);
-                Poll::Ready(Some(item))
+                (Polled::Handed, Poll::Ready(Some(item)))
             }
             Poll::Ready(None) => {
                 this.held.clear();
-                Poll::Ready(None)
+                (Polled::Ended, Poll::Ready(None))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => (Polled::Pending, Poll::Pending),
+        };
+        if let Some(watch) = &this.watch {
+            watch.polled(polled, !this.held.is_empty());
         }
+        outcome
     }
 }
 
@@ -375,6 +421,67 @@ mod tests {
             .acquire_for_unary(4 * MIB as usize, Duration::from_millis(50))
             .await;
         assert!(later.is_ok());
+    }
+
+    #[tokio::test]
+    async fn given_a_message_waiting_for_budget_should_show_waiters_until_it_gets_it() {
+        let budget = Arc::new(ResponseBudget::new(4 * MIB));
+        let held = budget.acquire_for_stream(3 * MIB as usize).await.unwrap();
+        assert!(!budget.has_waiters(), "nobody waits");
+        let waiting = budget.clone();
+        let waiter =
+            tokio::spawn(async move { waiting.acquire_for_stream(1).await.map(|p| p.bytes()) });
+        let started = std::time::Instant::now();
+        while !budget.has_waiters() {
+            assert!(started.elapsed() < Duration::from_secs(5), "no waiter seen");
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Some(1));
+        assert!(!budget.has_waiters(), "the waiter got its budget");
+    }
+
+    #[tokio::test]
+    async fn given_a_watched_stream_should_stall_from_handing_a_message_until_the_next_ask() {
+        use crate::server::connections::{CloseHandle, ConnectionInfo};
+        use crate::server::stall::StallWatch;
+        use futures_util::FutureExt;
+        let budget = ResponseBudget::new(16 * MIB);
+        let connection = ConnectionInfo {
+            peer: None,
+            close: CloseHandle::default(),
+        };
+        let stalls = StallWatch::new(Duration::ZERO);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = HeldUntilSent::watched(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            stalls.watch(Some(&connection), "Subscribe"),
+        );
+        tx.send((0, budget.acquire_for_stream(1000).await)).unwrap();
+        assert_eq!(stream.next().await, Some(0));
+        // The transport asks for more (nothing there yet): holding, but with a handed stream
+        // somewhere ...
+        assert_eq!(stream.next().now_or_never(), None);
+        let other_connection = ConnectionInfo {
+            peer: None,
+            close: CloseHandle::default(),
+        };
+        let mut other = HeldUntilSent::watched(
+            futures_util::stream::iter([(7, budget.acquire_for_stream(1000).await)]),
+            stalls.watch(Some(&other_connection), "Subscribe"),
+        );
+        assert_eq!(other.next().await, Some(7));
+        // ... the handed one is closed, not the holding one.
+        assert_eq!(stalls.close_stalled(std::time::Instant::now(), true), 1);
+        assert!(other_connection.close.is_closed());
+        assert!(!connection.close.is_closed());
+        // The other ends (gives its budget back); ours is handed the next message (message 0's
+        // budget still held) and not polled since: stalled.
+        assert_eq!(other.next().await, None);
+        tx.send((1, None)).unwrap();
+        assert_eq!(stream.next().await, Some(1));
+        assert_eq!(stalls.close_stalled(std::time::Instant::now(), true), 1);
+        assert!(connection.close.is_closed());
     }
 
     #[tokio::test]

@@ -13,14 +13,20 @@
 //!   the process or the system is out of descriptors or memory the loop waits 10 ms, doubling up
 //!   to 1 s, since the pending connection stays in the backlog and an immediate retry fails
 //!   again.
+//! - A connection can be closed from outside ([`CloseHandle`], handed to handlers in the
+//!   request extensions as [`ConnectionInfo`]): its reads and writes fail from then on, so hyper
+//!   drops the connection with every stream on it, and with them the response bytes they hold
+//!   (used for stalled streams, `super::stall`).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use futures_util::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -114,6 +120,7 @@ impl Acceptor {
                     let _ = stream.set_nodelay(true);
                     return Connection {
                         inner: stream,
+                        close: CloseHandle::default(),
                         _slot: Slot::take(&self.open),
                         handshake: Some(Handshake::new(self.settings.handshake_timeout)),
                     };
@@ -142,13 +149,13 @@ fn out_of_resources(error: &std::io::Error) -> bool {
 
 /// "Log now" at most once per [`LOG_EVERY`], with the count of events not logged since.
 #[derive(Debug, Default)]
-struct RateLimited {
+pub(crate) struct RateLimited {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimited {
-    fn due(&mut self) -> Option<u64> {
+    pub(crate) fn due(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < LOG_EVERY => {
@@ -224,10 +231,59 @@ impl Handshake {
     }
 }
 
+/// Closes one connection from outside: once [`CloseHandle::close`] is called, the connection's
+/// reads and writes fail (the task driving it is woken for that).
+#[derive(Debug, Clone, Default)]
+pub struct CloseHandle(Arc<CloseState>);
+
+#[derive(Debug, Default)]
+struct CloseState {
+    closed: AtomicBool,
+    read: AtomicWaker,
+    write: AtomicWaker,
+}
+
+impl CloseHandle {
+    /// Closes the connection; true the first time.
+    pub fn close(&self) -> bool {
+        let first = !self.0.closed.swap(true, Ordering::AcqRel);
+        self.0.read.wake();
+        self.0.write.wake();
+        first
+    }
+
+    /// Whether [`CloseHandle::close`] was called.
+    pub fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::Acquire)
+    }
+
+    /// An error once closed; registers `waker` (in `slot`) to learn of a later close.
+    fn check(&self, slot: &AtomicWaker, cx: &Context<'_>) -> std::io::Result<()> {
+        slot.register(cx.waker());
+        if self.is_closed() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection closed by the broker",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a handler learns of its connection (tonic puts it in every request's extensions).
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// Closes the connection.
+    pub close: CloseHandle,
+}
+
 /// An accepted client connection: counted (metrics and the limit) while open, and closed when
-/// its HTTP/2 handshake does not arrive in time.
+/// its HTTP/2 handshake does not arrive in time or when its [`CloseHandle`] is used.
 pub struct Connection {
     inner: TcpStream,
+    close: CloseHandle,
     _slot: Slot,
     handshake: Option<Handshake>,
 }
@@ -239,6 +295,9 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if let Err(error) = this.close.check(&this.close.0.read, cx) {
+            return Poll::Ready(Err(error));
+        }
         let Some(handshake) = &mut this.handshake else {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         };
@@ -273,10 +332,18 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Err(error) = this.close.check(&this.close.0.write, cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        if let Err(error) = this.close.check(&this.close.0.write, cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
@@ -286,7 +353,11 @@ impl AsyncWrite for Connection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        if let Err(error) = this.close.check(&this.close.0.write, cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -294,9 +365,12 @@ impl AsyncWrite for Connection {
 }
 
 impl tonic::transport::server::Connected for Connection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ConnectionInfo {
+            peer: self.inner.peer_addr().ok(),
+            close: self.close.clone(),
+        }
     }
 }
 
@@ -328,6 +402,39 @@ mod tests {
         assert!(!handshake.feed(&header[2..]));
         assert!(!handshake.feed(&[0; 5]));
         assert!(handshake.feed(&[0; 1]));
+    }
+
+    #[tokio::test]
+    async fn given_a_connection_closed_from_outside_should_fail_its_pending_read_and_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _peer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut connection = Connection {
+            inner: stream,
+            close: CloseHandle::default(),
+            _slot: Slot::take(&Arc::new(AtomicUsize::new(0))),
+            handshake: None,
+        };
+        let info = tonic::transport::server::Connected::connect_info(&connection);
+        assert!(info.peer.is_some());
+        let reading = tokio::spawn(async move {
+            let read = connection.read(&mut [0u8; 8]).await;
+            (read, connection)
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reading.is_finished(), "the peer sent nothing");
+        assert!(info.close.close());
+        assert!(!info.close.close(), "closed once");
+        let (read, mut connection) = tokio::time::timeout(Duration::from_secs(5), reading)
+            .await
+            .expect("the pending read is woken")
+            .unwrap();
+        let aborted = std::io::ErrorKind::ConnectionAborted;
+        assert_eq!(read.unwrap_err().kind(), aborted);
+        assert_eq!(connection.write(b"x").await.unwrap_err().kind(), aborted);
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod budget;
 pub mod connections;
 mod decode_limit;
 mod service;
+mod stall;
 pub mod status;
 
 use crate::group::{Coordinator, GroupConfig};
@@ -141,11 +142,21 @@ impl Broker {
     ) -> Result<(), BrokerError> {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
+        let response_budget = Arc::new(budget::ResponseBudget::new(limits.response_bytes_max));
+        let stalls = stall::StallWatch::new(Duration::from_millis(
+            self.registry.config().connections.stalled_stream_timeout_ms,
+        ));
+        let watchdog = tokio::spawn(
+            stalls
+                .clone()
+                .run(response_budget.clone(), shutdown_rx.clone()),
+        );
         let service = BrokerService::new(
             self.registry.clone(),
             self.coordinator.clone(),
             shutdown_rx.clone(),
-            Arc::new(budget::ResponseBudget::new(limits.response_bytes_max)),
+            response_budget,
+            stalls,
         );
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
@@ -228,6 +239,7 @@ impl Broker {
             handshake_timeout_ms = settings.handshake_timeout_ms,
             keepalive_interval_ms = settings.keepalive_interval_ms,
             keepalive_timeout_ms = settings.keepalive_timeout_ms,
+            stalled_stream_timeout_ms = settings.stalled_stream_timeout_ms,
             response_bytes_max = limits.response_bytes_max,
             "connection and response limits"
         );
@@ -266,6 +278,7 @@ impl Broker {
             }
         };
         let _ = retention.await;
+        let _ = watchdog.await;
         let _ = cleaner.await;
         let _ = expiry.await;
         if let Some(task) = metrics_task {

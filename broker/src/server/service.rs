@@ -25,6 +25,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
+use super::connections::ConnectionInfo;
+use super::stall::{StallWatch, StreamWatch};
 use super::status::{decode_limit_to_resource_exhausted, to_status};
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
@@ -65,6 +67,7 @@ pub struct BrokerService {
     coordinator: Arc<crate::group::Coordinator>,
     shutdown: watch::Receiver<bool>,
     budget: Arc<ResponseBudget>,
+    stalls: Arc<StallWatch>,
 }
 
 /// A topic, one of its partitions, and that partition's log.
@@ -437,19 +440,31 @@ impl Subscription {
 }
 
 impl BrokerService {
-    /// A service over `registry`; streams end when `shutdown` turns true.
+    /// A service over `registry`; streams end when `shutdown` turns true, and report to
+    /// `stalls`.
     pub fn new(
         registry: Arc<Registry>,
         coordinator: Arc<crate::group::Coordinator>,
         shutdown: watch::Receiver<bool>,
         budget: Arc<ResponseBudget>,
+        stalls: Arc<StallWatch>,
     ) -> Self {
         Self {
             registry,
             coordinator,
             shutdown,
             budget,
+            stalls,
         }
+    }
+
+    /// The stall watch of a stream of `rpc` answering a request with `extensions`.
+    fn watch_stream(
+        &self,
+        extensions: &tonic::Extensions,
+        rpc: &'static str,
+    ) -> Option<StreamWatch> {
+        self.stalls.watch(extensions.get::<ConnectionInfo>(), rpc)
     }
 
     fn partition(
@@ -1102,6 +1117,7 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Subscribe");
         let result = async move {
+            let watch = self.watch_stream(request.extensions(), "Subscribe");
             let request = request.into_inner();
             let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             // Validate the start offset now, so a bad one is an error status, not an empty stream.
@@ -1130,7 +1146,7 @@ impl Broker for BrokerService {
                     Some((message, subscription))
                 },
             ));
-            let stream: Self::SubscribeStream = Box::pin(HeldUntilSent::new(messages));
+            let stream: Self::SubscribeStream = Box::pin(HeldUntilSent::watched(messages, watch));
             Ok(Response::new(stream))
         }
         .instrument(span)
@@ -1315,6 +1331,7 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Snapshot");
         let result = async move {
+            let watch = self.watch_stream(request.extensions(), "Snapshot");
             let request = request.into_inner();
             self.check_running().map_err(to_status)?;
             let (_topic, partition) = self
@@ -1341,7 +1358,7 @@ impl Broker for BrokerService {
                 stream_snapshot(runtime, partition, plan, max_bytes, tx, shutdown, budget)
             });
             let stream: Self::SnapshotStream =
-                Box::pin(HeldUntilSent::new(ReceiverStream::new(rx)));
+                Box::pin(HeldUntilSent::watched(ReceiverStream::new(rx), watch));
             Ok(Response::new(stream))
         }
         .instrument(span)
