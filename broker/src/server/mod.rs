@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod connections;
 mod decode_limit;
+mod reads;
 mod service;
 mod stall;
 pub mod status;
