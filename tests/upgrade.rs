@@ -159,8 +159,15 @@ async fn given_fixture_should_open_in_place_and_keep_its_ids(name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     copy_dir(&fixture(name), &data_dir);
+    assert!(
+        !data_dir.join("node.toml").exists(),
+        "single-node versions had no identity"
+    );
     let broker = BrokerProcess::start(&data_dir);
     let ids = check_history(&broker).await;
+    // The first start of this version records the directory as node 1 of a cluster of one.
+    let identity = std::fs::read_to_string(data_dir.join("node.toml")).unwrap();
+    assert!(identity.contains("node_id = 1"), "{identity}");
     // The upgraded data dir takes writes and commits as any other.
     let mut client = broker.client().await;
     client

@@ -225,6 +225,22 @@ pub struct Flags {
     /// reconnect and resume) [default: 30000]
     #[arg(long, env = "SYNCLINE_STALLED_STREAM_TIMEOUT_MS", value_name = "MS")]
     pub stalled_stream_timeout_ms: Option<u64>,
+
+    /// This node's id, an integer >= 1; recorded in the data directory, which then refuses to
+    /// start as another node [default: 1]
+    #[arg(long, env = "SYNCLINE_NODE_ID", value_name = "ID")]
+    pub node_id: Option<u64>,
+
+    /// The controller's initial voters, `ID=HOST:PORT,ID=HOST:PORT,...`: the same list on
+    /// every initial node, each address that node's --advertise address. This version runs a
+    /// cluster of one node, so the list may name only this node [default: this node alone]
+    #[arg(long, env = "SYNCLINE_CLUSTER", value_name = "ID=HOST:PORT,...")]
+    pub cluster: Option<String>,
+
+    /// HOST:PORT that peers and clients use to reach this node; required when --listen is an
+    /// unspecified address such as 0.0.0.0 [default: the listen address]
+    #[arg(long, env = "SYNCLINE_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -260,6 +276,9 @@ struct FileConfig {
     keepalive_interval_ms: Option<u64>,
     keepalive_timeout_ms: Option<u64>,
     stalled_stream_timeout_ms: Option<u64>,
+    node_id: Option<u64>,
+    cluster: Option<String>,
+    advertise: Option<String>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -404,6 +423,8 @@ pub struct Config {
     /// Most segment space reserved ahead of written data, across all partitions (None: 1/16
     /// of the data directory's file system, at most 256 MiB).
     pub preallocate_bytes_max: Option<u64>,
+    /// This node's id, address and the controller's initial voters.
+    pub node: crate::cluster::node::NodeConfig,
 }
 
 impl Default for Config {
@@ -446,6 +467,7 @@ impl Default for Config {
             group_heartbeat_interval_ms: 1000,
             group_session_timeout_ms: 10_000,
             preallocate_bytes_max: None,
+            node: crate::cluster::node::NodeConfig::default(),
         }
     }
 }
@@ -679,6 +701,16 @@ impl Config {
             .stalled_stream_timeout_ms
             .or(file.stalled_stream_timeout_ms)
             .unwrap_or(connections.stalled_stream_timeout_ms);
+        let node = &mut config.node;
+        node.id = flags.node_id.or(file.node_id).unwrap_or(node.id);
+        node.advertise = flags.advertise.or(file.advertise);
+        if let Some(cluster) = flags.cluster.or(file.cluster) {
+            node.cluster =
+                crate::cluster::node::parse_cluster(&cluster).map_err(|message| ConfigError {
+                    key: "cluster",
+                    message,
+                })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -686,6 +718,7 @@ impl Config {
     /// Checks bounds and relations, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &'static str, message: String| Err(ConfigError { key, message });
+        self.node.validate(self.listen)?;
         let limits = &self.limits;
         if !(1..=100_000).contains(&limits.max_partitions) {
             return err(
@@ -1025,6 +1058,17 @@ mod tests {
                 // Sized from the file system at start; the example gives the cap.
                 "preallocate_bytes_max" => {
                     expected.preallocate_bytes_max = Some(256 << 20);
+                    format!("{line}\n")
+                }
+                // Its default is the listen address; the example names it.
+                "advertise" => {
+                    expected.node.advertise = Some("127.0.0.1:7450".into());
+                    format!("{line}\n")
+                }
+                // Its default is this node alone; the example names it.
+                "cluster" => {
+                    expected.node.cluster =
+                        crate::cluster::node::parse_cluster("1=127.0.0.1:7450").unwrap();
                     format!("{line}\n")
                 }
                 // Sized from the open-file limit at start; the example gives the cap.

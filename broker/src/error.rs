@@ -213,6 +213,14 @@ pub enum BrokerError {
         /// The directory.
         dir: PathBuf,
     },
+    /// The data directory belongs to another node or cluster (or its identity file is bad).
+    #[error("data directory {dir}: {message}")]
+    DataDirIdentity {
+        /// The directory.
+        dir: PathBuf,
+        /// What does not match, and what to do.
+        message: String,
+    },
     /// The data directory was written by an incompatible version.
     #[error("data directory {dir} has format `{found}`; this broker reads `{expected}`")]
     DataDirFormat {

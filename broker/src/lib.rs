@@ -14,6 +14,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod config;
 pub mod descriptors;
 pub mod error;

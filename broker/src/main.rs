@@ -5,22 +5,31 @@ use syncline_broker::config::{Config, Flags};
 use syncline_broker::server::Broker;
 use tracing_subscriber::EnvFilter;
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
+/// future is first polled: a SIGTERM that arrives right after `listening on` (as soon as a
+/// supervisor or test sees the broker ready) must stop it cleanly, not kill it by the default
+/// action.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let installed = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
+    async move {
+        match installed {
+            (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+                _ = interrupt.recv() => tracing::info!("received SIGINT"),
+                _ = terminate.recv() => tracing::info!("received SIGTERM"),
+            },
+            (interrupt, terminate) => {
+                let error = interrupt.err().or(terminate.err());
+                tracing::warn!(
+                    ?error,
+                    "cannot listen for SIGINT/SIGTERM; stop the broker with SIGKILL"
+                );
                 std::future::pending::<()>().await;
             }
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("received SIGINT"),
-        _ = term => tracing::info!("received SIGTERM"),
     }
 }
 
@@ -55,8 +64,10 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         tracing::info!(data_dir = %config.data_dir.display(), version = env!("CARGO_PKG_VERSION"), "starting syncline-broker");
+        // Before anything can log `listening on`.
+        let signal = shutdown_signal();
         let broker = Broker::start(config).await?;
-        broker.serve(shutdown_signal()).await
+        broker.serve(signal).await
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

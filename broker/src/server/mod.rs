@@ -38,6 +38,7 @@ const MESSAGE_SLACK_BYTES: usize = 1024 * 1024;
 /// "ready".
 #[derive(Debug)]
 pub struct Broker {
+    identity: crate::cluster::identity::Identity,
     registry: Arc<Registry>,
     coordinator: Arc<Coordinator>,
     listener: TcpListener,
@@ -105,7 +106,14 @@ impl Broker {
         let local_addr = listener
             .local_addr()
             .map_err(|e| BrokerError::io("reading the address of", listen.to_string(), e))?;
+        let identity = crate::cluster::identity::load_or_create(
+            &config.data_dir,
+            &config.node,
+            &config.node.advertised(local_addr),
+        )?;
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, advertise = %config.node.advertised(local_addr), "node identity");
         Ok(Broker {
+            identity,
             registry,
             coordinator,
             listener,
@@ -123,6 +131,11 @@ impl Broker {
     /// The bound metrics address, when metrics are served.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The node and cluster this broker's data directory belongs to.
+    pub fn identity(&self) -> &crate::cluster::identity::Identity {
+        &self.identity
     }
 
     /// The consumer group coordinator.

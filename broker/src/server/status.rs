@@ -91,6 +91,7 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::Io { .. }
         | BrokerError::DataDirLocked { .. }
         | BrokerError::DataDirFormat { .. }
+        | BrokerError::DataDirIdentity { .. }
         | BrokerError::UncleanShutdown { .. } => Status::internal(message),
     }
 }

@@ -1,0 +1,209 @@
+//! The data directory's identity: which node it belongs to, and of which cluster.
+//!
+//! `DATA_DIR/node.toml`, written once, when a data directory first starts (also when a data
+//! directory of an earlier single-node version first starts with this version):
+//!
+//! ```text
+//! format = 1                       # this file's format
+//! node_id = 1                      # the node this directory belongs to
+//! cluster_id = "8-4-4-4-12 hex"    # 128 random bits drawn when the cluster was formed
+//! voters = "1=127.0.0.1:7450"      # the controller's initial voters (ID=HOST:PORT, by id)
+//! ```
+//!
+//! Fault model: written to a temp file, fsync'd, renamed, then the directory fsync'd, so a crash
+//! leaves no file or the whole one. At most [`IDENTITY_BYTES_MAX`] are read. A start with another
+//! `--node-id`, or with a `--cluster` list other than the recorded voters, is refused naming
+//! both: serving another node's data would mix two nodes' logs. A file that cannot be written
+//! (a full disk) is a warning: the directory serves with an identity held in memory and the
+//! next start writes it, because opening a data directory must never need free space.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::node::{format_voters, NodeConfig};
+use crate::error::BrokerError;
+use crate::topic::TopicId;
+
+/// The identity file's name in the data directory.
+pub const IDENTITY_FILE: &str = "node.toml";
+/// The format this version writes and reads.
+const IDENTITY_FORMAT: u32 = 1;
+/// The largest identity file read (a handful of short fields; 9 voters at most).
+const IDENTITY_BYTES_MAX: u64 = 64 * 1024;
+
+/// What `node.toml` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The file's format.
+    pub format: u32,
+    /// The node this data directory belongs to.
+    pub node_id: u64,
+    /// The cluster it belongs to.
+    pub cluster_id: String,
+    /// The controller's initial voters, `ID=HOST:PORT,...` sorted by id.
+    pub voters: String,
+}
+
+fn refuse(dir: &Path, message: String) -> BrokerError {
+    BrokerError::DataDirIdentity {
+        dir: dir.to_path_buf(),
+        message,
+    }
+}
+
+fn read(path: &Path, dir: &Path) -> Result<Option<Identity>, BrokerError> {
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(BrokerError::io("opening", path, error)),
+    };
+    let mut text = String::new();
+    use std::io::Read as _;
+    file.take(IDENTITY_BYTES_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|error| BrokerError::io("reading", path, error))?;
+    if text.len() as u64 > IDENTITY_BYTES_MAX {
+        return Err(refuse(
+            dir,
+            format!("{IDENTITY_FILE} is larger than {IDENTITY_BYTES_MAX} bytes"),
+        ));
+    }
+    let identity: Identity = toml::from_str(&text)
+        .map_err(|error| refuse(dir, format!("{IDENTITY_FILE} cannot be read: {error}")))?;
+    if identity.format != IDENTITY_FORMAT {
+        return Err(refuse(
+            dir,
+            format!(
+                "{IDENTITY_FILE} has format {}; this broker reads {IDENTITY_FORMAT}",
+                identity.format
+            ),
+        ));
+    }
+    Ok(Some(identity))
+}
+
+/// Reads the data directory's identity and checks this node's settings against it, or writes
+/// one for a directory that has none. `advertised` is this node's address (it names the node
+/// among the voters when `--cluster` is not given).
+pub fn load_or_create(
+    data_dir: &Path,
+    node: &NodeConfig,
+    advertised: &str,
+) -> Result<Identity, BrokerError> {
+    let path: PathBuf = data_dir.join(IDENTITY_FILE);
+    let given_voters = (!node.cluster.is_empty()).then(|| format_voters(&node.cluster));
+    if let Some(identity) = read(&path, data_dir)? {
+        if identity.node_id != node.id {
+            return Err(refuse(
+                data_dir,
+                format!(
+                    "it belongs to node {} of cluster {}, but this broker was started as node \
+                     {}: start it with --node-id {}, or give this node its own --data-dir",
+                    identity.node_id, identity.cluster_id, node.id, identity.node_id
+                ),
+            ));
+        }
+        if let Some(given) = given_voters {
+            if given != identity.voters {
+                return Err(refuse(
+                    data_dir,
+                    format!(
+                        "it belongs to cluster {} formed by `{}`, but --cluster gives `{given}`: \
+                         give the list the cluster was formed with, or another --data-dir",
+                        identity.cluster_id, identity.voters
+                    ),
+                ));
+            }
+        }
+        return Ok(identity);
+    }
+    let identity = Identity {
+        format: IDENTITY_FORMAT,
+        node_id: node.id,
+        cluster_id: TopicId::random()?.to_string(),
+        voters: given_voters.unwrap_or_else(|| format!("{}={advertised}", node.id)),
+    };
+    let text = toml::to_string(&identity)
+        .map_err(|error| refuse(data_dir, format!("cannot encode {IDENTITY_FILE}: {error}")))?;
+    if let Err(error) = crate::log::write_file_atomically(data_dir, IDENTITY_FILE, text.as_bytes())
+    {
+        if error.raw_os_error() == Some(libc::ENOSPC) {
+            tracing::warn!(path = %path.display(), %error, "cannot record the node identity (disk full); serving with it in memory, the next start writes it");
+        } else {
+            return Err(BrokerError::io("writing", &path, error));
+        }
+    } else {
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, voters = %identity.voters, "recorded the data directory's node identity");
+    }
+    Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::node::parse_cluster;
+
+    #[test]
+    fn given_new_data_dir_should_record_the_identity_and_check_it_on_every_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = NodeConfig::default();
+        let first = load_or_create(dir.path(), &node, "127.0.0.1:7450").unwrap();
+        assert_eq!(first.node_id, 1);
+        assert_eq!(first.voters, "1=127.0.0.1:7450");
+        assert_eq!(first.cluster_id.len(), 36);
+        // The same node on another port (tests bind port 0) keeps its identity.
+        let again = load_or_create(dir.path(), &node, "127.0.0.1:9999").unwrap();
+        assert_eq!(again, first);
+        // Given explicitly, the same list is accepted; another is refused.
+        let listed = NodeConfig {
+            cluster: parse_cluster("1=127.0.0.1:7450").unwrap(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(
+            load_or_create(dir.path(), &listed, "127.0.0.1:7450").unwrap(),
+            first
+        );
+        let other_list = NodeConfig {
+            cluster: parse_cluster("1=10.0.0.1:7450").unwrap(),
+            ..NodeConfig::default()
+        };
+        let error = load_or_create(dir.path(), &other_list, "10.0.0.1:7450")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("formed by `1=127.0.0.1:7450`") && error.contains("1=10.0.0.1:7450"),
+            "{error}"
+        );
+        let other_node = NodeConfig {
+            id: 2,
+            ..NodeConfig::default()
+        };
+        let error = load_or_create(dir.path(), &other_node, "127.0.0.1:7450")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("belongs to node 1") && error.contains("--node-id 1"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn given_damaged_identity_file_should_refuse_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(IDENTITY_FILE), "node_id = \"one\"").unwrap();
+        let error = load_or_create(dir.path(), &NodeConfig::default(), "127.0.0.1:7450")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("node.toml cannot be read"), "{error}");
+        std::fs::write(
+            dir.path().join(IDENTITY_FILE),
+            "format = 9\nnode_id = 1\ncluster_id = \"x\"\nvoters = \"1=a:1\"\n",
+        )
+        .unwrap();
+        let error = load_or_create(dir.path(), &NodeConfig::default(), "127.0.0.1:7450")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("format 9"), "{error}");
+    }
+}

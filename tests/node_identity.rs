@@ -1,0 +1,117 @@
+//! A node's identity through the real binary (issue 14, first step): the data directory records
+//! its node id and cluster at the first start and refuses to start as another node or against
+//! another cluster; node settings that contradict each other are refused with the key named.
+
+mod common;
+
+use common::{run_broker, BrokerProcess};
+
+fn stderr_of(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn given_data_dir_of_node_1_when_started_as_node_2_should_refuse_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    assert!(broker.stop());
+    let identity = std::fs::read_to_string(dir.path().join("node.toml")).unwrap();
+    assert!(identity.contains("node_id = 1"), "{identity}");
+    assert!(identity.contains("cluster_id = \""), "{identity}");
+
+    let output = run_broker(
+        dir.path(),
+        &[
+            "--node-id",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let stderr = stderr_of(&output);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("belongs to node 1 of cluster")
+            && stderr.contains("started as node 2")
+            && stderr.contains("--node-id 1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("listening on"), "{stderr}");
+    // The recorded node starts as before.
+    let broker = BrokerProcess::start(dir.path());
+    assert!(broker.stop());
+}
+
+#[test]
+fn given_contradicting_node_settings_should_refuse_to_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    for (args, expected) in [
+        (
+            vec!["--listen", "0.0.0.0:0"],
+            "invalid value for `advertise`: the broker listens on 0.0.0.0:0",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:0", "--node-id", "0"],
+            "invalid value for `node_id`: 0 is outside",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:7", "--cluster", "2=127.0.0.1:7"],
+            "is not in the list",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:7", "--cluster", "1=127.0.0.1:8"],
+            "this node advertises 127.0.0.1:7",
+        ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:7",
+                "--cluster",
+                "1=127.0.0.1:7,1=127.0.0.1:9",
+            ],
+            "node id 1 appears twice",
+        ),
+        (
+            vec![
+                "--listen",
+                "127.0.0.1:7",
+                "--cluster",
+                "1=127.0.0.1:7,2=127.0.0.1:9",
+            ],
+            "runs a cluster of one node",
+        ),
+    ] {
+        let mut all = args.clone();
+        all.extend(metrics);
+        let output = run_broker(dir.path(), &all);
+        let stderr = stderr_of(&output);
+        assert!(!output.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.matches("error:").count(), 1, "{stderr}");
+    }
+    // Nothing was recorded by the refused starts.
+    assert!(!dir.path().join("node.toml").exists());
+}
+
+#[test]
+fn given_listen_on_all_addresses_with_advertise_should_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(
+        dir.path(),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--advertise",
+            "broker-1.example:7450",
+        ],
+    );
+    assert!(broker.stop());
+    let identity = std::fs::read_to_string(dir.path().join("node.toml")).unwrap();
+    assert!(
+        identity.contains("voters = \"1=broker-1.example:7450\""),
+        "{identity}"
+    );
+}
