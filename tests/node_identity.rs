@@ -1,6 +1,7 @@
 //! A node's identity through the real binary (issue 14, first step): the data directory records
 //! its node id and cluster at the first start and refuses to start as another node or against
-//! another cluster; node settings that contradict each other are refused with the key named.
+//! another cluster; node settings that contradict each other are refused with the key named;
+//! `syncline cluster status [--json]` describes the cluster of one.
 
 mod common;
 
@@ -114,4 +115,62 @@ fn given_listen_on_all_addresses_with_advertise_should_start() {
         identity.contains("voters = \"1=broker-1.example:7450\""),
         "{identity}"
     );
+}
+
+/// `syncline cluster status [--json]` (issue 14's contract) on a cluster of one: the node,
+/// itself as controller, and every partition (internal ones included) led and held by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_cluster_of_one_when_status_is_asked_should_describe_it_in_json_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let syncline = |args: &[&str]| {
+        let output = std::process::Command::new(common::binary("syncline"))
+            .args(["--broker", &broker.addr])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", stderr_of(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    syncline(&["topic", "create", "t", "--partitions", "3"]);
+    let identity = std::fs::read_to_string(dir.path().join("node.toml")).unwrap();
+    let cluster_id = identity
+        .lines()
+        .find_map(|line| line.strip_prefix("cluster_id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+
+    let json: serde_json::Value = serde_json::from_str(&syncline(&["cluster", "status", "--json"]))
+        .expect("exactly one JSON object");
+    let mut partitions = vec![serde_json::json!({
+        "topic": "__offsets", "partition": 0, "leader": 1, "replicas": [1], "caught_up": [1]
+    })];
+    for p in 0..3 {
+        partitions.push(serde_json::json!({
+            "topic": "t", "partition": p, "leader": 1, "replicas": [1], "caught_up": [1]
+        }));
+    }
+    assert_eq!(
+        json,
+        serde_json::json!({
+            "cluster_id": cluster_id,
+            "controller": 1,
+            "nodes": [{"id": 1, "address": broker.addr, "alive": true}],
+            "partitions": partitions,
+        })
+    );
+
+    let text = syncline(&["cluster", "status"]);
+    assert!(
+        text.starts_with(&format!(
+            "cluster: {cluster_id}\ncontroller: 1\n\nNODE  ADDRESS"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("TOPIC      PARTITION  LEADER  REPLICAS  CAUGHT-UP"),
+        "{text}"
+    );
+    assert!(broker.stop());
 }

@@ -79,6 +79,7 @@
 mod address;
 mod admin;
 mod client;
+mod cluster;
 mod consumer;
 mod error;
 mod group;
@@ -100,6 +101,7 @@ pub use admin::{
     TopicConfig, TopicDescription, TopicSummary,
 };
 pub use client::{Client, ClientConfig, Connectivity};
+pub use cluster::{ClusterDescription, ClusterNode, PartitionPlacement};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
 pub use error::{Error, Result};
 pub use group::{

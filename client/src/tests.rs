@@ -566,6 +566,13 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn describe_cluster(
+        &self,
+        _: Request<v1::DescribeClusterRequest>,
+    ) -> Result<Response<v1::DescribeClusterResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,

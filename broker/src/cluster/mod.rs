@@ -12,3 +12,15 @@
 
 pub mod identity;
 pub mod node;
+
+/// What this node tells clients about the cluster: until the controller lands, a cluster of one
+/// (this node leads and holds every partition).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// This node's id.
+    pub node_id: u64,
+    /// The cluster's id (from the data directory's identity).
+    pub cluster_id: String,
+    /// This node's advertised `HOST:PORT`.
+    pub address: String,
+}

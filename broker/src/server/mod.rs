@@ -171,7 +171,12 @@ impl Broker {
             shutdown_rx.clone(),
             response_budget,
             stalls,
-        );
+        )
+        .with_cluster(crate::cluster::ClusterView {
+            node_id: self.identity.node_id,
+            cluster_id: self.identity.cluster_id.clone(),
+            address: self.registry.config().node.advertised(self.local_addr),
+        });
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (past this limit tonic answers OUT_OF_RANGE, which DecodeLimit

@@ -24,6 +24,7 @@ use super::reads::{
 };
 use super::stall::{StallWatch, StreamWatch};
 use super::status::{decode_limit_to_resource_exhausted, to_status};
+use crate::cluster::ClusterView;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log};
@@ -54,6 +55,7 @@ pub struct BrokerService {
     shutdown: watch::Receiver<bool>,
     budget: Arc<ResponseBudget>,
     stalls: Arc<StallWatch>,
+    cluster: Arc<ClusterView>,
 }
 
 /// A topic, one of its partitions, and that partition's log.
@@ -219,7 +221,17 @@ impl BrokerService {
             shutdown,
             budget,
             stalls,
+            cluster: Arc::new(ClusterView {
+                node_id: 1,
+                ..ClusterView::default()
+            }),
         }
+    }
+
+    /// The same service, describing the cluster as `view` (the binary's node identity).
+    pub fn with_cluster(mut self, view: ClusterView) -> Self {
+        self.cluster = Arc::new(view);
+        self
     }
 
     /// The stall watch of a stream of `rpc` answering a request with `extensions`.
@@ -631,6 +643,41 @@ impl Broker for BrokerService {
         .instrument(span)
         .await;
         finish("DeleteTopic", started, result)
+    }
+
+    async fn describe_cluster(
+        &self,
+        _request: Request<v1::DescribeClusterRequest>,
+    ) -> Result<Response<v1::DescribeClusterResponse>, Status> {
+        let started = Instant::now();
+        let view = &self.cluster;
+        let me = view.node_id;
+        // A cluster of one: this node is the controller and leads and holds every partition.
+        let partitions = self
+            .registry
+            .list()
+            .iter()
+            .flat_map(|topic| {
+                (0..topic.settings.partitions).map(|partition| v1::PartitionPlacement {
+                    topic: topic.name.to_string(),
+                    partition,
+                    leader: Some(me),
+                    replicas: vec![me],
+                    caught_up: vec![me],
+                })
+            })
+            .collect();
+        let response = v1::DescribeClusterResponse {
+            cluster_id: view.cluster_id.clone(),
+            controller: Some(me),
+            nodes: vec![v1::ClusterNode {
+                id: me,
+                address: view.address.clone(),
+                alive: true,
+            }],
+            partitions,
+        };
+        finish("DescribeCluster", started, Ok(Response::new(response)))
     }
 
     async fn list_topics(

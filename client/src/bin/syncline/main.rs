@@ -8,6 +8,7 @@
 //! usage error (clap's message).
 
 mod bench;
+mod cluster;
 mod group;
 mod input;
 mod output;
@@ -85,6 +86,9 @@ enum Command {
     Watch(watch::WatchArgs),
     /// Measure produce and consume throughput and latency, verifying every record read back.
     Bench(bench::BenchArgs),
+    /// Show the cluster: nodes, the controller, and where every partition lives.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete(args) => table::delete(&client, args).await,
         Command::Watch(args) => watch::watch(&client, args).await,
         Command::Bench(args) => bench::run(&client, &cli.broker, args).await,
+        Command::Cluster(command) => cluster::run(&client, command).await,
     }
 }
 

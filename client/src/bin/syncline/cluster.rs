@@ -1,0 +1,166 @@
+//! `syncline cluster status [--json]`: the cluster as the broker describes it.
+//!
+//! Output contracts (also in the command's help):
+//! - `--json`: exactly one JSON object on stdout: `{"cluster_id": "...", "controller": 1,
+//!   "nodes": [{"id": 1, "address": "127.0.0.1:7450", "alive": true}, ...], "partitions":
+//!   [{"topic": "t", "partition": 0, "leader": 1, "replicas": [1], "caught_up": [1]}, ...]}`;
+//!   `controller` and `leader` are null when unknown; internal topics are included.
+//! - Otherwise: the lines `cluster: ID` and `controller: N` (`-` when unknown), a blank line,
+//!   the table `NODE ADDRESS ALIVE`, a blank line, the table `TOPIC PARTITION LEADER REPLICAS
+//!   CAUGHT-UP` (node lists comma-separated, `-` when empty or unknown).
+
+use std::io::{self, Write};
+
+use clap::Subcommand;
+use serde_json::json;
+use syncline_client::{Client, ClusterDescription};
+
+use crate::output::table;
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Show the cluster: its id, the controller, the nodes, and where every partition lives.
+    #[command(after_help = "\
+Output: the lines `cluster: ID` and `controller: N` (`-` when unknown), a blank line, the table \
+NODE ADDRESS ALIVE, a blank line, and the table TOPIC PARTITION LEADER REPLICAS CAUGHT-UP (internal \
+topics included). With --json, exactly one JSON object: {\"cluster_id\": \"...\", \"controller\": \
+1, \"nodes\": [{\"id\": 1, \"address\": \"HOST:PORT\", \"alive\": true}], \"partitions\": \
+[{\"topic\": \"t\", \"partition\": 0, \"leader\": 1, \"replicas\": [1], \"caught_up\": [1]}]} \
+(controller and leader are null when unknown).")]
+    Status {
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(client: &Client, command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status { json } => {
+            let cluster = client.describe_cluster().await?;
+            let text = if json {
+                format!("{}\n", status_json(&cluster))
+            } else {
+                status_text(&cluster)
+            };
+            let mut out = io::stdout().lock();
+            out.write_all(text.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        }
+    }
+}
+
+/// The `--json` object.
+pub fn status_json(cluster: &ClusterDescription) -> serde_json::Value {
+    json!({
+        "cluster_id": cluster.cluster_id,
+        "controller": cluster.controller,
+        "nodes": cluster.nodes.iter().map(|n| json!({
+            "id": n.id,
+            "address": n.address,
+            "alive": n.alive,
+        })).collect::<Vec<_>>(),
+        "partitions": cluster.partitions.iter().map(|p| json!({
+            "topic": p.topic,
+            "partition": p.partition,
+            "leader": p.leader,
+            "replicas": p.replicas,
+            "caught_up": p.caught_up,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn nodes(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        return "-".into();
+    }
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn or_dash(id: Option<u64>) -> String {
+    id.map_or_else(|| "-".into(), |id| id.to_string())
+}
+
+/// The human form: header lines and two aligned tables.
+pub fn status_text(cluster: &ClusterDescription) -> String {
+    let mut node_rows = vec![vec!["NODE".into(), "ADDRESS".into(), "ALIVE".into()]];
+    for node in &cluster.nodes {
+        node_rows.push(vec![
+            node.id.to_string(),
+            node.address.clone(),
+            if node.alive { "yes" } else { "no" }.into(),
+        ]);
+    }
+    let mut partition_rows = vec![vec![
+        "TOPIC".into(),
+        "PARTITION".into(),
+        "LEADER".into(),
+        "REPLICAS".into(),
+        "CAUGHT-UP".into(),
+    ]];
+    for p in &cluster.partitions {
+        partition_rows.push(vec![
+            p.topic.clone(),
+            p.partition.to_string(),
+            or_dash(p.leader),
+            nodes(&p.replicas),
+            nodes(&p.caught_up),
+        ]);
+    }
+    format!(
+        "cluster: {}\ncontroller: {}\n\n{}\n{}",
+        cluster.cluster_id,
+        or_dash(cluster.controller),
+        table(&node_rows),
+        table(&partition_rows)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use syncline_client::{ClusterNode, PartitionPlacement};
+
+    fn sample() -> ClusterDescription {
+        ClusterDescription {
+            cluster_id: "c".into(),
+            controller: None,
+            nodes: vec![ClusterNode {
+                id: 1,
+                address: "127.0.0.1:7450".into(),
+                alive: true,
+            }],
+            partitions: vec![PartitionPlacement {
+                topic: "t".into(),
+                partition: 0,
+                leader: None,
+                replicas: vec![1],
+                caught_up: vec![],
+            }],
+        }
+    }
+
+    #[test]
+    fn given_unknown_controller_and_leader_should_print_null_and_dash() {
+        let json = status_json(&sample());
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "cluster_id": "c",
+                "controller": null,
+                "nodes": [{"id": 1, "address": "127.0.0.1:7450", "alive": true}],
+                "partitions": [{"topic": "t", "partition": 0, "leader": null, "replicas": [1], "caught_up": []}],
+            })
+        );
+        let text = status_text(&sample());
+        assert!(
+            text.starts_with("cluster: c\ncontroller: -\n\nNODE"),
+            "{text}"
+        );
+        assert!(
+            text.contains("t      0          -       1         -"),
+            "{text}"
+        );
+    }
+}
