@@ -1,0 +1,378 @@
+//! The cluster metadata the controller will replicate: nodes, topics, and per partition its
+//! replica set, leader and leader epoch. Nothing per record.
+//!
+//! [`Metadata::apply`] is the controller's state machine: every node applies the committed
+//! commands in log order, so apply is deterministic: no clock, no randomness (topic ids and
+//! times arrive inside the commands, drawn by the node that proposed them) and no I/O. A
+//! command that cannot apply (a duplicate topic, too few live nodes) changes nothing and
+//! returns its error, which goes back to the proposer; the log entry still counts as applied.
+//! The whole state is `serde`-encodable for the controller's snapshots.
+//!
+//! Not wired yet: the openraft group that orders these commands (and its log and snapshot
+//! storage under the data directory) is the next step of the cluster issue.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::placement::{place, Load, PlacementError};
+
+/// A broker node as the controller knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its advertised `HOST:PORT`.
+    pub address: String,
+    /// Whether it heartbeats within the session timeout.
+    pub alive: bool,
+    /// When its last heartbeat was applied (ms since the epoch, from the command).
+    pub last_heartbeat_ms: u64,
+}
+
+/// One partition's placement and leadership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// Nodes holding a replica (the preferred leader first).
+    pub replicas: Vec<u64>,
+    /// The leading node (None while no replica is alive).
+    pub leader: Option<u64>,
+    /// Bumped at every leader change; stamped in batches as their leader epoch.
+    pub leader_epoch: u64,
+}
+
+/// A topic incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    /// The incarnation id (`TopicId` text).
+    pub id: String,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// The topic's settings as the proposer encoded them (opaque here).
+    pub settings: String,
+    /// Its partitions, by number.
+    pub partitions: Vec<PartitionMeta>,
+}
+
+/// A change to the metadata, as proposed to the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A node joins (or rejoins at a new address); it counts as alive.
+    RegisterNode {
+        /// Its id.
+        id: u64,
+        /// Its advertised address.
+        address: String,
+        /// When (ms since the epoch).
+        at_ms: u64,
+    },
+    /// A node is alive.
+    Heartbeat {
+        /// Its id.
+        id: u64,
+        /// When (ms since the epoch).
+        at_ms: u64,
+    },
+    /// Nodes silent for the session timeout are down (the controller leader proposes this
+    /// from its clock; apply only records it).
+    MarkDown {
+        /// Their ids.
+        ids: Vec<u64>,
+    },
+    /// Create a topic, placed on the live nodes.
+    CreateTopic {
+        /// Its name.
+        name: String,
+        /// Its incarnation id.
+        id: String,
+        /// Partitions.
+        partitions: u32,
+        /// Replicas per partition.
+        replication_factor: u32,
+        /// Encoded settings.
+        settings: String,
+    },
+    /// Delete a topic incarnation.
+    DeleteTopic {
+        /// Its name.
+        name: String,
+        /// The incarnation to delete (a stale delete of an older one is refused).
+        id: String,
+    },
+}
+
+/// Why a command changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetadataError {
+    /// CreateTopic of a name that exists.
+    #[error("topic `{0}` already exists")]
+    TopicExists(String),
+    /// DeleteTopic of a name that does not exist, or of another incarnation.
+    #[error("topic `{name}` with id {id} does not exist")]
+    UnknownTopic {
+        /// The name.
+        name: String,
+        /// The incarnation asked for.
+        id: String,
+    },
+    /// A heartbeat or mark from a node that never registered.
+    #[error("node {0} is not a member of the cluster")]
+    UnknownNode(u64),
+    /// The placement failed.
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+}
+
+/// The replicated cluster metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Nodes by id.
+    pub nodes: BTreeMap<u64, NodeInfo>,
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicMeta>,
+}
+
+impl Metadata {
+    /// The live nodes' ids, ascending.
+    pub fn live_nodes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, node)| node.alive)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Replicas and leaderships each node carries now.
+    fn load(&self) -> BTreeMap<u64, Load> {
+        let mut load: BTreeMap<u64, Load> = BTreeMap::new();
+        for partition in self.topics.values().flat_map(|t| &t.partitions) {
+            for node in &partition.replicas {
+                load.entry(*node).or_default().replicas += 1;
+            }
+            if let Some(leader) = partition.leader {
+                load.entry(leader).or_default().leaders += 1;
+            }
+        }
+        load
+    }
+
+    /// Applies one committed command (see the module doc).
+    pub fn apply(&mut self, command: &Command) -> Result<(), MetadataError> {
+        match command {
+            Command::RegisterNode { id, address, at_ms } => {
+                self.nodes.insert(
+                    *id,
+                    NodeInfo {
+                        address: address.clone(),
+                        alive: true,
+                        last_heartbeat_ms: *at_ms,
+                    },
+                );
+                Ok(())
+            }
+            Command::Heartbeat { id, at_ms } => {
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(MetadataError::UnknownNode(*id))?;
+                node.alive = true;
+                node.last_heartbeat_ms = node.last_heartbeat_ms.max(*at_ms);
+                Ok(())
+            }
+            Command::MarkDown { ids } => {
+                if let Some(unknown) = ids.iter().find(|id| !self.nodes.contains_key(id)) {
+                    return Err(MetadataError::UnknownNode(*unknown));
+                }
+                for id in ids {
+                    if let Some(node) = self.nodes.get_mut(id) {
+                        node.alive = false;
+                    }
+                }
+                Ok(())
+            }
+            Command::CreateTopic {
+                name,
+                id,
+                partitions,
+                replication_factor,
+                settings,
+            } => {
+                if self.topics.contains_key(name) {
+                    return Err(MetadataError::TopicExists(name.clone()));
+                }
+                let mut load = self.load();
+                let placed = place(
+                    *partitions,
+                    *replication_factor,
+                    &self.live_nodes(),
+                    &mut load,
+                )?;
+                let partitions = placed
+                    .into_iter()
+                    .map(|p| PartitionMeta {
+                        leader: Some(p.leader()),
+                        replicas: p.replicas,
+                        leader_epoch: 0,
+                    })
+                    .collect();
+                self.topics.insert(
+                    name.clone(),
+                    TopicMeta {
+                        id: id.clone(),
+                        replication_factor: *replication_factor,
+                        settings: settings.clone(),
+                        partitions,
+                    },
+                );
+                Ok(())
+            }
+            Command::DeleteTopic { name, id } => match self.topics.get(name) {
+                Some(topic) if topic.id == *id => {
+                    self.topics.remove(name);
+                    Ok(())
+                }
+                _ => Err(MetadataError::UnknownTopic {
+                    name: name.clone(),
+                    id: id.clone(),
+                }),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn register(id: u64) -> Command {
+        Command::RegisterNode {
+            id,
+            address: format!("127.0.0.1:{}", 7450 + id),
+            at_ms: 1,
+        }
+    }
+
+    fn create(name: &str, id: &str, partitions: u32, replication_factor: u32) -> Command {
+        Command::CreateTopic {
+            name: name.into(),
+            id: id.into(),
+            partitions,
+            replication_factor,
+            settings: String::new(),
+        }
+    }
+
+    #[test]
+    fn given_three_nodes_when_a_topic_is_created_should_spread_it_and_never_use_a_down_node() {
+        let mut metadata = Metadata::default();
+        for id in 1..=3 {
+            metadata.apply(&register(id)).unwrap();
+        }
+        metadata.apply(&create("t", "a", 6, 1)).unwrap();
+        let mut leaders = BTreeMap::new();
+        for p in &metadata.topics["t"].partitions {
+            *leaders.entry(p.leader.unwrap()).or_insert(0) += 1;
+        }
+        assert_eq!(leaders, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+
+        metadata.apply(&Command::MarkDown { ids: vec![2] }).unwrap();
+        metadata.apply(&create("u", "b", 4, 1)).unwrap();
+        assert!(metadata.topics["u"]
+            .partitions
+            .iter()
+            .all(|p| p.replicas != vec![2]));
+        assert_eq!(
+            metadata.apply(&create("v", "c", 1, 3)),
+            Err(MetadataError::Placement(PlacementError::NotEnoughNodes {
+                replication_factor: 3,
+                live: 2
+            }))
+        );
+        metadata
+            .apply(&Command::Heartbeat { id: 2, at_ms: 5 })
+            .unwrap();
+        assert_eq!(metadata.live_nodes(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn given_refused_commands_should_change_nothing() {
+        let mut metadata = Metadata::default();
+        metadata.apply(&register(1)).unwrap();
+        metadata.apply(&create("t", "a", 2, 1)).unwrap();
+        let before = metadata.clone();
+        for (command, error) in [
+            (
+                create("t", "z", 1, 1),
+                MetadataError::TopicExists("t".into()),
+            ),
+            (
+                Command::DeleteTopic {
+                    name: "t".into(),
+                    id: "old".into(),
+                },
+                MetadataError::UnknownTopic {
+                    name: "t".into(),
+                    id: "old".into(),
+                },
+            ),
+            (
+                Command::Heartbeat { id: 9, at_ms: 1 },
+                MetadataError::UnknownNode(9),
+            ),
+            (
+                Command::MarkDown { ids: vec![1, 9] },
+                MetadataError::UnknownNode(9),
+            ),
+        ] {
+            assert_eq!(metadata.apply(&command), Err(error));
+            assert_eq!(metadata, before);
+        }
+        metadata
+            .apply(&Command::DeleteTopic {
+                name: "t".into(),
+                id: "a".into(),
+            })
+            .unwrap();
+        assert!(metadata.topics.is_empty());
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        prop_oneof![
+            (1u64..5).prop_map(register),
+            (1u64..5, 0u64..100).prop_map(|(id, at_ms)| Command::Heartbeat { id, at_ms }),
+            proptest::collection::vec(1u64..5, 0..3).prop_map(|ids| Command::MarkDown { ids }),
+            ("[a-c]", "[x-z]", 0u32..8, 1u32..3)
+                .prop_map(|(name, id, partitions, rf)| { create(&name, &id, partitions, rf) }),
+            ("[a-c]", "[x-z]").prop_map(|(name, id)| Command::DeleteTopic { name, id }),
+        ]
+    }
+
+    proptest! {
+        /// Every node applying the same log reaches the same state (apply is deterministic),
+        /// the state survives its snapshot encoding, and every partition's replicas are
+        /// distinct registered nodes with the leader among them.
+        #[test]
+        fn applying_one_log_should_give_one_state(log in proptest::collection::vec(command(), 0..60)) {
+            let mut a = Metadata::default();
+            let mut b = Metadata::default();
+            for command in &log {
+                let ra = a.apply(command);
+                let rb = b.apply(command);
+                prop_assert_eq!(ra, rb);
+            }
+            prop_assert_eq!(&a, &b);
+            let encoded = serde_json::to_string(&a).unwrap();
+            let decoded: Metadata = serde_json::from_str(&encoded).unwrap();
+            prop_assert_eq!(&decoded, &a);
+            for topic in a.topics.values() {
+                for p in &topic.partitions {
+                    let mut distinct = p.replicas.clone();
+                    distinct.sort_unstable();
+                    distinct.dedup();
+                    prop_assert_eq!(distinct.len(), topic.replication_factor as usize);
+                    prop_assert!(p.replicas.iter().all(|n| a.nodes.contains_key(n)));
+                    prop_assert!(p.leader.is_some_and(|l| p.replicas.contains(&l)));
+                }
+            }
+        }
+    }
+}
