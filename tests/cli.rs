@@ -369,3 +369,36 @@ fn given_broker_down_when_consuming_or_watching_should_say_reconnecting_then_rec
         );
     }
 }
+
+/// Issue 14: `--broker` (and `SYNCLINE_BROKER`) take a list of bootstrap addresses, tried in
+/// order; when none answers, the one-line error names them all.
+#[test]
+fn given_bootstrap_list_should_use_the_first_that_answers_and_name_all_when_none_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    // A port nothing listens on: bound then released.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let list = format!("{dead},{}", broker.addr);
+    let created = Command::new(binary("syncline"))
+        .args(["--broker", &list, "topic", "create", "boot"])
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "{}", stderr(&created));
+    let listed = Command::new(binary("syncline"))
+        .env("SYNCLINE_BROKER", &list)
+        .args(["topic", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&listed), "boot\n", "{}", stderr(&listed));
+
+    let none = Command::new(binary("syncline"))
+        .args(["--broker", &format!("{dead},{dead}"), "topic", "list"])
+        .output()
+        .unwrap();
+    assert_one_line_error(&none, "none of the 2 bootstrap addresses answered");
+    assert!(stderr(&none).contains(&format!("{dead},{dead}")));
+    assert!(broker.stop());
+}

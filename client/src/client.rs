@@ -107,15 +107,52 @@ const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 impl Client {
     /// Connects to the broker at `address` (`host:port` or `http://host:port`) with the default
-    /// [`ClientConfig`]. Fails with [`Error::Unreachable`] when no connection can be made.
+    /// [`ClientConfig`]. `address` may be a comma-separated list of bootstrap addresses, tried
+    /// in order until one answers. Fails with [`Error::Unreachable`] when no connection can be
+    /// made.
     pub async fn connect(address: &str) -> Result<Client> {
         Client::connect_with(address, ClientConfig::default()).await
     }
 
-    /// Connects with an explicit [`ClientConfig`].
+    /// Connects with an explicit [`ClientConfig`] (`address` as for [`Client::connect`]).
     pub async fn connect_with(address: &str, config: ClientConfig) -> Result<Client> {
         config.validate()?;
-        let address = BrokerAddress::parse(address)?;
+        let addresses = address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(BrokerAddress::parse)
+            .collect::<Result<Vec<_>>>()?;
+        if addresses.is_empty() {
+            return Err(Error::InvalidAddress {
+                address: address.to_owned(),
+                reason: "no address given".to_owned(),
+            });
+        }
+        let mut failures = Vec::with_capacity(addresses.len());
+        for address in &addresses {
+            match Client::connect_one(address, &config).await {
+                Ok(client) => return Ok(client),
+                Err(error) => failures.push(error),
+            }
+        }
+        match failures.pop() {
+            Some(error) if addresses.len() == 1 => Err(error),
+            last => {
+                let all: Vec<&str> = addresses.iter().map(|a| a.authority.as_str()).collect();
+                let last = last.map(|e| e.to_string()).unwrap_or_default();
+                Err(Error::Unreachable {
+                    address: all.join(","),
+                    reason: format!(
+                        "none of the {} bootstrap addresses answered (the last: {last})",
+                        all.len()
+                    ),
+                })
+            }
+        }
+    }
+
+    async fn connect_one(address: &BrokerAddress, config: &ClientConfig) -> Result<Client> {
         let endpoint = Endpoint::from_shared(address.uri())
             .map_err(|error| Error::InvalidAddress {
                 address: address.authority.clone(),
@@ -137,7 +174,7 @@ impl Client {
             .max_encoding_message_size(config.message_bytes_max);
         Ok(Client {
             grpc,
-            address: Arc::from(address.authority),
+            address: Arc::from(address.authority.as_str()),
             connectivity: Arc::new(watch::Sender::new(Connectivity::Connected)),
         })
     }

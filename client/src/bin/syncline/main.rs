@@ -46,13 +46,14 @@ Set RUST_LOG (e.g. RUST_LOG=syncline_client=debug) for diagnostics on stderr.";
 #[derive(Debug, Parser)]
 #[command(name = "syncline", version, about = ABOUT, after_help = AFTER_HELP)]
 struct Cli {
-    /// Broker address as HOST:PORT (an http:// prefix is accepted).
+    /// Broker address as HOST:PORT (an http:// prefix is accepted), or a comma-separated list
+    /// of bootstrap addresses tried in order until one answers.
     #[arg(
         long,
         global = true,
         env = "SYNCLINE_BROKER",
         default_value = "127.0.0.1:7450",
-        value_name = "HOST:PORT"
+        value_name = "HOST:PORT[,...]"
     )]
     broker: String,
 
