@@ -174,3 +174,65 @@ async fn given_cluster_of_one_when_status_is_asked_should_describe_it_in_json_an
     );
     assert!(broker.stop());
 }
+
+/// Issue 14: `topic create --replication-factor R` (and the CreateTopic field) is accepted as 1;
+/// above 1 it is FAILED_PRECONDITION with a clear message until replicated partitions exist
+/// (a cluster of one cannot place more replicas than nodes); 0 is INVALID_ARGUMENT. A refused
+/// create leaves no topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_replication_factor_above_one_should_refuse_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let create = |name: &str, factor: &str| {
+        std::process::Command::new(common::binary("syncline"))
+            .args(["--broker", &broker.addr, "topic", "create", name])
+            .args(["--replication-factor", factor])
+            .output()
+            .unwrap()
+    };
+    assert!(create("one", "1").status.success());
+    let refused = create("three", "3");
+    let stderr = stderr_of(&refused);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ")
+            && stderr.contains("replication factor 3 needs 3 nodes")
+            && stderr.contains("create the topic with replication factor 1"),
+        "{stderr}"
+    );
+
+    let mut client = broker.client().await;
+    let status = client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "three".into(),
+            config: Some(syncline_proto::v1::TopicConfig {
+                replication_factor: Some(3),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    let zero = client
+        .create_topic(syncline_proto::v1::CreateTopicRequest {
+            name: "zero".into(),
+            config: Some(syncline_proto::v1::TopicConfig {
+                replication_factor: Some(0),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(zero.code(), tonic::Code::InvalidArgument);
+    let names: Vec<String> = client
+        .list_topics(syncline_proto::v1::ListTopicsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .topics
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, vec!["one".to_string()]);
+    assert!(broker.stop());
+}

@@ -83,6 +83,8 @@ pub struct TopicConfig {
     /// Tables: share of the sealed bytes written since the last compaction that triggers the
     /// next one, in (0, 1].
     pub min_cleanable_dirty_ratio: Option<f64>,
+    /// Replicas per partition; `None` = 1. Only 1 is served until replicated partitions exist.
+    pub replication_factor: Option<u32>,
 }
 
 impl TopicConfig {
@@ -113,6 +115,7 @@ impl TopicConfig {
             fsync_interval_ms,
             delete_retention_ms: self.delete_retention_ms,
             min_cleanable_dirty_ratio: self.min_cleanable_dirty_ratio,
+            replication_factor: self.replication_factor,
         }
     }
 
@@ -134,6 +137,7 @@ impl TopicConfig {
             fsync_policy,
             delete_retention_ms: config.delete_retention_ms,
             min_cleanable_dirty_ratio: config.min_cleanable_dirty_ratio,
+            replication_factor: config.replication_factor,
         }
     }
 }
@@ -341,11 +345,13 @@ mod tests {
             fsync_policy: Some(FsyncPolicy::Interval { interval_ms: 5 }),
             delete_retention_ms: Some(60_000),
             min_cleanable_dirty_ratio: Some(0.25),
+            replication_factor: Some(1),
         };
         assert_eq!(TopicConfig::from_wire(&config.to_wire()), config);
         let defaults = TopicConfig::default();
         let wire = defaults.to_wire();
         assert_eq!(wire.partitions, None, "unset must stay absent on the wire");
+        assert_eq!(wire.replication_factor, None);
         assert_eq!(wire.cleanup_policy, v1::CleanupPolicy::Delete as i32);
         assert_eq!(TopicConfig::from_wire(&wire), defaults);
     }

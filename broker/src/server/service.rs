@@ -202,6 +202,22 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         fsync_interval_ms,
         delete_retention_ms: Some(settings.log.delete_retention_ms),
         min_cleanable_dirty_ratio: Some(settings.log.min_cleanable_dirty_ratio),
+        replication_factor: Some(1),
+    }
+}
+
+/// The replication factors this version can serve: only 1, until replicated partitions exist.
+fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Status> {
+    match replication_factor {
+        None | Some(1) => Ok(()),
+        Some(0) => Err(Status::invalid_argument(
+            "`replication_factor` 0 is outside [1, nodes]: leave it unset for 1",
+        )),
+        Some(factor) => Err(Status::failed_precondition(format!(
+            "replication factor {factor} needs {factor} nodes holding a replica of each \
+             partition, but this version runs a cluster of one node without replicated \
+             partitions: create the topic with replication factor 1"
+        ))),
     }
 }
 
@@ -552,6 +568,7 @@ impl Broker for BrokerService {
         let result = async move {
             let request = request.into_inner();
             let config = request.config.unwrap_or_default();
+            check_replication_factor(config.replication_factor)?;
             let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
                 Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => {
                     Cleanup::Delete

@@ -169,6 +169,11 @@ struct CreateArgs {
     /// last pass, in (0, 1] (default: the broker's, 0.5).
     #[arg(long, value_name = "RATIO")]
     min_cleanable_dirty_ratio: Option<f64>,
+
+    /// Replicas per partition (default 1). This version holds one replica of each partition,
+    /// so a factor above 1 is refused until replicated partitions exist.
+    #[arg(long, value_name = "R")]
+    replication_factor: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -380,6 +385,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 segment_bytes: args.segment_bytes,
                 delete_retention_ms: args.delete_retention_ms,
                 min_cleanable_dirty_ratio: args.min_cleanable_dirty_ratio,
+                replication_factor: args.replication_factor,
                 ..TopicConfig::default()
             };
             let description = client.create_topic(&args.name, config).await?;
