@@ -116,33 +116,13 @@ async fn produce(
         .map(|r| r.into_inner())
 }
 
-/// Every durable record of a partition, by fetching from offset 0.
+/// Every durable record's value of a partition.
 async fn read_all(client: &mut Client, topic: &str, partition: u32) -> Vec<Vec<u8>> {
-    let mut values = Vec::new();
-    let mut offset = 0;
-    loop {
-        let response = client
-            .fetch(v1::FetchRequest {
-                topic: topic.into(),
-                partition,
-                offset,
-                decode_records: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("fetch {topic}/{partition} at {offset}: {s:?}"))
-            .into_inner();
-        values.extend(
-            response
-                .records
-                .iter()
-                .map(|r| r.value.clone().unwrap_or_default().to_vec()),
-        );
-        if response.next_offset >= response.high_watermark || response.next_offset == offset {
-            return values;
-        }
-        offset = response.next_offset;
-    }
+    common::read_records(client, topic, partition)
+        .await
+        .into_iter()
+        .map(|r| r.value.unwrap_or_default().to_vec())
+        .collect()
 }
 
 /// Produces 64 KiB records until one is refused (what was reserved before the disk filled

@@ -45,31 +45,14 @@ fn fixture(name: &str) -> std::path::PathBuf {
 
 /// Every (key, value) of a partition in offset order.
 async fn read_partition(client: &mut Client, topic: &str, partition: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut offset = 0;
-    loop {
-        let response = client
-            .fetch(v1::FetchRequest {
-                topic: topic.into(),
-                partition,
-                offset,
-                decode_records: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("fetch {topic}/{partition} at {offset}: {s:?}"))
-            .into_inner();
-        for record in &response.records {
-            out.push((
-                String::from_utf8_lossy(record.key.as_deref().unwrap_or_default()).into_owned(),
-                String::from_utf8_lossy(record.value.as_deref().unwrap_or_default()).into_owned(),
-            ));
-        }
-        if response.next_offset >= response.high_watermark {
-            return out;
-        }
-        offset = response.next_offset;
-    }
+    let text = |bytes: Option<bytes::Bytes>| {
+        String::from_utf8_lossy(bytes.as_deref().unwrap_or_default()).into_owned()
+    };
+    common::read_records(client, topic, partition)
+        .await
+        .into_iter()
+        .map(|r| (text(r.key), text(r.value)))
+        .collect()
 }
 
 async fn table_value(client: &mut Client, key: &str) -> Option<String> {

@@ -231,3 +231,32 @@ pub fn run_broker(data_dir: &Path, args: &[&str]) -> std::process::Output {
         .output()
         .expect("run syncline-broker")
 }
+
+/// Every durable record of a partition (decoded by the broker), fetching from offset 0 up to
+/// the high watermark.
+pub async fn read_records(
+    client: &mut BrokerClient<Channel>,
+    topic: &str,
+    partition: u32,
+) -> Vec<syncline_proto::v1::FetchedRecord> {
+    let mut records = Vec::new();
+    let mut offset = 0;
+    loop {
+        let response = client
+            .fetch(syncline_proto::v1::FetchRequest {
+                topic: topic.into(),
+                partition,
+                offset,
+                decode_records: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("fetch {topic}/{partition} at {offset}: {s:?}"))
+            .into_inner();
+        records.extend(response.records);
+        if response.next_offset >= response.high_watermark || response.next_offset == offset {
+            return records;
+        }
+        offset = response.next_offset;
+    }
+}
