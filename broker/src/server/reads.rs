@@ -52,15 +52,19 @@ fn fetched_record(record: Record) -> v1::FetchedRecord {
         timestamp_ms: record.timestamp,
         key: record.key,
         value: record.value,
-        headers: record
-            .headers
-            .into_iter()
-            .map(|h| v1::RecordHeader {
-                key: h.key,
-                value: h.value,
-            })
-            .collect(),
+        headers: record_headers(record.headers),
     }
+}
+
+/// A record's headers as the wire carries them (Fetch, Snapshot, Get).
+pub(super) fn record_headers(headers: Vec<syncline_proto::batch::Header>) -> Vec<v1::RecordHeader> {
+    headers
+        .into_iter()
+        .map(|h| v1::RecordHeader {
+            key: h.key,
+            value: h.value,
+        })
+        .collect()
 }
 
 /// Splits fetched batches into records at or after `from` (for clients without the codec).

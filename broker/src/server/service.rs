@@ -20,7 +20,8 @@ use tracing::Instrument;
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::connections::ConnectionInfo;
 use super::reads::{
-    fetch_response, response_bytes_estimate, stream_snapshot, Subscription, SNAPSHOT_READ_AHEAD,
+    fetch_response, record_headers, response_bytes_estimate, stream_snapshot, Subscription,
+    SNAPSHOT_READ_AHEAD,
 };
 use super::stall::{StallWatch, StreamWatch};
 use super::status::{decode_limit_to_resource_exhausted, to_status};
@@ -1062,14 +1063,7 @@ impl Broker for BrokerService {
                 version: record.offset,
                 value: record.value.unwrap_or_default(),
                 timestamp_ms: record.timestamp,
-                headers: record
-                    .headers
-                    .into_iter()
-                    .map(|h| v1::RecordHeader {
-                        key: h.key,
-                        value: h.value,
-                    })
-                    .collect(),
+                headers: record_headers(record.headers),
             }))
         }
         .await;
