@@ -5,6 +5,9 @@
 //! `google.protobuf.Any` with type URL [`CAS_CONFLICT_TYPE_URL`]), so standard tooling (Python's
 //! `grpc_status.rpc_status.from_call`, grpc-go's `status.FromError(..).Details()`) reads it.
 //! Brokers before that sent the bare `CasConflict` message; [`cas_conflict`] still reads it.
+//!
+//! In a cluster, a call at a node that does not lead its partition answers FAILED_PRECONDITION
+//! with a [`v1::NotLeader`] detail (type URL [`NOT_LEADER_TYPE_URL`]) naming the leader.
 
 use prost::Message as _;
 use tonic::{Code, Status};
@@ -49,10 +52,57 @@ pub fn cas_conflict(details: &[u8]) -> Result<Option<v1::CasConflict>, prost::De
     }
 }
 
+/// Type URL of a `NotLeader` packed in a `google.protobuf.Any`.
+pub const NOT_LEADER_TYPE_URL: &str = "type.googleapis.com/syncline.v1.NotLeader";
+
+/// A FAILED_PRECONDITION status saying this node does not lead the partition (or coordinate
+/// the group), with `not_leader` naming the node that does as its standard rich-error detail.
+pub fn not_leader_status(message: impl Into<String>, not_leader: &v1::NotLeader) -> Status {
+    let message = message.into();
+    let details = tonic_types::pb::Status {
+        code: Code::FailedPrecondition as i32,
+        message: message.clone(),
+        details: vec![prost_types::Any {
+            type_url: NOT_LEADER_TYPE_URL.to_owned(),
+            value: not_leader.encode_to_vec(),
+        }],
+    }
+    .encode_to_vec();
+    Status::with_details(Code::FailedPrecondition, message, details.into())
+}
+
+/// The `NotLeader` detail of a status: `None` when it has none (or the details do not decode).
+pub fn not_leader(status: &Status) -> Option<v1::NotLeader> {
+    if status.code() != Code::FailedPrecondition || status.details().is_empty() {
+        return None;
+    }
+    let decoded = tonic_types::pb::Status::decode(status.details()).ok()?;
+    decoded
+        .details
+        .iter()
+        .find(|any| any.type_url == NOT_LEADER_TYPE_URL)
+        .and_then(|any| v1::NotLeader::decode(any.value.as_slice()).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn given_a_not_leader_status_when_read_back_should_name_the_leader() {
+        let detail = v1::NotLeader {
+            topic: "orders".into(),
+            partition: 3,
+            leader_id: Some(2),
+            leader_address: "127.0.0.1:7451".into(),
+        };
+        let status = not_leader_status("node 1 does not lead orders/3", &detail);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(not_leader(&status), Some(detail));
+        assert_eq!(not_leader(&Status::failed_precondition("fenced")), None);
+        assert_eq!(not_leader(&Status::unavailable("down")), None);
+    }
 
     fn conflict() -> v1::CasConflict {
         v1::CasConflict {

@@ -217,6 +217,17 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The `__offsets` partition that holds a group's commits: its coordinator is that partition's
+/// leader. The group name hashed as a record key is (Kafka's murmur2), so the mapping is
+/// stable for a given partition count.
+pub fn coordinator_partition(group: &str, offsets_partitions: u32) -> Result<u32, BrokerError> {
+    validate_group(group)?;
+    Ok(syncline_proto::partitioner::partition_for_key(
+        group.as_bytes(),
+        offsets_partitions.max(1),
+    ))
+}
+
 /// Group names follow the topic-name rules.
 fn validate_group(group: &str) -> Result<(), BrokerError> {
     validate_topic_name(group).map_err(|error| match error {

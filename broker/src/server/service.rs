@@ -1352,4 +1352,28 @@ impl Broker for BrokerService {
         .await;
         finish("DescribeGroup", started, result)
     }
+
+    async fn find_coordinator(
+        &self,
+        request: Request<v1::FindCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        let started = Instant::now();
+        let result = async move {
+            let group = request.into_inner().group;
+            let offsets_partitions = self
+                .registry
+                .get(crate::group::offsets::OFFSETS_TOPIC)
+                .map_or(1, |topic| topic.settings.partitions);
+            let partition = crate::group::coordinator_partition(&group, offsets_partitions)
+                .map_err(to_status)?;
+            // A cluster of one coordinates every group.
+            Ok(Response::new(v1::FindCoordinatorResponse {
+                node_id: self.cluster.node_id,
+                address: self.cluster.address.clone(),
+                partition,
+            }))
+        }
+        .await;
+        finish("FindCoordinator", started, result)
+    }
 }
