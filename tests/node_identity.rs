@@ -75,15 +75,6 @@ fn given_contradicting_node_settings_should_refuse_to_start_naming_the_key() {
             ],
             "node id 1 appears twice",
         ),
-        (
-            vec![
-                "--listen",
-                "127.0.0.1:7",
-                "--cluster",
-                "1=127.0.0.1:7,2=127.0.0.1:9",
-            ],
-            "runs a cluster of one node",
-        ),
     ] {
         let mut all = args.clone();
         all.extend(metrics);

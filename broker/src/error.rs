@@ -133,6 +133,30 @@ pub enum BrokerError {
     /// The request is larger than a limit allows.
     #[error("{0}")]
     TooLarge(String),
+    /// The cluster controller failed a request (it is starting, or its storage failed).
+    #[error("cluster controller: {0}")]
+    Controller(String),
+    /// No controller leader answered in time (an election is running, or a majority of the
+    /// voters is down).
+    #[error("the cluster controller is unavailable: {reason}")]
+    ControllerUnavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The controller refused a change (for example: too few live nodes for the placement).
+    #[error("the cluster refused the change: {0}")]
+    ClusterRefused(String),
+    /// Another node holds the partition (or coordinates the group whose `__offsets` partition
+    /// it is).
+    #[error("this node does not lead partition {partition} of topic `{topic}`{}", match leader.id { Some(id) => format!("; node {id} at {} does", leader.address), None => "; its leader is not known yet".to_string() })]
+    NotLeader {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The node that leads it.
+        leader: crate::partition::RemoteLeader,
+    },
     /// The partition refused to open (interior corruption) and is fenced until an operator acts.
     #[error("partition {partition} of topic `{topic}` is fenced: {reason}")]
     Fenced {

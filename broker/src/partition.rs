@@ -41,7 +41,25 @@ use crate::state::{KeyIndex, PartitionState, ProducedBatch, SequenceCheck};
 use syncline_proto::batch::Batches;
 use syncline_proto::v1;
 
-/// A partition: its log, or the reason it is fenced.
+/// Where a partition that has no log on this node is: fenced here, or held by another node.
+#[derive(Debug, Clone)]
+enum Absent {
+    /// Its log refused to open (or its state to rebuild) on this node.
+    Fenced(String),
+    /// Another node holds it (a cluster places each partition on some nodes only).
+    Remote(RemoteLeader),
+}
+
+/// The node leading a partition this node does not hold, as the cluster metadata last said.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteLeader {
+    /// Its node id (None while the partition has no known leader).
+    pub id: Option<u64>,
+    /// Its advertised `HOST:PORT` (empty when unknown).
+    pub address: String,
+}
+
+/// A partition: its log, the reason it is fenced, or the node that holds it.
 #[derive(Debug)]
 pub struct Partition {
     /// The topic name.
@@ -50,7 +68,7 @@ pub struct Partition {
     pub id: u32,
     /// Partitions in the topic (for the key check).
     pub partitions: u32,
-    state: Result<Arc<Log>, String>,
+    state: Result<Arc<Log>, Absent>,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Key index and producer state; its lock is the partition's one-writer critical section:
     /// dedupe, CAS check, offset assignment (append) and index update happen under it.
@@ -181,7 +199,7 @@ impl Partition {
             topic,
             id,
             partitions,
-            state: Err(reason),
+            state: Err(Absent::Fenced(reason)),
             flusher: Mutex::new(None),
             live: Mutex::new(PartitionState::default()),
             is_table: false,
@@ -190,18 +208,44 @@ impl Partition {
         }
     }
 
-    /// The log, or the fence.
+    /// A partition another node holds: every call for it answers [`BrokerError::NotLeader`]
+    /// naming `leader`.
+    pub fn remote(topic: Arc<str>, id: u32, partitions: u32, leader: RemoteLeader) -> Partition {
+        let mut partition = Partition::fenced(topic, id, partitions, String::new());
+        partition.state = Err(Absent::Remote(leader));
+        partition
+    }
+
+    /// The log, or why there is none here (fenced, or held by another node).
     pub fn log(&self) -> Result<&Arc<Log>, BrokerError> {
-        self.state.as_ref().map_err(|reason| BrokerError::Fenced {
-            topic: self.topic.to_string(),
-            partition: self.id,
-            reason: reason.clone(),
+        self.state.as_ref().map_err(|absent| match absent {
+            Absent::Fenced(reason) => BrokerError::Fenced {
+                topic: self.topic.to_string(),
+                partition: self.id,
+                reason: reason.clone(),
+            },
+            Absent::Remote(leader) => BrokerError::NotLeader {
+                topic: self.topic.to_string(),
+                partition: self.id,
+                leader: leader.clone(),
+            },
         })
     }
 
     /// Why the partition is fenced, if it is.
     pub fn fence_reason(&self) -> Option<&str> {
-        self.state.as_ref().err().map(String::as_str)
+        match &self.state {
+            Err(Absent::Fenced(reason)) => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The node holding this partition when another node does.
+    pub fn remote_leader(&self) -> Option<&RemoteLeader> {
+        match &self.state {
+            Err(Absent::Remote(leader)) => Some(leader),
+            _ => None,
+        }
     }
 
     pub(crate) fn log_error(&self, source: LogError) -> BrokerError {

@@ -126,7 +126,12 @@ struct Store {
     next_id: i64,
     /// Ids below this are reserved durably.
     ids_below: i64,
+    /// In a cluster: this node's id, the high bits of every id it hands out.
+    node: Option<u64>,
 }
+
+/// Ids one node of a cluster hands out (the low 31 bits).
+const NODE_LOCAL_IDS: i64 = 1 << 31;
 
 /// The current epoch of every remembered producer id, shared by the registry (which hands ids
 /// and epochs out) and the partitions (which refuse older epochs). See the module doc.
@@ -178,6 +183,21 @@ impl ProducerEpochs {
     /// line.
     pub fn open(data_dir: &Path) -> Result<ProducerEpochs, BrokerError> {
         Self::open_at(data_dir, now_ms())
+    }
+
+    /// Opens the store of a node in a cluster: every id it hands out carries the node id
+    /// (`node << 31 | n`, n in [1, 2^31)), so ids from different nodes never collide. A
+    /// clustered data directory is new, so its `n` starts at 1.
+    pub fn open_for_node(data_dir: &Path, node: u64) -> Result<ProducerEpochs, BrokerError> {
+        let epochs = Self::open_at(data_dir, now_ms())?;
+        if let Some(store) = &epochs.store {
+            let mut store = store.lock();
+            if store.ids_below == 0 {
+                store.next_id = 1;
+            }
+            store.node = Some(node);
+        }
+        Ok(epochs)
     }
 
     fn open_at(data_dir: &Path, now_ms: i64) -> Result<ProducerEpochs, BrokerError> {
@@ -232,6 +252,7 @@ impl ProducerEpochs {
                     ids_below
                 },
                 ids_below,
+                node: None,
             }))),
         })
     }
@@ -269,7 +290,13 @@ impl ProducerEpochs {
         }
         let id = store.next_id;
         store.next_id += 1;
-        Ok(id)
+        match store.node {
+            None => Ok(id),
+            Some(_) if id >= NODE_LOCAL_IDS => Err(BrokerError::InvalidRequest(
+                "this node handed out every producer id it may (2^31)".into(),
+            )),
+            Some(node) => Ok(((node as i64) << 31) | id),
+        }
     }
 
     /// Bumps the epoch of `id` durably (fencing older instances) and returns it.
@@ -349,6 +376,22 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_cluster_node_when_ids_are_handed_out_should_carry_its_node_id_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let epochs = ProducerEpochs::open_for_node(dir.path(), 3).unwrap();
+        let first = epochs.new_id().unwrap();
+        assert_eq!(first >> 31, 3);
+        assert_eq!(first & ((1 << 31) - 1), 1);
+        drop(epochs);
+        let epochs = ProducerEpochs::open_for_node(dir.path(), 3).unwrap();
+        let after = epochs.new_id().unwrap();
+        assert_eq!(after >> 31, 3);
+        assert!(after > first);
+        let other = ProducerEpochs::open_for_node(tempfile::tempdir().unwrap().path(), 4).unwrap();
+        assert_ne!(other.new_id().unwrap(), first);
+    }
 
     fn lines(dir: &Path) -> Vec<String> {
         std::fs::read_to_string(dir.join(EPOCHS_FILE))

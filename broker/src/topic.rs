@@ -45,7 +45,7 @@ use crate::error::BrokerError;
 use crate::log::{
     CompactOptions, ConfigError, FsyncPolicy, Log, LogError, OpenOptions, Preallocation, Throttle,
 };
-use crate::partition::Partition;
+use crate::partition::{Partition, RemoteLeader};
 pub use crate::producer_ids::ProducerEpochs;
 
 const FORMAT_FILE: &str = "format-version";
@@ -100,6 +100,10 @@ struct TopicMeta {
     /// The topic got its id at open: committed offsets stored without an id are its.
     #[serde(default, skip_serializing_if = "is_false")]
     legacy_offsets: bool,
+    /// In a cluster: the partitions this node holds (absent: all of them). The others are
+    /// served by the nodes the cluster metadata names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    local_partitions: Option<Vec<u32>>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -189,6 +193,12 @@ fn default_min_cleanable_dirty_ratio() -> f64 {
 }
 
 impl TopicMeta {
+    fn is_local(&self, partition: u32) -> bool {
+        self.local_partitions
+            .as_ref()
+            .is_none_or(|local| local.contains(&partition))
+    }
+
     fn settings(&self) -> Result<TopicSettings, ConfigError> {
         Ok(TopicSettings {
             partitions: self.partitions,
@@ -367,7 +377,11 @@ impl Registry {
             topics: RwLock::new(BTreeMap::new()),
             admin: tokio::sync::Mutex::new(()),
             sequence: AtomicU64::new(0),
-            producer_epochs: ProducerEpochs::open(&dir)?,
+            producer_epochs: if config.node.is_clustered() {
+                ProducerEpochs::open_for_node(&dir, config.node.id)?
+            } else {
+                ProducerEpochs::open(&dir)?
+            },
             throttle: (config.cleaner_io_bytes_per_sec > 0)
                 .then(|| Arc::new(Throttle::new(config.cleaner_io_bytes_per_sec))),
             log_options: OpenOptions {
@@ -405,7 +419,7 @@ impl Registry {
         // find none. (An explicitly set connection limit joins this count.)
         let partitions = found
             .iter()
-            .map(|(_, meta)| u64::from(meta.partitions))
+            .map(|(_, meta)| (0..meta.partitions).filter(|p| meta.is_local(*p)).count() as u64)
             .sum();
         crate::descriptors::check(partitions, explicit_connections(&config))?;
         let mut loaded = BTreeMap::new();
@@ -439,7 +453,7 @@ impl Registry {
             settings: &settings,
         };
         let partitions = (0..settings.partitions)
-            .map(|id| match opener.open(id) {
+            .map(|id| match opener.open_if(meta.is_local(id), id) {
                 Ok(partition) => Arc::new(partition),
                 Err(error) => {
                     tracing::error!(topic = %meta.name, partition = id, %error, "partition fenced: its log does not open");
@@ -517,6 +531,20 @@ struct PartitionOpener<'a> {
 }
 
 impl PartitionOpener<'_> {
+    /// Opens partition `id` when this node holds it; else a placeholder for the node that does
+    /// (its leader is filled in when the cluster metadata is applied).
+    fn open_if(&self, local: bool, id: u32) -> Result<Partition, LogError> {
+        if !local {
+            return Ok(Partition::remote(
+                self.name.clone(),
+                id,
+                self.settings.partitions,
+                RemoteLeader::default(),
+            ));
+        }
+        self.open(id)
+    }
+
     /// Opens (or creates) partition `id`'s log and restores its state.
     fn open(&self, id: u32) -> Result<Partition, LogError> {
         let dir = self.path.join(id.to_string());
@@ -576,16 +604,7 @@ impl Registry {
         if let Ok(topic) = self.get(name) {
             return Ok(topic);
         }
-        let mut log = self.config.topic_defaults.clone();
-        log.partitions = 1;
-        // Small segments, so the cleaner keeps it as small as the number of committed
-        // partitions.
-        log.segment_bytes = 64 * 1024 * 1024;
-        let settings = TopicSettings {
-            partitions: 1,
-            cleanup: Cleanup::Compact,
-            log,
-        };
+        let settings = self.offsets_settings(1);
         match self.create_any(name, settings).await {
             Err(BrokerError::TopicExists { .. }) => self.get(name),
             other => other,
@@ -597,19 +616,13 @@ impl Registry {
         name: &str,
         settings: TopicSettings,
     ) -> Result<Arc<Topic>, BrokerError> {
-        let _admin = self.admin.lock().await;
-        if self.topics.read().contains_key(name) {
-            return Err(BrokerError::TopicExists { topic: name.into() });
-        }
-        let data_dir = self.config.data_dir.clone();
-        let final_path = data_dir.join(name);
-        if final_path.exists() {
-            return Err(BrokerError::TopicExists { topic: name.into() });
-        }
-        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
-        let staging = data_dir.join(format!("~creating-{}-{sequence}", now_ms()));
-        let id = TopicId::random()?;
-        let meta = TopicMeta {
+        let meta = self.new_meta(name, &settings, TopicId::random()?);
+        self.create_meta(meta, &BTreeMap::new()).await
+    }
+
+    /// `topic.toml` for a new topic.
+    fn new_meta(&self, name: &str, settings: &TopicSettings, id: TopicId) -> TopicMeta {
+        TopicMeta {
             format: 1,
             name: name.to_string(),
             partitions: settings.partitions,
@@ -631,7 +644,121 @@ impl Registry {
             min_cleanable_dirty_ratio: settings.log.min_cleanable_dirty_ratio,
             id: Some(id.to_string()),
             legacy_offsets: false,
+            local_partitions: None,
+        }
+    }
+
+    /// A new topic's `topic.toml` text and its fresh incarnation id, for a cluster's
+    /// controller to place (every node then creates it with [`Registry::create_placed`]).
+    pub fn new_topic_text(
+        &self,
+        name: &str,
+        settings: &TopicSettings,
+    ) -> Result<(TopicId, String), BrokerError> {
+        let id = TopicId::random()?;
+        let text = toml::to_string(&self.new_meta(name, settings, id)).map_err(|e| {
+            BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
+        })?;
+        Ok((id, text))
+    }
+
+    /// The settings `__offsets` gets (a table of small segments, so the cleaner keeps it as
+    /// small as the number of committed partitions).
+    pub fn offsets_settings(&self, partitions: u32) -> TopicSettings {
+        let mut log = self.config.topic_defaults.clone();
+        log.partitions = partitions;
+        log.segment_bytes = 64 * 1024 * 1024;
+        TopicSettings {
+            partitions,
+            cleanup: Cleanup::Compact,
+            log,
+        }
+    }
+
+    /// Creates a topic the cluster placed: `text` is its `topic.toml` as the controller
+    /// committed it; this node holds the partitions `local`, and `remote` names the leaders of
+    /// the others. Idempotent: the same incarnation already here is returned as it is.
+    pub async fn create_placed(
+        &self,
+        text: &str,
+        local: Vec<u32>,
+        remote: &BTreeMap<u32, RemoteLeader>,
+    ) -> Result<Arc<Topic>, BrokerError> {
+        let mut meta: TopicMeta = toml::from_str(text).map_err(|e| {
+            BrokerError::InvalidRequest(format!("the controller's topic settings: {e}"))
+        })?;
+        if let Ok(existing) = self.get(&meta.name) {
+            if meta.id.as_deref() == Some(existing.id.to_string().as_str()) {
+                return Ok(existing);
+            }
+        }
+        meta.local_partitions = Some(local);
+        self.create_meta(meta, remote).await
+    }
+
+    /// Points the placeholders of partitions held elsewhere at their current leaders.
+    pub fn set_remote_leaders(&self, name: &str, leaders: &BTreeMap<u32, RemoteLeader>) {
+        let mut topics = self.topics.write();
+        let Some(topic) = topics.get(name) else {
+            return;
         };
+        let stale = topic.partitions.iter().any(|p| {
+            p.remote_leader()
+                .is_some_and(|now| leaders.get(&p.id).is_some_and(|want| want != now))
+        });
+        if !stale {
+            return;
+        }
+        let partitions = topic
+            .partitions
+            .iter()
+            .map(|p| match (p.remote_leader(), leaders.get(&p.id)) {
+                (Some(_), Some(leader)) => Arc::new(Partition::remote(
+                    topic.name.clone(),
+                    p.id,
+                    topic.settings.partitions,
+                    leader.clone(),
+                )),
+                _ => p.clone(),
+            })
+            .collect();
+        let updated = Arc::new(Topic {
+            name: topic.name.clone(),
+            id: topic.id,
+            legacy_offsets: topic.legacy_offsets,
+            settings: topic.settings.clone(),
+            partitions,
+            deleted: AtomicBool::new(false),
+        });
+        topics.insert(name.to_string(), updated);
+    }
+
+    async fn create_meta(
+        &self,
+        meta: TopicMeta,
+        remote: &BTreeMap<u32, RemoteLeader>,
+    ) -> Result<Arc<Topic>, BrokerError> {
+        let name = meta.name.clone();
+        let name = name.as_str();
+        let settings = meta.settings()?;
+        let id = meta.id.as_deref().and_then(TopicId::parse).ok_or_else(|| {
+            BrokerError::InvalidRequest(format!("topic `{name}` has no valid id"))
+        })?;
+        let _admin = self.admin.lock().await;
+        if self.topics.read().contains_key(name) {
+            return Err(BrokerError::TopicExists { topic: name.into() });
+        }
+        let data_dir = self.config.data_dir.clone();
+        let final_path = data_dir.join(name);
+        if final_path.exists() {
+            return Err(BrokerError::TopicExists { topic: name.into() });
+        }
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let staging = data_dir.join(format!("~creating-{}-{sequence}", now_ms()));
+        let local: Vec<u32> = (0..settings.partitions)
+            .filter(|p| meta.is_local(*p))
+            .collect();
+        let remote = remote.clone();
         let text = toml::to_string(&meta).map_err(|e| {
             BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
         })?;
@@ -641,7 +768,7 @@ impl Registry {
             .map(|topic| topic.partitions.len() as u64)
             .sum();
         crate::descriptors::check(
-            open_partitions + u64::from(settings.partitions),
+            open_partitions + local.len() as u64,
             explicit_connections(&self.config),
         )?;
         let config = self.config.clone();
@@ -652,7 +779,7 @@ impl Registry {
             let built = (|| {
                 std::fs::create_dir(&staging)
                     .map_err(|e| BrokerError::io("creating", &staging, e))?;
-                for id in 0..settings.partitions {
+                for id in &local {
                     let dir = staging.join(id.to_string());
                     std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
                 }
@@ -678,6 +805,15 @@ impl Registry {
             };
             let mut partitions = Vec::with_capacity(settings.partitions as usize);
             for id in 0..settings.partitions {
+                if !local.contains(&id) {
+                    partitions.push(Arc::new(Partition::remote(
+                        opener.name.clone(),
+                        id,
+                        settings.partitions,
+                        remote.get(&id).cloned().unwrap_or_default(),
+                    )));
+                    continue;
+                }
                 match opener.open(id) {
                     Ok(partition) => partitions.push(Arc::new(partition)),
                     Err(source) => {
@@ -733,12 +869,25 @@ impl Registry {
                 reason: "internal topics cannot be deleted",
             });
         }
+        self.delete_checked(name, None).await
+    }
+
+    /// Deletes this node's copy of incarnation `id` of a topic (internal ones too), as the
+    /// cluster metadata says; another incarnation of the name is left alone.
+    pub async fn delete_incarnation(&self, name: &str, id: TopicId) -> Result<(), BrokerError> {
+        self.delete_checked(name, Some(id)).await
+    }
+
+    async fn delete_checked(&self, name: &str, id: Option<TopicId>) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
-        let topic = self
-            .topics
-            .write()
-            .remove(name)
-            .ok_or_else(|| BrokerError::TopicNotFound { topic: name.into() })?;
+        let topic = {
+            let mut topics = self.topics.write();
+            match topics.get(name) {
+                Some(found) if id.is_none_or(|id| id == found.id) => topics.remove(name),
+                _ => None,
+            }
+        }
+        .ok_or_else(|| BrokerError::TopicNotFound { topic: name.into() })?;
         topic.deleted.store(true, Ordering::Release);
         for partition in &topic.partitions {
             partition.close().await;

@@ -6,7 +6,8 @@
 //! ```text
 //! format = 1                       # this file's format
 //! node_id = 1                      # the node this directory belongs to
-//! cluster_id = "8-4-4-4-12 hex"    # 128 random bits drawn when the cluster was formed
+//! cluster_id = "8-4-4-4-12 hex"    # random for a cluster of one; a hash of the voters for a
+//!                                  # `--cluster` list (every initial node derives the same)
 //! voters = "1=127.0.0.1:7450"      # the controller's initial voters (ID=HOST:PORT, by id)
 //! ```
 //!
@@ -43,6 +44,25 @@ pub struct Identity {
     pub cluster_id: String,
     /// The controller's initial voters, `ID=HOST:PORT,...` sorted by id.
     pub voters: String,
+}
+
+/// A new data directory's cluster id. A cluster of one draws it at random; the initial nodes of
+/// a `--cluster` list derive it from the list (a hash of the voters, in the same 8-4-4-4-12
+/// form), so that every one of them records the same id before they ever talk.
+fn cluster_id_for(node: &NodeConfig) -> Result<String, BrokerError> {
+    if !node.is_clustered() {
+        return Ok(TopicId::random()?.to_string());
+    }
+    let hash = xxhash_rust::xxh3::xxh3_128(format_voters(&node.cluster).as_bytes()).max(1);
+    let hex = format!("{hash:032x}");
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
 }
 
 fn refuse(dir: &Path, message: String) -> BrokerError {
@@ -121,7 +141,7 @@ pub fn load_or_create(
     let identity = Identity {
         format: IDENTITY_FORMAT,
         node_id: node.id,
-        cluster_id: TopicId::random()?.to_string(),
+        cluster_id: cluster_id_for(node)?,
         voters: given_voters.unwrap_or_else(|| format!("{}={advertised}", node.id)),
     };
     let text = toml::to_string(&identity)

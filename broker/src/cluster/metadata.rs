@@ -99,8 +99,34 @@ pub enum Command {
     },
 }
 
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::RegisterNode { id, address, .. } => {
+                write!(f, "register node {id} at {address}")
+            }
+            Command::Heartbeat { id, .. } => write!(f, "heartbeat of node {id}"),
+            Command::MarkDown { ids } => write!(f, "mark nodes {ids:?} down"),
+            Command::CreateTopic {
+                name,
+                id,
+                partitions,
+                ..
+            } => {
+                write!(f, "create topic {name} ({id}, {partitions} partitions)")
+            }
+            Command::DeleteTopic { name, id } => write!(f, "delete topic {name} ({id})"),
+        }
+    }
+}
+
+/// Deleted topic incarnations remembered (so a node that was down during a delete removes its
+/// copy when it returns); the oldest are forgotten past this many. A node down across more
+/// deletes than this keeps the forgotten topic's directory and warns about it.
+pub const TOMBSTONES_MAX: usize = 10_000;
+
 /// Why a command changed nothing.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MetadataError {
     /// CreateTopic of a name that exists.
     #[error("topic `{0}` already exists")]
@@ -128,6 +154,9 @@ pub struct Metadata {
     pub nodes: BTreeMap<u64, NodeInfo>,
     /// Topics by name.
     pub topics: BTreeMap<String, TopicMeta>,
+    /// Ids of deleted topic incarnations, oldest first (at most [`TOMBSTONES_MAX`]).
+    #[serde(default)]
+    pub deleted: std::collections::VecDeque<String>,
 }
 
 impl Metadata {
@@ -195,7 +224,11 @@ impl Metadata {
                 replication_factor,
                 settings,
             } => {
-                if self.topics.contains_key(name) {
+                if let Some(existing) = self.topics.get(name) {
+                    // The same incarnation again is a retried proposal: already done.
+                    if existing.id == *id {
+                        return Ok(());
+                    }
                     return Err(MetadataError::TopicExists(name.clone()));
                 }
                 let mut load = self.load();
@@ -227,8 +260,14 @@ impl Metadata {
             Command::DeleteTopic { name, id } => match self.topics.get(name) {
                 Some(topic) if topic.id == *id => {
                     self.topics.remove(name);
+                    self.deleted.push_back(id.clone());
+                    if self.deleted.len() > TOMBSTONES_MAX {
+                        self.deleted.pop_front();
+                    }
                     Ok(())
                 }
+                // A retried delete of an incarnation already deleted.
+                _ if self.deleted.contains(id) => Ok(()),
                 _ => Err(MetadataError::UnknownTopic {
                     name: name.clone(),
                     id: id.clone(),

@@ -5,8 +5,10 @@
 //! metadata ([`metadata`]: nodes, topics, replica sets, leaders and leader epochs; deterministic
 //! apply) and placement ([`placement`]: partitions spread evenly over live nodes). The
 //! controller's Raft group that orders the metadata commands, its log and snapshot storage and
-//! peer transport come next; until they do, a node is a cluster of one and a `--cluster` list
-//! naming other nodes is refused at start with a clear error rather than half-served.
+//! peer transport: [`controller`] (bootstrap, proposals, liveness), [`raft`] (openraft types and
+//! the state machine), [`log_store`] (the Raft log under the data directory), [`network`] (peer
+//! calls), and [`reconcile`] (local topics follow the applied metadata). Without `--cluster` a
+//! node is a cluster of one and none of it runs.
 //!
 //! Raft library: openraft, never a protocol of our own. The plan is an exactly pinned 0.10
 //! alpha (`=0.10.0-alpha.N`, the newest on crates.io when the controller is wired) rather than
@@ -18,19 +20,37 @@
 //! and `group/` know nothing of it, and openraft types will stay inside this folder and
 //! `replication/`.
 
+pub mod controller;
 pub mod identity;
+pub mod log_store;
 pub mod metadata;
+pub mod network;
 pub mod node;
 pub mod placement;
+pub mod raft;
+pub mod reconcile;
 
-/// What this node tells clients about the cluster: until the controller lands, a cluster of one
-/// (this node leads and holds every partition).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What this node tells clients about the cluster: a cluster of one (this node leads and holds
+/// every partition) unless it runs the controller.
+#[derive(Clone, Default)]
 pub struct ClusterView {
+    /// The controller, when the node was started with `--cluster`.
+    pub controller: Option<std::sync::Arc<controller::Controller>>,
     /// This node's id.
     pub node_id: u64,
     /// The cluster's id (from the data directory's identity).
     pub cluster_id: String,
     /// This node's advertised `HOST:PORT`.
     pub address: String,
+}
+
+impl std::fmt::Debug for ClusterView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterView")
+            .field("node_id", &self.node_id)
+            .field("cluster_id", &self.cluster_id)
+            .field("address", &self.address)
+            .field("clustered", &self.controller.is_some())
+            .finish()
+    }
 }

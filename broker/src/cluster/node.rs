@@ -118,6 +118,13 @@ pub fn parse_cluster(text: &str) -> Result<Vec<Voter>, String> {
 
 impl NodeConfig {
     /// The address this node advertises once it listens on `bound`.
+    /// Whether `--cluster` was given: the node then runs the controller with those voters
+    /// (even a list of just this node). Without it the node is a cluster of one, as a
+    /// single-node broker always was: no controller, every partition here.
+    pub fn is_clustered(&self) -> bool {
+        !self.cluster.is_empty()
+    }
+
     pub fn advertised(&self, bound: SocketAddr) -> String {
         self.advertise.clone().unwrap_or_else(|| bound.to_string())
     }
@@ -173,17 +180,6 @@ impl NodeConfig {
                     ),
                 );
             }
-        }
-        if self.cluster.len() > 1 {
-            return err(
-                "cluster",
-                format!(
-                    "`{}` names other nodes, but this version runs a cluster of one node: the \
-                     controller that lets nodes share one view of the cluster is not built yet; \
-                     start without --cluster (or with this node alone)",
-                    format_voters(&self.cluster)
-                ),
-            );
         }
         Ok(())
     }
@@ -275,14 +271,11 @@ mod tests {
             ..NodeConfig::default()
         };
         assert!(alone.validate(listen("127.0.0.1:7450")).is_ok());
-        refused(
-            NodeConfig {
-                cluster: parse_cluster("1=127.0.0.1:7450,2=127.0.0.1:7451").unwrap(),
-                ..NodeConfig::default()
-            },
-            "127.0.0.1:7450",
-            "cluster",
-            "not built yet",
-        );
+        let three = NodeConfig {
+            cluster: parse_cluster("1=127.0.0.1:7450,2=127.0.0.1:7451,3=127.0.0.1:7452").unwrap(),
+            ..NodeConfig::default()
+        };
+        assert!(three.validate(listen("127.0.0.1:7450")).is_ok());
+        assert!(three.is_clustered() && !NodeConfig::default().is_clustered());
     }
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 
 /// Why a placement cannot be made.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum PlacementError {
     /// Fewer live nodes than replicas per partition.
     #[error("replication factor {replication_factor} needs {replication_factor} live nodes, but {live} are live")]

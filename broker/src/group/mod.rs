@@ -257,35 +257,35 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Opens the coordinator over `registry`, creating `__offsets` on first use and loading
-    /// the committed offsets.
+    /// Opens the coordinator over `registry` and loads the committed offsets. A single node
+    /// creates `__offsets` (one partition) on first use; in a cluster the controller creates
+    /// it and the node attaches it when its metadata arrives ([`Coordinator::attach_offsets`]).
     pub async fn open(
         registry: Arc<Registry>,
         config: GroupConfig,
     ) -> Result<Coordinator, BrokerError> {
-        let topic = registry.offsets_topic().await?;
-        let partition = topic.partition(0)?.clone();
-        let loading = partition.clone();
-        let loaded = tokio::task::spawn_blocking(move || OffsetStore::load(loading))
-            .await
-            .map_err(|e| BrokerError::InvalidRequest(format!("loading offsets failed: {e}")))?;
-        // Corruption in `__offsets` fences committed offsets only, not the whole broker.
-        let offsets = match loaded {
-            Ok(offsets) => {
-                let stale = offsets.forget_stale(|topic, id| is_current(&registry, topic, id));
-                if stale > 0 {
-                    tracing::info!(
-                        stale,
-                        "ignoring committed offsets of deleted topic incarnations"
-                    );
-                }
-                offsets
-            }
-            Err(error) => {
-                tracing::error!(%error, "committed offsets unavailable: {} cannot be loaded", offsets::OFFSETS_TOPIC);
-                OffsetStore::unavailable(partition, error.to_string())
-            }
+        let topic = if registry.config().node.is_clustered() {
+            registry.get(offsets::OFFSETS_TOPIC).ok()
+        } else {
+            Some(registry.offsets_topic().await?)
         };
+        let offsets = OffsetStore::default();
+        let offsets = match topic {
+            Some(topic) => tokio::task::spawn_blocking(move || {
+                offsets.attach(&topic);
+                offsets
+            })
+            .await
+            .map_err(|e| BrokerError::InvalidRequest(format!("loading offsets failed: {e}")))?,
+            None => offsets,
+        };
+        let stale = offsets.forget_stale(|topic, id| is_current(&registry, topic, id));
+        if stale > 0 {
+            tracing::info!(
+                stale,
+                "ignoring committed offsets of deleted topic incarnations"
+            );
+        }
         Ok(Coordinator {
             registry,
             config,
@@ -293,6 +293,34 @@ impl Coordinator {
             offsets,
             ids: AtomicU64::new(now_ms() as u64),
         })
+    }
+
+    /// Attaches `__offsets` as the cluster placed it (loads the partitions held here).
+    pub fn attach_offsets(&self) {
+        if let Ok(topic) = self.registry.get(offsets::OFFSETS_TOPIC) {
+            tokio::task::block_in_place(|| self.offsets.attach(&topic));
+        }
+    }
+
+    /// Whether this node coordinates `group`: else NotLeader naming the node that does.
+    pub fn check_coordinator(&self, group: &str) -> Result<u32, BrokerError> {
+        self.offsets
+            .partition_of(group)
+            .map(|partition| partition.id)
+    }
+
+    /// The `__offsets` partition `group` hashes to and its leader (this node when it holds it).
+    pub fn coordinator_of(
+        &self,
+        group: &str,
+    ) -> Result<(u32, Option<crate::partition::RemoteLeader>), BrokerError> {
+        match self.offsets.partition_of(group) {
+            Ok(partition) => Ok((partition.id, None)),
+            Err(BrokerError::NotLeader {
+                partition, leader, ..
+            }) => Ok((partition, Some(leader))),
+            Err(error) => Err(error),
+        }
     }
 
     /// Absent: the broker default; an explicit value (0 included) must be within the bounds.
@@ -312,6 +340,7 @@ impl Coordinator {
         request: v1::JoinGroupRequest,
     ) -> Result<v1::JoinGroupResponse, BrokerError> {
         validate_group(&request.group)?;
+        self.check_coordinator(&request.group)?;
         if request.topics.is_empty() {
             return Err(BrokerError::InvalidRequest(
                 "a member must subscribe to at least one topic".into(),
@@ -443,6 +472,7 @@ impl Coordinator {
         &self,
         request: v1::HeartbeatRequest,
     ) -> Result<v1::HeartbeatResponse, BrokerError> {
+        self.check_coordinator(&request.group)?;
         let now = Instant::now();
         let mut groups = self.groups.lock();
         let group = Self::checked_group(
@@ -513,6 +543,7 @@ impl Coordinator {
 
     /// Removes a member; its partitions are free at once.
     pub fn leave(&self, request: v1::LeaveGroupRequest) -> Result<(), BrokerError> {
+        self.check_coordinator(&request.group)?;
         let now = Instant::now();
         let mut groups = self.groups.lock();
         let group = Self::checked_group(
@@ -578,6 +609,7 @@ impl Coordinator {
     /// Commits offsets (after validation) durably.
     pub async fn commit(&self, request: v1::CommitOffsetsRequest) -> Result<(), BrokerError> {
         validate_group(&request.group)?;
+        self.check_coordinator(&request.group)?;
         if request.offsets.len() > COMMIT_OFFSETS_MAX {
             return Err(BrokerError::InvalidRequest(format!(
                 "{} offsets in one commit: at most {COMMIT_OFFSETS_MAX}",
@@ -760,6 +792,7 @@ impl Coordinator {
     /// Members, assignment, committed offsets and lag of a group.
     pub fn describe(&self, name: &str) -> Result<v1::DescribeGroupResponse, BrokerError> {
         validate_group(name)?;
+        self.check_coordinator(name)?;
         let now = Instant::now();
         let committed: BTreeMap<(String, u32), offsets::Committed> =
             self.committed(name, &[])?.into_iter().collect();

@@ -60,15 +60,23 @@ type Groups = HashMap<String, BTreeMap<(String, u32), Committed>>;
 /// Committed offsets of one group, by (topic, partition).
 pub type GroupOffsets = Vec<((String, u32), Committed)>;
 
-/// The committed offsets of every group.
-#[derive(Debug)]
+/// The committed offsets of every group this node coordinates.
+///
+/// A group's commits live in the `__offsets` partition its name hashes to
+/// ([`super::coordinator_partition`]); this node coordinates the groups of the partitions it
+/// holds (all of them in a cluster of one). Partitions held elsewhere are placeholders that
+/// answer NotLeader naming the coordinator.
+#[derive(Debug, Default)]
 pub struct OffsetStore {
-    partition: Arc<Partition>,
+    /// `__offsets`' partitions, by number (none until the topic exists on this node).
+    partitions: parking_lot::RwLock<Vec<Arc<Partition>>>,
+    /// The incarnation the partitions belong to.
+    topic_id: parking_lot::RwLock<Option<crate::topic::TopicId>>,
     groups: Mutex<Groups>,
-    /// Why the committed offsets could not be loaded (interior corruption of `__offsets`):
-    /// then commits and fetches are refused naming `__offsets`, instead of the whole broker
-    /// refusing to start or answering from a partial history.
-    unavailable: Option<String>,
+    /// Why a partition's committed offsets could not be loaded (interior corruption of
+    /// `__offsets`): then its groups' commits and fetches are refused naming it, instead of
+    /// the whole broker refusing to start or answering from a partial history.
+    unavailable: Mutex<HashMap<u32, String>>,
 }
 
 fn key(group: &str, topic: &str, partition: u32) -> Bytes {
@@ -104,7 +112,75 @@ fn parse_key(key: &[u8]) -> Option<(String, String, u32)> {
 
 impl OffsetStore {
     /// Loads every committed offset from the `__offsets` partition.
-    pub fn load(partition: Arc<Partition>) -> Result<OffsetStore, BrokerError> {
+    /// Attaches the `__offsets` topic: loads the committed offsets of every partition held
+    /// here that is not loaded yet (blocking reads). Another incarnation replaces the old one.
+    pub fn attach(&self, topic: &crate::topic::Topic) {
+        let same = *self.topic_id.read() == Some(topic.id);
+        let before: Vec<Arc<Partition>> = if same {
+            self.partitions.read().clone()
+        } else {
+            self.groups.lock().clear();
+            self.unavailable.lock().clear();
+            Vec::new()
+        };
+        for partition in &topic.partitions {
+            let loaded_before = before
+                .get(partition.id as usize)
+                .is_some_and(|old| Arc::ptr_eq(old, partition));
+            if loaded_before || partition.remote_leader().is_some() {
+                continue;
+            }
+            match load(partition) {
+                Ok(groups) => self.groups.lock().extend(groups),
+                Err(error) => {
+                    tracing::error!(partition = partition.id, %error, "committed offsets unavailable: {OFFSETS_TOPIC} cannot be loaded");
+                    self.unavailable
+                        .lock()
+                        .insert(partition.id, error.to_string());
+                }
+            }
+        }
+        *self.partitions.write() = topic.partitions.clone();
+        *self.topic_id.write() = Some(topic.id);
+    }
+
+    /// The `__offsets` partition of `group`, if this node coordinates it: else NotLeader
+    /// naming the node that does, or UNAVAILABLE while `__offsets` does not exist yet.
+    pub fn partition_of(&self, group: &str) -> Result<Arc<Partition>, BrokerError> {
+        let partitions = self.partitions.read();
+        if partitions.is_empty() {
+            return Err(BrokerError::ControllerUnavailable {
+                reason: format!("{OFFSETS_TOPIC} is not created yet: the cluster is starting"),
+            });
+        }
+        let id = super::coordinator_partition(group, partitions.len() as u32)?;
+        let partition = partitions[id as usize].clone();
+        if let Some(leader) = partition.remote_leader() {
+            return Err(BrokerError::NotLeader {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: id,
+                leader: leader.clone(),
+            });
+        }
+        Ok(partition)
+    }
+
+    fn partition_for(&self, group: &str) -> Result<Arc<Partition>, BrokerError> {
+        let partition = self.partition_of(group)?;
+        if let Some(reason) = self.unavailable.lock().get(&partition.id) {
+            return Err(BrokerError::Fenced {
+                topic: OFFSETS_TOPIC.to_string(),
+                partition: partition.id,
+                reason: reason.clone(),
+            });
+        }
+        Ok(partition)
+    }
+}
+
+/// Reads every committed offset of one `__offsets` partition.
+fn load(partition: &Arc<Partition>) -> Result<Groups, BrokerError> {
+    {
         let log = partition.log()?.clone();
         let mut groups = Groups::new();
         let end = log.end_offset();
@@ -163,40 +239,16 @@ impl OffsetStore {
         }
         groups.retain(|_, map| !map.is_empty());
         tracing::info!(
+            partition = partition.id,
             groups = groups.len(),
             records,
             "loaded committed offsets from {OFFSETS_TOPIC}"
         );
-        Ok(OffsetStore {
-            partition,
-            groups: Mutex::new(groups),
-            unavailable: None,
-        })
+        Ok(groups)
     }
+}
 
-    /// A store whose history could not be loaded: every commit and fetch gets `reason`.
-    pub fn unavailable(partition: Arc<Partition>, reason: String) -> OffsetStore {
-        OffsetStore {
-            partition,
-            groups: Mutex::new(Groups::new()),
-            unavailable: Some(reason),
-        }
-    }
-
-    fn check_available(&self) -> Result<(), BrokerError> {
-        match &self.unavailable {
-            None => Ok(()),
-            Some(reason) => Err(BrokerError::Fenced {
-                topic: OFFSETS_TOPIC.to_string(),
-                partition: 0,
-                reason: reason.clone(),
-            }),
-        }
-    }
-
-    /// Appends the commits as one batch (page cache; see [`OffsetStore::publish`]). Called
-    /// under the coordinator's lock, so the ownership check and the append are one step.
-    /// `topic_ids[i]` is the incarnation `commits[i]` was made for.
+impl OffsetStore {
     pub fn append(
         &self,
         group: &str,
@@ -204,7 +256,7 @@ impl OffsetStore {
         topic_ids: &[String],
         now_ms: i64,
     ) -> Result<crate::log::Appended, BrokerError> {
-        self.check_available()?;
+        let partition = self.partition_for(group)?;
         if commits.is_empty() {
             return Err(BrokerError::InvalidRequest(
                 "a commit with no offsets".into(),
@@ -230,7 +282,7 @@ impl OffsetStore {
                 timestamp_ms: now_ms,
             })
             .collect();
-        let appended = self.partition.append_records(&records, None, &[], now_ms)?;
+        let appended = partition.append_records(&records, None, &[], now_ms)?;
         Ok(appended)
     }
 
@@ -246,10 +298,11 @@ impl OffsetStore {
         if commits.is_empty() {
             return Ok(());
         }
-        let log = self.partition.log()?.clone();
+        let partition = self.partition_for(group)?;
+        let log = partition.log()?.clone();
         log.wait_durable(appended.durable_target())
             .await
-            .map_err(|e| self.partition.log_error(e))?;
+            .map_err(|e| partition.log_error(e))?;
         let mut groups = self.groups.lock();
         let map = groups.entry(group.to_string()).or_default();
         for (i, (c, topic_id)) in commits.iter().zip(topic_ids).enumerate() {
@@ -279,7 +332,7 @@ impl OffsetStore {
 
     /// The committed offsets of `group` (all of them when `only` is empty).
     pub fn fetch(&self, group: &str, only: &[(String, u32)]) -> Result<GroupOffsets, BrokerError> {
-        self.check_available()?;
+        self.partition_for(group)?;
         let groups = self.groups.lock();
         let Some(map) = groups.get(group) else {
             return Ok(Vec::new());

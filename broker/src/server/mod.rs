@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod connections;
 mod decode_limit;
+mod peer;
 mod reads;
 mod service;
 mod stall;
@@ -33,12 +34,15 @@ const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// gRPC message bodies may exceed the largest batch or fetch by this much (protobuf framing).
 const MESSAGE_SLACK_BYTES: usize = 1024 * 1024;
+/// The largest node-to-node message (a controller snapshot travels in one).
+const PEER_MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 /// A broker that has recovered its topics and bound its port: "accepts connections" means
 /// "ready".
 #[derive(Debug)]
 pub struct Broker {
     identity: crate::cluster::identity::Identity,
+    controller: Option<Arc<crate::cluster::controller::Controller>>,
     registry: Arc<Registry>,
     coordinator: Arc<Coordinator>,
     listener: TcpListener,
@@ -112,8 +116,38 @@ impl Broker {
             &config.node.advertised(local_addr),
         )?;
         tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, advertise = %config.node.advertised(local_addr), "node identity");
+        let controller = if config.node.is_clustered() {
+            let voters = config
+                .node
+                .cluster
+                .iter()
+                .map(|voter| (voter.id, voter.address.clone()))
+                .collect();
+            let for_offsets = registry.clone();
+            let offsets_topic: crate::cluster::controller::InternalTopic =
+                Box::new(move |partitions| {
+                    let settings = for_offsets.offsets_settings(partitions);
+                    let (id, text) = for_offsets
+                        .new_topic_text(crate::group::offsets::OFFSETS_TOPIC, &settings)?;
+                    Ok((id.to_string(), text))
+                });
+            Some(
+                crate::cluster::controller::Controller::start(
+                    &config.data_dir,
+                    identity.node_id,
+                    identity.cluster_id.clone(),
+                    config.node.advertised(local_addr),
+                    voters,
+                    offsets_topic,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         Ok(Broker {
             identity,
+            controller,
             registry,
             coordinator,
             listener,
@@ -173,6 +207,7 @@ impl Broker {
             stalls,
         )
         .with_cluster(crate::cluster::ClusterView {
+            controller: self.controller.clone(),
             node_id: self.identity.node_id,
             cluster_id: self.identity.cluster_id.clone(),
             address: self.registry.config().node.advertised(self.local_addr),
@@ -207,6 +242,29 @@ impl Broker {
             self.coordinator.clone(),
             shutdown_rx.clone(),
         ));
+        let cluster_tasks = self.controller.clone().map(|controller| {
+            let coordinator = self.coordinator.clone();
+            let after = self.coordinator.clone();
+            let on_deleted: crate::cluster::reconcile::OnDeleted =
+                Arc::new(move |topic: &str| coordinator.topic_deleted(topic));
+            let after_pass: crate::cluster::reconcile::AfterPass =
+                Arc::new(move || after.attach_offsets());
+            (
+                tokio::spawn(controller.clone().run(shutdown_rx.clone())),
+                tokio::spawn(crate::cluster::reconcile::run(
+                    controller,
+                    self.registry.clone(),
+                    on_deleted,
+                    after_pass,
+                    shutdown_rx.clone(),
+                )),
+            )
+        });
+        let peer = self.controller.clone().map(|controller| {
+            syncline_proto::v1::peer_server::PeerServer::new(peer::PeerService::new(controller))
+                .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        });
         let cleaner = tokio::spawn(cleaner_loop(
             self.registry.clone(),
             Duration::from_millis(self.registry.config().cleaner_interval_ms),
@@ -278,6 +336,7 @@ impl Broker {
             .tcp_nodelay(true)
             .add_service(health)
             .add_service(reflection)
+            .add_optional_service(peer)
             .add_service(decode_limit::DecodeLimit::new(
                 budget::HoldUnaryPermits::new(broker),
                 limits.max_batch_bytes,
@@ -296,6 +355,10 @@ impl Broker {
                 Ok(())
             }
         };
+        if let Some((controller, reconcile)) = cluster_tasks {
+            let _ = reconcile.await;
+            let _ = controller.await;
+        }
         let _ = retention.await;
         let _ = watchdog.await;
         let _ = cleaner.await;

@@ -62,6 +62,14 @@ pub struct BrokerService {
 /// A topic, one of its partitions, and that partition's log.
 type PartitionLog = (Arc<Topic>, Arc<Partition>, Arc<Log>);
 
+/// How long a call naming an unknown topic waits for this node to catch up with the
+/// controller in a cluster.
+const TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Marks a CompactTopic one node sends another for the partitions that node leads: it
+/// compacts those and does not fan out again.
+const LOCAL_ONLY_HEADER: &str = "syncline-local-only";
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Records the request's outcome and latency (see `crate::metrics`).
@@ -208,6 +216,46 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
 }
 
 /// The replication factors this version can serve: only 1, until replicated partitions exist.
+/// DescribeCluster from the controller's applied metadata.
+fn describe_clustered(
+    controller: &crate::cluster::controller::Controller,
+) -> v1::DescribeClusterResponse {
+    let metadata = controller.metadata();
+    let nodes = metadata
+        .nodes
+        .iter()
+        .map(|(id, node)| v1::ClusterNode {
+            id: *id,
+            address: node.address.clone(),
+            alive: node.alive,
+        })
+        .collect();
+    let partitions = metadata
+        .topics
+        .iter()
+        .flat_map(|(name, topic)| {
+            topic
+                .partitions
+                .iter()
+                .enumerate()
+                .map(move |(partition, placement)| v1::PartitionPlacement {
+                    topic: name.clone(),
+                    partition: partition as u32,
+                    leader: placement.leader,
+                    replicas: placement.replicas.clone(),
+                    // With one replica per partition, its leader holds every committed record.
+                    caught_up: placement.leader.into_iter().collect(),
+                })
+        })
+        .collect();
+    v1::DescribeClusterResponse {
+        cluster_id: controller.cluster_id().to_string(),
+        controller: controller.leader(),
+        nodes,
+        partitions,
+    }
+}
+
 fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Status> {
     match replication_factor {
         None | Some(1) => Ok(()),
@@ -216,8 +264,8 @@ fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Statu
         )),
         Some(factor) => Err(Status::failed_precondition(format!(
             "replication factor {factor} needs {factor} nodes holding a replica of each \
-             partition, but this version runs a cluster of one node without replicated \
-             partitions: create the topic with replication factor 1"
+             partition, but this version does not replicate partitions yet (each partition \
+             lives on one node): create the topic with replication factor 1"
         ))),
     }
 }
@@ -242,6 +290,80 @@ impl BrokerService {
                 node_id: 1,
                 ..ClusterView::default()
             }),
+        }
+    }
+
+    /// CompactTopic in a cluster: the partitions held elsewhere are compacted by their
+    /// leaders (one call per node, marked so that it does not fan out again); their outcomes
+    /// join this node's, in partition order. A node that cannot be reached gives its
+    /// partitions an outcome with the error.
+    async fn compact_elsewhere(
+        &self,
+        controller: &crate::cluster::controller::Controller,
+        request: &v1::CompactTopicRequest,
+        local_only: bool,
+        outcomes: &mut Vec<v1::CompactionOutcome>,
+    ) {
+        let Ok(topic) = self.registry.get(&request.name) else {
+            return;
+        };
+        let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
+            std::collections::BTreeMap::new();
+        for partition in &topic.partitions {
+            if let Some(leader) = partition.remote_leader() {
+                if !local_only {
+                    by_node
+                        .entry(leader.address.clone())
+                        .or_default()
+                        .push(partition.id);
+                }
+            }
+        }
+        for (address, partitions) in by_node {
+            let answer = match controller.channel_to(&address) {
+                Ok(channel) => {
+                    let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                    let mut call = Request::new(request.clone());
+                    call.metadata_mut().insert(
+                        LOCAL_ONLY_HEADER,
+                        tonic::metadata::MetadataValue::from_static("1"),
+                    );
+                    client
+                        .compact_topic(call)
+                        .await
+                        .map(|r| r.into_inner().partitions)
+                        .map_err(|status| status.message().to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            match answer {
+                Ok(found) => outcomes.extend(
+                    found
+                        .into_iter()
+                        .filter(|outcome| partitions.contains(&outcome.partition)),
+                ),
+                Err(error) => {
+                    outcomes.extend(partitions.iter().map(|partition| v1::CompactionOutcome {
+                        partition: *partition,
+                        error: format!("node at {address}: {error}"),
+                        ..Default::default()
+                    }))
+                }
+            }
+        }
+        outcomes.sort_by_key(|outcome| outcome.partition);
+    }
+
+    /// In a cluster, waits (briefly) for a topic this node does not know yet: it may have
+    /// just been created through another node, whose metadata reached the controller leader
+    /// before this node. Nothing happens in a cluster of one or when the topic is known.
+    async fn await_topic(&self, name: &str) {
+        if let Some(controller) = &self.cluster.controller {
+            if self.registry.get(name).is_err() {
+                if let Err(error) = controller.read_barrier(TOPIC_WAIT).await {
+                    tracing::debug!(topic = name, %error, "read barrier for an unknown topic");
+                }
+            }
         }
     }
 
@@ -630,11 +752,33 @@ impl Broker for BrokerService {
                     crate::config::check_fsync_interval(log.fsync, config.fsync_interval_ms)
                 })
                 .map_err(to_status)?;
-            let topic = self
-                .registry
-                .create(&request.name, settings)
-                .await
-                .map_err(to_status)?;
+            let topic = match &self.cluster.controller {
+                None => self
+                    .registry
+                    .create(&request.name, settings)
+                    .await
+                    .map_err(to_status)?,
+                Some(controller) => {
+                    crate::topic::validate_topic_name(&request.name).map_err(to_status)?;
+                    let (id, text) = self
+                        .registry
+                        .new_topic_text(&request.name, &settings)
+                        .map_err(to_status)?;
+                    let command = crate::cluster::metadata::Command::CreateTopic {
+                        name: request.name.clone(),
+                        id: id.to_string(),
+                        partitions: settings.partitions,
+                        replication_factor: config.replication_factor.unwrap_or(1),
+                        settings: text,
+                    };
+                    controller
+                        .propose(command)
+                        .await
+                        .map_err(to_status)?
+                        .map_err(|e| to_status(e.into()))?;
+                    self.registry.get(&request.name).map_err(to_status)?
+                }
+            };
             Ok(Response::new(v1::CreateTopicResponse {
                 topic: Some(describe(&topic)),
             }))
@@ -652,7 +796,35 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "DeleteTopic");
         let result = async move {
             let name = request.into_inner().name;
-            self.registry.delete(&name).await.map_err(to_status)?;
+            match &self.cluster.controller {
+                None => self.registry.delete(&name).await.map_err(to_status)?,
+                Some(controller) => {
+                    if name.starts_with("__") {
+                        return Err(to_status(BrokerError::InvalidTopicName {
+                            name,
+                            reason: "internal topics cannot be deleted",
+                        }));
+                    }
+                    self.await_topic(&name).await;
+                    let id = controller
+                        .view()
+                        .with(|m| m.topics.get(&name).map(|t| t.id.clone()))
+                        .ok_or_else(|| {
+                            to_status(BrokerError::TopicNotFound {
+                                topic: name.clone(),
+                            })
+                        })?;
+                    let command = crate::cluster::metadata::Command::DeleteTopic {
+                        name: name.clone(),
+                        id,
+                    };
+                    controller
+                        .propose(command)
+                        .await
+                        .map_err(to_status)?
+                        .map_err(|e| to_status(e.into()))?;
+                }
+            }
             // Its committed offsets are already ignored (they carry the deleted incarnation's
             // id); this frees their memory and takes its partitions from group members.
             self.coordinator.topic_deleted(&name);
@@ -669,6 +841,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::DescribeClusterResponse>, Status> {
         let started = Instant::now();
         let view = &self.cluster;
+        if let Some(controller) = &view.controller {
+            return finish(
+                "DescribeCluster",
+                started,
+                Ok(Response::new(describe_clustered(controller))),
+            );
+        }
         let me = view.node_id;
         // A cluster of one: this node is the controller and leads and holds every partition.
         let partitions = self
@@ -732,10 +911,9 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DescribeTopic");
         let result = async move {
-            let topic = self
-                .registry
-                .get(&request.into_inner().name)
-                .map_err(to_status)?;
+            let name = request.into_inner().name;
+            self.await_topic(&name).await;
+            let topic = self.registry.get(&name).map_err(to_status)?;
             Ok(Response::new(v1::DescribeTopicResponse {
                 topic: Some(describe(&topic)),
             }))
@@ -755,6 +933,7 @@ impl Broker for BrokerService {
             let request = request.into_inner();
             let correlation_id = request.correlation_id;
             let partition_id = request.partition;
+            self.await_topic(&request.topic).await;
             let (partition, appended, acks) = self.append(request).map_err(to_status)?;
             Self::ack(&partition, appended, acks)
                 .await
@@ -816,6 +995,7 @@ impl Broker for BrokerService {
                     let correlation_id = request.correlation_id;
                     let partition_id = request.partition;
                     let message_started = Instant::now();
+                    service.await_topic(&request.topic).await;
                     match service.append(request) {
                         Err(error) => {
                             drop(permit);
@@ -881,6 +1061,7 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "Fetch");
         let result = async move {
             let request = request.into_inner();
+            self.await_topic(&request.topic).await;
             let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             let max_bytes = self
                 .fetch_limits(request.max_bytes, request.decode_records)
@@ -948,6 +1129,7 @@ impl Broker for BrokerService {
         let result = async move {
             let watch = self.watch_stream(request.extensions(), "Subscribe");
             let request = request.into_inner();
+            self.await_topic(&request.topic).await;
             let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             // Validate the start offset now, so a bad one is an error status, not an empty stream.
             log.read(request.offset, 1)
@@ -991,6 +1173,7 @@ impl Broker for BrokerService {
         let span = tracing::debug_span!("rpc", rpc = "ListOffsets");
         let result = async move {
             let request = request.into_inner();
+            self.await_topic(&request.topic).await;
             let (_topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
             let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
                 Status::invalid_argument(format!(
@@ -1047,6 +1230,7 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let result = async move {
             let request = request.into_inner();
+            self.await_topic(&request.topic).await;
             let (partition, slot) = match self.latest(&request.topic, &request.key) {
                 Ok(found) => found,
                 Err(status) => {
@@ -1156,6 +1340,7 @@ impl Broker for BrokerService {
             let watch = self.watch_stream(request.extensions(), "Snapshot");
             let request = request.into_inner();
             self.check_running().map_err(to_status)?;
+            self.await_topic(&request.topic).await;
             let (_topic, partition) = self
                 .partition(&request.topic, request.partition)
                 .map_err(to_status)?;
@@ -1194,8 +1379,10 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::CompactTopicResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
             let request = request.into_inner();
             self.check_running().map_err(to_status)?;
+            self.await_topic(&request.name).await;
             let topic = self.registry.get(&request.name).map_err(to_status)?;
             if topic.settings.cleanup != Cleanup::Compact {
                 return Err(to_status(BrokerError::NotATable {
@@ -1209,6 +1396,7 @@ impl Broker for BrokerService {
                 topic
                     .partitions
                     .iter()
+                    .filter(|partition| partition.remote_leader().is_none())
                     .map(|partition| match partition.compact(&options) {
                         Ok(outcome) => v1::CompactionOutcome {
                             partition: partition.id,
@@ -1232,6 +1420,11 @@ impl Broker for BrokerService {
             })
             .await
             .map_err(|e| Status::internal(format!("compaction task failed: {e}")))?;
+            let mut outcomes = outcomes;
+            if let Some(controller) = &self.cluster.controller {
+                self.compact_elsewhere(controller, &request, local_only, &mut outcomes)
+                    .await;
+            }
             Ok(Response::new(v1::CompactTopicResponse {
                 partitions: outcomes,
             }))
@@ -1364,6 +1557,31 @@ impl Broker for BrokerService {
                 .registry
                 .get(crate::group::offsets::OFFSETS_TOPIC)
                 .map_or(1, |topic| topic.settings.partitions);
+            if self.cluster.controller.is_some() {
+                let (partition, leader) =
+                    self.coordinator.coordinator_of(&group).map_err(to_status)?;
+                return Ok(Response::new(match leader {
+                    None => v1::FindCoordinatorResponse {
+                        node_id: self.cluster.node_id,
+                        address: self.cluster.address.clone(),
+                        partition,
+                    },
+                    Some(crate::partition::RemoteLeader {
+                        id: Some(node_id),
+                        address,
+                    }) => v1::FindCoordinatorResponse {
+                        node_id,
+                        address,
+                        partition,
+                    },
+                    Some(_) => {
+                        return Err(Status::unavailable(format!(
+                            "the coordinator of group `{group}` (partition {partition} of \
+                             __offsets) has no leader right now"
+                        )))
+                    }
+                }));
+            }
             let partition = crate::group::coordinator_partition(&group, offsets_partitions)
                 .map_err(to_status)?;
             // A cluster of one coordinates every group.

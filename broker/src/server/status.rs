@@ -9,10 +9,12 @@
 //! | batch or request too large (also tonic's decode limit, see `decode_limit_to_resource_exhausted`), disk full (ENOSPC anywhere), too few descriptors for a new topic, response-bytes budget taken | RESOURCE_EXHAUSTED |
 //! | partition fenced (corruption at open) or poisoned (failed write/fsync) | FAILED_PRECONDITION |
 //! | CAS conflict (details: `google.rpc.Status` with a `CasConflict` `Any`) | FAILED_PRECONDITION |
+//! | a partition another node leads, a group another node coordinates (details: `google.rpc.Status` with a `NotLeader` `Any`) | FAILED_PRECONDITION |
 //! | stale member epoch, stale topic incarnation in a commit, partition not owned, group has members, not a table, fenced producer epoch | FAILED_PRECONDITION |
 //! | a compaction pass that could not run | ABORTED |
 //! | corrupt data found on read; a snapshot finding the log and key index disagree | DATA_LOSS |
-//! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE) | UNAVAILABLE |
+//! | the cluster refused a change (too few live nodes for a placement) | FAILED_PRECONDITION |
+//! | shutting down, log closed, out of file descriptors (EMFILE, ENFILE), no controller leader (election, majority down) | UNAVAILABLE |
 //! | other I/O, a lock held by another process, an unclean shutdown | INTERNAL |
 
 use tonic::Status;
@@ -42,7 +44,24 @@ pub fn to_status(error: BrokerError) -> Status {
             Status::resource_exhausted(message)
         }
         BrokerError::Fenced { .. } => Status::failed_precondition(message),
-        BrokerError::ShuttingDown => Status::unavailable(message),
+        // Details: a standard `google.rpc.Status` with the NotLeader as an `Any`.
+        BrokerError::NotLeader {
+            topic,
+            partition,
+            leader,
+        } => syncline_proto::error_details::not_leader_status(
+            message,
+            &syncline_proto::v1::NotLeader {
+                topic: topic.clone(),
+                partition: *partition,
+                leader_id: leader.id,
+                leader_address: leader.address.clone(),
+            },
+        ),
+        BrokerError::ShuttingDown
+        | BrokerError::Controller(_)
+        | BrokerError::ControllerUnavailable { .. } => Status::unavailable(message),
+        BrokerError::ClusterRefused(_) => Status::failed_precondition(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
         BrokerError::KeyNotFound { .. } => Status::not_found(message),
         // Details: a standard `google.rpc.Status` with the CasConflict as an `Any`.

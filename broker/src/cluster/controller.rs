@@ -1,0 +1,555 @@
+//! The controller: one openraft group over the initial voters (`--cluster`) that orders every
+//! metadata change, and the node-side work around it.
+//!
+//! - **Bootstrap.** Every initial voter initializes the group with the same voter list (openraft
+//!   accepts identical initialization on each node); a node whose log already holds the
+//!   membership skips it. A restarted node rejoins by itself: its vote and log are on disk.
+//! - **Proposals.** [`Controller::propose`] writes a command through openraft on the leader; on
+//!   another node it forwards it to the leader (`Peer.Propose`) and retries while an election
+//!   runs, up to [`PROPOSE_TIMEOUT`]. It returns once the command is applied on this node and
+//!   the node's local partitions follow it ([`Controller::wait_reconciled`]).
+//! - **Liveness.** Every node sends `Peer.Heartbeat` to the leader each [`HEARTBEAT_INTERVAL`];
+//!   the leader proposes `RegisterNode` for a node it hears from that the metadata has not (or
+//!   has down, or at another address), and `MarkDown` for a live node silent for
+//!   [`NODE_SESSION_TIMEOUT`] (counted from when it became leader, so a new leader does not
+//!   mark everyone down). Heartbeats themselves are not logged: an idle cluster writes nothing.
+//! - **Internal topics.** The leader creates `__offsets` once every initial voter registered
+//!   (or [`OFFSETS_CREATE_GRACE`] after it became leader, over the live ones).
+//!
+//! It may call `cluster::*`, `topic::Registry` (through [`super::reconcile`]) and `error`;
+//! openraft types stay inside `cluster/`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, SnapshotPolicy};
+use syncline_proto::v1;
+use tokio::sync::watch;
+
+use super::log_store::LogStore;
+use super::metadata::{Command, Metadata, MetadataError};
+use super::network::{NetworkFactory, Peers};
+use super::raft::{MetadataView, Outcome, Raft, StateMachine};
+use crate::error::BrokerError;
+
+/// How often a node heartbeats the controller leader (and the leader checks liveness).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
+/// A node silent this long is marked down.
+pub const NODE_SESSION_TIMEOUT: Duration = Duration::from_millis(6000);
+/// How long a proposal may wait for a leader and its commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a new leader waits for every initial voter before it creates `__offsets` over the
+/// nodes that are live.
+pub const OFFSETS_CREATE_GRACE: Duration = Duration::from_secs(10);
+/// Raft timings (ms): the leader's heartbeat, and the election timeout range. A dead leader is
+/// replaced within about the election timeout.
+const RAFT_HEARTBEAT_MS: u64 = 250;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
+/// Entries between controller snapshots.
+const SNAPSHOT_EVERY: u64 = 1000;
+
+/// The controller directory inside the data directory.
+pub const CONTROLLER_DIR: &str = ".controller";
+
+/// What a node needs to know to create an internal topic the leader decided on.
+pub type InternalTopic = Box<dyn Fn(u32) -> Result<(String, String), BrokerError> + Send + Sync>;
+
+/// This node's part of the controller.
+pub struct Controller {
+    raft: Raft,
+    view: Arc<MetadataView>,
+    me: u64,
+    cluster_id: String,
+    address: String,
+    voters: BTreeMap<u64, String>,
+    peers: Peers,
+    /// Leader side: when each node was last heard from, and at which address.
+    heard: parking_lot::Mutex<HashMap<u64, (Instant, String)>>,
+    /// Leader side: since when this node leads (None while it does not).
+    leading_since: parking_lot::Mutex<Option<Instant>>,
+    /// The applied index the local partitions have caught up with (set by the reconciler).
+    reconciled: watch::Sender<u64>,
+    /// Builds `__offsets`' (name, settings) for a partition count.
+    offsets_topic: InternalTopic,
+}
+
+fn controller_error(message: impl Into<String>) -> BrokerError {
+    BrokerError::Controller(message.into())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Controller {
+    /// Opens the controller's storage under `data_dir` and starts this node's Raft.
+    pub async fn start(
+        data_dir: &Path,
+        me: u64,
+        cluster_id: String,
+        address: String,
+        voters: BTreeMap<u64, String>,
+        offsets_topic: InternalTopic,
+    ) -> Result<Arc<Controller>, BrokerError> {
+        let dir = data_dir.join(CONTROLLER_DIR);
+        let log = LogStore::open(&dir).map_err(|e| BrokerError::io("opening", &dir, e))?;
+        let state_machine =
+            StateMachine::open(&dir).map_err(|e| BrokerError::io("opening", &dir, e))?;
+        let view = state_machine.view();
+        let config = openraft::Config {
+            cluster_name: cluster_id.clone(),
+            heartbeat_interval: RAFT_HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| controller_error(format!("controller settings: {e}")))?;
+        let peers = Peers::default();
+        let network = NetworkFactory {
+            cluster_id: cluster_id.clone(),
+            me,
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(me, Arc::new(config), network, log, state_machine)
+            .await
+            .map_err(|e| controller_error(format!("starting the controller: {e}")))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| controller_error(format!("starting the controller: {e}")))?;
+        if !initialized {
+            let members: BTreeMap<u64, BasicNode> = voters
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            match raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(error) => {
+                    return Err(controller_error(format!(
+                        "initializing the controller with voters {voters:?}: {error}"
+                    )))
+                }
+            }
+            tracing::info!(?voters, "controller initialized with its voters");
+        }
+        let applied = view.applied();
+        Ok(Arc::new(Controller {
+            raft,
+            view,
+            me,
+            cluster_id,
+            address,
+            voters,
+            peers,
+            heard: parking_lot::Mutex::new(HashMap::new()),
+            leading_since: parking_lot::Mutex::new(None),
+            reconciled: watch::channel(applied).0,
+            offsets_topic,
+        }))
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> u64 {
+        self.me
+    }
+
+    /// The cluster's id.
+    pub fn cluster_id(&self) -> &str {
+        &self.cluster_id
+    }
+
+    /// The applied metadata.
+    pub fn view(&self) -> &Arc<MetadataView> {
+        &self.view
+    }
+
+    /// A copy of the applied metadata.
+    pub fn metadata(&self) -> Metadata {
+        self.view.get()
+    }
+
+    /// The controller leader, when known.
+    pub fn leader(&self) -> Option<u64> {
+        use openraft::async_runtime::WatchReceiver as _;
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// A node's advertised address: from the metadata, else from the voter list.
+    pub fn address_of(&self, node: u64) -> Option<String> {
+        self.view
+            .with(|m| m.nodes.get(&node).map(|n| n.address.clone()))
+            .or_else(|| self.voters.get(&node).cloned())
+    }
+
+    /// The channel to another node (its Broker service), for calls fanned out across nodes.
+    pub fn channel_to(&self, address: &str) -> Result<tonic::transport::Channel, BrokerError> {
+        self.peers.channel(address).map_err(controller_error)
+    }
+
+    /// Reports that local partitions now follow the metadata up to `index`.
+    pub fn set_reconciled(&self, index: u64) {
+        self.reconciled.send_replace(index);
+    }
+
+    /// Waits until the local partitions follow the metadata up to `index`.
+    pub async fn wait_reconciled(&self, index: u64, timeout: Duration) -> Result<(), BrokerError> {
+        let mut reconciled = self.reconciled.subscribe();
+        let reached = tokio::time::timeout(timeout, reconciled.wait_for(|at| *at >= index))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+        match reached {
+            true => Ok(()),
+            false => Err(controller_error(format!(
+                "this node has not applied the cluster metadata up to entry {index} within {timeout:?}"
+            ))),
+        }
+    }
+
+    /// Checks a peer call's cluster id.
+    pub fn check_cluster(&self, cluster_id: &str) -> Result<(), tonic::Status> {
+        if cluster_id == self.cluster_id {
+            Ok(())
+        } else {
+            Err(tonic::Status::failed_precondition(format!(
+                "node {} belongs to cluster {}, not {cluster_id}: check --cluster on both nodes",
+                self.me, self.cluster_id
+            )))
+        }
+    }
+
+    /// Proposes `command` and waits until it is applied here and the local partitions follow
+    /// it. The outcome says whether the command changed the metadata.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, BrokerError> {
+        let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        loop {
+            let attempt = match self.propose_local(&command).await {
+                Ok(done) => Ok(done),
+                Err(leader) => match leader {
+                    Some(leader) if leader != self.me => self.forward(leader, &command).await,
+                    _ => Err("no controller leader is elected yet".to_string()),
+                },
+            };
+            match attempt {
+                Ok((outcome, index)) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    self.wait_reconciled(index, left.max(Duration::from_secs(1)))
+                        .await?;
+                    return Ok(outcome);
+                }
+                Err(reason) if Instant::now() >= deadline => {
+                    return Err(BrokerError::ControllerUnavailable { reason });
+                }
+                Err(reason) => {
+                    tracing::debug!(%reason, %command, "controller proposal retried");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Writes `command` through openraft when this node leads: its outcome and log index; else
+    /// the leader it knows of.
+    pub async fn propose_local(&self, command: &Command) -> Result<(Outcome, u64), Option<u64>> {
+        match self.raft.client_write(command.clone()).await {
+            Ok(response) => Ok((response.data, response.log_id.index())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                Err(forward.leader_id)
+            }
+            Err(error) => {
+                tracing::warn!(%error, %command, "controller write failed");
+                Err(None)
+            }
+        }
+    }
+
+    async fn forward(&self, leader: u64, command: &Command) -> Result<(Outcome, u64), String> {
+        let address = self
+            .address_of(leader)
+            .ok_or_else(|| format!("the controller leader {leader} has no known address"))?;
+        let mut client = self.peers.client(&address)?;
+        let bytes = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+        let call = client.propose(v1::PeerProposeRequest {
+            cluster_id: self.cluster_id.clone(),
+            from: self.me,
+            command: bytes.into(),
+        });
+        let response = tokio::time::timeout(PROPOSE_TIMEOUT, call)
+            .await
+            .map_err(|_| format!("the controller leader {leader} at {address} did not answer"))?
+            .map_err(|status| {
+                format!(
+                    "the controller leader {leader} at {address}: {}",
+                    status.message()
+                )
+            })?
+            .into_inner();
+        serde_json::from_slice(&response.result).map_err(|e| e.to_string())
+    }
+
+    /// Handles `Peer.Propose` from another node.
+    pub async fn handle_propose(&self, bytes: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        let command: Command = serde_json::from_slice(bytes).map_err(|e| {
+            tonic::Status::invalid_argument(format!("a proposal that does not decode: {e}"))
+        })?;
+        match self.propose_local(&command).await {
+            Ok(done) => serde_json::to_vec(&done)
+                .map_err(|e| tonic::Status::internal(format!("encoding an outcome: {e}"))),
+            Err(leader) => Err(tonic::Status::failed_precondition(format!(
+                "node {} is not the controller leader (leader: {leader:?})",
+                self.me
+            ))),
+        }
+    }
+
+    /// Handles `Peer.Raft`: one openraft RPC.
+    pub async fn handle_raft(&self, kind: &str, payload: &[u8]) -> Result<Vec<u8>, tonic::Status> {
+        fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, tonic::Status> {
+            serde_json::from_slice(payload).map_err(|e| {
+                tonic::Status::invalid_argument(format!("a raft message that does not decode: {e}"))
+            })
+        }
+        fn encode<T: serde::Serialize, E: std::fmt::Display>(
+            answer: Result<T, E>,
+        ) -> Result<Vec<u8>, tonic::Status> {
+            let answer = answer.map_err(|e| e.to_string());
+            serde_json::to_vec(&answer)
+                .map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
+        }
+        match kind {
+            "append" => encode(self.raft.append_entries(decode(payload)?).await),
+            "vote" => encode(self.raft.vote(decode(payload)?).await),
+            "snapshot" => {
+                let (vote, meta, data): (super::raft::Vote, super::raft::SnapshotMeta, Vec<u8>) =
+                    decode(payload)?;
+                let snapshot = super::raft::Snapshot {
+                    meta,
+                    snapshot: std::io::Cursor::new(data),
+                };
+                encode(self.raft.install_full_snapshot(vote, snapshot).await)
+            }
+            "transfer_leader" => encode(self.raft.handle_transfer_leader(decode(payload)?).await),
+            other => Err(tonic::Status::invalid_argument(format!(
+                "unknown raft message kind `{other}`"
+            ))),
+        }
+    }
+
+    /// Handles `Peer.Heartbeat` (and this node's own heartbeat when it leads).
+    pub fn handle_heartbeat(&self, node: u64, address: &str) {
+        self.heard
+            .lock()
+            .insert(node, (Instant::now(), address.to_string()));
+    }
+
+    /// Handles `Peer.ReadIndex`: the leader's applied index (every acknowledged proposal is
+    /// applied on the leader before it is acknowledged).
+    pub fn handle_read_index(&self) -> Result<u64, tonic::Status> {
+        if self.leader() != Some(self.me) {
+            return Err(tonic::Status::failed_precondition(format!(
+                "node {} is not the controller leader",
+                self.me
+            )));
+        }
+        Ok(self.view.applied())
+    }
+
+    /// Makes this node's local partitions follow the metadata at least as far as the leader
+    /// has applied it: for a call naming a topic this node does not know yet.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let index = match self.leader() {
+            Some(leader) if leader == self.me => self.view.applied(),
+            Some(leader) => {
+                let address = self.address_of(leader).ok_or_else(|| {
+                    controller_error(format!(
+                        "the controller leader {leader} has no known address"
+                    ))
+                })?;
+                let mut client = self.peers.client(&address).map_err(controller_error)?;
+                let call = client.read_index(v1::PeerReadIndexRequest {
+                    cluster_id: self.cluster_id.clone(),
+                });
+                match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(response)) => response.into_inner().committed_index,
+                    _ => return Err(controller_error("the controller leader did not answer")),
+                }
+            }
+            None => return Err(controller_error("no controller leader is elected yet")),
+        };
+        self.wait_reconciled(index, timeout).await
+    }
+
+    /// Runs this node's background work until `shutdown` turns true: heartbeats to the leader,
+    /// and, while leading, liveness and internal topics.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            let leader = self.leader();
+            {
+                let mut since = self.leading_since.lock();
+                match (leader == Some(self.me), since.is_some()) {
+                    (true, false) => {
+                        *since = Some(Instant::now());
+                        self.heard.lock().clear();
+                    }
+                    (false, true) => *since = None,
+                    _ => {}
+                }
+            }
+            match leader {
+                Some(leader) if leader == self.me => {
+                    self.handle_heartbeat(self.me, &self.address);
+                    self.lead().await;
+                }
+                Some(leader) => self.heartbeat(leader).await,
+                None => {}
+            }
+        }
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "controller shutdown");
+        }
+    }
+
+    async fn heartbeat(&self, leader: u64) {
+        let Some(address) = self.address_of(leader) else {
+            return;
+        };
+        let Ok(mut client) = self.peers.client(&address) else {
+            return;
+        };
+        let call = client.heartbeat(v1::PeerHeartbeatRequest {
+            cluster_id: self.cluster_id.clone(),
+            node_id: self.me,
+            address: self.address.clone(),
+        });
+        match tokio::time::timeout(HEARTBEAT_INTERVAL, call).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                tracing::debug!(leader, status = %status.message(), "heartbeat refused")
+            }
+            Err(_) => tracing::debug!(leader, "heartbeat timed out"),
+        }
+    }
+
+    /// The leader's liveness pass and internal-topic upkeep.
+    async fn lead(&self) {
+        let Some(since) = *self.leading_since.lock() else {
+            return;
+        };
+        let metadata = self.view.get();
+        let heard = self.heard.lock().clone();
+        let now = Instant::now();
+        for (id, (at, address)) in &heard {
+            if now.duration_since(*at) >= NODE_SESSION_TIMEOUT {
+                continue;
+            }
+            let known = metadata.nodes.get(id);
+            if known.is_none_or(|node| !node.alive || node.address != *address) {
+                let command = Command::RegisterNode {
+                    id: *id,
+                    address: address.clone(),
+                    at_ms: now_ms(),
+                };
+                if let Err(leader) = self.propose_local(&command).await {
+                    tracing::debug!(?leader, "lost the controller lead while registering a node");
+                    return;
+                }
+                tracing::info!(node = id, %address, "node is up");
+            }
+        }
+        let silent: Vec<u64> = metadata
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.alive)
+            .filter(|(id, _)| match heard.get(id) {
+                Some((at, _)) => now.duration_since(*at) >= NODE_SESSION_TIMEOUT,
+                None => now.duration_since(since) >= NODE_SESSION_TIMEOUT,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if !silent.is_empty() {
+            tracing::warn!(nodes = ?silent, timeout = ?NODE_SESSION_TIMEOUT, "nodes silent past the session timeout are down");
+            if self
+                .propose_local(&Command::MarkDown { ids: silent })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let offsets = crate::group::offsets::OFFSETS_TOPIC;
+        let metadata = self.view.get();
+        if !metadata.topics.contains_key(offsets) {
+            let live = metadata.live_nodes();
+            let all_voters = self.voters.keys().all(|id| live.contains(id));
+            if !live.is_empty() && (all_voters || now.duration_since(since) >= OFFSETS_CREATE_GRACE)
+            {
+                let partitions = offsets_partitions(live.len());
+                match (self.offsets_topic)(partitions) {
+                    Ok((id, settings)) => {
+                        let command = Command::CreateTopic {
+                            name: offsets.to_string(),
+                            id,
+                            partitions,
+                            replication_factor: 1,
+                            settings,
+                        };
+                        match self.propose_local(&command).await {
+                            Ok((Ok(()), _)) => {
+                                tracing::info!(partitions, "created {offsets} over the live nodes")
+                            }
+                            Ok((Err(error), _)) => {
+                                tracing::warn!(%error, "could not create {offsets}")
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "could not describe {offsets}"),
+                }
+            }
+        }
+    }
+}
+
+/// `__offsets` partitions in a cluster of `nodes`: several per node so groups spread, at
+/// least 6 and at most 48.
+pub fn offsets_partitions(nodes: usize) -> u32 {
+    (2 * nodes as u32).clamp(6, 48)
+}
+
+impl From<MetadataError> for BrokerError {
+    fn from(error: MetadataError) -> BrokerError {
+        match error {
+            MetadataError::TopicExists(topic) => BrokerError::TopicExists { topic },
+            MetadataError::UnknownTopic { name, .. } => BrokerError::TopicNotFound { topic: name },
+            other => BrokerError::ClusterRefused(other.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("me", &self.me)
+            .field("cluster_id", &self.cluster_id)
+            .field("voters", &self.voters)
+            .field("leader", &self.leader())
+            .finish()
+    }
+}

@@ -1,0 +1,197 @@
+//! Node-to-node calls: openraft's RPCs to the other voters, and the controller calls a node
+//! makes to the controller leader (propose, heartbeat, read index). All go over the
+//! `syncline.v1.Peer` gRPC service on each node's advertised address, one lazily connected
+//! channel per address, with openraft's messages JSON-encoded in the payload.
+//!
+//! Fault model: a peer that does not answer within the call's time limit is unreachable
+//! (openraft backs off and retries); a peer from another cluster refuses the call
+//! (FAILED_PRECONDITION), which shows up here as a network error naming it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, OptionalSend};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use syncline_proto::v1;
+use syncline_proto::v1::peer_client::PeerClient;
+use tonic::transport::{Channel, Endpoint};
+
+use super::raft::{Snapshot, TypeConfig, Vote};
+
+/// How long a node waits to connect to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Channels to peers by address, shared by every caller on this node.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    /// A client for the peer at `address` (the channel connects lazily and reconnects).
+    pub fn client(&self, address: &str) -> Result<PeerClient<Channel>, String> {
+        self.channel(address).map(PeerClient::new)
+    }
+
+    /// The channel to the node at `address` (for its Broker service too).
+    pub fn channel(&self, address: &str) -> Result<Channel, String> {
+        let mut channels = self.channels.lock();
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("bad peer address `{address}`: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// Makes openraft's connections to the other voters.
+#[derive(Debug, Clone)]
+pub struct NetworkFactory {
+    /// This node's cluster (sent with every call; a node of another cluster refuses it).
+    pub cluster_id: String,
+    /// This node's id.
+    pub me: u64,
+    /// The shared channels.
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Connection {
+        Connection {
+            cluster_id: self.cluster_id.clone(),
+            me: self.me,
+            target,
+            address: node.addr.clone(),
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+/// openraft's connection to one voter.
+pub struct Connection {
+    cluster_id: String,
+    me: u64,
+    target: u64,
+    address: String,
+    peers: Peers,
+}
+
+fn network_error(message: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(message))
+}
+
+impl Connection {
+    async fn call<Req, Resp>(
+        &mut self,
+        kind: &str,
+        request: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let payload = serde_json::to_vec(request)
+            .map_err(|e| network_error(format!("encoding a {kind} request: {e}")))?;
+        let mut client = self.peers.client(&self.address).map_err(network_error)?;
+        let call = client.raft(v1::PeerRaftRequest {
+            cluster_id: self.cluster_id.clone(),
+            from: self.me,
+            kind: kind.to_string(),
+            payload: payload.into(),
+        });
+        let response = match tokio::time::timeout(ttl, call).await {
+            Err(_) => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {} at {} did not answer a {kind} within {ttl:?}",
+                    self.target, self.address
+                ))))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {} at {}: {}",
+                    self.target,
+                    self.address,
+                    status.message()
+                ))))
+            }
+            Ok(Err(status)) => {
+                return Err(network_error(format!(
+                    "node {} at {}: {}",
+                    self.target,
+                    self.address,
+                    status.message()
+                )))
+            }
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let answer: Result<Resp, String> = serde_json::from_slice(&response.payload)
+            .map_err(|e| network_error(format!("decoding a {kind} answer: {e}")))?;
+        answer.map_err(|message| {
+            network_error(format!("node {} refused {kind}: {message}", self.target))
+        })
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Connection {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        request: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("append", &request, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        request: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("vote", &request, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            answer = self.call("snapshot", &request, option.hard_ttl()) => Ok(answer?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("transfer_leader", &request, option.hard_ttl())
+            .await
+    }
+}

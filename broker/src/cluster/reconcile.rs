@@ -1,0 +1,132 @@
+//! Makes this node's local topics follow the applied cluster metadata.
+//!
+//! After every applied change (and at start) one pass compares the metadata with the topic
+//! registry: a topic incarnation the metadata lists as deleted is removed here; a topic the
+//! metadata has and this node lacks is created, with directories and logs for the partitions
+//! placed on this node and placeholders (answering NotLeader) for the others; placeholders
+//! are pointed at the partitions' current leaders. Each step is idempotent and crash-safe on
+//! its own (the registry's create and delete are), so a node that was down during a create or
+//! a delete converges on its first pass after it returns.
+//!
+//! Deletion only follows a tombstone (an incarnation id the metadata says was deleted), never
+//! the mere absence of a topic: after a restart the applied metadata may briefly be older
+//! than the topics on disk, and absence then means "not yet", not "deleted".
+//!
+//! It may call the controller's view and the topic registry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::controller::Controller;
+use super::metadata::Metadata;
+use crate::partition::RemoteLeader;
+use crate::topic::{Registry, TopicId};
+
+/// Called with a topic's name after its local copy was deleted (the group coordinator drops
+/// the members reading it).
+pub type OnDeleted = Arc<dyn Fn(&str) + Send + Sync>;
+/// Called after every complete pass (the group coordinator attaches `__offsets`).
+pub type AfterPass = Arc<dyn Fn() + Send + Sync>;
+
+/// How long a failed pass waits before it tries again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Runs passes until `shutdown` turns true.
+pub async fn run(
+    controller: Arc<Controller>,
+    registry: Arc<Registry>,
+    on_deleted: OnDeleted,
+    after_pass: AfterPass,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut applied = controller.view().subscribe();
+    loop {
+        let index = *applied.borrow_and_update();
+        let metadata = controller.metadata();
+        let complete = pass(&controller, &registry, &on_deleted, &metadata).await;
+        if complete {
+            after_pass();
+            controller.set_reconciled(index);
+        }
+        tokio::select! {
+            changed = applied.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(RETRY), if !complete => {}
+            _ = shutdown.changed() => break,
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+}
+
+/// One pass; false when a step failed (the next pass retries it).
+async fn pass(
+    controller: &Controller,
+    registry: &Registry,
+    on_deleted: &OnDeleted,
+    metadata: &Metadata,
+) -> bool {
+    let me = controller.node_id();
+    let mut complete = true;
+    for topic in registry.list() {
+        let id = topic.id.to_string();
+        if metadata.deleted.contains(&id) {
+            match registry.delete_incarnation(&topic.name, topic.id).await {
+                Ok(()) => {
+                    tracing::info!(topic = %topic.name, %id, "deleted this node's copy of a deleted topic");
+                    on_deleted(&topic.name);
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %topic.name, %error, "could not delete this node's copy of a deleted topic");
+                    complete = false;
+                }
+            }
+        }
+    }
+    for (name, meta) in &metadata.topics {
+        let mut local = Vec::new();
+        let mut remote = BTreeMap::new();
+        for (partition, placement) in meta.partitions.iter().enumerate() {
+            let partition = partition as u32;
+            if placement.replicas.contains(&me) {
+                local.push(partition);
+            } else {
+                let address = placement
+                    .leader
+                    .and_then(|leader| metadata.nodes.get(&leader))
+                    .map(|node| node.address.clone())
+                    .unwrap_or_default();
+                remote.insert(
+                    partition,
+                    RemoteLeader {
+                        id: placement.leader,
+                        address,
+                    },
+                );
+            }
+        }
+        match registry.get(name) {
+            Ok(topic) if TopicId::parse(&meta.id) == Some(topic.id) => {
+                registry.set_remote_leaders(name, &remote);
+            }
+            Ok(topic) => {
+                // An incarnation the metadata does not (yet) list as deleted: wait for it.
+                tracing::warn!(topic = %name, here = %topic.id, cluster = %meta.id, "another incarnation of the topic is here; waiting for the cluster metadata to delete it");
+                complete = false;
+            }
+            Err(_) => match registry.create_placed(&meta.settings, local, &remote).await {
+                Ok(topic) => {
+                    tracing::info!(topic = %name, id = %topic.id, "created this node's part of a topic")
+                }
+                Err(error) => {
+                    tracing::warn!(topic = %name, %error, "could not create this node's part of a topic");
+                    complete = false;
+                }
+            },
+        }
+    }
+    complete
+}

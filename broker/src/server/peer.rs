@@ -1,0 +1,75 @@
+//! The `syncline.v1.Peer` service: node-to-node calls on the client port (controller Raft
+//! messages, proposals forwarded to the controller leader, heartbeats, read index). Served only
+//! by a node started with `--cluster`. Every call names its cluster; a node of another cluster
+//! is refused with FAILED_PRECONDITION.
+
+use std::sync::Arc;
+
+use syncline_proto::v1;
+use syncline_proto::v1::peer_server::Peer;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::controller::Controller;
+
+/// The Peer service over this node's controller.
+pub struct PeerService {
+    controller: Arc<Controller>,
+}
+
+impl PeerService {
+    /// Serves `controller`'s peer calls.
+    pub fn new(controller: Arc<Controller>) -> PeerService {
+        PeerService { controller }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(
+        &self,
+        request: Request<v1::PeerRaftRequest>,
+    ) -> Result<Response<v1::PeerRaftResponse>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        let payload = self
+            .controller
+            .handle_raft(&request.kind, &request.payload)
+            .await?;
+        Ok(Response::new(v1::PeerRaftResponse {
+            payload: payload.into(),
+        }))
+    }
+
+    async fn propose(
+        &self,
+        request: Request<v1::PeerProposeRequest>,
+    ) -> Result<Response<v1::PeerProposeResponse>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        let result = self.controller.handle_propose(&request.command).await?;
+        Ok(Response::new(v1::PeerProposeResponse {
+            result: result.into(),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::PeerHeartbeatRequest>,
+    ) -> Result<Response<v1::PeerHeartbeatResponse>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        self.controller
+            .handle_heartbeat(request.node_id, &request.address);
+        Ok(Response::new(v1::PeerHeartbeatResponse {}))
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<v1::PeerReadIndexRequest>,
+    ) -> Result<Response<v1::PeerReadIndexResponse>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        let committed_index = self.controller.handle_read_index()?;
+        Ok(Response::new(v1::PeerReadIndexResponse { committed_index }))
+    }
+}
