@@ -85,6 +85,7 @@ mod error;
 mod group;
 mod group_admin;
 mod producer;
+mod routing;
 mod snapshot;
 mod sync_table;
 mod table;

@@ -573,6 +573,13 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn find_coordinator(
+        &self,
+        _: Request<v1::FindCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
