@@ -124,4 +124,6 @@ pub use table::{Entry, Expect, History, Table, Version, Written};
 pub use tonic::Code;
 
 #[cfg(test)]
+mod routing_tests;
+#[cfg(test)]
 mod tests;
