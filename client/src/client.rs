@@ -454,10 +454,7 @@ impl Client {
             producer_id: producer_id.unwrap_or(0),
         };
         let response = self
-            .on_any(|mut grpc| {
-                let request = request.clone();
-                async move { grpc.init_producer(request).await }
-            })
+            .on_any(|mut grpc| async move { grpc.init_producer(request).await })
             .await?;
         ProducerIdentity::from_wire(&response)
     }

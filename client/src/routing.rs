@@ -16,8 +16,14 @@
 //!   (partition, or group coordinator) and the call is retried there at once.
 //! - `NotLeader` without a leader, a lost connection (a transport error or UNAVAILABLE), or a
 //!   partition the view does not know (a topic created after the refresh): the view is marked
-//!   stale and the next call refreshes it with `DescribeCluster`, asking the node that failed
-//!   last. A failed group call forgets the coordinator, so the next one asks `FindCoordinator`.
+//!   stale and the call (or the next one) refreshes it with `DescribeCluster`, asking the
+//!   bootstrap node and the other known nodes, the one that just failed last. A failed group
+//!   call forgets the coordinator, so the next one asks `FindCoordinator` again.
+//! - In a cluster of one there is nothing to refresh: a lost connection is left to the
+//!   caller's retry policy, as before clusters.
+//! - A per-request error on a `ProduceStream` carries no details: the producer takes a
+//!   FAILED_PRECONDITION that is not a fence as a possible `NotLeader`, refreshes the view, and
+//!   retries when the partition's leader changed.
 //! - At most [`REDIRECTS_MAX`] immediate re-routes per call; then the caller's own retry policy
 //!   (backoff, delivery or retry timeout) takes over, and its next attempt routes again.
 //!
@@ -334,38 +340,52 @@ impl Router {
         if self.lock().generation != seen {
             return Ok(());
         }
+        let answer = self
+            .ask_any("DescribeCluster", |mut grpc| async move {
+                grpc.describe_cluster(v1::DescribeClusterRequest {}).await
+            })
+            .await?;
+        match answer {
+            Some(cluster) => self.apply(cluster),
+            None => {
+                let mut view = self.lock();
+                view.mode = Mode::Bootstrap;
+                view.stale = false;
+                view.generation += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the nodes in [`Router::any_nodes`] order, each within the connect timeout, until
+    /// one answers: a lost connection or no answer in time moves on to the next node, any
+    /// other error is the answer. `None`: the node does not know the call (UNIMPLEMENTED).
+    async fn ask_any<T, F, Fut>(&self, what: &str, mut call: F) -> Result<Option<T>>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
         let mut last_error = None;
         for node in self.any_nodes() {
-            let mut grpc = node.grpc.clone();
-            let answer = tokio::time::timeout(
-                self.config.connect_timeout,
-                grpc.describe_cluster(v1::DescribeClusterRequest {}),
-            )
-            .await;
-            match answer {
-                Ok(Ok(response)) => {
-                    self.apply(response.into_inner());
-                    return Ok(());
+            let answer = tokio::time::timeout(self.config.connect_timeout, call(node.grpc.clone()));
+            match answer.await {
+                Ok(Ok(response)) => return Ok(Some(response.into_inner())),
+                Ok(Err(status)) if status.code() == Code::Unimplemented => return Ok(None),
+                Ok(Err(status)) if is_lost_connection(&status) => {
+                    last_error = Some(Error::from_status(&node.address, status));
                 }
-                Ok(Err(status)) if status.code() == Code::Unimplemented => {
-                    let mut view = self.lock();
-                    view.mode = Mode::Bootstrap;
-                    view.stale = false;
-                    view.generation += 1;
-                    return Ok(());
-                }
-                Ok(Err(status)) => last_error = Some(Error::from_status(&node.address, status)),
+                Ok(Err(status)) => return Err(Error::from_status(&node.address, status)),
                 Err(_) => {
                     last_error = Some(Error::Unreachable {
                         address: node.address.to_string(),
-                        reason: "no answer to DescribeCluster in time".to_owned(),
-                    })
+                        reason: format!("no answer to {what} in time"),
+                    });
                 }
             }
         }
         Err(last_error.unwrap_or_else(|| Error::Unreachable {
             address: self.bootstrap.address.to_string(),
-            reason: "no node to ask for the cluster view".to_owned(),
+            reason: format!("no node to ask {what}"),
         }))
     }
 
@@ -416,45 +436,24 @@ impl Router {
 
     /// Asks any node which node coordinates `group` and remembers it.
     async fn find_coordinator(&self, group: &str) -> Result<()> {
-        let mut last_error = None;
-        for node in self.any_nodes() {
-            let mut grpc = node.grpc.clone();
-            let request = v1::FindCoordinatorRequest {
-                group: group.to_owned(),
-            };
-            let answer =
-                tokio::time::timeout(self.config.connect_timeout, grpc.find_coordinator(request))
-                    .await;
-            match answer {
-                Ok(Ok(response)) => {
-                    let found = response.into_inner();
-                    let mut view = self.lock();
-                    learn_node(&mut view, found.node_id, &found.address);
-                    view.coordinators.insert(group.to_owned(), found.node_id);
-                    return Ok(());
-                }
-                Ok(Err(status)) if status.code() == Code::Unimplemented => {
-                    self.lock().no_find_coordinator = true;
-                    return Ok(());
-                }
-                // The coordinator is being elected: the group call goes to the bootstrap
-                // node, whose answer the caller's retry policy waits out.
-                Ok(Err(status)) if !is_lost_connection(&status) => {
-                    return Err(Error::from_status(&node.address, status));
-                }
-                Ok(Err(status)) => last_error = Some(Error::from_status(&node.address, status)),
-                Err(_) => {
-                    last_error = Some(Error::Unreachable {
-                        address: node.address.to_string(),
-                        reason: "no answer to FindCoordinator in time".to_owned(),
-                    })
-                }
+        let request = v1::FindCoordinatorRequest {
+            group: group.to_owned(),
+        };
+        let answer = self
+            .ask_any("FindCoordinator", |mut grpc| {
+                let request = request.clone();
+                async move { grpc.find_coordinator(request).await }
+            })
+            .await?;
+        let mut view = self.lock();
+        match answer {
+            Some(found) => {
+                learn_node(&mut view, found.node_id, &found.address);
+                view.coordinators.insert(group.to_owned(), found.node_id);
             }
+            None => view.no_find_coordinator = true,
         }
-        Err(last_error.unwrap_or_else(|| Error::Unreachable {
-            address: self.bootstrap.address.to_string(),
-            reason: "no node to ask for the coordinator".to_owned(),
-        }))
+        Ok(())
     }
 
     /// Takes what a failed call at `node` says about the view; see the module doc.
