@@ -15,13 +15,17 @@ use bytes::Bytes;
 use syncline_proto::batch::BatchBuilder;
 use syncline_proto::error_details::not_leader_status;
 use syncline_proto::partitioner::partition_for_key;
+use syncline_proto::v1;
 use syncline_proto::v1::broker_server::{Broker, BrokerServer};
-use syncline_proto::v1::{self, ErrorStatus};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Client, ConsumerConfig, Error, OffsetQuery, ProducerConfig, StartOffset};
+use crate::tests::{request_error, serve_produce_stream};
+use crate::{
+    Client, ConsumerConfig, Error, GroupConsumerConfig, OffsetQuery, OffsetReset, ProducerConfig,
+    StartOffset,
+};
 
 /// Partitions of every mock topic.
 const PARTITIONS: u32 = 2;
@@ -157,6 +161,14 @@ fn topic_description(name: &str) -> v1::TopicDescription {
 
 type Answer<T> = Result<Response<T>, Status>;
 
+/// The assignment the mock coordinator gives its one member.
+fn every_events_partition() -> Vec<v1::TopicPartitions> {
+    vec![v1::TopicPartitions {
+        topic: "events".to_owned(),
+        partitions: (0..PARTITIONS).collect(),
+    }]
+}
+
 fn unimplemented<T>() -> Answer<T> {
     Err(Status::unimplemented("not in this mock"))
 }
@@ -238,9 +250,14 @@ impl Broker for MockNode {
         self.record("ListOffsets");
         let request = request.into_inner();
         self.check_leader(&request.topic, request.partition)?;
-        Ok(Response::new(v1::ListOffsetsResponse {
+        let offset = if request.spec == v1::OffsetSpec::Earliest as i32 {
+            0
+        } else {
             // The answering node's id, so a test sees who answered.
-            offset: self.id,
+            self.id
+        };
+        Ok(Response::new(v1::ListOffsetsResponse {
+            offset,
             found: true,
         }))
     }
@@ -306,37 +323,26 @@ impl Broker for MockNode {
         request: Request<tonic::Streaming<v1::ProduceRequest>>,
     ) -> Answer<Self::ProduceStreamStream> {
         self.record("ProduceStream");
-        let mut requests = request.into_inner();
-        let (responses, receiver) = mpsc::channel(16);
         let node = self.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = requests.message().await {
-                node.record("Produce");
-                let mut response = v1::ProduceResponse {
-                    correlation_id: request.correlation_id,
-                    partition: request.partition,
-                    ..Default::default()
-                };
-                match node.check_leader("events", request.partition) {
-                    Ok(()) => {
-                        let mut cluster = node.shared.lock();
-                        response.base_offset = cluster.next_offset;
-                        response.last_offset = cluster.next_offset;
-                        cluster.next_offset += 1;
-                    }
-                    Err(status) => {
-                        response.error = Some(ErrorStatus {
-                            code: status.code() as i32,
-                            message: status.message().to_owned(),
-                        })
-                    }
+        let stream = serve_produce_stream(request.into_inner(), move |request| {
+            node.record("Produce");
+            let mut response = v1::ProduceResponse {
+                correlation_id: request.correlation_id,
+                partition: request.partition,
+                ..Default::default()
+            };
+            match node.check_leader("events", request.partition) {
+                Ok(()) => {
+                    let mut cluster = node.shared.lock();
+                    response.base_offset = cluster.next_offset;
+                    response.last_offset = cluster.next_offset;
+                    cluster.next_offset += 1;
                 }
-                if responses.send(Ok(response)).await.is_err() {
-                    return;
-                }
+                Err(status) => response.error = Some(request_error(&status)),
             }
+            Some(response)
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
     }
 
     async fn commit_offsets(
@@ -444,18 +450,33 @@ impl Broker for MockNode {
     }
 
     async fn join_group(&self, _: Request<v1::JoinGroupRequest>) -> Answer<v1::JoinGroupResponse> {
-        unimplemented()
+        self.record("JoinGroup");
+        self.check_coordinator()?;
+        Ok(Response::new(v1::JoinGroupResponse {
+            member_id: "member-1".to_owned(),
+            member_epoch: 1,
+            heartbeat_interval_ms: 50,
+            assignment: every_events_partition(),
+        }))
     }
 
     async fn heartbeat(&self, _: Request<v1::HeartbeatRequest>) -> Answer<v1::HeartbeatResponse> {
-        unimplemented()
+        self.record("Heartbeat");
+        self.check_coordinator()?;
+        Ok(Response::new(v1::HeartbeatResponse {
+            member_epoch: 1,
+            heartbeat_interval_ms: 50,
+            assignment: every_events_partition(),
+        }))
     }
 
     async fn leave_group(
         &self,
         _: Request<v1::LeaveGroupRequest>,
     ) -> Answer<v1::LeaveGroupResponse> {
-        unimplemented()
+        self.record("LeaveGroup");
+        self.check_coordinator()?;
+        Ok(Response::new(v1::LeaveGroupResponse {}))
     }
 }
 
@@ -697,6 +718,48 @@ async fn group_calls_should_go_to_the_coordinator_and_follow_it_when_it_moves() 
 }
 
 #[tokio::test]
+async fn group_consumer_should_join_at_the_coordinator_and_fetch_from_each_leader() {
+    let cluster = MockCluster::start(3).await;
+    let shared = &cluster.shared;
+    {
+        let mut state = shared.lock();
+        state.coordinator = 3;
+        state.leaders.insert(("events".to_owned(), 0), 2);
+        state.leaders.insert(("events".to_owned(), 1), 3);
+    }
+    shared.publish();
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    let config = GroupConsumerConfig {
+        offset_reset: OffsetReset::Earliest,
+        ..GroupConsumerConfig::default()
+    };
+    let mut consumer = client
+        .group_consumer("g", &["events"], config)
+        .await
+        .unwrap();
+    let mut values = Vec::new();
+    for _ in 0..PARTITIONS {
+        let record = consumer.recv().await.unwrap().unwrap();
+        values.push(record.value.unwrap());
+    }
+    values.sort();
+    assert_eq!(
+        values,
+        [Bytes::from("from node 2"), Bytes::from("from node 3")]
+    );
+    consumer.close().await.unwrap();
+    assert_eq!(shared.calls(1, "FindCoordinator"), 1);
+    assert_eq!(shared.calls(3, "JoinGroup"), 1);
+    assert_eq!(shared.calls(3, "LeaveGroup"), 1);
+    for node in [1, 2] {
+        for rpc in ["JoinGroup", "Heartbeat", "LeaveGroup", "CommitOffsets"] {
+            assert_eq!(shared.calls(node, rpc), 0, "{rpc} at node {node}");
+        }
+    }
+    assert_eq!(shared.calls(1, "Fetch"), 0);
+}
+
+#[tokio::test]
 async fn list_groups_should_merge_every_nodes_share() {
     let cluster = MockCluster::start(2).await;
     {
@@ -785,4 +848,22 @@ async fn a_cluster_of_one_should_be_served_on_the_bootstrap_connection() {
         1,
         "no refresh in a cluster of one"
     );
+}
+
+#[tokio::test]
+async fn given_the_bootstrap_node_down_admin_calls_should_fail_over_to_another_node() {
+    let mut cluster = MockCluster::start(2).await;
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    cluster.stop(1).await;
+    client.list_topics().await.unwrap();
+    assert_eq!(cluster.shared.calls(2, "ListTopics"), 1);
+    // A view refresh after the loss asks node 2 as well.
+    cluster.shared.lead("events", 0, 2);
+    cluster.shared.publish();
+    let listed = client
+        .list_offsets("events", 0, OffsetQuery::Latest)
+        .await
+        .unwrap();
+    assert_eq!(listed.offset, 2);
+    assert_eq!(cluster.shared.calls(2, "DescribeCluster"), 1);
 }
