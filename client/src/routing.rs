@@ -154,6 +154,8 @@ struct Member {
     alive: bool,
     /// Created on first use.
     grpc: Option<Grpc>,
+    /// Its address does not parse: calls go to the bootstrap node instead.
+    unusable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -209,13 +211,25 @@ impl Router {
     fn node(&self, view: &mut View, id: u64) -> Option<Node> {
         let single = view.nodes.len() <= 1;
         let member = view.nodes.get_mut(&id)?;
-        if single || member.address == self.bootstrap.address {
+        if single || member.address == self.bootstrap.address || member.unusable {
             return Some(self.bootstrap.clone());
         }
         if member.grpc.is_none() {
-            let address = BrokerAddress::parse(&member.address).ok()?;
-            let channel = endpoint(&address, &self.config).ok()?.connect_lazy();
-            member.grpc = Some(grpc(channel, &self.config));
+            let endpoint = BrokerAddress::parse(&member.address)
+                .and_then(|address| endpoint(&address, &self.config));
+            match endpoint {
+                Ok(endpoint) => member.grpc = Some(grpc(endpoint.connect_lazy(), &self.config)),
+                Err(error) => {
+                    // The bootstrap node's answer (NotLeader, say) tells the caller the rest.
+                    tracing::warn!(
+                        node = id,
+                        %error,
+                        "unusable advertised address; sending its calls to the bootstrap node"
+                    );
+                    member.unusable = true;
+                    return Some(self.bootstrap.clone());
+                }
+            }
         }
         Some(Node {
             grpc: member.grpc.clone()?,
@@ -409,6 +423,7 @@ impl Router {
                     address,
                     alive: node.alive,
                     grpc,
+                    unusable: false,
                 },
             );
         }
@@ -622,6 +637,7 @@ fn learn_node(view: &mut View, id: u64, address: &str) {
         Some(member) => {
             member.address = Arc::from(address);
             member.grpc = None;
+            member.unusable = false;
         }
         None => {
             view.nodes.insert(
@@ -630,6 +646,7 @@ fn learn_node(view: &mut View, id: u64, address: &str) {
                     address: Arc::from(address),
                     alive: true,
                     grpc: None,
+                    unusable: false,
                 },
             );
         }

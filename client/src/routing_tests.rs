@@ -867,3 +867,29 @@ async fn given_the_bootstrap_node_down_admin_calls_should_fail_over_to_another_n
     assert_eq!(listed.offset, 2);
     assert_eq!(cluster.shared.calls(2, "DescribeCluster"), 1);
 }
+
+#[tokio::test]
+async fn given_an_unusable_advertised_address_calls_should_go_to_the_bootstrap_node_and_end() {
+    let cluster = MockCluster::start(2).await;
+    let shared = &cluster.shared;
+    shared.lock().nodes[1].1 = "https://node-2:7450".to_owned();
+    shared.lead("events", 0, 2);
+    shared.publish();
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    let error = client
+        .list_offsets("events", 0, OffsetQuery::Latest)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::NotLeader {
+                leader_id: Some(2),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    let redirects = crate::routing::REDIRECTS_MAX as usize;
+    assert_eq!(shared.calls(1, "ListOffsets"), 1 + redirects, "bounded");
+}
