@@ -276,8 +276,8 @@ impl Router {
     }
 
     /// Where `target` goes by the view as it is; the bootstrap node when the view does not know
-    /// it. Never waits: for the producer's dispatcher, which must submit in order.
-    pub(crate) fn cached_or_bootstrap(&self, target: Target<'_>) -> Node {
+    /// it.
+    fn cached_or_bootstrap(&self, target: Target<'_>) -> Node {
         self.cached(target)
             .unwrap_or_else(|| self.bootstrap.clone())
     }
@@ -322,7 +322,9 @@ impl Router {
         let mut last = Vec::new();
         for id in ids {
             if let Some(node) = self.node(&mut view, id) {
-                if Some(&node.address) == suspect.as_ref() {
+                if node.address == self.bootstrap.address {
+                    // An unusable address, served by the bootstrap node: already listed.
+                } else if Some(&node.address) == suspect.as_ref() {
                     last.push(node);
                 } else {
                     nodes.push(node);
