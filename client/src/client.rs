@@ -1,5 +1,6 @@
-//! [`Client`]: one HTTP/2 connection to a broker, topic administration, and the factory for
-//! producers, consumers and table handles.
+//! [`Client`]: connections to a broker or a cluster of broker nodes (routed by the
+//! `routing` module), topic administration, and the factory for producers, consumers and table
+//! handles.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use syncline_proto::batch::BATCH_LEN_MAX;
 use syncline_proto::v1::{self, broker_client::BrokerClient};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::address::BrokerAddress;
 use crate::admin::{
@@ -17,6 +18,7 @@ use crate::consumer::{Consumer, ConsumerConfig};
 use crate::error::{Error, Result};
 use crate::group::{GroupConsumer, GroupConsumerConfig};
 use crate::producer::{Producer, ProducerConfig, ProducerIdentity};
+use crate::routing::{self, Failure, Grpc, Node, Router, Target};
 use crate::snapshot::Snapshot;
 use crate::sync_table::{SyncTable, SyncTableConfig};
 use crate::table::Table;
@@ -76,12 +78,16 @@ impl ClientConfig {
     }
 }
 
-/// A connection to one Syncline broker. Cheap to clone: clones share the connection, which
-/// multiplexes every request (HTTP/2) and reconnects by itself after a broker restart.
+/// A connection to a Syncline broker or cluster. Cheap to clone: clones share the connections,
+/// which multiplex every request (HTTP/2) and reconnect by themselves after a broker restart.
+///
+/// In a cluster the client keeps a view of the nodes and of each partition's leader (from
+/// `DescribeCluster`, asked at connect and again when the view turns out wrong) and one
+/// connection per node: each partition's traffic goes to its leader, each group's to its
+/// coordinator, administration to the bootstrap node (or any other when it is unreachable).
 #[derive(Debug, Clone)]
 pub struct Client {
-    grpc: BrokerClient<Channel>,
-    address: Arc<str>,
+    router: Arc<Router>,
     connectivity: Arc<watch::Sender<Connectivity>>,
 }
 
@@ -99,11 +105,6 @@ pub enum Connectivity {
         error: String,
     },
 }
-
-/// HTTP/2 flow-control windows: large enough that one stream can carry a full batch without
-/// waiting for window updates (the defaults of 64 KiB throttle bulk produce and fetch).
-const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
-const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 impl Client {
     /// Connects to the broker at `address` (`host:port` or `http://host:port`) with the default
@@ -153,28 +154,22 @@ impl Client {
     }
 
     async fn connect_one(address: &BrokerAddress, config: &ClientConfig) -> Result<Client> {
-        let endpoint = Endpoint::from_shared(address.uri())
-            .map_err(|error| Error::InvalidAddress {
-                address: address.authority.clone(),
-                reason: error.to_string(),
-            })?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .http2_keep_alive_interval(config.keepalive_interval)
-            .keep_alive_timeout(config.keepalive_timeout)
-            .keep_alive_while_idle(true);
-        let channel = endpoint
+        let channel = routing::endpoint(address, config)?
             .connect()
             .await
             .map_err(|error| Error::from_transport(&address.authority, &error))?;
-        let grpc = BrokerClient::new(channel)
-            .max_decoding_message_size(config.message_bytes_max)
-            .max_encoding_message_size(config.message_bytes_max);
-        Ok(Client {
-            grpc,
+        let bootstrap = Node {
+            grpc: routing::grpc(channel, config),
             address: Arc::from(address.authority.as_str()),
+        };
+        let router = Arc::new(Router::new(config.clone(), bootstrap));
+        // The view: without it (the node did not answer in time) every call goes to this node
+        // until a refresh succeeds.
+        if let Err(error) = router.refresh().await {
+            tracing::debug!(broker = %address.authority, %error, "no cluster view yet");
+        }
+        Ok(Client {
+            router,
             connectivity: Arc::new(watch::Sender::new(Connectivity::Connected)),
         })
     }
@@ -210,54 +205,140 @@ impl Client {
         });
     }
 
-    /// The broker's address as `host:port`.
+    /// The bootstrap broker's address as `host:port` (the one of the given list that answered).
     pub fn address(&self) -> &str {
-        &self.address
+        &self.router.bootstrap().address
     }
 
-    /// The generated gRPC client on this connection, for calls this crate does not wrap.
+    /// The generated gRPC client on the bootstrap connection, for calls this crate does not
+    /// wrap (in a cluster, per-partition calls there may answer FAILED_PRECONDITION with a
+    /// `NotLeader` detail naming the leader).
     pub fn grpc(&self) -> BrokerClient<Channel> {
-        self.grpc.clone()
+        self.router.bootstrap().grpc.clone()
     }
 
-    pub(crate) fn error(&self, status: tonic::Status) -> Error {
-        Error::from_status(&self.address, status)
+    pub(crate) fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Runs `call` on the leader of `topic`/`partition` (see [`Router::call`]).
+    pub(crate) async fn on_partition<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        call: F,
+    ) -> std::result::Result<T, Failure>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (answer, _) = self
+            .router
+            .call(Target::Partition(topic, partition), call)
+            .await?;
+        Ok(answer)
+    }
+
+    /// [`Client::on_partition`] for a streaming call: also the address of the node that
+    /// answered, for [`Client::stream_error`].
+    pub(crate) async fn open_on_partition<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        call: F,
+    ) -> Result<(T, Arc<str>)>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        Ok(self
+            .router
+            .call(Target::Partition(topic, partition), call)
+            .await?)
+    }
+
+    /// An error in the middle of a stream from `address` for `target`: the view takes what
+    /// it says (a new leader, a lost connection) for the caller's retry.
+    pub(crate) fn stream_error(
+        &self,
+        target: Target<'_>,
+        address: &Arc<str>,
+        status: tonic::Status,
+    ) -> Error {
+        self.router.observe(address, &status, Some(target));
+        Error::from_status(address, status)
+    }
+
+    /// [`Client::stream_error`] for a stream carrying many partitions (ProduceStream): a
+    /// `NotLeader` detail names its partition.
+    pub(crate) fn stream_error_any_partition(
+        &self,
+        address: &Arc<str>,
+        status: tonic::Status,
+    ) -> Error {
+        self.router.observe(address, &status, None);
+        Error::from_status(address, status)
+    }
+
+    /// Runs `call` on the coordinator of `group` (see [`Router::call`]).
+    pub(crate) async fn on_coordinator<T, F, Fut>(
+        &self,
+        group: &str,
+        call: F,
+    ) -> std::result::Result<T, Failure>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (answer, _) = self.router.call(Target::Group(group), call).await?;
+        Ok(answer)
+    }
+
+    /// Runs `call` on any node, failing over from the bootstrap node (see
+    /// [`Router::call_any`]).
+    pub(crate) async fn on_any<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        Ok(self.router.call_any(call).await?)
     }
 
     /// Creates a topic. Fails with ALREADY_EXISTS for a duplicate name and INVALID_ARGUMENT for
     /// a bad name or config (see [`Error::code`]).
     pub async fn create_topic(&self, name: &str, config: TopicConfig) -> Result<TopicDescription> {
+        let request = v1::CreateTopicRequest {
+            name: name.to_owned(),
+            config: Some(config.to_wire()),
+        };
         let response = self
-            .grpc()
-            .create_topic(v1::CreateTopicRequest {
-                name: name.to_owned(),
-                config: Some(config.to_wire()),
+            .on_any(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.create_topic(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?;
-        TopicDescription::from_wire(response.into_inner().topic)
+            .await?;
+        TopicDescription::from_wire(response.topic)
     }
 
     /// Deletes a topic and its data. Fails with NOT_FOUND for an unknown topic.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        self.grpc()
-            .delete_topic(v1::DeleteTopicRequest {
-                name: name.to_owned(),
-            })
-            .await
-            .map_err(|status| self.error(status))?;
+        let request = v1::DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        self.on_any(|mut grpc| {
+            let request = request.clone();
+            async move { grpc.delete_topic(request).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Every topic, sorted by name.
     pub async fn list_topics(&self) -> Result<Vec<TopicSummary>> {
         let response = self
-            .grpc()
-            .list_topics(v1::ListTopicsRequest {})
-            .await
-            .map_err(|status| self.error(status))?;
+            .on_any(|mut grpc| async move { grpc.list_topics(v1::ListTopicsRequest {}).await })
+            .await?;
         let mut topics: Vec<TopicSummary> = response
-            .into_inner()
             .topics
             .into_iter()
             .map(TopicSummary::from_wire)
@@ -268,29 +349,32 @@ impl Client {
 
     /// A topic's effective config and per-partition offsets and sizes.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription> {
+        let request = v1::DescribeTopicRequest {
+            name: name.to_owned(),
+        };
         let response = self
-            .grpc()
-            .describe_topic(v1::DescribeTopicRequest {
-                name: name.to_owned(),
+            .on_any(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.describe_topic(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?;
-        TopicDescription::from_wire(response.into_inner().topic)
+            .await?;
+        TopicDescription::from_wire(response.topic)
     }
 
     /// Runs a compaction pass over every partition of a table now and reports what each did
     /// (`roll`: seal the active segments first, so everything durable is compacted).
     pub async fn compact_topic(&self, name: &str, roll: bool) -> Result<Vec<CompactionOutcome>> {
+        let request = v1::CompactTopicRequest {
+            name: name.to_owned(),
+            roll,
+        };
         let response = self
-            .grpc()
-            .compact_topic(v1::CompactTopicRequest {
-                name: name.to_owned(),
-                roll,
+            .on_any(|mut grpc| {
+                let request = request.clone();
+                async move { grpc.compact_topic(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?;
+            .await?;
         Ok(response
-            .into_inner()
             .partitions
             .into_iter()
             .map(CompactionOutcome::from_wire)
@@ -309,17 +393,18 @@ impl Client {
             OffsetQuery::Latest => (v1::OffsetSpec::Latest, 0),
             OffsetQuery::Timestamp(timestamp_ms) => (v1::OffsetSpec::Timestamp, timestamp_ms),
         };
+        let request = v1::ListOffsetsRequest {
+            topic: topic.to_owned(),
+            partition,
+            spec: spec as i32,
+            timestamp_ms,
+        };
         let response = self
-            .grpc()
-            .list_offsets(v1::ListOffsetsRequest {
-                topic: topic.to_owned(),
-                partition,
-                spec: spec as i32,
-                timestamp_ms,
+            .on_partition(topic, partition, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.list_offsets(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?
-            .into_inner();
+            .await?;
         Ok(ListedOffset {
             offset: response.offset,
             found: match query {
@@ -365,14 +450,13 @@ impl Client {
     /// that id with the next epoch, which fences every older instance still writing under it
     /// (their batches are refused from then on).
     pub async fn init_producer(&self, producer_id: Option<u64>) -> Result<ProducerIdentity> {
+        let request = v1::InitProducerRequest {
+            producer_id: producer_id.unwrap_or(0),
+        };
         let response = self
-            .grpc()
-            .init_producer(v1::InitProducerRequest {
-                producer_id: producer_id.unwrap_or(0),
-            })
-            .await
-            .map_err(|status| self.error(status))?;
-        ProducerIdentity::from_wire(&response.into_inner())
+            .on_any(|mut grpc| async move { grpc.init_producer(request).await })
+            .await?;
+        ProducerIdentity::from_wire(&response)
     }
 
     /// [`Client::init_producer`] for a new id, retrying transient failures with a doubling

@@ -79,13 +79,15 @@ impl ClusterDescription {
 }
 
 impl Client {
-    /// The cluster as the broker sees it.
+    /// The cluster as the broker sees it (any node answers; the client's view takes the answer
+    /// too).
     pub async fn describe_cluster(&self) -> Result<ClusterDescription> {
-        let response = self
-            .grpc()
-            .describe_cluster(v1::DescribeClusterRequest {})
-            .await
-            .map_err(|status| self.error(status))?;
-        Ok(ClusterDescription::from_wire(response.into_inner()))
+        let response =
+            self.on_any(|mut grpc| async move {
+                grpc.describe_cluster(v1::DescribeClusterRequest {}).await
+            })
+            .await?;
+        self.router().apply(response.clone());
+        Ok(ClusterDescription::from_wire(response))
     }
 }

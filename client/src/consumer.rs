@@ -421,16 +421,18 @@ impl PartitionReader {
             };
             let result = self
                 .client
-                .grpc()
-                .fetch(request)
+                .on_partition(&self.topic, self.partition, |mut grpc| {
+                    let request = request.clone();
+                    async move { grpc.fetch(request).await }
+                })
                 .await
-                .map_err(|status| self.client.error(status));
+                .map_err(Error::from);
             let error = match result {
                 Ok(response) => {
                     failing_since = None;
                     backoff = self.config.retry_backoff;
                     self.client.note_reachable();
-                    offset = self.take(offset, response.into_inner()).await?;
+                    offset = self.take(offset, response).await?;
                     continue;
                 }
                 Err(error) => error,

@@ -4,6 +4,8 @@
 //! - the broker rejected a request ([`Error::Broker`]: its gRPC code and the message the broker
 //!   wrote for people),
 //! - the broker could not be reached ([`Error::Unreachable`], always naming the address),
+//! - a cluster node does not lead the partition (or coordinate the group) the call was for
+//!   ([`Error::NotLeader`], transient: the client refreshes its view and retries),
 //! - the caller asked for something invalid before anything was sent ([`Error::InvalidAddress`],
 //!   [`Error::InvalidConfig`], [`Error::UnknownPartition`], [`Error::RecordTooLarge`],
 //!   [`Error::TooManyHeaders`]),
@@ -52,6 +54,23 @@ pub enum Error {
         /// The gRPC status code (NOT_FOUND for an unknown topic, ALREADY_EXISTS, ...).
         code: Code,
         /// The broker's message, written for people.
+        message: String,
+    },
+
+    /// The node does not lead the call's partition (or coordinate its group): the client's view
+    /// of the cluster was out of date. FAILED_PRECONDITION with a `NotLeader` detail; transient
+    /// (the client routes the retry to `leader_id` or refreshes its view).
+    #[error("{message}")]
+    NotLeader {
+        /// The partition's topic (`__offsets` for a group call).
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The leader's node id, when the node knows it.
+        leader_id: Option<u64>,
+        /// The leader's advertised `HOST:PORT`; empty when unknown.
+        leader_address: String,
+        /// The broker's message.
         message: String,
     },
 
@@ -222,18 +241,20 @@ impl Error {
         match self {
             Error::Broker { code, .. } => Some(*code),
             Error::Unreachable { .. } => Some(Code::Unavailable),
-            Error::Conflict { .. } | Error::NotATable { .. } | Error::ProducerFenced { .. } => {
-                Some(Code::FailedPrecondition)
-            }
+            Error::Conflict { .. }
+            | Error::NotATable { .. }
+            | Error::ProducerFenced { .. }
+            | Error::NotLeader { .. } => Some(Code::FailedPrecondition),
             _ => None,
         }
     }
 
     /// Whether retrying the same request later may succeed: the broker was unreachable or
-    /// answered UNAVAILABLE (shutting down), ABORTED or DEADLINE_EXCEEDED.
+    /// answered UNAVAILABLE (shutting down), ABORTED or DEADLINE_EXCEEDED, or the call reached
+    /// a node that does not lead its partition ([`Error::NotLeader`]).
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Unreachable { .. } => true,
+            Error::Unreachable { .. } | Error::NotLeader { .. } => true,
             Error::Broker { code, .. } => matches!(
                 code,
                 Code::Unavailable | Code::Aborted | Code::DeadlineExceeded
@@ -252,6 +273,15 @@ impl Error {
             return Error::Unreachable {
                 address: address.to_owned(),
                 reason: join_unique(parts),
+            };
+        }
+        if let Some(detail) = syncline_proto::error_details::not_leader(&status) {
+            return Error::NotLeader {
+                topic: detail.topic,
+                partition: detail.partition,
+                leader_id: detail.leader_id,
+                leader_address: detail.leader_address,
+                message: status.message().to_owned(),
             };
         }
         Error::Broker {
@@ -372,6 +402,29 @@ mod tests {
         assert_eq!(error.to_string(), "topic `x` does not exist");
         assert!(!error.is_transient());
         assert_eq!(error.code(), Some(Code::NotFound));
+    }
+
+    #[test]
+    fn given_not_leader_detail_should_be_a_transient_not_leader_naming_the_leader() {
+        let detail = v1::NotLeader {
+            topic: "orders".into(),
+            partition: 2,
+            leader_id: Some(3),
+            leader_address: "127.0.0.1:7452".into(),
+        };
+        let status = syncline_proto::error_details::not_leader_status("not the leader", &detail);
+        let error = Error::from_status("a:1", status);
+        assert!(matches!(
+            &error,
+            Error::NotLeader { topic, partition: 2, leader_id: Some(3), leader_address, .. }
+                if topic == "orders" && leader_address == "127.0.0.1:7452"
+        ));
+        assert!(error.is_transient());
+        assert_eq!(error.code(), Some(Code::FailedPrecondition));
+        assert_eq!(error.to_string(), "not the leader");
+        // A failed precondition without the detail stays final.
+        let fenced = Error::from_status("a:1", tonic::Status::failed_precondition("fenced"));
+        assert!(!fenced.is_transient());
     }
 
     #[test]

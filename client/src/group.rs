@@ -65,6 +65,7 @@ use crate::error::{Error, Result};
 use crate::group_admin::{
     from_wire_partitions, to_wire_partitions, TopicPartition, OFFSETS_PER_REQUEST_MAX,
 };
+use crate::routing::Grpc;
 
 /// Most partitions one member reads at once (one reader task each). An assignment above it is
 /// a protocol error: the member could not honour it.
@@ -794,17 +795,17 @@ impl Member {
         self.heartbeat_interval = interval.clamp(HEARTBEAT_INTERVAL_MIN, session / 3);
     }
 
-    /// Runs one coordinator call with the request timeout (a timeout is transient).
-    async fn call<T>(
-        &self,
-        what: &str,
-        future: impl std::future::Future<
-            Output = std::result::Result<tonic::Response<T>, tonic::Status>,
-        >,
-    ) -> Result<T> {
-        match tokio::time::timeout(self.config.request_timeout(), future).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(self.client.error(status)),
+    /// Runs one call on the group's coordinator (found with `FindCoordinator`, followed
+    /// when it moves) with the request timeout (a timeout is transient).
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let answer = self.client.on_coordinator(&self.group, call);
+        match tokio::time::timeout(self.config.request_timeout(), answer).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(failure)) => Err(failure.into()),
             Err(_) => Err(Error::Unreachable {
                 address: self.client.address().to_owned(),
                 reason: format!("no answer to {what} in time"),
@@ -820,8 +821,11 @@ impl Member {
             session_timeout_ms: self.config.session_timeout_ms(),
             client_id: self.client_id.clone(),
         };
-        let mut grpc = self.client.grpc();
-        self.call("JoinGroup", grpc.join_group(request)).await
+        self.call("JoinGroup", |mut grpc| {
+            let request = request.clone();
+            async move { grpc.join_group(request).await }
+        })
+        .await
     }
 
     async fn accept_join(&mut self, response: v1::JoinGroupResponse) -> Result<Instant> {
@@ -859,8 +863,11 @@ impl Member {
             member_epoch: self.epoch,
             owned: to_wire_partitions(&owned),
         };
-        let mut grpc = self.client.grpc();
-        self.call("Heartbeat", grpc.heartbeat(request)).await
+        self.call("Heartbeat", |mut grpc| {
+            let request = request.clone();
+            async move { grpc.heartbeat(request).await }
+        })
+        .await
     }
 
     /// Moves to `assignment`: releases what left it (commit first), starts what joined it.
@@ -1145,9 +1152,11 @@ impl Member {
             member_epoch: self.epoch,
             offsets,
         };
-        let mut grpc = self.client.grpc();
-        self.call("CommitOffsets", grpc.commit_offsets(request))
-            .await?;
+        self.call("CommitOffsets", |mut grpc| {
+            let request = request.clone();
+            async move { grpc.commit_offsets(request).await }
+        })
+        .await?;
         tracing::debug!(group = %self.group, offsets = committed.len(), "committed");
         for (key, offset) in committed {
             if let Some(reader) = self.readers.get_mut(&key) {
@@ -1170,8 +1179,13 @@ impl Member {
                 member_id: self.member_id.clone(),
                 member_epoch: self.epoch,
             };
-            let mut grpc = self.client.grpc();
-            if let Err(error) = self.call("LeaveGroup", grpc.leave_group(request)).await {
+            if let Err(error) = self
+                .call("LeaveGroup", |mut grpc| {
+                    let request = request.clone();
+                    async move { grpc.leave_group(request).await }
+                })
+                .await
+            {
                 // The session expires by itself; nothing is lost.
                 tracing::warn!(group = %self.group, %error, "leaving the group failed");
             }

@@ -278,15 +278,17 @@ impl Client {
         if offsets.len() > OFFSETS_PER_REQUEST_MAX {
             return Err(too_many("offsets", offsets.len()));
         }
-        self.grpc()
-            .commit_offsets(v1::CommitOffsetsRequest {
-                group: group.to_owned(),
-                member_id: String::new(),
-                member_epoch: 0,
-                offsets: offsets.iter().map(OffsetCommit::to_wire).collect(),
-            })
-            .await
-            .map_err(|status| self.error(status))?;
+        let request = v1::CommitOffsetsRequest {
+            group: group.to_owned(),
+            member_id: String::new(),
+            member_epoch: 0,
+            offsets: offsets.iter().map(OffsetCommit::to_wire).collect(),
+        };
+        self.on_coordinator(group, |mut grpc| {
+            let request = request.clone();
+            async move { grpc.commit_offsets(request).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -302,16 +304,17 @@ impl Client {
                 return Err(too_many("partitions", partitions.len()));
             }
         }
+        let request = v1::FetchOffsetsRequest {
+            group: group.to_owned(),
+            partitions: partitions.map(to_wire_partitions).unwrap_or_default(),
+        };
         let response = self
-            .grpc()
-            .fetch_offsets(v1::FetchOffsetsRequest {
-                group: group.to_owned(),
-                partitions: partitions.map(to_wire_partitions).unwrap_or_default(),
+            .on_coordinator(group, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.fetch_offsets(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?;
+            .await?;
         let mut offsets: Vec<CommittedOffset> = response
-            .into_inner()
             .offsets
             .into_iter()
             .map(CommittedOffset::from_wire)
@@ -320,38 +323,48 @@ impl Client {
         Ok(offsets)
     }
 
-    /// Every group the broker knows (with members or committed offsets), sorted by name.
+    /// Every group the broker knows (with members or committed offsets), sorted by name. In a
+    /// cluster each node coordinates a share of the groups: this asks every live node and
+    /// merges the answers (a group two nodes report, while its coordinator moves, once).
     pub async fn list_groups(&self) -> Result<Vec<GroupSummary>> {
-        let response = self
-            .grpc()
-            .list_groups(v1::ListGroupsRequest {})
-            .await
-            .map_err(|status| self.error(status))?;
-        let mut groups: Vec<GroupSummary> = response
-            .into_inner()
-            .groups
-            .into_iter()
-            .map(|group| GroupSummary {
-                group: group.group,
-                members: group.members,
-                state: group.state,
-            })
-            .collect();
-        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        let mut groups: Vec<GroupSummary> = Vec::new();
+        for node in self.router().every_node() {
+            let mut grpc = node.grpc.clone();
+            let response = grpc
+                .list_groups(v1::ListGroupsRequest {})
+                .await
+                .map_err(|status| Error::from_status(&node.address, status))?;
+            groups.extend(
+                response
+                    .into_inner()
+                    .groups
+                    .into_iter()
+                    .map(|group| GroupSummary {
+                        group: group.group,
+                        members: group.members,
+                        state: group.state,
+                    }),
+            );
+        }
+        // The most members first within a name, so the coordinator's answer wins the dedup.
+        groups.sort_by(|a, b| a.group.cmp(&b.group).then(b.members.cmp(&a.members)));
+        groups.dedup_by(|later, first| later.group == first.group);
         Ok(groups)
     }
 
     /// A group's state, members and, per partition, owner, committed offset and lag. Fails with
     /// NOT_FOUND for an unknown group.
     pub async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
+        let request = v1::DescribeGroupRequest {
+            group: group.to_owned(),
+        };
         let response = self
-            .grpc()
-            .describe_group(v1::DescribeGroupRequest {
-                group: group.to_owned(),
+            .on_coordinator(group, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.describe_group(request).await }
             })
-            .await
-            .map_err(|status| self.error(status))?;
-        Ok(GroupDescription::from_wire(response.into_inner()))
+            .await?;
+        Ok(GroupDescription::from_wire(response))
     }
 }
 

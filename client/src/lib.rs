@@ -1,6 +1,8 @@
 //! The Syncline client library.
 //!
-//! - [`Client`]: one connection to a broker; topic administration ([`Client::create_topic`],
+//! - [`Client`]: connections to a broker or a cluster of broker nodes (given any live node's
+//!   address, or several), sending each partition's traffic to its leader and each group's to
+//!   its coordinator, and following them when they move; topic administration ([`Client::create_topic`],
 //!   [`Client::delete_topic`], [`Client::list_topics`], [`Client::describe_topic`]) and offset
 //!   lookups ([`Client::list_offsets`]).
 //! - [`Producer`]: a batching producer. Records are encoded once into per-partition record
@@ -85,6 +87,7 @@ mod error;
 mod group;
 mod group_admin;
 mod producer;
+mod routing;
 mod snapshot;
 mod sync_table;
 mod table;
@@ -122,5 +125,7 @@ pub use table::{Entry, Expect, History, Table, Version, Written};
 /// The gRPC status code in [`Error::Broker`] and [`Error::code`].
 pub use tonic::Code;
 
+#[cfg(test)]
+mod routing_tests;
 #[cfg(test)]
 mod tests;

@@ -8,6 +8,8 @@
 //! stream that ends before its final message is reported as UNAVAILABLE (the broker went away
 //! mid-snapshot): the caller retries the whole snapshot.
 
+use std::sync::Arc;
+
 use futures::StreamExt as _;
 use syncline_proto::batch::Header;
 use syncline_proto::v1;
@@ -16,6 +18,7 @@ use tonic::Code;
 use crate::client::Client;
 use crate::consumer::ConsumerRecord;
 use crate::error::{Error, Result};
+use crate::routing::Target;
 
 /// A snapshot being read: H and the key count are known from the first message; the records
 /// come chunk by chunk from [`Snapshot::next_chunk`]. Memory: one chunk (the broker's default
@@ -26,6 +29,8 @@ pub struct Snapshot {
     topic: String,
     partition: u32,
     stream: tonic::Streaming<v1::SnapshotResponse>,
+    /// The node streaming it.
+    address: Arc<str>,
     high_watermark: u64,
     keys_total: u64,
     /// The first message, not yet handed out.
@@ -43,15 +48,18 @@ impl Snapshot {
             // The broker's default message size.
             max_bytes: None,
         };
-        let mut stream = client
-            .grpc()
-            .snapshot(request)
-            .await
-            .map_err(|status| client.error(status))?
-            .into_inner();
+        let (mut stream, address) = client
+            .open_on_partition(topic, partition, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.snapshot(request).await }
+            })
+            .await?;
         let first = match stream.next().await {
             Some(Ok(first)) => first,
-            Some(Err(status)) => return Err(client.error(status)),
+            Some(Err(status)) => {
+                let target = Target::Partition(topic, partition);
+                return Err(client.stream_error(target, &address, status));
+            }
             None => return Err(ended_early(topic, partition)),
         };
         Ok(Snapshot {
@@ -59,6 +67,7 @@ impl Snapshot {
             topic: topic.to_owned(),
             partition,
             stream,
+            address,
             high_watermark: first.high_watermark,
             keys_total: first.keys_total,
             first: Some(first),
@@ -98,7 +107,10 @@ impl Snapshot {
             Some(first) => first,
             None => match self.stream.next().await {
                 Some(Ok(message)) => message,
-                Some(Err(status)) => return Err(self.client.error(status)),
+                Some(Err(status)) => {
+                    let target = Target::Partition(&self.topic, self.partition);
+                    return Err(self.client.stream_error(target, &self.address, status));
+                }
                 None => return Err(ended_early(&self.topic, self.partition)),
             },
         };

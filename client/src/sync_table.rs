@@ -63,6 +63,7 @@ use crate::admin::CleanupPolicy;
 use crate::client::Client;
 use crate::consumer::{decode_batches, ConsumerRecord};
 use crate::error::{Error, Result};
+use crate::routing::Target;
 use crate::table::{Entry, Written};
 
 /// [`SyncTable`] settings. The defaults suit tables of up to millions of keys.
@@ -755,20 +756,21 @@ impl Shared {
         let offset = self.read().partitions[partition as usize].next_offset;
         // The probe: validates the position (OUT_OF_RANGE) and reports the compaction horizon
         // even when no new record would make the subscription answer.
+        let request = v1::FetchRequest {
+            topic: self.topic.clone(),
+            partition,
+            offset,
+            max_bytes: Some(self.config.fetch_bytes_max),
+            max_wait_ms: 0,
+            decode_records: false,
+        };
         let probe = self
             .client
-            .grpc()
-            .fetch(v1::FetchRequest {
-                topic: self.topic.clone(),
-                partition,
-                offset,
-                max_bytes: Some(self.config.fetch_bytes_max),
-                max_wait_ms: 0,
-                decode_records: false,
+            .on_partition(&self.topic, partition, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.fetch(request).await }
             })
-            .await
-            .map_err(|status| self.client.error(status))?
-            .into_inner();
+            .await?;
         self.client.note_reachable();
         match self.handle(partition, probe)? {
             Handled::Resnapshot => return Ok(Step::Resnapshot),
@@ -777,23 +779,27 @@ impl Shared {
             Handled::Applied => *progressed = true,
         }
         let offset = self.read().partitions[partition as usize].next_offset;
-        let mut stream = self
+        let request = v1::SubscribeRequest {
+            topic: self.topic.clone(),
+            partition,
+            offset,
+            max_bytes: Some(self.config.fetch_bytes_max),
+            decode_records: false,
+        };
+        let (mut stream, address) = self
             .client
-            .grpc()
-            .subscribe(v1::SubscribeRequest {
-                topic: self.topic.clone(),
-                partition,
-                offset,
-                max_bytes: Some(self.config.fetch_bytes_max),
-                decode_records: false,
+            .open_on_partition(&self.topic, partition, |mut grpc| {
+                let request = request.clone();
+                async move { grpc.subscribe(request).await }
             })
-            .await
-            .map_err(|status| self.client.error(status))?
-            .into_inner();
+            .await?;
         loop {
             let response = match stream.next().await {
                 None => return Ok(Step::Reconnect),
-                Some(Err(status)) => return Err(self.client.error(status)),
+                Some(Err(status)) => {
+                    let target = Target::Partition(&self.topic, partition);
+                    return Err(self.client.stream_error(target, &address, status));
+                }
                 Some(Ok(response)) => response,
             };
             match self.handle(partition, response)? {

@@ -38,6 +38,7 @@ use crate::admin::{CleanupPolicy, TopicDescription};
 use crate::client::Client;
 use crate::error::{conflict_version, is_producer_fenced, Error, Result};
 use crate::producer::{acknowledged, now_ms, Acks, Producer, ProducerConfig, ProducerIdentity};
+use crate::routing::Failure;
 use crate::Header;
 
 /// What a conditional write expects of its key.
@@ -188,19 +189,22 @@ impl Table {
     pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
         let key = key.as_ref();
         let inner = &self.inner;
+        let request = v1::GetRequest {
+            topic: inner.topic.clone(),
+            key: Bytes::copy_from_slice(key),
+        };
         let response = inner
             .client
-            .grpc()
-            .get(v1::GetRequest {
-                topic: inner.topic.clone(),
-                key: Bytes::copy_from_slice(key),
+            .on_partition(&inner.topic, self.partition_of(key), |mut grpc| {
+                let request = request.clone();
+                async move { grpc.get(request).await }
             })
             .await;
         let response = match response {
-            Ok(response) => response.into_inner(),
+            Ok(response) => response,
             // The handle found the topic when it was opened: NOT_FOUND is the key.
-            Err(status) if status.code() == Code::NotFound => return Ok(None),
-            Err(status) => return Err(inner.client.error(status)),
+            Err(failure) if failure.status.code() == Code::NotFound => return Ok(None),
+            Err(failure) => return Err(failure.into()),
         };
         self.check_partition(key, response.partition)?;
         Ok(Some(Entry {
@@ -225,17 +229,18 @@ impl Table {
     pub async fn history(&self, key: impl AsRef<[u8]>, limit: u32) -> Result<History> {
         let key = key.as_ref();
         let inner = &self.inner;
+        let request = v1::HistoryRequest {
+            topic: inner.topic.clone(),
+            key: Bytes::copy_from_slice(key),
+            limit: Some(limit),
+        };
         let response = inner
             .client
-            .grpc()
-            .history(v1::HistoryRequest {
-                topic: inner.topic.clone(),
-                key: Bytes::copy_from_slice(key),
-                limit: Some(limit),
+            .on_partition(&inner.topic, self.partition_of(key), |mut grpc| {
+                let request = request.clone();
+                async move { grpc.history(request).await }
             })
-            .await
-            .map_err(|status| inner.client.error(status))?
-            .into_inner();
+            .await?;
         self.check_partition(key, response.partition)?;
         Ok(History {
             partition: response.partition,
@@ -578,12 +583,17 @@ impl ConditionalWriter {
         let started = std::time::Instant::now();
         loop {
             attempts += 1;
-            let answer =
-                tokio::time::timeout_at(deadline, table.client.grpc().produce(request.clone()))
-                    .await;
+            let produced =
+                table
+                    .client
+                    .on_partition(&table.topic, request.partition, |mut grpc| {
+                        let request = request.clone();
+                        async move { grpc.produce(request).await }
+                    });
+            let answer = tokio::time::timeout_at(deadline, produced).await;
             let error = match answer {
-                Ok(Ok(response)) => return Attempted::Acknowledged(response.into_inner()),
-                Ok(Err(status)) => match classify(&table.topic, key, &table.client, status) {
+                Ok(Ok(response)) => return Attempted::Acknowledged(response),
+                Ok(Err(failure)) => match classify(&table.topic, key, failure) {
                     Ok(error) if error.is_transient() => error,
                     Ok(error) => return refused(error, lost),
                     Err(attempted) => return attempted,
@@ -599,8 +609,9 @@ impl ConditionalWriter {
                     })
                 }
             };
-            // A transient failure may have happened after the broker stored the write.
-            lost = true;
+            // A transient failure may have happened after the broker stored the write; a node
+            // that does not lead the partition stored nothing.
+            lost |= !matches!(error, Error::NotLeader { .. });
             if Instant::now() + backoff >= deadline {
                 return Attempted::Unknown(Error::DeliveryTimeout {
                     topic: table.topic.clone(),
@@ -629,12 +640,8 @@ fn refused(error: Error, ambiguous: bool) -> Attempted {
 
 /// Turns a failed conditional write's status into the error to return (`Ok`), or into an
 /// outcome that needs the writer's attention (`Err`: a sequence gap, a fence).
-fn classify(
-    topic: &str,
-    key: &[u8],
-    client: &Client,
-    status: tonic::Status,
-) -> Result<Error, Attempted> {
+fn classify(topic: &str, key: &[u8], failure: Failure) -> Result<Error, Attempted> {
+    let Failure { status, address } = failure;
     let code = status.code();
     if code == Code::FailedPrecondition {
         match conflict_version(status.details(), key) {
@@ -649,13 +656,13 @@ fn classify(
             Err(error) => return Ok(error),
         }
         if is_producer_fenced(code, status.message()) {
-            return Err(Attempted::Fenced(client.error(status)));
+            return Err(Attempted::Fenced(Error::from_status(&address, status)));
         }
     }
     if code == Code::OutOfRange {
-        return Err(Attempted::Gap(client.error(status)));
+        return Err(Attempted::Gap(Error::from_status(&address, status)));
     }
-    Ok(client.error(status))
+    Ok(Error::from_status(&address, status))
 }
 
 #[cfg(test)]

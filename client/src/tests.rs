@@ -582,6 +582,13 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn find_coordinator(
+        &self,
+        _: Request<v1::FindCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,
@@ -641,67 +648,53 @@ impl Broker for FakeBroker {
         &self,
         request: Request<tonic::Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
-        let mut requests = request.into_inner();
-        let (responses, receiver) = mpsc::channel(64);
         let broker = self.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(request)) = requests.message().await {
-                let scripted = {
-                    let mut state = broker.lock();
-                    state.produce_requests += 1;
-                    state
-                        .received_batches
-                        .push((request.partition, request.batch.clone()));
-                    state.script.pop_front()
-                };
-                let mut response = v1::ProduceResponse {
-                    correlation_id: request.correlation_id,
-                    partition: request.partition,
-                    ..Default::default()
-                };
-                match scripted {
-                    Some(Scripted::BreakStream) => {
-                        let _ = responses.send(Err(Status::unavailable("going away"))).await;
-                        return;
-                    }
-                    Some(Scripted::Fail(code)) => {
-                        response.error = Some(ErrorStatus {
-                            code: code as i32,
-                            message: format!("scripted {code:?}"),
-                        });
-                    }
-                    Some(Scripted::FailWith(code, message)) => {
-                        response.error = Some(ErrorStatus {
-                            code: code as i32,
-                            message: message.to_owned(),
-                        });
-                    }
-                    Some(Scripted::LoseAck) => {
-                        let _ = broker.append(&request, &[]);
-                        response.error = Some(ErrorStatus {
-                            code: Code::Unavailable as i32,
-                            message: "scripted: acknowledgement lost".to_owned(),
-                        });
-                    }
-                    None => match broker.append(&request, &[]) {
-                        Ok((base_offset, last_offset)) => {
-                            response.base_offset = base_offset;
-                            response.last_offset = last_offset;
-                        }
-                        Err(status) => {
-                            response.error = Some(ErrorStatus {
-                                code: status.code() as i32,
-                                message: status.message().to_owned(),
-                            });
-                        }
-                    },
+        let stream = serve_produce_stream(request.into_inner(), move |request| {
+            let scripted = {
+                let mut state = broker.lock();
+                state.produce_requests += 1;
+                state
+                    .received_batches
+                    .push((request.partition, request.batch.clone()));
+                state.script.pop_front()
+            };
+            let mut response = v1::ProduceResponse {
+                correlation_id: request.correlation_id,
+                partition: request.partition,
+                ..Default::default()
+            };
+            match scripted {
+                Some(Scripted::BreakStream) => return None,
+                Some(Scripted::Fail(code)) => {
+                    response.error = Some(ErrorStatus {
+                        code: code as i32,
+                        message: format!("scripted {code:?}"),
+                    });
                 }
-                if responses.send(Ok(response)).await.is_err() {
-                    return;
+                Some(Scripted::FailWith(code, message)) => {
+                    response.error = Some(ErrorStatus {
+                        code: code as i32,
+                        message: message.to_owned(),
+                    });
                 }
+                Some(Scripted::LoseAck) => {
+                    let _ = broker.append(&request, &[]);
+                    response.error = Some(ErrorStatus {
+                        code: Code::Unavailable as i32,
+                        message: "scripted: acknowledgement lost".to_owned(),
+                    });
+                }
+                None => match broker.append(&request, &[]) {
+                    Ok((base_offset, last_offset)) => {
+                        response.base_offset = base_offset;
+                        response.last_offset = last_offset;
+                    }
+                    Err(status) => response.error = Some(request_error(&status)),
+                },
             }
+            Some(response)
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
     }
 
     async fn fetch(
@@ -879,6 +872,39 @@ fn describe(name: &str, partitions: u32, cleanup_policy: i32) -> v1::TopicDescri
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+/// Serves one `ProduceStream` call: `answer` gives each request's response, or `None` to end
+/// the stream with UNAVAILABLE (as a broker going away).
+pub(crate) fn serve_produce_stream<F>(
+    mut requests: tonic::Streaming<v1::ProduceRequest>,
+    mut answer: F,
+) -> ReceiverStream<Result<v1::ProduceResponse, Status>>
+where
+    F: FnMut(v1::ProduceRequest) -> Option<v1::ProduceResponse> + Send + 'static,
+{
+    let (responses, receiver) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok(Some(request)) = requests.message().await {
+            let response = match answer(request) {
+                Some(response) => Ok(response),
+                None => Err(Status::unavailable("going away")),
+            };
+            let ended = response.is_err();
+            if responses.send(response).await.is_err() || ended {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+/// A failed request on a stream, as the broker answers it (code and message; no details).
+pub(crate) fn request_error(status: &Status) -> ErrorStatus {
+    ErrorStatus {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
     }
 }
 

@@ -1,4 +1,6 @@
-//! One `ProduceStream` call: many requests in flight, responses matched by correlation id.
+//! One `ProduceStream` call to one node: many requests in flight, responses matched by
+//! correlation id. In a cluster a producer holds one per node, each carrying the batches of the
+//! partitions that node leads.
 //!
 //! [`Connection::submit`] registers a reply channel under the request's correlation id and
 //! queues the request on the call's request stream, without waiting, so requests go out in the
@@ -20,6 +22,7 @@ use tonic::Code;
 
 use crate::client::Client;
 use crate::error::{Error, Result};
+use crate::routing::Node;
 
 type Reply = oneshot::Sender<Result<ProduceResponse>>;
 
@@ -73,6 +76,8 @@ impl Shared {
 pub struct Connection {
     requests: mpsc::UnboundedSender<ProduceRequest>,
     shared: Arc<Shared>,
+    /// The node's `host:port`.
+    address: Arc<str>,
 }
 
 /// An answer awaited from a [`Connection`]. Dropping it forgets the request, so a response that
@@ -80,6 +85,8 @@ pub struct Connection {
 #[derive(Debug)]
 pub struct Attempt {
     correlation_id: u64,
+    /// The node it went to.
+    address: Arc<str>,
     shared: Arc<Shared>,
     reply: oneshot::Receiver<Result<ProduceResponse>>,
 }
@@ -87,7 +94,7 @@ pub struct Attempt {
 impl Attempt {
     /// Waits for the response. A per-request error becomes [`Error::Broker`]; a broken stream
     /// becomes the stream's error.
-    pub async fn response(&mut self, address: &str) -> Result<ProduceResponse> {
+    pub async fn response(&mut self) -> Result<ProduceResponse> {
         match (&mut self.reply).await {
             Ok(Ok(response)) => match &response.error {
                 Some(status) => Err(Error::Broker {
@@ -97,8 +104,13 @@ impl Attempt {
                 None => Ok(response),
             },
             Ok(Err(error)) => Err(error),
-            Err(_) => Err(stream_gone(address)),
+            Err(_) => Err(stream_gone(&self.address)),
         }
+    }
+
+    /// The node the request went to.
+    pub fn address(&self) -> &Arc<str> {
+        &self.address
     }
 }
 
@@ -116,13 +128,18 @@ fn stream_gone(address: &str) -> Error {
 }
 
 impl Connection {
-    /// Starts a `ProduceStream` call on `client`'s connection. Returns at once; the call is
-    /// set up in the background and requests submitted meanwhile wait in its queue.
-    pub fn open(client: &Client) -> Connection {
+    /// Starts a `ProduceStream` call on `node`'s connection. Returns at once; the call is set
+    /// up in the background and requests submitted meanwhile wait in its queue.
+    pub fn open(client: &Client, node: Node) -> Connection {
         let (requests, receiver) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared::default());
-        tokio::spawn(run(client.clone(), shared.clone(), receiver));
-        Connection { requests, shared }
+        let address = node.address.clone();
+        tokio::spawn(run(client.clone(), node, shared.clone(), receiver));
+        Connection {
+            requests,
+            shared,
+            address,
+        }
     }
 
     /// Whether the stream has ended; a closed connection fails every submission.
@@ -132,7 +149,7 @@ impl Connection {
 
     /// Queues `request` and returns the attempt to await its response. Fails at once when the
     /// stream has ended.
-    pub fn submit(&self, request: ProduceRequest, address: &str) -> Result<Attempt> {
+    pub fn submit(&self, request: ProduceRequest) -> Result<Attempt> {
         let correlation_id = request.correlation_id;
         let (reply, receiver) = oneshot::channel();
         {
@@ -144,10 +161,11 @@ impl Connection {
         }
         if self.requests.send(request).is_err() {
             self.shared.lock().replies.remove(&correlation_id);
-            return Err(stream_gone(address));
+            return Err(stream_gone(&self.address));
         }
         Ok(Attempt {
             correlation_id,
+            address: self.address.clone(),
             shared: self.shared.clone(),
             reply: receiver,
         })
@@ -156,15 +174,17 @@ impl Connection {
 
 async fn run(
     client: Client,
+    node: Node,
     shared: Arc<Shared>,
     requests: mpsc::UnboundedReceiver<ProduceRequest>,
 ) {
-    let error = match client
-        .grpc()
+    let address = &node.address;
+    let mut grpc = node.grpc.clone();
+    let error = match grpc
         .produce_stream(UnboundedReceiverStream::new(requests))
         .await
     {
-        Err(status) => client.error(status),
+        Err(status) => client.stream_error_any_partition(address, status),
         Ok(response) => {
             let mut responses = response.into_inner();
             loop {
@@ -178,8 +198,8 @@ async fn run(
                             );
                         }
                     }
-                    Ok(None) => break stream_gone(client.address()),
-                    Err(status) => break client.error(status),
+                    Ok(None) => break stream_gone(address),
+                    Err(status) => break client.stream_error_any_partition(address, status),
                 }
             }
         }
@@ -187,13 +207,13 @@ async fn run(
     let pending = shared.lock().replies.len();
     if pending > 0 {
         tracing::warn!(
-            broker = client.address(),
+            broker = %address,
             pending,
             %error,
             "produce stream ended with requests in flight"
         );
     } else {
-        tracing::debug!(broker = client.address(), %error, "produce stream ended");
+        tracing::debug!(broker = %address, %error, "produce stream ended");
     }
     shared.close(error);
 }

@@ -8,12 +8,14 @@
 //!    record straight into that partition's open batch. Nothing is copied or encoded again.
 //! 2. The batch is sealed when it is full (`batch_bytes_max`), when `linger` has passed since its
 //!    first record, or on [`Producer::flush`].
-//! 3. A dispatcher task sends sealed batches in the order they were sealed on one
-//!    `ProduceStream` call, at most `in_flight_max` requests at a time; each response is matched
-//!    to its request by correlation id.
+//! 3. A dispatcher task sends sealed batches in the order they were sealed on a
+//!    `ProduceStream` call to the partition's leader (one call per node: in a cluster each
+//!    carries the batches of the partitions that node leads), at most `in_flight_max` requests
+//!    at a time in all; each response is matched to its request by correlation id.
 //! 4. A response completes the delivery future of every record in the batch with its offset
-//!    (`base_offset + index`). A transient failure (broker unreachable or UNAVAILABLE) is
-//!    retried with the same bytes, with backoff, until `delivery_timeout` after the batch's
+//!    (`base_offset + index`). A transient failure (broker unreachable or UNAVAILABLE, or a node
+//!    that no longer leads the partition) is retried with the same bytes, routed by the
+//!    client's refreshed view of the cluster, with backoff, until `delivery_timeout` after the batch's
 //!    first record; then the records fail with [`Error::DeliveryTimeout`]. Other failures fail
 //!    the records at once with the broker's error.
 //!
@@ -47,7 +49,7 @@ mod idempotence;
 pub use accumulator::UnkeyedPartitioning;
 pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +67,7 @@ use self::connection::{Attempt, Connection};
 use self::idempotence::{Next, Outcome, Sequences, Stamp};
 use crate::client::Client;
 use crate::error::{is_producer_fenced, Error, Result};
+use crate::routing::Target;
 
 /// The broker's default `max_batch_bytes`: the largest batch it accepts unless configured
 /// otherwise.
@@ -298,7 +301,8 @@ struct Shared {
     budget: Arc<Semaphore>,
     in_flight: Arc<Semaphore>,
     tracker: Arc<Tracker>,
-    connection: Mutex<Option<Arc<Connection>>>,
+    /// The open `ProduceStream` per node, by address.
+    connections: Mutex<HashMap<Arc<str>, Arc<Connection>>>,
     next_correlation_id: AtomicU64,
     /// Sequence state of an idempotent producer.
     sequences: Option<Mutex<Sequences>>,
@@ -360,7 +364,7 @@ impl Producer {
             budget: Arc::new(Semaphore::new(config.buffer_bytes_max)),
             in_flight: Arc::new(Semaphore::new(config.in_flight_max)),
             tracker: Arc::new(Tracker::default()),
-            connection: Mutex::new(None),
+            connections: Mutex::new(HashMap::new()),
             next_correlation_id: AtomicU64::new(1),
             sequences: identity.map(|identity| Mutex::new(Sequences::new(identity, partitions))),
             sequence_resolved: Notify::new(),
@@ -617,20 +621,44 @@ impl Shared {
         self.sequence_resolved.notify_waiters();
     }
 
-    /// Sends `request` on the current stream, opening a new one if there is none or it ended.
-    fn submit(&self, request: v1::ProduceRequest) -> Result<Attempt> {
+    /// Sends `request` on the stream to its partition's leader, opening a new one if there is
+    /// none or it ended. Waits only when the client's view of the cluster needs a refresh.
+    async fn submit(&self, request: v1::ProduceRequest) -> Result<Attempt> {
+        let target = Target::Partition(&self.topic, request.partition);
+        let node = self.client.router().route(target).await;
         let connection = {
-            let mut current = lock(&self.connection);
-            match current.as_ref() {
+            let mut connections = lock(&self.connections);
+            match connections.get(&node.address) {
                 Some(connection) if !connection.is_closed() => connection.clone(),
                 _ => {
-                    let connection = Arc::new(Connection::open(&self.client));
-                    *current = Some(connection.clone());
+                    let address = node.address.clone();
+                    let connection = Arc::new(Connection::open(&self.client, node));
+                    connections.insert(address, connection.clone());
                     connection
                 }
             }
         };
-        connection.submit(request, self.client.address())
+        connection.submit(request)
+    }
+
+    /// Whether a FAILED_PRECONDITION the node at `address` answered for `partition` (a
+    /// per-request error on the stream carries no `NotLeader` detail) means that the node no
+    /// longer leads it: the refreshed view then names another leader. Never in a cluster of
+    /// one.
+    async fn led_elsewhere(&self, partition: u32, address: &Arc<str>, error: &Error) -> bool {
+        let router = self.client.router();
+        match error {
+            Error::Broker {
+                code: tonic::Code::FailedPrecondition,
+                message,
+            } if router.spans_nodes()
+                && !is_producer_fenced(tonic::Code::FailedPrecondition, message) =>
+            {
+                let _ = router.refresh().await;
+                router.moved(address, Target::Partition(&self.topic, partition))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -752,7 +780,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
     };
     let request = shared.next_request(partition, encoded.clone());
     sent.submitted_at = std::time::Instant::now();
-    let first = shared.submit(request);
+    let first = shared.submit(request).await;
     tokio::spawn(deliver(shared.clone(), sent, encoded, first, slot));
 }
 
@@ -782,14 +810,23 @@ async fn deliver(
     };
     let outcome = loop {
         let result = match &mut attempt {
-            Ok(pending) => {
-                match tokio::time::timeout_at(deadline, pending.response(shared.client.address()))
-                    .await
+            Ok(pending) => match tokio::time::timeout_at(deadline, pending.response()).await {
+                Ok(Err(error))
+                    if shared
+                        .led_elsewhere(partition, pending.address(), &error)
+                        .await =>
                 {
-                    Ok(result) => result,
-                    Err(_) => break Err(timed_out(attempts, last_error)),
+                    Err(Error::NotLeader {
+                        topic: shared.topic.clone(),
+                        partition,
+                        leader_id: None,
+                        leader_address: String::new(),
+                        message: error.to_string(),
+                    })
                 }
-            }
+                Ok(result) => result,
+                Err(_) => break Err(timed_out(attempts, last_error)),
+            },
             Err(error) => Err(error.clone()),
         };
         match result {
@@ -830,7 +867,9 @@ async fn deliver(
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.retry_backoff_max);
                 attempts += 1;
-                attempt = shared.submit(shared.next_request(partition, encoded.clone()));
+                attempt = shared
+                    .submit(shared.next_request(partition, encoded.clone()))
+                    .await;
             }
             Err(error) => break Err(error),
         }
