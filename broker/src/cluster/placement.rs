@@ -72,6 +72,9 @@ pub fn place(
         });
     }
     let mut placements = Vec::with_capacity(partitions as usize);
+    // This topic's own spread comes first (each topic is even over the live nodes), then the
+    // load nodes already carry (so topics together stay balanced).
+    let mut topic: BTreeMap<u64, Load> = BTreeMap::new();
     for partition in 0..partitions {
         let rotation = partition as usize % nodes.len();
         let position = |node: u64| {
@@ -80,20 +83,34 @@ pub fn place(
         };
         let mut candidates = nodes.clone();
         candidates.sort_by_key(|node| {
+            let own = topic.get(node).copied().unwrap_or_default();
             let carried = load.get(node).copied().unwrap_or_default();
-            (carried.replicas, carried.leaders, position(*node))
+            (
+                own.replicas,
+                carried.replicas,
+                carried.leaders,
+                position(*node),
+            )
         });
         let mut replicas: Vec<u64> = candidates[..replication_factor as usize].to_vec();
         // The leader: the chosen replica leading the fewest partitions.
         replicas.sort_by_key(|node| {
+            let own = topic.get(node).copied().unwrap_or_default();
             let carried = load.get(node).copied().unwrap_or_default();
-            (carried.leaders, carried.replicas, position(*node))
+            (
+                own.leaders,
+                carried.leaders,
+                carried.replicas,
+                position(*node),
+            )
         });
         for (i, node) in replicas.iter().enumerate() {
-            let entry = load.entry(*node).or_default();
-            entry.replicas += 1;
-            if i == 0 {
-                entry.leaders += 1;
+            for counts in [&mut *load, &mut topic] {
+                let entry = counts.entry(*node).or_default();
+                entry.replicas += 1;
+                if i == 0 {
+                    entry.leaders += 1;
+                }
             }
         }
         placements.push(Placement { replicas });
@@ -105,6 +122,35 @@ pub fn place(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn given_uneven_existing_load_when_a_topic_is_placed_should_still_spread_it_evenly() {
+        let mut load = BTreeMap::from([
+            (
+                1,
+                Load {
+                    replicas: 9,
+                    leaders: 9,
+                },
+            ),
+            (
+                2,
+                Load {
+                    replicas: 5,
+                    leaders: 5,
+                },
+            ),
+        ]);
+        let placed = place(6, 1, &[1, 2, 3], &mut load).unwrap();
+        let mut leaders = BTreeMap::new();
+        for p in &placed {
+            *leaders.entry(p.leader()).or_insert(0) += 1;
+        }
+        assert_eq!(leaders, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+        // A topic that does not divide evenly leaves its extra partition on the least loaded.
+        let placed = place(1, 1, &[1, 2, 3], &mut load).unwrap();
+        assert_eq!(placed[0].leader(), 3);
+    }
 
     #[test]
     fn given_3_nodes_and_6_partitions_each_node_should_lead_2() {
@@ -135,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn given_a_loaded_node_new_partitions_should_go_to_the_others_first() {
+    fn given_a_loaded_node_the_extra_partitions_should_go_to_the_others() {
         let mut load = BTreeMap::from([(
             1,
             Load {
@@ -144,7 +190,9 @@ mod tests {
             },
         )]);
         let placed = place(4, 1, &[1, 2, 3], &mut load).unwrap();
-        assert!(placed.iter().all(|p| p.leader() != 1), "{placed:?}");
+        // Even within the topic (2, 1, 1): the loaded node takes the smallest share.
+        let on_loaded = placed.iter().filter(|p| p.leader() == 1).count();
+        assert_eq!(on_loaded, 1, "{placed:?}");
     }
 
     proptest! {

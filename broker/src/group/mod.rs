@@ -645,6 +645,11 @@ impl Coordinator {
             }
             topic_ids.push(current);
             let partition = topic.partition(commit.partition)?;
+            // In a cluster the partition may live on another node: its end is not known here
+            // (as in Kafka, the offset is then stored unchecked).
+            if partition.remote_leader().is_some() {
+                continue;
+            }
             let log = partition.log()?;
             let end = log.end_offset();
             if commit.offset > end {
