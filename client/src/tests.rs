@@ -512,15 +512,6 @@ impl Broker for FakeBroker {
         ))
     }
 
-    async fn find_coordinator(
-        &self,
-        _request: Request<v1::FindCoordinatorRequest>,
-    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
-        Err(Status::unimplemented(
-            "the fake broker does not coordinate groups",
-        ))
-    }
-
     async fn compact_topic(
         &self,
         _request: Request<v1::CompactTopicRequest>,
