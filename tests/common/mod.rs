@@ -2,6 +2,7 @@
 //! ephemeral loopback port, find the binaries, connect a raw gRPC client.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod probe;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,524 @@
+//! A cluster of real `syncline-broker` processes on loopback, for the cluster tests (issue 14).
+//!
+//! Node ids are 1..=n and every method takes a node id. The ports are chosen up front (each
+//! node binds 127.0.0.1:0, notes the port, releases it) because every node is given the whole
+//! `--cluster 1=127.0.0.1:P1,2=127.0.0.1:P2,...` list; node `i` gets `--node-id i`,
+//! `--listen 127.0.0.1:Pi`, `--advertise 127.0.0.1:Pi`, `--metrics-listen 127.0.0.1:0` and
+//! `--data-dir ROOT/node-i/data`. Its stdout and stderr go to `ROOT/node-i/broker.log` (kept
+//! across restarts, each start under a `=== harness:` line), which [`Cluster::logs`] returns;
+//! a test that panics while the cluster is alive prints the last lines of every node's log
+//! (when the cluster is dropped), so the harness's own panics do not repeat them.
+//! A node keeps its port and data directory over [`Cluster::stop`], [`Cluster::kill`] and
+//! [`Cluster::restart`]. Dropping the cluster kills every node and deletes ROOT.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use syncline_client::{Client, ClusterDescription};
+use syncline_proto::v1::broker_client::BrokerClient;
+use tonic::transport::Channel;
+
+use super::binary;
+
+/// How long a node may take to log `listening on` (it recovers its data first).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a SIGTERM'd node may take to exit before the harness gives up on it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Lines of each node's log printed when a test panics.
+const PANIC_LOG_LINES: usize = 40;
+
+/// One broker node of a [`Cluster`].
+pub struct Node {
+    id: u64,
+    port: u16,
+    dir: PathBuf,
+    process: Option<Child>,
+    metrics: Option<String>,
+    starts: u32,
+}
+
+impl Node {
+    /// Its node id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Its advertised (and listen) address, `127.0.0.1:PORT`; the same over restarts.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://` + [`Node::address`].
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address())
+    }
+
+    /// Its data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The file its stdout and stderr go to.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("broker.log")
+    }
+
+    /// The Prometheus endpoint of the running process (a new port at each start).
+    pub fn metrics_address(&self) -> Option<&str> {
+        self.metrics.as_deref()
+    }
+
+    /// The process id while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// Whether the harness started it and it has not exited.
+    fn is_running(&mut self) -> bool {
+        match &mut self.process {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+/// N broker processes on loopback: see the module doc.
+pub struct Cluster {
+    root: tempfile::TempDir,
+    nodes: Vec<Node>,
+    /// The `--cluster` value every node gets (`None`: independent nodes, each a cluster of one).
+    voters: Option<String>,
+    /// Flags every start of every node gets (after the harness's own, which they replace).
+    common: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes that form one cluster (`--cluster` naming all of them), all spawned
+    /// before any is waited for, and returns once each has logged `listening on`. It does not
+    /// wait for a controller: see [`Cluster::wait_for_controller`].
+    pub fn start(n: u64) -> Cluster {
+        Cluster::start_with_args(n, &[])
+    }
+
+    /// [`Cluster::start`] with `args` added to every start of every node (e.g. shorter
+    /// timeouts). A flag of the harness's own (`--listen`, `--node-id`, ...) among them replaces
+    /// the harness's.
+    pub fn start_with_args(n: u64, args: &[&str]) -> Cluster {
+        let mut cluster = Cluster::new(n, true, args);
+        cluster.start_all();
+        cluster
+    }
+
+    /// `n` unrelated nodes, each a cluster of one (`--node-id i`, no `--cluster`): the same
+    /// process handling as [`Cluster::start`] for what a single node does today.
+    pub fn start_independent(n: u64) -> Cluster {
+        let mut cluster = Cluster::new(n, false, &[]);
+        cluster.start_all();
+        cluster
+    }
+
+    fn new(n: u64, joined: bool, common: &[&str]) -> Cluster {
+        assert!(n >= 1, "a cluster has at least one node");
+        let root = tempfile::Builder::new()
+            .prefix("syncline-cluster")
+            .tempdir()
+            .expect("cluster root directory");
+        // Hold every listener until all ports are known, so that no two nodes get the same.
+        let listeners: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+            .collect();
+        let nodes: Vec<Node> = listeners
+            .iter()
+            .zip(1..)
+            .map(|(listener, id)| {
+                let dir = root.path().join(format!("node-{id}"));
+                std::fs::create_dir_all(&dir).expect("node directory");
+                Node {
+                    id,
+                    port: listener.local_addr().expect("local address").port(),
+                    dir,
+                    process: None,
+                    metrics: None,
+                    starts: 0,
+                }
+            })
+            .collect();
+        drop(listeners);
+        let voters = joined.then(|| {
+            nodes
+                .iter()
+                .map(|node| format!("{}={}", node.id, node.address()))
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        Cluster {
+            root,
+            nodes,
+            voters,
+            common: common.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn start_all(&mut self) {
+        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        // Spawn all first: a node may wait for its peers before it serves.
+        let offsets: Vec<u64> = ids.iter().map(|&id| self.spawn(id, &[])).collect();
+        for (&id, offset) in ids.iter().zip(offsets) {
+            if let Err(log) = self.await_ready(id, offset) {
+                panic!("node {id} did not start:\n{log}");
+            }
+        }
+    }
+
+    /// The directory holding every node's directory.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// How many nodes (running or not).
+    pub fn len(&self) -> u64 {
+        self.nodes.len() as u64
+    }
+
+    /// Node `id` (1..=n).
+    pub fn node(&self, id: u64) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id} in a cluster of {}", self.nodes.len()))
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut Node {
+        let n = self.nodes.len();
+        self.nodes
+            .iter_mut()
+            .find(|node| node.id == id)
+            .unwrap_or_else(|| panic!("no node {id} in a cluster of {n}"))
+    }
+
+    /// Whether node `id`'s process is running (the harness started it and it has not exited).
+    pub fn is_running(&mut self, id: u64) -> bool {
+        self.node_mut(id).is_running()
+    }
+
+    /// The ids of the nodes whose process is running.
+    pub fn running(&mut self) -> Vec<u64> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|node| node.is_running().then_some(node.id))
+            .collect()
+    }
+
+    /// Every node's address, comma-separated in id order: a bootstrap list for `--broker`,
+    /// `SYNCLINE_BROKER` or [`Client::connect`].
+    pub fn addresses(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::address)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The flags of a start of node `id`: the harness's own, then the common ones, then
+    /// `extra`; a harness flag named in the common ones or in `extra` is left out.
+    fn args(&self, id: u64, extra: &[&str]) -> Vec<String> {
+        let node = self.node(id);
+        let mut own = vec![
+            ("--data-dir", node.data_dir().display().to_string()),
+            ("--listen", node.address()),
+            ("--advertise", node.address()),
+            ("--metrics-listen", "127.0.0.1:0".to_string()),
+            ("--node-id", id.to_string()),
+        ];
+        if let Some(voters) = &self.voters {
+            own.push(("--cluster", voters.clone()));
+        }
+        let given: Vec<&str> = self
+            .common
+            .iter()
+            .map(String::as_str)
+            .chain(extra.iter().copied())
+            .filter(|arg| arg.starts_with("--"))
+            .map(|arg| arg.split('=').next().unwrap_or(arg))
+            .collect();
+        own.into_iter()
+            .filter(|(flag, _)| !given.contains(flag))
+            .flat_map(|(flag, value)| [flag.to_string(), value])
+            .chain(self.common.iter().cloned())
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    }
+
+    /// Spawns node `id` with `extra` flags; returns where this start's lines begin in its log.
+    fn spawn(&mut self, id: u64, extra: &[&str]) -> u64 {
+        let args = self.args(id, extra);
+        let node = self.node_mut(id);
+        assert!(
+            !node.is_running(),
+            "node {id} is already running: stop or kill it first"
+        );
+        node.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node.log_path())
+            .expect("open the node's log");
+        writeln!(
+            log,
+            "=== harness: start {} of node {id}: syncline-broker {}",
+            node.starts,
+            args.join(" ")
+        )
+        .expect("write the node's log");
+        let offset = log.metadata().expect("log metadata").len();
+        let stdout = log.try_clone().expect("clone the log handle");
+        let child = Command::new(binary("syncline-broker"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .expect("spawn syncline-broker");
+        node.process = Some(child);
+        node.metrics = None;
+        offset
+    }
+
+    /// Waits until node `id` logs `listening on` after `offset`; `Err` with what it logged if
+    /// it exits first (then it is no longer running) or takes longer than [`START_TIMEOUT`]
+    /// (then it is killed).
+    fn await_ready(&mut self, id: u64, offset: u64) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let node = self.node_mut(id);
+        let path = node.log_path();
+        loop {
+            let text = read_from(&path, offset);
+            for line in text.lines() {
+                if let Some(rest) = line.split("metrics listening on ").nth(1) {
+                    node.metrics = rest.split_whitespace().next().map(String::from);
+                } else if line.contains("listening on ") {
+                    return Ok(());
+                }
+            }
+            let child = node.process.as_mut().expect("spawned");
+            if let Ok(Some(status)) = child.try_wait() {
+                node.process = None;
+                return Err(format!("{text}\n(exited: {status})"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                node.process = None;
+                return Err(format!(
+                    "{text}\n(no `listening on` within {START_TIMEOUT:?}: killed)"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the stopped or killed node `id` again: same port, data directory and flags.
+    pub fn restart(&mut self, id: u64) {
+        self.start_with(id, &[]);
+    }
+
+    /// [`Cluster::restart`] with `extra` flags for this start only (a harness flag named in
+    /// them, e.g. `--node-id`, replaces the harness's). Panics with the node's log if it does
+    /// not start.
+    pub fn start_with(&mut self, id: u64, extra: &[&str]) {
+        if let Err(log) = self.try_start_with(id, extra) {
+            panic!("node {id} did not start:\n{log}");
+        }
+    }
+
+    /// [`Cluster::start_with`] for a start that may be refused: `Err` holds what the node logged
+    /// before it exited (the refusal), and the node is then not running.
+    pub fn try_start_with(&mut self, id: u64, extra: &[&str]) -> Result<(), String> {
+        let offset = self.spawn(id, extra);
+        self.await_ready(id, offset)
+    }
+
+    /// SIGTERM to node `id`, then waits for it to exit; returns whether it exited cleanly
+    /// (status 0). Panics (after SIGKILL) if it takes longer than [`STOP_TIMEOUT`].
+    pub fn stop(&mut self, id: u64) -> bool {
+        let node = self.node_mut(id);
+        let mut child = node
+            .process
+            .take()
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("node {id} did not exit within {STOP_TIMEOUT:?} of SIGTERM");
+                }
+            }
+        }
+    }
+
+    /// SIGKILL to node `id` (kill -9: no shutdown at all), and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let node = self.node_mut(id);
+        let mut child = node
+            .process
+            .take()
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Everything node `id` logged, over all its starts.
+    pub fn logs(&self, id: u64) -> String {
+        read_from(&self.node(id).log_path(), 0)
+    }
+
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let logs = self.logs(id);
+        let all: Vec<&str> = logs.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    fn all_log_tails(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                format!(
+                    "--- node {} ({}), last lines of {}:\n{}",
+                    node.id,
+                    node.address(),
+                    node.log_path().display(),
+                    self.log_tail(node.id, PANIC_LOG_LINES)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// A client of node `id` alone.
+    pub async fn client(&self, id: u64) -> Client {
+        let address = self.node(id).address();
+        Client::connect(&address)
+            .await
+            .unwrap_or_else(|e| panic!("connect to node {id} at {address}: {e}"))
+    }
+
+    /// A client bootstrapped from [`Cluster::addresses`].
+    pub async fn cluster_client(&self) -> Client {
+        Client::connect(&self.addresses())
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.addresses()))
+    }
+
+    /// A raw gRPC client of node `id` (64 MiB messages, as [`super::BrokerProcess::client`]).
+    pub async fn grpc(&self, id: u64) -> BrokerClient<Channel> {
+        BrokerClient::connect(self.node(id).url())
+            .await
+            .unwrap_or_else(|e| panic!("connect to node {id}: {e}"))
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// `DescribeCluster` as node `id` answers it.
+    pub async fn describe(&self, id: u64) -> syncline_client::Result<ClusterDescription> {
+        Client::connect(&self.node(id).address())
+            .await?
+            .describe_cluster()
+            .await
+    }
+
+    /// Polls `DescribeCluster` on every running node until all name the same controller, and
+    /// returns its id. Panics with what each node said last, and their logs, after `timeout`.
+    pub async fn wait_for_controller(&mut self, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let running = self.running();
+            assert!(!running.is_empty(), "no node is running");
+            let mut seen = Vec::with_capacity(running.len());
+            for &id in &running {
+                let answer = tokio::time::timeout(Duration::from_secs(2), self.describe(id)).await;
+                seen.push(match answer {
+                    Ok(Ok(description)) => Ok(description.controller),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err("DescribeCluster took over 2 s".to_string()),
+                });
+            }
+            if let Some(Ok(Some(first))) = seen.first() {
+                if seen.iter().all(|s| matches!(s, Ok(Some(c)) if c == first)) {
+                    return *first;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let said: Vec<String> = running
+                    .iter()
+                    .zip(&seen)
+                    .map(|(id, s)| format!("node {id}: {s:?}"))
+                    .collect();
+                panic!(
+                    "the running nodes did not agree on a controller within {timeout:?}:\n{}",
+                    said.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs the `syncline` CLI with `--broker` node `id`'s address, to its end.
+    pub fn run_cli(&self, id: u64, args: &[&str]) -> Output {
+        run_cli_at(&self.node(id).address(), args)
+    }
+
+    /// Runs the `syncline` CLI with `--broker` [`Cluster::addresses`], to its end.
+    pub fn run_cli_bootstrap(&self, args: &[&str]) -> Output {
+        run_cli_at(&self.addresses(), args)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.process.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.all_log_tails());
+        }
+    }
+}
+
+/// `syncline --broker BROKER ARGS...`, run to its end.
+pub fn run_cli_at(broker: &str, args: &[&str]) -> Output {
+    Command::new(binary("syncline"))
+        .args(["--broker", broker])
+        .args(args)
+        .output()
+        .expect("run syncline")
+}
+
+/// The text of `path` from byte `offset` (empty when it cannot be read).
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut bytes = Vec::new();
+    if let Ok(mut file) = File::open(path) {
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = file.read_to_end(&mut bytes);
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
