@@ -268,7 +268,9 @@ impl Partition {
             })?;
             if let Some(key) = &record.key {
                 let expected = partition_for_key(key, self.partitions);
-                if expected != self.id {
+                // Internal topics place records themselves (`__offsets` by group name, not
+                // by record key); clients cannot write to them.
+                if expected != self.id && !self.topic.starts_with("__") {
                     return Err(BrokerError::WrongPartitionForKey {
                         topic: self.topic.to_string(),
                         partition: self.id,

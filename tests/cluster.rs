@@ -1,0 +1,404 @@
+//! A cluster of three real broker processes on loopback (issue 14): one controller, topics
+//! spread evenly, routing through any node, groups across nodes, controller failover, a node
+//! down during a delete, a full restart, and bad input.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use syncline_client::{
+    Client, ClusterDescription, ConsumerConfig, GroupConsumerConfig, OffsetCommit, ProducerConfig,
+    StartOffset, TopicConfig,
+};
+use tokio::time::Instant;
+
+/// Generous: election timeouts are 1-2 s, but CI machines are slow and shared.
+const CONTROLLER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Polls `probe` until it gives a value, or panics naming `what` after `timeout`.
+async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `__offsets` is placed (the controller creates it once every node registered).
+async fn wait_for_offsets(cluster: &Cluster, node: u64) -> ClusterDescription {
+    eventually(CONTROLLER_TIMEOUT, "__offsets to be placed", || async {
+        let description = cluster.describe(node).await.ok()?;
+        description
+            .partitions
+            .iter()
+            .any(|p| p.topic == "__offsets")
+            .then_some(description)
+    })
+    .await
+}
+
+/// Leaders per node of `topic`'s partitions.
+fn leaders_of(description: &ClusterDescription, topic: &str) -> BTreeMap<u64, usize> {
+    let mut leaders = BTreeMap::new();
+    for placement in description.partitions.iter().filter(|p| p.topic == topic) {
+        *leaders
+            .entry(placement.leader.expect("every partition has a leader"))
+            .or_insert(0) += 1;
+    }
+    leaders
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Produces `count` keyed records `key:seq` (keys k0..k{keys-1}) through `client`.
+async fn produce_keyed(client: &Client, topic: &str, count: u64, keys: u64) {
+    let producer = client
+        .producer(topic, ProducerConfig::default())
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for seq in 0..count {
+        let key = format!("k{}", seq % keys);
+        let value = format!("{key}:{seq}");
+        pending.push(
+            producer
+                .enqueue(Some(key.as_bytes()), Some(value.as_bytes()), &[])
+                .await
+                .unwrap(),
+        );
+    }
+    for delivery in pending {
+        delivery.await.unwrap();
+    }
+    producer.close().await;
+}
+
+/// Reads `count` records of every partition of `topic` from the start through `client`.
+async fn consume_all(client: &Client, topic: &str, count: usize) -> Vec<(u32, String)> {
+    let mut consumer = client
+        .consumer(
+            topic,
+            ConsumerConfig {
+                start: StartOffset::Earliest,
+                fetch_max_wait: Duration::from_millis(100),
+                ..ConsumerConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let record = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("records keep coming")
+            .expect("the consumer does not end")
+            .unwrap();
+        seen.push((
+            record.partition,
+            String::from_utf8(record.value.unwrap_or_default().to_vec()).unwrap(),
+        ));
+    }
+    seen
+}
+
+/// Every key's values appear in the order they were produced.
+fn assert_per_key_order(seen: &[(u32, String)]) {
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut partition_of: BTreeMap<String, u32> = BTreeMap::new();
+    for (partition, value) in seen {
+        let (key, seq) = value.split_once(':').expect("key:seq");
+        let seq: u64 = seq.parse().unwrap();
+        if let Some(before) = last.insert(key.to_string(), seq) {
+            assert!(before < seq, "{key}: {seq} after {before}");
+        }
+        let first = *partition_of.entry(key.to_string()).or_insert(*partition);
+        assert_eq!(first, *partition, "{key} moved partitions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_should_agree_spread_topics_route_through_any_node_and_share_a_group() {
+    let mut cluster = Cluster::start(3);
+    let controller = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    assert!((1..=3).contains(&controller));
+    let described = wait_for_offsets(&cluster, 1).await;
+    assert_eq!(described.nodes.len(), 3);
+    assert!(described.nodes.iter().all(|n| n.alive), "{described:?}");
+    // `__offsets` is spread like any topic: 6 partitions, 2 led by each node.
+    assert_eq!(
+        leaders_of(&described, "__offsets"),
+        BTreeMap::from([(1, 2), (2, 2), (3, 2)])
+    );
+
+    // Created through node 2; 6 partitions over 3 nodes: each leads 2.
+    let created = cluster.run_cli(2, &["topic", "create", "orders", "--partitions", "6"]);
+    assert!(created.status.success(), "{}", stderr(&created));
+    let status = cluster.run_cli(3, &["cluster", "status", "--json"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let json: serde_json::Value = serde_json::from_str(stdout(&status).trim()).unwrap();
+    assert_eq!(json["controller"], serde_json::json!(controller));
+    assert_eq!(json["cluster_id"], serde_json::json!(described.cluster_id));
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 3);
+    let orders: Vec<&serde_json::Value> = json["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == "orders")
+        .collect();
+    assert_eq!(orders.len(), 6);
+    let mut per_node = BTreeMap::new();
+    for p in &orders {
+        let leader = p["leader"].as_u64().unwrap();
+        assert_eq!(p["replicas"], serde_json::json!([leader]));
+        assert_eq!(p["caught_up"], serde_json::json!([leader]));
+        *per_node.entry(leader).or_insert(0) += 1;
+    }
+    assert_eq!(per_node, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+    // Each node holds its own partitions only.
+    for node in 1..=3u64 {
+        let held: BTreeSet<String> =
+            std::fs::read_dir(cluster.node(node).data_dir().join("orders"))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+        let expected: BTreeSet<String> = orders
+            .iter()
+            .filter(|p| p["leader"] == serde_json::json!(node))
+            .map(|p| p["partition"].to_string())
+            .collect();
+        assert_eq!(held, expected, "node {node}");
+    }
+
+    // Keyed records produced through node 1, read through node 3: per-key order kept.
+    produce_keyed(&cluster.client(1).await, "orders", 300, 30).await;
+    let seen = consume_all(&cluster.client(3).await, "orders", 300).await;
+    assert_eq!(seen.len(), 300);
+    assert_per_key_order(&seen);
+
+    // A group whose members bootstrapped from different nodes shares the topic.
+    let config = GroupConsumerConfig {
+        session_timeout: Some(Duration::from_millis(3000)),
+        auto_commit_interval: Some(Duration::from_millis(200)),
+        fetch_max_wait: Duration::from_millis(100),
+        offset_reset: syncline_client::OffsetReset::Earliest,
+        ..GroupConsumerConfig::default()
+    };
+    let first = cluster.client(1).await;
+    let second = cluster.client(3).await;
+    let mut a = first
+        .group_consumer("billing", &["orders"], config.clone())
+        .await
+        .unwrap();
+    let mut b = second
+        .group_consumer("billing", &["orders"], config)
+        .await
+        .unwrap();
+    let mut values = BTreeSet::new();
+    let mut partitions_by_member = [BTreeSet::new(), BTreeSet::new()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while values.len() < 300 {
+        assert!(
+            Instant::now() < deadline,
+            "the group read {} of 300",
+            values.len()
+        );
+        tokio::select! {
+            Some(record) = a.recv() => {
+                let record = record.unwrap();
+                partitions_by_member[0].insert(record.partition);
+                values.insert(String::from_utf8(record.value.unwrap_or_default().to_vec()).unwrap());
+            }
+            Some(record) = b.recv() => {
+                let record = record.unwrap();
+                partitions_by_member[1].insert(record.partition);
+                values.insert(String::from_utf8(record.value.unwrap_or_default().to_vec()).unwrap());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    // Both members consumed (the first alone may have read everything before the second
+    // joined only if the rebalance took longer than the whole read: the group state says).
+    let description = cluster
+        .client(2)
+        .await
+        .describe_group("billing")
+        .await
+        .unwrap();
+    let committed: u64 = description
+        .partitions
+        .iter()
+        .filter_map(|p| p.committed_offset)
+        .sum();
+    assert_eq!(committed, 300, "{description:?}");
+    assert!(
+        !partitions_by_member[0].is_empty() || !partitions_by_member[1].is_empty(),
+        "someone read"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delete_and_a_full_restart(
+) {
+    let mut cluster = Cluster::start(3);
+    let controller = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    wait_for_offsets(&cluster, controller).await;
+    let client = cluster.cluster_client().await;
+    client
+        .create_topic("keep", TopicConfig::with_partitions(3))
+        .await
+        .unwrap();
+    produce_keyed(&client, "keep", 60, 6).await;
+    let commits: Vec<OffsetCommit> = (0..3)
+        .map(|partition| OffsetCommit {
+            topic: "keep".into(),
+            partition,
+            offset: 1 + u64::from(partition),
+            metadata: "m".into(),
+            topic_id: String::new(),
+        })
+        .collect();
+    client.commit_offsets("audit", &commits).await.unwrap();
+    drop(client);
+
+    // kill -9 of the controller leader: another is elected and creates topics.
+    cluster.kill(controller);
+    let killed_at = Instant::now();
+    // The survivors name the dead leader until their election timeout passes.
+    let next = loop {
+        let next = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+        if next != controller {
+            break next;
+        }
+        assert!(
+            killed_at.elapsed() < CONTROLLER_TIMEOUT,
+            "no new controller within {CONTROLLER_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    eprintln!("new controller after {:?}", killed_at.elapsed());
+    let survivor = next;
+    let created = cluster.run_cli(
+        survivor,
+        &["topic", "create", "after-kill", "--partitions", "2"],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    cluster.restart(controller);
+    cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    // The returning node learns of the topic created while it was down.
+    eventually(
+        CONTROLLER_TIMEOUT,
+        "the returned node to know after-kill",
+        || async {
+            let listed = cluster.run_cli(controller, &["topic", "list"]);
+            stdout(&listed).contains("after-kill").then_some(())
+        },
+    )
+    .await;
+
+    // A node down during a delete removes its copy when it returns.
+    let down = (1..=3).find(|id| *id != survivor).unwrap();
+    let doomed = cluster.node(down).data_dir().join("after-kill");
+    assert!(doomed.exists());
+    assert!(cluster.stop(down), "node {down} stops cleanly");
+    let deleted = cluster.run_cli(survivor, &["topic", "delete", "after-kill"]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    assert!(
+        doomed.exists(),
+        "the stopped node cannot have deleted it yet"
+    );
+    cluster.restart(down);
+    eventually(
+        CONTROLLER_TIMEOUT,
+        "the returned node to delete after-kill",
+        || async { (!doomed.exists()).then_some(()) },
+    )
+    .await;
+    let listed = cluster.run_cli(down, &["topic", "list"]);
+    assert!(
+        !stdout(&listed).contains("after-kill"),
+        "{}",
+        stdout(&listed)
+    );
+
+    // A full restart keeps every topic, record and committed offset.
+    for id in 1..=3 {
+        assert!(cluster.stop(id), "node {id} stops cleanly");
+    }
+    for id in 1..=3 {
+        cluster.restart(id);
+    }
+    cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    let client = cluster.client(down).await;
+    let seen = consume_all(&client, "keep", 60).await;
+    assert_per_key_order(&seen);
+    let mut committed = client.fetch_offsets("audit", None).await.unwrap();
+    committed.sort_by_key(|c| c.partition);
+    let offsets: Vec<(u32, u64)> = committed.iter().map(|c| (c.partition, c.offset)).collect();
+    assert_eq!(offsets, vec![(0, 1), (1, 2), (2, 3)]);
+    let listed = stdout(&cluster.run_cli(1, &["topic", "list"]));
+    assert!(
+        listed.contains("keep") && !listed.contains("after-kill"),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cluster_input_should_get_a_clear_error() {
+    let mut cluster = Cluster::start(3);
+    cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+
+    // More replicas than this version serves (and than there are nodes).
+    let refused = cluster.run_cli(1, &["topic", "create", "wide", "--replication-factor", "5"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("replication factor 5"),
+        "{}",
+        stderr(&refused)
+    );
+    let listed = stdout(&cluster.run_cli(2, &["topic", "list"]));
+    assert!(!listed.contains("wide"), "{listed}");
+
+    // A node id that is not in the list.
+    assert!(cluster.stop(3));
+    let unknown = cluster.try_start_with(3, &["--node-id", "9"]).unwrap_err();
+    assert!(unknown.contains("is not in the list"), "{unknown}");
+
+    // The data directory of a formed cluster started with another list.
+    let mismatched = format!(
+        "1={},2={},3={},4=127.0.0.1:1",
+        cluster.node(1).address(),
+        cluster.node(2).address(),
+        cluster.node(3).address()
+    );
+    let mismatch = cluster
+        .try_start_with(3, &["--cluster", &mismatched])
+        .unwrap_err();
+    assert!(
+        mismatch.contains("give the list the cluster was formed with"),
+        "{mismatch}"
+    );
+
+    // Node 3 comes back as itself.
+    cluster.restart(3);
+    cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+}
