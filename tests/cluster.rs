@@ -366,6 +366,8 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
 async fn bad_cluster_input_should_get_a_clear_error() {
     let mut cluster = Cluster::start(3);
     cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    // Every node registered (with its data directory's id) once `__offsets` is placed.
+    wait_for_offsets(&cluster, 1).await;
 
     // More replicas than this version serves (and than there are nodes).
     let refused = cluster.run_cli(1, &["topic", "create", "wide", "--replication-factor", "5"]);
@@ -398,7 +400,42 @@ async fn bad_cluster_input_should_get_a_clear_error() {
         "{mismatch}"
     );
 
+    // Node id 3 taken over by another (empty) data directory, while node 3 is down: the
+    // running nodes remember which directory node 3 registered from.
+    let impostor = tempfile::tempdir().unwrap();
+    let dir = impostor.path().display().to_string();
+    let reused = cluster
+        .try_start_with(3, &["--data-dir", &dir])
+        .unwrap_err();
+    assert!(
+        reused.contains("node id 3 is in use by another data directory"),
+        "{reused}"
+    );
+
+    // A clustered data directory started without --cluster.
+    let alone = std::process::Command::new(common::binary("syncline-broker"))
+        .args([
+            "--node-id",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(cluster.node(3).data_dir())
+        .output()
+        .unwrap();
+    assert!(!alone.status.success());
+    assert!(
+        stderr(&alone).contains("started without --cluster"),
+        "{}",
+        stderr(&alone)
+    );
+
     // Node 3 comes back as itself.
     cluster.restart(3);
     cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    let described = cluster.describe(1).await.unwrap();
+    assert!(described.nodes.iter().all(|n| n.alive), "{described:?}");
 }

@@ -65,16 +65,29 @@ pub struct Controller {
     me: u64,
     cluster_id: String,
     address: String,
+    /// This node's data directory id.
+    dir_id: String,
     voters: BTreeMap<u64, String>,
     peers: Peers,
-    /// Leader side: when each node was last heard from, and at which address.
-    heard: parking_lot::Mutex<HashMap<u64, (Instant, String)>>,
+    /// Leader side: when each node was last heard from, at which address, from which data
+    /// directory.
+    heard: parking_lot::Mutex<HashMap<u64, Heard>>,
+    /// Set when this node must stop (its node id belongs to another data directory).
+    fatal: watch::Sender<Option<String>>,
     /// Leader side: since when this node leads (None while it does not).
     leading_since: parking_lot::Mutex<Option<Instant>>,
     /// The applied index the local partitions have caught up with (set by the reconciler).
     reconciled: watch::Sender<u64>,
     /// Builds `__offsets`' (name, settings) for a partition count.
     offsets_topic: InternalTopic,
+}
+
+/// What the leader last heard from a node.
+#[derive(Debug, Clone)]
+struct Heard {
+    at: Instant,
+    address: String,
+    dir_id: String,
 }
 
 fn controller_error(message: impl Into<String>) -> BrokerError {
@@ -91,12 +104,17 @@ impl Controller {
     /// Opens the controller's storage under `data_dir` and starts this node's Raft.
     pub async fn start(
         data_dir: &Path,
-        me: u64,
-        cluster_id: String,
+        identity: &super::identity::Identity,
         address: String,
         voters: BTreeMap<u64, String>,
         offsets_topic: InternalTopic,
     ) -> Result<Arc<Controller>, BrokerError> {
+        let me = identity.node_id;
+        let cluster_id = identity.cluster_id.clone();
+        let peers = Peers::default();
+        // Before this node takes part in any vote: a node id already registered by another
+        // data directory is refused (a voter that lost its log must not count in a quorum).
+        check_node_id(&peers, &cluster_id, me, &address, &identity.dir_id, &voters).await?;
         let dir = data_dir.join(CONTROLLER_DIR);
         let log = LogStore::open(&dir).map_err(|e| BrokerError::io("opening", &dir, e))?;
         let state_machine =
@@ -113,7 +131,6 @@ impl Controller {
         }
         .validate()
         .map_err(|e| controller_error(format!("controller settings: {e}")))?;
-        let peers = Peers::default();
         let network = NetworkFactory {
             cluster_id: cluster_id.clone(),
             me,
@@ -148,9 +165,11 @@ impl Controller {
             me,
             cluster_id,
             address,
+            dir_id: identity.dir_id.clone(),
             voters,
             peers,
             heard: parking_lot::Mutex::new(HashMap::new()),
+            fatal: watch::channel(None).0,
             leading_since: parking_lot::Mutex::new(None),
             reconciled: watch::channel(applied).0,
             offsets_topic,
@@ -343,11 +362,41 @@ impl Controller {
         }
     }
 
-    /// Handles `Peer.Heartbeat` (and this node's own heartbeat when it leads).
-    pub fn handle_heartbeat(&self, node: u64, address: &str) {
-        self.heard
-            .lock()
-            .insert(node, (Instant::now(), address.to_string()));
+    /// Handles `Peer.Heartbeat` (and this node's own heartbeat when it leads): ALREADY_EXISTS
+    /// when the metadata has `node` registered from another data directory.
+    pub fn handle_heartbeat(
+        &self,
+        node: u64,
+        address: &str,
+        dir_id: &str,
+    ) -> Result<(), tonic::Status> {
+        let registered = self.view.with(|m| {
+            m.nodes
+                .get(&node)
+                .map(|n| n.dir_id.clone())
+                .filter(|known| !known.is_empty())
+        });
+        if let Some(known) = registered {
+            if !dir_id.is_empty() && known != dir_id {
+                return Err(tonic::Status::already_exists(node_id_taken(
+                    node, &known, dir_id,
+                )));
+            }
+        }
+        self.heard.lock().insert(
+            node,
+            Heard {
+                at: Instant::now(),
+                address: address.to_string(),
+                dir_id: dir_id.to_string(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Turns to `Some(reason)` when this node must stop serving.
+    pub fn fatal(&self) -> watch::Receiver<Option<String>> {
+        self.fatal.subscribe()
     }
 
     /// Handles `Peer.ReadIndex`: the leader's applied index (every acknowledged proposal is
@@ -414,7 +463,10 @@ impl Controller {
             }
             match leader {
                 Some(leader) if leader == self.me => {
-                    self.handle_heartbeat(self.me, &self.address);
+                    if let Err(status) = self.handle_heartbeat(self.me, &self.address, &self.dir_id)
+                    {
+                        self.fatal.send_replace(Some(status.message().to_string()));
+                    }
                     self.lead().await;
                 }
                 Some(leader) => self.heartbeat(leader).await,
@@ -437,9 +489,17 @@ impl Controller {
             cluster_id: self.cluster_id.clone(),
             node_id: self.me,
             address: self.address.clone(),
+            dir_id: self.dir_id.clone(),
         });
         match tokio::time::timeout(HEARTBEAT_INTERVAL, call).await {
             Ok(Ok(_)) => {}
+            Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+                tracing::error!(
+                    reason = status.message(),
+                    "this node cannot serve in the cluster"
+                );
+                self.fatal.send_replace(Some(status.message().to_string()));
+            }
             Ok(Err(status)) => {
                 tracing::debug!(leader, status = %status.message(), "heartbeat refused")
             }
@@ -455,16 +515,20 @@ impl Controller {
         let metadata = self.view.get();
         let heard = self.heard.lock().clone();
         let now = Instant::now();
-        for (id, (at, address)) in &heard {
-            if now.duration_since(*at) >= NODE_SESSION_TIMEOUT {
+        for (id, heard) in &heard {
+            if now.duration_since(heard.at) >= NODE_SESSION_TIMEOUT {
                 continue;
             }
+            let address = &heard.address;
             let known = metadata.nodes.get(id);
-            if known.is_none_or(|node| !node.alive || node.address != *address) {
+            if known.is_none_or(|node| {
+                !node.alive || node.address != *address || node.dir_id != heard.dir_id
+            }) {
                 let command = Command::RegisterNode {
                     id: *id,
                     address: address.clone(),
                     at_ms: now_ms(),
+                    dir_id: heard.dir_id.clone(),
                 };
                 if let Err(leader) = self.propose_local(&command).await {
                     tracing::debug!(?leader, "lost the controller lead while registering a node");
@@ -478,7 +542,7 @@ impl Controller {
             .iter()
             .filter(|(_, node)| node.alive)
             .filter(|(id, _)| match heard.get(id) {
-                Some((at, _)) => now.duration_since(*at) >= NODE_SESSION_TIMEOUT,
+                Some(heard) => now.duration_since(heard.at) >= NODE_SESSION_TIMEOUT,
                 None => now.duration_since(since) >= NODE_SESSION_TIMEOUT,
             })
             .map(|(id, _)| *id)
@@ -525,6 +589,51 @@ impl Controller {
             }
         }
     }
+}
+
+fn node_id_taken(node: u64, known: &str, given: &str) -> String {
+    format!(
+        "node id {node} is in use by another data directory (its id is {known}; this one's is \
+         {given}): a node id is never reused. Start node {node} with its own data directory, \
+         or give this node an id of its own"
+    )
+}
+
+/// Asks every other voter whether `me` is registered from another data directory; any that
+/// says so refuses the start. Voters that do not answer within a second are skipped (a new
+/// cluster's nodes start in any order); the heartbeats check again once the node runs.
+async fn check_node_id(
+    peers: &Peers,
+    cluster_id: &str,
+    me: u64,
+    address: &str,
+    dir_id: &str,
+    voters: &BTreeMap<u64, String>,
+) -> Result<(), BrokerError> {
+    let probes =
+        voters
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .filter_map(|(_, voter)| peers.client(voter).ok())
+            .map(|mut client| {
+                let request = v1::PeerHeartbeatRequest {
+                    cluster_id: cluster_id.to_string(),
+                    node_id: me,
+                    address: address.to_string(),
+                    dir_id: dir_id.to_string(),
+                };
+                async move {
+                    tokio::time::timeout(Duration::from_secs(1), client.heartbeat(request)).await
+                }
+            });
+    for answer in futures_util::future::join_all(probes).await {
+        if let Ok(Err(status)) = answer {
+            if status.code() == tonic::Code::AlreadyExists {
+                return Err(BrokerError::Controller(status.message().to_string()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `__offsets` partitions in a cluster of `nodes`: several per node so groups spread, at

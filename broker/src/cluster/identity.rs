@@ -44,6 +44,11 @@ pub struct Identity {
     pub cluster_id: String,
     /// The controller's initial voters, `ID=HOST:PORT,...` sorted by id.
     pub voters: String,
+    /// This data directory's own random id: the cluster remembers which directory each node
+    /// id belongs to, so a node id is never taken over by another (empty) directory. Files
+    /// written before it existed get one at their next start.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dir_id: String,
 }
 
 /// A new data directory's cluster id. A cluster of one draws it at random; the initial nodes of
@@ -124,6 +129,16 @@ pub fn load_or_create(
                 ),
             ));
         }
+        if given_voters.is_none() && data_dir.join(super::controller::CONTROLLER_DIR).exists() {
+            return Err(refuse(
+                data_dir,
+                format!(
+                    "it belongs to cluster {} formed by `{}`, but the broker was started \
+                     without --cluster: start it with --cluster {}",
+                    identity.cluster_id, identity.voters, identity.voters
+                ),
+            ));
+        }
         if let Some(given) = given_voters {
             if given != identity.voters {
                 return Err(refuse(
@@ -136,14 +151,28 @@ pub fn load_or_create(
                 ));
             }
         }
-        return Ok(identity);
+        if !identity.dir_id.is_empty() {
+            return Ok(identity);
+        }
+        let identity = Identity {
+            dir_id: TopicId::random()?.to_string(),
+            ..identity
+        };
+        return write(data_dir, identity);
     }
     let identity = Identity {
         format: IDENTITY_FORMAT,
         node_id: node.id,
         cluster_id: cluster_id_for(node)?,
         voters: given_voters.unwrap_or_else(|| format!("{}={advertised}", node.id)),
+        dir_id: TopicId::random()?.to_string(),
     };
+    write(data_dir, identity)
+}
+
+/// Records `identity` (a full disk is a warning: it serves from memory, see the module doc).
+fn write(data_dir: &Path, identity: Identity) -> Result<Identity, BrokerError> {
+    let path: PathBuf = data_dir.join(IDENTITY_FILE);
     let text = toml::to_string(&identity)
         .map_err(|error| refuse(data_dir, format!("cannot encode {IDENTITY_FILE}: {error}")))?;
     if let Err(error) = crate::log::write_file_atomically(data_dir, IDENTITY_FILE, text.as_bytes())

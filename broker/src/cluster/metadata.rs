@@ -26,6 +26,9 @@ pub struct NodeInfo {
     pub alive: bool,
     /// When its last heartbeat was applied (ms since the epoch, from the command).
     pub last_heartbeat_ms: u64,
+    /// The id of the data directory it registered from (empty: not known).
+    #[serde(default)]
+    pub dir_id: String,
 }
 
 /// One partition's placement and leadership.
@@ -63,6 +66,9 @@ pub enum Command {
         address: String,
         /// When (ms since the epoch).
         at_ms: u64,
+        /// Its data directory's id.
+        #[serde(default)]
+        dir_id: String,
     },
     /// A node is alive.
     Heartbeat {
@@ -186,13 +192,19 @@ impl Metadata {
     /// Applies one committed command (see the module doc).
     pub fn apply(&mut self, command: &Command) -> Result<(), MetadataError> {
         match command {
-            Command::RegisterNode { id, address, at_ms } => {
+            Command::RegisterNode {
+                id,
+                address,
+                at_ms,
+                dir_id,
+            } => {
                 self.nodes.insert(
                     *id,
                     NodeInfo {
                         address: address.clone(),
                         alive: true,
                         last_heartbeat_ms: *at_ms,
+                        dir_id: dir_id.clone(),
                     },
                 );
                 Ok(())
@@ -287,6 +299,7 @@ mod tests {
             id,
             address: format!("127.0.0.1:{}", 7450 + id),
             at_ms: 1,
+            dir_id: format!("dir-{id}"),
         }
     }
 

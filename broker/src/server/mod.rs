@@ -134,8 +134,7 @@ impl Broker {
             Some(
                 crate::cluster::controller::Controller::start(
                     &config.data_dir,
-                    identity.node_id,
-                    identity.cluster_id.clone(),
+                    &identity,
                     config.node.advertised(local_addr),
                     voters,
                     offsets_topic,
@@ -271,8 +270,21 @@ impl Broker {
             shutdown_rx.clone(),
         ));
         let mut grace_rx = shutdown_rx.clone();
+        let mut fatal = self.controller.as_ref().map(|c| c.fatal());
+        let fatal_reason = self.controller.as_ref().map(|c| c.fatal());
         let shutdown = async move {
-            signal.await;
+            let fatal = async {
+                match fatal.as_mut() {
+                    Some(fatal) => {
+                        let _ = fatal.wait_for(Option::is_some).await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = signal => {}
+                () = fatal => tracing::error!("this node cannot stay in the cluster: shutting down"),
+            }
             tracing::info!("shutting down: no new connections; finishing in-flight requests");
             health_reporter
                 .set_not_serving::<BrokerServer<BrokerService>>()
@@ -377,7 +389,11 @@ impl Broker {
                 std::io::Error::other(e),
             )
         })?;
-        closed
+        closed?;
+        match fatal_reason.and_then(|reason| reason.borrow().clone()) {
+            Some(reason) => Err(BrokerError::Controller(reason)),
+            None => Ok(()),
+        }
     }
 }
 

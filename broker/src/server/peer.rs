@@ -59,7 +59,7 @@ impl Peer for PeerService {
         let request = request.into_inner();
         self.controller.check_cluster(&request.cluster_id)?;
         self.controller
-            .handle_heartbeat(request.node_id, &request.address);
+            .handle_heartbeat(request.node_id, &request.address, &request.dir_id)?;
         Ok(Response::new(v1::PeerHeartbeatResponse {}))
     }
 
