@@ -50,7 +50,15 @@ async fn given_cluster_of_one_should_agree_on_itself_as_controller_at_its_addres
         cluster.wait_for_controller(Duration::from_secs(10)).await,
         1
     );
-    let description = cluster.describe(1).await.unwrap();
+    // The node registers with the controller at its first heartbeat.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let description = loop {
+        let description = cluster.describe(1).await.unwrap();
+        if !description.nodes.is_empty() || tokio::time::Instant::now() > deadline {
+            break description;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(description.nodes.len(), 1);
     assert_eq!(description.nodes[0].id, 1);
     assert_eq!(description.nodes[0].address, cluster.node(1).address());

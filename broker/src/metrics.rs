@@ -107,6 +107,9 @@ metrics! {
     CONSUMER_GROUP_LAG = "syncline_consumer_group_lag", ScrapeGauge, ["group", "topic", "partition"], "Records between a group's committed offset and the partition's durable offset";
     CONSUMER_GROUP_MEMBERS = "syncline_consumer_group_members", ScrapeGauge, ["group"], "Members of a consumer group";
     PREALLOCATED_BYTES = "syncline_preallocated_bytes", ScrapeGauge, [], "Segment space reserved (fallocate) ahead of written data, all partitions (capped by preallocate_bytes_max)";
+    CONTROLLER_LEADER = "syncline_controller_leader", Gauge, [], "1 on the node leading the cluster controller, else 0 (absent in a cluster of one)";
+    CLUSTER_NODES_ALIVE = "syncline_cluster_nodes_alive", Gauge, [], "Nodes the controller's metadata has alive (absent in a cluster of one)";
+    CLUSTER_NODES = "syncline_cluster_nodes", Gauge, [], "Nodes registered in the cluster's metadata (absent in a cluster of one)";
 }
 
 /// The metric named `name` in [`METRICS`].
@@ -267,7 +270,12 @@ pub fn render(
     for (index, name) in gauges.iter().enumerate() {
         header(&mut out, name);
         for topic in &topics {
-            for partition in &topic.partitions {
+            // Partitions held by other nodes are theirs to report.
+            for partition in topic
+                .partitions
+                .iter()
+                .filter(|p| p.remote_leader().is_none())
+            {
                 let value = match partition.log() {
                     Ok(log) => {
                         let info = log.info();

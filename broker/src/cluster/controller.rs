@@ -249,6 +249,9 @@ impl Controller {
     /// it. The outcome says whether the command changed the metadata.
     pub async fn propose(&self, command: Command) -> Result<Outcome, BrokerError> {
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
+        if matches!(&command, Command::CreateTopic { name, .. } if !name.starts_with("__")) {
+            self.wait_formed(deadline).await?;
+        }
         loop {
             let attempt = match self.propose_local(&command).await {
                 Ok(done) => Ok(done),
@@ -272,6 +275,29 @@ impl Controller {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
+        }
+    }
+
+    /// Waits until the cluster has formed: the leader creates `__offsets` once every initial
+    /// voter registered (or after [`OFFSETS_CREATE_GRACE`]), so a topic created at startup is
+    /// spread over all the nodes rather than the first to register.
+    async fn wait_formed(&self, deadline: Instant) -> Result<(), BrokerError> {
+        let offsets = crate::group::offsets::OFFSETS_TOPIC;
+        let mut applied = self.view.subscribe();
+        let formed = tokio::time::timeout_at(
+            deadline.into(),
+            applied.wait_for(|_| self.view.with(|m| m.topics.contains_key(offsets))),
+        )
+        .await
+        .is_ok_and(|waited| waited.is_ok());
+        if formed {
+            Ok(())
+        } else {
+            Err(BrokerError::ControllerUnavailable {
+                reason: "the cluster has not formed yet (its nodes have not all registered with \
+                         the controller)"
+                    .into(),
+            })
         }
     }
 
@@ -450,6 +476,16 @@ impl Controller {
                 break;
             }
             let leader = self.leader();
+            self.view.with(|m| {
+                metrics::gauge!(crate::metrics::CLUSTER_NODES).set(m.nodes.len() as f64);
+                metrics::gauge!(crate::metrics::CLUSTER_NODES_ALIVE)
+                    .set(m.nodes.values().filter(|n| n.alive).count() as f64);
+            });
+            metrics::gauge!(crate::metrics::CONTROLLER_LEADER).set(if leader == Some(self.me) {
+                1.0
+            } else {
+                0.0
+            });
             {
                 let mut since = self.leading_since.lock();
                 match (leader == Some(self.me), since.is_some()) {

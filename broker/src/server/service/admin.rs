@@ -1,0 +1,451 @@
+//! Topic administration and cluster calls of the Broker service: topic descriptions, the
+//! checks CreateTopic makes, DescribeCluster from the controller's metadata, the wait for a
+//! topic another node just created, and CompactTopic's fan-out to the partitions' leaders.
+
+use super::*;
+
+fn retention_override(
+    value: Option<i64>,
+    key: &'static str,
+) -> Result<Option<Option<u64>>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(-1) => Ok(Some(None)),
+        Some(v) if v > 0 => Ok(Some(Some(v as u64))),
+        Some(v) => Err(ConfigError {
+            key,
+            message: format!("{v}: use a positive number, or -1 for no limit"),
+        }),
+    }
+}
+
+pub(super) fn describe(topic: &Topic) -> v1::TopicDescription {
+    let settings = &topic.settings;
+    let partitions = topic
+        .partitions
+        .iter()
+        .map(|partition| match partition.log() {
+            Ok(log) => {
+                let info = log.info();
+                let compaction = log.compaction_info();
+                v1::PartitionDescription {
+                    partition: partition.id,
+                    log_start_offset: info.start_offset,
+                    durable_offset: info.durable_offset,
+                    log_end_offset: info.end_offset,
+                    size_bytes: info.size_bytes,
+                    segments: info.segments as u32,
+                    error: String::new(),
+                    dirty_ratio: compaction.dirty_ratio,
+                    last_compaction_ms: compaction.last_run_ms,
+                    bytes_reclaimed: compaction.bytes_reclaimed,
+                    compaction_horizon: compaction.horizon,
+                    records_kept_for_producers: compaction.records_kept_for_producers,
+                }
+            }
+            Err(_) => v1::PartitionDescription {
+                partition: partition.id,
+                error: partition.fence_reason().unwrap_or_default().to_string(),
+                ..Default::default()
+            },
+        })
+        .collect();
+    v1::TopicDescription {
+        name: topic.name.to_string(),
+        config: Some(topic_config(settings)),
+        partitions,
+        topic_id: topic.id.to_string(),
+    }
+}
+
+pub(super) fn cleanup_of(cleanup: Cleanup) -> v1::CleanupPolicy {
+    match cleanup {
+        Cleanup::Delete => v1::CleanupPolicy::Delete,
+        Cleanup::Compact => v1::CleanupPolicy::Compact,
+    }
+}
+
+fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
+    let (fsync_policy, fsync_interval_ms) = match settings.log.fsync {
+        FsyncPolicy::Always => (v1::FsyncPolicy::Always, None),
+        FsyncPolicy::IntervalMs(ms) => (v1::FsyncPolicy::Interval, Some(ms)),
+    };
+    v1::TopicConfig {
+        partitions: Some(settings.partitions),
+        cleanup_policy: cleanup_of(settings.cleanup) as i32,
+        retention_ms: Some(settings.log.retention_ms.map_or(-1, |v| v as i64)),
+        retention_bytes: Some(settings.log.retention_bytes.map_or(-1, |v| v as i64)),
+        segment_bytes: Some(settings.log.segment_bytes),
+        segment_ms: Some(settings.log.segment_ms),
+        fsync_policy: fsync_policy as i32,
+        fsync_interval_ms,
+        delete_retention_ms: Some(settings.log.delete_retention_ms),
+        min_cleanable_dirty_ratio: Some(settings.log.min_cleanable_dirty_ratio),
+        replication_factor: Some(1),
+    }
+}
+
+/// The replication factors this version can serve: only 1, until replicated partitions exist.
+/// DescribeCluster from the controller's applied metadata.
+pub(super) fn describe_clustered(
+    controller: &crate::cluster::controller::Controller,
+) -> v1::DescribeClusterResponse {
+    let metadata = controller.metadata();
+    let nodes = metadata
+        .nodes
+        .iter()
+        .map(|(id, node)| v1::ClusterNode {
+            id: *id,
+            address: node.address.clone(),
+            alive: node.alive,
+        })
+        .collect();
+    let partitions = metadata
+        .topics
+        .iter()
+        .flat_map(|(name, topic)| {
+            topic
+                .partitions
+                .iter()
+                .enumerate()
+                .map(move |(partition, placement)| v1::PartitionPlacement {
+                    topic: name.clone(),
+                    partition: partition as u32,
+                    leader: placement.leader,
+                    replicas: placement.replicas.clone(),
+                    // With one replica per partition, its leader holds every committed record.
+                    caught_up: placement.leader.into_iter().collect(),
+                })
+        })
+        .collect();
+    v1::DescribeClusterResponse {
+        cluster_id: controller.cluster_id().to_string(),
+        controller: controller.leader(),
+        nodes,
+        partitions,
+    }
+}
+
+fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Status> {
+    match replication_factor {
+        None | Some(1) => Ok(()),
+        Some(0) => Err(Status::invalid_argument(
+            "`replication_factor` 0 is outside [1, nodes]: leave it unset for 1",
+        )),
+        Some(factor) => Err(Status::failed_precondition(format!(
+            "replication factor {factor} needs {factor} nodes holding a replica of each \
+             partition, but this version does not replicate partitions yet (each partition \
+             lives on one node): create the topic with replication factor 1"
+        ))),
+    }
+}
+
+impl BrokerService {
+    /// CompactTopic in a cluster: the partitions held elsewhere are compacted by their
+    /// leaders (one call per node, marked so that it does not fan out again); their outcomes
+    /// join this node's, in partition order. A node that cannot be reached gives its
+    /// partitions an outcome with the error.
+    async fn compact_elsewhere(
+        &self,
+        controller: &crate::cluster::controller::Controller,
+        request: &v1::CompactTopicRequest,
+        local_only: bool,
+        outcomes: &mut Vec<v1::CompactionOutcome>,
+    ) {
+        let Ok(topic) = self.registry.get(&request.name) else {
+            return;
+        };
+        let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
+            std::collections::BTreeMap::new();
+        for partition in &topic.partitions {
+            if let Some(leader) = partition.remote_leader() {
+                if !local_only {
+                    by_node
+                        .entry(leader.address.clone())
+                        .or_default()
+                        .push(partition.id);
+                }
+            }
+        }
+        for (address, partitions) in by_node {
+            let answer = match controller.channel_to(&address) {
+                Ok(channel) => {
+                    let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                    let mut call = Request::new(request.clone());
+                    call.metadata_mut().insert(
+                        LOCAL_ONLY_HEADER,
+                        tonic::metadata::MetadataValue::from_static("1"),
+                    );
+                    client
+                        .compact_topic(call)
+                        .await
+                        .map(|r| r.into_inner().partitions)
+                        .map_err(|status| status.message().to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            match answer {
+                Ok(found) => outcomes.extend(
+                    found
+                        .into_iter()
+                        .filter(|outcome| partitions.contains(&outcome.partition)),
+                ),
+                Err(error) => {
+                    outcomes.extend(partitions.iter().map(|partition| v1::CompactionOutcome {
+                        partition: *partition,
+                        error: format!("node at {address}: {error}"),
+                        ..Default::default()
+                    }))
+                }
+            }
+        }
+        outcomes.sort_by_key(|outcome| outcome.partition);
+    }
+
+    /// In a cluster, waits (briefly) for a topic this node does not know yet: it may have
+    /// just been created through another node, whose metadata reached the controller leader
+    /// before this node. Nothing happens in a cluster of one or when the topic is known.
+    pub(super) async fn await_topic(&self, name: &str) {
+        if let Some(controller) = &self.cluster.controller {
+            if self.registry.get(name).is_err() {
+                if let Err(error) = controller.read_barrier(TOPIC_WAIT).await {
+                    tracing::debug!(topic = name, %error, "read barrier for an unknown topic");
+                }
+            }
+        }
+    }
+
+    pub(super) async fn create_topic_call(
+        &self,
+        request: Request<v1::CreateTopicRequest>,
+    ) -> Result<Response<v1::CreateTopicResponse>, Status> {
+        let request = request.into_inner();
+        let config = request.config.unwrap_or_default();
+        check_replication_factor(config.replication_factor)?;
+        let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
+            Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => Cleanup::Delete,
+            Ok(v1::CleanupPolicy::Compact) => Cleanup::Compact,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown cleanup policy {}: use delete or compact",
+                    config.cleanup_policy
+                )))
+            }
+        };
+        let fsync_policy = v1::FsyncPolicy::try_from(config.fsync_policy).map_err(|_| {
+            Status::invalid_argument(format!(
+                "unknown fsync policy {}: use always or interval",
+                config.fsync_policy
+            ))
+        })?;
+        let settings = self
+            .registry
+            .resolve_settings(config.partitions, Some(cleanup), |log| {
+                if let Some(value) = retention_override(config.retention_ms, "retention_ms")? {
+                    log.retention_ms = value;
+                }
+                if let Some(value) = retention_override(config.retention_bytes, "retention_bytes")?
+                {
+                    log.retention_bytes = value;
+                }
+                if let Some(bytes) = config.segment_bytes {
+                    log.segment_bytes = bytes;
+                }
+                if let Some(ms) = config.segment_ms {
+                    log.segment_ms = ms;
+                }
+                if let Some(ms) = config.delete_retention_ms {
+                    log.delete_retention_ms = ms;
+                }
+                if let Some(ratio) = config.min_cleanable_dirty_ratio {
+                    crate::config::check_dirty_ratio(ratio)?;
+                    log.min_cleanable_dirty_ratio = ratio;
+                }
+                match fsync_policy {
+                    v1::FsyncPolicy::Unspecified => {
+                        // The broker's default policy, with this interval if it has one.
+                        if let (FsyncPolicy::IntervalMs(_), Some(ms)) =
+                            (log.fsync, config.fsync_interval_ms)
+                        {
+                            log.fsync = FsyncPolicy::IntervalMs(ms);
+                        }
+                    }
+                    v1::FsyncPolicy::Always => log.fsync = parse_fsync("always", 0)?,
+                    v1::FsyncPolicy::Interval => {
+                        log.fsync =
+                            parse_fsync("interval", config.fsync_interval_ms.unwrap_or(100))?
+                    }
+                }
+                crate::config::check_fsync_interval(log.fsync, config.fsync_interval_ms)
+            })
+            .map_err(to_status)?;
+        let topic = match &self.cluster.controller {
+            None => self
+                .registry
+                .create(&request.name, settings)
+                .await
+                .map_err(to_status)?,
+            Some(controller) => {
+                crate::topic::validate_topic_name(&request.name).map_err(to_status)?;
+                let (id, text) = self
+                    .registry
+                    .new_topic_text(&request.name, &settings)
+                    .map_err(to_status)?;
+                let command = crate::cluster::metadata::Command::CreateTopic {
+                    name: request.name.clone(),
+                    id: id.to_string(),
+                    partitions: settings.partitions,
+                    replication_factor: config.replication_factor.unwrap_or(1),
+                    settings: text,
+                };
+                controller
+                    .propose(command)
+                    .await
+                    .map_err(to_status)?
+                    .map_err(|e| to_status(e.into()))?;
+                self.registry.get(&request.name).map_err(to_status)?
+            }
+        };
+        Ok(Response::new(v1::CreateTopicResponse {
+            topic: Some(describe(&topic)),
+        }))
+    }
+
+    pub(super) async fn delete_topic_call(
+        &self,
+        request: Request<v1::DeleteTopicRequest>,
+    ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
+        let name = request.into_inner().name;
+        match &self.cluster.controller {
+            None => self.registry.delete(&name).await.map_err(to_status)?,
+            Some(controller) => {
+                if name.starts_with("__") {
+                    return Err(to_status(BrokerError::InvalidTopicName {
+                        name,
+                        reason: "internal topics cannot be deleted",
+                    }));
+                }
+                self.await_topic(&name).await;
+                let id = controller
+                    .view()
+                    .with(|m| m.topics.get(&name).map(|t| t.id.clone()))
+                    .ok_or_else(|| {
+                        to_status(BrokerError::TopicNotFound {
+                            topic: name.clone(),
+                        })
+                    })?;
+                let command = crate::cluster::metadata::Command::DeleteTopic {
+                    name: name.clone(),
+                    id,
+                };
+                controller
+                    .propose(command)
+                    .await
+                    .map_err(to_status)?
+                    .map_err(|e| to_status(e.into()))?;
+            }
+        }
+        // Its committed offsets are already ignored (they carry the deleted incarnation's
+        // id); this frees their memory and takes its partitions from group members.
+        self.coordinator.topic_deleted(&name);
+        Ok(Response::new(v1::DeleteTopicResponse {}))
+    }
+
+    pub(super) async fn compact_topic_call(
+        &self,
+        request: Request<v1::CompactTopicRequest>,
+    ) -> Result<Response<v1::CompactTopicResponse>, Status> {
+        let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
+        let request = request.into_inner();
+        self.check_running().map_err(to_status)?;
+        self.await_topic(&request.name).await;
+        let topic = self.registry.get(&request.name).map_err(to_status)?;
+        if topic.settings.cleanup != Cleanup::Compact {
+            return Err(to_status(BrokerError::NotATable {
+                topic: request.name,
+            }));
+        }
+        let options = self.registry.compact_options(&topic, request.roll);
+        // One partition after another on a blocking thread, like the background cleaner
+        // (one pass per log at a time; the throttle is shared).
+        let outcomes = tokio::task::spawn_blocking(move || {
+            topic
+                .partitions
+                .iter()
+                .filter(|partition| partition.remote_leader().is_none())
+                .map(|partition| match partition.compact(&options) {
+                    Ok(outcome) => v1::CompactionOutcome {
+                        partition: partition.id,
+                        bytes_before: outcome.bytes_before,
+                        bytes_after: outcome.bytes_after,
+                        records_removed: outcome.records_removed,
+                        tombstones_removed: outcome.tombstones_removed,
+                        segments_before: outcome.segments_before as u32,
+                        segments_after: outcome.segments_after as u32,
+                        error: String::new(),
+                        records_kept_for_producers: outcome.records_kept_for_producers,
+                        batches_kept_for_producers: outcome.batches_kept_for_producers,
+                    },
+                    Err(error) => v1::CompactionOutcome {
+                        partition: partition.id,
+                        error: error.to_string(),
+                        ..Default::default()
+                    },
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("compaction task failed: {e}")))?;
+        let mut outcomes = outcomes;
+        if let Some(controller) = &self.cluster.controller {
+            self.compact_elsewhere(controller, &request, local_only, &mut outcomes)
+                .await;
+        }
+        Ok(Response::new(v1::CompactTopicResponse {
+            partitions: outcomes,
+        }))
+    }
+
+    pub(super) async fn find_coordinator_call(
+        &self,
+        request: Request<v1::FindCoordinatorRequest>,
+    ) -> Result<Response<v1::FindCoordinatorResponse>, Status> {
+        let group = request.into_inner().group;
+        let offsets_partitions = self
+            .registry
+            .get(crate::group::offsets::OFFSETS_TOPIC)
+            .map_or(1, |topic| topic.settings.partitions);
+        if self.cluster.controller.is_some() {
+            let (partition, leader) = self.coordinator.coordinator_of(&group).map_err(to_status)?;
+            return Ok(Response::new(match leader {
+                None => v1::FindCoordinatorResponse {
+                    node_id: self.cluster.node_id,
+                    address: self.cluster.address.clone(),
+                    partition,
+                },
+                Some(crate::partition::RemoteLeader {
+                    id: Some(node_id),
+                    address,
+                }) => v1::FindCoordinatorResponse {
+                    node_id,
+                    address,
+                    partition,
+                },
+                Some(_) => {
+                    return Err(Status::unavailable(format!(
+                        "the coordinator of group `{group}` (partition {partition} of \
+                         __offsets) has no leader right now"
+                    )))
+                }
+            }));
+        }
+        let partition =
+            crate::group::coordinator_partition(&group, offsets_partitions).map_err(to_status)?;
+        // A cluster of one coordinates every group.
+        Ok(Response::new(v1::FindCoordinatorResponse {
+            node_id: self.cluster.node_id,
+            address: self.cluster.address.clone(),
+            partition,
+        }))
+    }
+}

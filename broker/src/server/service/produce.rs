@@ -1,0 +1,165 @@
+//! The produce path of the Broker service: one request's validation and append (the batch is
+//! checked and appended as it came, never re-encoded), its acknowledgement at the asked
+//! level, and the responses of `ProduceStream`.
+
+use super::*;
+
+impl BrokerService {
+    /// Validates and appends one produce request; returns what to wait on for its ack.
+    pub(super) fn append(
+        &self,
+        request: v1::ProduceRequest,
+    ) -> Result<(Arc<Partition>, Appended, Acks), BrokerError> {
+        self.check_running()?;
+        let acks = acks_of(request.acks)?;
+        let (_topic, partition) = self.partition(&request.topic, request.partition)?;
+        // Internal topics (`__offsets`) are written by the broker only: a client record there
+        // would bypass the coordinator's fencing and be replayed as committed offsets.
+        if request.topic.starts_with("__") {
+            return Err(BrokerError::InvalidTopicName {
+                name: request.topic.clone(),
+                reason: "internal topics are written by the broker only",
+            });
+        }
+        let limits = &self.registry.config().limits;
+        let request_bytes = request.batch.len() as u64
+            + request
+                .records
+                .iter()
+                .map(|r| {
+                    r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len())
+                })
+                .sum::<usize>() as u64;
+        if request.conditions.len() > 1000 {
+            return Err(BrokerError::TooLarge(format!(
+                "{} conditions exceed the limit of 1000 per request",
+                request.conditions.len()
+            )));
+        }
+        let conditions: Vec<Condition> = request
+            .conditions
+            .iter()
+            .map(|c| match c.expect {
+                Some(v1::condition::Expect::Version(version)) => Ok(Condition {
+                    key: c.key.clone(),
+                    expected: Some(version),
+                }),
+                Some(v1::condition::Expect::Absent(true)) => Ok(Condition {
+                    key: c.key.clone(),
+                    expected: None,
+                }),
+                _ => Err(BrokerError::InvalidRequest(
+                    "a condition needs `version` or `absent: true`".into(),
+                )),
+            })
+            .collect::<Result<_, _>>()?;
+        let appended = match (request.batch.is_empty(), request.records.is_empty()) {
+            (false, true) => {
+                if request.batch.len() > limits.max_batch_bytes as usize {
+                    return Err(BrokerError::TooLarge(format!(
+                        "batch of {} bytes exceeds the broker's max_batch_bytes ({})",
+                        request.batch.len(),
+                        limits.max_batch_bytes
+                    )));
+                }
+                partition.append_batch(request.batch, &conditions)?
+            }
+            (true, false) => {
+                if request.records.len() > limits.max_records_per_request {
+                    return Err(BrokerError::TooLarge(format!(
+                        "{} records exceed the limit of {} per request",
+                        request.records.len(),
+                        limits.max_records_per_request
+                    )));
+                }
+                let records: Vec<PlainRecord> = request
+                    .records
+                    .into_iter()
+                    .map(|r| PlainRecord {
+                        key: r.key,
+                        value: r.value,
+                        headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                        timestamp_ms: r.timestamp_ms,
+                    })
+                    .collect();
+                let producer = if request.producer_id == 0 {
+                    None
+                } else {
+                    match (
+                        i64::try_from(request.producer_id),
+                        i16::try_from(request.producer_epoch),
+                        i32::try_from(request.base_sequence),
+                    ) {
+                        (Ok(id), Ok(epoch), Ok(sequence)) => Some((id, epoch, sequence)),
+                        _ => {
+                            return Err(BrokerError::InvalidRequest(format!(
+                                "producer fields out of range: producer_id {} (< 2^63), producer_epoch {} (< 2^15), base_sequence {} (< 2^31)",
+                                request.producer_id, request.producer_epoch, request.base_sequence
+                            )))
+                        }
+                    }
+                };
+                partition.append_records(&records, producer, &conditions, now_ms())?
+            }
+            (false, false) => {
+                return Err(BrokerError::InvalidRequest(
+                    "a produce request carries either `batch` or `records`, not both".into(),
+                ))
+            }
+            (true, true) => {
+                return Err(BrokerError::InvalidRequest(
+                    "empty produce request: set `batch` (an encoded record batch) or `records`"
+                        .into(),
+                ))
+            }
+        };
+        metrics::counter!(crate::metrics::PRODUCE_BYTES_TOTAL).increment(request_bytes);
+        Ok((partition, appended, acks))
+    }
+
+    pub(super) async fn ack(
+        partition: &Partition,
+        appended: Appended,
+        acks: Acks,
+    ) -> Result<(), BrokerError> {
+        if acks == Acks::Durable {
+            let log = partition.log()?;
+            log.wait_durable(appended.durable_target())
+                .await
+                .map_err(|e| partition.log_error(e))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn produce_response(
+        correlation_id: u64,
+        partition: u32,
+        appended: Appended,
+    ) -> v1::ProduceResponse {
+        v1::ProduceResponse {
+            correlation_id,
+            partition,
+            base_offset: appended.base_offset,
+            last_offset: appended.last_offset,
+            error: None,
+        }
+    }
+
+    pub(super) fn error_response(
+        correlation_id: u64,
+        partition: u32,
+        error: BrokerError,
+    ) -> v1::ProduceResponse {
+        let status = to_status(error);
+        v1::ProduceResponse {
+            correlation_id,
+            partition,
+            base_offset: 0,
+            last_offset: 0,
+            error: Some(v1::ErrorStatus {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            }),
+        }
+    }
+}
