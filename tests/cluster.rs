@@ -192,6 +192,19 @@ async fn three_nodes_should_agree_spread_topics_route_through_any_node_and_share
     let seen = consume_all(&cluster.client(3).await, "orders", 300).await;
     assert_eq!(seen.len(), 300);
     assert_per_key_order(&seen);
+    // Any node describes every partition, each as the node holding it sees it.
+    let described = cluster
+        .client(2)
+        .await
+        .describe_topic("orders")
+        .await
+        .unwrap();
+    let ends: u64 = described.partitions.iter().map(|p| p.log_end_offset).sum();
+    assert_eq!(ends, 300, "{described:?}");
+    assert!(
+        described.partitions.iter().all(|p| p.error.is_none()),
+        "{described:?}"
+    );
 
     // A group whose members bootstrapped from different nodes shares the topic.
     let config = GroupConsumerConfig {
@@ -297,13 +310,47 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
     };
     eprintln!("new controller after {:?}", killed_at.elapsed());
     let survivor = next;
+    // The killed node is marked down after the session timeout, and new topics avoid it.
+    eventually(
+        CONTROLLER_TIMEOUT,
+        "the killed node to be marked down",
+        || async {
+            let description = cluster.describe(survivor).await.ok()?;
+            description
+                .nodes
+                .iter()
+                .any(|n| n.id == controller && !n.alive)
+                .then_some(())
+        },
+    )
+    .await;
     let created = cluster.run_cli(
         survivor,
         &["topic", "create", "after-kill", "--partitions", "2"],
     );
     assert!(created.status.success(), "{}", stderr(&created));
+    let placed = cluster.describe(survivor).await.unwrap();
+    let after: Vec<_> = placed
+        .partitions
+        .iter()
+        .filter(|p| p.topic == "after-kill")
+        .collect();
+    assert_eq!(after.len(), 2);
+    assert!(
+        after.iter().all(|p| p.leader != Some(controller)),
+        "{after:?}"
+    );
     cluster.restart(controller);
     cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    eventually(
+        CONTROLLER_TIMEOUT,
+        "the returned node to be up again",
+        || async {
+            let description = cluster.describe(survivor).await.ok()?;
+            description.nodes.iter().all(|n| n.alive).then_some(())
+        },
+    )
+    .await;
     // The returning node learns of the topic created while it was down.
     eventually(
         CONTROLLER_TIMEOUT,

@@ -145,6 +145,73 @@ impl BrokerService {
     /// leaders (one call per node, marked so that it does not fan out again); their outcomes
     /// join this node's, in partition order. A node that cannot be reached gives its
     /// partitions an outcome with the error.
+    /// The partitions of `topic` other nodes hold, by the address of the node leading them.
+    fn held_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
+        let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
+            std::collections::BTreeMap::new();
+        for partition in &topic.partitions {
+            if let Some(leader) = partition.remote_leader() {
+                by_node
+                    .entry(leader.address.clone())
+                    .or_default()
+                    .push(partition.id);
+            }
+        }
+        by_node
+    }
+
+    /// DescribeTopic in a cluster: the partitions held elsewhere are described by their
+    /// leaders (one call per node, marked so that it does not fan out again). A node that
+    /// cannot be reached leaves its partitions with the error.
+    pub(super) async fn describe_elsewhere(
+        &self,
+        topic: &Topic,
+        description: &mut v1::TopicDescription,
+    ) {
+        let Some(controller) = &self.cluster.controller else {
+            return;
+        };
+        for (address, partitions) in Self::held_elsewhere(topic) {
+            let answer = match controller.channel_to(&address) {
+                Ok(channel) => {
+                    let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                    let mut call = Request::new(v1::DescribeTopicRequest {
+                        name: topic.name.to_string(),
+                    });
+                    call.metadata_mut().insert(
+                        LOCAL_ONLY_HEADER,
+                        tonic::metadata::MetadataValue::from_static("1"),
+                    );
+                    client
+                        .describe_topic(call)
+                        .await
+                        .map(|r| {
+                            r.into_inner()
+                                .topic
+                                .map(|t| t.partitions)
+                                .unwrap_or_default()
+                        })
+                        .map_err(|status| status.message().to_string())
+                }
+                Err(error) => Err(error.to_string()),
+            };
+            for slot in description
+                .partitions
+                .iter_mut()
+                .filter(|p| partitions.contains(&p.partition))
+            {
+                match &answer {
+                    Ok(found) => {
+                        if let Some(theirs) = found.iter().find(|p| p.partition == slot.partition) {
+                            *slot = theirs.clone();
+                        }
+                    }
+                    Err(error) => slot.error = format!("node at {address}: {error}"),
+                }
+            }
+        }
+    }
+
     async fn compact_elsewhere(
         &self,
         controller: &crate::cluster::controller::Controller,
@@ -155,19 +222,10 @@ impl BrokerService {
         let Ok(topic) = self.registry.get(&request.name) else {
             return;
         };
-        let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
-            std::collections::BTreeMap::new();
-        for partition in &topic.partitions {
-            if let Some(leader) = partition.remote_leader() {
-                if !local_only {
-                    by_node
-                        .entry(leader.address.clone())
-                        .or_default()
-                        .push(partition.id);
-                }
-            }
+        if local_only {
+            return;
         }
-        for (address, partitions) in by_node {
+        for (address, partitions) in Self::held_elsewhere(&topic) {
             let answer = match controller.channel_to(&address) {
                 Ok(channel) => {
                     let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);

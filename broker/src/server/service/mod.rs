@@ -312,11 +312,16 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DescribeTopic");
         let result = async move {
+            let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
             let name = request.into_inner().name;
             self.await_topic(&name).await;
             let topic = self.registry.get(&name).map_err(to_status)?;
+            let mut description = describe(&topic);
+            if !local_only {
+                self.describe_elsewhere(&topic, &mut description).await;
+            }
             Ok(Response::new(v1::DescribeTopicResponse {
-                topic: Some(describe(&topic)),
+                topic: Some(description),
             }))
         }
         .instrument(span)
