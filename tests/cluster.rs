@@ -206,6 +206,50 @@ async fn three_nodes_should_agree_spread_topics_route_through_any_node_and_share
         "{described:?}"
     );
 
+    // A table written through one node, followed live through another; CAS conflicts come
+    // back with the current version whichever node the writer bootstrapped from.
+    let created = cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "create",
+            "inventory",
+            "--partitions",
+            "3",
+            "--cleanup",
+            "compact",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    let writer = cluster.client(1).await.table("inventory").await.unwrap();
+    let reader = cluster
+        .client(3)
+        .await
+        .sync_table("inventory")
+        .await
+        .unwrap();
+    for n in 0..12 {
+        writer
+            .put(format!("sku-{n}"), format!("{n}"))
+            .await
+            .unwrap();
+    }
+    let first = writer.get("sku-0").await.unwrap().expect("sku-0 is there");
+    let conflict = writer.put_if("sku-0", "stale", first.version + 1000).await;
+    assert!(
+        matches!(conflict, Err(syncline_client::Error::Conflict { .. })),
+        "{conflict:?}"
+    );
+    for n in 0..12 {
+        let written = writer.get(format!("sku-{n}")).await.unwrap().unwrap();
+        reader
+            .wait_for(written.partition, written.version)
+            .await
+            .unwrap();
+    }
+    assert_eq!(reader.len(), 12);
+    assert_eq!(reader.get("sku-7").unwrap().value.as_ref(), b"7");
+
     // A group whose members bootstrapped from different nodes shares the topic.
     let config = GroupConsumerConfig {
         session_timeout: Some(Duration::from_millis(3000)),
