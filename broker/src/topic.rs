@@ -680,6 +680,7 @@ impl Registry {
     /// the others. Idempotent: the same incarnation already here is returned as it is.
     pub async fn create_placed(
         &self,
+        name: &str,
         text: &str,
         local: Vec<u32>,
         remote: &BTreeMap<u32, RemoteLeader>,
@@ -687,6 +688,15 @@ impl Registry {
         let mut meta: TopicMeta = toml::from_str(text).map_err(|e| {
             BrokerError::InvalidRequest(format!("the controller's topic settings: {e}"))
         })?;
+        if meta.name != name {
+            return Err(BrokerError::InvalidRequest(format!(
+                "the controller's settings for topic `{name}` name `{}`",
+                meta.name
+            )));
+        }
+        if name != crate::group::offsets::OFFSETS_TOPIC {
+            validate_topic_name(name)?;
+        }
         if let Ok(existing) = self.get(&meta.name) {
             if meta.id.as_deref() == Some(existing.id.to_string().as_str()) {
                 return Ok(existing);

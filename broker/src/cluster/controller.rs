@@ -72,8 +72,12 @@ pub struct Controller {
     /// Leader side: when each node was last heard from, at which address, from which data
     /// directory.
     heard: parking_lot::Mutex<HashMap<u64, Heard>>,
-    /// Set when this node must stop (its node id belongs to another data directory).
+    /// Set when this node must stop (its node id belongs to another data directory, or the
+    /// controller's storage failed).
     fatal: watch::Sender<Option<String>>,
+    /// Topics whose local copy the last reconcile pass could not make follow the metadata,
+    /// with why.
+    failed: parking_lot::Mutex<BTreeMap<String, String>>,
     /// Leader side: since when this node leads (None while it does not).
     leading_since: parking_lot::Mutex<Option<Instant>>,
     /// The applied index the local partitions have caught up with (set by the reconciler).
@@ -127,6 +131,9 @@ impl Controller {
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: 100,
+            // A node returning from a partition asks before it bumps the term, so it does not
+            // depose a healthy leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         }
         .validate()
@@ -170,6 +177,7 @@ impl Controller {
             peers,
             heard: parking_lot::Mutex::new(HashMap::new()),
             fatal: watch::channel(None).0,
+            failed: parking_lot::Mutex::new(BTreeMap::new()),
             leading_since: parking_lot::Mutex::new(None),
             reconciled: watch::channel(applied).0,
             offsets_topic,
@@ -214,8 +222,10 @@ impl Controller {
         self.peers.channel(address).map_err(controller_error)
     }
 
-    /// Reports that local partitions now follow the metadata up to `index`.
-    pub fn set_reconciled(&self, index: u64) {
+    /// Reports that a reconcile pass over the metadata up to `index` ended, with the topics it
+    /// could not make follow it (retried by the next pass).
+    pub fn set_reconciled(&self, index: u64, failed: BTreeMap<String, String>) {
+        *self.failed.lock() = failed;
         self.reconciled.send_replace(index);
     }
 
@@ -265,6 +275,16 @@ impl Controller {
                     let left = deadline.saturating_duration_since(Instant::now());
                     self.wait_reconciled(index, left.max(Duration::from_secs(1)))
                         .await?;
+                    if let Command::CreateTopic { name, .. } | Command::DeleteTopic { name, .. } =
+                        &command
+                    {
+                        if let Some(error) = self.failed.lock().get(name) {
+                            return Err(controller_error(format!(
+                                "the change to topic `{name}` is committed, but this node could \
+                                 not apply it yet (it retries): {error}"
+                            )));
+                        }
+                    }
                     return Ok(outcome);
                 }
                 Err(reason) if Instant::now() >= deadline => {
@@ -304,7 +324,15 @@ impl Controller {
     /// Writes `command` through openraft when this node leads: its outcome and log index; else
     /// the leader it knows of.
     pub async fn propose_local(&self, command: &Command) -> Result<(Outcome, u64), Option<u64>> {
-        match self.raft.client_write(command.clone()).await {
+        // A leader cut off from the others cannot commit: give up at the deadline (the
+        // command is idempotent, so a retry that finds it committed changes nothing).
+        let written =
+            tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(command.clone()));
+        let Ok(written) = written.await else {
+            tracing::warn!(%command, "controller write not committed within {PROPOSE_TIMEOUT:?}");
+            return Err(None);
+        };
+        match written {
             Ok(response) => Ok((response.data, response.log_id.index())),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 Err(forward.leader_id)
@@ -345,6 +373,15 @@ impl Controller {
         let command: Command = serde_json::from_slice(bytes).map_err(|e| {
             tonic::Status::invalid_argument(format!("a proposal that does not decode: {e}"))
         })?;
+        // Node liveness is the leader's own to propose; peers forward topic changes only.
+        if !matches!(
+            command,
+            Command::CreateTopic { .. } | Command::DeleteTopic { .. }
+        ) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "`{command}` cannot be forwarded: only topic changes are"
+            )));
+        }
         match self.propose_local(&command).await {
             Ok(done) => serde_json::to_vec(&done)
                 .map_err(|e| tonic::Status::internal(format!("encoding an outcome: {e}"))),
@@ -372,6 +409,7 @@ impl Controller {
         match kind {
             "append" => encode(self.raft.append_entries(decode(payload)?).await),
             "vote" => encode(self.raft.vote(decode(payload)?).await),
+            "pre_vote" => encode(self.raft.pre_vote(decode(payload)?).await),
             "snapshot" => {
                 let (vote, meta, data): (super::raft::Vote, super::raft::SnapshotMeta, Vec<u8>) =
                     decode(payload)?;
@@ -396,6 +434,12 @@ impl Controller {
         address: &str,
         dir_id: &str,
     ) -> Result<(), tonic::Status> {
+        if !self.voters.contains_key(&node) {
+            return Err(tonic::Status::invalid_argument(format!(
+                "node {node} is not one of this cluster's voters ({:?})",
+                self.voters.keys().collect::<Vec<_>>()
+            )));
+        }
         let registered = self.view.with(|m| {
             m.nodes
                 .get(&node)
@@ -473,6 +517,22 @@ impl Controller {
                 _ = shutdown.changed() => break,
             }
             if *shutdown.borrow() {
+                break;
+            }
+            let stopped = {
+                use openraft::async_runtime::WatchReceiver as _;
+                self.raft
+                    .metrics()
+                    .borrow_watched()
+                    .running_state
+                    .as_ref()
+                    .err()
+                    .map(|fatal| fatal.to_string())
+            };
+            if let Some(fatal) = stopped {
+                tracing::error!(%fatal, "the controller stopped (its storage failed?)");
+                self.fatal
+                    .send_replace(Some(format!("the cluster controller stopped: {fatal}")));
                 break;
             }
             let leader = self.leader();
@@ -683,6 +743,7 @@ impl From<MetadataError> for BrokerError {
         match error {
             MetadataError::TopicExists(topic) => BrokerError::TopicExists { topic },
             MetadataError::UnknownTopic { name, .. } => BrokerError::TopicNotFound { topic: name },
+            MetadataError::Invalid(message) => BrokerError::InvalidRequest(message),
             other => BrokerError::ClusterRefused(other.to_string()),
         }
     }

@@ -158,7 +158,7 @@ pub fn load_or_create(
             dir_id: TopicId::random()?.to_string(),
             ..identity
         };
-        return write(data_dir, identity);
+        return write(data_dir, identity, node.is_clustered());
     }
     let identity = Identity {
         format: IDENTITY_FORMAT,
@@ -167,17 +167,20 @@ pub fn load_or_create(
         voters: given_voters.unwrap_or_else(|| format!("{}={advertised}", node.id)),
         dir_id: TopicId::random()?.to_string(),
     };
-    write(data_dir, identity)
+    write(data_dir, identity, node.is_clustered())
 }
 
 /// Records `identity` (a full disk is a warning: it serves from memory, see the module doc).
-fn write(data_dir: &Path, identity: Identity) -> Result<Identity, BrokerError> {
+///
+/// In a cluster the file must be written: the node registers its directory id, and an id held
+/// only in memory would be refused as another directory's at the next start.
+fn write(data_dir: &Path, identity: Identity, clustered: bool) -> Result<Identity, BrokerError> {
     let path: PathBuf = data_dir.join(IDENTITY_FILE);
     let text = toml::to_string(&identity)
         .map_err(|error| refuse(data_dir, format!("cannot encode {IDENTITY_FILE}: {error}")))?;
     if let Err(error) = crate::log::write_file_atomically(data_dir, IDENTITY_FILE, text.as_bytes())
     {
-        if error.raw_os_error() == Some(libc::ENOSPC) {
+        if error.raw_os_error() == Some(libc::ENOSPC) && !clustered {
             tracing::warn!(path = %path.display(), %error, "cannot record the node identity (disk full); serving with it in memory, the next start writes it");
         } else {
             return Err(BrokerError::io("writing", &path, error));

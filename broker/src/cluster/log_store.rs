@@ -1,7 +1,7 @@
 //! The controller's Raft log, persisted under `DATA_DIR/.controller/raft.log`.
 //!
 //! The controller's log is small (metadata changes only: topic creates and deletes, node
-//! liveness changes) and is compacted into snapshots ([`super::state_machine`]), so it is one
+//! liveness changes) and is compacted into snapshots ([`super::raft`]), so it is one
 //! append-only file of records replayed into memory at open:
 //!
 //! ```text
@@ -12,9 +12,9 @@
 //! Fault model: every change is appended and fsync'd before openraft hears it is done (vote,
 //! entries, truncation, committed). A crash mid-append leaves a torn last record: open keeps
 //! the records before it and truncates the file there (the record was never acknowledged). A
-//! bad record in the middle cannot be told from a torn tail and is treated the same way, which
-//! loses at most entries this node acknowledged: Raft re-replicates them from the leader,
-//! unless a majority lost them at once (a disk fault on several voters, outside the model).
+//! bad record followed by more records is interior corruption, which no crash leaves: open
+//! refuses the file naming the offset (dropping the rest could forget a vote and let the node
+//! vote twice in a term).
 //! The file is rewritten (temp file, fsync, rename, directory fsync) when it holds more than
 //! [`REWRITE_BYTES`] of records no longer live. Open refuses a file over [`LOG_BYTES_MAX`].
 //!
@@ -92,8 +92,10 @@ fn encode(record: &Record) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Decodes the records of `bytes`; returns them and the length of the valid prefix.
-fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
+/// Decodes the records of `bytes`; returns them, the length of the valid prefix, and whether
+/// what follows it is more than a torn last record (a bad record that ends before the file
+/// does: interior corruption).
+fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize, bool) {
     let mut records = Vec::new();
     let mut at = 0usize;
     while bytes.len() - at >= 8 {
@@ -104,16 +106,16 @@ fn decode_all(bytes: &[u8]) -> (Vec<Record>, usize) {
             break;
         }
         let payload = &bytes[at + 8..end];
-        if crc32c::crc32c(payload) != crc {
-            break;
-        }
-        match serde_json::from_slice::<Record>(payload) {
-            Ok(record) => records.push(record),
-            Err(_) => break,
+        let record = (crc32c::crc32c(payload) == crc)
+            .then(|| serde_json::from_slice::<Record>(payload).ok())
+            .flatten();
+        match record {
+            Some(record) => records.push(record),
+            None => return (records, at, end < bytes.len()),
         }
         at = end;
     }
-    (records, at)
+    (records, at, false)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -151,6 +153,16 @@ impl Inner {
     /// Appends `record`, fsyncs, and applies it.
     fn write(&mut self, record: Record) -> io::Result<()> {
         let bytes = encode(&record)?;
+        if self.len + bytes.len() as u64 > LOG_BYTES_MAX {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "{} would pass {LOG_BYTES_MAX} bytes (the controller log is compacted into \
+                     snapshots long before that)",
+                    self.path.display()
+                ),
+            ));
+        }
         self.file.write_all(&bytes)?;
         self.file.sync_data()?;
         self.len += bytes.len() as u64;
@@ -213,7 +225,17 @@ impl LogStore {
         }
         let mut bytes = Vec::with_capacity(size as usize);
         file.read_to_end(&mut bytes)?;
-        let (records, valid) = decode_all(&bytes);
+        let (records, valid, interior) = decode_all(&bytes);
+        if interior {
+            return Err(invalid(format!(
+                "{} is corrupt at byte {valid}: a record that fails its checksum is followed by \
+                 more records, which a torn write cannot leave. Refusing to open it (dropping \
+                 the rest could lose votes or acknowledged entries); restore the node's data \
+                 directory, or remove the node's controller directory so that it catches up \
+                 from the leader",
+                path.display()
+            )));
+        }
         if valid < bytes.len() {
             tracing::warn!(
                 path = %path.display(),
@@ -349,13 +371,19 @@ mod tests {
         let first = bytes.len();
         bytes.extend(encode(&Record::Committed(None)).unwrap());
         bytes.truncate(bytes.len() - 3);
-        let (records, valid) = decode_all(&bytes);
+        let (records, valid, interior) = decode_all(&bytes);
         assert_eq!(records.len(), 1);
         assert_eq!(valid, first);
+        assert!(!interior);
 
         let mut flipped = encode(&Record::Committed(None)).unwrap();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x40;
         assert_eq!(decode_all(&flipped).1, 0);
+        // The same bad record followed by a good one: corruption, not a torn tail.
+        flipped.extend(encode(&Record::Committed(None)).unwrap());
+        let (_, valid, interior) = decode_all(&flipped);
+        assert_eq!(valid, 0);
+        assert!(interior);
     }
 }

@@ -8,8 +8,8 @@
 //! returns its error, which goes back to the proposer; the log entry still counts as applied.
 //! The whole state is `serde`-encodable for the controller's snapshots.
 //!
-//! Not wired yet: the openraft group that orders these commands (and its log and snapshot
-//! storage under the data directory) is the next step of the cluster issue.
+//! The openraft group that orders these commands is [`super::controller`]; its state machine
+//! ([`super::raft::StateMachine`]) calls [`Metadata::apply`].
 
 use std::collections::BTreeMap;
 
@@ -151,6 +151,23 @@ pub enum MetadataError {
     /// The placement failed.
     #[error(transparent)]
     Placement(#[from] PlacementError),
+    /// A command no broker would propose (a bad name, a partition count past the limit).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Partitions of one topic at most, whatever a proposer asked for (the brokers' own limit,
+/// `max_partitions`, is checked before proposing; this bounds what apply allocates).
+pub const PARTITIONS_MAX: u32 = 100_000;
+
+/// A topic name a command may carry: `[A-Za-z0-9._-]{1,249}`, not `.` or `..`.
+fn name_ok(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// The replicated cluster metadata.
@@ -236,6 +253,12 @@ impl Metadata {
                 replication_factor,
                 settings,
             } => {
+                if !name_ok(name) || !(1..=PARTITIONS_MAX).contains(partitions) {
+                    return Err(MetadataError::Invalid(format!(
+                        "topic `{}` with {partitions} partitions: names are [A-Za-z0-9._-]{{1,249}} and partitions 1 to {PARTITIONS_MAX}",
+                        name.chars().take(300).collect::<String>()
+                    )));
+                }
                 if let Some(existing) = self.topics.get(name) {
                     // The same incarnation again is a retried proposal: already done.
                     if existing.id == *id {
@@ -311,6 +334,25 @@ mod tests {
             replication_factor,
             settings: String::new(),
         }
+    }
+
+    #[test]
+    fn given_a_command_no_broker_would_propose_when_applied_should_change_nothing() {
+        let mut metadata = Metadata::default();
+        metadata.apply(&register(1)).unwrap();
+        let before = metadata.clone();
+        for bad in [
+            create("../x", "a", 1, 1),
+            create("", "a", 1, 1),
+            create("t", "a", 0, 1),
+            create("t", "a", u32::MAX, 1),
+        ] {
+            assert!(
+                matches!(metadata.apply(&bad), Err(MetadataError::Invalid(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(metadata, before);
     }
 
     #[test]

@@ -172,6 +172,14 @@ impl RaftNetworkV2<TypeConfig> for Connection {
         self.call("vote", &request, option.hard_ttl()).await
     }
 
+    async fn pre_vote(
+        &mut self,
+        request: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("pre_vote", &request, option.hard_ttl()).await
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,

@@ -46,11 +46,10 @@ pub async fn run(
     loop {
         let index = *applied.borrow_and_update();
         let metadata = controller.metadata();
-        let complete = pass(&controller, &registry, &on_deleted, &metadata).await;
-        if complete {
-            after_pass();
-            controller.set_reconciled(index);
-        }
+        let failed = pass(&controller, &registry, &on_deleted, &metadata).await;
+        let complete = failed.is_empty();
+        after_pass();
+        controller.set_reconciled(index, failed);
         tokio::select! {
             changed = applied.changed() => if changed.is_err() { break },
             _ = tokio::time::sleep(RETRY), if !complete => {}
@@ -62,15 +61,15 @@ pub async fn run(
     }
 }
 
-/// One pass; false when a step failed (the next pass retries it).
+/// One pass; the topics whose step failed, with why (the next pass retries them).
 async fn pass(
     controller: &Controller,
     registry: &Registry,
     on_deleted: &OnDeleted,
     metadata: &Metadata,
-) -> bool {
+) -> BTreeMap<String, String> {
     let me = controller.node_id();
-    let mut complete = true;
+    let mut failed = BTreeMap::new();
     for topic in registry.list() {
         let id = topic.id.to_string();
         if metadata.deleted.contains(&id) {
@@ -81,7 +80,7 @@ async fn pass(
                 }
                 Err(error) => {
                     tracing::warn!(topic = %topic.name, %error, "could not delete this node's copy of a deleted topic");
-                    complete = false;
+                    failed.insert(topic.name.to_string(), error.to_string());
                 }
             }
         }
@@ -115,18 +114,27 @@ async fn pass(
             Ok(topic) => {
                 // An incarnation the metadata does not (yet) list as deleted: wait for it.
                 tracing::warn!(topic = %name, here = %topic.id, cluster = %meta.id, "another incarnation of the topic is here; waiting for the cluster metadata to delete it");
-                complete = false;
+                failed.insert(
+                    name.clone(),
+                    format!(
+                        "incarnation {} of the topic is here, not {}: waiting for its delete",
+                        topic.id, meta.id
+                    ),
+                );
             }
-            Err(_) => match registry.create_placed(&meta.settings, local, &remote).await {
+            Err(_) => match registry
+                .create_placed(name, &meta.settings, local, &remote)
+                .await
+            {
                 Ok(topic) => {
                     tracing::info!(topic = %name, id = %topic.id, "created this node's part of a topic")
                 }
                 Err(error) => {
                     tracing::warn!(topic = %name, %error, "could not create this node's part of a topic");
-                    complete = false;
+                    failed.insert(name.clone(), error.to_string());
                 }
             },
         }
     }
-    complete
+    failed
 }

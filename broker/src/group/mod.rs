@@ -880,8 +880,9 @@ impl Coordinator {
                     .get(&topic)
                     .ok()
                     .and_then(|t| t.partition(partition).ok().cloned())
-                    .and_then(|p| p.log().ok().map(|l| l.durable_offset()))
-                    .unwrap_or(0);
+                    .and_then(|p| p.log().ok().map(|l| l.durable_offset()));
+                // A partition another node holds: its end (so the lag) is that node's to know.
+                let Some(end) = end else { continue };
                 out.push((
                     name.clone(),
                     topic,

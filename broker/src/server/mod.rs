@@ -110,6 +110,25 @@ impl Broker {
         let local_addr = listener
             .local_addr()
             .map_err(|e| BrokerError::io("reading the address of", listen.to_string(), e))?;
+        if config.node.is_clustered()
+            && !config
+                .data_dir
+                .join(crate::cluster::controller::CONTROLLER_DIR)
+                .exists()
+        {
+            let topics: Vec<String> = registry.list().iter().map(|t| t.name.to_string()).collect();
+            if !topics.is_empty() {
+                return Err(BrokerError::DataDirIdentity {
+                    dir: config.data_dir.clone(),
+                    message: format!(
+                        "it holds topics written by a single-node broker ({}), but the broker \
+                         was started with --cluster: a single node's data cannot join a cluster \
+                         yet. Start it without --cluster, or give this node an empty --data-dir",
+                        topics.join(", ")
+                    ),
+                });
+            }
+        }
         let identity = crate::cluster::identity::load_or_create(
             &config.data_dir,
             &config.node,

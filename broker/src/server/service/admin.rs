@@ -19,6 +19,13 @@ fn retention_override(
     }
 }
 
+/// How long a call one node makes to another for a read (DescribeTopic, DescribeGroup
+/// offsets) may take before its partitions are reported without it.
+const FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a CompactTopic handed to another node may take (a pass over a large partition is
+/// slow; its outcome then says the node did not answer in time).
+const COMPACT_FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub(super) fn describe(topic: &Topic) -> v1::TopicDescription {
     let settings = &topic.settings;
     let partitions = topic
@@ -171,30 +178,39 @@ impl BrokerService {
         let Some(controller) = &self.cluster.controller else {
             return;
         };
-        for (address, partitions) in Self::held_elsewhere(topic) {
-            let answer = match controller.channel_to(&address) {
-                Ok(channel) => {
-                    let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                    let mut call = Request::new(v1::DescribeTopicRequest {
-                        name: topic.name.to_string(),
-                    });
-                    call.metadata_mut().insert(
-                        LOCAL_ONLY_HEADER,
-                        tonic::metadata::MetadataValue::from_static("1"),
-                    );
-                    client
-                        .describe_topic(call)
-                        .await
-                        .map(|r| {
-                            r.into_inner()
-                                .topic
-                                .map(|t| t.partitions)
-                                .unwrap_or_default()
-                        })
-                        .map_err(|status| status.message().to_string())
+        let asks = Self::held_elsewhere(topic)
+            .into_iter()
+            .map(|(address, partitions)| {
+                let channel = controller.channel_to(&address);
+                let name = topic.name.to_string();
+                async move {
+                    let answer = match channel {
+                        Ok(channel) => {
+                            let mut client =
+                                syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                            let mut call = Request::new(v1::DescribeTopicRequest { name });
+                            call.metadata_mut().insert(
+                                LOCAL_ONLY_HEADER,
+                                tonic::metadata::MetadataValue::from_static("1"),
+                            );
+                            match tokio::time::timeout(FANOUT_TIMEOUT, client.describe_topic(call))
+                                .await
+                            {
+                                Ok(Ok(r)) => Ok(r
+                                    .into_inner()
+                                    .topic
+                                    .map(|t| t.partitions)
+                                    .unwrap_or_default()),
+                                Ok(Err(status)) => Err(status.message().to_string()),
+                                Err(_) => Err(format!("no answer within {FANOUT_TIMEOUT:?}")),
+                            }
+                        }
+                        Err(error) => Err(error.to_string()),
+                    };
+                    (address, partitions, answer)
                 }
-                Err(error) => Err(error.to_string()),
-            };
+            });
+        for (address, partitions, answer) in futures_util::future::join_all(asks).await {
             for slot in description
                 .partitions
                 .iter_mut()
@@ -212,6 +228,68 @@ impl BrokerService {
         }
     }
 
+    /// DescribeGroup in a cluster: the coordinator knows the ends of the partitions it holds
+    /// only; the others' durable (and, without a commit, start) offsets come from their
+    /// leaders (ListOffsets, bounded by [`FANOUT_TIMEOUT`]). A partition whose leader does not
+    /// answer keeps end 0 and lag 0.
+    pub(super) async fn describe_group_elsewhere(&self, response: &mut v1::DescribeGroupResponse) {
+        let Some(controller) = &self.cluster.controller else {
+            return;
+        };
+        let mut asks = Vec::new();
+        for (index, lag) in response.partitions.iter().enumerate() {
+            let Ok(topic) = self.registry.get(&lag.topic) else {
+                continue;
+            };
+            let Ok(partition) = topic.partition(lag.partition) else {
+                continue;
+            };
+            let Some(leader) = partition.remote_leader() else {
+                continue;
+            };
+            let Ok(channel) = controller.channel_to(&leader.address) else {
+                continue;
+            };
+            let (topic, partition, committed) =
+                (lag.topic.clone(), lag.partition, lag.committed_offset);
+            asks.push(async move {
+                let client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                let ask = |spec: v1::OffsetSpec| {
+                    let request = v1::ListOffsetsRequest {
+                        topic: topic.clone(),
+                        partition,
+                        spec: spec as i32,
+                        timestamp_ms: 0,
+                    };
+                    let mut client = client.clone();
+                    async move {
+                        tokio::time::timeout(FANOUT_TIMEOUT, client.list_offsets(request))
+                            .await
+                            .ok()?
+                            .ok()
+                            .map(|r| r.into_inner().offset)
+                    }
+                };
+                let end = ask(v1::OffsetSpec::Latest).await?;
+                let from = match committed {
+                    Some(offset) => offset,
+                    None => ask(v1::OffsetSpec::Earliest).await?,
+                };
+                Some((index, end, end.saturating_sub(from)))
+            });
+        }
+        for (index, end, lag) in futures_util::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            if let Some(slot) = response.partitions.get_mut(index) {
+                slot.end_offset = end;
+                slot.lag = lag;
+            }
+        }
+    }
+
     async fn compact_elsewhere(
         &self,
         controller: &crate::cluster::controller::Controller,
@@ -225,23 +303,40 @@ impl BrokerService {
         if local_only {
             return;
         }
-        for (address, partitions) in Self::held_elsewhere(&topic) {
-            let answer = match controller.channel_to(&address) {
-                Ok(channel) => {
-                    let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                    let mut call = Request::new(request.clone());
-                    call.metadata_mut().insert(
-                        LOCAL_ONLY_HEADER,
-                        tonic::metadata::MetadataValue::from_static("1"),
-                    );
-                    client
-                        .compact_topic(call)
-                        .await
-                        .map(|r| r.into_inner().partitions)
-                        .map_err(|status| status.message().to_string())
+        let asks = Self::held_elsewhere(&topic)
+            .into_iter()
+            .map(|(address, partitions)| {
+                let channel = controller.channel_to(&address);
+                let request = request.clone();
+                async move {
+                    let answer = match channel {
+                        Ok(channel) => {
+                            let mut client =
+                                syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                            let mut call = Request::new(request);
+                            call.metadata_mut().insert(
+                                LOCAL_ONLY_HEADER,
+                                tonic::metadata::MetadataValue::from_static("1"),
+                            );
+                            match tokio::time::timeout(
+                                COMPACT_FANOUT_TIMEOUT,
+                                client.compact_topic(call),
+                            )
+                            .await
+                            {
+                                Ok(Ok(r)) => Ok(r.into_inner().partitions),
+                                Ok(Err(status)) => Err(status.message().to_string()),
+                                Err(_) => {
+                                    Err(format!("no answer within {COMPACT_FANOUT_TIMEOUT:?}"))
+                                }
+                            }
+                        }
+                        Err(error) => Err(error.to_string()),
+                    };
+                    (address, partitions, answer)
                 }
-                Err(error) => Err(error.to_string()),
-            };
+            });
+        for (address, partitions, answer) in futures_util::future::join_all(asks).await {
             match answer {
                 Ok(found) => outcomes.extend(
                     found

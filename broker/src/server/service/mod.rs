@@ -614,6 +614,18 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let registry = self.registry.clone();
         let producer_id = request.into_inner().producer_id;
+        if producer_id != 0 && self.cluster.controller.is_some() {
+            // Each node keeps the epochs of the ids it issued; a bump must reach every node
+            // holding a partition the producer writes, which the next cluster issue brings.
+            return finish(
+                "InitProducer",
+                started,
+                Err(Status::failed_precondition(format!(
+                    "re-initialising producer id {producer_id} (to fence an older instance) is \
+                     not supported in a cluster yet: initialise a new producer id instead"
+                ))),
+            );
+        }
         // It may fsync (an epoch bump, a new block of ids).
         let result = tokio::task::spawn_blocking(move || registry.init_producer(producer_id))
             .await
@@ -891,10 +903,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
         let started = Instant::now();
         let result = async move {
-            let response = self
+            let mut response = self
                 .coordinator
                 .describe(&request.into_inner().group)
                 .map_err(to_status)?;
+            self.describe_group_elsewhere(&mut response).await;
             Ok(Response::new(response))
         }
         .await;
