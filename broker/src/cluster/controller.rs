@@ -86,6 +86,14 @@ pub struct Controller {
     offsets_topic: InternalTopic,
 }
 
+/// Why a proposal handed to the leader did not come back applied.
+enum Forwarded {
+    /// Worth another try (no leader yet, the leader moved or did not answer).
+    Retry(String),
+    /// Refused for good.
+    Refused(BrokerError),
+}
+
 /// What the leader last heard from a node.
 #[derive(Debug, Clone)]
 struct Heard {
@@ -267,7 +275,9 @@ impl Controller {
                 Ok(done) => Ok(done),
                 Err(leader) => match leader {
                     Some(leader) if leader != self.me => self.forward(leader, &command).await,
-                    _ => Err("no controller leader is elected yet".to_string()),
+                    _ => Err(Forwarded::Retry(
+                        "no controller leader is elected yet".to_string(),
+                    )),
                 },
             };
             match attempt {
@@ -287,10 +297,11 @@ impl Controller {
                     }
                     return Ok(outcome);
                 }
-                Err(reason) if Instant::now() >= deadline => {
+                Err(Forwarded::Refused(error)) => return Err(error),
+                Err(Forwarded::Retry(reason)) if Instant::now() >= deadline => {
                     return Err(BrokerError::ControllerUnavailable { reason });
                 }
-                Err(reason) => {
+                Err(Forwarded::Retry(reason)) => {
                     tracing::debug!(%reason, %command, "controller proposal retried");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -344,28 +355,53 @@ impl Controller {
         }
     }
 
-    async fn forward(&self, leader: u64, command: &Command) -> Result<(Outcome, u64), String> {
-        let address = self
-            .address_of(leader)
-            .ok_or_else(|| format!("the controller leader {leader} has no known address"))?;
-        let mut client = self.peers.client(&address)?;
-        let bytes = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+    async fn forward(&self, leader: u64, command: &Command) -> Result<(Outcome, u64), Forwarded> {
+        let address = self.address_of(leader).ok_or_else(|| {
+            Forwarded::Retry(format!(
+                "the controller leader {leader} has no known address"
+            ))
+        })?;
+        let mut client = self
+            .peers
+            .client(&address)
+            .map_err(|e| Forwarded::Refused(controller_error(e)))?;
+        let bytes = serde_json::to_vec(command)
+            .map_err(|e| Forwarded::Refused(controller_error(e.to_string())))?;
         let call = client.propose(v1::PeerProposeRequest {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
             command: bytes.into(),
         });
-        let response = tokio::time::timeout(PROPOSE_TIMEOUT, call)
-            .await
-            .map_err(|_| format!("the controller leader {leader} at {address} did not answer"))?
-            .map_err(|status| {
-                format!(
+        let response = match tokio::time::timeout(PROPOSE_TIMEOUT, call).await {
+            Err(_) => {
+                return Err(Forwarded::Retry(format!(
+                    "the controller leader {leader} at {address} did not answer"
+                )))
+            }
+            Ok(Err(status)) => {
+                let message = format!(
                     "the controller leader {leader} at {address}: {}",
                     status.message()
-                )
-            })?
-            .into_inner();
-        serde_json::from_slice(&response.result).map_err(|e| e.to_string())
+                );
+                // Not the leader any more, unreachable, or an election: try again. A refusal
+                // of the command itself (it does not decode, another cluster) will not change.
+                return Err(match status.code() {
+                    tonic::Code::InvalidArgument => {
+                        Forwarded::Refused(BrokerError::InvalidRequest(message))
+                    }
+                    tonic::Code::FailedPrecondition if message.contains("belongs to cluster") => {
+                        Forwarded::Refused(BrokerError::ClusterRefused(message))
+                    }
+                    _ => Forwarded::Retry(message),
+                });
+            }
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        serde_json::from_slice(&response.result).map_err(|e| {
+            Forwarded::Refused(controller_error(format!(
+                "the controller leader's answer does not decode: {e}"
+            )))
+        })
     }
 
     /// Handles `Peer.Propose` from another node.

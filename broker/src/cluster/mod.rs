@@ -16,9 +16,13 @@
 //! partition, and 0.10 brings `RaftNetworkV2` (streaming snapshots, no per-call connection
 //! setup) and the multi-group helpers they want; pinning exactly keeps its API still.
 //!
-//! It may call `config`, `error` and the data directory's files; `log/`, `partition`, `topic`
-//! and `group/` know nothing of it, and openraft types will stay inside this folder and
-//! `replication/`.
+//! It may call `config`, `error`, `metrics`, the topic registry (through [`reconcile`]) and the
+//! name of `group::offsets::OFFSETS_TOPIC`, and the data directory's files. The layers below
+//! know only what a cluster means to them, without calling it: `partition::RemoteLeader` (a
+//! partition another node holds answers NotLeader), `topic` (a topic's `local_partitions`),
+//! `group` (a node started with `--cluster` leaves `__offsets` to the controller). openraft
+//! types stay inside this folder (and `replication/` later); the server adapts the Peer service
+//! to [`controller::Controller`] (`server/peer.rs`).
 
 pub mod controller;
 pub mod identity;

@@ -117,7 +117,6 @@ pub fn parse_cluster(text: &str) -> Result<Vec<Voter>, String> {
 }
 
 impl NodeConfig {
-    /// The address this node advertises once it listens on `bound`.
     /// Whether `--cluster` was given: the node then runs the controller with those voters
     /// (even a list of just this node). Without it the node is a cluster of one, as a
     /// single-node broker always was: no controller, every partition here.
@@ -125,6 +124,7 @@ impl NodeConfig {
         !self.cluster.is_empty()
     }
 
+    /// The address this node advertises once it listens on `bound`.
     pub fn advertised(&self, bound: SocketAddr) -> String {
         self.advertise.clone().unwrap_or_else(|| bound.to_string())
     }

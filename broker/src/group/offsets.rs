@@ -1,7 +1,8 @@
 //! Committed offsets, stored in the internal compacted topic `__offsets`.
 //!
-//! Every commit is one batch of records appended to `__offsets` (one partition, a table) and
-//! acknowledged once durable; the compaction cleaner keeps the latest record per key, so the
+//! Every commit is one batch of records appended to the `__offsets` partition its group hashes
+//! to (a table: one partition on a single node, several spread over the nodes of a cluster,
+//! each coordinating the groups of the partitions it holds) and acknowledged once durable; the compaction cleaner keeps the latest record per key, so the
 //! topic stays as small as the number of committed partitions. On start the store replays the
 //! topic (compacted: short) into memory; reads are served from memory.
 //!
@@ -111,7 +112,6 @@ fn parse_key(key: &[u8]) -> Option<(String, String, u32)> {
 }
 
 impl OffsetStore {
-    /// Loads every committed offset from the `__offsets` partition.
     /// Attaches the `__offsets` topic: loads the committed offsets of every partition held
     /// here that is not loaded yet (blocking reads). Another incarnation replaces the old one.
     pub fn attach(&self, topic: &crate::topic::Topic) {

@@ -92,7 +92,6 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
     }
 }
 
-/// The replication factors this version can serve: only 1, until replicated partitions exist.
 /// DescribeCluster from the controller's applied metadata.
 pub(super) fn describe_clustered(
     controller: &crate::cluster::controller::Controller,
@@ -133,6 +132,7 @@ pub(super) fn describe_clustered(
     }
 }
 
+/// The replication factors this version can serve: only 1, until replicated partitions exist.
 fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Status> {
     match replication_factor {
         None | Some(1) => Ok(()),
@@ -148,10 +148,6 @@ fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Statu
 }
 
 impl BrokerService {
-    /// CompactTopic in a cluster: the partitions held elsewhere are compacted by their
-    /// leaders (one call per node, marked so that it does not fan out again); their outcomes
-    /// join this node's, in partition order. A node that cannot be reached gives its
-    /// partitions an outcome with the error.
     /// The partitions of `topic` other nodes hold, by the address of the node leading them.
     fn held_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
         let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
@@ -290,6 +286,10 @@ impl BrokerService {
         }
     }
 
+    /// CompactTopic in a cluster: the partitions held elsewhere are compacted by their
+    /// leaders (one call per node, marked so that it does not fan out again); their outcomes
+    /// join this node's, in partition order. A node that cannot be reached gives its
+    /// partitions an outcome with the error.
     async fn compact_elsewhere(
         &self,
         controller: &crate::cluster::controller::Controller,
