@@ -145,6 +145,52 @@ async fn given_refused_start_should_return_what_the_node_said_and_restart_with_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_node_outside_the_voters_should_be_refused_and_full_restart_keep_the_rest() {
+    let mut cluster = Cluster::start(1);
+    cluster
+        .client(1)
+        .await
+        .create_topic("t", TopicConfig::with_partitions(3))
+        .await
+        .unwrap();
+    let placed = cluster
+        .wait_for_description(1, Duration::from_secs(10), |d| {
+            d.partitions.iter().filter(|p| p.topic == "t").count() == 3
+        })
+        .await;
+    assert!(placed
+        .partitions
+        .iter()
+        .filter(|p| p.topic == "t")
+        .all(|p| p.leader == Some(1)));
+    produce(&cluster, 1, "t", "r", 10).await;
+
+    let outsider = cluster.add_node();
+    assert_eq!(outsider, 2);
+    assert_ne!(cluster.node(2).address(), cluster.node(1).address());
+    // It is given the voters' list, which does not name it.
+    let refusal = cluster.try_start_with(outsider, &[]).unwrap_err();
+    assert!(refusal.contains("is not in the list"), "{refusal}");
+
+    cluster.kill_all();
+    assert!(cluster.running().is_empty());
+    cluster.restart_all();
+    assert_eq!(cluster.running(), vec![1], "only nodes that served restart");
+    assert!(cluster.stop_all());
+    cluster.restart_all();
+    let mut grpc = cluster.grpc(1).await;
+    let mut kept = 0;
+    for partition in 0..3 {
+        kept += read_records(&mut grpc, "t", partition).await.len();
+    }
+    assert_eq!(kept, 10);
+    assert_eq!(
+        cluster.wait_for_controller(Duration::from_secs(10)).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_independent_nodes_should_keep_separate_data_and_survive_each_others_kill() {
     let mut cluster = Cluster::start_independent(3);
     let addresses: Vec<String> = (1..=3).map(|id| cluster.node(id).address()).collect();
@@ -189,4 +235,14 @@ fn given_running_nodes_when_cluster_dropped_should_end_every_process() {
 /// Whether a process `pid` exists (a reaped child does not).
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "did not agree on a controller")]
+async fn given_nodes_naming_different_controllers_wait_for_controller_should_give_up() {
+    // Independent nodes each name themselves.
+    let mut cluster = Cluster::start_independent(2);
+    cluster
+        .wait_for_controller(Duration::from_millis(500))
+        .await;
 }

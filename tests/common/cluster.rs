@@ -39,9 +39,25 @@ pub struct Node {
     process: Option<Child>,
     metrics: Option<String>,
     starts: u32,
+    /// Whether some start of it got to `listening on`.
+    served: bool,
 }
 
 impl Node {
+    fn new(root: &Path, id: u64, listener: &TcpListener) -> Node {
+        let dir = root.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).expect("node directory");
+        Node {
+            id,
+            port: listener.local_addr().expect("local address").port(),
+            dir,
+            process: None,
+            metrics: None,
+            starts: 0,
+            served: false,
+        }
+    }
+
     /// Its node id.
     pub fn id(&self) -> u64 {
         self.id
@@ -134,18 +150,7 @@ impl Cluster {
         let nodes: Vec<Node> = listeners
             .iter()
             .zip(1..)
-            .map(|(listener, id)| {
-                let dir = root.path().join(format!("node-{id}"));
-                std::fs::create_dir_all(&dir).expect("node directory");
-                Node {
-                    id,
-                    port: listener.local_addr().expect("local address").port(),
-                    dir,
-                    process: None,
-                    metrics: None,
-                    starts: 0,
-                }
-            })
+            .map(|(listener, id)| Node::new(root.path(), id, listener))
             .collect();
         drop(listeners);
         let voters = joined.then(|| {
@@ -165,6 +170,11 @@ impl Cluster {
 
     fn start_all(&mut self) {
         let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        self.start_ids(&ids);
+    }
+
+    /// Starts the nodes `ids`, all spawned before any is waited for.
+    fn start_ids(&mut self, ids: &[u64]) {
         // Spawn all first: a node may wait for its peers before it serves.
         let offsets: Vec<u64> = ids.iter().map(|&id| self.spawn(id, &[])).collect();
         for (&id, offset) in ids.iter().zip(offsets) {
@@ -302,6 +312,7 @@ impl Cluster {
                 if let Some(rest) = line.split("metrics listening on ").nth(1) {
                     node.metrics = rest.split_whitespace().next().map(String::from);
                 } else if line.contains("listening on ") {
+                    node.served = true;
                     return Ok(());
                 }
             }
@@ -382,6 +393,46 @@ impl Cluster {
         let _ = child.wait();
     }
 
+    /// Starts every node that has served before and is not running (all spawned before any is
+    /// waited for, so that nodes waiting for a quorum do not wait for each other): a full
+    /// restart after [`Cluster::stop_all`] or [`Cluster::kill_all`].
+    pub fn restart_all(&mut self) {
+        let stopped: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| (node.served && !node.is_running()).then_some(node.id))
+            .collect();
+        self.start_ids(&stopped);
+    }
+
+    /// [`Cluster::stop`] of every running node, in id order; whether all exited cleanly.
+    pub fn stop_all(&mut self) -> bool {
+        let mut clean = true;
+        for id in self.running() {
+            clean &= self.stop(id);
+        }
+        clean
+    }
+
+    /// [`Cluster::kill`] of every running node.
+    pub fn kill_all(&mut self) {
+        for id in self.running() {
+            self.kill(id);
+        }
+    }
+
+    /// A node `n + 1` with its own port and data directory, not started and not in the
+    /// `--cluster` list the others were given (it gets that same list when started): for a
+    /// node the cluster does not know, or one that reuses another's id (`--node-id` among the
+    /// extra flags of [`Cluster::try_start_with`]). Returns its id.
+    pub fn add_node(&mut self) -> u64 {
+        let id = self.len() + 1;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let node = Node::new(self.root.path(), id, &listener);
+        self.nodes.push(node);
+        id
+    }
+
     /// Everything node `id` logged, over all its starts.
     pub fn logs(&self, id: u64) -> String {
         read_from(&self.node(id).log_path(), 0)
@@ -442,8 +493,9 @@ impl Cluster {
             .await
     }
 
-    /// Polls `DescribeCluster` on every running node until all name the same controller, and
-    /// returns its id. Panics with what each node said last, and their logs, after `timeout`.
+    /// Polls `DescribeCluster` on every running node until all name the same controller, one
+    /// of the running nodes, and returns its id. Panics with what each node said last after
+    /// `timeout` (and the cluster's drop prints their logs).
     pub async fn wait_for_controller(&mut self, timeout: Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -459,7 +511,10 @@ impl Cluster {
                 });
             }
             if let Some(Ok(Some(first))) = seen.first() {
-                if seen.iter().all(|s| matches!(s, Ok(Some(c)) if c == first)) {
+                // A stopped node is no controller, even while the others still name it.
+                if running.contains(first)
+                    && seen.iter().all(|s| matches!(s, Ok(Some(c)) if c == first))
+                {
                     return *first;
                 }
             }
@@ -472,6 +527,33 @@ impl Cluster {
                 panic!(
                     "the running nodes did not agree on a controller within {timeout:?}:\n{}",
                     said.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `DescribeCluster` on node `id` until `done` holds for its answer, and returns that
+    /// answer (e.g. a topic placed, a node marked down). Panics with the last answer after
+    /// `timeout`.
+    pub async fn wait_for_description(
+        &self,
+        id: u64,
+        timeout: Duration,
+        done: impl Fn(&ClusterDescription) -> bool,
+    ) -> ClusterDescription {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(2), self.describe(id)).await;
+            let last = match answer {
+                Ok(Ok(description)) if done(&description) => return description,
+                Ok(Ok(description)) => format!("{description:#?}"),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "DescribeCluster took over 2 s".to_string(),
+            };
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "node {id}'s description did not get there within {timeout:?}; last:\n{last}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
