@@ -95,7 +95,8 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
     assert_eq!(cluster.node(1).address(), address);
     assert_ne!(cluster.node(1).pid(), Some(pid));
     assert_eq!(values(&cluster, 1, "kept").await, expected("before", 100));
-    // The restarted node takes writes on top of the recovered log.
+    // The restarted node takes writes on top of the recovered log, once it leads again.
+    cluster.wait_for_controller(Duration::from_secs(10)).await;
     produce(&cluster, 1, "kept", "after", 10).await;
     let mut all = expected("before", 100);
     all.extend(expected("after", 10));

@@ -26,6 +26,9 @@ use super::binary;
 
 /// How long a node may take to log `listening on` (it recovers its data first).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Cluster::start`] and [`Cluster::restart_all`] wait for the nodes to agree on a
+/// controller and see each other alive.
+const SERVING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a SIGTERM'd node may take to exit before the harness gives up on it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of each node's log printed when a test panics.
@@ -114,8 +117,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `n` nodes that form one cluster (`--cluster` naming all of them), all spawned
-    /// before any is waited for, and returns once each has logged `listening on`. It does not
-    /// wait for a controller: see [`Cluster::wait_for_controller`].
+    /// before any is waited for, and returns once each has logged `listening on` and
+    /// [`Cluster::wait_for_controller`] holds (a controller agreed, every node alive): ready
+    /// for topic creation. Panics (the drop printing every node's log) if that takes over 30 s.
     pub fn start(n: u64) -> Cluster {
         Cluster::start_with_args(n, &[])
     }
@@ -171,6 +175,39 @@ impl Cluster {
     fn start_all(&mut self) {
         let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
         self.start_ids(&ids);
+        self.block_until_serving();
+    }
+
+    /// [`Cluster::wait_serving`] from synchronous code, inside a tokio runtime or not (on a
+    /// thread of its own with its own runtime); its panic is this call's.
+    fn block_until_serving(&mut self) {
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to wait in")
+                    .block_on(self.wait_serving(SERVING_TIMEOUT))
+            });
+            if let Err(panic) = waiting.join() {
+                std::panic::resume_unwind(panic);
+            }
+        });
+    }
+
+    /// Waits until the running nodes serve: in a cluster, [`Cluster::wait_for_controller`];
+    /// independent nodes each name themselves controller and see themselves alive.
+    pub async fn wait_serving(&mut self, timeout: Duration) {
+        if self.voters.is_some() {
+            self.wait_for_controller(timeout).await;
+            return;
+        }
+        for id in self.running() {
+            self.wait_for_description(id, timeout, |d| {
+                d.controller == Some(id) && d.nodes.iter().any(|n| n.id == id && n.alive)
+            })
+            .await;
+        }
     }
 
     /// Starts the nodes `ids`, all spawned before any is waited for.
@@ -334,6 +371,8 @@ impl Cluster {
     }
 
     /// Starts the stopped or killed node `id` again: same port, data directory and flags.
+    /// Returns once it logs `listening on`: it may not have rejoined the controller yet (call
+    /// [`Cluster::wait_for_controller`] for that).
     pub fn restart(&mut self, id: u64) {
         self.start_with(id, &[]);
     }
@@ -394,8 +433,9 @@ impl Cluster {
     }
 
     /// Starts every node that has served before and is not running (all spawned before any is
-    /// waited for, so that nodes waiting for a quorum do not wait for each other): a full
-    /// restart after [`Cluster::stop_all`] or [`Cluster::kill_all`].
+    /// waited for, so that nodes waiting for a quorum do not wait for each other), and returns
+    /// once they serve as after [`Cluster::start`]: a full restart after [`Cluster::stop_all`]
+    /// or [`Cluster::kill_all`].
     pub fn restart_all(&mut self) {
         let stopped: Vec<u64> = self
             .nodes
@@ -403,6 +443,7 @@ impl Cluster {
             .filter_map(|node| (node.served && !node.is_running()).then_some(node.id))
             .collect();
         self.start_ids(&stopped);
+        self.block_until_serving();
     }
 
     /// [`Cluster::stop`] of every running node, in id order; whether all exited cleanly.
@@ -494,8 +535,10 @@ impl Cluster {
     }
 
     /// Polls `DescribeCluster` on every running node until all name the same controller, one
-    /// of the running nodes, and returns its id. Panics with what each node said last after
-    /// `timeout` (and the cluster's drop prints their logs).
+    /// of the running nodes, and all see every running node alive (until then a create can be
+    /// refused for want of live nodes); returns the controller's id. Panics with what each node
+    /// said last (controller, alive node ids) after `timeout` (and the cluster's drop prints
+    /// their logs).
     pub async fn wait_for_controller(&mut self, timeout: Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -505,16 +548,27 @@ impl Cluster {
             for &id in &running {
                 let answer = tokio::time::timeout(Duration::from_secs(2), self.describe(id)).await;
                 seen.push(match answer {
-                    Ok(Ok(description)) => Ok(description.controller),
+                    Ok(Ok(description)) => {
+                        let alive: Vec<u64> = description
+                            .nodes
+                            .iter()
+                            .filter(|node| node.alive)
+                            .map(|node| node.id)
+                            .collect();
+                        Ok((description.controller, alive))
+                    }
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err("DescribeCluster took over 2 s".to_string()),
                 });
             }
-            if let Some(Ok(Some(first))) = seen.first() {
-                // A stopped node is no controller, even while the others still name it.
-                if running.contains(first)
-                    && seen.iter().all(|s| matches!(s, Ok(Some(c)) if c == first))
-                {
+            if let Some(Ok((Some(first), _))) = seen.first() {
+                // A stopped node is no controller, even while the others still name it; and a
+                // node the controller has not yet seen alive gets no partitions.
+                let agreed = seen.iter().all(|s| {
+                    matches!(s, Ok((Some(c), alive))
+                        if c == first && running.iter().all(|id| alive.contains(id)))
+                });
+                if running.contains(first) && agreed {
                     return *first;
                 }
             }
