@@ -221,6 +221,26 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))' "$NODES")"
   log "cluster of $NODES: pids ${CLUSTER_PIDS[*]} on $CLUSTER_ADDRS, controller node $controller"
 }
 
+# check_alive: a broker process that is gone (crashed, or ended from outside the script) ends the
+# run when it is the single node, and the cluster half (noted) when it is a cluster node.
+check_alive() {
+  local i
+  if ! kill -0 "$SINGLE_PID" 2>/dev/null; then
+    log "the single broker (pid $SINGLE_PID) is gone; its log ends:"
+    tail -3 "$WORK/single/broker.log" >&2
+    exit 1
+  fi
+  for i in $(seq 1 "${#CLUSTER_PIDS[@]}"); do
+    if ! kill -0 "${CLUSTER_PIDS[$((i - 1))]}" 2>/dev/null; then
+      CLUSTER_REASON="node $i (pid ${CLUSTER_PIDS[$((i - 1))]}) is gone mid-run; its log ends: $(tail -1 "$WORK/node-$i/broker.log")"
+      log "cluster half stopped: $CLUSTER_REASON"
+      row note - - - - - - "cluster half stopped: $CLUSTER_REASON"
+      stop_cluster
+      return 0
+    fi
+  done
+}
+
 # targets: the running systems, in run order for run $1 (odd: single first, even: cluster first)
 targets() {
   if [ -z "$CLUSTER_ADDRS" ]; then echo single
@@ -236,12 +256,13 @@ address_of() { if [ "$1" = single ]; then echo "$SINGLE_ADDR"; else echo "$CLUST
 # idle PHASE: CPU (% of one core) and RSS of every broker process over IDLE_SECS.
 idle() {
   local labels=single pids=$SINGLE_PID i
+  sleep 5   # let the previous step's background work (deletes, flushes) settle
+  check_alive
   for i in $(seq 1 "${#CLUSTER_PIDS[@]}"); do
     labels="$labels node-$i"
     pids="$pids ${CLUSTER_PIDS[$((i - 1))]}"
   done
   log "idle CPU ($1): $labels over ${IDLE_SECS} s"
-  sleep 5   # let the previous step's background work (deletes, flushes) settle
   python3 - "$1" "$IDLE_SECS" "$labels" "$pids" >> "$RESULTS" <<'PY'
 import os, sys, time
 phase, secs, labels, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
@@ -267,6 +288,8 @@ PY
 produce() {
   local target=$1 size=$2 acks=$3 run=$4
   local f=$WORK/produce.$target.$size.$acks.$run
+  check_alive
+  [ "$target" = cluster ] && [ -z "$CLUSTER_ADDRS" ] && return 0
   quiet
   sync; sleep 1   # earlier runs' dirty pages are not written back during this one
   if ! "$CLI" --broker "$(address_of "$target")" bench --json --producers "$PRODUCERS" \
@@ -283,7 +306,8 @@ except Exception:
     print("\t".join(["produce", target, size, acks, run, "", "", "failed"])); sys.exit()
 p, v = d["produce"], d.get("verify", {})
 bad = sum(v.get(k, 0) for k in ("lost", "duplicated", "reordered", "corrupt", "produce_errors"))
-note = ("VERIFY FAILED" if bad else "verified") if v.get("checked") else ""
+note = ("VERIFY FAILED" if bad else "verified") if v.get("checked") else (
+    "%d produce errors" % v["produce_errors"] if v.get("produce_errors") else "")
 print("\t".join(["produce", target, size, acks, run, "%.0f" % p["records_per_sec"],
                  "%.1f" % p["mb_per_sec"], note]))
 PY
@@ -300,6 +324,8 @@ PY
 # shown beside it as what a user sees.
 create() {
   local target=$1 run=$2 keep=$3 addr i t0 t1 failed=0 made f=$WORK/create.$1.$2
+  check_alive
+  [ "$target" = cluster ] && [ -z "$CLUSTER_ADDRS" ] && return 0
   addr=$(address_of "$target")
   quiet
   if ! "$CREATE" --broker "$addr" --topics "$TOPICS" --partitions "$TOPIC_PARTITIONS" \
@@ -393,6 +419,9 @@ for size in sizes:
         s, c = values("produce", "single", size, acks), values("produce", "cluster", size, acks)
         smb, cmb = values("produce", "single", size, acks, 6), values("produce", "cluster", size, acks, 6)
         cell = lambda xs, mb: (spread(xs, rate) + "/s, %.0f MB/s" % med(mb)) if xs else "failed"
+        for r in rows:
+            if r[0] == "produce" and r[2] == size and r[3] == acks and r[7] not in ("", "verified"):
+                notes.append("produce %s B acks %s, %s run %s: %s" % (size, acks, r[1], r[4], r[7]))
         ratio = med(c) / med(s) if s and c else None
         add("produce (aggregate)", "%s B, acks %s, %s partitions, %s producers, %s consumers"
             % (size, acks, bench_partitions, producers, consumers),
