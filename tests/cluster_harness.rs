@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::read_records;
-use syncline_client::{ProducerConfig, TopicConfig};
+use syncline_client::ProducerConfig;
 
 /// Produces `count` records `{prefix}-{n}` to `topic` through node `id` and waits for each ack.
 async fn produce(cluster: &Cluster, id: u64, topic: &str, prefix: &str, count: u32) {
@@ -79,11 +79,7 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
 {
     let mut cluster = Cluster::start(1);
     let address = cluster.node(1).address();
-    let client = cluster.client(1).await;
-    client
-        .create_topic("kept", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "kept", 1).await;
     produce(&cluster, 1, "kept", "before", 100).await;
     let pid = cluster.node(1).pid().unwrap();
 
@@ -107,12 +103,7 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_stopped_node_should_exit_cleanly_and_restart_with_its_data() {
     let mut cluster = Cluster::start(1);
-    cluster
-        .client(1)
-        .await
-        .create_topic("t", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "t", 1).await;
     produce(&cluster, 1, "t", "r", 20).await;
     assert!(cluster.stop(1), "SIGTERM ends the broker with status 0");
     assert!(cluster.running().is_empty());
@@ -148,12 +139,7 @@ async fn given_refused_start_should_return_what_the_node_said_and_restart_with_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_node_outside_the_voters_should_be_refused_and_full_restart_keep_the_rest() {
     let mut cluster = Cluster::start(1);
-    cluster
-        .client(1)
-        .await
-        .create_topic("t", TopicConfig::with_partitions(3))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "t", 3).await;
     let placed = cluster
         .wait_for_description(1, Duration::from_secs(10), |d| {
             d.partitions.iter().filter(|p| p.topic == "t").count() == 3
@@ -202,12 +188,7 @@ async fn given_independent_nodes_should_keep_separate_data_and_survive_each_othe
         assert_eq!(description.controller, Some(id), "each is its own cluster");
     }
 
-    cluster
-        .client(1)
-        .await
-        .create_topic("only-on-1", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "only-on-1", 1).await;
     produce(&cluster, 1, "only-on-1", "x", 5).await;
     let on_2 = cluster.client(2).await.list_topics().await.unwrap();
     assert!(on_2.iter().all(|t| t.name != "only-on-1"), "{on_2:?}");

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use syncline_client::{Client, ClusterDescription};
+use syncline_client::{Client, ClusterDescription, TopicConfig, TopicDescription};
 use syncline_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
@@ -508,6 +508,16 @@ impl Cluster {
         Client::connect(&address)
             .await
             .unwrap_or_else(|e| panic!("connect to node {id} at {address}: {e}"))
+    }
+
+    /// Creates `topic` with `partitions` partitions (the broker's other defaults) through node
+    /// `id`; panics when refused.
+    pub async fn create_topic(&self, id: u64, topic: &str, partitions: u32) -> TopicDescription {
+        self.client(id)
+            .await
+            .create_topic(topic, TopicConfig::with_partitions(partitions))
+            .await
+            .unwrap_or_else(|e| panic!("create topic {topic} through node {id}: {e}"))
     }
 
     /// A client bootstrapped from [`Cluster::addresses`].
