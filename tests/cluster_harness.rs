@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::read_records;
-use syncline_client::{ProducerConfig, TopicConfig};
+use syncline_client::ProducerConfig;
 
 /// Produces `count` records `{prefix}-{n}` to `topic` through node `id` and waits for each ack.
 async fn produce(cluster: &Cluster, id: u64, topic: &str, prefix: &str, count: u32) {
@@ -87,11 +87,7 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
 {
     let mut cluster = Cluster::start(1);
     let address = cluster.node(1).address();
-    let client = cluster.client(1).await;
-    client
-        .create_topic("kept", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "kept", 1).await;
     produce(&cluster, 1, "kept", "before", 100).await;
     let pid = cluster.node(1).pid().unwrap();
 
@@ -103,7 +99,8 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
     assert_eq!(cluster.node(1).address(), address);
     assert_ne!(cluster.node(1).pid(), Some(pid));
     assert_eq!(values(&cluster, 1, "kept").await, expected("before", 100));
-    // The restarted node takes writes on top of the recovered log.
+    // The restarted node takes writes on top of the recovered log, once it leads again.
+    cluster.wait_for_controller(Duration::from_secs(10)).await;
     produce(&cluster, 1, "kept", "after", 10).await;
     let mut all = expected("before", 100);
     all.extend(expected("after", 10));
@@ -114,12 +111,7 @@ async fn given_records_when_node_killed_9_and_restarted_should_read_them_back_at
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_stopped_node_should_exit_cleanly_and_restart_with_its_data() {
     let mut cluster = Cluster::start(1);
-    cluster
-        .client(1)
-        .await
-        .create_topic("t", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "t", 1).await;
     produce(&cluster, 1, "t", "r", 20).await;
     assert!(cluster.stop(1), "SIGTERM ends the broker with status 0");
     assert!(cluster.running().is_empty());
@@ -153,6 +145,47 @@ async fn given_refused_start_should_return_what_the_node_said_and_restart_with_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_node_outside_the_voters_should_be_refused_and_full_restart_keep_the_rest() {
+    let mut cluster = Cluster::start(1);
+    cluster.create_topic(1, "t", 3).await;
+    let placed = cluster
+        .wait_for_description(1, Duration::from_secs(10), |d| {
+            d.partitions.iter().filter(|p| p.topic == "t").count() == 3
+        })
+        .await;
+    assert!(placed
+        .partitions
+        .iter()
+        .filter(|p| p.topic == "t")
+        .all(|p| p.leader == Some(1)));
+    produce(&cluster, 1, "t", "r", 10).await;
+
+    let outsider = cluster.add_node();
+    assert_eq!(outsider, 2);
+    assert_ne!(cluster.node(2).address(), cluster.node(1).address());
+    // It is given the voters' list, which does not name it.
+    let refusal = cluster.try_start_with(outsider, &[]).unwrap_err();
+    assert!(refusal.contains("is not in the list"), "{refusal}");
+
+    cluster.kill_all();
+    assert!(cluster.running().is_empty());
+    cluster.restart_all();
+    assert_eq!(cluster.running(), vec![1], "only nodes that served restart");
+    assert!(cluster.stop_all());
+    cluster.restart_all();
+    let mut grpc = cluster.grpc(1).await;
+    let mut kept = 0;
+    for partition in 0..3 {
+        kept += read_records(&mut grpc, "t", partition).await.len();
+    }
+    assert_eq!(kept, 10);
+    assert_eq!(
+        cluster.wait_for_controller(Duration::from_secs(10)).await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_independent_nodes_should_keep_separate_data_and_survive_each_others_kill() {
     let mut cluster = Cluster::start_independent(3);
     let addresses: Vec<String> = (1..=3).map(|id| cluster.node(id).address()).collect();
@@ -163,12 +196,7 @@ async fn given_independent_nodes_should_keep_separate_data_and_survive_each_othe
         assert_eq!(description.controller, Some(id), "each is its own cluster");
     }
 
-    cluster
-        .client(1)
-        .await
-        .create_topic("only-on-1", TopicConfig::with_partitions(1))
-        .await
-        .unwrap();
+    cluster.create_topic(1, "only-on-1", 1).await;
     produce(&cluster, 1, "only-on-1", "x", 5).await;
     let on_2 = cluster.client(2).await.list_topics().await.unwrap();
     assert!(on_2.iter().all(|t| t.name != "only-on-1"), "{on_2:?}");
@@ -197,4 +225,14 @@ fn given_running_nodes_when_cluster_dropped_should_end_every_process() {
 /// Whether a process `pid` exists (a reaped child does not).
 fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[should_panic(expected = "did not agree on a controller")]
+async fn given_nodes_naming_different_controllers_wait_for_controller_should_give_up() {
+    // Independent nodes each name themselves.
+    let mut cluster = Cluster::start_independent(2);
+    cluster
+        .wait_for_controller(Duration::from_millis(500))
+        .await;
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use syncline_client::{Client, ClusterDescription};
+use syncline_client::{Client, ClusterDescription, TopicConfig, TopicDescription};
 use syncline_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
@@ -26,6 +26,9 @@ use super::binary;
 
 /// How long a node may take to log `listening on` (it recovers its data first).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Cluster::start`] and [`Cluster::restart_all`] wait for the nodes to agree on a
+/// controller and see each other alive.
+const SERVING_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a SIGTERM'd node may take to exit before the harness gives up on it.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of each node's log printed when a test panics.
@@ -39,9 +42,25 @@ pub struct Node {
     process: Option<Child>,
     metrics: Option<String>,
     starts: u32,
+    /// Whether some start of it got to `listening on`.
+    served: bool,
 }
 
 impl Node {
+    fn new(root: &Path, id: u64, listener: &TcpListener) -> Node {
+        let dir = root.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir).expect("node directory");
+        Node {
+            id,
+            port: listener.local_addr().expect("local address").port(),
+            dir,
+            process: None,
+            metrics: None,
+            starts: 0,
+            served: false,
+        }
+    }
+
     /// Its node id.
     pub fn id(&self) -> u64 {
         self.id
@@ -98,8 +117,9 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts `n` nodes that form one cluster (`--cluster` naming all of them), all spawned
-    /// before any is waited for, and returns once each has logged `listening on`. It does not
-    /// wait for a controller: see [`Cluster::wait_for_controller`].
+    /// before any is waited for, and returns once each has logged `listening on` and
+    /// [`Cluster::wait_for_controller`] holds (a controller agreed, every node alive): ready
+    /// for topic creation. Panics (the drop printing every node's log) if that takes over 30 s.
     pub fn start(n: u64) -> Cluster {
         Cluster::start_with_args(n, &[])
     }
@@ -134,18 +154,7 @@ impl Cluster {
         let nodes: Vec<Node> = listeners
             .iter()
             .zip(1..)
-            .map(|(listener, id)| {
-                let dir = root.path().join(format!("node-{id}"));
-                std::fs::create_dir_all(&dir).expect("node directory");
-                Node {
-                    id,
-                    port: listener.local_addr().expect("local address").port(),
-                    dir,
-                    process: None,
-                    metrics: None,
-                    starts: 0,
-                }
-            })
+            .map(|(listener, id)| Node::new(root.path(), id, listener))
             .collect();
         drop(listeners);
         let voters = joined.then(|| {
@@ -165,6 +174,44 @@ impl Cluster {
 
     fn start_all(&mut self) {
         let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
+        self.start_ids(&ids);
+        self.block_until_serving();
+    }
+
+    /// [`Cluster::wait_serving`] from synchronous code, inside a tokio runtime or not (on a
+    /// thread of its own with its own runtime); its panic is this call's.
+    fn block_until_serving(&mut self) {
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to wait in")
+                    .block_on(self.wait_serving(SERVING_TIMEOUT))
+            });
+            if let Err(panic) = waiting.join() {
+                std::panic::resume_unwind(panic);
+            }
+        });
+    }
+
+    /// Waits until the running nodes serve: in a cluster, [`Cluster::wait_for_controller`];
+    /// independent nodes each name themselves controller and see themselves alive.
+    pub async fn wait_serving(&mut self, timeout: Duration) {
+        if self.voters.is_some() {
+            self.wait_for_controller(timeout).await;
+            return;
+        }
+        for id in self.running() {
+            self.wait_for_description(id, timeout, |d| {
+                d.controller == Some(id) && d.nodes.iter().any(|n| n.id == id && n.alive)
+            })
+            .await;
+        }
+    }
+
+    /// Starts the nodes `ids`, all spawned before any is waited for.
+    fn start_ids(&mut self, ids: &[u64]) {
         // Spawn all first: a node may wait for its peers before it serves.
         let offsets: Vec<u64> = ids.iter().map(|&id| self.spawn(id, &[])).collect();
         for (&id, offset) in ids.iter().zip(offsets) {
@@ -302,6 +349,7 @@ impl Cluster {
                 if let Some(rest) = line.split("metrics listening on ").nth(1) {
                     node.metrics = rest.split_whitespace().next().map(String::from);
                 } else if line.contains("listening on ") {
+                    node.served = true;
                     return Ok(());
                 }
             }
@@ -323,6 +371,8 @@ impl Cluster {
     }
 
     /// Starts the stopped or killed node `id` again: same port, data directory and flags.
+    /// Returns once it logs `listening on`: it may not have rejoined the controller yet (call
+    /// [`Cluster::wait_for_controller`] for that).
     pub fn restart(&mut self, id: u64) {
         self.start_with(id, &[]);
     }
@@ -382,6 +432,48 @@ impl Cluster {
         let _ = child.wait();
     }
 
+    /// Starts every node that has served before and is not running (all spawned before any is
+    /// waited for, so that nodes waiting for a quorum do not wait for each other), and returns
+    /// once they serve as after [`Cluster::start`]: a full restart after [`Cluster::stop_all`]
+    /// or [`Cluster::kill_all`].
+    pub fn restart_all(&mut self) {
+        let stopped: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| (node.served && !node.is_running()).then_some(node.id))
+            .collect();
+        self.start_ids(&stopped);
+        self.block_until_serving();
+    }
+
+    /// [`Cluster::stop`] of every running node, in id order; whether all exited cleanly.
+    pub fn stop_all(&mut self) -> bool {
+        let mut clean = true;
+        for id in self.running() {
+            clean &= self.stop(id);
+        }
+        clean
+    }
+
+    /// [`Cluster::kill`] of every running node.
+    pub fn kill_all(&mut self) {
+        for id in self.running() {
+            self.kill(id);
+        }
+    }
+
+    /// A node `n + 1` with its own port and data directory, not started and not in the
+    /// `--cluster` list the others were given (it gets that same list when started): for a
+    /// node the cluster does not know, or one that reuses another's id (`--node-id` among the
+    /// extra flags of [`Cluster::try_start_with`]). Returns its id.
+    pub fn add_node(&mut self) -> u64 {
+        let id = self.len() + 1;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+        let node = Node::new(self.root.path(), id, &listener);
+        self.nodes.push(node);
+        id
+    }
+
     /// Everything node `id` logged, over all its starts.
     pub fn logs(&self, id: u64) -> String {
         read_from(&self.node(id).log_path(), 0)
@@ -418,6 +510,16 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("connect to node {id} at {address}: {e}"))
     }
 
+    /// Creates `topic` with `partitions` partitions (the broker's other defaults) through node
+    /// `id`; panics when refused.
+    pub async fn create_topic(&self, id: u64, topic: &str, partitions: u32) -> TopicDescription {
+        self.client(id)
+            .await
+            .create_topic(topic, TopicConfig::with_partitions(partitions))
+            .await
+            .unwrap_or_else(|e| panic!("create topic {topic} through node {id}: {e}"))
+    }
+
     /// A client bootstrapped from [`Cluster::addresses`].
     pub async fn cluster_client(&self) -> Client {
         Client::connect(&self.addresses())
@@ -442,8 +544,11 @@ impl Cluster {
             .await
     }
 
-    /// Polls `DescribeCluster` on every running node until all name the same controller, and
-    /// returns its id. Panics with what each node said last, and their logs, after `timeout`.
+    /// Polls `DescribeCluster` on every running node until all name the same controller, one
+    /// of the running nodes, and all see every running node alive (until then a create can be
+    /// refused for want of live nodes); returns the controller's id. Panics with what each node
+    /// said last (controller, alive node ids) after `timeout` (and the cluster's drop prints
+    /// their logs).
     pub async fn wait_for_controller(&mut self, timeout: Duration) -> u64 {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -453,13 +558,27 @@ impl Cluster {
             for &id in &running {
                 let answer = tokio::time::timeout(Duration::from_secs(2), self.describe(id)).await;
                 seen.push(match answer {
-                    Ok(Ok(description)) => Ok(description.controller),
+                    Ok(Ok(description)) => {
+                        let alive: Vec<u64> = description
+                            .nodes
+                            .iter()
+                            .filter(|node| node.alive)
+                            .map(|node| node.id)
+                            .collect();
+                        Ok((description.controller, alive))
+                    }
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err("DescribeCluster took over 2 s".to_string()),
                 });
             }
-            if let Some(Ok(Some(first))) = seen.first() {
-                if seen.iter().all(|s| matches!(s, Ok(Some(c)) if c == first)) {
+            if let Some(Ok((Some(first), _))) = seen.first() {
+                // A stopped node is no controller, even while the others still name it; and a
+                // node the controller has not yet seen alive gets no partitions.
+                let agreed = seen.iter().all(|s| {
+                    matches!(s, Ok((Some(c), alive))
+                        if c == first && running.iter().all(|id| alive.contains(id)))
+                });
+                if running.contains(first) && agreed {
                     return *first;
                 }
             }
@@ -472,6 +591,33 @@ impl Cluster {
                 panic!(
                     "the running nodes did not agree on a controller within {timeout:?}:\n{}",
                     said.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls `DescribeCluster` on node `id` until `done` holds for its answer, and returns that
+    /// answer (e.g. a topic placed, a node marked down). Panics with the last answer after
+    /// `timeout`.
+    pub async fn wait_for_description(
+        &self,
+        id: u64,
+        timeout: Duration,
+        done: impl Fn(&ClusterDescription) -> bool,
+    ) -> ClusterDescription {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(2), self.describe(id)).await;
+            let last = match answer {
+                Ok(Ok(description)) if done(&description) => return description,
+                Ok(Ok(description)) => format!("{description:#?}"),
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => "DescribeCluster took over 2 s".to_string(),
+            };
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "node {id}'s description did not get there within {timeout:?}; last:\n{last}"
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1,0 +1,103 @@
+//! Topic creation time for `benches/cluster.sh`: one client connection creates N topics of P
+//! partitions one after the other (each `CreateTopic` awaited before the next), so the figure is
+//! the broker's (or the cluster's: controller commit and placement) and not the start of a CLI
+//! process per topic, which costs 3-5 ms here against 5-20 ms per create on a single node (see
+//! `create()` in benches/cluster.sh). The topics are deleted afterwards (untimed) unless
+//! `--keep`.
+//!
+//! Run: `cargo run --release --example create_topics -- --broker ADDR[,ADDR...] --topics N
+//! --partitions P --prefix NAME [--keep]`. Prints one JSON line on stdout: `{"topics",
+//! "partitions", "secs", "ms_per_topic", "p50_ms", "p99_ms", "max_ms"}`; exits 1 when a create
+//! fails.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use syncline_client::{Client, TopicConfig};
+
+struct Args {
+    broker: String,
+    topics: u32,
+    partitions: u32,
+    prefix: String,
+    keep: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let usage = "usage: create_topics --broker ADDR[,ADDR...] --topics N --partitions P \
+                 --prefix NAME [--keep]";
+    let mut args = Args {
+        broker: String::new(),
+        topics: 100,
+        partitions: 8,
+        prefix: "create-bench".to_string(),
+        keep: false,
+    };
+    let mut given = std::env::args().skip(1);
+    while let Some(flag) = given.next() {
+        if flag == "--keep" {
+            args.keep = true;
+            continue;
+        }
+        let value = given
+            .next()
+            .with_context(|| format!("{flag} needs a value; {usage}"))?;
+        match flag.as_str() {
+            "--broker" => args.broker = value,
+            "--topics" => args.topics = value.parse().context(usage)?,
+            "--partitions" => args.partitions = value.parse().context(usage)?,
+            "--prefix" => args.prefix = value,
+            _ => bail!("unknown flag {flag}; {usage}"),
+        }
+    }
+    if args.broker.is_empty() {
+        bail!("--broker is required; {usage}");
+    }
+    Ok(args)
+}
+
+/// The `q` quantile of sorted `values`.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let index = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+    sorted.get(index).copied().unwrap_or(0.0)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let client = Client::connect(&args.broker).await?;
+    let names: Vec<String> = (1..=args.topics)
+        .map(|n| format!("{}-{n}", args.prefix))
+        .collect();
+    let mut each_ms = Vec::with_capacity(names.len());
+    let started = Instant::now();
+    for name in &names {
+        let one = Instant::now();
+        client
+            .create_topic(name, TopicConfig::with_partitions(args.partitions))
+            .await
+            .with_context(|| format!("create topic {name}"))?;
+        each_ms.push(one.elapsed().as_secs_f64() * 1e3);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if !args.keep {
+        for name in &names {
+            client
+                .delete_topic(name)
+                .await
+                .with_context(|| format!("delete topic {name}"))?;
+        }
+    }
+    each_ms.sort_by(f64::total_cmp);
+    let report = serde_json::json!({
+        "topics": args.topics,
+        "partitions": args.partitions,
+        "secs": secs,
+        "ms_per_topic": secs * 1e3 / f64::from(args.topics.max(1)),
+        "p50_ms": quantile(&each_ms, 0.5),
+        "p99_ms": quantile(&each_ms, 0.99),
+        "max_ms": each_ms.last().copied().unwrap_or(0.0),
+    });
+    println!("{report}");
+    Ok(())
+}
