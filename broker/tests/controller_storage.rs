@@ -42,13 +42,13 @@ struct State {
 }
 
 async fn state(store: &mut LogStore) -> State {
-    let log_state = store.get_log_state().await.unwrap();
+    let log_state = store.get_log_state().await.expect("log state");
     State {
-        vote: store.read_vote().await.unwrap(),
-        committed: store.read_committed().await.unwrap(),
+        vote: store.read_vote().await.expect("vote"),
+        committed: store.read_committed().await.expect("committed"),
         purged: log_state.last_purged_log_id,
         last: log_state.last_log_id,
-        entries: store.try_get_log_entries(..).await.unwrap(),
+        entries: store.try_get_log_entries(..).await.expect("entries"),
     }
 }
 
@@ -61,11 +61,16 @@ async fn append(store: &mut LogStore, from: u64, to: u64) {
     let entries: Vec<Entry> = (from..=to)
         .map(|index| blank_ent::<TypeConfig>(1, 1, index))
         .collect();
-    store.append(entries, IOFlushed::noop()).await.unwrap();
+    store
+        .append(entries, IOFlushed::noop())
+        .await
+        .expect("append");
 }
 
 fn log_len(dir: &Path) -> u64 {
-    std::fs::metadata(dir.join(LOG_FILE)).unwrap().len()
+    std::fs::metadata(dir.join(LOG_FILE))
+        .expect("the log file")
+        .len()
 }
 
 #[tokio::test]

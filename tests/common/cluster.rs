@@ -113,6 +113,12 @@ impl Cluster {
         cluster
     }
 
+    /// `n` nodes of one cluster (as [`Cluster::start`]), none started yet: start them with
+    /// [`Cluster::start_with`], [`Cluster::try_start_with`] or [`Cluster::start_all`].
+    pub fn unstarted(n: u64) -> Cluster {
+        Cluster::new(n, true, &[])
+    }
+
     /// `n` unrelated nodes, each a cluster of one (`--node-id i`, no `--cluster`): the same
     /// process handling as [`Cluster::start`] for what a single node does today.
     pub fn start_independent(n: u64) -> Cluster {
@@ -160,17 +166,6 @@ impl Cluster {
             nodes,
             voters,
             common: common.iter().map(|s| s.to_string()).collect(),
-        }
-    }
-
-    fn start_all(&mut self) {
-        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
-        // Spawn all first: a node may wait for its peers before it serves.
-        let offsets: Vec<u64> = ids.iter().map(|&id| self.spawn(id, &[])).collect();
-        for (&id, offset) in ids.iter().zip(offsets) {
-            if let Err(log) = self.await_ready(id, offset) {
-                panic!("node {id} did not start:\n{log}");
-            }
         }
     }
 
@@ -322,9 +317,27 @@ impl Cluster {
         }
     }
 
-    /// Starts the stopped or killed node `id` again: same port, data directory and flags.
+    /// Starts the stopped or killed (or not yet started) node `id`: same port, data directory
+    /// and flags.
     pub fn restart(&mut self, id: u64) {
         self.start_with(id, &[]);
+    }
+
+    /// Starts every node that is not running (all at first, or every stopped or killed one
+    /// again): all are spawned before any is waited for, since a node may wait for its peers
+    /// before it serves. Panics with a node's log if one does not start.
+    pub fn start_all(&mut self) {
+        let down: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| (!node.is_running()).then_some(node.id))
+            .collect();
+        let offsets: Vec<u64> = down.iter().map(|&id| self.spawn(id, &[])).collect();
+        for (&id, offset) in down.iter().zip(offsets) {
+            if let Err(log) = self.await_ready(id, offset) {
+                panic!("node {id} did not start:\n{log}");
+            }
+        }
     }
 
     /// [`Cluster::restart`] with `extra` flags for this start only (a harness flag named in
