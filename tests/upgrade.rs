@@ -15,33 +15,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
-use common::BrokerProcess;
+use common::{copy_dir, fixture, BrokerProcess};
 use syncline_proto::v1;
 
 type Client = v1::broker_client::BrokerClient<tonic::transport::Channel>;
-
-/// Copies a fixture into a fresh directory (the broker writes to its data dir; the fixture
-/// stays as the old version left it).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// Every (key, value) of a partition in offset order.
 async fn read_partition(client: &mut Client, topic: &str, partition: u32) -> Vec<(String, String)> {

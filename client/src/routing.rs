@@ -162,8 +162,10 @@ struct Member {
 struct View {
     mode: Mode,
     nodes: BTreeMap<u64, Member>,
-    /// Per topic, per partition: the leading node, `None` while unknown.
-    leaders: HashMap<String, Vec<Option<u64>>>,
+    /// Per topic, per partition: the leading node, `None` while it has none. A map, not a
+    /// vector indexed by partition: the partition numbers come from the servers' answers, and
+    /// one absurd number (`u32::MAX`) must not allocate gigabytes.
+    leaders: HashMap<String, HashMap<u32, Option<u64>>>,
     controller: Option<u64>,
     coordinators: HashMap<String, u64>,
     /// The broker answered `FindCoordinator` with UNIMPLEMENTED.
@@ -257,7 +259,7 @@ impl Router {
         }
         match target {
             Target::Partition(topic, partition) => {
-                let leader = *view.leaders.get(topic)?.get(partition as usize)?;
+                let leader = *view.leaders.get(topic)?.get(&partition)?;
                 // No leader right now: the bootstrap node answers NotLeader, which the
                 // caller's retry policy waits out.
                 match leader {
@@ -431,12 +433,10 @@ impl Router {
         }
         view.leaders.clear();
         for placement in cluster.partitions {
-            let leaders = view.leaders.entry(placement.topic).or_default();
-            let index = placement.partition as usize;
-            if leaders.len() <= index {
-                leaders.resize(index + 1, None);
-            }
-            leaders[index] = placement.leader;
+            view.leaders
+                .entry(placement.topic)
+                .or_default()
+                .insert(placement.partition, placement.leader);
         }
         view.controller = cluster.controller;
         view.mode = Mode::Routing;
@@ -497,12 +497,10 @@ impl Router {
                 }
                 // The detail names the partition (a stream carries many).
                 Some(Target::Partition(..)) | None => {
-                    let leaders = view.leaders.entry(detail.topic).or_default();
-                    let index = detail.partition as usize;
-                    if leaders.len() <= index {
-                        leaders.resize(index + 1, None);
-                    }
-                    leaders[index] = Some(leader);
+                    view.leaders
+                        .entry(detail.topic)
+                        .or_default()
+                        .insert(detail.partition, Some(leader));
                 }
             }
             if view.mode != Mode::Routing {

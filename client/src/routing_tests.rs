@@ -893,3 +893,33 @@ async fn given_an_unusable_advertised_address_calls_should_go_to_the_bootstrap_n
     let redirects = crate::routing::REDIRECTS_MAX as usize;
     assert_eq!(shared.calls(1, "ListOffsets"), 1 + redirects, "bounded");
 }
+
+#[tokio::test]
+async fn given_an_absurd_partition_number_in_an_answer_the_view_should_not_allocate_for_it() {
+    // A Vec indexed by partition would allocate 64 GiB for each of these (and abort).
+    let cluster = MockCluster::start(3).await;
+    let shared = &cluster.shared;
+    shared.lead("events", u32::MAX, 2);
+    shared.publish();
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    let listed = client
+        .list_offsets("events", u32::MAX, OffsetQuery::Latest)
+        .await
+        .unwrap();
+    assert_eq!(listed.offset, 2, "routed by DescribeCluster");
+    assert_eq!(shared.calls(1, "ListOffsets"), 0);
+
+    // Learnt from a NotLeader detail instead.
+    shared.lead("events", u32::MAX - 1, 3);
+    let listed = client
+        .list_offsets("events", u32::MAX - 1, OffsetQuery::Latest)
+        .await
+        .unwrap();
+    assert_eq!(listed.offset, 3, "followed the NotLeader");
+    assert_eq!(shared.calls(1, "ListOffsets"), 1);
+    client
+        .list_offsets("events", u32::MAX - 1, OffsetQuery::Latest)
+        .await
+        .unwrap();
+    assert_eq!(shared.calls(3, "ListOffsets"), 2, "remembered");
+}

@@ -133,6 +133,12 @@ impl Cluster {
         cluster
     }
 
+    /// `n` nodes of one cluster (as [`Cluster::start`]), none started yet: start them with
+    /// [`Cluster::start_with`], [`Cluster::try_start_with`] or [`Cluster::start_all`].
+    pub fn unstarted(n: u64) -> Cluster {
+        Cluster::new(n, true, &[])
+    }
+
     /// `n` unrelated nodes, each a cluster of one (`--node-id i`, no `--cluster`): the same
     /// process handling as [`Cluster::start`] for what a single node does today.
     pub fn start_independent(n: u64) -> Cluster {
@@ -170,12 +176,6 @@ impl Cluster {
             voters,
             common: common.iter().map(|s| s.to_string()).collect(),
         }
-    }
-
-    fn start_all(&mut self) {
-        let ids: Vec<u64> = self.nodes.iter().map(|n| n.id).collect();
-        self.start_ids(&ids);
-        self.block_until_serving();
     }
 
     /// [`Cluster::wait_serving`] from synchronous code, inside a tokio runtime or not (on a
@@ -370,11 +370,29 @@ impl Cluster {
         }
     }
 
-    /// Starts the stopped or killed node `id` again: same port, data directory and flags.
-    /// Returns once it logs `listening on`: it may not have rejoined the controller yet (call
-    /// [`Cluster::wait_for_controller`] for that).
+    /// Starts the stopped or killed (or not yet started) node `id`: same port, data directory
+    /// and flags. Returns once it logs `listening on`: it may not have rejoined the controller
+    /// yet (call [`Cluster::wait_for_controller`] for that).
     pub fn restart(&mut self, id: u64) {
         self.start_with(id, &[]);
+    }
+
+    /// Starts every node that is not running (all at first, or every stopped or killed one
+    /// again): all are spawned before any is waited for, since a node may wait for its peers
+    /// before it serves. Panics with a node's log if one does not start.
+    pub fn start_all(&mut self) {
+        let down: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| (!node.is_running()).then_some(node.id))
+            .collect();
+        let offsets: Vec<u64> = down.iter().map(|&id| self.spawn(id, &[])).collect();
+        for (&id, offset) in down.iter().zip(offsets) {
+            if let Err(log) = self.await_ready(id, offset) {
+                panic!("node {id} did not start:\n{log}");
+            }
+        }
+        self.block_until_serving();
     }
 
     /// [`Cluster::restart`] with `extra` flags for this start only (a harness flag named in
