@@ -1,0 +1,762 @@
+//! The controller under a seeded simulator (turmoil): a failure replays from its seed.
+//!
+//! Each simulated host runs a real [`Controller`] (its log and snapshot in a directory of its
+//! own, which survives a crash) and the real `syncline.v1.Peer` service, over turmoil's
+//! simulated TCP: tonic's client through [`Peers::with_connector`], its server over a turmoil
+//! listener. One seeded generator drives a workload of metadata commands proposed through
+//! random nodes (`Controller::propose`, which forwards to the leader) while it partitions
+//! links, varies their latency and crashes and restarts nodes (a crash drops every task of the
+//! host without a shutdown). Then it heals everything, waits for the nodes to converge and
+//! checks, Jepsen-style:
+//!
+//! - (a) at most one leader per term (sampled after every simulation step), and no node's Raft
+//!   stopped on a fatal error;
+//! - (b) every proposal acknowledged with a success is in the final metadata: an acknowledged
+//!   create is there unless a delete of that incarnation was attempted; an acknowledged delete
+//!   leaves its incarnation absent and tombstoned for good (a later retried create does not
+//!   bring it back); a registered node is known;
+//! - (c) every node ends with the same metadata and the same applied index;
+//! - (d) every node restarted from its directory (all at once, isolated) comes back with that
+//!   metadata and applied index before hearing from anyone.
+//!
+//! The seed: `SYNCLINE_SIM_SEED` (one seed) or a fixed list; `SYNCLINE_SIM_ITERATIONS` runs
+//! that many further seeds (a soak). A failure names its seed. Not under the seed: openraft's
+//! election timeouts (its runtime's thread-local random numbers) and the time real disk writes
+//! take, so a replay repeats the same workload and fault schedule, not necessarily the same
+//! interleaving.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
+use syncline_proto::v1::peer_server::PeerServer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::controller::{Controller, InternalTopic};
+use super::metadata::{Command, Metadata};
+use super::network::{Connector, Peers};
+use crate::server::peer::PeerService;
+
+const PORT: u16 = 7450;
+const CLUSTER: &str = "sim";
+/// Topic names the workload uses (few, so creates and deletes of one name collide).
+const NAMES: [&str; 3] = ["a", "b", "c"];
+/// Node ids the workload registers that never run (placement may use them).
+const FAKE_NODES: [u64; 2] = [101, 102];
+
+fn host_name(id: u64) -> String {
+    format!("node{id}")
+}
+
+fn address(id: u64) -> String {
+    format!("{}:{PORT}", host_name(id))
+}
+
+/// A turmoil stream tonic's server can serve.
+struct SimStream(turmoil::net::TcpStream);
+
+impl tonic::transport::server::Connected for SimStream {
+    type ConnectInfo = ();
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// tonic channels over turmoil's TCP.
+fn sim_connector() -> Connector {
+    Arc::new(|endpoint: Endpoint| -> Channel {
+        endpoint.connect_with_connector_lazy(tower::service_fn(|uri: Uri| async move {
+            let host = uri.host().unwrap_or_default().to_string();
+            let port = uri.port_u16().unwrap_or(PORT);
+            let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }))
+    })
+}
+
+/// One proposal of the workload.
+#[derive(Debug, Clone)]
+struct Op {
+    seq: u64,
+    command: Command,
+}
+
+/// What happened to a proposal; `invoked`/`done` are positions in one global order of events.
+#[derive(Debug, Clone)]
+struct Record {
+    node: u64,
+    command: Command,
+    invoked: u64,
+    /// The position and the answer (`Ok(Ok)` applied, `Ok(Err)` applied and changed nothing,
+    /// `Err` not acknowledged); None while in flight or lost in a crash.
+    done: Option<(u64, Result<Result<(), String>, String>)>,
+}
+
+#[derive(Default)]
+struct History {
+    clock: u64,
+    records: BTreeMap<u64, Record>,
+}
+
+impl History {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+}
+
+/// What the driver shares with one host.
+#[derive(Default)]
+struct Slot {
+    controller: Option<Arc<Controller>>,
+    inbox: Vec<Op>,
+}
+
+type Slots = Arc<BTreeMap<u64, Mutex<Slot>>>;
+
+/// A host's software: the controller, its Peer service, and an agent proposing the driver's
+/// commands through it.
+async fn host(
+    id: u64,
+    nodes: u64,
+    dir: PathBuf,
+    slots: Slots,
+    history: Arc<Mutex<History>>,
+) -> turmoil::Result {
+    let voters: BTreeMap<u64, String> = (1..=nodes).map(|n| (n, address(n))).collect();
+    // A fresh incarnation id each time, as the registry draws them.
+    let drawn = std::sync::atomic::AtomicU64::new(0);
+    let offsets: InternalTopic = Box::new(move |_| {
+        let n = drawn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((
+            format!("offsets-{id}-{n}-{}", turmoil::elapsed().as_millis()),
+            String::new(),
+        ))
+    });
+    let peers = Peers::with_connector(sim_connector());
+    let controller = Controller::start_with(
+        &dir,
+        id,
+        CLUSTER.to_string(),
+        address(id),
+        voters,
+        offsets,
+        peers,
+    )
+    .await?;
+    let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+    let incoming = futures_util::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));
+        Some((accepted, listener))
+    });
+    let (_shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(controller.clone().run(shutdown_rx));
+    // No local partitions here: the node "follows" each applied index at once.
+    let follower = controller.clone();
+    tokio::spawn(async move {
+        let mut applied = follower.view().subscribe();
+        loop {
+            let index = *applied.borrow_and_update();
+            follower.set_reconciled(index);
+            if applied.changed().await.is_err() {
+                break;
+            }
+        }
+    });
+    let agent = controller.clone();
+    let agent_slots = slots.clone();
+    tokio::spawn(async move {
+        loop {
+            let ops = std::mem::take(&mut agent_slots[&id].lock().inbox);
+            for op in ops {
+                let controller = agent.clone();
+                let history = history.clone();
+                tokio::spawn(async move {
+                    {
+                        let mut history = history.lock();
+                        let invoked = history.tick();
+                        history.records.insert(
+                            op.seq,
+                            Record {
+                                node: id,
+                                command: op.command.clone(),
+                                invoked,
+                                done: None,
+                            },
+                        );
+                    }
+                    let answer = controller
+                        .propose(op.command)
+                        .await
+                        .map(|outcome| outcome.map_err(|e| e.to_string()))
+                        .map_err(|e| e.to_string());
+                    let mut history = history.lock();
+                    let done = history.tick();
+                    if let Some(record) = history.records.get_mut(&op.seq) {
+                        record.done = Some((done, answer));
+                    }
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    slots[&id].lock().controller = Some(controller.clone());
+    tonic::transport::Server::builder()
+        .add_service(PeerServer::new(PeerService::new(controller)))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
+}
+
+/// The simulation's shape.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    nodes: u64,
+    /// Simulated time under faults and load.
+    chaos: Duration,
+    /// The longest the healed cluster may take to converge.
+    settle: Duration,
+}
+
+const PLAN: Plan = Plan {
+    nodes: 3,
+    chaos: Duration::from_secs(40),
+    settle: Duration::from_secs(60),
+};
+
+/// What one simulation saw.
+#[derive(Debug)]
+struct Summary {
+    acknowledged: usize,
+    proposals: usize,
+    crashes: usize,
+    partitions: usize,
+    leaders: BTreeMap<u64, BTreeSet<u64>>,
+    applied: u64,
+    topics: usize,
+}
+
+struct Driver<'a> {
+    sim: turmoil::Sim<'a>,
+    rng: SmallRng,
+    plan: Plan,
+    slots: Slots,
+    history: Arc<Mutex<History>>,
+    /// The nodes seen leading each term (openraft may elect several per term, ordered by id).
+    leaders: BTreeMap<u64, BTreeSet<u64>>,
+    /// The entry (log id) the first node seen at each applied index applied there.
+    applied: BTreeMap<u64, (u64, super::raft::LogId)>,
+    /// Crashed nodes and the step they come back at.
+    down: BTreeMap<u64, u64>,
+    cut: BTreeSet<(u64, u64)>,
+    next_seq: u64,
+    next_id: u64,
+    created: Vec<(String, String)>,
+    crashes: usize,
+    partitions: usize,
+}
+
+impl Driver<'_> {
+    fn step(&mut self) -> Result<(), String> {
+        self.sim.step().map_err(|e| format!("a host failed: {e}"))?;
+        for (id, slot) in self.slots.iter() {
+            let Some(controller) = slot.lock().controller.clone() else {
+                continue;
+            };
+            let metrics = controller.raft_metrics();
+            if let Err(fatal) = &metrics.running_state {
+                return Err(format!("node {id}'s raft stopped: {fatal}"));
+            }
+            if metrics.state == openraft::ServerState::Leader {
+                use openraft::vote::{RaftLeaderId as _, RaftVote as _};
+                let leader = metrics.vote.leader_id().clone();
+                let term = metrics.current_term;
+                self.leaders.entry(term).or_default().insert(*id);
+                // openraft's vote orders leaders by (term, node): one leader per leader id.
+                if *leader.node_id() != *id || leader.term() != term {
+                    return Err(format!(
+                        "node {id} leads under another node's vote {leader}"
+                    ));
+                }
+            }
+            if let Some(last) = metrics.last_applied {
+                let index = last.index();
+                match self.applied.get(&index) {
+                    Some((other, theirs)) if *theirs != last => {
+                        return Err(format!(
+                            "nodes {other} and {id} applied different entries at index {index}: {theirs} and {last}"
+                        ))
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.applied.insert(index, (*id, last));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn steps(&mut self, n: u64) -> Result<(), String> {
+        (0..n).try_for_each(|_| self.step())
+    }
+
+    fn crash(&mut self, id: u64) {
+        self.slots[&id].lock().controller = None;
+        self.slots[&id].lock().inbox.clear();
+        self.sim.crash(host_name(id));
+        // Its proposals in flight are lost: their outcome is unknown.
+        let mut history = self.history.lock();
+        let at = history.tick();
+        for record in history.records.values_mut() {
+            if record.node == id && record.done.is_none() {
+                record.done = Some((at, Err("lost in a crash".to_string())));
+            }
+        }
+    }
+
+    fn restart(&mut self, id: u64) {
+        self.sim.bounce(host_name(id));
+    }
+
+    fn set_link(&mut self, a: u64, b: u64, cut: bool) {
+        let (a, b) = (a.min(b), a.max(b));
+        if cut {
+            self.sim.partition(host_name(a), host_name(b));
+            self.cut.insert((a, b));
+        } else {
+            self.sim.repair(host_name(a), host_name(b));
+            self.cut.remove(&(a, b));
+        }
+    }
+
+    fn random_node(&mut self) -> u64 {
+        self.rng.random_range(1..=self.plan.nodes)
+    }
+
+    /// A random command: mostly topic creates and deletes (of incarnations some node sees, or
+    /// stale ones), some node registrations and marks.
+    fn random_command(&mut self) -> Command {
+        let roll = self.rng.random_range(0..100);
+        if roll < 45 {
+            self.next_id += 1;
+            let name = NAMES[self.rng.random_range(0..NAMES.len())].to_string();
+            let id = format!("i{}", self.next_id);
+            self.created.push((name.clone(), id.clone()));
+            return Command::CreateTopic {
+                name,
+                id,
+                partitions: self.rng.random_range(1..=4),
+                replication_factor: 1,
+                settings: String::new(),
+            };
+        }
+        if roll < 85 {
+            let seen = self.random_node();
+            let visible: Vec<(String, String)> = self.slots[&seen]
+                .lock()
+                .controller
+                .as_ref()
+                .map(|c| {
+                    c.metadata()
+                        .topics
+                        .iter()
+                        .map(|(name, topic)| (name.clone(), topic.id.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let pool = match visible.is_empty() || self.rng.random_bool(0.3) {
+                true => &self.created,
+                false => &visible,
+            };
+            if let Some((name, id)) = pool.get(self.rng.random_range(0..pool.len().max(1))) {
+                return Command::DeleteTopic {
+                    name: name.clone(),
+                    id: id.clone(),
+                };
+            }
+        }
+        let fake = FAKE_NODES[self.rng.random_range(0..FAKE_NODES.len())];
+        if roll < 95 {
+            Command::RegisterNode {
+                id: fake,
+                address: format!("fake{fake}:{PORT}"),
+                at_ms: 1,
+            }
+        } else {
+            let real = self.random_node();
+            Command::MarkDown {
+                ids: vec![fake, real],
+            }
+        }
+    }
+
+    /// Faults and load for `plan.chaos`.
+    fn chaos(&mut self) -> Result<(), String> {
+        let ms = self.plan.chaos.as_millis() as u64;
+        for at in 0..ms {
+            self.step()?;
+            let back: Vec<u64> = self
+                .down
+                .iter()
+                .filter(|(_, when)| **when <= at)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in back {
+                self.down.remove(&id);
+                self.restart(id);
+            }
+            if at % 10 != 0 {
+                continue;
+            }
+            if self.rng.random_bool(0.25) {
+                let node = self.random_node();
+                let command = self.random_command();
+                self.next_seq += 1;
+                let op = Op {
+                    seq: self.next_seq,
+                    command,
+                };
+                self.slots[&node].lock().inbox.push(op);
+            }
+            if self.rng.random_bool(0.01) {
+                let (a, b) = (self.random_node(), self.random_node());
+                if a != b {
+                    let cut = !self.cut.contains(&(a.min(b), a.max(b)));
+                    self.partitions += usize::from(cut);
+                    self.set_link(a, b, cut);
+                }
+            }
+            if self.rng.random_bool(0.005) {
+                let latency = Duration::from_millis(self.rng.random_range(1..=300));
+                self.sim.set_max_message_latency(latency);
+            }
+            if self.rng.random_bool(0.004) {
+                let id = self.random_node();
+                if !self.down.contains_key(&id) {
+                    self.crash(id);
+                    self.crashes += 1;
+                    let back = at + self.rng.random_range(200..=8000);
+                    self.down.insert(id, back);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Repairs every link, restarts every crashed node, and waits until no proposal is in
+    /// flight and every node has applied the same entries to the same metadata.
+    fn heal_and_converge(&mut self) -> Result<(u64, Metadata), String> {
+        for (a, b) in self.cut.clone() {
+            self.set_link(a, b, false);
+        }
+        self.sim.set_max_message_latency(Duration::from_millis(20));
+        for id in std::mem::take(&mut self.down).into_keys() {
+            self.restart(id);
+        }
+        let settle = self.plan.settle.as_millis() as u64;
+        let mut stable_since = None;
+        let mut last = None;
+        for at in 0..settle {
+            self.step()?;
+            if at % 20 != 0 {
+                continue;
+            }
+            let state = self.agreed();
+            let in_flight = self.in_flight();
+            match (&state, in_flight) {
+                (Ok(now), 0) if last.as_ref() == Some(now) => {
+                    if at - stable_since.unwrap_or(at) >= 2000 {
+                        return state;
+                    }
+                }
+                (Ok(now), 0) => {
+                    last = Some(now.clone());
+                    stable_since = Some(at);
+                }
+                _ => {
+                    last = None;
+                    stable_since = None;
+                }
+            }
+        }
+        Err(format!(
+            "no convergence within {:?} of healing ({} proposals in flight): {}",
+            self.plan.settle,
+            self.in_flight(),
+            self.agreed().err().unwrap_or_default()
+        ))
+    }
+
+    fn in_flight(&self) -> usize {
+        let history = self.history.lock();
+        history
+            .records
+            .values()
+            .filter(|r| r.done.is_none())
+            .count()
+    }
+
+    /// The applied index and metadata every node has, or why they differ.
+    fn agreed(&self) -> Result<(u64, Metadata), String> {
+        let mut seen: Option<(u64, u64, Metadata)> = None;
+        for (id, slot) in self.slots.iter() {
+            let Some(controller) = slot.lock().controller.clone() else {
+                return Err(format!("node {id} is not running"));
+            };
+            let applied = controller.view().applied();
+            let metadata = controller.metadata();
+            match &seen {
+                None => seen = Some((*id, applied, metadata)),
+                Some((first, index, expected)) => {
+                    if applied != *index {
+                        return Err(format!(
+                            "node {first} applied up to {index}, node {id} up to {applied}"
+                        ));
+                    }
+                    if metadata != *expected {
+                        return Err(format!(
+                            "nodes {first} and {id} applied index {applied} to different metadata:\n{expected:?}\n{metadata:?}"
+                        ));
+                    }
+                }
+            }
+        }
+        seen.map(|(_, index, metadata)| (index, metadata))
+            .ok_or_else(|| "no nodes".to_string())
+    }
+
+    /// Crashes every node at once, restarts them cut off from each other, and checks each
+    /// comes back from its directory with `expected`.
+    fn restart_all_isolated(&mut self, expected: &(u64, Metadata)) -> Result<(), String> {
+        let ids: Vec<u64> = (1..=self.plan.nodes).collect();
+        for &id in &ids {
+            self.crash(id);
+        }
+        for &a in &ids {
+            for &b in &ids {
+                if a < b {
+                    self.set_link(a, b, true);
+                }
+            }
+        }
+        for &id in &ids {
+            self.restart(id);
+        }
+        let mut waited = 0;
+        loop {
+            self.step()?;
+            waited += 1;
+            let restored = ids.iter().all(|id| {
+                self.slots[id]
+                    .lock()
+                    .controller
+                    .as_ref()
+                    .is_some_and(|c| c.view().applied() >= expected.0)
+            });
+            if restored {
+                break;
+            }
+            if waited > 5000 {
+                let applied: Vec<Option<u64>> = ids
+                    .iter()
+                    .map(|id| {
+                        self.slots[id]
+                            .lock()
+                            .controller
+                            .as_ref()
+                            .map(|c| c.view().applied())
+                    })
+                    .collect();
+                return Err(format!(
+                    "after a restart of every node, cut off, the applied indexes are {applied:?}, not {}",
+                    expected.0
+                ));
+            }
+        }
+        self.agreed().and_then(|now| match now == *expected {
+            true => Ok(()),
+            false => Err(format!(
+                "after a restart of every node the metadata is\n{:?}\nnot\n{:?}",
+                now, expected
+            )),
+        })?;
+        for &a in &ids {
+            for &b in &ids {
+                if a < b {
+                    self.set_link(a, b, false);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// (b): the final metadata holds every acknowledged proposal, in the order acknowledged.
+fn check_history(history: &History, metadata: &Metadata) -> Result<(), String> {
+    let present: BTreeMap<&str, &str> = metadata
+        .topics
+        .iter()
+        .map(|(name, topic)| (topic.id.as_str(), name.as_str()))
+        .collect();
+    for (name, topic) in &metadata.topics {
+        if metadata.deleted.contains(&topic.id) {
+            return Err(format!(
+                "topic {name} holds incarnation {} which was deleted",
+                topic.id
+            ));
+        }
+    }
+    let delete_tried: BTreeSet<&str> = history
+        .records
+        .values()
+        .filter_map(|r| match &r.command {
+            Command::DeleteTopic { id, .. } => Some(id.as_str()),
+            _ => None,
+        })
+        .collect();
+    for (seq, record) in &history.records {
+        let Some((_, Ok(Ok(())))) = &record.done else {
+            continue;
+        };
+        match &record.command {
+            Command::CreateTopic { name, id, .. } if !delete_tried.contains(id.as_str()) => {
+                if present.get(id.as_str()) != Some(&name.as_str()) {
+                    return Err(format!(
+                        "proposal {seq} (create {name} {id} through node {}) was acknowledged but the topic is missing",
+                        record.node
+                    ));
+                }
+            }
+            Command::DeleteTopic { name, id } => {
+                if present.contains_key(id.as_str()) || !metadata.deleted.contains(id) {
+                    return Err(format!(
+                        "proposal {seq} (delete {name} {id} through node {}) was acknowledged but the incarnation is not deleted",
+                        record.node
+                    ));
+                }
+            }
+            Command::RegisterNode { id, .. } if !metadata.nodes.contains_key(id) => {
+                return Err(format!(
+                    "proposal {seq} (register node {id}) was acknowledged but the node is unknown"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Runs one simulation from `seed`.
+fn simulate(seed: u64, plan: Plan) -> Result<Summary, String> {
+    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(3600))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(20))
+        .build();
+    let slots: Slots = Arc::new((1..=plan.nodes).map(|id| (id, Mutex::default())).collect());
+    let history = Arc::new(Mutex::new(History::default()));
+    for id in 1..=plan.nodes {
+        let dir = root.path().join(host_name(id));
+        let (slots, history) = (slots.clone(), history.clone());
+        sim.host(host_name(id), move || {
+            host(id, plan.nodes, dir.clone(), slots.clone(), history.clone())
+        });
+    }
+    let mut driver = Driver {
+        sim,
+        rng: SmallRng::seed_from_u64(seed),
+        plan,
+        slots,
+        history,
+        leaders: BTreeMap::new(),
+        applied: BTreeMap::new(),
+        down: BTreeMap::new(),
+        cut: BTreeSet::new(),
+        next_seq: 0,
+        next_id: 0,
+        created: Vec::new(),
+        crashes: 0,
+        partitions: 0,
+    };
+    driver.chaos()?;
+    let converged = driver.heal_and_converge()?;
+    check_history(&driver.history.lock(), &converged.1)?;
+    driver.restart_all_isolated(&converged)?;
+    let history = driver.history.lock();
+    Ok(Summary {
+        acknowledged: history
+            .records
+            .values()
+            .filter(|r| matches!(r.done, Some((_, Ok(_)))))
+            .count(),
+        proposals: history.records.len(),
+        crashes: driver.crashes,
+        partitions: driver.partitions,
+        leaders: driver.leaders.clone(),
+        applied: converged.0,
+        topics: converged.1.topics.len(),
+    })
+}
+
+/// The seeds CI runs (and the regressions found by the simulator).
+const SEEDS: [u64; 3] = [1, 2, 3];
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn given_seeded_faults_and_crashes_when_metadata_is_proposed_should_keep_raft_safety_and_converge()
+{
+    let seeds: Vec<u64> = match env_u64("SYNCLINE_SIM_SEED") {
+        Some(seed) => vec![seed],
+        None => {
+            let extra = env_u64("SYNCLINE_SIM_ITERATIONS").unwrap_or(0);
+            let start = SEEDS.iter().max().copied().unwrap_or(0) + 1;
+            SEEDS.iter().copied().chain(start..start + extra).collect()
+        }
+    };
+    for seed in seeds {
+        match simulate(seed, PLAN) {
+            Ok(summary) => eprintln!("seed {seed}: {summary:?}"),
+            Err(failure) => panic!(
+                "simulation seed {seed} failed (replay: SYNCLINE_SIM_SEED={seed} cargo test -p syncline-broker --lib cluster::sim): {failure}"
+            ),
+        }
+    }
+}
