@@ -255,8 +255,9 @@ const PLAN: Plan = Plan {
     settle: Duration::from_secs(60),
 };
 
-/// What one simulation saw.
+/// What one simulation saw (printed through Debug).
 #[derive(Debug)]
+#[allow(dead_code)]
 struct Summary {
     acknowledged: usize,
     proposals: usize,
@@ -280,6 +281,8 @@ struct Driver<'a> {
     /// Crashed nodes and the step they come back at.
     down: BTreeMap<u64, u64>,
     cut: BTreeSet<(u64, u64)>,
+    /// Links holding their messages.
+    held: BTreeSet<(u64, u64)>,
     next_seq: u64,
     next_id: u64,
     created: Vec<(String, String)>,
@@ -299,7 +302,7 @@ impl Driver<'_> {
                 return Err(format!("node {id}'s raft stopped: {fatal}"));
             }
             if metrics.state == openraft::ServerState::Leader {
-                use openraft::vote::{RaftLeaderId as _, RaftVote as _};
+                use openraft::vote::RaftLeaderId as _;
                 let leader = metrics.vote.leader_id().clone();
                 let term = metrics.current_term;
                 self.leaders.entry(term).or_default().insert(*id);
@@ -328,10 +331,6 @@ impl Driver<'_> {
         Ok(())
     }
 
-    fn steps(&mut self, n: u64) -> Result<(), String> {
-        (0..n).try_for_each(|_| self.step())
-    }
-
     fn crash(&mut self, id: u64) {
         self.slots[&id].lock().controller = None;
         self.slots[&id].lock().inbox.clear();
@@ -352,6 +351,9 @@ impl Driver<'_> {
 
     fn set_link(&mut self, a: u64, b: u64, cut: bool) {
         let (a, b) = (a.min(b), a.max(b));
+        if self.held.remove(&(a, b)) {
+            self.sim.release(host_name(a), host_name(b));
+        }
         if cut {
             self.sim.partition(host_name(a), host_name(b));
             self.cut.insert((a, b));
@@ -458,6 +460,19 @@ impl Driver<'_> {
                     self.set_link(a, b, cut);
                 }
             }
+            if self.rng.random_bool(0.004) {
+                // A link that holds its messages (delivered, late, when released).
+                let (a, b) = (self.random_node(), self.random_node());
+                let pair = (a.min(b), a.max(b));
+                if a != b && !self.cut.contains(&pair) {
+                    if self.held.remove(&pair) {
+                        self.sim.release(host_name(a), host_name(b));
+                    } else {
+                        self.held.insert(pair);
+                        self.sim.hold(host_name(a), host_name(b));
+                    }
+                }
+            }
             if self.rng.random_bool(0.005) {
                 let latency = Duration::from_millis(self.rng.random_range(1..=300));
                 self.sim.set_max_message_latency(latency);
@@ -478,7 +493,7 @@ impl Driver<'_> {
     /// Repairs every link, restarts every crashed node, and waits until no proposal is in
     /// flight and every node has applied the same entries to the same metadata.
     fn heal_and_converge(&mut self) -> Result<(u64, Metadata), String> {
-        for (a, b) in self.cut.clone() {
+        for (a, b) in self.cut.clone().into_iter().chain(self.held.clone()) {
             self.set_link(a, b, false);
         }
         self.sim.set_max_message_latency(Duration::from_millis(20));
@@ -512,11 +527,40 @@ impl Driver<'_> {
             }
         }
         Err(format!(
-            "no convergence within {:?} of healing ({} proposals in flight): {}",
+            "no convergence within {:?} of healing ({} proposals in flight): {}\n{}",
             self.plan.settle,
             self.in_flight(),
-            self.agreed().err().unwrap_or_default()
+            self.agreed().err().unwrap_or_default(),
+            self.raft_states()
         ))
+    }
+
+    /// Each node's Raft state, for a failure's message.
+    fn raft_states(&self) -> String {
+        let mut out = String::new();
+        for (id, slot) in self.slots.iter() {
+            let state = match slot.lock().controller.clone() {
+                None => "not running".to_string(),
+                Some(c) => {
+                    let m = c.raft_metrics();
+                    format!(
+                        "{:?} term {} vote {} leader {:?} last log {:?} local committed {:?} applied {:?} snapshot {:?} purged {:?} replication {:?}",
+                        m.state,
+                        m.current_term,
+                        m.vote,
+                        m.current_leader,
+                        m.last_log_index,
+                        m.local_committed,
+                        m.last_applied,
+                        m.snapshot,
+                        m.purged,
+                        m.replication
+                    )
+                }
+            };
+            out.push_str(&format!("node {id}: {state}\n"));
+        }
+        out
     }
 
     fn in_flight(&self) -> usize {
@@ -638,18 +682,21 @@ fn check_history(history: &History, metadata: &Metadata) -> Result<(), String> {
             ));
         }
     }
+    // Deletes that may have removed their incarnation (all but those refused as no-ops).
     let delete_tried: BTreeSet<&str> = history
         .records
         .values()
+        .filter(|r| !matches!(r.done, Some((_, Ok(Err(_))))))
         .filter_map(|r| match &r.command {
             Command::DeleteTopic { id, .. } => Some(id.as_str()),
             _ => None,
         })
         .collect();
     for (seq, record) in &history.records {
-        let Some((_, Ok(Ok(())))) = &record.done else {
+        let Some((done, Ok(Ok(())))) = &record.done else {
             continue;
         };
+        let seq = format!("{seq} (events {}..{done})", record.invoked);
         match &record.command {
             Command::CreateTopic { name, id, .. } if !delete_tried.contains(id.as_str()) => {
                 if present.get(id.as_str()) != Some(&name.as_str()) {
@@ -707,6 +754,7 @@ fn simulate(seed: u64, plan: Plan) -> Result<Summary, String> {
         applied: BTreeMap::new(),
         down: BTreeMap::new(),
         cut: BTreeSet::new(),
+        held: BTreeSet::new(),
         next_seq: 0,
         next_id: 0,
         created: Vec::new(),
@@ -751,6 +799,16 @@ fn given_seeded_faults_and_crashes_when_metadata_is_proposed_should_keep_raft_sa
             SEEDS.iter().copied().chain(start..start + extra).collect()
         }
     };
+    // SYNCLINE_SIM_LOG=FILE: the hosts' logs (RUST_LOG filters them), to read a failure.
+    if let Ok(path) = std::env::var("SYNCLINE_SIM_LOG") {
+        if let Ok(file) = std::fs::File::create(path) {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false)
+                .try_init();
+        }
+    }
     for seed in seeds {
         match simulate(seed, PLAN) {
             Ok(summary) => eprintln!("seed {seed}: {summary:?}"),
