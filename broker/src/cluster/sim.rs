@@ -26,13 +26,14 @@
 //!
 //! The seed: `SYNCLINE_SIM_SEED` (one seed) or a fixed list; `SYNCLINE_SIM_ITERATIONS` runs
 //! that many further seeds (a soak). A failure names its seed and prints every node's Raft
-//! state; `SYNCLINE_SIM_LOG=FILE` (with `RUST_LOG`) writes the hosts' logs. Under the seed:
+//! state; `SYNCLINE_SIM_LOG=FILE` (with `RUST_LOG`) writes the failed seed's logs there. Under the seed:
 //! the workload, the fault schedule and turmoil's network (latencies, delivery). Not under it:
 //! openraft's election timeouts (its runtime draws them from a thread-local generator), tokio's
 //! `select!` branch order (seeded only with `--cfg tokio_unstable`) and hash-map order, so a
 //! replay repeats the same workload and faults but not always the same interleaving: a rare
 //! failure may take a few runs of its seed to come back
 //! (`SYNCLINE_SIM_SEED=S SYNCLINE_SIM_ITERATIONS=N` runs seed S N times).
+//! `SYNCLINE_SIM_NODES` sets the number of voters (3 by default).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -48,7 +49,7 @@ use syncline_proto::v1::peer_server::PeerServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::controller::{Controller, InternalTopic};
+use super::controller::{Controller, InternalTopic, PROPOSE_TIMEOUT};
 use super::metadata::{Command, Metadata};
 use super::network::{Connector, Peers};
 use crate::server::peer::PeerService;
@@ -133,6 +134,8 @@ struct Record {
     invoked: u64,
     /// The position and the answer; None while in flight.
     done: Option<(u64, Answer)>,
+    /// How long the proposal took to answer (simulated time).
+    took: Duration,
 }
 
 #[derive(Default)]
@@ -225,9 +228,11 @@ async fn host(
                                 command: op.command.clone(),
                                 invoked,
                                 done: None,
+                                took: Duration::ZERO,
                             },
                         );
                     }
+                    let started = tokio::time::Instant::now();
                     let answer = controller
                         .propose(op.command)
                         .await
@@ -237,6 +242,7 @@ async fn host(
                     let done = history.tick();
                     if let Some(record) = history.records.get_mut(&op.seq) {
                         record.done = Some((done, answer));
+                        record.took = started.elapsed();
                     }
                 });
             }
@@ -293,8 +299,8 @@ struct Driver<'a> {
     /// Crashed nodes and the step they come back at.
     down: BTreeMap<u64, u64>,
     cut: BTreeSet<(u64, u64)>,
-    /// Links holding their messages.
-    held: BTreeSet<(u64, u64)>,
+    /// Nodes cut off from all others, until when.
+    isolated: BTreeMap<u64, u64>,
     next_seq: u64,
     next_id: u64,
     created: Vec<(String, String)>,
@@ -361,16 +367,17 @@ impl Driver<'_> {
         self.sim.bounce(host_name(id));
     }
 
+    /// Cuts or repairs a link. A cut link holds its TCP segments and delivers them when
+    /// repaired, as TCP retransmits across a partition: turmoil's `partition` drops them
+    /// instead, which leaves a connection with a gap no real TCP has (the soak saw such a
+    /// connection stall a leader's replication to one node for a whole minute after healing).
     fn set_link(&mut self, a: u64, b: u64, cut: bool) {
         let (a, b) = (a.min(b), a.max(b));
-        if self.held.remove(&(a, b)) {
-            self.sim.release(host_name(a), host_name(b));
-        }
         if cut {
-            self.sim.partition(host_name(a), host_name(b));
+            self.sim.hold(host_name(a), host_name(b));
             self.cut.insert((a, b));
         } else {
-            self.sim.repair(host_name(a), host_name(b));
+            self.sim.release(host_name(a), host_name(b));
             self.cut.remove(&(a, b));
         }
     }
@@ -474,22 +481,35 @@ impl Driver<'_> {
                     self.set_link(a, b, cut);
                 }
             }
-            if self.rng.random_bool(0.004) {
-                // A link that holds its messages (delivered, late, when released).
-                let (a, b) = (self.random_node(), self.random_node());
-                let pair = (a.min(b), a.max(b));
-                if a != b && !self.cut.contains(&pair) {
-                    if self.held.remove(&pair) {
-                        self.sim.release(host_name(a), host_name(b));
-                    } else {
-                        self.held.insert(pair);
-                        self.sim.hold(host_name(a), host_name(b));
-                    }
-                }
-            }
             if self.rng.random_bool(0.005) {
                 let latency = Duration::from_millis(self.rng.random_range(1..=300));
                 self.sim.set_max_message_latency(latency);
+            }
+            if self.rng.random_bool(0.001) {
+                // A node cut off from every other for a while.
+                let id = self.random_node();
+                for other in 1..=self.plan.nodes {
+                    if other != id {
+                        self.set_link(id, other, true);
+                    }
+                }
+                self.partitions += 1;
+                let until = at + self.rng.random_range(2000..=25_000);
+                self.isolated.insert(id, until);
+            }
+            let rejoin: Vec<u64> = self
+                .isolated
+                .iter()
+                .filter(|(_, until)| **until <= at)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in rejoin {
+                self.isolated.remove(&id);
+                for other in 1..=self.plan.nodes {
+                    if other != id {
+                        self.set_link(id, other, false);
+                    }
+                }
             }
             if self.rng.random_bool(0.004) {
                 let id = self.random_node();
@@ -507,7 +527,8 @@ impl Driver<'_> {
     /// Repairs every link, restarts every crashed node, and waits until no proposal is in
     /// flight and every node has applied the same entries to the same metadata.
     fn heal_and_converge(&mut self) -> Result<(u64, Metadata), String> {
-        for (a, b) in self.cut.clone().into_iter().chain(self.held.clone()) {
+        self.isolated.clear();
+        for (a, b) in self.cut.clone() {
             self.set_link(a, b, false);
         }
         self.sim.set_max_message_latency(Duration::from_millis(20));
@@ -706,6 +727,19 @@ fn check_history(history: &History, metadata: &Metadata) -> Result<(), String> {
             _ => None,
         })
         .collect();
+    // A proposal answers within its time limit (a forward started just before it may take
+    // one more limit, and the node's own apply a second).
+    let answers_within = 2 * PROPOSE_TIMEOUT + Duration::from_secs(2);
+    if let Some((seq, late)) = history
+        .records
+        .iter()
+        .find(|(_, r)| r.took > answers_within)
+    {
+        return Err(format!(
+            "proposal {seq} ({} through node {}) answered after {:?}: {:?}",
+            late.command, late.node, late.took, late.done
+        ));
+    }
     for (seq, record) in &history.records {
         let Some((done, Ok(Ok(())))) = &record.done else {
             continue;
@@ -791,7 +825,7 @@ fn simulate(seed: u64, plan: Plan) -> Result<Summary, String> {
         applied: BTreeMap::new(),
         down: BTreeMap::new(),
         cut: BTreeSet::new(),
-        held: BTreeSet::new(),
+        isolated: BTreeMap::new(),
         next_seq: 0,
         next_id: 0,
         created: Vec::new(),
@@ -819,6 +853,21 @@ fn simulate(seed: u64, plan: Plan) -> Result<Summary, String> {
     })
 }
 
+/// The current seed's log lines (written to `SYNCLINE_SIM_LOG` when it fails).
+static SEED_LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct SeedLog;
+
+impl std::io::Write for SeedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        SEED_LOG.lock().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The seeds CI runs (and the regressions found by the simulator).
 const SEEDS: [u64; 3] = [1, 2, 3];
 
@@ -840,18 +889,28 @@ fn given_seeded_faults_and_crashes_when_metadata_is_proposed_should_keep_raft_sa
             SEEDS.iter().copied().chain(extra).collect()
         }
     };
-    // SYNCLINE_SIM_LOG=FILE: the hosts' logs (RUST_LOG filters them), to read a failure.
-    if let Ok(path) = std::env::var("SYNCLINE_SIM_LOG") {
-        if let Ok(file) = std::fs::File::create(path) {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::sync::Mutex::new(file))
-                .with_ansi(false)
-                .try_init();
-        }
+    // SYNCLINE_SIM_LOG=FILE: the hosts' logs of the failed seed (RUST_LOG filters them).
+    let log_file = std::env::var("SYNCLINE_SIM_LOG").ok();
+    if log_file.is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(|| SeedLog)
+            .with_ansi(false)
+            .try_init();
     }
     for seed in seeds {
-        match simulate(seed, PLAN) {
+        SEED_LOG.lock().clear();
+        let plan = Plan {
+            nodes: env_u64("SYNCLINE_SIM_NODES")
+                .unwrap_or(PLAN.nodes)
+                .clamp(1, 9),
+            ..PLAN
+        };
+        let outcome = simulate(seed, plan);
+        if let (Err(_), Some(path)) = (&outcome, &log_file) {
+            let _ = std::fs::write(path, &*SEED_LOG.lock());
+        }
+        match outcome {
             Ok(summary) => eprintln!("seed {seed}: {summary:?}"),
             Err(failure) => panic!(
                 "simulation seed {seed} failed (replay: SYNCLINE_SIM_SEED={seed} cargo test -p syncline-broker --lib cluster::sim): {failure}"
