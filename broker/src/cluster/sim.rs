@@ -382,6 +382,15 @@ impl Driver<'_> {
         }
     }
 
+    /// Cuts or repairs every link of node `id`.
+    fn set_node_links(&mut self, id: u64, cut: bool) {
+        for other in 1..=self.plan.nodes {
+            if other != id {
+                self.set_link(id, other, cut);
+            }
+        }
+    }
+
     fn random_node(&mut self) -> u64 {
         self.rng.random_range(1..=self.plan.nodes)
     }
@@ -450,14 +459,7 @@ impl Driver<'_> {
         let ms = self.plan.chaos.as_millis() as u64;
         for at in 0..ms {
             self.step()?;
-            let back: Vec<u64> = self
-                .down
-                .iter()
-                .filter(|(_, when)| **when <= at)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in back {
-                self.down.remove(&id);
+            for id in due(&mut self.down, at) {
                 self.restart(id);
             }
             if at % 10 != 0 {
@@ -488,28 +490,13 @@ impl Driver<'_> {
             if self.rng.random_bool(0.001) {
                 // A node cut off from every other for a while.
                 let id = self.random_node();
-                for other in 1..=self.plan.nodes {
-                    if other != id {
-                        self.set_link(id, other, true);
-                    }
-                }
+                self.set_node_links(id, true);
                 self.partitions += 1;
                 let until = at + self.rng.random_range(2000..=25_000);
                 self.isolated.insert(id, until);
             }
-            let rejoin: Vec<u64> = self
-                .isolated
-                .iter()
-                .filter(|(_, until)| **until <= at)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in rejoin {
-                self.isolated.remove(&id);
-                for other in 1..=self.plan.nodes {
-                    if other != id {
-                        self.set_link(id, other, false);
-                    }
-                }
+            for id in due(&mut self.isolated, at) {
+                self.set_node_links(id, false);
             }
             if self.rng.random_bool(0.004) {
                 let id = self.random_node();
@@ -700,6 +687,19 @@ impl Driver<'_> {
         }
         Ok(())
     }
+}
+
+/// Removes from `schedule` (node -> when) the nodes due at `at`.
+fn due(schedule: &mut BTreeMap<u64, u64>, at: u64) -> Vec<u64> {
+    let ids: Vec<u64> = schedule
+        .iter()
+        .filter(|(_, when)| **when <= at)
+        .map(|(id, _)| *id)
+        .collect();
+    for id in &ids {
+        schedule.remove(id);
+    }
+    ids
 }
 
 /// (b): the final metadata holds every acknowledged proposal, in the order acknowledged.
