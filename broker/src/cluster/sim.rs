@@ -50,6 +50,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::controller::{Controller, InternalTopic, PROPOSE_TIMEOUT};
+use super::identity::Identity;
 use super::metadata::{Command, Metadata};
 use super::network::{Connector, Peers};
 use crate::server::peer::PeerService;
@@ -63,6 +64,11 @@ const FAKE_NODES: [u64; 2] = [101, 102];
 
 fn host_name(id: u64) -> String {
     format!("node{id}")
+}
+
+/// A node's data directory id (each simulated node keeps its directory across restarts).
+fn dir_id(id: u64) -> String {
+    format!("dir-{id}")
 }
 
 fn address(id: u64) -> String {
@@ -180,16 +186,19 @@ async fn host(
         ))
     });
     let peers = Peers::with_connector(sim_connector());
-    let controller = Controller::start_with(
-        &dir,
-        id,
-        CLUSTER.to_string(),
-        address(id),
-        voters,
-        offsets,
-        peers,
-    )
-    .await?;
+    let identity = Identity {
+        format: 1, // the file format: the controller does not read it
+        node_id: id,
+        cluster_id: CLUSTER.to_string(),
+        voters: voters
+            .iter()
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        dir_id: dir_id(id),
+    };
+    let controller =
+        Controller::start_with(&dir, &identity, address(id), voters, offsets, peers).await?;
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let incoming = futures_util::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));
@@ -445,6 +454,7 @@ impl Driver<'_> {
                 id: fake,
                 address: format!("fake{fake}:{PORT}"),
                 at_ms: 1,
+                dir_id: dir_id(fake),
             }
         } else {
             let real = self.random_node();
