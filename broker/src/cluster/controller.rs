@@ -347,7 +347,7 @@ impl Controller {
         let offsets = crate::group::offsets::OFFSETS_TOPIC;
         let mut applied = self.view.subscribe();
         let formed = tokio::time::timeout_at(
-            deadline.into(),
+            deadline,
             applied.wait_for(|_| self.view.with(|m| m.topics.contains_key(offsets))),
         )
         .await
