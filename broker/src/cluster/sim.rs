@@ -4,10 +4,10 @@
 //! own, which survives a crash) and the real `syncline.v1.Peer` service, over turmoil's
 //! simulated TCP: tonic's client through [`Peers::with_connector`], its server over a turmoil
 //! listener. One seeded generator drives a workload of metadata commands proposed through
-//! random nodes (`Controller::propose`, which forwards to the leader) while it partitions
-//! links, varies their latency and crashes and restarts nodes (a crash drops every task of the
-//! host without a shutdown). Then it heals everything, waits for the nodes to converge and
-//! checks, Jepsen-style:
+//! random nodes (`Controller::propose`, which forwards to the leader) while it cuts links
+//! (their TCP segments held until repaired), isolates nodes, varies latency and crashes and
+//! restarts nodes (a crash drops every task of the host without a shutdown; the directory
+//! stays). Then it heals everything, waits for the nodes to converge and checks, Jepsen-style:
 //!
 //! - (a) Raft safety, sampled after every simulation step: no two nodes apply different
 //!   entries (log ids) at one index, a leader leads under its own vote, and no node's Raft
@@ -22,7 +22,11 @@
 //! - (d) every node restarted from its directory (all at once, cut off from each other) comes
 //!   back with that metadata and applied index before hearing from anyone;
 //! - (e) every node that runs is alive at its address in the settled metadata, and
-//!   `__offsets` exists.
+//!   `__offsets` exists;
+//! - every proposal answers within twice `PROPOSE_TIMEOUT` (plus the local apply).
+//!
+//! A second test replays one bug the simulator found (a retried create resurrected a deleted
+//! topic) as a scripted scenario over the same hosts.
 //!
 //! The seed: `SYNCLINE_SIM_SEED` (one seed) or a fixed list; `SYNCLINE_SIM_ITERATIONS` runs
 //! that many further seeds (a soak). A failure names its seed and prints every node's Raft
