@@ -216,7 +216,7 @@ async fn host(
         let mut applied = follower.view().subscribe();
         loop {
             let index = *applied.borrow_and_update();
-            follower.set_reconciled(index);
+            follower.set_reconciled(index, BTreeMap::new());
             if applied.changed().await.is_err() {
                 break;
             }
@@ -902,13 +902,13 @@ fn simulate(seed: u64, plan: Plan) -> Result<Summary, String> {
 /// another node; the new leader commits the create and the topic is deleted; the create's
 /// proposer, whose forward failed with the crash, retries it, and the retry brought the
 /// deleted topic back (`Metadata::apply` created an incarnation it had tombstoned).
-/// The regression runs a few seeds: the crash races the retry, and before the fix most seeds
-/// (1, 3, 4, 5, 6, 8 of 1..=8 in one run) brought the topic back.
+/// The regression runs a few seeds: the crash races the retry, and before the fix about half
+/// of the runs brought the topic back (6 of seeds 1..=8 in one run, 2 of 4 in another).
 #[test]
 fn given_a_create_retried_after_its_topic_was_deleted_should_keep_it_deleted() {
     let seeds = match env_u64("SYNCLINE_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => vec![1, 3, 4, 5],
+        None => vec![1, 3, 4, 5, 6, 8],
     };
     for seed in seeds {
         retried_create_after_delete(seed);
