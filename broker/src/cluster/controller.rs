@@ -22,7 +22,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (not std's): the same in production, and simulated time under the simulator.
+use tokio::time::Instant;
 
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, SnapshotPolicy};
@@ -49,8 +52,10 @@ pub const OFFSETS_CREATE_GRACE: Duration = Duration::from_secs(10);
 const RAFT_HEARTBEAT_MS: u64 = 250;
 const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
 const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
-/// Entries between controller snapshots.
-const SNAPSHOT_EVERY: u64 = 1000;
+/// Entries between controller snapshots, and entries kept before the last snapshot (few in
+/// unit tests, so the simulator exercises snapshots, purges and snapshot installs).
+const SNAPSHOT_EVERY: u64 = if cfg!(test) { 40 } else { 1000 };
+const SNAPSHOT_KEEP: u64 = if cfg!(test) { 10 } else { 100 };
 
 /// The controller directory inside the data directory.
 pub const CONTROLLER_DIR: &str = ".controller";
@@ -121,9 +126,28 @@ impl Controller {
         voters: BTreeMap<u64, String>,
         offsets_topic: InternalTopic,
     ) -> Result<Arc<Controller>, BrokerError> {
+        Self::start_with(
+            data_dir,
+            identity,
+            address,
+            voters,
+            offsets_topic,
+            Peers::default(),
+        )
+        .await
+    }
+
+    /// [`Controller::start`] reaching the other nodes through `peers` (the simulator's seam).
+    pub async fn start_with(
+        data_dir: &Path,
+        identity: &super::identity::Identity,
+        address: String,
+        voters: BTreeMap<u64, String>,
+        offsets_topic: InternalTopic,
+        peers: Peers,
+    ) -> Result<Arc<Controller>, BrokerError> {
         let me = identity.node_id;
         let cluster_id = identity.cluster_id.clone();
-        let peers = Peers::default();
         // Before this node takes part in any vote: a node id already registered by another
         // data directory is refused (a voter that lost its log must not count in a quorum).
         check_node_id(&peers, &cluster_id, me, &address, &identity.dir_id, &voters).await?;
@@ -138,7 +162,7 @@ impl Controller {
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            max_in_snapshot_log_to_keep: 100,
+            max_in_snapshot_log_to_keep: SNAPSHOT_KEEP,
             // A node returning from a partition asks before it bumps the term, so it does not
             // depose a healthy leader.
             enable_pre_vote: Some(true),
@@ -190,6 +214,13 @@ impl Controller {
             reconciled: watch::channel(applied).0,
             offsets_topic,
         }))
+    }
+
+    /// This node's Raft metrics (term, role, log, fatal errors): for the simulator's checks.
+    #[cfg(test)]
+    pub(crate) fn raft_metrics(&self) -> openraft::RaftMetrics<super::raft::TypeConfig> {
+        use openraft::async_runtime::WatchReceiver as _;
+        self.raft.metrics().borrow_watched().clone()
     }
 
     /// This node's id.
@@ -316,7 +347,7 @@ impl Controller {
         let offsets = crate::group::offsets::OFFSETS_TOPIC;
         let mut applied = self.view.subscribe();
         let formed = tokio::time::timeout_at(
-            deadline.into(),
+            deadline,
             applied.wait_for(|_| self.view.with(|m| m.topics.contains_key(offsets))),
         )
         .await

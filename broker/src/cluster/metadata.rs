@@ -259,6 +259,11 @@ impl Metadata {
                         name.chars().take(300).collect::<String>()
                     )));
                 }
+                // A retried proposal of an incarnation deleted since (its proposer did not
+                // hear that it applied): it was done, then undone; it never comes back.
+                if self.deleted.contains(id) {
+                    return Ok(());
+                }
                 if let Some(existing) = self.topics.get(name) {
                     // The same incarnation again is a retried proposal: already done.
                     if existing.id == *id {
@@ -427,6 +432,24 @@ mod tests {
             })
             .unwrap();
         assert!(metadata.topics.is_empty());
+    }
+
+    #[test]
+    fn given_a_deleted_incarnation_when_its_create_is_retried_should_not_bring_it_back() {
+        let mut metadata = Metadata::default();
+        metadata.apply(&register(1)).unwrap();
+        metadata.apply(&create("t", "a", 2, 1)).unwrap();
+        metadata
+            .apply(&Command::DeleteTopic {
+                name: "t".into(),
+                id: "a".into(),
+            })
+            .unwrap();
+        let deleted = metadata.clone();
+        assert_eq!(metadata.apply(&create("t", "a", 2, 1)), Ok(()));
+        assert_eq!(metadata, deleted);
+        metadata.apply(&create("t", "b", 1, 1)).unwrap();
+        assert_eq!(metadata.topics["t"].id, "b");
     }
 
     fn command() -> impl Strategy<Value = Command> {

@@ -33,6 +33,8 @@ pub mod node;
 pub mod placement;
 pub mod raft;
 pub mod reconcile;
+#[cfg(test)]
+mod sim;
 
 /// What this node tells clients about the cluster: a cluster of one (this node leads and holds
 /// every partition) unless it runs the controller.

@@ -32,13 +32,38 @@ use super::raft::{Snapshot, TypeConfig, Vote};
 /// How long a node waits to connect to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Turns a peer's endpoint into a channel: the transport seam (a simulator connects over its
+/// own network; the default is tonic's TCP, connected lazily).
+pub type Connector = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
+
 /// Channels to peers by address, shared by every caller on this node.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
+    connector: Option<Connector>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field(
+                "addresses",
+                &self.channels.lock().keys().collect::<Vec<_>>(),
+            )
+            .field("custom_connector", &self.connector.is_some())
+            .finish()
+    }
 }
 
 impl Peers {
+    /// Peers whose channels `connector` makes (instead of tonic's TCP).
+    pub fn with_connector(connector: Connector) -> Peers {
+        Peers {
+            channels: Arc::default(),
+            connector: Some(connector),
+        }
+    }
+
     /// A client for the peer at `address` (the channel connects lazily and reconnects).
     pub fn client(&self, address: &str) -> Result<PeerClient<Channel>, String> {
         self.channel(address).map(PeerClient::new)
@@ -56,7 +81,10 @@ impl Peers {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect_lazy();
+        let channel = match &self.connector {
+            Some(connect) => connect(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(address.to_string(), channel.clone());
         Ok(channel)
     }

@@ -4,7 +4,7 @@
 pub mod budget;
 pub mod connections;
 mod decode_limit;
-mod peer;
+pub(crate) mod peer;
 mod reads;
 mod service;
 mod stall;
