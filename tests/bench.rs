@@ -253,3 +253,25 @@ fn given_existing_topic_should_read_only_the_records_of_the_run() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).starts_with("error:"), "{}", stderr(&output));
 }
+
+/// `--replication-factor R` goes into the topic the bench creates: 1 runs; a factor this
+/// version does not serve is the broker's refusal, exit non-zero, and nothing is measured.
+#[test]
+fn given_replication_factor_should_create_the_topic_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let output = bench(
+        &broker,
+        &["--records", "500", "--replication-factor", "1", "--json"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(report(&output)["verify"]["consumed"], 500);
+    let output = bench(&broker, &["--records", "500", "--replication-factor", "3"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("replication factor 3"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stdout(&output).is_empty(), "{}", stdout(&output));
+}

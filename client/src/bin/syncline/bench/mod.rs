@@ -102,6 +102,12 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
 
+    /// Replicas per partition of the topic the bench creates (default: the broker's). This
+    /// version holds one replica of each partition, so a factor above 1 is refused by the
+    /// broker until replicated partitions exist. An existing --topic keeps its own.
+    #[arg(long, value_name = "R")]
+    pub replication_factor: Option<u32>,
+
     /// Value bytes per record, 32 (the verification header) to 1MiB; units accepted (1KiB).
     #[arg(
         long,
@@ -299,8 +305,12 @@ fn fresh_topic_name() -> String {
 async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTopic> {
     let create = |name: String| async {
         let partitions = args.partitions.unwrap_or(1);
+        let config = TopicConfig {
+            replication_factor: args.replication_factor,
+            ..TopicConfig::with_partitions(partitions)
+        };
         client
-            .create_topic(&name, TopicConfig::with_partitions(partitions))
+            .create_topic(&name, config)
             .await
             .with_context(|| format!("cannot create topic `{name}`"))?;
         anyhow::Ok(BenchTopic {
