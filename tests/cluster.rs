@@ -679,3 +679,59 @@ async fn a_data_directory_of_a_single_node_broker_should_be_refused_by_a_cluster
         "{refused}"
     );
 }
+
+/// SIGSTOP of the controller leader for longer than the election timeout: the other two elect
+/// a controller and serve admin calls; SIGCONT: the old leader steps down, all three agree
+/// again and it learns what changed while it was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_controller_leader_should_be_replaced_and_step_down_when_it_resumes() {
+    let mut cluster = Cluster::start(3);
+    let paused = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    wait_for_offsets(&cluster, paused).await;
+    let others: Vec<u64> = (1..=3).filter(|id| *id != paused).collect();
+    cluster.pause(paused);
+    let stopped_at = Instant::now();
+    let next = eventually(
+        CONTROLLER_TIMEOUT,
+        "the others to elect a controller",
+        || async {
+            let mut named = Vec::new();
+            for &id in &others {
+                let description =
+                    tokio::time::timeout(Duration::from_secs(2), cluster.describe(id))
+                        .await
+                        .ok()?
+                        .ok()?;
+                named.push(description.controller?);
+            }
+            (named[0] == named[1] && named[0] != paused).then_some(named[0])
+        },
+    )
+    .await;
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(10),
+        "a new controller took {:?}",
+        stopped_at.elapsed()
+    );
+    let created = cluster.run_cli(
+        next,
+        &["topic", "create", "while-paused", "--partitions", "2"],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+
+    cluster.resume(paused);
+    let agreed = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    assert_ne!(
+        agreed, paused,
+        "the resumed node lost the lead to a newer term"
+    );
+    eventually(
+        CONTROLLER_TIMEOUT,
+        "the resumed node to learn the new topic",
+        || async {
+            let listed = cluster.run_cli(paused, &["topic", "list"]);
+            stdout(&listed).contains("while-paused").then_some(())
+        },
+    )
+    .await;
+}

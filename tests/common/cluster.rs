@@ -450,6 +450,28 @@ impl Cluster {
         let _ = child.wait();
     }
 
+    /// SIGSTOP to node `id`: the process stays, but does nothing (no heartbeats, no answers;
+    /// its connections stay open) until [`Cluster::resume`]. A paused node still counts as
+    /// running.
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// SIGCONT to a node [`Cluster::pause`]d.
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    fn signal(&mut self, id: u64, signal: libc::c_int) {
+        let pid = self
+            .node(id)
+            .pid()
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        // SAFETY: a plain syscall naming a child process this harness spawned and still owns.
+        let sent = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "signal {signal} to node {id}");
+    }
+
     /// Starts every node that has served before and is not running (all spawned before any is
     /// waited for, so that nodes waiting for a quorum do not wait for each other), and returns
     /// once they serve as after [`Cluster::start`]: a full restart after [`Cluster::stop_all`]
