@@ -29,6 +29,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::raft::{Snapshot, TypeConfig, Vote};
 
+/// How often an idle peer connection is pinged, and how long an answer may take.
+const PEER_KEEPALIVE: Duration = Duration::from_secs(5);
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a node waits to connect to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -79,8 +82,12 @@ impl Peers {
             .map_err(|e| format!("bad peer address `{address}`: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5));
+            // A peer cut off without a FIN (a partition, a paused process) is found by these
+            // pings even while no call is in flight, so the next call does not queue on a dead
+            // connection: at most PEER_KEEPALIVE + PEER_KEEPALIVE_TIMEOUT after the cut.
+            .http2_keep_alive_interval(PEER_KEEPALIVE)
+            .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
         let channel = match &self.connector {
             Some(connect) => connect(endpoint),
             None => endpoint.connect_lazy(),
