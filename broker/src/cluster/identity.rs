@@ -58,16 +58,8 @@ fn cluster_id_for(node: &NodeConfig) -> Result<String, BrokerError> {
     if !node.is_clustered() {
         return Ok(TopicId::random()?.to_string());
     }
-    let hash = xxhash_rust::xxh3::xxh3_128(format_voters(&node.cluster).as_bytes()).max(1);
-    let hex = format!("{hash:032x}");
-    Ok(format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    ))
+    let hash = xxhash_rust::xxh3::xxh3_128(format_voters(&node.cluster).as_bytes());
+    Ok(TopicId::from_bits(hash).to_string())
 }
 
 fn refuse(dir: &Path, message: String) -> BrokerError {

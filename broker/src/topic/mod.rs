@@ -159,6 +159,12 @@ impl TopicId {
     }
 
     /// Parses the 8-4-4-4-12 hex form (or 32 hex digits).
+    /// The id whose bits are `bits` (0 becomes 1: an id is never zero). For ids derived from
+    /// a hash, such as a cluster's id from its voter list.
+    pub fn from_bits(bits: u128) -> TopicId {
+        TopicId(bits.max(1))
+    }
+
     pub fn parse(text: &str) -> Option<TopicId> {
         let hex: String = text.chars().filter(|c| *c != '-').collect();
         if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
