@@ -10,6 +10,12 @@
 //! (when the cluster is dropped), so the harness's own panics do not repeat them.
 //! A node keeps its port and data directory over [`Cluster::stop`], [`Cluster::kill`] and
 //! [`Cluster::restart`]. Dropping the cluster kills every node and deletes ROOT.
+//!
+//! [`Cluster::start_in`] runs node `i` inside namespace `i` of a [`Net`] instead (for network
+//! faults): `ip netns exec NS syncline-broker ...`, on its namespace's address with port
+//! [`NETNS_PORT`] (a namespace of its own: nothing else binds there) and metrics on that
+//! address too, so that the test process reaches both through the bridge. Drop the cluster
+//! before the `Net` (declare the `Net` first).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -23,6 +29,10 @@ use syncline_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
 use super::binary;
+use super::netns::Net;
+
+/// The port every node listens on inside its own network namespace ([`Cluster::start_in`]).
+pub const NETNS_PORT: u16 = 9092;
 
 /// How long a node may take to log `listening on` (it recovers its data first).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,7 +47,11 @@ const PANIC_LOG_LINES: usize = 40;
 /// One broker node of a [`Cluster`].
 pub struct Node {
     id: u64,
+    /// The address it listens on and advertises: loopback, or its namespace's.
+    host: String,
     port: u16,
+    /// The network namespace it runs in (`None`: the test's own).
+    netns: Option<String>,
     dir: PathBuf,
     process: Option<Child>,
     metrics: Option<String>,
@@ -52,7 +66,9 @@ impl Node {
         std::fs::create_dir_all(&dir).expect("node directory");
         Node {
             id,
+            host: "127.0.0.1".to_string(),
             port: listener.local_addr().expect("local address").port(),
+            netns: None,
             dir,
             process: None,
             metrics: None,
@@ -66,9 +82,10 @@ impl Node {
         self.id
     }
 
-    /// Its advertised (and listen) address, `127.0.0.1:PORT`; the same over restarts.
+    /// Its advertised (and listen) address, `127.0.0.1:PORT` (in a namespace: `10.X.Y.Z:9092`);
+    /// the same over restarts.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// `http://` + [`Node::address`].
@@ -133,6 +150,25 @@ impl Cluster {
         cluster
     }
 
+    /// [`Cluster::start`] with node `i` in namespace `i` of `net` (see the module doc), `args`
+    /// added to every start as in [`Cluster::start_with_args`].
+    pub fn start_in(net: &Net, n: u64, args: &[&str]) -> Cluster {
+        assert!(
+            n <= net.len(),
+            "a net of {} nodes has no room for {n}",
+            net.len()
+        );
+        let mut cluster = Cluster::new(n, false, args);
+        for node in &mut cluster.nodes {
+            node.host = net.ip(node.id);
+            node.port = NETNS_PORT;
+            node.netns = Some(net.namespace(node.id).to_string());
+        }
+        cluster.voters = Some(cluster.voter_list());
+        cluster.start_all();
+        cluster
+    }
+
     /// `n` nodes of one cluster (as [`Cluster::start`]), none started yet: start them with
     /// [`Cluster::start_with`], [`Cluster::try_start_with`] or [`Cluster::start_all`].
     pub fn unstarted(n: u64) -> Cluster {
@@ -163,19 +199,25 @@ impl Cluster {
             .map(|(listener, id)| Node::new(root.path(), id, listener))
             .collect();
         drop(listeners);
-        let voters = joined.then(|| {
-            nodes
-                .iter()
-                .map(|node| format!("{}={}", node.id, node.address()))
-                .collect::<Vec<_>>()
-                .join(",")
-        });
-        Cluster {
+        let mut cluster = Cluster {
             root,
             nodes,
-            voters,
+            voters: None,
             common: common.iter().map(|s| s.to_string()).collect(),
+        };
+        if joined {
+            cluster.voters = Some(cluster.voter_list());
         }
+        cluster
+    }
+
+    /// `1=ADDRESS1,2=ADDRESS2,...`: the `--cluster` value naming every node.
+    fn voter_list(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("{}={}", node.id, node.address()))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// [`Cluster::wait_serving`] from synchronous code, inside a tokio runtime or not (on a
@@ -278,7 +320,7 @@ impl Cluster {
             ("--data-dir", node.data_dir().display().to_string()),
             ("--listen", node.address()),
             ("--advertise", node.address()),
-            ("--metrics-listen", "127.0.0.1:0".to_string()),
+            ("--metrics-listen", format!("{}:0", node.host)),
             ("--node-id", id.to_string()),
         ];
         if let Some(voters) = &self.voters {
@@ -323,7 +365,17 @@ impl Cluster {
         .expect("write the node's log");
         let offset = log.metadata().expect("log metadata").len();
         let stdout = log.try_clone().expect("clone the log handle");
-        let child = Command::new(binary("syncline-broker"))
+        let mut command = match &node.netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", ns])
+                    .arg(binary("syncline-broker"));
+                command
+            }
+            None => Command::new(binary("syncline-broker")),
+        };
+        let child = command
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

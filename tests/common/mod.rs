@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod netns;
 pub mod probe;
 
 use std::io::{BufRead, BufReader};
