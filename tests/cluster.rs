@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cluster::Cluster;
+use common::history::{check_acknowledged, Seen};
 use syncline_client::{
     Acks, Client, ClusterDescription, ConsumerConfig, DeliveryFuture, GroupConsumerConfig,
     OffsetCommit, ProducerConfig, StartOffset, TopicConfig,
@@ -97,6 +98,15 @@ async fn produce_keyed(client: &Client, topic: &str, count: u64, keys: u64) {
 
 /// Reads `count` records of every partition of `topic` from the start through `client`.
 async fn consume_all(client: &Client, topic: &str, count: usize) -> Vec<(u32, String)> {
+    read_all(client, topic, count)
+        .await
+        .into_iter()
+        .map(|r| (r.partition, String::from_utf8(r.value).unwrap()))
+        .collect()
+}
+
+/// [`consume_all`] with offsets and keys, for the history checkers.
+async fn read_all(client: &Client, topic: &str, count: usize) -> Vec<Seen> {
     let mut consumer = client
         .consumer(
             topic,
@@ -115,10 +125,12 @@ async fn consume_all(client: &Client, topic: &str, count: usize) -> Vec<(u32, St
             .expect("records keep coming")
             .expect("the consumer does not end")
             .unwrap();
-        seen.push((
-            record.partition,
-            String::from_utf8(record.value.unwrap_or_default().to_vec()).unwrap(),
-        ));
+        seen.push(Seen {
+            partition: record.partition,
+            offset: record.offset,
+            key: record.key.map(|k| k.to_vec()),
+            value: record.value.unwrap_or_default().to_vec(),
+        });
     }
     seen
 }
@@ -484,14 +496,11 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
     })
     .await;
     assert!(total >= acked.len() as u64, "{total} < {}", acked.len());
-    let seen = consume_all(&client, "crash", total as usize).await;
-    assert_per_key_order(&seen);
-    let read: BTreeSet<&str> = seen.iter().map(|(_, value)| value.as_str()).collect();
-    let lost: Vec<&String> = acked
-        .iter()
-        .filter(|v| !read.contains(v.as_str()))
-        .collect();
-    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    let log = read_all(&client, "crash", total as usize).await;
+    // Every acknowledged record at its acknowledged offset, byte for byte; none twice; each
+    // key's records in the order they were sent.
+    let violations = check_acknowledged(&acked, &log);
+    assert!(violations.is_empty(), "{violations:#?}");
     let seen = consume_all(&client, "keep", 60).await;
     assert_per_key_order(&seen);
     let mut committed = client.fetch_offsets("audit", None).await.unwrap();
@@ -507,7 +516,7 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
 
 /// Produces keyed records `key:seq` (keys k0..k9) into `topic` until aborted, a few hundred a
 /// second, and adds each acknowledged one to `acked`.
-async fn produce_until_stopped(client: Client, topic: &str, acked: Arc<Mutex<Vec<String>>>) {
+async fn produce_until_stopped(client: Client, topic: &str, acked: Arc<Mutex<Vec<Seen>>>) {
     let producer = client
         .producer(
             topic,
@@ -521,10 +530,15 @@ async fn produce_until_stopped(client: Client, topic: &str, acked: Arc<Mutex<Vec
         .unwrap();
     let (pending, mut deliveries) = tokio::sync::mpsc::unbounded_channel();
     let recorder = tokio::spawn(async move {
-        while let Some((value, delivery)) = deliveries.recv().await {
+        while let Some((key, value, delivery)) = deliveries.recv().await {
             let delivery: DeliveryFuture = delivery;
-            if delivery.await.is_ok() {
-                acked.lock().unwrap().push(value);
+            if let Ok(delivered) = delivery.await {
+                acked.lock().unwrap().push(Seen {
+                    partition: delivered.partition,
+                    offset: delivered.offset,
+                    key: Some(key),
+                    value,
+                });
             }
         }
     });
@@ -539,7 +553,10 @@ async fn produce_until_stopped(client: Client, topic: &str, acked: Arc<Mutex<Vec
         else {
             break;
         };
-        if pending.send((value, delivery)).is_err() {
+        if pending
+            .send((key.into_bytes(), value.into_bytes(), delivery))
+            .is_err()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
