@@ -99,3 +99,155 @@ fn given_each_kind_of_violation_should_name_it() {
         }]
     );
 }
+
+mod cas_register {
+    use super::common::linearizable::{is_linearizable, Event, Op, Outcome};
+
+    fn ev(invoked: u64, returned: u64, op: Op, outcome: Outcome) -> Event {
+        Event {
+            invoked,
+            returned,
+            op,
+            outcome,
+        }
+    }
+
+    fn put(v: &str) -> Op {
+        Op::Put(v.as_bytes().to_vec())
+    }
+
+    fn put_if(expected: u64, v: &str) -> Op {
+        Op::PutIf {
+            expected,
+            value: v.as_bytes().to_vec(),
+        }
+    }
+
+    fn read(version: u64, v: &str) -> Outcome {
+        Outcome::Read(Some((version, v.as_bytes().to_vec())))
+    }
+
+    #[test]
+    fn given_a_sequential_history_that_follows_the_register_should_accept_it() {
+        let history = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(2, 3, Op::Get, read(5, "a")),
+            ev(4, 5, put_if(5, "b"), Outcome::Written(9)),
+            ev(6, 7, put_if(5, "c"), Outcome::Conflict(Some(9))),
+            ev(8, 9, Op::Get, read(9, "b")),
+        ];
+        assert!(is_linearizable(None, &history));
+    }
+
+    #[test]
+    fn given_a_stale_read_after_a_write_returned_should_refuse_it() {
+        let history = [
+            ev(0, 10, put("a"), Outcome::Written(5)),
+            ev(20, 30, Op::Get, Outcome::Read(None)),
+        ];
+        assert!(!is_linearizable(None, &history));
+        // Overlapping the write, either answer is fine.
+        let overlapping = [
+            ev(0, 10, put("a"), Outcome::Written(5)),
+            ev(5, 15, Op::Get, Outcome::Read(None)),
+        ];
+        assert!(is_linearizable(None, &overlapping));
+    }
+
+    #[test]
+    fn given_two_compare_and_sets_from_one_version_both_winning_should_refuse_it() {
+        let history = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(2, 10, put_if(5, "b"), Outcome::Written(7)),
+            ev(3, 11, put_if(5, "c"), Outcome::Written(8)),
+        ];
+        assert!(!is_linearizable(None, &history));
+        // One wins, the other sees the winner's version.
+        let fair = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(2, 10, put_if(5, "b"), Outcome::Written(7)),
+            ev(3, 11, put_if(5, "c"), Outcome::Conflict(Some(7))),
+        ];
+        assert!(is_linearizable(None, &fair));
+        // A conflict naming a version that never was is refused.
+        let invented = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(3, 11, put_if(5, "c"), Outcome::Conflict(Some(6))),
+        ];
+        assert!(!is_linearizable(None, &invented));
+    }
+
+    #[test]
+    fn given_a_write_with_an_unknown_outcome_should_allow_it_taken_or_not() {
+        // Its value later read at the version the broker gave it.
+        let taken = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(2, 0, put_if(5, "b"), Outcome::Unknown),
+            ev(20, 21, Op::Get, read(12, "b")),
+        ];
+        assert!(is_linearizable(None, &taken));
+        // Never seen: it may not have happened.
+        let lost = [
+            ev(0, 1, put("a"), Outcome::Written(5)),
+            ev(2, 0, put_if(5, "b"), Outcome::Unknown),
+            ev(20, 21, Op::Get, read(5, "a")),
+        ];
+        assert!(is_linearizable(None, &lost));
+        // But it cannot take effect before it was invoked.
+        let early = [
+            ev(0, 1, Op::Get, read(3, "b")),
+            ev(2, 0, put("b"), Outcome::Unknown),
+        ];
+        assert!(!is_linearizable(None, &early));
+    }
+}
+
+mod cas_register_model {
+    use super::common::linearizable::{is_linearizable, Event, Op, Outcome, State};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Model: a history made by running operations one after another against a register
+        /// is always accepted, whatever their mix; flipping one read's answer to a state the
+        /// register never had is refused.
+        #[test]
+        fn sequential_histories_should_be_linearizable(choices in proptest::collection::vec((0u8..3, 0u64..4), 1..24)) {
+            let mut state: State = None;
+            let mut next_version = 1u64;
+            let mut history = Vec::new();
+            for (time, (kind, guess)) in choices.iter().enumerate() {
+                let t = 10 * time as u64;
+                let value = format!("v{time}").into_bytes();
+                let version = state.as_ref().map(|(v, _)| *v);
+                let (op, outcome) = match kind {
+                    0 => (Op::Get, Outcome::Read(state.clone())),
+                    1 => {
+                        next_version += 1 + guess;
+                        state = Some((next_version, value.clone()));
+                        (Op::Put(value), Outcome::Written(next_version))
+                    }
+                    _ => {
+                        let expected = version.unwrap_or(0).saturating_sub(*guess % 2);
+                        if version == Some(expected) {
+                            next_version += 1;
+                            state = Some((next_version, value.clone()));
+                            (Op::PutIf { expected, value }, Outcome::Written(next_version))
+                        } else {
+                            (Op::PutIf { expected, value }, Outcome::Conflict(version))
+                        }
+                    }
+                };
+                history.push(Event { invoked: t, returned: t + 5, op, outcome });
+            }
+            prop_assert!(is_linearizable(None, &history));
+            let last = history.len() as u64 * 10;
+            history.push(Event {
+                invoked: last,
+                returned: last + 5,
+                op: Op::Get,
+                outcome: Outcome::Read(Some((u64::MAX, b"never".to_vec()))),
+            });
+            prop_assert!(!is_linearizable(None, &history));
+        }
+    }
+}

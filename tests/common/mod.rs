@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod history;
+pub mod linearizable;
 pub mod netns;
 pub mod probe;
 
