@@ -752,3 +752,146 @@ async fn a_paused_controller_leader_should_be_replaced_and_step_down_when_it_res
     )
     .await;
 }
+
+/// A CAS register workload across the cluster: three clients, each bootstrapped from another
+/// node, read and compare-and-set two keys of a table while the node holding one key's
+/// partition is killed (-9) and restarted; each key's history must be linearizable (checked by
+/// tests/common/linearizable.rs). With one replica per partition the key is unavailable while
+/// its node is down: those calls fail, and a failed write counts as "may have happened".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cas_register_workload_should_stay_linearizable_through_a_crash() {
+    use common::linearizable::{is_linearizable, Event, Op, Outcome};
+    use std::sync::Arc;
+
+    let mut cluster = Cluster::start(3);
+    let controller = cluster.wait_for_controller(CONTROLLER_TIMEOUT).await;
+    wait_for_offsets(&cluster, controller).await;
+    let created = cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "create",
+            "registers",
+            "--partitions",
+            "3",
+            "--cleanup",
+            "compact",
+        ],
+    );
+    assert!(created.status.success(), "{}", stderr(&created));
+    let keys = ["r0", "r1"];
+    let start = std::time::Instant::now();
+    let history: Arc<Mutex<Vec<(usize, Event)>>> = Arc::default();
+    let mut clients = Vec::new();
+    for (n, node) in (1..=3u64).enumerate() {
+        let table = cluster.client(node).await.table("registers").await.unwrap();
+        let history = history.clone();
+        clients.push(tokio::spawn(async move {
+            let mut expected: [u64; 2] = [0, 0];
+            for step in 0..70u64 {
+                let k = ((step + n as u64) % 2) as usize;
+                let key = keys[k];
+                let value = format!("c{n}-{step}").into_bytes();
+                let invoked = start.elapsed().as_nanos() as u64;
+                let (op, outcome) = if step % 3 == 0 {
+                    let outcome = match table.get(key).await {
+                        Ok(entry) => {
+                            let state = entry.map(|e| (e.version, e.value.to_vec()));
+                            if let Some((version, _)) = &state {
+                                expected[k] = *version;
+                            }
+                            Outcome::Read(state)
+                        }
+                        Err(_) => Outcome::Unknown,
+                    };
+                    (Op::Get, outcome)
+                } else if expected[k] == 0 {
+                    let outcome = match table.put(key, &value).await {
+                        Ok(written) => {
+                            expected[k] = written.version;
+                            Outcome::Written(written.version)
+                        }
+                        Err(_) => Outcome::Unknown,
+                    };
+                    (Op::Put(value), outcome)
+                } else {
+                    let sent = expected[k];
+                    let outcome = match table.put_if(key, &value, sent).await {
+                        Ok(written) => {
+                            expected[k] = written.version;
+                            Outcome::Written(written.version)
+                        }
+                        Err(syncline_client::Error::Conflict { current, .. }) => {
+                            expected[k] = current.unwrap_or(0);
+                            Outcome::Conflict(current)
+                        }
+                        Err(_) => Outcome::Unknown,
+                    };
+                    (
+                        Op::PutIf {
+                            expected: sent,
+                            value,
+                        },
+                        outcome,
+                    )
+                };
+                let failed = outcome == Outcome::Unknown;
+                let returned = start.elapsed().as_nanos() as u64;
+                history.lock().unwrap().push((
+                    k,
+                    Event {
+                        invoked,
+                        returned,
+                        op,
+                        outcome,
+                    },
+                ));
+                tokio::time::sleep(Duration::from_millis(if failed { 200 } else { 20 })).await;
+            }
+        }));
+    }
+    // Kill the node holding r0's partition while the clients run, then bring it back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let description = cluster.describe(controller).await.unwrap();
+    let partition = syncline_proto::partitioner::partition_for_key(b"r0", 3);
+    let holder = description
+        .partitions
+        .iter()
+        .find(|p| p.topic == "registers" && p.partition == partition)
+        .and_then(|p| p.leader)
+        .unwrap();
+    let killed = start.elapsed().as_nanos() as u64;
+    cluster.kill(holder);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.restart(holder);
+    let restarted = start.elapsed().as_nanos() as u64;
+    for client in clients {
+        client.await.unwrap();
+    }
+    let history = history.lock().unwrap().clone();
+    // The crash was felt (a call failed, or waited through it: the client retries while the
+    // node is down), and writes went on after the node returned.
+    assert!(
+        history.iter().any(|(_, e)| e.outcome == Outcome::Unknown
+            || (e.invoked >= killed && e.returned.saturating_sub(e.invoked) > 500_000_000)),
+        "no call met the crash: the kill came too late"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|(_, e)| e.invoked > restarted && matches!(e.outcome, Outcome::Written(_))),
+        "no write after the restart"
+    );
+    for (k, key) in keys.iter().enumerate() {
+        // A read that failed constrains nothing.
+        let events: Vec<Event> = history
+            .iter()
+            .filter(|(of, e)| *of == k && !(e.op == Op::Get && e.outcome == Outcome::Unknown))
+            .map(|(_, e)| e.clone())
+            .collect();
+        assert!(
+            is_linearizable(None, &events),
+            "{key}: not linearizable: {events:#?}"
+        );
+    }
+}
