@@ -14,7 +14,9 @@
 //! [`Cluster::start_in`] runs node `i` inside namespace `i` of a [`Net`] instead (for network
 //! faults): `ip netns exec NS syncline-broker ...`, on its namespace's address with port
 //! [`NETNS_PORT`] (a namespace of its own: nothing else binds there) and metrics on that
-//! address too, so that the test process reaches both through the bridge. Drop the cluster
+//! address too, so that the test process reaches both through the bridge. The node advertises
+//! (and the `--cluster` list names) [`Net::advertised`] instead: the `Net`'s proxy to it, which
+//! can delay its links. Drop the cluster
 //! before the `Net` (declare the `Net` first).
 
 use std::fs::{File, OpenOptions};
@@ -50,6 +52,9 @@ pub struct Node {
     /// The address it listens on and advertises: loopback, or its namespace's.
     host: String,
     port: u16,
+    /// The address it advertises (and the other nodes dial) when not [`Node::address`]: a
+    /// [`Net`]'s proxy for it.
+    advertise: Option<String>,
     /// The network namespace it runs in (`None`: the test's own).
     netns: Option<String>,
     dir: PathBuf,
@@ -68,6 +73,7 @@ impl Node {
             id,
             host: "127.0.0.1".to_string(),
             port: listener.local_addr().expect("local address").port(),
+            advertise: None,
             netns: None,
             dir,
             process: None,
@@ -86,6 +92,12 @@ impl Node {
     /// the same over restarts.
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// The address it advertises and the other nodes reach it at: [`Node::address`], or in
+    /// a [`Net`] its proxy's (see [`Net::advertised`]).
+    pub fn advertised(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.address())
     }
 
     /// `http://` + [`Node::address`].
@@ -162,6 +174,7 @@ impl Cluster {
         for node in &mut cluster.nodes {
             node.host = net.ip(node.id);
             node.port = NETNS_PORT;
+            node.advertise = Some(net.advertised(node.id, NETNS_PORT));
             node.netns = Some(net.namespace(node.id).to_string());
         }
         cluster.voters = Some(cluster.voter_list());
@@ -215,7 +228,7 @@ impl Cluster {
     fn voter_list(&self) -> String {
         self.nodes
             .iter()
-            .map(|node| format!("{}={}", node.id, node.address()))
+            .map(|node| format!("{}={}", node.id, node.advertised()))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -319,7 +332,7 @@ impl Cluster {
         let mut own = vec![
             ("--data-dir", node.data_dir().display().to_string()),
             ("--listen", node.address()),
-            ("--advertise", node.address()),
+            ("--advertise", node.advertised()),
             ("--metrics-listen", format!("{}:0", node.host)),
             ("--node-id", id.to_string()),
         ];

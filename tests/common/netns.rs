@@ -13,15 +13,32 @@
 //! dropped silently as on a cut link (no reset: a connection stalls until its own timeouts);
 //! the test process still reaches every node. Routes need no kernel module beyond what
 //! namespaces need, unlike iptables or tc filters (the machines this runs on have neither).
-//! [`Net::delay`] adds `tc netem` delay to a node's link, both ways; it is `Err` where the
-//! kernel lacks netem (this machine's does), so a delay test skips with that reason.
+//!
+//! Every node also has a proxy address, `10.X.Y.(100+i)`, a secondary address of the bridge:
+//! the cluster harness has node `i` advertise [`Net::advertised`] (so the other nodes dial it
+//! there), and a task of the `Net`'s own thread accepts there and forwards to the node's real
+//! address (the test process dials the real one). A cut blackholes both addresses of the far
+//! node. [`Net::delay`] delays a node's links, both ways: with `tc netem` on both ends of its
+//! veth where the kernel has netem (the first choice: it delays every packet), otherwise (as on
+//! machines without any qdisc module) by the proxy: every chunk a proxied connection forwards,
+//! either way, waits the delay of the node dialled plus that of the node dialling (known by the
+//! connection's source address) before it is written on, in order. It says which it used.
 //!
 //! Dropping the `Net` deletes the namespaces (and with them the veth pairs) and the bridge,
 //! also when a test panics; [`Net::new`] first deletes what a killed test process left.
 
+use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// Nets made by this process so far (for unique names).
 static NETS: AtomicU32 = AtomicU32::new(0);
@@ -39,6 +56,19 @@ pub struct Net {
     veths: Vec<String>,
     /// Blackhole routes added by faults: (namespace, address).
     cuts: Mutex<Vec<(String, String)>>,
+    /// The proxy delay of each node (index `i - 1`), in milliseconds.
+    delays: Arc<Vec<AtomicU32>>,
+    /// The proxies' thread, and what stops it.
+    proxies: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
+}
+
+/// How [`Net::delay`] delays a node's links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DelayBy {
+    /// `tc netem` on its veth.
+    Netem,
+    /// The `Net`'s user-space proxy (no netem in this kernel).
+    Proxy,
 }
 
 impl Net {
@@ -62,6 +92,8 @@ impl Net {
             namespaces: Vec::new(),
             veths: Vec::new(),
             cuts: Mutex::new(Vec::new()),
+            delays: Arc::new((0..n).map(|_| AtomicU32::new(0)).collect()),
+            proxies: None,
         };
         // On an error, dropping `net` removes what was made so far.
         net.build(&tag, n)?;
@@ -102,7 +134,56 @@ impl Net {
                 "eth0",
             ])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", self.proxy_ip(i)),
+                "dev",
+                &bridge,
+            ])?;
         }
+        self.start_proxies(n)
+    }
+
+    /// Binds every node's proxy address (port [`PROXY_PORT`]) and serves them on a thread of
+    /// its own (with its own runtime: a `Net` is made and dropped inside and outside tokio).
+    fn start_proxies(&mut self, n: u64) -> Result<(), String> {
+        let mut listeners = Vec::new();
+        for i in 1..=n {
+            let at = format!("{}:{PROXY_PORT}", self.proxy_ip(i));
+            let listener = std::net::TcpListener::bind(&at)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|e| format!("bind proxy {at}: {e}"))?;
+            let target: SocketAddr = format!("{}:{PROXY_PORT}", self.ip(i))
+                .parse()
+                .map_err(|e| format!("node address: {e}"))?;
+            listeners.push((i, listener, target));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("proxy runtime: {e}"))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let delays = self.delays.clone();
+        let subnet = self.subnet.clone();
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                for (node, listener, target) in listeners {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        continue;
+                    };
+                    let proxy = Proxy {
+                        node,
+                        target,
+                        delays: delays.clone(),
+                        subnet: subnet.clone(),
+                    };
+                    tokio::spawn(proxy.serve(listener));
+                }
+                let _ = stopped.await;
+            });
+        });
+        self.proxies = Some((stop, thread));
         Ok(())
     }
 
@@ -114,6 +195,21 @@ impl Net {
     /// Node `node`'s address (1..=n), e.g. `10.X.Y.11`.
     pub fn ip(&self, node: u64) -> String {
         format!("{}{}", self.subnet, 10 + node)
+    }
+
+    /// Node `node`'s proxy address (on the bridge), e.g. `10.X.Y.101`.
+    pub fn proxy_ip(&self, node: u64) -> String {
+        format!("{}{}", self.subnet, 100 + node)
+    }
+
+    /// Where the other nodes reach node `node` listening on `port`: its proxy, which forwards
+    /// to `ip(node):port` (only [`PROXY_PORT`] is proxied).
+    pub fn advertised(&self, node: u64, port: u16) -> String {
+        assert_eq!(
+            port, PROXY_PORT,
+            "the proxy forwards port {PROXY_PORT} only"
+        );
+        format!("{}:{port}", self.proxy_ip(node))
     }
 
     /// The bridge's address: the test process's own on this network.
@@ -133,7 +229,7 @@ impl Net {
     /// `Ok` when `tc netem` works here (tried on node 1's link, then removed); `Err` says why
     /// not, for a delay test to skip with.
     pub fn netem_available(&self) -> Result<(), String> {
-        self.delay(1, 0)?;
+        self.netem(1, 0)?;
         self.heal();
         Ok(())
     }
@@ -169,6 +265,9 @@ impl Net {
             ])
             .unwrap_or_else(|e| panic!("heal: {e}"));
         }
+        for delay in self.delays.iter() {
+            delay.store(0, Ordering::Relaxed);
+        }
         for node in 1..=self.len() {
             let _ = tc(&["qdisc", "del", "dev", &self.veth(node), "root"]);
             let _ = tc_in(
@@ -178,10 +277,21 @@ impl Net {
         }
     }
 
-    /// Delays every packet to and from node `node` by `ms` milliseconds (`tc netem` on both
-    /// ends of its link, so a round trip to it takes `2 * ms` more). `Err` when the kernel has
+    /// Delays what node `node` exchanges with the others by `ms` milliseconds each way (a
+    /// round trip to it takes `2 * ms` more): with `tc netem` where the kernel has it, else by
+    /// the proxy (see the module doc); returns which. Undone by [`Net::heal`].
+    pub fn delay(&self, node: u64, ms: u32) -> DelayBy {
+        if self.netem(node, ms).is_ok() {
+            return DelayBy::Netem;
+        }
+        self.veth(node); // panics on a node that is not there
+        self.delays[node as usize - 1].store(ms, Ordering::Relaxed);
+        DelayBy::Proxy
+    }
+
+    /// `tc netem` delay of `ms` on both ends of node `node`'s link. `Err` when the kernel has
     /// no netem; nothing changed then.
-    pub fn delay(&self, node: u64, ms: u32) -> Result<(), String> {
+    fn netem(&self, node: u64, ms: u32) -> Result<(), String> {
         let delay = format!("{ms}ms");
         let netem = ["root", "netem", "delay", delay.as_str()];
         let veth = self.veth(node);
@@ -197,23 +307,26 @@ impl Net {
         tc_in(self.namespace(node), &inward).map(drop)
     }
 
-    /// Adds a blackhole route to `to` inside `from`'s namespace.
+    /// Adds blackhole routes to both of `to`'s addresses (its own and its proxy's) inside
+    /// `from`'s namespace.
     fn cut(&self, from: u64, to: u64) {
         let mut cuts = self.cuts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = (self.namespace(from).to_string(), self.ip(to));
-        if cuts.contains(&entry) {
-            return;
+        for address in [self.ip(to), self.proxy_ip(to)] {
+            let entry = (self.namespace(from).to_string(), address);
+            if cuts.contains(&entry) {
+                continue;
+            }
+            ip(&[
+                "-n",
+                &entry.0,
+                "route",
+                "add",
+                "blackhole",
+                &format!("{}/32", entry.1),
+            ])
+            .unwrap_or_else(|e| panic!("cut {from} -> {to}: {e}"));
+            cuts.push(entry);
         }
-        ip(&[
-            "-n",
-            &entry.0,
-            "route",
-            "add",
-            "blackhole",
-            &format!("{}/32", entry.1),
-        ])
-        .unwrap_or_else(|e| panic!("cut {from} -> {to}: {e}"));
-        cuts.push(entry);
     }
 
     /// The root namespace's end of node `node`'s veth pair.
@@ -225,10 +338,97 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
+        if let Some((stop, thread)) = self.proxies.take() {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
         for ns in &self.namespaces {
             let _ = ip(&["netns", "del", ns]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+/// The one port the proxies forward (the cluster harness's `NETNS_PORT`).
+pub const PROXY_PORT: u16 = 9092;
+
+/// Node `node`'s proxy: forwards connections to `target`, delaying them.
+struct Proxy {
+    node: u64,
+    target: SocketAddr,
+    delays: Arc<Vec<AtomicU32>>,
+    /// `10.X.Y.`: a connection from `10.X.Y.(10+j)` comes from node `j`.
+    subnet: String,
+}
+
+impl Proxy {
+    async fn serve(self, listener: TcpListener) {
+        let proxy = Arc::new(self);
+        loop {
+            let Ok((inbound, from)) = listener.accept().await else {
+                // e.g. out of descriptors: do not spin
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            tokio::spawn(proxy.clone().forward(inbound, from));
+        }
+    }
+
+    /// The delay now of a chunk between node `from_node` (0: not a node) and this one.
+    fn delay(&self, from_node: u64) -> Duration {
+        let of = |node: u64| {
+            node.checked_sub(1)
+                .and_then(|i| self.delays.get(i as usize))
+                .map_or(0, |d| d.load(Ordering::Relaxed))
+        };
+        Duration::from_millis(u64::from(of(self.node)) + u64::from(of(from_node)))
+    }
+
+    async fn forward(self: Arc<Self>, inbound: TcpStream, from: SocketAddr) {
+        let from_node = match from.ip() {
+            IpAddr::V4(v4) if v4.to_string().starts_with(&self.subnet) => {
+                u64::from(v4.octets()[3]).saturating_sub(10)
+            }
+            _ => 0,
+        };
+        let Ok(outbound) = TcpStream::connect(self.target).await else {
+            return; // dropping `inbound` refuses it, as the node would
+        };
+        let _ = inbound.set_nodelay(true);
+        let _ = outbound.set_nodelay(true);
+        let (in_read, in_write) = inbound.into_split();
+        let (out_read, out_write) = outbound.into_split();
+        tokio::spawn(self.clone().pipe(in_read, out_write, from_node));
+        tokio::spawn(self.pipe(out_read, in_write, from_node));
+    }
+
+    /// Copies `from` to `to`, each chunk written once its delay (as of its reading) is over,
+    /// in order; shuts `to` down at `from`'s end.
+    async fn pipe(self: Arc<Self>, mut from: OwnedReadHalf, mut to: OwnedWriteHalf, node: u64) {
+        let (queue, mut queued) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+        let writer = tokio::spawn(async move {
+            while let Some((due, chunk)) = queued.recv().await {
+                tokio::time::sleep_until(due).await;
+                if to.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = to.shutdown().await;
+        });
+        let mut buffer = vec![0; 64 * 1024];
+        loop {
+            match from.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let due = Instant::now() + self.delay(node);
+                    if queue.send((due, buffer[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        drop(queue);
+        let _ = writer.await;
     }
 }
 
