@@ -23,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod partition;
 pub mod producer_ids;
+pub mod replication;
 pub mod server;
 pub mod state;
 pub mod topic;
