@@ -241,6 +241,12 @@ pub struct Flags {
     /// unspecified address such as 0.0.0.0 [default: the listen address]
     #[arg(long, env = "SYNCLINE_ADVERTISE", value_name = "HOST:PORT")]
     pub advertise: Option<String>,
+
+    /// Replicas per partition of a topic created without a replication factor (including
+    /// `__offsets`); each replicated partition is a Raft group over that many nodes
+    /// [default: min(3, cluster nodes)]
+    #[arg(long, env = "SYNCLINE_DEFAULT_REPLICATION_FACTOR", value_name = "N")]
+    pub default_replication_factor: Option<u32>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -279,6 +285,7 @@ struct FileConfig {
     node_id: Option<u64>,
     cluster: Option<String>,
     advertise: Option<String>,
+    default_replication_factor: Option<u32>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -704,6 +711,9 @@ impl Config {
         let node = &mut config.node;
         node.id = flags.node_id.or(file.node_id).unwrap_or(node.id);
         node.advertise = flags.advertise.or(file.advertise);
+        node.default_replication_factor = flags
+            .default_replication_factor
+            .or(file.default_replication_factor);
         if let Some(cluster) = flags.cluster.or(file.cluster) {
             node.cluster =
                 crate::cluster::node::parse_cluster(&cluster).map_err(|message| ConfigError {

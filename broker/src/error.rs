@@ -157,6 +157,18 @@ pub enum BrokerError {
         /// The node that leads it.
         leader: crate::partition::RemoteLeader,
     },
+    /// A replicated write's outcome is not known: the leader lost its leadership (or stopped)
+    /// after the write was proposed, so it may still commit under the next leader. An
+    /// idempotent producer's retry is deduplicated; others may duplicate.
+    #[error("partition {partition} of topic `{topic}`: {reason}")]
+    Replication {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// What happened.
+        reason: String,
+    },
     /// The partition refused to open (interior corruption) and is fenced until an operator acts.
     #[error("partition {partition} of topic `{topic}` is fenced: {reason}")]
     Fenced {

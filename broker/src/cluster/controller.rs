@@ -89,6 +89,8 @@ pub struct Controller {
     reconciled: watch::Sender<u64>,
     /// Builds `__offsets`' (name, settings) for a partition count.
     offsets_topic: InternalTopic,
+    /// This node's replicated-partition groups.
+    replicas: Arc<crate::replication::Replicas>,
 }
 
 /// Why a proposal handed to the leader did not come back applied.
@@ -198,6 +200,22 @@ impl Controller {
             tracing::info!(?voters, "controller initialized with its voters");
         }
         let applied = view.applied();
+        let addresses: crate::replication::group::Addresses = {
+            let view = view.clone();
+            let voters = voters.clone();
+            Arc::new(move |node| {
+                view.with(|m| m.nodes.get(&node).map(|n| n.address.clone()))
+                    .or_else(|| voters.get(&node).cloned())
+            })
+        };
+        let replicas = Arc::new(crate::replication::Replicas::new(
+            crate::replication::group::GroupContext {
+                me,
+                cluster_id: cluster_id.clone(),
+                peers: peers.clone(),
+                addresses,
+            },
+        ));
         Ok(Arc::new(Controller {
             raft,
             view,
@@ -213,6 +231,7 @@ impl Controller {
             leading_since: parking_lot::Mutex::new(None),
             reconciled: watch::channel(applied).0,
             offsets_topic,
+            replicas,
         }))
     }
 
@@ -221,6 +240,47 @@ impl Controller {
     pub(crate) fn raft_metrics(&self) -> openraft::RaftMetrics<super::raft::TypeConfig> {
         use openraft::async_runtime::WatchReceiver as _;
         self.raft.metrics().borrow_watched().clone()
+    }
+
+    /// Reports the partition leaderships this node wins to the metadata (clients route by it),
+    /// a batch at a time, retried until committed or superseded.
+    async fn report_leaders(
+        self: Arc<Self>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<super::metadata::LeaderChange>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let first = tokio::select! {
+                change = changes.recv() => match change { Some(c) => c, None => break },
+                _ = shutdown.changed() => break,
+            };
+            // Elections after a node failure come in a burst: one command for all of them.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut batch = vec![first];
+            while let Ok(change) = changes.try_recv() {
+                batch.push(change);
+            }
+            loop {
+                let command = Command::PartitionLeaders {
+                    changes: batch.clone(),
+                };
+                match self.propose(command).await {
+                    Ok(_) => break,
+                    Err(error) => {
+                        tracing::debug!(%error, "reporting partition leaders failed; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// This node's replicated-partition groups.
+    pub fn replicas(&self) -> &Arc<crate::replication::Replicas> {
+        &self.replicas
     }
 
     /// This node's id.
@@ -576,6 +636,9 @@ impl Controller {
     /// Runs this node's background work until `shutdown` turns true: heartbeats to the leader,
     /// and, while leading, liveness and internal topics.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        if let Some(changes) = self.replicas.take_leader_changes() {
+            tokio::spawn(self.clone().report_leaders(changes, shutdown.clone()));
+        }
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -103,6 +103,27 @@ pub enum Command {
         /// The incarnation to delete (a stale delete of an older one is refused).
         id: String,
     },
+    /// Replicated partitions elected leaders (each change applies only when its term is newer
+    /// than the one recorded, so a late report never overwrites a newer leader).
+    PartitionLeaders {
+        /// The elections.
+        changes: Vec<LeaderChange>,
+    },
+}
+
+/// A replicated partition's new leader, as the leader reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderChange {
+    /// The topic's name.
+    pub topic: String,
+    /// Its incarnation (a report for a deleted incarnation changes nothing).
+    pub id: String,
+    /// The partition.
+    pub partition: u32,
+    /// The leading node.
+    pub leader: u64,
+    /// The Raft term it leads in.
+    pub term: u64,
 }
 
 impl std::fmt::Display for Command {
@@ -122,6 +143,9 @@ impl std::fmt::Display for Command {
                 write!(f, "create topic {name} ({id}, {partitions} partitions)")
             }
             Command::DeleteTopic { name, id } => write!(f, "delete topic {name} ({id})"),
+            Command::PartitionLeaders { changes } => {
+                write!(f, "{} partition leader change(s)", changes.len())
+            }
         }
     }
 }
@@ -313,6 +337,27 @@ impl Metadata {
                     id: id.clone(),
                 }),
             },
+            Command::PartitionLeaders { changes } => {
+                for change in changes {
+                    let Some(topic) = self.topics.get_mut(&change.topic) else {
+                        continue;
+                    };
+                    if topic.id != change.id {
+                        continue;
+                    }
+                    let Some(partition) = topic.partitions.get_mut(change.partition as usize)
+                    else {
+                        continue;
+                    };
+                    if change.term > partition.leader_epoch
+                        && partition.replicas.contains(&change.leader)
+                    {
+                        partition.leader = Some(change.leader);
+                        partition.leader_epoch = change.term;
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }

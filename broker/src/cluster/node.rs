@@ -33,6 +33,16 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     /// The initial voters as given by `--cluster` (empty: this node alone).
     pub cluster: Vec<Voter>,
+    /// Replicas per partition when a create does not say (None: min(3, voters)).
+    pub default_replication_factor: Option<u32>,
+}
+
+impl NodeConfig {
+    /// Replicas per partition when a create does not say: the setting, else 1 (min(3, voters)
+    /// once partition groups keep a durable Raft log).
+    pub fn replication_factor_default(&self) -> u32 {
+        self.default_replication_factor.unwrap_or(1)
+    }
 }
 
 impl Default for NodeConfig {
@@ -41,6 +51,7 @@ impl Default for NodeConfig {
             id: 1,
             advertise: None,
             cluster: Vec::new(),
+            default_replication_factor: None,
         }
     }
 }
@@ -150,6 +161,17 @@ impl NodeConfig {
                      --advertise HOST:PORT to the address they should use"
                 ),
             );
+        }
+        let nodes = self.cluster.len().max(1) as u32;
+        if let Some(factor) = self.default_replication_factor {
+            if !(1..=nodes).contains(&factor) {
+                return err(
+                    "default_replication_factor",
+                    format!(
+                        "{factor} is outside [1, {nodes}]: a partition cannot have more replicas than the cluster has nodes"
+                    ),
+                );
+            }
         }
         if self.cluster.is_empty() {
             return Ok(());

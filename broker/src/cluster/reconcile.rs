@@ -75,6 +75,7 @@ async fn pass(
         if metadata.deleted.contains(&id) {
             match registry.delete_incarnation(&topic.name, topic.id).await {
                 Ok(()) => {
+                    controller.replicas().forget_topic(&id);
                     tracing::info!(topic = %topic.name, %id, "deleted this node's copy of a deleted topic");
                     on_deleted(&topic.name);
                 }
@@ -132,9 +133,62 @@ async fn pass(
                 Err(error) => {
                     tracing::warn!(topic = %name, %error, "could not create this node's part of a topic");
                     failed.insert(name.clone(), error.to_string());
+                    continue;
                 }
             },
         }
+        if meta.replication_factor > 1 {
+            if let Err(error) = start_groups(controller, registry, metadata, name, meta).await {
+                tracing::warn!(topic = %name, %error, "could not start this node's replication groups");
+                failed.insert(name.clone(), error);
+            }
+        }
     }
     failed
+}
+
+/// Starts the Raft groups of this node's replicas of a replicated topic (those not running).
+async fn start_groups(
+    controller: &Controller,
+    registry: &Registry,
+    metadata: &Metadata,
+    name: &str,
+    meta: &super::metadata::TopicMeta,
+) -> Result<(), String> {
+    let me = controller.node_id();
+    let topic = registry.get(name).map_err(|e| e.to_string())?;
+    if TopicId::parse(&meta.id) != Some(topic.id) {
+        return Ok(());
+    }
+    for (number, placement) in meta.partitions.iter().enumerate() {
+        if !placement.replicas.contains(&me) {
+            continue;
+        }
+        let partition = topic.partition(number as u32).map_err(|e| e.to_string())?;
+        if !partition.is_replicated() || partition.fence_reason().is_some() {
+            continue;
+        }
+        let replicas: BTreeMap<u64, String> = placement
+            .replicas
+            .iter()
+            .map(|node| {
+                let address = metadata
+                    .nodes
+                    .get(node)
+                    .map(|n| n.address.clone())
+                    .or_else(|| controller.address_of(*node))
+                    .unwrap_or_default();
+                (*node, address)
+            })
+            .collect();
+        let id = crate::replication::network::GroupId {
+            topic_id: meta.id.clone(),
+            partition: number as u32,
+        };
+        controller
+            .replicas()
+            .ensure(id, partition, &replicas)
+            .await?;
+    }
+    Ok(())
 }

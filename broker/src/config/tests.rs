@@ -199,6 +199,11 @@ fn given_example_config_should_list_every_setting_at_its_default() {
                     crate::cluster::node::parse_cluster("1=127.0.0.1:7450").unwrap();
                 format!("{line}\n")
             }
+            // Its default follows the node count; the example names the single node's.
+            "default_replication_factor" => {
+                expected.node.default_replication_factor = Some(1);
+                format!("{line}\n")
+            }
             // Sized from the open-file limit at start; the example gives the cap.
             "max_connections" => {
                 expected.connections.max_connections = Some(10_000);

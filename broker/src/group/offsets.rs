@@ -255,7 +255,7 @@ impl OffsetStore {
         commits: &[v1::OffsetCommit],
         topic_ids: &[String],
         now_ms: i64,
-    ) -> Result<crate::log::Appended, BrokerError> {
+    ) -> Result<crate::partition::Submitted, BrokerError> {
         let partition = self.partition_for(group)?;
         if commits.is_empty() {
             return Err(BrokerError::InvalidRequest(
@@ -282,27 +282,24 @@ impl OffsetStore {
                 timestamp_ms: now_ms,
             })
             .collect();
-        let appended = partition.append_records(&records, None, &[], now_ms)?;
-        Ok(appended)
+        partition.submit_records(&records, None, &[], now_ms)
     }
 
-    /// Waits until an [`OffsetStore::append`] is durable, then publishes its commits.
+    /// Waits until an [`OffsetStore::append`] is durable (committed, when `__offsets` is
+    /// replicated), then publishes its commits.
     pub async fn publish(
         &self,
         group: &str,
         commits: &[v1::OffsetCommit],
         topic_ids: &[String],
-        appended: crate::log::Appended,
+        submitted: crate::partition::Submitted,
         now_ms: i64,
     ) -> Result<(), BrokerError> {
         if commits.is_empty() {
             return Ok(());
         }
         let partition = self.partition_for(group)?;
-        let log = partition.log()?.clone();
-        log.wait_durable(appended.durable_target())
-            .await
-            .map_err(|e| partition.log_error(e))?;
+        let appended = partition.acknowledged(submitted, true).await?;
         let mut groups = self.groups.lock();
         let map = groups.entry(group.to_string()).or_default();
         for (i, (c, topic_id)) in commits.iter().zip(topic_ids).enumerate() {

@@ -38,6 +38,9 @@ use crate::log::{
     Appended, CompactOptions, CompactionFilter, CompactionOutcome, Log, LogError, Verdict,
 };
 use crate::state::{KeyIndex, PartitionState, ProducedBatch, SequenceCheck};
+
+mod replica;
+pub use replica::{AppliedReceiver, Replica, Submitted};
 use syncline_proto::batch::Batches;
 use syncline_proto::v1;
 
@@ -81,6 +84,12 @@ pub struct Partition {
     /// record for being superseded by one at or above the oldest pin, so a snapshot streaming
     /// "every key's latest value below H" never loses a record under it.
     pins: Arc<Mutex<std::collections::BTreeMap<u64, usize>>>,
+    /// True when the partition is a Raft group over several replicas (replication factor > 1):
+    /// writes go through [`Partition::submit_batch`] to the group, reads and table lookups are
+    /// served by its leader only.
+    replicated: bool,
+    /// The replication layer's handle, once its group runs (None: starting or stopped).
+    replica: parking_lot::RwLock<Option<Arc<dyn Replica>>>,
 }
 
 /// Holds a snapshot's pin until dropped (see `Partition::pin`).
@@ -190,6 +199,8 @@ impl Partition {
             is_table,
             epochs: Some(epochs),
             pins: Arc::default(),
+            replicated: false,
+            replica: parking_lot::RwLock::new(None),
         }
     }
 
@@ -205,6 +216,8 @@ impl Partition {
             is_table: false,
             epochs: None,
             pins: Arc::default(),
+            replicated: false,
+            replica: parking_lot::RwLock::new(None),
         }
     }
 
@@ -216,8 +229,18 @@ impl Partition {
         partition
     }
 
-    /// The log, or why there is none here (fenced, or held by another node).
+    /// The log to serve a client from, or why not here: fenced, held by another node, or (for
+    /// a replicated partition) led by another replica.
     pub fn log(&self) -> Result<&Arc<Log>, BrokerError> {
+        let log = self.local_log()?;
+        if self.replicated {
+            self.check_leader()?;
+        }
+        Ok(log)
+    }
+
+    /// The log on this node whatever its role (the replication layer applies to it).
+    pub(crate) fn local_log(&self) -> Result<&Arc<Log>, BrokerError> {
         self.state.as_ref().map_err(|absent| match absent {
             Absent::Fenced(reason) => BrokerError::Fenced {
                 topic: self.topic.to_string(),
@@ -290,7 +313,7 @@ impl Partition {
         Ok(keys)
     }
 
-    /// The one-writer critical section: producer dedupe, CAS check, append, index update.
+    /// The one-writer critical section of a single-replica partition.
     fn append_checked(
         &self,
         batch: &Batch,
@@ -298,6 +321,20 @@ impl Partition {
         conditions: &[Condition],
     ) -> Result<Appended, BrokerError> {
         let log = self.log()?;
+        self.write_checked(
+            log,
+            batch,
+            keys,
+            conditions,
+            now_ms(),
+            true,
+            |log, batch| log.append_batch(batch),
+        )
+    }
+
+    /// Checks what the critical section checks without writing (a replicated partition's
+    /// leader refuses what it can before proposing: the apply checks again).
+    pub(crate) fn check_conditions(&self, conditions: &[Condition]) -> Result<(), BrokerError> {
         if !conditions.is_empty() && !self.is_table {
             return Err(BrokerError::NotATable {
                 topic: self.topic.to_string(),
@@ -313,21 +350,55 @@ impl Partition {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// The broker's epoch fence for an idempotent producer's batch (a zombie with an older
+    /// epoch than the broker handed out is refused).
+    pub(crate) fn check_fence(
+        &self,
+        header: &syncline_proto::batch::BatchHeader,
+    ) -> Result<(), BrokerError> {
+        if header.producer_id < 0 {
+            return Ok(());
+        }
+        let current = self
+            .epochs
+            .as_ref()
+            .and_then(|e| e.current(header.producer_id));
+        if let Some(current) = current.filter(|c| header.producer_epoch < *c) {
+            return Err(crate::state::SequenceError::Fenced {
+                producer_id: header.producer_id,
+                epoch: header.producer_epoch,
+                current,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// The one-writer critical section: producer dedupe, CAS check, append (by `append`),
+    /// index update. `now_ms` decides idle-producer expiry; `fence` applies the broker's
+    /// producer-epoch fence (a replica applying a committed entry skips it: the node-local
+    /// epochs differ between replicas, and the leader fenced before proposing).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_checked(
+        &self,
+        log: &Log,
+        batch: &Batch,
+        keys: BatchKeys,
+        conditions: &[Condition],
+        now_ms: i64,
+        fence: bool,
+        append: impl FnOnce(&Log, &Batch) -> Result<Appended, LogError>,
+    ) -> Result<Appended, BrokerError> {
+        self.check_conditions(conditions)?;
         let header = *batch.header();
         let mut live = self.live.lock();
         let idempotent = header.producer_id >= 0;
         if idempotent {
-            let current = self
-                .epochs
-                .as_ref()
-                .and_then(|e| e.current(header.producer_id));
-            if let Some(current) = current.filter(|c| header.producer_epoch < *c) {
-                return Err(crate::state::SequenceError::Fenced {
-                    producer_id: header.producer_id,
-                    epoch: header.producer_epoch,
-                    current,
-                }
-                .into());
+            if fence {
+                self.check_fence(&header)?;
             }
             match live.producers.check(
                 header.producer_id,
@@ -387,7 +458,7 @@ impl Partition {
                 });
             }
         }
-        let appended = log.append_batch(batch).map_err(|e| self.log_error(e))?;
+        let appended = append(log, batch).map_err(|e| self.log_error(e))?;
         if idempotent {
             if let Some(epochs) = &self.epochs {
                 epochs.observe(header.producer_id, header.producer_epoch);
@@ -401,7 +472,7 @@ impl Partition {
                     base_offset: appended.base_offset,
                     last_offset: appended.last_offset,
                 },
-                now_ms(),
+                now_ms,
             );
         }
         if self.is_table {
@@ -417,6 +488,7 @@ impl Partition {
 
     /// The latest version of `key` (tables only), counting deletes.
     pub fn latest(&self, key: &[u8]) -> Result<Option<crate::state::Slot>, BrokerError> {
+        self.check_leader()?;
         if !self.is_table {
             return Err(BrokerError::NotATable {
                 topic: self.topic.to_string(),
@@ -642,43 +714,7 @@ impl Partition {
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
         self.log()?;
-        let mut builder = BatchBuilder::with_capacity(
-            records
-                .iter()
-                .map(|r| {
-                    r.key.as_ref().map_or(0, |k| k.len())
-                        + r.value.as_ref().map_or(0, |v| v.len())
-                        + 32
-                })
-                .sum::<usize>()
-                + 64,
-        );
-        if let Some((id, epoch, sequence)) = producer {
-            builder = builder.producer(id, epoch, sequence);
-        }
-        for record in records {
-            let headers: Vec<(&str, &[u8])> = record
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_ref()))
-                .collect();
-            let timestamp = if record.timestamp_ms == 0 {
-                now_ms
-            } else {
-                record.timestamp_ms
-            };
-            builder.push(
-                timestamp,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                &headers,
-            );
-        }
-        let bytes = builder
-            .finish()
-            .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))?;
-        let batch = Batch::parse(bytes)
-            .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))?;
+        let batch = encode_records(records, producer, now_ms)?;
         let keys = self.check_records(&batch)?;
         self.append_checked(&batch, keys, conditions)
     }
@@ -686,6 +722,8 @@ impl Partition {
     /// Flushes, writes the clean-shutdown marker and stops the flusher. False when the log
     /// could not be closed cleanly (logged): its next open recovers it by scanning.
     pub async fn close(&self) -> bool {
+        // A replica's group stops first: nothing is applied to the log once it closes.
+        self.detach_replica().await;
         self.checkpoint();
         let mut clean = true;
         if let Ok(log) = &self.state {
@@ -784,6 +822,50 @@ impl CompactionFilter for KeyIndexFilter<'_> {
         }
         live.dirty += changed;
     }
+}
+
+/// Encodes plain records into one batch (with the producer fields, if any); a record without a
+/// timestamp takes `now_ms`.
+pub(crate) fn encode_records(
+    records: &[PlainRecord],
+    producer: Option<(i64, i16, i32)>,
+    now_ms: i64,
+) -> Result<Batch, BrokerError> {
+    let mut builder = BatchBuilder::with_capacity(
+        records
+            .iter()
+            .map(|r| {
+                r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len()) + 32
+            })
+            .sum::<usize>()
+            + 64,
+    );
+    if let Some((id, epoch, sequence)) = producer {
+        builder = builder.producer(id, epoch, sequence);
+    }
+    for record in records {
+        let headers: Vec<(&str, &[u8])> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
+        let timestamp = if record.timestamp_ms == 0 {
+            now_ms
+        } else {
+            record.timestamp_ms
+        };
+        builder.push(
+            timestamp,
+            record.key.as_deref(),
+            record.value.as_deref(),
+            &headers,
+        );
+    }
+    let bytes = builder
+        .finish()
+        .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))?;
+    Batch::parse(bytes)
+        .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode records: {e}")))
 }
 
 /// Rebuilds the live state: the snapshot if it is usable, then every batch after it.

@@ -1,6 +1,172 @@
 //! Replicated partitions: each partition with replication factor R > 1 is a Raft group
 //! (openraft) over its R replicas.
 //!
-//! (Work in progress: the module doc grows with the layer. See `types.rs` for the entry format.)
+//! ## The choice: a Raft log per partition, applied to the partition log
+//! Each group has its own Raft log (`<partition dir>/raft/`), fsync'd before an append is
+//! acknowledged to the leader; the partition log is the group's state machine. Applying a
+//! committed entry runs the partition's one-writer critical section (producer dedupe, CAS
+//! check, offset assignment, append, key index) on every replica, in log order, with the
+//! leader's clock carried in the entry, so every replica assigns the same offsets and makes
+//! the same decisions. The partition log therefore only ever holds committed records: a reader
+//! can never see an offset that a failover takes back, and no follower ever cuts its
+//! partition log. Raft's own entries (a new term's blank entry, membership changes) take a Raft
+//! index but no record offset. Why not the Raft log *as* the partition log (one write per
+//! replica): offsets would have to be assigned before commit, and a CAS or dedupe decided on
+//! the leader against uncommitted state would have to be undone on every leader change; the
+//! second write costs a copy into the page cache, not an fsync (the partition log is synced
+//! at snapshots). BENCHMARKS.md has the measured cost.
+//!
+//! ## Layers
+//! - `types`: the group's openraft types and the binary entry format.
+//! - `state_machine`: applies entries to the [`crate::partition::Partition`].
+//! - `group`: one running group: openraft, the ordered proposer, leadership.
+//! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
+//! - this module: [`Replicas`], every group on this node, started and stopped by the cluster's
+//!   reconcile pass, and the dispatch of peer calls to them.
+//!
+//! It may call the partition layer and the cluster's peer channels; the server calls it.
 
+pub mod group;
+pub mod mem_log;
+pub mod network;
+pub mod state_machine;
 pub mod types;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use syncline_proto::v1;
+
+use crate::cluster::metadata::LeaderChange;
+use crate::partition::Partition;
+use group::{Group, GroupContext};
+use network::GroupId;
+
+/// Every partition group on this node.
+pub struct Replicas {
+    context: GroupContext,
+    groups: parking_lot::RwLock<HashMap<GroupId, Arc<Group>>>,
+    /// Serializes starts and stops.
+    admin: tokio::sync::Mutex<()>,
+    /// Leaderships this node won, for the controller's metadata (clients route by it).
+    won: tokio::sync::mpsc::UnboundedSender<LeaderChange>,
+    won_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<LeaderChange>>>,
+}
+
+impl std::fmt::Debug for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replicas")
+            .field("groups", &self.groups.read().len())
+            .finish()
+    }
+}
+
+impl Replicas {
+    /// No groups yet.
+    pub fn new(context: GroupContext) -> Replicas {
+        let (won, won_rx) = tokio::sync::mpsc::unbounded_channel();
+        Replicas {
+            context,
+            groups: parking_lot::RwLock::default(),
+            admin: tokio::sync::Mutex::new(()),
+            won,
+            won_rx: parking_lot::Mutex::new(Some(won_rx)),
+        }
+    }
+
+    /// The leaderships this node wins, as they happen (taken once, by the controller's
+    /// reporter).
+    pub fn take_leader_changes(
+        &self,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<LeaderChange>> {
+        self.won_rx.lock().take()
+    }
+
+    /// The running group, if any.
+    pub fn get(&self, id: &GroupId) -> Option<Arc<Group>> {
+        self.groups.read().get(id).cloned()
+    }
+
+    /// Every running group.
+    pub fn groups(&self) -> Vec<Arc<Group>> {
+        self.groups.read().values().cloned().collect()
+    }
+
+    /// Starts the group of `partition` (a replica placed on this node) unless it runs, and
+    /// attaches it to the partition.
+    pub async fn ensure(
+        &self,
+        id: GroupId,
+        partition: &Arc<Partition>,
+        replicas: &BTreeMap<u64, String>,
+    ) -> Result<(), String> {
+        if self.groups.read().contains_key(&id) && partition.replica().is_some() {
+            return Ok(());
+        }
+        let _admin = self.admin.lock().await;
+        if self.groups.read().contains_key(&id) && partition.replica().is_some() {
+            return Ok(());
+        }
+        let dir = partition
+            .local_log()
+            .map_err(|e| e.to_string())?
+            .dir()
+            .join("raft");
+        let group =
+            Group::start(&self.context, id.clone(), partition.clone(), &dir, replicas).await?;
+        partition.attach_replica(group.clone());
+        let mut leadership = group.leadership();
+        let won = self.won.clone();
+        let me = self.context.me;
+        let (topic, number, topic_id) = (
+            partition.topic.to_string(),
+            partition.id,
+            id.topic_id.clone(),
+        );
+        tokio::spawn(async move {
+            let mut reported = None;
+            loop {
+                let now = *leadership.borrow_and_update();
+                if now.serving && reported != Some(now.term) {
+                    reported = Some(now.term);
+                    let change = LeaderChange {
+                        topic: topic.clone(),
+                        id: topic_id.clone(),
+                        partition: number,
+                        leader: me,
+                        term: now.term,
+                    };
+                    if won.send(change).is_err() {
+                        break;
+                    }
+                }
+                if leadership.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        self.groups.write().insert(id.clone(), group);
+        tracing::info!(group = %id, topic = %partition.topic, partition = partition.id, replicas = ?replicas.keys().collect::<Vec<_>>(), "replication group started");
+        Ok(())
+    }
+
+    /// Forgets the groups of a topic incarnation (their partitions stop them when they close).
+    pub fn forget_topic(&self, topic_id: &str) {
+        self.groups.write().retain(|id, _| id.topic_id != topic_id);
+    }
+
+    /// Serves a `Peer.Replicate` call.
+    pub async fn serve(&self, request: v1::ReplicateRequest) -> Result<Vec<u8>, tonic::Status> {
+        let id = GroupId {
+            topic_id: request.topic_id.clone(),
+            partition: request.partition,
+        };
+        let Some(group) = self.get(&id) else {
+            return Err(tonic::Status::not_found(format!(
+                "node {} holds no running replica of group {id} (yet)",
+                self.context.me
+            )));
+        };
+        network::serve(group.raft(), request).await
+    }
+}

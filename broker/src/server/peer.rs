@@ -72,4 +72,16 @@ impl Peer for PeerService {
         let committed_index = self.controller.handle_read_index()?;
         Ok(Response::new(v1::PeerReadIndexResponse { committed_index }))
     }
+
+    async fn replicate(
+        &self,
+        request: Request<v1::ReplicateRequest>,
+    ) -> Result<Response<v1::ReplicateResponse>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        let payload = self.controller.replicas().serve(request).await?;
+        Ok(Response::new(v1::ReplicateResponse {
+            payload: payload.into(),
+        }))
+    }
 }

@@ -59,6 +59,7 @@ pub fn to_status(error: BrokerError) -> Status {
             },
         ),
         BrokerError::ShuttingDown
+        | BrokerError::Replication { .. }
         | BrokerError::Controller(_)
         | BrokerError::ControllerUnavailable { .. } => Status::unavailable(message),
         BrokerError::ClusterRefused(_) => Status::failed_precondition(message),

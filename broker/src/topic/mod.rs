@@ -75,6 +75,8 @@ pub struct TopicSettings {
     pub cleanup: Cleanup,
     /// Log settings.
     pub log: TopicDefaults,
+    /// Replicas per partition (1: a plain log on one node; more: a Raft group per partition).
+    pub replication_factor: u32,
 }
 
 /// `topic.toml`.
@@ -106,6 +108,17 @@ struct TopicMeta {
     /// served by the nodes the cluster metadata names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     local_partitions: Option<Vec<u32>>,
+    /// Replicas per partition (absent: 1).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    replication_factor: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(value: &u32) -> bool {
+    *value == 1
 }
 
 fn is_false(value: &bool) -> bool {
@@ -221,6 +234,7 @@ impl TopicMeta {
                 delete_retention_ms: self.delete_retention_ms,
                 min_cleanable_dirty_ratio: self.min_cleanable_dirty_ratio,
             },
+            replication_factor: self.replication_factor,
         })
     }
 }
@@ -558,14 +572,19 @@ impl PartitionOpener<'_> {
         let dir = self.path.join(id.to_string());
         let log_config = self.config.log_config_for(&self.settings.log);
         let log = Log::open_with(&dir, log_config, self.options.clone())?;
-        Ok(Partition::open(
+        let partition = Partition::open(
             self.name.clone(),
             id,
             self.settings.partitions,
             log,
             self.settings.cleanup == Cleanup::Compact,
             self.epochs.clone(),
-        ))
+        );
+        Ok(if self.settings.replication_factor > 1 {
+            partition.into_replicated()
+        } else {
+            partition
+        })
     }
 }
 
@@ -593,6 +612,7 @@ impl Registry {
             partitions,
             cleanup: cleanup.unwrap_or(Cleanup::Delete),
             log,
+            replication_factor: 1,
         })
     }
 
@@ -653,6 +673,7 @@ impl Registry {
             id: Some(id.to_string()),
             legacy_offsets: false,
             local_partitions: None,
+            replication_factor: settings.replication_factor,
         }
     }
 
@@ -666,6 +687,7 @@ impl Registry {
             partitions,
             cleanup: Cleanup::Compact,
             log,
+            replication_factor: 1,
         }
     }
 

@@ -88,7 +88,7 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
         fsync_interval_ms,
         delete_retention_ms: Some(settings.log.delete_retention_ms),
         min_cleanable_dirty_ratio: Some(settings.log.min_cleanable_dirty_ratio),
-        replication_factor: Some(1),
+        replication_factor: Some(settings.replication_factor),
     }
 }
 
@@ -132,18 +132,23 @@ pub(super) fn describe_clustered(
     }
 }
 
-/// The replication factors this version can serve: only 1, until replicated partitions exist.
-fn check_replication_factor(replication_factor: Option<u32>) -> Result<(), Status> {
-    match replication_factor {
-        None | Some(1) => Ok(()),
-        Some(0) => Err(Status::invalid_argument(
-            "`replication_factor` 0 is outside [1, nodes]: leave it unset for 1",
+/// The replication factor of a create: the request's, else the broker's default; a single
+/// node serves only 1 (a cluster's placement refuses more than its live nodes).
+fn replication_factor(
+    requested: Option<u32>,
+    default: u32,
+    clustered: bool,
+) -> Result<u32, Status> {
+    match requested.unwrap_or(default) {
+        0 => Err(Status::invalid_argument(
+            "`replication_factor` 0 is outside [1, nodes]: leave it unset for the broker's default",
         )),
-        Some(factor) => Err(Status::failed_precondition(format!(
+        factor if factor > 1 && !clustered => Err(Status::failed_precondition(format!(
             "replication factor {factor} needs {factor} nodes holding a replica of each \
-             partition, but this version does not replicate partitions yet (each partition \
-             lives on one node): create the topic with replication factor 1"
+             partition, but this broker runs alone: create the topic with replication \
+             factor 1, or start a cluster (--cluster)"
         ))),
+        factor => Ok(factor),
     }
 }
 
@@ -374,7 +379,11 @@ impl BrokerService {
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let request = request.into_inner();
         let config = request.config.unwrap_or_default();
-        check_replication_factor(config.replication_factor)?;
+        let replication_factor = replication_factor(
+            config.replication_factor,
+            self.registry.config().node.replication_factor_default(),
+            self.cluster.controller.is_some(),
+        )?;
         let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
             Ok(v1::CleanupPolicy::Unspecified) | Ok(v1::CleanupPolicy::Delete) => Cleanup::Delete,
             Ok(v1::CleanupPolicy::Compact) => Cleanup::Compact,
@@ -432,6 +441,8 @@ impl BrokerService {
                 crate::config::check_fsync_interval(log.fsync, config.fsync_interval_ms)
             })
             .map_err(to_status)?;
+        let mut settings = settings;
+        settings.replication_factor = replication_factor;
         let topic = match &self.cluster.controller {
             None => self
                 .registry
@@ -448,7 +459,7 @@ impl BrokerService {
                     name: request.name.clone(),
                     id: id.to_string(),
                     partitions: settings.partitions,
-                    replication_factor: config.replication_factor.unwrap_or(1),
+                    replication_factor,
                     settings: text,
                 };
                 controller

@@ -35,7 +35,7 @@ use crate::cluster::ClusterView;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
 use crate::log::{Appended, ConfigError, FsyncPolicy, Log};
-use crate::partition::{show_key, Condition, Partition, PlainRecord};
+use crate::partition::{show_key, Condition, Partition, PlainRecord, Submitted};
 use crate::topic::{Cleanup, Registry, Topic, TopicSettings};
 
 /// Versions a History request returns when it does not say.
@@ -340,8 +340,8 @@ impl Broker for BrokerService {
             let correlation_id = request.correlation_id;
             let partition_id = request.partition;
             self.await_topic(&request.topic).await;
-            let (partition, appended, acks) = self.append(request).map_err(to_status)?;
-            Self::ack(&partition, appended, acks)
+            let (partition, submitted, acks) = self.append(request).map_err(to_status)?;
+            let appended = Self::ack(&partition, submitted, acks)
                 .await
                 .map_err(to_status)?;
             Ok(Response::new(Self::produce_response(
@@ -413,14 +413,13 @@ impl Broker for BrokerService {
                                 _ = shutdown.wait_for(|stop| *stop) => break,
                             }
                         }
-                        Ok((partition, appended, Acks::Durable)) => {
+                        Ok((partition, submitted @ Submitted::Replicated(_), acks))
+                        | Ok((partition, submitted, acks @ Acks::Durable)) => {
                             let tx = tx.clone();
                             let mut shutdown = shutdown.clone();
                             tokio::spawn(async move {
-                                let response = match Self::ack(&partition, appended, Acks::Durable)
-                                    .await
-                                {
-                                    Ok(()) => Self::produce_response(
+                                let response = match Self::ack(&partition, submitted, acks).await {
+                                    Ok(appended) => Self::produce_response(
                                         correlation_id,
                                         partition_id,
                                         appended,
@@ -438,7 +437,7 @@ impl Broker for BrokerService {
                                 drop(permit);
                             });
                         }
-                        Ok((_, appended, _)) => {
+                        Ok((_, Submitted::Local(appended), _)) => {
                             drop(permit);
                             let response =
                                 Self::produce_response(correlation_id, partition_id, appended);
@@ -649,6 +648,11 @@ impl Broker for BrokerService {
         let result = async move {
             let request = request.into_inner();
             self.await_topic(&request.topic).await;
+            // Linearizable on a replicated table: the leader confirms it still leads and has
+            // applied everything committed before the read (read index).
+            if let Ok(partition) = self.key_partition(&request.topic, &request.key) {
+                partition.read_barrier().await.map_err(to_status)?;
+            }
             let (partition, slot) = match self.latest(&request.topic, &request.key) {
                 Ok(found) => found,
                 Err(status) => {

@@ -9,7 +9,7 @@ impl BrokerService {
     pub(super) fn append(
         &self,
         request: v1::ProduceRequest,
-    ) -> Result<(Arc<Partition>, Appended, Acks), BrokerError> {
+    ) -> Result<(Arc<Partition>, Submitted, Acks), BrokerError> {
         self.check_running()?;
         let acks = acks_of(request.acks)?;
         let (_topic, partition) = self.partition(&request.topic, request.partition)?;
@@ -62,7 +62,7 @@ impl BrokerService {
                         limits.max_batch_bytes
                     )));
                 }
-                partition.append_batch(request.batch, &conditions)?
+                partition.submit_batch(request.batch, &conditions)?
             }
             (true, false) => {
                 if request.records.len() > limits.max_records_per_request {
@@ -99,7 +99,7 @@ impl BrokerService {
                         }
                     }
                 };
-                partition.append_records(&records, producer, &conditions, now_ms())?
+                partition.submit_records(&records, producer, &conditions, now_ms())?
             }
             (false, false) => {
                 return Err(BrokerError::InvalidRequest(
@@ -117,18 +117,16 @@ impl BrokerService {
         Ok((partition, appended, acks))
     }
 
+    /// Waits for a write's acknowledgement at the asked level (a replicated partition's write
+    /// always waits until it is applied: that is when its offsets are known).
     pub(super) async fn ack(
         partition: &Partition,
-        appended: Appended,
+        submitted: Submitted,
         acks: Acks,
-    ) -> Result<(), BrokerError> {
-        if acks == Acks::Durable {
-            let log = partition.log()?;
-            log.wait_durable(appended.durable_target())
-                .await
-                .map_err(|e| partition.log_error(e))?;
-        }
-        Ok(())
+    ) -> Result<Appended, BrokerError> {
+        partition
+            .acknowledged(submitted, acks == Acks::Durable)
+            .await
     }
 
     pub(super) fn produce_response(

@@ -1,0 +1,354 @@
+//! One partition's Raft group on this node: the openraft instance, the task that hands
+//! proposals to it in submission order, and the leadership this node serves by.
+//!
+//! A node serves a partition's clients only while it leads the group *and* has applied an
+//! entry of its own term (its blank entry): by then everything committed under earlier leaders
+//! is applied here, so a reader never sees the log end move backwards across a failover.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::impls::ProgressResponder;
+use openraft::{BasicNode, ReadPolicy, ServerState};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::network::{GroupId, GroupNetworkFactory};
+use super::state_machine::PartitionStateMachine;
+use super::types::{term_of, Applied, PartitionRaft, Proposal};
+use crate::error::BrokerError;
+use crate::partition::{AppliedReceiver, Partition, RemoteLeader, Replica};
+
+/// A partition group's openraft handle.
+pub type GroupRaft = openraft::Raft<PartitionRaft, PartitionStateMachine>;
+
+/// How long a write may wait to be applied before the producer hears "unknown outcome".
+const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a read barrier may take.
+const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Raft timing of partition groups: a failed leader is replaced within about a second.
+pub const HEARTBEAT_MS: u64 = 150;
+/// Election timeout range (ms).
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 600;
+/// Election timeout range (ms).
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1200;
+/// Entries between snapshots (a snapshot syncs the partition log; the Raft log below it is
+/// then purged).
+pub const SNAPSHOT_EVERY: u64 = 4096;
+/// Entries kept in the Raft log below a snapshot, for followers a little behind.
+pub const SNAPSHOT_KEEP: u64 = 100_000;
+
+type Pending = (Proposal, oneshot::Sender<Result<Applied, BrokerError>>);
+
+/// Who leads, as this node sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// True when this node leads and has applied its own term's first entry.
+    pub serving: bool,
+    /// The leader, if known.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+}
+
+/// Resolves node ids to advertised addresses (from the cluster metadata).
+pub type Addresses = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
+
+/// A running group.
+pub struct Group {
+    id: GroupId,
+    topic: Arc<str>,
+    partition: u32,
+    me: u64,
+    raft: GroupRaft,
+    proposals: mpsc::UnboundedSender<Pending>,
+    leadership: watch::Receiver<Leadership>,
+    addresses: Addresses,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group")
+            .field("id", &self.id)
+            .field("me", &self.me)
+            .field("leadership", &*self.leadership.borrow())
+            .finish()
+    }
+}
+
+/// What starting a group needs from the node.
+#[derive(Clone)]
+pub struct GroupContext {
+    /// This node's id.
+    pub me: u64,
+    /// The cluster id (sent with every call).
+    pub cluster_id: String,
+    /// Shared peer channels.
+    pub peers: crate::cluster::network::Peers,
+    /// Node id -> address.
+    pub addresses: Addresses,
+}
+
+fn leadership_of(me: u64, metrics: &openraft::RaftMetrics<PartitionRaft>) -> Leadership {
+    let leads = metrics.state == ServerState::Leader && metrics.current_leader == Some(me);
+    let own_term_applied = metrics
+        .last_applied
+        .as_ref()
+        .is_some_and(|id| term_of(id) == metrics.current_term);
+    Leadership {
+        serving: leads && own_term_applied,
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+    }
+}
+
+impl Group {
+    /// Starts the group of `partition` with its Raft state in `dir`, over `replicas` (node id
+    /// -> address). A group that never ran is initialized with that membership on every
+    /// replica (the same membership everywhere, so any of them may win the first election).
+    pub async fn start(
+        context: &GroupContext,
+        id: GroupId,
+        partition: Arc<Partition>,
+        dir: &std::path::Path,
+        replicas: &BTreeMap<u64, String>,
+    ) -> Result<Arc<Group>, String> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| format!("group {id}: {what}: {e}");
+        let state_machine = PartitionStateMachine::open(dir, partition.clone())
+            .map_err(|e| fail("opening its state", &e))?;
+        let log = super::mem_log::MemLog::default();
+        let config = openraft::Config {
+            cluster_name: format!("{}-{id}", context.cluster_id),
+            heartbeat_interval: HEARTBEAT_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
+            max_in_snapshot_log_to_keep: SNAPSHOT_KEEP,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| fail("settings", &e))?;
+        let network = GroupNetworkFactory {
+            cluster_id: context.cluster_id.clone(),
+            me: context.me,
+            group: id.clone(),
+            peers: context.peers.clone(),
+        };
+        let raft = GroupRaft::new(context.me, Arc::new(config), network, log, state_machine)
+            .await
+            .map_err(|e| fail("starting", &e))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| fail("starting", &e))?;
+        if !initialized {
+            let members: BTreeMap<u64, BasicNode> = replicas
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            if let Err(error) = raft.initialize(members).await {
+                // Another replica's vote or entries reached this one first: it is initialized.
+                tracing::debug!(group = %id, %error, "group initialization skipped");
+            }
+        }
+        let (leadership_tx, leadership) = watch::channel(Leadership::default());
+        let mut metrics = raft.metrics();
+        let me = context.me;
+        tokio::spawn(async move {
+            loop {
+                let now = leadership_of(me, &metrics.borrow_and_update());
+                leadership_tx.send_if_modified(|current| {
+                    let changed = *current != now;
+                    *current = now;
+                    changed
+                });
+                if metrics.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (proposals, queue) = mpsc::unbounded_channel();
+        let namer = Namer {
+            topic: partition.topic.clone(),
+            partition: partition.id,
+            addresses: context.addresses.clone(),
+        };
+        tokio::spawn(propose_in_order(raft.clone(), queue, namer));
+        Ok(Arc::new(Group {
+            id,
+            topic: partition.topic.clone(),
+            partition: partition.id,
+            me,
+            raft,
+            proposals,
+            leadership,
+            addresses: context.addresses.clone(),
+        }))
+    }
+
+    /// The openraft handle (for peer calls).
+    pub fn raft(&self) -> &GroupRaft {
+        &self.raft
+    }
+
+    /// The group's id.
+    pub fn id(&self) -> &GroupId {
+        &self.id
+    }
+
+    /// Follows who leads.
+    pub fn leadership(&self) -> watch::Receiver<Leadership> {
+        self.leadership.clone()
+    }
+
+    fn not_leader(&self, leader: Option<u64>) -> BrokerError {
+        let leader = leader.filter(|l| *l != self.me);
+        BrokerError::NotLeader {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            leader: RemoteLeader {
+                id: leader,
+                address: leader
+                    .and_then(|id| (self.addresses)(id))
+                    .unwrap_or_default(),
+            },
+        }
+    }
+
+    fn unknown_outcome(&self, reason: String) -> BrokerError {
+        BrokerError::Replication {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            reason,
+        }
+    }
+}
+
+/// Names errors after the partition.
+#[derive(Clone)]
+struct Namer {
+    topic: Arc<str>,
+    partition: u32,
+    addresses: Addresses,
+}
+
+impl Namer {
+    fn not_leader(&self, leader: Option<u64>) -> BrokerError {
+        BrokerError::NotLeader {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            leader: RemoteLeader {
+                id: leader,
+                address: leader
+                    .and_then(|id| (self.addresses)(id))
+                    .unwrap_or_default(),
+            },
+        }
+    }
+
+    fn unknown(&self, reason: String) -> BrokerError {
+        BrokerError::Replication {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            reason,
+        }
+    }
+}
+
+/// Hands proposals to openraft one at a time in submission order (openraft appends them in
+/// the order it receives them), and their outcomes back to the writers.
+async fn propose_in_order(
+    raft: GroupRaft,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    namer: Namer,
+) {
+    while let Some((proposal, reply)) = queue.recv().await {
+        let (responder, rx) = ProgressResponder::complete_only();
+        if let Err(fatal) = raft.client_write_ff(proposal, Some(responder)).await {
+            let _ = reply.send(Err(
+                namer.unknown(format!("the replication group stopped: {fatal}"))
+            ));
+            continue;
+        }
+        let namer = namer.clone();
+        tokio::spawn(async move {
+            let outcome = match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
+                Ok(Ok(Ok(response))) => Ok(response.data),
+                Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => {
+                    Err(namer.not_leader(forward.leader_id))
+                }
+                Ok(Ok(Err(other))) => Err(namer.unknown(other.to_string())),
+                Ok(Err(_)) => Err(namer.unknown(
+                    "the replication group stopped before the write was applied; it may still be committed".into(),
+                )),
+                Err(_) => Err(namer.unknown(format!(
+                    "the write was not applied within {APPLY_TIMEOUT:?} (no majority of replicas reachable?); it may still be committed"
+                ))),
+            };
+            let _ = reply.send(outcome);
+        });
+    }
+}
+
+impl Replica for Group {
+    fn submit(&self, proposal: Proposal) -> Result<AppliedReceiver, BrokerError> {
+        let leadership = *self.leadership.borrow();
+        if !leadership.serving {
+            return Err(self.not_leader(leadership.leader));
+        }
+        let (reply, receiver) = oneshot::channel();
+        self.proposals
+            .send((proposal, reply))
+            .map_err(|_| self.unknown_outcome("the replication group stopped".into()))?;
+        Ok(receiver)
+    }
+
+    fn check_leader(&self) -> Result<(), BrokerError> {
+        let leadership = *self.leadership.borrow();
+        if leadership.serving {
+            Ok(())
+        } else {
+            Err(self.not_leader(leadership.leader))
+        }
+    }
+
+    fn read_barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
+        Box::pin(async move {
+            let result = tokio::time::timeout(
+                READ_BARRIER_TIMEOUT,
+                self.raft.ensure_linearizable(ReadPolicy::ReadIndex),
+            )
+            .await;
+            match result {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(RaftError::APIError(error))) => {
+                    let leader = match &error {
+                        openraft::error::LinearizableReadError::ForwardToLeader(forward) => {
+                            forward.leader_id
+                        }
+                        _ => None,
+                    };
+                    Err(self.not_leader(leader))
+                }
+                Ok(Err(error)) => Err(self.unknown_outcome(format!("read barrier: {error}"))),
+                Err(_) => Err(self.unknown_outcome(format!(
+                    "could not confirm the leadership with a majority of replicas within {READ_BARRIER_TIMEOUT:?}"
+                ))),
+            }
+        })
+    }
+
+    fn shutdown(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            if let Err(error) = self.raft.shutdown().await {
+                tracing::warn!(group = %self.id, %error, "replication group did not stop cleanly");
+            }
+        })
+    }
+}

@@ -1,0 +1,323 @@
+//! Partition groups' Raft RPCs between nodes: `Peer.Replicate` on each node's advertised
+//! address, over the one channel per peer address that the controller uses too ([`Peers`]),
+//! so every group of a node pair shares one HTTP/2 connection. Append-entries carry their
+//! entries as binary `RaftEntry` messages (a proposal's bytes as they are in the Raft log);
+//! the rest of each request and every answer is serde-encoded.
+//!
+//! Fault model: as the controller's network (`cluster::network`): no answer within the call's
+//! time limit or a lost connection is Unreachable (openraft backs off and retries); a node of
+//! another cluster, or one without the group, refuses the call, which openraft sees as a
+//! network error naming it.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, EntryPayload};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use syncline_proto::v1;
+
+use super::state_machine::Snapshot;
+use super::types::{log_id, term_of, Entry, LogId, PartitionRaft, Proposal, Vote};
+use crate::cluster::network::Peers;
+
+/// Entry kinds on the wire (and in the Raft log).
+pub const KIND_BLANK: u32 = 0;
+/// A proposal.
+pub const KIND_NORMAL: u32 = 1;
+/// A membership change (serde-encoded).
+pub const KIND_MEMBERSHIP: u32 = 2;
+
+/// Which group a call is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId {
+    /// The topic incarnation.
+    pub topic_id: String,
+    /// The partition.
+    pub partition: u32,
+}
+
+impl std::fmt::Display for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic_id, self.partition)
+    }
+}
+
+/// An append-entries request without its entries.
+#[derive(Serialize, Deserialize)]
+struct AppendHeader {
+    vote: Vote,
+    prev_log_id: Option<LogId>,
+    leader_commit: Option<LogId>,
+}
+
+/// An entry as sent.
+pub fn entry_to_wire(entry: &Entry) -> Result<v1::RaftEntry, String> {
+    let (kind, payload) = match &entry.payload {
+        EntryPayload::Blank => (KIND_BLANK, Bytes::new()),
+        EntryPayload::Normal(proposal) => (KIND_NORMAL, proposal.to_bytes()),
+        EntryPayload::Membership(membership) => (
+            KIND_MEMBERSHIP,
+            serde_json::to_vec(membership)
+                .map_err(|e| format!("encoding a membership: {e}"))?
+                .into(),
+        ),
+    };
+    Ok(v1::RaftEntry {
+        term: term_of(&entry.log_id),
+        index: entry.log_id.index,
+        kind,
+        payload,
+    })
+}
+
+/// An entry as received.
+pub fn entry_from_wire(entry: v1::RaftEntry) -> Result<Entry, String> {
+    let payload = match entry.kind {
+        KIND_BLANK => EntryPayload::Blank,
+        KIND_NORMAL => EntryPayload::Normal(
+            Proposal::decode(entry.payload).map_err(|e| format!("entry {}: {e}", entry.index))?,
+        ),
+        KIND_MEMBERSHIP => EntryPayload::Membership(
+            serde_json::from_slice(&entry.payload)
+                .map_err(|e| format!("entry {}: membership: {e}", entry.index))?,
+        ),
+        other => return Err(format!("entry {}: unknown kind {other}", entry.index)),
+    };
+    Ok(Entry {
+        log_id: log_id(entry.term, entry.index),
+        payload,
+    })
+}
+
+/// Makes a group's connections to its other replicas.
+#[derive(Debug, Clone)]
+pub struct GroupNetworkFactory {
+    /// This node's cluster (a node of another cluster refuses the call).
+    pub cluster_id: String,
+    /// This node's id.
+    pub me: u64,
+    /// The group.
+    pub group: GroupId,
+    /// The shared channels.
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<PartitionRaft> for GroupNetworkFactory {
+    type Network = GroupConnection;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> GroupConnection {
+        GroupConnection {
+            factory: self.clone(),
+            target,
+            address: node.addr.clone(),
+        }
+    }
+}
+
+/// A group's connection to one other replica.
+pub struct GroupConnection {
+    factory: GroupNetworkFactory,
+    target: u64,
+    address: String,
+}
+
+fn network_error(message: String) -> RPCError<PartitionRaft> {
+    RPCError::Network(NetworkError::from_string(message))
+}
+
+impl GroupConnection {
+    async fn call<Resp: DeserializeOwned>(
+        &mut self,
+        kind: &str,
+        header: Vec<u8>,
+        entries: Vec<v1::RaftEntry>,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<PartitionRaft>> {
+        let mut client = self
+            .factory
+            .peers
+            .client(&self.address)
+            .map_err(network_error)?;
+        let call = client.replicate(v1::ReplicateRequest {
+            cluster_id: self.factory.cluster_id.clone(),
+            from: self.factory.me,
+            topic_id: self.factory.group.topic_id.clone(),
+            partition: self.factory.group.partition,
+            kind: kind.to_string(),
+            header: header.into(),
+            entries,
+        });
+        let unreachable = |message: String| {
+            RPCError::Unreachable(Unreachable::from_string(format!(
+                "node {} at {}: {message}",
+                self.target, self.address
+            )))
+        };
+        let response = match tokio::time::timeout(ttl, call).await {
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no answer to a {kind} of group {} within {ttl:?}",
+                    self.factory.group
+                )))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(unreachable(status.message().to_string()))
+            }
+            Ok(Err(status)) => {
+                return Err(network_error(format!(
+                    "node {} at {}: {}",
+                    self.target,
+                    self.address,
+                    status.message()
+                )))
+            }
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let answer: Result<Resp, String> = serde_json::from_slice(&response.payload)
+            .map_err(|e| network_error(format!("decoding a {kind} answer: {e}")))?;
+        answer.map_err(|message| {
+            network_error(format!(
+                "node {} refused {kind} of group {}: {message}",
+                self.target, self.factory.group
+            ))
+        })
+    }
+
+    async fn call_json<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        kind: &str,
+        request: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<PartitionRaft>> {
+        let header = serde_json::to_vec(request)
+            .map_err(|e| network_error(format!("encoding a {kind} request: {e}")))?;
+        self.call(kind, header, Vec::new(), ttl).await
+    }
+}
+
+impl RaftNetworkV2<PartitionRaft> for GroupConnection {
+    type SnapshotData = std::io::Cursor<Vec<u8>>;
+
+    async fn append_entries(
+        &mut self,
+        request: AppendEntriesRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        let header = AppendHeader {
+            vote: request.vote,
+            prev_log_id: request.prev_log_id,
+            leader_commit: request.leader_commit,
+        };
+        let header = serde_json::to_vec(&header)
+            .map_err(|e| network_error(format!("encoding an append: {e}")))?;
+        let entries = request
+            .entries
+            .iter()
+            .map(entry_to_wire)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(network_error)?;
+        self.call("append", header, entries, option.hard_ttl())
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        request: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        self.call_json("vote", &request, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        request: VoteRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        self.call_json("pre_vote", &request, option.hard_ttl())
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
+        let request = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            answer = self.call_json("snapshot", &request, option.hard_ttl()) => Ok(answer?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<PartitionRaft>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<PartitionRaft>, RPCError<PartitionRaft>> {
+        self.call_json("transfer_leader", &request, option.hard_ttl())
+            .await
+    }
+}
+
+/// Serves one `Peer.Replicate` call on the group's Raft handle.
+pub async fn serve(
+    raft: &super::group::GroupRaft,
+    request: v1::ReplicateRequest,
+) -> Result<Vec<u8>, tonic::Status> {
+    fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, tonic::Status> {
+        serde_json::from_slice(payload).map_err(|e| {
+            tonic::Status::invalid_argument(format!("a raft message that does not decode: {e}"))
+        })
+    }
+    fn encode<T: Serialize, E: std::fmt::Display>(
+        answer: Result<T, E>,
+    ) -> Result<Vec<u8>, tonic::Status> {
+        let answer = answer.map_err(|e| e.to_string());
+        serde_json::to_vec(&answer)
+            .map_err(|e| tonic::Status::internal(format!("encoding a raft answer: {e}")))
+    }
+    match request.kind.as_str() {
+        "append" => {
+            let header: AppendHeader = decode(&request.header)?;
+            let entries = request
+                .entries
+                .into_iter()
+                .map(entry_from_wire)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(tonic::Status::invalid_argument)?;
+            let append = AppendEntriesRequest {
+                vote: header.vote,
+                prev_log_id: header.prev_log_id,
+                entries,
+                leader_commit: header.leader_commit,
+            };
+            encode(raft.append_entries(append).await)
+        }
+        "vote" => encode(raft.vote(decode(&request.header)?).await),
+        "pre_vote" => encode(raft.pre_vote(decode(&request.header)?).await),
+        "snapshot" => {
+            let (vote, meta, data): (Vote, super::types::SnapshotMeta, Vec<u8>) =
+                decode(&request.header)?;
+            let snapshot = Snapshot {
+                meta,
+                snapshot: std::io::Cursor::new(data),
+            };
+            encode(raft.install_full_snapshot(vote, snapshot).await)
+        }
+        "transfer_leader" => encode(raft.handle_transfer_leader(decode(&request.header)?).await),
+        other => Err(tonic::Status::invalid_argument(format!(
+            "unknown raft message kind `{other}`"
+        ))),
+    }
+}
