@@ -3,4 +3,5 @@
 //!
 //! (Work in progress: the module doc grows with the layer. See `types.rs` for the entry format.)
 
+pub mod raft_log;
 pub mod types;
