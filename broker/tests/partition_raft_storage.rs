@@ -205,8 +205,8 @@ async fn state(log: &mut RaftLog) -> State {
 
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|item| item.unwrap().path())
+        .expect("listing the log directory")
+        .map(|item| item.expect("listing the log directory").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "rlog"))
         .collect();
     files.sort();
@@ -569,13 +569,13 @@ mod model {
     }
 
     async fn run(ops: Vec<Op>) {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a model step");
         let limits = RaftLogLimits {
             segment_bytes_max: 700,
             cache_bytes_max: 400,
             ..RaftLogLimits::default()
         };
-        let mut log = RaftLog::open(dir.path(), limits).unwrap();
+        let mut log = RaftLog::open(dir.path(), limits).expect("a model step");
         // The model: live entries, purged id, vote.
         let mut entries: Vec<Entry> = Vec::new();
         let mut purged: Option<LogId> = None;
@@ -595,7 +595,7 @@ mod model {
                     let new: Vec<Entry> = (next..next + u64::from(n))
                         .map(|index| normal(term, index, usize::from(bytes)))
                         .collect();
-                    append(&mut log, new.clone()).await.unwrap();
+                    append(&mut log, new.clone()).await.expect("a model step");
                     entries.extend(new);
                 }
                 Op::Truncate(n) => {
@@ -605,7 +605,7 @@ mod model {
                     } else {
                         Some(entries[keep - 1].log_id)
                     };
-                    log.truncate_after(last).await.unwrap();
+                    log.truncate_after(last).await.expect("a model step");
                     entries.truncate(keep);
                 }
                 Op::Purge(n) => {
@@ -614,18 +614,18 @@ mod model {
                         continue;
                     }
                     let id = entries[upto - 1].log_id;
-                    log.purge(id).await.unwrap();
+                    log.purge(id).await.expect("a model step");
                     entries.drain(..upto);
                     purged = Some(id);
                 }
                 Op::Vote(t) => {
                     let v = Vote::new(u64::from(t) + term, 1);
-                    log.save_vote(&v).await.unwrap();
+                    log.save_vote(&v).await.expect("a model step");
                     vote = Some(v);
                 }
                 Op::Reopen => {
                     drop(log);
-                    log = RaftLog::open(dir.path(), limits).unwrap();
+                    log = RaftLog::open(dir.path(), limits).expect("a model step");
                 }
             }
             let got = state(&mut log).await;
@@ -635,8 +635,14 @@ mod model {
             assert_eq!(got.last, entries.last().map(|e| e.log_id).or(purged));
         }
         drop(log);
-        let mut reopened = RaftLog::open(dir.path(), limits).unwrap();
-        assert_eq!(reopened.try_get_log_entries(..).await.unwrap(), entries);
+        let mut reopened = RaftLog::open(dir.path(), limits).expect("a model step");
+        assert_eq!(
+            reopened
+                .try_get_log_entries(..)
+                .await
+                .expect("a model step"),
+            entries
+        );
     }
 
     proptest! {
