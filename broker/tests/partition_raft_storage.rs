@@ -213,6 +213,16 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// A log with small segments holding entries 1..=30, appended one at a time (several segments).
+async fn thirty_single_appends() -> (tempfile::TempDir, RaftLog) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut log = RaftLog::open(dir.path(), small_limits()).expect("a new log opens");
+    for index in 1..=30 {
+        append_range(&mut log, 1, index, index).await;
+    }
+    (dir, log)
+}
+
 fn open_error(dir: &Path, limits: RaftLogLimits) -> RaftLogError {
     match RaftLog::open(dir, limits) {
         Ok(_) => panic!("a corrupt log opened"),
@@ -359,12 +369,7 @@ async fn given_a_bad_record_before_valid_ones_open_should_refuse_the_log() {
 
 #[tokio::test]
 async fn given_a_bad_record_in_a_sealed_segment_open_should_refuse_the_log() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = RaftLog::open(dir.path(), small_limits()).unwrap();
-    for index in 1..=30 {
-        append_range(&mut log, 1, index, index).await;
-    }
-    drop(log);
+    let (dir, _) = thirty_single_appends().await;
     let files = segments(dir.path());
     assert!(files.len() >= 3, "{files:?}");
     // The very last byte of a sealed segment: the tail of a file, but not of the log.
@@ -382,12 +387,7 @@ async fn given_a_bad_record_in_a_sealed_segment_open_should_refuse_the_log() {
 
 #[tokio::test]
 async fn given_a_missing_segment_open_should_refuse_the_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = RaftLog::open(dir.path(), small_limits()).unwrap();
-    for index in 1..=30 {
-        append_range(&mut log, 1, index, index).await;
-    }
-    drop(log);
+    let (dir, _) = thirty_single_appends().await;
     let files = segments(dir.path());
     std::fs::remove_file(&files[1]).unwrap();
     let error = open_error(dir.path(), small_limits());
@@ -497,11 +497,7 @@ async fn entries_evicted_from_the_cache_should_read_back_the_same_from_disk() {
 
 #[tokio::test]
 async fn appends_after_a_truncation_into_a_sealed_segment_should_continue_there() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut log = RaftLog::open(dir.path(), small_limits()).unwrap();
-    for index in 1..=30 {
-        append_range(&mut log, 1, index, index).await;
-    }
+    let (dir, mut log) = thirty_single_appends().await;
     let before = segments(dir.path()).len();
     log.truncate_after(Some(log_id(1, 12))).await.unwrap();
     assert!(segments(dir.path()).len() < before);

@@ -610,6 +610,13 @@ fn scan_segment(
                 ),
             ));
         }
+        if position + total > u64::from(u32::MAX) {
+            return Err(RaftLogError::corrupt(
+                path,
+                position,
+                "a segment longer than 4 GiB (this log writes at most 1 GiB plus one append)",
+            ));
+        }
         last_term = header.term;
         records.push((
             header.index,
@@ -880,12 +887,12 @@ impl RaftLog {
                 got: first,
             });
         }
-        if let Some(last) = state.slots.back() {
+        if let Some(last) = state.last_log_id() {
             let term = term_of(&head.log_id);
-            if term < last.term {
+            if term < term_of(&last) {
                 return Err(RaftLogError::BadEntry {
                     index: first,
-                    reason: format!("term {term} below the log's last term {}", last.term),
+                    reason: format!("term {term} below the log's last term {}", term_of(&last)),
                 });
             }
         }
@@ -1391,15 +1398,23 @@ impl RaftLogStorage<PartitionRaft> for RaftLog {
         let result = self.check_poison().and_then(|()| {
             let mut bytes = Vec::new();
             let mut lens = Vec::with_capacity(entries.len());
-            let mut expected = entries.first().map(|entry| entry.log_id.index);
+            let mut previous: Option<&Entry> = None;
             for entry in &entries {
-                if Some(entry.log_id.index) != expected {
-                    return Err(RaftLogError::BadEntry {
-                        index: entry.log_id.index,
-                        reason: "the entries of one append are not consecutive".into(),
-                    });
+                if let Some(previous) = previous {
+                    if entry.log_id.index != previous.log_id.index + 1
+                        || term_of(&entry.log_id) < term_of(&previous.log_id)
+                    {
+                        return Err(RaftLogError::BadEntry {
+                            index: entry.log_id.index,
+                            reason: format!(
+                                "{} follows {} in one append: not consecutive, or the term \
+                                 goes down",
+                                entry.log_id, previous.log_id
+                            ),
+                        });
+                    }
                 }
-                expected = expected.map(|index| index + 1);
+                previous = Some(entry);
                 lens.push(encode_record(
                     entry,
                     &mut bytes,
@@ -1503,6 +1518,28 @@ mod tests {
         let (tx, rx) = PartitionRaft::oneshot();
         log.append(entries, IOFlushed::signal(tx)).await?;
         Ok(rx)
+    }
+
+    /// Appends `entries` and waits for their fsync.
+    async fn append_durably(log: &mut RaftLog, entries: Vec<Entry>) {
+        let completion = append(log, entries).await.expect("append");
+        completion
+            .await
+            .expect("a completion")
+            .expect("a durable append");
+    }
+
+    /// A new log on files that fail what the injector says.
+    fn faulty_log() -> (tempfile::TempDir, FaultInjector, RaftLog) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let faults = FaultInjector::new();
+        let log = RaftLog::open_with(
+            dir.path(),
+            RaftLogLimits::default(),
+            Arc::new(faults.clone()),
+        )
+        .expect("a new log opens");
+        (dir, faults, log)
     }
 
     /// Whether `future` is ready at its first poll.
@@ -1634,20 +1671,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn given_a_failed_fsync_the_callback_should_get_the_error_and_the_log_be_poisoned() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultInjector::new();
-        let mut log = RaftLog::open_with(
-            dir.path(),
-            RaftLogLimits::default(),
-            Arc::new(faults.clone()),
-        )
-        .unwrap();
-        append(&mut log, vec![normal(1, 1, 10)])
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+        let (dir, faults, mut log) = faulty_log();
+        append_durably(&mut log, vec![normal(1, 1, 10)]).await;
         faults.fail(FaultKind::Sync, 1, libc::EIO);
         let completion = append(&mut log, vec![normal(1, 2, 10)]).await.unwrap();
         assert!(
@@ -1667,24 +1692,12 @@ mod tests {
         // Reopened, the log works again.
         let mut log = RaftLog::open(dir.path(), RaftLogLimits::default()).unwrap();
         let last = log.get_log_state().await.unwrap().last_log_id.unwrap();
-        append(&mut log, vec![normal(1, last.index + 1, 10)])
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+        append_durably(&mut log, vec![normal(1, last.index + 1, 10)]).await;
     }
 
     #[tokio::test]
     async fn given_a_failed_write_the_append_should_fail_and_poison_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let faults = FaultInjector::new();
-        let mut log = RaftLog::open_with(
-            dir.path(),
-            RaftLogLimits::default(),
-            Arc::new(faults.clone()),
-        )
-        .unwrap();
+        let (_dir, faults, mut log) = faulty_log();
         faults.fail(FaultKind::Write, 1, libc::ENOSPC);
         let (tx, rx) = PartitionRaft::oneshot();
         assert!(log
@@ -1712,12 +1725,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.to_string().contains("at most 100"), "{error}");
-        append(&mut log, vec![normal(1, 1, 10)])
-            .await
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+        append_durably(&mut log, vec![normal(1, 1, 10)]).await;
         let error = append(&mut log, vec![normal(1, 5, 10)])
             .await
             .err()
