@@ -478,7 +478,15 @@ async fn entries_evicted_from_the_cache_should_read_back_the_same_from_disk() {
         append(&mut log, vec![entry]).await.unwrap();
     }
     assert!(log.cached_bytes() <= 1000);
+    assert!(log.cached_bytes() > 0);
     let mut reader = log.get_log_reader().await;
+    assert_eq!(reader.try_get_log_entries(..).await.unwrap(), written);
+    // Released, the tail reads from disk the same.
+    log.release_cached_through(57);
+    let tail_bytes = log.cached_bytes();
+    assert!(tail_bytes > 0 && tail_bytes < 1000, "{tail_bytes}");
+    log.release_cached_through(60);
+    assert_eq!(log.cached_bytes(), 0);
     assert_eq!(reader.try_get_log_entries(..).await.unwrap(), written);
     assert_eq!(
         reader.try_get_log_entries(5..9).await.unwrap(),

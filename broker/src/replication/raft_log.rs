@@ -71,6 +71,15 @@
 //! - Only the active segment's descriptor stays open; sealed segments are reopened for each
 //!   read (a node holds ~1,000 of these logs).
 //!
+//! ## Memory and cost
+//! Per live entry 16 bytes (term, position, length and kind); the cache holds the newest
+//! entries up to `cache_bytes_max` (8 MiB by default: with ~1,000 logs per node the owner
+//! should call [`RaftLog::release_cached_through`] once entries are on every replica and
+//! applied, so that idle partitions hold no cache). `open` reads every segment once (CRC of
+//! every record), so its cost is the live log's size: the partition purges it at snapshots.
+//! Appends are serialized by openraft (`&mut self`); the encoding and the `pwrite` (into the
+//! page cache) run on the caller's task, the fsync on tokio's blocking pool.
+//!
 //! Limits: a record's payload is at most [`RaftLogLimits::record_bytes_max`] (larger appends are
 //! refused, nothing written); a segment rolls at [`RaftLogLimits::segment_bytes_max`], at most
 //! 1 GiB so that every record position fits the 32-bit slot field.
@@ -829,6 +838,22 @@ impl RaftLog {
     /// Bytes of entries held in the cache (for metrics and tests).
     pub fn cached_bytes(&self) -> usize {
         self.shared.state.lock().cache_bytes
+    }
+
+    /// Drops cached entries up to and including `index`: call it once every replica has them
+    /// and they are applied (nothing will read them soon), so that an idle partition holds no
+    /// cache. Later reads of them go to disk.
+    pub fn release_cached_through(&self, index: u64) {
+        let mut state = self.shared.state.lock();
+        while state
+            .cache
+            .front()
+            .is_some_and(|(entry, _)| entry.log_id.index <= index)
+        {
+            if let Some((_, len)) = state.cache.pop_front() {
+                state.cache_bytes -= len as usize;
+            }
+        }
     }
 
     fn check_poison(&self) -> Result<(), RaftLogError> {
