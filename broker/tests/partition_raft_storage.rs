@@ -780,3 +780,123 @@ async fn measure_append_and_fsync_of_10000_entries_of_1_kib() {
         elapsed.as_secs_f64() * 1000.0 / 100.0
     );
 }
+
+/// The entry at `index` that the crash test writes: its size varies with the index.
+fn crash_entry(index: u64) -> Entry {
+    normal(1, index, (index as usize * 7919) % 3000 + 10)
+}
+
+const CRASH_DIR_ENV: &str = "RAFT_LOG_CRASH_DIR";
+
+fn crash_limits() -> RaftLogLimits {
+    RaftLogLimits {
+        segment_bytes_max: 64 * 1024,
+        cache_bytes_max: 16 * 1024,
+        ..RaftLogLimits::default()
+    }
+}
+
+/// The child of the crash test (does nothing unless the parent set its directory): appends
+/// batches forever, printing each acknowledged last index, and purges now and then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn crash_child_appends_until_killed() {
+    let Ok(dir) = std::env::var(CRASH_DIR_ENV) else {
+        return;
+    };
+    let mut log = RaftLog::open(Path::new(&dir), crash_limits()).unwrap();
+    let mut next = log
+        .get_log_state()
+        .await
+        .unwrap()
+        .last_log_id
+        .map_or(1, |id| id.index + 1);
+    let mut round = 0u64;
+    loop {
+        round += 1;
+        let count = round % 17 + 1;
+        let entries: Vec<Entry> = (next..next + count).map(crash_entry).collect();
+        append(&mut log, entries).await.unwrap();
+        next += count;
+        println!("acked {}", next - 1);
+        if round.is_multiple_of(25) && next > 200 {
+            log.purge(log_id(1, next - 150)).await.unwrap();
+        }
+    }
+}
+
+/// The child process, killed if the test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Kills a process appending to the log (SIGKILL, at a different point each round) and checks
+/// that everything it acknowledged is there after a reopen, byte for byte, and that the log
+/// goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_killed_appender_every_acknowledged_entry_should_survive() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut last_acked = 0u64;
+    for round in 0..4u64 {
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "--exact",
+                "crash_child_appends_until_killed",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CRASH_DIR_ENV, dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut child = KillOnDrop(child);
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        // Kill after a different number of acknowledgements each round.
+        let kill_after = 40 + round * 37;
+        let mut seen = 0;
+        while seen < kill_after {
+            let line = lines.next().expect("the child stopped early").unwrap();
+            if let Some(index) = line.strip_prefix("acked ") {
+                last_acked = index.parse().unwrap();
+                seen += 1;
+            }
+        }
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        // What the child printed after the kill point may still be in the pipe.
+        for line in lines.map_while(Result::ok) {
+            if let Some(index) = line.strip_prefix("acked ") {
+                last_acked = index.parse().unwrap();
+            }
+        }
+
+        let mut log = RaftLog::open(dir.path(), crash_limits()).unwrap();
+        let state = state(&mut log).await;
+        let last = state.last.expect("entries").index;
+        assert!(
+            last >= last_acked,
+            "round {round}: acknowledged {last_acked}, log ends at {last}"
+        );
+        let first = state.purged.map_or(1, |p| p.index + 1);
+        let expected: Vec<Entry> = (first..=last).map(crash_entry).collect();
+        assert_eq!(state.entries, expected, "round {round}");
+    }
+    // The runs went through rolls and purges.
+    let mut log = RaftLog::open(dir.path(), crash_limits()).unwrap();
+    assert!(log
+        .get_log_state()
+        .await
+        .unwrap()
+        .last_purged_log_id
+        .is_some());
+    assert!(segments(dir.path()).len() > 1);
+}
