@@ -900,3 +900,78 @@ async fn given_a_killed_appender_every_acknowledged_entry_should_survive() {
         .is_some());
     assert!(segments(dir.path()).len() > 1);
 }
+
+/// The golden fixture's directory: a log written by format version 1 that every later version
+/// must still open and read identically. Regenerate only on a deliberate format change:
+/// `SYNCLINE_REGENERATE_FIXTURES=1 cargo test -p syncline-broker --test partition_raft_storage golden`.
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/raft-log-v1")
+}
+
+/// 512-byte segments, so the fixture spans several files.
+fn golden_limits() -> RaftLogLimits {
+    RaftLogLimits {
+        segment_bytes_max: 512,
+        ..RaftLogLimits::default()
+    }
+}
+
+/// Entries 1..=12 of the fixture: proposals with conditions, a membership change at 2, and the
+/// blank entry a new leader writes at 8 (term 2 starts there).
+fn golden_entries() -> Vec<Entry> {
+    (1..=12u64)
+        .map(|index| {
+            let term = if index < 8 { 1 } else { 2 };
+            match index {
+                2 => membership(term, index),
+                8 => Entry {
+                    log_id: log_id(term, index),
+                    payload: EntryPayload::Blank,
+                },
+                _ => Entry {
+                    log_id: log_id(term, index),
+                    payload: EntryPayload::Normal(Proposal {
+                        now_ms: 1_700_000_000_000 + index as i64,
+                        conditions: vec![syncline_broker::replication::types::ProposedCondition {
+                            key: Bytes::from(format!("key-{index}")),
+                            expected: (index % 2 == 0).then_some(index),
+                        }],
+                        batch: Bytes::from(vec![index as u8; 60]),
+                    }),
+                },
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_golden_v1_log_should_open_and_read_the_same() {
+    let golden = golden_dir();
+    if std::env::var("SYNCLINE_REGENERATE_FIXTURES").is_ok() {
+        let _ = std::fs::remove_dir_all(&golden);
+        let mut log = RaftLog::open(&golden, golden_limits()).unwrap();
+        log.save_vote(&Vote::new_committed(2, 1)).await.unwrap();
+        for chunk in golden_entries().chunks(4) {
+            append(&mut log, chunk.to_vec()).await.unwrap();
+        }
+        log.save_committed(Some(log_id(2, 10))).await.unwrap();
+        log.purge(log_id(1, 1)).await.unwrap();
+    }
+    // Opened from a copy: open may write (cuts, deletes), the fixture must stay as checked in.
+    let copy = tempfile::tempdir().unwrap();
+    for item in std::fs::read_dir(&golden).expect("the fixture is checked in") {
+        let path = item.unwrap().path();
+        std::fs::copy(&path, copy.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut log = RaftLog::open(copy.path(), golden_limits()).unwrap();
+    let state = state(&mut log).await;
+    assert_eq!(state.vote, Some(Vote::new_committed(2, 1)));
+    assert_eq!(state.committed, Some(log_id(2, 10)));
+    // Entry 1 is purged but still in the first segment: skipped.
+    assert_eq!(state.purged, Some(log_id(1, 1)));
+    assert_eq!(state.entries, golden_entries()[1..].to_vec());
+    assert!(
+        segments(copy.path()).len() >= 2,
+        "the fixture spans segments"
+    );
+}
