@@ -45,10 +45,7 @@ pub const CONDITIONS_MAX: usize = 10_000;
 
 /// A log id from its term and index.
 pub fn log_id(term: u64, index: u64) -> LogId {
-    LogId::new(
-        openraft::vote::leader_id_std::CommittedLeaderId::new(term),
-        index,
-    )
+    LogId::new(openraft::vote::leader_id_std::CommittedLeaderId::new(term), index)
 }
 
 /// The term of a log id (a batch's leader epoch).
