@@ -121,7 +121,15 @@ impl Group {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("group {id}: {what}: {e}");
         let state_machine = PartitionStateMachine::open(dir, partition.clone())
             .map_err(|e| fail("opening its state", &e))?;
-        let log = super::mem_log::MemLog::default();
+        let log = {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                super::raft_log::RaftLog::open(&dir, super::raft_log::RaftLogLimits::default())
+            })
+            .await
+            .map_err(|e| fail("opening its Raft log", &e))?
+            .map_err(|e| fail("opening its Raft log", &e))?
+        };
         let config = openraft::Config {
             cluster_name: format!("{}-{id}", context.cluster_id),
             heartbeat_interval: HEARTBEAT_MS,

@@ -18,6 +18,7 @@
 //!
 //! ## Layers
 //! - `types`: the group's openraft types and the binary entry format.
+//! - `raft_log`: the group's Raft log on disk (segments, group-committed fsync, recovery).
 //! - `state_machine`: applies entries to the [`crate::partition::Partition`].
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
@@ -27,8 +28,8 @@
 //! It may call the partition layer and the cluster's peer channels; the server calls it.
 
 pub mod group;
-pub mod mem_log;
 pub mod network;
+pub mod raft_log;
 pub mod state_machine;
 pub mod types;
 
