@@ -25,12 +25,23 @@ impl Log {
             });
         }
         let header = batch::verify(batch)?;
-        self.append_verified(batch, header)
+        self.append_verified(batch, header, segment::DEFAULT_LEADER_EPOCH)
     }
 
     /// Appends a batch the caller already verified ([`batch::Batch::parse`] checks framing and
-    /// CRC), so the CRC is computed once per produce.
+    /// CRC), so the CRC is computed once per produce. Stamps leader epoch 0.
     pub fn append_batch(&self, batch: &batch::Batch) -> Result<Appended, LogError> {
+        self.append_batch_at(batch, segment::DEFAULT_LEADER_EPOCH)
+    }
+
+    /// Like [`Log::append_batch`], stamping `leader_epoch` (the Raft term of the entry that
+    /// carries the batch) instead of 0. Epochs never go down along a log: an epoch below the
+    /// last batch's is refused with [`LogError::EpochRegressed`] and nothing is appended.
+    pub fn append_batch_at(
+        &self,
+        batch: &batch::Batch,
+        leader_epoch: u32,
+    ) -> Result<Appended, LogError> {
         let bytes = batch.as_bytes();
         if bytes.len() > self.config.batch_bytes_max as usize {
             return Err(LogError::BatchTooLarge {
@@ -38,13 +49,14 @@ impl Log {
                 max: self.config.batch_bytes_max,
             });
         }
-        self.append_verified(bytes, *batch.header())
+        self.append_verified(bytes, *batch.header(), leader_epoch)
     }
 
     fn append_verified(
         &self,
         batch: &[u8],
         header: batch::BatchHeader,
+        leader_epoch: u32,
     ) -> Result<Appended, LogError> {
         if u64::from(header.last_offset_delta) + 1 != u64::from(header.record_count) {
             // A producer batch covers exactly its records; wider batches are the cleaner's.
@@ -56,6 +68,14 @@ impl Log {
         let length = batch.len() as u64;
         let mut writer = self.writer.lock();
         self.check_writable()?;
+        let last_epoch = writer.active.last_epoch();
+        if leader_epoch < last_epoch {
+            return Err(LogError::EpochRegressed {
+                dir: self.dir.clone(),
+                epoch: leader_epoch,
+                last_epoch,
+            });
+        }
         let base_offset = self.end_offset.load(Ordering::Acquire);
         let last_offset = base_offset + u64::from(header.last_offset_delta);
         if writer.position > 0 && self.needs_roll(&writer, length, last_offset) {
@@ -68,7 +88,7 @@ impl Log {
         }
         // The stamped prefix (base offset, length, leader epoch) sits before the CRC'd bytes,
         // so stamping never recomputes the CRC; the rest goes out exactly as it came.
-        let prefix = batch::stamped_prefix(base_offset, header.length, segment::LEADER_EPOCH);
+        let prefix = batch::stamped_prefix(base_offset, header.length, leader_epoch);
         if let Err(error) =
             writer
                 .file
@@ -103,7 +123,7 @@ impl Log {
         }
         writer.position = needed;
         self.settle(&mut writer);
-        active.publish(needed, last_offset + 1, header.max_timestamp);
+        active.publish(needed, last_offset + 1, header.max_timestamp, leader_epoch);
         self.end_offset.store(last_offset + 1, Ordering::Release);
         drop(writer);
         self.stats.batches_appended.fetch_add(1, Ordering::Relaxed);
@@ -219,8 +239,14 @@ impl Log {
         //    stays active and nothing else changed (a full disk is a clean NoSpace).
         let base = self.end_offset.load(Ordering::Acquire);
         let now = self.options.clock.now_ms();
-        let (segment, file) =
-            Self::create_segment(&self.dir, base, &self.config, &self.options, now)?;
+        let (segment, file) = Self::create_segment(
+            &self.dir,
+            base,
+            old.last_epoch(),
+            &self.config,
+            &self.options,
+            now,
+        )?;
         // 3. Release the preallocated blocks past the end. The size only shrinks over bytes no
         //    reader was ever given (a partial write that failed), and ext4/xfs/tmpfs free
         //    fallocate'd blocks even when the size does not change.

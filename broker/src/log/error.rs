@@ -119,6 +119,18 @@ pub enum LogError {
         reason: String,
     },
 
+    /// A batch's leader epoch is below the last batch's: epochs (Raft terms) never go down
+    /// along a log. Nothing was appended.
+    #[error("log {dir}: leader epoch {epoch} is below the epoch {last_epoch} of the last batch; epochs never go down along a log")]
+    EpochRegressed {
+        /// The log directory.
+        dir: PathBuf,
+        /// The epoch asked for.
+        epoch: u32,
+        /// The epoch of the log's last batch.
+        last_epoch: u32,
+    },
+
     /// The log was closed.
     #[error("log {dir} is closed")]
     Closed {

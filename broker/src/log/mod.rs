@@ -26,6 +26,11 @@
 //! - `end` = next offset to assign. `append` stamps the batch's base offset and leader epoch
 //!   (the fields before the CRC) and writes the rest as it came (`pwritev`: 16 stamped bytes +
 //!   the client's bytes from byte 16 on, no copy).
+//! - Leader epoch (header bytes 12..16): `append`/`append_batch` stamp 0 (a log that is not
+//!   replicated); [`Log::append_batch_at`] stamps the caller's epoch, the Raft term of the
+//!   entry. Epochs never go down along a log (Raft terms only grow along any Raft log): an
+//!   append below the last batch's epoch is refused ([`LogError::EpochRegressed`]), and reads
+//!   return the batches with their stamped epoch.
 //! - `durable` <= `end`: everything below it was covered by an fsync. `read` serves only below
 //!   `durable`, so no reader ever sees a record that a crash could take back and whose offset
 //!   could then be reused.
@@ -41,7 +46,7 @@
 //!
 //! ## Fault model
 //! - `kill -9` / power loss at any point: on open without a valid clean-shutdown marker every
-//!   segment is scanned (framing, contiguous offsets, stamped leader epoch, CRC-32C). A bad or
+//!   segment is scanned (framing, contiguous offsets, leader epochs, CRC-32C). A bad or
 //!   partial batch in the last segment at or after the recovery point is a torn tail: the
 //!   segment is truncated to the last valid batch (before it is mapped) and the log says how
 //!   many bytes it dropped. Anything else was fsync'd once — a sealed segment is synced before
@@ -49,6 +54,12 @@
 //!   batch there, or a log that ends below the recovery point, is interior corruption: `open`
 //!   fails with [`LogError::Corrupt`] naming the file (the caller fences this partition; other
 //!   partitions are unaffected). Indexes are hints: rebuilt when missing or inconsistent.
+//! - Leader epochs are not covered by the CRC. Any epoch is valid, but a batch whose epoch is
+//!   LOWER than the batch before it in the same log (across segment boundaries too) fails the
+//!   scan like a bad CRC: a torn tail when it is in the last segment at or after the recovery
+//!   point, interior corruption anywhere else. Reads check the same along each walk. A flipped
+//!   bit that raises an epoch is therefore caught only by the batch after it (and not at all in
+//!   the last batch); the cleaner keeps every batch's epoch when it re-encodes one.
 //! - Roll order: fsync the old segment, create the successor (removed again if that fails, so
 //!   a full disk leaves no empty segment behind), trim the old indexes, publish, then persist
 //!   the recovery point. A crash between any two steps leaves a log that opens: at worst an

@@ -105,6 +105,17 @@ fn birth_time_ms(file: &File) -> Option<i64> {
     i64::try_from(since.as_millis()).ok()
 }
 
+/// What a clean open knows about a segment from its neighbours.
+#[derive(Debug, Clone, Copy)]
+struct Around {
+    /// Base offset of the next segment (`None` for the last one).
+    next_base: Option<u64>,
+    /// The clean-shutdown marker (the log's end, for the last segment).
+    marker: Option<CleanMarker>,
+    /// Leader epoch of the last batch before this segment.
+    min_epoch: u32,
+}
+
 impl Log {
     /// Opens (or creates) the log in `dir` with real files and the system clock.
     pub fn open(dir: impl Into<PathBuf>, config: LogConfig) -> Result<Log, LogError> {
@@ -197,6 +208,8 @@ impl Log {
         }
         let names = kept;
         let mut i = 0;
+        // Leader epoch of the last batch so far: epochs never go down along the log.
+        let mut epoch = segment::DEFAULT_LEADER_EPOCH;
         while i < names.len() {
             let name = names[i];
             let base = name.base;
@@ -210,25 +223,22 @@ impl Log {
                 .len()
                 .map_err(|e| LogError::io("reading size of", &path, e))?;
             let trusted = if clean {
-                let next_base = names.get(i + 1).map(|n| n.base);
-                Self::load_trusted(
-                    &dir,
-                    name,
-                    next_base,
-                    &config,
-                    file.file(),
-                    file_len,
+                let around = Around {
+                    next_base: names.get(i + 1).map(|n| n.base),
                     marker,
-                )
+                    min_epoch: epoch,
+                };
+                Self::load_trusted(&dir, name, around, &config, file.file(), file_len)
             } else {
                 None
             };
-            let (next_offset, max_timestamp, cursor, indexes) = match trusted {
+            let (next_offset, max_timestamp, cursor, indexes, last_epoch) = match trusted {
                 Some(loaded) => loaded,
                 None => {
                     let data = segment::map_file(file.file(), file_len)
                         .map_err(|e| LogError::io("mapping segment", &path, e))?;
-                    let mut scan = segment::scan(&data, base, config.index_interval_bytes, true);
+                    let mut scan =
+                        segment::scan(&data, base, config.index_interval_bytes, true, epoch);
                     drop(data);
                     if scan.stop.is_none() && !is_last && scan.next_offset != names[i + 1].base {
                         scan.stop = Some(format!(
@@ -279,7 +289,13 @@ impl Log {
                     let is_last = i + 1 == names.len();
                     let indexes =
                         Self::indexes_from_scan(&dir, name, is_last, &config, &scan, &mut report)?;
-                    (scan.next_offset, scan.max_timestamp, scan.cursor, indexes)
+                    (
+                        scan.next_offset,
+                        scan.max_timestamp,
+                        scan.cursor,
+                        indexes,
+                        scan.last_epoch,
+                    )
                 }
             };
             let is_last = i + 1 == names.len();
@@ -305,6 +321,7 @@ impl Log {
                 len: file_len,
                 next_offset,
                 max_timestamp,
+                last_epoch,
                 created_ms: birth_time_ms(file.file()).unwrap_or(now).min(now),
                 verified: !clean,
                 indexes,
@@ -313,13 +330,21 @@ impl Log {
                 writer_parts = Some((file, cursor));
             }
             // Sealed segments drop their file handle here; the mapping stays.
+            epoch = last_epoch;
             i += 1;
         }
 
         let (active, file, cursor) = match (segments.last(), writer_parts) {
             (Some(active), Some((file, cursor))) => (active.clone(), file, cursor),
             _ => {
-                let (segment, file) = Self::create_segment(&dir, 0, &config, &options, now)?;
+                let (segment, file) = Self::create_segment(
+                    &dir,
+                    0,
+                    segment::DEFAULT_LEADER_EPOCH,
+                    &config,
+                    &options,
+                    now,
+                )?;
                 segments.push(segment.clone());
                 (segment, file, IndexCursor::default())
             }
@@ -399,12 +424,16 @@ impl Log {
     fn load_trusted(
         dir: &Path,
         name: SegmentName,
-        next_base: Option<u64>,
+        around: Around,
         config: &LogConfig,
         file: &File,
         file_len: u64,
-        marker: Option<CleanMarker>,
-    ) -> Option<(u64, i64, IndexCursor, Indexes)> {
+    ) -> Option<(u64, i64, IndexCursor, Indexes, u32)> {
+        let Around {
+            next_base,
+            marker,
+            min_epoch,
+        } = around;
         let base = name.base;
         let is_last = next_base.is_none();
         let (offsets, times) = if is_last {
@@ -422,15 +451,15 @@ impl Log {
         let indexes = Indexes { offsets, times };
         let data = segment::map_file(file, file_len).ok()?;
         let checked = segment::check_index(&indexes, file_len)
-            .and_then(|()| Segment::walk_tail(&data, base, &indexes));
+            .and_then(|()| Segment::walk_tail(&data, base, &indexes, min_epoch));
         match checked {
-            Ok((next, max_timestamp, cursor)) => {
+            Ok((next, max_timestamp, cursor, last_epoch)) => {
                 let expected_next = next_base.or(marker.map(|m| m.end_offset));
                 if expected_next != Some(next) {
                     tracing::warn!(dir = %dir.display(), base, next, ?expected_next, "segment does not end where the next one starts; scanning it");
                     return None;
                 }
-                Some((next, max_timestamp, cursor, indexes))
+                Some((next, max_timestamp, cursor, indexes, last_epoch))
             }
             Err(reason) => {
                 tracing::warn!(dir = %dir.display(), base, %reason, "segment disagrees with its index after a clean shutdown; scanning it");
@@ -515,14 +544,17 @@ impl Log {
         Ok(Indexes { offsets, times })
     }
 
+    /// Creates the empty segment `base` (generation 0); `last_epoch` is the epoch of the batch
+    /// before it (what its first batch must not go below).
     pub(super) fn create_segment(
         dir: &Path,
         base: u64,
+        last_epoch: u32,
         config: &LogConfig,
         options: &OpenOptions,
         now: i64,
     ) -> Result<(Arc<Segment>, Arc<dyn SegmentFile>), LogError> {
-        let result = Self::try_create_segment(dir, base, config, options, now);
+        let result = Self::try_create_segment(dir, base, last_epoch, config, options, now);
         if result.is_err() {
             // Leave nothing behind: an empty segment file between two real ones would break the
             // offset sequence on the next open.
@@ -535,6 +567,7 @@ impl Log {
     fn try_create_segment(
         dir: &Path,
         base: u64,
+        last_epoch: u32,
         config: &LogConfig,
         options: &OpenOptions,
         now: i64,
@@ -570,6 +603,7 @@ impl Log {
             len: 0,
             next_offset: base,
             max_timestamp: i64::MIN,
+            last_epoch,
             created_ms: now,
             verified: true,
             indexes: Indexes { offsets, times },

@@ -87,7 +87,9 @@ pub fn to_status(error: BrokerError) -> Status {
                 Status::resource_exhausted(message)
             }
             LogError::OffsetOutOfRange { .. } => Status::out_of_range(message),
-            LogError::Poisoned { .. } => Status::failed_precondition(message),
+            LogError::Poisoned { .. } | LogError::EpochRegressed { .. } => {
+                Status::failed_precondition(message)
+            }
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
             LogError::Compaction { .. } => Status::aborted(message),
