@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 
 use super::checkpoint::{self, CleanMarker};
 use super::segment::{self, IndexCursor};
-use super::{Appended, FsyncPolicy, Log, LogError, Writer};
+use super::{Appended, FsyncPolicy, Log, LogError, Visibility, Writer};
 
 impl Log {
     /// Validates `batch` (framing, length, CRC-32C), stamps the next offset as its base offset
@@ -274,7 +274,7 @@ impl Log {
             chunk: writer.chunk,
             counted: 0,
         };
-        self.publish_durable(base);
+        self.mark_synced(base);
         self.persist_recovery_point(base);
         tracing::debug!(dir = %self.dir.display(), base, "rolled segment");
         Ok(())
@@ -303,10 +303,18 @@ impl Log {
         }
     }
 
-    fn publish_durable(&self, offset: u64) {
-        self.durable_offset.fetch_max(offset, Ordering::AcqRel);
+    /// Everything below `offset` was fsync'd; with [`Visibility::Synced`] it becomes visible.
+    fn mark_synced(&self, offset: u64) {
+        self.synced_offset.fetch_max(offset, Ordering::AcqRel);
+        if self.visibility == Visibility::Synced {
+            self.raise_visible(offset);
+        }
+    }
+
+    fn raise_visible(&self, offset: u64) {
+        self.visible_offset.fetch_max(offset, Ordering::AcqRel);
         // Monotonic under concurrent publishers: a smaller value never overwrites a larger one.
-        self.durable_tx.send_if_modified(|current| {
+        self.visible_tx.send_if_modified(|current| {
             if offset > *current {
                 *current = offset;
                 true
@@ -316,18 +324,35 @@ impl Log {
         });
     }
 
-    /// Makes everything appended so far durable and visible, sharing the fsync with concurrent
-    /// callers (group commit). Returns the durable offset. Blocking: call it from a blocking
-    /// thread.
+    /// With [`Visibility::Published`]: makes everything below `offset` (clamped to the end
+    /// offset; publish batch ends) visible to readers — `read`, `wait_durable`,
+    /// `subscribe_durable`, `durable_offset`, retention — whether or not it is fsync'd yet.
+    /// Monotonic: a lower offset than the current one changes nothing. Returns the visible
+    /// offset. With [`Visibility::Synced`] fsync moves the visible offset and this does
+    /// nothing.
+    pub fn publish(&self, offset: u64) -> u64 {
+        if self.visibility == Visibility::Published {
+            // Under the writer lock, so a concurrent `truncate_to` cannot leave a visible
+            // offset past the end it cut to.
+            let _writer = self.writer.lock();
+            self.raise_visible(offset.min(self.end_offset()));
+        }
+        self.durable_offset()
+    }
+
+    /// Makes everything appended so far fsync'd, sharing the fsync with concurrent callers
+    /// (group commit); with [`Visibility::Synced`] it also becomes visible. Returns the synced
+    /// offset. With [`Visibility::Published`] it also persists the recovery point (the owner
+    /// calls this rarely, at its checkpoints). Blocking: call it from a blocking thread.
     pub fn sync(&self) -> Result<u64, LogError> {
         let target = self.end_offset();
-        if self.durable_offset() >= target {
-            return Ok(self.durable_offset());
+        if self.synced_offset() >= target {
+            return Ok(self.synced_offset());
         }
         let _turn = self.sync_lock.lock();
         // Whoever held the lock before us may have covered our target already.
-        if self.durable_offset() >= target {
-            return Ok(self.durable_offset());
+        if self.synced_offset() >= target {
+            return Ok(self.synced_offset());
         }
         if self.poisoned.load(Ordering::Acquire) {
             self.check_writable()?;
@@ -347,14 +372,18 @@ impl Log {
         metrics::histogram!(crate::metrics::GROUP_COMMIT_BATCHES)
             .record(batches.saturating_sub(previous) as f64);
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
-        self.publish_durable(end);
-        Ok(self.durable_offset())
+        self.mark_synced(end);
+        if self.visibility == Visibility::Published {
+            self.persist_recovery_point(end);
+        }
+        Ok(self.synced_offset())
     }
 
-    /// Resolves once everything below `offset` is durable (e.g. `Appended::durable_target`).
-    /// Needs a running flusher ([`Log::spawn_flusher`]) or someone calling [`Log::sync`].
+    /// Resolves once everything below `offset` is visible (e.g. `Appended::durable_target`):
+    /// fsync'd with [`Visibility::Synced`] (needs a running flusher ([`Log::spawn_flusher`]) or
+    /// someone calling [`Log::sync`]), published with [`Visibility::Published`].
     pub async fn wait_durable(&self, offset: u64) -> Result<u64, LogError> {
-        let mut rx = self.durable_tx.subscribe();
+        let mut rx = self.visible_tx.subscribe();
         loop {
             let durable = (*rx.borrow_and_update()).max(self.durable_offset());
             if durable >= offset {
@@ -369,14 +398,15 @@ impl Log {
         }
     }
 
-    /// A receiver that changes whenever the durable offset grows (what long-polls and
-    /// subscriptions wait on).
+    /// A receiver that changes whenever the visible offset ([`Log::durable_offset`]) grows
+    /// (what long-polls and subscriptions wait on).
     pub fn subscribe_durable(&self) -> watch::Receiver<u64> {
-        self.durable_tx.subscribe()
+        self.visible_tx.subscribe()
     }
 
     /// Starts the background group commit on the current tokio runtime. It ends when the log is
-    /// closed, poisoned or dropped.
+    /// closed, poisoned or dropped. With [`Visibility::Published`] there is nothing for it to
+    /// do (the owner syncs at its checkpoints; rolls fsync the old segment): it ends at once.
     pub fn spawn_flusher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let log = Arc::downgrade(self);
         let dirty = self.dirty.clone();
@@ -389,7 +419,7 @@ impl Log {
             last.1.elapsed() >= Duration::from_millis(self.config.recovery_point_interval_ms)
         };
         if due {
-            self.persist_recovery_point(self.durable_offset());
+            self.persist_recovery_point(self.synced_offset());
         }
     }
 
@@ -401,7 +431,7 @@ impl Log {
         }
         self.dirty.notify_one();
         if self.poisoned.load(Ordering::Acquire) {
-            self.durable_tx.send_modify(|_| {});
+            self.visible_tx.send_modify(|_| {});
             return Err(LogError::Poisoned {
                 dir: self.dir.clone(),
                 cause: self.poison_cause.lock().clone().unwrap_or_default(),
@@ -414,7 +444,7 @@ impl Log {
         }
         self.release_reservation(&mut writer);
         let end = self.end_offset();
-        self.publish_durable(end);
+        self.mark_synced(end);
         let marker = CleanMarker {
             end_offset: end,
             last_segment: writer.active.base_offset,
@@ -429,7 +459,7 @@ impl Log {
         }
         checkpoint::write_clean_marker(&self.dir, marker)
             .map_err(|e| LogError::io("writing the clean-shutdown marker in", &self.dir, e))?;
-        self.durable_tx.send_modify(|_| {});
+        self.visible_tx.send_modify(|_| {});
         tracing::info!(dir = %self.dir.display(), end, "closed log");
         Ok(())
     }
@@ -442,7 +472,10 @@ async fn flusher(log: Weak<Log>, dirty: Arc<Notify>) {
             if log.closed.load(Ordering::Acquire) || log.poisoned.load(Ordering::Acquire) {
                 return;
             }
-            if log.end_offset() <= log.durable_offset() {
+            if log.visibility == Visibility::Published {
+                return;
+            }
+            if log.end_offset() <= log.synced_offset() {
                 None
             } else {
                 Some(log.config.fsync)

@@ -31,9 +31,22 @@
 //!   entry. Epochs never go down along a log (Raft terms only grow along any Raft log): an
 //!   append below the last batch's epoch is refused ([`LogError::EpochRegressed`]), and reads
 //!   return the batches with their stamped epoch.
-//! - `durable` <= `end`: everything below it was covered by an fsync. `read` serves only below
-//!   `durable`, so no reader ever sees a record that a crash could take back and whose offset
-//!   could then be reused.
+//! - `synced` <= `end`: everything below it was covered by an fsync. The recovery point never
+//!   claims more than `synced`.
+//! - `visible` (reported as `durable_offset()`, `info().durable_offset`, and what `read`,
+//!   `wait_durable`, `subscribe_durable`, `offset_for_timestamp` and retention go by): readers
+//!   see only below it. What moves it is the log's [`Visibility`], chosen at open:
+//!   - [`Visibility::Synced`] (default): `visible` = `synced`, so no reader ever sees a record
+//!     that a crash could take back and whose offset could then be reused.
+//!   - [`Visibility::Published`]: only [`Log::publish`] moves it (clamped to `end`,
+//!     monotonic), and it may be ahead of `synced`: the owner (the replication layer) publishes
+//!     what a quorum committed, so a crash that takes the local copy back loses nothing the
+//!     owner cannot re-apply. The names keep saying "durable"; in this mode they mean
+//!     "committed by the replication layer". An open starts it at the log start offset: the
+//!     owner first cuts the log back to what it knows (see [`Log::truncate_to`]) and then
+//!     publishes.
+//!
+//!   Retention deletes nothing at or past `min(visible, synced)`.
 //!
 //! ## Durability (group commit)
 //! A flusher task ([`Log::spawn_flusher`]) calls [`Log::sync`] as soon as the previous sync ends
@@ -42,7 +55,10 @@
 //! queue behind it and usually find their data already covered, so concurrent appenders share
 //! one fsync. [`Log::wait_durable`] resolves when the durable offset covers an append.
 //! A roll fsyncs the old segment before the new one takes writes, so sealed segments are always
-//! durable and the active segment is the only one that needs syncing.
+//! durable and the active segment is the only one that needs syncing. With
+//! [`Visibility::Published`] the flusher does nothing (it ends at once): the owner calls
+//! [`Log::sync`] at its checkpoints, which fsyncs, moves `synced` and persists the recovery
+//! point; rolls still fsync the old segment.
 //!
 //! ## Fault model
 //! - `kill -9` / power loss at any point: on open without a valid clean-shutdown marker every
@@ -168,6 +184,18 @@ impl Clock for ManualClock {
     }
 }
 
+/// When appended batches become visible to readers (chosen at open, see the module doc).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Visibility {
+    /// Visible once fsync'd: the flusher's group commit moves the visible offset (the
+    /// default; a partition that is not replicated).
+    #[default]
+    Synced,
+    /// Visible once the owner says so with [`Log::publish`] (the replication layer, when an
+    /// entry is committed); fsync is separate and the owner's business ([`Log::sync`]).
+    Published,
+}
+
 /// How to open a log besides its config: the file seam and the clock.
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
@@ -182,6 +210,8 @@ pub struct OpenOptions {
     /// its logs (the broker locks its data directory) turns it off, which saves a descriptor
     /// per log.
     pub lock_dir: bool,
+    /// What moves the reader-visible offset: fsync (the default) or [`Log::publish`].
+    pub visibility: Visibility,
 }
 
 impl Default for OpenOptions {
@@ -191,6 +221,7 @@ impl Default for OpenOptions {
             clock: Arc::new(SystemClock),
             preallocation: Arc::new(Preallocation::default()),
             lock_dir: true,
+            visibility: Visibility::Synced,
         }
     }
 }
@@ -242,8 +273,11 @@ pub struct LogInfo {
     pub start_offset: u64,
     /// Next offset to assign.
     pub end_offset: u64,
-    /// Everything below is fsync'd and visible to readers.
+    /// Everything below is visible to readers: fsync'd ([`Visibility::Synced`]) or published
+    /// as committed by the replication layer ([`Visibility::Published`]).
     pub durable_offset: u64,
+    /// Everything below is fsync'd.
+    pub synced_offset: u64,
     /// Bytes in all segments.
     pub size_bytes: u64,
     /// Number of segments.
@@ -294,8 +328,13 @@ pub struct Log {
     segments: RwLock<Arc<Vec<Arc<Segment>>>>,
     writer: Mutex<Writer>,
     end_offset: AtomicU64,
-    durable_offset: AtomicU64,
-    durable_tx: watch::Sender<u64>,
+    visibility: Visibility,
+    /// Below it readers may read (what `durable_offset()` reports).
+    visible_offset: AtomicU64,
+    /// Below it everything was fsync'd (what the recovery point may claim).
+    synced_offset: AtomicU64,
+    /// Carries the visible offset.
+    visible_tx: watch::Sender<u64>,
     start_offset: AtomicU64,
     sync_lock: Mutex<()>,
     poisoned: AtomicBool,
@@ -365,9 +404,21 @@ impl Log {
         self.end_offset.load(Ordering::Acquire)
     }
 
-    /// Everything below this offset is fsync'd and visible to readers.
+    /// Everything below this offset is visible to readers. With [`Visibility::Synced`] it is
+    /// also fsync'd; with [`Visibility::Published`] it is what the owner published (committed
+    /// by the replication layer) and may be ahead of [`Log::synced_offset`].
     pub fn durable_offset(&self) -> u64 {
-        self.durable_offset.load(Ordering::Acquire)
+        self.visible_offset.load(Ordering::Acquire)
+    }
+
+    /// Everything below this offset is fsync'd.
+    pub fn synced_offset(&self) -> u64 {
+        self.synced_offset.load(Ordering::Acquire)
+    }
+
+    /// The visibility mode the log was opened with.
+    pub fn visibility(&self) -> Visibility {
+        self.visibility
     }
 
     /// First retained offset.
@@ -382,6 +433,7 @@ impl Log {
             start_offset: self.start_offset(),
             end_offset: self.end_offset(),
             durable_offset: self.durable_offset(),
+            synced_offset: self.synced_offset(),
             size_bytes: segments.iter().map(|s| s.len()).sum(),
             segments: segments.len(),
         }
@@ -411,7 +463,7 @@ impl Log {
         tracing::error!(dir = %self.dir.display(), %cause, "log poisoned: no more writes until restart");
         self.poison_cause.lock().get_or_insert(cause.clone());
         self.poisoned.store(true, Ordering::Release);
-        self.durable_tx.send_modify(|_| {});
+        self.visible_tx.send_modify(|_| {});
         LogError::Poisoned {
             dir: self.dir.clone(),
             cause,

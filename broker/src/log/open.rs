@@ -19,7 +19,7 @@ use super::manifest::Manifest;
 use super::segment::{self, IndexCursor, Indexes, Segment, SegmentName, SegmentParts};
 use super::{
     file, preallocate, remove_segment_files, Log, LogConfig, LogError, LogStats, OpenOptions,
-    RecoveryReport, SegmentFile, Writer,
+    RecoveryReport, SegmentFile, Visibility, Writer,
 };
 
 fn lock_dir(dir: &Path) -> Result<File, LogError> {
@@ -378,6 +378,13 @@ impl Log {
             }
         }
         let start = segments.first().map_or(0, |s| s.base_offset);
+        // Everything that survived the open is fsync'd. With `Published` nothing is visible
+        // until the owner publishes (typically after it cut the log back with `truncate_to`).
+        let visibility = options.visibility;
+        let visible = match visibility {
+            Visibility::Synced => end,
+            Visibility::Published => start,
+        };
         let position = active.len();
         if clean {
             tracing::info!(dir = %dir.display(), start, end, "opened log after clean shutdown");
@@ -399,8 +406,10 @@ impl Log {
                 counted: 0,
             }),
             end_offset: AtomicU64::new(end),
-            durable_offset: AtomicU64::new(end),
-            durable_tx: watch::Sender::new(end),
+            visibility,
+            visible_offset: AtomicU64::new(visible),
+            synced_offset: AtomicU64::new(end),
+            visible_tx: watch::Sender::new(visible),
             start_offset: AtomicU64::new(start),
             sync_lock: Mutex::new(()),
             poisoned: AtomicBool::new(false),

@@ -115,7 +115,9 @@ impl Log {
                 .retention_ms
                 .and_then(|limit| i64::try_from(limit).ok())
                 .is_some_and(|limit| segment.max_timestamp() < now.saturating_sub(limit));
-            if !(over_size || too_old) || segment.next_offset() > self.durable_offset() {
+            // Never past what readers may see, nor past what is fsync'd.
+            let keep_from = self.durable_offset().min(self.synced_offset());
+            if !(over_size || too_old) || segment.next_offset() > keep_from {
                 break;
             }
             total -= segment.len();

@@ -1187,3 +1187,4 @@ fn given_idle_log_when_asked_should_give_its_reservation_back() {
 }
 
 pub(crate) mod epoch;
+mod visibility;
