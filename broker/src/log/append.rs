@@ -283,7 +283,7 @@ impl Log {
     /// Persists `offset` as the recovery point unless a larger one is already persisted. All
     /// writers (roll, flusher, close) go through here, under one lock, so the temp file is never
     /// shared and the point never moves backwards.
-    fn persist_recovery_point(&self, offset: u64) -> bool {
+    pub(super) fn persist_recovery_point(&self, offset: u64) -> bool {
         let mut last = self.last_recovery_point.lock();
         if offset <= last.0 {
             return true;

@@ -16,7 +16,8 @@
 //! <dir>/.clean-shutdown               present only between a clean close and the next open
 //! ```
 //! Code: `open.rs` (lock, listing, recovery scan, segment creation), `append.rs` (append,
-//! reservation, roll, group commit, close), `read.rs` (reads, timestamp lookup, retention).
+//! reservation, roll, group commit, publish, close), `read.rs` (reads, timestamp lookup,
+//! retention), `truncate.rs` (cutting the log back for a replication layer).
 //!
 //! Tables are compacted by `compact.rs`; its swap is committed through the manifest and open
 //! resolves what an interrupted swap left behind (see both module docs).
@@ -99,6 +100,11 @@
 //!   segments and every index are served from mappings whose descriptors are closed.
 //! - Files are created, renamed and deleted followed by a directory fsync before anything that
 //!   depends on them is acknowledged.
+//! - [`Log::truncate_to`] lowers the recovery point before it deletes anything, replaces the
+//!   segment it cuts by rename (never shrinks a mapped file), and deletes later segments newest
+//!   first: a crash during it reopens to the old log, the truncated log, or the old log without
+//!   some of its newest whole segments — never a corrupt one (order in `truncate.rs`). After it
+//!   returns, a crash reopens to exactly the truncated log.
 
 mod append;
 mod checkpoint;
@@ -114,6 +120,7 @@ mod read;
 mod segment;
 #[cfg(test)]
 mod tests;
+mod truncate;
 
 use std::fs::File;
 use std::io;

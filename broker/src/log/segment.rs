@@ -339,6 +339,15 @@ impl std::fmt::Debug for Segment {
     }
 }
 
+/// Where a cut at an offset falls in a segment ([`Segment::cut_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// At the batch that starts at byte `position`.
+    At { position: u64 },
+    /// Inside the batch holding offsets `[previous, next)`.
+    Inside { previous: u64, next: u64 },
+}
+
 /// What a read of one segment found.
 pub(crate) struct SegmentRead {
     pub(crate) bytes: Bytes,
@@ -536,6 +545,40 @@ impl Segment {
             Ordering::Acquire,
         );
         Ok(())
+    }
+
+    /// Where a cut at `offset` (in `[base_offset, next_offset]`) falls: at a batch boundary
+    /// (its byte position) or inside a batch (its first offset and the offset after it).
+    pub(crate) fn cut_at(&self, offset: u64) -> Result<Cut, LogError> {
+        let len = self.len() as usize;
+        let data = &self.data[..len];
+        let (mut position, mut expected) = self.seek(offset);
+        let mut epoch = 0;
+        loop {
+            if expected == offset {
+                return Ok(Cut::At {
+                    position: position as u64,
+                });
+            }
+            if position >= len {
+                return Err(self.corrupt(
+                    position,
+                    expected,
+                    format!("the segment ends at offset {expected}, before offset {offset}"),
+                ));
+            }
+            let header = check_batch_at(data, position, self.expected(expected, epoch), false)
+                .map_err(|reason| self.corrupt(position, expected, reason))?;
+            epoch = header.leader_epoch;
+            if header.next_offset() > offset {
+                return Ok(Cut::Inside {
+                    previous: header.base_offset,
+                    next: header.next_offset(),
+                });
+            }
+            position += header.length as usize;
+            expected = header.next_offset();
+        }
     }
 
     /// Base offset of the first batch whose max timestamp is `>= timestamp` and whose base

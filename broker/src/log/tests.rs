@@ -1187,4 +1187,5 @@ fn given_idle_log_when_asked_should_give_its_reservation_back() {
 }
 
 pub(crate) mod epoch;
+mod truncate;
 mod visibility;

@@ -80,9 +80,10 @@ pub fn to_status(error: BrokerError) -> Status {
             Status::out_of_range(message)
         }
         BrokerError::Log { source, .. } => match source {
-            LogError::InvalidBatch(_) | LogError::BatchOffsetSpan { .. } | LogError::Config(_) => {
-                Status::invalid_argument(message)
-            }
+            LogError::InvalidBatch(_)
+            | LogError::BatchOffsetSpan { .. }
+            | LogError::NotBatchBoundary { .. }
+            | LogError::Config(_) => Status::invalid_argument(message),
             LogError::BatchTooLarge { .. } | LogError::NoSpace { .. } => {
                 Status::resource_exhausted(message)
             }

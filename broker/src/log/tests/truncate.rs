@@ -1,0 +1,487 @@
+//! `truncate_to`: cuts at batch boundaries in the active segment, across segments, at the start
+//! and the end; refuses offsets inside a batch or outside the log; survives clean and crash
+//! reopens; a crash at every step of it reopens to a prefix of the old log holding at least the
+//! truncated one; and random appends/truncates/reopens agree with a `Vec` of batches.
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use syncline_proto::batch::{Batch, Batches};
+
+use super::epoch::{append_at, epochs};
+use super::*;
+use crate::log::compact::{CompactOptions, CompactionFilter, Verdict};
+use crate::log::truncate::Steps;
+
+/// The next offset after a stored batch.
+fn next_of(batch: &[u8]) -> u64 {
+    BatchHeader::parse(batch).unwrap().next_offset()
+}
+
+/// Synced so that `read` shows everything, then every batch.
+fn everything(log: &Log) -> Vec<Vec<u8>> {
+    log.sync().unwrap();
+    read_all(log, log.start_offset())
+}
+
+#[test]
+fn given_cut_in_the_active_segment_should_drop_later_batches_and_append_at_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 5, 10);
+    log.truncate_to(9).unwrap();
+    assert_eq!(log.end_offset(), 9);
+    assert_eq!(log.durable_offset(), 9, "the visible offset is clamped");
+    assert_eq!(log.synced_offset(), 9);
+    assert_batches(&everything(&log), &stored[..3], "kept");
+    let batch = make_batch(2, 10, 1, 9);
+    assert_eq!(log.append(&batch).unwrap().base_offset, 9);
+    let mut expected = stored[..3].to_vec();
+    expected.push(stamped(&batch, 9));
+    assert_batches(&everything(&log), &expected, "appended after the cut");
+}
+
+#[test]
+fn given_cut_in_an_early_segment_should_delete_later_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 100, 1000);
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 4, "{files:?}");
+    let offset = next_of(&stored[19]);
+    log.truncate_to(offset).unwrap();
+    assert_eq!(log.end_offset(), offset);
+    let left = segment_files(dir.path());
+    assert!(left.len() < files.len());
+    assert_eq!(
+        left[..],
+        files[..left.len()],
+        "earlier segments keep their names"
+    );
+    assert_eq!(log.info().segments, left.len());
+    assert_batches(&everything(&log), &stored[..20], "kept");
+    assert_eq!(
+        log.append(&make_batch(1, 1, 1, 1)).unwrap().base_offset,
+        offset
+    );
+}
+
+#[test]
+fn given_cut_at_a_segment_base_should_leave_an_empty_active_segment_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 100, 1000);
+    let second = segment_files(dir.path())[1].clone();
+    let base: u64 = second
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    log.truncate_to(base).unwrap();
+    assert_eq!(
+        segment_files(dir.path()),
+        vec![segment_files(dir.path())[0].clone(), second.clone()]
+    );
+    assert_eq!(std::fs::metadata(&second).unwrap().len(), 0);
+    let kept = stored.iter().take_while(|b| next_of(b) <= base).count();
+    assert_batches(&everything(&log), &stored[..kept], "kept");
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert_batches(&everything(&log), &stored[..kept], "after a crash");
+}
+
+#[test]
+fn given_cut_at_the_start_should_leave_an_empty_log_at_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        retention_bytes: Some(150 * 1024),
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    fill(&log, 300, 1000);
+    let start = log.enforce_retention().unwrap().log_start_offset;
+    assert!(start > 0);
+    assert!(matches!(
+        log.truncate_to(start - 1),
+        Err(LogError::OffsetOutOfRange { requested, .. }) if requested == start - 1
+    ));
+    log.truncate_to(start).unwrap();
+    assert_eq!((log.start_offset(), log.end_offset()), (start, start));
+    assert!(everything(&log).is_empty());
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    assert_eq!(
+        log.append(&make_batch(1, 1, 1, 1)).unwrap().base_offset,
+        start
+    );
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!((log.start_offset(), log.end_offset()), (start, start + 1));
+}
+
+#[test]
+fn given_cut_at_the_end_should_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 5, 10);
+    let before = std::fs::read(last_segment(dir.path())).unwrap();
+    log.truncate_to(15).unwrap();
+    assert_eq!(std::fs::read(last_segment(dir.path())).unwrap(), before);
+    assert_batches(&everything(&log), &stored, "unchanged");
+    assert!(matches!(
+        log.truncate_to(16),
+        Err(LogError::OffsetOutOfRange {
+            requested: 16,
+            start: 0,
+            end: 15
+        })
+    ));
+}
+
+#[test]
+fn given_offset_inside_a_batch_should_refuse_naming_the_boundaries_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 5, 10);
+    let error = log.truncate_to(7).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            LogError::NotBatchBoundary {
+                offset: 7,
+                previous: 6,
+                next: 9
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("6 and 9"), "{error}");
+    assert!(!error.is_fatal());
+    assert_eq!(log.end_offset(), 15);
+    assert_batches(&everything(&log), &stored, "unchanged");
+    assert_eq!(log.append(&make_batch(1, 1, 1, 1)).unwrap().base_offset, 15);
+}
+
+#[test]
+fn given_truncated_log_when_reopened_clean_or_after_crash_should_be_exactly_the_truncated_log() {
+    for clean in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let stored = {
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            let stored = fill(&log, 100, 1000);
+            log.truncate_to(next_of(&stored[40])).unwrap();
+            if clean {
+                log.close().unwrap();
+            }
+            stored
+        };
+        let log = Log::open(dir.path(), small_config()).unwrap();
+        assert_eq!(log.recovery_report().clean, clean);
+        assert_eq!(log.recovery_report().bytes_truncated, 0);
+        assert_eq!(log.end_offset(), next_of(&stored[40]));
+        assert_batches(&everything(&log), &stored[..41], &format!("clean {clean}"));
+        assert_eq!(
+            log.append(&make_batch(1, 1, 1, 1)).unwrap().base_offset,
+            next_of(&stored[40])
+        );
+    }
+}
+
+#[test]
+fn given_published_mode_when_truncated_should_clamp_visible_and_publish_up_to_the_new_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = OpenOptions {
+        visibility: Visibility::Published,
+        ..OpenOptions::default()
+    };
+    let log = Log::open_with(dir.path(), small_config(), options).unwrap();
+    let stored = fill(&log, 5, 10);
+    log.publish(12);
+    log.truncate_to(6).unwrap();
+    assert_eq!(log.durable_offset(), 6);
+    assert_eq!(log.publish(15), 6, "publish is clamped to the new end");
+    assert_batches(&read_all(&log, 0), &stored[..2], "kept");
+}
+
+#[test]
+fn given_truncated_epochs_should_let_appends_continue_from_the_kept_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    append_at(&log, 1, 1);
+    append_at(&log, 3, 2);
+    append_at(&log, 5, 3);
+    log.truncate_to(2).unwrap();
+    // Raft: a follower drops an uncommitted tail of a later term, then appends the leader's.
+    append_at(&log, 2, 4);
+    log.sync().unwrap();
+    assert_eq!(epochs(&log), vec![1, 2]);
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert_eq!(epochs(&log), vec![1, 2]);
+}
+
+/// Every record is superseded by the next record with the same key (`key-<seed>-<i>` repeats
+/// when a seed repeats), so a pass rewrites segments into new generations.
+struct Latest(HashMap<Vec<u8>, u64>);
+
+impl Latest {
+    fn of(log: &Log) -> Self {
+        let mut latest = HashMap::new();
+        log.sync().unwrap();
+        for batch in Batches::new(log.read_up_to(0, usize::MAX, u64::MAX).unwrap().bytes) {
+            for record in batch.unwrap().records() {
+                let record = record.unwrap();
+                latest.insert(record.key.unwrap().to_vec(), record.offset);
+            }
+        }
+        Self(latest)
+    }
+}
+
+impl CompactionFilter for Latest {
+    fn decide(&self, batch: &Batch, _expired: bool, out: &mut Vec<Verdict>) -> Result<(), String> {
+        for record in batch.records() {
+            let record = record.map_err(|e| e.to_string())?;
+            let key = record.key.ok_or("no key")?;
+            out.push(
+                if self.0.get(&key[..]).is_some_and(|l| *l > record.offset) {
+                    Verdict::Superseded
+                } else {
+                    Verdict::Keep
+                },
+            );
+        }
+        Ok(())
+    }
+    fn keep_whole(&self, _header: &BatchHeader) -> bool {
+        false
+    }
+    fn limit(&self) -> u64 {
+        u64::MAX
+    }
+    fn tombstones_removed(&self, _removed: &[(Bytes, u64)]) {}
+}
+
+/// A log of compacted segments (generation > 0) and plain ones after them. Returns every
+/// batch it serves, in order, and how many of them to keep so that the cut falls inside the
+/// last compacted segment (not at its base).
+fn compacted_log(dir: &Path) -> (Vec<Vec<u8>>, usize) {
+    let log = Log::open(dir, small_config()).unwrap();
+    // Batches 30.. supersede batches 0..30 record by record (same keys).
+    for i in 0..60u8 {
+        log.append(&make_batch(3, 1000, 1, i % 30)).unwrap();
+    }
+    log.roll_now().unwrap();
+    let outcome = log
+        .compact(&Latest::of(&log), &CompactOptions::default())
+        .unwrap();
+    assert!(outcome.records_removed > 0);
+    for i in 0..30u8 {
+        log.append(&make_batch(3, 1000, 1, 100 + i)).unwrap();
+    }
+    let batches = everything(&log);
+    let names: Vec<String> = segment_files(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    let compacted: Vec<u64> = names
+        .iter()
+        .filter_map(|n| n.split_once('-'))
+        .map(|(base, _)| base.parse().unwrap())
+        .collect();
+    assert!(compacted.len() >= 2, "{names:?}");
+    let last = *compacted.last().unwrap();
+    let keep = batches
+        .iter()
+        .position(|b| BatchHeader::parse(b).unwrap().base_offset > last)
+        .unwrap();
+    assert!(names
+        .iter()
+        .any(|n| n.starts_with(&format!("{:020}-", last))));
+    (batches, keep)
+}
+
+#[test]
+fn given_compacted_segments_when_truncated_into_them_should_reopen_to_the_truncated_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (batches, keep) = compacted_log(dir.path());
+    let offset = next_of(&batches[keep - 1]);
+    let before = segment_files(dir.path());
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    log.truncate_to(offset).unwrap();
+    assert_batches(&everything(&log), &batches[..keep], "kept");
+    assert_eq!(
+        log.append(&make_batch(1, 1, 1, 1)).unwrap().base_offset,
+        offset
+    );
+    drop(log);
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    assert_eq!(log.end_offset(), offset + 1);
+    assert_batches(&everything(&log)[..keep], &batches[..keep], "after reopen");
+    // The compacted segments before the cut stay; the cut one became a plain segment.
+    let after = segment_files(dir.path());
+    let cut = before
+        .iter()
+        .rposition(|p| p.to_str().unwrap().contains('-'))
+        .unwrap();
+    assert_eq!(after[..cut], before[..cut]);
+    assert_eq!(after.len(), cut + 1);
+    assert!(!after[cut].to_str().unwrap().contains('-'), "{after:?}");
+}
+
+#[test]
+fn given_crash_at_every_step_of_a_truncation_should_reopen_to_a_prefix_holding_the_truncated_log() {
+    for (case, compacted) in [("plain", false), ("compacted", true)] {
+        let template = tempfile::tempdir().unwrap();
+        let (batches, kept) = if compacted {
+            compacted_log(template.path())
+        } else {
+            let log = Log::open(template.path(), small_config()).unwrap();
+            let stored = fill(&log, 100, 1000);
+            log.close().unwrap();
+            (stored, 10)
+        };
+        let offset = next_of(&batches[kept - 1]);
+        let mut outcomes = Vec::new();
+        for stop in 0.. {
+            let dir = tempfile::tempdir().unwrap();
+            for entry in std::fs::read_dir(template.path()).unwrap() {
+                let entry = entry.unwrap();
+                if entry.file_name() != ".lock" {
+                    std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+                }
+            }
+            let log = Log::open(dir.path(), small_config()).unwrap();
+            let finished = log
+                .truncate_with(offset, &mut Steps::stop_after(stop))
+                .is_ok();
+            drop(log); // a crash: nothing more reaches the disk
+            let log = Log::open(dir.path(), small_config())
+                .unwrap_or_else(|e| panic!("{case}: reopen after stopping at step {stop}: {e}"));
+            let served = everything(&log);
+            assert!(
+                served.len() >= kept && served.len() <= batches.len(),
+                "{case}, step {stop}: {} batches",
+                served.len()
+            );
+            assert_batches(
+                &served,
+                &batches[..served.len()],
+                &format!("{case}, step {stop}"),
+            );
+            outcomes.push(served.len());
+            // Truncating again finishes the job.
+            log.truncate_to(offset).unwrap();
+            assert_batches(
+                &everything(&log),
+                &batches[..kept],
+                &format!("{case}, step {stop}"),
+            );
+            if finished {
+                assert_eq!(served.len(), kept);
+                break;
+            }
+        }
+        assert!(outcomes.len() > 3, "{case}: {outcomes:?}");
+        assert_eq!(
+            outcomes[0],
+            batches.len(),
+            "{case}: before any step: the old log"
+        );
+    }
+}
+
+mod model {
+    //! Random appends (with growing epochs), truncates at batch boundaries, syncs and clean or
+    //! crash reopens agree with a `Vec` of batches.
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append {
+            records: usize,
+            value_len: usize,
+            epoch_step: u32,
+        },
+        Truncate {
+            keep_fraction: f64,
+        },
+        Sync,
+        CleanRestart,
+        CrashRestart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (1usize..6, 0usize..3000, 0u32..2).prop_map(|(records, value_len, epoch_step)| Op::Append { records, value_len, epoch_step }),
+            2 => (0.0f64..=1.0).prop_map(|keep_fraction| Op::Truncate { keep_fraction }),
+            1 => Just(Op::Sync),
+            1 => Just(Op::CleanRestart),
+            1 => Just(Op::CrashRestart),
+        ]
+    }
+
+    fn stamp(batch: &[u8], base: u64, epoch: u32) -> Vec<u8> {
+        let mut out = stamped(batch, base);
+        out[12..16].copy_from_slice(&epoch.to_le_bytes());
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn given_any_appends_truncates_and_reopens_reads_should_equal_the_model(
+            ops in proptest::collection::vec(op(), 1..50)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut log = Some(Log::open(dir.path(), small_config()).unwrap());
+            let mut model: Vec<Vec<u8>> = Vec::new();
+            let mut seed = 0u8;
+            for op in ops {
+                let current = log.as_ref().unwrap();
+                match op {
+                    Op::Append { records, value_len, epoch_step } => {
+                        seed = seed.wrapping_add(1);
+                        let last_epoch = model.last().map_or(0, |b| BatchHeader::parse(b).unwrap().leader_epoch);
+                        let epoch = last_epoch + epoch_step;
+                        let bytes = make_batch(records, value_len, 5, seed);
+                        let appended = current
+                            .append_batch_at(&Batch::parse(bytes.clone()).unwrap(), epoch)
+                            .unwrap();
+                        prop_assert_eq!(appended.base_offset, model.last().map_or(0, |b| next_of(b)));
+                        model.push(stamp(&bytes, appended.base_offset, epoch));
+                    }
+                    Op::Truncate { keep_fraction } => {
+                        let keep = (model.len() as f64 * keep_fraction) as usize;
+                        let offset = if keep == 0 { 0 } else { next_of(&model[keep - 1]) };
+                        current.truncate_to(offset).unwrap();
+                        model.truncate(keep);
+                        prop_assert_eq!(current.end_offset(), offset);
+                    }
+                    Op::Sync => {
+                        current.sync().unwrap();
+                    }
+                    Op::CleanRestart => {
+                        let closing = log.take().unwrap();
+                        closing.close().unwrap();
+                        drop(closing);
+                        log = Some(Log::open(dir.path(), small_config()).unwrap());
+                    }
+                    Op::CrashRestart => {
+                        // Everything was written through the page cache, so a process crash
+                        // keeps it all.
+                        drop(log.take());
+                        log = Some(Log::open(dir.path(), small_config()).unwrap());
+                    }
+                }
+                let current = log.as_ref().unwrap();
+                let served = everything(current);
+                prop_assert_eq!(served.len(), model.len());
+                for (i, (served, expected)) in served.iter().zip(&model).enumerate() {
+                    prop_assert!(served == expected, "batch {} differs", i);
+                }
+            }
+        }
+    }
+}
