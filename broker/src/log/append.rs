@@ -304,7 +304,7 @@ impl Log {
     }
 
     /// Everything below `offset` was fsync'd; with [`Visibility::Synced`] it becomes visible.
-    fn mark_synced(&self, offset: u64) {
+    pub(super) fn mark_synced(&self, offset: u64) {
         self.synced_offset.fetch_max(offset, Ordering::AcqRel);
         if self.visibility == Visibility::Synced {
             self.raise_visible(offset);

@@ -258,7 +258,8 @@ pub struct ReadBatches {
     pub first_offset: u64,
     /// The offset to read from next.
     pub next_offset: u64,
-    /// Durable offset at the time of the read (readers never see past it).
+    /// Visible offset ([`Log::durable_offset`]) at the time of the read (readers never see
+    /// past it).
     pub high_watermark: u64,
 }
 

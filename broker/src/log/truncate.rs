@@ -243,8 +243,10 @@ impl Log {
             counted: 0,
         };
         self.end_offset.store(offset, Ordering::Release);
-        self.synced_offset.store(offset, Ordering::Release);
         self.clamp_visible(offset);
+        self.synced_offset.store(offset, Ordering::Release);
+        // Everything kept is fsync'd now: with `Synced` that makes it visible.
+        self.mark_synced(offset);
         self.persist_recovery_point(offset);
         drop(writer);
         tracing::info!(dir = %self.dir.display(), from = end, to = offset, segments_deleted = segments.len() - 1 - index, elapsed_ms = started.elapsed().as_millis() as u64, "truncated log");

@@ -42,6 +42,21 @@ fn given_cut_in_the_active_segment_should_drop_later_batches_and_append_at_the_c
 }
 
 #[test]
+fn given_unsynced_appends_when_truncated_should_make_the_kept_part_synced_and_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let batches: Vec<Bytes> = (0..5).map(|i| make_batch(3, 10, 1, i)).collect();
+    for batch in &batches {
+        log.append(batch).unwrap();
+    }
+    assert_eq!(log.durable_offset(), 0);
+    log.truncate_to(9).unwrap();
+    // The kept part was copied and fsync'd: with Synced visibility it is readable at once.
+    assert_eq!((log.synced_offset(), log.durable_offset()), (9, 9));
+    assert_eq!(read_all(&log, 0).len(), 3);
+}
+
+#[test]
 fn given_cut_in_an_early_segment_should_delete_later_segments() {
     let dir = tempfile::tempdir().unwrap();
     let log = Log::open(dir.path(), small_config()).unwrap();
@@ -484,4 +499,25 @@ mod model {
             }
         }
     }
+}
+
+#[test]
+fn given_full_disk_while_copying_the_kept_part_should_fail_cleanly_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, faults) = faulty_log(dir.path());
+    let stored = fill(&log, 5, 10);
+    faults.fail(FaultKind::Write, 1, libc::ENOSPC);
+    let error = log.truncate_to(9).unwrap_err();
+    assert!(matches!(error, LogError::NoSpace { .. }), "{error}");
+    assert!(!log.is_poisoned());
+    assert_eq!((log.end_offset(), log.durable_offset()), (15, 15));
+    assert_batches(&everything(&log), &stored, "unchanged");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_str().unwrap().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    log.truncate_to(9).unwrap();
+    assert_batches(&everything(&log), &stored[..3], "after space came back");
 }
