@@ -1,11 +1,10 @@
 //! `truncate_to`: cuts at batch boundaries in the active segment, across segments, at the start
 //! and the end; refuses offsets inside a batch or outside the log; survives clean and crash
 //! reopens; a crash at every step of it reopens to a prefix of the old log holding at least the
-//! truncated one; and random appends/truncates/reopens agree with a `Vec` of batches.
+//! truncated one. (Random appends/truncates/reopens against a model: `tests.rs`, `mod model`.)
 
 use std::collections::HashMap;
 
-use proptest::prelude::*;
 use syncline_proto::batch::{Batch, Batches};
 
 use super::epoch::{append_at, epochs};
@@ -404,100 +403,6 @@ fn given_crash_at_every_step_of_a_truncation_should_reopen_to_a_prefix_holding_t
             batches.len(),
             "{case}: before any step: the old log"
         );
-    }
-}
-
-mod model {
-    //! Random appends (with growing epochs), truncates at batch boundaries, syncs and clean or
-    //! crash reopens agree with a `Vec` of batches.
-    use super::*;
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        Append {
-            records: usize,
-            value_len: usize,
-            epoch_step: u32,
-        },
-        Truncate {
-            keep_fraction: f64,
-        },
-        Sync,
-        CleanRestart,
-        CrashRestart,
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            8 => (1usize..6, 0usize..3000, 0u32..2).prop_map(|(records, value_len, epoch_step)| Op::Append { records, value_len, epoch_step }),
-            2 => (0.0f64..=1.0).prop_map(|keep_fraction| Op::Truncate { keep_fraction }),
-            1 => Just(Op::Sync),
-            1 => Just(Op::CleanRestart),
-            1 => Just(Op::CrashRestart),
-        ]
-    }
-
-    fn stamp(batch: &[u8], base: u64, epoch: u32) -> Vec<u8> {
-        let mut out = stamped(batch, base);
-        out[12..16].copy_from_slice(&epoch.to_le_bytes());
-        out
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
-        #[test]
-        fn given_any_appends_truncates_and_reopens_reads_should_equal_the_model(
-            ops in proptest::collection::vec(op(), 1..50)
-        ) {
-            let dir = tempfile::tempdir().unwrap();
-            let mut log = Some(Log::open(dir.path(), small_config()).unwrap());
-            let mut model: Vec<Vec<u8>> = Vec::new();
-            let mut seed = 0u8;
-            for op in ops {
-                let current = log.as_ref().unwrap();
-                match op {
-                    Op::Append { records, value_len, epoch_step } => {
-                        seed = seed.wrapping_add(1);
-                        let last_epoch = model.last().map_or(0, |b| BatchHeader::parse(b).unwrap().leader_epoch);
-                        let epoch = last_epoch + epoch_step;
-                        let bytes = make_batch(records, value_len, 5, seed);
-                        let appended = current
-                            .append_batch_at(&Batch::parse(bytes.clone()).unwrap(), epoch)
-                            .unwrap();
-                        prop_assert_eq!(appended.base_offset, model.last().map_or(0, |b| next_of(b)));
-                        model.push(stamp(&bytes, appended.base_offset, epoch));
-                    }
-                    Op::Truncate { keep_fraction } => {
-                        let keep = (model.len() as f64 * keep_fraction) as usize;
-                        let offset = if keep == 0 { 0 } else { next_of(&model[keep - 1]) };
-                        current.truncate_to(offset).unwrap();
-                        model.truncate(keep);
-                        prop_assert_eq!(current.end_offset(), offset);
-                    }
-                    Op::Sync => {
-                        current.sync().unwrap();
-                    }
-                    Op::CleanRestart => {
-                        let closing = log.take().unwrap();
-                        closing.close().unwrap();
-                        drop(closing);
-                        log = Some(Log::open(dir.path(), small_config()).unwrap());
-                    }
-                    Op::CrashRestart => {
-                        // Everything was written through the page cache, so a process crash
-                        // keeps it all.
-                        drop(log.take());
-                        log = Some(Log::open(dir.path(), small_config()).unwrap());
-                    }
-                }
-                let current = log.as_ref().unwrap();
-                let served = everything(current);
-                prop_assert_eq!(served.len(), model.len());
-                for (i, (served, expected)) in served.iter().zip(&model).enumerate() {
-                    prop_assert!(served == expected, "batch {} differs", i);
-                }
-            }
-        }
     }
 }
 
