@@ -52,9 +52,10 @@
 //! ## Durability (group commit)
 //! A flusher task ([`Log::spawn_flusher`]) calls [`Log::sync`] as soon as the previous sync ends
 //! (`FsyncPolicy::Always`) or every N ms (`IntervalMs`). `sync` notes the end offset, fsyncs the
-//! active segment and publishes that end as durable; callers that arrive while an fsync runs
-//! queue behind it and usually find their data already covered, so concurrent appenders share
-//! one fsync. [`Log::wait_durable`] resolves when the durable offset covers an append.
+//! active segment and marks that end synced (and, with [`Visibility::Synced`], visible);
+//! callers that arrive while an fsync runs queue behind it and usually find their data already
+//! covered, so concurrent appenders share one fsync. [`Log::wait_durable`] resolves when the
+//! visible offset covers an append.
 //! A roll fsyncs the old segment before the new one takes writes, so sealed segments are always
 //! durable and the active segment is the only one that needs syncing. With
 //! [`Visibility::Published`] the flusher does nothing (it ends at once): the owner calls
