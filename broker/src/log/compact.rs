@@ -404,6 +404,7 @@ impl Log {
     ) -> Result<CompactionOutcome, LogError> {
         let _one_pass = self.compact_lock.lock();
         self.check_writable()?;
+        self.mark_served();
         if options.roll {
             self.roll_now()?;
         }

@@ -361,6 +361,10 @@ pub struct Log {
     kept_for_producers: AtomicU64,
     /// One compaction pass at a time.
     compact_lock: Mutex<()>,
+    /// Set (before the segment list is taken) by every read of segment bytes since the open:
+    /// while it is false no reader holds or walks a mapping, so `truncate_to` may shorten a
+    /// segment file in place.
+    served: AtomicBool,
     /// When the earliest tombstone the last pass kept passes its retention (i64::MAX: none).
     tombstone_expiry_ms: std::sync::atomic::AtomicI64,
     _lock: Option<File>,

@@ -424,6 +424,7 @@ impl Log {
             tombstone_expiry_ms: std::sync::atomic::AtomicI64::new(manifest.tombstone_due_ms),
             manifest: Mutex::new(manifest),
             compact_lock: Mutex::new(()),
+            served: AtomicBool::new(false),
             _lock: lock,
         })
     }

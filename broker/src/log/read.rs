@@ -8,6 +8,15 @@ use bytes::Bytes;
 use super::{file, remove_segment_files, Log, LogError, ReadBatches, RetentionOutcome};
 
 impl Log {
+    /// Notes that a reader is about to take the segment list and touch mappings (see
+    /// `served` and `truncate.rs`). Before the list is taken, and sequentially consistent with
+    /// the check in `truncate_to`.
+    pub(super) fn mark_served(&self) {
+        if !self.served.load(Ordering::Relaxed) {
+            self.served.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Whole batches from `from` on, up to `max_bytes` (at least one batch when any is
     /// visible), only below the durable offset. Errors when `from` is outside
     /// `[start_offset, end_offset]`.
@@ -23,6 +32,7 @@ impl Log {
         max_bytes: usize,
         upper: u64,
     ) -> Result<ReadBatches, LogError> {
+        self.mark_served();
         let segments = self.segments.read().clone();
         // The start comes from the same snapshot as the segments, so a concurrent retention
         // pass cannot make this read skip silently past deleted offsets.
@@ -79,6 +89,7 @@ impl Log {
     /// Base offset of the first batch holding a record with timestamp `>= timestamp_ms`, among
     /// durable batches; `None` when there is none yet.
     pub fn offset_for_timestamp(&self, timestamp_ms: i64) -> Result<Option<u64>, LogError> {
+        self.mark_served();
         let segments = self.segments.read().clone();
         let upper = self.durable_offset();
         for segment in segments.iter() {

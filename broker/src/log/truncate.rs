@@ -6,11 +6,16 @@
 //! The offset must be a batch boundary in `[start, end]` (`end` is a no-op). With `S` the
 //! segment holding the offset and `p` the byte position of the cut in it:
 //! - every later segment is deleted, newest first;
-//! - `S` is replaced by a fresh generation-0 file `<base>.log` holding its first `p` bytes
-//!   (copied out of the old mapping, CRC-checked as they are scanned for the new index), which
-//!   becomes the active segment. The old file is replaced by rename, never cut in place: readers
-//!   may hold slices of its mapping (fetch responses in flight), and shrinking a mapped file
-//!   would turn their next access into SIGBUS. Cost: one copy of `p` bytes.
+//! - `S` keeps its first `p` bytes (CRC-checked as they are scanned for its new index) and
+//!   becomes the active segment, generation 0:
+//!   - if no reader has touched the log since it was opened (the owner truncates right after
+//!     the open, before it serves anything) and `S` is generation 0, its file is cut in place
+//!     (`ftruncate`, fsync): nothing is copied. The check holds the segment-list lock, so a
+//!     reader that comes meanwhile waits and then sees the new list;
+//!   - otherwise the first `p` bytes are copied into a fresh `<base>.log` that replaces the
+//!     old file by rename. Readers may hold slices of the old mapping (fetch responses in
+//!     flight), and shrinking a mapped file would turn their next access into SIGBUS; the old
+//!     inode lives on until they drop it. Cost: one copy of `p` bytes.
 //! - the end offset becomes `offset`; the visible offset is clamped to it; the synced offset
 //!   becomes `offset` (everything below it is fsync'd: sealed segments since their roll, the
 //!   new file by this call), and so does the recovery point.
@@ -23,12 +28,13 @@
 //! open would call the shorter log interior corruption), and the clean-shutdown marker does not
 //! exist while a log is open (open removes it). Then, each step made durable (file fsync,
 //! directory fsync) before the next:
-//! 1. write the new copy of `S` as `<base>.log.truncating.tmp` and fsync it (an open removes
-//!    `*.tmp` leftovers);
+//! 1. (copy only) write the new copy of `S` as `<base>.log.truncating.tmp` and fsync it (an
+//!    open removes `*.tmp` leftovers);
 //! 2. for each later segment, newest first: if the manifest lists it, commit a manifest that
 //!    ends the compacted prefix at its base; delete its files;
 //! 3. rename the copy over `<base>.log` (when `S` is listed with a generation > 0 the manifest
-//!    still names the old file, and an open removes the new one as a leftover);
+//!    still names the old file, and an open removes the new one as a leftover), or cut `S` in
+//!    place and fsync it (a size change is atomic);
 //! 4. if the manifest lists `S`: commit a manifest that ends the compacted prefix at its base,
 //!    then delete the old file if its name differs.
 //!
@@ -37,8 +43,9 @@
 //! segments (during step 2), or exactly the truncated log (after step 3, or step 4 when `S` was
 //! compacted). Recovery never cuts anything it would call a torn tail there, and nothing is
 //! corrupt. An owner that must not keep the intermediate states truncates again after the
-//! reopen (truncating to the same offset is idempotent). A failure after step 1 poisons the
-//! log (memory and disk may disagree) until it is reopened.
+//! reopen (truncating to the same offset is idempotent). A failure up to step 1 changes
+//! nothing (the partial copy is removed; a full disk is a clean `NoSpace`); a failure after it
+//! poisons the log (memory and disk may disagree) until it is reopened.
 //!
 //! Truncation waits for a running compaction pass (it takes the compaction lock) and holds the
 //! sync and writer locks throughout, so no append, group commit, roll or retention pass
@@ -126,45 +133,36 @@ impl Log {
             .partition_point(|s| s.base_offset <= offset)
             .saturating_sub(1);
         let cut = &segments[index];
-        let position = match cut.cut_at(offset)? {
-            Cut::At { position } => position,
-            Cut::Inside { previous, next } => {
-                return Err(LogError::NotBatchBoundary {
-                    offset,
-                    previous,
-                    next,
-                })
-            }
-        };
         let min_epoch = match index {
             0 => segment::DEFAULT_LEADER_EPOCH,
             i => segments[i - 1].last_epoch(),
         };
-        let kept = cut.data().slice(..position as usize);
-        let scan = segment::scan(
-            &kept,
-            cut.base_offset,
-            self.config.index_interval_bytes,
-            true,
-            min_epoch,
-        );
-        if let Some(reason) = scan.stop {
-            return Err(LogError::Corrupt {
-                file: cut.path.clone(),
-                position: scan.valid_len,
-                offset: scan.next_offset,
-                reason: format!("truncation found a bad batch in the part it keeps: {reason}"),
-            });
-        }
+        let (position, scan) = self.kept_part(cut, offset, min_epoch)?;
+        // Readers take the segment list before they touch a mapping and mark the log served
+        // before that; holding the list's write lock, an unserved log has no reader now, and
+        // any reader that comes waits for the new list. Then the cut segment can be shortened
+        // in place (no copy). Otherwise it is replaced by a copy (see the module doc).
+        let list_lock = self.segments.write();
+        let in_place = cut.generation == 0 && !self.served.load(Ordering::SeqCst);
+        let mut list_lock = in_place.then_some(list_lock);
+        let name = SegmentName::appended(cut.base_offset);
+        let path = name.log(&self.dir);
 
         // Not destructive yet: a failure leaves the log as it was.
-        let name = SegmentName::appended(cut.base_offset);
-        let temp = temp_path(&self.dir, name);
-        let file = self.write_copy(&temp, &kept).inspect_err(|_| {
-            let _ = std::fs::remove_file(&temp);
-        })?;
+        let copy = if in_place {
+            None
+        } else {
+            let temp = temp_path(&self.dir, name);
+            let kept = cut.data().slice(..position as usize);
+            let file = self.write_copy(&temp, &kept).inspect_err(|_| {
+                let _ = std::fs::remove_file(&temp);
+            })?;
+            Some((temp, file))
+        };
         if let Err(error) = self.lower_recovery_point(offset) {
-            let _ = std::fs::remove_file(&temp);
+            if let Some((temp, _)) = &copy {
+                let _ = std::fs::remove_file(temp);
+            }
             return Err(error);
         }
         self.clamp_visible(offset);
@@ -183,18 +181,37 @@ impl Log {
             file::sync_dir(&self.dir).map_err(io("syncing", &self.dir))?;
             steps.step(self)?;
         }
-        // The new copy takes the name; fresh index files (new inodes: the old ones stay mapped
-        // by the old segment until its readers are done).
-        for path in [name.index(&self.dir), name.time_index(&self.dir)] {
-            match std::fs::remove_file(&path) {
+        // Fresh index files (new inodes: the old ones stay mapped by the old segment until its
+        // readers are done).
+        for index_path in [name.index(&self.dir), name.time_index(&self.dir)] {
+            match std::fs::remove_file(&index_path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("removing the old index", &path)(e)),
+                Err(e) => return Err(io("removing the old index", &index_path)(e)),
             }
         }
-        let path = name.log(&self.dir);
-        std::fs::rename(&temp, &path).map_err(io("renaming the truncated segment", &path))?;
-        file::sync_dir(&self.dir).map_err(io("syncing", &self.dir))?;
+        let file = match copy {
+            Some((temp, file)) => {
+                std::fs::rename(&temp, &path)
+                    .map_err(io("renaming the truncated segment", &path))?;
+                file::sync_dir(&self.dir).map_err(io("syncing", &self.dir))?;
+                file
+            }
+            None => {
+                let file = if Arc::ptr_eq(cut, &writer.active) {
+                    writer.file.clone()
+                } else {
+                    self.options
+                        .opener
+                        .open(&path, false)
+                        .map_err(io("opening the segment to cut", &path))?
+                };
+                file.set_len(position)
+                    .map_err(io("cutting the segment", &path))?;
+                file.sync_data().map_err(io("syncing", &path))?;
+                file
+            }
+        };
         steps.step(self)?;
         self.unlist(cut.base_offset, steps)?;
         if cut.generation != 0 {
@@ -231,7 +248,11 @@ impl Log {
         }));
         let mut list = segments[..index].to_vec();
         list.push(active.clone());
-        *self.segments.write() = Arc::new(list);
+        match list_lock.as_mut() {
+            Some(locked) => **locked = Arc::new(list),
+            None => *self.segments.write() = Arc::new(list),
+        }
+        drop(list_lock);
         self.options.preallocation.give_back(writer.counted);
         *writer = Writer {
             active,
@@ -249,8 +270,44 @@ impl Log {
         self.mark_synced(offset);
         self.persist_recovery_point(offset);
         drop(writer);
-        tracing::info!(dir = %self.dir.display(), from = end, to = offset, segments_deleted = segments.len() - 1 - index, elapsed_ms = started.elapsed().as_millis() as u64, "truncated log");
+        tracing::info!(dir = %self.dir.display(), from = end, to = offset, in_place, segments_deleted = segments.len() - 1 - index, elapsed_ms = started.elapsed().as_millis() as u64, "truncated log");
         Ok(())
+    }
+
+    /// Where the cut at `offset` falls in `cut` (a batch boundary, else
+    /// [`LogError::NotBatchBoundary`]) and the CRC-checked scan of what it keeps.
+    fn kept_part(
+        &self,
+        cut: &Segment,
+        offset: u64,
+        min_epoch: u32,
+    ) -> Result<(u64, segment::Scan), LogError> {
+        let position = match cut.cut_at(offset)? {
+            Cut::At { position } => position,
+            Cut::Inside { previous, next } => {
+                return Err(LogError::NotBatchBoundary {
+                    offset,
+                    previous,
+                    next,
+                })
+            }
+        };
+        let scan = segment::scan(
+            &cut.data()[..position as usize],
+            cut.base_offset,
+            self.config.index_interval_bytes,
+            true,
+            min_epoch,
+        );
+        if let Some(reason) = scan.stop {
+            return Err(LogError::Corrupt {
+                file: cut.path.clone(),
+                position: scan.valid_len,
+                offset: scan.next_offset,
+                reason: format!("truncation found a bad batch in the part it keeps: {reason}"),
+            });
+        }
+        Ok((position, scan))
     }
 
     /// Writes `kept` (the first bytes of the segment being cut) to `temp` and fsyncs it.

@@ -346,7 +346,13 @@ fn given_compacted_segments_when_truncated_into_them_should_reopen_to_the_trunca
 
 #[test]
 fn given_crash_at_every_step_of_a_truncation_should_reopen_to_a_prefix_holding_the_truncated_log() {
-    for (case, compacted) in [("plain", false), ("compacted", true)] {
+    // Unread logs are cut in place; read ones (and compacted segments) through a copy.
+    let cases = [
+        ("plain, in place", false, false),
+        ("plain, copied", false, true),
+        ("compacted", true, false),
+    ];
+    for (case, compacted, read_first) in cases {
         let template = tempfile::tempdir().unwrap();
         let (batches, kept) = if compacted {
             compacted_log(template.path())
@@ -367,6 +373,9 @@ fn given_crash_at_every_step_of_a_truncation_should_reopen_to_a_prefix_holding_t
                 }
             }
             let log = Log::open(dir.path(), small_config()).unwrap();
+            if read_first {
+                log.read(0, 1).unwrap();
+            }
             let finished = log
                 .truncate_with(offset, &mut Steps::stop_after(stop))
                 .is_ok();
@@ -411,6 +420,7 @@ fn given_full_disk_while_copying_the_kept_part_should_fail_cleanly_and_change_no
     let dir = tempfile::tempdir().unwrap();
     let (log, faults) = faulty_log(dir.path());
     let stored = fill(&log, 5, 10);
+    log.read(0, 1).unwrap(); // served: the truncation copies
     faults.fail(FaultKind::Write, 1, libc::ENOSPC);
     let error = log.truncate_to(9).unwrap_err();
     assert!(matches!(error, LogError::NoSpace { .. }), "{error}");
@@ -425,4 +435,44 @@ fn given_full_disk_while_copying_the_kept_part_should_fail_cleanly_and_change_no
     assert!(leftovers.is_empty(), "{leftovers:?}");
     log.truncate_to(9).unwrap();
     assert_batches(&everything(&log), &stored[..3], "after space came back");
+}
+
+fn inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().ino()
+}
+
+#[test]
+fn given_unread_log_when_truncated_should_cut_the_segment_file_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 5, 10);
+    let path = last_segment(dir.path());
+    let before = inode(&path);
+    log.truncate_to(9).unwrap();
+    assert_eq!(inode(&path), before, "no copy when nobody ever read");
+    let kept: usize = stored[..3].iter().map(Vec::len).sum();
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), kept as u64);
+    assert_batches(&everything(&log), &stored[..3], "kept");
+}
+
+#[test]
+fn given_reader_holding_bytes_when_truncated_should_keep_them_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    let stored = fill(&log, 5, 10);
+    let path = last_segment(dir.path());
+    let before = inode(&path);
+    let held = log.read(0, 1 << 20).unwrap();
+    log.truncate_to(3).unwrap();
+    assert_ne!(
+        inode(&path),
+        before,
+        "a served segment is replaced, never cut in place"
+    );
+    // Appends after the cut go to the new file; the bytes a reader holds are the old ones.
+    log.append(&make_batch(3, 10, 1, 77)).unwrap();
+    log.sync().unwrap();
+    assert_eq!(&held.bytes[..], &stored.concat()[..]);
+    assert_eq!(everything(&log)[0], stored[0]);
 }
