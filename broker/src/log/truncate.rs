@@ -102,6 +102,11 @@ impl Log {
     /// returns, as are the deletions. Blocking (it copies the kept part of the segment holding
     /// `offset` into a new file, see `truncate.rs`); waits for a running compaction pass.
     ///
+    /// Truncating below the visible offset takes back what readers may already have seen (the
+    /// visible offset goes down, which `subscribe_durable` watchers observe); a replication
+    /// layer only truncates what it never published. Truncate before anything reads the log
+    /// (e.g. before rebuilding indexes from it) and the cut costs no copy.
+    ///
     /// Errors: [`LogError::OffsetOutOfRange`] outside the log, [`LogError::NotBatchBoundary`]
     /// inside a batch (naming the boundaries around it); both change nothing. An I/O failure
     /// after the first deletion poisons the log until it is reopened.
