@@ -289,8 +289,8 @@ fn modified_ms(path: &std::path::Path) -> Option<i64> {
     i64::try_from(since.as_millis()).ok()
 }
 
-/// Encodes the kept records of `batch` (offset deltas and last offset delta unchanged, producer
-/// fields dropped: a batch that lost records no longer describes a producer's sequence range).
+/// Encodes the kept records of `batch` (offset deltas, last offset delta and leader epoch
+/// unchanged, producer fields dropped: a batch that lost records no longer describes a producer's sequence range).
 fn reencode(batch: &Batch, keep: &[bool]) -> Result<Vec<u8>, String> {
     let header = batch.header();
     let mut builder = BatchBuilder::with_capacity(batch.as_bytes().len())
@@ -321,7 +321,11 @@ fn reencode(batch: &Batch, keep: &[bool]) -> Result<Vec<u8>, String> {
     }
     let bytes = builder.finish().map_err(|e| e.to_string())?;
     let mut bytes = bytes.to_vec();
-    batch::stamp_base_offset(&mut bytes, header.base_offset);
+    // The stamped prefix (base offset, length, leader epoch) is outside the CRC: the re-encoded
+    // batch keeps the epoch it was appended in, so epochs still never go down along the log.
+    let length = u32::try_from(bytes.len()).map_err(|e| e.to_string())?;
+    let prefix = batch::stamped_prefix(header.base_offset, length, header.leader_epoch);
+    bytes[..batch::STAMPED_PREFIX_LEN].copy_from_slice(&prefix);
     Ok(bytes)
 }
 
@@ -400,6 +404,7 @@ impl Log {
     ) -> Result<CompactionOutcome, LogError> {
         let _one_pass = self.compact_lock.lock();
         self.check_writable()?;
+        self.mark_served();
         if options.roll {
             self.roll_now()?;
         }
@@ -856,7 +861,13 @@ impl Log {
         // Check what was written before anything depends on it.
         let data = segment::map_file(&out_file, position)
             .map_err(|e| LogError::io("mapping compacted segment", &path, e))?;
-        let scan = segment::scan(&data, group_base, self.config.index_interval_bytes, true);
+        let scan = segment::scan(
+            &data,
+            group_base,
+            self.config.index_interval_bytes,
+            true,
+            segment::DEFAULT_LEADER_EPOCH,
+        );
         if let Some(reason) = scan.stop {
             return Err(self.compaction_error(&format!(
                 "the compacted segment {} does not verify: {reason}",
@@ -881,6 +892,7 @@ impl Log {
             len: position,
             next_offset: group_end,
             max_timestamp: scan.max_timestamp,
+            last_epoch: scan.last_epoch,
             created_ms: group[0].created_ms.load(Ordering::Acquire),
             verified: true,
             indexes: Indexes { offsets, times },

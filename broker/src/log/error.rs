@@ -54,6 +54,19 @@ pub enum LogError {
         end: u64,
     },
 
+    /// A truncation offset inside a batch: the log can only be cut between batches.
+    #[error(
+        "cannot truncate at offset {offset}: it is inside the batch [{previous}, {next}); the nearest batch boundaries are {previous} and {next}"
+    )]
+    NotBatchBoundary {
+        /// The offset asked for.
+        offset: u64,
+        /// The boundary below it (the batch's first offset).
+        previous: u64,
+        /// The boundary above it (the offset after the batch).
+        next: u64,
+    },
+
     /// An earlier write or fsync failed; the page cache may have dropped data we cannot
     /// re-verify, so the log takes no more writes until it is reopened.
     #[error("log {dir} is poisoned by an earlier I/O failure ({cause}); restart to recover")]
@@ -117,6 +130,18 @@ pub enum LogError {
         dir: PathBuf,
         /// Why.
         reason: String,
+    },
+
+    /// A batch's leader epoch is below the last batch's: epochs (Raft terms) never go down
+    /// along a log. Nothing was appended.
+    #[error("log {dir}: leader epoch {epoch} is below the epoch {last_epoch} of the last batch; epochs never go down along a log")]
+    EpochRegressed {
+        /// The log directory.
+        dir: PathBuf,
+        /// The epoch asked for.
+        epoch: u32,
+        /// The epoch of the log's last batch.
+        last_epoch: u32,
     },
 
     /// The log was closed.

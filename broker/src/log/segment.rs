@@ -18,7 +18,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use memmap2::MmapOptions;
@@ -31,10 +31,12 @@ use super::index::{
     OFFSET_ENTRY_BYTES, TIME_ENTRY_BYTES,
 };
 
-/// The leader epoch the log stamps on every batch. Until replication exists there is one
-/// epoch, 0; the field is stamped (not trusted from the producer) so that a flipped bit in it,
-/// which the CRC does not cover, is caught by this check on recovery and read.
-pub(crate) const LEADER_EPOCH: u32 = 0;
+/// The leader epoch [`super::Log::append`] and [`super::Log::append_batch`] stamp: a log that
+/// is not replicated stays at epoch 0. A replicated log stamps the Raft term
+/// ([`super::Log::append_batch_at`]). The field is always stamped (never trusted from the
+/// producer); the CRC does not cover it, so recovery and reads check that epochs never go down
+/// along the log, which catches most flipped bits in it.
+pub(crate) const DEFAULT_LEADER_EPOCH: u32 = 0;
 
 /// A segment's file name: its base offset and its generation. Appends write generation 0,
 /// `<base:020>.log`; the cleaner writes generation g > 0, `<base:020>-<g:010>.log`, and commits
@@ -156,14 +158,25 @@ pub(crate) struct Scan {
     pub(crate) offset_entries: Vec<[u8; OFFSET_ENTRY_BYTES]>,
     pub(crate) time_entries: Vec<[u8; TIME_ENTRY_BYTES]>,
     pub(crate) cursor: IndexCursor,
+    /// Leader epoch of the last valid batch (the `min_epoch` passed in when there is none).
+    pub(crate) last_epoch: u32,
     /// Why the walk stopped before the end of `data`, if it did.
     pub(crate) stop: Option<String>,
 }
 
 /// Walks the batches of `data` (a whole segment), checking framing, contiguous offsets,
-/// relative-offset range and (if `verify_crc`) the CRC of each, and collects index entries.
-pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: bool) -> Scan {
+/// relative-offset range, leader epochs that never go down (starting from `min_epoch`, the
+/// epoch of the batch before the segment) and (if `verify_crc`) the CRC of each, and collects
+/// index entries.
+pub(crate) fn scan(
+    data: &[u8],
+    base_offset: u64,
+    interval: u32,
+    verify_crc: bool,
+    min_epoch: u32,
+) -> Scan {
     let mut scan = Scan {
+        last_epoch: min_epoch,
         valid_len: 0,
         next_offset: base_offset,
         max_timestamp: i64::MIN,
@@ -174,8 +187,12 @@ pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: boo
     };
     let mut position = 0usize;
     while position < data.len() {
-        let header = match check_batch_at(data, position, scan.next_offset, base_offset, verify_crc)
-        {
+        let expected = Expected {
+            offset: scan.next_offset,
+            segment_base: base_offset,
+            min_epoch: scan.last_epoch,
+        };
+        let header = match check_batch_at(data, position, expected, verify_crc) {
             Ok(header) => header,
             Err(reason) => {
                 scan.stop = Some(reason);
@@ -191,20 +208,37 @@ pub(crate) fn scan(data: &[u8], base_offset: u64, interval: u32, verify_crc: boo
         position += header.length as usize;
         scan.valid_len = position as u64;
         scan.next_offset = header.next_offset();
+        scan.last_epoch = header.leader_epoch;
     }
     scan.max_timestamp = scan.cursor.max_timestamp;
     scan
 }
 
-/// Checks the batch at `position`: header, length within `data`, base offset equal to
-/// `expected_offset`, last offset within the segment's u32 relative range, and the CRC.
+/// What the next batch of a walk must satisfy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Expected {
+    /// Its base offset (offsets are contiguous).
+    pub(crate) offset: u64,
+    /// Base offset of its segment (its last offset must be within the u32 relative range).
+    pub(crate) segment_base: u64,
+    /// The leader epoch of the batch before it: epochs never go down along a log (Raft terms
+    /// only grow), so a lower one is damage.
+    pub(crate) min_epoch: u32,
+}
+
+/// Checks the batch at `position`: header, length within `data`, base offset, leader epoch and
+/// relative range as `expected` says, and the CRC.
 pub(crate) fn check_batch_at(
     data: &[u8],
     position: usize,
-    expected_offset: u64,
-    segment_base: u64,
+    expected: Expected,
     verify_crc: bool,
 ) -> Result<BatchHeader, String> {
+    let Expected {
+        offset: expected_offset,
+        segment_base,
+        min_epoch,
+    } = expected;
     let rest = &data[position..];
     if rest.len() < HEADER_LEN {
         return Err(format!(
@@ -226,9 +260,9 @@ pub(crate) fn check_batch_at(
             header.base_offset
         ));
     }
-    if header.leader_epoch != LEADER_EPOCH {
+    if header.leader_epoch < min_epoch {
         return Err(format!(
-            "batch leader epoch {} is not the log's epoch {LEADER_EPOCH}",
+            "batch leader epoch {} is lower than the epoch {min_epoch} of the batch before it (epochs never go down along a log)",
             header.leader_epoch
         ));
     }
@@ -284,6 +318,8 @@ pub(crate) struct Segment {
     /// Offset after the last batch.
     next_offset: AtomicU64,
     max_timestamp: AtomicI64,
+    /// Leader epoch of the last batch (of the batch before the segment while it is empty).
+    last_epoch: AtomicU32,
     /// Timestamp that starts the segment's age (first batch's timestamp, or creation time).
     pub(crate) created_ms: AtomicI64,
     /// `[verified_len, unverified_end)` holds batches that this process has not CRC-checked yet
@@ -301,6 +337,15 @@ impl std::fmt::Debug for Segment {
             .field("next_offset", &self.next_offset())
             .finish()
     }
+}
+
+/// Where a cut at an offset falls in a segment ([`Segment::cut_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// At the batch that starts at byte `position`.
+    At { position: u64 },
+    /// Inside the batch holding offsets `[previous, next)`.
+    Inside { previous: u64, next: u64 },
 }
 
 /// What a read of one segment found.
@@ -329,6 +374,7 @@ pub(crate) struct SegmentParts {
     pub(crate) len: u64,
     pub(crate) next_offset: u64,
     pub(crate) max_timestamp: i64,
+    pub(crate) last_epoch: u32,
     pub(crate) created_ms: i64,
     pub(crate) verified: bool,
     pub(crate) indexes: Indexes,
@@ -344,6 +390,7 @@ impl Segment {
             len: AtomicU64::new(parts.len),
             next_offset: AtomicU64::new(parts.next_offset),
             max_timestamp: AtomicI64::new(parts.max_timestamp),
+            last_epoch: AtomicU32::new(parts.last_epoch),
             created_ms: AtomicI64::new(parts.created_ms),
             verified_len: AtomicU64::new(if parts.verified { parts.len } else { 0 }),
             unverified_end: if parts.verified { 0 } else { parts.len },
@@ -372,10 +419,22 @@ impl Segment {
         self.max_timestamp.load(Ordering::Acquire)
     }
 
+    /// Leader epoch of the last batch.
+    pub(crate) fn last_epoch(&self) -> u32 {
+        self.last_epoch.load(Ordering::Acquire)
+    }
+
     /// Publishes a batch the writer has written at the end of the segment.
-    pub(crate) fn publish(&self, new_len: u64, next_offset: u64, max_timestamp: i64) {
+    pub(crate) fn publish(
+        &self,
+        new_len: u64,
+        next_offset: u64,
+        max_timestamp: i64,
+        leader_epoch: u32,
+    ) {
         self.max_timestamp
             .fetch_max(max_timestamp, Ordering::AcqRel);
+        self.last_epoch.store(leader_epoch, Ordering::Release);
         self.next_offset.store(next_offset, Ordering::Release);
         self.len.store(new_len, Ordering::Release);
     }
@@ -403,6 +462,14 @@ impl Segment {
         }
     }
 
+    fn expected(&self, offset: u64, min_epoch: u32) -> Expected {
+        Expected {
+            offset,
+            segment_base: self.base_offset,
+            min_epoch,
+        }
+    }
+
     fn corrupt(&self, position: usize, offset: u64, reason: String) -> LogError {
         LogError::Corrupt {
             file: self.path.clone(),
@@ -424,12 +491,14 @@ impl Segment {
         let data = &self.data[..len];
         let (mut position, mut expected) = self.seek(from);
         let mut start: Option<(usize, u64)> = None;
-        while position < len {
-            let header = check_batch_at(data, position, expected, self.base_offset, false)
+        // The epoch before the seek position is unknown: epochs are checked from there on.
+        let mut epoch = 0;
+        // Offsets are contiguous, so the walk stops before it parses a batch at or past
+        // `upper` (bytes past what the caller may see are never touched).
+        while position < len && expected < upper {
+            let header = check_batch_at(data, position, self.expected(expected, epoch), false)
                 .map_err(|reason| self.corrupt(position, expected, reason))?;
-            if header.base_offset >= upper {
-                break;
-            }
+            epoch = header.leader_epoch;
             let batch_end = position + header.length as usize;
             if header.next_offset() > from {
                 if let Some((start_position, _)) = start {
@@ -478,6 +547,40 @@ impl Segment {
         Ok(())
     }
 
+    /// Where a cut at `offset` (in `[base_offset, next_offset]`) falls: at a batch boundary
+    /// (its byte position) or inside a batch (its first offset and the offset after it).
+    pub(crate) fn cut_at(&self, offset: u64) -> Result<Cut, LogError> {
+        let len = self.len() as usize;
+        let data = &self.data[..len];
+        let (mut position, mut expected) = self.seek(offset);
+        let mut epoch = 0;
+        loop {
+            if expected == offset {
+                return Ok(Cut::At {
+                    position: position as u64,
+                });
+            }
+            if position >= len {
+                return Err(self.corrupt(
+                    position,
+                    expected,
+                    format!("the segment ends at offset {expected}, before offset {offset}"),
+                ));
+            }
+            let header = check_batch_at(data, position, self.expected(expected, epoch), false)
+                .map_err(|reason| self.corrupt(position, expected, reason))?;
+            epoch = header.leader_epoch;
+            if header.next_offset() > offset {
+                return Ok(Cut::Inside {
+                    previous: header.base_offset,
+                    next: header.next_offset(),
+                });
+            }
+            position += header.length as usize;
+            expected = header.next_offset();
+        }
+    }
+
     /// Base offset of the first batch whose max timestamp is `>= timestamp` and whose base
     /// offset is `< upper`.
     pub(crate) fn find_timestamp(
@@ -496,12 +599,11 @@ impl Segment {
         let len = self.len() as usize;
         let data = &self.data[..len];
         let (mut position, mut expected) = self.seek(from);
-        while position < len {
-            let header = check_batch_at(data, position, expected, self.base_offset, false)
+        let mut epoch = 0;
+        while position < len && expected < upper {
+            let header = check_batch_at(data, position, self.expected(expected, epoch), false)
                 .map_err(|reason| self.corrupt(position, expected, reason))?;
-            if header.base_offset >= upper {
-                return Ok(None);
-            }
+            epoch = header.leader_epoch;
             if header.max_timestamp >= timestamp {
                 return Ok(Some(header.base_offset));
             }
@@ -512,12 +614,15 @@ impl Segment {
     }
 
     /// Walks batch headers (no CRC) from the last offset-index entry to `file_len`: the cheap
-    /// consistency check of a clean open. Returns (next offset, max timestamp, cursor).
+    /// consistency check of a clean open. `min_epoch` is the epoch of the batch before the
+    /// segment (checked when the walk starts at the segment's first batch). Returns (next
+    /// offset, max timestamp, cursor, leader epoch of the last batch or `min_epoch`).
     pub(crate) fn walk_tail(
         data: &[u8],
         base_offset: u64,
         indexes: &Indexes,
-    ) -> Result<(u64, i64, IndexCursor), String> {
+        min_epoch: u32,
+    ) -> Result<(u64, i64, IndexCursor, u32), String> {
         let (mut position, mut expected) = match indexes.offsets.len() {
             0 => (0usize, base_offset),
             n => {
@@ -537,8 +642,15 @@ impl Segment {
         }
         let cursor_position = position as u64;
         let mut max_timestamp = last_time;
+        let mut epoch = if position == 0 { min_epoch } else { 0 };
         while position < data.len() {
-            let header = check_batch_at(data, position, expected, base_offset, false)?;
+            let next = Expected {
+                offset: expected,
+                segment_base: base_offset,
+                min_epoch: epoch,
+            };
+            let header = check_batch_at(data, position, next, false)?;
+            epoch = header.leader_epoch;
             max_timestamp = max_timestamp.max(header.max_timestamp);
             position += header.length as usize;
             expected = header.next_offset();
@@ -547,6 +659,7 @@ impl Segment {
             expected,
             max_timestamp,
             IndexCursor::resume(cursor_position, max_timestamp, last_time),
+            epoch,
         ))
     }
 }

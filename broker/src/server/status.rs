@@ -81,14 +81,17 @@ pub fn to_status(error: BrokerError) -> Status {
             Status::out_of_range(message)
         }
         BrokerError::Log { source, .. } => match source {
-            LogError::InvalidBatch(_) | LogError::BatchOffsetSpan { .. } | LogError::Config(_) => {
-                Status::invalid_argument(message)
-            }
+            LogError::InvalidBatch(_)
+            | LogError::BatchOffsetSpan { .. }
+            | LogError::NotBatchBoundary { .. }
+            | LogError::Config(_) => Status::invalid_argument(message),
             LogError::BatchTooLarge { .. } | LogError::NoSpace { .. } => {
                 Status::resource_exhausted(message)
             }
             LogError::OffsetOutOfRange { .. } => Status::out_of_range(message),
-            LogError::Poisoned { .. } => Status::failed_precondition(message),
+            LogError::Poisoned { .. } | LogError::EpochRegressed { .. } => {
+                Status::failed_precondition(message)
+            }
             LogError::Corrupt { .. } => Status::data_loss(message),
             LogError::Closed { .. } => Status::unavailable(message),
             LogError::Compaction { .. } => Status::aborted(message),

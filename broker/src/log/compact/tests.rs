@@ -615,3 +615,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn given_batches_of_several_epochs_when_compacted_should_keep_each_batch_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let epochs = [1u32, 1, 2, 5];
+    {
+        let log = Log::open(dir.path(), config()).unwrap();
+        let mut filter = ModelFilter::default();
+        for (i, epoch) in epochs.iter().enumerate() {
+            // Every batch loses its "shared" record to the next one, so it is re-encoded.
+            let own = format!("own-{i}");
+            let mut builder = BatchBuilder::new();
+            builder.push(1, Some(b"shared"), Some(b"v"), &[]);
+            builder.push(1, Some(own.as_bytes()), Some(b"v"), &[]);
+            let batch = Batch::parse(builder.finish().unwrap()).unwrap();
+            let appended = log.append_batch_at(&batch, *epoch).unwrap();
+            filter
+                .latest
+                .insert(Bytes::from_static(b"shared"), appended.base_offset);
+            filter.latest.insert(Bytes::from(own), appended.last_offset);
+        }
+        log.roll_now().unwrap();
+        let outcome = log.compact(&filter, &CompactOptions::default()).unwrap();
+        assert_eq!(outcome.records_removed, 3);
+        assert_eq!(crate::log::tests::epoch::epochs(&log), epochs);
+    }
+    // The recovery scan checks that epochs never go down: the compacted segment passes.
+    let log = Log::open(dir.path(), config()).unwrap();
+    assert!(!log.recovery_report().clean);
+    assert_eq!(crate::log::tests::epoch::epochs(&log), epochs);
+}
