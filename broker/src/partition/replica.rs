@@ -246,7 +246,6 @@ impl Partition {
             Err(error) => return Ok(Applied::Refused(error.to_string())),
         };
         let conditions: Vec<Condition> = proposal.conditions.iter().map(Condition::from).collect();
-        let _ = leader_epoch;
         let result = self.write_checked(
             log,
             &batch,
@@ -254,7 +253,7 @@ impl Partition {
             &conditions,
             proposal.now_ms,
             false,
-            |log, batch| log.append_batch(batch),
+            |log, batch| log.append_batch_at(batch, leader_epoch),
         );
         match result {
             Ok(appended) => Ok(Applied::Appended {

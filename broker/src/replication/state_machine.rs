@@ -4,9 +4,13 @@
 //!
 //! ## Applied state (`<partition dir>/raft/applied.json`)
 //! `{ last_applied, membership, end_offset }`: the last applied log id, the membership as of it
-//! and the partition log's end offset right after it, written (temp file, rename) after every
-//! applied run of entries. At open the partition log must end exactly at `end_offset`; openraft
-//! re-applies the committed entries after `last_applied` from the Raft log.
+//! and the partition log's end offset right after it, written (temp file, fsync, rename,
+//! directory fsync) when a snapshot is built, after the partition log was fsync'd up to
+//! `end_offset`. The partition log is opened in `Published` visibility: readers see what apply
+//! publishes, and the log is not fsync'd per write (the Raft log is). At open
+//! ([`prepare_log`]) the partition log is cut back to `end_offset` before anything reads it;
+//! openraft then re-applies the committed entries after `last_applied` from the Raft log,
+//! deterministically, so they land at the same offsets with the same bytes as before.
 //!
 //! ## Snapshots
 //! A snapshot is the partition log itself up to `end_offset`: building one writes the applied
@@ -109,18 +113,47 @@ impl PartitionStateMachine {
         })
     }
 
-    fn write_applied(&self, inner: &Inner) -> io::Result<()> {
-        let log = self.partition.local_log().map_err(storage)?;
+    fn write_applied(&self, inner: &Inner, end_offset: u64) -> io::Result<()> {
         let file = AppliedFile {
             last_applied: inner.last_applied,
             membership: inner.membership.clone(),
-            end_offset: log.end_offset(),
+            end_offset,
         };
         let bytes = serde_json::to_vec(&file).map_err(|e| invalid(e.to_string()))?;
-        let temp = inner.dir.join(format!("{APPLIED_FILE}.tmp"));
-        std::fs::write(&temp, &bytes)?;
-        std::fs::rename(&temp, inner.dir.join(APPLIED_FILE))
+        crate::log::write_file_atomically(&inner.dir, APPLIED_FILE, &bytes)
     }
+}
+
+/// Cuts a replicated partition's log back to the end its last snapshot recorded (what was
+/// applied after it is applied again from the Raft log), then publishes it to readers. Runs
+/// at open, before anything reads the log. `raft_dir` is the group's directory.
+pub fn prepare_log(log: &crate::log::Log, raft_dir: &Path) -> Result<(), String> {
+    let path = raft_dir.join(APPLIED_FILE);
+    let end = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let file: AppliedFile = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            file.end_offset
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => log.start_offset(),
+        Err(error) => return Err(format!("reading {}: {error}", path.display())),
+    };
+    if end > log.end_offset() {
+        return Err(format!(
+            "{} says the partition log was synced up to offset {end}, but it ends at {}",
+            path.display(),
+            log.end_offset()
+        ));
+    }
+    if end < log.end_offset() {
+        let dropped = log.end_offset() - end;
+        log.truncate_to(end).map_err(|e| {
+            format!("cutting the partition log back to its last snapshot ({end}): {e}")
+        })?;
+        tracing::info!(dir = %log.dir().display(), end, dropped, "cut the partition log back to its last snapshot; the Raft log re-applies the rest");
+    }
+    log.publish(end);
+    Ok(())
 }
 
 impl RaftSnapshotBuilder<PartitionRaft> for PartitionStateMachine {
@@ -129,11 +162,12 @@ impl RaftSnapshotBuilder<PartitionRaft> for PartitionStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let mut inner = self.inner.lock().await;
         let log = self.partition.local_log().map_err(storage)?.clone();
-        let end = tokio::task::spawn_blocking(move || log.sync())
+        let end = log.end_offset();
+        tokio::task::spawn_blocking(move || log.sync())
             .await
             .map_err(io::Error::other)?
             .map_err(|e| io::Error::other(e.to_string()))?;
-        self.write_applied(&inner)?;
+        self.write_applied(&inner, end)?;
         let meta = SnapshotMeta {
             last_log_id: inner.last_applied,
             last_membership: inner.membership.clone(),
@@ -162,6 +196,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
             Stream<Item = Result<EntryResponder<PartitionRaft>, io::Error>> + Unpin + OptionalSend,
     {
         let mut inner = self.inner.lock().await;
+        let log = self.partition.local_log().map_err(storage)?.clone();
         let mut applied_any = false;
         while let Some((entry, responder)) = entries.try_next().await? {
             let outcome = match &entry.payload {
@@ -190,7 +225,8 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
             }
         }
         if applied_any {
-            self.write_applied(&inner)?;
+            // Readers see it now: it is committed (on a majority of Raft logs, each fsync'd).
+            log.publish(log.end_offset());
         }
         Ok(())
     }

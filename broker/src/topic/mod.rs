@@ -571,7 +571,25 @@ impl PartitionOpener<'_> {
     fn open(&self, id: u32) -> Result<Partition, LogError> {
         let dir = self.path.join(id.to_string());
         let log_config = self.config.log_config_for(&self.settings.log);
-        let log = Log::open_with(&dir, log_config, self.options.clone())?;
+        let replicated = self.settings.replication_factor > 1;
+        let mut options = self.options.clone();
+        if replicated {
+            options.visibility = crate::log::Visibility::Published;
+        }
+        let log = Log::open_with(&dir, log_config, options)?;
+        if replicated {
+            if let Err(reason) =
+                crate::replication::state_machine::prepare_log(&log, &dir.join("raft"))
+            {
+                tracing::error!(topic = %self.name, partition = id, %reason, "replica fenced");
+                return Ok(Partition::fenced(
+                    self.name.clone(),
+                    id,
+                    self.settings.partitions,
+                    reason,
+                ));
+            }
+        }
         let partition = Partition::open(
             self.name.clone(),
             id,
@@ -580,7 +598,7 @@ impl PartitionOpener<'_> {
             self.settings.cleanup == Cleanup::Compact,
             self.epochs.clone(),
         );
-        Ok(if self.settings.replication_factor > 1 {
+        Ok(if replicated {
             partition.into_replicated()
         } else {
             partition
