@@ -236,7 +236,7 @@ impl Member {
                     }
                 }
             };
-            tokio::join!(reader.run(offset), forward);
+            tokio::join!(reader.run_from_known(offset), forward);
         })
     }
 }
