@@ -408,3 +408,26 @@ fn log_batch_value(batch: &Bytes) -> String {
     let record = batch.records().next().unwrap().unwrap();
     String::from_utf8(record.value.unwrap().to_vec()).unwrap()
 }
+
+#[tokio::test]
+async fn given_no_leader_for_a_while_table_get_should_wait_for_the_new_one() {
+    let cluster = MockCluster::start(3).await;
+    let shared = &cluster.shared;
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    let config = ProducerConfig {
+        retry_backoff: Duration::from_millis(5),
+        retry_backoff_max: Duration::from_millis(20),
+        ..ProducerConfig::default()
+    };
+    let table = client.table_with(TABLE, config).await.unwrap();
+    let key = key_for(0);
+    shared.lead(TABLE, 0, 0);
+    elect_later(shared, TABLE, 0, 3, ELECTION);
+    let entry = bounded(table.get(&key)).await.unwrap().unwrap();
+    // The mock answers with its node id as the version.
+    assert_eq!(entry.version, 3, "answered by the new leader");
+    assert!(
+        shared.calls(1, "Get") > 1,
+        "refused while no leader was known"
+    );
+}
