@@ -69,7 +69,7 @@ pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -334,6 +334,10 @@ struct Shared {
     sequences: Option<Mutex<Sequences>>,
     /// A sent batch was resolved: a partition's window may have room again.
     sequence_resolved: Notify,
+    /// Set once the sequences say the producer is fenced: `enqueue` reads this flag per record
+    /// instead of taking the sequences' lock (a per-record lock cost the idempotent producer
+    /// a few percent of its throughput).
+    fenced: AtomicBool,
     /// Request -> acknowledgement time of batches acknowledged at their first attempt, µs.
     batch_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -394,6 +398,7 @@ impl Producer {
             next_correlation_id: AtomicU64::new(1),
             sequences: identity.map(|identity| Mutex::new(Sequences::new(identity, partitions))),
             sequence_resolved: Notify::new(),
+            fenced: AtomicBool::new(false),
             batch_latency: Mutex::new(new_latency_histogram()),
             config,
         });
@@ -459,9 +464,13 @@ impl Producer {
         headers: &[(&str, &[u8])],
     ) -> Result<DeliveryFuture> {
         let shared = &self.handle.shared;
-        if let Some(sequences) = &shared.sequences {
-            if let Some(error) = lock(sequences).fenced() {
-                return Err(error.clone());
+        if shared.fenced.load(Ordering::Acquire) {
+            if let Some(error) = shared
+                .sequences
+                .as_ref()
+                .and_then(|s| lock(s).fenced().cloned())
+            {
+                return Err(error);
             }
         }
         if headers.len() > MAX_HEADERS_PER_RECORD as usize {
@@ -643,7 +652,12 @@ impl Shared {
             Err(error @ Error::ProducerFenced { .. }) => Outcome::Fenced(error.clone()),
             Err(_) => Outcome::Failed,
         };
-        lock(sequences).resolve(stamp, outcome);
+        let mut sequences = lock(sequences);
+        sequences.resolve(stamp, outcome);
+        if sequences.fenced().is_some() {
+            self.fenced.store(true, Ordering::Release);
+        }
+        drop(sequences);
         self.sequence_resolved.notify_waiters();
     }
 
