@@ -113,7 +113,12 @@ pub enum Error {
         max: u32,
     },
 
-    /// A batch could not be delivered within the producer's delivery timeout.
+    /// A batch could not be delivered within the producer's delivery timeout. Its outcome is
+    /// unknown when an attempt failed after it was sent (a lost connection, a leader that died
+    /// before answering: `attempts` above 1, or a transport error): a node may have stored it,
+    /// and a new leader may still hold it. Nothing retries it later (the producer and the
+    /// table's conditional writer continue under a new producer id, so no later write is
+    /// taken for it); read the key or the log to find out.
     #[error(
         "delivery to {topic}/{partition} failed after {attempts} attempt(s) in {elapsed_ms} ms: {}",
         last_error.as_deref().map_or_else(|| without_error(*attempts), ToString::to_string)
