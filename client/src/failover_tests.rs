@@ -14,6 +14,7 @@ use bytes::Bytes;
 use syncline_proto::batch::BatchBuilder;
 
 use crate::routing_tests::{key_for, MockCluster, Shared, TABLE};
+use crate::tests::fast_retries;
 use crate::{
     Client, ConsumerConfig, GroupConsumerConfig, OffsetReset, ProducerConfig, StartOffset,
     SyncTableConfig,
@@ -31,13 +32,11 @@ async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
         .expect("no progress within the bound")
 }
 
-fn quick_producer() -> ProducerConfig {
-    ProducerConfig {
-        linger: Duration::from_millis(1),
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        ..ProducerConfig::default()
-    }
+/// Three mock nodes, every partition led by node 1, and a client bootstrapped there.
+async fn start() -> (MockCluster, Client) {
+    let cluster = MockCluster::start(3).await;
+    let client = Client::connect(cluster.address(1)).await.unwrap();
+    (cluster, client)
 }
 
 /// After `delay`, node `node` leads `topic`/`partition` (what DescribeCluster reports too).
@@ -85,10 +84,9 @@ fn log_values(shared: &Shared, topic: &str, partition: u32) -> Vec<String> {
 #[tokio::test]
 async fn given_leader_lost_after_an_append_producer_should_resend_the_same_sequence_to_the_new_leader_and_ack_each_record_once(
 ) {
-    let cluster = MockCluster::start(3).await;
+    let (cluster, client) = start().await;
     let shared = &cluster.shared;
-    let client = Client::connect(cluster.address(1)).await.unwrap();
-    let producer = client.producer("events", quick_producer()).await.unwrap();
+    let producer = client.producer("events", fast_retries()).await.unwrap();
     let key = key_for(0);
     let send_all = |values: Vec<String>| {
         let producer = producer.clone();
@@ -178,14 +176,13 @@ fn shared_calls(cluster: &crate::routing_tests::Cluster, node: u64, rpc: &str) -
 #[tokio::test]
 async fn given_a_not_leader_naming_the_new_leader_on_the_stream_producer_should_follow_it_without_waiting_for_a_refresh(
 ) {
-    let cluster = MockCluster::start(3).await;
+    let (cluster, client) = start().await;
     let shared = &cluster.shared;
-    let client = Client::connect(cluster.address(1)).await.unwrap();
     let config = ProducerConfig {
         // A pause this long would fail the bound below: the redirect must not wait.
         retry_backoff: Duration::from_secs(10),
         retry_backoff_max: Duration::from_secs(10),
-        ..quick_producer()
+        ..fast_retries()
     };
     let producer = client.producer("events", config).await.unwrap();
     let key = key_for(0);
@@ -361,15 +358,9 @@ async fn given_a_leader_change_sync_table_should_resume_from_its_next_offset_wit
 #[tokio::test]
 async fn given_cas_answer_lost_with_the_leader_the_retry_should_carry_the_same_sequence_and_get_the_original_version(
 ) {
-    let cluster = MockCluster::start(3).await;
+    let (cluster, client) = start().await;
     let shared = &cluster.shared;
-    let client = Client::connect(cluster.address(1)).await.unwrap();
-    let config = ProducerConfig {
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        ..ProducerConfig::default()
-    };
-    let table = client.table_with(TABLE, config).await.unwrap();
+    let table = client.table_with(TABLE, fast_retries()).await.unwrap();
     let key = key_for(0);
     let first = table.put_if_absent(&key, "1").await.unwrap();
     assert_eq!(first.version, 0);
@@ -411,15 +402,9 @@ fn log_batch_value(batch: &Bytes) -> String {
 
 #[tokio::test]
 async fn given_no_leader_for_a_while_table_get_should_wait_for_the_new_one() {
-    let cluster = MockCluster::start(3).await;
+    let (cluster, client) = start().await;
     let shared = &cluster.shared;
-    let client = Client::connect(cluster.address(1)).await.unwrap();
-    let config = ProducerConfig {
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        ..ProducerConfig::default()
-    };
-    let table = client.table_with(TABLE, config).await.unwrap();
+    let table = client.table_with(TABLE, fast_retries()).await.unwrap();
     let key = key_for(0);
     shared.lead(TABLE, 0, 0);
     elect_later(shared, TABLE, 0, 3, ELECTION);

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Request, Response, Status};
 
-use crate::tests::{request_error, serve_produce_stream};
+use crate::tests::{encode_plain, request_error, serve_produce_stream, snapshot_records};
 use crate::{
     Client, ConsumerConfig, Error, GroupConsumerConfig, OffsetQuery, OffsetReset, ProducerConfig,
     StartOffset,
@@ -625,22 +625,7 @@ impl Broker for MockNode {
         self.record("Produce");
         let request = request.into_inner();
         self.check_leader(&request.topic, request.partition)?;
-        let mut builder = BatchBuilder::new().producer(
-            request.producer_id as i64,
-            request.producer_epoch as i16,
-            request.base_sequence as i32,
-        );
-        for record in &request.records {
-            builder.push(
-                record.timestamp_ms,
-                record.key.as_deref(),
-                record.value.as_deref(),
-                &[],
-            );
-        }
-        let batch = builder
-            .finish()
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let batch = encode_plain(&request);
         {
             let cluster = self.shared.lock();
             let repeat = cluster
@@ -746,42 +731,14 @@ impl Broker for MockNode {
         self.check_leader(&request.topic, request.partition)?;
         let cluster = self.shared.lock();
         let high_watermark = cluster.visible_end(self.id, &request.topic, request.partition);
-        let mut latest: HashMap<Bytes, v1::FetchedRecord> = HashMap::new();
-        for stored in cluster
+        let batches: Vec<Batch> = cluster
             .logs
             .get(&(request.topic.clone(), request.partition))
             .into_iter()
             .flatten()
-        {
-            for record in Batch::parse(stored.batch.clone()).unwrap().records() {
-                let record = record.unwrap();
-                let Some(key) = record.key.clone() else {
-                    continue;
-                };
-                if record.offset >= high_watermark {
-                    continue;
-                }
-                match record.value {
-                    Some(value) => {
-                        latest.insert(
-                            key.clone(),
-                            v1::FetchedRecord {
-                                offset: record.offset,
-                                timestamp_ms: record.timestamp,
-                                key: Some(key),
-                                value: Some(value),
-                                headers: vec![],
-                            },
-                        );
-                    }
-                    None => {
-                        latest.remove(&key);
-                    }
-                }
-            }
-        }
-        let mut records: Vec<v1::FetchedRecord> = latest.into_values().collect();
-        records.sort_by_key(|record| record.offset);
+            .map(|stored| Batch::parse(stored.batch.clone()).unwrap())
+            .collect();
+        let records = snapshot_records(batches.iter(), high_watermark);
         let (sender, receiver) = tokio::sync::mpsc::channel(1);
         sender
             .try_send(Ok(v1::SnapshotResponse {
