@@ -416,3 +416,48 @@ async fn given_no_leader_for_a_while_table_get_should_wait_for_the_new_one() {
         "refused while no leader was known"
     );
 }
+
+#[tokio::test]
+async fn given_a_committed_offset_past_a_new_leaders_applied_end_group_member_should_wait_for_it_not_reset(
+) {
+    let (cluster, client) = start().await;
+    let shared = &cluster.shared;
+    append_values(shared, "events", 0, "k", &["v0", "v1", "v2", "v3", "v4"]);
+    shared
+        .lock()
+        .logs
+        .entry(("events".to_owned(), 1))
+        .or_default();
+    {
+        let mut state = shared.lock();
+        state.committed.push(("events".to_owned(), 0, 3));
+        // Node 1 has just become leader and has applied only two records.
+        state.applied_max.insert(1, 2);
+    }
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ELECTION).await;
+            shared.lock().applied_max.remove(&1);
+        });
+    }
+    let config = GroupConsumerConfig {
+        // Resetting would read again from offset 0.
+        offset_reset: OffsetReset::Earliest,
+        retry_backoff: Duration::from_millis(5),
+        retry_backoff_max: Duration::from_millis(20),
+        fetch_max_wait: Duration::from_millis(20),
+        ..GroupConsumerConfig::default()
+    };
+    let mut member = client
+        .group_consumer("g", &["events"], config)
+        .await
+        .unwrap();
+    let mut offsets = Vec::new();
+    for _ in 0..2 {
+        let record = bounded(member.recv()).await.unwrap().unwrap();
+        offsets.push((record.partition, record.offset));
+    }
+    assert_eq!(offsets, [(0, 3), (0, 4)], "from the commit, nothing again");
+    member.abort();
+}

@@ -64,6 +64,8 @@ pub(crate) struct Cluster {
     /// The next append: right after it the node loses the partition's leadership (no leader
     /// while the election runs) and its answer is lost (the call fails UNAVAILABLE).
     pub(crate) crash_after_append: bool,
+    /// The group's committed offsets FetchOffsets answers (one group per mock cluster).
+    pub(crate) committed: Vec<(String, u32, u64)>,
 }
 
 /// One stored batch of a mock log.
@@ -557,7 +559,19 @@ impl Broker for MockNode {
     ) -> Answer<v1::FetchOffsetsResponse> {
         self.record("FetchOffsets");
         self.check_coordinator()?;
-        Ok(Response::new(v1::FetchOffsetsResponse { offsets: vec![] }))
+        let offsets = self
+            .shared
+            .lock()
+            .committed
+            .iter()
+            .map(|(topic, partition, offset)| v1::CommittedOffset {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
     }
 
     async fn describe_group(
