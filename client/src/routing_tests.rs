@@ -93,8 +93,9 @@ impl Cluster {
         self.applied_max.get(&node).map_or(end, |&max| end.min(max))
     }
 
-    /// Appends `batch` as the broker does: an idempotent producer's repeat is acknowledged
-    /// with its original offsets, a sequence gap is OUT_OF_RANGE. Returns the first and last
+    /// Appends `batch` as the broker does: an idempotent producer's repeat of one of its last
+    /// `PARTITION_WINDOW_BATCHES` batches is acknowledged with its original offsets, a sequence
+    /// gap is OUT_OF_RANGE. Returns the first and last
     /// offsets.
     pub(crate) fn append(
         &mut self,
@@ -113,10 +114,18 @@ impl Cluster {
                 .iter()
                 .rev()
                 .find(|stored| stored.producer_id == header.producer_id);
-            if let Some(last) = last.filter(|last| last.base_sequence == header.base_sequence) {
+            // A repeat of one of the producer's last batches (as many as the broker keeps):
+            // its original offsets.
+            let repeat = log
+                .iter()
+                .rev()
+                .filter(|stored| stored.producer_id == header.producer_id)
+                .take(crate::PARTITION_WINDOW_BATCHES as usize)
+                .find(|stored| stored.base_sequence == header.base_sequence);
+            if let Some(done) = repeat {
                 return Ok((
-                    last.base_offset,
-                    last.base_offset + u64::from(last.count) - 1,
+                    done.base_offset,
+                    done.base_offset + u64::from(done.count) - 1,
                 ));
             }
             let expected = last.map_or(0, |last| last.base_sequence + last.count as i32);
