@@ -39,6 +39,20 @@ async fn start() -> (MockCluster, Client) {
     (cluster, client)
 }
 
+/// A member of group `g` reading `events`, with quick retries and short long-polls.
+async fn join_quickly(client: &Client) -> crate::GroupConsumer {
+    let config = GroupConsumerConfig {
+        retry_backoff: Duration::from_millis(5),
+        retry_backoff_max: Duration::from_millis(20),
+        fetch_max_wait: Duration::from_millis(20),
+        ..GroupConsumerConfig::default()
+    };
+    client
+        .group_consumer("g", &["events"], config)
+        .await
+        .unwrap()
+}
+
 /// After `delay`, node `node` leads `topic`/`partition` (what DescribeCluster reports too).
 fn elect_later(shared: &Shared, topic: &str, partition: u32, node: u64, delay: Duration) {
     let shared = shared.clone();
@@ -261,16 +275,7 @@ async fn given_a_leader_change_group_member_should_keep_its_partitions_and_read_
     append_values(shared, "events", 0, "k", &["v0", "v1", "v2"]);
     append_values(shared, "events", 1, "j", &["w0"]);
     let client = Client::connect(cluster.address(1)).await.unwrap();
-    let config = GroupConsumerConfig {
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        fetch_max_wait: Duration::from_millis(20),
-        ..GroupConsumerConfig::default()
-    };
-    let mut member = client
-        .group_consumer("g", &["events"], config)
-        .await
-        .unwrap();
+    let mut member = join_quickly(&client).await;
     let mut events = member.events();
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -441,18 +446,8 @@ async fn given_a_committed_offset_past_a_new_leaders_applied_end_group_member_sh
             shared.lock().applied_max.remove(&1);
         });
     }
-    let config = GroupConsumerConfig {
-        // Resetting would read again from offset 0.
-        offset_reset: OffsetReset::Earliest,
-        retry_backoff: Duration::from_millis(5),
-        retry_backoff_max: Duration::from_millis(20),
-        fetch_max_wait: Duration::from_millis(20),
-        ..GroupConsumerConfig::default()
-    };
-    let mut member = client
-        .group_consumer("g", &["events"], config)
-        .await
-        .unwrap();
+    // Its reset policy is Earliest (the default): resetting would read again from offset 0.
+    let mut member = join_quickly(&client).await;
     let mut offsets = Vec::new();
     for _ in 0..2 {
         let record = bounded(member.recv()).await.unwrap().unwrap();
