@@ -81,6 +81,7 @@ fn given_clean_run_when_json_should_report_every_key_and_nothing_lost() {
     assert_eq!(config["batch_bytes"], 256 * 1024);
     assert_eq!(config["records"], 20000);
     assert_eq!(config["acks"], "durable");
+    assert_eq!(config["idempotent"], true);
     assert_eq!(config["keys"], 0);
     assert!(config["rate"].is_null());
     assert!(config["topic"].as_str().unwrap().starts_with("bench-"));

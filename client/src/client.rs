@@ -448,7 +448,9 @@ impl Client {
 
     /// `InitProducer`: `None` asks for a new producer id (epoch 0); `Some(id)` re-initialises
     /// that id with the next epoch, which fences every older instance still writing under it
-    /// (their batches are refused from then on).
+    /// (their batches are refused from then on). A cluster of several nodes refuses `Some`
+    /// (FAILED_PRECONDITION) in this version; the producers and tables of this crate only ask
+    /// for new ids.
     pub async fn init_producer(&self, producer_id: Option<u64>) -> Result<ProducerIdentity> {
         let request = v1::InitProducerRequest {
             producer_id: producer_id.unwrap_or(0),

@@ -6,9 +6,13 @@
 //! before it) and control batches, and advances to the response's `next_offset`. Records of one
 //! partition arrive in offset order; partitions interleave.
 //!
-//! Failures: transient ones (broker unreachable, UNAVAILABLE) are retried with backoff for up
-//! to `retry_timeout`, then reported. OUT_OF_RANGE (retention or compaction passed the
-//! position) follows the [`OffsetReset`] policy. Any other error, or corrupt data, is yielded
+//! Failures: transient ones (broker unreachable, UNAVAILABLE, a node that no longer leads the
+//! partition) are retried with backoff for up to `retry_timeout`, then reported; the retry
+//! goes to the partition's leader as the client's view of the cluster now has it, from the
+//! same position, so a leader change loses and repeats nothing. OUT_OF_RANGE (retention or
+//! compaction passed the position) follows the [`OffsetReset`] policy, except for a position
+//! reached by reading that lies past the answering node's log end: that node is a new leader
+//! still applying committed records, and the fetch is retried like a transient failure. Any other error, or corrupt data, is yielded
 //! once as an `Err` item and ends that partition; the stream ends when every partition ended.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -219,6 +223,8 @@ impl Consumer {
             }
         }
         let mut positions = BTreeMap::new();
+        // Partitions whose start the application chose (it may lie outside the log).
+        let mut chosen_starts = Vec::new();
         for &partition in &assignment {
             let start = config
                 .partition_starts
@@ -226,7 +232,10 @@ impl Consumer {
                 .copied()
                 .unwrap_or(config.start);
             let offset = match start {
-                StartOffset::Offset(offset) => offset,
+                StartOffset::Offset(offset) => {
+                    chosen_starts.push(partition);
+                    offset
+                }
                 StartOffset::Earliest => {
                     client
                         .list_offsets(topic, partition, OffsetQuery::Earliest)
@@ -259,7 +268,11 @@ impl Consumer {
                 config: config.clone(),
                 sender: sender.clone(),
             };
-            tasks.spawn(reader.run(offset));
+            if chosen_starts.contains(&partition) {
+                tasks.spawn(reader.run(offset));
+            } else {
+                tasks.spawn(reader.run_from_known(offset));
+            }
         }
         Ok(Consumer {
             topic: topic.to_owned(),
@@ -397,8 +410,15 @@ pub(crate) struct PartitionReader {
 struct Stopped;
 
 impl PartitionReader {
+    /// Reads from `offset`, a position the application chose (it may be outside the log).
     pub(crate) async fn run(self, offset: u64) {
-        let _ = self.read_from(offset).await;
+        let _ = self.read_from(offset, false).await;
+    }
+
+    /// Reads from `offset`, a position the broker gave (a committed offset, or a log bound
+    /// it listed): inside what was committed, even when a new leader has not applied it yet.
+    pub(crate) async fn run_from_known(self, offset: u64) {
+        let _ = self.read_from(offset, true).await;
     }
 
     async fn report(&self, error: Error) -> Stopped {
@@ -406,7 +426,10 @@ impl PartitionReader {
         Stopped
     }
 
-    async fn read_from(&self, mut offset: u64) -> std::result::Result<(), Stopped> {
+    async fn read_from(&self, mut offset: u64, known: bool) -> std::result::Result<(), Stopped> {
+        // The position was reached by reading (a fetch answered at it) or given by the broker,
+        // so it is at most the partition's commit offset, which never goes back.
+        let mut reached = known;
         let mut failing_since: Option<Instant> = None;
         let mut backoff = self.config.retry_backoff;
         let max_wait_ms = u32::try_from(self.config.fetch_max_wait.as_millis()).unwrap_or(u32::MAX);
@@ -433,17 +456,22 @@ impl PartitionReader {
                     backoff = self.config.retry_backoff;
                     self.client.note_reachable();
                     offset = self.take(offset, response).await?;
+                    reached = true;
                     continue;
                 }
                 Err(error) => error,
             };
-            if error.code() == Some(Code::OutOfRange) {
+            let behind = error.code() == Some(Code::OutOfRange)
+                && reached
+                && self.is_ahead_of_the_log(offset).await;
+            if error.code() == Some(Code::OutOfRange) && !behind {
                 offset = self.reset(offset, error).await?;
                 continue;
             }
             // A fetch asks for nothing "too large" (the broker clamps max_bytes): here
-            // RESOURCE_EXHAUSTED means the broker's response budget is busy, so retry.
-            if !error.is_transient() && error.code() != Some(Code::ResourceExhausted) {
+            // RESOURCE_EXHAUSTED means the broker's response budget is busy, so retry. A node
+            // behind the position (a new leader still applying what was committed) catches up.
+            if !behind && !error.is_transient() && error.code() != Some(Code::ResourceExhausted) {
                 return Err(self.report(error).await);
             }
             let since = *failing_since.get_or_insert_with(Instant::now);
@@ -502,6 +530,23 @@ impl PartitionReader {
             return Err(Stopped);
         }
         Ok(next_offset)
+    }
+
+    /// Whether an OUT_OF_RANGE position that was reached by reading lies past the log end of
+    /// the node that answered (not before its log start): then that node is behind what was
+    /// committed (a new leader that has not yet applied every committed record), not a
+    /// position retention removed, and the fetch is retried instead of reset. When the log
+    /// start cannot be looked up the position counts as removed (the reset policy decides,
+    /// as before).
+    async fn is_ahead_of_the_log(&self, offset: u64) -> bool {
+        match self
+            .client
+            .list_offsets(&self.topic, self.partition, OffsetQuery::Earliest)
+            .await
+        {
+            Ok(earliest) => offset >= earliest.offset,
+            Err(_) => false,
+        }
     }
 
     /// Applies the out-of-range policy; returns the new position.

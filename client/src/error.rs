@@ -21,6 +21,7 @@ use std::error::Error as _;
 
 use bytes::Bytes;
 use syncline_proto::batch::BatchError;
+use syncline_proto::v1;
 use tonic::Code;
 
 /// Result with the client's [`Error`].
@@ -112,7 +113,12 @@ pub enum Error {
         max: u32,
     },
 
-    /// A batch could not be delivered within the producer's delivery timeout.
+    /// A batch could not be delivered within the producer's delivery timeout. Its outcome is
+    /// unknown when an attempt failed after it was sent (a lost connection, a leader that died
+    /// before answering: `attempts` above 1, or a transport error): a node may have stored it,
+    /// and a new leader may still hold it. Nothing retries it later (the producer and the
+    /// table's conditional writer continue under a new producer id, so no later write is
+    /// taken for it); read the key or the log to find out.
     #[error(
         "delivery to {topic}/{partition} failed after {attempts} attempt(s) in {elapsed_ms} ms: {}",
         last_error.as_deref().map_or_else(|| without_error(*attempts), ToString::to_string)
@@ -309,6 +315,32 @@ pub(crate) fn is_producer_fenced(code: Code, message: &str) -> bool {
         && message.contains(" is fenced by epoch ")
 }
 
+/// The `NotLeader` a per-request error on a `ProduceStream` stands for: such an error carries
+/// only a code and a message (no details), so the broker's message is read. It is
+/// "this node does not lead partition P of topic `T`; node ID at ADDRESS does", or ending
+/// "; its leader is not known yet" while an election runs (the broker's `NotLeader` error).
+/// `None` for any other error, including other FAILED_PRECONDITIONs (a fenced producer or
+/// partition, a stale topic incarnation), which must not be retried.
+pub(crate) fn not_leader_in_message(code: Code, message: &str) -> Option<v1::NotLeader> {
+    if code != Code::FailedPrecondition {
+        return None;
+    }
+    let rest = message.strip_prefix("this node does not lead partition ")?;
+    let (partition, rest) = rest.split_once(" of topic `")?;
+    let partition = partition.parse().ok()?;
+    let (topic, rest) = rest.split_once('`')?;
+    let leader = rest
+        .strip_prefix("; node ")
+        .and_then(|rest| rest.split_once(" at "))
+        .and_then(|(id, rest)| Some((id.parse::<u64>().ok()?, rest.strip_suffix(" does")?)));
+    Some(v1::NotLeader {
+        topic: topic.to_owned(),
+        partition,
+        leader_id: leader.map(|(id, _)| id),
+        leader_address: leader.map_or_else(String::new, |(_, address)| address.to_owned()),
+    })
+}
+
 /// The current version of `key` from the details of a failed compare-and-set (a
 /// FAILED_PRECONDITION status whose details are a `google.rpc.Status` holding a `CasConflict`,
 /// or the bare `CasConflict` of older brokers): `Ok(None)` when the status carries no conflict
@@ -387,7 +419,46 @@ fn join_unique(parts: Vec<String>) -> String {
 mod tests {
     use super::*;
     use prost::Message as _;
-    use syncline_proto::v1;
+
+    /// The broker's `NotLeader` message (broker/src/error.rs), both shapes, and errors that
+    /// look alike but are not a leader change.
+    #[test]
+    fn stream_error_message_should_read_as_not_leader_only_when_it_is_one() {
+        let named = "this node does not lead partition 3 of topic `orders.v1`; node 2 at \
+                     10.0.0.2:7450 does";
+        assert_eq!(
+            not_leader_in_message(Code::FailedPrecondition, named),
+            Some(v1::NotLeader {
+                topic: "orders.v1".to_owned(),
+                partition: 3,
+                leader_id: Some(2),
+                leader_address: "10.0.0.2:7450".to_owned(),
+            })
+        );
+        let electing = "this node does not lead partition 0 of topic `t`; its leader is not \
+                        known yet";
+        assert_eq!(
+            not_leader_in_message(Code::FailedPrecondition, electing),
+            Some(v1::NotLeader {
+                topic: "t".to_owned(),
+                partition: 0,
+                leader_id: None,
+                leader_address: String::new(),
+            })
+        );
+        assert_eq!(not_leader_in_message(Code::Unavailable, named), None);
+        for other in [
+            "producer 7 epoch 0 is fenced by epoch 1: re-initialised",
+            "partition 0 of topic `t` is fenced: bad checksum",
+            "this node does not lead partition x of topic `t`; node 2 at a does",
+        ] {
+            assert_eq!(
+                not_leader_in_message(Code::FailedPrecondition, other),
+                None,
+                "{other}"
+            );
+        }
+    }
 
     #[test]
     fn given_broker_status_should_keep_code_and_message() {

@@ -33,7 +33,9 @@
 //!   [`Table::put`].
 //!
 //! Producers are idempotent by default ([`ProducerConfig::idempotent`], [`Client::init_producer`]):
-//! a retried batch is stored once.
+//! a retried batch is stored once, also when it is resent to a new leader after a leader
+//! change. Consumers, group members and synced tables resume from their next offset at the
+//! new leader, waiting for one that has not yet applied every committed record.
 //!
 //! Errors are one [`Error`] type; [`Error::code`] gives the broker's gRPC status code and
 //! [`Error::is_transient`] tells whether a retry may help.
@@ -125,6 +127,8 @@ pub use table::{Entry, Expect, History, Table, Version, Written};
 /// The gRPC status code in [`Error::Broker`] and [`Error::code`].
 pub use tonic::Code;
 
+#[cfg(test)]
+mod failover_tests;
 #[cfg(test)]
 mod routing_tests;
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! than clusters (UNIMPLEMENTED DescribeCluster / FindCoordinator) get everything on the
 //! bootstrap connection. Each mock node serves only the calls these tests make; the cluster's
 //! truth (who leads what) and what DescribeCluster reports can differ, as while leadership
-//! moves.
+//! moves. The mock is shared with `failover_tests`: its partitions keep one log that every
+//! node serves (as replication would), with an idempotent producer's dedupe, and a node can
+//! lag behind it or lose its leadership right after an append.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,46 +23,160 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Code, Request, Response, Status};
 
-use crate::tests::{request_error, serve_produce_stream};
+use crate::tests::{encode_plain, request_error, serve_produce_stream, snapshot_records};
 use crate::{
     Client, ConsumerConfig, Error, GroupConsumerConfig, OffsetQuery, OffsetReset, ProducerConfig,
     StartOffset,
 };
+use syncline_proto::batch::{stamp_base_offset, Batch};
 
 /// Partitions of every mock topic.
-const PARTITIONS: u32 = 2;
+pub(crate) const PARTITIONS: u32 = 2;
 /// The table topic (cleanup=compact) for Get.
-const TABLE: &str = "table";
+pub(crate) const TABLE: &str = "table";
 
 #[derive(Debug, Default)]
-struct Cluster {
+pub(crate) struct Cluster {
     /// Node id -> advertised address.
     nodes: Vec<(u64, String)>,
     /// Who really leads each partition (the nodes check calls against it).
-    leaders: HashMap<(String, u32), u64>,
+    pub(crate) leaders: HashMap<(String, u32), u64>,
     /// What DescribeCluster reports (may lag behind `leaders`).
     described: HashMap<(String, u32), u64>,
     /// Whether a NotLeader names the leader.
-    name_leader: bool,
+    pub(crate) name_leader: bool,
     describe_unimplemented: bool,
     find_coordinator_unimplemented: bool,
-    coordinator: u64,
+    pub(crate) coordinator: u64,
     /// Groups each node coordinates, for ListGroups.
     groups: HashMap<u64, Vec<String>>,
     /// `(node, rpc)` of every call.
-    calls: Vec<(u64, &'static str)>,
-    next_offset: u64,
+    pub(crate) calls: Vec<(u64, &'static str)>,
+    /// Each partition's log, the same on every node (as replicated); empty until a batch is
+    /// produced or appended to it (Fetch then serves one made-up record, as before).
+    pub(crate) logs: HashMap<(String, u32), Vec<Stored>>,
+    /// Every produce request a node took: `(node, partition, producer id, epoch, base
+    /// sequence, batch bytes)`.
+    pub(crate) produced: Vec<(u64, u32, i64, i16, i32, Bytes)>,
+    /// Per node: how far it has applied the logs (it serves reads only below this), as a new
+    /// leader that has not yet applied every committed record.
+    pub(crate) applied_max: HashMap<u64, u64>,
+    /// The next append: right after it the node loses the partition's leadership (no leader
+    /// while the election runs) and its answer is lost (the call fails UNAVAILABLE).
+    pub(crate) crash_after_append: bool,
+    /// The group's committed offsets FetchOffsets answers (one group per mock cluster).
+    pub(crate) committed: Vec<(String, u32, u64)>,
+}
+
+/// One stored batch of a mock log.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) base_offset: u64,
+    pub(crate) producer_id: i64,
+    pub(crate) base_sequence: i32,
+    pub(crate) count: u32,
+    /// Stamped with its base offset.
+    pub(crate) batch: Bytes,
+}
+
+impl Cluster {
+    fn log_end(&self, topic: &str, partition: u32) -> u64 {
+        self.logs
+            .get(&(topic.to_owned(), partition))
+            .and_then(|log| log.last())
+            .map_or(0, |last| last.base_offset + u64::from(last.count))
+    }
+
+    /// What node `node` serves of a log: up to where it has applied.
+    fn visible_end(&self, node: u64, topic: &str, partition: u32) -> u64 {
+        let end = self.log_end(topic, partition);
+        self.applied_max.get(&node).map_or(end, |&max| end.min(max))
+    }
+
+    /// Appends `batch` as the broker does: an idempotent producer's repeat of one of its last
+    /// `PARTITION_WINDOW_BATCHES` batches is acknowledged with its original offsets, a sequence
+    /// gap is OUT_OF_RANGE. Returns the first and last
+    /// offsets.
+    pub(crate) fn append(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        batch: Bytes,
+    ) -> Result<(u64, u64), Status> {
+        let parsed =
+            Batch::parse(batch.clone()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let header = *parsed.header();
+        let base_offset = self.log_end(topic, partition);
+        let log = self.logs.entry((topic.to_owned(), partition)).or_default();
+        let count = header.record_count;
+        if header.producer_id >= 0 {
+            let last = log
+                .iter()
+                .rev()
+                .find(|stored| stored.producer_id == header.producer_id);
+            // A repeat of one of the producer's last batches (as many as the broker keeps):
+            // its original offsets.
+            let repeat = log
+                .iter()
+                .rev()
+                .filter(|stored| stored.producer_id == header.producer_id)
+                .take(crate::PARTITION_WINDOW_BATCHES as usize)
+                .find(|stored| stored.base_sequence == header.base_sequence);
+            if let Some(done) = repeat {
+                return Ok((
+                    done.base_offset,
+                    done.base_offset + u64::from(done.count) - 1,
+                ));
+            }
+            let expected = last.map_or(0, |last| last.base_sequence + last.count as i32);
+            if header.base_sequence != expected {
+                return Err(Status::out_of_range(format!(
+                    "out of order sequence {} (expected {expected})",
+                    header.base_sequence
+                )));
+            }
+        }
+        let mut stamped = batch.to_vec();
+        stamp_base_offset(&mut stamped, base_offset);
+        log.push(Stored {
+            base_offset,
+            producer_id: header.producer_id,
+            base_sequence: header.base_sequence,
+            count,
+            batch: Bytes::from(stamped),
+        });
+        Ok((base_offset, base_offset + u64::from(count) - 1))
+    }
+
+    /// The latest version of `key` in a log, `None` when absent or deleted.
+    fn latest_version(&self, topic: &str, partition: u32, key: &[u8]) -> Option<u64> {
+        let mut latest = None;
+        for stored in self
+            .logs
+            .get(&(topic.to_owned(), partition))
+            .into_iter()
+            .flatten()
+        {
+            for record in Batch::parse(stored.batch.clone()).unwrap().records() {
+                let record = record.unwrap();
+                if record.key.as_deref() == Some(key) {
+                    latest = record.value.is_some().then_some(record.offset);
+                }
+            }
+        }
+        latest
+    }
 }
 
 #[derive(Debug, Clone, Default)]
-struct Shared(Arc<Mutex<Cluster>>);
+pub(crate) struct Shared(Arc<Mutex<Cluster>>);
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Cluster> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Cluster> {
         self.0.lock().unwrap()
     }
 
-    fn calls(&self, node: u64, rpc: &str) -> usize {
+    pub(crate) fn calls(&self, node: u64, rpc: &str) -> usize {
         self.lock()
             .calls
             .iter()
@@ -68,14 +184,15 @@ impl Shared {
             .count()
     }
 
-    fn lead(&self, topic: &str, partition: u32, node: u64) {
+    /// Node `node` leads the partition now; 0: no node does (an election runs).
+    pub(crate) fn lead(&self, topic: &str, partition: u32, node: u64) {
         self.lock()
             .leaders
             .insert((topic.to_owned(), partition), node);
     }
 
     /// The truth becomes what DescribeCluster reports.
-    fn publish(&self) {
+    pub(crate) fn publish(&self) {
         let mut cluster = self.lock();
         cluster.described = cluster.leaders.clone();
     }
@@ -105,6 +222,35 @@ impl MockNode {
         Err(not_leader(&cluster, topic, partition, leader))
     }
 
+    /// Stores a produced batch if this node leads its partition; after it, a scripted crash
+    /// (see [`Cluster::crash_after_append`]) loses the answer: `Ok(None)`.
+    fn produce_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: Bytes,
+    ) -> Result<Option<(u64, u64)>, Status> {
+        self.check_leader(topic, partition)?;
+        let mut cluster = self.shared.lock();
+        let header = *Batch::parse(batch.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?
+            .header();
+        cluster.produced.push((
+            self.id,
+            partition,
+            header.producer_id,
+            header.producer_epoch,
+            header.base_sequence,
+            batch.clone(),
+        ));
+        let offsets = cluster.append(topic, partition, batch)?;
+        if std::mem::take(&mut cluster.crash_after_append) {
+            cluster.leaders.insert((topic.to_owned(), partition), 0);
+            return Ok(None);
+        }
+        Ok(Some(offsets))
+    }
+
     fn check_coordinator(&self) -> Result<(), Status> {
         let cluster = self.shared.lock();
         if cluster.coordinator == self.id || cluster.find_coordinator_unimplemented {
@@ -114,6 +260,8 @@ impl MockNode {
     }
 }
 
+/// A NotLeader as the broker sends it: its message (broker/src/error.rs, the only thing a
+/// per-request error on a stream keeps) and the detail. Leader 0: none known (an election).
 fn not_leader(cluster: &Cluster, topic: &str, partition: u32, leader: u64) -> Status {
     let address = cluster
         .nodes
@@ -121,20 +269,61 @@ fn not_leader(cluster: &Cluster, topic: &str, partition: u32, leader: u64) -> St
         .find(|(id, _)| *id == leader)
         .map(|(_, address)| address.clone())
         .unwrap_or_default();
+    let named = cluster.name_leader && leader != 0;
     let detail = v1::NotLeader {
         topic: topic.to_owned(),
         partition,
-        leader_id: cluster.name_leader.then_some(leader),
-        leader_address: if cluster.name_leader {
-            address
+        leader_id: named.then_some(leader),
+        leader_address: if named {
+            address.clone()
         } else {
             String::new()
         },
     };
-    not_leader_status(
-        format!("this node does not lead {topic}/{partition}"),
-        &detail,
-    )
+    let message = if named {
+        format!(
+            "this node does not lead partition {partition} of topic `{topic}`; node {leader} at \
+             {address} does"
+        )
+    } else {
+        format!(
+            "this node does not lead partition {partition} of topic `{topic}`; its leader is \
+             not known yet"
+        )
+    };
+    not_leader_status(message, &detail)
+}
+
+/// The log's batches node `node` serves from `offset`: at most one (so a test sees each
+/// step), `None` when there is nothing new; OUT_OF_RANGE past what the node applied.
+fn read_log(
+    cluster: &Cluster,
+    node: u64,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) -> Result<Option<v1::FetchResponse>, Status> {
+    let end = cluster.visible_end(node, topic, partition);
+    if offset > end {
+        return Err(Status::out_of_range(format!(
+            "offset {offset} is out of range: the log holds offsets [0, {end}) and reads may \
+             start at 0 through {end}"
+        )));
+    }
+    let stored = cluster
+        .logs
+        .get(&(topic.to_owned(), partition))
+        .into_iter()
+        .flatten()
+        .find(|stored| stored.base_offset + u64::from(stored.count) > offset)
+        .filter(|stored| stored.base_offset + u64::from(stored.count) <= end);
+    Ok(stored.map(|stored| v1::FetchResponse {
+        partition,
+        batches: stored.batch.clone(),
+        next_offset: stored.base_offset + u64::from(stored.count),
+        high_watermark: end,
+        ..Default::default()
+    }))
 }
 
 fn topic_description(name: &str) -> v1::TopicDescription {
@@ -202,7 +391,7 @@ impl Broker for MockNode {
                 .map(|((topic, partition), leader)| v1::PartitionPlacement {
                     topic: topic.clone(),
                     partition: *partition,
-                    leader: Some(*leader),
+                    leader: (*leader != 0).then_some(*leader),
                     replicas: vec![*leader],
                     caught_up: vec![*leader],
                 })
@@ -266,6 +455,25 @@ impl Broker for MockNode {
         self.record("Fetch");
         let request = request.into_inner();
         self.check_leader(&request.topic, request.partition)?;
+        let key = (request.topic.clone(), request.partition);
+        if self.shared.lock().logs.contains_key(&key) {
+            let read = read_log(
+                &self.shared.lock(),
+                self.id,
+                &request.topic,
+                request.partition,
+                request.offset,
+            )?;
+            if let Some(response) = read {
+                return Ok(Response::new(response));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Ok(Response::new(v1::FetchResponse {
+                partition: request.partition,
+                next_offset: request.offset,
+                ..Default::default()
+            }));
+        }
         if request.offset > 0 {
             // One record per partition; then nothing new (a short long-poll).
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -331,13 +539,13 @@ impl Broker for MockNode {
                 partition: request.partition,
                 ..Default::default()
             };
-            match node.check_leader("events", request.partition) {
-                Ok(()) => {
-                    let mut cluster = node.shared.lock();
-                    response.base_offset = cluster.next_offset;
-                    response.last_offset = cluster.next_offset;
-                    cluster.next_offset += 1;
+            match node.produce_batch(&request.topic, request.partition, request.batch) {
+                Ok(Some((base_offset, last_offset))) => {
+                    response.base_offset = base_offset;
+                    response.last_offset = last_offset;
                 }
+                // The node crashed after the append: the stream breaks.
+                Ok(None) => return None,
                 Err(status) => response.error = Some(request_error(&status)),
             }
             Some(response)
@@ -360,7 +568,19 @@ impl Broker for MockNode {
     ) -> Answer<v1::FetchOffsetsResponse> {
         self.record("FetchOffsets");
         self.check_coordinator()?;
-        Ok(Response::new(v1::FetchOffsetsResponse { offsets: vec![] }))
+        let offsets = self
+            .shared
+            .lock()
+            .committed
+            .iter()
+            .map(|(topic, partition, offset)| v1::CommittedOffset {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
     }
 
     async fn describe_group(
@@ -422,14 +642,100 @@ impl Broker for MockNode {
         Ok(Response::new(v1::ListTopicsResponse { topics: vec![] }))
     }
 
-    async fn produce(&self, _: Request<v1::ProduceRequest>) -> Answer<v1::ProduceResponse> {
-        unimplemented()
+    /// A conditional write (plain records with the producer fields): dedupe first, then the
+    /// conditions, then the append, as the broker's critical section does.
+    async fn produce(&self, request: Request<v1::ProduceRequest>) -> Answer<v1::ProduceResponse> {
+        self.record("Produce");
+        let request = request.into_inner();
+        self.check_leader(&request.topic, request.partition)?;
+        let batch = encode_plain(&request);
+        {
+            let cluster = self.shared.lock();
+            let repeat = cluster
+                .logs
+                .get(&(request.topic.clone(), request.partition))
+                .into_iter()
+                .flatten()
+                .any(|stored| {
+                    stored.producer_id == request.producer_id as i64
+                        && stored.base_sequence == request.base_sequence as i32
+                });
+            for condition in request.conditions.iter().filter(|_| !repeat) {
+                let current =
+                    cluster.latest_version(&request.topic, request.partition, &condition.key);
+                let holds = match condition.expect {
+                    Some(v1::condition::Expect::Version(version)) => current == Some(version),
+                    Some(v1::condition::Expect::Absent(_)) | None => current.is_none(),
+                };
+                if !holds {
+                    return Err(syncline_proto::error_details::cas_conflict_status(
+                        "version conflict",
+                        &v1::CasConflict {
+                            current: vec![v1::KeyVersion {
+                                key: condition.key.clone(),
+                                version: current.unwrap_or(0),
+                                absent: current.is_none(),
+                            }],
+                        },
+                    ));
+                }
+            }
+        }
+        match self.produce_batch(&request.topic, request.partition, batch)? {
+            Some((base_offset, last_offset)) => Ok(Response::new(v1::ProduceResponse {
+                correlation_id: request.correlation_id,
+                partition: request.partition,
+                base_offset,
+                last_offset,
+                error: None,
+            })),
+            None => Err(Status::unavailable("the node went away")),
+        }
     }
 
     type SubscribeStream = ReceiverStream<Result<v1::FetchResponse, Status>>;
 
-    async fn subscribe(&self, _: Request<v1::SubscribeRequest>) -> Answer<Self::SubscribeStream> {
-        unimplemented()
+    /// Streams the log from the offset while this node leads the partition; then a
+    /// NotLeader ends the stream.
+    async fn subscribe(
+        &self,
+        request: Request<v1::SubscribeRequest>,
+    ) -> Answer<Self::SubscribeStream> {
+        self.record("Subscribe");
+        let request = request.into_inner();
+        self.check_leader(&request.topic, request.partition)?;
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut offset = request.offset;
+            loop {
+                let read = node
+                    .check_leader(&request.topic, request.partition)
+                    .and_then(|()| {
+                        read_log(
+                            &node.shared.lock(),
+                            node.id,
+                            &request.topic,
+                            request.partition,
+                            offset,
+                        )
+                    });
+                match read {
+                    Ok(Some(response)) => {
+                        offset = response.next_offset;
+                        if sender.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn history(&self, _: Request<v1::HistoryRequest>) -> Answer<v1::HistoryResponse> {
@@ -438,8 +744,35 @@ impl Broker for MockNode {
 
     type SnapshotStream = ReceiverStream<Result<v1::SnapshotResponse, Status>>;
 
-    async fn snapshot(&self, _: Request<v1::SnapshotRequest>) -> Answer<Self::SnapshotStream> {
-        unimplemented()
+    /// The latest value of every key below what this node applied, in one message.
+    async fn snapshot(
+        &self,
+        request: Request<v1::SnapshotRequest>,
+    ) -> Answer<Self::SnapshotStream> {
+        self.record("Snapshot");
+        let request = request.into_inner();
+        self.check_leader(&request.topic, request.partition)?;
+        let cluster = self.shared.lock();
+        let high_watermark = cluster.visible_end(self.id, &request.topic, request.partition);
+        let batches: Vec<Batch> = cluster
+            .logs
+            .get(&(request.topic.clone(), request.partition))
+            .into_iter()
+            .flatten()
+            .map(|stored| Batch::parse(stored.batch.clone()).unwrap())
+            .collect();
+        let records = snapshot_records(batches.iter(), high_watermark);
+        let (sender, receiver) = tokio::sync::mpsc::channel(1);
+        sender
+            .try_send(Ok(v1::SnapshotResponse {
+                partition: request.partition,
+                high_watermark,
+                keys_total: records.len() as u64,
+                records,
+                last: true,
+            }))
+            .unwrap();
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     async fn compact_topic(
@@ -481,15 +814,15 @@ impl Broker for MockNode {
 }
 
 /// A running mock cluster: node `i + 1` listens on `addresses[i]`.
-struct MockCluster {
-    shared: Shared,
+pub(crate) struct MockCluster {
+    pub(crate) shared: Shared,
     addresses: Vec<String>,
     stops: Vec<Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
 }
 
 impl MockCluster {
     /// `nodes` nodes; every partition of `events` and of the table led by node 1, reported so.
-    async fn start(nodes: u64) -> MockCluster {
+    pub(crate) async fn start(nodes: u64) -> MockCluster {
         let shared = Shared::default();
         let mut addresses = Vec::new();
         let mut stops = Vec::new();
@@ -534,12 +867,12 @@ impl MockCluster {
         }
     }
 
-    fn address(&self, node: u64) -> &str {
+    pub(crate) fn address(&self, node: u64) -> &str {
         &self.addresses[node as usize - 1]
     }
 
     /// Stops node `node`: its listener closes, its connections end.
-    async fn stop(&mut self, node: u64) {
+    pub(crate) async fn stop(&mut self, node: u64) {
         if let Some((stop, server)) = self.stops[node as usize - 1].take() {
             let _ = stop.send(());
             let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -548,7 +881,7 @@ impl MockCluster {
 }
 
 /// A key that goes to `partition`.
-fn key_for(partition: u32) -> String {
+pub(crate) fn key_for(partition: u32) -> String {
     (0..)
         .map(|i| format!("key-{i}"))
         .find(|key| partition_for_key(key.as_bytes(), PARTITIONS) == partition)

@@ -18,8 +18,14 @@
 //!    it, emitting the changes the replacement implies (see [`Change::from_snapshot`]), then
 //!    tails from the new H;
 //! 4. on a transient failure (broker unreachable or restarting, UNAVAILABLE, a stream that
-//!    ends) it waits with capped exponential backoff and resumes from the next offset, through
-//!    the [`Client`]'s connection, which reconnects to the same address by itself.
+//!    ends, a node that no longer leads the partition) it waits with capped exponential
+//!    backoff and resumes from the next offset, through the [`Client`]'s connection to the
+//!    partition's leader (the view follows a leader change);
+//! 5. a leader that is *behind* the next offset (a new leader still applying committed
+//!    records: OUT_OF_RANGE past its log end, or a snapshot older than what was applied) is
+//!    waited for with the same backoff, instead of re-snapshotting backwards (which would
+//!    emit changes that undo applied ones, then repeat them), for up to a minute; a node
+//!    behind for longer lost data, and the table then follows it as step 3 says.
 //!
 //! Any other failure (topic deleted, corrupt data, a protocol violation, the key limit) stops
 //! the table: [`SyncTable::wait_caught_up`], [`SyncTable::wait_for`] and every [`Changes`]
@@ -99,6 +105,10 @@ impl Default for SyncTableConfig {
 const CHANGES_LIMIT: usize = 1 << 20;
 /// Longest pause between attempts: a follower should notice a returning broker within a minute.
 const RETRY_BACKOFF_LIMIT: Duration = Duration::from_secs(60);
+/// How long a partition waits for a node that is behind what the table already applied (a
+/// new leader still applying committed records) before it takes that node's snapshot anyway:
+/// a node that stays behind this long lost data, and following it beats stopping.
+const BEHIND_GRACE: Duration = Duration::from_secs(60);
 
 impl SyncTableConfig {
     /// Checks each field against its bounds.
@@ -539,10 +549,21 @@ impl Shared {
     }
 
     /// Loads a whole snapshot of `partition` and replaces the partition's keys with it.
-    async fn load_snapshot(&self, partition: u32) -> Result<()> {
+    /// Returns `false`, applying nothing, when the snapshot is older than what the partition
+    /// already applied and `accept_behind` is not set (the node is behind: see [`follow`]).
+    async fn load_snapshot(&self, partition: u32, accept_behind: bool) -> Result<bool> {
         let mut snapshot = self.client.snapshot(&self.topic, partition).await?;
         self.client.note_reachable();
         let high_watermark = snapshot.high_watermark();
+        if !accept_behind && high_watermark < self.applied_offset(partition) {
+            tracing::info!(
+                topic = %self.topic,
+                partition,
+                high_watermark,
+                "the leader's snapshot is behind what this table applied; waiting for it"
+            );
+            return Ok(false);
+        }
         let mut entries = HashMap::new();
         while let Some(records) = snapshot.next_chunk().await? {
             for record in records {
@@ -565,12 +586,39 @@ impl Shared {
             let mut state = self.write();
             if state.is_stopped() {
                 // Another partition stopped the table: its copy stays as it was.
-                return Ok(());
+                return Ok(true);
             }
             self.replace(&mut state, partition, entries, high_watermark)?;
         }
         self.bump();
-        Ok(())
+        Ok(true)
+    }
+
+    /// The next offset of a loaded partition (0 before its first snapshot).
+    fn applied_offset(&self, partition: u32) -> u64 {
+        let state = self.read();
+        let partition_state = &state.partitions[partition as usize];
+        if partition_state.loaded {
+            partition_state.next_offset
+        } else {
+            0
+        }
+    }
+
+    /// Whether an OUT_OF_RANGE at the partition's next offset means the answering node is
+    /// behind (the offset is past its log end, not before its log start): a new leader still
+    /// applying committed records, worth waiting for instead of a re-snapshot. Counts as
+    /// "removed" when the log start cannot be looked up.
+    async fn is_node_behind(&self, partition: u32) -> bool {
+        let next_offset = self.applied_offset(partition);
+        match self
+            .client
+            .list_offsets(&self.topic, partition, crate::admin::OffsetQuery::Earliest)
+            .await
+        {
+            Ok(earliest) => next_offset >= earliest.offset,
+            Err(_) => false,
+        }
     }
 
     fn too_large(&self) -> Error {
@@ -883,6 +931,8 @@ enum Step {
     Resubscribe,
     /// The stream ended (the broker is shutting down): reconnect after a pause.
     Reconnect,
+    /// The node's snapshot is older than what the table applied: load it again after a pause.
+    Behind,
     /// The table stopped: the task ends.
     Stop,
 }
@@ -905,6 +955,8 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
     // Snapshots loaded without a tail response since: a second one in a row pauses first, so
     // a broker that keeps answering OUT_OF_RANGE is not hammered.
     let mut snapshots_in_a_row = 0u32;
+    // Since when the partition's leader has been behind what the table applied.
+    let mut behind_since: Option<tokio::time::Instant> = None;
     loop {
         if shared.read().is_stopped() {
             // Another partition's failure stops the whole table (see the module doc).
@@ -916,7 +968,12 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
                 backoff = (backoff * 2).min(shared.config.retry_backoff_max);
             }
             snapshots_in_a_row += 1;
-            shared.load_snapshot(partition).await.map(|()| None)
+            let accept_behind = behind_since.is_some_and(|since| since.elapsed() >= BEHIND_GRACE);
+            match shared.load_snapshot(partition, accept_behind).await {
+                Ok(true) => Ok(None),
+                Ok(false) => Ok(Some(Step::Behind)),
+                Err(error) => Err(error),
+            }
         } else {
             let mut progressed = false;
             let result = shared.tail(partition, &mut progressed).await.map(Some);
@@ -924,12 +981,20 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
                 // A response was applied: the connection is healthy again.
                 backoff = shared.config.retry_backoff;
                 snapshots_in_a_row = 0;
+                behind_since = None;
             }
             result
         };
         let error = match outcome {
             Ok(None) => {
                 need_snapshot = false;
+                behind_since = None;
+                continue;
+            }
+            Ok(Some(Step::Behind)) => {
+                behind_since.get_or_insert_with(tokio::time::Instant::now);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(shared.config.retry_backoff_max);
                 continue;
             }
             Ok(Some(Step::Resnapshot)) => {
@@ -946,6 +1011,18 @@ async fn follow(shared: Arc<Shared>, partition: u32) {
             }
             Err(error) => error,
         };
+        if !need_snapshot
+            && error.code() == Some(Code::OutOfRange)
+            && shared.is_node_behind(partition).await
+        {
+            let since = *behind_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() < BEHIND_GRACE {
+                tracing::info!(%topic, partition, %error, "the leader is behind this table's position; waiting for it");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(shared.config.retry_backoff_max);
+                continue;
+            }
+        }
         if !need_snapshot && error.code() == Some(Code::OutOfRange) {
             tracing::warn!(%topic, partition, %error, "position out of range; re-snapshotting");
             need_snapshot = true;

@@ -5,7 +5,9 @@
 //! A record's version is its offset in its partition, so a key's versions only grow. Every
 //! write returns the new version and the key's partition ([`Written`]); [`Table::get`] returns
 //! the latest live value with its version, [`Table::history`] the retained versions, oldest
-//! first. Reads see only durable records.
+//! first. Reads see only durable records. A read that meets a leader change (no leader known
+//! yet, UNAVAILABLE, a lost connection) is retried at the partition's leader with the writes'
+//! backoff, within their `delivery_timeout`.
 //!
 //! # Writes
 //!
@@ -38,7 +40,7 @@ use crate::admin::{CleanupPolicy, TopicDescription};
 use crate::client::Client;
 use crate::error::{conflict_version, is_producer_fenced, Error, Result};
 use crate::producer::{acknowledged, now_ms, Acks, Producer, ProducerConfig, ProducerIdentity};
-use crate::routing::Failure;
+use crate::routing::{Failure, Grpc};
 use crate::Header;
 
 /// What a conditional write expects of its key.
@@ -139,6 +141,44 @@ struct Inner {
     writer: ConditionalWriter,
 }
 
+impl Inner {
+    /// A read (Get, History) on `partition`'s leader. A read changes nothing, so transient
+    /// failures (a leader change with no leader known yet, UNAVAILABLE, a lost connection)
+    /// are retried with the writes' backoff until their `delivery_timeout`; the last failure
+    /// is returned then.
+    async fn read<T, F, Fut>(&self, partition: u32, mut call: F) -> Result<T, Failure>
+    where
+        F: FnMut(Grpc) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + self.config.delivery_timeout;
+        let mut backoff = self.config.retry_backoff;
+        loop {
+            let failure = match self
+                .client
+                .on_partition(&self.topic, partition, &mut call)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err(failure) => failure,
+            };
+            let transient =
+                Error::from_status(&failure.address, failure.status.clone()).is_transient();
+            if !transient || Instant::now() + backoff >= deadline {
+                return Err(failure);
+            }
+            tracing::debug!(
+                topic = %self.topic,
+                partition,
+                status = %failure.status,
+                "read failed; retrying in {backoff:?}"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.retry_backoff_max);
+        }
+    }
+}
+
 impl Table {
     /// A handle on the topic `description` describes; fails unless it is a table.
     pub(crate) fn open(
@@ -194,8 +234,7 @@ impl Table {
             key: Bytes::copy_from_slice(key),
         };
         let response = inner
-            .client
-            .on_partition(&inner.topic, self.partition_of(key), |mut grpc| {
+            .read(self.partition_of(key), |mut grpc| {
                 let request = request.clone();
                 async move { grpc.get(request).await }
             })
@@ -235,8 +274,7 @@ impl Table {
             limit: Some(limit),
         };
         let response = inner
-            .client
-            .on_partition(&inner.topic, self.partition_of(key), |mut grpc| {
+            .read(self.partition_of(key), |mut grpc| {
                 let request = request.clone();
                 async move { grpc.history(request).await }
             })

@@ -261,8 +261,48 @@ fn latest_version(log: &PartitionLog, key: &[u8]) -> Option<u64> {
     latest
 }
 
+/// The latest live record of every key in `batches` below `high_watermark`, in offset order:
+/// a snapshot's records.
+pub(crate) fn snapshot_records<'a>(
+    batches: impl Iterator<Item = &'a Batch>,
+    high_watermark: u64,
+) -> Vec<v1::FetchedRecord> {
+    let mut latest: HashMap<Bytes, v1::FetchedRecord> = HashMap::new();
+    for batch in batches {
+        for record in batch.records() {
+            let record = record.unwrap();
+            let Some(key) = record.key.clone() else {
+                continue;
+            };
+            if record.offset >= high_watermark {
+                continue;
+            }
+            match record.value {
+                None => {
+                    latest.remove(&key);
+                }
+                Some(value) => {
+                    latest.insert(
+                        key.clone(),
+                        v1::FetchedRecord {
+                            offset: record.offset,
+                            timestamp_ms: record.timestamp,
+                            key: Some(key),
+                            value: Some(value),
+                            headers: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let mut records: Vec<v1::FetchedRecord> = latest.into_values().collect();
+    records.sort_by_key(|record| record.offset);
+    records
+}
+
 /// Encodes a unary request's plain records into one batch with its producer fields.
-fn encode_plain(request: &v1::ProduceRequest) -> Bytes {
+pub(crate) fn encode_plain(request: &v1::ProduceRequest) -> Bytes {
     let mut builder = BatchBuilder::new();
     if request.producer_id != 0 {
         builder = builder.producer(
@@ -323,32 +363,7 @@ impl Broker for FakeBroker {
             .get(&request.topic)
             .and_then(|partitions| partitions.get(request.partition as usize))
             .ok_or_else(|| Status::not_found("no such topic or partition"))?;
-        let mut latest: HashMap<Bytes, v1::FetchedRecord> = HashMap::new();
-        for batch in &log.batches {
-            for record in batch.records() {
-                let record = record.unwrap();
-                let key = record.key.clone().unwrap();
-                match record.value {
-                    None => {
-                        latest.remove(&key);
-                    }
-                    Some(value) => {
-                        latest.insert(
-                            key.clone(),
-                            v1::FetchedRecord {
-                                offset: record.offset,
-                                timestamp_ms: record.timestamp,
-                                key: Some(key),
-                                value: Some(value),
-                                headers: Vec::new(),
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        let mut records: Vec<v1::FetchedRecord> = latest.into_values().collect();
-        records.sort_by_key(|record| record.offset);
+        let records = snapshot_records(log.batches.iter(), u64::MAX);
         let keys_total = records.len() as u64;
         let high_watermark = log.end_offset;
         // Two records a message, so that every snapshot of more than two keys is chunked.
@@ -915,7 +930,7 @@ async fn start() -> (Client, FakeBroker) {
 }
 
 /// Quick retries, so failure tests take milliseconds.
-fn fast_retries() -> ProducerConfig {
+pub(crate) fn fast_retries() -> ProducerConfig {
     ProducerConfig {
         linger: Duration::from_millis(1),
         retry_backoff: Duration::from_millis(5),

@@ -19,6 +19,23 @@
 //!    first record; then the records fail with [`Error::DeliveryTimeout`]. Other failures fail
 //!    the records at once with the broker's error.
 //!
+//! # Leader changes
+//!
+//! A per-request error on the stream is only a code and a message, so the producer reads the
+//! broker's not-leader message (FAILED_PRECONDITION, "this node does not lead partition P of
+//! topic `T`; ..."):
+//! - naming the new leader: the client's view takes it and the batch is resent there at once
+//!   (at most [`REDIRECTS_MAX`] times in a row without a pause);
+//! - naming none (an election runs), or UNAVAILABLE, or a broken stream (the node died): the
+//!   view is refreshed before the next attempt, and the batch waits with the backoff until a
+//!   node leads again, within `delivery_timeout`.
+//!
+//! Every attempt is the same bytes: with idempotence the same producer id, epoch and sequence,
+//! so a batch the old leader stored (and replicated) before its answer was lost is recognised
+//! by the new leader and acknowledged with its original offsets, and each record's future is
+//! completed once. Batches of a partition resent out of order are put back in order by the
+//! sequence check (see "Ordering").
+//!
 //! # Idempotence (on by default)
 //!
 //! With [`ProducerConfig::idempotent`] the producer takes a producer id (`InitProducer`) when
@@ -52,12 +69,13 @@ pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncline_proto::batch::{BATCH_LEN_MAX, HEADER_LEN, MAX_HEADERS_PER_RECORD};
+use syncline_proto::error_details::not_leader_status;
 use syncline_proto::v1;
 use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -66,8 +84,8 @@ use self::accumulator::{finish_batch, record_size_max, Accumulator, RecordRef, S
 use self::connection::{Attempt, Connection};
 use self::idempotence::{Next, Outcome, Sequences, Stamp};
 use crate::client::Client;
-use crate::error::{is_producer_fenced, Error, Result};
-use crate::routing::Target;
+use crate::error::{is_producer_fenced, not_leader_in_message, Error, Result};
+use crate::routing::{Observed, Target, REDIRECTS_MAX};
 
 /// The broker's default `max_batch_bytes`: the largest batch it accepts unless configured
 /// otherwise.
@@ -121,6 +139,14 @@ pub struct ProducerConfig {
     pub unkeyed_partitioning: UnkeyedPartitioning,
     /// Take a producer id and number every batch, so that retries never store a batch twice
     /// and keep the order of each partition (see the module doc). On by default.
+    ///
+    /// Turning it off saves the `InitProducer` call at start and the per-batch bookkeeping,
+    /// and lets `in_flight_max` batches of one partition be unacknowledged at once instead of
+    /// [`PARTITION_WINDOW_BATCHES`]; but then a batch retried after a lost answer (a leader
+    /// change, a dropped connection) may be stored twice, and may land behind a later batch of
+    /// its partition. Turn it off only for a broker or proxy that refuses `InitProducer`, for
+    /// data where duplicates do not matter, or for short-lived single writes that should not
+    /// count as a producer whose recent batches compaction keeps whole.
     pub idempotent: bool,
 }
 
@@ -308,6 +334,10 @@ struct Shared {
     sequences: Option<Mutex<Sequences>>,
     /// A sent batch was resolved: a partition's window may have room again.
     sequence_resolved: Notify,
+    /// Set once the sequences say the producer is fenced: `enqueue` reads this flag per record
+    /// instead of taking the sequences' lock (a per-record lock cost the idempotent producer
+    /// a few percent of its throughput).
+    fenced: AtomicBool,
     /// Request -> acknowledgement time of batches acknowledged at their first attempt, µs.
     batch_latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -368,6 +398,7 @@ impl Producer {
             next_correlation_id: AtomicU64::new(1),
             sequences: identity.map(|identity| Mutex::new(Sequences::new(identity, partitions))),
             sequence_resolved: Notify::new(),
+            fenced: AtomicBool::new(false),
             batch_latency: Mutex::new(new_latency_histogram()),
             config,
         });
@@ -433,9 +464,13 @@ impl Producer {
         headers: &[(&str, &[u8])],
     ) -> Result<DeliveryFuture> {
         let shared = &self.handle.shared;
-        if let Some(sequences) = &shared.sequences {
-            if let Some(error) = lock(sequences).fenced() {
-                return Err(error.clone());
+        if shared.fenced.load(Ordering::Acquire) {
+            if let Some(error) = shared
+                .sequences
+                .as_ref()
+                .and_then(|s| lock(s).fenced().cloned())
+            {
+                return Err(error);
             }
         }
         if headers.len() > MAX_HEADERS_PER_RECORD as usize {
@@ -617,7 +652,12 @@ impl Shared {
             Err(error @ Error::ProducerFenced { .. }) => Outcome::Fenced(error.clone()),
             Err(_) => Outcome::Failed,
         };
-        lock(sequences).resolve(stamp, outcome);
+        let mut sequences = lock(sequences);
+        sequences.resolve(stamp, outcome);
+        if sequences.fenced().is_some() {
+            self.fenced.store(true, Ordering::Release);
+        }
+        drop(sequences);
         self.sequence_resolved.notify_waiters();
     }
 
@@ -641,23 +681,68 @@ impl Shared {
         connection.submit(request)
     }
 
-    /// Whether a FAILED_PRECONDITION the node at `address` answered for `partition` (a
-    /// per-request error on the stream carries no `NotLeader` detail) means that the node no
-    /// longer leads it: the refreshed view then names another leader. Never in a cluster of
-    /// one.
-    async fn led_elsewhere(&self, partition: u32, address: &Arc<str>, error: &Error) -> bool {
+    /// What a failed attempt at the node at `address` says about `partition`'s leader, for
+    /// the retry; returns the error to go on with and whether the view now names another
+    /// node to retry at once. A per-request error on the stream carries no `NotLeader`
+    /// detail, so:
+    /// - a FAILED_PRECONDITION with the broker's not-leader message becomes
+    ///   [`Error::NotLeader`] (transient) and the view takes what it says: the new leader, or,
+    ///   when none is known yet (an election), a refresh before the next attempt;
+    /// - any other FAILED_PRECONDITION that is not a fence refreshes the view, and counts as
+    ///   a leader change when the partition now routes to another node;
+    /// - UNAVAILABLE (the node is going away) marks the view stale, so the retry asks which
+    ///   node leads now.
+    ///
+    /// Nothing changes for a broker older than clusters, nor in a cluster of one.
+    async fn leader_change(
+        &self,
+        partition: u32,
+        address: &Arc<str>,
+        error: Error,
+    ) -> (Error, bool) {
         let router = self.client.router();
-        match error {
-            Error::Broker {
-                code: tonic::Code::FailedPrecondition,
-                message,
-            } if router.spans_nodes()
-                && !is_producer_fenced(tonic::Code::FailedPrecondition, message) =>
+        let target = Target::Partition(&self.topic, partition);
+        let Error::Broker { code, message } = &error else {
+            return (error, false);
+        };
+        if let Some(detail) = not_leader_in_message(*code, message) {
+            let status = not_leader_status(message.clone(), &detail);
+            let observed = router.observe(address, &status, Some(target));
+            if observed == Observed::Final {
+                return (error, false);
+            }
+            let error = Error::NotLeader {
+                topic: detail.topic,
+                partition: detail.partition,
+                leader_id: detail.leader_id,
+                leader_address: detail.leader_address,
+                message: message.clone(),
+            };
+            return (error, observed == Observed::Redirected);
+        }
+        match code {
+            tonic::Code::FailedPrecondition
+                if router.spans_nodes()
+                    && !is_producer_fenced(tonic::Code::FailedPrecondition, message) =>
             {
                 let _ = router.refresh().await;
-                router.moved(address, Target::Partition(&self.topic, partition))
+                if !router.moved(address, target) {
+                    return (error, false);
+                }
+                let error = Error::NotLeader {
+                    topic: self.topic.clone(),
+                    partition,
+                    leader_id: None,
+                    leader_address: String::new(),
+                    message: error.to_string(),
+                };
+                (error, true)
             }
-            _ => false,
+            tonic::Code::Unavailable => {
+                router.mark_stale(address);
+                (error, false)
+            }
+            _ => (error, false),
         }
     }
 }
@@ -808,21 +893,19 @@ async fn deliver(
         elapsed_ms: elapsed_ms(sent.opened_at),
         last_error: last_error.map(Box::new),
     };
+    // Retries sent at once, without a pause, because a NotLeader named the new leader; after
+    // REDIRECTS_MAX in a row the leader is still moving and the backoff is the better wait.
+    let mut redirects: u32 = 0;
     let outcome = loop {
+        let mut redirected = false;
         let result = match &mut attempt {
             Ok(pending) => match tokio::time::timeout_at(deadline, pending.response()).await {
-                Ok(Err(error))
-                    if shared
-                        .led_elsewhere(partition, pending.address(), &error)
-                        .await =>
-                {
-                    Err(Error::NotLeader {
-                        topic: shared.topic.clone(),
-                        partition,
-                        leader_id: None,
-                        leader_address: String::new(),
-                        message: error.to_string(),
-                    })
+                Ok(Err(error)) => {
+                    let (error, to_new_leader) = shared
+                        .leader_change(partition, pending.address(), error)
+                        .await;
+                    redirected = to_new_leader;
+                    Err(error)
                 }
                 Ok(result) => result,
                 Err(_) => break Err(timed_out(attempts, last_error)),
@@ -864,8 +947,13 @@ async fn deliver(
                     );
                 }
                 last_error = Some(error);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(config.retry_backoff_max);
+                if redirected && redirects < REDIRECTS_MAX {
+                    redirects += 1;
+                } else {
+                    redirects = 0;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(config.retry_backoff_max);
+                }
                 attempts += 1;
                 attempt = shared
                     .submit(shared.next_request(partition, encoded.clone()))

@@ -213,6 +213,13 @@ struct ProduceArgs {
     /// Acknowledgement level to wait for.
     #[arg(long, value_enum, default_value = "durable", value_name = "LEVEL")]
     acks: AcksArg,
+
+    /// Send without a producer id: no InitProducer at start and no sequence numbers, so a
+    /// batch retried after a lost answer (a leader change, a dropped connection) may be
+    /// stored twice, and a retry may land behind a later batch of its partition. Only for
+    /// brokers or proxies that refuse InitProducer, or data where duplicates do not matter.
+    #[arg(long)]
+    no_idempotence: bool,
 }
 
 #[derive(Debug, Args)]
@@ -563,21 +570,26 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
 /// this bounds the futures waiting to be checked.
 const PENDING_DELIVERIES_MAX: usize = 65_536;
 
+/// The producer settings of `syncline produce`: idempotent unless `--no-idempotence`.
+fn produce_config(args: &ProduceArgs) -> ProducerConfig {
+    ProducerConfig {
+        acks: match args.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::Durable => Acks::Durable,
+        },
+        idempotent: !args.no_idempotence,
+        ..ProducerConfig::default()
+    }
+}
+
 async fn produce(client: &Client, args: ProduceArgs) -> anyhow::Result<()> {
     let separator = match &args.key_separator {
         Some(separator) if separator.is_empty() => bail!("--key-separator must not be empty"),
         Some(separator) => Some(separator.as_bytes().to_vec()),
         None => None,
     };
-    let config = ProducerConfig {
-        acks: match args.acks {
-            AcksArg::None => Acks::None,
-            AcksArg::Leader => Acks::Leader,
-            AcksArg::Durable => Acks::Durable,
-        },
-        ..ProducerConfig::default()
-    };
-    let producer = client.producer(&args.topic, config).await?;
+    let producer = client.producer(&args.topic, produce_config(&args)).await?;
     let started = Instant::now();
 
     let (pending, mut deliveries) = mpsc::channel::<DeliveryFuture>(PENDING_DELIVERIES_MAX);
@@ -870,6 +882,21 @@ mod tests {
         let after = Cli::try_parse_from(["syncline", "topic", "list", "--broker", "h:2"]).unwrap();
         assert_eq!(before.broker, "h:1");
         assert_eq!(after.broker, "h:2");
+    }
+
+    #[test]
+    fn produce_should_be_idempotent_unless_told_not_to_be() {
+        let config = |extra: &[&str]| {
+            let parsed =
+                Cli::try_parse_from([&["syncline", "produce", "t"][..], extra].concat()).unwrap();
+            match parsed.command {
+                Command::Produce(args) => produce_config(&args),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(config(&[]).idempotent);
+        assert!(!config(&["--no-idempotence"]).idempotent);
+        assert_eq!(config(&["--acks", "leader"]).acks, Acks::Leader);
     }
 
     #[test]

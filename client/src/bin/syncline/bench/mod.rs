@@ -146,6 +146,12 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "durable", value_name = "LEVEL")]
     pub acks: AcksArg,
 
+    /// Producers send without a producer id (no InitProducer, no sequence numbers), as
+    /// `produce --no-idempotence`: measures what idempotence costs. A retried batch may then
+    /// be stored twice, which the verifier reports as duplicated.
+    #[arg(long)]
+    pub no_idempotence: bool,
+
     /// Pin the send rate to R records/s over all producers, paced by a schedule (default: as
     /// fast as possible).
     #[arg(long, value_name = "R")]
@@ -212,6 +218,7 @@ impl BenchArgs {
             batch_bytes_max: self.batch_bytes,
             in_flight_max: self.in_flight,
             acks: self.acks().0,
+            idempotent: !self.no_idempotence,
             ..ProducerConfig::default()
         }
     }
@@ -636,6 +643,7 @@ async fn measure(
             linger_ms: args.linger_ms,
             in_flight: args.in_flight,
             acks: args.acks().1,
+            idempotent: !args.no_idempotence,
             rate: args.rate,
             keys: args.keys,
             debug_skip_every: args.debug_skip_every,
@@ -688,6 +696,7 @@ mod tests {
         assert!(!args.json && !args.keep_topic);
         assert_eq!(args.plot, None);
         assert_eq!(args.debug_skip_every, None);
+        assert!(args.producer_config().idempotent);
         args.validate().unwrap();
     }
 
@@ -712,6 +721,7 @@ mod tests {
             "32",
             "--acks",
             "leader",
+            "--no-idempotence",
             "--rate",
             "50000",
             "--keys",
@@ -747,6 +757,7 @@ mod tests {
         assert_eq!(producer.linger, Duration::ZERO);
         assert_eq!(producer.batch_bytes_max, 65536);
         assert_eq!(producer.in_flight_max, 32);
+        assert!(!producer.idempotent);
     }
 
     #[test]

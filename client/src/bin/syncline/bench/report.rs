@@ -152,6 +152,8 @@ pub struct ReportConfig {
     pub linger_ms: u64,
     pub in_flight: usize,
     pub acks: &'static str,
+    /// Whether the producers were idempotent (not `--no-idempotence`).
+    pub idempotent: bool,
     /// Records per second over all producers; null: as fast as possible.
     pub rate: Option<u64>,
     pub keys: u32,
@@ -183,7 +185,7 @@ impl Report {
         };
         let _ = writeln!(
             out,
-            "bench: topic {} ({}), {}, {}, {} B records, {}, acks {}, keys {}, rate {}",
+            "bench: topic {} ({}), {}, {}, {} B records, {}, acks {}{}, keys {}, rate {}",
             config.topic,
             plural(config.partitions.into(), "partition"),
             plural(config.producers.into(), "producer"),
@@ -191,6 +193,11 @@ impl Report {
             config.record_size,
             amount,
             config.acks,
+            if config.idempotent {
+                ""
+            } else {
+                ", not idempotent"
+            },
             config.keys,
             config
                 .rate
@@ -266,6 +273,7 @@ mod tests {
             linger_ms: 5,
             in_flight: 8,
             acks: "durable",
+            idempotent: true,
             rate: None,
             keys: 0,
             debug_skip_every: None,
