@@ -500,13 +500,16 @@ impl Controller {
         let command: Command = serde_json::from_slice(bytes).map_err(|e| {
             tonic::Status::invalid_argument(format!("a proposal that does not decode: {e}"))
         })?;
-        // Node liveness is the leader's own to propose; peers forward topic changes only.
+        // Node liveness is the leader's own to propose; peers forward topic changes and the
+        // partition leaderships they won.
         if !matches!(
             command,
-            Command::CreateTopic { .. } | Command::DeleteTopic { .. }
+            Command::CreateTopic { .. }
+                | Command::DeleteTopic { .. }
+                | Command::PartitionLeaders { .. }
         ) {
             return Err(tonic::Status::invalid_argument(format!(
-                "`{command}` cannot be forwarded: only topic changes are"
+                "`{command}` cannot be forwarded: only topic changes and partition leaderships are"
             )));
         }
         match self.propose_local(&command).await {

@@ -131,8 +131,8 @@ pub fn prepare_log(log: &crate::log::Log, raft_dir: &Path) -> Result<(), String>
     let path = raft_dir.join(APPLIED_FILE);
     let end = match std::fs::read(&path) {
         Ok(bytes) => {
-            let file: AppliedFile = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let file: AppliedFile =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             file.end_offset
         }
         Err(error) if error.kind() == io::ErrorKind::NotFound => log.start_offset(),

@@ -3,6 +3,7 @@
 //! topic another node just created, and CompactTopic's fan-out to the partitions' leaders.
 
 use super::*;
+use std::time::Duration;
 
 fn retention_override(
     value: Option<i64>,
@@ -149,6 +150,33 @@ fn replication_factor(
              factor 1, or start a cluster (--cluster)"
         ))),
         factor => Ok(factor),
+    }
+}
+
+/// How long a create of a replicated topic waits for its partitions' first elections.
+const FIRST_ELECTION_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (bounded) until every partition of a new replicated topic has elected a leader, so
+/// that a producer starting right after the create finds them; a create is not refused for a
+/// slow election (clients retry until a leader is known).
+async fn wait_for_leaders(controller: &crate::cluster::controller::Controller, name: &str) {
+    let elected = || {
+        controller.view().with(|m| {
+            m.topics
+                .get(name)
+                .is_none_or(|t| t.partitions.iter().all(|p| p.leader_epoch > 0))
+        })
+    };
+    let mut applied = controller.view().subscribe();
+    let deadline = tokio::time::Instant::now() + FIRST_ELECTION_WAIT;
+    while !elected() {
+        if tokio::time::timeout_at(deadline, applied.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(topic = name, "partitions of a new topic have no leader after {FIRST_ELECTION_WAIT:?}; clients will retry until they do");
+            return;
+        }
     }
 }
 
@@ -467,6 +495,9 @@ impl BrokerService {
                     .await
                     .map_err(to_status)?
                     .map_err(|e| to_status(e.into()))?;
+                if replication_factor > 1 {
+                    wait_for_leaders(controller, &request.name).await;
+                }
                 self.registry.get(&request.name).map_err(to_status)?
             }
         };
