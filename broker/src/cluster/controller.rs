@@ -61,7 +61,10 @@ const SNAPSHOT_KEEP: u64 = if cfg!(test) { 10 } else { 100 };
 pub const CONTROLLER_DIR: &str = ".controller";
 
 /// What a node needs to know to create an internal topic the leader decided on.
-pub type InternalTopic = Box<dyn Fn(u32) -> Result<(String, String), BrokerError> + Send + Sync>;
+/// Given a partition count, it gives the topic's (incarnation id, settings text, replication
+/// factor).
+pub type InternalTopic =
+    Box<dyn Fn(u32) -> Result<(String, String, u32), BrokerError> + Send + Sync>;
 
 /// This node's part of the controller.
 pub struct Controller {
@@ -795,12 +798,12 @@ impl Controller {
             {
                 let partitions = offsets_partitions(live.len());
                 match (self.offsets_topic)(partitions) {
-                    Ok((id, settings)) => {
+                    Ok((id, settings, replication_factor)) => {
                         let command = Command::CreateTopic {
                             name: offsets.to_string(),
                             id,
                             partitions,
-                            replication_factor: 1,
+                            replication_factor,
                             settings,
                         };
                         match self.propose_local(&command).await {

@@ -38,10 +38,10 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Replicas per partition when a create does not say: the setting, else 1 (min(3, voters)
-    /// once partition groups keep a durable Raft log).
+    /// Replicas per partition when a create does not say: the setting, else min(3, voters).
     pub fn replication_factor_default(&self) -> u32 {
-        self.default_replication_factor.unwrap_or(1)
+        self.default_replication_factor
+            .unwrap_or_else(|| self.cluster.len().clamp(1, 3) as u32)
     }
 }
 

@@ -187,6 +187,7 @@ async fn host(
         Ok((
             format!("offsets-{id}-{n}-{}", turmoil::elapsed().as_millis()),
             String::new(),
+            1,
         ))
     });
     let peers = Peers::with_connector(sim_connector());

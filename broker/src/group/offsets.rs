@@ -78,6 +78,10 @@ pub struct OffsetStore {
     /// `__offsets`): then its groups' commits and fetches are refused naming it, instead of
     /// the whole broker refusing to start or answering from a partial history.
     unavailable: Mutex<HashMap<u32, String>>,
+    /// Replicated partitions: the term this node loaded each one's commits in (they are
+    /// reloaded from the log the first time a group is served in each term it leads; see
+    /// [`OffsetStore::partition_of`]). The lock is held across a load.
+    loaded: Mutex<HashMap<u32, u64>>,
 }
 
 fn key(group: &str, topic: &str, partition: u32) -> Bytes {
@@ -121,13 +125,15 @@ impl OffsetStore {
         } else {
             self.groups.lock().clear();
             self.unavailable.lock().clear();
+            self.loaded.lock().clear();
             Vec::new()
         };
         for partition in &topic.partitions {
             let loaded_before = before
                 .get(partition.id as usize)
                 .is_some_and(|old| Arc::ptr_eq(old, partition));
-            if loaded_before || partition.remote_leader().is_some() {
+            // A replicated partition loads when this node first serves it as leader.
+            if loaded_before || partition.remote_leader().is_some() || partition.is_replicated() {
                 continue;
             }
             match load(partition) {
@@ -155,6 +161,8 @@ impl OffsetStore {
         }
         let id = super::coordinator_partition(group, partitions.len() as u32)?;
         let partition = partitions[id as usize].clone();
+        let count = partitions.len() as u32;
+        drop(partitions);
         if let Some(leader) = partition.remote_leader() {
             return Err(BrokerError::NotLeader {
                 topic: OFFSETS_TOPIC.to_string(),
@@ -162,7 +170,33 @@ impl OffsetStore {
                 leader: leader.clone(),
             });
         }
+        if partition.is_replicated() {
+            self.ensure_current(&partition, count)?;
+        }
         Ok(partition)
+    }
+
+    /// A replicated `__offsets` partition is this node's to serve only while it leads the
+    /// partition's group; the commits in memory are those of the last term it led, so the
+    /// first call in a new term reloads them from the log (which by then holds everything
+    /// committed under earlier leaders). Commits of this term are published only after that
+    /// load (the lock is held across it), so none is lost to it.
+    fn ensure_current(&self, partition: &Arc<Partition>, count: u32) -> Result<(), BrokerError> {
+        partition.check_leader()?;
+        let term = partition.serving_term().unwrap_or(0);
+        let mut loaded = self.loaded.lock();
+        if loaded.get(&partition.id) == Some(&term) {
+            return Ok(());
+        }
+        let groups = load(partition)?;
+        let mut map = self.groups.lock();
+        map.retain(|group, _| {
+            super::coordinator_partition(group, count).ok() != Some(partition.id)
+        });
+        map.extend(groups);
+        self.unavailable.lock().remove(&partition.id);
+        loaded.insert(partition.id, term);
+        Ok(())
     }
 
     fn partition_for(&self, group: &str) -> Result<Arc<Partition>, BrokerError> {

@@ -27,6 +27,8 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     fn submit(&self, proposal: Proposal) -> Result<AppliedReceiver, BrokerError>;
     /// Ok while this node leads the group; `NotLeader` naming the leader (if known) otherwise.
     fn check_leader(&self) -> Result<(), BrokerError>;
+    /// The term this node leads (and serves) the group in, if it does.
+    fn serving_term(&self) -> Option<u64>;
     /// Resolves once this node has confirmed with a majority that it still leads and has
     /// applied everything committed before the call (a linearizable read's barrier).
     fn read_barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>>;
@@ -88,6 +90,14 @@ impl Partition {
                 leader: super::RemoteLeader::default(),
             }),
         }
+    }
+
+    /// The Raft term this node serves the partition in (0 for a single replica), if it does.
+    pub fn serving_term(&self) -> Option<u64> {
+        if !self.replicated {
+            return Some(0);
+        }
+        self.replica.read().as_ref().and_then(|r| r.serving_term())
     }
 
     fn running_replica(&self) -> Result<Arc<dyn Replica>, BrokerError> {

@@ -326,6 +326,11 @@ impl Replica for Group {
         }
     }
 
+    fn serving_term(&self) -> Option<u64> {
+        let leadership = *self.leadership.borrow();
+        leadership.serving.then_some(leadership.term)
+    }
+
     fn read_barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
         Box::pin(async move {
             let result = tokio::time::timeout(

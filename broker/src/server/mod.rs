@@ -143,12 +143,14 @@ impl Broker {
                 .map(|voter| (voter.id, voter.address.clone()))
                 .collect();
             let for_offsets = registry.clone();
+            let replication_factor = config.node.replication_factor_default();
             let offsets_topic: crate::cluster::controller::InternalTopic =
                 Box::new(move |partitions| {
-                    let settings = for_offsets.offsets_settings(partitions);
+                    let mut settings = for_offsets.offsets_settings(partitions);
+                    settings.replication_factor = replication_factor;
                     let (id, text) = for_offsets
                         .new_topic_text(crate::group::offsets::OFFSETS_TOPIC, &settings)?;
-                    Ok((id.to_string(), text))
+                    Ok((id.to_string(), text, replication_factor))
                 });
             Some(
                 crate::cluster::controller::Controller::start(
