@@ -165,7 +165,20 @@ async fn three_nodes_should_agree_spread_topics_route_through_any_node_and_share
     );
 
     // Created through node 2; 6 partitions over 3 nodes: each leads 2.
-    let created = cluster.run_cli(2, &["topic", "create", "orders", "--partitions", "6"]);
+    // Replication factor 1 here (the default is 3 on three nodes): each node then holds only
+    // the partitions it leads, which this test checks.
+    let created = cluster.run_cli(
+        2,
+        &[
+            "topic",
+            "create",
+            "orders",
+            "--partitions",
+            "6",
+            "--replication-factor",
+            "1",
+        ],
+    );
     assert!(created.status.success(), "{}", stderr(&created));
     let status = cluster.run_cli(3, &["cluster", "status", "--json"]);
     assert!(status.status.success(), "{}", stderr(&status));
@@ -398,9 +411,29 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
         },
     )
     .await;
+    // Replication factor 1: with a node down, 3 replicas cannot be placed (refused, as the
+    // next create shows), but single replicas can, on the live nodes only.
+    let refused = cluster.run_cli(
+        survivor,
+        &["topic", "create", "too-wide", "--partitions", "2"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("replication factor 3 needs 3 live nodes, but 2 are live"),
+        "{}",
+        stderr(&refused)
+    );
     let created = cluster.run_cli(
         survivor,
-        &["topic", "create", "after-kill", "--partitions", "2"],
+        &[
+            "topic",
+            "create",
+            "after-kill",
+            "--partitions",
+            "2",
+            "--replication-factor",
+            "1",
+        ],
     );
     assert!(created.status.success(), "{}", stderr(&created));
     let placed = cluster.describe(survivor).await.unwrap();

@@ -60,6 +60,11 @@ pub(crate) type Grpc = BrokerClient<Channel>;
 /// elsewhere) of one call before its error goes to the caller's retry policy: a leader that
 /// moves more often than this is still moving, and the caller's backoff is the better wait.
 pub(crate) const REDIRECTS_MAX: u32 = 3;
+/// How long a call keeps following a partition's or group's moving leadership (NotLeader
+/// answers that do not lead anywhere new yet) before it returns the NotLeader.
+pub(crate) const LEADER_MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The pause between those tries.
+const LEADER_MOVE_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// HTTP/2 flow-control windows: large enough that one stream can carry a full batch without
 /// waiting for window updates (the defaults of 64 KiB throttle bulk produce and fetch).
@@ -546,18 +551,30 @@ impl Router {
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let mut redirects = 0;
+        let started = std::time::Instant::now();
         loop {
             let node = self.route(target).await;
             let status = match call(node.grpc.clone()).await {
                 Ok(response) => return Ok((response.into_inner(), node.address)),
                 Err(status) => status,
             };
-            let retry = redirects < REDIRECTS_MAX
+            let mut retry = redirects < REDIRECTS_MAX
                 && match self.observe(&node.address, &status, Some(target)) {
                     Observed::Redirected => true,
                     Observed::Stale => self.relocate(&node, target).await,
                     Observed::Final => false,
                 };
+            // A replicated partition's leadership is moving (an election, or a leader that has
+            // not caught up yet): wait for it, within a bound, instead of failing the call.
+            if !retry && not_leader(&status).is_some() && started.elapsed() < LEADER_MOVE_WAIT {
+                tokio::time::sleep(LEADER_MOVE_BACKOFF).await;
+                let _ = self.refresh().await;
+                if let Target::Group(group) = target {
+                    let _ = self.find_coordinator(group).await;
+                }
+                redirects = 0;
+                retry = true;
+            }
             if !retry {
                 return Err(Failure {
                     status,

@@ -185,9 +185,10 @@ async fn start_groups(
             topic_id: meta.id.clone(),
             partition: number as u32,
         };
+        let preferred = placement.replicas.first().copied().unwrap_or(me);
         controller
             .replicas()
-            .ensure(id, partition, &replicas)
+            .ensure(id, partition, &replicas, preferred)
             .await?;
     }
     Ok(())

@@ -645,9 +645,10 @@ impl Coordinator {
             }
             topic_ids.push(current);
             let partition = topic.partition(commit.partition)?;
-            // In a cluster the partition may live on another node: its end is not known here
-            // (as in Kafka, the offset is then stored unchecked).
-            if partition.remote_leader().is_some() {
+            // In a cluster the partition may live on another node, or be led by another
+            // replica: its end is not known here (as in Kafka, the offset is then stored
+            // unchecked).
+            if partition.remote_leader().is_some() || partition.check_leader().is_err() {
                 continue;
             }
             let log = partition.log()?;

@@ -92,6 +92,19 @@ impl Partition {
         }
     }
 
+    /// The node serving the partition's clients when it is another node: the holder of a
+    /// partition placed elsewhere, or the leader of a replicated partition this node does not
+    /// lead (when known).
+    pub fn leader_elsewhere(&self) -> Option<super::RemoteLeader> {
+        if let Some(leader) = self.remote_leader() {
+            return Some(leader.clone());
+        }
+        match self.check_leader() {
+            Err(BrokerError::NotLeader { leader, .. }) if leader.id.is_some() => Some(leader),
+            _ => None,
+        }
+    }
+
     /// The Raft term this node serves the partition in (0 for a single replica), if it does.
     pub fn serving_term(&self) -> Option<u64> {
         if !self.replicated {

@@ -117,6 +117,7 @@ impl Group {
         partition: Arc<Partition>,
         dir: &std::path::Path,
         replicas: &BTreeMap<u64, String>,
+        preferred: u64,
     ) -> Result<Arc<Group>, String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("group {id}: {what}: {e}");
         let state_machine = PartitionStateMachine::open(dir, partition.clone())
@@ -163,6 +164,13 @@ impl Group {
             if let Err(error) = raft.initialize(members).await {
                 // Another replica's vote or entries reached this one first: it is initialized.
                 tracing::debug!(group = %id, %error, "group initialization skipped");
+            } else if preferred == context.me {
+                // The preferred leader (the placement's first replica) stands at once, so a new
+                // topic's leaders are spread as placed, and elected without waiting for an
+                // election timeout.
+                if let Err(error) = raft.trigger().elect(false).await {
+                    tracing::debug!(group = %id, %error, "first election not started");
+                }
             }
         }
         let (leadership_tx, leadership) = watch::channel(Leadership::default());

@@ -94,12 +94,13 @@ impl Replicas {
     }
 
     /// Starts the group of `partition` (a replica placed on this node) unless it runs, and
-    /// attaches it to the partition.
+    /// attaches it to the partition. `preferred` is the placement's first replica.
     pub async fn ensure(
         &self,
         id: GroupId,
         partition: &Arc<Partition>,
         replicas: &BTreeMap<u64, String>,
+        preferred: u64,
     ) -> Result<(), String> {
         if self.groups.read().contains_key(&id) && partition.replica().is_some() {
             return Ok(());
@@ -113,8 +114,15 @@ impl Replicas {
             .map_err(|e| e.to_string())?
             .dir()
             .join("raft");
-        let group =
-            Group::start(&self.context, id.clone(), partition.clone(), &dir, replicas).await?;
+        let group = Group::start(
+            &self.context,
+            id.clone(),
+            partition.clone(),
+            &dir,
+            replicas,
+            preferred,
+        )
+        .await?;
         partition.attach_replica(group.clone());
         let mut leadership = group.leadership();
         let won = self.won.clone();

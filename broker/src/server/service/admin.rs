@@ -51,9 +51,14 @@ pub(super) fn describe(topic: &Topic) -> v1::TopicDescription {
                     records_kept_for_producers: compaction.records_kept_for_producers,
                 }
             }
-            Err(_) => v1::PartitionDescription {
+            Err(error) => v1::PartitionDescription {
                 partition: partition.id,
-                error: partition.fence_reason().unwrap_or_default().to_string(),
+                // A replica that does not lead (yet) says so: its own log may be behind.
+                error: match partition.fence_reason() {
+                    Some(reason) => reason.to_string(),
+                    None if partition.is_replicated() => error.to_string(),
+                    None => String::new(),
+                },
                 ..Default::default()
             },
         })
@@ -186,7 +191,7 @@ impl BrokerService {
         let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
             std::collections::BTreeMap::new();
         for partition in &topic.partitions {
-            if let Some(leader) = partition.remote_leader() {
+            if let Some(leader) = partition.leader_elsewhere() {
                 by_node
                     .entry(leader.address.clone())
                     .or_default()
@@ -273,7 +278,7 @@ impl BrokerService {
             let Ok(partition) = topic.partition(lag.partition) else {
                 continue;
             };
-            let Some(leader) = partition.remote_leader() else {
+            let Some(leader) = partition.leader_elsewhere() else {
                 continue;
             };
             let Ok(channel) = controller.channel_to(&leader.address) else {
