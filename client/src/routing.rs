@@ -532,6 +532,24 @@ impl Router {
         Observed::Final
     }
 
+    /// Whether `status` is a NotLeader worth waiting out: routing by a cluster view, and the
+    /// leader it names (if any) is a node this client can reach (so the answer will change
+    /// once the election or the new leader's catch-up is over).
+    fn leadership_moving(&self, status: &Status) -> bool {
+        let Some(detail) = not_leader(status) else {
+            return false;
+        };
+        let view = self.lock();
+        if view.mode == Mode::Bootstrap {
+            return false;
+        }
+        detail.leader_id.is_none_or(|leader| {
+            view.nodes
+                .get(&leader)
+                .is_some_and(|member| !member.unusable)
+        })
+    }
+
     /// Whether `target` now routes to another node than the one at `address`.
     pub(crate) fn moved(&self, address: &Arc<str>, target: Target<'_>) -> bool {
         self.cached(target)
@@ -566,7 +584,7 @@ impl Router {
                 };
             // A replicated partition's leadership is moving (an election, or a leader that has
             // not caught up yet): wait for it, within a bound, instead of failing the call.
-            if !retry && not_leader(&status).is_some() && started.elapsed() < LEADER_MOVE_WAIT {
+            if !retry && started.elapsed() < LEADER_MOVE_WAIT && self.leadership_moving(&status) {
                 tokio::time::sleep(LEADER_MOVE_BACKOFF).await;
                 let _ = self.refresh().await;
                 if let Target::Group(group) = target {
