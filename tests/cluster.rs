@@ -119,12 +119,23 @@ async fn read_all(client: &Client, topic: &str, count: usize) -> Vec<Seen> {
         .await
         .unwrap();
     let mut seen = Vec::new();
+    let mut next: BTreeMap<u32, u64> = BTreeMap::new();
     while seen.len() < count {
         let record = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
             .await
             .expect("records keep coming")
             .expect("the consumer does not end")
             .unwrap();
+        // A consumer never goes back (a redelivery here would also cut the read short).
+        let expected = next.entry(record.partition).or_insert(0);
+        assert!(
+            record.offset >= *expected,
+            "partition {} went back to offset {} after {}",
+            record.partition,
+            record.offset,
+            *expected
+        );
+        *expected = record.offset + 1;
         seen.push(Seen {
             partition: record.partition,
             offset: record.offset,
