@@ -69,6 +69,7 @@ pub struct Group {
     proposals: mpsc::UnboundedSender<Pending>,
     leadership: watch::Receiver<Leadership>,
     addresses: Addresses,
+    tracker: Arc<super::status::Tracker>,
 }
 
 impl std::fmt::Debug for Group {
@@ -176,9 +177,15 @@ impl Group {
         let (leadership_tx, leadership) = watch::channel(Leadership::default());
         let mut metrics = raft.metrics();
         let me = context.me;
+        let tracker = Arc::new(super::status::Tracker::new(me));
+        let observer = tracker.clone();
         tokio::spawn(async move {
             loop {
-                let now = leadership_of(me, &metrics.borrow_and_update());
+                let now = {
+                    let current = metrics.borrow_and_update();
+                    observer.observe(&current);
+                    leadership_of(me, &current)
+                };
                 leadership_tx.send_if_modified(|current| {
                     let changed = *current != now;
                     *current = now;
@@ -205,6 +212,7 @@ impl Group {
             proposals,
             leadership,
             addresses: context.addresses.clone(),
+            tracker,
         }))
     }
 
@@ -216,6 +224,16 @@ impl Group {
     /// The group's id.
     pub fn id(&self) -> &GroupId {
         &self.id
+    }
+
+    /// The partition's topic and number.
+    pub fn partition(&self) -> (&Arc<str>, u32) {
+        (&self.topic, self.partition)
+    }
+
+    /// The group's replication status on this node (see `replication::status`).
+    pub fn status(&self) -> super::status::GroupStatus {
+        self.tracker.status(&self.raft.metrics().borrow_watched())
     }
 
     /// Follows who leads.
@@ -285,6 +303,7 @@ async fn propose_in_order(
     namer: Namer,
 ) {
     while let Some((proposal, reply)) = queue.recv().await {
+        let proposed = std::time::Instant::now();
         let (responder, rx) = ProgressResponder::complete_only();
         if let Err(fatal) = raft.client_write_ff(proposal, Some(responder)).await {
             let _ = reply.send(Err(
@@ -295,7 +314,11 @@ async fn propose_in_order(
         let namer = namer.clone();
         tokio::spawn(async move {
             let outcome = match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
-                Ok(Ok(Ok(response))) => Ok(response.data),
+                Ok(Ok(Ok(response))) => {
+                    metrics::histogram!(crate::metrics::REPLICATION_COMMIT_DURATION_SECONDS)
+                        .record(proposed.elapsed().as_secs_f64());
+                    Ok(response.data)
+                }
                 Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => {
                     Err(namer.not_leader(forward.leader_id))
                 }

@@ -31,6 +31,7 @@ pub mod group;
 pub mod network;
 pub mod raft_log;
 pub mod state_machine;
+pub mod status;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};
