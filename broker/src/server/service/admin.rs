@@ -99,7 +99,7 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
 }
 
 /// DescribeCluster from the controller's applied metadata.
-pub(super) fn describe_clustered(
+fn describe_clustered(
     controller: &crate::cluster::controller::Controller,
 ) -> v1::DescribeClusterResponse {
     let metadata = controller.metadata();
@@ -125,7 +125,8 @@ pub(super) fn describe_clustered(
                     partition: partition as u32,
                     leader: placement.leader,
                     replicas: placement.replicas.clone(),
-                    // With one replica per partition, its leader holds every committed record.
+                    // The leader holds every committed record; with one replica it is the only
+                    // one (replicated partitions: see `describe_cluster_call`).
                     caught_up: placement.leader.into_iter().collect(),
                 })
         })
@@ -136,6 +137,46 @@ pub(super) fn describe_clustered(
         nodes,
         partitions,
     }
+}
+
+/// How long DescribeCluster with `replication_status` waits for the nodes leading replicated
+/// partitions (only `cluster status` asks: clients refresh their routing without it).
+const STATUS_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The caught-up replicas of the partitions whose groups this node leads, by topic incarnation
+/// id and partition, in each placement's replica order.
+fn caught_up_here(
+    controller: &crate::cluster::controller::Controller,
+    metadata: &crate::cluster::metadata::Metadata,
+) -> std::collections::HashMap<(String, u32), Vec<u64>> {
+    let me = controller.node_id();
+    let replicas_of = |topic_id: &str, partition: u32| {
+        metadata
+            .topics
+            .values()
+            .find(|t| t.id == topic_id)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default()
+    };
+    controller
+        .replicas()
+        .groups()
+        .iter()
+        .filter_map(|group| {
+            let status = group.status();
+            if status.role != crate::replication::status::Role::Leader {
+                return None;
+            }
+            let id = group.id();
+            let caught_up = status.caught_up(me);
+            let ordered = replicas_of(&id.topic_id, id.partition)
+                .into_iter()
+                .filter(|node| caught_up.contains(node))
+                .collect();
+            Some(((id.topic_id.clone(), id.partition), ordered))
+        })
+        .collect()
 }
 
 /// The replication factor of a create: the request's, else the broker's default; a single
@@ -186,6 +227,105 @@ async fn wait_for_leaders(controller: &crate::cluster::controller::Controller, n
 }
 
 impl BrokerService {
+    /// DescribeCluster in a cluster. With `replication_status`, the caught-up replicas of
+    /// replicated partitions come from their leaders: this node's own groups, and one call per
+    /// other leading node (marked local-only: that node answers for the groups it leads, and
+    /// only those), concurrent, each bounded by [`STATUS_FANOUT_TIMEOUT`]; nodes the metadata
+    /// has down are not asked. Asking leaders when someone looks costs nothing while nobody
+    /// does, where leaders reporting every change to the controller would be a metadata write
+    /// each time a follower falls behind or catches up.
+    pub(super) async fn describe_cluster_call(
+        &self,
+        controller: &crate::cluster::controller::Controller,
+        request: Request<v1::DescribeClusterRequest>,
+    ) -> v1::DescribeClusterResponse {
+        let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
+        let mut response = describe_clustered(controller);
+        if !request.get_ref().replication_status {
+            return response;
+        }
+        let metadata = controller.metadata();
+        let here = caught_up_here(controller, &metadata);
+        let id_of = |topic: &str| metadata.topics.get(topic).map(|t| t.id.clone());
+        if local_only {
+            response.partitions.retain_mut(|p| {
+                let found = id_of(&p.topic).and_then(|id| here.get(&(id, p.partition)));
+                if let Some(caught_up) = found {
+                    p.caught_up = caught_up.clone();
+                    p.leader = Some(controller.node_id());
+                }
+                found.is_some()
+            });
+            return response;
+        }
+        let mut asks: std::collections::BTreeMap<String, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (index, p) in response.partitions.iter_mut().enumerate() {
+            let Some(topic) = metadata.topics.get(&p.topic) else {
+                continue;
+            };
+            if topic.replication_factor <= 1 {
+                continue;
+            }
+            p.caught_up = here
+                .get(&(topic.id.clone(), p.partition))
+                .cloned()
+                .unwrap_or_default();
+            let elsewhere = p
+                .leader
+                .filter(|leader| *leader != controller.node_id() && p.caught_up.is_empty())
+                .and_then(|leader| metadata.nodes.get(&leader))
+                .filter(|node| node.alive);
+            if let Some(node) = elsewhere {
+                asks.entry(node.address.clone()).or_default().push(index);
+            }
+        }
+        let calls = asks.into_iter().map(|(address, indexes)| {
+            let channel = controller.channel_to(&address);
+            async move {
+                let Ok(channel) = channel else {
+                    return (indexes, Vec::new());
+                };
+                let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                let mut call = Request::new(v1::DescribeClusterRequest {
+                    replication_status: true,
+                });
+                call.metadata_mut().insert(
+                    LOCAL_ONLY_HEADER,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                let answer =
+                    tokio::time::timeout(STATUS_FANOUT_TIMEOUT, client.describe_cluster(call))
+                        .await;
+                match answer {
+                    Ok(Ok(r)) => (indexes, r.into_inner().partitions),
+                    Ok(Err(status)) => {
+                        tracing::debug!(%address, %status, "no replication status from a leader");
+                        (indexes, Vec::new())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%address, "no replication status from a leader in time");
+                        (indexes, Vec::new())
+                    }
+                }
+            }
+        });
+        for (indexes, theirs) in futures_util::future::join_all(calls).await {
+            for index in indexes {
+                let Some(slot) = response.partitions.get_mut(index) else {
+                    continue;
+                };
+                if let Some(found) = theirs
+                    .iter()
+                    .find(|p| p.topic == slot.topic && p.partition == slot.partition)
+                {
+                    slot.caught_up = found.caught_up.clone();
+                }
+            }
+        }
+        response
+    }
+
     /// The partitions of `topic` other nodes hold, by the address of the node leading them.
     fn held_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
         let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
@@ -201,9 +341,41 @@ impl BrokerService {
         by_node
     }
 
-    /// DescribeTopic in a cluster: the partitions held elsewhere are described by their
-    /// leaders (one call per node, marked so that it does not fan out again). A node that
-    /// cannot be reached leaves its partitions with the error.
+    /// The partitions of `topic` another node leads, by that node's address: those held
+    /// elsewhere, and the replicated ones this node follows in (their group names the leader).
+    /// A replicated partition without a known leader is left out (described with the error).
+    fn led_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
+        let mut by_node = Self::held_elsewhere(topic);
+        for partition in topic.partitions.iter().filter(|p| p.is_replicated()) {
+            if let Err(BrokerError::NotLeader { leader, .. }) = partition.check_leader() {
+                if !leader.address.is_empty() {
+                    by_node
+                        .entry(leader.address)
+                        .or_default()
+                        .push(partition.id);
+                }
+            }
+        }
+        by_node
+    }
+
+    /// A replicated partition this node follows in describes nothing from here (its log may
+    /// trail the leader's): it carries why, naming the leader.
+    pub(super) fn mark_followed(topic: &Topic, description: &mut v1::TopicDescription) {
+        for (partition, slot) in topic.partitions.iter().zip(&mut description.partitions) {
+            if partition.is_replicated() && partition.fence_reason().is_none() {
+                if let Err(error) = partition.check_leader() {
+                    slot.error = error.to_string();
+                }
+            }
+        }
+    }
+
+    /// DescribeTopic in a cluster: the partitions another node holds or leads are described
+    /// by their leaders (one call per node, marked so that it does not fan out again): a
+    /// replicated partition's log (start, durable = committed and applied on the leader, end)
+    /// is the leader's wherever the call lands. A node that cannot be reached leaves its
+    /// partitions with the error.
     pub(super) async fn describe_elsewhere(
         &self,
         topic: &Topic,
@@ -212,7 +384,7 @@ impl BrokerService {
         let Some(controller) = &self.cluster.controller else {
             return;
         };
-        let asks = Self::held_elsewhere(topic)
+        let asks = Self::led_elsewhere(topic)
             .into_iter()
             .map(|(address, partitions)| {
                 let channel = controller.channel_to(&address);
