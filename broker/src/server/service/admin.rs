@@ -20,6 +20,16 @@ fn retention_override(
     }
 }
 
+/// `message` as a call another node answers for itself only (it does not fan out again).
+fn answered_locally<T>(message: T) -> Request<T> {
+    let mut call = Request::new(message);
+    call.metadata_mut().insert(
+        LOCAL_ONLY_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    call
+}
+
 /// How long a call one node makes to another for a read (DescribeTopic, DescribeGroup
 /// offsets) may take before its partitions are reported without it.
 const FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -287,13 +297,9 @@ impl BrokerService {
                     return (indexes, Vec::new());
                 };
                 let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                let mut call = Request::new(v1::DescribeClusterRequest {
+                let call = answered_locally(v1::DescribeClusterRequest {
                     replication_status: true,
                 });
-                call.metadata_mut().insert(
-                    LOCAL_ONLY_HEADER,
-                    tonic::metadata::MetadataValue::from_static("1"),
-                );
                 let answer =
                     tokio::time::timeout(STATUS_FANOUT_TIMEOUT, client.describe_cluster(call))
                         .await;
@@ -394,11 +400,7 @@ impl BrokerService {
                         Ok(channel) => {
                             let mut client =
                                 syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                            let mut call = Request::new(v1::DescribeTopicRequest { name });
-                            call.metadata_mut().insert(
-                                LOCAL_ONLY_HEADER,
-                                tonic::metadata::MetadataValue::from_static("1"),
-                            );
+                            let call = answered_locally(v1::DescribeTopicRequest { name });
                             match tokio::time::timeout(FANOUT_TIMEOUT, client.describe_topic(call))
                                 .await
                             {
@@ -523,11 +525,7 @@ impl BrokerService {
                         Ok(channel) => {
                             let mut client =
                                 syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                            let mut call = Request::new(request);
-                            call.metadata_mut().insert(
-                                LOCAL_ONLY_HEADER,
-                                tonic::metadata::MetadataValue::from_static("1"),
-                            );
+                            let call = answered_locally(request);
                             match tokio::time::timeout(
                                 COMPACT_FANOUT_TIMEOUT,
                                 client.compact_topic(call),
