@@ -263,7 +263,7 @@ pub fn render(
     handle: &PrometheusHandle,
     registry: &Registry,
     coordinator: Option<&crate::group::Coordinator>,
-    replicas: Option<&crate::replication::Replicas>,
+    controller: Option<&crate::cluster::controller::Controller>,
 ) -> String {
     let mut out = handle.render();
     let gauges = [
@@ -342,16 +342,22 @@ pub fn render(
             let _ = writeln!(out, "{name}{{group=\"{group}\"}} {members}");
         }
     }
-    render_replication(&mut out, replicas);
+    render_replication(&mut out, controller);
     out
 }
 
 /// The replication gauges: counts per node, follower lags per follower node (the worst over
 /// the partitions this node leads), so their series grow with the nodes, not the partitions.
-fn render_replication(out: &mut String, replicas: Option<&crate::replication::Replicas>) {
-    let statuses = replicas.map_or_else(Vec::new, |r| {
-        r.groups().iter().map(|g| g.status()).collect::<Vec<_>>()
-    });
+fn render_replication(
+    out: &mut String,
+    controller: Option<&crate::cluster::controller::Controller>,
+) {
+    let statuses: Vec<_> = controller
+        .map(crate::replication::status::statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, status)| status)
+        .collect();
     let led = statuses
         .iter()
         .filter(|s| s.role == crate::replication::status::Role::Leader);
@@ -405,7 +411,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     registry: Arc<Registry>,
     coordinator: Arc<crate::group::Coordinator>,
-    replicas: Option<Arc<crate::replication::Replicas>>,
+    controller: Option<Arc<crate::cluster::controller::Controller>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use axum::routing::get;
@@ -416,14 +422,19 @@ pub async fn serve(
                 let handle = handle.clone();
                 let registry = registry.clone();
                 let coordinator = coordinator.clone();
-                let replicas = replicas.clone();
+                let controller = controller.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        render(&handle, &registry, Some(&coordinator), replicas.as_deref()),
+                        render(
+                            &handle,
+                            &registry,
+                            Some(&coordinator),
+                            controller.as_deref(),
+                        ),
                     )
                 }
             }),

@@ -231,9 +231,11 @@ impl Group {
         (&self.topic, self.partition)
     }
 
-    /// The group's replication status on this node (see `replication::status`).
-    pub fn status(&self) -> super::status::GroupStatus {
-        self.tracker.status(&self.raft.metrics().borrow_watched())
+    /// The group's replication status on this node (see `replication::status`); `alive(node)`:
+    /// whether the cluster has that node alive.
+    pub fn status(&self, alive: &dyn Fn(u64) -> bool) -> super::status::GroupStatus {
+        self.tracker
+            .status(&self.raft.metrics().borrow_watched(), alive)
     }
 
     /// Follows who leads.

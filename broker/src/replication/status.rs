@@ -3,16 +3,20 @@
 //! follower, the index it matched, when it last acknowledged, and whether it is caught up.
 //!
 //! ## Caught up
-//! A follower is *caught up* when, on the leader,
-//! - it has matched every entry the leader knows as committed (`matched >= committed`), and
-//! - it acknowledged an append or a heartbeat within [`CAUGHT_UP_ACK_WINDOW`] (two of the
-//!   longest election timeouts: a follower answering heartbeats acks every 150 ms, so only a
-//!   follower that is down, cut off or stalled falls past it).
+//! On the leader, a follower is *caught up* when either
+//! 1. it matched every entry the leader knows as committed (`matched >= committed`) and
+//!    acknowledged an append or a heartbeat within [`CAUGHT_UP_ACK_WINDOW`] (two of the
+//!    longest election timeouts; a follower answering heartbeats acks every 150 ms, so only
+//!    one that is down, cut off or stalled falls past it); or
+//! 2. it matched the leader's whole log (nothing is in flight to it) and the cluster's
+//!    metadata has its node alive: a group that sends no heartbeats while idle (quiesced)
+//!    keeps its followers caught up as long as their nodes are up.
 //!
-//! The second condition is what takes a dead follower out of the caught-up set when no writes
-//! come (its matched index then still equals the committed one). The leader itself is always
-//! caught up. A node that does not lead a group knows nothing about its followers: only the
-//! leader's view counts (DescribeCluster asks the leaders).
+//! A follower behind the commit index is out at once (neither rule holds). A dead follower of
+//! a group that takes no writes still matches everything: it is out once its last ack is older
+//! than the window *and* the controller has marked its node down (the node session timeout).
+//! The leader itself is always caught up. A node that does not lead a group knows nothing
+//! about its followers: only the leader's view counts (DescribeCluster asks the leaders).
 //!
 //! ## Lag
 //! - in entries: the leader's last log index minus the follower's matched index (one Raft
@@ -124,15 +128,48 @@ impl GroupStatus {
     }
 }
 
+/// What the leader knows of one follower, for [`is_caught_up`].
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// The leader's commit index.
+    pub committed: Option<u64>,
+    /// The leader's last log index.
+    pub last: Option<u64>,
+    /// The follower's matched index.
+    pub matched: Option<u64>,
+    /// How long ago it acknowledged.
+    pub acked_ago: Option<Duration>,
+    /// Whether the cluster's metadata has its node alive.
+    pub alive: bool,
+}
+
 /// Whether a follower is caught up (see the module doc).
-pub fn is_caught_up(
-    committed: Option<u64>,
-    matched: Option<u64>,
-    acked_ago: Option<Duration>,
-) -> bool {
-    let has_committed = matched >= committed;
-    let recent = acked_ago.is_some_and(|ago| ago <= CAUGHT_UP_ACK_WINDOW);
-    has_committed && recent
+pub fn is_caught_up(p: Progress) -> bool {
+    let recent = p.acked_ago.is_some_and(|ago| ago <= CAUGHT_UP_ACK_WINDOW);
+    (p.matched >= p.committed && recent) || (p.matched >= p.last && p.alive)
+}
+
+/// The status of every group on this node, with the liveness of nodes from `controller`'s
+/// metadata.
+pub fn statuses(
+    controller: &crate::cluster::controller::Controller,
+) -> Vec<(std::sync::Arc<super::group::Group>, GroupStatus)> {
+    let alive: std::collections::BTreeSet<u64> = controller.view().with(|m| {
+        m.nodes
+            .iter()
+            .filter(|(_, node)| node.alive)
+            .map(|(id, _)| *id)
+            .collect()
+    });
+    controller
+        .replicas()
+        .groups()
+        .into_iter()
+        .map(|group| {
+            let status = group.status(&|node| alive.contains(&node));
+            (group, status)
+        })
+        .collect()
 }
 
 #[derive(Debug, Default)]
@@ -188,15 +225,21 @@ impl Tracker {
             seen.leading_since = Some((term, now));
             seen.caught_up_at.clear();
         }
-        for follower in followers(self.me, metrics, |_| now) {
+        // Liveness is not known here: only acknowledged progress marks a follower caught up.
+        for follower in followers(self.me, metrics, &|_| false, |_| now) {
             if follower.caught_up {
                 seen.caught_up_at.insert(follower.node, now);
             }
         }
     }
 
-    /// The group's status from its current `metrics`.
-    pub fn status(&self, metrics: &openraft::RaftMetrics<PartitionRaft>) -> GroupStatus {
+    /// The group's status from its current `metrics`; `alive(node)`: whether the cluster has
+    /// the node alive.
+    pub fn status(
+        &self,
+        metrics: &openraft::RaftMetrics<PartitionRaft>,
+        alive: &dyn Fn(u64) -> bool,
+    ) -> GroupStatus {
         let role = Role::of(metrics.state);
         let followers = if role == Role::Leader {
             let seen = self.seen.lock();
@@ -204,7 +247,7 @@ impl Tracker {
                 .leading_since
                 .filter(|(term, _)| *term == metrics.current_term)
                 .map(|(_, at)| at);
-            followers(self.me, metrics, |node| {
+            followers(self.me, metrics, alive, |node| {
                 seen.caught_up_at
                     .get(&node)
                     .copied()
@@ -231,10 +274,11 @@ impl Tracker {
 fn followers(
     me: u64,
     metrics: &openraft::RaftMetrics<PartitionRaft>,
+    alive: &dyn Fn(u64) -> bool,
     caught_up_at: impl Fn(u64) -> Instant,
 ) -> Vec<FollowerStatus> {
     let committed = metrics.local_committed.as_ref().map(|id| id.index);
-    let last = metrics.last_log_index.unwrap_or(0);
+    let last = metrics.last_log_index;
     metrics
         .membership_config
         .membership()
@@ -251,12 +295,18 @@ fn followers(
                 .as_ref()
                 .and_then(|h| h.get(&node).cloned().flatten())
                 .map(|at| at.elapsed());
-            let caught_up = is_caught_up(committed, matched, acked_ago);
+            let caught_up = is_caught_up(Progress {
+                committed,
+                last,
+                matched,
+                acked_ago,
+                alive: alive(node),
+            });
             FollowerStatus {
                 node,
                 matched,
                 acked_ago,
-                lag_entries: last.saturating_sub(matched.unwrap_or(0)),
+                lag_entries: last.unwrap_or(0).saturating_sub(matched.unwrap_or(0)),
                 behind_for: if caught_up {
                     Duration::ZERO
                 } else {
@@ -272,22 +322,57 @@ fn followers(
 mod tests {
     use super::*;
 
+    fn progress(
+        committed: u64,
+        last: u64,
+        matched: Option<u64>,
+        acked_ms: Option<u64>,
+    ) -> Progress {
+        Progress {
+            committed: Some(committed),
+            last: Some(last),
+            matched,
+            acked_ago: acked_ms.map(Duration::from_millis),
+            alive: false,
+        }
+    }
+
     #[test]
     fn given_matched_commit_and_recent_ack_should_be_caught_up() {
-        let recent = Some(Duration::from_millis(100));
-        assert!(is_caught_up(Some(10), Some(10), recent));
-        assert!(is_caught_up(Some(10), Some(12), recent));
-        assert!(is_caught_up(None, None, recent));
+        assert!(is_caught_up(progress(10, 12, Some(10), Some(100))));
+        assert!(is_caught_up(progress(10, 12, Some(12), Some(100))));
+        let nothing_yet = Progress {
+            committed: None,
+            last: None,
+            matched: None,
+            ..progress(0, 0, None, Some(100))
+        };
+        assert!(is_caught_up(nothing_yet));
     }
 
     #[test]
     fn given_behind_commit_or_stale_ack_should_not_be_caught_up() {
-        let recent = Some(Duration::from_millis(100));
-        assert!(!is_caught_up(Some(10), Some(9), recent));
-        assert!(!is_caught_up(Some(10), None, recent));
-        let stale = Some(CAUGHT_UP_ACK_WINDOW + Duration::from_millis(1));
-        assert!(!is_caught_up(Some(10), Some(10), stale));
-        assert!(!is_caught_up(Some(10), Some(10), None));
+        assert!(!is_caught_up(progress(10, 10, Some(9), Some(100))));
+        assert!(!is_caught_up(progress(10, 10, None, Some(100))));
+        let stale = CAUGHT_UP_ACK_WINDOW.as_millis() as u64 + 1;
+        assert!(!is_caught_up(progress(10, 10, Some(10), Some(stale))));
+        assert!(!is_caught_up(progress(10, 10, Some(10), None)));
+    }
+
+    #[test]
+    fn given_a_silent_follower_of_an_idle_group_should_follow_its_node_liveness() {
+        let idle = |alive| Progress {
+            alive,
+            ..progress(10, 10, Some(10), None)
+        };
+        assert!(is_caught_up(idle(true)));
+        assert!(!is_caught_up(idle(false)));
+        // Something in flight to it: liveness alone does not do.
+        let behind = Progress {
+            alive: true,
+            ..progress(10, 11, Some(10), None)
+        };
+        assert!(!is_caught_up(behind));
     }
 
     fn status(role: Role, followers: &[(u64, bool)]) -> GroupStatus {

@@ -169,22 +169,17 @@ fn caught_up_here(
             .map(|p| p.replicas.clone())
             .unwrap_or_default()
     };
-    controller
-        .replicas()
-        .groups()
-        .iter()
-        .filter_map(|group| {
-            let status = group.status();
-            if status.role != crate::replication::status::Role::Leader {
-                return None;
-            }
+    crate::replication::status::statuses(controller)
+        .into_iter()
+        .filter(|(_, status)| status.role == crate::replication::status::Role::Leader)
+        .map(|(group, status)| {
             let id = group.id();
             let caught_up = status.caught_up(me);
             let ordered = replicas_of(&id.topic_id, id.partition)
                 .into_iter()
                 .filter(|node| caught_up.contains(node))
                 .collect();
-            Some(((id.topic_id.clone(), id.partition), ordered))
+            ((id.topic_id.clone(), id.partition), ordered)
         })
         .collect()
 }
