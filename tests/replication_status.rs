@@ -17,6 +17,8 @@ use syncline_proto::v1;
 const TIMEOUT: Duration = Duration::from_secs(30);
 const TOPIC: &str = "replicated";
 const PARTITIONS: u32 = 3;
+/// A topic with two replicas: one node holds none of a partition.
+const PAIR: &str = "pair";
 
 fn placements(
     description: &ClusterDescription,
@@ -39,10 +41,55 @@ fn caught_up_is(
     p.caught_up.iter().collect::<BTreeSet<_>>() == want(&p.replicas).iter().collect::<BTreeSet<_>>()
 }
 
-async fn produce(cluster: &Cluster, count: u32) {
+/// Creates `topic` with [`PARTITIONS`] partitions of `replicas` replicas through node 1.
+async fn create(cluster: &Cluster, topic: &str, replicas: u32) {
+    cluster
+        .client(1)
+        .await
+        .create_topic(
+            topic,
+            TopicConfig {
+                partitions: Some(PARTITIONS),
+                replication_factor: Some(replicas),
+                ..TopicConfig::default()
+            },
+        )
+        .await
+        .unwrap();
+}
+
+/// DescribeTopic of `topic` through every node gives the same start, durable and end offsets,
+/// all `records` committed (durable = end), and no partition in error.
+async fn assert_described_alike(cluster: &Cluster, topic: &str, records: u64) {
+    let mut seen = Vec::new();
+    for id in 1..=3 {
+        let mut grpc = cluster.grpc(id).await;
+        let description = grpc
+            .describe_topic(v1::DescribeTopicRequest { name: topic.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .topic
+            .unwrap();
+        for p in &description.partitions {
+            assert!(p.error.is_empty(), "{topic} through node {id}: {p:?}");
+            assert_eq!(p.durable_offset, p.log_end_offset, "node {id}: {p:?}");
+        }
+        let ends: Vec<(u64, u64, u64)> = description
+            .partitions
+            .iter()
+            .map(|p| (p.log_start_offset, p.durable_offset, p.log_end_offset))
+            .collect();
+        assert_eq!(ends.iter().map(|e| e.2).sum::<u64>(), records, "node {id}");
+        seen.push(ends);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{topic}: {seen:?}");
+}
+
+async fn produce(cluster: &Cluster, topic: &str, count: u32) {
     let client = cluster.cluster_client().await;
     let producer = client
-        .producer(TOPIC, ProducerConfig::default())
+        .producer(topic, ProducerConfig::default())
         .await
         .unwrap();
     let mut pending = Vec::new();
@@ -85,20 +132,8 @@ fn cluster_sum(cluster: &mut Cluster, name: &str) -> f64 {
 async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow_a_killed_follower()
 {
     let mut cluster = Cluster::start(3);
-    cluster
-        .client(1)
-        .await
-        .create_topic(
-            TOPIC,
-            TopicConfig {
-                partitions: Some(PARTITIONS),
-                replication_factor: Some(3),
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
-    produce(&cluster, 60).await;
+    create(&cluster, TOPIC, 3).await;
+    produce(&cluster, TOPIC, 60).await;
 
     // Every replica caught up, as any node reports it.
     let healthy = |p: &[u64]| p.to_vec();
@@ -164,31 +199,12 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
         assert!(fenced.is_empty(), "node {id}: {fenced:?}");
     }
 
-    // DescribeTopic through every node describes the leaders' logs: the same everywhere, the
-    // 60 records committed, no partition in error.
-    let mut seen = Vec::new();
-    for id in 1..=3 {
-        let mut grpc = cluster.grpc(id).await;
-        let topic = grpc
-            .describe_topic(v1::DescribeTopicRequest { name: TOPIC.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .topic
-            .unwrap();
-        for p in &topic.partitions {
-            assert!(p.error.is_empty(), "node {id}: {p:?}");
-            assert_eq!(p.durable_offset, p.log_end_offset, "node {id}: {p:?}");
-        }
-        let ends: Vec<(u64, u64, u64)> = topic
-            .partitions
-            .iter()
-            .map(|p| (p.log_start_offset, p.durable_offset, p.log_end_offset))
-            .collect();
-        assert_eq!(ends.iter().map(|e| e.2).sum::<u64>(), 60, "node {id}");
-        seen.push(ends);
-    }
-    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    // DescribeTopic through every node (each a replica) describes the leaders' logs.
+    assert_described_alike(&cluster, TOPIC, 60).await;
+    // And through a node holding no replica (two replicas of three nodes).
+    create(&cluster, PAIR, 2).await;
+    produce(&cluster, PAIR, 40).await;
+    assert_described_alike(&cluster, PAIR, 40).await;
 
     // Kill a node that leads none of the topic's partitions if there is one, else any
     // follower of partition 0: it drops out of every caught-up list once its leaders stop
@@ -201,7 +217,7 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
     });
     let witness = (1..=3).find(|id| *id != victim).unwrap();
     cluster.kill(victim);
-    produce(&cluster, 30).await;
+    produce(&cluster, TOPIC, 30).await;
     let without = move |p: &[u64]| p.iter().copied().filter(|r| *r != victim).collect();
     cluster
         .wait_for_description(witness, TIMEOUT, |d| {
