@@ -342,36 +342,6 @@ impl BrokerService {
         by_node
     }
 
-    /// The partitions of `topic` another node leads, by that node's address: those held
-    /// elsewhere, and the replicated ones this node follows in (their group names the leader).
-    /// A replicated partition without a known leader is left out (described with the error).
-    fn led_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
-        let mut by_node = Self::held_elsewhere(topic);
-        for partition in topic.partitions.iter().filter(|p| p.is_replicated()) {
-            if let Err(BrokerError::NotLeader { leader, .. }) = partition.check_leader() {
-                if !leader.address.is_empty() {
-                    by_node
-                        .entry(leader.address)
-                        .or_default()
-                        .push(partition.id);
-                }
-            }
-        }
-        by_node
-    }
-
-    /// A replicated partition this node follows in describes nothing from here (its log may
-    /// trail the leader's): it carries why, naming the leader.
-    pub(super) fn mark_followed(topic: &Topic, description: &mut v1::TopicDescription) {
-        for (partition, slot) in topic.partitions.iter().zip(&mut description.partitions) {
-            if partition.is_replicated() && partition.fence_reason().is_none() {
-                if let Err(error) = partition.check_leader() {
-                    slot.error = error.to_string();
-                }
-            }
-        }
-    }
-
     /// DescribeTopic in a cluster: the partitions another node holds or leads are described
     /// by their leaders (one call per node, marked so that it does not fan out again): a
     /// replicated partition's log (start, durable = committed and applied on the leader, end)
@@ -385,7 +355,7 @@ impl BrokerService {
         let Some(controller) = &self.cluster.controller else {
             return;
         };
-        let asks = Self::led_elsewhere(topic)
+        let asks = Self::held_elsewhere(topic)
             .into_iter()
             .map(|(address, partitions)| {
                 let channel = controller.channel_to(&address);

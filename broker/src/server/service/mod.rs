@@ -314,7 +314,6 @@ impl Broker for BrokerService {
             self.await_topic(&name).await;
             let topic = self.registry.get(&name).map_err(to_status)?;
             let mut description = describe(&topic);
-            Self::mark_followed(&topic, &mut description);
             if !local_only {
                 self.describe_elsewhere(&topic, &mut description).await;
             }
