@@ -115,7 +115,7 @@ metrics! {
     REPLICATION_COMMIT_DURATION_SECONDS = "syncline_replication_commit_duration_seconds", Histogram, [], "Replicated partitions, on the leader: from handing a write to its Raft group to its apply (a quorum appended and fsync'd it)";
     REPLICATION_GROUPS = "syncline_replication_groups", ScrapeGauge, [], "Partition Raft groups running on this node";
     REPLICATION_PARTITIONS_LED = "syncline_replication_partitions_led", ScrapeGauge, [], "Replicated partitions this node leads";
-    REPLICATION_UNDER_REPLICATED_PARTITIONS = "syncline_replication_under_replicated_partitions", ScrapeGauge, [], "Replicated partitions this node leads with a follower not caught up (behind the commit index or silent for two election timeouts)";
+    REPLICATION_UNDER_REPLICATED_PARTITIONS = "syncline_replication_under_replicated_partitions", ScrapeGauge, [], "Replicated partitions this node leads with a follower not caught up (behind the commit index, or silent for two election timeouts while entries wait for it or its node is down)";
     REPLICATION_FOLLOWER_LAG_ENTRIES = "syncline_replication_follower_lag_entries", ScrapeGauge, ["follower"], "On a leader, per follower node: the most Raft entries (about one per produced batch) it is behind in a partition this node leads";
     REPLICATION_FOLLOWER_LAG_SECONDS = "syncline_replication_follower_lag_seconds", ScrapeGauge, ["follower"], "On a leader, per follower node: the longest time since it was last caught up in a partition this node leads (0 while caught up)";
 }
