@@ -1,8 +1,8 @@
 //! Replication status of replicated partitions on three real nodes (issue 15): DescribeCluster
 //! and `syncline cluster status` list every replica caught up after writes; a killed follower
 //! drops out of the caught-up replicas (and its leaders count the partitions under-replicated
-//! and the follower's lag) and is back after its restart; DescribeTopic describes the leader's
-//! log wherever the call lands.
+//! and the follower's lag) and is back after its restart; after a leader is killed the new
+//! leader's view is reported; DescribeTopic describes the leader's log wherever the call lands.
 
 mod common;
 
@@ -252,6 +252,25 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
             .wait_for_description(id, TIMEOUT, |d| caught_up_as(d, healthy))
             .await;
     }
+
+    // A killed leader: once a new one is elected, the caught-up replicas are the new leader's
+    // view, without the old leader, asked through any surviving node.
+    let description = cluster.describe(1).await.unwrap();
+    let p0 = placements(&description).next().unwrap().clone();
+    let old = p0.leader.unwrap();
+    cluster.kill(old);
+    produce(&cluster, TOPIC, 30).await;
+    let witness = (1..=3).find(|id| *id != old).unwrap();
+    let without_old = move |p: &[u64]| p.iter().copied().filter(|r| *r != old).collect();
+    cluster
+        .wait_for_description(witness, TIMEOUT, |d| {
+            placements(d).any(|p| {
+                p.partition == p0.partition
+                    && p.leader.is_some_and(|l| l != old)
+                    && caught_up_is(p, &without_old)
+            })
+        })
+        .await;
 }
 
 /// The `__offsets` partitions that are replicated (they are Raft groups too, led somewhere).
