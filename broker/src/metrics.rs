@@ -110,6 +110,14 @@ metrics! {
     CONTROLLER_LEADER = "syncline_controller_leader", Gauge, [], "1 on the node leading the cluster controller, else 0 (absent in a cluster of one)";
     CLUSTER_NODES_ALIVE = "syncline_cluster_nodes_alive", Gauge, [], "Nodes the controller's metadata has alive (absent in a cluster of one)";
     CLUSTER_NODES = "syncline_cluster_nodes", Gauge, [], "Nodes registered in the cluster's metadata (absent in a cluster of one)";
+    REPLICATION_ELECTIONS_TOTAL = "syncline_replication_elections_total", Counter, [], "Elections this node started in partition Raft groups (terms it ran in as a candidate)";
+    REPLICATION_LEADERSHIPS_WON_TOTAL = "syncline_replication_leaderships_won_total", Counter, [], "Partition leaderships this node took; summed over the nodes, the cluster's partition leader changes";
+    REPLICATION_COMMIT_DURATION_SECONDS = "syncline_replication_commit_duration_seconds", Histogram, [], "Replicated partitions, on the leader: from handing a write to its Raft group to its apply (a quorum appended and fsync'd it)";
+    REPLICATION_GROUPS = "syncline_replication_groups", ScrapeGauge, [], "Partition Raft groups running on this node";
+    REPLICATION_PARTITIONS_LED = "syncline_replication_partitions_led", ScrapeGauge, [], "Replicated partitions this node leads";
+    REPLICATION_UNDER_REPLICATED_PARTITIONS = "syncline_replication_under_replicated_partitions", ScrapeGauge, [], "Replicated partitions this node leads with a follower not caught up (behind the commit index, or silent for two election timeouts while entries wait for it or its node is down)";
+    REPLICATION_FOLLOWER_LAG_ENTRIES = "syncline_replication_follower_lag_entries", ScrapeGauge, ["follower"], "On a leader, per follower node: the most Raft entries (about one per produced batch) it is behind in a partition this node leads";
+    REPLICATION_FOLLOWER_LAG_SECONDS = "syncline_replication_follower_lag_seconds", ScrapeGauge, ["follower"], "On a leader, per follower node: the longest time since it was last caught up in a partition this node leads (0 while caught up)";
 }
 
 /// The metric named `name` in [`METRICS`].
@@ -255,6 +263,7 @@ pub fn render(
     handle: &PrometheusHandle,
     registry: &Registry,
     coordinator: Option<&crate::group::Coordinator>,
+    controller: Option<&crate::cluster::controller::Controller>,
 ) -> String {
     let mut out = handle.render();
     let gauges = [
@@ -270,11 +279,12 @@ pub fn render(
     for (index, name) in gauges.iter().enumerate() {
         header(&mut out, name);
         for topic in &topics {
-            // Partitions held by other nodes are theirs to report.
+            // Partitions held or led by other nodes are theirs to report.
             for partition in topic
                 .partitions
                 .iter()
                 .filter(|p| p.remote_leader().is_none())
+                .filter(|p| !p.is_replicated() || p.check_leader().is_ok())
             {
                 let value = match partition.log() {
                     Ok(log) => {
@@ -332,7 +342,54 @@ pub fn render(
             let _ = writeln!(out, "{name}{{group=\"{group}\"}} {members}");
         }
     }
+    render_replication(&mut out, controller);
     out
+}
+
+/// The replication gauges: counts per node, follower lags per follower node (the worst over
+/// the partitions this node leads), so their series grow with the nodes, not the partitions.
+fn render_replication(
+    out: &mut String,
+    controller: Option<&crate::cluster::controller::Controller>,
+) {
+    let statuses: Vec<_> = controller
+        .map(crate::replication::status::statuses)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, status)| status)
+        .collect();
+    let led = statuses
+        .iter()
+        .filter(|s| s.role == crate::replication::status::Role::Leader);
+    let mut entries = std::collections::BTreeMap::<u64, u64>::new();
+    let mut seconds = std::collections::BTreeMap::<u64, f64>::new();
+    for follower in led.clone().flat_map(|s| &s.followers) {
+        let worst = entries.entry(follower.node).or_default();
+        *worst = (*worst).max(follower.lag_entries);
+        let worst = seconds.entry(follower.node).or_default();
+        *worst = worst.max(follower.behind_for.as_secs_f64());
+    }
+    for (name, value) in [
+        (REPLICATION_GROUPS, statuses.len()),
+        (REPLICATION_PARTITIONS_LED, led.clone().count()),
+        (
+            REPLICATION_UNDER_REPLICATED_PARTITIONS,
+            led.filter(|s| s.under_replicated()).count(),
+        ),
+    ] {
+        header(out, name);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    let name = REPLICATION_FOLLOWER_LAG_ENTRIES;
+    header(out, name);
+    for (node, lag) in entries {
+        let _ = writeln!(out, "{name}{{follower=\"{node}\"}} {lag}");
+    }
+    let name = REPLICATION_FOLLOWER_LAG_SECONDS;
+    header(out, name);
+    for (node, lag) in seconds {
+        let _ = writeln!(out, "{name}{{follower=\"{node}\"}} {lag:.3}");
+    }
 }
 
 /// Binds the metrics address. `Ok(None)`: the default address is taken, so the broker runs
@@ -354,6 +411,7 @@ pub async fn serve(
     handle: PrometheusHandle,
     registry: Arc<Registry>,
     coordinator: Arc<crate::group::Coordinator>,
+    controller: Option<Arc<crate::cluster::controller::Controller>>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use axum::routing::get;
@@ -364,13 +422,19 @@ pub async fn serve(
                 let handle = handle.clone();
                 let registry = registry.clone();
                 let coordinator = coordinator.clone();
+                let controller = controller.clone();
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        render(&handle, &registry, Some(&coordinator)),
+                        render(
+                            &handle,
+                            &registry,
+                            Some(&coordinator),
+                            controller.as_deref(),
+                        ),
                     )
                 }
             }),

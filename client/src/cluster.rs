@@ -80,11 +80,15 @@ impl ClusterDescription {
 
 impl Client {
     /// The cluster as the broker sees it (any node answers; the client's view takes the answer
-    /// too).
+    /// too), with the caught-up replicas of replicated partitions as their leaders report them
+    /// (the answering node asks them: this call is slower than the routing refresh).
     pub async fn describe_cluster(&self) -> Result<ClusterDescription> {
-        let response =
-            self.on_any(|mut grpc| async move {
-                grpc.describe_cluster(v1::DescribeClusterRequest {}).await
+        let response = self
+            .on_any(|mut grpc| async move {
+                grpc.describe_cluster(v1::DescribeClusterRequest {
+                    replication_status: true,
+                })
+                .await
             })
             .await?;
         self.router().apply(response.clone());

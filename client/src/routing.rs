@@ -365,7 +365,10 @@ impl Router {
         }
         let answer = self
             .ask_any("DescribeCluster", |mut grpc| async move {
-                grpc.describe_cluster(v1::DescribeClusterRequest {}).await
+                grpc.describe_cluster(v1::DescribeClusterRequest {
+                    replication_status: false,
+                })
+                .await
             })
             .await?;
         match answer {

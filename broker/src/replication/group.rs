@@ -73,6 +73,7 @@ pub struct Group {
     addresses: Addresses,
     /// When this node last saw the group's leader or term change.
     leader_changed_at: Arc<parking_lot::Mutex<std::time::Instant>>,
+    tracker: Arc<super::status::Tracker>,
 }
 
 impl std::fmt::Debug for Group {
@@ -189,9 +190,15 @@ impl Group {
         let me = context.me;
         let leader_changed_at = Arc::new(parking_lot::Mutex::new(std::time::Instant::now()));
         let changed_at = leader_changed_at.clone();
+        let tracker = Arc::new(super::status::Tracker::new(me));
+        let observer = tracker.clone();
         tokio::spawn(async move {
             loop {
-                let now = leadership_of(me, &metrics.borrow_and_update());
+                let now = {
+                    let current = metrics.borrow_and_update();
+                    observer.observe(&current);
+                    leadership_of(me, &current)
+                };
                 leadership_tx.send_if_modified(|current| {
                     let changed = *current != now;
                     if current.leader != now.leader || current.term != now.term {
@@ -222,6 +229,7 @@ impl Group {
             leadership,
             addresses: context.addresses.clone(),
             leader_changed_at,
+            tracker,
         }))
     }
 
@@ -238,6 +246,18 @@ impl Group {
     /// When this node last saw the group's leader or term change.
     pub fn leader_changed_at(&self) -> std::time::Instant {
         *self.leader_changed_at.lock()
+    }
+
+    /// The partition's topic and number.
+    pub fn partition(&self) -> (&Arc<str>, u32) {
+        (&self.topic, self.partition)
+    }
+
+    /// The group's replication status on this node (see `replication::status`); `alive(node)`:
+    /// whether the cluster has that node alive.
+    pub fn status(&self, alive: &dyn Fn(u64) -> bool) -> super::status::GroupStatus {
+        self.tracker
+            .status(&self.raft.metrics().borrow_watched(), alive)
     }
 
     /// Follows who leads.
@@ -307,6 +327,7 @@ async fn propose_in_order(
     namer: Namer,
 ) {
     while let Some((proposal, reply)) = queue.recv().await {
+        let proposed = std::time::Instant::now();
         let (responder, rx) = ProgressResponder::complete_only();
         if let Err(fatal) = raft.client_write_ff(proposal, Some(responder)).await {
             let _ = reply.send(Err(
@@ -317,7 +338,11 @@ async fn propose_in_order(
         let namer = namer.clone();
         tokio::spawn(async move {
             let outcome = match tokio::time::timeout(APPLY_TIMEOUT, rx).await {
-                Ok(Ok(Ok(response))) => Ok(response.data),
+                Ok(Ok(Ok(response))) => {
+                    metrics::histogram!(crate::metrics::REPLICATION_COMMIT_DURATION_SECONDS)
+                        .record(proposed.elapsed().as_secs_f64());
+                    Ok(response.data)
+                }
                 Ok(Ok(Err(ClientWriteError::ForwardToLeader(forward)))) => {
                     Err(namer.not_leader(forward.leader_id))
                 }

@@ -22,6 +22,8 @@
 //! - `state_machine`: applies entries to the [`crate::partition::Partition`].
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
+//! - `status`: a group's replication status (role, commit and apply indexes, followers caught
+//!   up and their lag) for DescribeCluster and the metrics.
 //! - this module: [`Replicas`], every group on this node, started and stopped by the cluster's
 //!   reconcile pass, and the dispatch of peer calls to them.
 //!
@@ -32,6 +34,7 @@ pub mod liveness;
 pub mod network;
 pub mod raft_log;
 pub mod state_machine;
+pub mod status;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};

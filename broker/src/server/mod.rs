@@ -320,6 +320,7 @@ impl Broker {
                 self.metrics_handle.clone(),
                 self.registry.clone(),
                 self.coordinator.clone(),
+                self.controller.clone(),
                 async move {
                     let _ = stop.wait_for(|stop| *stop).await;
                 },

@@ -20,6 +20,16 @@ fn retention_override(
     }
 }
 
+/// `message` as a call another node answers for itself only (it does not fan out again).
+fn answered_locally<T>(message: T) -> Request<T> {
+    let mut call = Request::new(message);
+    call.metadata_mut().insert(
+        LOCAL_ONLY_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    call
+}
+
 /// How long a call one node makes to another for a read (DescribeTopic, DescribeGroup
 /// offsets) may take before its partitions are reported without it.
 const FANOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -99,7 +109,7 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
 }
 
 /// DescribeCluster from the controller's applied metadata.
-pub(super) fn describe_clustered(
+fn describe_clustered(
     controller: &crate::cluster::controller::Controller,
 ) -> v1::DescribeClusterResponse {
     let metadata = controller.metadata();
@@ -125,7 +135,8 @@ pub(super) fn describe_clustered(
                     partition: partition as u32,
                     leader: placement.leader,
                     replicas: placement.replicas.clone(),
-                    // With one replica per partition, its leader holds every committed record.
+                    // The leader holds every committed record; with one replica it is the only
+                    // one (replicated partitions: see `describe_cluster_call`).
                     caught_up: placement.leader.into_iter().collect(),
                 })
         })
@@ -136,6 +147,41 @@ pub(super) fn describe_clustered(
         nodes,
         partitions,
     }
+}
+
+/// How long DescribeCluster with `replication_status` waits for the nodes leading replicated
+/// partitions (only `cluster status` asks: clients refresh their routing without it).
+const STATUS_FANOUT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The caught-up replicas of the partitions whose groups this node leads, by topic incarnation
+/// id and partition, in each placement's replica order.
+fn caught_up_here(
+    controller: &crate::cluster::controller::Controller,
+    metadata: &crate::cluster::metadata::Metadata,
+) -> std::collections::HashMap<(String, u32), Vec<u64>> {
+    let me = controller.node_id();
+    let replicas_of = |topic_id: &str, partition: u32| {
+        metadata
+            .topics
+            .values()
+            .find(|t| t.id == topic_id)
+            .and_then(|t| t.partitions.get(partition as usize))
+            .map(|p| p.replicas.clone())
+            .unwrap_or_default()
+    };
+    crate::replication::status::statuses(controller)
+        .into_iter()
+        .filter(|(_, status)| status.role == crate::replication::status::Role::Leader)
+        .map(|(group, status)| {
+            let id = group.id();
+            let caught_up = status.caught_up(me);
+            let ordered = replicas_of(&id.topic_id, id.partition)
+                .into_iter()
+                .filter(|node| caught_up.contains(node))
+                .collect();
+            ((id.topic_id.clone(), id.partition), ordered)
+        })
+        .collect()
 }
 
 /// The replication factor of a create: the request's, else the broker's default; a single
@@ -186,6 +232,101 @@ async fn wait_for_leaders(controller: &crate::cluster::controller::Controller, n
 }
 
 impl BrokerService {
+    /// DescribeCluster in a cluster. With `replication_status`, the caught-up replicas of
+    /// replicated partitions come from their leaders: this node's own groups, and one call per
+    /// other leading node (marked local-only: that node answers for the groups it leads, and
+    /// only those), concurrent, each bounded by [`STATUS_FANOUT_TIMEOUT`]; nodes the metadata
+    /// has down are not asked. Asking leaders when someone looks costs nothing while nobody
+    /// does, where leaders reporting every change to the controller would be a metadata write
+    /// each time a follower falls behind or catches up.
+    pub(super) async fn describe_cluster_call(
+        &self,
+        controller: &crate::cluster::controller::Controller,
+        request: Request<v1::DescribeClusterRequest>,
+    ) -> v1::DescribeClusterResponse {
+        let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
+        let mut response = describe_clustered(controller);
+        if !request.get_ref().replication_status {
+            return response;
+        }
+        let metadata = controller.metadata();
+        let here = caught_up_here(controller, &metadata);
+        let id_of = |topic: &str| metadata.topics.get(topic).map(|t| t.id.clone());
+        if local_only {
+            response.partitions.retain_mut(|p| {
+                let found = id_of(&p.topic).and_then(|id| here.get(&(id, p.partition)));
+                if let Some(caught_up) = found {
+                    p.caught_up = caught_up.clone();
+                    p.leader = Some(controller.node_id());
+                }
+                found.is_some()
+            });
+            return response;
+        }
+        let mut asks: std::collections::BTreeMap<String, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (index, p) in response.partitions.iter_mut().enumerate() {
+            let Some(topic) = metadata.topics.get(&p.topic) else {
+                continue;
+            };
+            if topic.replication_factor <= 1 {
+                continue;
+            }
+            p.caught_up = here
+                .get(&(topic.id.clone(), p.partition))
+                .cloned()
+                .unwrap_or_default();
+            let elsewhere = p
+                .leader
+                .filter(|leader| *leader != controller.node_id() && p.caught_up.is_empty())
+                .and_then(|leader| metadata.nodes.get(&leader))
+                .filter(|node| node.alive);
+            if let Some(node) = elsewhere {
+                asks.entry(node.address.clone()).or_default().push(index);
+            }
+        }
+        let calls = asks.into_iter().map(|(address, indexes)| {
+            let channel = controller.channel_to(&address);
+            async move {
+                let Ok(channel) = channel else {
+                    return (indexes, Vec::new());
+                };
+                let mut client = syncline_proto::v1::broker_client::BrokerClient::new(channel);
+                let call = answered_locally(v1::DescribeClusterRequest {
+                    replication_status: true,
+                });
+                let answer =
+                    tokio::time::timeout(STATUS_FANOUT_TIMEOUT, client.describe_cluster(call))
+                        .await;
+                match answer {
+                    Ok(Ok(r)) => (indexes, r.into_inner().partitions),
+                    Ok(Err(status)) => {
+                        tracing::debug!(%address, %status, "no replication status from a leader");
+                        (indexes, Vec::new())
+                    }
+                    Err(_) => {
+                        tracing::debug!(%address, "no replication status from a leader in time");
+                        (indexes, Vec::new())
+                    }
+                }
+            }
+        });
+        for (indexes, theirs) in futures_util::future::join_all(calls).await {
+            for index in indexes {
+                let Some(slot) = response.partitions.get_mut(index) else {
+                    continue;
+                };
+                if let Some(found) = theirs
+                    .iter()
+                    .find(|p| p.topic == slot.topic && p.partition == slot.partition)
+                {
+                    slot.caught_up = found.caught_up.clone();
+                }
+            }
+        }
+        response
+    }
+
     /// The partitions of `topic` other nodes hold, by the address of the node leading them.
     fn held_elsewhere(topic: &Topic) -> std::collections::BTreeMap<String, Vec<u32>> {
         let mut by_node: std::collections::BTreeMap<String, Vec<u32>> =
@@ -201,9 +342,11 @@ impl BrokerService {
         by_node
     }
 
-    /// DescribeTopic in a cluster: the partitions held elsewhere are described by their
-    /// leaders (one call per node, marked so that it does not fan out again). A node that
-    /// cannot be reached leaves its partitions with the error.
+    /// DescribeTopic in a cluster: the partitions another node holds or leads are described
+    /// by their leaders (one call per node, marked so that it does not fan out again): a
+    /// replicated partition's log (start, durable = committed and applied on the leader, end)
+    /// is the leader's wherever the call lands. A node that cannot be reached leaves its
+    /// partitions with the error.
     pub(super) async fn describe_elsewhere(
         &self,
         topic: &Topic,
@@ -222,11 +365,7 @@ impl BrokerService {
                         Ok(channel) => {
                             let mut client =
                                 syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                            let mut call = Request::new(v1::DescribeTopicRequest { name });
-                            call.metadata_mut().insert(
-                                LOCAL_ONLY_HEADER,
-                                tonic::metadata::MetadataValue::from_static("1"),
-                            );
+                            let call = answered_locally(v1::DescribeTopicRequest { name });
                             match tokio::time::timeout(FANOUT_TIMEOUT, client.describe_topic(call))
                                 .await
                             {
@@ -351,11 +490,7 @@ impl BrokerService {
                         Ok(channel) => {
                             let mut client =
                                 syncline_proto::v1::broker_client::BrokerClient::new(channel);
-                            let mut call = Request::new(request);
-                            call.metadata_mut().insert(
-                                LOCAL_ONLY_HEADER,
-                                tonic::metadata::MetadataValue::from_static("1"),
-                            );
+                            let call = answered_locally(request);
                             match tokio::time::timeout(
                                 COMPACT_FANOUT_TIMEOUT,
                                 client.compact_topic(call),

@@ -8,7 +8,7 @@ mod admin;
 mod lookups;
 mod produce;
 
-use admin::{cleanup_of, describe, describe_clustered};
+use admin::{cleanup_of, describe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -238,16 +238,13 @@ impl Broker for BrokerService {
 
     async fn describe_cluster(
         &self,
-        _request: Request<v1::DescribeClusterRequest>,
+        request: Request<v1::DescribeClusterRequest>,
     ) -> Result<Response<v1::DescribeClusterResponse>, Status> {
         let started = Instant::now();
         let view = &self.cluster;
         if let Some(controller) = &view.controller {
-            return finish(
-                "DescribeCluster",
-                started,
-                Ok(Response::new(describe_clustered(controller))),
-            );
+            let response = self.describe_cluster_call(controller, request).await;
+            return finish("DescribeCluster", started, Ok(Response::new(response)));
         }
         let me = view.node_id;
         // A cluster of one: this node is the controller and leads and holds every partition.

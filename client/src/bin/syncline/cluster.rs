@@ -8,6 +8,11 @@
 //! - Otherwise: the lines `cluster: ID` and `controller: N` (`-` when unknown), a blank line,
 //!   the table `NODE ADDRESS ALIVE`, a blank line, the table `TOPIC PARTITION LEADER REPLICAS
 //!   CAUGHT-UP` (node lists comma-separated, `-` when empty or unknown).
+//!
+//! CAUGHT-UP / `caught_up`: the replicas holding every committed record. For a replicated
+//! partition that is what its leader reports: itself and the followers that matched its
+//! commit index and acknowledged it within two election timeouts; empty when the leader could
+//! not be asked (down, unknown, no answer within a second).
 
 use std::io::{self, Write};
 
@@ -23,9 +28,10 @@ pub enum ClusterCommand {
     #[command(after_help = "\
 Output: the lines `cluster: ID` and `controller: N` (`-` when unknown), a blank line, the table \
 NODE ADDRESS ALIVE, a blank line, and the table TOPIC PARTITION LEADER REPLICAS CAUGHT-UP (internal \
-topics included). With --json, exactly one JSON object: {\"cluster_id\": \"...\", \"controller\": \
-1, \"nodes\": [{\"id\": 1, \"address\": \"HOST:PORT\", \"alive\": true}], \"partitions\": \
-[{\"topic\": \"t\", \"partition\": 0, \"leader\": 1, \"replicas\": [1], \"caught_up\": [1]}]} \
+topics included). CAUGHT-UP: the replicas holding every committed record, as the partition's \
+leader reports them (`-` when its leader could not be asked). With --json, exactly one JSON \
+object: {\"cluster_id\": \"...\", \"controller\": 1, \"nodes\": [{\"id\": 1, \"address\": \
+\"HOST:PORT\", \"alive\": true}], \"partitions\": [{\"topic\": \"t\", \"partition\": 0, \"leader\": 1, \"replicas\": [1], \"caught_up\": [1]}]} \
 (controller and leader are null when unknown).")]
     Status {
         /// Print one JSON object instead of tables.
