@@ -31,14 +31,12 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a read barrier may take.
 const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// openraft's timing of partition groups (its ticks are off: see `liveness` for how a failed
-/// leader is detected and replaced within about a second). Heartbeat interval (ms), used only
-/// by read-index rounds.
-pub const HEARTBEAT_MS: u64 = 100;
-/// Election timeout range (ms): the upper end is the leader lease.
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+/// Raft timing of partition groups: a failed leader is replaced within about a second.
+pub const HEARTBEAT_MS: u64 = 150;
 /// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 500;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 600;
+/// Election timeout range (ms).
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1200;
 /// Entries between snapshots (a snapshot syncs the partition log; the Raft log below it is
 /// then purged).
 pub const SNAPSHOT_EVERY: u64 = 4096;
@@ -71,8 +69,6 @@ pub struct Group {
     proposals: mpsc::UnboundedSender<Pending>,
     leadership: watch::Receiver<Leadership>,
     addresses: Addresses,
-    /// When this node last saw the group's leader or term change.
-    leader_changed_at: Arc<parking_lot::Mutex<std::time::Instant>>,
     tracker: Arc<super::status::Tracker>,
 }
 
@@ -144,13 +140,6 @@ impl Group {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: SNAPSHOT_KEEP,
             enable_pre_vote: Some(true),
-            // Idle groups cost nothing: no ticks, no heartbeats, no timers of their own. The
-            // node's `liveness` pings each peer node once for all groups and starts the
-            // elections; the election timeouts above only bound the leader lease (a follower
-            // refuses votes for that long after it last heard its leader).
-            enable_tick: false,
-            enable_heartbeat: false,
-            enable_elect: false,
             ..Default::default()
         }
         .validate()
@@ -188,8 +177,6 @@ impl Group {
         let (leadership_tx, leadership) = watch::channel(Leadership::default());
         let mut metrics = raft.metrics();
         let me = context.me;
-        let leader_changed_at = Arc::new(parking_lot::Mutex::new(std::time::Instant::now()));
-        let changed_at = leader_changed_at.clone();
         let tracker = Arc::new(super::status::Tracker::new(me));
         let observer = tracker.clone();
         tokio::spawn(async move {
@@ -201,9 +188,6 @@ impl Group {
                 };
                 leadership_tx.send_if_modified(|current| {
                     let changed = *current != now;
-                    if current.leader != now.leader || current.term != now.term {
-                        *changed_at.lock() = std::time::Instant::now();
-                    }
                     *current = now;
                     changed
                 });
@@ -228,7 +212,6 @@ impl Group {
             proposals,
             leadership,
             addresses: context.addresses.clone(),
-            leader_changed_at,
             tracker,
         }))
     }
@@ -241,11 +224,6 @@ impl Group {
     /// The group's id.
     pub fn id(&self) -> &GroupId {
         &self.id
-    }
-
-    /// When this node last saw the group's leader or term change.
-    pub fn leader_changed_at(&self) -> std::time::Instant {
-        *self.leader_changed_at.lock()
     }
 
     /// The partition's topic and number.

@@ -30,7 +30,6 @@
 //! It may call the partition layer and the cluster's peer channels; the server calls it.
 
 pub mod group;
-pub mod liveness;
 pub mod network;
 pub mod raft_log;
 pub mod state_machine;
@@ -49,11 +48,7 @@ use network::GroupId;
 
 /// Every partition group on this node.
 pub struct Replicas {
-    pub(crate) context: GroupContext,
-    /// What this node hears from its peers (one ping per peer for every group).
-    pub(crate) liveness: liveness::Liveness,
-    /// Random per process start: peers learn from it that this node restarted.
-    pub(crate) incarnation: u64,
+    context: GroupContext,
     groups: parking_lot::RwLock<HashMap<GroupId, Arc<Group>>>,
     /// Serializes starts and stops.
     admin: tokio::sync::Mutex<()>,
@@ -76,24 +71,11 @@ impl Replicas {
         let (won, won_rx) = tokio::sync::mpsc::unbounded_channel();
         Replicas {
             context,
-            liveness: liveness::Liveness::default(),
-            incarnation: {
-                let mut hasher = std::collections::hash_map::DefaultHasher::new();
-                std::hash::Hash::hash(&std::time::SystemTime::now(), &mut hasher);
-                std::hash::Hash::hash(&std::process::id(), &mut hasher);
-                std::hash::Hasher::finish(&hasher) | 1
-            },
             groups: parking_lot::RwLock::default(),
             admin: tokio::sync::Mutex::new(()),
             won,
             won_rx: parking_lot::Mutex::new(Some(won_rx)),
         }
-    }
-
-    /// Runs the node-wide failure detection of every group (see `liveness`) until `shutdown`.
-    pub fn spawn_liveness(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
-        tokio::spawn(liveness::ping_peers(self.clone(), shutdown.clone()));
-        tokio::spawn(liveness::watch_leaders(self.clone(), shutdown));
     }
 
     /// The leaderships this node wins, as they happen (taken once, by the controller's
@@ -187,16 +169,6 @@ impl Replicas {
 
     /// Serves a `Peer.Replicate` call.
     pub async fn serve(&self, request: v1::ReplicateRequest) -> Result<Vec<u8>, tonic::Status> {
-        if request.kind == "ping" {
-            let incarnation = request
-                .header
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_le_bytes);
-            self.liveness.heard(request.from, incarnation);
-            return Ok(self.incarnation.to_le_bytes().to_vec());
-        }
-        self.liveness.heard(request.from, 0);
         let id = GroupId {
             topic_id: request.topic_id.clone(),
             partition: request.partition,
