@@ -140,6 +140,12 @@ impl Group {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
             max_in_snapshot_log_to_keep: SNAPSHOT_KEEP,
             enable_pre_vote: Some(true),
+            // A restarted leader must win a new election: its state machine (the partition log
+            // cut back to its last snapshot) and its committed index (saved lazily) are behind
+            // until it applies its own new term's first entry, which is when it serves again.
+            // Restoring its leadership at start would serve table reads from that stale state
+            // (found by tests/replication_faults.rs).
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
         .validate()
