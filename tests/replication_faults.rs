@@ -31,7 +31,7 @@
 //! # Running
 //! - CI: `cargo test --test replication_faults` runs the short version
 //!   ([`every_fault_kind_once_should_lose_no_acknowledged_write`]: each fault kind once, in an
-//!   order the seed picks; about 1.5 minutes on 2 cores) and the checkers' own tests. The seed
+//!   order the seed picks; 35-45 s on 2 cores) and the checkers' own tests. The seed
 //!   is [`DEFAULT_SEED`] unless `SYNCLINE_FAULT_SEED` is set (decimal or `0x` hex).
 //! - By hand, longer: random faults for `SYNCLINE_FAULT_MINUTES` minutes (default 10):
 //!   `SYNCLINE_FAULT_MINUTES=10 SYNCLINE_FAULT_SEED=42 cargo test --test replication_faults long -- --ignored --nocapture`
@@ -41,7 +41,14 @@
 //! Every run prints its seed first; a failure prints it again with the nemesis's journal (what
 //! was done to which node, when) and replays with `SYNCLINE_FAULT_SEED=<seed>`. The schedule
 //! replays exactly; the cluster's timing does not, so a replay is likely, not certain, to fail
-//! the same way. A failure found here becomes a regression test in this file.
+//! the same way. With `SYNCLINE_KEEP_CLUSTER=1` a failing run keeps every node's whole log and
+//! data directory and prints where. A failure found here becomes a regression test in this file.
+//!
+//! # Known bugs
+//! The short version and [`killed_leaders_should_not_reorder_a_producers_keys`] are ignored
+//! until the idempotent producer keeps a key's records in order across a leader change (see
+//! that test's doc); run them with `-- --ignored`. Every other check passed on every seed
+//! tried so far.
 
 mod common;
 
@@ -158,13 +165,7 @@ async fn produce_through(faults: &[Fault], seed: u64) {
     } else {
         None
     };
-    let mut cluster = match &net {
-        Some(net) => Cluster::start_in(net, 3, NODE_ARGS),
-        None => Cluster::start_with_args(3, NODE_ARGS),
-    };
-    let mut nemesis = Nemesis::new(seed, net.as_ref());
-    let _guard = SeedGuard::new(seed, nemesis.journal_handle());
-    create(&cluster, KEYED, KEYED_PARTITIONS, false, seed).await;
+    let (mut cluster, mut nemesis, _guard) = start(net.as_ref(), seed).await;
     nemesis.recover(&mut cluster).await;
     let produce = KeyedProduce::start(&cluster.addresses(), KEYED, ProduceConfig::default());
     for &fault in faults {
@@ -203,6 +204,19 @@ async fn produce_through(faults: &[Fault], seed: u64) {
     );
 }
 
+/// The 3-node cluster (in `net` when given), its nemesis, a guard printing the seed on a
+/// failure, and the keyed topic.
+async fn start(net: Option<&Net>, seed: u64) -> (Cluster, Nemesis<'_>, SeedGuard) {
+    let cluster = match net {
+        Some(net) => Cluster::start_in(net, 3, NODE_ARGS),
+        None => Cluster::start_with_args(3, NODE_ARGS),
+    };
+    let nemesis = Nemesis::new(seed, net);
+    let guard = SeedGuard::new(seed, nemesis.journal_handle());
+    create(&cluster, KEYED, KEYED_PARTITIONS, false, seed).await;
+    (cluster, nemesis, guard)
+}
+
 /// Creates `topic` at replication factor 3 through the cluster (any node).
 async fn create(cluster: &Cluster, topic: &str, partitions: u32, compact: bool, seed: u64) {
     let mut config = TopicConfig::with_partitions(partitions);
@@ -231,13 +245,7 @@ async fn run(plan: Plan, seed: u64) {
             None
         }
     };
-    let mut cluster = match &net {
-        Some(net) => Cluster::start_in(net, 3, NODE_ARGS),
-        None => Cluster::start_with_args(3, NODE_ARGS),
-    };
-    let mut nemesis = Nemesis::new(seed, net.as_ref());
-    let _guard = SeedGuard::new(seed, nemesis.journal_handle());
-    create(&cluster, KEYED, KEYED_PARTITIONS, false, seed).await;
+    let (mut cluster, mut nemesis, _guard) = start(net.as_ref(), seed).await;
     create(&cluster, REGISTERS, REGISTERS_PARTITIONS, true, seed).await;
     nemesis.recover(&mut cluster).await;
 
@@ -446,25 +454,16 @@ mod checkers {
     use super::common::linearizable::{Event, Op, Outcome};
     use super::common::workload::{read_replica, CasHistory};
 
-    fn seen(partition: u32, offset: u64, key: &str, value: &str) -> Seen {
-        Seen {
-            partition,
-            offset,
-            key: Some(key.as_bytes().to_vec()),
-            value: value.as_bytes().to_vec(),
-        }
-    }
-
     /// Partition 0: a0 b1 a2 b3 a4; partition 1: c0 c1.
     fn log() -> Vec<Seen> {
         vec![
-            seen(0, 0, "a", "a-0"),
-            seen(0, 1, "b", "b-1"),
-            seen(0, 2, "a", "a-2"),
-            seen(0, 3, "b", "b-3"),
-            seen(0, 4, "a", "a-4"),
-            seen(1, 0, "c", "c-0"),
-            seen(1, 1, "c", "c-1"),
+            Seen::keyed(0, 0, "a", "a-0"),
+            Seen::keyed(0, 1, "b", "b-1"),
+            Seen::keyed(0, 2, "a", "a-2"),
+            Seen::keyed(0, 3, "b", "b-3"),
+            Seen::keyed(0, 4, "a", "a-4"),
+            Seen::keyed(1, 0, "c", "c-0"),
+            Seen::keyed(1, 1, "c", "c-1"),
         ]
     }
 
@@ -511,7 +510,7 @@ mod checkers {
         );
         assert_eq!(
             check_group(&[reader], &log, &log),
-            vec![Violation::NotDelivered(seen(1, 1, "c", "c-1"))]
+            vec![Violation::NotDelivered(Seen::keyed(1, 1, "c", "c-1"))]
         );
     }
 
@@ -545,19 +544,19 @@ mod checkers {
     fn given_a_record_handed_that_the_log_does_not_hold_should_report_it_misdelivered() {
         let log = log();
         let wrong = vec![
-            seen(0, 0, "a", "a-0"),
-            seen(0, 1, "b", "b-9"),
-            seen(1, 7, "c", "c-7"),
+            Seen::keyed(0, 0, "a", "a-0"),
+            Seen::keyed(0, 1, "b", "b-9"),
+            Seen::keyed(1, 7, "c", "c-7"),
         ];
         assert_eq!(
             check_delivered_values(&wrong, &log),
             vec![
                 Violation::Misdelivered {
-                    delivered: seen(0, 1, "b", "b-9"),
-                    found: Some(seen(0, 1, "b", "b-1")),
+                    delivered: Seen::keyed(0, 1, "b", "b-9"),
+                    found: Some(Seen::keyed(0, 1, "b", "b-1")),
                 },
                 Violation::Misdelivered {
-                    delivered: seen(1, 7, "c", "c-7"),
+                    delivered: Seen::keyed(1, 7, "c", "c-7"),
                     found: None,
                 },
             ]
@@ -569,15 +568,6 @@ mod checkers {
             check_group(&[liar], &[], &log).as_slice(),
             [Violation::Misdelivered { .. }]
         ));
-    }
-
-    fn ev(invoked: u64, returned: u64, op: Op, outcome: Outcome) -> Event {
-        Event {
-            invoked,
-            returned,
-            op,
-            outcome,
-        }
     }
 
     #[test]
@@ -594,26 +584,26 @@ mod checkers {
         history.keys.insert(
             "fine".into(),
             vec![
-                ev(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
-                ev(2, 9, put_if(3, "y"), Outcome::Unknown),
-                ev(10, 11, Op::Get, read(4, "y")),
+                Event::new(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
+                Event::new(2, 9, put_if(3, "y"), Outcome::Unknown),
+                Event::new(10, 11, Op::Get, read(4, "y")),
             ],
         );
         // A lost write: acknowledged at version 3, then a read of the key as absent.
         history.keys.insert(
             "lost".into(),
             vec![
-                ev(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
-                ev(5, 6, Op::Get, Outcome::Read(None)),
+                Event::new(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
+                Event::new(5, 6, Op::Get, Outcome::Read(None)),
             ],
         );
         // Two compare-and-sets from the same version, both acknowledged.
         history.keys.insert(
             "both-won".into(),
             vec![
-                ev(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
-                ev(2, 5, put_if(3, "y"), Outcome::Written(4)),
-                ev(6, 8, put_if(3, "z"), Outcome::Written(5)),
+                Event::new(0, 1, Op::Put(b"x".to_vec()), Outcome::Written(3)),
+                Event::new(2, 5, put_if(3, "y"), Outcome::Written(4)),
+                Event::new(6, 8, put_if(3, "z"), Outcome::Written(5)),
             ],
         );
         let flagged: Vec<String> = history

@@ -233,15 +233,8 @@ impl<'a> Nemesis<'a> {
         match fault {
             Fault::KillLeader => {
                 let (placement, leader) = self.pick_led(&description);
-                let down = self.rng.between(DOWN.0, DOWN.1);
-                self.note(format!(
-                    "kill -9 node {leader} (leader of {}/{}) for {down:?}",
-                    placement.topic, placement.partition
-                ));
-                cluster.kill(leader);
-                tokio::time::sleep(down).await;
-                self.note(format!("restart node {leader}"));
-                restart(cluster, leader);
+                let role = format!("leader of {}/{}", placement.topic, placement.partition);
+                self.kill_for_a_while(cluster, leader, &role).await;
             }
             Fault::KillFollower => {
                 let (placement, leader) = self.pick_led(&description);
@@ -252,28 +245,18 @@ impl<'a> Nemesis<'a> {
                     .filter(|&r| r != leader)
                     .collect();
                 let follower = *self.rng.pick(&followers);
-                let down = self.rng.between(DOWN.0, DOWN.1);
-                self.note(format!(
-                    "kill -9 node {follower} (follower of {}/{}, led by {leader}) for {down:?}",
+                let role = format!(
+                    "follower of {}/{}, led by {leader}",
                     placement.topic, placement.partition
-                ));
-                cluster.kill(follower);
-                tokio::time::sleep(down).await;
-                self.note(format!("restart node {follower}"));
-                restart(cluster, follower);
+                );
+                self.kill_for_a_while(cluster, follower, &role).await;
             }
             Fault::KillController => {
                 let controller = description
                     .controller
                     .unwrap_or_else(|| panic!("seed {}: no controller to kill", self.seed));
-                let down = self.rng.between(DOWN.0, DOWN.1);
-                self.note(format!(
-                    "kill -9 node {controller} (controller leader) for {down:?}"
-                ));
-                cluster.kill(controller);
-                tokio::time::sleep(down).await;
-                self.note(format!("restart node {controller}"));
-                restart(cluster, controller);
+                self.kill_for_a_while(cluster, controller, "controller leader")
+                    .await;
             }
             Fault::PauseNode => {
                 let (placement, leader) = self.pick_led(&description);
@@ -314,6 +297,17 @@ impl<'a> Nemesis<'a> {
             }
         }
         self.recover(cluster).await;
+    }
+
+    /// `kill -9` of `node` (`role`: why it was picked, for the journal), down for a time in
+    /// [`DOWN`], then started again.
+    async fn kill_for_a_while(&mut self, cluster: &mut Cluster, node: u64, role: &str) {
+        let down = self.rng.between(DOWN.0, DOWN.1);
+        self.note(format!("kill -9 node {node} ({role}) for {down:?}"));
+        cluster.kill(node);
+        tokio::time::sleep(down).await;
+        self.note(format!("restart node {node}"));
+        restart(cluster, node);
     }
 
     /// Undoes every standing network fault and starts every node that is down; then

@@ -35,6 +35,18 @@ pub struct Seen {
     pub value: Vec<u8>,
 }
 
+impl Seen {
+    /// A keyed record with text key and value (for tests of the checkers).
+    pub fn keyed(partition: u32, offset: u64, key: &str, value: &str) -> Seen {
+        Seen {
+            partition,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+}
+
 /// `P@O key=K value=V`, key and value as (lossy) text: failure messages stay readable.
 impl std::fmt::Debug for Seen {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
