@@ -154,6 +154,8 @@ const PAUSED: (Duration, Duration) = (Duration::from_millis(2500), Duration::fro
 const CUT_OFF: (Duration, Duration) = (Duration::from_millis(3000), Duration::from_millis(5000));
 
 /// Applies faults to a cluster and waits for it to recover; keeps a journal of what it did.
+/// Its methods need a multi-threaded tokio runtime: a node's (re)start blocks its thread
+/// (`block_in_place`) while the workloads' tasks go on on the others.
 pub struct Nemesis<'a> {
     net: Option<&'a Net>,
     rng: Rng,

@@ -356,6 +356,30 @@ impl CasHistory {
             .collect()
     }
 
+    /// Every acknowledged write as the record it stored: the key's partition (of a table of
+    /// `partitions`), the version as its offset, the value.
+    pub fn acknowledged_writes(&self, partitions: u32) -> Vec<Seen> {
+        let mut writes = Vec::new();
+        for (key, events) in &self.keys {
+            for event in events {
+                if let (Op::Put(value) | Op::PutIf { value, .. }, Outcome::Written(version)) =
+                    (&event.op, &event.outcome)
+                {
+                    writes.push(Seen {
+                        partition: syncline_proto::partitioner::partition_for_key(
+                            key.as_bytes(),
+                            partitions,
+                        ),
+                        offset: *version,
+                        key: Some(key.as_bytes().to_vec()),
+                        value: value.clone(),
+                    });
+                }
+            }
+        }
+        writes
+    }
+
     /// Operations, writes acknowledged, conflicts, unknown outcomes, keys: for the report.
     pub fn summary(&self) -> String {
         let events: Vec<&Event> = self.keys.values().flatten().collect();
