@@ -47,8 +47,11 @@
 //! # Known bugs
 //! The short version and [`killed_leaders_should_not_reorder_a_producers_keys`] are ignored
 //! until the idempotent producer keeps a key's records in order across a leader change (see
-//! that test's doc); run them with `-- --ignored`. Every other check passed on every seed
-//! tried so far.
+//! that test's doc); run them with `-- --ignored`. The long version also finds CAS keys whose
+//! `Get` answered "absent" for an acknowledged key right after a node restarted
+//! (`SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`: 4 keys in each of two runs; see
+//! [`a_restarted_replica_should_never_answer_get_with_a_stale_value`]). Every other check
+//! passed on every seed tried so far.
 
 mod common;
 
@@ -161,10 +164,13 @@ async fn killed_leaders_should_not_reorder_a_producers_keys() {
 /// re-applies its Raft log: a `Get` answered from the partition's key index before the
 /// re-apply got there would see the key absent.
 ///
-/// Here: 300 keys written; then, three times, the table partition's leader (then a follower)
-/// is killed and restarted while `Get`s of every key go to every node directly (raw gRPC, so
+/// Here: 100 keys written; then, three times (100 more keys written while the node is down), the controller leader (then the table
+/// partition's leader, then the controller leader again) is killed and restarted while `Get`s of every key go to every node directly (raw gRPC, so
 /// the restarted node is asked as soon as it listens) and through the client. An error or a
-/// not-leader answer is fine; an answer must hold the acknowledged write.
+/// not-leader answer is fine; an answer must hold the acknowledged write. This has not yet
+/// reproduced the long run's stale reads (they need the long run's load: replay it with
+/// `SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`, which showed 4 such keys in each of two
+/// runs); it guards the restart path they point at.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
     use syncline_proto::v1;
@@ -178,17 +184,25 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
         .table(REGISTERS)
         .await
         .unwrap_or_else(|e| panic!("{}", context(&nemesis, e)));
-    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
-    let mut written = BTreeMap::new();
-    for key in &keys {
-        let version = table
-            .put(key, format!("{key}-value"))
-            .await
-            .unwrap_or_else(|e| panic!("{}", context(&nemesis, format!("put {key}: {e}"))))
-            .version;
-        written.insert(key.clone(), version);
-    }
-    let written = std::sync::Arc::new(written);
+    // Key -> its acknowledged version; keys are added while a node is down.
+    let written: std::sync::Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Default::default();
+    let write_keys = |range: std::ops::Range<u32>| {
+        let (table, written) = (table.clone(), written.clone());
+        async move {
+            for i in range {
+                let key = format!("k{i}");
+                let version = table.put(&key, format!("{key}-value")).await?.version;
+                written
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, version);
+            }
+            Ok::<(), syncline_client::Error>(())
+        }
+    };
+    write_keys(0..100)
+        .await
+        .unwrap_or_else(|e| panic!("{}", context(&nemesis, format!("put: {e}"))));
     let addresses: Vec<String> = (1..=3).map(|id| cluster.node(id).url()).collect();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     // One reader per node, asking that node only, over and over.
@@ -196,7 +210,7 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
         .into_iter()
         .enumerate()
         .map(|(i, url)| {
-            let (keys, written, stopped) = (keys.clone(), written.clone(), stopped.clone());
+            let (written, stopped) = (written.clone(), stopped.clone());
             tokio::spawn(async move {
                 let mut stale = Vec::new();
                 let mut answers = BTreeMap::<String, usize>::new();
@@ -210,7 +224,8 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
                         continue;
                     };
                     let mut grpc = v1::broker_client::BrokerClient::new(channel);
-                    for key in &keys {
+                    let snapshot = written.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    for (key, &version) in &snapshot {
                         let answer = grpc
                             .get(v1::GetRequest {
                                 topic: REGISTERS.into(),
@@ -218,7 +233,7 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
                             })
                             .await;
                         let kind = match &answer {
-                            Ok(response) if response.get_ref().version == written[key] => {
+                            Ok(response) if response.get_ref().version == version => {
                                 "ok".to_string()
                             }
                             Ok(response) => {
@@ -226,7 +241,7 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
                                     "node {}: {key} at {} instead of {}",
                                     i + 1,
                                     response.get_ref().version,
-                                    written[key]
+                                    version
                                 ));
                                 "stale".to_string()
                             }
@@ -236,7 +251,7 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
                                 stale.push(format!(
                                     "node {}: {key} (written at {}) answered absent: {}",
                                     i + 1,
-                                    written[key],
+                                    version,
                                     status.message()
                                 ));
                                 "absent".to_string()
@@ -269,20 +284,18 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
             .find(|p| p.topic == REGISTERS)
             .expect("the table's partition");
         let leader = placement.leader.expect("a leader");
-        let node = if round == 1 {
-            *placement
-                .replicas
-                .iter()
-                .find(|&&r| r != leader)
-                .expect("a follower")
-        } else {
-            leader
-        };
+        // The controller leader (twice: the long run's stale reads came from a restarted
+        // controller leader), then the table's leader.
+        let node = if round == 1 { leader } else { controller };
         nemesis.note(format!(
-            "round {round}: kill -9 node {node} (leader {leader}), restart at once"
+            "round {round}: kill -9 node {node} (controller {controller}, table leader {leader}), restart at once"
         ));
         cluster.kill(node);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Writes the node misses while it is down.
+        let first = 100 * (round + 1);
+        write_keys(first..first + 100)
+            .await
+            .unwrap_or_else(|e| panic!("{}", context(&nemesis, format!("put: {e}"))));
         tokio::task::block_in_place(|| cluster.restart(node));
         tokio::time::sleep(Duration::from_secs(3)).await;
         nemesis.recover(&mut cluster).await;
