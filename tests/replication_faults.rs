@@ -431,7 +431,11 @@ async fn run(plan: Plan, seed: u64) {
     let addresses = cluster.addresses();
     let mut rng = Rng::new(seed);
     let produce = KeyedProduce::start(&addresses, KEYED, ProduceConfig::default());
-    let cas = CasWorkload::start(&addresses, REGISTERS, CasConfig::default(), &mut rng);
+    let cas_config = CasConfig {
+        probe: (1..=3).map(|id| cluster.node(id).url()).collect(),
+        ..CasConfig::default()
+    };
+    let cas = CasWorkload::start(&addresses, REGISTERS, cas_config, &mut rng);
     let group = GroupWorkload::start(&addresses, GROUP, KEYED, GroupConfig::default());
     let tail = Tail::start(&addresses, KEYED);
     if let Err(stuck) = produce
@@ -575,6 +579,9 @@ async fn run(plan: Plan, seed: u64) {
         table.len(),
         nemesis.journal()
     );
+    for anomaly in &registers.anomalies {
+        eprintln!("CAS anomaly: {anomaly}");
+    }
     summarize_errors("producer errors", &produced.errors);
     summarize_errors("group errors", &readers.errors);
     summarize_errors("plain consumer errors", &tailed.errors);

@@ -295,6 +295,10 @@ pub struct CasConfig {
     pub pace: (Duration, Duration),
     /// An operation still pending after this has an unknown outcome.
     pub op_timeout: Duration,
+    /// Every node's gRPC URL: when a `Get` answers "absent" for a key this client saw
+    /// written, each node is asked the same `Get` at once and the answers are noted
+    /// ([`CasHistory::anomalies`]), to show which node answers what. Empty: no probing.
+    pub probe: Vec<String>,
 }
 
 impl Default for CasConfig {
@@ -305,6 +309,7 @@ impl Default for CasConfig {
             ops_per_key: 40,
             pace: (Duration::from_millis(20), Duration::from_millis(80)),
             op_timeout: Duration::from_secs(20),
+            probe: Vec::new(),
         }
     }
 }
@@ -336,6 +341,9 @@ impl KeyPool {
 pub struct CasHistory {
     /// Key -> its operations, in the order they returned.
     pub keys: BTreeMap<String, Vec<Event>>,
+    /// What each node answered right after a `Get` said "absent" for a key its client had
+    /// seen written (see [`CasConfig::probe`]).
+    pub anomalies: Vec<String>,
 }
 
 impl CasHistory {
@@ -401,6 +409,7 @@ pub struct CasWorkload {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     history: Arc<Mutex<BTreeMap<String, Vec<Event>>>>,
+    anomalies: Arc<Mutex<Vec<String>>>,
 }
 
 impl CasWorkload {
@@ -418,6 +427,7 @@ impl CasWorkload {
             cap: config.ops_per_key,
         }));
         let start = Instant::now();
+        let anomalies: Arc<Mutex<Vec<String>>> = Arc::default();
         let tasks = (0..config.clients)
             .map(|index| {
                 tokio::spawn(cas_client(CasClient {
@@ -428,6 +438,7 @@ impl CasWorkload {
                     rng: rng.fork(),
                     pool: pool.clone(),
                     history: history.clone(),
+                    anomalies: anomalies.clone(),
                     start,
                     stop: stopped.clone(),
                 }))
@@ -437,6 +448,7 @@ impl CasWorkload {
             stop,
             tasks,
             history,
+            anomalies,
         }
     }
 
@@ -453,6 +465,7 @@ impl CasWorkload {
         }
         CasHistory {
             keys: lock(&self.history).clone(),
+            anomalies: lock(&self.anomalies).clone(),
         }
     }
 }
@@ -465,6 +478,7 @@ struct CasClient {
     rng: Rng,
     pool: Arc<Mutex<KeyPool>>,
     history: Arc<Mutex<BTreeMap<String, Vec<Event>>>>,
+    anomalies: Arc<Mutex<Vec<String>>>,
     start: Instant,
     stop: watch::Receiver<bool>,
 }
@@ -509,6 +523,17 @@ async fn cas_client(mut c: CasClient) {
         let (op, outcome) = match kind {
             Kind::Get => {
                 let outcome = match tokio::time::timeout(timeout, table.get(&key)).await {
+                    Ok(Ok(None)) if matches!(known.get(&key), Some(Some(_))) => {
+                        let seen = known.get(&key).copied().flatten().unwrap_or_default();
+                        let answers = probe_get(&c.config.probe, &c.topic, &key).await;
+                        lock(&c.anomalies).push(format!(
+                            "[{:.3}s] client {}: Get {key} answered absent after it saw version {seen}; each node now: {answers}",
+                            invoked as f64 / 1e9,
+                            c.index
+                        ));
+                        known.insert(key.clone(), None);
+                        Outcome::Read(None)
+                    }
                     Ok(Ok(entry)) => {
                         let state = entry.map(|e| (e.version, e.value.to_vec()));
                         known.insert(key.clone(), state.as_ref().map(|(v, _)| *v));
@@ -564,6 +589,30 @@ async fn cas_client(mut c: CasClient) {
         let pause = c.rng.between(c.config.pace.0, c.config.pace.1);
         tokio::time::sleep(if failed { pause * 4 } else { pause }).await;
     }
+}
+
+/// `Get` of `key` sent to each of `urls` directly: "node i: version V" or the error's code and
+/// message, `; `-separated.
+async fn probe_get(urls: &[String], topic: &str, key: &str) -> String {
+    use syncline_proto::v1;
+    let mut answers = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let answer = match v1::broker_client::BrokerClient::connect(url.clone()).await {
+            Ok(mut grpc) => match grpc
+                .get(v1::GetRequest {
+                    topic: topic.to_string(),
+                    key: key.as_bytes().to_vec().into(),
+                })
+                .await
+            {
+                Ok(response) => format!("version {}", response.get_ref().version),
+                Err(status) => format!("{:?} {:?}", status.code(), status.message()),
+            },
+            Err(error) => format!("unreachable: {error}"),
+        };
+        answers.push(format!("node {}: {answer}", i + 1));
+    }
+    answers.join("; ")
 }
 
 /// Settings of [`GroupWorkload`].
