@@ -49,9 +49,9 @@
 //! until the idempotent producer keeps a key's records in order across a leader change (see
 //! that test's doc); run them with `-- --ignored`. The long version also finds CAS keys whose
 //! `Get` answered "absent" for an acknowledged key right after a node restarted
-//! (`SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`: 4 keys in each of two runs; see
-//! [`a_restarted_replica_should_never_answer_get_with_a_stale_value`]). Every other check
-//! passed on every seed tried so far.
+//! (`SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`: 4 keys in each of three runs; the
+//! regression [`a_restarted_replica_should_never_answer_get_with_a_stale_value`], ignored too).
+//! Every other check passed on every seed tried so far.
 
 mod common;
 
@@ -164,14 +164,20 @@ async fn killed_leaders_should_not_reorder_a_producers_keys() {
 /// re-applies its Raft log: a `Get` answered from the partition's key index before the
 /// re-apply got there would see the key absent.
 ///
-/// Here: 100 keys written; then, three times (100 more keys written while the node is down), the controller leader (then the table
-/// partition's leader, then the controller leader again) is killed and restarted while `Get`s of every key go to every node directly (raw gRPC, so
-/// the restarted node is asked as soon as it listens) and through the client. An error or a
-/// not-leader answer is fine; an answer must hold the acknowledged write. This has not yet
-/// reproduced the long run's stale reads (they need the long run's load: replay it with
-/// `SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`, which showed 4 such keys in each of two
-/// runs); it guards the restart path they point at.
+/// Here: 100 keys written; then, four times: every node killed and restarted, 100 more keys
+/// written, and the table partition's leader killed for 1.2 s and restarted, while `Get`s of
+/// every key go to every node directly (raw gRPC, so the restarted node is asked as soon as
+/// it listens). An error or a
+/// not-leader answer is fine; an answer must hold the acknowledged write, and every node must
+/// answer within [`GET_BOUND`]. It failed so: "node 3: k102 (written at 102) answered absent:
+/// key `k102` not found in table `registers`" (node 3 the restarted leader; the other nodes
+/// answered not-leader naming it). The long run's probe showed the same: right after node 3
+/// was killed (as leader of registers/1) and restarted, nodes 1 and 2 said node 3 leads, and
+/// node 3 answered NOT_FOUND "key `cas-61` not found" for a key acknowledged at version 429 a
+/// few seconds before. An earlier version of this test (no per-call bound) also hung: a raw
+/// `Get` to node 1, a follower, after four full restarts, got no answer for 12 minutes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug (broker): a replica restarted after kill -9 that wins the table partition's leadership answers Get NOT_FOUND (key absent) for keys acknowledged before the crash, after its read barrier, for a second or more"]
 async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
     use syncline_proto::v1;
 
@@ -226,12 +232,19 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
                     let mut grpc = v1::broker_client::BrokerClient::new(channel);
                     let snapshot = written.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     for (key, &version) in &snapshot {
-                        let answer = grpc
-                            .get(v1::GetRequest {
-                                topic: REGISTERS.into(),
-                                key: key.clone().into_bytes().into(),
-                            })
-                            .await;
+                        let get = grpc.get(v1::GetRequest {
+                            topic: REGISTERS.into(),
+                            key: key.clone().into_bytes().into(),
+                        });
+                        // A healthy cluster answers a Get (if only "not the leader") at once.
+                        let Ok(answer) = tokio::time::timeout(GET_BOUND, get).await else {
+                            stale.push(format!(
+                                "node {}: Get {key} not answered within {GET_BOUND:?}",
+                                i + 1
+                            ));
+                            *answers.entry("no answer".into()).or_default() += 1;
+                            break;
+                        };
                         let kind = match &answer {
                             Ok(response) if response.get_ref().version == version => {
                                 "ok".to_string()
@@ -272,31 +285,36 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
             })
         })
         .collect();
-    for round in 0..3 {
+    for round in 0..4u32 {
+        // As in the long run: a full restart, keys written after it, then the table's leader
+        // killed for a little over a second (the others may not even elect) and restarted.
+        nemesis.note(format!("round {round}: kill -9 every node, then start all"));
+        tokio::task::block_in_place(|| {
+            cluster.kill_all();
+            cluster.restart_all();
+        });
+        nemesis.recover(&mut cluster).await;
+        let first = 100 * (round + 1);
+        write_keys(first..first + 100)
+            .await
+            .unwrap_or_else(|e| panic!("{}", context(&nemesis, format!("put: {e}"))));
         let controller = cluster.wait_for_controller(RECOVERY).await;
         let description = cluster
             .describe(controller)
             .await
             .unwrap_or_else(|e| panic!("{}", context(&nemesis, e)));
-        let placement = description
+        let leader = description
             .partitions
             .iter()
             .find(|p| p.topic == REGISTERS)
-            .expect("the table's partition");
-        let leader = placement.leader.expect("a leader");
-        // The controller leader (twice: the long run's stale reads came from a restarted
-        // controller leader), then the table's leader.
-        let node = if round == 1 { leader } else { controller };
+            .and_then(|p| p.leader)
+            .expect("the table's partition has a leader");
         nemesis.note(format!(
-            "round {round}: kill -9 node {node} (controller {controller}, table leader {leader}), restart at once"
+            "round {round}: kill -9 node {leader} (table leader) for 1.2 s"
         ));
-        cluster.kill(node);
-        // Writes the node misses while it is down.
-        let first = 100 * (round + 1);
-        write_keys(first..first + 100)
-            .await
-            .unwrap_or_else(|e| panic!("{}", context(&nemesis, format!("put: {e}"))));
-        tokio::task::block_in_place(|| cluster.restart(node));
+        cluster.kill(leader);
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::task::block_in_place(|| cluster.restart(leader));
         tokio::time::sleep(Duration::from_secs(3)).await;
         nemesis.recover(&mut cluster).await;
     }
@@ -325,6 +343,9 @@ async fn a_restarted_replica_should_never_answer_get_with_a_stale_value() {
         )
     );
 }
+
+/// How long a node may take to answer a `Get`, if only with an error.
+const GET_BOUND: Duration = Duration::from_secs(10);
 
 /// How long a test waits for the controller.
 const RECOVERY: Duration = Duration::from_secs(30);
