@@ -50,7 +50,10 @@
 //! that test's doc); run them with `-- --ignored`. The long version also finds CAS keys whose
 //! `Get` answered "absent" for an acknowledged key right after a node restarted
 //! (`SYNCLINE_FAULT_MINUTES=4 SYNCLINE_FAULT_SEED=42`: 4 keys in each of three runs; the
-//! regression [`a_restarted_replica_should_never_answer_get_with_a_stale_value`], ignored too).
+//! regression [`a_restarted_replica_should_never_answer_get_with_a_stale_value`], ignored too),
+//! and the short version sometimes a `Get` answering an older version (seed 15: `cas-10` read
+//! at version 47 by a `Get` invoked 0.4 s after version 48 was acknowledged, about a second
+//! after a full restart).
 //! Every other check passed on every seed tried so far.
 
 mod common;
@@ -108,7 +111,7 @@ enum Plan {
 
 /// The short version: each fault kind once under every workload, then every check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug (client, idempotent producer): acknowledged records of one key stored out of send order after a leader change; see killed_leaders_should_not_reorder_a_producers_keys"]
+#[ignore = "bugs: acknowledged records of one key stored out of send order after a leader change (client; see killed_leaders_should_not_reorder_a_producers_keys); Get answers absent or an older version right after restarts (broker; see a_restarted_replica_should_never_answer_get_with_a_stale_value)"]
 async fn every_fault_kind_once_should_lose_no_acknowledged_write() {
     run(Plan::EveryFaultOnce, seed_from_env(DEFAULT_SEED)).await;
 }
