@@ -6,12 +6,7 @@ mod common;
 use common::history::{check_acknowledged, check_deliveries, check_replicas, Seen, Violation};
 
 fn seen(partition: u32, offset: u64, key: &str, value: &str) -> Seen {
-    Seen {
-        partition,
-        offset,
-        key: Some(key.as_bytes().to_vec()),
-        value: value.as_bytes().to_vec(),
-    }
+    Seen::keyed(partition, offset, key, value)
 }
 
 fn clean() -> Vec<Seen> {
@@ -104,12 +99,7 @@ mod cas_register {
     use super::common::linearizable::{is_linearizable, Event, Op, Outcome};
 
     fn ev(invoked: u64, returned: u64, op: Op, outcome: Outcome) -> Event {
-        Event {
-            invoked,
-            returned,
-            op,
-            outcome,
-        }
+        Event::new(invoked, returned, op, outcome)
     }
 
     fn put(v: &str) -> Op {

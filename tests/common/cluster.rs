@@ -7,7 +7,8 @@
 //! `--data-dir ROOT/node-i/data`. Its stdout and stderr go to `ROOT/node-i/broker.log` (kept
 //! across restarts, each start under a `=== harness:` line), which [`Cluster::logs`] returns;
 //! a test that panics while the cluster is alive prints the last lines of every node's log
-//! (when the cluster is dropped), so the harness's own panics do not repeat them.
+//! (when the cluster is dropped), so the harness's own panics do not repeat them; with
+//! `SYNCLINE_KEEP_CLUSTER` set it also keeps ROOT (whole logs, data) and prints its path.
 //! A node keeps its port and data directory over [`Cluster::stop`], [`Cluster::kill`] and
 //! [`Cluster::restart`]. Dropping the cluster kills every node and deletes ROOT.
 //!
@@ -45,6 +46,9 @@ const SERVING_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of each node's log printed when a test panics.
 const PANIC_LOG_LINES: usize = 40;
+/// When set, a cluster dropped while its test panics keeps its directory (every node's whole
+/// log and data) and prints where, instead of deleting it.
+pub const KEEP_VAR: &str = "SYNCLINE_KEEP_CLUSTER";
 
 /// One broker node of a [`Cluster`].
 pub struct Node {
@@ -750,6 +754,16 @@ impl Drop for Cluster {
         }
         if std::thread::panicking() {
             eprintln!("{}", self.all_log_tails());
+            if std::env::var_os(KEEP_VAR).is_some() {
+                // Swap in a throwaway directory so that the drop deletes that one instead.
+                if let Ok(spare) = tempfile::tempdir() {
+                    let kept = std::mem::replace(&mut self.root, spare).keep();
+                    eprintln!(
+                        "{KEEP_VAR} is set: kept the nodes' logs and data in {}",
+                        kept.display()
+                    );
+                }
+            }
         }
     }
 }

@@ -8,6 +8,14 @@
 //! - [`check_deliveries`]: what one consumer was handed never goes backwards within a partition,
 //!   and no offset it skipped turns up later in the final log (a gap that fills).
 //! - [`check_replicas`]: every replica holds the same records at the same offsets.
+//! - [`check_delivered_values`]: what a consumer was handed is what the log holds at that
+//!   offset, byte for byte.
+//! - [`check_group`]: a consumer group under faults: at least once (every acknowledged record
+//!   handed to some member) and per-key order (each member reads each partition in log order,
+//!   without skipping, except where an assignment of that partition let it start elsewhere).
+//!
+//! The CAS register's linearizability is `linearizable.rs`'s; its verdict is reported here as
+//! [`Violation::NotLinearizable`] so that a test prints every kind of violation together.
 //!
 //! Each returns every violation found (empty: the history is fine), so a failing test prints
 //! all of them, not the first.
@@ -15,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A record as a producer had it acknowledged, or as a reader read it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Seen {
     /// Its partition.
     pub partition: u32,
@@ -25,6 +33,29 @@ pub struct Seen {
     pub key: Option<Vec<u8>>,
     /// Its value.
     pub value: Vec<u8>,
+}
+
+impl Seen {
+    /// A keyed record with text key and value (for tests of the checkers).
+    pub fn keyed(partition: u32, offset: u64, key: &str, value: &str) -> Seen {
+        Seen {
+            partition,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            value: value.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// `P@O key=K value=V`, key and value as (lossy) text: failure messages stay readable.
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.partition, self.offset)?;
+        if let Some(key) = &self.key {
+            write!(f, " key={:?}", String::from_utf8_lossy(key))?;
+        }
+        write!(f, " value={:?}", String::from_utf8_lossy(&self.value))
+    }
 }
 
 /// One violation.
@@ -68,6 +99,36 @@ pub enum Violation {
         partition: u32,
         /// The skipped offset.
         offset: u64,
+    },
+    /// An acknowledged record that no member of the consumer group was handed.
+    NotDelivered(Seen),
+    /// A consumer was handed a record that the log does not hold at that offset (`found`:
+    /// what it holds there, if anything).
+    Misdelivered {
+        /// What the consumer was handed.
+        delivered: Seen,
+        /// What the log holds at that offset.
+        found: Option<Seen>,
+    },
+    /// A group member's reading of a partition broke off (went back, repeated, or skipped
+    /// records the log holds) more often than assignments of that partition to it explain
+    /// (each assignment after the first may start it at the group's committed offset).
+    Discontinuous {
+        /// The member (its position in the input).
+        member: usize,
+        /// The partition.
+        partition: u32,
+        /// How many times the partition was assigned to the member.
+        assignments: usize,
+        /// Each break: (offset before, offset after).
+        breaks: Vec<(u64, u64)>,
+    },
+    /// A CAS register key's history has no linearization.
+    NotLinearizable {
+        /// The key.
+        key: String,
+        /// Its history, for the failure message.
+        history: String,
     },
     /// Two replicas differ.
     Diverged {
@@ -181,6 +242,90 @@ pub fn check_replicas(replicas: &[Vec<Seen>]) -> Vec<Violation> {
                         offset: key.1,
                     });
                 }
+            }
+        }
+    }
+    violations
+}
+
+/// `delivered`: records one consumer was handed; `log`: the final content of the partitions.
+/// Each must be in the log at its offset with the same key and value.
+pub fn check_delivered_values(delivered: &[Seen], log: &[Seen]) -> Vec<Violation> {
+    let at: HashMap<(u32, u64), &Seen> = log.iter().map(|r| ((r.partition, r.offset), r)).collect();
+    delivered
+        .iter()
+        .filter_map(|d| match at.get(&(d.partition, d.offset)) {
+            Some(found) if found.key == d.key && found.value == d.value => None,
+            found => Some(Violation::Misdelivered {
+                delivered: d.clone(),
+                found: found.map(|f| (*f).clone()),
+            }),
+        })
+        .collect()
+}
+
+/// What one member (one incarnation: a member that joins again under a new id is another) of
+/// a consumer group was handed, and how often each partition was assigned to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberDeliveries {
+    /// Records in the order the member was handed them.
+    pub delivered: Vec<Seen>,
+    /// Partition -> how many times it was assigned to this member.
+    pub assignments: BTreeMap<u32, usize>,
+}
+
+/// `members`: every member of one group reading the partitions of `log`; `acknowledged`: what
+/// producers had acknowledged. Reports acknowledged records no member was handed
+/// ([`Violation::NotDelivered`]), records handed that the log does not hold
+/// ([`Violation::Misdelivered`]), and members whose reading of a partition broke off more often
+/// than its assignments explain ([`Violation::Discontinuous`]): within one assignment a member
+/// reads its partition in log order without a gap, so each key's records reach it in order.
+pub fn check_group(
+    members: &[MemberDeliveries],
+    acknowledged: &[Seen],
+    log: &[Seen],
+) -> Vec<Violation> {
+    let mut violations = Vec::new();
+    let handed: BTreeSet<(u32, u64)> = members
+        .iter()
+        .flat_map(|m| m.delivered.iter().map(|d| (d.partition, d.offset)))
+        .collect();
+    for ack in acknowledged {
+        if !handed.contains(&(ack.partition, ack.offset)) {
+            violations.push(Violation::NotDelivered(ack.clone()));
+        }
+    }
+    let held: BTreeMap<u32, BTreeSet<u64>> = log.iter().fold(BTreeMap::new(), |mut held, r| {
+        held.entry(r.partition).or_default().insert(r.offset);
+        held
+    });
+    for (index, member) in members.iter().enumerate() {
+        violations.extend(check_delivered_values(&member.delivered, log));
+        let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut breaks: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for d in &member.delivered {
+            if let Some(before) = last.insert(d.partition, d.offset) {
+                // The next offset the log holds after `before` is the one due.
+                let due = held
+                    .get(&d.partition)
+                    .and_then(|offsets| offsets.range(before + 1..).next().copied());
+                if due != Some(d.offset) {
+                    breaks
+                        .entry(d.partition)
+                        .or_default()
+                        .push((before, d.offset));
+                }
+            }
+        }
+        for (partition, breaks) in breaks {
+            let assignments = member.assignments.get(&partition).copied().unwrap_or(0);
+            if breaks.len() + 1 > assignments.max(1) {
+                violations.push(Violation::Discontinuous {
+                    member: index,
+                    partition,
+                    assignments,
+                    breaks,
+                });
             }
         }
     }

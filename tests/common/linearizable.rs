@@ -63,6 +63,18 @@ pub struct Event {
     pub outcome: Outcome,
 }
 
+impl Event {
+    /// An operation invoked at `invoked`, returned at `returned`, with its outcome.
+    pub fn new(invoked: u64, returned: u64, op: Op, outcome: Outcome) -> Event {
+        Event {
+            invoked,
+            returned,
+            op,
+            outcome,
+        }
+    }
+}
+
 /// The state after `event` applied to `state`, if `event`'s outcome is possible there.
 fn step(state: &State, event: &Event) -> Option<State> {
     let version = state.as_ref().map(|(v, _)| *v);

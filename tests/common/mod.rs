@@ -3,10 +3,12 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod faults;
 pub mod history;
 pub mod linearizable;
 pub mod netns;
 pub mod probe;
+pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
