@@ -16,8 +16,14 @@
 //! - **Exact retries.** A retried batch is the same bytes with the same sequence, so a retry
 //!   after a lost acknowledgement is acknowledged with the original offsets, not stored twice.
 //! - **Order.** A batch that overtakes an earlier one of its partition (the earlier one is
-//!   being retried) is refused with a gap; the producer retries it while an earlier batch of
-//!   the same partition and identity is still unresolved ([`Sequences::earlier_unresolved`]).
+//!   being retried, say after a leader change) is refused with a gap; the producer retries it
+//!   unless an earlier batch of the same partition and identity failed for good
+//!   ([`Sequences::gap_worth_retrying`]). Not only while an earlier batch is unresolved: the
+//!   earlier batch's acknowledgement is often handled just before the later batch's refusal,
+//!   and the refused batch must then be retried too (it would be stored now), not failed.
+//! - **Generations in order.** A partition's batches of a new identity are sent only once
+//!   every batch of the older identity in that partition is resolved, so a retry of the old id
+//!   never lands behind a batch sent after it.
 //! - **A window.** A batch is only sent while it is fewer than [`PARTITION_WINDOW_BATCHES`]
 //!   batches after the oldest unresolved batch of its partition, so a retry always falls within
 //!   what the broker remembers.
@@ -143,6 +149,9 @@ struct PartitionSequences {
     next_index: u64,
     /// `(generation, index)` of every sent batch not yet resolved.
     unresolved: BTreeSet<(u64, u64)>,
+    /// `(generation, index)` of the first batch that failed for good in the latest generation
+    /// that had a failure: later batches of that generation leave a real gap.
+    first_failed: Option<(u64, u64)>,
 }
 
 /// The sequence state of one idempotent producer; see the module doc.
@@ -203,6 +212,10 @@ impl Sequences {
         if oldest.is_some_and(|oldest| state.next_index - oldest >= PARTITION_WINDOW_BATCHES) {
             return Ok(Next::WindowFull);
         }
+        // An older identity's batch still being retried would land behind this one.
+        if state.unresolved.range(..(generation, 0)).next().is_some() {
+            return Ok(Next::WindowFull);
+        }
         let stamp = Stamp {
             identity: self.identity,
             generation,
@@ -249,6 +262,14 @@ impl Sequences {
     pub fn resolve(&mut self, stamp: &Stamp, outcome: Outcome) {
         if let Some(state) = self.partitions.get_mut(stamp.partition as usize) {
             state.unresolved.remove(&(stamp.generation, stamp.index));
+            if matches!(outcome, Outcome::Failed) {
+                let failed = (stamp.generation, stamp.index);
+                state.first_failed = match state.first_failed {
+                    Some(first) if first.0 == failed.0 => Some(first.min(failed)),
+                    Some(first) if first.0 > failed.0 => Some(first),
+                    _ => Some(failed),
+                };
+            }
         }
         if stamp.generation != self.generation {
             return;
@@ -260,18 +281,20 @@ impl Sequences {
         }
     }
 
-    /// Whether a batch of the same partition and generation sent before `stamp` is still
-    /// unresolved: then a sequence gap for `stamp` means it overtook that batch, and it is
-    /// worth retrying.
-    pub fn earlier_unresolved(&self, stamp: &Stamp) -> bool {
+    /// Whether a sequence gap answered for `stamp` is worth retrying: it is not its
+    /// generation's first batch, and no earlier batch of its partition and generation failed
+    /// for good. Every earlier batch is then unresolved (`stamp` overtook it) or acknowledged
+    /// (stored, so the retry of `stamp` is the next sequence), so the gap closes. The batch's
+    /// delivery timeout bounds the retries should a broker keep answering the gap anyway.
+    pub fn gap_worth_retrying(&self, stamp: &Stamp) -> bool {
+        if stamp.index == 0 {
+            return false;
+        }
         self.partitions
             .get(stamp.partition as usize)
-            .is_some_and(|state| {
-                state
-                    .unresolved
-                    .range((stamp.generation, 0)..(stamp.generation, stamp.index))
-                    .next()
-                    .is_some()
+            .is_some_and(|state| match state.first_failed {
+                Some((generation, index)) => generation != stamp.generation || index > stamp.index,
+                None => true,
             })
     }
 }
@@ -326,17 +349,6 @@ mod tests {
     }
 
     #[test]
-    fn gap_should_be_worth_retrying_only_behind_an_unresolved_earlier_batch() {
-        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
-        let first = stamp(&mut sequences, 0, 2);
-        let second = stamp(&mut sequences, 0, 2);
-        assert!(!sequences.earlier_unresolved(&first));
-        assert!(sequences.earlier_unresolved(&second));
-        sequences.resolve(&first, Outcome::Acknowledged);
-        assert!(!sequences.earlier_unresolved(&second));
-    }
-
-    #[test]
     fn given_batch_failed_for_good_should_need_a_new_identity_and_restart_sequences() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
         let first = stamp(&mut sequences, 0, 2);
@@ -345,15 +357,57 @@ mod tests {
         assert_eq!(sequences.next(0, 1).unwrap(), Next::NeedsIdentity);
         let renewed = ProducerIdentity::for_tests(2, 0);
         sequences.install(renewed);
+        // The old generation's batches finish under the old id first; their gaps are real now.
+        assert!(!sequences.gap_worth_retrying(&second));
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        sequences.resolve(&second, Outcome::Failed);
         let third = stamp(&mut sequences, 0, 1);
         assert_eq!(
             (third.identity, third.generation, third.base_sequence),
             (renewed, 1, 0)
         );
-        // The old generation's batches finish under the old id and change nothing now.
-        assert!(!sequences.earlier_unresolved(&second));
-        sequences.resolve(&second, Outcome::Failed);
+        // A failure of the old generation changes nothing for the new one.
         assert!(matches!(sequences.next(0, 1).unwrap(), Next::Stamp(_)));
+    }
+
+    #[test]
+    fn given_earlier_batch_acknowledged_before_the_gap_is_handled_should_retry_the_gap() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        assert!(!sequences.gap_worth_retrying(&first));
+        assert!(sequences.gap_worth_retrying(&second));
+        sequences.resolve(&first, Outcome::Acknowledged);
+        assert!(sequences.gap_worth_retrying(&second));
+    }
+
+    #[test]
+    fn given_earlier_batch_failed_for_good_should_not_retry_a_later_gap() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        let third = stamp(&mut sequences, 0, 2);
+        sequences.resolve(&second, Outcome::Failed);
+        assert!(!sequences.gap_worth_retrying(&third));
+        // The batch before the failure may still close its own gap.
+        assert!(!sequences.gap_worth_retrying(&first)); // index 0: never a gap to close
+    }
+
+    /// Regression (fault test, seed 15): batches of a new producer id overtook the old id's
+    /// batches still being retried in the same partition.
+    #[test]
+    fn given_older_identity_batches_unresolved_should_hold_the_partition_new_batches() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        let first = stamp(&mut sequences, 0, 1);
+        let second = stamp(&mut sequences, 0, 1);
+        sequences.resolve(&first, Outcome::Failed);
+        sequences.install(ProducerIdentity::for_tests(2, 0));
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        // Another partition has nothing of the old id in flight.
+        assert_eq!(stamp(&mut sequences, 1, 1).generation, 1);
+        sequences.resolve(&second, Outcome::Failed);
+        let third = stamp(&mut sequences, 0, 1);
+        assert_eq!((third.generation, third.base_sequence), (1, 0));
     }
 
     #[test]

@@ -51,8 +51,10 @@
 //! # Ordering
 //!
 //! Batches of one partition are sent in order on one stream. With idempotence records of one
-//! key are stored in send order even across retries: the broker refuses a batch that overtakes
-//! an unacknowledged earlier one (a sequence gap) and the producer retries it behind that one.
+//! key are stored in send order even across retries and leader changes: the broker refuses a
+//! batch that overtakes an unacknowledged earlier one (a sequence gap) and the producer retries
+//! it behind that one; after a batch fails for good, the partition's batches under the new
+//! producer id wait until the old id's batches of that partition are resolved.
 //! Without idempotence a retry after a broken connection can land behind a later batch of the
 //! same partition; set `in_flight_max = 1` when order must hold even then.
 //!
@@ -631,12 +633,13 @@ impl Shared {
     }
 
     /// Whether a failed attempt of an idempotent batch is worth retrying although it is not
-    /// transient: a sequence gap because the batch overtook an earlier, unresolved one.
+    /// transient: a sequence gap because the batch overtook an earlier one that is being
+    /// retried or was just acknowledged (`Sequences::gap_worth_retrying`).
     fn overtook_earlier_batch(&self, stamp: Option<&Stamp>, error: &Error) -> bool {
         match (stamp, &self.sequences) {
             (Some(stamp), Some(sequences)) => {
                 error.code() == Some(tonic::Code::OutOfRange)
-                    && lock(sequences).earlier_unresolved(stamp)
+                    && lock(sequences).gap_worth_retrying(stamp)
             }
             _ => false,
         }
