@@ -114,6 +114,8 @@ metrics! {
     REPLICATION_LEADERSHIPS_WON_TOTAL = "syncline_replication_leaderships_won_total", Counter, [], "Partition leaderships this node took; summed over the nodes, the cluster's partition leader changes";
     REPLICATION_COMMIT_DURATION_SECONDS = "syncline_replication_commit_duration_seconds", Histogram, [], "Replicated partitions, on the leader: from handing a write to its Raft group to its apply (a quorum appended and fsync'd it)";
     REPLICATION_GROUPS = "syncline_replication_groups", ScrapeGauge, [], "Partition Raft groups running on this node";
+    REPLICATION_GROUPS_QUIET = "syncline_replication_groups_quiet", ScrapeGauge, [], "Partition Raft groups on this node with their ticks off (idle: no heartbeats, no timers)";
+    REPLICATION_GROUP_WAKES_TOTAL = "syncline_replication_group_wakes_total", Counter, [], "Times a quiesced partition group this node leads was woken by a write or a linearizable read";
     REPLICATION_PARTITIONS_LED = "syncline_replication_partitions_led", ScrapeGauge, [], "Replicated partitions this node leads";
     REPLICATION_UNDER_REPLICATED_PARTITIONS = "syncline_replication_under_replicated_partitions", ScrapeGauge, [], "Replicated partitions this node leads with a follower not caught up (behind the commit index, or silent for two election timeouts while entries wait for it or its node is down)";
     REPLICATION_FOLLOWER_LAG_ENTRIES = "syncline_replication_follower_lag_entries", ScrapeGauge, ["follower"], "On a leader, per follower node: the most Raft entries (about one per produced batch) it is behind in a partition this node leads";
@@ -352,12 +354,14 @@ fn render_replication(
     out: &mut String,
     controller: Option<&crate::cluster::controller::Controller>,
 ) {
-    let statuses: Vec<_> = controller
+    let groups = controller
         .map(crate::replication::status::statuses)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(_, status)| status)
-        .collect();
+        .unwrap_or_default();
+    let quiet = groups
+        .iter()
+        .filter(|(group, _)| !group.quiet().ticking())
+        .count();
+    let statuses: Vec<_> = groups.into_iter().map(|(_, status)| status).collect();
     let led = statuses
         .iter()
         .filter(|s| s.role == crate::replication::status::Role::Leader);
@@ -371,6 +375,7 @@ fn render_replication(
     }
     for (name, value) in [
         (REPLICATION_GROUPS, statuses.len()),
+        (REPLICATION_GROUPS_QUIET, quiet),
         (REPLICATION_PARTITIONS_LED, led.clone().count()),
         (
             REPLICATION_UNDER_REPLICATED_PARTITIONS,

@@ -644,6 +644,7 @@ impl Controller {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if let Some(changes) = self.replicas.take_leader_changes() {
             tokio::spawn(self.clone().report_leaders(changes, shutdown.clone()));
+            self.replicas.spawn_quiescence(shutdown.clone());
         }
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -70,6 +70,7 @@ pub struct Group {
     leadership: watch::Receiver<Leadership>,
     addresses: Addresses,
     tracker: Arc<super::status::Tracker>,
+    quiet: super::quiesce::Quiet,
 }
 
 impl std::fmt::Debug for Group {
@@ -219,7 +220,13 @@ impl Group {
             leadership,
             addresses: context.addresses.clone(),
             tracker,
+            quiet: super::quiesce::Quiet::default(),
         }))
+    }
+
+    /// The group's quiescence state (see `replication::quiesce`).
+    pub fn quiet(&self) -> &super::quiesce::Quiet {
+        &self.quiet
     }
 
     /// The openraft handle (for peer calls).
@@ -349,6 +356,7 @@ impl Replica for Group {
         if !leadership.serving {
             return Err(self.not_leader(leadership.leader));
         }
+        self.quiet.wake(&self.raft);
         let (reply, receiver) = oneshot::channel();
         self.proposals
             .send((proposal, reply))
@@ -372,6 +380,7 @@ impl Replica for Group {
 
     fn read_barrier(&self) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + '_>> {
         Box::pin(async move {
+            self.quiet.wake(&self.raft);
             let result = tokio::time::timeout(
                 READ_BARRIER_TIMEOUT,
                 self.raft.ensure_linearizable(ReadPolicy::ReadIndex),

@@ -22,6 +22,8 @@
 //! - `state_machine`: applies entries to the [`crate::partition::Partition`].
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
+//! - `quiesce`: idle groups switch openraft's ticks off; one ping per node pair tells
+//!   followers their leader is alive and idle.
 //! - `status`: a group's replication status (role, commit and apply indexes, followers caught
 //!   up and their lag) for DescribeCluster and the metrics.
 //! - this module: [`Replicas`], every group on this node, started and stopped by the cluster's
@@ -31,6 +33,7 @@
 
 pub mod group;
 pub mod network;
+pub mod quiesce;
 pub mod raft_log;
 pub mod state_machine;
 pub mod status;
@@ -48,7 +51,9 @@ use network::GroupId;
 
 /// Every partition group on this node.
 pub struct Replicas {
-    context: GroupContext,
+    pub(crate) context: GroupContext,
+    /// What this node hears from its peers' pings (see `quiesce`).
+    pub(crate) liveness: quiesce::Liveness,
     groups: parking_lot::RwLock<HashMap<GroupId, Arc<Group>>>,
     /// Serializes starts and stops.
     admin: tokio::sync::Mutex<()>,
@@ -71,11 +76,18 @@ impl Replicas {
         let (won, won_rx) = tokio::sync::mpsc::unbounded_channel();
         Replicas {
             context,
+            liveness: quiesce::Liveness::default(),
             groups: parking_lot::RwLock::default(),
             admin: tokio::sync::Mutex::new(()),
             won,
             won_rx: parking_lot::Mutex::new(Some(won_rx)),
         }
+    }
+
+    /// Runs the quiescence of every group (see `quiesce`) until `shutdown`.
+    pub fn spawn_quiescence(self: &Arc<Self>, shutdown: tokio::sync::watch::Receiver<bool>) {
+        tokio::spawn(quiesce::ping_peers(self.clone(), shutdown.clone()));
+        tokio::spawn(quiesce::watch_groups(self.clone(), shutdown));
     }
 
     /// The leaderships this node wins, as they happen (taken once, by the controller's
@@ -169,6 +181,9 @@ impl Replicas {
 
     /// Serves a `Peer.Replicate` call.
     pub async fn serve(&self, request: v1::ReplicateRequest) -> Result<Vec<u8>, tonic::Status> {
+        if request.kind == "ping" {
+            return Ok(quiesce::encode_quiet(&self.groups()));
+        }
         let id = GroupId {
             topic_id: request.topic_id.clone(),
             partition: request.partition,
