@@ -1482,12 +1482,18 @@ async fn given_batch_that_overtook_a_retried_one_should_retry_behind_it_in_order
         ..fast_retries()
     };
     let producer = client.producer("t", config).await.unwrap();
-    // The first batch is lost; the second then arrives with a sequence gap.
+    let value = "v".repeat(100);
+    // The partition's first batch goes alone; then two at once.
+    let zeroth = producer
+        .enqueue(None, Some(format!("0{value}").as_bytes()), &[])
+        .await
+        .unwrap();
+    assert_eq!(zeroth.await.unwrap().offset, 0);
+    // The first of the two is lost; the second then arrives with a sequence gap.
     broker
         .lock()
         .script
         .push_back(Scripted::Fail(Code::Unavailable));
-    let value = "v".repeat(100);
     let first = producer
         .enqueue(None, Some(format!("1{value}").as_bytes()), &[])
         .await
@@ -1497,15 +1503,15 @@ async fn given_batch_that_overtook_a_retried_one_should_retry_behind_it_in_order
         .await
         .unwrap();
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
-    assert_eq!((first.offset, second.offset), (0, 1), "send order kept");
+    assert_eq!((first.offset, second.offset), (1, 2), "send order kept");
     let state = broker.lock();
     let sequences: Vec<i32> = state
         .received_batches
         .iter()
         .map(|(_, batch)| producer_fields(batch).2)
         .collect();
-    assert!(sequences.len() >= 3, "{sequences:?}");
-    assert_eq!(&sequences[..2], [0, 1]);
+    assert!(sequences.len() >= 4, "{sequences:?}");
+    assert_eq!(&sequences[..3], [0, 1, 2]);
 }
 
 #[tokio::test]

@@ -182,6 +182,7 @@ impl Replicas {
     /// Serves a `Peer.Replicate` call.
     pub async fn serve(&self, request: v1::ReplicateRequest) -> Result<Vec<u8>, tonic::Status> {
         if request.kind == "ping" {
+            self.liveness.pinged_by(request.from);
             return Ok(quiesce::encode_quiet(&self.groups()));
         }
         let id = GroupId {

@@ -4,6 +4,11 @@
 //! entries as binary `RaftEntry` messages (a proposal's bytes as they are in the Raft log);
 //! the rest of each request and every answer is serde-encoded.
 //!
+//! Heartbeats (appends without entries) have openraft's time limit (the heartbeat interval);
+//! an append with entries at least [`APPEND_TTL_MIN`] plus its bytes at 8 MiB/s (the follower
+//! fsyncs before it answers), and carries at most `raft_log::REPLICATION_READ_BYTES_MAX` of
+//! records (what the log reader hands replication).
+//!
 //! Fault model: as the controller's network (`cluster::network`): no answer within the call's
 //! time limit or a lost connection is Unreachable (openraft backs off and retries); a node of
 //! another cluster, or one without the group, refuses the call, which openraft sees as a
@@ -204,6 +209,23 @@ impl GroupConnection {
     }
 }
 
+/// Time an append carrying entries may take at least: openraft's limit (the heartbeat interval)
+/// is meant for heartbeats; an append waits for the follower's fsync, and a busy machine's
+/// fsync can take far longer than 150 ms. Too short a limit made a follower behind under load
+/// time out on every append and never catch up.
+pub const APPEND_TTL_MIN: Duration = Duration::from_secs(2);
+/// The rate below which an append is given up (bytes per second): 8 MiB/s.
+const APPEND_BYTES_PER_SEC_MIN: u64 = 8 * 1024 * 1024;
+
+/// The time limit of an append of `bytes` bytes of entries (`ttl`, openraft's, for none).
+fn append_ttl(ttl: Duration, bytes: usize) -> Duration {
+    if bytes == 0 {
+        return ttl;
+    }
+    let transfer = Duration::from_millis(bytes as u64 * 1000 / APPEND_BYTES_PER_SEC_MIN);
+    ttl.max(APPEND_TTL_MIN + transfer)
+}
+
 impl RaftNetworkV2<PartitionRaft> for GroupConnection {
     type SnapshotData = std::io::Cursor<Vec<u8>>;
 
@@ -225,8 +247,14 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
             .map(entry_to_wire)
             .collect::<Result<Vec<_>, _>>()
             .map_err(network_error)?;
-        self.call("append", header, entries, option.hard_ttl())
-            .await
+        let bytes: usize = entries.iter().map(|e| e.payload.len()).sum();
+        self.call(
+            "append",
+            header,
+            entries,
+            append_ttl(option.hard_ttl(), bytes),
+        )
+        .await
     }
 
     async fn vote(
@@ -319,5 +347,31 @@ pub async fn serve(
         other => Err(tonic::Status::invalid_argument(format!(
             "unknown raft message kind `{other}`"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn appends_with_entries_should_get_time_for_the_fsync_and_their_bytes() {
+        let heartbeat = Duration::from_millis(150);
+        assert_eq!(
+            append_ttl(heartbeat, 0),
+            heartbeat,
+            "a heartbeat keeps openraft's limit"
+        );
+        assert_eq!(append_ttl(heartbeat, 100), APPEND_TTL_MIN + Duration::ZERO);
+        assert_eq!(
+            append_ttl(heartbeat, 8 * 1024 * 1024),
+            APPEND_TTL_MIN + Duration::from_secs(1)
+        );
+        let long = Duration::from_secs(60);
+        assert_eq!(
+            append_ttl(long, 100),
+            long,
+            "a longer limit of openraft's stands"
+        );
     }
 }

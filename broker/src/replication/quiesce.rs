@@ -7,7 +7,8 @@
 //! timer wake-ups) once it has served no write and no read barrier for [`QUIET_AFTER`], its
 //! whole log is committed and applied, every voter has matched the leader's last entry, and
 //! the commit index has not moved for [`QUIET_AFTER`] (so the heartbeats sent since carried it
-//! to the followers). The next write or read barrier wakes it first ([`Quiet::wake`]: ticks on
+//! to the followers), and every follower pinged this node within [`PINGED_WITHIN`] (so it
+//! will hear that the group is quiet before its election timer runs out). The next write or read barrier wakes it first ([`Quiet::wake`]: ticks on
 //! again); the append itself reaches the followers at once. A group with a replica down or
 //! behind never quiesces: its heartbeats keep catching it up.
 //!
@@ -62,6 +63,9 @@ pub const QUIET_AFTER: Duration = Duration::from_secs(1);
 pub const SILENT_MIN: Duration = Duration::from_millis(600);
 /// ... and at most this long (per group and node, spread between the two).
 pub const SILENT_MAX: Duration = Duration::from_millis(1200);
+/// A leader quiesces a group only while each follower pinged it this recently: the follower
+/// will learn that the group is quiet before its election timer runs out.
+pub const PINGED_WITHIN: Duration = Duration::from_millis(450);
 /// Quiet groups listed in one ping answer, at most (a node leads fewer in practice).
 const QUIET_LIST_MAX: usize = 1 << 20;
 
@@ -122,10 +126,11 @@ impl Quiet {
     }
 }
 
-/// What this node last heard from each peer node.
+/// What this node last heard from each peer node, and when each last pinged it.
 #[derive(Debug, Default)]
 pub struct Liveness {
     heard: parking_lot::Mutex<HashMap<u64, Heard>>,
+    pinged_by: parking_lot::Mutex<HashMap<u64, Instant>>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +149,19 @@ impl Liveness {
                 quiet: Arc::new(quiet),
             },
         );
+    }
+
+    /// Notes a ping from `node` (served by [`Replicas::serve`]).
+    pub fn pinged_by(&self, node: u64) {
+        self.pinged_by.lock().insert(node, Instant::now());
+    }
+
+    /// Whether `node` pinged this one within [`PINGED_WITHIN`] of `now`.
+    fn pinged_recently(&self, node: u64, now: Instant) -> bool {
+        self.pinged_by
+            .lock()
+            .get(&node)
+            .is_some_and(|at| now.saturating_duration_since(*at) < PINGED_WITHIN)
     }
 
     /// Whether a node heard from within `bound` says it leads `group` at `term`, quietly.
@@ -311,6 +329,7 @@ fn check(replicas: &Replicas, group: &Group, now: Instant) {
                         followers
                             .get(&node)
                             .is_some_and(|matched| matched.as_ref().map(|id| id.index) == last)
+                            && replicas.liveness.pinged_recently(node, now)
                     })
             });
         let idle = now.duration_since(*quiet.last_active.lock()) >= QUIET_AFTER

@@ -117,6 +117,9 @@ const CORRUPTION_SEARCH_INDEXES: u64 = 1 << 20;
 /// Slots pack the record length and kind in one u32: the kind in the top 2 bits.
 const KIND_SHIFT: u32 = 30;
 const LEN_MASK: u32 = (1 << KIND_SHIFT) - 1;
+/// Bytes of records one replication read returns at most (one entry at least): bounds an
+/// append to a follower, however far behind it is.
+pub const REPLICATION_READ_BYTES_MAX: u64 = 4 * 1024 * 1024;
 /// The largest segment_bytes_max (record positions are u32 in memory).
 const SEGMENT_BYTES_LIMIT: u64 = 1 << 30;
 /// The largest record_bytes_max (the record length must fit the 30-bit slot field).
@@ -1071,6 +1074,23 @@ impl RaftLog {
     }
 
     /// Reads entries `[start, end)` (within the live log) from the cache and the segments.
+    /// The end (exclusive) of the longest run of entries from `start` (before `end`) whose
+    /// records take at most `bytes_max` bytes, one entry at least.
+    fn limited_end(&self, start: u64, end: u64, bytes_max: u64) -> u64 {
+        let state = self.shared.state.lock();
+        let mut total = 0u64;
+        for index in start.max(state.first_index)..end.min(state.next_index()) {
+            let Some(slot) = state.slot(index) else {
+                return end;
+            };
+            total += u64::from(slot.record_len());
+            if total > bytes_max && index > start {
+                return index;
+            }
+        }
+        end
+    }
+
     fn read_range(&self, start: u64, end: u64) -> Result<Vec<Entry>, RaftLogError> {
         // A truncation or purge may change a file under a read: then the read starts over.
         let mut attempts = 0;
@@ -1376,6 +1396,18 @@ impl RaftLogReader<PartitionRaft> for RaftLog {
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
         Ok(self.shared.state.lock().meta.vote)
     }
+
+    /// What replication reads: at most [`REPLICATION_READ_BYTES_MAX`] of records (at least one
+    /// entry), so one append to a follower stays small and quick to read, send and fsync,
+    /// however far behind the follower is.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        let end = self.limited_end(start, end, REPLICATION_READ_BYTES_MAX);
+        Ok(self.read_range(start, end)?)
+    }
 }
 
 impl RaftLogStorage<PartitionRaft> for RaftLog {
@@ -1565,6 +1597,32 @@ mod tests {
         )
         .expect("a new log opens");
         (dir, faults, log)
+    }
+
+    /// Replication reads a bounded run of entries however far behind a follower is: at most
+    /// `REPLICATION_READ_BYTES_MAX` of records, one entry at least (an entry larger than the
+    /// bound goes alone).
+    #[tokio::test]
+    async fn replication_reads_should_stop_at_the_byte_bound_but_return_one_entry_at_least() {
+        let (_dir, _faults, mut log) = faulty_log();
+        let mb = 1024 * 1024;
+        let entries: Vec<Entry> = (1..=10).map(|i| normal(1, i, mb)).collect();
+        append_durably(&mut log, entries).await;
+        let read = log.limited_get_log_entries(1, 11).await.expect("read");
+        let bound = (REPLICATION_READ_BYTES_MAX / mb as u64) as usize;
+        assert!(
+            (1..=bound).contains(&read.len()),
+            "{} entries of 1 MiB read",
+            read.len()
+        );
+        assert_eq!(read.first().map(|e| e.log_id.index), Some(1));
+        // A near-complete range still returns what there is.
+        let tail = log.limited_get_log_entries(10, 11).await.expect("read");
+        assert_eq!(tail.len(), 1);
+        let big = normal(1, 11, REPLICATION_READ_BYTES_MAX as usize + 10);
+        append_durably(&mut log, vec![big]).await;
+        let alone = log.limited_get_log_entries(11, 12).await.expect("read");
+        assert_eq!(alone.len(), 1, "an entry above the bound is read alone");
     }
 
     /// Whether `future` is ready at its first poll.

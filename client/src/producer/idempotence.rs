@@ -21,6 +21,10 @@
 //!   ([`Sequences::gap_worth_retrying`]). Not only while an earlier batch is unresolved: the
 //!   earlier batch's acknowledgement is often handled just before the later batch's refusal,
 //!   and the refused batch must then be retried too (it would be stored now), not failed.
+//! - **The first batch alone.** A partition that does not know a producer accepts its batch
+//!   whatever its sequence (the broker forgets idle producers, which then go on where they
+//!   were), so nothing would stop a later batch from overtaking the first: each identity's
+//!   first batch of a partition is sent alone, the next ones once it is acknowledged.
 //! - **Generations in order.** A partition's batches of a new identity are sent only once
 //!   every batch of the older identity in that partition is resolved, so a retry of the old id
 //!   never lands behind a batch sent after it.
@@ -216,6 +220,13 @@ impl Sequences {
         if state.unresolved.range(..(generation, 0)).next().is_some() {
             return Ok(Next::WindowFull);
         }
+        // The first batch of an identity in a partition goes alone: a partition that does not
+        // know the producer yet accepts any sequence, so a later batch that overtook the first
+        // (say the first was refused by a leader not yet serving, and retried) would be stored
+        // before it.
+        if state.next_index > 0 && state.unresolved.contains(&(generation, 0)) {
+            return Ok(Next::WindowFull);
+        }
         let stamp = Stamp {
             identity: self.identity,
             generation,
@@ -310,11 +321,35 @@ mod tests {
         }
     }
 
+    /// The first batch of `partition`, acknowledged (the next ones may go together).
+    fn first_acknowledged(sequences: &mut Sequences, partition: u32, records: u32) -> Stamp {
+        let first = stamp(sequences, partition, records);
+        sequences.resolve(&first, Outcome::Acknowledged);
+        first
+    }
+
+    /// Regression (bench at R = 3): a producer's second batch overtook its first (refused by
+    /// a leader not yet serving, then retried) and was stored first; the first then failed as
+    /// out of order. The first batch of a partition now goes alone.
+    #[test]
+    fn first_batch_of_a_partition_should_go_alone() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        let first = stamp(&mut sequences, 0, 3);
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        // Other partitions are not held.
+        let other = stamp(&mut sequences, 1, 1);
+        assert_eq!(other.base_sequence, 0);
+        sequences.resolve(&first, Outcome::Acknowledged);
+        let second = stamp(&mut sequences, 0, 1);
+        let third = stamp(&mut sequences, 0, 1);
+        assert_eq!((second.base_sequence, third.base_sequence), (3, 4));
+    }
+
     #[test]
     fn sequences_should_count_records_per_partition_from_zero() {
         let identity = ProducerIdentity::for_tests(9, 2);
         let mut sequences = Sequences::new(identity, 2);
-        let first = stamp(&mut sequences, 0, 3);
+        let first = first_acknowledged(&mut sequences, 0, 3);
         let other_partition = stamp(&mut sequences, 1, 10);
         let second = stamp(&mut sequences, 0, 4);
         let third = stamp(&mut sequences, 0, 1);
@@ -334,6 +369,7 @@ mod tests {
     #[test]
     fn given_window_of_unresolved_batches_should_hold_the_next_until_the_oldest_resolves() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        first_acknowledged(&mut sequences, 0, 1);
         let sent: Vec<Stamp> = (0..PARTITION_WINDOW_BATCHES)
             .map(|_| stamp(&mut sequences, 0, 1))
             .collect();
@@ -345,12 +381,13 @@ mod tests {
         sequences.resolve(&sent[3], Outcome::Acknowledged);
         assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
         sequences.resolve(&sent[0], Outcome::Acknowledged);
-        assert_eq!(stamp(&mut sequences, 0, 1).base_sequence, 5);
+        assert_eq!(stamp(&mut sequences, 0, 1).base_sequence, 6);
     }
 
     #[test]
     fn given_batch_failed_for_good_should_need_a_new_identity_and_restart_sequences() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        first_acknowledged(&mut sequences, 0, 2);
         let first = stamp(&mut sequences, 0, 2);
         let second = stamp(&mut sequences, 0, 2);
         sequences.resolve(&first, Outcome::Failed);
@@ -366,16 +403,20 @@ mod tests {
             (third.identity, third.generation, third.base_sequence),
             (renewed, 1, 0)
         );
-        // A failure of the old generation changes nothing for the new one.
+        // A failure of the old generation changes nothing for the new one, whose first batch
+        // goes alone.
+        assert_eq!(sequences.next(0, 1).unwrap(), Next::WindowFull);
+        sequences.resolve(&third, Outcome::Acknowledged);
         assert!(matches!(sequences.next(0, 1).unwrap(), Next::Stamp(_)));
     }
 
     #[test]
     fn given_earlier_batch_acknowledged_before_the_gap_is_handled_should_retry_the_gap() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        let zeroth = first_acknowledged(&mut sequences, 0, 2);
+        assert!(!sequences.gap_worth_retrying(&zeroth));
         let first = stamp(&mut sequences, 0, 2);
         let second = stamp(&mut sequences, 0, 2);
-        assert!(!sequences.gap_worth_retrying(&first));
         assert!(sequences.gap_worth_retrying(&second));
         sequences.resolve(&first, Outcome::Acknowledged);
         assert!(sequences.gap_worth_retrying(&second));
@@ -384,13 +425,14 @@ mod tests {
     #[test]
     fn given_earlier_batch_failed_for_good_should_not_retry_a_later_gap() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
+        first_acknowledged(&mut sequences, 0, 2);
         let first = stamp(&mut sequences, 0, 2);
         let second = stamp(&mut sequences, 0, 2);
         let third = stamp(&mut sequences, 0, 2);
         sequences.resolve(&second, Outcome::Failed);
         assert!(!sequences.gap_worth_retrying(&third));
         // The batch before the failure may still close its own gap.
-        assert!(!sequences.gap_worth_retrying(&first)); // index 0: never a gap to close
+        assert!(sequences.gap_worth_retrying(&first));
     }
 
     /// Regression (fault test, seed 15): batches of a new producer id overtook the old id's
@@ -398,6 +440,7 @@ mod tests {
     #[test]
     fn given_older_identity_batches_unresolved_should_hold_the_partition_new_batches() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        first_acknowledged(&mut sequences, 0, 1);
         let first = stamp(&mut sequences, 0, 1);
         let second = stamp(&mut sequences, 0, 1);
         sequences.resolve(&first, Outcome::Failed);
@@ -430,7 +473,7 @@ mod tests {
     #[test]
     fn unassign_should_give_the_sequence_back_to_the_next_batch() {
         let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 1);
-        stamp(&mut sequences, 0, 3);
+        first_acknowledged(&mut sequences, 0, 3);
         let unsent = stamp(&mut sequences, 0, 2);
         sequences.unassign(&unsent);
         let next = stamp(&mut sequences, 0, 1);
