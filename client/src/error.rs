@@ -255,6 +255,18 @@ impl Error {
         }
     }
 
+    /// Whether this failure says the partition's leader is gone or moving (a node down or
+    /// unreachable, or not the leader any more): retries then poll at a short, fixed pace
+    /// (100 ms at most) so that a write lands soon after the new
+    /// leader is elected, instead of backing off exponentially.
+    pub fn is_leader_change(&self) -> bool {
+        match self {
+            Error::Unreachable { .. } | Error::NotLeader { .. } => true,
+            Error::Broker { code, .. } => *code == Code::Unavailable,
+            _ => false,
+        }
+    }
+
     /// Whether retrying the same request later may succeed: the broker was unreachable or
     /// answered UNAVAILABLE (shutting down), ABORTED or DEADLINE_EXCEEDED, or the call reached
     /// a node that does not lead its partition ([`Error::NotLeader`]).

@@ -32,11 +32,11 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Raft timing of partition groups: a failed leader is replaced within about a second.
-pub const HEARTBEAT_MS: u64 = 150;
+pub const HEARTBEAT_MS: u64 = 100;
 /// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 600;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
 /// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1200;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
 /// Entries between snapshots (a snapshot syncs the partition log; the Raft log below it is
 /// then purged).
 pub const SNAPSHOT_EVERY: u64 = 4096;

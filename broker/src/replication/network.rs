@@ -211,7 +211,7 @@ impl GroupConnection {
 
 /// Time an append carrying entries may take at least: openraft's limit (the heartbeat interval)
 /// is meant for heartbeats; an append waits for the follower's fsync, and a busy machine's
-/// fsync can take far longer than 150 ms. Too short a limit made a follower behind under load
+/// fsync can take far longer than 100 ms. Too short a limit made a follower behind under load
 /// time out on every append and never catch up.
 pub const APPEND_TTL_MIN: Duration = Duration::from_secs(2);
 /// The rate below which an append is given up (bytes per second): 8 MiB/s.

@@ -52,20 +52,20 @@ use super::network::GroupId;
 use super::Replicas;
 
 /// How often each peer node is pinged.
-pub const PING_INTERVAL: Duration = Duration::from_millis(150);
+pub const PING_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a ping may take.
-const PING_TIMEOUT: Duration = Duration::from_millis(500);
+const PING_TIMEOUT: Duration = Duration::from_millis(400);
 /// How often every group's ticks are reconsidered.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// A leader quiesces a group idle (and its commit index still) this long.
 pub const QUIET_AFTER: Duration = Duration::from_secs(1);
 /// A follower trusts a quiet leader it heard from within this long at least...
-pub const SILENT_MIN: Duration = Duration::from_millis(600);
+pub const SILENT_MIN: Duration = Duration::from_millis(500);
 /// ... and at most this long (per group and node, spread between the two).
-pub const SILENT_MAX: Duration = Duration::from_millis(1200);
+pub const SILENT_MAX: Duration = Duration::from_millis(1000);
 /// A leader quiesces a group only while each follower pinged it this recently: the follower
 /// will learn that the group is quiet before its election timer runs out.
-pub const PINGED_WITHIN: Duration = Duration::from_millis(450);
+pub const PINGED_WITHIN: Duration = Duration::from_millis(300);
 /// Quiet groups listed in one ping answer, at most (a node leads fewer in practice).
 const QUIET_LIST_MAX: usize = 1 << 20;
 

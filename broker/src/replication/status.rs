@@ -6,7 +6,7 @@
 //! On the leader, a follower is *caught up* when either
 //! 1. it matched every entry the leader knows as committed (`matched >= committed`) and
 //!    acknowledged an append or a heartbeat within [`CAUGHT_UP_ACK_WINDOW`] (two of the
-//!    longest election timeouts; a follower answering heartbeats acks every 150 ms, so only
+//!    longest election timeouts; a follower answering heartbeats acks every 100 ms, so only
 //!    one that is down, cut off or stalled falls past it); or
 //! 2. it matched the leader's whole log (nothing is in flight to it) and the cluster's
 //!    metadata has its node alive: a group that sends no heartbeats while idle (quiesced)

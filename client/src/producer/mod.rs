@@ -952,6 +952,10 @@ async fn deliver(
                 last_error = Some(error);
                 if redirected && redirects < REDIRECTS_MAX {
                     redirects += 1;
+                } else if last_error.as_ref().is_some_and(Error::is_leader_change) {
+                    // Waiting for an election: poll at a short, fixed pace.
+                    redirects = 0;
+                    tokio::time::sleep(backoff.min(crate::routing::LEADER_WAIT_BACKOFF)).await;
                 } else {
                     redirects = 0;
                     tokio::time::sleep(backoff).await;
