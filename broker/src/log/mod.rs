@@ -17,7 +17,8 @@
 //! ```
 //! Code: `open.rs` (lock, listing, recovery scan, segment creation), `append.rs` (append,
 //! reservation, roll, group commit, publish, close), `read.rs` (reads, timestamp lookup,
-//! retention), `truncate.rs` (cutting the log back for a replication layer).
+//! retention), `truncate.rs` (cutting the log back for a replication layer), `image.rs` (an
+//! image of the log for another node, its verification, and replacing a log's files with it).
 //!
 //! Tables are compacted by `compact.rs`; its swap is committed through the manifest and open
 //! resolves what an interrupted swap left behind (see both module docs).
@@ -113,6 +114,7 @@ mod compact;
 pub mod config;
 pub mod error;
 pub mod file;
+mod image;
 mod index;
 mod manifest;
 mod open;
@@ -141,6 +143,9 @@ pub use compact::{
 pub use config::{ConfigError, FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
+pub use image::{
+    image_files, is_image_file, is_log_file, replace_files, verify_image, ImageFile, LogImage,
+};
 pub use preallocate::Preallocation;
 
 /// Writes `dir/name` so that a crash leaves the old or the new file (temp file, fsync, rename,
@@ -400,6 +405,11 @@ impl Log {
     /// The configuration the log was opened with.
     pub fn config(&self) -> &LogConfig {
         &self.config
+    }
+
+    /// The options the log was opened with (to open its directory again the same way).
+    pub fn open_options(&self) -> OpenOptions {
+        self.options.clone()
     }
 
     /// What the last open found.
