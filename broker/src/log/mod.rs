@@ -122,7 +122,7 @@ pub mod preallocate;
 mod read;
 mod segment;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod truncate;
 
 use std::fs::File;
