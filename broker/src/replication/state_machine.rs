@@ -5,19 +5,58 @@
 //! ## Applied state (`<partition dir>/raft/applied.json`)
 //! `{ last_applied, membership, end_offset }`: the last applied log id, the membership as of it
 //! and the partition log's end offset right after it, written (temp file, fsync, rename,
-//! directory fsync) when a snapshot is built, after the partition log was fsync'd up to
-//! `end_offset`. The partition log is opened in `Published` visibility: readers see what apply
+//! directory fsync) when a snapshot is built or sent, after the partition log was fsync'd up
+//! to `end_offset`, and by a snapshot install. The partition log is opened in `Published` visibility: readers see what apply
 //! publishes, and the log is not fsync'd per write (the Raft log is). At open
 //! ([`prepare_log`]) the partition log is cut back to `end_offset` before anything reads it;
 //! openraft then re-applies the committed entries after `last_applied` from the Raft log,
 //! deterministically, so they land at the same offsets with the same bytes as before.
 //!
 //! ## Snapshots
-//! A snapshot is the partition log itself up to `end_offset`: building one writes the applied
-//! state (after a sync of the partition log), so openraft may purge the Raft log below it.
-//! Installing one on a follower that the leader's purged Raft log left behind needs the
-//! leader's log segments shipped (not built yet: such a follower reports the error and stays
-//! behind; the leader keeps `SNAPSHOT_KEEP` entries past each snapshot for this reason).
+//! A snapshot is the partition log itself up to `end_offset`, described by the applied state.
+//! - **Build** (every `raft_snapshot_every` entries, [`RaftSnapshotBuilder::build_snapshot`]):
+//!   under the state machine's lock, the partition log is fsync'd and `applied.json` written
+//!   (skipped when it already says so); openraft may then purge the Raft log below it, keeping
+//!   `raft_snapshot_keep` entries for followers a little behind. Its data is the meta alone.
+//! - **Send** (openraft asks for the current snapshot for a follower behind its purged Raft
+//!   log): the same under the lock (so the meta is the applied state right now, durable), then
+//!   `SnapshotImage::export` hard-links every segment file into
+//!   `raft/snapshot-out-<pid>-<n>/` with each file's length and writes the manifest there; the
+//!   lock keeps applies out, so the image ends exactly at the meta's `end_offset`. Failures give
+//!   an image that cannot be sent (openraft retries) instead of stopping the group. The bytes go
+//!   on `Peer.InstallSnapshot` (`snapshot.rs`: format, chunk CRCs, limits) and the receiver
+//!   verifies them as a log before openraft sees them.
+//! - **Install** ([`RaftStateMachine::install_snapshot`], on a follower, with the verified image
+//!   in `raft/snapshot-in-<pid>-<n>/`):
+//!   1. `raft/install.json` is written (temp file, fsync, rename, directory fsync):
+//!      ```text
+//!      { "staging": "snapshot-in-<pid>-<n>", "files": [every log file of the verified image],
+//!        "applied": { "last_applied", "membership", "end_offset" } }
+//!      ```
+//!   2. in the partition's one-writer critical section ([`Partition::replace_log`]): the old
+//!      log is closed; the partition directory's log files are replaced by the image's
+//!      (`log::replace_files`: files the image lacks deleted, the image's renamed in, directory
+//!      fsync'd), the partition's state snapshot of the old log deleted, `applied.json` written,
+//!      the marker deleted (raft directory fsync'd), the staging directory removed; the log is
+//!      opened again (a clean open: the verification built its indexes), the key index and
+//!      producer state rebuilt from it as at any open, it is published up to its end, and log and
+//!      state are swapped in together.
+//!
+//!   The image holds every record the follower applied, at the same offsets (both are prefixes
+//!   of the same committed history; the leader's may be compacted), so no offset a reader saw
+//!   is reused and the visible offset never goes back.
+//!
+//! ### Fault model of an install
+//! - Before the marker is durable, nothing of the partition log changed: a crash leaves the old
+//!   log (the staging directory is removed at the next open).
+//! - Once it is, the install only goes forward: at the next open [`recover_install`] runs the
+//!   rest of step 2 before the partition log opens (every step is idempotent: a file is in the
+//!   staging directory or already moved, never lost), so the partition opens with the new log
+//!   and the applied state the marker names. The staged files were fsync'd and verified before
+//!   the marker was written.
+//! - An error during the install (after the marker) fails openraft's storage call, which stops
+//!   the group on this node; the node's next start finishes the install from the marker.
+//! - Staging directories (`raft/snapshot-*`) a crash leaves behind are removed at open.
 
 use std::io;
 use std::path::{Path, PathBuf};
