@@ -308,6 +308,12 @@ async fn a_follower_behind_the_leaders_purged_raft_log_should_catch_up_by_snapsh
         "node {victim} caught up without installing a snapshot of each partition:\n{}",
         cluster.log_tail(victim, 60)
     );
+    let scraped = common::scrape(cluster.node(victim).metrics_address().unwrap());
+    let installed = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix("syncline_replication_snapshots_installed_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(installed >= Some(2.0), "installed: {installed:?}");
     for line in cluster.logs(victim).lines().filter(|l| {
         l.contains("installed a snapshot") || l.contains("received and verified a snapshot")
     }) {

@@ -335,6 +335,7 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
             serde_json::from_slice(&response.payload)
                 .map_err(|e| refused(format!("an answer that does not decode: {e}")))?;
         let answer = answer.map_err(refused)?;
+        metrics::counter!(crate::metrics::REPLICATION_SNAPSHOTS_SENT_TOTAL).increment(1);
         tracing::info!(group = %self.factory.group, target = self.target, bytes, files, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot sent and installed");
         Ok(answer)
     }
@@ -380,9 +381,12 @@ where
             Ok(received) => received,
             Err(refusal) => {
                 tracing::warn!(group = %group.id(), %refusal, "refused a snapshot");
+                metrics::counter!(crate::metrics::REPLICATION_SNAPSHOTS_REFUSED_TOTAL).increment(1);
                 return encode(Err(refusal));
             }
         };
+    metrics::counter!(crate::metrics::REPLICATION_SNAPSHOT_BYTES_RECEIVED_TOTAL)
+        .increment(image.bytes());
     tracing::info!(group = %group.id(), bytes = image.bytes(), files = image.files().len(), end = image.end_offset(), last_log_id = ?meta.last_log_id, elapsed_ms = started.elapsed().as_millis() as u64, "received and verified a snapshot");
     let snapshot = Snapshot {
         meta,

@@ -432,6 +432,7 @@ impl RaftStateMachine<PartitionRaft> for PartitionStateMachine {
         inner.membership = meta.last_membership.clone();
         inner.snapshot = Some(meta.clone());
         inner.persisted = Some((meta.last_log_id, end));
+        metrics::counter!(crate::metrics::REPLICATION_SNAPSHOTS_INSTALLED_TOTAL).increment(1);
         tracing::info!(topic = %self.partition.topic, partition = self.partition.id, last_applied = ?meta.last_log_id, end, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "installed a snapshot: the partition log is the leader's copy");
         Ok(())
     }
