@@ -359,6 +359,72 @@ mod tests {
         }
     }
 
+    /// Drops every record below `cutoff` (as if a later version of its key existed).
+    struct DropBelow(u64);
+
+    impl crate::log::CompactionFilter for DropBelow {
+        fn decide(
+            &self,
+            batch: &syncline_proto::batch::Batch,
+            _tombstones_expired: bool,
+            out: &mut Vec<crate::log::Verdict>,
+        ) -> Result<(), String> {
+            for record in batch.records() {
+                let record = record.map_err(|e| e.to_string())?;
+                out.push(if record.offset < self.0 {
+                    crate::log::Verdict::Superseded
+                } else {
+                    crate::log::Verdict::Keep
+                });
+            }
+            Ok(())
+        }
+        fn keep_whole(&self, _header: &syncline_proto::batch::BatchHeader) -> bool {
+            false
+        }
+        fn limit(&self) -> u64 {
+            u64::MAX
+        }
+        fn tombstones_removed(&self, _removed: &[(bytes::Bytes, u64)]) {}
+    }
+
+    #[test]
+    fn given_a_compacted_log_when_exported_and_verified_should_keep_its_generations_and_manifest() {
+        let root = tempfile::tempdir().unwrap();
+        let log = filled(&root.path().join("source"), 60);
+        log.sync().unwrap();
+        let cutoff = log.end_offset() / 2;
+        let outcome = log
+            .compact(
+                &DropBelow(cutoff),
+                &crate::log::CompactOptions {
+                    roll: true,
+                    delete_retention_ms: u64::MAX,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(outcome.records_removed > 0, "{outcome:?}");
+        log.append(&make_batch(5, 10, 2_000, 99)).unwrap();
+        let image_dir = root.path().join("image");
+        let image = log.export_image(&image_dir).unwrap();
+        assert!(
+            image.files.iter().any(|f| f.name.contains('-')),
+            "compacted segments ship under their generation: {:?}",
+            image.files
+        );
+        let received = root.path().join("received");
+        copy_image(&image_dir, &image, &received);
+        verify_image(&received, small_config(), image.end_offset).unwrap();
+        let copy = Log::open(&received, small_config()).unwrap();
+        assert_eq!(all_batches(&copy), all_batches(&log));
+        assert_eq!(copy.compaction_horizon(), log.compaction_horizon());
+        assert_eq!(
+            copy.compaction_info().bytes_reclaimed,
+            log.compaction_info().bytes_reclaimed
+        );
+    }
+
     fn copy_dir(from: &Path, to: &Path) {
         std::fs::create_dir_all(to).unwrap();
         for entry in std::fs::read_dir(from).unwrap() {

@@ -497,6 +497,12 @@ impl Log {
         error.raw_os_error() == Some(libc::ENOSPC)
     }
 
+    /// True once the log was closed: nothing is appended to it any more (a replica that
+    /// installed a snapshot serves another log since).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     /// True once the log was poisoned by an I/O failure.
     pub fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
