@@ -23,25 +23,42 @@ const TABLE: &str = "table";
 /// Raft entries between snapshots: small, so a few hundred writes purge the Raft log often.
 const SNAPSHOT_EVERY: &str = "64";
 /// Written while the follower is down: several snapshots' worth of entries (one per write).
+/// `SYNCLINE_CATCH_UP_WRITES` raises it for a measurement (the install's log lines, printed,
+/// give the bytes and times).
 const WHILE_DOWN: u64 = 400;
+/// Bytes of each value; `SYNCLINE_CATCH_UP_VALUE_BYTES` changes it (at most ~60 KiB: a record
+/// fits a 64 KiB segment).
+const VALUE_BYTES: usize = 700;
+
+/// A setting of the test: the environment variable `name`, else `default`.
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 /// Keys of the table (each written many times while the follower is down).
 const KEYS: u64 = 37;
 
-fn broker_args() -> Vec<&'static str> {
-    vec![
+fn broker_args() -> Vec<String> {
+    [
         "--raft-snapshot-every",
         SNAPSHOT_EVERY,
         // Nothing kept below a snapshot: a follower that missed one is behind the Raft log.
         "--raft-snapshot-keep",
         "0",
-        // Small segments: the snapshot ships several files.
+        // Small segments: the snapshot ships several files (`SYNCLINE_CATCH_UP_SEGMENT_BYTES`
+        // changes it for a measurement).
         "--segment-bytes",
-        "64KiB",
+        &knob("SYNCLINE_CATCH_UP_SEGMENT_BYTES", "64KiB".to_string()),
         // No compaction during the test: a node compacts only what it leads, so leader and
         // followers would hold different (equally valid) files.
         "--cleaner-interval-ms",
         "3600000",
     ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// Partition 0 of `topic` as node `id` describes it.
@@ -146,7 +163,10 @@ impl Writer {
     ) {
         for i in from..from + count {
             let key = format!("k{}", i % KEYS);
-            let value = format!("v{i}-{}", "x".repeat(700));
+            let value = format!(
+                "v{i}-{}",
+                "x".repeat(knob("SYNCLINE_CATCH_UP_VALUE_BYTES", VALUE_BYTES))
+            );
             for topic in topics {
                 self.put(cluster, topic, &key, &value).await;
                 if *topic == TABLE {
@@ -252,7 +272,9 @@ async fn lead_by(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_behind_the_leaders_purged_raft_log_should_catch_up_by_snapshot_and_then_lead() {
-    let mut cluster = Cluster::start_with_args(3, &broker_args());
+    let args = broker_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start_with_args(3, &args);
     let client = cluster.client(1).await;
     for (topic, cleanup) in [
         (EVENTS, syncline_client::CleanupPolicy::Delete),
@@ -291,18 +313,29 @@ async fn a_follower_behind_the_leaders_purged_raft_log_should_catch_up_by_snapsh
         .find(|n| !leaders.contains(n))
         .unwrap_or_else(|| panic!("every node leads one of the two partitions: {leaders:?}"));
     cluster.kill(victim);
+    let while_down = knob("SYNCLINE_CATCH_UP_WRITES", WHILE_DOWN);
+    let written = std::time::Instant::now();
     writer
-        .write(&cluster, &both, 20, WHILE_DOWN, &mut latest)
+        .write(&cluster, &both, 20, while_down, &mut latest)
         .await;
-    let mut next = 20 + WHILE_DOWN;
+    let mut next = 20 + while_down;
     let others: Vec<u64> = all.iter().copied().filter(|n| *n != victim).collect();
     assert_eq!(installs(&cluster, victim), 0);
 
     // Back: it catches up, by a snapshot of each partition, and shows as caught up.
+    eprintln!(
+        "wrote {while_down} records to each partition in {:?} while node {victim} was down",
+        written.elapsed()
+    );
+    let restarted = std::time::Instant::now();
     cluster.restart(victim);
     let description = cluster
         .wait_for_description(others[0], TIMEOUT, |d| settled(d, &both, None, &all))
         .await;
+    eprintln!(
+        "node {victim} restarted and caught up in {:?}",
+        restarted.elapsed()
+    );
     assert!(
         installs(&cluster, victim) >= 2,
         "node {victim} caught up without installing a snapshot of each partition:\n{}",
