@@ -8,7 +8,12 @@
 //! Fault model: as the controller's network (`cluster::network`): no answer within the call's
 //! time limit or a lost connection is Unreachable (openraft backs off and retries); a node of
 //! another cluster, or one without the group, refuses the call, which openraft sees as a
-//! network error naming it.
+//! network error naming it. A snapshot transfer has its own time limit, by its size
+//! (`snapshot::transfer_timeout`; openraft's `install_snapshot_timeout` is meant for one chunk
+//! of its own protocol): past it, with the receiver busy with another transfer of the group,
+//! or with no image to send now, it is Unreachable (openraft backs off and asks for a new
+//! snapshot); a transfer the receiver refused (a check failed) is a network error naming why
+//! (openraft retries at once, then backs off).
 
 use std::future::Future;
 use std::time::Duration;
