@@ -530,14 +530,19 @@ async fn the_cluster_should_survive_a_controller_kill_a_node_down_during_a_delet
     let client = cluster.client(down).await;
     // Everything each partition's log holds: the acknowledged records and maybe some whose
     // acknowledgement the kill cut off.
-    let total: u64 = eventually(CONTROLLER_TIMEOUT, "crash to be described", || async {
-        let described = client.describe_topic("crash").await.ok()?;
-        described
-            .partitions
-            .iter()
-            .all(|p| p.error.is_none())
-            .then(|| described.partitions.iter().map(|p| p.log_end_offset).sum())
-    })
+    // Right after the restart a partition's end may still be moving (its new leader applying
+    // the committed entries), so wait until it covers every acknowledged record; a lost one
+    // fails here.
+    let total: u64 = eventually(
+        CONTROLLER_TIMEOUT,
+        "crash to be described, holding every acknowledged record",
+        || async {
+            let described = client.describe_topic("crash").await.ok()?;
+            let total: u64 = described.partitions.iter().map(|p| p.log_end_offset).sum();
+            (described.partitions.iter().all(|p| p.error.is_none()) && total >= acked.len() as u64)
+                .then_some(total)
+        },
+    )
     .await;
     assert!(total >= acked.len() as u64, "{total} < {}", acked.len());
     let log = read_all(&client, "crash", total as usize).await;

@@ -247,6 +247,18 @@ pub struct Flags {
     /// [default: min(3, cluster nodes)]
     #[arg(long, env = "SYNCLINE_DEFAULT_REPLICATION_FACTOR", value_name = "N")]
     pub default_replication_factor: Option<u32>,
+
+    /// Replicated partitions: Raft entries between two snapshots of a partition's group, in
+    /// [8, 1000000]; a snapshot syncs the partition log and lets the Raft log below it go
+    /// [default: 4096]
+    #[arg(long, env = "SYNCLINE_RAFT_SNAPSHOT_EVERY", value_name = "ENTRIES")]
+    pub raft_snapshot_every: Option<u64>,
+
+    /// Replicated partitions: Raft entries a leader keeps below its last snapshot, in
+    /// [0, 10000000], for replicas a little behind; a replica further behind catches up from a
+    /// copy of the leader's partition log (its segment files) [default: 100000]
+    #[arg(long, env = "SYNCLINE_RAFT_SNAPSHOT_KEEP", value_name = "ENTRIES")]
+    pub raft_snapshot_keep: Option<u64>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -286,6 +298,8 @@ struct FileConfig {
     cluster: Option<String>,
     advertise: Option<String>,
     default_replication_factor: Option<u32>,
+    raft_snapshot_every: Option<u64>,
+    raft_snapshot_keep: Option<u64>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -432,6 +446,8 @@ pub struct Config {
     pub preallocate_bytes_max: Option<u64>,
     /// This node's id, address and the controller's initial voters.
     pub node: crate::cluster::node::NodeConfig,
+    /// Raft settings of replicated partitions' groups.
+    pub replication: crate::replication::group::GroupSettings,
 }
 
 impl Default for Config {
@@ -475,6 +491,7 @@ impl Default for Config {
             group_session_timeout_ms: 10_000,
             preallocate_bytes_max: None,
             node: crate::cluster::node::NodeConfig::default(),
+            replication: crate::replication::group::GroupSettings::default(),
         }
     }
 }
@@ -714,6 +731,15 @@ impl Config {
         node.default_replication_factor = flags
             .default_replication_factor
             .or(file.default_replication_factor);
+        let replication = &mut config.replication;
+        replication.snapshot_every = flags
+            .raft_snapshot_every
+            .or(file.raft_snapshot_every)
+            .unwrap_or(replication.snapshot_every);
+        replication.snapshot_keep = flags
+            .raft_snapshot_keep
+            .or(file.raft_snapshot_keep)
+            .unwrap_or(replication.snapshot_keep);
         if let Some(cluster) = flags.cluster.or(file.cluster) {
             node.cluster =
                 crate::cluster::node::parse_cluster(&cluster).map_err(|message| ConfigError {
@@ -844,6 +870,21 @@ impl Config {
                      between two heartbeats",
                     self.group_heartbeat_interval_ms, self.group_session_timeout_ms
                 ),
+            );
+        }
+        let replication = &self.replication;
+        let (min, max) = crate::replication::group::SNAPSHOT_EVERY_RANGE;
+        if !(min..=max).contains(&replication.snapshot_every) {
+            return err(
+                "raft_snapshot_every",
+                format!("{} is outside [{min}, {max}]", replication.snapshot_every),
+            );
+        }
+        let max = crate::replication::group::SNAPSHOT_KEEP_MAX;
+        if replication.snapshot_keep > max {
+            return err(
+                "raft_snapshot_keep",
+                format!("{} is outside [0, {max}]", replication.snapshot_keep),
             );
         }
         // The per-topic log config must be valid with these defaults.

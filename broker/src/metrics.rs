@@ -113,6 +113,10 @@ metrics! {
     REPLICATION_ELECTIONS_TOTAL = "syncline_replication_elections_total", Counter, [], "Elections this node started in partition Raft groups (terms it ran in as a candidate)";
     REPLICATION_LEADERSHIPS_WON_TOTAL = "syncline_replication_leaderships_won_total", Counter, [], "Partition leaderships this node took; summed over the nodes, the cluster's partition leader changes";
     REPLICATION_COMMIT_DURATION_SECONDS = "syncline_replication_commit_duration_seconds", Histogram, [], "Replicated partitions, on the leader: from handing a write to its Raft group to its apply (a quorum appended and fsync'd it)";
+    REPLICATION_SNAPSHOTS_SENT_TOTAL = "syncline_replication_snapshots_sent_total", Counter, [], "Snapshots (copies of a partition log's segment files) this node sent to replicas behind its purged Raft log, and they installed";
+    REPLICATION_SNAPSHOTS_INSTALLED_TOTAL = "syncline_replication_snapshots_installed_total", Counter, [], "Snapshots this node installed to catch up: its partition log replaced by the leader's copy";
+    REPLICATION_SNAPSHOTS_REFUSED_TOTAL = "syncline_replication_snapshots_refused_total", Counter, [], "Snapshot transfers this node refused (a chunk or the received log failed its checks, or the transfer broke off); the leader retries";
+    REPLICATION_SNAPSHOT_BYTES_RECEIVED_TOTAL = "syncline_replication_snapshot_bytes_received_total", Counter, [], "Bytes of partition log received in snapshots this node verified";
     REPLICATION_GROUPS = "syncline_replication_groups", ScrapeGauge, [], "Partition Raft groups running on this node";
     REPLICATION_GROUPS_QUIET = "syncline_replication_groups_quiet", ScrapeGauge, [], "Partition Raft groups on this node with their ticks off (idle: no heartbeats, no timers)";
     REPLICATION_GROUP_WAKES_TOTAL = "syncline_replication_group_wakes_total", Counter, [], "Times a quiesced partition group this node leads was woken by a write or a linearizable read";

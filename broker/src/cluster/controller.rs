@@ -130,6 +130,7 @@ impl Controller {
         address: String,
         voters: BTreeMap<u64, String>,
         offsets_topic: InternalTopic,
+        settings: crate::replication::group::GroupSettings,
     ) -> Result<Arc<Controller>, BrokerError> {
         Self::start_with(
             data_dir,
@@ -138,6 +139,7 @@ impl Controller {
             voters,
             offsets_topic,
             Peers::default(),
+            settings,
         )
         .await
     }
@@ -150,6 +152,7 @@ impl Controller {
         voters: BTreeMap<u64, String>,
         offsets_topic: InternalTopic,
         peers: Peers,
+        settings: crate::replication::group::GroupSettings,
     ) -> Result<Arc<Controller>, BrokerError> {
         let me = identity.node_id;
         let cluster_id = identity.cluster_id.clone();
@@ -217,6 +220,7 @@ impl Controller {
                 cluster_id: cluster_id.clone(),
                 peers: peers.clone(),
                 addresses,
+                settings,
             },
         ));
         Ok(Arc::new(Controller {

@@ -202,8 +202,16 @@ async fn host(
             .join(","),
         dir_id: dir_id(id),
     };
-    let controller =
-        Controller::start_with(&dir, &identity, address(id), voters, offsets, peers).await?;
+    let controller = Controller::start_with(
+        &dir,
+        &identity,
+        address(id),
+        voters,
+        offsets,
+        peers,
+        crate::replication::group::GroupSettings::default(),
+    )
+    .await?;
     let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
     let incoming = futures_util::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));

@@ -417,3 +417,37 @@ fn given_budget_and_connection_settings_should_load_from_file_and_flags_and_chec
         assert!(error.to_string().contains(key), "{error}");
     }
 }
+
+#[test]
+fn given_raft_snapshot_settings_in_file_or_flags_should_reach_the_groups_within_bounds() {
+    let default = Config::load(Flags::default()).unwrap();
+    assert_eq!(
+        default.replication,
+        crate::replication::group::GroupSettings::default()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broker.toml");
+    std::fs::write(&path, "raft_snapshot_every = 64\nraft_snapshot_keep = 0\n").unwrap();
+    let config = load_file(path.clone()).unwrap();
+    assert_eq!(config.replication.snapshot_every, 64);
+    assert_eq!(config.replication.snapshot_keep, 0);
+    let flags = Flags::try_parse_from([
+        "syncline-broker",
+        "--config",
+        path.to_str().unwrap(),
+        "--raft-snapshot-every",
+        "128",
+    ])
+    .unwrap();
+    let config = Config::load(flags).unwrap();
+    assert_eq!(config.replication.snapshot_every, 128, "a flag wins");
+    assert_eq!(config.replication.snapshot_keep, 0);
+    for (text, key) in [
+        ("raft_snapshot_every = 7\n", "raft_snapshot_every"),
+        ("raft_snapshot_keep = 10000001\n", "raft_snapshot_keep"),
+    ] {
+        std::fs::write(&path, text).unwrap();
+        let error = load_file(path.clone()).unwrap_err().to_string();
+        assert!(error.contains(key), "{error}");
+    }
+}

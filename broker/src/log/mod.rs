@@ -17,7 +17,8 @@
 //! ```
 //! Code: `open.rs` (lock, listing, recovery scan, segment creation), `append.rs` (append,
 //! reservation, roll, group commit, publish, close), `read.rs` (reads, timestamp lookup,
-//! retention), `truncate.rs` (cutting the log back for a replication layer).
+//! retention), `truncate.rs` (cutting the log back for a replication layer), `image.rs` (an
+//! image of the log for another node, its verification, and replacing a log's files with it).
 //!
 //! Tables are compacted by `compact.rs`; its swap is committed through the manifest and open
 //! resolves what an interrupted swap left behind (see both module docs).
@@ -113,6 +114,7 @@ mod compact;
 pub mod config;
 pub mod error;
 pub mod file;
+mod image;
 mod index;
 mod manifest;
 mod open;
@@ -120,7 +122,7 @@ pub mod preallocate;
 mod read;
 mod segment;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod truncate;
 
 use std::fs::File;
@@ -141,6 +143,9 @@ pub use compact::{
 pub use config::{ConfigError, FsyncPolicy, LogConfig};
 pub use error::LogError;
 pub use file::{FaultInjector, FaultKind, FileOpener, OsOpener, SegmentFile};
+pub use image::{
+    image_files, is_image_file, is_log_file, replace_files, verify_image, ImageFile, LogImage,
+};
 pub use preallocate::Preallocation;
 
 /// Writes `dir/name` so that a crash leaves the old or the new file (temp file, fsync, rename,
@@ -402,6 +407,11 @@ impl Log {
         &self.config
     }
 
+    /// The options the log was opened with (to open its directory again the same way).
+    pub fn open_options(&self) -> OpenOptions {
+        self.options.clone()
+    }
+
     /// What the last open found.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.recovery
@@ -485,6 +495,12 @@ impl Log {
 
     fn is_no_space(error: &io::Error) -> bool {
         error.raw_os_error() == Some(libc::ENOSPC)
+    }
+
+    /// True once the log was closed: nothing is appended to it any more (a replica that
+    /// installed a snapshot serves another log since).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     /// True once the log was poisoned by an I/O failure.

@@ -71,7 +71,9 @@ pub struct Partition {
     pub id: u32,
     /// Partitions in the topic (for the key check).
     pub partitions: u32,
-    state: Result<Arc<Log>, Absent>,
+    /// The log; a replicated partition's replica swaps it for another when it installs a
+    /// snapshot ([`Partition::replace_log`]), under the `live` lock.
+    state: Result<parking_lot::RwLock<Arc<Log>>, Absent>,
     flusher: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Key index and producer state; its lock is the partition's one-writer critical section:
     /// dedupe, CAS check, offset assignment (append) and index update happen under it.
@@ -193,7 +195,7 @@ impl Partition {
             topic,
             id,
             partitions,
-            state: Ok(log),
+            state: Ok(parking_lot::RwLock::new(log)),
             flusher: Mutex::new(Some(flusher)),
             live: Mutex::new(live),
             is_table,
@@ -231,7 +233,7 @@ impl Partition {
 
     /// The log to serve a client from, or why not here: fenced, held by another node, or (for
     /// a replicated partition) led by another replica.
-    pub fn log(&self) -> Result<&Arc<Log>, BrokerError> {
+    pub fn log(&self) -> Result<Arc<Log>, BrokerError> {
         let log = self.local_log()?;
         if self.replicated {
             self.check_leader()?;
@@ -240,8 +242,8 @@ impl Partition {
     }
 
     /// The log on this node whatever its role (the replication layer applies to it).
-    pub(crate) fn local_log(&self) -> Result<&Arc<Log>, BrokerError> {
-        self.state.as_ref().map_err(|absent| match absent {
+    pub(crate) fn local_log(&self) -> Result<Arc<Log>, BrokerError> {
+        let slot = self.state.as_ref().map_err(|absent| match absent {
             Absent::Fenced(reason) => BrokerError::Fenced {
                 topic: self.topic.to_string(),
                 partition: self.id,
@@ -252,7 +254,8 @@ impl Partition {
                 partition: self.id,
                 leader: leader.clone(),
             },
-        })
+        })?;
+        Ok(slot.read().clone())
     }
 
     /// Why the partition is fenced, if it is.
@@ -322,7 +325,7 @@ impl Partition {
     ) -> Result<Appended, BrokerError> {
         let log = self.log()?;
         self.write_checked(
-            log,
+            &log,
             batch,
             keys,
             conditions,
@@ -667,7 +670,7 @@ impl Partition {
     /// Writes the state snapshot if anything changed since the last one (and forgets idle
     /// producers); gives back the space an idle log reserved ahead of its writes.
     pub fn checkpoint(&self) {
-        let Ok(log) = &self.state else { return };
+        let Ok(log) = self.local_log() else { return };
         log.release_idle_reservation();
         let mut live = self.live.lock();
         live.producers.expire(now_ms());
@@ -726,8 +729,7 @@ impl Partition {
         self.detach_replica().await;
         self.checkpoint();
         let mut clean = true;
-        if let Ok(log) = &self.state {
-            let log = log.clone();
+        if let Ok(log) = self.local_log() {
             let topic = self.topic.clone();
             let id = self.id;
             let result = tokio::task::spawn_blocking(move || log.close()).await;

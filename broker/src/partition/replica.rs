@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{now_ms, Condition, Partition};
 use crate::error::BrokerError;
-use crate::log::Appended;
+use crate::log::{Appended, Log};
 use crate::replication::types::{Applied, Proposal, ProposedCondition};
 
 /// What a replicated write resolves to once applied: its outcome, or why it has none.
@@ -250,6 +250,44 @@ impl Partition {
         }
     }
 
+    /// Replaces this replica's log with another one (a snapshot installed from the leader):
+    /// `reopen` gets the current log, which it must leave closed, and returns the new log
+    /// opened on the same directory. Runs in the one-writer critical section: the live state
+    /// (key index, producer state) is rebuilt from the new log as a partition opening from disk
+    /// rebuilds it, the new log is published up to its end (it holds committed records only),
+    /// and both are swapped in together, so no reader or writer sees one without the other.
+    /// On an error the partition keeps its (closed) old log: the caller stops the replica.
+    /// Blocking.
+    pub fn replace_log(
+        &self,
+        reopen: impl FnOnce(&Log) -> Result<Log, String>,
+    ) -> Result<(), BrokerError> {
+        let broken = |reason: String| BrokerError::Replication {
+            topic: self.topic.to_string(),
+            partition: self.id,
+            reason,
+        };
+        let slot = self
+            .state
+            .as_ref()
+            .map_err(|_| broken("the partition holds no log here".into()))?;
+        let mut live = self.live.lock();
+        let old = slot.read().clone();
+        let new = reopen(&old).map_err(&broken)?;
+        // A state snapshot of the old log describes another history: rebuilt from the new log.
+        crate::state::PartitionState::discard(new.dir())
+            .map_err(|e| broken(format!("removing the old log's state snapshot: {e}")))?;
+        let state = super::restore_state(&new, self.is_table).map_err(&broken)?;
+        let visible = new.publish(new.end_offset());
+        debug_assert!(
+            visible >= old.durable_offset(),
+            "a reader saw past the image"
+        );
+        *live = state;
+        *slot.write() = Arc::new(new);
+        Ok(())
+    }
+
     /// Applies a committed proposal (every replica, in log order): the one-writer critical
     /// section with the proposal's clock; the batch is stamped with `leader_epoch` (the
     /// entry's Raft term). A refusal (CAS conflict, sequence) is an outcome, the same on every
@@ -270,7 +308,7 @@ impl Partition {
         };
         let conditions: Vec<Condition> = proposal.conditions.iter().map(Condition::from).collect();
         let result = self.write_checked(
-            log,
+            &log,
             &batch,
             keys,
             &conditions,

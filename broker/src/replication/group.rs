@@ -38,10 +38,38 @@ pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
 /// Election timeout range (ms).
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
 /// Entries between snapshots (a snapshot syncs the partition log; the Raft log below it is
-/// then purged).
+/// then purged): the default of `raft_snapshot_every`. A sync per 4096 entries keeps the
+/// partition log's fsyncs rare next to the Raft log's (one per group commit).
 pub const SNAPSHOT_EVERY: u64 = 4096;
-/// Entries kept in the Raft log below a snapshot, for followers a little behind.
+/// Bounds of `raft_snapshot_every`: below 8 a group would sync its partition log on almost
+/// every write; above a million the Raft log (16 bytes of memory per live entry) and the
+/// re-apply after a restart grow large.
+pub const SNAPSHOT_EVERY_RANGE: (u64, u64) = (8, 1_000_000);
+/// Entries kept in the Raft log below a snapshot, for followers a little behind (a follower
+/// further behind gets a snapshot: a copy of the partition log): the default of
+/// `raft_snapshot_keep`. 100k entries cost 1.6 MB of memory per group.
 pub const SNAPSHOT_KEEP: u64 = 100_000;
+/// Upper bound of `raft_snapshot_keep` (160 MB of Raft log slots per group).
+pub const SNAPSHOT_KEEP_MAX: u64 = 10_000_000;
+
+/// Raft settings of partition groups (the broker's `raft_snapshot_every` and
+/// `raft_snapshot_keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSettings {
+    /// Entries between two snapshots.
+    pub snapshot_every: u64,
+    /// Entries kept below the last snapshot.
+    pub snapshot_keep: u64,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            snapshot_every: SNAPSHOT_EVERY,
+            snapshot_keep: SNAPSHOT_KEEP,
+        }
+    }
+}
 
 type Pending = (Proposal, oneshot::Sender<Result<Applied, BrokerError>>);
 
@@ -71,6 +99,12 @@ pub struct Group {
     addresses: Addresses,
     tracker: Arc<super::status::Tracker>,
     quiet: super::quiesce::Quiet,
+    /// The partition (its log's settings verify a received snapshot).
+    replica_of: Arc<Partition>,
+    /// The group's directory (`<partition dir>/raft`).
+    raft_dir: std::path::PathBuf,
+    /// Held while a snapshot is received (one at a time).
+    receiving: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Group {
@@ -94,6 +128,8 @@ pub struct GroupContext {
     pub peers: crate::cluster::network::Peers,
     /// Node id -> address.
     pub addresses: Addresses,
+    /// Snapshot cadence.
+    pub settings: GroupSettings,
 }
 
 fn leadership_of(me: u64, metrics: &openraft::RaftMetrics<PartitionRaft>) -> Leadership {
@@ -138,8 +174,10 @@ impl Group {
             heartbeat_interval: HEARTBEAT_MS,
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY),
-            max_in_snapshot_log_to_keep: SNAPSHOT_KEEP,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+                context.settings.snapshot_every,
+            ),
+            max_in_snapshot_log_to_keep: context.settings.snapshot_keep,
             enable_pre_vote: Some(true),
             // A restarted leader must win a new election: its state machine (the partition log
             // cut back to its last snapshot) and its committed index (saved lazily) are behind
@@ -221,6 +259,9 @@ impl Group {
             addresses: context.addresses.clone(),
             tracker,
             quiet: super::quiesce::Quiet::default(),
+            replica_of: partition,
+            raft_dir: dir.to_path_buf(),
+            receiving: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -232,6 +273,21 @@ impl Group {
     /// The openraft handle (for peer calls).
     pub fn raft(&self) -> &GroupRaft {
         &self.raft
+    }
+
+    /// The group's directory.
+    pub fn raft_dir(&self) -> &std::path::Path {
+        &self.raft_dir
+    }
+
+    /// The settings of the partition log on this node.
+    pub fn log_config(&self) -> Result<crate::log::LogConfig, BrokerError> {
+        Ok(self.replica_of.local_log()?.config().clone())
+    }
+
+    /// Held while a snapshot is received.
+    pub fn receiving(&self) -> &tokio::sync::Mutex<()> {
+        &self.receiving
     }
 
     /// The group's id.

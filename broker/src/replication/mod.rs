@@ -19,7 +19,9 @@
 //! ## Layers
 //! - `types`: the group's openraft types and the binary entry format.
 //! - `raft_log`: the group's Raft log on disk (segments, group-committed fsync, recovery).
-//! - `state_machine`: applies entries to the [`crate::partition::Partition`].
+//! - `state_machine`: applies entries to the [`crate::partition::Partition`], builds and
+//!   installs snapshots.
+//! - `snapshot`: a snapshot's data (an image of the partition log's files) and its transfer.
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
 //! - `quiesce`: idle groups switch openraft's ticks off; one ping per node pair tells
@@ -35,6 +37,7 @@ pub mod group;
 pub mod network;
 pub mod quiesce;
 pub mod raft_log;
+pub mod snapshot;
 pub mod state_machine;
 pub mod status;
 pub mod types;
@@ -128,7 +131,7 @@ impl Replicas {
             .local_log()
             .map_err(|e| e.to_string())?
             .dir()
-            .join("raft");
+            .join(state_machine::RAFT_DIR);
         let group = Group::start(
             &self.context,
             id.clone(),
@@ -177,6 +180,28 @@ impl Replicas {
     /// Forgets the groups of a topic incarnation (their partitions stop them when they close).
     pub fn forget_topic(&self, topic_id: &str) {
         self.groups.write().retain(|id, _| id.topic_id != topic_id);
+    }
+
+    /// Serves a `Peer.InstallSnapshot` call after its `first` message.
+    pub async fn serve_snapshot<S>(
+        &self,
+        first: v1::SnapshotChunk,
+        rest: S,
+    ) -> Result<Vec<u8>, tonic::Status>
+    where
+        S: futures_util::Stream<Item = Result<v1::SnapshotChunk, tonic::Status>> + Unpin,
+    {
+        let id = GroupId {
+            topic_id: first.topic_id.clone(),
+            partition: first.partition,
+        };
+        let Some(group) = self.get(&id) else {
+            return Err(tonic::Status::not_found(format!(
+                "node {} holds no running replica of group {id} (yet)",
+                self.context.me
+            )));
+        };
+        network::serve_snapshot(&group, &first.header, rest).await
     }
 
     /// Serves a `Peer.Replicate` call.

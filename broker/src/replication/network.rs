@@ -2,7 +2,8 @@
 //! address, over the one channel per peer address that the controller uses too ([`Peers`]),
 //! so every group of a node pair shares one HTTP/2 connection. Append-entries carry their
 //! entries as binary `RaftEntry` messages (a proposal's bytes as they are in the Raft log);
-//! the rest of each request and every answer is serde-encoded.
+//! the rest of each request and every answer is serde-encoded. A snapshot goes on its own
+//! client stream, `Peer.InstallSnapshot` (format, limits and checks in `snapshot.rs`).
 //!
 //! Heartbeats (appends without entries) have openraft's time limit (the heartbeat interval);
 //! an append with entries at least [`APPEND_TTL_MIN`] plus its bytes at 8 MiB/s (the follower
@@ -12,7 +13,12 @@
 //! Fault model: as the controller's network (`cluster::network`): no answer within the call's
 //! time limit or a lost connection is Unreachable (openraft backs off and retries); a node of
 //! another cluster, or one without the group, refuses the call, which openraft sees as a
-//! network error naming it.
+//! network error naming it. A snapshot transfer has its own time limit, by its size
+//! (`snapshot::transfer_timeout`; openraft's `install_snapshot_timeout` is meant for one chunk
+//! of its own protocol): past it, with the receiver busy with another transfer of the group,
+//! or with no image to send now, it is Unreachable (openraft backs off and asks for a new
+//! snapshot); a transfer the receiver refused (a check failed) is a network error naming why
+//! (openraft retries at once, then backs off).
 
 use std::future::Future;
 use std::time::Duration;
@@ -227,7 +233,7 @@ fn append_ttl(ttl: Duration, bytes: usize) -> Duration {
 }
 
 impl RaftNetworkV2<PartitionRaft> for GroupConnection {
-    type SnapshotData = std::io::Cursor<Vec<u8>>;
+    type SnapshotData = super::snapshot::SnapshotImage;
 
     async fn append_entries(
         &mut self,
@@ -279,13 +285,92 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
         vote: Vote,
         snapshot: Snapshot,
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
-        option: RPCOption,
+        _option: RPCOption,
     ) -> Result<SnapshotResponse<PartitionRaft>, StreamingError<PartitionRaft>> {
-        let request = (vote, snapshot.meta, snapshot.snapshot.into_inner());
-        tokio::select! {
-            closed = cancel => Err(StreamingError::Closed(closed)),
-            answer = self.call_json("snapshot", &request, option.hard_ttl()) => Ok(answer?),
+        let group = self.factory.group.clone();
+        let unreachable = |message: String| {
+            StreamingError::Unreachable(Unreachable::from_string(format!(
+                "snapshot of group {group} to node {} at {}: {message}",
+                self.target, self.address
+            )))
+        };
+        let image = snapshot.snapshot;
+        if let Some(reason) = image.unavailable_reason() {
+            return Err(unreachable(format!("no image to send now: {reason}")));
         }
+        let header = super::snapshot::TransferHeader {
+            vote,
+            meta: snapshot.meta,
+            end_offset: image.end_offset(),
+            files: image
+                .files()
+                .iter()
+                .map(|f| super::snapshot::WireFile {
+                    name: f.name.clone(),
+                    len: f.len,
+                })
+                .collect(),
+        };
+        let header = serde_json::to_vec(&header).map_err(|e| {
+            StreamingError::Network(NetworkError::from_string(format!(
+                "encoding a snapshot header: {e}"
+            )))
+        })?;
+        let first = v1::SnapshotChunk {
+            cluster_id: self.factory.cluster_id.clone(),
+            from: self.factory.me,
+            topic_id: self.factory.group.topic_id.clone(),
+            partition: self.factory.group.partition,
+            header: header.into(),
+            ..Default::default()
+        };
+        let bytes = image.bytes();
+        let files = image.files().len();
+        let limit = super::snapshot::transfer_timeout(bytes);
+        let failure = std::sync::Arc::new(parking_lot::Mutex::new(None));
+        let chunks = super::snapshot::chunks(first, image, failure.clone());
+        let mut client = self
+            .factory
+            .peers
+            .client(&self.address)
+            .map_err(|e| StreamingError::Network(NetworkError::from_string(e)))?;
+        tracing::info!(group = %self.factory.group, target = self.target, bytes, files, "sending a snapshot");
+        let started = std::time::Instant::now();
+        let call = tokio::time::timeout(limit, client.install_snapshot(chunks));
+        let response = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            response = call => response,
+        };
+        let read_failure = failure.lock().take();
+        let refused = |message: String| {
+            let message = match &read_failure {
+                Some(read) => format!("{message} (reading the image failed: {read})"),
+                None => message,
+            };
+            StreamingError::Network(NetworkError::from_string(format!(
+                "node {} refused a snapshot of group {}: {message}",
+                self.target, self.factory.group
+            )))
+        };
+        let response = match response {
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "not installed within {limit:?} ({bytes} bytes)"
+                )))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(unreachable(status.message().to_string()))
+            }
+            Ok(Err(status)) => return Err(refused(status.message().to_string())),
+            Ok(Ok(response)) => response.into_inner(),
+        };
+        let answer: Result<SnapshotResponse<PartitionRaft>, String> =
+            serde_json::from_slice(&response.payload)
+                .map_err(|e| refused(format!("an answer that does not decode: {e}")))?;
+        let answer = answer.map_err(refused)?;
+        metrics::counter!(crate::metrics::REPLICATION_SNAPSHOTS_SENT_TOTAL).increment(1);
+        tracing::info!(group = %self.factory.group, target = self.target, bytes, files, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot sent and installed");
+        Ok(answer)
     }
 
     async fn transfer_leader(
@@ -296,6 +381,57 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
         self.call_json("transfer_leader", &request, option.hard_ttl())
             .await
     }
+}
+
+/// Serves one `Peer.InstallSnapshot` call on `group` after its first message (`header`):
+/// receives and verifies the image (`snapshot::receive`), then hands it to openraft, which
+/// installs it unless this replica already has what it holds. A refusal is an answer, not a
+/// status: openraft's sender retries it.
+pub async fn serve_snapshot<S>(
+    group: &super::group::Group,
+    header: &[u8],
+    rest: S,
+) -> Result<Vec<u8>, tonic::Status>
+where
+    S: futures_util::Stream<Item = Result<v1::SnapshotChunk, tonic::Status>> + Unpin,
+{
+    let Ok(_one) = group.receiving().try_lock() else {
+        return Err(tonic::Status::unavailable(format!(
+            "group {} is receiving another snapshot",
+            group.id()
+        )));
+    };
+    let encode = |answer: Result<SnapshotResponse<PartitionRaft>, String>| {
+        serde_json::to_vec(&answer)
+            .map_err(|e| tonic::Status::internal(format!("encoding a snapshot answer: {e}")))
+    };
+    let config = group
+        .log_config()
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let (vote, meta, image) =
+        match super::snapshot::receive(group.raft_dir(), &config, header, rest).await {
+            Ok(received) => received,
+            Err(refusal) => {
+                tracing::warn!(group = %group.id(), %refusal, "refused a snapshot");
+                metrics::counter!(crate::metrics::REPLICATION_SNAPSHOTS_REFUSED_TOTAL).increment(1);
+                return encode(Err(refusal));
+            }
+        };
+    metrics::counter!(crate::metrics::REPLICATION_SNAPSHOT_BYTES_RECEIVED_TOTAL)
+        .increment(image.bytes());
+    tracing::info!(group = %group.id(), bytes = image.bytes(), files = image.files().len(), end = image.end_offset(), last_log_id = ?meta.last_log_id, elapsed_ms = started.elapsed().as_millis() as u64, "received and verified a snapshot");
+    let snapshot = Snapshot {
+        meta,
+        snapshot: image,
+    };
+    encode(
+        group
+            .raft()
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map_err(|e| e.to_string()),
+    )
 }
 
 /// Serves one `Peer.Replicate` call on the group's Raft handle.
@@ -334,15 +470,6 @@ pub async fn serve(
         }
         "vote" => encode(raft.vote(decode(&request.header)?).await),
         "pre_vote" => encode(raft.pre_vote(decode(&request.header)?).await),
-        "snapshot" => {
-            let (vote, meta, data): (Vote, super::types::SnapshotMeta, Vec<u8>) =
-                decode(&request.header)?;
-            let snapshot = Snapshot {
-                meta,
-                snapshot: std::io::Cursor::new(data),
-            };
-            encode(raft.install_full_snapshot(vote, snapshot).await)
-        }
         "transfer_leader" => encode(raft.handle_transfer_leader(decode(&request.header)?).await),
         other => Err(tonic::Status::invalid_argument(format!(
             "unknown raft message kind `{other}`"

@@ -159,6 +159,7 @@ impl Broker {
                     config.node.advertised(local_addr),
                     voters,
                     offsets_topic,
+                    config.replication,
                 )
                 .await?,
             )

@@ -1,5 +1,6 @@
 //! The `syncline.v1.Peer` service: node-to-node calls on the client port (controller Raft
-//! messages, proposals forwarded to the controller leader, heartbeats, read index). Served only
+//! messages, proposals forwarded to the controller leader, heartbeats, read index, partition
+//! groups' Raft messages and snapshots). Served only
 //! by a node started with `--cluster`. Every call names its cluster; a node of another cluster
 //! is refused with FAILED_PRECONDITION.
 
@@ -80,6 +81,26 @@ impl Peer for PeerService {
         let request = request.into_inner();
         self.controller.check_cluster(&request.cluster_id)?;
         let payload = self.controller.replicas().serve(request).await?;
+        Ok(Response::new(v1::ReplicateResponse {
+            payload: payload.into(),
+        }))
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<tonic::Streaming<v1::SnapshotChunk>>,
+    ) -> Result<Response<v1::ReplicateResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("a snapshot stream without its header"))?;
+        self.controller.check_cluster(&first.cluster_id)?;
+        let payload = self
+            .controller
+            .replicas()
+            .serve_snapshot(first, stream)
+            .await?;
         Ok(Response::new(v1::ReplicateResponse {
             payload: payload.into(),
         }))

@@ -248,6 +248,14 @@ impl Subscription {
                     Err(error) => self.end(to_status(error)),
                 };
             }
+            if self.log.is_closed() {
+                // Nothing more will arrive in this log (its partition closed, or its replica
+                // installed a snapshot and serves another log): the client subscribes again.
+                return self.end(Status::unavailable(format!(
+                    "the log of partition {} of `{}` was closed on this node (it stops, or its replica installed a snapshot); subscribe again",
+                    self.partition.id, self.topic.name
+                )));
+            }
             tokio::select! {
                 changed = self.durable.changed() => changed.ok()?,
                 _ = self.shutdown.wait_for(|stop| *stop) => return None,
@@ -258,5 +266,76 @@ impl Subscription {
     fn end(&mut self, status: Status) -> Option<Budgeted<v1::FetchResponse>> {
         self.ended = true;
         Some((Err(status), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A topic of one partition over a fresh log in `dir`.
+    fn topic(dir: &std::path::Path) -> Arc<Topic> {
+        let log = Log::open(dir, crate::log::LogConfig::default()).unwrap();
+        let partition = Arc::new(Partition::open(
+            Arc::from("t"),
+            0,
+            1,
+            log,
+            false,
+            crate::topic::ProducerEpochs::default(),
+        ));
+        Arc::new(Topic {
+            name: Arc::from("t"),
+            id: crate::topic::TopicId::random().unwrap(),
+            legacy_offsets: false,
+            settings: crate::topic::TopicSettings {
+                partitions: 1,
+                cleanup: crate::topic::Cleanup::Delete,
+                log: crate::config::Config::default().topic_defaults,
+                replication_factor: 1,
+            },
+            partitions: vec![partition],
+            deleted: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    #[tokio::test]
+    async fn given_a_subscription_waiting_on_a_log_when_the_log_closes_should_end_with_unavailable()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let topic = topic(dir.path());
+        let partition = topic.partitions[0].clone();
+        let log = partition.log().unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let mut subscription = Subscription {
+            durable: log.subscribe_durable(),
+            topic,
+            partition,
+            log: log.clone(),
+            shutdown,
+            budget: Arc::new(ResponseBudget::new(1 << 20)),
+            offset: 0,
+            max_bytes: 1 << 20,
+            decode_from: None,
+            ended: false,
+        };
+        let waiting = tokio::spawn(async move {
+            let message = subscription.next_message().await;
+            (
+                message.map(|(m, _)| m.map(|_| ())),
+                subscription.next_message().await.is_none(),
+            )
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "nothing to send yet");
+        // A replica that installs a snapshot closes the log its readers hold.
+        log.close().unwrap();
+        let (message, then_none) = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the subscription ends instead of waiting forever")
+            .unwrap();
+        let status = message.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(then_none);
     }
 }

@@ -575,12 +575,23 @@ impl PartitionOpener<'_> {
         let mut options = self.options.clone();
         if replicated {
             options.visibility = crate::log::Visibility::Published;
+            // A snapshot install that a crash interrupted is finished before the log opens.
+            if let Err(reason) = crate::replication::state_machine::recover_install(&dir) {
+                tracing::error!(topic = %self.name, partition = id, %reason, "replica fenced");
+                return Ok(Partition::fenced(
+                    self.name.clone(),
+                    id,
+                    self.settings.partitions,
+                    reason,
+                ));
+            }
         }
         let log = Log::open_with(&dir, log_config, options)?;
         if replicated {
-            if let Err(reason) =
-                crate::replication::state_machine::prepare_log(&log, &dir.join("raft"))
-            {
+            if let Err(reason) = crate::replication::state_machine::prepare_log(
+                &log,
+                &dir.join(crate::replication::state_machine::RAFT_DIR),
+            ) {
                 tracing::error!(topic = %self.name, partition = id, %reason, "replica fenced");
                 return Ok(Partition::fenced(
                     self.name.clone(),
