@@ -677,6 +677,11 @@ for r in rows:
         notes.append("%s %s B, %s run %s: %s" % (r[0], r[2], r[1], r[4], r[7]))
     if r[0] == "latency" and ("FAILED" in r[7] or "errors" in r[7]):
         notes.append("latency %s B, %s run %s: %s" % (r[2], r[1], r[4], r[7]))
+    if r[0] == "latency" and r[7].startswith("sent "):
+        sent = num(r[7].split()[1].split("/")[0])
+        if sent is not None and num(r[3]) and sent < 0.9 * num(r[3]):
+            notes.append("latency %s B, %s run %s: the producer fell behind the asked rate (%s): "
+                         "the broker was slower than at the produce part's maximum" % (r[2], r[1], r[4], r[7]))
 
 # produce
 for size in sorted({r[2] for r in rows if r[0] == "produce"}, key=int):
