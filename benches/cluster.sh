@@ -132,16 +132,6 @@ for b in "$BROKER" "$CLI" "$CREATE"; do [ -x "$b" ] || { echo "missing $b (build
 # ------------------------------------------------------------------------------------------------
 # Brokers
 
-# wait_listening LOG PID: until LOG has the broker's `listening on` line (0), or PID exited (1).
-wait_listening() {
-  for _ in $(seq 1 300); do
-    grep -v 'metrics listening' "$1" 2>/dev/null | grep -q 'listening on' && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
 start_single() {
   local dir=$WORK/single
   mkdir -p "$dir"
@@ -150,27 +140,8 @@ start_single() {
   SINGLE_PID=$!
   wait_listening "$dir/broker.log" "$SINGLE_PID" ||
     { cat "$dir/broker.log" >&2; echo "the single broker did not start" >&2; exit 1; }
-  SINGLE_ADDR=$(grep -v 'metrics listening' "$dir/broker.log" |
-    grep -oE 'listening on [0-9.]+:[0-9]+' | head -1 | awk '{print $3}')
+  SINGLE_ADDR=$(listen_addr "$dir/broker.log")
   log "single broker pid $SINGLE_PID on $SINGLE_ADDR"
-}
-
-# The controller every node names in `syncline cluster status --json`, once they all name the
-# same one; empty after 60 s.
-agreed_controller() {
-  local addr seen all
-  for _ in $(seq 1 120); do
-    all=""
-    for addr in ${CLUSTER_ADDRS//,/ }; do
-      seen=$("$CLI" --broker "$addr" cluster status --json 2>/dev/null |
-        python3 -c 'import json,sys; c=json.load(sys.stdin).get("controller"); print("" if c is None else c)' \
-        2>/dev/null || true)
-      [ -n "$seen" ] || { all=""; break; }
-      if [ -z "$all" ]; then all=$seen; elif [ "$all" != "$seen" ]; then all=""; break; fi
-    done
-    [ -n "$all" ] && { echo "$all"; return 0; }
-    sleep 0.5
-  done
 }
 
 stop_cluster() {
@@ -185,11 +156,7 @@ stop_cluster() {
 # the whole voter list. Sets CLUSTER_PIDS and CLUSTER_ADDRS, or CLUSTER_REASON.
 start_cluster() {
   local ports voters="" addrs="" i dir controller
-  read -r -a ports <<< "$(python3 -c '
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks: s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))' "$NODES")"
+  read -r -a ports <<< "$(free_ports "$NODES")"
   for i in $(seq 1 "$NODES"); do
     voters=$voters${voters:+,}$i=127.0.0.1:${ports[$((i - 1))]}
     addrs=$addrs${addrs:+,}127.0.0.1:${ports[$((i - 1))]}
@@ -212,7 +179,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))' "$NODES")"
     fi
   done
   CLUSTER_ADDRS=$addrs
-  controller=$(agreed_controller)
+  controller=$(agreed_controller "$CLI" "$CLUSTER_ADDRS")
   if [ -z "$controller" ]; then
     CLUSTER_REASON="the $NODES nodes agreed on no controller within 60 s"
     stop_cluster
@@ -263,25 +230,9 @@ idle() {
     pids="$pids ${CLUSTER_PIDS[$((i - 1))]}"
   done
   log "idle CPU ($1): $labels over ${IDLE_SECS} s"
-  python3 - "$1" "$IDLE_SECS" "$labels" "$pids" >> "$RESULTS" <<'PY'
-import os, sys, time
-phase, secs, labels, pids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(), sys.argv[4].split()
-tick = os.sysconf("SC_CLK_TCK")
-def cpu(pid):  # utime + stime in ticks: fields 14 and 15, counted after the ")" ending comm
-    rest = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
-    return int(rest[11]) + int(rest[12])
-def rss(pid):
-    for line in open("/proc/%s/status" % pid):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-start = {p: cpu(p) for p in pids}; t0 = time.monotonic()
-time.sleep(secs)
-elapsed = time.monotonic() - t0
-for label, p in zip(labels, pids):
-    share = 100 * (cpu(p) - start[p]) / tick / elapsed
-    print("\t".join(["idle", label, phase, "-", "1", "%.2f" % share, "%.1f" % rss(p),
-                     "pid %s, %.1f s" % (p, elapsed)]))
-PY
+  cpu_rss "$IDLE_SECS" "$labels" "$pids" | while IFS=$'\t' read -r label share rss elapsed; do
+    row idle "$label" "$1" - 1 "$share" "$rss" "$elapsed s"
+  done
 }
 
 # produce TARGET SIZE ACKS RUN: one `syncline bench` run.

@@ -170,8 +170,10 @@ struct CreateArgs {
     #[arg(long, value_name = "RATIO")]
     min_cleanable_dirty_ratio: Option<f64>,
 
-    /// Replicas per partition (default 1). This version holds one replica of each partition,
-    /// so a factor above 1 is refused until replicated partitions exist.
+    /// Replicas per partition, each on its own node: a partition with R > 1 is a Raft group
+    /// over its R replicas, and it keeps taking writes while a majority of them is up
+    /// (default: the broker's default_replication_factor, min(3, cluster nodes)). At most the
+    /// number of nodes.
     #[arg(long, value_name = "R")]
     replication_factor: Option<u32>,
 }
@@ -186,9 +188,10 @@ enum CleanupArg {
 enum AcksArg {
     /// The broker answers without waiting.
     None,
-    /// Written to the broker's page cache.
+    /// Appended on the partition's leader, in its page cache (not yet on the other replicas).
     Leader,
-    /// Covered by an fsync (survives a crash).
+    /// Committed: covered by an fsync (survives a crash); with replication factor R > 1,
+    /// fsync'd on a majority of the partition's replicas.
     Durable,
 }
 

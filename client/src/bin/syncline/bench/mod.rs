@@ -102,9 +102,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
 
-    /// Replicas per partition of the topic the bench creates (default: the broker's). This
-    /// version holds one replica of each partition, so a factor above 1 is refused by the
-    /// broker until replicated partitions exist. An existing --topic keeps its own.
+    /// Replicas per partition of the topic the bench creates (default: the broker's
+    /// default_replication_factor, min(3, cluster nodes)); with R > 1 each partition is a Raft
+    /// group over R nodes and `--acks durable` waits for a majority of them to fsync. At most
+    /// the number of nodes. An existing --topic keeps its own.
     #[arg(long, value_name = "R")]
     pub replication_factor: Option<u32>,
 
