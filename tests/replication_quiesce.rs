@@ -9,19 +9,13 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::{cluster_sum, gauge};
 use syncline_client::{ProducerConfig, TopicConfig};
 
 /// Generous: elections take about a second, CI machines are slow and shared.
 const TIMEOUT: Duration = Duration::from_secs(30);
 const TOPIC: &str = "quiet";
 const PARTITIONS: u32 = 3;
-
-/// The value of the unlabelled sample `name` in a scrape.
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
 
 /// `(groups, quiet groups)` of every running node.
 fn quiet_counts(cluster: &mut Cluster) -> Vec<(u64, f64, f64)> {
@@ -37,16 +31,6 @@ fn quiet_counts(cluster: &mut Cluster) -> Vec<(u64, f64, f64)> {
             )
         })
         .collect()
-}
-
-/// Sum of `name` over the running nodes.
-fn cluster_sum(cluster: &mut Cluster, name: &str) -> f64 {
-    cluster
-        .running()
-        .into_iter()
-        .filter_map(|id| cluster.node(id).metrics_address().map(common::scrape))
-        .filter_map(|text| gauge(&text, name))
-        .sum()
 }
 
 /// Waits until every running node has all its groups quiet (and at least `groups_min`).

@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::cluster::Cluster;
+use common::cluster_sum;
 use syncline_client::{ClusterDescription, ProducerConfig, TopicConfig};
 use syncline_proto::v1;
 
@@ -109,23 +110,6 @@ async fn produce(cluster: &Cluster, topic: &str, count: u32) {
             .unwrap();
     }
     producer.close().await;
-}
-
-/// The value of the unlabelled sample `name`.
-fn gauge(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The sum of `name` over the running nodes' scrapes.
-fn cluster_sum(cluster: &mut Cluster, name: &str) -> f64 {
-    cluster
-        .running()
-        .into_iter()
-        .filter_map(|id| cluster.node(id).metrics_address().map(common::scrape))
-        .filter_map(|text| gauge(&text, name))
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -288,3 +288,20 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         .join("tests/fixtures")
         .join(name)
 }
+
+/// The value of the unlabelled sample `name` in a `/metrics` scrape.
+pub fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The sum of the unlabelled sample `name` over the running nodes of `cluster`.
+pub fn cluster_sum(cluster: &mut cluster::Cluster, name: &str) -> f64 {
+    cluster
+        .running()
+        .into_iter()
+        .filter_map(|id| cluster.node(id).metrics_address().map(scrape))
+        .filter_map(|text| gauge(&text, name))
+        .sum()
+}
