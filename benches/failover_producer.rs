@@ -83,6 +83,14 @@ fn now_us() -> u128 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = parse_args()?;
+    // The client's retries and routing decisions on stderr when RUST_LOG asks for them
+    // (e.g. RUST_LOG=syncline_client=debug): what a failover's time was spent on.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let client = Client::connect(&args.broker).await?;
     let config = ProducerConfig {
         linger: Duration::ZERO,

@@ -19,7 +19,9 @@ cluster of 3 broker processes on 127.0.0.1 (ports chosen up front, a data dir ea
             cluster with `--broker <all 3 addresses> --replication-factor 3` (durable = fsync'd on
             a majority of the 3 replicas), 100 B and 1 KiB records, --partitions partitions,
             --producers producers, --consumers consumers, --secs each. Records/s; the target is
-            cluster / single >= 0.5x.
+            cluster / single >= 0.5x. Beside it, the bytes all brokers of the target had written
+            to storage during the run (write_bytes of /proc/PID/io) per produced byte: the
+            replicas share this machine's one disk, which bounds the ratio.
   latency   the same bench at half of the produce part's median records/s of the same target and
             size (`--rate`, `--linger-ms 0`): p99 of the produce latency per batch (`syncline
             bench` reports it as batch_latency_ms: from the request handed to the connection to
@@ -357,22 +359,37 @@ def note_of(d):
 '
 
 # produce TARGET SIZE RUN: the maximum rate.
+# written_bytes TARGET: bytes the target's broker processes have had written to storage so far
+# (write_bytes of /proc/PID/io: counted when a page is dirtied; fsync'd or written back later).
+written_bytes() {
+  local pids=() pid total=0 n
+  if [ "$1" = cluster ]; then pids=("${CLUSTER_PIDS[@]}"); else pids=("$SINGLE_PID"); fi
+  for pid in "${pids[@]}"; do
+    n=$(awk '$1 == "write_bytes:" { print $2 }' "/proc/$pid/io" 2>/dev/null)
+    total=$((total + ${n:-0}))
+  done
+  echo "$total"
+}
+
 produce() {
-  local target=$1 size=$2 run=$3 f=$WORK/produce.$1.$2.$3
+  local target=$1 size=$2 run=$3 f=$WORK/produce.$1.$2.$3 before after
   check_alive
   [ "$target" = cluster ] && [ -z "$CLUSTER_ADDRS" ] && return 0
+  before=$(written_bytes "$target")
   bench "$target" "$f" --record-size "$size"
-  python3 - "$f.json" "$target" "$size" "$run" >> "$RESULTS" <<PY
+  after=$(written_bytes "$target")
+  python3 - "$f.json" "$target" "$size" "$run" "$((after - before))" >> "$RESULTS" <<PY
 import json, sys
 $VERIFY_NOTE
-f, target, size, run = sys.argv[1:5]
+f, target, size, run, written = sys.argv[1:6]
 try:
     d = json.load(open(f))
 except Exception:
     print("\t".join(["produce", target, size, "-", run, "", "", "failed"])); sys.exit()
 p = d["produce"]
+amplification = "%.3f" % (int(written) / p["bytes"]) if p["bytes"] else ""
 print("\t".join(["produce", target, size, "-", run, "%.0f" % p["records_per_sec"],
-                 "%.1f" % p["mb_per_sec"], note_of(d)]))
+                 "%.1f" % p["mb_per_sec"], note_of(d), amplification]))
 PY
 }
 
@@ -662,7 +679,7 @@ def num(x):
     except ValueError: return None
 def values(kind, target, p1=None, col=5):
     return [num(r[col]) for r in rows if r[0] == kind and r[1] == target
-            and (p1 is None or r[2] == p1) and num(r[col]) is not None]
+            and (p1 is None or r[2] == p1) and len(r) > col and num(r[col]) is not None]
 def med(xs): return statistics.median(xs) if xs else None
 def rate(x): return "%.2f M" % (x / 1e6) if x >= 1e6 else ("%.0f k" % (x / 1e3) if x >= 1e4 else "%.0f" % x)
 def spread(xs, f):
@@ -695,6 +712,11 @@ for size in sorted({r[2] for r in rows if r[0] == "produce"}, key=int):
         cell(s, smb), cell(c, cmb), "%.2fx" % ratio if ratio else "", ">= 0.5x")
     if ratio is not None:
         verdict("produce %s R=%s / single" % (size_name(size), rf), ratio >= 0.5, "%.2fx" % ratio, ">= 0.5x")
+    sw, cw = values("produce", "single", size, 8), values("produce", "cluster", size, 8)
+    if sw and cw:
+        add("storage writes per produced byte", "%s, all brokers' write_bytes (/proc/PID/io)"
+            % size_name(size), spread(sw, lambda x: "%.2f B" % x), spread(cw, lambda x: "%.2f B" % x),
+            "%.2fx" % (med(cw) / med(sw)), "(explains the bound: one disk)")
 
 # latency
 fs99, fs50 = values("fsync", "-"), values("fsync", "-", col=6)

@@ -32,11 +32,21 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Raft timing of partition groups: a failed leader is replaced within about a second.
+///
+/// openraft's followers refuse (pre-)votes for a leader lease of `election_timeout_max` after
+/// the last heartbeat they heard, and a candidate whose (pre-)vote fails waits a new election
+/// timeout. When a busy leader dies, both followers heard it last at about the same moment, so
+/// the first candidate (timer in `[min, max)`) is always refused and the election that
+/// succeeds is the earliest second attempt: `[2 min, 2 max)` after the death when
+/// `min >= max / 2`. With 500-1000 ms that measured 1.6-2.0 s from `kill -9` to the first
+/// acknowledged write (BENCHMARKS.md); 250-500 ms puts it at 0.5-1 s plus the client's retry.
+/// A follower grants a vote only after half a second without heartbeats (5 missed), and a
+/// quiet group's followers learn it is quiet from the 100 ms pings within that lease.
 pub const HEARTBEAT_MS: u64 = 100;
 /// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
-/// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 250;
+/// Election timeout range (ms); also openraft's leader lease.
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 500;
 /// Entries between snapshots (a snapshot syncs the partition log; the Raft log below it is
 /// then purged): the default of `raft_snapshot_every`. A sync per 4096 entries keeps the
 /// partition log's fsyncs rare next to the Raft log's (one per group commit).

