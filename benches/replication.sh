@@ -37,7 +37,7 @@ cluster of 3 broker processes on 127.0.0.1 (ports chosen up front, a data dir ea
             kill (so it cannot be an answer the dead leader had already sent; its offset must be
             past every offset acknowledged before the kill). Then restart the killed node and wait
             until cluster status lists every replica as caught up. p50 and max; targets p50 <= 1 s,
-            max <= 3 s. The figure includes the client's retry backoff (every 100 ms while the
+            max <= 3 s. The figure includes the client's retry backoff (every 50 ms while the
             leader is gone: unreachable, UNAVAILABLE or NotLeader; 100 ms doubling to 1 s otherwise)
             and its refresh of the cluster view, as an application sees it.
   idle      a fresh single node and a fresh 3-node cluster: CPU (utime+stime from /proc/PID/stat,

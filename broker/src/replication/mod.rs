@@ -12,9 +12,17 @@
 //! partition log. Raft's own entries (a new term's blank entry, membership changes) take a Raft
 //! index but no record offset. Why not the Raft log *as* the partition log (one write per
 //! replica): offsets would have to be assigned before commit, and a CAS or dedupe decided on
-//! the leader against uncommitted state would have to be undone on every leader change; the
-//! second write costs a copy into the page cache, not an fsync (the partition log is synced
-//! at snapshots). BENCHMARKS.md has the measured cost.
+//! the leader against uncommitted state would have to be undone on every leader change. The
+//! second write costs no fsync (the partition log is synced at snapshots), but it costs a copy
+//! into the page cache and, once written back, disk bandwidth. Measured (BENCHMARKS.md,
+//! `benches/replication.sh`): at R = 3 all brokers together write 6.0 bytes to storage per
+//! produced byte (two logs on three replicas) against 1.0 for a single node. Where the three
+//! replicas share one disk and two cores, as on the machine of our benchmarks, that is what
+//! bounds R = 3 at 1 KiB records (0.23x of a single node; 0.50x at 100 B, where per-request
+//! work weighs more). One write per replica would halve those bytes; by the same measure it
+//! would reach about 0.45x at 1 KiB there, still short of the 0.5x target, at the cost of the
+//! fault model above. It is the first candidate when the write path is optimised as a whole
+//! (the performance issue, after the gateway and the connectors).
 //!
 //! ## Layers
 //! - `types`: the group's openraft types and the binary entry format.
