@@ -232,8 +232,9 @@ pub struct Flags {
     pub node_id: Option<u64>,
 
     /// The controller's initial voters, `ID=HOST:PORT,ID=HOST:PORT,...`: the same list on
-    /// every initial node, each address that node's --advertise address. This version runs a
-    /// cluster of one node, so the list may name only this node [default: this node alone]
+    /// every initial node, each address that node's --advertise address (at most 9 voters;
+    /// an odd count tolerates as many failures as the next even one) [default: this node
+    /// alone, a cluster of one]
     #[arg(long, env = "SYNCLINE_CLUSTER", value_name = "ID=HOST:PORT,...")]
     pub cluster: Option<String>,
 

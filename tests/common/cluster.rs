@@ -464,6 +464,30 @@ impl Cluster {
         self.block_until_serving();
     }
 
+    /// [`Cluster::start_all`] with flags of each node's own (`extra(id)`, replacing harness
+    /// flags they name, as in [`Cluster::start_with`]) for this start only.
+    pub fn start_all_with(&mut self, extra: impl Fn(u64) -> Vec<String>) {
+        let down: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|node| (!node.is_running()).then_some(node.id))
+            .collect();
+        let offsets: Vec<u64> = down
+            .iter()
+            .map(|&id| {
+                let flags = extra(id);
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                self.spawn(id, &flags)
+            })
+            .collect();
+        for (&id, offset) in down.iter().zip(offsets) {
+            if let Err(log) = self.await_ready(id, offset) {
+                panic!("node {id} did not start:\n{log}");
+            }
+        }
+        self.block_until_serving();
+    }
+
     /// [`Cluster::restart`] with `extra` flags for this start only (a harness flag named in
     /// them, e.g. `--node-id`, replaces the harness's). Panics with the node's log if it does
     /// not start.
