@@ -285,6 +285,73 @@ impl Controller {
         }
     }
 
+    /// Before this node stops (SIGTERM): hands its partition leaderships to caught-up
+    /// followers (`replication::handoff`), then the controller's leadership to another live
+    /// voter, each bounded by `timeout`, so that a rolling restart waits for no election.
+    pub async fn hand_off(&self, timeout: Duration) {
+        use openraft::async_runtime::WatchReceiver as _;
+        let metadata = self.metadata();
+        let alive = |node: u64| metadata.nodes.get(&node).is_some_and(|n| n.alive);
+        let replicas_of = |group: &crate::replication::group::Group| {
+            let id = group.id();
+            metadata
+                .topics
+                .values()
+                .find(|t| t.id == id.topic_id)
+                .and_then(|t| t.partitions.get(id.partition as usize))
+                .map(|p| p.replicas.clone())
+                .unwrap_or_default()
+        };
+        let partitions = self.replicas.hand_off(&alive, &replicas_of, timeout).await;
+        if partitions.led > 0 {
+            tracing::info!(
+                led = partitions.led,
+                moved = partitions.moved,
+                no_caught_up_follower = partitions.no_target,
+                "handed off partition leaderships before stopping"
+            );
+        }
+        if self.leader() != Some(self.me) {
+            return;
+        }
+        let Some(to) = self.voters.keys().copied().find(|node| {
+            *node != self.me
+                && alive(*node)
+                && self.replicas.liveness.answered_within(
+                    *node,
+                    crate::replication::handoff::REACHABLE_WITHIN,
+                    std::time::Instant::now(),
+                )
+        }) else {
+            return;
+        };
+        if let Err(fatal) = self.raft.trigger().transfer_leader(to).await {
+            tracing::warn!(%fatal, "cannot hand off the controller's leadership");
+            return;
+        }
+        let mut metrics = self.raft.metrics();
+        let me = self.me;
+        let moved = tokio::time::timeout(timeout, async {
+            loop {
+                let leader = metrics.borrow_watched().current_leader;
+                if leader.is_some_and(|l| l != me) {
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        match moved {
+            Ok(()) => tracing::info!(to, "handed off the controller's leadership before stopping"),
+            Err(_) => tracing::warn!(
+                to,
+                "controller leadership not handed off in time: an election follows the stop"
+            ),
+        }
+    }
+
     /// This node's replicated-partition groups.
     pub fn replicas(&self) -> &Arc<crate::replication::Replicas> {
         &self.replicas

@@ -32,6 +32,7 @@
 //! - `snapshot`: a snapshot's data (an image of the partition log's files) and its transfer.
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
+//! - `handoff`: moving this node's leaderships to other replicas before it stops.
 //! - `quiesce`: idle groups switch openraft's ticks off; one ping per node pair tells
 //!   followers their leader is alive and idle.
 //! - `status`: a group's replication status (role, commit and apply indexes, followers caught
@@ -42,6 +43,7 @@
 //! It may call the partition layer and the cluster's peer channels; the server calls it.
 
 pub mod group;
+pub mod handoff;
 pub mod network;
 pub mod quiesce;
 pub mod raft_log;

@@ -151,6 +151,14 @@ impl Liveness {
         );
     }
 
+    /// Whether `node` answered one of this node's pings within `bound` of `now`.
+    pub fn answered_within(&self, node: u64, bound: Duration, now: Instant) -> bool {
+        self.heard
+            .lock()
+            .get(&node)
+            .is_some_and(|heard| now.saturating_duration_since(heard.at) < bound)
+    }
+
     /// Notes a ping from `node` (served by [`Replicas::serve`]).
     pub fn pinged_by(&self, node: u64) {
         self.pinged_by.lock().insert(node, Instant::now());

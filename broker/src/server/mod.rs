@@ -30,6 +30,9 @@ use crate::topic::Registry;
 /// on loopback (the defaults are 64 KiB).
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// How long a stopping node waits for its leaderships to move to other replicas (see
+/// `replication::handoff`) before it stops serving.
+const LEADERSHIP_HANDOFF_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a shutdown waits for in-flight requests and streams before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// gRPC message bodies may exceed the largest batch or fetch by this much (protobuf framing).
@@ -294,6 +297,7 @@ impl Broker {
         let mut grace_rx = shutdown_rx.clone();
         let mut fatal = self.controller.as_ref().map(|c| c.fatal());
         let fatal_reason = self.controller.as_ref().map(|c| c.fatal());
+        let handoff_controller = self.controller.clone();
         let shutdown = async move {
             let fatal = async {
                 match fatal.as_mut() {
@@ -303,9 +307,16 @@ impl Broker {
                     None => std::future::pending::<()>().await,
                 }
             };
-            tokio::select! {
-                () = signal => {}
-                () = fatal => tracing::error!("this node cannot stay in the cluster: shutting down"),
+            let signalled = tokio::select! {
+                () = signal => true,
+                () = fatal => {
+                    tracing::error!("this node cannot stay in the cluster: shutting down");
+                    false
+                }
+            };
+            // Still serving: requests meanwhile are answered NotLeader naming the new leaders.
+            if let (true, Some(controller)) = (signalled, &handoff_controller) {
+                controller.hand_off(LEADERSHIP_HANDOFF_TIMEOUT).await;
             }
             tracing::info!("shutting down: no new connections; finishing in-flight requests");
             health_reporter
