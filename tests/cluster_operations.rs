@@ -10,37 +10,12 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use syncline_client::{ClusterDescription, ProducerConfig, TopicConfig};
+use syncline_client::ClusterDescription;
 
 /// Generous: CI machines are slow and shared.
 const TIMEOUT: Duration = Duration::from_secs(30);
 const TOPIC: &str = "operated";
 const PARTITIONS: u32 = 3;
-
-async fn produce(cluster: &Cluster, count: u32) {
-    let client = cluster.cluster_client().await;
-    let producer = client
-        .producer(TOPIC, ProducerConfig::default())
-        .await
-        .expect("a producer");
-    let mut pending = Vec::new();
-    for seq in 0..count {
-        let key = format!("k{seq}");
-        pending.push(
-            producer
-                .enqueue(Some(key.as_bytes()), Some(b"value"), &[])
-                .await
-                .expect("enqueued"),
-        );
-    }
-    for delivery in pending {
-        tokio::time::timeout(TIMEOUT, delivery)
-            .await
-            .expect("acknowledged in time")
-            .expect("acknowledged");
-    }
-    producer.close().await;
-}
 
 /// The replicated groups (the topic's and `__offsets`') that `node` leads.
 fn led_by(description: &ClusterDescription, node: u64) -> Vec<(String, u32)> {
@@ -55,20 +30,8 @@ fn led_by(description: &ClusterDescription, node: u64) -> Vec<(String, u32)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_node_stopped_with_sigterm_should_hand_its_leaderships_over_before_it_exits() {
     let mut cluster = Cluster::start(3);
-    cluster
-        .client(1)
-        .await
-        .create_topic(
-            TOPIC,
-            TopicConfig {
-                partitions: Some(PARTITIONS),
-                replication_factor: Some(3),
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .expect("created");
-    produce(&cluster, 30).await;
+    cluster.create_replicated(1, TOPIC, PARTITIONS, 3).await;
+    cluster.produce_keys(TOPIC, 0..30).await;
     // Every replica caught up (a leadership goes only to a follower holding every committed
     // entry); then idle long enough that the groups quiesce, so the hand-off wakes them.
     for id in 1..=3 {
@@ -127,7 +90,7 @@ async fn given_a_node_stopped_with_sigterm_should_hand_its_leaderships_over_befo
     );
 
     // The partitions take writes from their new leaders; the node rejoins.
-    produce(&cluster, 10).await;
+    cluster.produce_keys(TOPIC, 30..40).await;
     cluster.restart(stopped);
     cluster.wait_serving(TIMEOUT).await;
 }

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::{cluster_sum, gauge};
-use syncline_client::{ProducerConfig, TopicConfig};
 
 /// Generous: elections take about a second, CI machines are slow and shared.
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,48 +51,11 @@ async fn wait_all_quiet(cluster: &mut Cluster, groups_min: f64) {
     }
 }
 
-async fn produce(cluster: &Cluster, from: u32, count: u32) {
-    let client = cluster.cluster_client().await;
-    let producer = client
-        .producer(TOPIC, ProducerConfig::default())
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    for seq in from..from + count {
-        let key = format!("k{seq}");
-        pending.push(
-            producer
-                .enqueue(Some(key.as_bytes()), Some(b"value"), &[])
-                .await
-                .unwrap(),
-        );
-    }
-    for delivery in pending {
-        tokio::time::timeout(TIMEOUT, delivery)
-            .await
-            .expect("acknowledged in time")
-            .unwrap();
-    }
-    producer.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_should_quiesce_wake_on_writes_and_fail_over_when_their_leader_dies() {
     let mut cluster = Cluster::start_with_args(3, &["--default-replication-factor", "3"]);
-    cluster
-        .client(1)
-        .await
-        .create_topic(
-            TOPIC,
-            TopicConfig {
-                partitions: Some(PARTITIONS),
-                replication_factor: Some(3),
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
-    produce(&cluster, 0, 30).await;
+    cluster.create_replicated(1, TOPIC, PARTITIONS, 3).await;
+    cluster.produce_keys(TOPIC, 0..30).await;
 
     // Idle: every group of every node quiet, and no election while it stays so.
     wait_all_quiet(&mut cluster, f64::from(PARTITIONS)).await;
@@ -111,7 +73,7 @@ async fn idle_groups_should_quiesce_wake_on_writes_and_fail_over_when_their_lead
     );
 
     // A write wakes its group and is acknowledged; the groups quiesce again.
-    produce(&cluster, 30, 30).await;
+    cluster.produce_keys(TOPIC, 30..60).await;
     assert!(cluster_sum(&mut cluster, "syncline_replication_group_wakes_total") >= 1.0);
     assert_eq!(
         cluster_sum(&mut cluster, "syncline_replication_leaderships_won_total"),
@@ -129,7 +91,7 @@ async fn idle_groups_should_quiesce_wake_on_writes_and_fail_over_when_their_lead
         .and_then(|p| p.leader)
         .expect("partition 0 has a leader");
     cluster.kill(victim);
-    produce(&cluster, 60, 30).await;
+    cluster.produce_keys(TOPIC, 60..90).await;
     let survivor = (1..=3).find(|id| *id != victim).unwrap();
     cluster
         .wait_for_description(survivor, TIMEOUT, |d| {
@@ -141,7 +103,7 @@ async fn idle_groups_should_quiesce_wake_on_writes_and_fail_over_when_their_lead
 
     // Back: the restarted node's groups follow quiet leaders without elections of their own.
     cluster.restart(victim);
-    produce(&cluster, 90, 30).await;
+    cluster.produce_keys(TOPIC, 90..120).await;
     wait_all_quiet(&mut cluster, f64::from(PARTITIONS)).await;
     let mut client = cluster.grpc(survivor).await;
     let topic = client

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::cluster_sum;
-use syncline_client::{ClusterDescription, ProducerConfig, TopicConfig};
+use syncline_client::ClusterDescription;
 use syncline_proto::v1;
 
 /// Generous: elections take about a second, CI machines are slow and shared.
@@ -42,23 +42,6 @@ fn caught_up_is(
     p.caught_up.iter().collect::<BTreeSet<_>>() == want(&p.replicas).iter().collect::<BTreeSet<_>>()
 }
 
-/// Creates `topic` with [`PARTITIONS`] partitions of `replicas` replicas through node 1.
-async fn create(cluster: &Cluster, topic: &str, replicas: u32) {
-    cluster
-        .client(1)
-        .await
-        .create_topic(
-            topic,
-            TopicConfig {
-                partitions: Some(PARTITIONS),
-                replication_factor: Some(replicas),
-                ..TopicConfig::default()
-            },
-        )
-        .await
-        .unwrap();
-}
-
 /// DescribeTopic of `topic` through every node gives the same start, durable and end offsets,
 /// all `records` committed (durable = end), and no partition in error.
 async fn assert_described_alike(cluster: &Cluster, topic: &str, records: u64) {
@@ -87,37 +70,12 @@ async fn assert_described_alike(cluster: &Cluster, topic: &str, records: u64) {
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{topic}: {seen:?}");
 }
 
-async fn produce(cluster: &Cluster, topic: &str, count: u32) {
-    let client = cluster.cluster_client().await;
-    let producer = client
-        .producer(topic, ProducerConfig::default())
-        .await
-        .unwrap();
-    let mut pending = Vec::new();
-    for seq in 0..count {
-        let key = format!("k{seq}");
-        pending.push(
-            producer
-                .enqueue(Some(key.as_bytes()), Some(b"value"), &[])
-                .await
-                .unwrap(),
-        );
-    }
-    for delivery in pending {
-        tokio::time::timeout(TIMEOUT, delivery)
-            .await
-            .expect("acknowledged in time")
-            .unwrap();
-    }
-    producer.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow_a_killed_follower()
 {
     let mut cluster = Cluster::start(3);
-    create(&cluster, TOPIC, 3).await;
-    produce(&cluster, TOPIC, 60).await;
+    cluster.create_replicated(1, TOPIC, PARTITIONS, 3).await;
+    cluster.produce_keys(TOPIC, 0..60).await;
 
     // Every replica caught up, as any node reports it.
     let healthy = |p: &[u64]| p.to_vec();
@@ -195,8 +153,8 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
     // DescribeTopic through every node (each a replica) describes the leaders' logs.
     assert_described_alike(&cluster, TOPIC, 60).await;
     // And through a node holding no replica (two replicas of three nodes).
-    create(&cluster, PAIR, 2).await;
-    produce(&cluster, PAIR, 40).await;
+    cluster.create_replicated(1, PAIR, PARTITIONS, 2).await;
+    cluster.produce_keys(PAIR, 0..40).await;
     assert_described_alike(&cluster, PAIR, 40).await;
 
     // Kill a node that leads none of the topic's partitions if there is one, else any
@@ -210,7 +168,7 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
     });
     let witness = (1..=3).find(|id| *id != victim).unwrap();
     cluster.kill(victim);
-    produce(&cluster, TOPIC, 30).await;
+    cluster.produce_keys(TOPIC, 0..30).await;
     let without = move |p: &[u64]| p.iter().copied().filter(|r| *r != victim).collect();
     cluster
         .wait_for_description(witness, TIMEOUT, |d| {
@@ -252,7 +210,7 @@ async fn given_replicated_partitions_should_report_caught_up_replicas_and_follow
     let p0 = placements(&description).next().unwrap().clone();
     let old = p0.leader.unwrap();
     cluster.kill(old);
-    produce(&cluster, TOPIC, 30).await;
+    cluster.produce_keys(TOPIC, 0..30).await;
     let witness = (1..=3).find(|id| *id != old).unwrap();
     let without_old = move |p: &[u64]| p.iter().copied().filter(|r| *r != old).collect();
     cluster

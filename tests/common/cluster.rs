@@ -653,6 +653,50 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("create topic {topic} through node {id}: {e}"))
     }
 
+    /// Creates `topic` with `partitions` partitions of `replicas` replicas through node `id`;
+    /// panics when refused.
+    pub async fn create_replicated(&self, id: u64, topic: &str, partitions: u32, replicas: u32) {
+        self.client(id)
+            .await
+            .create_topic(
+                topic,
+                TopicConfig {
+                    partitions: Some(partitions),
+                    replication_factor: Some(replicas),
+                    ..TopicConfig::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create topic {topic} through node {id}: {e}"));
+    }
+
+    /// Produces the records `k{n}` = `value` for every `n` of `keys` to `topic` through a
+    /// client of the whole cluster (idempotent, acks durable) and waits (at most 30 s each)
+    /// until every one is acknowledged; panics on a failed delivery.
+    pub async fn produce_keys(&self, topic: &str, keys: std::ops::Range<u32>) {
+        let client = self.cluster_client().await;
+        let producer = client
+            .producer(topic, syncline_client::ProducerConfig::default())
+            .await
+            .unwrap_or_else(|e| panic!("a producer of {topic}: {e}"));
+        let mut pending = Vec::new();
+        for n in keys {
+            let key = format!("k{n}");
+            let delivery = producer
+                .enqueue(Some(key.as_bytes()), Some(b"value"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("enqueue {key} to {topic}: {e}"));
+            pending.push(delivery);
+        }
+        for delivery in pending {
+            tokio::time::timeout(Duration::from_secs(30), delivery)
+                .await
+                .expect("acknowledged in time")
+                .unwrap_or_else(|e| panic!("delivery to {topic}: {e}"));
+        }
+        producer.close().await;
+    }
+
     /// A client bootstrapped from [`Cluster::addresses`].
     pub async fn cluster_client(&self) -> Client {
         Client::connect(&self.addresses())
