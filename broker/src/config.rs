@@ -238,6 +238,13 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_CLUSTER", value_name = "ID=HOST:PORT,...")]
     pub cluster: Option<String>,
 
+    /// Join a running cluster through any of its nodes, HOST:PORT, as node --node-id (an id no
+    /// other node has): the node follows the controller, then takes replicas (`syncline
+    /// cluster rebalance`). Once joined, the data directory remembers its cluster: later
+    /// starts may omit --join; given, it must name a node of the same cluster
+    #[arg(long, env = "SYNCLINE_JOIN", value_name = "HOST:PORT")]
+    pub join: Option<String>,
+
     /// HOST:PORT that peers and clients use to reach this node; required when --listen is an
     /// unspecified address such as 0.0.0.0 [default: the listen address]
     #[arg(long, env = "SYNCLINE_ADVERTISE", value_name = "HOST:PORT")]
@@ -297,6 +304,7 @@ struct FileConfig {
     stalled_stream_timeout_ms: Option<u64>,
     node_id: Option<u64>,
     cluster: Option<String>,
+    join: Option<String>,
     advertise: Option<String>,
     default_replication_factor: Option<u32>,
     raft_snapshot_every: Option<u64>,
@@ -729,6 +737,7 @@ impl Config {
         let node = &mut config.node;
         node.id = flags.node_id.or(file.node_id).unwrap_or(node.id);
         node.advertise = flags.advertise.or(file.advertise);
+        node.join = flags.join.or(file.join);
         node.default_replication_factor = flags
             .default_replication_factor
             .or(file.default_replication_factor);

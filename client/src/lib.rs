@@ -106,7 +106,9 @@ pub use admin::{
     TopicConfig, TopicDescription, TopicSummary,
 };
 pub use client::{Client, ClientConfig, Connectivity};
-pub use cluster::{ClusterDescription, ClusterNode, PartitionPlacement};
+pub use cluster::{
+    ClusterDescription, ClusterNode, NodeRemoval, PartitionMove, PartitionPlacement,
+};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, OffsetReset, StartOffset};
 pub use error::{Error, Result};
 pub use group::{

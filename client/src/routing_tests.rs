@@ -374,6 +374,7 @@ impl Broker for MockNode {
             return unimplemented();
         }
         Ok(Response::new(v1::DescribeClusterResponse {
+            voters: vec![1],
             cluster_id: "mock".to_owned(),
             controller: Some(1),
             nodes: cluster
@@ -389,6 +390,7 @@ impl Broker for MockNode {
                 .described
                 .iter()
                 .map(|((topic, partition), leader)| v1::PartitionPlacement {
+                    target_replicas: Vec::new(),
                     topic: topic.clone(),
                     partition: *partition,
                     leader: (*leader != 0).then_some(*leader),
@@ -397,6 +399,32 @@ impl Broker for MockNode {
                 })
                 .collect(),
         }))
+    }
+
+    async fn reassign_partition(
+        &self,
+        _: Request<v1::ReassignPartitionRequest>,
+    ) -> Answer<v1::ReassignPartitionResponse> {
+        unimplemented()
+    }
+
+    async fn rebalance(&self, _: Request<v1::RebalanceRequest>) -> Answer<v1::RebalanceResponse> {
+        unimplemented()
+    }
+
+    async fn add_node(&self, _: Request<v1::AddNodeRequest>) -> Answer<v1::AddNodeResponse> {
+        unimplemented()
+    }
+
+    async fn remove_node(
+        &self,
+        _: Request<v1::RemoveNodeRequest>,
+    ) -> Answer<v1::RemoveNodeResponse> {
+        unimplemented()
+    }
+
+    async fn set_voters(&self, _: Request<v1::SetVotersRequest>) -> Answer<v1::SetVotersResponse> {
+        unimplemented()
     }
 
     async fn find_coordinator(

@@ -595,6 +595,41 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn reassign_partition(
+        &self,
+        _: Request<v1::ReassignPartitionRequest>,
+    ) -> Result<Response<v1::ReassignPartitionResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn rebalance(
+        &self,
+        _: Request<v1::RebalanceRequest>,
+    ) -> Result<Response<v1::RebalanceResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn add_node(
+        &self,
+        _: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<v1::AddNodeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn remove_node(
+        &self,
+        _: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn set_voters(
+        &self,
+        _: Request<v1::SetVotersRequest>,
+    ) -> Result<Response<v1::SetVotersResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,

@@ -67,6 +67,12 @@ pub struct Node {
     starts: u32,
     /// Whether some start of it got to `listening on`.
     served: bool,
+    /// A node that joins a running cluster: started with `--join` this address instead of
+    /// `--cluster` ([`Cluster::join_node`]).
+    joins: Option<String>,
+    /// Started without `--cluster` and `--join` (a member restarting from its data
+    /// directory alone: [`Cluster::restart_bare`]).
+    bare: bool,
 }
 
 impl Node {
@@ -84,6 +90,8 @@ impl Node {
             metrics: None,
             starts: 0,
             served: false,
+            joins: None,
+            bare: false,
         }
     }
 
@@ -340,8 +348,11 @@ impl Cluster {
             ("--metrics-listen", format!("{}:0", node.host)),
             ("--node-id", id.to_string()),
         ];
-        if let Some(voters) = &self.voters {
-            own.push(("--cluster", voters.clone()));
+        match (&node.joins, &self.voters) {
+            _ if node.bare => {}
+            (Some(join), _) => own.push(("--join", join.clone())),
+            (None, Some(voters)) => own.push(("--cluster", voters.clone())),
+            (None, None) => {}
         }
         let given: Vec<&str> = self
             .common
@@ -605,6 +616,24 @@ impl Cluster {
         let node = Node::new(self.root.path(), id, &listener);
         self.nodes.push(node);
         id
+    }
+
+    /// A new node `n + 1` that joins the running cluster through node `through` (`--join`,
+    /// no `--cluster`; later starts too), started with `extra` flags: returns its id once it
+    /// logs `listening on` (the controller may not see it alive yet). Panics if refused.
+    pub fn join_node(&mut self, through: u64, extra: &[&str]) -> u64 {
+        let id = self.add_node();
+        let join = self.node(through).advertised();
+        self.node_mut(id).joins = Some(join);
+        self.start_with(id, extra);
+        id
+    }
+
+    /// Starts the stopped node `id` without `--cluster` and `--join` (and so its later starts):
+    /// a member of a cluster restarts from what its data directory recorded. Panics if refused.
+    pub fn restart_bare(&mut self, id: u64) {
+        self.node_mut(id).bare = true;
+        self.start_with(id, &[]);
     }
 
     /// Everything node `id` logged, over all its starts.

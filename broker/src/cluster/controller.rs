@@ -94,6 +94,8 @@ pub struct Controller {
     offsets_topic: InternalTopic,
     /// This node's replicated-partition groups.
     replicas: Arc<crate::replication::Replicas>,
+    /// The partition moves this node drives.
+    movers: super::moves::Movers,
 }
 
 /// Why a proposal handed to the leader did not come back applied.
@@ -190,7 +192,9 @@ impl Controller {
             .is_initialized()
             .await
             .map_err(|e| controller_error(format!("starting the controller: {e}")))?;
-        if !initialized {
+        // A node that joins (not among the voters the cluster was formed with) waits for the
+        // leader to add it.
+        if !initialized && voters.contains_key(&me) {
             let members: BTreeMap<u64, BasicNode> = voters
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
@@ -221,6 +225,7 @@ impl Controller {
                 peers: peers.clone(),
                 addresses,
                 settings,
+                throttle: Arc::default(),
             },
         ));
         Ok(Arc::new(Controller {
@@ -239,6 +244,7 @@ impl Controller {
             reconciled: watch::channel(applied).0,
             offsets_topic,
             replicas,
+            movers: super::moves::Movers::default(),
         }))
     }
 
@@ -314,7 +320,8 @@ impl Controller {
         if self.leader() != Some(self.me) {
             return;
         }
-        let Some(to) = self.voters.keys().copied().find(|node| {
+        let (voters, _) = self.membership();
+        let Some(to) = voters.iter().copied().find(|node| {
             *node != self.me
                 && alive(*node)
                 && self.replicas.liveness.answered_within(
@@ -352,6 +359,22 @@ impl Controller {
         }
     }
 
+    /// The partition moves this node drives.
+    pub fn movers(&self) -> &super::moves::Movers {
+        &self.movers
+    }
+
+    /// The controller's openraft handle (membership changes: `membership`).
+    pub(crate) fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// The voters the cluster was formed with (`--cluster`, or recorded when this node
+    /// joined), id -> address.
+    pub fn formed_by(&self) -> &BTreeMap<u64, String> {
+        &self.voters
+    }
+
     /// This node's replicated-partition groups.
     pub fn replicas(&self) -> &Arc<crate::replication::Replicas> {
         &self.replicas
@@ -387,6 +410,7 @@ impl Controller {
     pub fn address_of(&self, node: u64) -> Option<String> {
         self.view
             .with(|m| m.nodes.get(&node).map(|n| n.address.clone()))
+            .or_else(|| self.membership().1.get(&node).cloned())
             .or_else(|| self.voters.get(&node).cloned())
     }
 
@@ -574,16 +598,20 @@ impl Controller {
         let command: Command = serde_json::from_slice(bytes).map_err(|e| {
             tonic::Status::invalid_argument(format!("a proposal that does not decode: {e}"))
         })?;
-        // Node liveness is the leader's own to propose; peers forward topic changes and the
-        // partition leaderships they won.
+        // Node liveness is the leader's own to propose; peers forward topic changes, the
+        // partition leaderships they won, moves and their completion, and node removals.
         if !matches!(
             command,
             Command::CreateTopic { .. }
                 | Command::DeleteTopic { .. }
                 | Command::PartitionLeaders { .. }
+                | Command::Reassign { .. }
+                | Command::CompleteMove { .. }
+                | Command::RemoveNode { .. }
         ) {
             return Err(tonic::Status::invalid_argument(format!(
-                "`{command}` cannot be forwarded: only topic changes and partition leaderships are"
+                "`{command}` cannot be forwarded: only topic changes, partition leaderships, \
+                 moves and node removals are"
             )));
         }
         match self.propose_local(&command).await {
@@ -638,10 +666,11 @@ impl Controller {
         address: &str,
         dir_id: &str,
     ) -> Result<(), tonic::Status> {
-        if !self.voters.contains_key(&node) {
-            return Err(tonic::Status::invalid_argument(format!(
-                "node {node} is not one of this cluster's voters ({:?})",
-                self.voters.keys().collect::<Vec<_>>()
+        if !self.is_member(node) {
+            return Err(tonic::Status::not_found(format!(
+                "node {node} is not a member of cluster {} (it was removed, or never added): \
+                 a node joins with --join",
+                self.cluster_id
             )));
         }
         let registered = self.view.with(|m| {
@@ -765,6 +794,7 @@ impl Controller {
                     _ => {}
                 }
             }
+            self.movers.drive_all(&self);
             match leader {
                 Some(leader) if leader == self.me => {
                     if let Err(status) = self.handle_heartbeat(self.me, &self.address, &self.dir_id)
@@ -797,7 +827,10 @@ impl Controller {
         });
         match tokio::time::timeout(HEARTBEAT_INTERVAL, call).await {
             Ok(Ok(_)) => {}
-            Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+            Ok(Err(status))
+                if status.code() == tonic::Code::AlreadyExists
+                    || status.code() == tonic::Code::NotFound =>
+            {
                 tracing::error!(
                     reason = status.message(),
                     "this node cannot serve in the cluster"
@@ -820,7 +853,8 @@ impl Controller {
         let heard = self.heard.lock().clone();
         let now = Instant::now();
         for (id, heard) in &heard {
-            if now.duration_since(heard.at) >= NODE_SESSION_TIMEOUT {
+            // A node removed since it was heard is not registered again.
+            if now.duration_since(heard.at) >= NODE_SESSION_TIMEOUT || !self.is_member(*id) {
                 continue;
             }
             let address = &heard.address;
@@ -895,7 +929,7 @@ impl Controller {
     }
 }
 
-fn node_id_taken(node: u64, known: &str, given: &str) -> String {
+pub(crate) fn node_id_taken(node: u64, known: &str, given: &str) -> String {
     format!(
         "node id {node} is in use by another data directory (its id is {known}; this one's is \
          {given}): a node id is never reused. Start node {node} with its own data directory, \

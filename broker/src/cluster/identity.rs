@@ -9,12 +9,15 @@
 //! cluster_id = "8-4-4-4-12 hex"    # random for a cluster of one; a hash of the voters for a
 //!                                  # `--cluster` list (every initial node derives the same)
 //! voters = "1=127.0.0.1:7450"      # the controller's initial voters (ID=HOST:PORT, by id)
+//! joined = true                    # present when the node joined a running cluster (--join)
 //! ```
 //!
 //! Fault model: written to a temp file, fsync'd, renamed, then the directory fsync'd, so a crash
 //! leaves no file or the whole one. At most [`IDENTITY_BYTES_MAX`] are read. A start with another
-//! `--node-id`, or with a `--cluster` list other than the recorded voters, is refused naming
-//! both: serving another node's data would mix two nodes' logs. A file that cannot be written
+//! `--node-id`, or with a `--cluster` list other than the recorded voters (or any list, for a
+//! node that joined), is refused naming both: serving another node's data would mix two nodes'
+//! logs. A data directory that belongs to a cluster restarts without `--cluster`/`--join` as
+//! the member it recorded ([`adopt`]). A file that cannot be written
 //! (a full disk) is a warning: the directory serves with an identity held in memory and the
 //! next start writes it, because opening a data directory must never need free space.
 
@@ -49,6 +52,64 @@ pub struct Identity {
     /// written before it existed get one at their next start.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dir_id: String,
+    /// The node joined a running cluster (`--join`); `voters` is the list the cluster was
+    /// formed with.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub joined: bool,
+}
+
+/// A new data directory's own id.
+pub fn new_dir_id() -> Result<String, BrokerError> {
+    Ok(TopicId::random()?.to_string())
+}
+
+/// Before the data directory opens: a directory that belongs to a cluster (its identity and
+/// the controller's storage are there) started without `--cluster` and `--join` takes the
+/// membership it recorded, so a node restarts the same with or without those flags.
+pub fn adopt(data_dir: &Path, node: &mut NodeConfig) -> Result<(), BrokerError> {
+    if node.is_clustered() || !data_dir.join(super::controller::CONTROLLER_DIR).exists() {
+        return Ok(());
+    }
+    let Some(identity) = read(&data_dir.join(IDENTITY_FILE), data_dir)? else {
+        return Ok(());
+    };
+    if identity.joined {
+        node.rejoin = true;
+    } else {
+        node.cluster = super::node::parse_cluster(&identity.voters).map_err(|message| {
+            refuse(
+                data_dir,
+                format!("its recorded voters `{}`: {message}", identity.voters),
+            )
+        })?;
+    }
+    tracing::info!(cluster_id = %identity.cluster_id, voters = %identity.voters, joined = identity.joined, "the data directory belongs to a cluster: starting as its member");
+    Ok(())
+}
+
+/// The data directory's recorded identity, if any.
+pub fn recorded(data_dir: &Path) -> Result<Option<Identity>, BrokerError> {
+    read(&data_dir.join(IDENTITY_FILE), data_dir)
+}
+
+/// Records the identity of a node that just joined cluster `cluster_id` (formed by the list
+/// `formed_by`).
+pub fn create_joined(
+    data_dir: &Path,
+    node_id: u64,
+    cluster_id: &str,
+    formed_by: &str,
+    dir_id: &str,
+) -> Result<Identity, BrokerError> {
+    let identity = Identity {
+        format: IDENTITY_FORMAT,
+        node_id,
+        cluster_id: cluster_id.to_string(),
+        voters: formed_by.to_string(),
+        dir_id: dir_id.to_string(),
+        joined: true,
+    };
+    write(data_dir, identity, true)
 }
 
 /// A new data directory's cluster id. A cluster of one draws it at random; the initial nodes of
@@ -121,13 +182,13 @@ pub fn load_or_create(
                 ),
             ));
         }
-        if given_voters.is_none() && data_dir.join(super::controller::CONTROLLER_DIR).exists() {
+        if let (true, Some(given)) = (identity.joined, &given_voters) {
             return Err(refuse(
                 data_dir,
                 format!(
-                    "it belongs to cluster {} formed by `{}`, but the broker was started \
-                     without --cluster: start it with --cluster {}",
-                    identity.cluster_id, identity.voters, identity.voters
+                    "it belongs to node {} that joined cluster {} (formed by `{}`), but \
+                     --cluster gives `{given}`: start it with --join or without either flag",
+                    identity.node_id, identity.cluster_id, identity.voters
                 ),
             ));
         }
@@ -158,6 +219,7 @@ pub fn load_or_create(
         cluster_id: cluster_id_for(node)?,
         voters: given_voters.unwrap_or_else(|| format!("{}={advertised}", node.id)),
         dir_id: TopicId::random()?.to_string(),
+        joined: false,
     };
     write(data_dir, identity, node.is_clustered())
 }

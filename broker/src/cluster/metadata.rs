@@ -40,6 +40,36 @@ pub struct PartitionMeta {
     pub leader: Option<u64>,
     /// Bumped at every leader change; stamped in batches as their leader epoch.
     pub leader_epoch: u64,
+    /// A reassignment in progress (`Command::Reassign`), until `Command::CompleteMove`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving: Option<Move>,
+}
+
+/// A partition's reassignment in progress: the group's leader adds the replicas that are new
+/// as learners, waits until they caught up, changes the group's membership to `target`, then
+/// proposes `Command::CompleteMove` (see `cluster::moves`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Move {
+    /// The replica set it moves to (the preferred leader first).
+    pub target: Vec<u64>,
+    /// Bytes per second the leader sends to the new replicas while they catch up (0: no limit).
+    pub throttle_bytes_per_sec: u64,
+}
+
+impl PartitionMeta {
+    /// The nodes that hold (or are receiving) a replica: the replica set, and the target of
+    /// a move in progress.
+    pub fn holders(&self) -> Vec<u64> {
+        let mut holders = self.replicas.clone();
+        if let Some(moving) = &self.moving {
+            for node in &moving.target {
+                if !holders.contains(node) {
+                    holders.push(*node);
+                }
+            }
+        }
+        holders
+    }
 }
 
 /// A topic incarnation.
@@ -109,6 +139,45 @@ pub enum Command {
         /// The elections.
         changes: Vec<LeaderChange>,
     },
+    /// Start moving a partition to another replica set (of the topic's replication factor,
+    /// of registered nodes; new replicas must be alive). Moving to the replica set it has is
+    /// done at once; a move to another target replaces one in progress only when it does not
+    /// drop a replica the move already made a voter (the leader's driver refuses and the admin
+    /// sees the move as in progress).
+    Reassign {
+        /// The topic.
+        topic: String,
+        /// Its incarnation.
+        id: String,
+        /// The partition.
+        partition: u32,
+        /// The replica set to move to (preferred leader first).
+        replicas: Vec<u64>,
+        /// Bytes per second sent to new replicas (0: no limit).
+        throttle_bytes_per_sec: u64,
+        /// Allow a replica set smaller than the replication factor (removing a node from a
+        /// cluster too small to keep it, `--force`).
+        #[serde(default)]
+        shrink: bool,
+    },
+    /// A move is done: the group's voters are `replicas` (applies only when they are the
+    /// move's target, so a stale report changes nothing).
+    CompleteMove {
+        /// The topic.
+        topic: String,
+        /// Its incarnation.
+        id: String,
+        /// The partition.
+        partition: u32,
+        /// The group's voters now.
+        replicas: Vec<u64>,
+    },
+    /// A node leaves the cluster for good (refused while it holds a replica or a move targets
+    /// it).
+    RemoveNode {
+        /// Its id.
+        id: u64,
+    },
 }
 
 /// A replicated partition's new leader, as the leader reports it.
@@ -146,6 +215,19 @@ impl std::fmt::Display for Command {
             Command::PartitionLeaders { changes } => {
                 write!(f, "{} partition leader change(s)", changes.len())
             }
+            Command::Reassign {
+                topic,
+                partition,
+                replicas,
+                ..
+            } => write!(f, "move {topic}/{partition} to nodes {replicas:?}"),
+            Command::CompleteMove {
+                topic,
+                partition,
+                replicas,
+                ..
+            } => write!(f, "{topic}/{partition} moved to nodes {replicas:?}"),
+            Command::RemoveNode { id } => write!(f, "remove node {id}"),
         }
     }
 }
@@ -308,6 +390,7 @@ impl Metadata {
                         leader: Some(p.leader()),
                         replicas: p.replicas,
                         leader_epoch: 0,
+                        moving: None,
                     })
                     .collect();
                 self.topics.insert(
@@ -350,7 +433,7 @@ impl Metadata {
                         continue;
                     };
                     if change.term > partition.leader_epoch
-                        && partition.replicas.contains(&change.leader)
+                        && partition.holders().contains(&change.leader)
                     {
                         partition.leader = Some(change.leader);
                         partition.leader_epoch = change.term;
@@ -358,8 +441,183 @@ impl Metadata {
                 }
                 Ok(())
             }
+            Command::Reassign {
+                topic,
+                id,
+                partition,
+                replicas,
+                throttle_bytes_per_sec,
+                shrink,
+            } => self.reassign(
+                topic,
+                id,
+                *partition,
+                replicas,
+                *throttle_bytes_per_sec,
+                *shrink,
+            ),
+            Command::CompleteMove {
+                topic,
+                id,
+                partition,
+                replicas,
+            } => {
+                let meta = self.partition_mut(topic, id, *partition)?;
+                match &meta.moving {
+                    Some(moving) if same_set(&moving.target, replicas) => {
+                        meta.replicas = moving.target.clone();
+                        meta.moving = None;
+                        if meta.leader.is_some_and(|l| !meta.replicas.contains(&l)) {
+                            meta.leader = None;
+                        }
+                        Ok(())
+                    }
+                    // A retried report of a move already completed.
+                    None if same_set(&meta.replicas, replicas) => Ok(()),
+                    _ => Err(MetadataError::Invalid(format!(
+                        "{topic}/{partition} is not moving to nodes {replicas:?}"
+                    ))),
+                }
+            }
+            Command::RemoveNode { id } => {
+                if !self.nodes.contains_key(id) {
+                    // Already removed (a retried proposal).
+                    return Ok(());
+                }
+                let holding: Vec<String> = self
+                    .topics
+                    .iter()
+                    .flat_map(|(name, t)| {
+                        t.partitions
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, p)| p.holders().contains(id))
+                            .map(move |(n, _)| format!("{name}/{n}"))
+                    })
+                    .collect();
+                if !holding.is_empty() {
+                    return Err(MetadataError::Invalid(format!(
+                        "node {id} still holds {} replica(s) ({}{}): move them first",
+                        holding.len(),
+                        holding
+                            .iter()
+                            .take(5)
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        if holding.len() > 5 { ", ..." } else { "" }
+                    )));
+                }
+                self.nodes.remove(id);
+                Ok(())
+            }
         }
     }
+
+    fn partition_mut(
+        &mut self,
+        topic: &str,
+        id: &str,
+        partition: u32,
+    ) -> Result<&mut PartitionMeta, MetadataError> {
+        let unknown = || MetadataError::UnknownTopic {
+            name: topic.to_string(),
+            id: id.to_string(),
+        };
+        let meta = self.topics.get_mut(topic).ok_or_else(unknown)?;
+        if meta.id != id {
+            return Err(unknown());
+        }
+        let partitions = meta.partitions.len();
+        meta.partitions.get_mut(partition as usize).ok_or_else(|| {
+            MetadataError::Invalid(format!(
+                "topic `{topic}` has no partition {partition} (it has {partitions})"
+            ))
+        })
+    }
+
+    fn reassign(
+        &mut self,
+        topic: &str,
+        id: &str,
+        partition: u32,
+        replicas: &[u64],
+        throttle_bytes_per_sec: u64,
+        shrink: bool,
+    ) -> Result<(), MetadataError> {
+        let invalid = |message: String| Err(MetadataError::Invalid(message));
+        let mut distinct = replicas.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != replicas.len() {
+            return invalid(format!("the replica set {replicas:?} names a node twice"));
+        }
+        if let Some(unknown) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
+            return invalid(format!(
+                "node {unknown} is not a member of the cluster (members: {:?})",
+                self.nodes.keys().collect::<Vec<_>>()
+            ));
+        }
+        let alive: Vec<u64> = self.live_nodes();
+        let factor = self
+            .topics
+            .get(topic)
+            .filter(|t| t.id == id)
+            .map_or(0, |t| t.replication_factor as usize);
+        let meta = self.partition_mut(topic, id, partition)?;
+        let size_ok = if shrink {
+            (1..=factor).contains(&replicas.len())
+        } else {
+            replicas.len() == factor
+        };
+        if !size_ok {
+            return invalid(format!(
+                "topic `{topic}` has replication factor {factor}: give {factor} distinct node \
+                 id(s), not {}",
+                replicas.len()
+            ));
+        }
+        if let Some(moving) = &meta.moving {
+            if same_set(&moving.target, replicas) {
+                // A retried proposal of the move in progress.
+                return Ok(());
+            }
+            return invalid(format!(
+                "{topic}/{partition} is already moving to nodes {:?}: wait until that move is \
+                 done",
+                moving.target
+            ));
+        }
+        if same_set(&meta.replicas, replicas) {
+            // Already there: a new preferred order at most.
+            meta.replicas = replicas.to_vec();
+            return Ok(());
+        }
+        let dead: Vec<u64> = replicas
+            .iter()
+            .copied()
+            .filter(|n| !meta.replicas.contains(n) && !alive.contains(n))
+            .collect();
+        if !dead.is_empty() {
+            return invalid(format!(
+                "node(s) {dead:?} are down: a new replica must be alive to catch up"
+            ));
+        }
+        meta.moving = Some(Move {
+            target: replicas.to_vec(),
+            throttle_bytes_per_sec,
+        });
+        Ok(())
+    }
+}
+
+/// Whether two replica sets hold the same nodes (in any order).
+pub fn same_set(a: &[u64], b: &[u64]) -> bool {
+    let mut a = a.to_vec();
+    let mut b = b.to_vec();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
 }
 
 #[cfg(test)]
@@ -497,6 +755,94 @@ mod tests {
         assert_eq!(metadata.topics["t"].id, "b");
     }
 
+    #[test]
+    fn given_a_move_should_hold_both_sets_until_completed_and_refuse_bad_input() {
+        let mut metadata = Metadata::default();
+        for id in 1..=4 {
+            metadata.apply(&register(id)).unwrap();
+        }
+        metadata.apply(&create("t", "a", 1, 3)).unwrap();
+        let before = metadata.topics["t"].partitions[0].replicas.clone();
+        let reassign = |replicas: Vec<u64>| Command::Reassign {
+            topic: "t".into(),
+            id: "a".into(),
+            partition: 0,
+            replicas,
+            throttle_bytes_per_sec: 0,
+            shrink: false,
+        };
+        let refused = |metadata: &mut Metadata, command: Command, wanted: &str| {
+            let copy = metadata.clone();
+            match metadata.apply(&command) {
+                Err(MetadataError::Invalid(message)) => {
+                    assert!(message.contains(wanted), "{message}")
+                }
+                other => panic!("{command}: {other:?}"),
+            }
+            assert_eq!(*metadata, copy);
+        };
+        refused(
+            &mut metadata,
+            reassign(vec![1, 2, 9]),
+            "node 9 is not a member",
+        );
+        refused(&mut metadata, reassign(vec![1, 2]), "replication factor 3");
+        refused(&mut metadata, reassign(vec![1, 1, 2]), "names a node twice");
+        metadata.apply(&Command::MarkDown { ids: vec![4] }).unwrap();
+        let target: Vec<u64> = vec![4, before[1], before[2]];
+        refused(&mut metadata, reassign(target.clone()), "are down");
+        metadata
+            .apply(&Command::Heartbeat { id: 4, at_ms: 2 })
+            .unwrap();
+        metadata.apply(&reassign(target.clone())).unwrap();
+        let p = &metadata.topics["t"].partitions[0];
+        assert_eq!(p.replicas, before);
+        let mut holders = p.holders();
+        holders.sort_unstable();
+        assert_eq!(holders.len(), 4);
+        // Another target while moving is refused; the same is a retry.
+        refused(&mut metadata, reassign(before.clone()), "already moving");
+        metadata.apply(&reassign(target.clone())).unwrap();
+        // A node holding or receiving a replica cannot be removed.
+        refused(&mut metadata, Command::RemoveNode { id: 4 }, "still holds");
+        refused(
+            &mut metadata,
+            Command::CompleteMove {
+                topic: "t".into(),
+                id: "a".into(),
+                partition: 0,
+                replicas: vec![1, 2, 3],
+            }
+            .clone(),
+            if same_set(&target, &[1, 2, 3]) {
+                ""
+            } else {
+                "not moving"
+            },
+        );
+        let complete = Command::CompleteMove {
+            topic: "t".into(),
+            id: "a".into(),
+            partition: 0,
+            replicas: target.clone(),
+        };
+        metadata.apply(&complete).unwrap();
+        let p = &metadata.topics["t"].partitions[0];
+        assert_eq!(
+            (p.replicas.clone(), p.moving.clone()),
+            (target.clone(), None)
+        );
+        // A retried completion changes nothing.
+        let done = metadata.clone();
+        metadata.apply(&complete).unwrap();
+        assert_eq!(metadata, done);
+        // The node that left every replica set can be removed, twice.
+        let gone = before[0];
+        metadata.apply(&Command::RemoveNode { id: gone }).unwrap();
+        metadata.apply(&Command::RemoveNode { id: gone }).unwrap();
+        assert!(!metadata.nodes.contains_key(&gone));
+    }
+
     fn command() -> impl Strategy<Value = Command> {
         prop_oneof![
             (1u64..5).prop_map(register),
@@ -505,6 +851,33 @@ mod tests {
             ("[a-c]", "[x-z]", 0u32..8, 1u32..3)
                 .prop_map(|(name, id, partitions, rf)| { create(&name, &id, partitions, rf) }),
             ("[a-c]", "[x-z]").prop_map(|(name, id)| Command::DeleteTopic { name, id }),
+            (
+                "[a-c]",
+                "[x-z]",
+                0u32..3,
+                proptest::collection::vec(1u64..6, 0..4)
+            )
+                .prop_map(|(topic, id, partition, replicas)| Command::Reassign {
+                    topic,
+                    id,
+                    partition,
+                    replicas,
+                    throttle_bytes_per_sec: 0,
+                    shrink: false,
+                }),
+            (
+                "[a-c]",
+                "[x-z]",
+                0u32..3,
+                proptest::collection::vec(1u64..6, 0..4)
+            )
+                .prop_map(|(topic, id, partition, replicas)| Command::CompleteMove {
+                    topic,
+                    id,
+                    partition,
+                    replicas,
+                }),
+            (1u64..6).prop_map(|id| Command::RemoveNode { id }),
         ]
     }
 
@@ -531,8 +904,15 @@ mod tests {
                     distinct.sort_unstable();
                     distinct.dedup();
                     prop_assert_eq!(distinct.len(), topic.replication_factor as usize);
-                    prop_assert!(p.replicas.iter().all(|n| a.nodes.contains_key(n)));
-                    prop_assert!(p.leader.is_some_and(|l| p.replicas.contains(&l)));
+                    prop_assert!(p.holders().iter().all(|n| a.nodes.contains_key(n)));
+                    prop_assert!(p.leader.is_none_or(|l| p.holders().contains(&l)));
+                    if let Some(moving) = &p.moving {
+                        let mut target = moving.target.clone();
+                        target.sort_unstable();
+                        target.dedup();
+                        prop_assert_eq!(target.len(), topic.replication_factor as usize);
+                        prop_assert!(!same_set(&moving.target, &p.replicas));
+                    }
                 }
             }
         }

@@ -1,13 +1,15 @@
 //! The cluster layer: who this node is and which cluster its data directory belongs to.
 //!
-//! Owns the node settings (`--node-id`, `--cluster`, `--advertise`: [`node`]), the data
-//! directory's identity file ([`identity`]), the controller's state machine over the cluster
+//! Owns the node settings (`--node-id`, `--cluster`, `--join`, `--advertise`: [`node`]), the
+//! data directory's identity file ([`identity`]), joining a running cluster ([`join`]), the controller's state machine over the cluster
 //! metadata ([`metadata`]: nodes, topics, replica sets, leaders and leader epochs; deterministic
 //! apply) and placement ([`placement`]: partitions spread evenly over live nodes). The
 //! controller's Raft group that orders the metadata commands, its log and snapshot storage and
 //! peer transport: [`controller`] (bootstrap, proposals, liveness), [`raft`] (openraft types and
 //! the state machine), [`log_store`] (the Raft log under the data directory), [`network`] (peer
-//! calls), and [`reconcile`] (local topics follow the applied metadata). Without `--cluster` a
+//! calls), [`reconcile`] (local topics follow the applied metadata) and [`moves`] (a partition's
+//! leader moves it to another replica set); [`membership`] changes who belongs (nodes join,
+//! leave, become voters) and [`plan`] which moves a rebalance or a drain makes. Without `--cluster` a
 //! node is a cluster of one and none of it runs.
 //!
 //! Raft library: openraft, never a protocol of our own. The plan is an exactly pinned 0.10
@@ -26,11 +28,15 @@
 
 pub mod controller;
 pub mod identity;
+pub mod join;
 pub mod log_store;
+pub mod membership;
 pub mod metadata;
+pub mod moves;
 pub mod network;
 pub mod node;
 pub mod placement;
+pub mod plan;
 pub mod raft;
 pub mod reconcile;
 #[cfg(test)]

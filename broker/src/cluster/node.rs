@@ -2,7 +2,9 @@
 //! initial voters of the controller.
 //!
 //! `--cluster` is `ID=HOST:PORT,ID=HOST:PORT,...`: the same list on every initial node, each
-//! address being that node's advertised address. Without it the node is a cluster of one.
+//! address being that node's advertised address. `--join HOST:PORT` instead adds a new node
+//! to a running cluster through any of its nodes. Without either (and without a data
+//! directory that already belongs to a cluster) the node is a cluster of one.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -31,8 +33,14 @@ pub struct NodeConfig {
     pub id: u64,
     /// `HOST:PORT` peers and clients use to reach this node (None: the listen address).
     pub advertise: Option<String>,
-    /// The initial voters as given by `--cluster` (empty: this node alone).
+    /// The initial voters as given by `--cluster` (empty: this node alone, or a node that
+    /// joins).
     pub cluster: Vec<Voter>,
+    /// `--join`: a node of the cluster this node joins (or joined).
+    pub join: Option<String>,
+    /// The data directory belongs to a cluster this node joined (set at start from its
+    /// identity, when started without `--join`).
+    pub rejoin: bool,
     /// Replicas per partition when a create does not say (None: min(3, voters)).
     pub default_replication_factor: Option<u32>,
 }
@@ -51,6 +59,8 @@ impl Default for NodeConfig {
             id: 1,
             advertise: None,
             cluster: Vec::new(),
+            join: None,
+            rejoin: false,
             default_replication_factor: None,
         }
     }
@@ -132,7 +142,12 @@ impl NodeConfig {
     /// (even a list of just this node). Without it the node is a cluster of one, as a
     /// single-node broker always was: no controller, every partition here.
     pub fn is_clustered(&self) -> bool {
-        !self.cluster.is_empty()
+        !self.cluster.is_empty() || self.join.is_some() || self.rejoin
+    }
+
+    /// Whether this node joins (or joined) a running cluster rather than forming one.
+    pub fn is_joining(&self) -> bool {
+        self.cluster.is_empty() && (self.join.is_some() || self.rejoin)
     }
 
     /// The address this node advertises once it listens on `bound`.
@@ -162,7 +177,24 @@ impl NodeConfig {
                 ),
             );
         }
-        let nodes = self.cluster.len().max(1) as u32;
+        if let Some(join) = &self.join {
+            if !self.cluster.is_empty() {
+                return err(
+                    "join",
+                    "give --cluster to form a cluster or --join to join a running one, not both"
+                        .into(),
+                );
+            }
+            if let Err(message) = check_address(join) {
+                return err("join", message);
+            }
+        }
+        // A joining node learns the cluster's size from it; the controller checks the factor.
+        let nodes = if self.is_joining() {
+            VOTERS_MAX.max(NODE_ID_MAX as usize) as u32
+        } else {
+            self.cluster.len().max(1) as u32
+        };
         if let Some(factor) = self.default_replication_factor {
             if !(1..=nodes).contains(&factor) {
                 return err(

@@ -91,7 +91,7 @@ async fn pass(
         let mut remote = BTreeMap::new();
         for (partition, placement) in meta.partitions.iter().enumerate() {
             let partition = partition as u32;
-            if placement.replicas.contains(&me) {
+            if placement.holders().contains(&me) {
                 local.push(partition);
             } else {
                 let address = placement
@@ -110,6 +110,12 @@ async fn pass(
         }
         match registry.get(name) {
             Ok(topic) if TopicId::parse(&meta.id) == Some(topic.id) => {
+                if let Err(error) =
+                    follow_moves(controller, registry, &topic, &local, &remote).await
+                {
+                    tracing::warn!(topic = %name, %error, "could not follow a partition move");
+                    failed.insert(name.clone(), error);
+                }
                 registry.set_remote_leaders(name, &remote);
             }
             Ok(topic) => {
@@ -147,6 +153,57 @@ async fn pass(
     failed
 }
 
+/// Makes this node's copy of a topic follow moves of its partitions: a partition placed here
+/// (`local`: a replica, or the target of a move) that is a placeholder gets its log; one held
+/// here that is placed elsewhere now loses its copy, but only once this node's metadata is
+/// known current (a read barrier on the controller leader): while a restarted node replays
+/// the controller's log, an older placement is "not yet", not "moved away".
+async fn follow_moves(
+    controller: &Controller,
+    registry: &Registry,
+    topic: &crate::topic::Topic,
+    local: &[u32],
+    remote: &BTreeMap<u32, RemoteLeader>,
+) -> Result<(), String> {
+    for partition in &topic.partitions {
+        let placed_here = local.contains(&partition.id);
+        let held_here = partition.remote_leader().is_none();
+        if placed_here && !held_here {
+            registry
+                .add_local_partition(&topic.name, partition.id)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else if held_here && !placed_here && partition.fence_reason().is_none() {
+            controller
+                .read_barrier(Duration::from_secs(5))
+                .await
+                .map_err(|e| e.to_string())?;
+            let current = controller.metadata();
+            let still_elsewhere = current
+                .topics
+                .get(topic.name.as_ref())
+                .filter(|t| TopicId::parse(&t.id) == Some(topic.id))
+                .and_then(|t| t.partitions.get(partition.id as usize))
+                .is_some_and(|p| !p.holders().contains(&controller.node_id()));
+            if !still_elsewhere {
+                continue;
+            }
+            controller
+                .replicas()
+                .forget(&crate::replication::network::GroupId {
+                    topic_id: topic.id.to_string(),
+                    partition: partition.id,
+                });
+            let leader = remote.get(&partition.id).cloned().unwrap_or_default();
+            registry
+                .remove_local_partition(&topic.name, partition.id, leader)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts the Raft groups of this node's replicas of a replicated topic (those not running).
 async fn start_groups(
     controller: &Controller,
@@ -161,15 +218,15 @@ async fn start_groups(
         return Ok(());
     }
     for (number, placement) in meta.partitions.iter().enumerate() {
-        if !placement.replicas.contains(&me) {
+        let holders = placement.holders();
+        if !holders.contains(&me) {
             continue;
         }
         let partition = topic.partition(number as u32).map_err(|e| e.to_string())?;
         if !partition.is_replicated() || partition.fence_reason().is_some() {
             continue;
         }
-        let replicas: BTreeMap<u64, String> = placement
-            .replicas
+        let replicas: BTreeMap<u64, String> = holders
             .iter()
             .map(|node| {
                 let address = metadata
@@ -186,9 +243,19 @@ async fn start_groups(
             partition: number as u32,
         };
         let preferred = placement.replicas.first().copied().unwrap_or(me);
+        // A replica a move adds starts empty and waits for the leader to add it.
+        let initialize = placement.replicas.contains(&me);
+        let replicas = if initialize {
+            replicas
+                .into_iter()
+                .filter(|(node, _)| placement.replicas.contains(node))
+                .collect()
+        } else {
+            replicas
+        };
         controller
             .replicas()
-            .ensure(id, partition, &replicas, preferred)
+            .ensure(id, partition, &replicas, preferred, initialize)
             .await?;
     }
     Ok(())

@@ -201,6 +201,7 @@ async fn host(
             .collect::<Vec<_>>()
             .join(","),
         dir_id: dir_id(id),
+        joined: false,
     };
     let controller = Controller::start_with(
         &dir,

@@ -199,6 +199,11 @@ fn given_example_config_should_list_every_setting_at_its_default() {
                     crate::cluster::node::parse_cluster("1=127.0.0.1:7450").unwrap();
                 format!("{line}\n")
             }
+            // Unset by default; the example names a node to join through.
+            "join" => {
+                expected.node.join = Some("127.0.0.1:7450".into());
+                format!("{line}\n")
+            }
             // Its default follows the node count; the example names the single node's.
             "default_replication_factor" => {
                 expected.node.default_replication_factor = Some(1);

@@ -140,6 +140,8 @@ pub struct GroupContext {
     pub addresses: Addresses,
     /// Snapshot cadence.
     pub settings: GroupSettings,
+    /// The throttle on sends to replicas catching up after a move.
+    pub throttle: Arc<super::throttle::Throttle>,
 }
 
 fn leadership_of(me: u64, metrics: &openraft::RaftMetrics<PartitionRaft>) -> Leadership {
@@ -158,7 +160,9 @@ fn leadership_of(me: u64, metrics: &openraft::RaftMetrics<PartitionRaft>) -> Lea
 impl Group {
     /// Starts the group of `partition` with its Raft state in `dir`, over `replicas` (node id
     /// -> address). A group that never ran is initialized with that membership on every
-    /// replica (the same membership everywhere, so any of them may win the first election).
+    /// replica (the same membership everywhere, so any of them may win the first election)
+    /// when `initialize`; a replica a move adds starts empty instead and waits for the leader,
+    /// which adds it as a learner (see `cluster::moves`).
     pub async fn start(
         context: &GroupContext,
         id: GroupId,
@@ -166,6 +170,7 @@ impl Group {
         dir: &std::path::Path,
         replicas: &BTreeMap<u64, String>,
         preferred: u64,
+        initialize: bool,
     ) -> Result<Arc<Group>, String> {
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("group {id}: {what}: {e}");
         let state_machine = PartitionStateMachine::open(dir, partition.clone())
@@ -204,6 +209,7 @@ impl Group {
             me: context.me,
             group: id.clone(),
             peers: context.peers.clone(),
+            throttle: context.throttle.clone(),
         };
         let raft = GroupRaft::new(context.me, Arc::new(config), network, log, state_machine)
             .await
@@ -212,7 +218,7 @@ impl Group {
             .is_initialized()
             .await
             .map_err(|e| fail("starting", &e))?;
-        if !initialized {
+        if !initialized && initialize {
             let members: BTreeMap<u64, BasicNode> = replicas
                 .iter()
                 .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
@@ -320,6 +326,67 @@ impl Group {
     /// Follows who leads.
     pub fn leadership(&self) -> watch::Receiver<Leadership> {
         self.leadership.clone()
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> u64 {
+        self.me
+    }
+
+    /// The group's membership as this replica knows it: (voters, learners), and whether it
+    /// is a joint configuration (a membership change half done).
+    pub fn membership(&self) -> (Vec<u64>, Vec<u64>, bool) {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        let joint = membership.get_joint_config().len() > 1;
+        (voters, learners, joint)
+    }
+
+    /// On the leader: how far `node`'s log is behind the leader's (entries), if it is
+    /// replicated to.
+    pub fn lag_of(&self, node: u64) -> Option<u64> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let matched = metrics
+            .replication
+            .as_ref()?
+            .get(&node)?
+            .as_ref()
+            .map_or(0, |m| m.index);
+        Some(metrics.last_log_index.unwrap_or(0).saturating_sub(matched))
+    }
+
+    /// On the leader: adds `node` at `address` as a learner (it catches up without voting).
+    pub async fn add_learner(&self, node: u64, address: String) -> Result<(), String> {
+        self.quiet.wake(&self.raft);
+        self.raft
+            .add_learner(node, BasicNode { addr: address }, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("adding node {node} to group {} as a learner: {e}", self.id))
+    }
+
+    /// On the leader: makes `voters` the group's voters through joint consensus; replicas
+    /// that are not among them leave the group.
+    pub async fn change_voters(&self, voters: &[u64]) -> Result<(), String> {
+        self.quiet.wake(&self.raft);
+        let voters: std::collections::BTreeSet<u64> = voters.iter().copied().collect();
+        self.raft
+            .change_membership(voters.clone(), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("changing group {}'s voters to {voters:?}: {e}", self.id))
+    }
+
+    /// On the leader: hands the leadership to `node` (it must hold every committed entry).
+    pub async fn transfer_to(&self, node: u64) -> Result<(), String> {
+        self.quiet.wake(&self.raft);
+        self.raft
+            .trigger()
+            .transfer_leader(node)
+            .await
+            .map_err(|e| format!("handing group {}'s leadership to node {node}: {e}", self.id))
     }
 
     fn not_leader(&self, leader: Option<u64>) -> BrokerError {

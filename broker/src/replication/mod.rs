@@ -35,6 +35,7 @@
 //! - `handoff`: moving this node's leaderships to other replicas before it stops.
 //! - `quiesce`: idle groups switch openraft's ticks off; one ping per node pair tells
 //!   followers their leader is alive and idle.
+//! - `throttle`: the bytes/s limit on what a leader sends to replicas a move adds.
 //! - `status`: a group's replication status (role, commit and apply indexes, followers caught
 //!   up and their lag) for DescribeCluster and the metrics.
 //! - this module: [`Replicas`], every group on this node, started and stopped by the cluster's
@@ -50,6 +51,7 @@ pub mod raft_log;
 pub mod snapshot;
 pub mod state_machine;
 pub mod status;
+pub mod throttle;
 pub mod types;
 
 use std::collections::{BTreeMap, HashMap};
@@ -122,13 +124,16 @@ impl Replicas {
     }
 
     /// Starts the group of `partition` (a replica placed on this node) unless it runs, and
-    /// attaches it to the partition. `preferred` is the placement's first replica.
+    /// attaches it to the partition. `preferred` is the placement's first replica;
+    /// `initialize`: whether this replica is one of the group's first (else a move adds it,
+    /// and it waits for the leader).
     pub async fn ensure(
         &self,
         id: GroupId,
         partition: &Arc<Partition>,
         replicas: &BTreeMap<u64, String>,
         preferred: u64,
+        initialize: bool,
     ) -> Result<(), String> {
         if self.groups.read().contains_key(&id) && partition.replica().is_some() {
             return Ok(());
@@ -149,6 +154,7 @@ impl Replicas {
             &dir,
             replicas,
             preferred,
+            initialize,
         )
         .await?;
         partition.attach_replica(group.clone());
@@ -190,6 +196,17 @@ impl Replicas {
     /// Forgets the groups of a topic incarnation (their partitions stop them when they close).
     pub fn forget_topic(&self, topic_id: &str) {
         self.groups.write().retain(|id, _| id.topic_id != topic_id);
+    }
+
+    /// Forgets one group (its replica moved away; the partition stops it when it closes).
+    pub fn forget(&self, id: &GroupId) {
+        self.groups.write().remove(id);
+        self.context.throttle.clear_group(id);
+    }
+
+    /// The throttle on sends to replicas catching up after a move.
+    pub fn throttle(&self) -> &Arc<throttle::Throttle> {
+        &self.context.throttle
     }
 
     /// Serves a `Peer.InstallSnapshot` call after its `first` message.

@@ -120,6 +120,8 @@ pub struct GroupNetworkFactory {
     pub group: GroupId,
     /// The shared channels.
     pub peers: Peers,
+    /// The throttle on sends to replicas a move adds.
+    pub throttle: std::sync::Arc<super::throttle::Throttle>,
 }
 
 impl RaftNetworkFactory<PartitionRaft> for GroupNetworkFactory {
@@ -254,6 +256,13 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
             .collect::<Result<Vec<_>, _>>()
             .map_err(network_error)?;
         let bytes: usize = entries.iter().map(|e| e.payload.len()).sum();
+        if let Some(rate) = self
+            .factory
+            .throttle
+            .limit(&self.factory.group, self.target)
+        {
+            self.factory.throttle.take(rate, bytes as u64).await;
+        }
         self.call(
             "append",
             header,
@@ -326,9 +335,24 @@ impl RaftNetworkV2<PartitionRaft> for GroupConnection {
         };
         let bytes = image.bytes();
         let files = image.files().len();
-        let limit = super::snapshot::transfer_timeout(bytes);
+        let mut limit = super::snapshot::transfer_timeout(bytes);
         let failure = std::sync::Arc::new(parking_lot::Mutex::new(None));
         let chunks = super::snapshot::chunks(first, image, failure.clone());
+        // A replica a move adds gets its copy at the move's rate (and the time that takes).
+        let throttle = self.factory.throttle.clone();
+        let rate = throttle.limit(&self.factory.group, self.target);
+        if let Some(rate) = rate {
+            limit = limit.max(Duration::from_secs(30 + bytes * 2 / rate.max(1)));
+        }
+        let chunks = futures_util::StreamExt::then(chunks, move |chunk| {
+            let throttle = throttle.clone();
+            async move {
+                if let Some(rate) = rate {
+                    throttle.take(rate, chunk.data.len() as u64).await;
+                }
+                chunk
+            }
+        });
         let mut client = self
             .factory
             .peers

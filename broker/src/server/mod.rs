@@ -56,8 +56,10 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the data directory (recovering every partition), then binds the listen address.
-    pub async fn start(config: Config) -> Result<Broker, BrokerError> {
+    pub async fn start(mut config: Config) -> Result<Broker, BrokerError> {
         let listen = config.listen;
+        // A data directory that belongs to a cluster restarts as its member without flags.
+        crate::cluster::identity::adopt(&config.data_dir, &mut config.node)?;
         let config = Arc::new(config);
         let registry = {
             let config = config.clone();
@@ -125,28 +127,41 @@ impl Broker {
                     dir: config.data_dir.clone(),
                     message: format!(
                         "it holds topics written by a single-node broker ({}), but the broker \
-                         was started with --cluster: a single node's data cannot join a cluster \
-                         yet. Start it without --cluster, or give this node an empty --data-dir",
+                         was started with --cluster or --join: a single node's data cannot join a \
+                         cluster yet. Start it without them, or give this node an empty \
+                         --data-dir",
                         topics.join(", ")
                     ),
                 });
             }
         }
-        let identity = crate::cluster::identity::load_or_create(
-            &config.data_dir,
-            &config.node,
-            &config.node.advertised(local_addr),
-        )?;
-        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, advertise = %config.node.advertised(local_addr), "node identity");
+        let advertised = config.node.advertised(local_addr);
+        let identity = match &config.node.join {
+            Some(join) => crate::cluster::join::join(&config, join, &advertised).await?,
+            None => crate::cluster::identity::load_or_create(
+                &config.data_dir,
+                &config.node,
+                &advertised,
+            )?,
+        };
+        tracing::info!(node_id = identity.node_id, cluster_id = %identity.cluster_id, advertise = %advertised, "node identity");
         let controller = if config.node.is_clustered() {
-            let voters = config
-                .node
-                .cluster
-                .iter()
-                .map(|voter| (voter.id, voter.address.clone()))
-                .collect();
+            // The voters the cluster was formed with, as recorded (a node that joined records
+            // the cluster's list).
+            let voters: std::collections::BTreeMap<u64, String> =
+                crate::cluster::node::parse_cluster(&identity.voters)
+                    .map_err(|message| BrokerError::DataDirIdentity {
+                        dir: config.data_dir.clone(),
+                        message: format!("its recorded voters `{}`: {message}", identity.voters),
+                    })?
+                    .into_iter()
+                    .map(|voter| (voter.id, voter.address))
+                    .collect();
             let for_offsets = registry.clone();
-            let replication_factor = config.node.replication_factor_default();
+            let replication_factor = config
+                .node
+                .default_replication_factor
+                .unwrap_or_else(|| voters.len().clamp(1, 3) as u32);
             let offsets_topic: crate::cluster::controller::InternalTopic =
                 Box::new(move |partitions| {
                     let mut settings = for_offsets.offsets_settings(partitions);

@@ -1,6 +1,13 @@
 //! The registry's part in a cluster: a new topic's `topic.toml` text for the controller to
 //! commit, a topic the controller placed (this node's partitions, placeholders for the others),
-//! and pointing those placeholders at their current leaders. Called by `cluster::reconcile`.
+//! pointing those placeholders at their current leaders, and a partition moving onto or off
+//! this node (a reassignment). Called by `cluster::reconcile`.
+//!
+//! Fault model of a move: onto this node, the partition's directory is made (a leftover of an
+//! earlier copy is removed first) before `topic.toml` lists it as local, so a crash between
+//! leaves a directory that is not listed and that the next move onto the node replaces. Off
+//! this node, `topic.toml` stops listing it first, then the directory is renamed away and
+//! removed: a crash leaves an unlisted directory, never a listed partition without its log.
 
 use super::*;
 
@@ -85,5 +92,166 @@ impl Registry {
             deleted: AtomicBool::new(false),
         });
         topics.insert(name.to_string(), updated);
+    }
+
+    /// Makes partition `partition` of topic `name` local (a replica moved onto this node): its
+    /// directory and an empty log, listed in `topic.toml`. Returns the partition.
+    pub async fn add_local_partition(
+        &self,
+        name: &str,
+        partition: u32,
+    ) -> Result<Arc<Partition>, BrokerError> {
+        let _admin = self.admin.lock().await;
+        let topic = self.get(name)?;
+        let current = topic.partition(partition)?.clone();
+        if current.remote_leader().is_none() {
+            return Ok(current);
+        }
+        let path = self.config.data_dir.join(name);
+        let dir = path.join(partition.to_string());
+        let config = self.config.clone();
+        let options = self.log_options.clone();
+        let epochs = self.producer_epochs.clone();
+        let settings = topic.settings.clone();
+        let topic_name = topic.name.clone();
+        let opened = tokio::task::spawn_blocking(move || -> Result<Partition, BrokerError> {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::io("removing", &dir, e))?;
+            }
+            std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+            sync_dir(&path)?;
+            let mut meta = read_meta(&path)?;
+            let mut local = meta
+                .local_partitions
+                .clone()
+                .unwrap_or_else(|| (0..settings.partitions).collect());
+            if !local.contains(&partition) {
+                local.push(partition);
+                local.sort_unstable();
+            }
+            meta.local_partitions = Some(local);
+            let text = toml::to_string(&meta).map_err(|e| {
+                BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
+            })?;
+            write_synced(&path.join(META_FILE), text.as_bytes())?;
+            sync_dir(&path)?;
+            let opener = PartitionOpener {
+                config: &config,
+                options: &options,
+                epochs: &epochs,
+                name: topic_name.clone(),
+                path: &path,
+                settings: &settings,
+            };
+            opener.open(partition).map_err(|source| BrokerError::Log {
+                topic: topic_name.to_string(),
+                partition,
+                source,
+            })
+        })
+        .await
+        .map_err(|e| BrokerError::InvalidRequest(format!("partition open task failed: {e}")))??;
+        let opened = Arc::new(opened);
+        self.replace_partition(&topic, opened.clone());
+        tracing::info!(
+            topic = name,
+            partition,
+            "a replica of the partition moved onto this node"
+        );
+        Ok(opened)
+    }
+
+    /// Makes partition `partition` of topic `name` a placeholder pointing at `leader` (this
+    /// node's replica moved away): the replica stops, `topic.toml` stops listing it, and its
+    /// directory is removed.
+    pub async fn remove_local_partition(
+        &self,
+        name: &str,
+        partition: u32,
+        leader: RemoteLeader,
+    ) -> Result<(), BrokerError> {
+        let _admin = self.admin.lock().await;
+        let topic = self.get(name)?;
+        let current = topic.partition(partition)?.clone();
+        if current.remote_leader().is_some() {
+            return Ok(());
+        }
+        let placeholder = Arc::new(Partition::remote(
+            topic.name.clone(),
+            partition,
+            topic.settings.partitions,
+            leader,
+        ));
+        self.replace_partition(&topic, placeholder);
+        current.close().await;
+        drop(current);
+        let path = self.config.data_dir.join(name);
+        let dir = path.join(partition.to_string());
+        let partitions = topic.settings.partitions;
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let data_dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+            let mut meta = read_meta(&path)?;
+            let mut local = meta
+                .local_partitions
+                .clone()
+                .unwrap_or_else(|| (0..partitions).collect());
+            local.retain(|p| *p != partition);
+            meta.local_partitions = Some(local);
+            let text = toml::to_string(&meta).map_err(|e| {
+                BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
+            })?;
+            write_synced(&path.join(META_FILE), text.as_bytes())?;
+            sync_dir(&path)?;
+            if dir.exists() {
+                let doomed = data_dir.join(format!("~deleted-{}-{sequence}", now_ms()));
+                std::fs::rename(&dir, &doomed).map_err(|e| BrokerError::io("renaming", &dir, e))?;
+                sync_dir(&path)?;
+                std::fs::remove_dir_all(&doomed)
+                    .map_err(|e| BrokerError::io("removing", &doomed, e))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| {
+            BrokerError::InvalidRequest(format!("partition removal task failed: {e}"))
+        })??;
+        tracing::info!(
+            topic = name,
+            partition,
+            "this node's replica of the partition moved away"
+        );
+        Ok(())
+    }
+
+    /// Swaps one partition of `topic` (the same incarnation) in the registry.
+    fn replace_partition(&self, topic: &Arc<Topic>, partition: Arc<Partition>) {
+        let mut topics = self.topics.write();
+        let Some(now) = topics.get(topic.name.as_ref()) else {
+            return;
+        };
+        if now.id != topic.id {
+            return;
+        }
+        let partitions = now
+            .partitions
+            .iter()
+            .map(|p| {
+                if p.id == partition.id {
+                    partition.clone()
+                } else {
+                    p.clone()
+                }
+            })
+            .collect();
+        let updated = Arc::new(Topic {
+            name: now.name.clone(),
+            id: now.id,
+            legacy_offsets: now.legacy_offsets,
+            settings: now.settings.clone(),
+            partitions,
+            deleted: AtomicBool::new(false),
+        });
+        topics.insert(topic.name.to_string(), updated);
     }
 }

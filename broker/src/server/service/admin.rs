@@ -166,6 +166,11 @@ fn describe_clustered(
                         // The leader holds every committed record; with one replica it is the
                         // only one (replicated partitions: see `describe_cluster_call`).
                         caught_up: leader.into_iter().collect(),
+                        target_replicas: placement
+                            .moving
+                            .as_ref()
+                            .map(|m| m.target.clone())
+                            .unwrap_or_default(),
                     }
                 })
         })
@@ -175,6 +180,7 @@ fn describe_clustered(
         controller: controller.leader(),
         nodes,
         partitions,
+        voters: controller.membership().0,
     }
 }
 
@@ -589,9 +595,17 @@ impl BrokerService {
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let request = request.into_inner();
         let config = request.config.unwrap_or_default();
+        let node = &self.registry.config().node;
+        let default_factor = match &self.cluster.controller {
+            // min(3, the voters the cluster was formed with), as on the nodes that formed it.
+            Some(controller) => node
+                .default_replication_factor
+                .unwrap_or_else(|| controller.formed_by().len().clamp(1, 3) as u32),
+            None => node.replication_factor_default(),
+        };
         let replication_factor = replication_factor(
             config.replication_factor,
-            self.registry.config().node.replication_factor_default(),
+            default_factor,
             self.cluster.controller.is_some(),
         )?;
         let cleanup = match v1::CleanupPolicy::try_from(config.cleanup_policy) {
@@ -837,6 +851,7 @@ mod tests {
             replicas: vec![1, 2, 3],
             leader,
             leader_epoch,
+            moving: None,
         }
     }
 

@@ -1,11 +1,13 @@
 //! The `syncline.v1.Broker` service: request validation, then calls into topics and
 //! partitions. Responses carry the stored batch bytes as `Bytes` slices of the segment
 //! mappings (no copy). Building read responses (Fetch, Subscribe, Snapshot) lives in
-//! `super::reads`; topic administration and the cluster calls in [`admin`], the produce path
+//! `super::reads`; topic administration and the cluster calls in [`admin`], operating a
+//! cluster (moves, nodes joining and leaving) in [`operations`], the produce path
 //! in [`produce`], what reads and tables share in [`lookups`].
 
 mod admin;
 mod lookups;
+mod operations;
 mod produce;
 
 use admin::{cleanup_of, describe};
@@ -236,6 +238,56 @@ impl Broker for BrokerService {
         finish("DeleteTopic", started, result)
     }
 
+    async fn reassign_partition(
+        &self,
+        request: Request<v1::ReassignPartitionRequest>,
+    ) -> Result<Response<v1::ReassignPartitionResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "ReassignPartition");
+        let result = self.reassign_partition_call(request).instrument(span).await;
+        finish("ReassignPartition", started, result)
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<v1::RebalanceRequest>,
+    ) -> Result<Response<v1::RebalanceResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "Rebalance");
+        let result = self.rebalance_call(request).instrument(span).await;
+        finish("Rebalance", started, result)
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<v1::AddNodeRequest>,
+    ) -> Result<Response<v1::AddNodeResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "AddNode");
+        let result = self.add_node_call(request).instrument(span).await;
+        finish("AddNode", started, result)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<v1::RemoveNodeRequest>,
+    ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "RemoveNode");
+        let result = self.remove_node_call(request).instrument(span).await;
+        finish("RemoveNode", started, result)
+    }
+
+    async fn set_voters(
+        &self,
+        request: Request<v1::SetVotersRequest>,
+    ) -> Result<Response<v1::SetVotersResponse>, Status> {
+        let started = Instant::now();
+        let span = tracing::debug_span!("rpc", rpc = "SetVoters");
+        let result = self.set_voters_call(request).instrument(span).await;
+        finish("SetVoters", started, result)
+    }
+
     async fn describe_cluster(
         &self,
         request: Request<v1::DescribeClusterRequest>,
@@ -259,6 +311,7 @@ impl Broker for BrokerService {
                     leader: Some(me),
                     replicas: vec![me],
                     caught_up: vec![me],
+                    target_replicas: Vec::new(),
                 })
             })
             .collect();
@@ -271,6 +324,7 @@ impl Broker for BrokerService {
                 alive: true,
             }],
             partitions,
+            voters: vec![me],
         };
         finish("DescribeCluster", started, Ok(Response::new(response)))
     }

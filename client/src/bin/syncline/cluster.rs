@@ -9,6 +9,12 @@
 //!   the table `NODE ADDRESS ALIVE`, a blank line, the table `TOPIC PARTITION LEADER REPLICAS
 //!   CAUGHT-UP` (node lists comma-separated, `-` when empty or unknown).
 //!
+//! While a partition moves, its JSON object also has `"moving_to": [ids]` and its REPLICAS
+//! cell reads `1,2,3->1,2,4`.
+//!
+//! The operations (`rebalance`, `add-node`, `remove-node`, `voters`) live in
+//! `crate::operations`.
+//!
 //! CAUGHT-UP / `caught_up`: the replicas holding every committed record. For a replicated
 //! partition that is what its leader reports: itself and the followers that matched its
 //! commit index and acknowledged it within two election timeouts; empty when the leader could
@@ -38,6 +44,52 @@ object: {\"cluster_id\": \"...\", \"controller\": 1, \"nodes\": [{\"id\": 1, \"a
         #[arg(long)]
         json: bool,
     },
+    /// Spread replicas and preferred leaders evenly over the live nodes (after a node joins),
+    /// moving partitions one replica at a time, and wait until the moves are done.
+    #[command(after_help = crate::operations::MOVES_HELP)]
+    Rebalance {
+        #[command(flatten)]
+        throttle: crate::operations::ThrottleArgs,
+        /// Print the moves a rebalance would make, and start none.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON lines (started, progress, done) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a node to the cluster: it follows the controller as a learner and takes replicas
+    /// from then on. A node started with --join adds itself; this is the admin's form.
+    AddNode {
+        /// The new node's id (an id no node of the cluster has).
+        id: u64,
+        /// The new node's advertised HOST:PORT.
+        address: String,
+    },
+    /// Remove a node for good: move its replicas to the other nodes first (refused when they
+    /// are too few to keep every partition at its replication factor, unless --force), then
+    /// take it out of the cluster; it stops.
+    #[command(after_help = crate::operations::MOVES_HELP)]
+    RemoveNode {
+        /// The node's id.
+        id: u64,
+        /// Remove it even when the other nodes are too few: such partitions shrink to fewer
+        /// replicas than their replication factor (never to none); and a controller voter no
+        /// other node can replace leaves an even number of voters.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        throttle: crate::operations::ThrottleArgs,
+        /// Print JSON lines (started, progress, done) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the controller's voters, or set them: an odd number (at most 9) of live nodes;
+    /// the nodes left out stay members and follow as learners.
+    Voters {
+        /// The new voters, comma-separated node ids (none: print them).
+        #[arg(value_delimiter = ',', value_name = "ID,ID,...")]
+        voters: Vec<u64>,
+    },
 }
 
 pub async fn run(client: &Client, command: ClusterCommand) -> anyhow::Result<()> {
@@ -54,6 +106,21 @@ pub async fn run(client: &Client, command: ClusterCommand) -> anyhow::Result<()>
             out.flush()?;
             Ok(())
         }
+        ClusterCommand::Rebalance {
+            throttle,
+            dry_run,
+            json,
+        } => crate::operations::rebalance(client, throttle, dry_run, json).await,
+        ClusterCommand::AddNode { id, address } => {
+            crate::operations::add_node(client, id, &address).await
+        }
+        ClusterCommand::RemoveNode {
+            id,
+            force,
+            throttle,
+            json,
+        } => crate::operations::remove_node(client, id, force, throttle, json).await,
+        ClusterCommand::Voters { voters } => crate::operations::voters(client, voters).await,
     }
 }
 
@@ -67,13 +134,19 @@ pub fn status_json(cluster: &ClusterDescription) -> serde_json::Value {
             "address": n.address,
             "alive": n.alive,
         })).collect::<Vec<_>>(),
-        "partitions": cluster.partitions.iter().map(|p| json!({
-            "topic": p.topic,
-            "partition": p.partition,
-            "leader": p.leader,
-            "replicas": p.replicas,
-            "caught_up": p.caught_up,
-        })).collect::<Vec<_>>(),
+        "partitions": cluster.partitions.iter().map(|p| {
+            let mut placement = json!({
+                "topic": p.topic,
+                "partition": p.partition,
+                "leader": p.leader,
+                "replicas": p.replicas,
+                "caught_up": p.caught_up,
+            });
+            if !p.target_replicas.is_empty() {
+                placement["moving_to"] = json!(p.target_replicas);
+            }
+            placement
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -110,7 +183,11 @@ pub fn status_text(cluster: &ClusterDescription) -> String {
             p.topic.clone(),
             p.partition.to_string(),
             or_dash(p.leader),
-            nodes(&p.replicas),
+            if p.target_replicas.is_empty() {
+                nodes(&p.replicas)
+            } else {
+                format!("{}->{}", nodes(&p.replicas), nodes(&p.target_replicas))
+            },
             nodes(&p.caught_up),
         ]);
     }
@@ -130,6 +207,7 @@ mod tests {
 
     fn sample() -> ClusterDescription {
         ClusterDescription {
+            voters: vec![1],
             cluster_id: "c".into(),
             controller: None,
             nodes: vec![ClusterNode {
@@ -138,6 +216,7 @@ mod tests {
                 alive: true,
             }],
             partitions: vec![PartitionPlacement {
+                target_replicas: Vec::new(),
                 topic: "t".into(),
                 partition: 0,
                 leader: None,

@@ -11,6 +11,7 @@ mod bench;
 mod cluster;
 mod group;
 mod input;
+mod operations;
 mod output;
 mod table;
 mod watch;
@@ -87,7 +88,8 @@ enum Command {
     Watch(watch::WatchArgs),
     /// Measure produce and consume throughput and latency, verifying every record read back.
     Bench(bench::BenchArgs),
-    /// Show the cluster: nodes, the controller, and where every partition lives.
+    /// Show the cluster (nodes, the controller, where every partition lives) and operate it:
+    /// rebalance, add and remove nodes, set the controller's voters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
 }
@@ -112,6 +114,11 @@ enum TopicCommand {
         /// The topic.
         name: String,
     },
+    /// Move one partition to another replica set (a cluster): the new replicas catch up as
+    /// learners at --throttle, then the partition's membership changes; writes continue.
+    /// Waits until the move is done (progress on stderr) unless --no-wait.
+    #[command(after_help = operations::MOVES_HELP)]
+    Reassign(operations::ReassignArgs),
     /// Compact a table now: keep only the latest record of each key (and deletes until their
     /// retention passes), then print what each partition reclaimed, and what it kept only
     /// because an idempotent producer wrote it in the last 2 minutes (KEPT-FOR-PRODUCERS: kept
@@ -511,6 +518,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             client.delete_topic(&name).await?;
             writeln!(stdout, "deleted topic {name}")?;
         }
+        TopicCommand::Reassign(args) => operations::reassign(client, args).await?,
         TopicCommand::Compact { name, no_roll } => {
             let outcomes = client.compact_topic(&name, !no_roll).await?;
             let mut rows = vec![[

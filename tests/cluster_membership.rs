@@ -1,0 +1,340 @@
+//! Changing a running cluster (issue 16) through real processes and the `syncline` CLI.
+//!
+//! - A 4th node joins with `--join` under a load of idempotent producers; `syncline cluster
+//!   rebalance --json` gives it its share of replicas; the producers lose nothing, duplicate
+//!   nothing and keep each key's order (`check_acknowledged`), and every replica of every
+//!   partition holds the same records (`check_replicas`). The joined node restarts without
+//!   `--join`, and with a `--join` naming a node of another cluster it is refused.
+//! - `syncline topic reassign` moves a partition while a producer writes, and refuses bad
+//!   input with clear errors: an unknown node, a replica set of the wrong size, an unknown
+//!   topic or partition.
+//! - `syncline cluster remove-node` moves a node's replicas away, then removes it (the node
+//!   stops); removing a node when the rest are too few for the replication factor is refused
+//!   (unless --force); `cluster voters` refuses an even count.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::Cluster;
+use common::history::{check_acknowledged, check_replicas, Seen};
+use common::workload::{read_replica, read_topic, KeyedProduce, ProduceConfig};
+use syncline_client::ClusterDescription;
+
+/// Generous: CI machines are slow and shared.
+const TIMEOUT: Duration = Duration::from_secs(60);
+const TOPIC: &str = "grown";
+const PARTITIONS: u32 = 4;
+/// How long reading a topic back may take.
+const READ_BOUND: Duration = Duration::from_secs(30);
+
+fn cli_ok(output: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout: {stdout}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn cli_refused(output: &std::process::Output) -> String {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Replicas each node holds (all topics).
+fn replicas_per_node(description: &ClusterDescription) -> std::collections::BTreeMap<u64, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for p in &description.partitions {
+        for node in &p.replicas {
+            *counts.entry(*node).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Every replica of `topic` holds what the leaders served.
+fn check_copies(cluster: &Cluster, description: &ClusterDescription, topic: &str, log: &[Seen]) {
+    for placement in description.partitions.iter().filter(|p| p.topic == topic) {
+        let partition = placement.partition;
+        let mut copies: Vec<Vec<Seen>> = vec![log
+            .iter()
+            .filter(|r| r.partition == partition)
+            .cloned()
+            .collect()];
+        for &node in &placement.replicas {
+            copies.push(
+                read_replica(&cluster.node(node).data_dir(), topic, partition)
+                    .unwrap_or_else(|e| panic!("{topic}/{partition} on node {node}: {e}")),
+            );
+        }
+        let violations = check_replicas(&copies);
+        assert!(
+            violations.is_empty(),
+            "{topic}/{partition} replicas (0: as served, then nodes {:?}): {violations:#?}",
+            placement.replicas
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_joining_node_rebalance_should_give_it_its_share_while_producers_write() {
+    let mut cluster = Cluster::start(3);
+    cluster.create_replicated(1, TOPIC, PARTITIONS, 3).await;
+    let produce = KeyedProduce::start(&cluster.addresses(), TOPIC, ProduceConfig::default());
+    produce
+        .wait_progress(PARTITIONS, TIMEOUT)
+        .await
+        .expect("the producers make progress");
+
+    let joined = cluster.join_node(2, &[]);
+    assert_eq!(joined, 4);
+    cluster.wait_for_controller(TIMEOUT).await;
+    let before = cluster.describe(1).await.expect("describe");
+    assert_eq!(replicas_per_node(&before).get(&4), None, "{before:#?}");
+
+    let output = cluster.run_cli(1, &["cluster", "rebalance", "--json"]);
+    let stdout = cli_ok(&output);
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(events[0]["event"], "started", "{stdout}");
+    let started = events[0]["moves"].as_array().expect("moves").len();
+    assert!(started > 0, "{stdout}");
+    let done = events.last().expect("a last line");
+    assert_eq!(done["event"], "done", "{stdout}");
+    assert_eq!(done["moved"], started, "{stdout}");
+
+    let after = cluster
+        .wait_for_description(1, TIMEOUT, |d| {
+            d.partitions
+                .iter()
+                .all(|p| p.target_replicas.is_empty() && p.leader.is_some())
+        })
+        .await;
+    let counts = replicas_per_node(&after);
+    let total: usize = counts.values().sum();
+    let (low, high) = (
+        *counts.values().min().expect("nodes"),
+        *counts.values().max().expect("nodes"),
+    );
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    assert!(
+        high - low <= 1 && counts[&4] >= total / 4,
+        "replicas per node after the rebalance: {counts:?}"
+    );
+    // A second rebalance finds nothing to do.
+    let again = cli_ok(&cluster.run_cli(1, &["cluster", "rebalance"]));
+    assert!(again.contains("balanced: nothing to move"), "{again}");
+
+    produce
+        .wait_progress(PARTITIONS, TIMEOUT)
+        .await
+        .expect("the producers still make progress");
+    let produced = produce.stop().await;
+    let client = cluster.cluster_client().await;
+    let log = read_topic(&client, TOPIC, PARTITIONS, READ_BOUND)
+        .await
+        .expect("read the topic back");
+    let violations = check_acknowledged(&produced.acknowledged, &log);
+    assert!(
+        violations.is_empty(),
+        "{} of {} acknowledged records violate: {violations:#?}",
+        violations.len(),
+        produced.acknowledged.len()
+    );
+    let after = cluster
+        .wait_for_description(1, TIMEOUT, |d| {
+            d.partitions
+                .iter()
+                .filter(|p| p.topic == TOPIC)
+                .all(|p| p.caught_up.len() == p.replicas.len())
+        })
+        .await;
+    check_copies(&cluster, &after, TOPIC, &log);
+
+    // The joined node restarts as a member without --join, and refuses a --join into
+    // another cluster.
+    assert!(tokio::task::block_in_place(|| cluster.stop(joined)));
+    let mut other = Cluster::start_independent(1);
+    let foreign = other.node(1).address();
+    let refused = cluster
+        .try_start_with(joined, &["--join", &foreign])
+        .expect_err("a --join into another cluster is refused");
+    assert!(refused.contains("names a node of cluster"), "{refused}");
+    other.stop_all();
+    // Without --join (the joined node) or --cluster (a node that formed the cluster): each
+    // restarts as the member it recorded.
+    cluster.restart_bare(joined);
+    assert!(tokio::task::block_in_place(|| cluster.stop(1)));
+    cluster.restart_bare(1);
+    cluster.wait_for_controller(TIMEOUT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_reassign_should_move_the_partition_while_writing_and_refuse_bad_input() {
+    let mut cluster = Cluster::start(3);
+    cluster.join_node(1, &[]);
+    cluster.wait_for_controller(TIMEOUT).await;
+    cluster.create_replicated(1, TOPIC, 1, 3).await;
+    let description = cluster.describe(1).await.expect("describe");
+    let placement = description
+        .partitions
+        .iter()
+        .find(|p| p.topic == TOPIC)
+        .expect("placed");
+    let from = placement.replicas.clone();
+    let spare = (1..=4)
+        .find(|n| !from.contains(n))
+        .expect("a node without a replica");
+    // The first replica of the current set gives its place to the spare node.
+    let mut to = from.clone();
+    to[0] = spare;
+    let list = to.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+
+    // Bad input first: nothing moves.
+    for (args, wanted) in [
+        (
+            vec!["--partition", "0", "--replicas", "1,2,9"],
+            "node 9 is not a member",
+        ),
+        (
+            vec!["--partition", "0", "--replicas", "1,2"],
+            "replication factor 3",
+        ),
+        (
+            vec!["--partition", "0", "--replicas", "1,1,2"],
+            "names a node twice",
+        ),
+        (
+            vec!["--partition", "7", "--replicas", "1,2,3"],
+            "has no partition 7",
+        ),
+    ] {
+        let mut full = vec!["topic", "reassign", TOPIC];
+        full.extend(args);
+        let stderr = cli_refused(&cluster.run_cli(1, &full));
+        assert!(stderr.contains(wanted), "{full:?}: {stderr}");
+    }
+    let stderr = cli_refused(&cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "reassign",
+            "nope",
+            "--partition",
+            "0",
+            "--replicas",
+            "1,2,3",
+        ],
+    ));
+    assert!(stderr.contains("nope"), "{stderr}");
+
+    let produce = KeyedProduce::start(&cluster.addresses(), TOPIC, ProduceConfig::default());
+    produce
+        .wait_progress(1, TIMEOUT)
+        .await
+        .expect("the producers make progress");
+    let stdout = cli_ok(&cluster.run_cli(
+        2,
+        &[
+            "topic",
+            "reassign",
+            TOPIC,
+            "--partition",
+            "0",
+            "--replicas",
+            &list,
+        ],
+    ));
+    assert!(
+        stdout.contains(&format!("moved {TOPIC}/0 to nodes {list}")),
+        "{stdout}"
+    );
+    produce
+        .wait_progress(1, TIMEOUT)
+        .await
+        .expect("the producers still make progress");
+    let produced = produce.stop().await;
+    let client = cluster.cluster_client().await;
+    let log = read_topic(&client, TOPIC, 1, READ_BOUND)
+        .await
+        .expect("read back");
+    let violations = check_acknowledged(&produced.acknowledged, &log);
+    assert!(violations.is_empty(), "{violations:#?}");
+    let after = cluster
+        .wait_for_description(1, TIMEOUT, |d| {
+            d.partitions
+                .iter()
+                .filter(|p| p.topic == TOPIC)
+                .all(|p| p.caught_up.len() == 3 && p.target_replicas.is_empty())
+        })
+        .await;
+    let placement = after
+        .partitions
+        .iter()
+        .find(|p| p.topic == TOPIC)
+        .expect("placed");
+    assert_eq!(placement.replicas, to);
+    check_copies(&cluster, &after, TOPIC, &log);
+    // The node that left the replica set removed its copy.
+    let gone = from[0];
+    let dir = cluster.node(gone).data_dir().join(TOPIC).join("0");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while dir.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dir.exists(), "{} still exists", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_remove_node_should_drain_it_then_remove_it_and_refuse_when_too_few_remain() {
+    let mut cluster = Cluster::start(3);
+    let extra = cluster.join_node(1, &[]);
+    cluster.wait_for_controller(TIMEOUT).await;
+    cluster.create_replicated(1, TOPIC, 2, 3).await;
+    cluster.produce_keys(TOPIC, 0..20).await;
+
+    // An even number of voters is refused; an unknown node is NOT_FOUND.
+    let stderr = cli_refused(&cluster.run_cli(1, &["cluster", "voters", "1,2"]));
+    assert!(stderr.contains("odd number"), "{stderr}");
+    let stderr = cli_refused(&cluster.run_cli(1, &["cluster", "remove-node", "9"]));
+    assert!(stderr.contains("node 9 is not a member"), "{stderr}");
+
+    // Node 3 (a voter) goes: node 4 takes its replicas and its vote.
+    let stdout = cli_ok(&cluster.run_cli(1, &["cluster", "remove-node", "3"]));
+    assert!(stdout.contains("removed node 3"), "{stdout}");
+    let after = cluster
+        .wait_for_description(1, TIMEOUT, |d| !d.nodes.iter().any(|n| n.id == 3))
+        .await;
+    assert!(
+        after.partitions.iter().all(|p| !p.replicas.contains(&3)),
+        "{after:#?}"
+    );
+    assert!(
+        after.voters.contains(&extra) && !after.voters.contains(&3),
+        "{after:#?}"
+    );
+    // The removed node stops by itself.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while cluster.is_running(3) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!cluster.is_running(3), "the removed node still runs");
+    cluster.produce_keys(TOPIC, 20..30).await;
+
+    // Three nodes left for R = 3: another removal is refused, naming --force.
+    let stderr = cli_refused(&cluster.run_cli(1, &["cluster", "remove-node", "2"]));
+    assert!(
+        stderr.contains("too few") && stderr.contains("--force"),
+        "{stderr}"
+    );
+}
