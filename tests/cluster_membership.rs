@@ -338,3 +338,41 @@ async fn given_remove_node_should_drain_it_then_remove_it_and_refuse_when_too_fe
         "{stderr}"
     );
 }
+
+/// After a node returns, the leaderships it preferred move back to it (the preferred-leader
+/// task), so leaders stay spread: without it they stay on the nodes that were up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_returning_node_its_preferred_leaderships_should_move_back() {
+    let mut cluster = Cluster::start(3);
+    cluster.create_replicated(1, TOPIC, 3, 3).await;
+    cluster.produce_keys(TOPIC, 0..10).await;
+    let preferred_by = |d: &ClusterDescription| {
+        d.partitions
+            .iter()
+            .filter(|p| p.topic == TOPIC)
+            .all(|p| p.leader.is_some() && p.leader == p.replicas.first().copied())
+    };
+    let spread = cluster.wait_for_description(1, TIMEOUT, preferred_by).await;
+    let victim = spread
+        .partitions
+        .iter()
+        .find(|p| p.topic == TOPIC)
+        .and_then(|p| p.leader)
+        .expect("a leader");
+    cluster.kill(victim);
+    let witness = (1..=3).find(|n| *n != victim).expect("a survivor");
+    cluster
+        .wait_for_description(witness, TIMEOUT, |d| {
+            d.partitions
+                .iter()
+                .filter(|p| p.topic == TOPIC)
+                .all(|p| p.leader.is_some_and(|l| l != victim))
+        })
+        .await;
+    cluster.produce_keys(TOPIC, 10..20).await;
+    cluster.restart(victim);
+    cluster.wait_for_controller(TIMEOUT).await;
+    cluster
+        .wait_for_description(witness, TIMEOUT, preferred_by)
+        .await;
+}

@@ -359,6 +359,24 @@ impl Controller {
         }
     }
 
+    /// Hands the leaderships this node holds but does not prefer to their preferred replicas
+    /// (`replication::preferred`); partitions that move are left alone.
+    async fn restore_preferred_leaders(&self) {
+        let metadata = self.metadata();
+        let alive = |node: u64| metadata.nodes.get(&node).is_some_and(|n| n.alive);
+        let preferred_of = |group: &crate::replication::group::Group| {
+            let id = group.id();
+            metadata
+                .topics
+                .values()
+                .find(|t| t.id == id.topic_id)
+                .and_then(|t| t.partitions.get(id.partition as usize))
+                .filter(|p| p.moving.is_none())
+                .and_then(|p| p.replicas.first().copied())
+        };
+        self.replicas.restore_preferred(&alive, &preferred_of).await;
+    }
+
     /// The partition moves this node drives.
     pub fn movers(&self) -> &super::moves::Movers {
         &self.movers
@@ -748,6 +766,7 @@ impl Controller {
         }
         let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut preferred_pass = Instant::now();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -795,6 +814,11 @@ impl Controller {
                 }
             }
             self.movers.drive_all(&self);
+            if preferred_pass.elapsed() >= crate::replication::preferred::PREFERRED_LEADER_INTERVAL
+            {
+                preferred_pass = Instant::now();
+                self.restore_preferred_leaders().await;
+            }
             match leader {
                 Some(leader) if leader == self.me => {
                     if let Err(status) = self.handle_heartbeat(self.me, &self.address, &self.dir_id)

@@ -33,6 +33,7 @@
 //! - `group`: one running group: openraft, the ordered proposer, leadership.
 //! - `network`: `Peer.Replicate` calls between nodes (one connection per node pair).
 //! - `handoff`: moving this node's leaderships to other replicas before it stops.
+//! - `preferred`: moving leaderships back to each partition's preferred replica.
 //! - `quiesce`: idle groups switch openraft's ticks off; one ping per node pair tells
 //!   followers their leader is alive and idle.
 //! - `throttle`: the bytes/s limit on what a leader sends to replicas a move adds.
@@ -46,6 +47,7 @@
 pub mod group;
 pub mod handoff;
 pub mod network;
+pub mod preferred;
 pub mod quiesce;
 pub mod raft_log;
 pub mod snapshot;
@@ -72,6 +74,8 @@ pub struct Replicas {
     groups: parking_lot::RwLock<HashMap<GroupId, Arc<Group>>>,
     /// Serializes starts and stops.
     admin: tokio::sync::Mutex<()>,
+    /// Since when this node has served each group it leads, by term (see `preferred`).
+    serving_since: parking_lot::Mutex<HashMap<GroupId, (u64, std::time::Instant)>>,
     /// Leaderships this node won, for the controller's metadata (clients route by it).
     won: tokio::sync::mpsc::UnboundedSender<LeaderChange>,
     won_rx: parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<LeaderChange>>>,
@@ -94,6 +98,7 @@ impl Replicas {
             liveness: quiesce::Liveness::default(),
             groups: parking_lot::RwLock::default(),
             admin: tokio::sync::Mutex::new(()),
+            serving_since: parking_lot::Mutex::default(),
             won,
             won_rx: parking_lot::Mutex::new(Some(won_rx)),
         }
