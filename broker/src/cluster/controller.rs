@@ -1,5 +1,6 @@
-//! The controller: one openraft group over the initial voters (`--cluster`) that orders every
-//! metadata change, and the node-side work around it.
+//! The controller: one openraft group over the initial voters (`--cluster`, later changed by
+//! `membership`) and the nodes that joined as learners, that orders every metadata change, and
+//! the node-side work around it.
 //!
 //! - **Bootstrap.** Every initial voter initializes the group with the same voter list (openraft
 //!   accepts identical initialization on each node); a node whose log already holds the
@@ -13,6 +14,9 @@
 //!   has down, or at another address), and `MarkDown` for a live node silent for
 //!   [`NODE_SESSION_TIMEOUT`] (counted from when it became leader, so a new leader does not
 //!   mark everyone down). Heartbeats themselves are not logged: an idle cluster writes nothing.
+//! - **Moves and preferred leaders.** Each tick the partition moves this node leads are
+//!   driven (`moves`), and every 5 s leaderships go back to their preferred replicas
+//!   (`replication::preferred`).
 //! - **Internal topics.** The leader creates `__offsets` once every initial voter registered
 //!   (or [`OFFSETS_CREATE_GRACE`] after it became leader, over the live ones).
 //!
