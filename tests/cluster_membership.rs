@@ -293,6 +293,47 @@ async fn given_a_reassign_should_move_the_partition_while_writing_and_refuse_bad
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!dir.exists(), "{} still exists", dir.display());
+
+    // Back, throttled: 2 MiB more at 256 KiB/s cannot be copied in under ~7 s; the move waits
+    // until the returning replica caught up (not merely until its copy started).
+    cli_ok(&cluster.run_cli_bootstrap(&[
+        "bench",
+        "--topic",
+        TOPIC,
+        "--records",
+        "2048",
+        "--record-size",
+        "1KiB",
+        "--consumers",
+        "0",
+        "--acks",
+        "leader",
+    ]));
+    let back = from
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let started = std::time::Instant::now();
+    cli_ok(&cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "reassign",
+            TOPIC,
+            "--partition",
+            "0",
+            "--replicas",
+            &back,
+            "--throttle",
+            "256KiB",
+        ],
+    ));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "2 MiB at 256 KiB/s moved in {took:?}: not throttled"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

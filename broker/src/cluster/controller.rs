@@ -305,10 +305,7 @@ impl Controller {
         let replicas_of = |group: &crate::replication::group::Group| {
             let id = group.id();
             metadata
-                .topics
-                .values()
-                .find(|t| t.id == id.topic_id)
-                .and_then(|t| t.partitions.get(id.partition as usize))
+                .partition_by_id(&id.topic_id, id.partition)
                 .map(|p| p.replicas.clone())
                 .unwrap_or_default()
         };
@@ -371,10 +368,7 @@ impl Controller {
         let preferred_of = |group: &crate::replication::group::Group| {
             let id = group.id();
             metadata
-                .topics
-                .values()
-                .find(|t| t.id == id.topic_id)
-                .and_then(|t| t.partitions.get(id.partition as usize))
+                .partition_by_id(&id.topic_id, id.partition)
                 .filter(|p| p.moving.is_none())
                 .and_then(|p| p.replicas.first().copied())
         };

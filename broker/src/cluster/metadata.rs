@@ -289,6 +289,15 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// The placement of partition `partition` of topic incarnation `topic_id` (a replication
+    /// group's id), if the topic exists.
+    pub fn partition_by_id(&self, topic_id: &str, partition: u32) -> Option<&PartitionMeta> {
+        self.topics
+            .values()
+            .find(|t| t.id == topic_id)
+            .and_then(|t| t.partitions.get(partition as usize))
+    }
+
     /// The live nodes' ids, ascending.
     pub fn live_nodes(&self) -> Vec<u64> {
         self.nodes

@@ -10,7 +10,8 @@
 //! 1. adds each new replica as a learner (openraft `add_learner`); the leader replicates to
 //!    it, by snapshot when its Raft log no longer reaches back far enough, at the move's
 //!    throttle (`replication::throttle`);
-//! 2. waits until every new replica is within [`CAUGHT_UP_LAG`] entries of the leader's log;
+//! 2. waits until every new replica holds the leader's log as it was when the wait began and
+//!    is within [`CAUGHT_UP_LAG`] entries of its end;
 //! 3. when the leader itself is not in the target, hands the leadership to a caught-up target
 //!    replica (the new leader's pass carries on) so the group never runs without a leader;
 //! 4. changes the group's voters to the target (joint consensus: both sets must acknowledge
@@ -34,8 +35,13 @@ use crate::replication::network::GroupId;
 /// The throttle of a move that does not name one (bytes/s): a fifth of a commodity SSD's
 /// sequential write rate, so producers keep most of the disk.
 pub const DEFAULT_THROTTLE_BYTES_PER_SEC: u64 = 50 * 1024 * 1024;
-/// A new replica this close to the leader's log (entries) counts as caught up.
-pub const CAUGHT_UP_LAG: u64 = 1000;
+/// A new replica this close to the end of the leader's log (entries), once it holds the log
+/// as it was when the wait began, counts as caught up. Entries are whole produce batches (up
+/// to a MiB each), so a count alone says little: with only "within 1,000 entries", a 1 GiB
+/// partition counted as caught up before its copy began (measured), and the move completed
+/// with the new replica far behind (safe, since the joint configuration's majorities did not
+/// need it, but unthrottled and under-replicated until it caught up).
+pub const CAUGHT_UP_LAG: u64 = 64;
 /// How often a move's progress is checked.
 const POLL: Duration = Duration::from_millis(100);
 
@@ -119,18 +125,18 @@ async fn drive(
                 tracing::info!(group = %id, node, throttle = moving.throttle_bytes_per_sec, "move: new replica added as a learner");
             }
         }
-        // 2. Wait until they caught up (bounded by this node's leadership).
+        // 2. Wait until they caught up (bounded by this node's leadership): each holds the log
+        //    as it was when the wait began, and keeps within CAUGHT_UP_LAG entries of it.
+        let goal = group.last_index();
         loop {
             if group.leadership().borrow().leader != Some(me) {
                 return Err("this node no longer leads the group".into());
             }
-            let behind: Vec<(u64, Option<u64>)> = target
-                .iter()
-                .filter(|n| !voters.contains(n))
-                .map(|n| (*n, group.lag_of(*n)))
-                .filter(|(_, lag)| lag.is_none_or(|lag| lag > CAUGHT_UP_LAG))
-                .collect();
-            if behind.is_empty() {
+            let caught_up = target.iter().filter(|n| !voters.contains(n)).all(|n| {
+                group.matched_of(*n).is_some_and(|matched| matched >= goal)
+                    && group.lag_of(*n).is_some_and(|lag| lag <= CAUGHT_UP_LAG)
+            });
+            if caught_up {
                 break;
             }
             tokio::time::sleep(POLL).await;

@@ -86,6 +86,24 @@ fn uneven(counts: &BTreeMap<u64, usize>) -> Option<(u64, u64)> {
     (high >= low + 2).then_some((most, least))
 }
 
+/// The first partition (by topic name, then number) not moving for which `wanted(topic,
+/// partition)` holds.
+fn first_partition(
+    metadata: &Metadata,
+    wanted: impl Fn(&str, u32) -> bool,
+) -> Option<(String, u32)> {
+    metadata.topics.iter().find_map(|(name, topic)| {
+        topic
+            .partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.moving.is_none())
+            .map(|(n, _)| n as u32)
+            .find(|n| wanted(name, *n))
+            .map(|n| (name.clone(), n))
+    })
+}
+
 /// The moves that spread replicas and preferred leaders evenly over the live nodes.
 pub fn rebalance(metadata: &Metadata) -> Vec<PlannedMove> {
     let live = metadata.live_nodes();
@@ -110,18 +128,9 @@ pub fn rebalance(metadata: &Metadata) -> Vec<PlannedMove> {
     };
     // Replicas: most loaded to least loaded, one at a time.
     while let Some((most, least)) = uneven(&counts) {
-        let candidate = metadata.topics.iter().find_map(|(name, topic)| {
-            topic
-                .partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.moving.is_none())
-                .map(|(n, _)| n as u32)
-                .find(|n| {
-                    let replicas = current(name, *n, &planned);
-                    replicas.contains(&most) && !replicas.contains(&least)
-                })
-                .map(|n| (name.clone(), n))
+        let candidate = first_partition(metadata, |name, n| {
+            let replicas = current(name, n, &planned);
+            replicas.contains(&most) && !replicas.contains(&least)
         });
         let Some((topic, partition)) = candidate else {
             break;
@@ -148,18 +157,9 @@ pub fn rebalance(metadata: &Metadata) -> Vec<PlannedMove> {
         }
     }
     while let Some((most, least)) = uneven(&firsts) {
-        let candidate = metadata.topics.iter().find_map(|(name, topic)| {
-            topic
-                .partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| p.moving.is_none())
-                .map(|(n, _)| n as u32)
-                .find(|n| {
-                    let replicas = current(name, *n, &planned);
-                    replicas.first() == Some(&most) && replicas.contains(&least)
-                })
-                .map(|n| (name.clone(), n))
+        let candidate = first_partition(metadata, |name, n| {
+            let replicas = current(name, n, &planned);
+            replicas.first() == Some(&most) && replicas.contains(&least)
         });
         let Some((topic, partition)) = candidate else {
             break;

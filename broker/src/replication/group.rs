@@ -344,17 +344,28 @@ impl Group {
         (voters, learners, joint)
     }
 
+    /// On the leader: the last index of `node`'s log known to match the leader's (0: none
+    /// yet), if it is replicated to.
+    pub fn matched_of(&self, node: u64) -> Option<u64> {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        let replication = metrics.replication.as_ref()?;
+        Some(replication.get(&node)?.as_ref().map_or(0, |m| m.index))
+    }
+
+    /// The last index of this replica's log.
+    pub fn last_index(&self) -> u64 {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .last_log_index
+            .unwrap_or(0)
+    }
+
     /// On the leader: how far `node`'s log is behind the leader's (entries), if it is
     /// replicated to.
     pub fn lag_of(&self, node: u64) -> Option<u64> {
-        let metrics = self.raft.metrics().borrow_watched().clone();
-        let matched = metrics
-            .replication
-            .as_ref()?
-            .get(&node)?
-            .as_ref()
-            .map_or(0, |m| m.index);
-        Some(metrics.last_log_index.unwrap_or(0).saturating_sub(matched))
+        let matched = self.matched_of(node)?;
+        Some(self.last_index().saturating_sub(matched))
     }
 
     /// On the leader: adds `node` at `address` as a learner (it catches up without voting).

@@ -120,21 +120,7 @@ impl Registry {
             }
             std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
             sync_dir(&path)?;
-            let mut meta = read_meta(&path)?;
-            let mut local = meta
-                .local_partitions
-                .clone()
-                .unwrap_or_else(|| (0..settings.partitions).collect());
-            if !local.contains(&partition) {
-                local.push(partition);
-                local.sort_unstable();
-            }
-            meta.local_partitions = Some(local);
-            let text = toml::to_string(&meta).map_err(|e| {
-                BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
-            })?;
-            write_synced(&path.join(META_FILE), text.as_bytes())?;
-            sync_dir(&path)?;
+            list_local(&path, settings.partitions, partition, true)?;
             let opener = PartitionOpener {
                 config: &config,
                 options: &options,
@@ -191,18 +177,7 @@ impl Registry {
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let data_dir = self.config.data_dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
-            let mut meta = read_meta(&path)?;
-            let mut local = meta
-                .local_partitions
-                .clone()
-                .unwrap_or_else(|| (0..partitions).collect());
-            local.retain(|p| *p != partition);
-            meta.local_partitions = Some(local);
-            let text = toml::to_string(&meta).map_err(|e| {
-                BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}"))
-            })?;
-            write_synced(&path.join(META_FILE), text.as_bytes())?;
-            sync_dir(&path)?;
+            list_local(&path, partitions, partition, false)?;
             if dir.exists() {
                 let doomed = data_dir.join(format!("~deleted-{}-{sequence}", now_ms()));
                 std::fs::rename(&dir, &doomed).map_err(|e| BrokerError::io("renaming", &dir, e))?;
@@ -254,4 +229,30 @@ impl Registry {
         });
         topics.insert(topic.name.to_string(), updated);
     }
+}
+
+/// Lists partition `partition` in (`local`) or out of the local partitions of the topic at
+/// `path` (of `partitions` partitions), in its `topic.toml` (written synced, then the directory
+/// synced).
+fn list_local(
+    path: &Path,
+    partitions: u32,
+    partition: u32,
+    local: bool,
+) -> Result<(), BrokerError> {
+    let mut meta = read_meta(path)?;
+    let mut listed = meta
+        .local_partitions
+        .clone()
+        .unwrap_or_else(|| (0..partitions).collect());
+    listed.retain(|p| *p != partition);
+    if local {
+        listed.push(partition);
+        listed.sort_unstable();
+    }
+    meta.local_partitions = Some(listed);
+    let text = toml::to_string(&meta)
+        .map_err(|e| BrokerError::InvalidRequest(format!("cannot encode topic metadata: {e}")))?;
+    write_synced(&path.join(META_FILE), text.as_bytes())?;
+    sync_dir(path)
 }
