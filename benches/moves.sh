@@ -15,20 +15,22 @@ directory, loopback ports chosen up front), then:
   fill      creates topic `big` (1 partition, R=3) and fills it with --size bytes of 1 KiB
             records (`syncline bench --topic big --records N --consumers 0 --acks leader`).
   join      starts a 4th node with --join.
-  baseline  `syncline bench --json --topic load --duration --secs --acks durable` (topic `load`,
-            1 partition, R=3, created on nodes 1-3 before the join): records/s without a move.
+  baseline  `syncline bench --json --replication-factor 3 --duration --secs --acks durable` (a
+            fresh topic of 1 partition, deleted after the run so that the disk holds only the
+            moved partition): records/s without a move.
   moves     --runs times, alternating: move big/0 to the 4th node in place of the partition's
             first replica with the default throttle (50 MiB/s), then back unthrottled
-            (--throttle 0), each time starting the same bench on `load` at the same moment.
+            (--throttle 0), each time starting the same bench at the same moment.
             Reports the move's seconds (from the CLI's own summary line) and the bench's
             records/s as a ratio to the baseline of the same run.
 
+Disk: about 10 x --size (4 replicas' partition and Raft logs, and the bench topics').
 Everything runs on this machine's cores and one disk: the 4 brokers, the bench and the copy
 share them, so the ratios show what a move costs here, not on a cluster of machines.
 
 Options:
   --size BYTES     bytes of records in the moved partition (default 1GiB; units accepted)
-  --secs S         seconds of each bench (default 15)
+  --secs S         seconds of each bench (default 10)
   --runs N         moves of each kind (default 2)
   --work DIR       work directory (default: a new one under /tmp, removed at the end)
   --out FILE       the results table (default: target/moves-results.md)
@@ -37,7 +39,7 @@ EOF
 }
 
 SIZE=1GiB
-SECS=15
+SECS=10
 RUNS=2
 WORK=""
 OUT=target/moves-results.md
@@ -100,7 +102,6 @@ done
 log "cluster of 3 on $ADDRS"
 
 "$CLI" --broker "$ADDRS" topic create big --partitions 1 --replication-factor 3 > /dev/null
-"$CLI" --broker "$ADDRS" topic create load --partitions 1 --replication-factor 3 > /dev/null
 BYTES=$(python3 -c '
 import re, sys
 m = re.fullmatch(r"(\d+)\s*(|B|KiB|MiB|GiB)", sys.argv[1])
@@ -121,10 +122,11 @@ for _ in $(seq 1 60); do
 done
 log "node 4 joined"
 
-# bench_load FILE: the bench on `load` (records/s in FILE.json).
+# bench_load FILE: the bench on a fresh topic (R=3, deleted after the run, so the disk holds
+# only the moved partition), records/s in FILE.json.
 bench_load() {
-  "$CLI" --broker "$ADDRS" bench --json --topic load --duration "$SECS" --consumers 0 \
-    --acks durable > "$1.json" 2> "$1.err" || log "bench failed: $(tail -1 "$1.err")"
+  "$CLI" --broker "$ADDRS" bench --json --replication-factor 3 --duration "$SECS" \
+    --consumers 0 --acks durable > "$1.json" 2> "$1.err" || log "bench failed: $(tail -1 "$1.err")"
 }
 rate_of() { python3 -c 'import json,sys; print("%.0f" % json.load(open(sys.argv[1]))["produce"]["records_per_sec"])' "$1.json" 2>/dev/null || echo 0; }
 replicas_of_big() {

@@ -46,6 +46,8 @@ use crate::error::BrokerError;
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(1000);
 /// A node silent this long is marked down.
 pub const NODE_SESSION_TIMEOUT: Duration = Duration::from_millis(6000);
+/// How long the leader may take to confirm a read index.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a proposal may wait for a leader and its commit.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a new leader waits for every initial voter before it creates `__offsets` over the
@@ -718,38 +720,82 @@ impl Controller {
         self.fatal.subscribe()
     }
 
-    /// Handles `Peer.ReadIndex`: the leader's applied index (every acknowledged proposal is
-    /// applied on the leader before it is acknowledged).
-    pub fn handle_read_index(&self) -> Result<u64, tonic::Status> {
+    /// Handles `Peer.ReadIndex`: an index that covers every change committed before the call
+    /// (the leader confirms its leadership with a quorum, then waits until it applied that
+    /// far: a leader that just restarted may not have applied all it committed).
+    pub async fn handle_read_index(&self) -> Result<u64, tonic::Status> {
         if self.leader() != Some(self.me) {
             return Err(tonic::Status::failed_precondition(format!(
                 "node {} is not the controller leader",
                 self.me
             )));
         }
-        Ok(self.view.applied())
+        self.leader_read_index(READ_INDEX_TIMEOUT)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
+    /// On the leader: the read index (see [`Controller::handle_read_index`]).
+    async fn leader_read_index(&self, timeout: Duration) -> Result<u64, BrokerError> {
+        let read = tokio::time::timeout(
+            timeout,
+            self.raft
+                .ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        .map_err(|_| {
+            controller_error("the controller leader could not confirm its leadership in time")
+        })?
+        .map_err(|e| controller_error(format!("controller read index: {e}")))?;
+        Ok(read.index())
+    }
+
+    /// Waits until this node's applied metadata holds every change committed before the call
+    /// (a read index from the leader): then a node's absence from a placement means it was
+    /// moved away, not that this node has not replayed the move yet. Unlike
+    /// [`Controller::read_barrier`] it does not wait for the local partitions to follow (the
+    /// reconcile pass calls it).
+    pub async fn applied_barrier(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let index = match self.leader() {
+            Some(leader) if leader == self.me => self.leader_read_index(timeout).await?,
+            Some(leader) => self.remote_read_index(leader, timeout).await?,
+            None => return Err(controller_error("no controller leader is elected yet")),
+        };
+        let mut applied = self.view.subscribe();
+        let reached = tokio::time::timeout(timeout, applied.wait_for(|at| *at >= index))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+        if reached {
+            Ok(())
+        } else {
+            Err(controller_error(format!(
+                "this node has not applied the cluster metadata up to entry {index} within {timeout:?}"
+            )))
+        }
+    }
+
+    async fn remote_read_index(&self, leader: u64, timeout: Duration) -> Result<u64, BrokerError> {
+        let address = self.address_of(leader).ok_or_else(|| {
+            controller_error(format!(
+                "the controller leader {leader} has no known address"
+            ))
+        })?;
+        let mut client = self.peers.client(&address).map_err(controller_error)?;
+        let call = client.read_index(v1::PeerReadIndexRequest {
+            cluster_id: self.cluster_id.clone(),
+        });
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner().committed_index),
+            _ => Err(controller_error("the controller leader did not answer")),
+        }
     }
 
     /// Makes this node's local partitions follow the metadata at least as far as the leader
     /// has applied it: for a call naming a topic this node does not know yet.
     pub async fn read_barrier(&self, timeout: Duration) -> Result<(), BrokerError> {
         let index = match self.leader() {
-            Some(leader) if leader == self.me => self.view.applied(),
-            Some(leader) => {
-                let address = self.address_of(leader).ok_or_else(|| {
-                    controller_error(format!(
-                        "the controller leader {leader} has no known address"
-                    ))
-                })?;
-                let mut client = self.peers.client(&address).map_err(controller_error)?;
-                let call = client.read_index(v1::PeerReadIndexRequest {
-                    cluster_id: self.cluster_id.clone(),
-                });
-                match tokio::time::timeout(timeout, call).await {
-                    Ok(Ok(response)) => response.into_inner().committed_index,
-                    _ => return Err(controller_error("the controller leader did not answer")),
-                }
-            }
+            Some(leader) if leader == self.me => self.leader_read_index(timeout).await?,
+            Some(leader) => self.remote_read_index(leader, timeout).await?,
             None => return Err(controller_error("no controller leader is elected yet")),
         };
         self.wait_reconciled(index, timeout).await

@@ -167,7 +167,7 @@ impl Controller {
                 )));
             }
             if !metadata.nodes.get(node).is_some_and(|n| n.alive) {
-                return Err(BrokerError::InvalidRequest(format!(
+                return Err(BrokerError::ClusterRefused(format!(
                     "node {node} is down: a new voter must be alive"
                 )));
             }

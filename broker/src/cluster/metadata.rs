@@ -257,9 +257,14 @@ pub enum MetadataError {
     /// The placement failed.
     #[error(transparent)]
     Placement(#[from] PlacementError),
-    /// A command no broker would propose (a bad name, a partition count past the limit).
+    /// A command no broker would propose (a bad name, a partition count past the limit, a
+    /// replica set of the wrong size).
     #[error("{0}")]
     Invalid(String),
+    /// A command the cluster's state does not allow now (a partition already moving, a new
+    /// replica on a node that is down, a node that still holds replicas).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Partitions of one topic at most, whatever a proposer asked for (the brokers' own limit,
@@ -483,7 +488,7 @@ impl Metadata {
                     }
                     // A retried report of a move already completed.
                     None if same_set(&meta.replicas, replicas) => Ok(()),
-                    _ => Err(MetadataError::Invalid(format!(
+                    _ => Err(MetadataError::Refused(format!(
                         "{topic}/{partition} is not moving to nodes {replicas:?}"
                     ))),
                 }
@@ -505,7 +510,7 @@ impl Metadata {
                     })
                     .collect();
                 if !holding.is_empty() {
-                    return Err(MetadataError::Invalid(format!(
+                    return Err(MetadataError::Refused(format!(
                         "node {id} still holds {} replica(s) ({}{}): move them first",
                         holding.len(),
                         holding
@@ -586,12 +591,14 @@ impl Metadata {
                 replicas.len()
             ));
         }
-        if let Some(moving) = &meta.moving {
+        let refused = |message: String| Err(MetadataError::Refused(message));
+        if let Some(moving) = &mut meta.moving {
             if same_set(&moving.target, replicas) {
-                // A retried proposal of the move in progress.
+                // The move in progress again: a retried proposal, or a new throttle.
+                moving.throttle_bytes_per_sec = throttle_bytes_per_sec;
                 return Ok(());
             }
-            return invalid(format!(
+            return refused(format!(
                 "{topic}/{partition} is already moving to nodes {:?}: wait until that move is \
                  done",
                 moving.target
@@ -608,7 +615,7 @@ impl Metadata {
             .filter(|n| !meta.replicas.contains(n) && !alive.contains(n))
             .collect();
         if !dead.is_empty() {
-            return invalid(format!(
+            return refused(format!(
                 "node(s) {dead:?} are down: a new replica must be alive to catch up"
             ));
         }
@@ -783,7 +790,7 @@ mod tests {
         let refused = |metadata: &mut Metadata, command: Command, wanted: &str| {
             let copy = metadata.clone();
             match metadata.apply(&command) {
-                Err(MetadataError::Invalid(message)) => {
+                Err(MetadataError::Invalid(message) | MetadataError::Refused(message)) => {
                     assert!(message.contains(wanted), "{message}")
                 }
                 other => panic!("{command}: {other:?}"),

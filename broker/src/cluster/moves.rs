@@ -55,6 +55,17 @@ impl Movers {
     /// Starts a driver for every move of a group this node leads that has none.
     pub fn drive_all(&self, controller: &Arc<Controller>) {
         let metadata = controller.metadata();
+        let me = controller.node_id();
+        // Throttles of moves this node no longer drives go (see `replication::throttle`).
+        controller.replicas().throttle().retain_groups(|id| {
+            metadata
+                .partition_by_id(&id.topic_id, id.partition)
+                .is_some_and(|p| p.moving.is_some())
+                && controller
+                    .replicas()
+                    .get(id)
+                    .is_some_and(|g| g.leadership().borrow().leader == Some(me))
+        });
         for (name, topic) in &metadata.topics {
             for (number, placement) in topic.partitions.iter().enumerate() {
                 let Some(moving) = placement.moving.clone() else {
@@ -110,6 +121,13 @@ async fn drive(
     let id = group.id().clone();
     let target = &moving.target;
     let (voters, learners, joint) = group.membership();
+    let still_moving = || {
+        controller.view().with(|m| {
+            m.partition_by_id(&id.topic_id, id.partition)
+                .and_then(|p| p.moving.as_ref())
+                .is_some_and(|m| m.target == *target)
+        })
+    };
     if !same_set(&voters, target) || joint {
         // 1. New replicas as learners, throttled while they catch up.
         for node in target.iter().filter(|n| !voters.contains(n)) {
@@ -125,12 +143,13 @@ async fn drive(
                 tracing::info!(group = %id, node, throttle = moving.throttle_bytes_per_sec, "move: new replica added as a learner");
             }
         }
-        // 2. Wait until they caught up (bounded by this node's leadership): each holds the log
-        //    as it was when the wait began, and keeps within CAUGHT_UP_LAG entries of it.
+        // 2. Wait until they caught up (while this node serves as the group's leader and the
+        //    move stands): each holds the log as it was when the wait began, and keeps within
+        //    CAUGHT_UP_LAG entries of it.
         let goal = group.last_index();
         loop {
-            if group.leadership().borrow().leader != Some(me) {
-                return Err("this node no longer leads the group".into());
+            if !group.leadership().borrow().serving || !still_moving() {
+                return Err("this node no longer leads the group, or the move changed".into());
             }
             let caught_up = target.iter().filter(|n| !voters.contains(n)).all(|n| {
                 group.matched_of(*n).is_some_and(|matched| matched >= goal)
@@ -141,19 +160,27 @@ async fn drive(
             }
             tokio::time::sleep(POLL).await;
         }
-        // 3. A leader leaving the group hands over first.
+        // 3. A leader leaving the group hands over first, to a voter staying in it that holds
+        //    every entry (a learner cannot lead); without one, the membership change below
+        //    commits without this node, which then steps down and the rest elect a leader.
         if !target.contains(&me) {
             let to = target
                 .iter()
                 .copied()
-                .find(|n| group.lag_of(*n).is_some_and(|lag| lag <= CAUGHT_UP_LAG))
-                .ok_or("no replica of the target is caught up")?;
-            group.transfer_to(to).await?;
-            return Ok(Step::HandedOff(to));
+                .filter(|n| voters.contains(n))
+                .find(|n| group.lag_of(*n) == Some(0));
+            if let Some(to) = to {
+                group.transfer_to(to).await?;
+                return Ok(Step::HandedOff(to));
+            }
         }
         // 4. The voters become the target.
         group.change_voters(target).await?;
         tracing::info!(group = %id, voters = ?target, "move: the group's voters changed");
+    } else if !group.membership_committed() {
+        // The target's configuration is this replica's but not yet committed (a leader that
+        // proposed it failed): commit it before the metadata says the move is done.
+        group.change_voters(target).await?;
     }
     controller.replicas().throttle().clear_group(&id);
     // 5. The metadata follows.

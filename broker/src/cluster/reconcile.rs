@@ -175,7 +175,7 @@ async fn follow_moves(
                 .map_err(|e| e.to_string())?;
         } else if held_here && !placed_here && partition.fence_reason().is_none() {
             controller
-                .read_barrier(Duration::from_secs(5))
+                .applied_barrier(Duration::from_secs(5))
                 .await
                 .map_err(|e| e.to_string())?;
             let current = controller.metadata();
@@ -243,8 +243,13 @@ async fn start_groups(
             partition: number as u32,
         };
         let preferred = placement.replicas.first().copied().unwrap_or(me);
-        // A replica a move adds starts empty and waits for the leader to add it.
-        let initialize = placement.replicas.contains(&me);
+        // A replica a move added starts empty and waits for the leader to add it, whatever
+        // the placement says by the time it starts.
+        let moved_in = partition
+            .local_log()
+            .map(|log| log.dir().join(crate::topic::MOVED_IN_MARKER).exists())
+            .unwrap_or(true);
+        let initialize = placement.replicas.contains(&me) && !moved_in;
         let replicas = if initialize {
             replicas
                 .into_iter()

@@ -344,6 +344,13 @@ impl Group {
         (voters, learners, joint)
     }
 
+    /// Whether the membership this replica goes by is committed (a change proposed by a
+    /// leader that failed may still be undone by the next one).
+    pub fn membership_committed(&self) -> bool {
+        let metrics = self.raft.metrics().borrow_watched().clone();
+        metrics.membership_config.log_id() == metrics.committed_membership_config.log_id()
+    }
+
     /// On the leader: the last index of `node`'s log known to match the leader's (0: none
     /// yet), if it is replicated to.
     pub fn matched_of(&self, node: u64) -> Option<u64> {

@@ -46,6 +46,12 @@ impl Throttle {
         self.limits.lock().retain(|(g, _), _| g != group);
     }
 
+    /// Keeps only the entries of groups `keep` accepts (a leader that lost its leadership
+    /// mid-move, or a move completed elsewhere, leaves none behind).
+    pub fn retain_groups(&self, keep: impl Fn(&GroupId) -> bool) {
+        self.limits.lock().retain(|(g, _), _| keep(g));
+    }
+
     /// The rate that applies to what is sent to `target` in `group`: the lowest registered
     /// rate when this replica is throttled, else None.
     pub fn limit(&self, group: &GroupId, target: u64) -> Option<u64> {

@@ -70,7 +70,7 @@ impl Peer for PeerService {
     ) -> Result<Response<v1::PeerReadIndexResponse>, Status> {
         let request = request.into_inner();
         self.controller.check_cluster(&request.cluster_id)?;
-        let committed_index = self.controller.handle_read_index()?;
+        let committed_index = self.controller.handle_read_index().await?;
         Ok(Response::new(v1::PeerReadIndexResponse { committed_index }))
     }
 

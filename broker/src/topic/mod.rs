@@ -31,6 +31,7 @@
 //!   crash leaves either the topic or a leftover that startup removes.
 
 mod placed;
+pub use placed::MOVED_IN_MARKER;
 
 use std::collections::BTreeMap;
 use std::fs::File;

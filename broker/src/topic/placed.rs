@@ -3,6 +3,11 @@
 //! pointing those placeholders at their current leaders, and a partition moving onto or off
 //! this node (a reassignment). Called by `cluster::reconcile`.
 //!
+//! A partition made local by a move gets a `moved-in` marker file in its directory (no dot:
+//! the log's open skips it): its replica must never initialize its Raft group with the
+//! metadata's replica set (it waits for the leader to add it), even when it is listed among
+//! the replicas by the time it starts (a restart after the move completed).
+//!
 //! Fault model of a move: onto this node, the partition's directory is made (a leftover of an
 //! earlier copy is removed first) before `topic.toml` lists it as local, so a crash between
 //! leaves a directory that is not listed and that the next move onto the node replaces. Off
@@ -10,6 +15,9 @@
 //! removed: a crash leaves an unlisted directory, never a listed partition without its log.
 
 use super::*;
+
+/// The file marking a partition whose replica a move made (see the module doc).
+pub const MOVED_IN_MARKER: &str = "moved-in";
 
 impl Registry {
     /// A new topic's `topic.toml` text and its fresh incarnation id, for a cluster's
@@ -119,6 +127,8 @@ impl Registry {
                 std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::io("removing", &dir, e))?;
             }
             std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+            write_synced(&dir.join(MOVED_IN_MARKER), b"")?;
+            sync_dir(&dir)?;
             sync_dir(&path)?;
             list_local(&path, settings.partitions, partition, true)?;
             let opener = PartitionOpener {

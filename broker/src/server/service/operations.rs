@@ -116,13 +116,14 @@ impl BrokerService {
         })
     }
 
-    /// Proposes the planned moves; the ones the controller refused are skipped with a warning
-    /// (another move of the partition started meanwhile).
+    /// Proposes the planned moves and returns the ones that started; the ones the controller
+    /// refused are left out with a warning (another move of the partition started meanwhile).
     async fn start_moves(
         controller: &Controller,
-        planned: &[PlannedMove],
+        planned: Vec<PlannedMove>,
         throttle: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<Vec<PlannedMove>, Status> {
+        let mut started = Vec::with_capacity(planned.len());
         for m in planned {
             let command = Command::Reassign {
                 topic: m.topic.clone(),
@@ -132,11 +133,14 @@ impl BrokerService {
                 throttle_bytes_per_sec: throttle,
                 shrink: m.shrink,
             };
-            if let Err(error) = controller.propose(command).await.map_err(to_status)? {
-                tracing::warn!(topic = %m.topic, partition = m.partition, %error, "planned move not started");
+            match controller.propose(command).await.map_err(to_status)? {
+                Ok(()) => started.push(m),
+                Err(error) => {
+                    tracing::warn!(topic = %m.topic, partition = m.partition, %error, "planned move not started")
+                }
             }
         }
-        Ok(())
+        Ok(started)
     }
 
     pub(super) async fn reassign_partition_call(
@@ -207,7 +211,7 @@ impl BrokerService {
         let controller = self.controller("rebalancing")?;
         let request = request.into_inner();
         let metadata = controller.metadata();
-        let planned: Vec<PlannedMove> = crate::cluster::plan::rebalance(&metadata)
+        let mut planned: Vec<PlannedMove> = crate::cluster::plan::rebalance(&metadata)
             .into_iter()
             .filter(|m| {
                 // Partitions of one replica cannot move yet; reordering them is meaningless.
@@ -221,7 +225,7 @@ impl BrokerService {
             let throttle = request
                 .throttle_bytes_per_sec
                 .unwrap_or(DEFAULT_THROTTLE_BYTES_PER_SEC);
-            Self::start_moves(controller, &planned, throttle).await?;
+            planned = Self::start_moves(controller, planned, throttle).await?;
             tracing::info!(moves = planned.len(), throttle, "rebalance started");
         }
         Ok(Response::new(v1::RebalanceResponse {
@@ -287,7 +291,7 @@ impl BrokerService {
             let throttle = request
                 .throttle_bytes_per_sec
                 .unwrap_or(DEFAULT_THROTTLE_BYTES_PER_SEC);
-            Self::start_moves(controller, &planned, throttle).await?;
+            let planned = Self::start_moves(controller, planned, throttle).await?;
             tracing::info!(
                 node,
                 moves = planned.len(),
