@@ -383,7 +383,7 @@ async fn produce_through(faults: &[Fault], seed: u64) {
     let log = read_topic(&client, KEYED, KEYED_PARTITIONS, READ_BOUND)
         .await
         .unwrap_or_else(|e| panic!("{}", context(&nemesis, e)));
-    summarize_errors("producer errors", &produced.errors);
+    summarize_errors("producer errors", &produced.error_texts());
     let violations = check_acknowledged(&produced.acknowledged, &log);
     assert!(
         violations.is_empty(),
@@ -598,7 +598,7 @@ async fn run(plan: Plan, seed: u64) {
     for anomaly in &registers.anomalies {
         eprintln!("CAS anomaly: {anomaly}");
     }
-    summarize_errors("producer errors", &produced.errors);
+    summarize_errors("producer errors", &produced.error_texts());
     summarize_errors("group errors", &readers.errors);
     summarize_errors("plain consumer errors", &tailed.errors);
     assert!(

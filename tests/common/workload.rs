@@ -6,7 +6,9 @@
 //!   pipelined in one task so that each producer's records are enqueued in order. Every
 //!   acknowledgement (partition, offset, key, value) is recorded in send order, every failed
 //!   delivery as an error (its outcome is unknown: it may or may not be in the log, and no
-//!   check counts it either way).
+//!   check counts it either way). Errors are typed ([`ProduceError`]), so that a test can tell
+//!   an error the workload retried (starting a producer) from one that cost a record
+//!   ([`ProduceHistory::beyond_retries`]).
 //! - [`CasWorkload`]: a few clients doing `Get` and compare-and-set `put_if` (a `put` while a
 //!   key is absent) on a few keys of a table; each operation is an [`Event`] with the time it
 //!   was invoked and returned. A write that failed other than by a conflict, or timed out,
@@ -98,6 +100,41 @@ impl Default for ProduceConfig {
     }
 }
 
+/// A failure a [`KeyedProduce`] producer reported. Transient failures of a batch (a node
+/// stopping or unreachable, a leader change) are retried inside the client until the
+/// producer's delivery timeout and appear here only if that runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProduceError {
+    /// A record's delivery failed: the client's retries ran out (the delivery timeout) or the
+    /// broker refused the batch for good. Its outcome is unknown. `"VALUE (partition P):
+    /// ERROR"`.
+    Delivery(String),
+    /// The producer refused to enqueue a record, which was never sent; the workload went on
+    /// with a new producer. `"VALUE: enqueue refused: ERROR"`.
+    Enqueue(String),
+    /// Starting a producer failed; the workload tried again until one started.
+    /// `"pP: starting a producer: ERROR"`.
+    Start(String),
+}
+
+impl ProduceError {
+    /// Whether the workload retried what failed until it worked, so that no record was lost
+    /// to it.
+    pub fn retried(&self) -> bool {
+        matches!(self, ProduceError::Start(_))
+    }
+}
+
+impl std::fmt::Display for ProduceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProduceError::Delivery(text)
+            | ProduceError::Enqueue(text)
+            | ProduceError::Start(text) => f.write_str(text),
+        }
+    }
+}
+
 /// What [`KeyedProduce`] recorded.
 #[derive(Debug, Clone, Default)]
 pub struct ProduceHistory {
@@ -106,8 +143,23 @@ pub struct ProduceHistory {
     pub acknowledged: Vec<Seen>,
     /// Records enqueued.
     pub sent: u64,
-    /// Every failure (a delivery that failed, an enqueue refused), described.
-    pub errors: Vec<String>,
+    /// Every failure (a delivery that failed, an enqueue refused, a producer that did not
+    /// start).
+    pub errors: Vec<ProduceError>,
+}
+
+impl ProduceHistory {
+    /// The errors beyond retries: each cost a record (a delivery that failed after the
+    /// client's retries, an enqueue refused). Empty when every failure was retried until it
+    /// worked.
+    pub fn beyond_retries(&self) -> Vec<&ProduceError> {
+        self.errors.iter().filter(|e| !e.retried()).collect()
+    }
+
+    /// [`ProduceHistory::errors`] as text.
+    pub fn error_texts(&self) -> Vec<String> {
+        self.errors.iter().map(ToString::to_string).collect()
+    }
 }
 
 /// Keyed produce with idempotent producers: see the module doc.
@@ -190,7 +242,7 @@ async fn produce(
     stop: watch::Receiver<bool>,
     acked: Arc<Mutex<BTreeMap<u32, u64>>>,
 ) -> ProduceHistory {
-    let errors: Arc<Mutex<Vec<String>>> = Arc::default();
+    let errors: Arc<Mutex<Vec<ProduceError>>> = Arc::default();
     let mut sent = 0;
     let producer_config = ProducerConfig {
         delivery_timeout: config.delivery_timeout,
@@ -216,10 +268,10 @@ async fn produce(
                             value,
                         });
                     }
-                    Err(error) => lock(&errors).push(format!(
+                    Err(error) => lock(&errors).push(ProduceError::Delivery(format!(
                         "{} (partition {partition}): {error}",
                         String::from_utf8_lossy(&value)
-                    )),
+                    ))),
                 }
             }
             acknowledged
@@ -236,7 +288,9 @@ async fn produce(
         let producer = match client.producer(&topic, producer_config.clone()).await {
             Ok(producer) => producer,
             Err(error) => {
-                lock(&errors).push(format!("p{index}: starting a producer: {error}"));
+                lock(&errors).push(ProduceError::Start(format!(
+                    "p{index}: starting a producer: {error}"
+                )));
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
@@ -259,7 +313,9 @@ async fn produce(
                     }
                 }
                 Err(error) => {
-                    lock(&errors).push(format!("{value}: enqueue refused: {error}"));
+                    lock(&errors).push(ProduceError::Enqueue(format!(
+                        "{value}: enqueue refused: {error}"
+                    )));
                     producers.push(producer);
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue 'producing;
