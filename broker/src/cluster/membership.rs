@@ -192,7 +192,16 @@ impl Controller {
         if id == self.node_id() {
             // The leader does not remove itself: it hands the leadership to another voter,
             // which the caller's retry reaches.
-            if let Some(to) = voters.iter().copied().find(|v| *v != id) {
+            let metadata = self.metadata();
+            let reachable = |node: u64| {
+                metadata.nodes.get(&node).is_some_and(|n| n.alive)
+                    && self.replicas().liveness.answered_within(
+                        node,
+                        crate::replication::handoff::REACHABLE_WITHIN,
+                        std::time::Instant::now(),
+                    )
+            };
+            if let Some(to) = voters.iter().copied().find(|v| *v != id && reachable(*v)) {
                 self.raft()
                     .trigger()
                     .transfer_leader(to)
