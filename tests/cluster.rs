@@ -933,10 +933,13 @@ async fn a_cas_register_workload_should_stay_linearizable_through_a_crash() {
     }
     let history = history.lock().unwrap().clone();
     // The crash was felt (a call failed, or waited through it: the client retries while the
-    // node is down), and writes went on after the node returned.
+    // node is down), and writes went on after the node returned. A call still running at the
+    // kill or started after it waits for the new leader: 250-500 ms of election (issue 15) plus
+    // the client's retry, so 200 ms tells it from an ordinary call (a few ms); 500 ms, as this
+    // check had before the faster failover, was missed when the election was quick (CI).
     assert!(
         history.iter().any(|(_, e)| e.outcome == Outcome::Unknown
-            || (e.invoked >= killed && e.returned.saturating_sub(e.invoked) > 500_000_000)),
+            || (e.returned >= killed && e.returned.saturating_sub(e.invoked) > 200_000_000)),
         "no call met the crash: the kill came too late"
     );
     assert!(
