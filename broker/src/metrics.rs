@@ -114,7 +114,7 @@ metrics! {
     REPLICATION_LEADERSHIPS_WON_TOTAL = "syncline_replication_leaderships_won_total", Counter, [], "Partition leaderships this node took; summed over the nodes, the cluster's partition leader changes";
     REPLICATION_COMMIT_DURATION_SECONDS = "syncline_replication_commit_duration_seconds", Histogram, [], "Replicated partitions, on the leader: from handing a write to its Raft group to its apply (a quorum appended and fsync'd it)";
     REPLICATION_SNAPSHOTS_SENT_TOTAL = "syncline_replication_snapshots_sent_total", Counter, [], "Snapshots (copies of a partition log's segment files) this node sent to replicas behind its purged Raft log, and they installed";
-    REPLICATION_THROTTLED_MILLISECONDS_TOTAL = "syncline_replication_throttled_milliseconds_total", Counter, [], "Milliseconds sends to replicas catching up after a move waited for the move throttle";
+    REPLICATION_THROTTLE_WAIT_SECONDS = "syncline_replication_throttle_wait_seconds", Histogram, [], "Time a send to a replica catching up after a move waited for the move throttle";
     REPLICATION_MOVES_COMPLETED_TOTAL = "syncline_replication_moves_completed_total", Counter, [], "Partition moves this node completed as the partition's leader (the new replica set took over)";
     REPLICATION_SNAPSHOTS_INSTALLED_TOTAL = "syncline_replication_snapshots_installed_total", Counter, [], "Snapshots this node installed to catch up: its partition log replaced by the leader's copy";
     REPLICATION_SNAPSHOTS_REFUSED_TOTAL = "syncline_replication_snapshots_refused_total", Counter, [], "Snapshot transfers this node refused (a chunk or the received log failed its checks, or the transfer broke off); the leader retries";

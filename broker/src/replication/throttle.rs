@@ -81,8 +81,8 @@ impl Throttle {
             done.saturating_duration_since(now)
         };
         if !wait.is_zero() {
-            metrics::counter!(crate::metrics::REPLICATION_THROTTLED_MILLISECONDS_TOTAL)
-                .increment(wait.as_millis() as u64);
+            metrics::histogram!(crate::metrics::REPLICATION_THROTTLE_WAIT_SECONDS)
+                .record(wait.as_secs_f64());
             tokio::time::sleep(wait).await;
         }
     }
