@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Replicated partitions (issue 15) against a single node, in one run on one machine: produce rate
 # at replication factor 3 with durable acks, produce latency per batch at half of that rate next
-# to one fsync, leader failover time over repeated kill -9, and the idle cost of 1,000 replicated
-# partitions. The three nodes share this machine's cores and disk with each other and with the
-# client, so the ratios show what replication costs here, not how a cluster of machines performs.
+# to one fsync, leader failover time over repeated kill -9, the idle cost of 1,000 replicated
+# partitions, and (issue 16) a rolling restart of the 3 nodes under a steady load: how long it
+# takes and the produce latency during it next to the same load without restarts. The three
+# nodes share this machine's cores and disk with each other and with the client, so the ratios
+# show what replication costs here, not how a cluster of machines performs.
 # Not part of CI (.ci/run).
 set -euo pipefail
 
@@ -46,10 +48,26 @@ cluster of 3 broker processes on 127.0.0.1 (ports chosen up front, a data dir ea
             connection (benches/create_topics.rs; R=3 on the cluster, 1,000 partitions by
             default), every partition has a leader, and --settle-secs passed. Targets per node:
             <= 10% of a core and <= 300 MiB.
+  rolling   on the cluster, `syncline bench --json --acks durable --rate --rolling-rate` (100 B
+            records, a fresh topic of --rolling-partitions partitions at R=3, --producers
+            producers, --consumers consumers) for --rolling-secs, twice per run: `steady` as it
+            is, and `rolling` with a rolling restart of all 3 nodes starting 2 s after the
+            bench's first progress line: node 1, 2, 3 in turn get SIGTERM (which hands their
+            leaderships to caught-up followers), are waited for to exit, started again (same
+            port and data dir), and waited for until every replicated partition has a leader
+            and every replica caught up (`cluster status --json`, polled every 0.2 s) before the
+            next. Figures: the restart's duration (first SIGTERM to the last node caught up) and
+            each node's stop, start and catch-up times; per record send -> ack p99 and max
+            (retries included: what an application waits) and per batch p99 (first attempts
+            only) of the whole bench run, steady against rolling; the bench's produce errors
+            (target 0: nothing beyond the client's retries). A restart longer than the bench
+            run is noted (raise --rolling-secs). The restart covers only part of each rolling
+            run, so its p99 is that of a run holding a restart, not of the restart alone.
 
 Runs of produce and latency alternate single/cluster (odd runs single first, even runs cluster
-first); the table shows medians and [min..max] of --runs runs, each cluster figure's ratio to
-the single node of the same run, and the target.
+first), and so do the steady and rolling runs of the rolling part (odd runs steady first); the
+table shows medians and [min..max] of --runs runs, each cluster figure's ratio to the single node
+of the same run (rolling: to the steady runs), and the target.
 
 Options:
   --runs N              runs per produce and latency measurement, medians shown (default 3)
@@ -62,8 +80,12 @@ Options:
   --settle-secs S       wait after every partition has a leader, before the idle sample (default 10)
   --topics N            topics of the idle part (default 10)
   --topic-partitions N  partitions per topic of the idle part (default 100)
-  --only LIST           comma-separated parts: produce,latency,failover,idle (default all)
-  --quick               1 run, 2 s per bench run, 3 kills, 5 s idle samples (a smoke test)
+  --rolling-rate R      records/s of the rolling part's load (default 50000)
+  --rolling-secs S      seconds per rolling-part bench run (default 15)
+  --rolling-partitions N  partitions of the rolling part's topic (default 3: one led by each node)
+  --only LIST           comma-separated parts: produce,latency,failover,idle,rolling (default all)
+  --quick               1 run, 2 s per bench run, 3 kills, 5 s idle samples, 10 s rolling runs
+                        (a smoke test)
   --no-build            use the binaries already in $CARGO_TARGET_DIR/release
   --out FILE            markdown copy of the table (default: $CARGO_TARGET_DIR/replication-results.md)
   -h, --help            this help
@@ -86,7 +108,10 @@ IDLE_SECS=20
 SETTLE_SECS=10
 TOPICS=10
 TOPIC_PARTITIONS=100
-ONLY=produce,latency,failover,idle
+ROLLING_RATE=50000
+ROLLING_SECS=15
+ROLLING_PARTITIONS=3
+ONLY=produce,latency,failover,idle,rolling
 NODES=3
 REPLICATION=3
 BUILD=1
@@ -103,8 +128,11 @@ while [ $# -gt 0 ]; do
     --settle-secs) SETTLE_SECS=$2; shift ;;
     --topics) TOPICS=$2; shift ;;
     --topic-partitions) TOPIC_PARTITIONS=$2; shift ;;
+    --rolling-rate) ROLLING_RATE=$2; shift ;;
+    --rolling-secs) ROLLING_SECS=$2; shift ;;
+    --rolling-partitions) ROLLING_PARTITIONS=$2; shift ;;
     --only) ONLY=$2; shift ;;
-    --quick) RUNS=1; SECS=2; KILLS=3; IDLE_SECS=5 ;;
+    --quick) RUNS=1; SECS=2; KILLS=3; IDLE_SECS=5; ROLLING_SECS=10 ;;
     --no-build) BUILD=0 ;;
     --out) OUT=$2; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -115,7 +143,7 @@ done
 OUT=${OUT:-$TARGET/replication-results.md}
 [ -n "${EPOCHREALTIME:-}" ] || { echo "needs bash 5 (\$EPOCHREALTIME)" >&2; exit 2; }
 for part in ${ONLY//,/ }; do
-  case $part in produce|latency|failover|idle) ;; *) echo "--only: unknown part $part" >&2; exit 2 ;; esac
+  case $part in produce|latency|failover|idle|rolling) ;; *) echo "--only: unknown part $part" >&2; exit 2 ;; esac
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 # The latency part runs at half of the produce part's rates.
@@ -156,6 +184,9 @@ log() { echo "[replication $(date +%H:%M:%S)] $*" >&2; }
 #            ms-to-first-ack-after-the-kill-past-the-last-offset note
 #   idle     LABEL(single|node-I) PHASE - 1 %core RSS-MiB note
 #   create   TARGET TOPICS PARTITIONS 1 seconds seconds-until-every-partition-has-a-leader note
+#   rolling  cluster MODE(steady|rolling) RATE RUN record-p99-ms batch-p99-ms note
+#            restart-s(rolling) record-max-ms produce-errors record-p50-ms batch-p50-ms
+#            per-node "I:STOP_S/START_S/CATCH_UP_S" list(rolling)
 #   note     - - - - - - text
 row() { local IFS=$'\t'; echo "$*" >> "$RESULTS"; }
 
@@ -629,9 +660,135 @@ idle() {
   stop_single
 }
 
+# wait_all_caught_up SECS: until every replicated partition (more than one replica) of the
+# cluster has a leader and every replica caught up, as a live node reports it (0), or SECS passed
+# (1).
+wait_all_caught_up() {
+  local deadline=$((SECONDS + $1))
+  while [ $SECONDS -lt $deadline ]; do
+    if timeout 10 "$CLI" --broker "$(alive_addrs)" cluster status --json 2>/dev/null |
+      python3 -c '
+import json, sys
+ps = [p for p in json.load(sys.stdin)["partitions"] if len(p["replicas"]) > 1]
+sys.exit(0 if ps and all(p["leader"] and sorted(p["caught_up"]) == sorted(p["replicas"]) for p in ps) else 1)
+' 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  return 1
+}
+
+# rolling_restart FILE: every cluster node in turn: SIGTERM, wait for it to exit, start it again,
+# wait until every replica is caught up. Appends "I T_TERM T_EXITED T_LISTENING T_CAUGHT_UP EXIT"
+# per node to FILE (times from $EPOCHREALTIME). Returns 1 (noted) when a node does not come back.
+rolling_restart() {
+  local f=$1 i pid t_term t_exit t_listen exit_status
+  for i in $(seq 1 "$NODES"); do
+    pid=${CLUSTER_PIDS[$((i - 1))]}
+    t_term=$EPOCHREALTIME
+    kill -TERM "$pid"
+    exit_status=0
+    wait "$pid" 2>/dev/null || exit_status=$?
+    t_exit=$EPOCHREALTIME
+    spawn_node "$i"
+    if ! wait_listening "$(node_log "$i")" "${CLUSTER_PIDS[$((i - 1))]}"; then
+      row note - - - - - - "rolling: node $i did not restart: $(tail -1 "$(node_log "$i")")"
+      return 1
+    fi
+    t_listen=$EPOCHREALTIME
+    if ! wait_all_caught_up 60; then
+      row note - - - - - - "rolling: after the restart of node $i, a replica was not caught up within 60 s"
+      return 1
+    fi
+    echo "$i $t_term $t_exit $t_listen $EPOCHREALTIME $exit_status" >> "$f"
+    log "rolling: node $i stopped (exit $exit_status), restarted and caught up"
+  done
+}
+
+# rolling_run MODE RUN: one bench run of ROLLING_SECS at ROLLING_RATE on the cluster; MODE
+# `rolling` restarts every node during it, `steady` does not.
+rolling_run() {
+  local mode=$1 run=$2 f=$WORK/rolling.$1.$2 status=0 deadline first_progress=
+  check_alive
+  [ -n "$CLUSTER_ADDRS" ] || return 0
+  quiet
+  sync; sleep 1
+  : > "$f.restart"
+  "$CLI" --broker "$CLUSTER_ADDRS" bench --json --acks durable --producers "$PRODUCERS" \
+    --consumers "$CONSUMERS" --partitions "$ROLLING_PARTITIONS" --replication-factor "$REPLICATION" \
+    --record-size 100 --rate "$ROLLING_RATE" --duration "$ROLLING_SECS" > "$f.json" 2> "$f.err" &
+  PRODUCER_PID=$!
+  if [ "$mode" = rolling ]; then
+    # The topic is created and the load steady (the first progress line), then 2 s more.
+    deadline=$((SECONDS + 60))
+    until grep -q '^bench: ' "$f.err" 2>/dev/null; do
+      { [ $SECONDS -ge $deadline ] || ! kill -0 "$PRODUCER_PID" 2>/dev/null; } && break
+      sleep 0.1
+    done
+    first_progress=$EPOCHREALTIME
+    sleep 2
+    log "rolling run $run: restarting nodes 1..$NODES in turn under $ROLLING_RATE records/s"
+    rolling_restart "$f.restart" || true
+  fi
+  wait "$PRODUCER_PID" || status=$?
+  PRODUCER_PID=""
+  [ "$status" = 0 ] || log "rolling: bench ($mode, run $run) exited with $status: $(tail -1 "$f.err")"
+  python3 - "$f" "$mode" "$ROLLING_RATE" "$run" "$status" "$ROLLING_SECS" "$first_progress" \
+    >> "$RESULTS" <<PY
+import json, re, sys
+$VERIFY_NOTE
+f, mode, rate, run, status, secs, first_progress = sys.argv[1:8]
+try:
+    d = json.load(open(f + ".json"))
+except Exception:
+    err = open(f + ".err").read().strip().splitlines()
+    print("\t".join(["rolling", "cluster", mode, rate, run, "", "", "failed: %s" % (err[-1] if err else "?")]))
+    sys.exit()
+p, b = d["produce"], d["batch_latency_ms"]
+# Each second's acknowledged records/s from the progress lines, the first and last left out
+# (start-up and the drain at the end).
+per_second = [float(m.group(1)) for m in re.finditer(r"^bench: \d+ s: produced \d+ \((\d+) records/s\)",
+              open(f + ".err").read(), re.M)][1:-1]
+note = "sent %.0f/s of %s/s" % (p["records_per_sec"], rate)
+if per_second:
+    note += "; slowest second %.0f/s" % min(per_second)
+if note_of(d): note += "; " + note_of(d)
+if status != "0": note += "; bench exit status " + status
+restart, nodes = "", ""
+if mode == "rolling":
+    lines = [l.split() for l in open(f + ".restart") if l.strip()]
+    if lines:
+        restart = "%.2f" % (float(lines[-1][4]) - float(lines[0][1]))
+        nodes = " ".join("%s:%.2f/%.2f/%.2f%s" % (l[0], float(l[2]) - float(l[1]), float(l[3]) - float(l[2]),
+                         float(l[4]) - float(l[3]), "" if l[5] == "0" else "(exit %s)" % l[5]) for l in lines)
+    if len(lines) < 3:
+        note += "; ONLY %d of 3 nodes restarted and caught up" % len(lines)
+    elif first_progress:
+        # The bench sends for --rolling-secs from about 1 s before its first progress line.
+        over = float(lines[-1][4]) - (float(first_progress) - 1 + float(secs))
+        if over > 0:
+            note += "; THE RESTART OUTLASTED THE BENCH'S SENDING by %.1f s (raise --rolling-secs)" % over
+        else:
+            note += "; the restart spanned %.0f%% of the run" % (100 * float(restart) / float(secs))
+print("\t".join(["rolling", "cluster", mode, rate, run, "%.3f" % p["latency_ms"]["p99"], "%.3f" % b["p99"],
+                 note, restart, "%.3f" % p["latency_ms"]["max"], str(d.get("verify", {}).get("produce_errors", 0)),
+                 "%.3f" % p["latency_ms"]["p50"], "%.3f" % b["p50"], nodes]))
+PY
+}
+
+rolling() {
+  local run mode modes
+  log "rolling: $RUNS x (steady, rolling restart) at $ROLLING_RATE records/s of 100 B, $ROLLING_PARTITIONS partitions, R=$REPLICATION, ${ROLLING_SECS} s each"
+  for run in $(seq 1 "$RUNS"); do
+    if [ $((run % 2)) = 1 ]; then modes="steady rolling"; else modes="rolling steady"; fi
+    for mode in $modes; do rolling_run "$mode" "$run"; done
+  done
+}
+
 # ------------------------------------------------------------------------------------------------
 # The run
-if want produce || want latency || want failover; then
+if want produce || want latency || want failover || want rolling; then
   want produce && start_single single
   if ! start_cluster main; then
     log "cluster half skipped: $CLUSTER_REASON"
@@ -661,6 +818,7 @@ if want latency; then
 fi
 
 want failover && failover
+want rolling && rolling
 stop_cluster
 stop_single
 
@@ -669,9 +827,10 @@ want idle && idle
 # ------------------------------------------------------------------------------------------------
 # The table
 python3 - "$RESULTS" "$OUT" "$RUNS" "$PARTITIONS" "$PRODUCERS" "$CONSUMERS" "$IDLE_SECS" \
-  "$SETTLE_SECS" "$REPLICATION" <<'PY'
+  "$SETTLE_SECS" "$REPLICATION" "$ROLLING_PARTITIONS" "$ROLLING_SECS" <<'PY'
 import statistics, sys
 results, out, runs, partitions, producers, consumers, idle_secs, settle_secs, rf = sys.argv[1:10]
+rolling_partitions, rolling_secs = sys.argv[10:12]
 rows = [l.rstrip("\n").split("\t") for l in open(results) if l.strip()]
 notes = [r[7] for r in rows if r[0] == "note"]
 def num(x):
@@ -779,6 +938,40 @@ for r in rows:
                 if r[5] else "the create failed part-way (see above)")
         notes.append("idle topics on the %s: %s%s; %s" % (
             r[1], made, " (until every partition had a leader: %s s)" % r[6] if r[6] else "", r[7]))
+
+# rolling
+rl = [r for r in rows if r[0] == "rolling"]
+if rl:
+    def col(mode, i):
+        return [num(r[i]) for r in rl if r[2] == mode and len(r) > i and num(r[i]) is not None]
+    def errors(mode):
+        return sum(int(num(r[10]) or 0) for r in rl if r[2] == mode and len(r) > 10)
+    ms = lambda x: "%.2f ms" % x
+    workload = "100 B at %s/s, %s partitions at R=%s, acks durable, %s producer(s), %s s runs" % (
+        rate(float(rl[0][3])), rolling_partitions, rf, producers, rolling_secs)
+    secs = col("rolling", 8)
+    if secs:
+        add("rolling restart of 3 nodes", "SIGTERM, restart, every replica caught up, one node at a time, under the load below",
+            "n/a (one node)", spread(secs, lambda x: "%.1f s" % x), "", "")
+    def cell(mode):
+        x99 = col(mode, 5)
+        if not x99:
+            return "failed"
+        return "per record p99 %s, max %.0f ms, p50 %.2f ms; per batch p99 %.2f ms (%d produce errors)" % (
+            spread(x99, ms), med(col(mode, 9)), med(col(mode, 11)), med(col(mode, 6)), errors(mode))
+    add("produce latency, steady", workload, "n/a", cell("steady"), "", "")
+    s99, r99 = col("steady", 5), col("rolling", 5)
+    ratio = med(r99) / med(s99) if s99 and r99 else None
+    add("produce latency, rolling restart", workload + ", a restart in each run", "n/a", cell("rolling"),
+        "%.1fx steady (p99 per record)" % ratio if ratio else "", "")
+    if secs:
+        verdict("rolling restart: produce errors", errors("rolling") == 0, "%d" % errors("rolling"),
+                "0: nothing beyond the client's retries")
+    for r in rl:
+        if r[2] == "rolling" and len(r) > 13:
+            notes.append("rolling run %s: restart %s s; per node stop/start/catch-up s: %s; %s" % (r[4], r[8] or "-", r[13] or "-", r[7]))
+        else:
+            notes.append("%s run %s: %s" % (r[2], r[4], r[7]))
 
 head = ["measure", "workload", "single node (R=1)", "3-node cluster (R=%s)" % rf, "cluster / single", "target"]
 widths = [max(len(str(r[i])) for r in table + [head]) for i in range(len(head))]
