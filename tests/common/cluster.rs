@@ -460,19 +460,65 @@ impl Cluster {
     /// Starts every node that is not running (all at first, or every stopped or killed one
     /// again): all are spawned before any is waited for, since a node may wait for its peers
     /// before it serves. Panics with a node's log if one does not start.
+    ///
+    /// A first start whose port another process took between the harness picking it and the
+    /// node binding it (other tests run beside this one) is retried on new ports, with fresh
+    /// data directories (the `--cluster` list names the ports), up to 3 times.
     pub fn start_all(&mut self) {
-        let down: Vec<u64> = self
-            .nodes
-            .iter_mut()
-            .filter_map(|node| (!node.is_running()).then_some(node.id))
-            .collect();
-        let offsets: Vec<u64> = down.iter().map(|&id| self.spawn(id, &[])).collect();
-        for (&id, offset) in down.iter().zip(offsets) {
-            if let Err(log) = self.await_ready(id, offset) {
-                panic!("node {id} did not start:\n{log}");
+        for attempt in 1.. {
+            let first_start = self
+                .nodes
+                .iter()
+                .all(|node| !node.served && node.netns.is_none());
+            let down: Vec<u64> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|node| (!node.is_running()).then_some(node.id))
+                .collect();
+            let offsets: Vec<u64> = down.iter().map(|&id| self.spawn(id, &[])).collect();
+            let mut failed = None;
+            for (&id, offset) in down.iter().zip(offsets) {
+                if let Err(log) = self.await_ready(id, offset) {
+                    failed = Some((id, log));
+                    break;
+                }
+            }
+            match failed {
+                None => break,
+                Some((_, log))
+                    if first_start && attempt < 3 && log.contains("Address already in use") =>
+                {
+                    eprintln!(
+                        "harness: a node's port was taken meanwhile; starting again on new ports"
+                    );
+                    self.fresh_ports();
+                }
+                Some((id, log)) => panic!("node {id} did not start:\n{log}"),
             }
         }
         self.block_until_serving();
+    }
+
+    /// Kills every node, empties their data directories and gives them new ports (and the
+    /// `--cluster` list naming them): for a first start only.
+    fn fresh_ports(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.process.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = std::fs::remove_dir_all(node.data_dir());
+        }
+        let listeners: Vec<TcpListener> = (0..self.nodes.len())
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+            .collect();
+        for (node, listener) in self.nodes.iter_mut().zip(&listeners) {
+            node.port = listener.local_addr().expect("local address").port();
+        }
+        drop(listeners);
+        if self.voters.is_some() {
+            self.voters = Some(self.voter_list());
+        }
     }
 
     /// [`Cluster::start_all`] with flags of each node's own (`extra(id)`, replacing harness
