@@ -1549,6 +1549,64 @@ async fn given_batch_that_overtook_a_retried_one_should_retry_behind_it_in_order
     assert_eq!(&sequences[..3], [0, 1, 2]);
 }
 
+/// Regression (benches/replication.sh, rolling): under a steady load, one batch retried after
+/// a backoff made every later batch of its partition overtake one that was waiting out a
+/// backoff: each was refused as a gap and waited a backoff of its own, and each batch the window
+/// let out meanwhile overtook those in turn, for as long as the load kept the window full
+/// (seconds after a leader change, each batch a backoff late). A batch refused as a gap is now
+/// resent as soon as the batches it overtook are resolved, so the gaps end within a window.
+#[tokio::test]
+async fn given_steady_load_after_a_retried_batch_gap_refusals_should_end_within_a_window() {
+    use crate::producer::PARTITION_WINDOW_BATCHES;
+
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    // One record per batch; a backoff far longer than the pace, as in a real cluster (100 ms
+    // against a batch every few ms).
+    let config = ProducerConfig {
+        batch_bytes_max: 128,
+        linger: Duration::from_millis(1),
+        retry_backoff: Duration::from_millis(50),
+        retry_backoff_max: Duration::from_millis(200),
+        ..ProducerConfig::default()
+    };
+    let producer = client.producer("t", config).await.unwrap();
+    let value = "v".repeat(100);
+    send_value(&producer, &value).await.unwrap();
+    broker
+        .lock()
+        .script
+        .push_back(Scripted::Fail(Code::Unavailable));
+    // A record every 2 ms for about a second.
+    let mut deliveries = Vec::new();
+    for _ in 0..400 {
+        let delivery = producer
+            .enqueue(None, Some(value.as_bytes()), &[])
+            .await
+            .unwrap();
+        deliveries.push(delivery);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut offsets = Vec::new();
+    for delivery in deliveries {
+        offsets.push(delivery.await.unwrap().offset);
+    }
+    assert_eq!(offsets, (1..=400).collect::<Vec<u64>>(), "send order kept");
+    let state = broker.lock();
+    let stored = state.topics["t"][0].batches.len();
+    let refused = state.received_batches.len() - stored;
+    // The scripted failure, then at most the batches in flight behind it, refused once or twice
+    // while the chain drains. Before the fix: one refusal per batch sent after the failure.
+    assert!(
+        refused <= 1 + 2 * PARTITION_WINDOW_BATCHES as usize,
+        "{refused} of {} requests not stored",
+        state.received_batches.len()
+    );
+}
+
 #[tokio::test]
 async fn given_batch_refused_for_good_should_continue_under_a_new_producer_id_from_sequence_zero() {
     let (client, broker) = start().await;

@@ -31,6 +31,12 @@
 //! - **A window.** A batch is only sent while it is fewer than [`PARTITION_WINDOW_BATCHES`]
 //!   batches after the oldest unresolved batch of its partition, so a retry always falls within
 //!   what the broker remembers.
+//! - **Gaps closed in order.** A batch refused as a gap waits until every earlier batch of its
+//!   partition is resolved and is resent at once ([`Sequences::earlier_resolved`]), and while
+//!   it waits no new batch of the partition is sent ([`Sequences::park`]). Otherwise every
+//!   batch sent behind a retried one would overtake it, be refused, and wait a backoff of its
+//!   own; under a steady load each batch the window let out meanwhile overtook those in turn,
+//!   and the partition's batches stayed a backoff late for seconds after a leader change.
 //!
 //! # When a batch fails for good
 //!
@@ -156,6 +162,9 @@ struct PartitionSequences {
     /// `(generation, index)` of the first batch that failed for good in the latest generation
     /// that had a failure: later batches of that generation leave a real gap.
     first_failed: Option<(u64, u64)>,
+    /// Batches refused as a gap that wait to be resent behind the ones they overtook
+    /// ([`Sequences::park`]); no new batch is sent meanwhile.
+    parked: u64,
 }
 
 /// The sequence state of one idempotent producer; see the module doc.
@@ -218,6 +227,11 @@ impl Sequences {
         }
         // An older identity's batch still being retried would land behind this one.
         if state.unresolved.range(..(generation, 0)).next().is_some() {
+            return Ok(Next::WindowFull);
+        }
+        // It would overtake the batches waiting to be resent, be refused as a gap and wait in
+        // turn: under a steady load the partition would never get out of that.
+        if state.parked > 0 {
             return Ok(Next::WindowFull);
         }
         // The first batch of an identity in a partition goes alone: a partition that does not
@@ -290,6 +304,38 @@ impl Sequences {
             Outcome::Failed => self.needs_identity = true,
             Outcome::Fenced(error) => self.fenced = Some(error),
         }
+    }
+
+    /// Notes that `stamp`, refused as a gap, waits to be resent behind the batches it
+    /// overtook: until [`Sequences::unpark`], no new batch of its partition is sent, so that
+    /// the refused batches go again in order before any later one.
+    pub fn park(&mut self, stamp: &Stamp) {
+        if let Some(state) = self.partitions.get_mut(stamp.partition as usize) {
+            state.parked += 1;
+        }
+    }
+
+    /// Ends a [`Sequences::park`] of `stamp`, as it is resent.
+    pub fn unpark(&mut self, stamp: &Stamp) {
+        if let Some(state) = self.partitions.get_mut(stamp.partition as usize) {
+            state.parked = state.parked.saturating_sub(1);
+        }
+    }
+
+    /// Whether every batch of `stamp`'s partition sent before it (earlier ones of its
+    /// generation, and any of an older generation) is resolved. A retry of a batch refused as
+    /// a gap then carries the sequence the broker expects next (unless an earlier batch failed
+    /// for good, which [`Sequences::gap_worth_retrying`] tells).
+    pub fn earlier_resolved(&self, stamp: &Stamp) -> bool {
+        self.partitions
+            .get(stamp.partition as usize)
+            .is_none_or(|state| {
+                state
+                    .unresolved
+                    .range(..(stamp.generation, stamp.index))
+                    .next()
+                    .is_none()
+            })
     }
 
     /// Whether a sequence gap answered for `stamp` is worth retrying: it is not its
@@ -433,6 +479,53 @@ mod tests {
         assert!(!sequences.gap_worth_retrying(&third));
         // The batch before the failure may still close its own gap.
         assert!(sequences.gap_worth_retrying(&first));
+    }
+
+    #[test]
+    fn given_a_parked_batch_should_send_no_new_batch_of_its_partition_until_it_is_unparked() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        first_acknowledged(&mut sequences, 0, 2);
+        first_acknowledged(&mut sequences, 1, 2);
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        sequences.park(&second);
+        assert_eq!(sequences.next(0, 2).unwrap(), Next::WindowFull);
+        assert!(
+            matches!(sequences.next(1, 2).unwrap(), Next::Stamp(_)),
+            "partitions apart"
+        );
+        sequences.resolve(&first, Outcome::Acknowledged);
+        assert_eq!(sequences.next(0, 2).unwrap(), Next::WindowFull);
+        sequences.unpark(&second);
+        assert!(matches!(sequences.next(0, 2).unwrap(), Next::Stamp(_)));
+    }
+
+    #[test]
+    fn given_earlier_batches_unresolved_should_say_so_until_each_is_resolved() {
+        let mut sequences = Sequences::new(ProducerIdentity::for_tests(1, 0), 2);
+        let zeroth = first_acknowledged(&mut sequences, 0, 2);
+        assert!(sequences.earlier_resolved(&zeroth));
+        let first = stamp(&mut sequences, 0, 2);
+        let second = stamp(&mut sequences, 0, 2);
+        let other_partition = first_acknowledged(&mut sequences, 1, 2);
+        assert!(sequences.earlier_resolved(&first));
+        assert!(!sequences.earlier_resolved(&second));
+        assert!(
+            sequences.earlier_resolved(&other_partition),
+            "partitions apart"
+        );
+        sequences.resolve(&first, Outcome::Acknowledged);
+        assert!(sequences.earlier_resolved(&second));
+        // A batch of an older generation still unresolved comes before every newer one.
+        let third = stamp(&mut sequences, 0, 2);
+        sequences.resolve(&second, Outcome::Failed);
+        sequences.install(ProducerIdentity::for_tests(2, 0));
+        let mut newer = third;
+        newer.generation = 1;
+        newer.index = 0;
+        assert!(!sequences.earlier_resolved(&newer));
+        sequences.resolve(&third, Outcome::Failed);
+        assert!(sequences.earlier_resolved(&newer));
     }
 
     /// Regression (fault test, seed 15): batches of a new producer id overtook the old id's

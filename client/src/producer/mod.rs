@@ -53,7 +53,8 @@
 //! Batches of one partition are sent in order on one stream. With idempotence records of one
 //! key are stored in send order even across retries and leader changes: the broker refuses a
 //! batch that overtakes an unacknowledged earlier one (a sequence gap) and the producer retries
-//! it behind that one; after a batch fails for good, the partition's batches under the new
+//! it behind that one, as soon as every earlier batch of its partition is resolved (the
+//! backoff bounds that wait); after a batch fails for good, the partition's batches under the new
 //! producer id wait until the old id's batches of that partition are resolved.
 //! Without idempotence a retry after a broken connection can land behind a later batch of the
 //! same partition; set `in_flight_max = 1` when order must hold even then.
@@ -645,6 +646,41 @@ impl Shared {
         }
     }
 
+    /// Waits, at most `bound`, until every batch of `stamp`'s partition sent before it is
+    /// resolved ([`Sequences::earlier_resolved`]): a batch refused as a gap is then resent
+    /// right behind the ones it overtook. It is parked ([`Sequences::park`]: no new batch of
+    /// the partition is sent) from the start of the wait until the returned guard is dropped,
+    /// once it is resent.
+    async fn wait_behind<'a>(&'a self, stamp: &'a Stamp, bound: Duration) -> (Behind, Parked<'a>) {
+        let parked = Parked {
+            shared: self,
+            stamp,
+        };
+        let Some(sequences) = &self.sequences else {
+            return (Behind::Already, parked);
+        };
+        lock(sequences).park(stamp);
+        let deadline = Instant::now() + bound;
+        let mut waited = false;
+        loop {
+            let resolved = self.sequence_resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            if lock(sequences).earlier_resolved(stamp) {
+                let behind = if waited {
+                    Behind::AfterWaiting
+                } else {
+                    Behind::Already
+                };
+                return (behind, parked);
+            }
+            if tokio::time::timeout_at(deadline, resolved).await.is_err() {
+                return (Behind::TimedOut, parked);
+            }
+            waited = true;
+        }
+    }
+
     /// Records how a sent idempotent batch ended and wakes a dispatcher waiting for room.
     fn resolve(&self, stamp: &Stamp, outcome: &Result<u64>) {
         let Some(sequences) = &self.sequences else {
@@ -872,6 +908,33 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
     tokio::spawn(deliver(shared.clone(), sent, encoded, first, slot));
 }
 
+/// Ends a [`Sequences::park`] when dropped (after the resend is on its way, so that no new
+/// batch goes before it), and wakes a dispatcher waiting for room.
+struct Parked<'a> {
+    shared: &'a Shared,
+    stamp: &'a Stamp,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        if let Some(sequences) = &self.shared.sequences {
+            lock(sequences).unpark(self.stamp);
+        }
+        self.shared.sequence_resolved.notify_waiters();
+    }
+}
+
+/// What [`Shared::wait_behind`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behind {
+    /// Every earlier batch was resolved already when it looked.
+    Already,
+    /// Every earlier batch is resolved now; it waited for the last of them.
+    AfterWaiting,
+    /// Some earlier batch was still unresolved after the bound.
+    TimedOut,
+}
+
 /// Waits for the batch's acknowledgement, retrying transient failures until the delivery
 /// timeout, and resolves every record's future.
 async fn deliver(
@@ -899,8 +962,14 @@ async fn deliver(
     // Retries sent at once, without a pause, because a NotLeader named the new leader; after
     // REDIRECTS_MAX in a row the leader is still moving and the backoff is the better wait.
     let mut redirects: u32 = 0;
+    // A gap refusal answered although every earlier batch was already resolved is resent at
+    // once, but only once in a row: should the broker answer the gap again, the backoff paces
+    // the retries.
+    let mut gap_resent_at_once = false;
     let outcome = loop {
         let mut redirected = false;
+        // A batch refused as a gap, parked until its resend below is on its way.
+        let mut parked = None;
         let result = match &mut attempt {
             Ok(pending) => match tokio::time::timeout_at(deadline, pending.response()).await {
                 Ok(Err(error)) => {
@@ -932,6 +1001,7 @@ async fn deliver(
                 if Instant::now() + backoff >= deadline {
                     break Err(timed_out(attempts, Some(error)));
                 }
+                let overtook = !error.is_transient();
                 if error.is_transient() {
                     tracing::warn!(
                         topic = %shared.topic,
@@ -952,6 +1022,25 @@ async fn deliver(
                 last_error = Some(error);
                 if redirected && redirects < REDIRECTS_MAX {
                     redirects += 1;
+                } else if let (true, Some(stamp)) = (overtook, &sent.stamp) {
+                    // Right behind the batches it overtook: resent as soon as they are all
+                    // resolved, not after a backoff of its own. Batches refused while an
+                    // earlier one waited out a backoff would otherwise each wait one too, and
+                    // every batch the window lets out meanwhile would overtake them in turn:
+                    // under a steady load the partition's batches stayed a backoff late for
+                    // seconds after a leader change (benches/replication.sh, rolling).
+                    redirects = 0;
+                    let (behind, guard) = shared.wait_behind(stamp, backoff).await;
+                    parked = Some(guard);
+                    match behind {
+                        Behind::AfterWaiting => gap_resent_at_once = false,
+                        Behind::Already if !gap_resent_at_once => gap_resent_at_once = true,
+                        Behind::Already => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(config.retry_backoff_max);
+                        }
+                        Behind::TimedOut => backoff = (backoff * 2).min(config.retry_backoff_max),
+                    }
                 } else if last_error.as_ref().is_some_and(Error::is_leader_change) {
                     // Waiting for an election: poll at a short, fixed pace.
                     redirects = 0;
@@ -965,6 +1054,7 @@ async fn deliver(
                 attempt = shared
                     .submit(shared.next_request(partition, encoded.clone()))
                     .await;
+                drop(parked);
             }
             Err(error) => break Err(error),
         }
