@@ -1796,12 +1796,24 @@ async fn given_unknown_outcome_next_conditional_write_should_use_a_new_producer_
     let error = table.put_if("a", "2", 0).await.unwrap_err();
     assert!(matches!(error, Error::DeliveryTimeout { .. }), "{error:?}");
     broker.lock().unary_script.clear();
-    table.put_if("a", "2", 0).await.unwrap();
+    match table.put_if("a", "2", 0).await {
+        Ok(_) => {}
+        // The timed-out write's outcome was unknown: a retry of it still in flight when the
+        // script was cleared may land first (seen on a loaded CI machine).
+        Err(Error::Conflict {
+            current: Some(1), ..
+        }) => {}
+        Err(other) => panic!("{other:?}"),
+    }
     let state = broker.lock();
     let first = &state.unary_requests[0];
-    let last = state.unary_requests.last().unwrap();
-    assert_ne!(last.producer_id, first.producer_id);
-    assert_eq!(last.base_sequence, 0);
+    assert!(
+        state
+            .unary_requests
+            .iter()
+            .any(|r| r.producer_id != first.producer_id && r.base_sequence == 0),
+        "the next conditional write starts a new producer id at sequence 0"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
