@@ -56,13 +56,17 @@ cluster of 3 broker processes on 127.0.0.1 (ports chosen up front, a data dir ea
             leaderships to caught-up followers), are waited for to exit, started again (same
             port and data dir), and waited for until every replicated partition has a leader
             and every replica caught up (`cluster status --json`, polled every 0.2 s) before the
-            next. Figures: the restart's duration (first SIGTERM to the last node caught up) and
-            each node's stop, start and catch-up times; per record send -> ack p99 and max
+            next; then until every replicated partition is led by its preferred (first) replica
+            again (the brokers move leaderships back once they are 10 s old). Figures: the
+            restart's duration (first SIGTERM to the last node caught up), the time until the
+            leaders are back, and each node's stop, start and catch-up times; per record send ->
+            ack p99 and max
             (retries included: what an application waits) and per batch p99 (first attempts
             only) of the whole bench run, steady against rolling; the bench's produce errors
-            (target 0: nothing beyond the client's retries). A restart longer than the bench
-            run is noted (raise --rolling-secs). The restart covers only part of each rolling
-            run, so its p99 is that of a run holding a restart, not of the restart alone.
+            (target 0: nothing beyond the client's retries). A restart (leaders back included)
+            longer than the bench run is noted (raise --rolling-secs). The restart covers only
+            part of each rolling run, so its p99 is that of a run holding a restart, not of the
+            restart alone.
 
 Runs of produce and latency alternate single/cluster (odd runs single first, even runs cluster
 first), and so do the steady and rolling runs of the rolling part (odd runs steady first); the
@@ -81,10 +85,10 @@ Options:
   --topics N            topics of the idle part (default 10)
   --topic-partitions N  partitions per topic of the idle part (default 100)
   --rolling-rate R      records/s of the rolling part's load (default 50000)
-  --rolling-secs S      seconds per rolling-part bench run (default 15)
+  --rolling-secs S      seconds per rolling-part bench run (default 30)
   --rolling-partitions N  partitions of the rolling part's topic (default 3: one led by each node)
   --only LIST           comma-separated parts: produce,latency,failover,idle,rolling (default all)
-  --quick               1 run, 2 s per bench run, 3 kills, 5 s idle samples, 10 s rolling runs
+  --quick               1 run, 2 s per bench run, 3 kills, 5 s idle samples, 25 s rolling runs
                         (a smoke test)
   --no-build            use the binaries already in $CARGO_TARGET_DIR/release
   --out FILE            markdown copy of the table (default: $CARGO_TARGET_DIR/replication-results.md)
@@ -109,7 +113,7 @@ SETTLE_SECS=10
 TOPICS=10
 TOPIC_PARTITIONS=100
 ROLLING_RATE=50000
-ROLLING_SECS=15
+ROLLING_SECS=30
 ROLLING_PARTITIONS=3
 ONLY=produce,latency,failover,idle,rolling
 NODES=3
@@ -132,7 +136,7 @@ while [ $# -gt 0 ]; do
     --rolling-secs) ROLLING_SECS=$2; shift ;;
     --rolling-partitions) ROLLING_PARTITIONS=$2; shift ;;
     --only) ONLY=$2; shift ;;
-    --quick) RUNS=1; SECS=2; KILLS=3; IDLE_SECS=5; ROLLING_SECS=10 ;;
+    --quick) RUNS=1; SECS=2; KILLS=3; IDLE_SECS=5; ROLLING_SECS=25 ;;
     --no-build) BUILD=0 ;;
     --out) OUT=$2; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -186,7 +190,7 @@ log() { echo "[replication $(date +%H:%M:%S)] $*" >&2; }
 #   create   TARGET TOPICS PARTITIONS 1 seconds seconds-until-every-partition-has-a-leader note
 #   rolling  cluster MODE(steady|rolling) RATE RUN record-p99-ms batch-p99-ms note
 #            restart-s(rolling) record-max-ms produce-errors record-p50-ms batch-p50-ms
-#            per-node "I:STOP_S/START_S/CATCH_UP_S" list(rolling)
+#            per-node "I:STOP_S/START_S/CATCH_UP_S" list(rolling) leaders-back-s(rolling)
 #   note     - - - - - - text
 row() { local IFS=$'\t'; echo "$*" >> "$RESULTS"; }
 
@@ -679,9 +683,29 @@ sys.exit(0 if ps and all(p["leader"] and sorted(p["caught_up"]) == sorted(p["rep
   return 1
 }
 
+# wait_preferred_leaders SECS: until every replicated partition of the cluster is led by its
+# preferred replica (the first of its list) (0), or SECS passed (1).
+wait_preferred_leaders() {
+  local deadline=$((SECONDS + $1))
+  while [ $SECONDS -lt $deadline ]; do
+    if timeout 10 "$CLI" --broker "$(alive_addrs)" cluster status --json 2>/dev/null |
+      python3 -c '
+import json, sys
+ps = [p for p in json.load(sys.stdin)["partitions"] if len(p["replicas"]) > 1]
+sys.exit(0 if ps and all(p["leader"] == p["replicas"][0] for p in ps) else 1)
+' 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  return 1
+}
+
 # rolling_restart FILE: every cluster node in turn: SIGTERM, wait for it to exit, start it again,
-# wait until every replica is caught up. Appends "I T_TERM T_EXITED T_LISTENING T_CAUGHT_UP EXIT"
-# per node to FILE (times from $EPOCHREALTIME). Returns 1 (noted) when a node does not come back.
+# wait until every replica is caught up; then until the leaders are back on their preferred
+# replicas. Appends "I T_TERM T_EXITED T_LISTENING T_CAUGHT_UP EXIT" per node and then
+# "leaders T_BACK" to FILE (times from $EPOCHREALTIME). Returns 1 (noted) when a node does not
+# come back or the leaders do not within 60 s.
 rolling_restart() {
   local f=$1 i pid t_term t_exit t_listen exit_status
   for i in $(seq 1 "$NODES"); do
@@ -704,6 +728,12 @@ rolling_restart() {
     echo "$i $t_term $t_exit $t_listen $EPOCHREALTIME $exit_status" >> "$f"
     log "rolling: node $i stopped (exit $exit_status), restarted and caught up"
   done
+  if ! wait_preferred_leaders 60; then
+    row note - - - - - - "rolling: the leaders were not back on their preferred replicas within 60 s"
+    return 1
+  fi
+  echo "leaders $EPOCHREALTIME" >> "$f"
+  log "rolling: every partition led by its preferred replica again"
 }
 
 # rolling_run MODE RUN: one bench run of ROLLING_SECS at ROLLING_RATE on the cluster; MODE
@@ -755,9 +785,13 @@ if per_second:
     note += "; slowest second %.0f/s" % min(per_second)
 if note_of(d): note += "; " + note_of(d)
 if status != "0": note += "; bench exit status " + status
-restart, nodes = "", ""
+restart, nodes, back = "", "", ""
 if mode == "rolling":
     lines = [l.split() for l in open(f + ".restart") if l.strip()]
+    backs = [float(l[1]) for l in lines if l[0] == "leaders"]
+    lines = [l for l in lines if l[0] != "leaders"]
+    if lines and backs:
+        back = "%.2f" % (backs[0] - float(lines[0][1]))
     if lines:
         restart = "%.2f" % (float(lines[-1][4]) - float(lines[0][1]))
         nodes = " ".join("%s:%.2f/%.2f/%.2f%s" % (l[0], float(l[2]) - float(l[1]), float(l[3]) - float(l[2]),
@@ -766,14 +800,17 @@ if mode == "rolling":
         note += "; ONLY %d of 3 nodes restarted and caught up" % len(lines)
     elif first_progress:
         # The bench sends for --rolling-secs from about 1 s before its first progress line.
-        over = float(lines[-1][4]) - (float(first_progress) - 1 + float(secs))
+        end = backs[0] if backs else float(lines[-1][4])
+        over = end - (float(first_progress) - 1 + float(secs))
         if over > 0:
             note += "; THE RESTART OUTLASTED THE BENCH'S SENDING by %.1f s (raise --rolling-secs)" % over
         else:
-            note += "; the restart spanned %.0f%% of the run" % (100 * float(restart) / float(secs))
+            note += "; the restart spanned %.0f%% of the run (with the leaders' return %s%%)" % (
+                100 * float(restart) / float(secs),
+                "%.0f" % (100 * float(back) / float(secs)) if back else "?")
 print("\t".join(["rolling", "cluster", mode, rate, run, "%.3f" % p["latency_ms"]["p99"], "%.3f" % b["p99"],
                  note, restart, "%.3f" % p["latency_ms"]["max"], str(d.get("verify", {}).get("produce_errors", 0)),
-                 "%.3f" % p["latency_ms"]["p50"], "%.3f" % b["p50"], nodes]))
+                 "%.3f" % p["latency_ms"]["p50"], "%.3f" % b["p50"], nodes, back]))
 PY
 }
 
@@ -949,10 +986,13 @@ if rl:
     ms = lambda x: "%.2f ms" % x
     workload = "100 B at %s/s, %s partitions at R=%s, acks durable, %s producer(s), %s s runs" % (
         rate(float(rl[0][3])), rolling_partitions, rf, producers, rolling_secs)
-    secs = col("rolling", 8)
+    secs, back = col("rolling", 8), col("rolling", 14)
     if secs:
         add("rolling restart of 3 nodes", "SIGTERM, restart, every replica caught up, one node at a time, under the load below",
             "n/a (one node)", spread(secs, lambda x: "%.1f s" % x), "", "")
+    if back:
+        add("leaders back on their preferred replicas", "from the first SIGTERM of the rolling restart",
+            "n/a (one node)", spread(back, lambda x: "%.1f s" % x), "", "")
     def cell(mode):
         x99 = col(mode, 5)
         if not x99:
@@ -969,7 +1009,8 @@ if rl:
                 "0: nothing beyond the client's retries")
     for r in rl:
         if r[2] == "rolling" and len(r) > 13:
-            notes.append("rolling run %s: restart %s s; per node stop/start/catch-up s: %s; %s" % (r[4], r[8] or "-", r[13] or "-", r[7]))
+            notes.append("rolling run %s: restart %s s, leaders back after %s s; per node stop/start/catch-up s: %s; %s" % (
+                r[4], r[8] or "-", (r[14] if len(r) > 14 else "") or "-", r[13] or "-", r[7]))
         else:
             notes.append("%s run %s: %s" % (r[2], r[4], r[7]))
 
