@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::history::{check_acknowledged, check_replicas, Seen};
-use common::workload::{read_replica, read_topic, KeyedProduce, ProduceConfig};
+use common::workload::{read_topic, KeyedProduce, ProduceConfig};
 use syncline_client::ClusterDescription;
 
 /// Generous: CI machines are slow and shared.
@@ -64,17 +64,9 @@ fn replicas_per_node(description: &ClusterDescription) -> std::collections::BTre
 fn check_copies(cluster: &Cluster, description: &ClusterDescription, topic: &str, log: &[Seen]) {
     for placement in description.partitions.iter().filter(|p| p.topic == topic) {
         let partition = placement.partition;
-        let mut copies: Vec<Vec<Seen>> = vec![log
-            .iter()
-            .filter(|r| r.partition == partition)
-            .cloned()
-            .collect()];
-        for &node in &placement.replicas {
-            copies.push(
-                read_replica(&cluster.node(node).data_dir(), topic, partition)
-                    .unwrap_or_else(|e| panic!("{topic}/{partition} on node {node}: {e}")),
-            );
-        }
+        let (copies, unreadable) =
+            cluster.replica_copies(topic, partition, &placement.replicas, log);
+        assert!(unreadable.is_empty(), "{unreadable:?}");
         let violations = check_replicas(&copies);
         assert!(
             violations.is_empty(),

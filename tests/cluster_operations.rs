@@ -20,10 +20,8 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::history::{check_acknowledged, check_group, check_replicas, Seen, Violation};
-use common::workload::{
-    read_replica, read_topic, GroupConfig, GroupWorkload, KeyedProduce, ProduceConfig,
-};
+use common::history::{check_acknowledged, check_group, check_replicas, Violation};
+use common::workload::{read_topic, GroupConfig, GroupWorkload, KeyedProduce, ProduceConfig};
 use syncline_client::ClusterDescription;
 use tokio::time::Instant;
 
@@ -205,19 +203,9 @@ async fn given_load_when_every_node_is_restarted_in_turn_should_lose_nothing_and
     violations.extend(check_group(&readers.members, &produced.acknowledged, &log));
     for placement in description.partitions.iter().filter(|p| p.topic == ROLLED) {
         let partition = placement.partition;
-        let mut copies: Vec<Vec<Seen>> = vec![log
-            .iter()
-            .filter(|r| r.partition == partition)
-            .cloned()
-            .collect()];
-        for &node in &placement.replicas {
-            match read_replica(&cluster.node(node).data_dir(), ROLLED, partition) {
-                Ok(records) => copies.push(records),
-                Err(error) => problems.push(format!(
-                    "{ROLLED}/{partition} on node {node} cannot be read: {error}"
-                )),
-            }
-        }
+        let (copies, unreadable) =
+            cluster.replica_copies(ROLLED, partition, &placement.replicas, &log);
+        problems.extend(unreadable);
         for violation in check_replicas(&copies) {
             problems.push(format!(
                 "{ROLLED}/{partition} (copy 0: as served, then nodes {:?}): {violation:?}",

@@ -32,6 +32,7 @@ use syncline_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
 use super::binary;
+use super::history::Seen;
 use super::netns::Net;
 
 /// The port every node listens on inside its own network namespace ([`Cluster::start_in`]).
@@ -680,6 +681,33 @@ impl Cluster {
     pub fn restart_bare(&mut self, id: u64) {
         self.node_mut(id).bare = true;
         self.start_with(id, &[]);
+    }
+
+    /// The copies of `topic`/`partition` to compare with `check_replicas`: first what the
+    /// leaders served (`served`, every partition's records), then each node of `replicas` as
+    /// its data directory holds it; an `Err` per copy that cannot be read.
+    pub fn replica_copies(
+        &self,
+        topic: &str,
+        partition: u32,
+        replicas: &[u64],
+        served: &[Seen],
+    ) -> (Vec<Vec<Seen>>, Vec<String>) {
+        let mut copies: Vec<Vec<Seen>> = vec![served
+            .iter()
+            .filter(|r| r.partition == partition)
+            .cloned()
+            .collect()];
+        let mut unreadable = Vec::new();
+        for &node in replicas {
+            match super::workload::read_replica(&self.node(node).data_dir(), topic, partition) {
+                Ok(records) => copies.push(records),
+                Err(error) => unreadable.push(format!(
+                    "{topic}/{partition} on node {node} cannot be read: {error}"
+                )),
+            }
+        }
+        (copies, unreadable)
     }
 
     /// Everything node `id` logged, over all its starts.
