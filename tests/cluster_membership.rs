@@ -11,6 +11,10 @@
 //! - `syncline cluster remove-node` moves a node's replicas away, then removes it (the node
 //!   stops); removing a node when the rest are too few for the replication factor is refused
 //!   (unless --force); `cluster voters` refuses an even count.
+//! - Partitions of one replica move by copy (`topic reassign`, and `remove-node` of the node
+//!   holding them) while producers write: nothing lost, nothing duplicated, each key's order
+//!   kept, no error beyond retries; the old node removes its copy and the new one keeps no
+//!   leftover copy directory.
 
 mod common;
 
@@ -408,4 +412,122 @@ async fn given_a_returning_node_its_preferred_leaderships_should_move_back() {
     cluster
         .wait_for_description(witness, TIMEOUT, preferred_by)
         .await;
+}
+
+/// Partitions of one replica have no Raft group: they move by copy and a short fence
+/// (`cluster::copy`), with the same guarantees to producers as a replicated move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_single_replica_partitions_reassign_and_remove_node_should_copy_them_while_writing() {
+    const SINGLE: &str = "single";
+    let mut cluster = Cluster::start(3);
+    let extra = cluster.join_node(1, &[]);
+    cluster.wait_for_controller(TIMEOUT).await;
+    cluster.create_replicated(1, SINGLE, PARTITIONS, 1).await;
+    let before = cluster.describe(1).await.expect("describe");
+    let holder = |d: &ClusterDescription, partition: u32| {
+        d.partitions
+            .iter()
+            .find(|p| p.topic == SINGLE && p.partition == partition)
+            .and_then(|p| p.replicas.first().copied())
+            .expect("placed")
+    };
+    let from = holder(&before, 0);
+    let to = (1..=extra).find(|n| *n != from).expect("another node");
+
+    let produce = KeyedProduce::start(&cluster.addresses(), SINGLE, ProduceConfig::default());
+    produce
+        .wait_progress(PARTITIONS, TIMEOUT)
+        .await
+        .expect("the producers make progress");
+    let stdout = cli_ok(&cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "reassign",
+            SINGLE,
+            "--partition",
+            "0",
+            "--replicas",
+            &to.to_string(),
+        ],
+    ));
+    assert!(
+        stdout.contains(&format!("moved {SINGLE}/0 to nodes {to}")),
+        "{stdout}"
+    );
+    produce
+        .wait_progress(PARTITIONS, TIMEOUT)
+        .await
+        .expect("the producers still make progress");
+    // The old holder drops its copy.
+    let dir = cluster.node(from).data_dir().join(SINGLE).join("0");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while dir.exists() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!dir.exists(), "{} still exists", dir.display());
+
+    // The joined node takes a partition (if it has none), then goes: its partitions of one
+    // replica move to the others first.
+    let now = cluster.describe(1).await.expect("describe");
+    if let Some(partition) = (1..PARTITIONS).find(|p| holder(&now, *p) != extra) {
+        cli_ok(&cluster.run_cli(
+            2,
+            &[
+                "topic",
+                "reassign",
+                SINGLE,
+                "--partition",
+                &partition.to_string(),
+                "--replicas",
+                &extra.to_string(),
+            ],
+        ));
+    }
+    let held: Vec<u32> = cluster
+        .describe(1)
+        .await
+        .expect("describe")
+        .partitions
+        .iter()
+        .filter(|p| p.topic == SINGLE && p.replicas == [extra])
+        .map(|p| p.partition)
+        .collect();
+    assert!(!held.is_empty(), "node {extra} holds no partition");
+    let stdout = cli_ok(&cluster.run_cli(1, &["cluster", "remove-node", &extra.to_string()]));
+    assert!(
+        stdout.contains(&format!("removed node {extra}")),
+        "{stdout}"
+    );
+    produce
+        .wait_progress(PARTITIONS, TIMEOUT)
+        .await
+        .expect("the producers still make progress");
+    let produced = produce.stop().await;
+    assert!(
+        produced.beyond_retries().is_empty(),
+        "{:?}",
+        produced.error_texts()
+    );
+    let after = cluster.describe(1).await.expect("describe");
+    assert_eq!(holder(&after, 0), to, "{after:#?}");
+    for partition in &held {
+        assert_ne!(holder(&after, *partition), extra, "{after:#?}");
+    }
+    let client = cluster.cluster_client().await;
+    let log = read_topic(&client, SINGLE, PARTITIONS, READ_BOUND)
+        .await
+        .expect("read back");
+    let violations = check_acknowledged(&produced.acknowledged, &log);
+    assert!(violations.is_empty(), "{violations:#?}");
+    // No copy directory is left behind on the nodes that took partitions.
+    for node in [1u64, 2, 3] {
+        let leftovers: Vec<_> = std::fs::read_dir(cluster.node(node).data_dir())
+            .expect("data dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("~copy"))
+            .collect();
+        assert!(leftovers.is_empty(), "node {node}: {leftovers:?}");
+    }
 }

@@ -102,6 +102,11 @@ pub struct Controller {
     replicas: Arc<crate::replication::Replicas>,
     /// The partition moves this node drives.
     movers: super::moves::Movers,
+    /// Copies of single-replica partitions moving here, and fences of those moving away.
+    copies: super::copy::Copies,
+    /// The topic registry (set once the server starts; the copies of single replicas read
+    /// and write partitions through it).
+    registry: std::sync::OnceLock<Arc<crate::topic::Registry>>,
 }
 
 /// Why a proposal handed to the leader did not come back applied.
@@ -251,6 +256,8 @@ impl Controller {
             offsets_topic,
             replicas,
             movers: super::moves::Movers::default(),
+            copies: super::copy::Copies::default(),
+            registry: std::sync::OnceLock::new(),
         }))
     }
 
@@ -380,6 +387,30 @@ impl Controller {
     /// The partition moves this node drives.
     pub fn movers(&self) -> &super::moves::Movers {
         &self.movers
+    }
+
+    /// The copies of single-replica partitions this node runs.
+    pub fn copies(&self) -> &super::copy::Copies {
+        &self.copies
+    }
+
+    /// Hands the controller the topic registry (once, when the server starts).
+    pub fn attach_registry(&self, registry: Arc<crate::topic::Registry>) {
+        let _ = self.registry.set(registry);
+    }
+
+    /// The topic registry, once attached.
+    pub fn registry(&self) -> Option<&Arc<crate::topic::Registry>> {
+        self.registry.get()
+    }
+
+    /// A client of another node's Peer service.
+    pub fn peer_client(
+        &self,
+        address: &str,
+    ) -> Result<syncline_proto::v1::peer_client::PeerClient<tonic::transport::Channel>, BrokerError>
+    {
+        self.peers.client(address).map_err(controller_error)
     }
 
     /// The controller's openraft handle (membership changes: `membership`).
@@ -625,6 +656,8 @@ impl Controller {
                 | Command::PartitionLeaders { .. }
                 | Command::Reassign { .. }
                 | Command::CompleteMove { .. }
+                | Command::FenceMove { .. }
+                | Command::CancelMove { .. }
                 | Command::RemoveNode { .. }
         ) {
             return Err(tonic::Status::invalid_argument(format!(
@@ -858,6 +891,7 @@ impl Controller {
                 }
             }
             self.movers.drive_all(&self);
+            self.copies.tick(&self);
             if preferred_pass.elapsed() >= crate::replication::preferred::PREFERRED_LEADER_INTERVAL
             {
                 preferred_pass = Instant::now();

@@ -47,13 +47,18 @@ pub struct PartitionMeta {
 
 /// A partition's reassignment in progress: the group's leader adds the replicas that are new
 /// as learners, waits until they caught up, changes the group's membership to `target`, then
-/// proposes `Command::CompleteMove` (see `cluster::moves`).
+/// proposes `Command::CompleteMove` (see `cluster::moves`). A partition of one replica has no
+/// group: its new node copies it, the move is fenced (`Command::FenceMove`: the old node stops
+/// taking writes), the new node copies the rest and completes it (see `cluster::copy`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Move {
     /// The replica set it moves to (the preferred leader first).
     pub target: Vec<u64>,
     /// Bytes per second the leader sends to the new replicas while they catch up (0: no limit).
     pub throttle_bytes_per_sec: u64,
+    /// A move of a single replica in its last step: its node takes no writes for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fenced: bool,
 }
 
 impl PartitionMeta {
@@ -172,6 +177,30 @@ pub enum Command {
         /// The group's voters now.
         replicas: Vec<u64>,
     },
+    /// The last step of moving a partition of one replica: its node stops taking writes for it
+    /// so that the new node copies the rest (applies only while it moves to `target`).
+    FenceMove {
+        /// The topic.
+        topic: String,
+        /// Its incarnation.
+        id: String,
+        /// The partition.
+        partition: u32,
+        /// The move's target.
+        target: Vec<u64>,
+    },
+    /// A move to `target` is called off: the partition stays where it is (and a fenced one
+    /// takes writes again). Applies only while it moves to `target`.
+    CancelMove {
+        /// The topic.
+        topic: String,
+        /// Its incarnation.
+        id: String,
+        /// The partition.
+        partition: u32,
+        /// The move's target.
+        target: Vec<u64>,
+    },
     /// A node leaves the cluster for good (refused while it holds a replica or a move targets
     /// it).
     RemoveNode {
@@ -227,6 +256,15 @@ impl std::fmt::Display for Command {
                 replicas,
                 ..
             } => write!(f, "{topic}/{partition} moved to nodes {replicas:?}"),
+            Command::FenceMove {
+                topic, partition, ..
+            } => write!(f, "fence {topic}/{partition} for the end of its move"),
+            Command::CancelMove {
+                topic,
+                partition,
+                target,
+                ..
+            } => write!(f, "cancel moving {topic}/{partition} to nodes {target:?}"),
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
         }
     }
@@ -476,12 +514,20 @@ impl Metadata {
                 partition,
                 replicas,
             } => {
+                let single = self.factor_of(topic, id) == 1;
                 let meta = self.partition_mut(topic, id, *partition)?;
                 match &meta.moving {
+                    Some(moving) if single && !moving.fenced => Err(MetadataError::Refused(
+                        format!("{topic}/{partition} is a single replica that is not fenced yet"),
+                    )),
                     Some(moving) if same_set(&moving.target, replicas) => {
                         meta.replicas = moving.target.clone();
                         meta.moving = None;
-                        if meta.leader.is_some_and(|l| !meta.replicas.contains(&l)) {
+                        if single {
+                            // No group elects the new node: it leads from now on.
+                            meta.leader = meta.replicas.first().copied();
+                            meta.leader_epoch += 1;
+                        } else if meta.leader.is_some_and(|l| !meta.replicas.contains(&l)) {
                             meta.leader = None;
                         }
                         Ok(())
@@ -490,6 +536,41 @@ impl Metadata {
                     None if same_set(&meta.replicas, replicas) => Ok(()),
                     _ => Err(MetadataError::Refused(format!(
                         "{topic}/{partition} is not moving to nodes {replicas:?}"
+                    ))),
+                }
+            }
+            Command::FenceMove {
+                topic,
+                id,
+                partition,
+                target,
+            } => {
+                let single = self.factor_of(topic, id) == 1;
+                let meta = self.partition_mut(topic, id, *partition)?;
+                match &mut meta.moving {
+                    Some(moving) if single && moving.target == *target => {
+                        moving.fenced = true;
+                        Ok(())
+                    }
+                    _ => Err(MetadataError::Refused(format!(
+                        "{topic}/{partition} is not a single replica moving to nodes {target:?}"
+                    ))),
+                }
+            }
+            Command::CancelMove {
+                topic,
+                id,
+                partition,
+                target,
+            } => {
+                let meta = self.partition_mut(topic, id, *partition)?;
+                match &meta.moving {
+                    Some(moving) if moving.target == *target => {
+                        meta.moving = None;
+                        Ok(())
+                    }
+                    _ => Err(MetadataError::Refused(format!(
+                        "{topic}/{partition} is not moving to nodes {target:?}"
                     ))),
                 }
             }
@@ -526,6 +607,14 @@ impl Metadata {
                 Ok(())
             }
         }
+    }
+
+    /// The replication factor of topic incarnation `id` (0 when it does not exist).
+    fn factor_of(&self, topic: &str, id: &str) -> u32 {
+        self.topics
+            .get(topic)
+            .filter(|t| t.id == id)
+            .map_or(0, |t| t.replication_factor)
     }
 
     fn partition_mut(
@@ -622,6 +711,7 @@ impl Metadata {
         meta.moving = Some(Move {
             target: replicas.to_vec(),
             throttle_bytes_per_sec,
+            fenced: false,
         });
         Ok(())
     }
@@ -772,6 +862,88 @@ mod tests {
     }
 
     #[test]
+    fn given_a_single_replica_move_should_complete_only_once_fenced_and_cancel_back() {
+        let mut metadata = Metadata::default();
+        for id in 1..=3 {
+            metadata.apply(&register(id)).unwrap();
+        }
+        metadata.apply(&create("s", "a", 1, 1)).unwrap();
+        let from = metadata.topics["s"].partitions[0].replicas.clone();
+        let to = vec![(1..=3).find(|n| !from.contains(n)).unwrap()];
+        let reassign = Command::Reassign {
+            topic: "s".into(),
+            id: "a".into(),
+            partition: 0,
+            replicas: to.clone(),
+            throttle_bytes_per_sec: 0,
+            shrink: false,
+        };
+        let fence = |target: Vec<u64>| Command::FenceMove {
+            topic: "s".into(),
+            id: "a".into(),
+            partition: 0,
+            target,
+        };
+        let cancel = Command::CancelMove {
+            topic: "s".into(),
+            id: "a".into(),
+            partition: 0,
+            target: to.clone(),
+        };
+        let complete = Command::CompleteMove {
+            topic: "s".into(),
+            id: "a".into(),
+            partition: 0,
+            replicas: to.clone(),
+        };
+        let epoch = metadata.topics["s"].partitions[0].leader_epoch;
+        // Nothing to fence or cancel before the move.
+        assert!(metadata.apply(&fence(to.clone())).is_err());
+        assert!(metadata.apply(&cancel).is_err());
+        metadata.apply(&reassign).unwrap();
+        // Not fenced: a completion is refused (the holder may still take writes).
+        assert!(matches!(
+            metadata.apply(&complete),
+            Err(MetadataError::Refused(_))
+        ));
+        // A fence for another target changes nothing.
+        assert!(metadata.apply(&fence(from.clone())).is_err());
+        metadata.apply(&fence(to.clone())).unwrap();
+        assert!(
+            metadata.topics["s"].partitions[0]
+                .moving
+                .as_ref()
+                .unwrap()
+                .fenced
+        );
+        // Called off: the partition stays, unfenced, and a late completion is refused.
+        metadata.apply(&cancel).unwrap();
+        let p = &metadata.topics["s"].partitions[0];
+        assert_eq!((p.replicas.clone(), p.moving.clone()), (from.clone(), None));
+        assert!(metadata.apply(&complete).is_err());
+        // Again, to the end: the new node leads in a new epoch.
+        metadata.apply(&reassign).unwrap();
+        metadata.apply(&fence(to.clone())).unwrap();
+        metadata.apply(&complete).unwrap();
+        let p = &metadata.topics["s"].partitions[0];
+        assert_eq!(
+            (p.replicas.clone(), p.leader, p.moving.clone()),
+            (to.clone(), Some(to[0]), None)
+        );
+        assert!(p.leader_epoch > epoch);
+        // A replicated partition has no fence.
+        metadata.apply(&create("r", "b", 1, 3)).unwrap();
+        assert!(metadata
+            .apply(&Command::FenceMove {
+                topic: "r".into(),
+                id: "b".into(),
+                partition: 0,
+                target: vec![1, 2, 3],
+            })
+            .is_err());
+    }
+
+    #[test]
     fn given_a_move_should_hold_both_sets_until_completed_and_refuse_bad_input() {
         let mut metadata = Metadata::default();
         for id in 1..=4 {
@@ -892,6 +1064,28 @@ mod tests {
                     id,
                     partition,
                     replicas,
+                }),
+            (
+                "[a-c]",
+                "[x-z]",
+                0u32..3,
+                proptest::collection::vec(1u64..6, 0..3),
+                any::<bool>()
+            )
+                .prop_map(|(topic, id, partition, target, cancel)| if cancel {
+                    Command::CancelMove {
+                        topic,
+                        id,
+                        partition,
+                        target,
+                    }
+                } else {
+                    Command::FenceMove {
+                        topic,
+                        id,
+                        partition,
+                        target,
+                    }
                 }),
             (1u64..6).prop_map(|id| Command::RemoveNode { id }),
         ]

@@ -7,8 +7,9 @@
 //! controller's Raft group that orders the metadata commands, its log and snapshot storage and
 //! peer transport: [`controller`] (bootstrap, proposals, liveness), [`raft`] (openraft types and
 //! the state machine), [`log_store`] (the Raft log under the data directory), [`network`] (peer
-//! calls), [`reconcile`] (local topics follow the applied metadata) and [`moves`] (a partition's
-//! leader moves it to another replica set); [`membership`] changes who belongs (nodes join,
+//! calls), [`reconcile`] (local topics follow the applied metadata), [`moves`] (a partition's
+//! leader moves it to another replica set) and [`copy`] (a partition of one replica moves by
+//! copy and a short fence); [`membership`] changes who belongs (nodes join,
 //! leave, become voters) and [`plan`] which moves a rebalance or a drain makes. Without `--cluster` a
 //! node is a cluster of one and none of it runs.
 //!
@@ -27,6 +28,7 @@
 //! to [`controller::Controller`] (`server/peer.rs`).
 
 pub mod controller;
+pub mod copy;
 pub mod identity;
 pub mod join;
 pub mod log_store;

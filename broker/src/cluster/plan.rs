@@ -303,6 +303,13 @@ mod tests {
                     shrink: m.shrink,
                 })
                 .unwrap();
+            // Single replicas are fenced before they complete (refused for the others).
+            let _ = metadata.apply(&Command::FenceMove {
+                topic: m.topic.clone(),
+                id: m.id.clone(),
+                partition: m.partition,
+                target: m.to.clone(),
+            });
             metadata
                 .apply(&Command::CompleteMove {
                     topic: m.topic.clone(),

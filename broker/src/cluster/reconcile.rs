@@ -91,7 +91,13 @@ async fn pass(
         let mut remote = BTreeMap::new();
         for (partition, placement) in meta.partitions.iter().enumerate() {
             let partition = partition as u32;
-            if placement.holders().contains(&me) {
+            // A single replica moving here is copied first (`copy`): placed here once done.
+            let placed = if meta.replication_factor == 1 {
+                placement.replicas.clone()
+            } else {
+                placement.holders()
+            };
+            if placed.contains(&me) {
                 local.push(partition);
             } else {
                 let address = placement
@@ -110,8 +116,9 @@ async fn pass(
         }
         match registry.get(name) {
             Ok(topic) if TopicId::parse(&meta.id) == Some(topic.id) => {
+                let single = meta.replication_factor == 1;
                 if let Err(error) =
-                    follow_moves(controller, registry, &topic, &local, &remote).await
+                    follow_moves(controller, registry, &topic, &local, &remote, single).await
                 {
                     tracing::warn!(topic = %name, %error, "could not follow a partition move");
                     failed.insert(name.clone(), error);
@@ -154,7 +161,8 @@ async fn pass(
 }
 
 /// Makes this node's copy of a topic follow moves of its partitions: a partition placed here
-/// (`local`: a replica, or the target of a move) that is a placeholder gets its log; one held
+/// (`local`: a replica, or the target of a move) that is a placeholder gets its log (for a
+/// topic of `single` replicas, the verified copy its move made: `copy`); one held
 /// here that is placed elsewhere now loses its copy, but only once this node's metadata is
 /// known current (a read barrier on the controller leader): while a restarted node replays
 /// the controller's log, an older placement is "not yet", not "moved away".
@@ -164,13 +172,21 @@ async fn follow_moves(
     topic: &crate::topic::Topic,
     local: &[u32],
     remote: &BTreeMap<u32, RemoteLeader>,
+    single: bool,
 ) -> Result<(), String> {
     for partition in &topic.partitions {
         let placed_here = local.contains(&partition.id);
         let held_here = partition.remote_leader().is_none();
         if placed_here && !held_here {
+            let copied = single.then(|| {
+                super::copy::copy_dir(
+                    &registry.config().data_dir,
+                    &topic.id.to_string(),
+                    partition.id,
+                )
+            });
             registry
-                .add_local_partition(&topic.name, partition.id)
+                .add_local_partition(&topic.name, partition.id, copied)
                 .await
                 .map_err(|e| e.to_string())?;
         } else if held_here && !placed_here && partition.fence_reason().is_none() {

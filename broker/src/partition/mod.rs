@@ -44,6 +44,10 @@ pub use replica::{AppliedReceiver, Replica, Submitted};
 use syncline_proto::batch::Batches;
 use syncline_proto::v1;
 
+/// In a partition's log directory while it refuses writes for a move's last step (its
+/// presence is what counts).
+pub const HANDING_OVER_MARKER: &str = "handing-over";
+
 /// Where a partition that has no log on this node is: fenced here, or held by another node.
 #[derive(Debug, Clone)]
 enum Absent {
@@ -92,6 +96,10 @@ pub struct Partition {
     replicated: bool,
     /// The replication layer's handle, once its group runs (None: starting or stopped).
     replica: parking_lot::RwLock<Option<Arc<dyn Replica>>>,
+    /// A single replica moving to another node in its last step (`cluster::copy`): writes are
+    /// refused as NotLeader naming that node. Set and read under the `live` lock, so no write
+    /// is half done when it is set.
+    handing_over: Mutex<Option<RemoteLeader>>,
 }
 
 /// Holds a snapshot's pin until dropped (see `Partition::pin`).
@@ -191,6 +199,13 @@ impl Partition {
             }
         };
         let flusher = log.spawn_flusher();
+        // A move's last step survives a restart: writes stay refused until the cluster says
+        // the move was called off (`cluster::copy`).
+        let handing_over = log
+            .dir()
+            .join(HANDING_OVER_MARKER)
+            .exists()
+            .then(RemoteLeader::default);
         Partition {
             topic,
             id,
@@ -203,6 +218,7 @@ impl Partition {
             pins: Arc::default(),
             replicated: false,
             replica: parking_lot::RwLock::new(None),
+            handing_over: Mutex::new(handing_over),
         }
     }
 
@@ -220,6 +236,7 @@ impl Partition {
             pins: Arc::default(),
             replicated: false,
             replica: parking_lot::RwLock::new(None),
+            handing_over: Mutex::new(None),
         }
     }
 
@@ -398,6 +415,13 @@ impl Partition {
         self.check_conditions(conditions)?;
         let header = *batch.header();
         let mut live = self.live.lock();
+        if let Some(to) = self.handing_over.lock().as_ref() {
+            return Err(BrokerError::NotLeader {
+                topic: self.topic.to_string(),
+                partition: self.id,
+                leader: to.clone(),
+            });
+        }
         let idempotent = header.producer_id >= 0;
         if idempotent {
             if fence {
@@ -660,6 +684,35 @@ impl Partition {
             now_ms: now_ms(),
         };
         log.compact(&filter, options).map_err(|e| self.log_error(e))
+    }
+
+    /// Stops (Some: the node taking the partition over) or resumes (None) taking writes, once
+    /// no write is under way (see `cluster::copy`); the stop is recorded durably first (a
+    /// marker file in the log directory) so that a restart keeps it. True when that changed
+    /// anything.
+    pub fn set_handing_over(&self, to: Option<RemoteLeader>) -> Result<bool, BrokerError> {
+        let log = self.local_log()?;
+        let marker = log.dir().join(HANDING_OVER_MARKER);
+        let _writer = self.live.lock();
+        let mut current = self.handing_over.lock();
+        if current.is_some() != to.is_some() {
+            let done = if to.is_some() {
+                std::fs::write(&marker, b"")
+                    .and_then(|()| std::fs::File::open(&marker)?.sync_all())
+                    .and_then(|()| crate::log::file::sync_dir(log.dir()))
+            } else {
+                std::fs::remove_file(&marker).and_then(|()| crate::log::file::sync_dir(log.dir()))
+            };
+            done.map_err(|e| BrokerError::io("recording a partition hand-over in", &marker, e))?;
+        }
+        let changed = current.as_ref().map(|l| l.id) != to.as_ref().map(|l| l.id);
+        *current = to;
+        Ok(changed)
+    }
+
+    /// True while writes are refused for a move's last step.
+    pub fn is_handing_over(&self) -> bool {
+        self.handing_over.lock().is_some()
     }
 
     /// The highest epoch this partition has seen per producer id.

@@ -236,8 +236,36 @@ pub fn chunks(
     image: SnapshotImage,
     failure: Arc<parking_lot::Mutex<Option<String>>>,
 ) -> impl Stream<Item = v1::SnapshotChunk> + Send + 'static {
+    let dir = image.dir().map(Path::to_path_buf);
+    let files = image
+        .files
+        .iter()
+        .map(|f| (f.name.clone(), 0, f.len))
+        .collect();
+    match dir {
+        Some(dir) => file_chunks(first, dir, files, Box::new(image), failure).left_stream(),
+        None => {
+            *failure.lock() = Some("the image has no files to send".into());
+            futures_util::stream::iter([first]).right_stream()
+        }
+    }
+}
+
+/// The messages of a transfer of `files` in `dir` (name, first byte, end): `first`, then each
+/// file's bytes from its first byte in chunks of at most [`CHUNK_BYTES_MAX`], read as the
+/// network takes them (`file` is the index in `files`). `keep` lives as long as the stream
+/// (what keeps the files there). A read error ends the stream early and is left in `failure`.
+pub fn file_chunks(
+    first: v1::SnapshotChunk,
+    dir: PathBuf,
+    files: Vec<(String, u64, u64)>,
+    keep: Box<dyn std::any::Any + Send>,
+    failure: Arc<parking_lot::Mutex<Option<String>>>,
+) -> impl Stream<Item = v1::SnapshotChunk> + Send + 'static {
     struct Reader {
-        image: SnapshotImage,
+        dir: PathBuf,
+        files: Vec<(String, u64, u64)>,
+        _keep: Box<dyn std::any::Any + Send>,
         file: usize,
         position: u64,
         open: Option<std::fs::File>,
@@ -245,22 +273,18 @@ pub fn chunks(
     impl Reader {
         /// The next chunk, blocking; None at the end.
         fn next(&mut self) -> Result<Option<v1::SnapshotChunk>, String> {
-            let dir = self
-                .image
-                .dir()
-                .ok_or("the image has no files to send")?
-                .to_path_buf();
             loop {
-                let Some(file) = self.image.files.get(self.file) else {
+                let Some((name, from, len)) = self.files.get(self.file) else {
                     return Ok(None);
                 };
-                if self.position >= file.len {
+                let position = self.position.max(*from);
+                if position >= *len {
                     self.file += 1;
                     self.position = 0;
                     self.open = None;
                     continue;
                 }
-                let path = dir.join(&file.name);
+                let path = self.dir.join(name);
                 if self.open.is_none() {
                     self.open = Some(
                         std::fs::File::open(&path)
@@ -268,25 +292,27 @@ pub fn chunks(
                     );
                 }
                 let handle = self.open.as_ref().ok_or("no open file")?;
-                let want = (file.len - self.position).min(CHUNK_BYTES_MAX as u64) as usize;
+                let want = (len - position).min(CHUNK_BYTES_MAX as u64) as usize;
                 let mut data = vec![0u8; want];
                 handle
-                    .read_exact_at(&mut data, self.position)
-                    .map_err(|e| format!("reading {} at {}: {e}", path.display(), self.position))?;
+                    .read_exact_at(&mut data, position)
+                    .map_err(|e| format!("reading {} at {position}: {e}", path.display()))?;
                 let chunk = v1::SnapshotChunk {
                     file: self.file as u32,
-                    position: self.position,
+                    position,
                     crc32c: crc32c::crc32c(&data),
                     data: data.into(),
                     ..Default::default()
                 };
-                self.position += want as u64;
+                self.position = position + want as u64;
                 return Ok(Some(chunk));
             }
         }
     }
     let reader = Reader {
-        image,
+        dir,
+        files,
+        _keep: keep,
         file: 0,
         position: 0,
         open: None,

@@ -281,6 +281,9 @@ impl Broker {
             self.coordinator.clone(),
             shutdown_rx.clone(),
         ));
+        if let Some(controller) = &self.controller {
+            controller.attach_registry(self.registry.clone());
+        }
         let cluster_tasks = self.controller.clone().map(|controller| {
             let coordinator = self.coordinator.clone();
             let after = self.coordinator.clone();

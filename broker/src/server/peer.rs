@@ -24,8 +24,24 @@ impl PeerService {
     }
 }
 
+/// The stream a `Peer.CopyPartition` call answers with.
+type CopyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<v1::SnapshotChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type CopyPartitionStream = CopyStream;
+
+    async fn copy_partition(
+        &self,
+        request: Request<v1::CopyPartitionRequest>,
+    ) -> Result<Response<Self::CopyPartitionStream>, Status> {
+        let request = request.into_inner();
+        self.controller.check_cluster(&request.cluster_id)?;
+        let stream = crate::cluster::copy::serve(&self.controller, request).await?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     async fn raft(
         &self,
         request: Request<v1::PeerRaftRequest>,

@@ -9,6 +9,7 @@
 //! DATA_DIR/<topic>/<partition>/...    one log per partition (crate::log)
 //! DATA_DIR/~creating-<n>/             a create in progress (removed at startup)
 //! DATA_DIR/~deleted-<n>/              a delete in progress (removed at startup)
+//! DATA_DIR/~copy-in-<id>-<partition>/  a partition copy a move makes (`cluster::copy`; kept)
 //! ```
 //! `~` cannot appear in topic names, so work-in-progress directories never collide with
 //! topics.
@@ -31,7 +32,9 @@
 //!   crash leaves either the topic or a leftover that startup removes.
 
 mod placed;
-pub use placed::MOVED_IN_MARKER;
+pub use placed::{COPY_HAVE, COPY_VERIFIED, MOVED_IN_MARKER};
+/// Prefix of a partition copy's directory in DATA_DIR (`cluster::copy`).
+pub const COPY_IN_PREFIX: &str = "~copy-in-";
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -426,6 +429,10 @@ impl Registry {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with(COPY_IN_PREFIX) {
+                // A partition copy a move is making (`cluster::copy` removes what no move needs).
+                continue;
+            }
             if name.contains('~') {
                 tracing::info!(path = %path.display(), "removing interrupted topic create/delete");
                 std::fs::remove_dir_all(&path)

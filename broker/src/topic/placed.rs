@@ -13,11 +13,22 @@
 //! leaves a directory that is not listed and that the next move onto the node replaces. Off
 //! this node, `topic.toml` stops listing it first, then the directory is renamed away and
 //! removed: a crash leaves an unlisted directory, never a listed partition without its log.
+//!
+//! A partition of one replica moves by copy (`cluster::copy`): its verified copy
+//! (`DATA_DIR/~copy-in-<topic id>-<partition>/`, holding [`COPY_VERIFIED`]) is renamed to the
+//! partition's directory, which is listed, opened, and only then loses the marker: a crash
+//! anywhere leaves the copy, or a directory that still says it is the verified copy, and the
+//! next pass finishes. Without a verified copy the partition is not made local at all (an
+//! empty log would lose the partition's records).
 
 use super::*;
 
 /// The file marking a partition whose replica a move made (see the module doc).
 pub const MOVED_IN_MARKER: &str = "moved-in";
+/// In a single replica's copy: present once it verified (see the module doc).
+pub const COPY_VERIFIED: &str = "copy-verified";
+/// In a single replica's copy: the bytes it holds of each file (`cluster::copy`).
+pub const COPY_HAVE: &str = "copy-have.json";
 
 impl Registry {
     /// A new topic's `topic.toml` text and its fresh incarnation id, for a cluster's
@@ -108,6 +119,7 @@ impl Registry {
         &self,
         name: &str,
         partition: u32,
+        copied: Option<PathBuf>,
     ) -> Result<Arc<Partition>, BrokerError> {
         let _admin = self.admin.lock().await;
         let topic = self.get(name)?;
@@ -122,14 +134,42 @@ impl Registry {
         let epochs = self.producer_epochs.clone();
         let settings = topic.settings.clone();
         let topic_name = topic.name.clone();
+        let from_copy = copied.is_some().then(|| path.join(partition.to_string()));
         let opened = tokio::task::spawn_blocking(move || -> Result<Partition, BrokerError> {
-            if dir.exists() {
-                std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::io("removing", &dir, e))?;
+            match &copied {
+                // A single replica's verified copy becomes the partition's directory (still
+                // marked verified, so that a crash before the listing below keeps it).
+                Some(copy) if copy.join(COPY_VERIFIED).exists() => {
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir)
+                            .map_err(|e| BrokerError::io("removing", &dir, e))?;
+                    }
+                    std::fs::rename(copy, &dir)
+                        .map_err(|e| BrokerError::io("moving a partition copy to", &dir, e))?;
+                    sync_dir(&path)?;
+                    if let Some(data_dir) = copy.parent() {
+                        sync_dir(data_dir)?;
+                    }
+                }
+                Some(_) if dir.join(COPY_VERIFIED).exists() => {}
+                Some(copy) => {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "partition {partition} of topic `{topic_name}` is placed here, but its \
+                         copy ({}) has not verified",
+                        copy.display()
+                    )))
+                }
+                None => {
+                    if dir.exists() {
+                        std::fs::remove_dir_all(&dir)
+                            .map_err(|e| BrokerError::io("removing", &dir, e))?;
+                    }
+                    std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
+                    write_synced(&dir.join(MOVED_IN_MARKER), b"")?;
+                    sync_dir(&dir)?;
+                    sync_dir(&path)?;
+                }
             }
-            std::fs::create_dir(&dir).map_err(|e| BrokerError::io("creating", &dir, e))?;
-            write_synced(&dir.join(MOVED_IN_MARKER), b"")?;
-            sync_dir(&dir)?;
-            sync_dir(&path)?;
             list_local(&path, settings.partitions, partition, true)?;
             let opener = PartitionOpener {
                 config: &config,
@@ -147,6 +187,11 @@ impl Registry {
         })
         .await
         .map_err(|e| BrokerError::InvalidRequest(format!("partition open task failed: {e}")))??;
+        if let Some(dir) = from_copy {
+            for done in [COPY_VERIFIED, COPY_HAVE] {
+                let _ = std::fs::remove_file(dir.join(done));
+            }
+        }
         let opened = Arc::new(opened);
         self.replace_partition(&topic, opened.clone());
         tracing::info!(

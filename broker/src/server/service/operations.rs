@@ -176,14 +176,6 @@ impl BrokerService {
                 request.replicas.len()
             )));
         }
-        if topic.replication_factor == 1 && !same_first(&placement.replicas, &request.replicas) {
-            return Err(Status::failed_precondition(format!(
-                "topic `{}` has replication factor 1: its partitions have no Raft group to \
-                 move through, so moving one is not supported yet (create the topic with a \
-                 replication factor of 2 or more to move its partitions)",
-                request.topic
-            )));
-        }
         let started = !crate::cluster::metadata::same_set(&placement.replicas, &request.replicas);
         let command = Command::Reassign {
             topic: request.topic.clone(),
@@ -211,16 +203,7 @@ impl BrokerService {
         let controller = self.controller("rebalancing")?;
         let request = request.into_inner();
         let metadata = controller.metadata();
-        let mut planned: Vec<PlannedMove> = crate::cluster::plan::rebalance(&metadata)
-            .into_iter()
-            .filter(|m| {
-                // Partitions of one replica cannot move yet; reordering them is meaningless.
-                metadata
-                    .topics
-                    .get(&m.topic)
-                    .is_some_and(|t| t.replication_factor > 1)
-            })
-            .collect();
+        let mut planned: Vec<PlannedMove> = crate::cluster::plan::rebalance(&metadata);
         if !request.dry_run {
             let throttle = request
                 .throttle_bytes_per_sec
@@ -275,18 +258,6 @@ impl BrokerService {
                 other => Err(other),
             })
             .map_err(plan_error)?;
-        if let Some(single) = planned.iter().find(|m| {
-            metadata
-                .topics
-                .get(&m.topic)
-                .is_some_and(|t| t.replication_factor == 1)
-        }) {
-            return Err(Status::failed_precondition(format!(
-                "node {node} holds the only replica of {}/{} (replication factor 1), and \
-                 partitions of one replica cannot move yet: delete the topic or keep the node",
-                single.topic, single.partition
-            )));
-        }
         if !planned.is_empty() {
             let throttle = request
                 .throttle_bytes_per_sec
@@ -365,9 +336,4 @@ impl BrokerService {
             .map_err(to_status)?;
         Ok(Response::new(v1::SetVotersResponse { voters }))
     }
-}
-
-/// Whether two replica lists hold one node, the same.
-fn same_first(a: &[u64], b: &[u64]) -> bool {
-    a.len() == 1 && a == b
 }
