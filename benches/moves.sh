@@ -12,7 +12,7 @@ Usage: benches/moves.sh [OPTIONS]
 Starts release binaries: 3 brokers forming a cluster (--cluster, a data dir each under the work
 directory, loopback ports chosen up front), then:
 
-  fill      creates topic `big` (1 partition, R=3) and fills it with --size bytes of 1 KiB
+  fill      creates topic `big` (1 partition, R=--replication-factor) and fills it with --size bytes of 1 KiB
             records (`syncline bench --topic big --records N --consumers 0 --acks leader`).
   join      starts a 4th node with --join.
   baseline  `syncline bench --json --replication-factor 3 --duration --secs --acks durable` (a
@@ -22,7 +22,9 @@ directory, loopback ports chosen up front), then:
             first replica with the default throttle (50 MiB/s), then back unthrottled
             (--throttle 0), each time starting the same bench at the same moment.
             Reports the move's seconds (from the CLI's own summary line) and the bench's
-            records/s as a ratio to the baseline of the same run.
+            records/s as a ratio to the baseline of the same run. With R=1 (a move by copy,
+            `cluster/copy.rs`) also the write gap: from the old node's fence to the new node
+            opening the copy (from the two nodes' logs), while writes to big/0 are refused.
 
 Disk: about 10 x --size (4 replicas' partition and Raft logs, and the bench topics').
 Everything runs on this machine's cores and one disk: the 4 brokers, the bench and the copy
@@ -32,6 +34,7 @@ Options:
   --size BYTES     bytes of records in the moved partition (default 1GiB; units accepted)
   --secs S         seconds of each bench (default 10)
   --runs N         moves of each kind (default 2)
+  --replication-factor R   of the moved partition (default 3; 1: moved by copy)
   --work DIR       work directory (default: a new one under /tmp, removed at the end)
   --out FILE       the results table (default: target/moves-results.md)
   -h, --help       this help
@@ -41,6 +44,7 @@ EOF
 SIZE=1GiB
 SECS=10
 RUNS=2
+RF=3
 WORK=""
 OUT=target/moves-results.md
 while [ $# -gt 0 ]; do
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
     --size) SIZE=$2; shift ;;
     --secs) SECS=$2; shift ;;
     --runs) RUNS=$2; shift ;;
+    --replication-factor) RF=$2; shift ;;
     --work) WORK=$2; shift ;;
     --out) OUT=$2; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -101,7 +106,7 @@ done
 [ -n "$(agreed_controller "$CLI" "$ADDRS")" ] || { echo "no controller" >&2; exit 1; }
 log "cluster of 3 on $ADDRS"
 
-"$CLI" --broker "$ADDRS" topic create big --partitions 1 --replication-factor 3 > /dev/null
+"$CLI" --broker "$ADDRS" topic create big --partitions 1 --replication-factor "$RF" > /dev/null
 BYTES=$(python3 -c '
 import re, sys
 m = re.fullmatch(r"(\d+)\s*(|B|KiB|MiB|GiB)", sys.argv[1])
@@ -134,6 +139,24 @@ replicas_of_big() {
     python3 -c 'import json,sys; d=json.load(sys.stdin); p=[p for p in d["partitions"] if p["topic"]=="big"][0]; print(",".join(map(str,p["replicas"])))'
 }
 
+# write_gap HOLDER_LOG TARGET_LOG: ms from the holder's last fence of big/0 to the target
+# opening its copy (both logs' timestamps, one clock).
+write_gap() {
+  python3 - "$1" "$2" <<'PY'
+import re, sys
+from datetime import datetime
+def last(path, needle):
+    t = None
+    for line in open(path, errors="replace"):
+        if needle in line and 'topic="big"' in line or needle in line and "topic=big" in line:
+            t = line.split()[0]
+    return datetime.fromisoformat(t.rstrip("Z")) if t else None
+fenced = last(sys.argv[1], "partition fenced for the end of its move")
+opened = last(sys.argv[2], "a replica of the partition moved onto this node")
+print("%.0f" % ((opened - fenced).total_seconds() * 1000) if fenced and opened else "")
+PY
+}
+
 RESULTS=$WORK/results.tsv
 : > "$RESULTS"
 for run in $(seq 1 "$RUNS"); do
@@ -142,7 +165,10 @@ for run in $(seq 1 "$RUNS"); do
   base=$(rate_of "$WORK/base.$run")
   for kind in throttled unthrottled; do
     from=$(replicas_of_big)
-    if [[ ",$from," == *",4,"* ]]; then
+    if [ "$RF" = 1 ]; then
+      # One replica: to node 4, then back to where it was.
+      if [ "$from" = 4 ]; then to=$first_home; else first_home=$from; to=4; fi
+    elif [[ ",$from," == *",4,"* ]]; then
       # Node 4 holds it: back to node 1..3 missing from the set.
       missing=$(python3 -c 'import sys; r=list(map(int,sys.argv[1].split(","))); print([n for n in (1,2,3) if n not in r][0])' "$from")
       to=$(echo "$from" | sed "s/\b4\b/$missing/")
@@ -159,8 +185,12 @@ for run in $(seq 1 "$RUNS"); do
     wait "$bench_pid"
     seconds=$(echo "$line" | grep -oE 'in [0-9.]+ s' | awk '{print $2}')
     during=$(rate_of "$WORK/during.$run.$kind")
-    log "run $run $kind: $from -> $to in ${seconds} s; load $during rec/s during vs $base without"
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$kind" "$seconds" "$base" "$during" "$from->$to" >> "$RESULTS"
+    gap=""
+    if [ "$RF" = 1 ]; then
+      gap=$(write_gap "$WORK/node-${from}/broker.log" "$WORK/node-${to}/broker.log")
+    fi
+    log "run $run $kind: $from -> $to in ${seconds} s; load $during rec/s during vs $base without${gap:+; write gap $gap ms}"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$run" "$kind" "$seconds" "$base" "$during" "$from->$to" "$gap" >> "$RESULTS"
   done
 done
 
@@ -168,13 +198,13 @@ python3 - "$RESULTS" "$BYTES" "$SECS" > "$OUT" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 size = int(sys.argv[2]) / (1 << 30)
-print("| move of %.2f GiB | run | seconds | MiB/s | load rec/s during | without | ratio |" % size)
-print("|---|---|---|---|---|---|---|")
-for run, kind, seconds, base, during, moved in rows:
+print("| move of %.2f GiB | run | seconds | MiB/s | load rec/s during | without | ratio | write gap ms |" % size)
+print("|---|---|---|---|---|---|---|---|")
+for run, kind, seconds, base, during, moved, gap in rows:
     s = float(seconds or "nan")
-    print("| %s (%s) | %s | %.1f | %.0f | %s | %s | %.2fx |" % (
+    print("| %s (%s) | %s | %.1f | %.0f | %s | %s | %.2fx | %s |" % (
         kind, moved, run, s, int(sys.argv[2]) / (1 << 20) / s, during, base,
-        float(during) / float(base) if float(base) else float("nan")))
+        float(during) / float(base) if float(base) else float("nan"), gap or "-"))
 for kind in ("throttled", "unthrottled"):
     secs = [float(r[2]) for r in rows if r[1] == kind and r[2]]
     ratios = [float(r[4]) / float(r[3]) for r in rows if r[1] == kind and float(r[3])]

@@ -531,3 +531,91 @@ async fn given_single_replica_partitions_reassign_and_remove_node_should_copy_th
         assert!(leftovers.is_empty(), "node {node}: {leftovers:?}");
     }
 }
+
+/// A copy survives its new node's crash: killed mid-copy (throttled, so the copy takes
+/// seconds), the holder keeps taking writes, and once the node is back the move finishes
+/// with every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_single_replica_copy_when_its_new_node_is_killed_should_finish_after_a_restart() {
+    const RESUMED: &str = "resumed";
+    let mut cluster = Cluster::start(3);
+    cluster.wait_for_controller(TIMEOUT).await;
+    cluster.create_replicated(1, RESUMED, 1, 1).await;
+    cluster.produce_keys(RESUMED, 0..50).await;
+    cli_ok(&cluster.run_cli_bootstrap(&[
+        "bench",
+        "--topic",
+        RESUMED,
+        "--records",
+        "2048",
+        "--record-size",
+        "1KiB",
+        "--consumers",
+        "0",
+    ]));
+    let description = cluster.describe(1).await.expect("describe");
+    let from = description
+        .partitions
+        .iter()
+        .find(|p| p.topic == RESUMED)
+        .and_then(|p| p.replicas.first().copied())
+        .expect("placed");
+    let to = (1..=3).find(|n| *n != from).expect("another node");
+    cli_ok(&cluster.run_cli(
+        1,
+        &[
+            "topic",
+            "reassign",
+            RESUMED,
+            "--partition",
+            "0",
+            "--replicas",
+            &to.to_string(),
+            "--throttle",
+            "256KiB",
+            "--no-wait",
+        ],
+    ));
+    // Killed once its copy has begun.
+    let data = cluster.node(to).data_dir();
+    let copying = || {
+        std::fs::read_dir(&data)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with("~copy-in-"))
+            })
+            .unwrap_or(false)
+    };
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while !copying() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(copying(), "no copy began on node {to}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill(to);
+    // The holder still takes writes (the move is not fenced).
+    cluster.produce_keys(RESUMED, 50..60).await;
+    cluster.restart(to);
+    cluster
+        .wait_for_description(1, TIMEOUT, |d| {
+            d.partitions
+                .iter()
+                .any(|p| p.topic == RESUMED && p.replicas == [to] && p.target_replicas.is_empty())
+        })
+        .await;
+    cluster.produce_keys(RESUMED, 60..70).await;
+    let client = cluster.cluster_client().await;
+    let log = read_topic(&client, RESUMED, 1, READ_BOUND)
+        .await
+        .expect("read back");
+    for n in 0..70 {
+        let key = format!("k{n}");
+        let copies = log
+            .iter()
+            .filter(|s| s.key.as_deref() == Some(key.as_bytes()))
+            .count();
+        assert_eq!(copies, 1, "{key} is there {copies} times");
+    }
+    assert!(log.len() >= 70 + 2048, "{} records", log.len());
+}

@@ -658,6 +658,7 @@ impl Controller {
                 | Command::CompleteMove { .. }
                 | Command::FenceMove { .. }
                 | Command::CancelMove { .. }
+                | Command::SetLeaving { .. }
                 | Command::RemoveNode { .. }
         ) {
             return Err(tonic::Status::invalid_argument(format!(

@@ -34,7 +34,7 @@
 //!   marked verified goes straight to step 5.
 //! - The holder crashes: a fenced partition opens fenced (its marker); the target's rounds
 //!   fail until it is back.
-//! - Either stays away: the holder calls the move off ([`FENCE_TIMEOUT`] after it saw the
+//! - Either stays away: the holder calls the move off ([`fence_timeout`] after it saw the
 //!   fence: `Command::CancelMove`) and takes writes again; a `CompleteMove` after that is
 //!   refused by the controller (commands apply in one order), so no write taken after the
 //!   cancel is lost. The target drops its copy when the metadata no longer moves the partition
@@ -81,8 +81,11 @@ pub const FENCE_BYTES: u64 = 4 << 20;
 /// Rounds before the fence at most (a partition written faster than the throttle would never
 /// get below [`FENCE_BYTES`]).
 pub const ROUNDS_MAX: usize = 20;
-/// A holder fenced for longer than this calls the move off.
-pub const FENCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A holder fenced for longer than this calls the move off: 30 s, plus 1 s per 64 MiB of its
+/// log (the new node scans its whole copy while the fence holds: a 1 GiB partition gets 46 s).
+pub fn fence_timeout(log_bytes: u64) -> Duration {
+    Duration::from_secs(30 + log_bytes / (64 << 20))
+}
 /// How long a fenced round waits for the holder to apply the fence.
 const FENCE_WAIT: Duration = Duration::from_secs(10);
 /// Prefix of an image's directory on the holder.
@@ -233,7 +236,8 @@ impl Copies {
             .lock()
             .entry(id.clone())
             .or_insert_with(Instant::now);
-        if since.elapsed() < FENCE_TIMEOUT {
+        let timeout = fence_timeout(partition.local_log().map_or(0, |l| l.info().size_bytes));
+        if since.elapsed() < timeout {
             return;
         }
         // The target did not finish in time: call the move off (once per timeout).
@@ -248,7 +252,7 @@ impl Copies {
         let partition = id.partition;
         let name = name.to_string();
         tokio::spawn(async move {
-            tracing::warn!(topic = %name, partition, "a fenced move did not finish within {FENCE_TIMEOUT:?}; calling it off");
+            tracing::warn!(topic = %name, partition, ?timeout, "a fenced move did not finish in time; calling it off");
             match controller.propose(command).await {
                 Ok(Ok(_)) => {
                     tracing::warn!(topic = %name, partition, "move called off: the partition stays here")
@@ -353,6 +357,13 @@ async fn copy_in(
     let config = registry.config().log_config_for(&topic.settings.log);
     let dir = copy_dir(&registry.config().data_dir, &id.topic_id, id.partition);
     let verified = dir.join(VERIFIED_FILE);
+    if !moving.fenced && verified.exists() {
+        // Verified for a move that was called off: its end is not where the holder's log
+        // ends now. The bytes stay (the next rounds send only what they lack).
+        tokio::fs::remove_file(&verified)
+            .await
+            .map_err(|e| format!("removing {}: {e}", verified.display()))?;
+    }
     if !verified.exists() {
         tokio::fs::create_dir_all(&dir)
             .await
@@ -433,7 +444,8 @@ async fn copy_in(
             Ok(())
         }
         Err(error) => {
-            // Called off meanwhile: the copy goes (the tick removes it).
+            // Called off meanwhile: the copy is no longer where the holder's log ends.
+            let _ = tokio::fs::remove_file(&verified).await;
             Err(format!("the move did not complete: {error}"))
         }
     }

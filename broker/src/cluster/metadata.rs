@@ -29,6 +29,10 @@ pub struct NodeInfo {
     /// The id of the data directory it registered from (empty: not known).
     #[serde(default)]
     pub dir_id: String,
+    /// Being removed (`syncline cluster remove-node`): it takes no new replica, so that the
+    /// drain that moves its replicas away finishes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub leaving: bool,
 }
 
 /// One partition's placement and leadership.
@@ -201,6 +205,14 @@ pub enum Command {
         /// The move's target.
         target: Vec<u64>,
     },
+    /// A node is being removed (`leaving`: it takes no new replica from now on, so a move
+    /// cannot land on it while it is drained) or stays after all.
+    SetLeaving {
+        /// Its id.
+        id: u64,
+        /// Whether it is being removed.
+        leaving: bool,
+    },
     /// A node leaves the cluster for good (refused while it holds a replica or a move targets
     /// it).
     RemoveNode {
@@ -265,6 +277,10 @@ impl std::fmt::Display for Command {
                 target,
                 ..
             } => write!(f, "cancel moving {topic}/{partition} to nodes {target:?}"),
+            Command::SetLeaving { id, leaving: true } => {
+                write!(f, "node {id} is being removed")
+            }
+            Command::SetLeaving { id, leaving: false } => write!(f, "node {id} stays"),
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
         }
     }
@@ -345,7 +361,7 @@ impl Metadata {
     pub fn live_nodes(&self) -> Vec<u64> {
         self.nodes
             .iter()
-            .filter(|(_, node)| node.alive)
+            .filter(|(_, node)| node.alive && !node.leaving)
             .map(|(id, _)| *id)
             .collect()
     }
@@ -373,6 +389,7 @@ impl Metadata {
                 at_ms,
                 dir_id,
             } => {
+                let leaving = self.nodes.get(id).is_some_and(|n| n.leaving);
                 self.nodes.insert(
                     *id,
                     NodeInfo {
@@ -380,8 +397,17 @@ impl Metadata {
                         alive: true,
                         last_heartbeat_ms: *at_ms,
                         dir_id: dir_id.clone(),
+                        leaving,
                     },
                 );
+                Ok(())
+            }
+            Command::SetLeaving { id, leaving } => {
+                let node = self
+                    .nodes
+                    .get_mut(id)
+                    .ok_or(MetadataError::UnknownNode(*id))?;
+                node.leaving = *leaving;
                 Ok(())
             }
             Command::Heartbeat { id, at_ms } => {
@@ -662,6 +688,12 @@ impl Metadata {
             ));
         }
         let alive: Vec<u64> = self.live_nodes();
+        let leaving: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.leaving)
+            .map(|(id, _)| *id)
+            .collect();
         let factor = self
             .topics
             .get(topic)
@@ -697,6 +729,14 @@ impl Metadata {
             // Already there: a new preferred order at most.
             meta.replicas = replicas.to_vec();
             return Ok(());
+        }
+        if let Some(leaving) = replicas
+            .iter()
+            .find(|n| !meta.replicas.contains(n) && leaving.contains(n))
+        {
+            return refused(format!(
+                "node {leaving} is being removed from the cluster: it takes no new replica"
+            ));
         }
         let dead: Vec<u64> = replicas
             .iter()
@@ -859,6 +899,61 @@ mod tests {
         assert_eq!(metadata, deleted);
         metadata.apply(&create("t", "b", 1, 1)).unwrap();
         assert_eq!(metadata.topics["t"].id, "b");
+    }
+
+    #[test]
+    fn given_a_leaving_node_should_take_no_new_replica_until_it_stays() {
+        let mut metadata = Metadata::default();
+        for id in 1..=4 {
+            metadata.apply(&register(id)).unwrap();
+        }
+        metadata
+            .apply(&Command::SetLeaving {
+                id: 4,
+                leaving: true,
+            })
+            .unwrap();
+        // A re-registration (a restart, a new address) keeps the mark.
+        metadata.apply(&register(4)).unwrap();
+        assert!(metadata.nodes[&4].leaving);
+        assert_eq!(metadata.live_nodes(), vec![1, 2, 3]);
+        metadata.apply(&create("t", "a", 8, 3)).unwrap();
+        let on_4 = |m: &Metadata| {
+            m.topics["t"]
+                .partitions
+                .iter()
+                .any(|p| p.holders().contains(&4))
+        };
+        assert!(!on_4(&metadata), "a new topic is placed on a leaving node");
+        let before = metadata.clone();
+        let refused = metadata.apply(&Command::Reassign {
+            topic: "t".into(),
+            id: "a".into(),
+            partition: 0,
+            replicas: vec![4, 2, 3],
+            throttle_bytes_per_sec: 0,
+            shrink: false,
+        });
+        match refused {
+            Err(MetadataError::Refused(message)) => {
+                assert!(message.contains("being removed"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(metadata, before);
+        assert!(metadata
+            .apply(&Command::SetLeaving {
+                id: 9,
+                leaving: true
+            })
+            .is_err());
+        metadata
+            .apply(&Command::SetLeaving {
+                id: 4,
+                leaving: false,
+            })
+            .unwrap();
+        assert_eq!(metadata.live_nodes(), vec![1, 2, 3, 4]);
     }
 
     #[test]
@@ -1087,6 +1182,7 @@ mod tests {
                         target,
                     }
                 }),
+            (1u64..6, any::<bool>()).prop_map(|(id, leaving)| Command::SetLeaving { id, leaving }),
             (1u64..6).prop_map(|id| Command::RemoveNode { id }),
         ]
     }

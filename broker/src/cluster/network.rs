@@ -39,6 +39,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// own network; the default is tonic's TCP, connected lazily).
 pub type Connector = Arc<dyn Fn(Endpoint) -> Channel + Send + Sync>;
 
+/// HTTP/2 receive windows of a peer connection (per stream, per connection).
+const PEER_STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+const PEER_CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+
 /// Channels to peers by address, shared by every caller on this node.
 #[derive(Clone, Default)]
 pub struct Peers {
@@ -87,7 +91,11 @@ impl Peers {
             // connection: at most PEER_KEEPALIVE + PEER_KEEPALIVE_TIMEOUT after the cut.
             .http2_keep_alive_interval(PEER_KEEPALIVE)
             .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
+            .keep_alive_while_idle(true)
+            // What a peer streams to this node (a partition copy, `copy`) is not held back by
+            // HTTP/2 flow control (the defaults are 64 KiB).
+            .initial_stream_window_size(PEER_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(PEER_CONNECTION_WINDOW_BYTES);
         let channel = match &self.connector {
             Some(connect) => connect(endpoint),
             None => endpoint.connect_lazy(),

@@ -230,6 +230,22 @@ impl BrokerService {
             .add_node(request.node_id, &request.address, &request.dir_id)
             .await
             .map_err(to_status)?;
+        // A node whose removal was started and is added again stays.
+        if controller
+            .metadata()
+            .nodes
+            .get(&request.node_id)
+            .is_some_and(|n| n.leaving)
+        {
+            controller
+                .propose(Command::SetLeaving {
+                    id: request.node_id,
+                    leaving: false,
+                })
+                .await
+                .map_err(to_status)?
+                .map_err(|e| to_status(e.into()))?;
+        }
         Ok(Response::new(v1::AddNodeResponse {
             cluster_id: controller.cluster_id().to_string(),
             formed_by: controller.formed_by_text(),
@@ -258,6 +274,23 @@ impl BrokerService {
                 other => Err(other),
             })
             .map_err(plan_error)?;
+        // From here no move lands on the node (a rebalance running meanwhile included): the
+        // drain below finishes, and nothing is placed on it between the last check and its
+        // removal.
+        if metadata.nodes.get(&node).is_some_and(|n| !n.leaving) {
+            controller
+                .propose(Command::SetLeaving {
+                    id: node,
+                    leaving: true,
+                })
+                .await
+                .map_err(to_status)?
+                .map_err(|e| to_status(e.into()))?;
+            tracing::info!(
+                node,
+                "node marked as being removed: it takes no new replica"
+            );
+        }
         if !planned.is_empty() {
             let throttle = request
                 .throttle_bytes_per_sec
