@@ -17,6 +17,8 @@ pub struct ClusterNode {
     pub address: String,
     /// Whether the controller sees it alive.
     pub alive: bool,
+    /// Whether it is being removed (`cluster remove-node`): it takes no new replica.
+    pub leaving: bool,
 }
 
 /// Where one partition lives.
@@ -93,6 +95,7 @@ impl ClusterDescription {
                 id: n.id,
                 address: n.address,
                 alive: n.alive,
+                leaving: n.leaving,
             })
             .collect();
         nodes.sort_by_key(|n| n.id);

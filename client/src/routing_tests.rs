@@ -384,6 +384,7 @@ impl Broker for MockNode {
                     id: *id,
                     address: address.clone(),
                     alive: true,
+                    leaving: false,
                 })
                 .collect(),
             partitions: cluster

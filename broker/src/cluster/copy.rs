@@ -612,6 +612,9 @@ where
         handle
             .set_len(file.from)
             .map_err(|e| format!("cutting {}: {e}", path.display()))?;
+        let handle = Arc::new(handle);
+        // One write in flight on a blocking thread while the next chunk arrives.
+        let mut pending: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         let mut position = file.from;
         while position < file.len {
             let chunk = tokio::time::timeout(CHUNK_TIMEOUT, stream.next())
@@ -651,20 +654,39 @@ where
                     file.name
                 ));
             }
-            handle
-                .write_all_at(&chunk.data, position)
-                .map_err(|e| format!("writing {}: {e}", path.display()))?;
-            position += chunk.data.len() as u64;
-            shipped += chunk.data.len() as u64;
+            finish_write(pending.take(), &path).await?;
+            let (writer, data, at) = (handle.clone(), chunk.data, position);
+            position += data.len() as u64;
+            shipped += data.len() as u64;
+            pending = Some(tokio::task::spawn_blocking(move || {
+                writer.write_all_at(&data, at)
+            }));
         }
-        handle
-            .sync_all()
+        finish_write(pending.take(), &path).await?;
+        let syncing = handle.clone();
+        tokio::task::spawn_blocking(move || syncing.sync_all())
+            .await
+            .map_err(|e| format!("the syncing task failed: {e}"))?
             .map_err(|e| format!("syncing {}: {e}", path.display()))?;
     }
     if stream.next().await.is_some() {
         return Err("the copy sent more than its header listed".into());
     }
     Ok(shipped)
+}
+
+/// Waits for a chunk's write, if one is under way.
+async fn finish_write(
+    pending: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    path: &Path,
+) -> Result<(), String> {
+    match pending {
+        Some(write) => write
+            .await
+            .map_err(|e| format!("the writing task failed: {e}"))?
+            .map_err(|e| format!("writing {}: {e}", path.display())),
+        None => Ok(()),
+    }
 }
 
 /// Serves `Peer.CopyPartition` on the holder: checks that the partition moves from here to

@@ -146,6 +146,7 @@ fn describe_clustered(
             id: *id,
             address: node.address.clone(),
             alive: node.alive,
+            leaving: node.leaving,
         })
         .collect();
     let partitions = metadata

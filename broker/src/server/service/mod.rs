@@ -322,6 +322,7 @@ impl Broker for BrokerService {
                 id: me,
                 address: view.address.clone(),
                 alive: true,
+                leaving: false,
             }],
             partitions,
             voters: vec![me],

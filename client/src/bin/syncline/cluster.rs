@@ -10,7 +10,8 @@
 //!   CAUGHT-UP` (node lists comma-separated, `-` when empty or unknown).
 //!
 //! While a partition moves, its JSON object also has `"moving_to": [ids]` and its REPLICAS
-//! cell reads `1,2,3->1,2,4`.
+//! cell reads `1,2,3->1,2,4`. While a node is being removed, its JSON object also has
+//! `"leaving": true` and its ALIVE cell reads `yes (leaving)`.
 //!
 //! The operations (`rebalance`, `add-node`, `remove-node`, `voters`) live in
 //! `crate::operations`.
@@ -129,11 +130,17 @@ pub fn status_json(cluster: &ClusterDescription) -> serde_json::Value {
     json!({
         "cluster_id": cluster.cluster_id,
         "controller": cluster.controller,
-        "nodes": cluster.nodes.iter().map(|n| json!({
-            "id": n.id,
-            "address": n.address,
-            "alive": n.alive,
-        })).collect::<Vec<_>>(),
+        "nodes": cluster.nodes.iter().map(|n| {
+            let mut node = json!({
+                "id": n.id,
+                "address": n.address,
+                "alive": n.alive,
+            });
+            if n.leaving {
+                node["leaving"] = json!(true);
+            }
+            node
+        }).collect::<Vec<_>>(),
         "partitions": cluster.partitions.iter().map(|p| {
             let mut placement = json!({
                 "topic": p.topic,
@@ -168,7 +175,13 @@ pub fn status_text(cluster: &ClusterDescription) -> String {
         node_rows.push(vec![
             node.id.to_string(),
             node.address.clone(),
-            if node.alive { "yes" } else { "no" }.into(),
+            match (node.alive, node.leaving) {
+                (true, false) => "yes",
+                (true, true) => "yes (leaving)",
+                (false, false) => "no",
+                (false, true) => "no (leaving)",
+            }
+            .into(),
         ]);
     }
     let mut partition_rows = vec![vec![
@@ -214,6 +227,7 @@ mod tests {
                 id: 1,
                 address: "127.0.0.1:7450".into(),
                 alive: true,
+                leaving: false,
             }],
             partitions: vec![PartitionPlacement {
                 target_replicas: Vec::new(),
