@@ -267,6 +267,35 @@ pub struct Flags {
     /// copy of the leader's partition log (its segment files) [default: 100000]
     #[arg(long, env = "SYNCLINE_RAFT_SNAPSHOT_KEEP", value_name = "ENTRIES")]
     pub raft_snapshot_keep: Option<u64>,
+
+    /// TLS on the client port: the certificate chain (PEM, leaf first), with --tls-key; clients
+    /// then connect with TLS (`syncline --tls-ca`). Reloaded on SIGHUP
+    #[arg(
+        long,
+        env = "SYNCLINE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Reloaded on SIGHUP
+    #[arg(
+        long,
+        env = "SYNCLINE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: require a client certificate signed by one of these CAs (PEM); its subject's
+    /// common name is the client's principal. Needs --tls-cert. Reloaded on SIGHUP
+    #[arg(
+        long,
+        env = "SYNCLINE_TLS_CLIENT_CA",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -309,6 +338,9 @@ struct FileConfig {
     default_replication_factor: Option<u32>,
     raft_snapshot_every: Option<u64>,
     raft_snapshot_keep: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -457,6 +489,19 @@ pub struct Config {
     pub node: crate::cluster::node::NodeConfig,
     /// Raft settings of replicated partitions' groups.
     pub replication: crate::replication::group::GroupSettings,
+    /// TLS on the client port (None: plain text).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The TLS certificate files (`server::tls`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CAs whose client certificates are accepted (PEM); None: no client certificate asked.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -501,6 +546,7 @@ impl Default for Config {
             preallocate_bytes_max: None,
             node: crate::cluster::node::NodeConfig::default(),
             replication: crate::replication::group::GroupSettings::default(),
+            tls: None,
         }
     }
 }
@@ -757,6 +803,25 @@ impl Config {
                     message,
                 })?;
         }
+        let tls_cert = flags.tls_cert.or(file.tls_cert);
+        let tls_key = flags.tls_key.or(file.tls_key);
+        let tls_client_ca = flags.tls_client_ca.or(file.tls_client_ca);
+        config.tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: tls_client_ca,
+            }),
+            (None, None) if tls_client_ca.is_none() => None,
+            _ => {
+                return Err(ConfigError {
+                    key: "tls_cert",
+                    message: "tls_cert and tls_key go together (and tls_client_ca needs both)"
+                        .into(),
+                }
+                .into())
+            }
+        };
         config.validate()?;
         Ok(config)
     }

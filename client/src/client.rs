@@ -37,6 +37,54 @@ pub struct ClientConfig {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered.
     pub keepalive_timeout: Duration,
+    /// TLS to the brokers (None: plain text).
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings of a client: the CA that signed the brokers' certificates and, for mutual TLS,
+/// the client's own certificate and key (all PEM, as read from the files).
+#[derive(Clone, Default)]
+pub struct TlsConfig {
+    /// CA certificates the brokers' certificates must chain to.
+    pub ca_pem: Vec<u8>,
+    /// The client's certificate chain and private key (mutual TLS).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the brokers' certificates must carry (default: each broker address's host).
+    pub domain: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("ca_pem_bytes", &self.ca_pem.len())
+            .field("identity", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// Reads the CA (and, when both are given, the client's certificate and key) from PEM
+    /// files.
+    pub fn from_files(
+        ca: &std::path::Path,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<TlsConfig> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| Error::InvalidConfig {
+                key: "tls",
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        };
+        Ok(TlsConfig {
+            ca_pem: read(ca)?,
+            identity: match identity {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            },
+            domain: None,
+        })
+    }
 }
 
 impl Default for ClientConfig {
@@ -46,6 +94,7 @@ impl Default for ClientConfig {
             message_bytes_max: 2 * BATCH_LEN_MAX as usize,
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }

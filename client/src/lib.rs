@@ -105,7 +105,7 @@ pub use admin::{
     CleanupPolicy, CompactionOutcome, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription,
     TopicConfig, TopicDescription, TopicSummary,
 };
-pub use client::{Client, ClientConfig, Connectivity};
+pub use client::{Client, ClientConfig, Connectivity, TlsConfig};
 pub use cluster::{
     ClusterDescription, ClusterNode, NodeRemoval, PartitionMove, PartitionPlacement,
 };

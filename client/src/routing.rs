@@ -79,11 +79,31 @@ const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 
 /// The endpoint for `address` with the client's connection settings.
 pub(crate) fn endpoint(address: &BrokerAddress, config: &ClientConfig) -> Result<Endpoint> {
-    Ok(Endpoint::from_shared(address.uri())
-        .map_err(|error| Error::InvalidAddress {
-            address: address.authority.clone(),
-            reason: error.to_string(),
-        })?
+    let uri = match &config.tls {
+        Some(_) => format!("https://{}", address.authority),
+        None => address.uri(),
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|error| Error::InvalidAddress {
+        address: address.authority.clone(),
+        reason: error.to_string(),
+    })?;
+    if let Some(tls) = &config.tls {
+        let mut settings = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            settings = settings.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        if let Some(domain) = &tls.domain {
+            settings = settings.domain_name(domain.clone());
+        }
+        endpoint = endpoint
+            .tls_config(settings)
+            .map_err(|error| Error::InvalidConfig {
+                key: "tls",
+                reason: error.to_string(),
+            })?;
+    }
+    Ok(endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)

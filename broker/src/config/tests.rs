@@ -209,6 +209,29 @@ fn given_example_config_should_list_every_setting_at_its_default() {
                 expected.node.default_replication_factor = Some(1);
                 format!("{line}\n")
             }
+            // Unset by default; the certificate and its key go together (the client CA with
+            // both): checked as a pair, or all three.
+            "tls_cert" | "tls_key" => {
+                expected.tls = Some(crate::config::TlsFiles {
+                    cert: "/etc/syncline/tls/broker.pem".into(),
+                    key: "/etc/syncline/tls/broker-key.pem".into(),
+                    client_ca: None,
+                });
+                "tls_cert = \"/etc/syncline/tls/broker.pem\"\n\
+                 tls_key = \"/etc/syncline/tls/broker-key.pem\"\n"
+                    .to_string()
+            }
+            "tls_client_ca" => {
+                expected.tls = Some(crate::config::TlsFiles {
+                    cert: "/etc/syncline/tls/broker.pem".into(),
+                    key: "/etc/syncline/tls/broker-key.pem".into(),
+                    client_ca: Some("/etc/syncline/tls/clients-ca.pem".into()),
+                });
+                format!(
+                    "tls_cert = \"/etc/syncline/tls/broker.pem\"\n\
+                     tls_key = \"/etc/syncline/tls/broker-key.pem\"\n{line}\n"
+                )
+            }
             // Sized from the open-file limit at start; the example gives the cap.
             "max_connections" => {
                 expected.connections.max_connections = Some(10_000);

@@ -450,6 +450,7 @@ mod tests {
         let connection = ConnectionInfo {
             peer: None,
             close: CloseHandle::default(),
+            tls: None,
         };
         let stalls = StallWatch::new(Duration::ZERO);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -465,6 +466,7 @@ mod tests {
         let other_connection = ConnectionInfo {
             peer: None,
             close: CloseHandle::default(),
+            tls: None,
         };
         let mut other = HeldUntilSent::watched(
             futures_util::stream::iter([(7, budget.acquire_for_stream(1000).await)]),

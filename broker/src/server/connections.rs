@@ -17,6 +17,11 @@
 //!   request extensions as [`ConnectionInfo`]): its reads and writes fail from then on, so hyper
 //!   drops the connection with every stream on it, and with them the response bytes they hold
 //!   (used for stalled streams, `super::stall`).
+//! - With TLS (`super::tls`), each accepted connection's TLS handshake runs in its own task,
+//!   bounded by the handshake deadline, so a slow or silent client holds a connection slot but
+//!   never the accept loop; a failed handshake (a plain-text client, an untrusted client
+//!   certificate) closes the connection and is logged at most once per second. The HTTP/2
+//!   handshake deadline then starts again for the decrypted stream.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -27,7 +32,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::task::AtomicWaker;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt as _};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
@@ -66,8 +71,10 @@ pub type ConnectionLimit = Arc<dyn Fn() -> u32 + Send + Sync>;
 pub struct AcceptSettings {
     /// Open connections at most.
     pub max_connections: ConnectionLimit,
-    /// Time to send the HTTP/2 preface and SETTINGS.
+    /// Time to send the HTTP/2 preface and SETTINGS (and, with TLS, to finish its handshake).
     pub handshake_timeout: Duration,
+    /// TLS for every connection, if configured.
+    pub tls: Option<Arc<super::tls::Tls>>,
 }
 
 /// The accepted connections of `listener` as tonic's incoming stream (it never yields an
@@ -77,6 +84,7 @@ pub fn accept(
     settings: AcceptSettings,
 ) -> impl Stream<Item = Result<Connection, std::io::Error>> + Send {
     metrics::counter!(CONNECTIONS_REFUSED_TOTAL).increment(0);
+    let tls = settings.tls.clone();
     let acceptor = Acceptor {
         listener,
         settings,
@@ -85,10 +93,87 @@ pub fn accept(
         failures: RateLimited::default(),
         backoff: ACCEPT_BACKOFF_MIN,
     };
-    futures_util::stream::unfold(acceptor, |mut acceptor| async move {
-        let connection = acceptor.next().await;
-        Some((Ok(connection), acceptor))
-    })
+    match tls {
+        None => futures_util::stream::unfold(acceptor, |mut acceptor| async move {
+            let connection = acceptor.next().await;
+            Some((Ok(connection), acceptor))
+        })
+        .left_stream(),
+        Some(tls) => tls_connections(acceptor, tls).right_stream(),
+    }
+}
+
+/// The accept loop with a TLS handshake per connection, each in its own task; connections
+/// come out as their handshakes finish.
+fn tls_connections(
+    mut acceptor: Acceptor,
+    tls: Arc<super::tls::Tls>,
+) -> impl Stream<Item = Result<Connection, std::io::Error>> + Send {
+    let (done, connections) = tokio::sync::mpsc::channel::<Connection>(64);
+    let failures = Arc::new(parking_lot::Mutex::new(RateLimited::default()));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = acceptor.next() => accepted,
+                _ = done.closed() => break,
+            };
+            let Connection {
+                inner,
+                close,
+                _slot,
+                peer,
+                ..
+            } = accepted;
+            let Transport::Plain(stream) = inner else {
+                continue;
+            };
+            let handshake_timeout = acceptor.settings.handshake_timeout;
+            let tls_acceptor = tls.acceptor();
+            let done = done.clone();
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                let handshake =
+                    tokio::time::timeout(handshake_timeout, tls_acceptor.accept(stream)).await;
+                let stream = match handshake {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(error)) => {
+                        if let Some(suppressed) = failures.lock().due() {
+                            tracing::info!(?peer, %error, suppressed, "TLS handshake failed; connection closed");
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        if let Some(suppressed) = failures.lock().due() {
+                            tracing::info!(
+                                ?peer,
+                                timeout_ms = handshake_timeout.as_millis() as u64,
+                                suppressed,
+                                "no TLS handshake in time; connection closed"
+                            );
+                        }
+                        return;
+                    }
+                };
+                let principal = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .and_then(super::tls::principal_of);
+                let _ = done
+                    .send(Connection {
+                        inner: Transport::Tls(Box::new(stream)),
+                        close,
+                        _slot,
+                        peer,
+                        tls: Some(super::tls::TlsInfo { principal }),
+                        handshake: Some(Handshake::new(handshake_timeout)),
+                    })
+                    .await;
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(connections).map(Ok)
 }
 
 struct Acceptor {
@@ -119,9 +204,11 @@ impl Acceptor {
                     // Acks are small and latency matters: no Nagle.
                     let _ = stream.set_nodelay(true);
                     return Connection {
-                        inner: stream,
+                        inner: Transport::Plain(stream),
                         close: CloseHandle::default(),
                         _slot: Slot::take(&self.open),
+                        peer: Some(peer),
+                        tls: None,
                         handshake: Some(Handshake::new(self.settings.handshake_timeout)),
                     };
                 }
@@ -277,15 +364,79 @@ pub struct ConnectionInfo {
     pub peer: Option<SocketAddr>,
     /// Closes the connection.
     pub close: CloseHandle,
+    /// What its TLS handshake established (None: plain text).
+    pub tls: Option<super::tls::TlsInfo>,
+}
+
+/// The bytes of a connection: as they come, or through TLS.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// An accepted client connection: counted (metrics and the limit) while open, and closed when
 /// its HTTP/2 handshake does not arrive in time or when its [`CloseHandle`] is used.
 pub struct Connection {
-    inner: TcpStream,
+    inner: Transport,
     close: CloseHandle,
     _slot: Slot,
+    peer: Option<SocketAddr>,
+    tls: Option<super::tls::TlsInfo>,
     handshake: Option<Handshake>,
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Transport::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Transport::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Transport::Plain(stream) => stream.is_write_vectored(),
+            Transport::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
 }
 
 impl AsyncRead for Connection {
@@ -368,8 +519,9 @@ impl tonic::transport::server::Connected for Connection {
     type ConnectInfo = ConnectionInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
         ConnectionInfo {
-            peer: self.inner.peer_addr().ok(),
+            peer: self.peer,
             close: self.close.clone(),
+            tls: self.tls.clone(),
         }
     }
 }
@@ -411,11 +563,13 @@ mod tests {
         let _peer = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (stream, _) = listener.accept().await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
         let mut connection = Connection {
-            inner: stream,
+            inner: Transport::Plain(stream),
             close: CloseHandle::default(),
             _slot: Slot::take(&Arc::new(AtomicUsize::new(0))),
+            peer: Some(peer),
+            tls: None,
             handshake: None,
         };
         let info = tonic::transport::server::Connected::connect_info(&connection);

@@ -9,6 +9,7 @@ mod reads;
 mod service;
 mod stall;
 pub mod status;
+pub mod tls;
 
 use crate::group::{Coordinator, GroupConfig};
 use std::future::Future;
@@ -384,11 +385,23 @@ impl Broker {
             response_bytes_max = limits.response_bytes_max,
             "connection and response limits"
         );
+        let tls = match &self.registry.config().tls {
+            Some(files) => {
+                let tls = Arc::new(tls::Tls::load(files.clone()).map_err(|e| {
+                    BrokerError::InvalidRequest(format!("TLS on the client port: {e}"))
+                })?);
+                tokio::spawn(reload_on_sighup(tls.clone()));
+                tracing::info!(cert = %files.cert.display(), mutual = tls.mutual(), "TLS on the client port (certificates reload on SIGHUP)");
+                Some(tls)
+            }
+            None => None,
+        };
         let incoming = connections::accept(
             self.listener,
             connections::AcceptSettings {
                 max_connections,
                 handshake_timeout: Duration::from_millis(settings.handshake_timeout_ms),
+                tls,
             },
         );
         tracing::info!("listening on {}", self.local_addr);
@@ -504,5 +517,22 @@ async fn retention_loop(
             registry.checkpoint();
         })
         .await;
+    }
+}
+
+/// Reloads the TLS certificates at every SIGHUP (a failed reload keeps the ones in use).
+async fn reload_on_sighup(tls: Arc<tls::Tls>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: TLS certificates reload only at a restart");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: TLS certificates not reloaded; the ones in use stay")
+            }
+        }
     }
 }

@@ -244,6 +244,7 @@ mod tests {
         ConnectionInfo {
             peer: None,
             close: CloseHandle::default(),
+            tls: None,
         }
     }
 

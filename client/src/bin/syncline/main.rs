@@ -24,8 +24,9 @@ use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::FutureExt as _;
 use syncline_client::{
-    Acks, CleanupPolicy, Client, Connectivity, ConsumerConfig, DeliveryFuture, GroupConsumerConfig,
-    GroupEvent, OffsetReset, ProducerConfig, StartOffset, TopicConfig,
+    Acks, CleanupPolicy, Client, ClientConfig, Connectivity, ConsumerConfig, DeliveryFuture,
+    GroupConsumerConfig, GroupEvent, OffsetReset, ProducerConfig, StartOffset, TlsConfig,
+    TopicConfig,
 };
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
@@ -58,8 +59,37 @@ struct Cli {
     )]
     broker: String,
 
+    /// Connect with TLS, trusting the brokers' certificates signed by this CA (PEM)
+    #[arg(long, global = true, env = "SYNCLINE_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM), with --tls-key and --tls-ca
+    #[arg(long, global = true, env = "SYNCLINE_TLS_CERT", value_name = "PEM", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// Mutual TLS: the private key of --tls-cert (PEM)
+    #[arg(long, global = true, env = "SYNCLINE_TLS_KEY", value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<std::path::PathBuf>,
+
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// The connection settings the flags ask for.
+    fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        let tls = match &self.tls_ca {
+            Some(ca) => {
+                let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+                Some(TlsConfig::from_files(ca, identity)?)
+            }
+            None => None,
+        };
+        Ok(ClientConfig {
+            tls,
+            ..ClientConfig::default()
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,11 +346,26 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => return fail(&anyhow!("cannot start the async runtime: {error}")),
     };
+    let plain_text = cli.tls_ca.is_none();
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if is_broken_pipe(&error) => ExitCode::SUCCESS,
+        Err(error) if plain_text && closed_at_connect(&error) => fail(&error.context(
+            "the broker closed the connection: if it serves TLS, connect with --tls-ca CA.pem \
+             (and --tls-cert/--tls-key when it asks for a client certificate)",
+        )),
         Err(error) => fail(&error),
     }
+}
+
+/// Whether the connection was closed by the broker before it answered anything (what a
+/// plain-text client sees of a TLS port).
+fn closed_at_connect(error: &anyhow::Error) -> bool {
+    let text = format!("{error:#}");
+    text.contains("cannot reach the broker")
+        && ["connection closed", "h2 protocol error", "connection reset"]
+            .iter()
+            .any(|sign| text.contains(sign))
 }
 
 /// Prints `error: MESSAGE` on one line.
@@ -367,7 +412,8 @@ fn report_connectivity(client: &Client) {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::connect(&cli.broker).await?;
+    let connect = cli.client_config()?;
+    let client = Client::connect_with(&cli.broker, connect.clone()).await?;
     report_connectivity(&client);
     match cli.command {
         Command::Topic(command) => topic(&client, command).await,
@@ -382,7 +428,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History(args) => table::history(&client, args).await,
         Command::Delete(args) => table::delete(&client, args).await,
         Command::Watch(args) => watch::watch(&client, args).await,
-        Command::Bench(args) => bench::run(&client, &cli.broker, args).await,
+        Command::Bench(args) => bench::run(&client, &cli.broker, &connect, args).await,
         Command::Cluster(command) => cluster::run(&client, command).await,
     }
 }

@@ -30,7 +30,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context as _};
 use clap::Args;
 use syncline_client::{
-    Client, Code, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartOffset, TopicConfig,
+    Client, ClientConfig, Code, ConsumerConfig, OffsetReset, Producer, ProducerConfig, StartOffset,
+    TopicConfig,
 };
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -363,12 +364,17 @@ async fn open_topic(client: &Client, args: &BenchArgs) -> anyhow::Result<BenchTo
 }
 
 /// Runs the bench: see the module doc.
-pub async fn run(client: &Client, broker: &str, args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(
+    client: &Client,
+    broker: &str,
+    connect: &ClientConfig,
+    args: BenchArgs,
+) -> anyhow::Result<()> {
     args.validate()?;
     let topic = open_topic(client, &args).await?;
     // Ctrl-C abandons the run (dropping `measure` stops every task) but still cleans up.
     let result = tokio::select! {
-        result = measure(client, broker, &args, &topic) => result,
+        result = measure(client, broker, connect, &args, &topic) => result,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     if topic.delete {
@@ -427,6 +433,7 @@ struct Measured {
 async fn measure(
     client: &Client,
     broker: &str,
+    connect: &ClientConfig,
     args: &BenchArgs,
     topic: &BenchTopic,
 ) -> anyhow::Result<Measured> {
@@ -475,12 +482,12 @@ async fn measure(
             offset_reset: OffsetReset::Error,
             ..ConsumerConfig::default()
         };
-        let connection = Client::connect(broker).await?;
+        let connection = Client::connect_with(broker, connect.clone()).await?;
         consumers.push(connection.consumer(&topic.name, config).await?);
     }
     let mut producers: Vec<Producer> = Vec::new();
     for _ in 0..args.producers {
-        let connection = Client::connect(broker).await?;
+        let connection = Client::connect_with(broker, connect.clone()).await?;
         let producer = connection
             .producer(&topic.name, args.producer_config())
             .await?;

@@ -1,0 +1,259 @@
+//! Security (issue 17) through the real binaries: TLS on the client port.
+//!
+//! - A broker started with `--tls-cert`/`--tls-key` serves the CLI given `--tls-ca`: a topic
+//!   created, records produced and consumed back.
+//! - A plain-text CLI against the TLS port fails (exit 1) with a message that says why; a CLI
+//!   trusting another CA is refused too.
+//! - Mutual TLS (`--tls-client-ca`): a client without a certificate, or with one from another
+//!   CA, is refused; one with a certificate from the CA is served.
+//! - SIGHUP reloads the certificates: after the files are replaced by ones from a new CA and
+//!   the broker gets SIGHUP, a client trusting the new CA is served and one trusting only the
+//!   old CA is refused, without a restart.
+//!
+//! Certificates are generated here (rcgen), never checked in.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::BrokerProcess;
+
+/// A CA and what it issued, as PEM files in a directory.
+struct Pki {
+    ca: rcgen::Certificate,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap();
+        let issuer = rcgen::Issuer::new(params, key);
+        Pki { ca, issuer }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) with common name `cn`: (cert, key).
+    fn issue(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn write(&self, dir: &Path, prefix: &str) -> Files {
+        let write = |name: &str, text: &str| -> PathBuf {
+            let path = dir.join(format!("{prefix}-{name}"));
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let (server_cert, server_key) = self.issue("broker", &["127.0.0.1", "localhost"], false);
+        let (client_cert, client_key) = self.issue("service-a", &[], true);
+        Files {
+            ca: write("ca.pem", &self.ca.pem()),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+        }
+    }
+}
+
+struct Files {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn cli(broker: &BrokerProcess, tls: &[&Path], args: &[&str]) -> Output {
+    let mut flags: Vec<String> = Vec::new();
+    for (flag, path) in ["--tls-ca", "--tls-cert", "--tls-key"].iter().zip(tls) {
+        flags.push(flag.to_string());
+        flags.push(path.display().to_string());
+    }
+    let mut all: Vec<&str> = flags.iter().map(String::as_str).collect();
+    all.extend_from_slice(args);
+    common::cluster::run_cli_at(&broker.addr, &all)
+}
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn refused(output: &Output) -> String {
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn start(data: &Path, files: &Files, mutual: bool) -> BrokerProcess {
+    let mut args = vec![
+        "--tls-cert".to_string(),
+        files.server_cert.display().to_string(),
+        "--tls-key".to_string(),
+        files.server_key.display().to_string(),
+        "--handshake-timeout-ms".to_string(),
+        "2000".to_string(),
+    ];
+    if mutual {
+        args.push("--tls-client-ca".into());
+        args.push(files.ca.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    BrokerProcess::start_with(data, &args)
+}
+
+#[test]
+fn given_a_tls_broker_the_cli_should_round_trip_with_its_ca_and_fail_clearly_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test-ca");
+    let files = pki.write(dir.path(), "a");
+    let broker = start(&dir.path().join("data"), &files, false);
+    let ca: &[&Path] = &[&files.ca];
+
+    ok(&cli(
+        &broker,
+        ca,
+        &["topic", "create", "secure", "--partitions", "1"],
+    ));
+    let mut produce = std::process::Command::new(common::binary("syncline"))
+        .args(["--broker", &broker.addr, "--tls-ca"])
+        .arg(&files.ca)
+        .args(["produce", "secure"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = produce.stdin.take().unwrap();
+        stdin.write_all(b"one\ntwo\n").unwrap();
+    }
+    ok(&produce.wait_with_output().unwrap());
+    let consumed = ok(&cli(
+        &broker,
+        ca,
+        &[
+            "consume",
+            "secure",
+            "--from-beginning",
+            "--max-records",
+            "2",
+        ],
+    ));
+    assert_eq!(
+        consumed.lines().collect::<Vec<_>>(),
+        ["one", "two"],
+        "{consumed}"
+    );
+
+    // Plain text against the TLS port: refused, saying so.
+    let stderr = refused(&cli(&broker, &[], &["topic", "list"]));
+    assert!(stderr.contains("error:"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("tls"), "{stderr}");
+    // Another CA: the broker's certificate is not trusted.
+    let other = Pki::new("other-ca").write(dir.path(), "other");
+    let stderr = refused(&cli(&broker, &[&other.ca], &["topic", "list"]));
+    assert!(stderr.contains("error:"), "{stderr}");
+}
+
+#[test]
+fn given_mutual_tls_only_clients_with_a_certificate_of_the_ca_should_be_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("test-ca");
+    let files = pki.write(dir.path(), "a");
+    let broker = start(&dir.path().join("data"), &files, true);
+
+    let with_cert: &[&Path] = &[&files.ca, &files.client_cert, &files.client_key];
+    ok(&cli(&broker, with_cert, &["topic", "create", "mutual"]));
+    // No client certificate: refused.
+    refused(&cli(&broker, &[&files.ca], &["topic", "list"]));
+    // A client certificate from another CA: refused.
+    let other = Pki::new("other-ca").write(dir.path(), "other");
+    refused(&cli(
+        &broker,
+        &[&files.ca, &other.client_cert, &other.client_key],
+        &["topic", "list"],
+    ));
+    let listed = ok(&cli(&broker, with_cert, &["topic", "list"]));
+    assert!(listed.contains("mutual"), "{listed}");
+}
+
+#[test]
+fn given_new_certificates_sighup_should_reload_them_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Pki::new("first-ca").write(dir.path(), "first");
+    let broker = start(&dir.path().join("data"), &first, false);
+    ok(&cli(
+        &broker,
+        &[&first.ca],
+        &["topic", "create", "reloaded"],
+    ));
+
+    // The files in place are replaced by a new CA's, then SIGHUP.
+    let second = Pki::new("second-ca").write(dir.path(), "second");
+    std::fs::copy(&second.server_cert, &first.server_cert).unwrap();
+    std::fs::copy(&second.server_key, &first.server_key).unwrap();
+    // SAFETY: kill(2) on the broker's pid.
+    let sent = unsafe { libc::kill(broker.child.id() as i32, libc::SIGHUP) };
+    assert_eq!(sent, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = cli(&broker, &[&second.ca], &["topic", "list"]);
+        if output.status.success() {
+            assert!(String::from_utf8_lossy(&output.stdout).contains("reloaded"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate is not served: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    refused(&cli(&broker, &[&first.ca], &["topic", "list"]));
+    // A bad file and another SIGHUP: the broker keeps serving what it had.
+    std::fs::write(&first.server_cert, "not a certificate").unwrap();
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::kill(broker.child.id() as i32, libc::SIGHUP) },
+        0
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    ok(&cli(&broker, &[&second.ca], &["topic", "list"]));
+}
