@@ -257,3 +257,137 @@ fn given_new_certificates_sighup_should_reload_them_without_a_restart() {
     std::thread::sleep(Duration::from_millis(300));
     ok(&cli(&broker, &[&second.ca], &["topic", "list"]));
 }
+
+/// The SHA-256 of `token` in hex (what a tokens file holds).
+fn sha256_hex(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn jwt(
+    claims: serde_json::Value,
+    key: &jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+) -> String {
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(alg), &claims, key).unwrap()
+}
+
+fn with_token(broker: &BrokerProcess, token: Option<&str>, args: &[&str]) -> Output {
+    let mut all = Vec::new();
+    if let Some(token) = token {
+        all.extend(["--token", token]);
+    }
+    all.extend_from_slice(args);
+    common::cluster::run_cli_at(&broker.addr, &all)
+}
+
+/// Static tokens and JWTs (HS256 with a secret file whose final newline is trimmed, EdDSA with
+/// a public key): good credentials are served; none, an unknown token, an expired JWT, one for
+/// another audience, one signed with another key are UNAUTHENTICATED with a message saying so.
+#[test]
+fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nprincipal = \"svc\"\nsha256 = \"{}\"\n",
+            sha256_hex("static-s3cret")
+        ),
+    )
+    .unwrap();
+    let secret = dir.path().join("jwt-secret");
+    std::fs::write(&secret, "hmac-secret-bytes\n").unwrap();
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let public = dir.path().join("jwt-keys.pem");
+    std::fs::write(&public, ed.public_key_pem()).unwrap();
+    let args = [
+        "--auth-tokens-file".to_string(),
+        tokens.display().to_string(),
+        "--auth-jwt-secret-file".to_string(),
+        secret.display().to_string(),
+        "--auth-jwt-public-keys".to_string(),
+        public.display().to_string(),
+        "--auth-jwt-audience".to_string(),
+        "syncline".to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let broker = BrokerProcess::start_with(&dir.path().join("data"), &args);
+
+    let hs = jsonwebtoken::EncodingKey::from_secret(b"hmac-secret-bytes");
+    let ed_key = jsonwebtoken::EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap();
+    let exp = now_secs() + 600;
+    let good_hs = jwt(
+        serde_json::json!({"sub": "alice", "exp": exp, "aud": "syncline"}),
+        &hs,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let good_ed = jwt(
+        serde_json::json!({"sub": "bob", "exp": exp, "aud": "syncline"}),
+        &ed_key,
+        jsonwebtoken::Algorithm::EdDSA,
+    );
+    ok(&with_token(
+        &broker,
+        Some("static-s3cret"),
+        &["topic", "create", "authed"],
+    ));
+    for token in [&good_hs, &good_ed] {
+        let listed = ok(&with_token(&broker, Some(token), &["topic", "list"]));
+        assert!(listed.contains("authed"), "{listed}");
+    }
+
+    let expired = jwt(
+        serde_json::json!({"sub": "alice", "exp": now_secs() - 3600, "aud": "syncline"}),
+        &hs,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let elsewhere = jwt(
+        serde_json::json!({"sub": "alice", "exp": exp, "aud": "other"}),
+        &hs,
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let forged = jwt(
+        serde_json::json!({"sub": "alice", "exp": exp, "aud": "syncline"}),
+        &jsonwebtoken::EncodingKey::from_secret(b"another-secret"),
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let other_ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let forged_ed = jwt(
+        serde_json::json!({"sub": "bob", "exp": exp, "aud": "syncline"}),
+        &jsonwebtoken::EncodingKey::from_ed_pem(other_ed.serialize_pem().as_bytes()).unwrap(),
+        jsonwebtoken::Algorithm::EdDSA,
+    );
+    for (token, wanted) in [
+        (None, "no credentials"),
+        (Some("wrong-token"), "not valid"),
+        (Some(expired.as_str()), "expired"),
+        (Some(elsewhere.as_str()), "audience"),
+        (Some(forged.as_str()), "signature"),
+        (Some(forged_ed.as_str()), "signature"),
+    ] {
+        let stderr = refused(&with_token(&broker, token, &["topic", "delete", "authed"]));
+        assert!(
+            stderr.to_lowercase().contains("unauthenticated") || stderr.contains(wanted),
+            "{token:?}: {stderr}"
+        );
+        assert!(stderr.contains(wanted), "{token:?}: {stderr}");
+    }
+    // Nothing was deleted by the refused calls.
+    let listed = ok(&with_token(
+        &broker,
+        Some("static-s3cret"),
+        &["topic", "list"],
+    ));
+    assert!(listed.contains("authed"), "{listed}");
+}

@@ -296,6 +296,34 @@ pub struct Flags {
         requires = "tls_cert"
     )]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Static tokens for services: a TOML file of `[[token]] principal = "NAME"` and
+    /// `sha256 = "HEX"` (the SHA-256 of the token, never the token). Calls then need
+    /// `authorization: Bearer TOKEN` (or a JWT, or a client certificate)
+    #[arg(long, env = "SYNCLINE_AUTH_TOKENS_FILE", value_name = "TOML")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// JWTs signed with HS256: the file's bytes are the shared secret as written (surrounding
+    /// whitespace and a final newline trimmed, never base64-decoded); the principal is `sub`
+    #[arg(long, env = "SYNCLINE_AUTH_JWT_SECRET_FILE", value_name = "FILE")]
+    pub auth_jwt_secret_file: Option<PathBuf>,
+
+    /// JWTs signed with RS256 or EdDSA: a PEM file of one or more public keys
+    #[arg(long, env = "SYNCLINE_AUTH_JWT_PUBLIC_KEYS", value_name = "PEM")]
+    pub auth_jwt_public_keys: Option<PathBuf>,
+
+    /// JWTs must carry this audience (`aud`) [default: not checked]
+    #[arg(long, env = "SYNCLINE_AUTH_JWT_AUDIENCE", value_name = "AUD")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Principals allowed every operation, comma-separated
+    #[arg(
+        long,
+        env = "SYNCLINE_SUPERUSERS",
+        value_name = "P1,P2",
+        value_delimiter = ','
+    )]
+    pub superusers: Option<Vec<String>>,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -341,6 +369,11 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    auth_tokens_file: Option<PathBuf>,
+    auth_jwt_secret_file: Option<PathBuf>,
+    auth_jwt_public_keys: Option<PathBuf>,
+    auth_jwt_audience: Option<String>,
+    superusers: Option<Vec<String>>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -491,6 +524,23 @@ pub struct Config {
     pub replication: crate::replication::group::GroupSettings,
     /// TLS on the client port (None: plain text).
     pub tls: Option<TlsFiles>,
+    /// Authentication (`server::auth`).
+    pub auth: AuthFiles,
+}
+
+/// Where the credentials that authenticate clients come from (`server::auth`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthFiles {
+    /// Static tokens (TOML).
+    pub tokens_file: Option<PathBuf>,
+    /// The HS256 secret.
+    pub jwt_secret_file: Option<PathBuf>,
+    /// RS256 / EdDSA public keys (PEM).
+    pub jwt_public_keys: Option<PathBuf>,
+    /// The audience JWTs must carry.
+    pub jwt_audience: Option<String>,
+    /// Principals allowed everything.
+    pub superusers: Vec<String>,
 }
 
 /// The TLS certificate files (`server::tls`).
@@ -547,6 +597,7 @@ impl Default for Config {
             node: crate::cluster::node::NodeConfig::default(),
             replication: crate::replication::group::GroupSettings::default(),
             tls: None,
+            auth: AuthFiles::default(),
         }
     }
 }
@@ -821,6 +872,20 @@ impl Config {
                 }
                 .into())
             }
+        };
+        config.auth = AuthFiles {
+            tokens_file: flags.auth_tokens_file.or(file.auth_tokens_file),
+            jwt_secret_file: flags.auth_jwt_secret_file.or(file.auth_jwt_secret_file),
+            jwt_public_keys: flags.auth_jwt_public_keys.or(file.auth_jwt_public_keys),
+            jwt_audience: flags.auth_jwt_audience.or(file.auth_jwt_audience),
+            superusers: flags
+                .superusers
+                .or(file.superusers)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
         };
         config.validate()?;
         Ok(config)

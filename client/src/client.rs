@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use syncline_proto::batch::BATCH_LEN_MAX;
-use syncline_proto::v1::{self, broker_client::BrokerClient};
+use syncline_proto::v1;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use crate::address::BrokerAddress;
 use crate::admin::{
@@ -39,6 +38,8 @@ pub struct ClientConfig {
     pub keepalive_timeout: Duration,
     /// TLS to the brokers (None: plain text).
     pub tls: Option<TlsConfig>,
+    /// Credentials sent with every call (see [`ClientConfig::with_token`]).
+    pub credentials: routing::Credentials,
 }
 
 /// TLS settings of a client: the CA that signed the brokers' certificates and, for mutual TLS,
@@ -95,11 +96,19 @@ impl Default for ClientConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(10),
             tls: None,
+            credentials: routing::Credentials::default(),
         }
     }
 }
 
 impl ClientConfig {
+    /// Sends `token` as `authorization: Bearer TOKEN` with every call (a static token or a
+    /// JWT the brokers accept).
+    pub fn with_token(mut self, token: &str) -> Result<ClientConfig> {
+        self.credentials = routing::Credentials::new(Some(token))?;
+        Ok(self)
+    }
+
     /// Checks each field against its bounds.
     pub fn validate(&self) -> Result<()> {
         if self.connect_timeout.is_zero() {
@@ -262,7 +271,7 @@ impl Client {
     /// The generated gRPC client on the bootstrap connection, for calls this crate does not
     /// wrap (in a cluster, per-partition calls there may answer FAILED_PRECONDITION with a
     /// `NotLeader` detail naming the leader).
-    pub fn grpc(&self) -> BrokerClient<Channel> {
+    pub fn grpc(&self) -> Grpc {
         self.router.bootstrap().grpc.clone()
     }
 

@@ -123,6 +123,7 @@ pub use producer::{
     Acks, Delivery, DeliveryFuture, Producer, ProducerConfig, ProducerIdentity,
     UnkeyedPartitioning, PARTITION_WINDOW_BATCHES,
 };
+pub use routing::{Credentials, Grpc};
 pub use snapshot::Snapshot;
 pub use sync_table::{Change, Changes, SyncTable, SyncTableConfig};
 pub use table::{Entry, Expect, History, Table, Version, Written};

@@ -53,8 +53,57 @@ use crate::address::BrokerAddress;
 use crate::client::ClientConfig;
 use crate::error::{Error, Result};
 
-/// The generated gRPC client on one node's connection.
-pub(crate) type Grpc = BrokerClient<Channel>;
+/// The generated gRPC client on one node's connection (with the client's credentials).
+pub type Grpc = BrokerClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
+
+/// Adds the client's bearer token (if any) to every call as `authorization: Bearer TOKEN`.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("token", &self.authorization.is_some())
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// Credentials sending `token` (None: none).
+    pub(crate) fn new(token: Option<&str>) -> Result<Credentials> {
+        let authorization = match token {
+            Some(token) => {
+                let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                        Error::InvalidConfig {
+                            key: "token",
+                            reason: "a token must be visible ASCII".to_owned(),
+                        }
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+        Ok(Credentials { authorization })
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Immediate re-routes (a `NotLeader` naming another node, or a refreshed view pointing
 /// elsewhere) of one call before its error goes to the caller's retry policy: a leader that
@@ -115,7 +164,7 @@ pub(crate) fn endpoint(address: &BrokerAddress, config: &ClientConfig) -> Result
 
 /// The gRPC client on `channel` with the client's message limits.
 pub(crate) fn grpc(channel: Channel, config: &ClientConfig) -> Grpc {
-    BrokerClient::new(channel)
+    BrokerClient::with_interceptor(channel, config.credentials.clone())
         .max_decoding_message_size(config.message_bytes_max)
         .max_encoding_message_size(config.message_bytes_max)
 }

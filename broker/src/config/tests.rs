@@ -232,6 +232,27 @@ fn given_example_config_should_list_every_setting_at_its_default() {
                      tls_key = \"/etc/syncline/tls/broker-key.pem\"\n{line}\n"
                 )
             }
+            // Unset by default; the example names a file or a value.
+            "auth_tokens_file" => {
+                expected.auth.tokens_file = Some("/etc/syncline/tokens.toml".into());
+                format!("{line}\n")
+            }
+            "auth_jwt_secret_file" => {
+                expected.auth.jwt_secret_file = Some("/etc/syncline/jwt-secret".into());
+                format!("{line}\n")
+            }
+            "auth_jwt_public_keys" => {
+                expected.auth.jwt_public_keys = Some("/etc/syncline/jwt-keys.pem".into());
+                format!("{line}\n")
+            }
+            "auth_jwt_audience" => {
+                expected.auth.jwt_audience = Some("syncline".into());
+                format!("{line}\n")
+            }
+            "superusers" => {
+                expected.auth.superusers = vec!["admin".into()];
+                format!("{line}\n")
+            }
             // Sized from the open-file limit at start; the example gives the cap.
             "max_connections" => {
                 expected.connections.max_connections = Some(10_000);

@@ -1,6 +1,7 @@
 //! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
 //! port, with graceful shutdown.
 
+pub mod auth;
 pub mod budget;
 pub mod connections;
 mod decode_limit;
@@ -396,6 +397,17 @@ impl Broker {
             }
             None => None,
         };
+        let mutual_tls = tls.as_ref().is_some_and(|t| t.mutual());
+        let auth = auth::Authenticator::load(&self.registry.config().auth, mutual_tls)
+            .map_err(|e| BrokerError::InvalidRequest(format!("authentication: {e}")))?
+            .map(Arc::new);
+        if let Some(auth) = &auth {
+            tracing::info!(
+                ?auth,
+                mutual_tls,
+                "clients authenticate (UNAUTHENTICATED otherwise)"
+            );
+        }
         let incoming = connections::accept(
             self.listener,
             connections::AcceptSettings {
@@ -412,10 +424,10 @@ impl Broker {
             .http2_keepalive_timeout(Some(Duration::from_millis(settings.keepalive_timeout_ms)))
             .tcp_nodelay(true)
             .add_service(health)
-            .add_service(reflection)
+            .add_service(auth::Authenticated::new(reflection, auth.clone()))
             .add_optional_service(peer)
             .add_service(decode_limit::DecodeLimit::new(
-                budget::HoldUnaryPermits::new(broker),
+                budget::HoldUnaryPermits::new(auth::Authenticated::new(broker, auth)),
                 limits.max_batch_bytes,
             ))
             .serve_with_incoming_shutdown(incoming, shutdown);

@@ -71,6 +71,16 @@ struct Cli {
     #[arg(long, global = true, env = "SYNCLINE_TLS_KEY", value_name = "PEM", requires_all = ["tls_cert", "tls_ca"])]
     tls_key: Option<std::path::PathBuf>,
 
+    /// Bearer token sent with every call: a static token or a JWT the brokers accept
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCLINE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -85,9 +95,13 @@ impl Cli {
             }
             None => None,
         };
-        Ok(ClientConfig {
+        let config = ClientConfig {
             tls,
             ..ClientConfig::default()
+        };
+        Ok(match &self.token {
+            Some(token) => config.with_token(token)?,
+            None => config,
         })
     }
 }
