@@ -51,7 +51,7 @@ fn given_contradicting_node_settings_should_refuse_to_start_naming_the_key() {
     let metrics = ["--metrics-listen", "127.0.0.1:0"];
     for (args, expected) in [
         (
-            vec!["--listen", "0.0.0.0:0"],
+            vec!["--listen", "0.0.0.0:0", "--insecure-allow-remote"],
             "invalid value for `advertise`: the broker listens on 0.0.0.0:0",
         ),
         (
@@ -98,6 +98,7 @@ fn given_listen_on_all_addresses_with_advertise_should_start() {
             "0.0.0.0:0",
             "--advertise",
             "broker-1.example:7450",
+            "--insecure-allow-remote",
         ],
     );
     assert!(broker.stop());

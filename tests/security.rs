@@ -391,3 +391,77 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
     ));
     assert!(listed.contains("authed"), "{listed}");
 }
+
+/// A non-loopback listen address without TLS and authentication is refused at start, saying
+/// what to configure; with --insecure-allow-remote the broker starts (and says nothing is
+/// protected by serving plain text), and with TLS and tokens it starts without the flag.
+#[test]
+fn given_a_remote_listen_address_without_tls_and_authentication_the_broker_should_refuse_to_start()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(common::binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "0.0.0.0:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    for wanted in [
+        "0.0.0.0:0",
+        "--tls-cert",
+        "--auth-tokens-file",
+        "--insecure-allow-remote",
+    ] {
+        assert!(stderr.contains(wanted), "{wanted}: {stderr}");
+    }
+    // A remote metrics address too.
+    let output = std::process::Command::new(common::binary("syncline-broker"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("metrics"), "{stderr}");
+
+    // Asked for: it starts.
+    let broker = BrokerProcess::start_with(
+        &dir.path().join("data"),
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--advertise",
+            "127.0.0.1:7450",
+            "--insecure-allow-remote",
+        ],
+    );
+    drop(broker);
+    // TLS and tokens: it starts without the flag.
+    let pki = Pki::new("remote-ca");
+    let files = pki.write(dir.path(), "r");
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nprincipal = \"svc\"\nsha256 = \"{}\"\n",
+            sha256_hex("t")
+        ),
+    )
+    .unwrap();
+    let args = [
+        "--listen".to_string(),
+        "0.0.0.0:0".to_string(),
+        "--advertise".to_string(),
+        "127.0.0.1:7450".to_string(),
+        "--tls-cert".to_string(),
+        files.server_cert.display().to_string(),
+        "--tls-key".to_string(),
+        files.server_key.display().to_string(),
+        "--auth-tokens-file".to_string(),
+        tokens.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    drop(BrokerProcess::start_with(&dir.path().join("data2"), &args));
+}

@@ -268,62 +268,9 @@ pub struct Flags {
     #[arg(long, env = "SYNCLINE_RAFT_SNAPSHOT_KEEP", value_name = "ENTRIES")]
     pub raft_snapshot_keep: Option<u64>,
 
-    /// TLS on the client port: the certificate chain (PEM, leaf first), with --tls-key; clients
-    /// then connect with TLS (`syncline --tls-ca`). Reloaded on SIGHUP
-    #[arg(
-        long,
-        env = "SYNCLINE_TLS_CERT",
-        value_name = "PEM",
-        requires = "tls_key"
-    )]
-    pub tls_cert: Option<PathBuf>,
-
-    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1). Reloaded on SIGHUP
-    #[arg(
-        long,
-        env = "SYNCLINE_TLS_KEY",
-        value_name = "PEM",
-        requires = "tls_cert"
-    )]
-    pub tls_key: Option<PathBuf>,
-
-    /// Mutual TLS: require a client certificate signed by one of these CAs (PEM); its subject's
-    /// common name is the client's principal. Needs --tls-cert. Reloaded on SIGHUP
-    #[arg(
-        long,
-        env = "SYNCLINE_TLS_CLIENT_CA",
-        value_name = "PEM",
-        requires = "tls_cert"
-    )]
-    pub tls_client_ca: Option<PathBuf>,
-
-    /// Static tokens for services: a TOML file of `[[token]] principal = "NAME"` and
-    /// `sha256 = "HEX"` (the SHA-256 of the token, never the token). Calls then need
-    /// `authorization: Bearer TOKEN` (or a JWT, or a client certificate)
-    #[arg(long, env = "SYNCLINE_AUTH_TOKENS_FILE", value_name = "TOML")]
-    pub auth_tokens_file: Option<PathBuf>,
-
-    /// JWTs signed with HS256: the file's bytes are the shared secret as written (surrounding
-    /// whitespace and a final newline trimmed, never base64-decoded); the principal is `sub`
-    #[arg(long, env = "SYNCLINE_AUTH_JWT_SECRET_FILE", value_name = "FILE")]
-    pub auth_jwt_secret_file: Option<PathBuf>,
-
-    /// JWTs signed with RS256 or EdDSA: a PEM file of one or more public keys
-    #[arg(long, env = "SYNCLINE_AUTH_JWT_PUBLIC_KEYS", value_name = "PEM")]
-    pub auth_jwt_public_keys: Option<PathBuf>,
-
-    /// JWTs must carry this audience (`aud`) [default: not checked]
-    #[arg(long, env = "SYNCLINE_AUTH_JWT_AUDIENCE", value_name = "AUD")]
-    pub auth_jwt_audience: Option<String>,
-
-    /// Principals allowed every operation, comma-separated
-    #[arg(
-        long,
-        env = "SYNCLINE_SUPERUSERS",
-        value_name = "P1,P2",
-        value_delimiter = ','
-    )]
-    pub superusers: Option<Vec<String>>,
+    /// TLS, authentication and the remote-bind guard.
+    #[command(flatten)]
+    pub security: security::SecurityFlags,
 }
 
 /// The TOML file: the same settings as the flags, all optional.
@@ -374,6 +321,7 @@ struct FileConfig {
     auth_jwt_public_keys: Option<PathBuf>,
     auth_jwt_audience: Option<String>,
     superusers: Option<Vec<String>>,
+    insecure_allow_remote: Option<bool>,
 }
 
 /// A size in the TOML file: an integer (bytes) or a string with a unit (`"64MiB"`).
@@ -526,32 +474,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Authentication (`server::auth`).
     pub auth: AuthFiles,
-}
-
-/// Where the credentials that authenticate clients come from (`server::auth`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuthFiles {
-    /// Static tokens (TOML).
-    pub tokens_file: Option<PathBuf>,
-    /// The HS256 secret.
-    pub jwt_secret_file: Option<PathBuf>,
-    /// RS256 / EdDSA public keys (PEM).
-    pub jwt_public_keys: Option<PathBuf>,
-    /// The audience JWTs must carry.
-    pub jwt_audience: Option<String>,
-    /// Principals allowed everything.
-    pub superusers: Vec<String>,
-}
-
-/// The TLS certificate files (`server::tls`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// The certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Its private key (PEM).
-    pub key: PathBuf,
-    /// CAs whose client certificates are accepted (PEM); None: no client certificate asked.
-    pub client_ca: Option<PathBuf>,
+    /// Serve a non-loopback address without TLS and authentication.
+    pub insecure_allow_remote: bool,
 }
 
 impl Default for Config {
@@ -598,6 +522,7 @@ impl Default for Config {
             replication: crate::replication::group::GroupSettings::default(),
             tls: None,
             auth: AuthFiles::default(),
+            insecure_allow_remote: false,
         }
     }
 }
@@ -854,39 +779,21 @@ impl Config {
                     message,
                 })?;
         }
-        let tls_cert = flags.tls_cert.or(file.tls_cert);
-        let tls_key = flags.tls_key.or(file.tls_key);
-        let tls_client_ca = flags.tls_client_ca.or(file.tls_client_ca);
-        config.tls = match (tls_cert, tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                cert,
-                key,
-                client_ca: tls_client_ca,
-            }),
-            (None, None) if tls_client_ca.is_none() => None,
-            _ => {
-                return Err(ConfigError {
-                    key: "tls_cert",
-                    message: "tls_cert and tls_key go together (and tls_client_ca needs both)"
-                        .into(),
-                }
-                .into())
-            }
-        };
+        let security = flags.security;
+        config.tls = security::tls_files(
+            security.tls_cert.or(file.tls_cert),
+            security.tls_key.or(file.tls_key),
+            security.tls_client_ca.or(file.tls_client_ca),
+        )?;
         config.auth = AuthFiles {
-            tokens_file: flags.auth_tokens_file.or(file.auth_tokens_file),
-            jwt_secret_file: flags.auth_jwt_secret_file.or(file.auth_jwt_secret_file),
-            jwt_public_keys: flags.auth_jwt_public_keys.or(file.auth_jwt_public_keys),
-            jwt_audience: flags.auth_jwt_audience.or(file.auth_jwt_audience),
-            superusers: flags
-                .superusers
-                .or(file.superusers)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| p.trim().to_string())
-                .filter(|p| !p.is_empty())
-                .collect(),
+            tokens_file: security.auth_tokens_file.or(file.auth_tokens_file),
+            jwt_secret_file: security.auth_jwt_secret_file.or(file.auth_jwt_secret_file),
+            jwt_public_keys: security.auth_jwt_public_keys.or(file.auth_jwt_public_keys),
+            jwt_audience: security.auth_jwt_audience.or(file.auth_jwt_audience),
+            superusers: security::principals(security.superusers.or(file.superusers)),
         };
+        config.insecure_allow_remote =
+            security.insecure_allow_remote || file.insecure_allow_remote.unwrap_or(false);
         config.validate()?;
         Ok(config)
     }
@@ -894,6 +801,7 @@ impl Config {
     /// Checks bounds and relations, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &'static str, message: String| Err(ConfigError { key, message });
+        security::check_remote(self)?;
         self.node.validate(self.listen)?;
         let limits = &self.limits;
         if !(1..=100_000).contains(&limits.max_partitions) {
@@ -1058,6 +966,9 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigLoadError> {
         message: e.to_string(),
     })
 }
+
+mod security;
+pub use security::{AuthFiles, SecurityFlags, TlsFiles};
 
 #[cfg(test)]
 mod tests;

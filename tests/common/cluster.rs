@@ -363,9 +363,15 @@ impl Cluster {
             .filter(|arg| arg.starts_with("--"))
             .map(|arg| arg.split('=').next().unwrap_or(arg))
             .collect();
+        // Nodes in network namespaces listen on their namespace's address, in plain text.
+        let remote = !node
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
         own.into_iter()
             .filter(|(flag, _)| !given.contains(flag))
             .flat_map(|(flag, value)| [flag.to_string(), value])
+            .chain(remote.then(|| "--insecure-allow-remote".to_string()))
             .chain(self.common.iter().cloned())
             .chain(extra.iter().map(|s| s.to_string()))
             .collect()
