@@ -6,6 +6,8 @@
 //!   trusting another CA is refused too.
 //! - Mutual TLS (`--tls-client-ca`): a client without a certificate, or with one from another
 //!   CA, is refused; one with a certificate from the CA is served.
+//! - Tokens and JWTs authenticate (others are UNAUTHENTICATED), and admin calls are audited
+//!   with their principal.
 //! - SIGHUP reloads the certificates: after the files are replaced by ones from a new CA and
 //!   the broker gets SIGHUP, a client trusting the new CA is served and one trusting only the
 //!   old CA is refused, without a restart.
@@ -390,6 +392,42 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
         &["topic", "list"],
     ));
     assert!(listed.contains("authed"), "{listed}");
+
+    // The audit log names the principal, the operation, the resource and the result.
+    refused(&with_token(
+        &broker,
+        Some(&good_hs),
+        &["topic", "delete", "missing"],
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let audit: Vec<String> = broker
+        .drain_log()
+        .into_iter()
+        .filter(|line| line.contains("syncline::audit"))
+        .collect();
+    let find = |parts: &[&str]| {
+        audit
+            .iter()
+            .any(|line| parts.iter().all(|p| line.contains(p)))
+    };
+    assert!(
+        find(&[
+            "principal=svc",
+            "create_topic",
+            "topic:authed",
+            "result=\"ok\""
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        find(&[
+            "principal=alice",
+            "delete_topic",
+            "topic:missing",
+            "result=\"refused\""
+        ]),
+        "{audit:#?}"
+    );
 }
 
 /// A non-loopback listen address without TLS and authentication is refused at start, saying

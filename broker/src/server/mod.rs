@@ -1,6 +1,7 @@
 //! The gRPC server: the Syncline service, `grpc.health.v1.Health` and server reflection on one
 //! port, with graceful shutdown.
 
+pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod connections;

@@ -25,6 +25,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::audit::Audit;
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::connections::ConnectionInfo;
 use super::reads::{
@@ -220,9 +221,15 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::CreateTopicResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "CreateTopic");
+        let audit = Audit::of(
+            &request,
+            "create_topic",
+            format!("topic:{}", request.get_ref().name),
+        );
         let result = async move { self.create_topic_call(request).await }
             .instrument(span)
             .await;
+        audit.record(&result);
         finish("CreateTopic", started, result)
     }
 
@@ -232,9 +239,15 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::DeleteTopicResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DeleteTopic");
+        let audit = Audit::of(
+            &request,
+            "delete_topic",
+            format!("topic:{}", request.get_ref().name),
+        );
         let result = async move { self.delete_topic_call(request).await }
             .instrument(span)
             .await;
+        audit.record(&result);
         finish("DeleteTopic", started, result)
     }
 
@@ -244,7 +257,17 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::ReassignPartitionResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ReassignPartition");
+        let audit = Audit::of(
+            &request,
+            "reassign_partition",
+            format!(
+                "topic:{}/{}",
+                request.get_ref().topic,
+                request.get_ref().partition
+            ),
+        );
         let result = self.reassign_partition_call(request).instrument(span).await;
+        audit.record(&result);
         finish("ReassignPartition", started, result)
     }
 
@@ -254,7 +277,9 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RebalanceResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Rebalance");
+        let audit = Audit::of(&request, "rebalance", "cluster".to_string());
         let result = self.rebalance_call(request).instrument(span).await;
+        audit.record(&result);
         finish("Rebalance", started, result)
     }
 
@@ -264,7 +289,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::AddNodeResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "AddNode");
+        let audit = Audit::of(
+            &request,
+            "add_node",
+            format!("node:{}", request.get_ref().node_id),
+        );
         let result = self.add_node_call(request).instrument(span).await;
+        audit.record(&result);
         finish("AddNode", started, result)
     }
 
@@ -274,7 +305,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "RemoveNode");
+        let audit = Audit::of(
+            &request,
+            "remove_node",
+            format!("node:{}", request.get_ref().node_id),
+        );
         let result = self.remove_node_call(request).instrument(span).await;
+        audit.record(&result);
         finish("RemoveNode", started, result)
     }
 
@@ -284,7 +321,13 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::SetVotersResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "SetVoters");
+        let audit = Audit::of(
+            &request,
+            "set_voters",
+            format!("voters:{:?}", request.get_ref().voters),
+        );
         let result = self.set_voters_call(request).instrument(span).await;
+        audit.record(&result);
         finish("SetVoters", started, result)
     }
 
@@ -852,7 +895,13 @@ impl Broker for BrokerService {
         request: Request<v1::CompactTopicRequest>,
     ) -> Result<Response<v1::CompactTopicResponse>, Status> {
         let started = Instant::now();
+        let audit = Audit::of(
+            &request,
+            "compact_topic",
+            format!("topic:{}", request.get_ref().name),
+        );
         let result = async move { self.compact_topic_call(request).await }.await;
+        audit.record(&result);
         finish("CompactTopic", started, result)
     }
 
