@@ -47,17 +47,28 @@ impl Pki {
 
     /// A certificate for `names` (DNS names or IP addresses) with common name `cn`: (cert, key).
     fn issue(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
+        let usage = if client {
+            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth]
+        };
+        self.issue_for(cn, names, usage)
+    }
+
+    /// A certificate with the extended key usages `usage` (a node's: both).
+    fn issue_for(
+        &self,
+        cn: &str,
+        names: &[&str],
+        usage: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> (String, String) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        params.extended_key_usages = usage;
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
@@ -502,4 +513,141 @@ fn given_a_remote_listen_address_without_tls_and_authentication_the_broker_shoul
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     drop(BrokerProcess::start_with(&dir.path().join("data2"), &args));
+}
+
+/// A 3-node cluster with mutual TLS on every port: the nodes reach each other with their own
+/// certificates (peer traffic: the controller, partition groups, joins), and a client with a
+/// certificate of the CA creates a replicated topic, writes and reads it back. A node with TLS
+/// but no client CA refuses to start in a cluster, saying why.
+#[test]
+fn given_a_cluster_with_mutual_tls_nodes_should_replicate_and_serve_clients() {
+    use common::cluster::Cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("cluster-ca");
+    let write = |name: &str, text: &str| -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let (node_cert, node_key) = pki.issue_for(
+        "node",
+        &["127.0.0.1", "localhost"],
+        vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    );
+    let ca = write("ca.pem", &pki.ca.pem());
+    let cert = write("node.pem", &node_cert);
+    let key = write("node-key.pem", &node_key);
+    let (client_cert, client_key) = pki.issue("operator", &[], true);
+    let client_cert = write("client.pem", &client_cert);
+    let client_key = write("client-key.pem", &client_key);
+    let tls_args = [
+        "--tls-cert".to_string(),
+        cert.display().to_string(),
+        "--tls-key".to_string(),
+        key.display().to_string(),
+        "--tls-client-ca".to_string(),
+        ca.display().to_string(),
+    ];
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+
+    let mut cluster = Cluster::unstarted(3);
+    // TLS without a client CA: refused in a cluster.
+    let refused_start = cluster
+        .try_start_with(1, &tls_args[..4])
+        .expect_err("a cluster node with TLS but no client CA started");
+    assert!(refused_start.contains("--tls-client-ca"), "{refused_start}");
+    for id in 1..=3 {
+        cluster.start_with(id, &tls_args);
+    }
+    let addresses = cluster.addresses();
+    let tls_cli = |args: &[&str]| -> Output {
+        let mut all = vec![
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--tls-cert",
+            client_cert.to_str().unwrap(),
+            "--tls-key",
+            client_key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        common::cluster::run_cli_at(&addresses, &all)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let output = tls_cli(&["cluster", "status", "--json"]);
+        if output.status.success() {
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            let alive = status["nodes"].as_array().map_or(0, |nodes| {
+                nodes.iter().filter(|n| n["alive"] == true).count()
+            });
+            if !status["controller"].is_null() && alive == 3 {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the TLS cluster did not form: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ok(&tls_cli(&[
+        "topic",
+        "create",
+        "sealed",
+        "--partitions",
+        "1",
+        "--replication-factor",
+        "3",
+    ]));
+    let mut produce = std::process::Command::new(common::binary("syncline"))
+        .args(["--broker", &addresses, "--tls-ca"])
+        .arg(&ca)
+        .arg("--tls-cert")
+        .arg(&client_cert)
+        .arg("--tls-key")
+        .arg(&client_key)
+        .args(["produce", "sealed", "--acks", "durable"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = produce.stdin.take().unwrap();
+        stdin.write_all(b"replicated\nover tls\n").unwrap();
+    }
+    ok(&produce.wait_with_output().unwrap());
+    let consumed = ok(&tls_cli(&[
+        "consume",
+        "sealed",
+        "--from-beginning",
+        "--max-records",
+        "2",
+    ]));
+    assert_eq!(
+        consumed.lines().collect::<Vec<_>>(),
+        ["replicated", "over tls"],
+        "{consumed}"
+    );
+    // Every replica caught up: the partition group replicates over mutual TLS.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = tls_cli(&["cluster", "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        let caught_up = status["partitions"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .filter(|p| p["topic"] == "sealed")
+                .all(|p| p["caught_up"].as_array().map_or(0, Vec::len) == 3)
+        });
+        if caught_up {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -144,6 +144,7 @@ impl Controller {
         voters: BTreeMap<u64, String>,
         offsets_topic: InternalTopic,
         settings: crate::replication::group::GroupSettings,
+        tls: Option<crate::config::TlsFiles>,
     ) -> Result<Arc<Controller>, BrokerError> {
         Self::start_with(
             data_dir,
@@ -151,10 +152,15 @@ impl Controller {
             address,
             voters,
             offsets_topic,
-            Peers::default(),
+            Peers::with_tls(tls),
             settings,
         )
         .await
+    }
+
+    /// Drops the channels to the other nodes (they reconnect with the certificates read again).
+    pub fn reset_peer_channels(&self) {
+        self.peers.reset();
     }
 
     /// [`Controller::start`] reaching the other nodes through `peers` (the simulator's seam).

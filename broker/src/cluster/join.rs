@@ -33,8 +33,11 @@ fn refuse(config: &Config, message: String) -> BrokerError {
     }
 }
 
-async fn client(join: &str) -> Result<BrokerClient<tonic::transport::Channel>, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{join}"))
+async fn client(
+    join: &str,
+    config: &Config,
+) -> Result<BrokerClient<tonic::transport::Channel>, String> {
+    let endpoint = super::network::peer_endpoint(join, config.tls.as_ref())
         .map_err(|e| format!("--join {join}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(35));
@@ -75,7 +78,7 @@ pub async fn join(config: &Config, join: &str, advertised: &str) -> Result<Ident
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     let added = loop {
         let attempt = async {
-            let mut client = client(join).await?;
+            let mut client = client(join, config).await?;
             client
                 .add_node(v1::AddNodeRequest {
                     node_id: node.id,
@@ -134,7 +137,7 @@ async fn check_same_cluster(
     identity: &Identity,
 ) -> Result<(), BrokerError> {
     let answer = tokio::time::timeout(CHECK_TIMEOUT, async {
-        let mut client = client(join).await?;
+        let mut client = client(join, config).await?;
         client
             .describe_cluster(v1::DescribeClusterRequest::default())
             .await

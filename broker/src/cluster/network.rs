@@ -48,6 +48,39 @@ const PEER_CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
 pub struct Peers {
     channels: Arc<parking_lot::Mutex<HashMap<String, Channel>>>,
     connector: Option<Connector>,
+    /// Mutual TLS to the other nodes: this node's certificate as its client identity, the
+    /// client CA as the trust root of theirs (read when a channel is made).
+    tls: Option<crate::config::TlsFiles>,
+}
+
+/// The endpoint of a node at `address`: plain HTTP/2, or with `tls` mutual TLS (this node's
+/// certificate and key as its identity; the other node's certificate must chain to the client
+/// CA, which signs the nodes' certificates).
+pub fn peer_endpoint(
+    address: &str,
+    tls: Option<&crate::config::TlsFiles>,
+) -> Result<Endpoint, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        .map_err(|e| format!("bad peer address `{address}`: {e}"))?;
+    let Some(files) = tls else {
+        return Ok(endpoint);
+    };
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let ca = files.client_ca.as_ref().ok_or(
+        "TLS between nodes needs --tls-client-ca (the CA that signs the nodes' certificates)",
+    )?;
+    let settings = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?))
+        .identity(tonic::transport::Identity::from_pem(
+            read(&files.cert)?,
+            read(&files.key)?,
+        ));
+    endpoint
+        .tls_config(settings)
+        .map_err(|e| format!("TLS settings for {address}: {e}"))
 }
 
 impl std::fmt::Debug for Peers {
@@ -68,7 +101,22 @@ impl Peers {
         Peers {
             channels: Arc::default(),
             connector: Some(connector),
+            tls: None,
         }
+    }
+
+    /// Peers reached with mutual TLS (`tls`: see [`peer_endpoint`]), or in plain text.
+    pub fn with_tls(tls: Option<crate::config::TlsFiles>) -> Peers {
+        Peers {
+            tls,
+            ..Peers::default()
+        }
+    }
+
+    /// Drops every channel: the next call to each peer connects again (with certificates read
+    /// again, after a SIGHUP).
+    pub fn reset(&self) {
+        self.channels.lock().clear();
     }
 
     /// A client for the peer at `address` (the channel connects lazily and reconnects).
@@ -82,8 +130,7 @@ impl Peers {
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("bad peer address `{address}`: {e}"))?
+        let endpoint = peer_endpoint(address, self.tls.as_ref())?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // A peer cut off without a FIN (a partition, a paused process) is found by these

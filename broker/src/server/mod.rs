@@ -181,6 +181,7 @@ impl Broker {
                     voters,
                     offsets_topic,
                     config.replication,
+                    peer_tls(&config)?,
                 )
                 .await?,
             )
@@ -392,7 +393,7 @@ impl Broker {
                 let tls = Arc::new(tls::Tls::load(files.clone()).map_err(|e| {
                     BrokerError::InvalidRequest(format!("TLS on the client port: {e}"))
                 })?);
-                tokio::spawn(reload_on_sighup(tls.clone()));
+                tokio::spawn(reload_on_sighup(tls.clone(), self.controller.clone()));
                 tracing::info!(cert = %files.cert.display(), mutual = tls.mutual(), "TLS on the client port (certificates reload on SIGHUP)");
                 Some(tls)
             }
@@ -533,8 +534,12 @@ async fn retention_loop(
     }
 }
 
-/// Reloads the TLS certificates at every SIGHUP (a failed reload keeps the ones in use).
-async fn reload_on_sighup(tls: Arc<tls::Tls>) {
+/// Reloads the TLS certificates at every SIGHUP (a failed reload keeps the ones in use), and
+/// has the connections to the other nodes made again with them.
+async fn reload_on_sighup(
+    tls: Arc<tls::Tls>,
+    controller: Option<Arc<crate::cluster::controller::Controller>>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: TLS certificates reload only at a restart");
@@ -542,10 +547,31 @@ async fn reload_on_sighup(tls: Arc<tls::Tls>) {
     };
     while hangups.recv().await.is_some() {
         match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Ok(()) => {
+                // Connections to the other nodes are made again with the new files.
+                if let Some(controller) = &controller {
+                    controller.reset_peer_channels();
+                }
+                tracing::info!("SIGHUP: TLS certificates reloaded")
+            }
             Err(error) => {
                 tracing::error!(%error, "SIGHUP: TLS certificates not reloaded; the ones in use stay")
             }
         }
+    }
+}
+
+/// TLS between the nodes of a cluster: mutual, with this node's certificate and the client CA
+/// (which must then sign the nodes' certificates); refused when TLS is on without a client CA.
+fn peer_tls(
+    config: &crate::config::Config,
+) -> Result<Option<crate::config::TlsFiles>, BrokerError> {
+    match &config.tls {
+        Some(files) if files.client_ca.is_none() => Err(BrokerError::InvalidRequest(
+            "a cluster node with --tls-cert needs --tls-client-ca too: nodes reach each other \
+             with mutual TLS, each node's certificate signed by that CA"
+                .into(),
+        )),
+        tls => Ok(tls.clone()),
     }
 }

@@ -96,8 +96,16 @@ fn from_leader<T>(answer: Result<Response<T>, Status>) -> Result<Response<T>, St
     })
 }
 
-fn handed_on<T>(message: T) -> Request<T> {
+fn handed_on<T>(
+    message: T,
+    credentials: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Request<T> {
     let mut call = Request::new(message);
+    // The caller's bearer token goes along: the leader authenticates the same caller (a node's
+    // own certificate authenticates it where there is none).
+    if let Some(credentials) = credentials {
+        call.metadata_mut().insert("authorization", credentials);
+    }
     call.set_timeout(LEADER_CALL_TIMEOUT);
     call.metadata_mut().insert(
         FORWARDED_HEADER,
@@ -222,9 +230,10 @@ impl BrokerService {
     ) -> Result<Response<v1::AddNodeResponse>, Status> {
         let controller = self.controller("adding a node")?;
         let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
+        let credentials = request.metadata().get("authorization").cloned();
         let request = request.into_inner();
         if let Some(mut leader) = leader_client(controller, forwarded).await? {
-            return from_leader(leader.add_node(handed_on(request)).await);
+            return from_leader(leader.add_node(handed_on(request, credentials)).await);
         }
         controller
             .add_node(request.node_id, &request.address, &request.dir_id)
@@ -258,6 +267,7 @@ impl BrokerService {
     ) -> Result<Response<v1::RemoveNodeResponse>, Status> {
         let controller = self.controller("removing a node")?;
         let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
+        let credentials = request.metadata().get("authorization").cloned();
         let request = request.into_inner();
         let node = request.node_id;
         let metadata = controller.metadata();
@@ -335,7 +345,7 @@ impl BrokerService {
             }));
         }
         if let Some(mut leader) = leader_client(controller, forwarded).await? {
-            return from_leader(leader.remove_node(handed_on(request)).await);
+            return from_leader(leader.remove_node(handed_on(request, credentials)).await);
         }
         controller
             .remove_member(node, request.force)
@@ -359,9 +369,10 @@ impl BrokerService {
     ) -> Result<Response<v1::SetVotersResponse>, Status> {
         let controller = self.controller("changing the controller's voters")?;
         let forwarded = request.metadata().contains_key(FORWARDED_HEADER);
+        let credentials = request.metadata().get("authorization").cloned();
         let request = request.into_inner();
         if let Some(mut leader) = leader_client(controller, forwarded).await? {
-            return from_leader(leader.set_voters(handed_on(request)).await);
+            return from_leader(leader.set_voters(handed_on(request, credentials)).await);
         }
         let voters = controller
             .set_voters(&request.voters)
