@@ -133,6 +133,27 @@ fn refused(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Scrapes `/metrics` at `address` with python3's urllib (`https` with `ca` when given, the
+/// bearer `token` when given): (HTTP status, body).
+fn scrape(address: &str, ca: Option<&Path>, token: Option<&str>) -> (u16, String) {
+    let script = "import ssl, sys, urllib.request, urllib.error\n\
+        addr, ca, token = sys.argv[1], sys.argv[2], sys.argv[3]\n\
+        ctx = ssl.create_default_context(cafile=ca) if ca else None\n\
+        req = urllib.request.Request(('https://' if ca else 'http://') + addr + '/metrics')\n\
+        if token: req.add_header('Authorization', 'Bearer ' + token)\n\
+        try:\n    r = urllib.request.urlopen(req, timeout=10, context=ctx); print(r.status); print(r.read().decode())\n\
+        except urllib.error.HTTPError as e:\n    print(e.code); print(e.read().decode())\n\
+        except Exception as e:\n    print(0); print(e)\n";
+    let ca = ca.map(|p| p.display().to_string()).unwrap_or_default();
+    let output = std::process::Command::new("python3")
+        .args(["-c", script, address, &ca, token.unwrap_or("")])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (code, body) = text.split_once('\n').unwrap_or((&text, ""));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
 fn start(data: &Path, files: &Files, mutual: bool) -> BrokerProcess {
     let mut args = vec![
         "--tls-cert".to_string(),
@@ -194,6 +215,14 @@ fn given_a_tls_broker_the_cli_should_round_trip_with_its_ca_and_fail_clearly_wit
         ["one", "two"],
         "{consumed}"
     );
+
+    // /metrics is served over TLS too.
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    let (code, body) = scrape(&metrics, Some(&files.ca), None);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("syncline_"), "{body}");
+    let (code, _) = scrape(&metrics, None, None);
+    assert_ne!(code, 200, "plain-text metrics from a TLS broker");
 
     // Plain text against the TLS port: refused, saying so.
     let stderr = refused(&cli(&broker, &[], &["topic", "list"]));
@@ -403,6 +432,15 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
         &["topic", "list"],
     ));
     assert!(listed.contains("authed"), "{listed}");
+
+    // /metrics needs a token too.
+    let metrics = broker.metrics_addr.clone().expect("metrics address");
+    let (code, body) = scrape(&metrics, None, None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("no credentials"), "{body}");
+    let (code, body) = scrape(&metrics, None, Some("static-s3cret"));
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("syncline_"), "{body}");
 
     // The audit log names the principal, the operation, the resource and the result.
     refused(&with_token(

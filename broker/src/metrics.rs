@@ -416,9 +416,19 @@ pub async fn bind(addr: SocketAddr, explicit: bool) -> std::io::Result<Option<Tc
     }
 }
 
+/// Who may scrape: TLS as on the client port, and a bearer token when clients authenticate.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// TLS (the client port's certificate).
+    pub tls: Option<Arc<crate::server::tls::Tls>>,
+    /// Token checks.
+    pub auth: Option<Arc<crate::server::auth::Authenticator>>,
+}
+
 /// Serves `/metrics` on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: TcpListener,
+    access: Access,
     handle: PrometheusHandle,
     registry: Arc<Registry>,
     coordinator: Arc<crate::group::Coordinator>,
@@ -426,15 +436,29 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     use axum::routing::get;
+    let Access { tls, auth } = access;
     let router = axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let handle = handle.clone();
                 let registry = registry.clone();
                 let coordinator = coordinator.clone();
                 let controller = controller.clone();
+                let auth = auth.clone();
                 async move {
+                    use axum::response::IntoResponse as _;
+                    // With authentication configured, a scrape needs a bearer token too (the
+                    // metrics name topics and groups).
+                    if let Some(auth) = &auth {
+                        let authorization = headers
+                            .get(axum::http::header::AUTHORIZATION)
+                            .map(|v| v.as_bytes());
+                        if let Err(reason) = auth.authenticate(authorization, None) {
+                            return (axum::http::StatusCode::UNAUTHORIZED, format!("{reason}\n"))
+                                .into_response();
+                        }
+                    }
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
@@ -447,6 +471,7 @@ pub async fn serve(
                             controller.as_deref(),
                         ),
                     )
+                        .into_response()
                 }
             }),
         )
@@ -454,11 +479,53 @@ pub async fn serve(
             "/",
             get(|| async { "syncline-broker: metrics at /metrics\n" }),
         );
-    if let Err(error) = axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-    {
+    let served = match tls {
+        Some(tls) => {
+            axum::serve(TlsListener { listener, tls }, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    if let Err(error) = served {
         tracing::warn!(%error, "metrics endpoint stopped");
+    }
+}
+
+/// The metrics port's connections with the client port's TLS (handshakes of at most 5 s; one
+/// that fails or times out is dropped and the next connection accepted).
+struct TlsListener {
+    listener: TcpListener,
+    tls: Arc<crate::server::tls::Tls>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, peer)) = self.listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let handshake = self.tls.metrics_acceptor().accept(stream);
+            match tokio::time::timeout(std::time::Duration::from_secs(5), handshake).await {
+                Ok(Ok(stream)) => return (stream, peer),
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "metrics: TLS handshake failed")
+                }
+                Err(_) => tracing::debug!(%peer, "metrics: no TLS handshake within 5 s"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 

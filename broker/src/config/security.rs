@@ -1,6 +1,6 @@
 //! Security settings: TLS files, authentication sources, and the guard that refuses to serve a
-//! non-loopback address in plain text without authentication unless asked to
-//! (`--insecure-allow-remote`).
+//! non-loopback address (the client port or the metrics port) without TLS and authentication
+//! unless asked to (`--insecure-allow-remote`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -139,9 +139,8 @@ pub(super) fn principals(list: Option<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
-/// Refuses a non-loopback client address without TLS and authentication (a client
-/// certificate or a token source), and a non-loopback metrics address (it has neither yet),
-/// unless `insecure_allow_remote`.
+/// Refuses a non-loopback client or metrics address without TLS and authentication (a client
+/// certificate or a token source), unless `insecure_allow_remote`.
 pub(super) fn check_remote(config: &Config) -> Result<(), ConfigError> {
     if config.insecure_allow_remote {
         return Ok(());
@@ -166,13 +165,13 @@ pub(super) fn check_remote(config: &Config) -> Result<(), ConfigError> {
             ),
         });
     }
-    if config.metrics_listen_explicit && remote(&config.metrics_listen) {
+    if config.metrics_listen_explicit && remote(&config.metrics_listen) && !(tls && authenticated) {
         return Err(ConfigError {
             key: "metrics_listen",
             message: format!(
-                "{} is reachable from other hosts, and /metrics has no TLS or authentication \
-                 (it names topics and groups): listen on a loopback address, or pass \
-                 --insecure-allow-remote to serve it as it is",
+                "{} is reachable from other hosts, and /metrics (which names topics and groups) \
+                 would be served without TLS and authentication: configure them, listen on a \
+                 loopback address, or pass --insecure-allow-remote to serve it as it is",
                 config.metrics_listen
             ),
         });
@@ -214,12 +213,20 @@ mod tests {
         config.auth = AuthFiles::default();
         config.tls.as_mut().unwrap().client_ca = Some("ca.pem".into());
         check_remote(&config).unwrap();
-        // Metrics on a remote address: refused unless asked.
+        // Metrics on a remote address: served with TLS and authentication ...
         config.metrics_listen = "0.0.0.0:7451".parse().unwrap();
         config.metrics_listen_explicit = true;
-        assert!(check_remote(&config).is_err());
-        config.insecure_allow_remote = true;
         check_remote(&config).unwrap();
+        // ... refused without, unless asked.
+        let mut metrics = Config {
+            metrics_listen: "0.0.0.0:7451".parse().unwrap(),
+            metrics_listen_explicit: true,
+            ..Config::default()
+        };
+        let error = check_remote(&metrics).unwrap_err();
+        assert_eq!(error.key, "metrics_listen");
+        metrics.insecure_allow_remote = true;
+        check_remote(&metrics).unwrap();
         // Loopback needs nothing.
         let loopback = Config::default();
         check_remote(&loopback).unwrap();

@@ -231,6 +231,28 @@ impl Broker {
         self,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BrokerError> {
+        let tls = match &self.registry.config().tls {
+            Some(files) => {
+                let tls = Arc::new(tls::Tls::load(files.clone()).map_err(|e| {
+                    BrokerError::InvalidRequest(format!("TLS on the client port: {e}"))
+                })?);
+                tokio::spawn(reload_on_sighup(tls.clone(), self.controller.clone()));
+                tracing::info!(cert = %files.cert.display(), mutual = tls.mutual(), "TLS on the client port (certificates reload on SIGHUP)");
+                Some(tls)
+            }
+            None => None,
+        };
+        let mutual_tls = tls.as_ref().is_some_and(|t| t.mutual());
+        let auth = auth::Authenticator::load(&self.registry.config().auth, mutual_tls)
+            .map_err(|e| BrokerError::InvalidRequest(format!("authentication: {e}")))?
+            .map(Arc::new);
+        if let Some(auth) = &auth {
+            tracing::info!(
+                ?auth,
+                mutual_tls,
+                "clients authenticate (UNAUTHENTICATED otherwise)"
+            );
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
         let response_budget = Arc::new(budget::ResponseBudget::new(limits.response_bytes_max));
@@ -351,6 +373,10 @@ impl Broker {
             let mut stop = shutdown_rx.clone();
             tokio::spawn(crate::metrics::serve(
                 listener,
+                crate::metrics::Access {
+                    tls: tls.clone(),
+                    auth: auth.clone(),
+                },
                 self.metrics_handle.clone(),
                 self.registry.clone(),
                 self.coordinator.clone(),
@@ -388,28 +414,6 @@ impl Broker {
             response_bytes_max = limits.response_bytes_max,
             "connection and response limits"
         );
-        let tls = match &self.registry.config().tls {
-            Some(files) => {
-                let tls = Arc::new(tls::Tls::load(files.clone()).map_err(|e| {
-                    BrokerError::InvalidRequest(format!("TLS on the client port: {e}"))
-                })?);
-                tokio::spawn(reload_on_sighup(tls.clone(), self.controller.clone()));
-                tracing::info!(cert = %files.cert.display(), mutual = tls.mutual(), "TLS on the client port (certificates reload on SIGHUP)");
-                Some(tls)
-            }
-            None => None,
-        };
-        let mutual_tls = tls.as_ref().is_some_and(|t| t.mutual());
-        let auth = auth::Authenticator::load(&self.registry.config().auth, mutual_tls)
-            .map_err(|e| BrokerError::InvalidRequest(format!("authentication: {e}")))?
-            .map(Arc::new);
-        if let Some(auth) = &auth {
-            tracing::info!(
-                ?auth,
-                mutual_tls,
-                "clients authenticate (UNAUTHENTICATED otherwise)"
-            );
-        }
         let incoming = connections::accept(
             self.listener,
             connections::AcceptSettings {

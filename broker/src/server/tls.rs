@@ -8,6 +8,8 @@
 //! - `--tls-client-ca` (PEM, one or more CA certificates) requires a client certificate signed
 //!   by one of them (mutual TLS); the certificate's subject common name (else its whole subject)
 //!   becomes the connection's principal ([`TlsInfo::principal`]).
+//! - The metrics port (`/metrics`) serves the same certificate (ALPN `http/1.1`), and asks for
+//!   a client certificate the same way.
 //! - [`Tls::reload`] (on SIGHUP) reads the three files again and swaps them in for new
 //!   connections; open ones keep theirs. A reload that fails (a missing file, a key that does
 //!   not match, a PEM that does not parse) is logged and changes nothing.
@@ -60,7 +62,8 @@ pub struct TlsInfo {
 pub struct Tls {
     files: TlsFiles,
     resolver: Arc<Resolver>,
-    acceptor: parking_lot::RwLock<tokio_rustls::TlsAcceptor>,
+    /// For the client port (ALPN `h2`) and the metrics port (ALPN `http/1.1`).
+    acceptors: parking_lot::RwLock<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsAcceptor)>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -129,6 +132,7 @@ fn certified_key(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
 fn acceptor(
     files: &TlsFiles,
     resolver: Arc<Resolver>,
+    alpn: &[u8],
 ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
@@ -150,7 +154,7 @@ fn acceptor(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -160,26 +164,37 @@ impl Tls {
         let resolver = Arc::new(Resolver {
             current: parking_lot::RwLock::new(certified_key(&files)?),
         });
-        let acceptor = acceptor(&files, resolver.clone())?;
+        let acceptors = (
+            acceptor(&files, resolver.clone(), b"h2")?,
+            acceptor(&files, resolver.clone(), b"http/1.1")?,
+        );
         Ok(Tls {
             files,
             resolver,
-            acceptor: parking_lot::RwLock::new(acceptor),
+            acceptors: parking_lot::RwLock::new(acceptors),
         })
     }
 
     /// Reads the files again and uses them for new connections; on an error nothing changes.
     pub fn reload(&self) -> Result<(), TlsError> {
         let key = certified_key(&self.files)?;
-        let acceptor = acceptor(&self.files, self.resolver.clone())?;
+        let acceptors = (
+            acceptor(&self.files, self.resolver.clone(), b"h2")?,
+            acceptor(&self.files, self.resolver.clone(), b"http/1.1")?,
+        );
         *self.resolver.current.write() = key;
-        *self.acceptor.write() = acceptor;
+        *self.acceptors.write() = acceptors;
         Ok(())
     }
 
     /// The acceptor for a new connection.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        self.acceptor.read().clone()
+        self.acceptors.read().0.clone()
+    }
+
+    /// The acceptor for a new metrics connection (HTTP/1.1).
+    pub fn metrics_acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.acceptors.read().1.clone()
     }
 
     /// Whether client certificates are required.
