@@ -111,6 +111,25 @@ fn cli(broker: &BrokerProcess, tls: &[&Path], args: &[&str]) -> Output {
     common::cluster::run_cli_at(&broker.addr, &all)
 }
 
+/// `syncline --broker BROKER FLAGS ARGS` with `lines` on its stdin, run to its end.
+fn produce_lines(broker: &str, flags: &[&str], args: &[&str], lines: &[u8]) -> Output {
+    let mut produce = std::process::Command::new(common::binary("syncline"))
+        .args(["--broker", broker])
+        .args(flags)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = produce.stdin.take().unwrap();
+        stdin.write_all(lines).unwrap();
+    }
+    produce.wait_with_output().unwrap()
+}
+
 fn ok(output: &Output) -> String {
     assert!(
         output.status.success(),
@@ -184,21 +203,13 @@ fn given_a_tls_broker_the_cli_should_round_trip_with_its_ca_and_fail_clearly_wit
         ca,
         &["topic", "create", "secure", "--partitions", "1"],
     ));
-    let mut produce = std::process::Command::new(common::binary("syncline"))
-        .args(["--broker", &broker.addr, "--tls-ca"])
-        .arg(&files.ca)
-        .args(["produce", "secure"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write as _;
-        let mut stdin = produce.stdin.take().unwrap();
-        stdin.write_all(b"one\ntwo\n").unwrap();
-    }
-    ok(&produce.wait_with_output().unwrap());
+    let ca_flag = ["--tls-ca", files.ca.to_str().unwrap()];
+    ok(&produce_lines(
+        &broker.addr,
+        &ca_flag,
+        &["produce", "secure"],
+        b"one\ntwo\n",
+    ));
     let consumed = ok(&cli(
         &broker,
         ca,
@@ -641,25 +652,20 @@ fn given_a_cluster_with_mutual_tls_nodes_should_replicate_and_serve_clients() {
         "--replication-factor",
         "3",
     ]));
-    let mut produce = std::process::Command::new(common::binary("syncline"))
-        .args(["--broker", &addresses, "--tls-ca"])
-        .arg(&ca)
-        .arg("--tls-cert")
-        .arg(&client_cert)
-        .arg("--tls-key")
-        .arg(&client_key)
-        .args(["produce", "sealed", "--acks", "durable"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write as _;
-        let mut stdin = produce.stdin.take().unwrap();
-        stdin.write_all(b"replicated\nover tls\n").unwrap();
-    }
-    ok(&produce.wait_with_output().unwrap());
+    let tls_flags = [
+        "--tls-ca",
+        ca.to_str().unwrap(),
+        "--tls-cert",
+        client_cert.to_str().unwrap(),
+        "--tls-key",
+        client_key.to_str().unwrap(),
+    ];
+    ok(&produce_lines(
+        &addresses,
+        &tls_flags,
+        &["produce", "sealed", "--acks", "durable"],
+        b"replicated\nover tls\n",
+    ));
     let consumed = ok(&tls_cli(&[
         "consume",
         "sealed",
