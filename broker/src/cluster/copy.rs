@@ -11,15 +11,16 @@
 //!    round sends everything, later ones what was appended since (and segments compaction
 //!    rewrote). A file is identified by its name and the holder's inode, so a file replaced
 //!    under the same name is sent whole. Rounds go on until one ships less than
-//!    [`FENCE_BYTES`] (at most [`ROUNDS_MAX`]), at the move's throttle.
+//!    [`FENCE_BYTES`] (a partition written faster than the move's throttle never gets there:
+//!    the move waits, warning every [`ROUNDS_WARN`] rounds), at the move's throttle.
 //! 3. The target proposes `Command::FenceMove`. The holder, seeing it applied, stops taking
 //!    writes for the partition (`Partition::set_handing_over`: writes are refused as NotLeader
 //!    naming the target, which clients retry; a marker file keeps the fence across a restart),
 //!    after the write under way, if any.
-//! 4. The target's last round asks for a fenced image (the holder answers only once fenced),
-//!    so it ends exactly where the holder's log ends for good; the target verifies the whole
-//!    copy as a log (`log::verify_image`: every batch's CRC, contiguous offsets, the exact end)
-//!    and marks it verified (`copy-verified`), all fsync'd.
+//! 4. The target's last round (not throttled) asks for a fenced image (the holder answers only
+//!    once fenced), so it ends exactly where the holder's log ends for good; the target
+//!    verifies the whole copy as a log (`log::verify_image`: every batch's CRC, contiguous
+//!    offsets, the exact end) and marks it verified (`copy-verified`), all fsync'd.
 //! 5. The target proposes `Command::CompleteMove`: the metadata's replica and leader become the
 //!    target. Its reconcile pass moves the verified copy into place and opens it (producer and
 //!    table state are rebuilt from the log, as after a restart); the holder's pass removes its
@@ -29,6 +30,11 @@
 //! the log, two controller commits and an open (BENCHMARKS.md measures it).
 //!
 //! ## Faults
+//! - Either node restarts: its applied metadata replays from an older snapshot, so nothing here
+//!   acts (no fence lifted, no copy started, checked or dropped) until a read barrier showed
+//!   it current; a fenced holder opens fenced meanwhile (its marker).
+//! - The partition moves back to its old holder before that node dropped its fenced copy: the
+//!   fence stays while a verified copy waits, and `reconcile` replaces the old log with it.
 //! - The target crashes: its copy is on disk with the list of what it holds (`copy-have.json`,
 //!   written after the files are fsync'd); it carries on from there after a restart. A copy
 //!   marked verified goes straight to step 5.
@@ -70,7 +76,7 @@ use super::controller::Controller;
 use super::metadata::{Command, Move};
 use crate::partition::RemoteLeader;
 use crate::replication::network::GroupId;
-use crate::replication::snapshot::{CHUNK_BYTES_MAX, CHUNK_TIMEOUT, FILES_MAX, HEADER_BYTES_MAX};
+use crate::replication::snapshot::{CHUNK_BYTES_MAX, CHUNK_TIMEOUT, HEADER_BYTES_MAX};
 use crate::topic::{
     Registry, TopicId, COPY_HAVE as HAVE_FILE, COPY_IN_PREFIX, COPY_VERIFIED as VERIFIED_FILE,
 };
@@ -78,9 +84,10 @@ use crate::topic::{
 /// A round that ships less than this is followed by the fenced one: the bytes sent while
 /// writes are refused.
 pub const FENCE_BYTES: u64 = 4 << 20;
-/// Rounds before the fence at most (a partition written faster than the throttle would never
-/// get below [`FENCE_BYTES`]).
-pub const ROUNDS_MAX: usize = 20;
+/// Rounds after which a copy that does not get below [`FENCE_BYTES`] (a partition written
+/// faster than its throttle) warns, and again every as many: it never fences before, so
+/// writes are never refused for longer than a small last round takes.
+pub const ROUNDS_WARN: usize = 20;
 /// A holder fenced for longer than this calls the move off: 30 s, plus 1 s per 64 MiB of its
 /// log (the new node scans its whole copy while the fence holds: a 1 GiB partition gets 46 s).
 pub fn fence_timeout(log_bytes: u64) -> Duration {
@@ -135,6 +142,12 @@ pub struct Copies {
     /// moves forward, so the last decision is made from the newest metadata (a tick that read
     /// an older copy never lifts a fence a fenced round just set).
     fencing: parking_lot::Mutex<()>,
+    /// Set once a read barrier showed this node's metadata current since it started: until
+    /// then nothing is done (after a restart the applied metadata replays from an older
+    /// snapshot, and a fence lifted or a copy dropped from it would lose data).
+    current: std::sync::atomic::AtomicBool,
+    /// A barrier is under way.
+    checking: std::sync::atomic::AtomicBool,
 }
 
 /// The copy directory of a partition.
@@ -150,6 +163,20 @@ impl Copies {
         let Some(registry) = controller.registry().cloned() else {
             return;
         };
+        if !self.current.load(Ordering::Acquire) {
+            if !self.checking.swap(true, Ordering::AcqRel) {
+                let controller = controller.clone();
+                tokio::spawn(async move {
+                    let barrier = controller.applied_barrier(Duration::from_secs(5)).await;
+                    let copies = controller.copies();
+                    if barrier.is_ok() {
+                        copies.current.store(true, Ordering::Release);
+                    }
+                    copies.checking.store(false, Ordering::Release);
+                });
+            }
+            return;
+        }
         let me = controller.node_id();
         let metadata = controller.metadata();
         let mut wanted = HashSet::new();
@@ -289,6 +316,18 @@ impl Copies {
             return Ok(None);
         }
         let fenced = moving.filter(|m| m.fenced);
+        if fenced.is_none() && partition.is_handing_over() {
+            // A verified copy of a later move back here replaces this log: it never takes
+            // writes again (`reconcile` installs the copy over it).
+            let waiting = controller.registry().is_some_and(|registry| {
+                copy_dir(&registry.config().data_dir, &id.topic_id, id.partition)
+                    .join(VERIFIED_FILE)
+                    .exists()
+            });
+            if waiting {
+                return Ok(None);
+            }
+        }
         let to = fenced
             .as_ref()
             .and_then(|m| m.target.first().copied())
@@ -371,8 +410,8 @@ async fn copy_in(
         let started = Instant::now();
         let mut total = 0u64;
         if !moving.fenced {
-            for round in 1..=ROUNDS_MAX {
-                let (shipped, end) = round_in(controller, &dir, id, source, false).await?;
+            for round in 1.. {
+                let (shipped, end) = round_in(controller, &dir, id, source, false, &config).await?;
                 total += shipped;
                 tracing::info!(
                     topic = name,
@@ -384,6 +423,16 @@ async fn copy_in(
                 );
                 if shipped < FENCE_BYTES {
                     break;
+                }
+                if round % ROUNDS_WARN == 0 {
+                    tracing::warn!(
+                        topic = name,
+                        partition = id.partition,
+                        round,
+                        shipped,
+                        "partition copy: written faster than it is copied; the move waits \
+                         (raise its throttle)"
+                    );
                 }
             }
             propose(
@@ -398,7 +447,7 @@ async fn copy_in(
             .await?;
         }
         let fenced_at = Instant::now();
-        let (shipped, end) = round_in(controller, &dir, id, source, true).await?;
+        let (shipped, end) = round_in(controller, &dir, id, source, true, &config).await?;
         total += shipped;
         let check = dir.clone();
         tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -495,6 +544,7 @@ async fn round_in(
     id: &GroupId,
     source: u64,
     fenced: bool,
+    config: &crate::log::LogConfig,
 ) -> Result<(u64, u64), String> {
     let have = read_have(dir);
     let address = controller
@@ -523,7 +573,7 @@ async fn round_in(
         .map_err(|_| format!("node {source} sent no copy header within {CHUNK_TIMEOUT:?}"))?
         .map_err(|status| format!("node {source}: {}", status.message()))?
         .ok_or_else(|| format!("node {source} ended the copy before its header"))?;
-    let header = check_header(&first.header, &have)?;
+    let header = check_header(&first.header, &have, config)?;
     // Files the image no longer has (compacted or deleted) go.
     let entries = std::fs::read_dir(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
     for entry in entries.flatten() {
@@ -556,7 +606,11 @@ async fn round_in(
 }
 
 /// The header, within the limits and consistent with what the receiver said it holds.
-fn check_header(bytes: &[u8], have: &[HaveFile]) -> Result<CopyHeader, String> {
+fn check_header(
+    bytes: &[u8],
+    have: &[HaveFile],
+    config: &crate::log::LogConfig,
+) -> Result<CopyHeader, String> {
     if bytes.len() > HEADER_BYTES_MAX {
         return Err(format!(
             "a copy header of {} bytes (at most {HEADER_BYTES_MAX})",
@@ -565,25 +619,28 @@ fn check_header(bytes: &[u8], have: &[HaveFile]) -> Result<CopyHeader, String> {
     }
     let header: CopyHeader = serde_json::from_slice(bytes)
         .map_err(|e| format!("a copy header that does not decode: {e}"))?;
-    if header.files.len() > FILES_MAX {
-        return Err(format!(
-            "a copy of {} files (at most {FILES_MAX})",
-            header.files.len()
-        ));
-    }
-    let mut seen = HashSet::new();
+    // The snapshot transfer's limits: names (each once), count, a segment's and the
+    // manifest's size.
+    let wire: Vec<crate::replication::snapshot::WireFile> = header
+        .files
+        .iter()
+        .map(|f| crate::replication::snapshot::WireFile {
+            name: f.name.clone(),
+            len: f.len,
+        })
+        .collect();
+    crate::replication::snapshot::check_files(&wire, config)?;
+    let held_by_name: HashMap<(&str, u64), u64> = have
+        .iter()
+        .map(|h| ((h.name.as_str(), h.ino), h.len))
+        .collect();
     for file in &header.files {
-        if !crate::log::is_image_file(&file.name) || !seen.insert(file.name.as_str()) {
-            return Err(format!(
-                "`{}` is not a file of a partition log's image, or is listed twice",
-                file.name.chars().take(100).collect::<String>()
-            ));
-        }
-        let held = have
-            .iter()
-            .find(|h| h.name == file.name && h.ino == file.ino)
-            .map_or(0, |h| h.len);
-        if file.from > file.len || (file.from > 0 && file.from != held) {
+        let held = held_by_name
+            .get(&(file.name.as_str(), file.ino))
+            .copied()
+            .unwrap_or(0);
+        let manifest = !file.name.ends_with(".log");
+        if file.from > file.len || (file.from > 0 && (file.from != held || manifest)) {
             return Err(format!(
                 "`{}` is sent from byte {} of {}, but this node holds {held} bytes of it",
                 file.name, file.from, file.len
@@ -817,7 +874,12 @@ pub async fn serve(
     let chunks =
         crate::replication::snapshot::file_chunks(first, out, parts, Box::new(guard), failure);
     let throttle = controller.replicas().throttle().clone();
-    let rate = moving.throttle_bytes_per_sec;
+    // The fenced round is small and writes wait for it: not throttled.
+    let rate = if request.fenced {
+        0
+    } else {
+        moving.throttle_bytes_per_sec
+    };
     Ok(chunks.then(move |chunk| {
         let throttle = throttle.clone();
         async move {
@@ -843,6 +905,7 @@ mod tests {
     #[test]
     fn given_a_header_sending_a_file_from_a_byte_the_receiver_lacks_when_checked_should_be_refused()
     {
+        let config = crate::log::tests::small_config();
         let have = vec![HaveFile {
             name: "00000000000000000000.log".into(),
             len: 100,
@@ -860,13 +923,13 @@ mod tests {
             })
             .unwrap()
         };
-        assert!(check_header(&header(100, 7), &have).is_ok());
-        assert!(check_header(&header(0, 8), &have).is_ok());
+        assert!(check_header(&header(100, 7), &have, &config).is_ok());
+        assert!(check_header(&header(0, 8), &have, &config).is_ok());
         assert!(
-            check_header(&header(100, 8), &have).is_err(),
+            check_header(&header(100, 8), &have, &config).is_err(),
             "another file of the same name"
         );
-        assert!(check_header(&header(50, 7), &have).is_err());
+        assert!(check_header(&header(50, 7), &have, &config).is_err());
         let bad = serde_json::to_vec(&CopyHeader {
             end_offset: 0,
             files: vec![CopyFile {
@@ -877,6 +940,6 @@ mod tests {
             }],
         })
         .unwrap();
-        assert!(check_header(&bad, &[]).is_err());
+        assert!(check_header(&bad, &[], &config).is_err());
     }
 }

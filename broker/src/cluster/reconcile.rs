@@ -176,7 +176,25 @@ async fn follow_moves(
 ) -> Result<(), String> {
     for partition in &topic.partitions {
         let placed_here = local.contains(&partition.id);
-        let held_here = partition.remote_leader().is_none();
+        let mut held_here = partition.remote_leader().is_none();
+        if single && placed_here && held_here && partition.is_handing_over() {
+            // This node's old copy, fenced when the partition moved away, and the partition
+            // moved back by a copy since: the verified copy replaces it (the old one never
+            // takes writes again).
+            let copy = super::copy::copy_dir(
+                &registry.config().data_dir,
+                &topic.id.to_string(),
+                partition.id,
+            );
+            if copy.join(crate::topic::COPY_VERIFIED).exists() {
+                let leader = remote.get(&partition.id).cloned().unwrap_or_default();
+                registry
+                    .remove_local_partition(&topic.name, partition.id, leader)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                held_here = false;
+            }
+        }
         if placed_here && !held_here {
             let copied = single.then(|| {
                 super::copy::copy_dir(
@@ -200,7 +218,15 @@ async fn follow_moves(
                 .get(topic.name.as_ref())
                 .filter(|t| TopicId::parse(&t.id) == Some(topic.id))
                 .and_then(|t| t.partitions.get(partition.id as usize))
-                .is_some_and(|p| !p.holders().contains(&controller.node_id()));
+                .is_some_and(|p| {
+                    // A single replica moving here is not held here until its copy is in.
+                    let placed = if single {
+                        p.replicas.clone()
+                    } else {
+                        p.holders()
+                    };
+                    !placed.contains(&controller.node_id())
+                });
             if !still_elsewhere {
                 continue;
             }

@@ -493,7 +493,7 @@ where
 }
 
 /// The header's file list within the limits (see the module doc).
-fn check_files(files: &[WireFile], config: &LogConfig) -> Result<(), Refusal> {
+pub(crate) fn check_files(files: &[WireFile], config: &LogConfig) -> Result<(), Refusal> {
     if files.len() > FILES_MAX {
         return Err(format!(
             "a snapshot of {} files (at most {FILES_MAX})",

@@ -191,6 +191,7 @@ impl Registry {
             for done in [COPY_VERIFIED, COPY_HAVE] {
                 let _ = std::fs::remove_file(dir.join(done));
             }
+            let _ = crate::log::file::sync_dir(&dir);
         }
         let opened = Arc::new(opened);
         self.replace_partition(&topic, opened.clone());
