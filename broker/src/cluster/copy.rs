@@ -10,7 +10,9 @@
 //!    offset) and sends every file from the byte the target already holds of it; the first
 //!    round sends everything, later ones what was appended since (and segments compaction
 //!    rewrote). A file is identified by its name and the holder's inode, so a file replaced
-//!    under the same name is sent whole. Rounds go on until one ships less than
+//!    under the same name is sent whole, and the CRC of the receiver's last 4 KiB of it must
+//!    match the holder's bytes there, so a tail the holder cut in place after a crash and
+//!    wrote past is sent whole too. Rounds go on until one ships less than
 //!    [`FENCE_BYTES`] (a partition written faster than the move's throttle never gets there:
 //!    the move waits, warning every [`ROUNDS_WARN`] rounds), at the move's throttle.
 //! 3. The target proposes `Command::FenceMove`. The holder, seeing it applied, stops taking
@@ -109,6 +111,22 @@ pub struct HaveFile {
     pub len: u64,
     /// The holder's inode of it.
     pub ino: u64,
+    /// CRC-32C of its last (up to) [`TAIL_CHECK_BYTES`] held bytes, as the receiver has them:
+    /// the holder sends the file whole when its own bytes there differ (a torn tail it cut in
+    /// place after a crash, then wrote past).
+    #[serde(default)]
+    pub tail_crc: u32,
+}
+
+/// Bytes at the end of a held file whose CRC the receiver sends ([`HaveFile::tail_crc`]).
+pub const TAIL_CHECK_BYTES: u64 = 4096;
+
+/// CRC-32C of `file`'s bytes `[len - TAIL_CHECK_BYTES, len)` (from 0 when shorter).
+fn tail_crc(file: &Path, len: u64) -> std::io::Result<u32> {
+    let from = len.saturating_sub(TAIL_CHECK_BYTES);
+    let mut bytes = vec![0u8; (len - from) as usize];
+    std::fs::File::open(file)?.read_exact_at(&mut bytes, from)?;
+    Ok(crc32c::crc32c(&bytes))
 }
 
 /// One file of a round's image.
@@ -533,6 +551,10 @@ fn read_have(dir: &Path) -> Vec<HaveFile> {
     have.into_iter()
         .filter(|f| crate::log::is_image_file(&f.name))
         .filter(|f| std::fs::metadata(dir.join(&f.name)).is_ok_and(|m| m.len() >= f.len))
+        .filter_map(|mut f| {
+            f.tail_crc = tail_crc(&dir.join(&f.name), f.len).ok()?;
+            Some(f)
+        })
         .collect()
 }
 
@@ -591,6 +613,7 @@ async fn round_in(
             name: f.name.clone(),
             len: f.len,
             ino: f.ino,
+            tail_crc: 0,
         })
         .collect();
     let bytes = serde_json::to_vec(&have).map_err(|e| format!("encoding the copy's files: {e}"))?;
@@ -837,6 +860,10 @@ pub async fn serve(
                 .iter()
                 .find(|h| h.name == file.name && h.ino == ino && h.len <= file.len)
                 .filter(|_| file.name.ends_with(".log"))
+                // The receiver's last bytes must be this file's: else it is sent whole.
+                .filter(|h| {
+                    tail_crc(&image_dir.join(&file.name), h.len).is_ok_and(|c| c == h.tail_crc)
+                })
                 .map_or(0, |h| h.len);
             files.push(CopyFile {
                 name: file.name.clone(),
@@ -910,6 +937,7 @@ mod tests {
             name: "00000000000000000000.log".into(),
             len: 100,
             ino: 7,
+            tail_crc: 0,
         }];
         let header = |from: u64, ino: u64| {
             serde_json::to_vec(&CopyHeader {
