@@ -380,9 +380,16 @@ fn closed_at_connect(error: &anyhow::Error) -> bool {
     // pipe, a frame of a bad size, ...); not a broker that is down or far away.
     let lower = text.to_lowercase();
     text.contains("cannot reach the broker")
-        && !["refused", "timed out", "timeout", "resolve", "no route", "unreachable"]
-            .iter()
-            .any(|other| lower.contains(other))
+        && ![
+            "refused",
+            "timed out",
+            "timeout",
+            "resolve",
+            "no route",
+            "unreachable",
+        ]
+        .iter()
+        .any(|other| lower.contains(other))
 }
 
 /// Prints `error: MESSAGE` on one line.
