@@ -174,6 +174,11 @@ fn scrape(address: &str, ca: Option<&Path>, token: Option<&str>) -> (u16, String
 }
 
 fn start(data: &Path, files: &Files, mutual: bool) -> BrokerProcess {
+    start_and(data, files, mutual, &[])
+}
+
+/// [`start`] with `extra` flags.
+fn start_and(data: &Path, files: &Files, mutual: bool, extra: &[&str]) -> BrokerProcess {
     let mut args = vec![
         "--tls-cert".to_string(),
         files.server_cert.display().to_string(),
@@ -186,7 +191,8 @@ fn start(data: &Path, files: &Files, mutual: bool) -> BrokerProcess {
         args.push("--tls-client-ca".into());
         args.push(files.ca.display().to_string());
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
     BrokerProcess::start_with(data, &args)
 }
 
@@ -250,9 +256,40 @@ fn given_mutual_tls_only_clients_with_a_certificate_of_the_ca_should_be_served()
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new("test-ca");
     let files = pki.write(dir.path(), "a");
-    let broker = start(&dir.path().join("data"), &files, true);
+    let broker = start_and(
+        &dir.path().join("data"),
+        &files,
+        true,
+        &["--superusers", "operator"],
+    );
 
     let with_cert: &[&Path] = &[&files.ca, &files.client_cert, &files.client_key];
+    // The certificate's common name is the principal: it needs an ACL to create a topic.
+    let stderr = refused(&cli(&broker, with_cert, &["topic", "create", "mutual"]));
+    assert!(
+        stderr.contains("principal `service-a` may not create topic `mutual`"),
+        "{stderr}"
+    );
+    let (operator_cert, operator_key) = pki.issue("operator", &[], true);
+    let operator_cert_path = dir.path().join("operator.pem");
+    let operator_key_path = dir.path().join("operator-key.pem");
+    std::fs::write(&operator_cert_path, operator_cert).unwrap();
+    std::fs::write(&operator_key_path, operator_key).unwrap();
+    let operator: &[&Path] = &[&files.ca, &operator_cert_path, &operator_key_path];
+    ok(&cli(
+        &broker,
+        operator,
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "service-a",
+            "--allow",
+            "create",
+            "--topic",
+            "mutual",
+        ],
+    ));
     ok(&cli(&broker, with_cert, &["topic", "create", "mutual"]));
     // No client certificate: refused.
     refused(&cli(&broker, &[&files.ca], &["topic", "list"]));
@@ -373,6 +410,8 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
         public.display().to_string(),
         "--auth-jwt-audience".to_string(),
         "syncline".to_string(),
+        "--superusers".to_string(),
+        "svc".to_string(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let broker = BrokerProcess::start_with(&dir.path().join("data"), &args);
@@ -394,6 +433,21 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
         &broker,
         Some("static-s3cret"),
         &["topic", "create", "authed"],
+    ));
+    // Any authenticated principal may see topics prefixed `auth`.
+    ok(&with_token(
+        &broker,
+        Some("static-s3cret"),
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "*",
+            "--allow",
+            "describe",
+            "--topic-prefix",
+            "auth",
+        ],
     ));
     for token in [&good_hs, &good_ed] {
         let listed = ok(&with_token(&broker, Some(token), &["topic", "list"]));
@@ -475,6 +529,15 @@ fn given_token_and_jwt_authentication_only_valid_credentials_should_be_served() 
             "principal=svc",
             "create_topic",
             "topic:authed",
+            "result=\"ok\""
+        ]),
+        "{audit:#?}"
+    );
+    assert!(
+        find(&[
+            "principal=svc",
+            "add_acls",
+            "* allow describe topic:auth*",
             "result=\"ok\""
         ]),
         "{audit:#?}"
@@ -599,6 +662,8 @@ fn given_a_cluster_with_mutual_tls_nodes_should_replicate_and_serve_clients() {
         key.display().to_string(),
         "--tls-client-ca".to_string(),
         ca.display().to_string(),
+        "--superusers".to_string(),
+        "operator".to_string(),
     ];
     let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
 
@@ -694,4 +759,127 @@ fn given_a_cluster_with_mutual_tls_nodes_should_replicate_and_serve_clients() {
         assert!(std::time::Instant::now() < deadline, "{status}");
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // ACLs live in the controller's metadata: one granted through node 1 applies on every
+    // node, and after a restart.
+    let (reader_cert, reader_key) = pki.issue("reader", &[], true);
+    let reader_cert = write("reader.pem", &reader_cert);
+    let reader_key = write("reader-key.pem", &reader_key);
+    let node_addresses: Vec<String> = addresses.split(',').map(str::to_string).collect();
+    let as_reader = |address: &str, args: &[&str]| -> Output {
+        let mut all = vec![
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--tls-cert",
+            reader_cert.to_str().unwrap(),
+            "--tls-key",
+            reader_key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        common::cluster::run_cli_at(address, &all)
+    };
+    let describe_everywhere = |expect_allowed: bool| {
+        for address in &node_addresses {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let output = as_reader(address, &["topic", "describe", "sealed"]);
+                let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+                if output.status.success() == expect_allowed
+                    && (expect_allowed || stderr.contains("`reader` may not describe"))
+                {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {address}: expected allowed = {expect_allowed}: {stderr}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    describe_everywhere(false);
+    ok(&common::cluster::run_cli_at(
+        &node_addresses[0],
+        &[
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--tls-cert",
+            client_cert.to_str().unwrap(),
+            "--tls-key",
+            client_key.to_str().unwrap(),
+            "acl",
+            "add",
+            "--principal",
+            "reader",
+            "--allow",
+            "read",
+            "--topic",
+            "sealed",
+        ],
+    ));
+    describe_everywhere(true);
+    let consumed = ok(&as_reader(
+        &node_addresses[2],
+        &[
+            "consume",
+            "sealed",
+            "--from-beginning",
+            "--max-records",
+            "2",
+        ],
+    ));
+    assert_eq!(consumed.lines().count(), 2, "{consumed}");
+    // Reading is not writing.
+    let stderr = refused(&produce_lines(
+        &node_addresses[1],
+        &[
+            "--tls-ca",
+            ca.to_str().unwrap(),
+            "--tls-cert",
+            reader_cert.to_str().unwrap(),
+            "--tls-key",
+            reader_key.to_str().unwrap(),
+        ],
+        &["produce", "sealed"],
+        b"not allowed\n",
+    ));
+    assert!(stderr.contains("may not write topic `sealed`"), "{stderr}");
+    // The Peer service (Raft, replication) is for the nodes: a client certificate of the same
+    // CA that is not a superuser is refused.
+    let peer_refusal = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(&ca).unwrap(),
+            ))
+            .identity(tonic::transport::Identity::from_pem(
+                std::fs::read(&reader_cert).unwrap(),
+                std::fs::read(&reader_key).unwrap(),
+            ))
+            .domain_name("localhost");
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", node_addresses[0]))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        syncline_proto::v1::peer_client::PeerClient::new(channel)
+            .heartbeat(syncline_proto::v1::PeerHeartbeatRequest {
+                cluster_id: "any".into(),
+                node_id: 7,
+                address: "127.0.0.1:1".into(),
+                dir_id: "x".into(),
+            })
+            .await
+            .expect_err("a client called the Peer service")
+    });
+    assert_eq!(
+        peer_refusal.code(),
+        tonic::Code::PermissionDenied,
+        "{peer_refusal}"
+    );
+    assert!(cluster.stop(2), "node 2 stops cleanly");
+    cluster.start_with(2, &tls_args);
+    describe_everywhere(true);
 }

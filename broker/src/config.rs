@@ -802,6 +802,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &'static str, message: String| Err(ConfigError { key, message });
         security::check_remote(self)?;
+        security::check_cluster(self)?;
         self.node.validate(self.listen)?;
         let limits = &self.limits;
         if !(1..=100_000).contains(&limits.max_partitions) {

@@ -232,6 +232,21 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// The call's principal may not do what it asks (`server::authorize`).
+    #[error("principal `{principal}` may not {operation} {resource}: {why}")]
+    PermissionDenied {
+        /// Who called.
+        principal: String,
+        /// The operation (`read`, `write`, ...).
+        operation: crate::acl::Operation,
+        /// What it was asked for (`topic `orders``, `the cluster`).
+        resource: String,
+        /// Denied by an ACL, or allowed by none (and how to grant it).
+        why: String,
+    },
+    /// The call carries no principal where one is needed.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// Metadata I/O failed.
     #[error("I/O error while {context} {path}: {source}")]
     Io {

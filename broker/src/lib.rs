@@ -7,6 +7,7 @@
 //! - [`topic`]: the topic registry, topic metadata, the data directory.
 //! - [`producer_ids`]: idempotent producers' ids and epochs (fencing), broker-wide.
 //! - [`group`]: the consumer group coordinator and the committed-offset store (`__offsets`).
+//! - [`acl`]: access control lists (who may do what), and their store on a node of its own.
 //! - [`server`]: the tonic services, request validation and the error -> status mapping.
 //! - [`config`]: one `Config` from defaults < TOML file < `SYNCLINE_*` env < flags.
 //! - [`descriptors`]: file descriptors a broker needs and the open-file limit check.
@@ -14,6 +15,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod acl;
 pub mod cluster;
 pub mod config;
 pub mod descriptors;

@@ -80,6 +80,7 @@
 //! # }
 //! ```
 
+mod acl;
 mod address;
 mod admin;
 mod client;
@@ -100,6 +101,7 @@ pub use syncline_proto::partitioner::partition_for_key;
 /// The generated gRPC types, for calls this crate does not wrap (see [`Client::grpc`]).
 pub use syncline_proto::v1;
 
+pub use acl::{Acl, AclResource, ACL_OPERATIONS};
 pub use address::{BrokerAddress, DEFAULT_PORT};
 pub use admin::{
     CleanupPolicy, CompactionOutcome, FsyncPolicy, ListedOffset, OffsetQuery, PartitionDescription,

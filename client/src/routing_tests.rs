@@ -428,6 +428,21 @@ impl Broker for MockNode {
         unimplemented()
     }
 
+    async fn add_acls(&self, _: Request<v1::AddAclsRequest>) -> Answer<v1::AddAclsResponse> {
+        unimplemented()
+    }
+
+    async fn remove_acls(
+        &self,
+        _: Request<v1::RemoveAclsRequest>,
+    ) -> Answer<v1::RemoveAclsResponse> {
+        unimplemented()
+    }
+
+    async fn list_acls(&self, _: Request<v1::ListAclsRequest>) -> Answer<v1::ListAclsResponse> {
+        unimplemented()
+    }
+
     async fn find_coordinator(
         &self,
         request: Request<v1::FindCoordinatorRequest>,

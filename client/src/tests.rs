@@ -630,6 +630,27 @@ impl Broker for FakeBroker {
         Err(Status::unimplemented("fake"))
     }
 
+    async fn add_acls(
+        &self,
+        _: Request<v1::AddAclsRequest>,
+    ) -> Result<Response<v1::AddAclsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn remove_acls(
+        &self,
+        _: Request<v1::RemoveAclsRequest>,
+    ) -> Result<Response<v1::RemoveAclsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn list_acls(
+        &self,
+        _: Request<v1::ListAclsRequest>,
+    ) -> Result<Response<v1::ListAclsResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
     async fn describe_topic(
         &self,
         request: Request<v1::DescribeTopicRequest>,

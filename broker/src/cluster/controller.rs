@@ -666,10 +666,12 @@ impl Controller {
                 | Command::CancelMove { .. }
                 | Command::SetLeaving { .. }
                 | Command::RemoveNode { .. }
+                | Command::AddAcls { .. }
+                | Command::RemoveAcls { .. }
         ) {
             return Err(tonic::Status::invalid_argument(format!(
                 "`{command}` cannot be forwarded: only topic changes, partition leaderships, \
-                 moves and node removals are"
+                 moves, node removals and ACL changes are"
             )));
         }
         match self.propose_local(&command).await {

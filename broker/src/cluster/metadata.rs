@@ -219,6 +219,17 @@ pub enum Command {
         /// Its id.
         id: u64,
     },
+    /// Grant or deny principals operations (`syncline acl add`): all bindings or none (one
+    /// that is not well formed refuses the command).
+    AddAcls {
+        /// The bindings.
+        acls: Vec<crate::acl::Acl>,
+    },
+    /// Drop bindings (`syncline acl remove`); ones not held are ignored.
+    RemoveAcls {
+        /// The bindings.
+        acls: Vec<crate::acl::Acl>,
+    },
 }
 
 /// A replicated partition's new leader, as the leader reports it.
@@ -282,6 +293,8 @@ impl std::fmt::Display for Command {
             }
             Command::SetLeaving { id, leaving: false } => write!(f, "node {id} stays"),
             Command::RemoveNode { id } => write!(f, "remove node {id}"),
+            Command::AddAcls { acls } => write!(f, "add {} ACL(s)", acls.len()),
+            Command::RemoveAcls { acls } => write!(f, "remove {} ACL(s)", acls.len()),
         }
     }
 }
@@ -345,6 +358,9 @@ pub struct Metadata {
     /// Ids of deleted topic incarnations, oldest first (at most [`TOMBSTONES_MAX`]).
     #[serde(default)]
     pub deleted: std::collections::VecDeque<String>,
+    /// Who may do what (see `crate::acl`).
+    #[serde(default, skip_serializing_if = "crate::acl::AclSet::is_empty")]
+    pub acls: crate::acl::AclSet,
 }
 
 impl Metadata {
@@ -630,6 +646,15 @@ impl Metadata {
                     )));
                 }
                 self.nodes.remove(id);
+                Ok(())
+            }
+            Command::AddAcls { acls } => self
+                .acls
+                .add(acls)
+                .map(|_| ())
+                .map_err(|e| MetadataError::Invalid(e.0)),
+            Command::RemoveAcls { acls } => {
+                self.acls.remove(acls);
                 Ok(())
             }
         }

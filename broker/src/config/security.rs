@@ -58,7 +58,9 @@ pub struct SecurityFlags {
     #[arg(long, env = "SYNCLINE_AUTH_JWT_AUDIENCE", value_name = "AUD")]
     pub auth_jwt_audience: Option<String>,
 
-    /// Principals allowed every operation, comma-separated
+    /// Principals allowed every operation (ACLs do not apply to them), comma-separated. In a
+    /// cluster with authentication, include every node's certificate subject: nodes call each
+    /// other with their certificates, and the Peer service takes superusers only
     #[arg(
         long,
         env = "SYNCLINE_SUPERUSERS",
@@ -139,6 +141,24 @@ pub(super) fn principals(list: Option<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
+/// Refuses authentication in a cluster without mutual TLS: the nodes authenticate each other
+/// by their certificates (`server::authorize`), and without them every node-to-node call
+/// would be refused.
+pub(super) fn check_cluster(config: &Config) -> Result<(), ConfigError> {
+    let clustered = config.node.cluster.len() > 1 || config.node.join.is_some();
+    let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if clustered && config.auth.configured() && !mutual {
+        return Err(ConfigError {
+            key: "tls_client_ca",
+            message: "authentication in a cluster needs mutual TLS between the nodes \
+                      (--tls-cert, --tls-key and --tls-client-ca, the CA that signs every \
+                      node's certificate): nodes authenticate each other by certificate"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// Refuses a non-loopback client or metrics address without TLS and authentication (a client
 /// certificate or a token source), unless `insecure_allow_remote`.
 pub(super) fn check_remote(config: &Config) -> Result<(), ConfigError> {
@@ -182,6 +202,29 @@ pub(super) fn check_remote(config: &Config) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_cluster_with_tokens_it_should_need_mutual_tls_between_the_nodes() {
+        let mut config = Config::default();
+        config.auth.tokens_file = Some("tokens.toml".into());
+        assert!(
+            check_cluster(&config).is_ok(),
+            "a cluster of one needs no peer TLS"
+        );
+        config.node.join = Some("127.0.0.1:7450".into());
+        let error = check_cluster(&config).expect_err("tokens in a cluster without mTLS");
+        assert!(
+            error.message.contains("--tls-client-ca"),
+            "{}",
+            error.message
+        );
+        config.tls = Some(TlsFiles {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            client_ca: Some("ca.pem".into()),
+        });
+        assert!(check_cluster(&config).is_ok());
+    }
 
     #[test]
     fn given_a_remote_listen_address_it_should_need_tls_and_authentication_or_the_flag() {

@@ -255,6 +255,21 @@ impl Authenticator {
         Err("the token is not valid".into())
     }
 
+    /// The principal of an HTTP/2 request: its `authorization` header, else the client
+    /// certificate of its connection.
+    pub fn authenticate_http<B>(&self, request: &http::Request<B>) -> Result<Principal, String> {
+        let certificate = request
+            .extensions()
+            .get::<super::connections::ConnectionInfo>()
+            .and_then(|c| c.tls.as_ref())
+            .and_then(|t| t.principal.as_deref());
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        self.authenticate(authorization, certificate)
+    }
+
     fn jwt(&self) -> bool {
         self.secret.is_some() || !self.public.is_empty()
     }
@@ -349,16 +364,7 @@ where
 
     fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
         if let Some(auth) = &self.auth {
-            let certificate = request
-                .extensions()
-                .get::<super::connections::ConnectionInfo>()
-                .and_then(|c| c.tls.as_ref())
-                .and_then(|t| t.principal.clone());
-            let authorization = request
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .map(|v| v.as_bytes());
-            match auth.authenticate(authorization, certificate.as_deref()) {
+            match auth.authenticate_http(&request) {
                 Ok(principal) => {
                     request.extensions_mut().insert(principal);
                 }

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod authorize;
 pub mod budget;
 pub mod connections;
 mod decode_limit;
@@ -225,6 +226,33 @@ impl Broker {
         &self.registry
     }
 
+    /// Who may do what: with `authenticated`, the configured superusers and this node's own
+    /// certificate subject (the node's identity towards the others), and the ACLs of a
+    /// cluster of one from the data directory.
+    fn access(&self, authenticated: bool) -> Result<authorize::Access, BrokerError> {
+        let config = self.registry.config();
+        let mut superusers = config.auth.superusers.clone();
+        if let Some(files) = &config.tls {
+            if let Some(subject) = tls::subject_of(&files.cert) {
+                superusers.push(subject);
+            }
+        }
+        let local = match &self.controller {
+            Some(_) => None,
+            None => Some(Arc::new(
+                crate::acl::store::AclStore::open(&config.data_dir)
+                    .map_err(|e| BrokerError::InvalidRequest(format!("ACLs: {}", e.0)))?,
+            )),
+        };
+        if authenticated {
+            tracing::info!(
+                ?superusers,
+                "calls are checked against ACLs (PERMISSION_DENIED otherwise)"
+            );
+        }
+        Ok(authorize::Access::new(authenticated, superusers, local))
+    }
+
     /// Serves until `signal` resolves; then stops accepting, ends streams, lets in-flight
     /// requests finish, and closes every log (fsync + clean-shutdown marker).
     pub async fn serve(
@@ -253,6 +281,7 @@ impl Broker {
                 "clients authenticate (UNAUTHENTICATED otherwise)"
             );
         }
+        let access = Arc::new(self.access(auth.is_some())?);
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
         let response_budget = Arc::new(budget::ResponseBudget::new(limits.response_bytes_max));
@@ -276,7 +305,8 @@ impl Broker {
             node_id: self.identity.node_id,
             cluster_id: self.identity.cluster_id.clone(),
             address: self.registry.config().node.advertised(self.local_addr),
-        });
+        })
+        .with_access(access.clone());
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (past this limit tonic answers OUT_OF_RANGE, which DecodeLimit
@@ -329,9 +359,15 @@ impl Broker {
             )
         });
         let peer = self.controller.clone().map(|controller| {
-            syncline_proto::v1::peer_server::PeerServer::new(peer::PeerService::new(controller))
+            authorize::SuperusersOnly::new(
+                syncline_proto::v1::peer_server::PeerServer::new(peer::PeerService::new(
+                    controller,
+                ))
                 .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX),
+                auth.clone(),
+                access.clone(),
+            )
         });
         let cleaner = tokio::spawn(cleaner_loop(
             self.registry.clone(),

@@ -63,6 +63,8 @@ pub fn to_status(error: BrokerError) -> Status {
         | BrokerError::Controller(_)
         | BrokerError::ControllerUnavailable { .. } => Status::unavailable(message),
         BrokerError::ClusterRefused(_) => Status::failed_precondition(message),
+        BrokerError::PermissionDenied { .. } => Status::permission_denied(message),
+        BrokerError::Unauthenticated(_) => Status::unauthenticated(message),
         BrokerError::NotATable { .. } => Status::failed_precondition(message),
         BrokerError::KeyNotFound { .. } => Status::not_found(message),
         // Details: a standard `google.rpc.Status` with the CasConflict as an `Any`.

@@ -203,6 +203,12 @@ impl Tls {
     }
 }
 
+/// The principal of the first certificate in the PEM file at `path` (this node's own, as the
+/// other nodes see it), if it reads.
+pub fn subject_of(path: &Path) -> Option<String> {
+    certificates(path).ok()?.first().and_then(principal_of)
+}
+
 /// The principal a client certificate names: its subject's common name, else the whole
 /// subject (RFC 4514 form).
 pub fn principal_of(cert: &CertificateDer<'_>) -> Option<String> {

@@ -455,3 +455,48 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn given_acl_commands_they_should_apply_all_or_nothing_and_survive_a_snapshot() {
+    use crate::acl::{Acl, Effect, Operation, Pattern, Resource, ResourceKind};
+    let read = Acl {
+        principal: "alice".into(),
+        effect: Effect::Allow,
+        operation: Operation::Read,
+        resource: Pattern {
+            kind: ResourceKind::Topic,
+            name: "orders".into(),
+            prefix: false,
+        },
+    };
+    let mut bad = read.clone();
+    bad.operation = Operation::ClusterAdmin;
+    let mut metadata = Metadata::default();
+    let before = metadata.clone();
+    assert!(metadata
+        .apply(&Command::AddAcls {
+            acls: vec![read.clone(), bad]
+        })
+        .is_err());
+    assert_eq!(metadata, before, "a bad binding refuses the whole command");
+    metadata
+        .apply(&Command::AddAcls {
+            acls: vec![read.clone()],
+        })
+        .unwrap();
+    let decide = |m: &Metadata| {
+        m.acls
+            .decide("alice", Operation::Read, &Resource::topic("orders"))
+    };
+    assert_eq!(decide(&metadata), crate::acl::Decision::Allowed);
+    // The controller's snapshot carries them; a snapshot from before ACLs has none.
+    let encoded = serde_json::to_vec(&metadata).unwrap();
+    let restored: Metadata = serde_json::from_slice(&encoded).unwrap();
+    assert_eq!(decide(&restored), crate::acl::Decision::Allowed);
+    let old: Metadata = serde_json::from_slice(&serde_json::to_vec(&before).unwrap()).unwrap();
+    assert!(old.acls.is_empty());
+    metadata
+        .apply(&Command::RemoveAcls { acls: vec![read] })
+        .unwrap();
+    assert_eq!(decide(&metadata), crate::acl::Decision::NotAllowed);
+}

@@ -5,6 +5,7 @@
 //! cluster (moves, nodes joining and leaving) in [`operations`], the produce path
 //! in [`produce`], what reads and tables share in [`lookups`].
 
+mod acls;
 mod admin;
 mod lookups;
 mod operations;
@@ -26,6 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::audit::Audit;
+use super::auth::Principal;
+use super::authorize::Access;
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::connections::ConnectionInfo;
 use super::reads::{
@@ -34,6 +37,7 @@ use super::reads::{
 };
 use super::stall::{StallWatch, StreamWatch};
 use super::status::{decode_limit_to_resource_exhausted, to_status};
+use crate::acl::{Operation, Resource};
 use crate::cluster::ClusterView;
 use crate::config::parse_fsync;
 use crate::error::BrokerError;
@@ -66,6 +70,7 @@ pub struct BrokerService {
     budget: Arc<ResponseBudget>,
     stalls: Arc<StallWatch>,
     cluster: Arc<ClusterView>,
+    access: Arc<Access>,
 }
 
 /// A topic, one of its partitions, and that partition's log.
@@ -163,7 +168,41 @@ impl BrokerService {
                 node_id: 1,
                 ..ClusterView::default()
             }),
+            access: Arc::new(Access::open()),
         }
+    }
+
+    /// The same service, checking calls against `access` (`super::authorize`).
+    pub fn with_access(mut self, access: Arc<Access>) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// May the principal of `request` do `operation` to `resource`? PERMISSION_DENIED naming
+    /// both when not (see `super::authorize`).
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        operation: Operation,
+        resource: Resource<'_>,
+    ) -> Result<(), Status> {
+        self.access
+            .check(
+                self.cluster.controller.as_deref(),
+                request.extensions().get::<Principal>(),
+                operation,
+                resource,
+            )
+            .map_err(to_status)
+    }
+
+    /// Whether the principal of a call with `extensions` may see `resource` in a listing.
+    fn may_describe(&self, extensions: &tonic::Extensions, resource: Resource<'_>) -> bool {
+        self.access.may_describe(
+            self.cluster.controller.as_deref(),
+            extensions.get::<Principal>(),
+            resource,
+        )
     }
 
     /// The same service, describing the cluster as `view` (the binary's node identity).
@@ -226,9 +265,16 @@ impl Broker for BrokerService {
             "create_topic",
             format!("topic:{}", request.get_ref().name),
         );
-        let result = async move { self.create_topic_call(request).await }
-            .instrument(span)
-            .await;
+        let result = async move {
+            self.authorize(
+                &request,
+                Operation::Create,
+                Resource::topic(&request.get_ref().name),
+            )?;
+            self.create_topic_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("CreateTopic", started, result)
     }
@@ -244,9 +290,16 @@ impl Broker for BrokerService {
             "delete_topic",
             format!("topic:{}", request.get_ref().name),
         );
-        let result = async move { self.delete_topic_call(request).await }
-            .instrument(span)
-            .await;
+        let result = async move {
+            self.authorize(
+                &request,
+                Operation::Delete,
+                Resource::topic(&request.get_ref().name),
+            )?;
+            self.delete_topic_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("DeleteTopic", started, result)
     }
@@ -266,7 +319,12 @@ impl Broker for BrokerService {
                 request.get_ref().partition
             ),
         );
-        let result = self.reassign_partition_call(request).instrument(span).await;
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.reassign_partition_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("ReassignPartition", started, result)
     }
@@ -278,7 +336,12 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Rebalance");
         let audit = Audit::of(&request, "rebalance", "cluster".to_string());
-        let result = self.rebalance_call(request).instrument(span).await;
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.rebalance_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("Rebalance", started, result)
     }
@@ -294,7 +357,12 @@ impl Broker for BrokerService {
             "add_node",
             format!("node:{}", request.get_ref().node_id),
         );
-        let result = self.add_node_call(request).instrument(span).await;
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.add_node_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("AddNode", started, result)
     }
@@ -310,7 +378,12 @@ impl Broker for BrokerService {
             "remove_node",
             format!("node:{}", request.get_ref().node_id),
         );
-        let result = self.remove_node_call(request).instrument(span).await;
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.remove_node_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("RemoveNode", started, result)
     }
@@ -326,7 +399,12 @@ impl Broker for BrokerService {
             "set_voters",
             format!("voters:{:?}", request.get_ref().voters),
         );
-        let result = self.set_voters_call(request).instrument(span).await;
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.set_voters_call(request).await
+        }
+        .instrument(span)
+        .await;
         audit.record(&result);
         finish("SetVoters", started, result)
     }
@@ -337,8 +415,18 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::DescribeClusterResponse>, Status> {
         let started = Instant::now();
         let view = &self.cluster;
+        // Any authenticated principal may call it; it shows the topics it may describe.
+        let principal = request.extensions().get::<Principal>().cloned();
+        let visible = |partition: &v1::PartitionPlacement| {
+            self.access.may_describe(
+                view.controller.as_deref(),
+                principal.as_ref(),
+                Resource::topic(&partition.topic),
+            )
+        };
         if let Some(controller) = &view.controller {
-            let response = self.describe_cluster_call(controller, request).await;
+            let mut response = self.describe_cluster_call(controller, request).await;
+            response.partitions.retain(visible);
             return finish("DescribeCluster", started, Ok(Response::new(response)));
         }
         let me = view.node_id;
@@ -358,7 +446,7 @@ impl Broker for BrokerService {
                 })
             })
             .collect();
-        let response = v1::DescribeClusterResponse {
+        let mut response = v1::DescribeClusterResponse {
             cluster_id: view.cluster_id.clone(),
             controller: Some(me),
             nodes: vec![v1::ClusterNode {
@@ -370,12 +458,13 @@ impl Broker for BrokerService {
             partitions,
             voters: vec![me],
         };
+        response.partitions.retain(visible);
         finish("DescribeCluster", started, Ok(Response::new(response)))
     }
 
     async fn list_topics(
         &self,
-        _request: Request<v1::ListTopicsRequest>,
+        request: Request<v1::ListTopicsRequest>,
     ) -> Result<Response<v1::ListTopicsResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ListTopics");
@@ -386,6 +475,9 @@ impl Broker for BrokerService {
                 .iter()
                 // Internal topics (`__offsets`) stay out of listings; describe still works.
                 .filter(|topic| !topic.name.starts_with("__"))
+                .filter(|topic| {
+                    self.may_describe(request.extensions(), Resource::topic(&topic.name))
+                })
                 .map(|topic| v1::TopicSummary {
                     name: topic.name.to_string(),
                     partitions: topic.settings.partitions,
@@ -407,6 +499,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "DescribeTopic");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Describe,
+                Resource::topic(&request.get_ref().name),
+            )?;
             let local_only = request.metadata().contains_key(LOCAL_ONLY_HEADER);
             let name = request.into_inner().name;
             self.await_topic(&name).await;
@@ -431,6 +528,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Produce");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Write,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let request = request.into_inner();
             let correlation_id = request.correlation_id;
             let partition_id = request.partition;
@@ -459,6 +561,7 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ProduceStream");
         let result = async move {
+            let principal = request.extensions().get::<Principal>().cloned();
             let mut inbound = request.into_inner();
             let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
             let service = self.clone();
@@ -496,8 +599,19 @@ impl Broker for BrokerService {
                     let correlation_id = request.correlation_id;
                     let partition_id = request.partition;
                     let message_started = Instant::now();
-                    service.await_topic(&request.topic).await;
-                    match service.append(request) {
+                    let appended = service
+                        .access
+                        .check(
+                            service.cluster.controller.as_deref(),
+                            principal.as_ref(),
+                            Operation::Write,
+                            Resource::topic(&request.topic),
+                        )
+                        .map(|()| request);
+                    if let Ok(request) = &appended {
+                        service.await_topic(&request.topic).await;
+                    }
+                    match appended.and_then(|request| service.append(request)) {
                         Err(error) => {
                             drop(permit);
                             let response =
@@ -560,6 +674,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Fetch");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Read,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let request = request.into_inner();
             self.await_topic(&request.topic).await;
             let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
@@ -627,6 +746,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Subscribe");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Read,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let watch = self.watch_stream(request.extensions(), "Subscribe");
             let request = request.into_inner();
             self.await_topic(&request.topic).await;
@@ -672,6 +796,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ListOffsets");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Describe,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let request = request.into_inner();
             self.await_topic(&request.topic).await;
             let (_topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
@@ -741,6 +870,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::GetResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Read,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let request = request.into_inner();
             self.await_topic(&request.topic).await;
             // Linearizable on a replicated table: the leader confirms it still leads and has
@@ -777,6 +911,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::HistoryResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Read,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let request = request.into_inner();
             let partition = self
                 .key_partition(&request.topic, &request.key)
@@ -854,6 +993,11 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Snapshot");
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Read,
+                Resource::topic(&request.get_ref().topic),
+            )?;
             let watch = self.watch_stream(request.extensions(), "Snapshot");
             let request = request.into_inner();
             self.check_running().map_err(to_status)?;
@@ -900,7 +1044,15 @@ impl Broker for BrokerService {
             "compact_topic",
             format!("topic:{}", request.get_ref().name),
         );
-        let result = async move { self.compact_topic_call(request).await }.await;
+        let result = async move {
+            self.authorize(
+                &request,
+                Operation::Alter,
+                Resource::topic(&request.get_ref().name),
+            )?;
+            self.compact_topic_call(request).await
+        }
+        .await;
         audit.record(&result);
         finish("CompactTopic", started, result)
     }
@@ -911,6 +1063,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::JoinGroupResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::GroupRead,
+                Resource::group(&request.get_ref().group),
+            )?;
             self.check_running().map_err(to_status)?;
             let response = self
                 .coordinator
@@ -928,6 +1085,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::GroupRead,
+                Resource::group(&request.get_ref().group),
+            )?;
             self.check_running().map_err(to_status)?;
             let response = self
                 .coordinator
@@ -945,6 +1107,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::LeaveGroupResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::GroupRead,
+                Resource::group(&request.get_ref().group),
+            )?;
             self.coordinator
                 .leave(request.into_inner())
                 .map_err(to_status)?;
@@ -959,7 +1126,23 @@ impl Broker for BrokerService {
         request: Request<v1::CommitOffsetsRequest>,
     ) -> Result<Response<v1::CommitOffsetsResponse>, Status> {
         let started = Instant::now();
+        // A commit outside a member (empty member id) is an offset reset: audited.
+        let audit = request.get_ref().member_id.is_empty().then(|| {
+            Audit::of(
+                &request,
+                "reset_offsets",
+                format!("group:{}", request.get_ref().group),
+            )
+        });
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::GroupRead,
+                Resource::group(&request.get_ref().group),
+            )?;
+            for commit in &request.get_ref().offsets {
+                self.authorize(&request, Operation::Read, Resource::topic(&commit.topic))?;
+            }
             self.check_running().map_err(to_status)?;
             self.coordinator
                 .commit(request.into_inner())
@@ -968,6 +1151,9 @@ impl Broker for BrokerService {
             Ok(Response::new(v1::CommitOffsetsResponse {}))
         }
         .await;
+        if let Some(audit) = audit {
+            audit.record(&result);
+        }
         finish("CommitOffsets", started, result)
     }
 
@@ -977,6 +1163,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::FetchOffsetsResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::GroupRead,
+                Resource::group(&request.get_ref().group),
+            )?;
             let offsets = self
                 .coordinator
                 .fetch_offsets(request.into_inner())
@@ -993,10 +1184,9 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::ListGroupsResponse>, Status> {
         let started = Instant::now();
         let result = async move {
-            let _ = request;
-            Ok(Response::new(v1::ListGroupsResponse {
-                groups: self.coordinator.list(),
-            }))
+            let mut groups = self.coordinator.list();
+            groups.retain(|g| self.may_describe(request.extensions(), Resource::group(&g.group)));
+            Ok(Response::new(v1::ListGroupsResponse { groups }))
         }
         .await;
         finish("ListGroups", started, result)
@@ -1008,6 +1198,11 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::DescribeGroupResponse>, Status> {
         let started = Instant::now();
         let result = async move {
+            self.authorize(
+                &request,
+                Operation::Describe,
+                Resource::group(&request.get_ref().group),
+            )?;
             let mut response = self
                 .coordinator
                 .describe(&request.into_inner().group)
@@ -1026,5 +1221,75 @@ impl Broker for BrokerService {
         let started = Instant::now();
         let result = async move { self.find_coordinator_call(request).await }.await;
         finish("FindCoordinator", started, result)
+    }
+
+    async fn add_acls(
+        &self,
+        request: Request<v1::AddAclsRequest>,
+    ) -> Result<Response<v1::AddAclsResponse>, Status> {
+        let started = Instant::now();
+        let audit = Audit::of(&request, "add_acls", acls_audited(&request.get_ref().acls));
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.add_acls_call(request).await
+        }
+        .await;
+        audit.record(&result);
+        finish("AddAcls", started, result)
+    }
+
+    async fn remove_acls(
+        &self,
+        request: Request<v1::RemoveAclsRequest>,
+    ) -> Result<Response<v1::RemoveAclsResponse>, Status> {
+        let started = Instant::now();
+        let audit = Audit::of(
+            &request,
+            "remove_acls",
+            acls_audited(&request.get_ref().acls),
+        );
+        let result = async move {
+            self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())?;
+            self.remove_acls_call(request).await
+        }
+        .await;
+        audit.record(&result);
+        finish("RemoveAcls", started, result)
+    }
+
+    async fn list_acls(
+        &self,
+        request: Request<v1::ListAclsRequest>,
+    ) -> Result<Response<v1::ListAclsResponse>, Status> {
+        let started = Instant::now();
+        let result = self
+            .authorize(&request, Operation::ClusterAdmin, Resource::cluster())
+            .and_then(|()| self.list_acls_call(request));
+        finish("ListAcls", started, result)
+    }
+}
+
+/// The audit log's resource for an ACL change: the bindings, as `acl add` spells them.
+fn acls_audited(acls: &[v1::Acl]) -> String {
+    let shown: Vec<String> = acls
+        .iter()
+        .take(20)
+        .map(|a| {
+            format!(
+                "{} {} {} {}:{}{}",
+                a.principal,
+                if a.deny { "deny" } else { "allow" },
+                a.operation,
+                a.resource_type,
+                a.resource_name,
+                if a.prefix { "*" } else { "" }
+            )
+        })
+        .collect();
+    let more = acls.len().saturating_sub(shown.len());
+    if more > 0 {
+        format!("acls:[{}, and {more} more]", shown.join("; "))
+    } else {
+        format!("acls:[{}]", shown.join("; "))
     }
 }

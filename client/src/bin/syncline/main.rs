@@ -7,6 +7,7 @@
 //! Exit status: 0 on success; 1 on failure, with one line `error: MESSAGE` on stderr; 2 for a
 //! usage error (clap's message).
 
+mod acl;
 mod bench;
 mod cluster;
 mod group;
@@ -136,6 +137,10 @@ enum Command {
     /// rebalance, add and remove nodes, set the controller's voters.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Manage access control lists: which principal may read, write, create, delete, alter
+    /// or describe which topics and groups, and who administers the cluster.
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -454,6 +459,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch(args) => watch::watch(&client, args).await,
         Command::Bench(args) => bench::run(&client, &cli.broker, &connect, args).await,
         Command::Cluster(command) => cluster::run(&client, command).await,
+        Command::Acl(command) => acl::run(&client, command).await,
     }
 }
 
