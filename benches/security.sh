@@ -11,7 +11,9 @@ Usage: benches/security.sh [OPTIONS]
 
 Starts two release brokers on loopback (a data dir each under the work directory): `plain`
 (no TLS, no authentication) and `secure` (--tls-cert/--tls-key from a CA made here with
-openssl, --auth-tokens-file with one token). Then, --runs times and for each record size
+openssl, --auth-tokens-file with a token for `bench`, which an ACL allows create, delete, read
+and write on every topic so that its calls pay the ACL check, and one for the superuser
+`admin` that grants it). Then, --runs times and for each record size
 (1 KiB and 100 B), `syncline bench --json --duration --secs` against plain, then against
 secure (`--tls-ca --token`), after waiting for a quiet machine; and the same at a fixed rate of
 --rate records/s of 1 KiB, where the latency is the transport's and not a queue's. Reports
@@ -83,7 +85,10 @@ openssl x509 -req -in "$TLS/req.pem" -CA "$TLS/ca.pem" -CAkey "$TLS/ca-key.pem" 
   -CAcreateserial -days 2 -extfile "$TLS/ext.cnf" -out "$TLS/cert.pem" 2> /dev/null
 TOKEN=bench-token-$$
 SHA=$(printf '%s' "$TOKEN" | sha256sum | awk '{print $1}')
-printf '[[token]]\nprincipal = "bench"\nsha256 = "%s"\n' "$SHA" > "$WORK/tokens.toml"
+ADMIN_TOKEN=admin-token-$$
+ADMIN_SHA=$(printf '%s' "$ADMIN_TOKEN" | sha256sum | awk '{print $1}')
+printf '[[token]]\nprincipal = "bench"\nsha256 = "%s"\n\n[[token]]\nprincipal = "admin"\nsha256 = "%s"\n' \
+  "$SHA" "$ADMIN_SHA" > "$WORK/tokens.toml"
 
 start() {
   local name=$1; shift
@@ -94,9 +99,13 @@ start() {
   wait_listening "$WORK/$name/broker.log" "$!" || { tail -5 "$WORK/$name/broker.log" >&2; exit 1; }
 }
 start plain
-start secure --tls-cert "$TLS/cert.pem" --tls-key "$TLS/key.pem" --auth-tokens-file "$WORK/tokens.toml"
+start secure --tls-cert "$TLS/cert.pem" --tls-key "$TLS/key.pem" --auth-tokens-file "$WORK/tokens.toml" \
+  --superusers admin
 PLAIN=$(listen_addr "$WORK/plain/broker.log")
 SECURE=$(listen_addr "$WORK/secure/broker.log")
+# `bench` is no superuser: its calls go through the ACL check, as a service's would.
+"$CLI" --broker "$SECURE" --tls-ca "$TLS/ca.pem" --token "$ADMIN_TOKEN" acl add --principal bench \
+  --allow create,delete,read,write --topic-prefix '' > /dev/null
 log "plain on $PLAIN, TLS + token on $SECURE"
 
 RESULTS=$WORK/results.tsv

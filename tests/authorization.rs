@@ -531,6 +531,52 @@ fn prefix_and_deny_acls_should_hold_and_survive_a_restart() {
             })),
         "{listed}"
     );
+    let table = ok(as_user(
+        &broker,
+        "admin",
+        &["acl", "list", "--principal", "granted"],
+    ));
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec![
+                "PRINCIPAL",
+                "PERMISSION",
+                "OPERATION",
+                "RESOURCE",
+                "NAME",
+                "PATTERN"
+            ],
+            vec![
+                "granted",
+                "deny",
+                "write",
+                "topic",
+                "team-a.payroll",
+                "literal"
+            ],
+        ],
+        "{table}"
+    );
+    let typo = denied(as_user(
+        &broker,
+        "admin",
+        &[
+            "acl",
+            "add",
+            "--principal",
+            "x",
+            "--allow",
+            "reed",
+            "--topic",
+            "t",
+        ],
+    ));
+    assert!(typo.contains("unknown operation `reed`"), "{typo}");
     // A principal without cluster-admin cannot change or list ACLs.
     let refused = denied(as_user(&broker, "granted", &["acl", "list"]));
     assert!(refused.contains("cluster-admin"), "{refused}");

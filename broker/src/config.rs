@@ -321,6 +321,9 @@ struct FileConfig {
     auth_jwt_public_keys: Option<PathBuf>,
     auth_jwt_audience: Option<String>,
     superusers: Option<Vec<String>>,
+    quota_produce_bytes_per_sec: Option<u64>,
+    quota_fetch_bytes_per_sec: Option<u64>,
+    quotas_file: Option<PathBuf>,
     insecure_allow_remote: Option<bool>,
 }
 
@@ -474,6 +477,8 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Authentication (`server::auth`).
     pub auth: AuthFiles,
+    /// Per-principal byte-rate quotas (`server::quota`).
+    pub quotas: QuotaSettings,
     /// Serve a non-loopback address without TLS and authentication.
     pub insecure_allow_remote: bool,
 }
@@ -522,6 +527,7 @@ impl Default for Config {
             replication: crate::replication::group::GroupSettings::default(),
             tls: None,
             auth: AuthFiles::default(),
+            quotas: QuotaSettings::default(),
             insecure_allow_remote: false,
         }
     }
@@ -792,6 +798,17 @@ impl Config {
             jwt_audience: security.auth_jwt_audience.or(file.auth_jwt_audience),
             superusers: security::principals(security.superusers.or(file.superusers)),
         };
+        config.quotas = QuotaSettings {
+            produce_bytes_per_sec: security
+                .quota_produce_bytes_per_sec
+                .or(file.quota_produce_bytes_per_sec)
+                .unwrap_or(0),
+            fetch_bytes_per_sec: security
+                .quota_fetch_bytes_per_sec
+                .or(file.quota_fetch_bytes_per_sec)
+                .unwrap_or(0),
+            file: security.quotas_file.or(file.quotas_file),
+        };
         config.insecure_allow_remote =
             security.insecure_allow_remote || file.insecure_allow_remote.unwrap_or(false);
         config.validate()?;
@@ -969,7 +986,7 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigLoadError> {
 }
 
 mod security;
-pub use security::{AuthFiles, SecurityFlags, TlsFiles};
+pub use security::{AuthFiles, QuotaSettings, SecurityFlags, TlsFiles};
 
 #[cfg(test)]
 mod tests;

@@ -125,6 +125,7 @@ metrics! {
     REPLICATION_PARTITIONS_LED = "syncline_replication_partitions_led", ScrapeGauge, [], "Replicated partitions this node leads";
     REPLICATION_UNDER_REPLICATED_PARTITIONS = "syncline_replication_under_replicated_partitions", ScrapeGauge, [], "Replicated partitions this node leads with a follower not caught up (behind the commit index, or silent for two election timeouts while entries wait for it or its node is down)";
     REPLICATION_FOLLOWER_LAG_ENTRIES = "syncline_replication_follower_lag_entries", ScrapeGauge, ["follower"], "On a leader, per follower node: the most Raft entries (about one per produced batch) it is behind in a partition this node leads";
+    QUOTA_THROTTLE_SECONDS = "syncline_quota_throttle_seconds", Histogram, ["principal", "direction"], "Delay of a response that held a principal to its produce or fetch byte-rate quota (direction: produce or fetch)";
     REPLICATION_FOLLOWER_LAG_SECONDS = "syncline_replication_follower_lag_seconds", ScrapeGauge, ["follower"], "On a leader, per follower node: the longest time since it was last caught up in a partition this node leads (0 while caught up)";
 }
 
@@ -220,6 +221,10 @@ fn describe_and_register() {
             }
             Kind::ScrapeGauge => {}
         }
+    }
+    // The quota series of the principal of unauthenticated calls, so the metric is served.
+    for direction in ["produce", "fetch"] {
+        let _ = metrics::histogram!(QUOTA_THROTTLE_SECONDS, "principal" => "anonymous", "direction" => direction);
     }
     for rpc in rpcs {
         metrics::counter!(REQUESTS_TOTAL, "rpc" => rpc.clone(), "code" => "OK").increment(0);

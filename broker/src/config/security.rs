@@ -69,6 +69,26 @@ pub struct SecurityFlags {
     )]
     pub superusers: Option<Vec<String>>,
 
+    /// Produce bytes per second each principal may send to this node (0: no limit); a client
+    /// over it gets its responses later, never an error. --quotas-file sets it per principal
+    #[arg(
+        long,
+        env = "SYNCLINE_QUOTA_PRODUCE_BYTES_PER_SEC",
+        value_name = "BYTES"
+    )]
+    pub quota_produce_bytes_per_sec: Option<u64>,
+
+    /// Fetch bytes per second each principal may read from this node (Fetch and Subscribe; 0:
+    /// no limit)
+    #[arg(long, env = "SYNCLINE_QUOTA_FETCH_BYTES_PER_SEC", value_name = "BYTES")]
+    pub quota_fetch_bytes_per_sec: Option<u64>,
+
+    /// Per-principal quotas: a TOML file of `[[quota]] principal = "NAME"`,
+    /// `produce_bytes_per_sec = N`, `fetch_bytes_per_sec = N` (a missing rate takes the
+    /// default; 0: no limit)
+    #[arg(long, env = "SYNCLINE_QUOTAS_FILE", value_name = "TOML")]
+    pub quotas_file: Option<PathBuf>,
+
     /// Serve a non-loopback --listen (or --metrics-listen) address without TLS and
     /// authentication: anyone who reaches the port can read, write and delete everything.
     /// Without it such a start is refused
@@ -89,6 +109,17 @@ pub struct AuthFiles {
     pub jwt_audience: Option<String>,
     /// Principals allowed everything.
     pub superusers: Vec<String>,
+}
+
+/// Per-principal byte-rate quotas (`server::quota`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaSettings {
+    /// Default produce rate per principal, bytes per second (0: no limit).
+    pub produce_bytes_per_sec: u64,
+    /// Default fetch rate per principal, bytes per second (0: no limit).
+    pub fetch_bytes_per_sec: u64,
+    /// Per-principal rates (TOML).
+    pub file: Option<PathBuf>,
 }
 
 /// The TLS certificate files (`server::tls`).

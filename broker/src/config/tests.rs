@@ -253,6 +253,10 @@ fn given_example_config_should_list_every_setting_at_its_default() {
                 expected.auth.superusers = vec!["admin".into()];
                 format!("{line}\n")
             }
+            "quotas_file" => {
+                expected.quotas.file = Some("/etc/syncline/quotas.toml".into());
+                format!("{line}\n")
+            }
             // Sized from the open-file limit at start; the example gives the cap.
             "max_connections" => {
                 expected.connections.max_connections = Some(10_000);

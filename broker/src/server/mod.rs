@@ -8,6 +8,7 @@ pub mod budget;
 pub mod connections;
 mod decode_limit;
 pub(crate) mod peer;
+pub mod quota;
 mod reads;
 mod service;
 mod stall;
@@ -282,6 +283,15 @@ impl Broker {
             );
         }
         let access = Arc::new(self.access(auth.is_some())?);
+        let quotas = quota::Quotas::load(&self.registry.config().quotas)
+            .map_err(|e| BrokerError::InvalidRequest(format!("quotas: {e}")))?
+            .map(Arc::new);
+        if let Some(quotas) = &quotas {
+            tracing::info!(
+                ?quotas,
+                "per-principal byte-rate quotas (responses over them are delayed)"
+            );
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let limits = self.registry.config().limits.clone();
         let response_budget = Arc::new(budget::ResponseBudget::new(limits.response_bytes_max));
@@ -306,7 +316,8 @@ impl Broker {
             cluster_id: self.identity.cluster_id.clone(),
             address: self.registry.config().node.advertised(self.local_addr),
         })
-        .with_access(access.clone());
+        .with_access(access.clone())
+        .with_quotas(quotas);
         let broker = BrokerServer::new(service)
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (past this limit tonic answers OUT_OF_RANGE, which DecodeLimit

@@ -3,13 +3,17 @@
 //! mappings (no copy). Building read responses (Fetch, Subscribe, Snapshot) lives in
 //! `super::reads`; topic administration and the cluster calls in [`admin`], operating a
 //! cluster (moves, nodes joining and leaving) in [`operations`], the produce path
-//! in [`produce`], what reads and tables share in [`lookups`].
+//! in [`produce`], the read calls in [`read_calls`], what reads and tables share in
+//! [`lookups`], ACL administration in [`acls`]. Every handler checks the caller's permission
+//! before anything else (`super::authorize`); produce and fetch bytes are charged to the
+//! caller's quota (`super::quota`).
 
 mod acls;
 mod admin;
 mod lookups;
 mod operations;
 mod produce;
+mod read_calls;
 
 use admin::{cleanup_of, describe};
 use std::pin::Pin;
@@ -31,6 +35,7 @@ use super::auth::Principal;
 use super::authorize::Access;
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::connections::ConnectionInfo;
+use super::quota::{charge, throttle, Direction, Quotas};
 use super::reads::{
     fetch_response, record_headers, response_bytes_estimate, stream_snapshot, Subscription,
     SNAPSHOT_READ_AHEAD,
@@ -71,6 +76,7 @@ pub struct BrokerService {
     stalls: Arc<StallWatch>,
     cluster: Arc<ClusterView>,
     access: Arc<Access>,
+    quotas: Option<Arc<Quotas>>,
 }
 
 /// A topic, one of its partitions, and that partition's log.
@@ -169,7 +175,14 @@ impl BrokerService {
                 ..ClusterView::default()
             }),
             access: Arc::new(Access::open()),
+            quotas: None,
         }
+    }
+
+    /// The same service, holding principals to `quotas` (`super::quota`).
+    pub fn with_quotas(mut self, quotas: Option<Arc<Quotas>>) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// The same service, checking calls against `access` (`super::authorize`).
@@ -533,14 +546,23 @@ impl Broker for BrokerService {
                 Operation::Write,
                 Resource::topic(&request.get_ref().topic),
             )?;
+            let principal = request.extensions().get::<Principal>().cloned();
             let request = request.into_inner();
             let correlation_id = request.correlation_id;
             let partition_id = request.partition;
+            let bytes = request.batch.len() as u64;
             self.await_topic(&request.topic).await;
             let (partition, submitted, acks) = self.append(request).map_err(to_status)?;
             let appended = Self::ack(&partition, submitted, acks)
                 .await
                 .map_err(to_status)?;
+            throttle(
+                self.quotas.as_deref(),
+                principal.as_ref(),
+                Direction::Produce,
+                bytes,
+            )
+            .await;
             Ok(Response::new(Self::produce_response(
                 correlation_id,
                 partition_id,
@@ -560,110 +582,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::ProduceStreamStream>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ProduceStream");
-        let result = async move {
-            let principal = request.extensions().get::<Principal>().cloned();
-            let mut inbound = request.into_inner();
-            let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
-            let service = self.clone();
-            let mut shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
-                let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX));
-                loop {
-                    let next = tokio::select! {
-                        next = inbound.next() => next,
-                        _ = shutdown.wait_for(|stop| *stop) => break,
-                    };
-                    let request = match next {
-                        Some(Ok(request)) => request,
-                        Some(Err(status)) => {
-                            // E.g. a message over the size limit: tell the client instead of ending
-                            // the stream as if all were well (which it would retry).
-                            tracing::debug!(%status, "produce stream request failed to decode");
-                            let status = decode_limit_to_resource_exhausted(
-                                status,
-                                service.registry.config().limits.max_batch_bytes,
-                            );
-                            let _ = tx.try_send(Err(status));
-                            break;
-                        }
-                        None => break,
-                    };
-                    // Bounded in flight: the stream is not read further until acks drain.
-                    let permit = tokio::select! {
-                        permit = in_flight.clone().acquire_owned() => match permit {
-                            Ok(permit) => permit,
-                            Err(_) => break,
-                        },
-                        _ = shutdown.wait_for(|stop| *stop) => break,
-                    };
-                    let correlation_id = request.correlation_id;
-                    let partition_id = request.partition;
-                    let message_started = Instant::now();
-                    let appended = service
-                        .access
-                        .check(
-                            service.cluster.controller.as_deref(),
-                            principal.as_ref(),
-                            Operation::Write,
-                            Resource::topic(&request.topic),
-                        )
-                        .map(|()| request);
-                    if let Ok(request) = &appended {
-                        service.await_topic(&request.topic).await;
-                    }
-                    match appended.and_then(|request| service.append(request)) {
-                        Err(error) => {
-                            drop(permit);
-                            let response =
-                                Self::error_response(correlation_id, partition_id, error);
-                            observe_message(message_started, &response);
-                            tokio::select! {
-                                sent = tx.send(Ok(response)) => if sent.is_err() { break },
-                                _ = shutdown.wait_for(|stop| *stop) => break,
-                            }
-                        }
-                        Ok((partition, submitted @ Submitted::Replicated(_), acks))
-                        | Ok((partition, submitted, acks @ Acks::Durable)) => {
-                            let tx = tx.clone();
-                            let mut shutdown = shutdown.clone();
-                            tokio::spawn(async move {
-                                let response = match Self::ack(&partition, submitted, acks).await {
-                                    Ok(appended) => Self::produce_response(
-                                        correlation_id,
-                                        partition_id,
-                                        appended,
-                                    ),
-                                    Err(error) => {
-                                        Self::error_response(correlation_id, partition_id, error)
-                                    }
-                                };
-                                observe_message(message_started, &response);
-                                // A client that stops reading pins this task only until shutdown.
-                                tokio::select! {
-                                    _ = tx.send(Ok(response)) => {}
-                                    _ = shutdown.wait_for(|stop| *stop) => {}
-                                }
-                                drop(permit);
-                            });
-                        }
-                        Ok((_, Submitted::Local(appended), _)) => {
-                            drop(permit);
-                            let response =
-                                Self::produce_response(correlation_id, partition_id, appended);
-                            observe_message(message_started, &response);
-                            tokio::select! {
-                                sent = tx.send(Ok(response)) => if sent.is_err() { break },
-                                _ = shutdown.wait_for(|stop| *stop) => break,
-                            }
-                        }
-                    }
-                }
-            });
-            let stream: Self::ProduceStreamStream = Box::pin(ReceiverStream::new(rx));
-            Ok(Response::new(stream))
-        }
-        .instrument(span)
-        .await;
+        let result = self.produce_stream_call(request).instrument(span).await;
         finish("ProduceStream", started, result)
     }
 
@@ -673,67 +592,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::FetchResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Fetch");
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Read,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let request = request.into_inner();
-            self.await_topic(&request.topic).await;
-            let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
-            let max_bytes = self
-                .fetch_limits(request.max_bytes, request.decode_records)
-                .map_err(to_status)?;
-            let max_wait = request
-                .max_wait_ms
-                .min(self.registry.config().limits.max_wait_ms);
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(max_wait));
-            let mut durable = log.subscribe_durable();
-            let mut shutdown = self.shutdown.clone();
-            let decode_from = request.decode_records.then_some(request.offset);
-            loop {
-                durable.borrow_and_update();
-                if topic.deleted.load(std::sync::atomic::Ordering::Acquire) {
-                    return Err(Status::not_found(format!(
-                        "topic `{}` was deleted",
-                        topic.name
-                    )));
-                }
-                let read = log
-                    .read(request.offset, max_bytes)
-                    .map_err(|e| to_status(partition.log_error(e)))?;
-                if !read.bytes.is_empty()
-                    || tokio::time::Instant::now() >= deadline
-                    || *shutdown.borrow()
-                {
-                    let permit = self
-                        .fetch_permit(read.bytes.len(), request.decode_records)
-                        .await
-                        .map_err(to_status)?;
-                    let message =
-                        fetch_response(partition.id, read, &log, decode_from).map_err(to_status)?;
-                    let mut response = Response::new(message);
-                    if let Some(mut permit) = permit {
-                        permit.shrink_to(response.get_ref().encoded_len());
-                        // Held until the transport has written the response (`super::budget`).
-                        response.extensions_mut().insert(UnaryPermit::new(permit));
-                    }
-                    return Ok(response);
-                }
-                tokio::select! {
-                    changed = durable.changed() => {
-                        if changed.is_err() {
-                            return Err(to_status(BrokerError::ShuttingDown));
-                        }
-                    }
-                    _ = tokio::time::sleep_until(deadline) => {}
-                    _ = shutdown.wait_for(|stop| *stop) => {}
-                }
-            }
-        }
-        .instrument(span)
-        .await;
+        let result = self.fetch_call(request).instrument(span).await;
         finish("Fetch", started, result)
     }
 
@@ -745,47 +604,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Subscribe");
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Read,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let watch = self.watch_stream(request.extensions(), "Subscribe");
-            let request = request.into_inner();
-            self.await_topic(&request.topic).await;
-            let (topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
-            // Validate the start offset now, so a bad one is an error status, not an empty stream.
-            log.read(request.offset, 1)
-                .map_err(|e| to_status(partition.log_error(e)))?;
-            let subscription = Subscription {
-                max_bytes: self
-                    .fetch_limits(request.max_bytes, request.decode_records)
-                    .map_err(to_status)?,
-                decode_from: request.decode_records.then_some(request.offset),
-                offset: request.offset,
-                durable: log.subscribe_durable(),
-                topic,
-                partition,
-                log,
-                shutdown: self.shutdown.clone(),
-                budget: self.budget.clone(),
-                ended: false,
-            };
-            // Produced one message at a time, when the transport asks for it: nothing is read
-            // ahead of a slow subscriber, and the budget bounds what the transport holds.
-            let messages = Box::pin(futures_util::stream::unfold(
-                subscription,
-                |mut subscription| async move {
-                    let message = subscription.next_message().await?;
-                    Some((message, subscription))
-                },
-            ));
-            let stream: Self::SubscribeStream = Box::pin(HeldUntilSent::watched(messages, watch));
-            Ok(Response::new(stream))
-        }
-        .instrument(span)
-        .await;
+        let result = self.subscribe_call(request).instrument(span).await;
         finish("Subscribe", started, result)
     }
 
@@ -795,38 +614,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "ListOffsets");
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Describe,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let request = request.into_inner();
-            self.await_topic(&request.topic).await;
-            let (_topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
-            let spec = v1::OffsetSpec::try_from(request.spec).map_err(|_| {
-                Status::invalid_argument(format!(
-                    "unknown offset spec {}: use EARLIEST, LATEST or TIMESTAMP",
-                    request.spec
-                ))
-            })?;
-            let (offset, found) = match spec {
-                v1::OffsetSpec::Earliest => (log.start_offset(), true),
-                v1::OffsetSpec::Unspecified | v1::OffsetSpec::Latest => {
-                    (log.durable_offset(), true)
-                }
-                v1::OffsetSpec::Timestamp => match log
-                    .offset_for_timestamp(request.timestamp_ms)
-                    .map_err(|e| to_status(partition.log_error(e)))?
-                {
-                    Some(offset) => (offset, true),
-                    None => (log.durable_offset(), false),
-                },
-            };
-            Ok(Response::new(v1::ListOffsetsResponse { offset, found }))
-        }
-        .instrument(span)
-        .await;
+        let result = self.list_offsets_call(request).instrument(span).await;
         finish("ListOffsets", started, result)
     }
 
@@ -869,39 +657,7 @@ impl Broker for BrokerService {
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
         let started = Instant::now();
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Read,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let request = request.into_inner();
-            self.await_topic(&request.topic).await;
-            // Linearizable on a replicated table: the leader confirms it still leads and has
-            // applied everything committed before the read (read index).
-            if let Ok(partition) = self.key_partition(&request.topic, &request.key) {
-                partition.read_barrier().await.map_err(to_status)?;
-            }
-            let (partition, slot) = match self.latest(&request.topic, &request.key) {
-                Ok(found) => found,
-                Err(status) => {
-                    // A delete is only reported once it is durable, like any other read.
-                    self.wait_for_delete(&request.topic, &request.key).await;
-                    return Err(status);
-                }
-            };
-            let record = self
-                .read_version(&partition, &request.key, slot.offset)
-                .await?;
-            Ok(Response::new(v1::GetResponse {
-                partition: partition.id,
-                version: record.offset,
-                value: record.value.unwrap_or_default(),
-                timestamp_ms: record.timestamp,
-                headers: record_headers(record.headers),
-            }))
-        }
-        .await;
+        let result = self.get_call(request).await;
         finish("Get", started, result)
     }
 
@@ -910,77 +666,7 @@ impl Broker for BrokerService {
         request: Request<v1::HistoryRequest>,
     ) -> Result<Response<v1::HistoryResponse>, Status> {
         let started = Instant::now();
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Read,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let request = request.into_inner();
-            let partition = self
-                .key_partition(&request.topic, &request.key)
-                .map_err(to_status)?;
-            let partition_id = partition.id;
-            if !partition.is_table {
-                return Err(to_status(BrokerError::NotATable {
-                    topic: request.topic,
-                }));
-            }
-            let limit = positive_or_default(
-                request.limit,
-                "limit",
-                HISTORY_LIMIT_DEFAULT,
-                HISTORY_LIMIT_MAX,
-            )
-            .map_err(to_status)? as usize;
-            let log = partition.log().map_err(to_status)?.clone();
-            let key = request.key.clone();
-            // A scan of the partition up to the durable offset (versions are not chained).
-            let versions =
-                tokio::task::spawn_blocking(move || -> Result<Vec<v1::Version>, BrokerError> {
-                    let mut versions = std::collections::VecDeque::new();
-                    let mut offset = log.start_offset();
-                    let upper = log.durable_offset();
-                    while offset < upper {
-                        let read = log
-                            .read(offset, 4 * 1024 * 1024)
-                            .map_err(|e| partition.log_error(e))?;
-                        if read.bytes.is_empty() {
-                            break;
-                        }
-                        for batch in Batches::new(read.bytes.clone()) {
-                            let batch = batch.map_err(|e| {
-                                BrokerError::InvalidRequest(format!("stored batch: {e}"))
-                            })?;
-                            for record in batch.records() {
-                                let record = record.map_err(|e| {
-                                    BrokerError::InvalidRequest(format!("stored record: {e}"))
-                                })?;
-                                if record.key.as_deref() == Some(&key[..]) {
-                                    versions.push_back(v1::Version {
-                                        version: record.offset,
-                                        value: record.value,
-                                        timestamp_ms: record.timestamp,
-                                    });
-                                    if versions.len() > limit {
-                                        versions.pop_front();
-                                    }
-                                }
-                            }
-                        }
-                        offset = read.next_offset;
-                    }
-                    Ok(versions.into_iter().collect())
-                })
-                .await
-                .map_err(|e| Status::internal(format!("history task failed: {e}")))?
-                .map_err(to_status)?;
-            Ok(Response::new(v1::HistoryResponse {
-                partition: partition_id,
-                versions,
-            }))
-        }
-        .await;
+        let result = self.history_call(request).await;
         finish("History", started, result)
     }
 
@@ -992,45 +678,7 @@ impl Broker for BrokerService {
     ) -> Result<Response<Self::SnapshotStream>, Status> {
         let started = Instant::now();
         let span = tracing::debug_span!("rpc", rpc = "Snapshot");
-        let result = async move {
-            self.authorize(
-                &request,
-                Operation::Read,
-                Resource::topic(&request.get_ref().topic),
-            )?;
-            let watch = self.watch_stream(request.extensions(), "Snapshot");
-            let request = request.into_inner();
-            self.check_running().map_err(to_status)?;
-            self.await_topic(&request.topic).await;
-            let (_topic, partition) = self
-                .partition(&request.topic, request.partition)
-                .map_err(to_status)?;
-            let plan = partition.begin_snapshot().map_err(to_status)?;
-            let log = partition.log().map_err(to_status)?.clone();
-            // Readers see only durable records: nothing below H is streamed before H is.
-            let mut shutdown = self.shutdown.clone();
-            tokio::select! {
-                durable = log.wait_durable(plan.high_watermark) => {
-                    durable.map_err(|e| to_status(partition.log_error(e)))?;
-                }
-                _ = shutdown.wait_for(|stop| *stop) => {
-                    return Err(to_status(BrokerError::ShuttingDown));
-                }
-            }
-            let max_bytes = self.snapshot_limits(request.max_bytes).map_err(to_status)?;
-            let (tx, rx) = mpsc::channel(SNAPSHOT_READ_AHEAD);
-            let runtime = tokio::runtime::Handle::current();
-            let shutdown = self.shutdown.clone();
-            let budget = self.budget.clone();
-            tokio::task::spawn_blocking(move || {
-                stream_snapshot(runtime, partition, plan, max_bytes, tx, shutdown, budget)
-            });
-            let stream: Self::SnapshotStream =
-                Box::pin(HeldUntilSent::watched(ReceiverStream::new(rx), watch));
-            Ok(Response::new(stream))
-        }
-        .instrument(span)
-        .await;
+        let result = self.snapshot_call(request).instrument(span).await;
         finish("Snapshot", started, result)
     }
 

@@ -161,3 +161,128 @@ impl BrokerService {
         }
     }
 }
+
+impl BrokerService {
+    /// `ProduceStream`: each message checked, appended and answered once acknowledged (in ack
+    /// order); at most [`STREAM_IN_FLIGHT_MAX`] in flight before the stream is not read further.
+    pub(super) async fn produce_stream_call(
+        &self,
+        request: Request<Streaming<v1::ProduceRequest>>,
+    ) -> Result<Response<ResponseStream<v1::ProduceResponse>>, Status> {
+        let principal = request.extensions().get::<Principal>().cloned();
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
+        let service = self.clone();
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_IN_FLIGHT_MAX));
+            loop {
+                let next = tokio::select! {
+                    next = inbound.next() => next,
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                };
+                let request = match next {
+                    Some(Ok(request)) => request,
+                    Some(Err(status)) => {
+                        // E.g. a message over the size limit: tell the client instead of ending
+                        // the stream as if all were well (which it would retry).
+                        tracing::debug!(%status, "produce stream request failed to decode");
+                        let status = decode_limit_to_resource_exhausted(
+                            status,
+                            service.registry.config().limits.max_batch_bytes,
+                        );
+                        let _ = tx.try_send(Err(status));
+                        break;
+                    }
+                    None => break,
+                };
+                // Bounded in flight: the stream is not read further until acks drain.
+                let permit = tokio::select! {
+                    permit = in_flight.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                };
+                let correlation_id = request.correlation_id;
+                let partition_id = request.partition;
+                let bytes = request.batch.len() as u64;
+                let message_started = Instant::now();
+                let appended = service
+                    .access
+                    .check(
+                        service.cluster.controller.as_deref(),
+                        principal.as_ref(),
+                        Operation::Write,
+                        Resource::topic(&request.topic),
+                    )
+                    .map(|()| request);
+                if let Ok(request) = &appended {
+                    service.await_topic(&request.topic).await;
+                }
+                match appended.and_then(|request| service.append(request)) {
+                    Err(error) => {
+                        drop(permit);
+                        let response = Self::error_response(correlation_id, partition_id, error);
+                        observe_message(message_started, &response);
+                        tokio::select! {
+                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                            _ = shutdown.wait_for(|stop| *stop) => break,
+                        }
+                    }
+                    Ok((partition, submitted @ Submitted::Replicated(_), acks))
+                    | Ok((partition, submitted, acks @ Acks::Durable)) => {
+                        let tx = tx.clone();
+                        let mut shutdown = shutdown.clone();
+                        let quotas = service.quotas.clone();
+                        let principal = principal.clone();
+                        tokio::spawn(async move {
+                            let response = match Self::ack(&partition, submitted, acks).await {
+                                Ok(appended) => {
+                                    throttle(
+                                        quotas.as_deref(),
+                                        principal.as_ref(),
+                                        Direction::Produce,
+                                        bytes,
+                                    )
+                                    .await;
+                                    Self::produce_response(correlation_id, partition_id, appended)
+                                }
+                                Err(error) => {
+                                    Self::error_response(correlation_id, partition_id, error)
+                                }
+                            };
+                            observe_message(message_started, &response);
+                            // A client that stops reading pins this task only until shutdown.
+                            tokio::select! {
+                                _ = tx.send(Ok(response)) => {}
+                                _ = shutdown.wait_for(|stop| *stop) => {}
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Ok((_, Submitted::Local(appended), _)) => {
+                        // Throttled in line: the stream is not read further meanwhile.
+                        throttle(
+                            service.quotas.as_deref(),
+                            principal.as_ref(),
+                            Direction::Produce,
+                            bytes,
+                        )
+                        .await;
+                        drop(permit);
+                        let response =
+                            Self::produce_response(correlation_id, partition_id, appended);
+                        observe_message(message_started, &response);
+                        tokio::select! {
+                            sent = tx.send(Ok(response)) => if sent.is_err() { break },
+                            _ = shutdown.wait_for(|stop| *stop) => break,
+                        }
+                    }
+                }
+            }
+        });
+        let stream: ResponseStream<v1::ProduceResponse> = Box::pin(ReceiverStream::new(rx));
+        Ok(Response::new(stream))
+    }
+}
