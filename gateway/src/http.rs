@@ -1,0 +1,348 @@
+//! The HTTP/JSON routes (see the crate doc for each) and the one mapping of cluster errors to
+//! HTTP statuses ([`ApiError`]).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use syncline_client::{Code, Error, Table};
+
+use crate::clients::Clients;
+use crate::json::{decode, put_bytes, RecordIn};
+
+/// Largest request body: a value, or a records array.
+pub const BODY_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Records one POST may carry.
+pub const RECORDS_PER_POST_MAX: usize = 10_000;
+
+/// What the routes share.
+#[derive(Debug)]
+pub struct Gateway {
+    /// The cluster.
+    pub clients: Clients,
+}
+
+/// The gateway's routes over `gateway`.
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/v1/topics", get(list_topics))
+        .route("/v1/topics/{topic}/records", post(post_records))
+        .route(
+            "/v1/tables/{topic}/{key}",
+            get(get_key).put(put_key).delete(delete_key),
+        )
+        .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
+        .with_state(gateway)
+}
+
+/// An error answered as `{"error": MESSAGE, "code": GRPC_CODE}` with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({"error": message.into(), "code": "INVALID_ARGUMENT"}),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(error: Error) -> ApiError {
+        if let Error::Conflict { current, .. } = &error {
+            return ApiError {
+                status: StatusCode::PRECONDITION_FAILED,
+                body: json!({"error": error.to_string(), "current_version": current}),
+            };
+        }
+        let code = error.code();
+        let status = match code {
+            Some(Code::NotFound) => StatusCode::NOT_FOUND,
+            Some(Code::PermissionDenied) => StatusCode::FORBIDDEN,
+            Some(Code::Unauthenticated) => StatusCode::UNAUTHORIZED,
+            Some(Code::InvalidArgument) | Some(Code::OutOfRange) => StatusCode::BAD_REQUEST,
+            Some(Code::AlreadyExists) => StatusCode::CONFLICT,
+            Some(Code::FailedPrecondition) => StatusCode::CONFLICT,
+            Some(Code::ResourceExhausted) => StatusCode::TOO_MANY_REQUESTS,
+            Some(Code::Unavailable) | Some(Code::DeadlineExceeded) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => match error {
+                Error::RecordTooLarge { .. } | Error::TooManyHeaders { .. } => {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                Error::DeliveryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                _ => StatusCode::BAD_GATEWAY,
+            },
+        };
+        let code = code.map_or("UNKNOWN".to_string(), |c| {
+            format!("{c:?}").chars().fold(String::new(), |mut out, ch| {
+                if ch.is_uppercase() && !out.is_empty() {
+                    out.push('_');
+                }
+                out.push(ch.to_ascii_uppercase());
+                out
+            })
+        });
+        ApiError {
+            status,
+            body: json!({"error": error.to_string(), "code": code}),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+/// The caller's bearer token, if it sent one.
+fn token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("the Authorization header is not text"))?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .or_else(|| text.strip_prefix("bearer "))
+        .ok_or_else(|| ApiError::bad_request("the Authorization header is not `Bearer TOKEN`"))?;
+    Ok(Some(token.trim().to_string()))
+}
+
+/// The key of a table path: its UTF-8 text, or with `?encoding=base64` the bytes it encodes.
+fn path_key(key: &str, query: Option<&str>) -> Result<Vec<u8>, ApiError> {
+    let encoding = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("encoding="));
+    decode(key, encoding, "key").map_err(ApiError::bad_request)
+}
+
+/// A version from `If-Match` (`5` or the ETag form `"5"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim().trim_matches('"');
+    text.parse().map(Some).map_err(|_| {
+        ApiError::bad_request(format!(
+            "If-Match must be a version (an integer, as the ETag gives it), not `{text}`"
+        ))
+    })
+}
+
+/// What a write expects: `If-Match: N` (version N), `If-None-Match: *` (absent), or nothing.
+enum Condition {
+    None,
+    Version(u64),
+    Absent,
+}
+
+fn condition(headers: &HeaderMap) -> Result<Condition, ApiError> {
+    let version = if_match(headers)?;
+    let absent = match headers.get(header::IF_NONE_MATCH) {
+        None => false,
+        Some(value) if value.as_bytes() == b"*" => true,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "If-None-Match takes only `*` (write only where the key is absent)",
+            ))
+        }
+    };
+    match (version, absent) {
+        (Some(_), true) => Err(ApiError::bad_request(
+            "give If-Match or If-None-Match, not both",
+        )),
+        (Some(version), false) => Ok(Condition::Version(version)),
+        (None, true) => Ok(Condition::Absent),
+        (None, false) => Ok(Condition::None),
+    }
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"\""))
+}
+
+async fn table(gateway: &Gateway, token: Option<&str>, topic: &str) -> Result<Table, ApiError> {
+    gateway
+        .clients
+        .table(token, topic)
+        .await
+        .map_err(ApiError::from)
+}
+
+/// Forgets the caller's handle on a topic that went away, then answers the error.
+fn failed(gateway: &Gateway, token: Option<&str>, topic: &str, error: Error) -> ApiError {
+    if error.code() == Some(Code::NotFound) {
+        gateway.clients.forget(token, topic);
+    }
+    ApiError::from(error)
+}
+
+async fn list_topics(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let token = token(&headers)?;
+    let client = gateway.clients.client(token.as_deref()).await?;
+    let topics: Vec<Value> = client
+        .list_topics()
+        .await?
+        .into_iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "partitions": t.partitions,
+                "table": t.cleanup_policy == syncline_client::CleanupPolicy::Compact,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "topics": topics })))
+}
+
+async fn get_key(
+    State(gateway): State<Arc<Gateway>>,
+    Path((topic, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let token = token(&headers)?;
+    let key = path_key(&key, query.as_deref())?;
+    let table = table(&gateway, token.as_deref(), &topic).await?;
+    let entry = table
+        .get(&key)
+        .await
+        .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+    let Some(entry) = entry else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            body: json!({"error": "no such key", "code": "NOT_FOUND"}),
+        });
+    };
+    let mut object = Map::new();
+    put_bytes(&mut object, "key", Some(&key));
+    put_bytes(&mut object, "value", Some(&entry.value));
+    object.insert("version".into(), json!(entry.version));
+    let mut response = Json(Value::Object(object)).into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(entry.version));
+    Ok(response)
+}
+
+async fn put_key(
+    State(gateway): State<Arc<Gateway>>,
+    Path((topic, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    write_key(gateway, topic, key, query, headers, Some(body)).await
+}
+
+async fn delete_key(
+    State(gateway): State<Arc<Gateway>>,
+    Path((topic, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    write_key(gateway, topic, key, query, headers, None).await
+}
+
+/// A put (`value`) or delete (None), conditional as the headers say.
+async fn write_key(
+    gateway: Arc<Gateway>,
+    topic: String,
+    key: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    value: Option<Bytes>,
+) -> Result<Response, ApiError> {
+    let token = token(&headers)?;
+    let key = path_key(&key, query.as_deref())?;
+    let condition = condition(&headers)?;
+    let table = table(&gateway, token.as_deref(), &topic).await?;
+    let written = match (condition, &value) {
+        (Condition::None, Some(value)) => table.put(&key, value).await,
+        (Condition::None, None) => table.delete(&key).await,
+        (Condition::Version(version), Some(value)) => table.put_if(&key, value, version).await,
+        (Condition::Version(version), None) => table.delete_if(&key, version).await,
+        (Condition::Absent, Some(value)) => table.put_if_absent(&key, value).await,
+        (Condition::Absent, None) => {
+            return Err(ApiError::bad_request(
+                "If-None-Match: * on a DELETE: a key that is absent has nothing to delete",
+            ))
+        }
+    }
+    .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+    let mut response = Json(json!({ "version": written.version })).into_response();
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(written.version));
+    Ok(response)
+}
+
+async fn post_records(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let token = token(&headers)?;
+    let records: Vec<RecordIn> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be a JSON array of {{\"key\", \"value\"}} objects: {e}"
+        ))
+    })?;
+    if records.is_empty() {
+        return Err(ApiError::bad_request("the body holds no record"));
+    }
+    if records.len() > RECORDS_PER_POST_MAX {
+        return Err(ApiError::bad_request(format!(
+            "{} records in one request: at most {RECORDS_PER_POST_MAX}",
+            records.len()
+        )));
+    }
+    let mut decoded = Vec::with_capacity(records.len());
+    for (index, record) in records.iter().enumerate() {
+        decoded.push(
+            record
+                .bytes()
+                .map_err(|e| ApiError::bad_request(format!("record {index}: {e}")))?,
+        );
+    }
+    let producer = gateway
+        .clients
+        .producer(token.as_deref(), &topic)
+        .await
+        .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+    // Enqueued in order, then awaited: the records share batches.
+    let mut pending = Vec::with_capacity(decoded.len());
+    for (key, value) in &decoded {
+        let delivery = producer
+            .enqueue(key.as_deref(), value.as_deref(), &[])
+            .await
+            .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+        pending.push(delivery);
+    }
+    let mut out = Vec::with_capacity(pending.len());
+    for delivery in pending {
+        let delivery = delivery
+            .await
+            .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+        out.push(json!({"partition": delivery.partition, "offset": delivery.offset}));
+    }
+    Ok(Json(json!({ "records": out })))
+}

@@ -1,0 +1,39 @@
+//! The Syncline gateway: browsers and apps reach a Syncline cluster over HTTP/JSON, without
+//! gRPC. It is a client of the cluster (through `syncline-client`), so it scales apart from the
+//! brokers and holds no data of its own.
+//!
+//! ## What it serves (this step)
+//! - `GET /v1/topics`: `{"topics": [{"name", "partitions", "table"}]}`.
+//! - `GET /v1/tables/{topic}/{key}`: 200 `{"key", "value", "version"}` (and an `ETag` of the
+//!   version) or 404.
+//! - `PUT /v1/tables/{topic}/{key}` with the value as the body; `If-Match: <version>` writes
+//!   only at that version, `If-None-Match: *` only where the key is absent: 200 `{"version"}`,
+//!   or 412 `{"current_version": N | null}` on a conflict.
+//! - `DELETE /v1/tables/{topic}/{key}`, with `If-Match` likewise.
+//! - `POST /v1/topics/{topic}/records` with a JSON array of `{"key", "value"}`: 200
+//!   `{"records": [{"partition", "offset"}]}` once all are acknowledged.
+//!
+//! Keys in paths are URL-encoded UTF-8; with `?encoding=base64` the path's key is base64 of
+//! arbitrary bytes. In JSON, a key or value that is not UTF-8 is base64 with
+//! `"key_encoding": "base64"` / `"value_encoding": "base64"` beside it, as `syncline consume
+//! --json` prints them; a request may send either form.
+//!
+//! ## Who is calling
+//! A request's `Authorization: Bearer TOKEN` is passed on to the brokers, which authenticate
+//! it and apply their ACLs (so the gateway enforces exactly the brokers' permissions and holds
+//! no key material); a request without one uses the gateway's own `--token`, if any. Refusals
+//! come back as 401 / 403 with the broker's message. Connections are kept per token (at most
+//! [`clients::CLIENTS_MAX`]).
+//!
+//! Still to come (issue 18): SSE and WebSocket subscriptions with resume tokens, the JS client
+//! and the web console, TLS on the gateway's own port.
+//!
+//! Modules: [`clients`] (connections and table handles per caller), [`json`] (bytes <-> JSON),
+//! [`http`] (routes and the error -> HTTP status mapping). It may call `syncline-client` only.
+
+pub mod clients;
+pub mod http;
+pub mod json;
+
+/// The gateway's default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7460";

@@ -1,0 +1,96 @@
+//! `syncline-gateway`: serves a Syncline cluster over HTTP/JSON (see the crate doc).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use syncline_client::{ClientConfig, TlsConfig};
+use syncline_gateway::clients::Clients;
+use syncline_gateway::http::{router, Gateway};
+
+/// HTTP/JSON access to a Syncline cluster for browsers and apps: tables (get, put and delete
+/// with compare-and-set by version), records, topics. A request's `Authorization: Bearer
+/// TOKEN` is passed on to the brokers, which authenticate it and apply their ACLs.
+#[derive(Debug, Parser)]
+#[command(name = "syncline-gateway", version)]
+struct Flags {
+    /// Address to serve HTTP/1.1 and HTTP/2 (cleartext) on
+    #[arg(long, env = "SYNCLINE_GATEWAY_LISTEN", default_value = syncline_gateway::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Brokers to bootstrap from, HOST:PORT[,HOST:PORT...]
+    #[arg(long, env = "SYNCLINE_BROKER", default_value = "127.0.0.1:7450")]
+    broker: String,
+
+    /// The gateway's own bearer token towards the brokers, used for requests that carry none
+    /// [default: none: such requests are anonymous]
+    #[arg(long, env = "SYNCLINE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
+    /// Connect to the brokers with TLS, trusting this CA (PEM)
+    #[arg(long, env = "SYNCLINE_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+
+    /// The gateway's client certificate towards the brokers (mutual TLS), with --tls-key
+    #[arg(
+        long,
+        env = "SYNCLINE_TLS_CERT",
+        value_name = "PEM",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// The key of --tls-cert
+    #[arg(
+        long,
+        env = "SYNCLINE_TLS_KEY",
+        value_name = "PEM",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// Log filter (tracing's EnvFilter syntax)
+    #[arg(long, env = "SYNCLINE_LOG", default_value = "info")]
+    log: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&flags.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = ClientConfig::default();
+    if let Some(ca) = &flags.tls_ca {
+        let identity = flags.tls_cert.as_deref().zip(flags.tls_key.as_deref());
+        config.tls = Some(TlsConfig::from_files(ca, identity)?);
+    }
+    let gateway = Arc::new(Gateway {
+        clients: Clients::new(flags.broker.clone(), config, flags.token.clone()),
+    });
+    let listener = tokio::net::TcpListener::bind(flags.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", flags.listen))?;
+    tracing::info!(
+        brokers = %flags.broker,
+        "listening on {}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, router(gateway))
+        .with_graceful_shutdown(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(term) => term,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! The gateway (issue 18) through the real binaries: `syncline-gateway` in front of a broker,
+//! spoken to over plain HTTP/1.1.
+//!
+//! - Tables: PUT, GET (with its ETag), conditional PUT (`If-Match`, `If-None-Match: *`) with
+//!   412 and the current version on a conflict, DELETE, 404 after it; binary keys and values
+//!   as base64 with their encoding named.
+//! - Records: a POST of a JSON array is acknowledged with offsets and read back by the CLI.
+//! - Topics: listed with their kind.
+//! - Auth: the caller's bearer token is passed on; the broker's UNAUTHENTICATED and
+//!   PERMISSION_DENIED come back as 401 and 403 with its message.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::BrokerProcess;
+use serde_json::{json, Value};
+
+struct GatewayProcess {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_gateway(broker: &str, extra: &[&str]) -> GatewayProcess {
+    let child = Command::new(common::binary("syncline-gateway"))
+        .args(["--listen", "127.0.0.1:0", "--broker", broker])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn syncline-gateway");
+    // Owned by the guard from here: killed and waited for however the test ends.
+    let mut gateway = GatewayProcess {
+        child,
+        addr: String::new(),
+    };
+    let stderr = gateway.child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway logs `listening on`");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            gateway.addr = rest.split_whitespace().next().unwrap().to_string();
+            return gateway;
+        }
+    }
+}
+
+/// One HTTP/1.1 request: (status, headers lower-cased, body).
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = response[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    if chunked {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
+            rest = &rest[end + 2 + size + 2..];
+        }
+        body = out;
+    }
+    (status, headers, body)
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn tables_records_and_topics_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let cli = |args: &[&str]| {
+        let output = common::cluster::run_cli_at(&broker.addr, args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    cli(&["topic", "create", "prices", "--cleanup", "compact"]);
+    cli(&["topic", "create", "events", "--partitions", "1"]);
+    let gateway = start_gateway(&broker.addr, &[]);
+    let g = gateway.addr.as_str();
+
+    let (status, headers, body) = http(g, "PUT", "/v1/tables/prices/apple", &[], b"1.20");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v1 = json_of(&body)["version"].as_u64().unwrap();
+    assert_eq!(header(&headers, "etag"), Some(format!("\"{v1}\"").as_str()));
+    let (status, headers, body) = http(g, "GET", "/v1/tables/prices/apple", &[], b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        json_of(&body),
+        json!({"key": "apple", "value": "1.20", "version": v1})
+    );
+    assert_eq!(header(&headers, "etag"), Some(format!("\"{v1}\"").as_str()));
+
+    // Compare-and-set by version.
+    let if_match = v1.to_string();
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("If-Match", &if_match)],
+        b"1.25",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v2 = json_of(&body)["version"].as_u64().unwrap();
+    assert!(v2 > v1);
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("If-Match", &if_match)],
+        b"0.99",
+    );
+    assert_eq!(status, 412, "a stale If-Match");
+    assert_eq!(json_of(&body)["current_version"], json!(v2));
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("If-None-Match", "*")],
+        b"0.99",
+    );
+    assert_eq!(status, 412, "If-None-Match on a present key");
+    assert_eq!(json_of(&body)["current_version"], json!(v2));
+    let (status, _, _) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/pear",
+        &[("If-None-Match", "*")],
+        b"2.00",
+    );
+    assert_eq!(status, 200);
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("If-Match", "soon")],
+        b"x",
+    );
+    assert_eq!(status, 400);
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("If-Match"));
+
+    // Delete, conditionally; then the key is gone.
+    let (status, _, body) = http(
+        g,
+        "DELETE",
+        "/v1/tables/prices/apple",
+        &[("If-Match", &v2.to_string())],
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, _, _) = http(g, "GET", "/v1/tables/prices/apple", &[], b"");
+    assert_eq!(status, 404);
+
+    // A key with a slash, URL-encoded; binary bytes through base64.
+    let (status, _, _) = http(g, "PUT", "/v1/tables/prices/fruit%2Fkiwi", &[], b"3");
+    assert_eq!(status, 200);
+    let (_, _, body) = http(g, "GET", "/v1/tables/prices/fruit%2Fkiwi", &[], b"");
+    assert_eq!(json_of(&body)["key"], "fruit/kiwi");
+    let (status, _, _) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/%2FwA%3D?encoding=base64",
+        &[],
+        &[0xff, 0xfe],
+    );
+    assert_eq!(status, 200);
+    let (status, _, body) = http(
+        g,
+        "GET",
+        "/v1/tables/prices/%2FwA%3D?encoding=base64",
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200);
+    let entry = json_of(&body);
+    assert_eq!(entry["key"], "/wA=");
+    assert_eq!(entry["key_encoding"], "base64");
+    assert_eq!(entry["value"], "//4=");
+    assert_eq!(entry["value_encoding"], "base64");
+
+    // Records into a plain topic, read back by the CLI.
+    let records = json!([
+        {"key": "k1", "value": "first"},
+        {"value": "second"},
+        {"key": "k3", "value": "dGhpcmQ=", "value_encoding": "base64"}
+    ]);
+    let (status, _, body) = http(
+        g,
+        "POST",
+        "/v1/topics/events/records",
+        &[("Content-Type", "application/json")],
+        records.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let offsets: Vec<u64> = json_of(&body)["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [0, 1, 2]);
+    let consumed = cli(&[
+        "consume",
+        "events",
+        "--from-beginning",
+        "--max-records",
+        "3",
+    ]);
+    assert_eq!(
+        consumed.lines().collect::<Vec<_>>(),
+        ["first", "second", "third"]
+    );
+    let (status, _, body) = http(g, "POST", "/v1/topics/events/records", &[], b"{\"not\": 1}");
+    assert_eq!(status, 400);
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("JSON array"));
+    let (status, _, _) = http(
+        g,
+        "POST",
+        "/v1/topics/missing/records",
+        &[],
+        b"[{\"value\": \"x\"}]",
+    );
+    assert_eq!(status, 404);
+
+    let (status, _, body) = http(g, "GET", "/v1/topics", &[], b"");
+    assert_eq!(status, 200);
+    let topics = json_of(&body);
+    assert!(
+        topics["topics"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "prices", "partitions": 1, "table": true})),
+        "{topics}"
+    );
+}
+
+#[test]
+fn callers_tokens_are_passed_on_and_refusals_come_back_as_401_and_403() {
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    let hex = |t: &str| -> String {
+        sha2::Sha256::digest(t.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nprincipal = \"admin\"\nsha256 = \"{}\"\n\n\
+             [[token]]\nprincipal = \"reader\"\nsha256 = \"{}\"\n",
+            hex("admin-token"),
+            hex("reader-token")
+        ),
+    )
+    .unwrap();
+    let broker = BrokerProcess::start_with(
+        &dir.path().join("data"),
+        &[
+            "--auth-tokens-file",
+            tokens.to_str().unwrap(),
+            "--superusers",
+            "admin",
+        ],
+    );
+    let admin = |args: &[&str]| {
+        let mut all = vec!["--token", "admin-token"];
+        all.extend_from_slice(args);
+        let output = common::cluster::run_cli_at(&broker.addr, &all);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    admin(&["topic", "create", "prices", "--cleanup", "compact"]);
+    admin(&[
+        "acl",
+        "add",
+        "--principal",
+        "reader",
+        "--allow",
+        "read",
+        "--topic",
+        "prices",
+    ]);
+    let gateway = start_gateway(&broker.addr, &[]);
+    let g = gateway.addr.as_str();
+
+    let (status, _, body) = http(g, "GET", "/v1/tables/prices/apple", &[], b"");
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("no credentials"));
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("Authorization", "Bearer reader-token")],
+        b"1",
+    );
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        json_of(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("may not write topic `prices`"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, _, body) = http(
+        g,
+        "PUT",
+        "/v1/tables/prices/apple",
+        &[("Authorization", "Bearer admin-token")],
+        b"1",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (status, _, body) = http(
+        g,
+        "GET",
+        "/v1/tables/prices/apple",
+        &[("Authorization", "Bearer reader-token")],
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["value"], "1");
+}
