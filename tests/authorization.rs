@@ -101,7 +101,7 @@ fn table() -> Vec<(&'static str, Vec<(&'static str, On)>)> {
         ("History", vec![("read", t)]),
         ("Snapshot", vec![("read", t)]),
         ("CompactTopic", vec![("alter", t)]),
-        ("JoinGroup", vec![("group-read", g)]),
+        ("JoinGroup", vec![("group-read", g), ("read", t)]),
         ("Heartbeat", vec![("group-read", g)]),
         ("LeaveGroup", vec![("group-read", g)]),
         ("CommitOffsets", vec![("group-read", g), ("read", t)]),
@@ -425,6 +425,43 @@ async fn every_rpc_should_need_its_permission_and_refused_calls_should_change_no
             admin.remove_acls(&grants).await.unwrap();
         }
     }
+
+    // Re-initialising a producer id (which fences its holder) is for administrators.
+    let status = nobody
+        .grpc()
+        .init_producer(v1::InitProducerRequest { producer_id: 1 })
+        .await
+        .expect_err("re-initialising another's producer id");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+
+    // An open Subscribe stops once its `read` is revoked.
+    let grant = [acl("granted", "read", On::Topic(TOPIC))];
+    admin.add_acls(&grant).await.unwrap();
+    let mut stream = granted
+        .grpc()
+        .subscribe(v1::SubscribeRequest {
+            topic: TOPIC.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let table = admin.table(TOPIC).await.unwrap();
+    table.put("k1", "v1").await.unwrap();
+    let first = stream.message().await.unwrap();
+    assert!(first.is_some());
+    admin.remove_acls(&grant).await.unwrap();
+    table.put("k2", "v2").await.unwrap();
+    let revoked = loop {
+        match stream.message().await {
+            Ok(Some(message)) if message.records.is_empty() && message.batches.is_empty() => {
+                continue
+            }
+            other => break other,
+        }
+    };
+    let status = revoked.expect_err("a message after the revocation");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
 
     // Listings show what the principal may describe.
     assert!(nobody.list_topics().await.unwrap().is_empty());

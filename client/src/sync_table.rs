@@ -386,6 +386,16 @@ impl SyncTable {
         (copy_entries(&state), changes)
     }
 
+    /// [`SyncTable::entries_and_changes`] with each partition's next offset at the copy (one
+    /// past the last record applied, by partition): the position a subscriber that resumes
+    /// later reads the log from.
+    pub fn entries_offsets_and_changes(&self) -> (BTreeMap<Bytes, Entry>, Vec<u64>, Changes) {
+        let state = self.shared.read();
+        let changes = self.shared.receiver(&state);
+        let offsets = state.partitions.iter().map(|p| p.next_offset).collect();
+        (copy_entries(&state), offsets, changes)
+    }
+
     /// A receiver of every change applied from now on, including the puts of the first
     /// snapshot load if it is not done yet.
     pub fn changes(&self) -> Changes {

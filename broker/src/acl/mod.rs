@@ -296,10 +296,6 @@ impl Acl {
             _ => Ok(()),
         }
     }
-
-    fn matches(&self, principal: &str) -> bool {
-        self.principal == principal || self.principal == ANY_PRINCIPAL
-    }
 }
 
 impl fmt::Display for Acl {
@@ -378,6 +374,23 @@ impl AclSet {
         acls.iter().filter(|a| self.acls.remove(a)).count()
     }
 
+    /// The bindings of exactly `principal`, found by a range of the ordered set.
+    fn of<'a>(&'a self, principal: &'a str) -> impl Iterator<Item = &'a Acl> + 'a {
+        let first = Acl {
+            principal: principal.to_string(),
+            effect: Effect::Allow,
+            operation: Operation::Read,
+            resource: Pattern {
+                kind: ResourceKind::Topic,
+                name: String::new(),
+                prefix: false,
+            },
+        };
+        self.acls
+            .range(first..)
+            .take_while(move |acl| acl.principal == principal)
+    }
+
     /// May `principal` do `operation` to `resource`? (See the module doc.)
     pub fn decide(
         &self,
@@ -386,8 +399,9 @@ impl AclSet {
         resource: &Resource<'_>,
     ) -> Decision {
         let mut allowed = false;
-        for acl in &self.acls {
-            if !acl.matches(principal) || !acl.resource.covers(resource) {
+        // The bindings of `principal` and of `*` only: the set is ordered by principal first.
+        for acl in self.of(principal).chain(self.of(ANY_PRINCIPAL)) {
+            if !acl.resource.covers(resource) {
                 continue;
             }
             match acl.effect {

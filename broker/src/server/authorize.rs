@@ -21,7 +21,8 @@
 //! | Fetch, Subscribe, Get, History, Snapshot | `read` on the topic |
 //! | ListOffsets, DescribeTopic | `describe` on the topic |
 //! | CreateTopic / DeleteTopic / CompactTopic | `create` / `delete` / `alter` on the topic |
-//! | JoinGroup, Heartbeat, LeaveGroup, FetchOffsets | `group-read` on the group |
+//! | JoinGroup | `group-read` on the group and `read` on each topic it names |
+//! | Heartbeat, LeaveGroup, FetchOffsets | `group-read` on the group |
 //! | CommitOffsets | `group-read` on the group and `read` on each topic committed |
 //! | DescribeGroup | `describe` on the group |
 //! | ReassignPartition, Rebalance, AddNode, RemoveNode, SetVoters, Add/Remove/ListAcls | `cluster-admin` |

@@ -250,6 +250,14 @@ impl Broker {
                 ?superusers,
                 "calls are checked against ACLs (PERMISSION_DENIED otherwise)"
             );
+            if self.controller.is_some() && config.auth.superusers.is_empty() {
+                tracing::warn!(
+                    own = ?superusers,
+                    "in a cluster with authentication the other nodes call this one with their \
+                     certificates, which only superusers may: unless every node uses this \
+                     node's certificate subject, list theirs in --superusers"
+                );
+            }
         }
         Ok(authorize::Access::new(authenticated, superusers, local))
     }

@@ -15,7 +15,10 @@
 //! bounded number of requests in flight (every Syncline producer and consumer) then sends at
 //! the rate. The bytes are charged after the work (a produce's batch once appended and
 //! acknowledged, a fetch's response once read), so the first call over the quota still goes
-//! through and the delay pays for it.
+//! through and the delay pays for it. A bucket's debt is capped at [`DELAY_MAX`] (a delay
+//! never exceeds it; bytes beyond it are forgiven), so a burst long past does not keep a
+//! principal throttled. Unary Produce and Fetch responses carry the delay in the
+//! `syncline-throttle-ms` metadata, as Kafka's responses carry `throttle_time_ms`.
 //!
 //! Charged: Produce and each ProduceStream message (the batch bytes), Fetch and each Subscribe
 //! message (the response's batch bytes). Not charged: tables' point reads (Get, History),
@@ -41,9 +44,11 @@ use crate::config::QuotaSettings;
 pub const ANONYMOUS: &str = "anonymous";
 /// How far ahead of its rate a principal may be before its responses are delayed.
 pub const BURST: Duration = Duration::from_millis(250);
-/// Longest delay of one response: a single huge call does not park a client for minutes (the
-/// debt stays in the bucket and delays the next ones).
-pub const DELAY_MAX: Duration = Duration::from_secs(30);
+/// Longest delay of one response, and the most debt a bucket carries (beyond it, bytes are
+/// forgiven): well inside a client's request timeout, so a delayed acknowledgement is not
+/// taken for a lost one, and a principal that was over its rate for long is served normally
+/// again within this much time of slowing down.
+pub const DELAY_MAX: Duration = Duration::from_secs(10);
 /// Buckets kept at most; idle ones (no debt) are dropped first, since they hold no state.
 const BUCKETS_MAX: usize = 100_000;
 /// Entries of the quotas file at most.
@@ -178,10 +183,8 @@ impl Quotas {
         let tat = buckets
             .entry((principal.to_string(), direction))
             .or_insert(now);
-        *tat = (*tat).max(now) + cost;
-        tat.saturating_duration_since(now)
-            .saturating_sub(BURST)
-            .min(DELAY_MAX)
+        *tat = ((*tat).max(now) + cost).min(now + DELAY_MAX + BURST);
+        tat.saturating_duration_since(now).saturating_sub(BURST)
     }
 }
 
@@ -224,16 +227,30 @@ pub fn charge(
     delay
 }
 
-/// Delays the caller by what `bytes` cost `principal` (see [`charge`]).
+/// Delays the caller by what `bytes` cost `principal` (see [`charge`]): the delay.
 pub async fn throttle(
     quotas: Option<&Quotas>,
     principal: Option<&super::auth::Principal>,
     direction: Direction,
     bytes: u64,
-) {
+) -> Duration {
     let delay = charge(quotas, principal, direction, bytes);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    delay
+}
+
+/// The metadata key that tells a client how long its response was delayed, in ms.
+pub const THROTTLE_HEADER: &str = "syncline-throttle-ms";
+
+/// Marks `response` with the delay it took (nothing when none).
+pub fn mark<T>(response: &mut tonic::Response<T>, delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    if let Ok(value) = delay.as_millis().to_string().parse() {
+        response.metadata_mut().insert(THROTTLE_HEADER, value);
     }
 }
 
@@ -277,6 +294,9 @@ mod tests {
             q.charge("a", Direction::Produce, 1000, start),
             Duration::from_millis(1000)
         );
+        // The debt is capped: a huge call delays by DELAY_MAX at most.
+        let capped = q.charge("c", Direction::Produce, 1 << 40, start);
+        assert_eq!(capped, DELAY_MAX);
         // Another principal has its own bucket.
         assert_eq!(
             q.charge("b", Direction::Produce, 250, start),

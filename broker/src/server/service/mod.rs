@@ -35,7 +35,7 @@ use super::auth::Principal;
 use super::authorize::Access;
 use super::budget::{HeldUntilSent, ResponseBudget, ResponsePermit, UnaryPermit};
 use super::connections::ConnectionInfo;
-use super::quota::{charge, throttle, Direction, Quotas};
+use super::quota::{charge, mark, throttle, Direction, Quotas};
 use super::reads::{
     fetch_response, record_headers, response_bytes_estimate, stream_snapshot, Subscription,
     SNAPSHOT_READ_AHEAD,
@@ -550,24 +550,26 @@ impl Broker for BrokerService {
             let request = request.into_inner();
             let correlation_id = request.correlation_id;
             let partition_id = request.partition;
-            let bytes = request.batch.len() as u64;
+            let bytes = produce::request_bytes(&request);
             self.await_topic(&request.topic).await;
             let (partition, submitted, acks) = self.append(request).map_err(to_status)?;
             let appended = Self::ack(&partition, submitted, acks)
                 .await
                 .map_err(to_status)?;
-            throttle(
+            let delay = throttle(
                 self.quotas.as_deref(),
                 principal.as_ref(),
                 Direction::Produce,
                 bytes,
             )
             .await;
-            Ok(Response::new(Self::produce_response(
+            let mut response = Response::new(Self::produce_response(
                 correlation_id,
                 partition_id,
                 appended,
-            )))
+            ));
+            mark(&mut response, delay);
+            Ok(response)
         }
         .instrument(span)
         .await;
@@ -624,6 +626,15 @@ impl Broker for BrokerService {
     ) -> Result<Response<v1::InitProducerResponse>, Status> {
         let started = Instant::now();
         let registry = self.registry.clone();
+        // Re-initialising an id fences whoever holds it: only an administrator may, since ids
+        // are not bound to principals.
+        if request.get_ref().producer_id != 0 {
+            if let Err(status) =
+                self.authorize(&request, Operation::ClusterAdmin, Resource::cluster())
+            {
+                return finish("InitProducer", started, Err(status));
+            }
+        }
         let producer_id = request.into_inner().producer_id;
         if producer_id != 0 && self.cluster.controller.is_some() {
             // Each node keeps the epochs of the ids it issued; a bump must reach every node
@@ -716,6 +727,11 @@ impl Broker for BrokerService {
                 Operation::GroupRead,
                 Resource::group(&request.get_ref().group),
             )?;
+            // A member takes partitions of its topics from the others: it must be able to
+            // read them (and learns nothing of topics it may not).
+            for topic in &request.get_ref().topics {
+                self.authorize(&request, Operation::Read, Resource::topic(topic))?;
+            }
             self.check_running().map_err(to_status)?;
             let response = self
                 .coordinator
@@ -816,10 +832,12 @@ impl Broker for BrokerService {
                 Operation::GroupRead,
                 Resource::group(&request.get_ref().group),
             )?;
-            let offsets = self
+            let extensions = request.extensions().clone();
+            let mut offsets = self
                 .coordinator
                 .fetch_offsets(request.into_inner())
                 .map_err(to_status)?;
+            offsets.retain(|o| self.may_describe(&extensions, Resource::topic(&o.topic)));
             Ok(Response::new(v1::FetchOffsetsResponse { offsets }))
         }
         .await;
@@ -851,10 +869,15 @@ impl Broker for BrokerService {
                 Operation::Describe,
                 Resource::group(&request.get_ref().group),
             )?;
+            let extensions = request.extensions().clone();
             let mut response = self
                 .coordinator
                 .describe(&request.into_inner().group)
                 .map_err(to_status)?;
+            // Offsets and lag only of the topics the caller may describe.
+            response
+                .partitions
+                .retain(|p| self.may_describe(&extensions, Resource::topic(&p.topic)));
             self.describe_group_elsewhere(&mut response).await;
             Ok(Response::new(response))
         }

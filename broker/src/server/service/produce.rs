@@ -4,6 +4,19 @@
 
 use super::*;
 
+/// The bytes a produce request carries: its batch, or its records' keys and values (what the
+/// produce-bytes metric counts and a produce quota charges).
+pub(super) fn request_bytes(request: &v1::ProduceRequest) -> u64 {
+    request.batch.len() as u64
+        + request
+            .records
+            .iter()
+            .map(|r| {
+                r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len())
+            })
+            .sum::<usize>() as u64
+}
+
 impl BrokerService {
     /// Validates and appends one produce request; returns what to wait on for its ack.
     pub(super) fn append(
@@ -22,14 +35,7 @@ impl BrokerService {
             });
         }
         let limits = &self.registry.config().limits;
-        let request_bytes = request.batch.len() as u64
-            + request
-                .records
-                .iter()
-                .map(|r| {
-                    r.key.as_ref().map_or(0, |k| k.len()) + r.value.as_ref().map_or(0, |v| v.len())
-                })
-                .sum::<usize>() as u64;
+        let request_bytes = request_bytes(&request);
         if request.conditions.len() > 1000 {
             return Err(BrokerError::TooLarge(format!(
                 "{} conditions exceed the limit of 1000 per request",
@@ -206,7 +212,7 @@ impl BrokerService {
                 };
                 let correlation_id = request.correlation_id;
                 let partition_id = request.partition;
-                let bytes = request.batch.len() as u64;
+                let bytes = request_bytes(&request);
                 let message_started = Instant::now();
                 let appended = service
                     .access

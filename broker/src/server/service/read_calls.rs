@@ -44,7 +44,7 @@ impl BrokerService {
                 || tokio::time::Instant::now() >= deadline
                 || *shutdown.borrow()
             {
-                throttle(
+                let delay = throttle(
                     self.quotas.as_deref(),
                     principal.as_ref(),
                     Direction::Fetch,
@@ -63,6 +63,7 @@ impl BrokerService {
                     // Held until the transport has written the response (`super::budget`).
                     response.extensions_mut().insert(UnaryPermit::new(permit));
                 }
+                mark(&mut response, delay);
                 return Ok(response);
             }
             tokio::select! {
@@ -112,17 +113,34 @@ impl BrokerService {
         // Produced one message at a time, when the transport asks for it: nothing is read
         // ahead of a slow subscriber, and the budget bounds what the transport holds.
         // Over a fetch quota, the stream waits before reading its next message (holding no
-        // response budget meanwhile).
+        // response budget meanwhile). The caller's permission is checked again for each
+        // message: once `read` is revoked, the next message is PERMISSION_DENIED instead and
+        // the stream ends.
+        let service = self.clone();
+        let topic_name = request.topic.clone();
         let messages = Box::pin(futures_util::stream::unfold(
-            (subscription, Duration::ZERO),
-            move |(mut subscription, owed)| {
+            (subscription, Duration::ZERO, false),
+            move |(mut subscription, owed, ended)| {
                 let quotas = quotas.clone();
                 let principal = principal.clone();
+                let service = service.clone();
+                let topic_name = topic_name.clone();
                 async move {
+                    if ended {
+                        return None;
+                    }
                     if !owed.is_zero() {
                         tokio::time::sleep(owed).await;
                     }
                     let message = subscription.next_message().await?;
+                    if let Err(error) = service.access.check(
+                        service.cluster.controller.as_deref(),
+                        principal.as_ref(),
+                        Operation::Read,
+                        Resource::topic(&topic_name),
+                    ) {
+                        return Some(((Err(to_status(error)), None), (subscription, owed, true)));
+                    }
                     let owed = match &message.0 {
                         Ok(response) => charge(
                             quotas.as_deref(),
@@ -132,7 +150,7 @@ impl BrokerService {
                         ),
                         Err(_) => Duration::ZERO,
                     };
-                    Some((message, (subscription, owed)))
+                    Some((message, (subscription, owed, false)))
                 }
             },
         ));
