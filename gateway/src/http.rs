@@ -25,6 +25,8 @@ pub const RECORDS_PER_POST_MAX: usize = 10_000;
 pub struct Gateway {
     /// The cluster.
     pub clients: Clients,
+    /// The tables being watched (`crate::watch`).
+    pub tables: crate::watch::Tables,
 }
 
 /// The gateway's routes over `gateway`.
@@ -32,6 +34,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route("/v1/topics", get(list_topics))
         .route("/v1/topics/{topic}/records", post(post_records))
+        .route("/v1/watch/{topic}", get(crate::watch::watch))
         .route(
             "/v1/tables/{topic}/{key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -48,7 +51,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             body: json!({"error": message.into(), "code": "INVALID_ARGUMENT"}),
@@ -107,7 +110,7 @@ impl IntoResponse for ApiError {
 }
 
 /// The caller's bearer token, if it sent one.
-fn token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
     };

@@ -69,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let gateway = Arc::new(Gateway {
         clients: Clients::new(flags.broker.clone(), config, flags.token.clone()),
+        tables: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(flags.listen)
         .await

@@ -1,0 +1,323 @@
+//! `GET /v1/watch/{topic}`: a table followed over Server-Sent Events.
+//!
+//! ## The stream
+//! 1. `event: put` for every current entry (data `{"key", "value", "version"}`, bytes as in
+//!    [`crate::json`]), then `event: caught-up` (data `{}`);
+//! 2. then every change as it is applied: `event: put`, or `event: delete` (data `{"key",
+//!    "version"}`).
+//!
+//! `caught-up` and every change carry an `id:` that is a resume token: the table's next offset
+//! in each partition after that event, joined by `.` (`15.7.0`). A client that reconnects with
+//! `Last-Event-ID: TOKEN` (browsers' EventSource sends it by itself) or `?from=TOKEN` gets no
+//! snapshot: the gateway reads the table's log from the token up to where the shared copy
+//! stands, sends those records as puts and deletes in offset order, `caught-up`, and goes on
+//! with the live changes, so nothing is missed and nothing repeated. When it cannot (the token
+//! is for another partition count, retention removed records after it, or compaction removed
+//! deletes after it), it sends `event: reset` and then the whole table as for a new client: the
+//! client drops what it holds and takes the snapshot.
+//!
+//! ## Fan-out
+//! One [`SyncTable`] per table per gateway, opened with the gateway's own credentials and
+//! shared by every subscriber; a subscriber costs its connection, a cursor and a bounded
+//! buffer of [`SUBSCRIBER_BUFFER`] events. A subscriber that falls further behind than that
+//! (or than the table's change buffer) is disconnected; it reconnects with its last token and
+//! resumes. Before serving, the caller's own credentials must be allowed to `read` the table
+//! (checked with the brokers by a point read), so the gateway serves only what the caller may
+//! read.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::IntoResponse as _;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use syncline_client::{
+    Change, Client, ConsumerConfig, Entry, Error, OffsetReset, StartOffset, SyncTable,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::http::{token, ApiError, Gateway};
+use crate::json::put_bytes;
+
+/// Events buffered per subscriber before it counts as too slow and is disconnected.
+pub const SUBSCRIBER_BUFFER: usize = 4096;
+/// How often an idle stream sends a comment, so proxies keep it open.
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+/// The shared copies of the tables being watched.
+#[derive(Debug, Default)]
+pub struct Tables {
+    open: tokio::sync::Mutex<HashMap<String, SyncTable>>,
+}
+
+impl Tables {
+    /// The shared, caught-up copy of `topic` (opened with `client` on first use; reopened if
+    /// it stopped).
+    async fn get(&self, client: &Client, topic: &str) -> Result<SyncTable, Error> {
+        let mut open = self.open.lock().await;
+        if let Some(table) = open.get(topic) {
+            if table.error().is_none() {
+                return Ok(table.clone());
+            }
+        }
+        let table = client.sync_table(topic).await?;
+        table.wait_caught_up().await?;
+        open.insert(topic.to_string(), table.clone());
+        Ok(table)
+    }
+}
+
+/// `?from=TOKEN`.
+#[derive(Debug, Deserialize)]
+pub struct WatchQuery {
+    from: Option<String>,
+}
+
+fn encode(offsets: &[u64]) -> String {
+    offsets
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn decode(token: &str) -> Result<Vec<u64>, ApiError> {
+    token
+        .split('.')
+        .map(|part| part.trim().parse::<u64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{token}` is not a resume token (the `id` of an event: offsets joined by `.`)"
+            ))
+        })
+}
+
+fn entry_event(key: &[u8], entry: &Entry) -> Event {
+    let mut data = Map::new();
+    put_bytes(&mut data, "key", Some(key));
+    put_bytes(&mut data, "value", Some(&entry.value));
+    data.insert("version".into(), json!(entry.version));
+    Event::default()
+        .event("put")
+        .data(Value::Object(data).to_string())
+}
+
+fn change_event(key: &[u8], value: Option<&[u8]>, version: u64, position: &[u64]) -> Event {
+    let mut data = Map::new();
+    put_bytes(&mut data, "key", Some(key));
+    if value.is_some() {
+        put_bytes(&mut data, "value", value);
+    }
+    data.insert("version".into(), json!(version));
+    Event::default()
+        .event(if value.is_some() { "put" } else { "delete" })
+        .id(encode(position))
+        .data(Value::Object(data).to_string())
+}
+
+/// The SSE route.
+pub async fn watch(
+    State(gateway): State<Arc<Gateway>>,
+    Path(topic): Path<String>,
+    Query(query): Query<WatchQuery>,
+    headers: HeaderMap,
+) -> Result<axum::response::Response, ApiError> {
+    let caller = token(&headers)?;
+    let from = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(query.from)
+        .filter(|t| !t.is_empty())
+        .map(|t| decode(&t))
+        .transpose()?;
+    // The caller may read the table (a point read with its own credentials).
+    let probe = gateway.clients.table(caller.as_deref(), &topic).await?;
+    probe.get(b"\0syncline-gateway-probe").await?;
+    let own = gateway.clients.client(None).await?;
+    let table = gateway.tables.get(&own, &topic).await?;
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    tokio::spawn(async move {
+        if let Err(error) = follow(&own, &topic, &table, from, &tx).await {
+            tracing::debug!(%topic, %error, "a watch ended");
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+        .into_response())
+}
+
+/// Why a subscriber's stream ended.
+#[derive(Debug)]
+enum Ended {
+    /// The subscriber went away or fell too far behind.
+    Gone,
+    /// The table or the cluster failed.
+    Failed(Error),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Gone => f.write_str("the subscriber went away or fell behind"),
+            Ended::Failed(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl From<Error> for Ended {
+    fn from(error: Error) -> Ended {
+        Ended::Failed(error)
+    }
+}
+
+type Sender = mpsc::Sender<Result<Event, Infallible>>;
+
+/// Sends without waiting: a full buffer means the subscriber is too slow.
+fn send(tx: &Sender, event: Event) -> Result<(), Ended> {
+    tx.try_send(Ok(event)).map_err(|_| Ended::Gone)
+}
+
+async fn follow(
+    client: &Client,
+    topic: &str,
+    table: &SyncTable,
+    from: Option<Vec<u64>>,
+    tx: &Sender,
+) -> Result<(), Ended> {
+    let (entries, offsets, mut changes) = table.entries_offsets_and_changes();
+    let mut position = offsets.clone();
+    let resumable = match &from {
+        Some(token) => resumable(client, topic, token, &offsets).await?,
+        None => false,
+    };
+    if resumable {
+        let token = from.unwrap_or_default();
+        replay(client, topic, &token, &offsets, &mut position, tx).await?;
+    } else {
+        if from.is_some() {
+            send(tx, Event::default().event("reset").data("{}"))?;
+        }
+        for (key, entry) in &entries {
+            // Paced by the buffer: a large table waits for the subscriber to drain it.
+            tx.send(Ok(entry_event(key, entry)))
+                .await
+                .map_err(|_| Ended::Gone)?;
+        }
+    }
+    drop(entries);
+    send(
+        tx,
+        Event::default()
+            .event("caught-up")
+            .id(encode(&position))
+            .data("{}"),
+    )?;
+    loop {
+        let change: Change = match changes.recv().await {
+            Ok(change) => change,
+            Err(Error::ChangesLagged { .. }) => return Err(Ended::Gone),
+            Err(error) => return Err(Ended::Failed(error)),
+        };
+        if let Some(next) = position.get_mut(change.partition as usize) {
+            *next = (*next).max(change.version + 1);
+        }
+        send(
+            tx,
+            change_event(
+                &change.key,
+                change.value.as_deref(),
+                change.version,
+                &position,
+            ),
+        )?;
+    }
+}
+
+/// Whether the log still holds every change after `token` (else the client re-snapshots).
+async fn resumable(
+    client: &Client,
+    topic: &str,
+    token: &[u64],
+    offsets: &[u64],
+) -> Result<bool, Ended> {
+    if token.len() != offsets.len() || token.iter().zip(offsets).any(|(t, n)| t > n) {
+        return Ok(false);
+    }
+    let description = client.describe_topic(topic).await?;
+    Ok(description.partitions.iter().all(|p| {
+        let at = token.get(p.partition as usize).copied().unwrap_or(0);
+        let behind = offsets.get(p.partition as usize).copied().unwrap_or(0);
+        at >= behind || (at >= p.log_start_offset && p.compaction_horizon <= at)
+    }))
+}
+
+/// Sends the records of `[token, offsets)` of each partition, in offset order per partition.
+async fn replay(
+    client: &Client,
+    topic: &str,
+    token: &[u64],
+    offsets: &[u64],
+    position: &mut [u64],
+    tx: &Sender,
+) -> Result<(), Ended> {
+    let behind: Vec<u32> = (0..token.len() as u32)
+        .filter(|&p| token[p as usize] < offsets[p as usize])
+        .collect();
+    position.copy_from_slice(token);
+    if behind.is_empty() {
+        return Ok(());
+    }
+    let mut consumer = client
+        .consumer(
+            topic,
+            ConsumerConfig {
+                partitions: Some(behind.clone()),
+                partition_starts: behind
+                    .iter()
+                    .map(|&p| (p, StartOffset::Offset(token[p as usize])))
+                    .collect(),
+                offset_reset: OffsetReset::Error,
+                fetch_max_wait: Duration::from_millis(100),
+                ..ConsumerConfig::default()
+            },
+        )
+        .await?;
+    let done = |consumer: &syncline_client::Consumer| {
+        behind
+            .iter()
+            .all(|&p| consumer.position(p).unwrap_or(0) >= offsets[p as usize])
+    };
+    while !done(&consumer) {
+        let record = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
+            Err(_) => continue,
+            Ok(None) => return Err(Ended::Gone),
+            Ok(Some(record)) => record?,
+        };
+        let p = record.partition as usize;
+        if record.offset >= offsets[p] || record.offset < position[p] {
+            continue;
+        }
+        let Some(key) = record.key.as_deref() else {
+            continue;
+        };
+        position[p] = record.offset + 1;
+        tx.send(Ok(change_event(
+            key,
+            record.value.as_deref(),
+            record.offset,
+            position,
+        )))
+        .await
+        .map_err(|_| Ended::Gone)?;
+    }
+    position.copy_from_slice(offsets);
+    Ok(())
+}
