@@ -620,3 +620,115 @@ fn watch_streams_a_table_and_resumes_from_its_token_across_a_gateway_restart() {
         ]
     );
 }
+
+/// WebSocket: a subscription and table writes over one socket; a compare-and-set conflict is
+/// answered 412 with the current version; a frame that is not understood closes with 1003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_subscribes_and_writes_with_compare_and_set() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let output = common::cluster::run_cli_at(
+        &broker.addr,
+        &["topic", "create", "board", "--cleanup", "compact"],
+    );
+    assert!(output.status.success());
+    let gateway = start_gateway(&broker.addr, &[]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", gateway.addr))
+        .await
+        .unwrap();
+    let send = |frame: Value| Message::Text(frame.to_string().into());
+    socket
+        .send(send(
+            json!({"op": "put", "req": 1, "table": "board", "key": "a", "value": "1"}),
+        ))
+        .await
+        .unwrap();
+    let read = async |socket: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+                .await
+                .expect("a frame within 30 s")
+                .expect("the socket is open")
+                .unwrap();
+            match message {
+                Message::Text(text) => return json_of(text.as_bytes()),
+                Message::Close(frame) => return json!({"closed": frame.map(|f| u16::from(f.code))}),
+                _ => continue,
+            }
+        }
+    };
+    let answer = read(&mut socket).await;
+    assert_eq!(answer["req"], 1);
+    assert_eq!(answer["status"], 200, "{answer}");
+    let v1 = answer["version"].as_u64().unwrap();
+
+    socket
+        .send(send(
+            json!({"op": "subscribe", "sub": "s1", "table": "board"}),
+        ))
+        .await
+        .unwrap();
+    let put = read(&mut socket).await;
+    assert_eq!(
+        (
+            put["sub"].as_str(),
+            put["event"].as_str(),
+            put["key"].as_str(),
+            put["value"].as_str()
+        ),
+        (Some("s1"), Some("put"), Some("a"), Some("1")),
+        "{put}"
+    );
+    let caught_up = read(&mut socket).await;
+    assert_eq!(caught_up["event"], "caught-up", "{caught_up}");
+    assert!(caught_up["id"].is_string());
+
+    // A write at the version read succeeds; a second one at the same version conflicts.
+    socket
+        .send(send(json!({"op": "put", "req": "r2", "table": "board", "key": "a", "value": "2", "if_version": v1})))
+        .await
+        .unwrap();
+    let mut frames = vec![read(&mut socket).await, read(&mut socket).await];
+    frames.sort_by_key(|f| f["req"].is_null());
+    assert_eq!(frames[0]["req"], "r2");
+    assert_eq!(frames[0]["status"], 200, "{frames:?}");
+    let v2 = frames[0]["version"].as_u64().unwrap();
+    assert_eq!(
+        (
+            frames[1]["event"].as_str(),
+            frames[1]["value"].as_str(),
+            frames[1]["version"].as_u64()
+        ),
+        (Some("put"), Some("2"), Some(v2)),
+        "the subscription sees the write"
+    );
+    socket
+        .send(send(json!({"op": "put", "req": "r3", "table": "board", "key": "a", "value": "3", "if_version": v1})))
+        .await
+        .unwrap();
+    let conflict = read(&mut socket).await;
+    assert_eq!(conflict["status"], 412, "{conflict}");
+    assert_eq!(conflict["current_version"], v2);
+    socket
+        .send(send(
+            json!({"op": "get", "req": "r4", "table": "board", "key": "a"}),
+        ))
+        .await
+        .unwrap();
+    let got = read(&mut socket).await;
+    assert_eq!(
+        (got["status"].as_u64(), got["value"].as_str()),
+        (Some(200), Some("2"))
+    );
+    socket
+        .send(send(json!({"op": "unsubscribe", "sub": "s1"})))
+        .await
+        .unwrap();
+    assert_eq!(read(&mut socket).await["event"], "unsubscribed");
+
+    socket.send(send(json!({"op": "dance"}))).await.unwrap();
+    let closed = read(&mut socket).await;
+    assert_eq!(closed["closed"], 1003, "{closed}");
+}

@@ -35,6 +35,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/topics", get(list_topics))
         .route("/v1/topics/{topic}/records", post(post_records))
         .route("/v1/watch/{topic}", get(crate::watch::watch))
+        .route("/v1/ws", get(crate::ws::ws))
         .route(
             "/v1/tables/{topic}/{key}",
             get(get_key).put(put_key).delete(delete_key),
@@ -51,6 +52,18 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            body: json!({"error": message.into(), "code": "NOT_FOUND"}),
+        }
+    }
+
+    /// The HTTP status and the JSON body.
+    pub(crate) fn parts(self) -> (u16, Value) {
+        (self.status.as_u16(), self.body)
+    }
+
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -229,10 +242,7 @@ async fn get_key(
         .await
         .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
     let Some(entry) = entry else {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            body: json!({"error": "no such key", "code": "NOT_FOUND"}),
-        });
+        return Err(ApiError::not_found("no such key"));
     };
     let mut object = Map::new();
     put_bytes(&mut object, "key", Some(&key));

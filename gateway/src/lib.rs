@@ -14,6 +14,8 @@
 //!   `{"records": [{"partition", "offset"}]}` once all are acknowledged.
 //! - `GET /v1/watch/{topic}`: the table over Server-Sent Events, resumable by token
 //!   ([`watch`]).
+//! - `GET /v1/ws`: a WebSocket of JSON frames: subscriptions to tables and get / put / delete
+//!   with compare-and-set ([`ws`]).
 //!
 //! Keys in paths are URL-encoded UTF-8; with `?encoding=base64` the path's key is base64 of
 //! arbitrary bytes. In JSON, a key or value that is not UTF-8 is base64 with
@@ -27,17 +29,18 @@
 //! come back as 401 / 403 with the broker's message. Connections are kept per token (at most
 //! [`clients::CLIENTS_MAX`]).
 //!
-//! Still to come (issue 18): WebSocket subscriptions, plain topics over SSE, the JS client and
-//! the web console, TLS on the gateway's own port.
+//! Still to come (issue 18): plain topics over SSE and WebSocket, the JS client and the web
+//! console, TLS on the gateway's own port.
 //!
 //! Modules: [`clients`] (connections and table handles per caller), [`json`] (bytes <-> JSON),
 //! [`http`] (routes and the error -> HTTP status mapping), [`watch`] (SSE and the shared
-//! table copies). It may call `syncline-client` only.
+//! table copies), [`ws`] (the WebSocket protocol). It may call `syncline-client` only.
 
 pub mod clients;
 pub mod http;
 pub mod json;
 pub mod watch;
+pub mod ws;
 
 /// The gateway's default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7460";

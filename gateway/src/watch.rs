@@ -34,6 +34,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::IntoResponse as _;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use syncline_client::{
@@ -41,6 +42,7 @@ use syncline_client::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt as _;
 
 use crate::http::{token, ApiError, Gateway};
 use crate::json::put_bytes;
@@ -99,27 +101,146 @@ fn decode(token: &str) -> Result<Vec<u64>, ApiError> {
         })
 }
 
-fn entry_event(key: &[u8], entry: &Entry) -> Event {
-    let mut data = Map::new();
-    put_bytes(&mut data, "key", Some(key));
-    put_bytes(&mut data, "value", Some(&entry.value));
-    data.insert("version".into(), json!(entry.version));
-    Event::default()
-        .event("put")
-        .data(Value::Object(data).to_string())
+/// One thing a subscriber is told (an SSE event, or a WebSocket frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out {
+    /// A key's value: from the snapshot (no token) or a change (its token).
+    Put {
+        /// The key.
+        key: Bytes,
+        /// Its value.
+        value: Bytes,
+        /// Its version.
+        version: u64,
+        /// The resume token after it (changes only).
+        token: Option<String>,
+    },
+    /// A key was deleted.
+    Delete {
+        /// The key.
+        key: Bytes,
+        /// The delete's version.
+        version: u64,
+        /// The resume token after it.
+        token: String,
+    },
+    /// The snapshot (or the replay of what was missed) is complete.
+    CaughtUp {
+        /// The resume token here.
+        token: String,
+    },
+    /// The token could not be served: drop what you hold, the table follows.
+    Reset,
 }
 
-fn change_event(key: &[u8], value: Option<&[u8]>, version: u64, position: &[u64]) -> Event {
-    let mut data = Map::new();
-    put_bytes(&mut data, "key", Some(key));
-    if value.is_some() {
-        put_bytes(&mut data, "value", value);
+impl Out {
+    /// The event's name: `put`, `delete`, `caught-up`, `reset`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Out::Put { .. } => "put",
+            Out::Delete { .. } => "delete",
+            Out::CaughtUp { .. } => "caught-up",
+            Out::Reset => "reset",
+        }
     }
-    data.insert("version".into(), json!(version));
-    Event::default()
-        .event(if value.is_some() { "put" } else { "delete" })
-        .id(encode(position))
-        .data(Value::Object(data).to_string())
+
+    /// The resume token, where the event has one.
+    pub fn token(&self) -> Option<&str> {
+        match self {
+            Out::Put { token, .. } => token.as_deref(),
+            Out::Delete { token, .. } | Out::CaughtUp { token } => Some(token),
+            Out::Reset => None,
+        }
+    }
+
+    /// The event's data: `{"key", "value", "version"}` for a put, `{"key", "version"}` for a
+    /// delete, `{}` otherwise.
+    pub fn data(&self) -> Map<String, Value> {
+        let mut data = Map::new();
+        match self {
+            Out::Put {
+                key,
+                value,
+                version,
+                ..
+            } => {
+                put_bytes(&mut data, "key", Some(key));
+                put_bytes(&mut data, "value", Some(value));
+                data.insert("version".into(), json!(version));
+            }
+            Out::Delete { key, version, .. } => {
+                put_bytes(&mut data, "key", Some(key));
+                data.insert("version".into(), json!(version));
+            }
+            Out::CaughtUp { .. } | Out::Reset => {}
+        }
+        data
+    }
+
+    /// As a server-sent event.
+    pub fn sse(&self) -> Event {
+        let event = Event::default()
+            .event(self.name())
+            .data(Value::Object(self.data()).to_string());
+        match self.token() {
+            Some(token) => event.id(token),
+            None => event,
+        }
+    }
+}
+
+fn entry_out(key: &[u8], entry: &Entry) -> Out {
+    Out::Put {
+        key: Bytes::copy_from_slice(key),
+        value: entry.value.clone(),
+        version: entry.version,
+        token: None,
+    }
+}
+
+fn change_out(key: &[u8], value: Option<&[u8]>, version: u64, position: &[u64]) -> Out {
+    let token = encode(position);
+    match value {
+        Some(value) => Out::Put {
+            key: Bytes::copy_from_slice(key),
+            value: Bytes::copy_from_slice(value),
+            version,
+            token: Some(token),
+        },
+        None => Out::Delete {
+            key: Bytes::copy_from_slice(key),
+            version,
+            token,
+        },
+    }
+}
+
+/// Starts following `topic` for a caller presenting `caller` (its `read` checked first), from
+/// `from` (a resume token) or the snapshot: the receiver of what to tell it.
+pub async fn subscribe(
+    gateway: &Gateway,
+    caller: Option<&str>,
+    topic: &str,
+    from: Option<Vec<u64>>,
+) -> Result<mpsc::Receiver<Out>, ApiError> {
+    // The caller may read the table (a point read with its own credentials).
+    let probe = gateway.clients.table(caller, topic).await?;
+    probe.get(b"\0syncline-gateway-probe").await?;
+    let own = gateway.clients.client(None).await?;
+    let table = gateway.tables.get(&own, topic).await?;
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = follow(&own, &topic, &table, from, &tx).await {
+            tracing::debug!(%topic, %error, "a watch ended");
+        }
+    });
+    Ok(rx)
+}
+
+/// A resume token from its text.
+pub fn parse_token(token: &str) -> Result<Vec<u64>, ApiError> {
+    decode(token)
 }
 
 /// The SSE route.
@@ -138,18 +259,9 @@ pub async fn watch(
         .filter(|t| !t.is_empty())
         .map(|t| decode(&t))
         .transpose()?;
-    // The caller may read the table (a point read with its own credentials).
-    let probe = gateway.clients.table(caller.as_deref(), &topic).await?;
-    probe.get(b"\0syncline-gateway-probe").await?;
-    let own = gateway.clients.client(None).await?;
-    let table = gateway.tables.get(&own, &topic).await?;
-    let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
-    tokio::spawn(async move {
-        if let Err(error) = follow(&own, &topic, &table, from, &tx).await {
-            tracing::debug!(%topic, %error, "a watch ended");
-        }
-    });
-    Ok(Sse::new(ReceiverStream::new(rx))
+    let rx = subscribe(&gateway, caller.as_deref(), &topic, from).await?;
+    let events = ReceiverStream::new(rx).map(|out| Ok::<_, Infallible>(out.sse()));
+    Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
 }
@@ -178,11 +290,11 @@ impl From<Error> for Ended {
     }
 }
 
-type Sender = mpsc::Sender<Result<Event, Infallible>>;
+type Sender = mpsc::Sender<Out>;
 
 /// Sends without waiting: a full buffer means the subscriber is too slow.
-fn send(tx: &Sender, event: Event) -> Result<(), Ended> {
-    tx.try_send(Ok(event)).map_err(|_| Ended::Gone)
+fn send(tx: &Sender, out: Out) -> Result<(), Ended> {
+    tx.try_send(out).map_err(|_| Ended::Gone)
 }
 
 async fn follow(
@@ -203,11 +315,11 @@ async fn follow(
         replay(client, topic, &token, &offsets, &mut position, tx).await?;
     } else {
         if from.is_some() {
-            send(tx, Event::default().event("reset").data("{}"))?;
+            send(tx, Out::Reset)?;
         }
         for (key, entry) in &entries {
             // Paced by the buffer: a large table waits for the subscriber to drain it.
-            tx.send(Ok(entry_event(key, entry)))
+            tx.send(entry_out(key, entry))
                 .await
                 .map_err(|_| Ended::Gone)?;
         }
@@ -215,10 +327,9 @@ async fn follow(
     drop(entries);
     send(
         tx,
-        Event::default()
-            .event("caught-up")
-            .id(encode(&position))
-            .data("{}"),
+        Out::CaughtUp {
+            token: encode(&position),
+        },
     )?;
     loop {
         let change: Change = match changes.recv().await {
@@ -231,7 +342,7 @@ async fn follow(
         }
         send(
             tx,
-            change_event(
+            change_out(
                 &change.key,
                 change.value.as_deref(),
                 change.version,
@@ -309,12 +420,12 @@ async fn replay(
             continue;
         };
         position[p] = record.offset + 1;
-        tx.send(Ok(change_event(
+        tx.send(change_out(
             key,
             record.value.as_deref(),
             record.offset,
             position,
-        )))
+        ))
         .await
         .map_err(|_| Ended::Gone)?;
     }

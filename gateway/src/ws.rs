@@ -1,0 +1,484 @@
+//! `GET /v1/ws`: a WebSocket of JSON text frames, for many subscriptions and table writes over
+//! one connection.
+//!
+//! ## Frames from the client
+//! - `{"op": "auth", "token": "T"}`: the caller's bearer token, as the first frame (browsers
+//!   cannot set headers on a WebSocket); `?token=T` on the URL or an `Authorization` header
+//!   at the upgrade do the same.
+//! - `{"op": "subscribe", "sub": "s1", "table": "prices", "from": "TOKEN"}` (`from`
+//!   optional): follow a table as [`crate::watch`] describes; frames `{"sub": "s1", "event":
+//!   "put" | "delete" | "caught-up" | "reset", "key", "value", "version", "id": TOKEN}`.
+//! - `{"op": "unsubscribe", "sub": "s1"}`: answered `{"sub": "s1", "event": "unsubscribed"}`.
+//! - `{"op": "get", "req": "r1", "table": "t", "key": "k"}`: answered `{"req": "r1",
+//!   "status": 200, "key", "value", "version"}` or `{"req": "r1", "status": 404}`.
+//! - `{"op": "put", "req": "r2", "table": "t", "key": "k", "value": "v", "if_version": N}` or
+//!   `"if_absent": true`: answered `{"req": "r2", "status": 200, "version": N}`, or `{"req":
+//!   "r2", "status": 412, "current_version": N | null}` on a conflict.
+//! - `{"op": "delete", "req": "r3", "table": "t", "key": "k", "if_version": N}` likewise.
+//! - `{"op": "ping"}`: answered `{"op": "pong"}` (WebSocket pings are answered too).
+//!
+//! Keys and values that are not UTF-8 travel as base64 with `key_encoding` / `value_encoding`
+//! `"base64"`, both ways. A refused or failed operation is answered with its HTTP-like
+//! `status` and `error` (`{"sub": "s1", "event": "error", ...}` for a subscription).
+//!
+//! ## Limits and close codes
+//! At most [`SUBSCRIPTIONS_MAX`] subscriptions and [`REQUESTS_IN_FLIGHT_MAX`] operations in
+//! flight per socket; frames of at most [`FRAME_BYTES_MAX`]. The socket buffers at most
+//! [`SOCKET_BUFFER`] frames for the client: a client that cannot keep up (or whose
+//! subscription fell behind the table) is closed with code **4008** (`too slow: resume from
+//! your last tokens`); it reconnects and subscribes with `from` = the last `id` it saw of each
+//! table. A frame that is not understood closes with **1003** (unsupported data) naming why
+//! (the reason cut to the 123 bytes a close frame holds).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use syncline_client::Error;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::http::{token, ApiError, Gateway};
+use crate::json::{decode, put_bytes};
+use crate::watch::{parse_token, subscribe};
+
+/// Subscriptions one socket may hold.
+pub const SUBSCRIPTIONS_MAX: usize = 256;
+/// Operations (get, put, delete) one socket may have in flight.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Largest frame the client may send.
+pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
+/// Frames buffered for the client before it counts as too slow.
+pub const SOCKET_BUFFER: usize = 8192;
+/// The close code of a client that fell behind.
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+/// The close code of a frame that is not understood.
+pub const CLOSE_UNSUPPORTED: u16 = 1003;
+/// How often the gateway pings an idle socket.
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// `?token=`.
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    token: Option<String>,
+}
+
+/// A frame from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+enum Frame {
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        sub: String,
+        table: String,
+        #[serde(default)]
+        from: Option<String>,
+    },
+    Unsubscribe {
+        sub: String,
+    },
+    Get {
+        req: Value,
+        table: String,
+        key: String,
+        #[serde(default)]
+        key_encoding: Option<String>,
+    },
+    Put {
+        req: Value,
+        table: String,
+        key: String,
+        #[serde(default)]
+        key_encoding: Option<String>,
+        value: String,
+        #[serde(default)]
+        value_encoding: Option<String>,
+        #[serde(default)]
+        if_version: Option<u64>,
+        #[serde(default)]
+        if_absent: bool,
+    },
+    Delete {
+        req: Value,
+        table: String,
+        key: String,
+        #[serde(default)]
+        key_encoding: Option<String>,
+        #[serde(default)]
+        if_version: Option<u64>,
+    },
+    Ping,
+}
+
+/// The upgrade route.
+pub async fn ws(
+    State(gateway): State<Arc<Gateway>>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let caller = token(&headers)?.or(query.token);
+    Ok(upgrade
+        .max_message_size(FRAME_BYTES_MAX)
+        .on_upgrade(move |socket| serve(gateway, caller, socket)))
+}
+
+/// What to send the client: a frame, or a close.
+enum ToClient {
+    Frame(Value),
+    Close(u16, String),
+}
+
+async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSocket) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let (mut sink, mut stream) = socket.split();
+    let (out, mut out_rx) = mpsc::channel::<ToClient>(SOCKET_BUFFER);
+    let writer = tokio::spawn(async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        loop {
+            let next = tokio::select! {
+                next = out_rx.recv() => next,
+                _ = ping.tick() => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let message = match next {
+                Some(ToClient::Frame(frame)) => Message::Text(Utf8Bytes::from(frame.to_string())),
+                Some(ToClient::Close(code, reason)) => Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from(close_reason(reason)),
+                })),
+                None => return,
+            };
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                return;
+            }
+        }
+    });
+    let mut subscriptions: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let mut operated = false;
+    while let Some(Ok(message)) = stream.next().await {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(_) => break,
+            Message::Binary(_) => {
+                let _ = out
+                    .send(ToClient::Close(
+                        CLOSE_UNSUPPORTED,
+                        "frames are JSON text".into(),
+                    ))
+                    .await;
+                break;
+            }
+            _ => continue,
+        };
+        let frame: Frame = match serde_json::from_str(&text) {
+            Ok(frame) => frame,
+            Err(error) => {
+                let _ = out
+                    .send(ToClient::Close(
+                        CLOSE_UNSUPPORTED,
+                        format!("a frame that is not understood: {error}"),
+                    ))
+                    .await;
+                break;
+            }
+        };
+        subscriptions.retain(|_, task| !task.is_finished());
+        match frame {
+            Frame::Auth { token } if !operated => caller = Some(token),
+            Frame::Auth { .. } => {
+                let _ = out
+                    .send(ToClient::Close(
+                        CLOSE_UNSUPPORTED,
+                        "`auth` must be the first frame".into(),
+                    ))
+                    .await;
+                break;
+            }
+            Frame::Ping => {
+                operated = true;
+                let _ = out.try_send(ToClient::Frame(json!({"op": "pong"})));
+            }
+            Frame::Subscribe { sub, table, from } => {
+                operated = true;
+                if subscriptions.contains_key(&sub) || subscriptions.len() >= SUBSCRIPTIONS_MAX {
+                    let why = if subscriptions.contains_key(&sub) {
+                        format!("subscription `{sub}` exists")
+                    } else {
+                        format!("at most {SUBSCRIPTIONS_MAX} subscriptions per socket")
+                    };
+                    let _ = out.try_send(ToClient::Frame(
+                        json!({"sub": sub, "event": "error", "status": 400, "error": why}),
+                    ));
+                    continue;
+                }
+                let task = tokio::spawn(follow(
+                    gateway.clone(),
+                    caller.clone(),
+                    sub.clone(),
+                    table,
+                    from,
+                    out.clone(),
+                ));
+                subscriptions.insert(sub, task);
+            }
+            Frame::Unsubscribe { sub } => {
+                operated = true;
+                if let Some(task) = subscriptions.remove(&sub) {
+                    task.abort();
+                }
+                let _ = out.try_send(ToClient::Frame(
+                    json!({"sub": sub, "event": "unsubscribed"}),
+                ));
+            }
+            operation => {
+                operated = true;
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let gateway = gateway.clone();
+                let caller = caller.clone();
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let answer = operate(&gateway, caller.as_deref(), operation).await;
+                    if out.try_send(ToClient::Frame(answer)).is_err() {
+                        let _ = out.try_send(ToClient::Close(
+                            CLOSE_TOO_SLOW,
+                            "too slow: resume from your last tokens".into(),
+                        ));
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+    for task in subscriptions.into_values() {
+        task.abort();
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+/// A close frame's reason: at most 123 bytes (a control frame carries 125), cut at a
+/// character boundary.
+fn close_reason(mut reason: String) -> String {
+    const REASON_BYTES_MAX: usize = 123;
+    if reason.len() > REASON_BYTES_MAX {
+        let mut cut = REASON_BYTES_MAX;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
+
+/// One subscription: its events as frames, until it ends (unsubscribed, or the client fell
+/// behind: the socket is then closed with [`CLOSE_TOO_SLOW`]).
+async fn follow(
+    gateway: Arc<Gateway>,
+    caller: Option<String>,
+    sub: String,
+    table: String,
+    from: Option<String>,
+    out: mpsc::Sender<ToClient>,
+) {
+    let from = match from
+        .filter(|f| !f.is_empty())
+        .map(|f| parse_token(&f))
+        .transpose()
+    {
+        Ok(from) => from,
+        Err(error) => {
+            let _ = out.try_send(ToClient::Frame(error_frame("sub", &sub, error)));
+            return;
+        }
+    };
+    let mut events = match subscribe(&gateway, caller.as_deref(), &table, from).await {
+        Ok(events) => events,
+        Err(error) => {
+            let _ = out.try_send(ToClient::Frame(error_frame("sub", &sub, error)));
+            return;
+        }
+    };
+    while let Some(event) = events.recv().await {
+        let mut frame = event.data();
+        frame.insert("sub".into(), json!(sub));
+        frame.insert("event".into(), json!(event.name()));
+        if let Some(token) = event.token() {
+            frame.insert("id".into(), json!(token));
+        }
+        if out.try_send(ToClient::Frame(Value::Object(frame))).is_err() {
+            break;
+        }
+    }
+    // The table's stream ended under it: the client fell behind (or the table failed).
+    let _ = out.try_send(ToClient::Close(
+        CLOSE_TOO_SLOW,
+        "too slow: resume from your last tokens".into(),
+    ));
+}
+
+fn error_frame(field: &str, id: &str, error: ApiError) -> Value {
+    let (status, body) = error.parts();
+    let mut frame = match body {
+        Value::Object(map) => map,
+        _ => Map::new(),
+    };
+    frame.insert(field.into(), json!(id));
+    frame.insert("status".into(), json!(status));
+    if field == "sub" {
+        frame.insert("event".into(), json!("error"));
+    }
+    Value::Object(frame)
+}
+
+/// Answers a get, put or delete frame.
+async fn operate(gateway: &Gateway, caller: Option<&str>, frame: Frame) -> Value {
+    let (req, result) = match frame {
+        Frame::Get {
+            req,
+            table,
+            key,
+            key_encoding,
+        } => (req, get(gateway, caller, &table, &key, key_encoding).await),
+        Frame::Put {
+            req,
+            table,
+            key,
+            key_encoding,
+            value,
+            value_encoding,
+            if_version,
+            if_absent,
+        } => {
+            let value = decode(&value, value_encoding.as_deref(), "value");
+            let result = match value {
+                Ok(value) => {
+                    write(
+                        gateway,
+                        caller,
+                        &table,
+                        &key,
+                        key_encoding,
+                        Some(value),
+                        if_version,
+                        if_absent,
+                    )
+                    .await
+                }
+                Err(error) => Err(ApiError::bad_request(error)),
+            };
+            (req, result)
+        }
+        Frame::Delete {
+            req,
+            table,
+            key,
+            key_encoding,
+            if_version,
+        } => (
+            req,
+            write(
+                gateway,
+                caller,
+                &table,
+                &key,
+                key_encoding,
+                None,
+                if_version,
+                false,
+            )
+            .await,
+        ),
+        _ => return json!({"status": 400, "error": "not an operation"}),
+    };
+    match result {
+        Ok(mut answer) => {
+            answer.insert("req".into(), req);
+            answer.insert("status".into(), json!(200));
+            Value::Object(answer)
+        }
+        Err(error) => {
+            let (status, body) = error.parts();
+            let mut answer = match body {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            };
+            answer.insert("req".into(), req);
+            answer.insert("status".into(), json!(status));
+            Value::Object(answer)
+        }
+    }
+}
+
+async fn get(
+    gateway: &Gateway,
+    caller: Option<&str>,
+    table: &str,
+    key: &str,
+    key_encoding: Option<String>,
+) -> Result<Map<String, Value>, ApiError> {
+    let key = decode(key, key_encoding.as_deref(), "key").map_err(ApiError::bad_request)?;
+    let handle = gateway.clients.table(caller, table).await?;
+    match handle.get(&key).await? {
+        Some(entry) => {
+            let mut answer = Map::new();
+            put_bytes(&mut answer, "key", Some(&key));
+            put_bytes(&mut answer, "value", Some(&entry.value));
+            answer.insert("version".into(), json!(entry.version));
+            Ok(answer)
+        }
+        None => Err(ApiError::not_found("no such key")),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn write(
+    gateway: &Gateway,
+    caller: Option<&str>,
+    table: &str,
+    key: &str,
+    key_encoding: Option<String>,
+    value: Option<Vec<u8>>,
+    if_version: Option<u64>,
+    if_absent: bool,
+) -> Result<Map<String, Value>, ApiError> {
+    let key = decode(key, key_encoding.as_deref(), "key").map_err(ApiError::bad_request)?;
+    let handle = gateway.clients.table(caller, table).await?;
+    let written: Result<_, Error> = match (value, if_version, if_absent) {
+        (_, Some(_), true) => {
+            return Err(ApiError::bad_request(
+                "give if_version or if_absent, not both",
+            ))
+        }
+        (Some(value), None, false) => handle.put(&key, &value).await,
+        (Some(value), Some(version), false) => handle.put_if(&key, &value, version).await,
+        (Some(value), None, true) => handle.put_if_absent(&key, &value).await,
+        (None, None, false) => handle.delete(&key).await,
+        (None, Some(version), false) => handle.delete_if(&key, version).await,
+        (None, None, true) => {
+            return Err(ApiError::bad_request(
+                "if_absent on a delete: an absent key has nothing to delete",
+            ))
+        }
+    };
+    let written = written?;
+    let mut answer = Map::new();
+    answer.insert("version".into(), json!(written.version));
+    Ok(answer)
+}
