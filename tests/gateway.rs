@@ -732,3 +732,118 @@ async fn websocket_subscribes_and_writes_with_compare_and_set() {
     let closed = read(&mut socket).await;
     assert_eq!(closed["closed"], 1003, "{closed}");
 }
+
+/// A WebSocket client that stops reading is closed with 4008 once its buffers are full; it
+/// resumes from the last id it read and gets every change exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_websocket_client_is_closed_with_4008_and_resumes_from_its_token() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    const KEYS: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let output = common::cluster::run_cli_at(
+        &broker.addr,
+        &["topic", "create", "feed", "--cleanup", "compact"],
+    );
+    assert!(output.status.success());
+    let gateway = start_gateway(
+        &broker.addr,
+        &[
+            "--subscriber-buffer-events",
+            "8",
+            "--socket-buffer-frames",
+            "8",
+        ],
+    );
+    let url = format!("ws://{}/v1/ws", gateway.addr);
+    let send = |frame: Value| Message::Text(frame.to_string().into());
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    socket
+        .send(send(
+            json!({"op": "subscribe", "sub": "s", "table": "feed"}),
+        ))
+        .await
+        .unwrap();
+    let first = loop {
+        match socket.next().await.unwrap().unwrap() {
+            Message::Text(text) => break json_of(text.as_bytes()),
+            _ => continue,
+        }
+    };
+    assert_eq!(first["event"], "caught-up", "{first}");
+
+    // Changes of 32 KiB values while the client reads nothing: more than the socket's
+    // buffers and the gateway's hold.
+    let addr = gateway.addr.clone();
+    tokio::task::spawn_blocking(move || {
+        let value = vec![b'x'; 32 * 1024];
+        for i in 0..KEYS {
+            let (status, _, _) = http(
+                &addr,
+                "PUT",
+                &format!("/v1/tables/feed/k{i:03}"),
+                &[],
+                &value,
+            );
+            assert_eq!(status, 200);
+        }
+    })
+    .await
+    .unwrap();
+    // Still not reading for longer than the gateway waits on a full buffer.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+
+    let mut seen = Vec::new();
+    let mut last_id = first["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let code = loop {
+        assert!(
+            seen.len() < KEYS,
+            "every change arrived: the client was never closed"
+        );
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("the close within 60 s");
+        match message {
+            Some(Ok(Message::Text(text))) => {
+                let frame = json_of(text.as_bytes());
+                seen.push(frame["key"].as_str().unwrap().to_string());
+                last_id = frame["id"].as_str().unwrap().to_string();
+            }
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => panic!("{error}"),
+            None => break None,
+        }
+    };
+    assert_eq!(code, Some(4008), "closed for being slow");
+    assert!(seen.len() < KEYS, "it fell behind before the end");
+
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    socket
+        .send(send(
+            json!({"op": "subscribe", "sub": "s", "table": "feed", "from": last_id}),
+        ))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let message = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .expect("caught up within 60 s")
+            .unwrap()
+            .unwrap();
+        let Message::Text(text) = message else {
+            continue;
+        };
+        let frame = json_of(text.as_bytes());
+        assert_ne!(frame["event"], "reset", "the token is served");
+        if frame["event"] == "caught-up" {
+            break;
+        }
+        seen.push(frame["key"].as_str().unwrap().to_string());
+    }
+    let expected: Vec<String> = (0..KEYS).map(|i| format!("k{i:03}")).collect();
+    assert_eq!(seen, expected, "every change once, in order");
+}

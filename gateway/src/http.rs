@@ -27,6 +27,27 @@ pub struct Gateway {
     pub clients: Clients,
     /// The tables being watched (`crate::watch`).
     pub tables: crate::watch::Tables,
+    /// Per-subscriber bounds.
+    pub limits: Limits,
+}
+
+/// How far a subscriber may fall behind before it is disconnected (it then resumes from its
+/// last token).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Events buffered per subscription (SSE stream or WebSocket subscription).
+    pub subscriber_events: usize,
+    /// Frames buffered per WebSocket.
+    pub socket_frames: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            subscriber_events: crate::watch::SUBSCRIBER_BUFFER,
+            socket_frames: crate::ws::SOCKET_BUFFER,
+        }
+    }
 }
 
 /// The gateway's routes over `gateway`.

@@ -50,6 +50,15 @@ struct Flags {
     )]
     tls_key: Option<PathBuf>,
 
+    /// Events buffered per subscription before a subscriber that cannot keep up is
+    /// disconnected (it resumes from its last token)
+    #[arg(long, default_value_t = syncline_gateway::watch::SUBSCRIBER_BUFFER, value_name = "N")]
+    subscriber_buffer_events: usize,
+
+    /// Frames buffered per WebSocket before a client that cannot keep up is closed (code 4008)
+    #[arg(long, default_value_t = syncline_gateway::ws::SOCKET_BUFFER, value_name = "N")]
+    socket_buffer_frames: usize,
+
     /// Log filter (tracing's EnvFilter syntax)
     #[arg(long, env = "SYNCLINE_LOG", default_value = "info")]
     log: String,
@@ -70,6 +79,10 @@ async fn main() -> anyhow::Result<()> {
     let gateway = Arc::new(Gateway {
         clients: Clients::new(flags.broker.clone(), config, flags.token.clone()),
         tables: Default::default(),
+        limits: syncline_gateway::http::Limits {
+            subscriber_events: flags.subscriber_buffer_events,
+            socket_frames: flags.socket_buffer_frames,
+        },
     });
     let listener = tokio::net::TcpListener::bind(flags.listen)
         .await

@@ -19,8 +19,8 @@
 //! ## Fan-out
 //! One [`SyncTable`] per table per gateway, opened with the gateway's own credentials and
 //! shared by every subscriber; a subscriber costs its connection, a cursor and a bounded
-//! buffer of [`SUBSCRIBER_BUFFER`] events. A subscriber that falls further behind than that
-//! (or than the table's change buffer) is disconnected; it reconnects with its last token and
+//! buffer of [`SUBSCRIBER_BUFFER`] events. A subscriber whose buffer stays full for
+//! [`SLOW_AFTER`] (or that falls behind the table's change buffer) is disconnected; it reconnects with its last token and
 //! resumes. Before serving, the caller's own credentials must be allowed to `read` the table
 //! (checked with the brokers by a point read), so the gateway serves only what the caller may
 //! read.
@@ -47,8 +47,12 @@ use tokio_stream::StreamExt as _;
 use crate::http::{token, ApiError, Gateway};
 use crate::json::put_bytes;
 
-/// Events buffered per subscriber before it counts as too slow and is disconnected.
+/// Events buffered per subscriber before it counts as too slow and is disconnected (the
+/// default of `--subscriber-buffer-events`).
 pub const SUBSCRIBER_BUFFER: usize = 4096;
+/// How long a subscriber's buffer may stay full before the subscriber counts as too slow and
+/// is disconnected.
+pub const SLOW_AFTER: Duration = Duration::from_secs(5);
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -228,7 +232,7 @@ pub async fn subscribe(
     probe.get(b"\0syncline-gateway-probe").await?;
     let own = gateway.clients.client(None).await?;
     let table = gateway.tables.get(&own, topic).await?;
-    let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    let (tx, rx) = mpsc::channel(gateway.limits.subscriber_events.max(1));
     let topic = topic.to_string();
     tokio::spawn(async move {
         if let Err(error) = follow(&own, &topic, &table, from, &tx).await {
@@ -292,9 +296,12 @@ impl From<Error> for Ended {
 
 type Sender = mpsc::Sender<Out>;
 
-/// Sends without waiting: a full buffer means the subscriber is too slow.
-fn send(tx: &Sender, out: Out) -> Result<(), Ended> {
-    tx.try_send(out).map_err(|_| Ended::Gone)
+/// Sends, waiting at most [`SLOW_AFTER`] for room: a buffer that stays full that long means
+/// the subscriber is too slow.
+async fn send(tx: &Sender, out: Out) -> Result<(), Ended> {
+    tx.send_timeout(out, SLOW_AFTER)
+        .await
+        .map_err(|_| Ended::Gone)
 }
 
 async fn follow(
@@ -315,7 +322,7 @@ async fn follow(
         replay(client, topic, &token, &offsets, &mut position, tx).await?;
     } else {
         if from.is_some() {
-            send(tx, Out::Reset)?;
+            send(tx, Out::Reset).await?;
         }
         for (key, entry) in &entries {
             // Paced by the buffer: a large table waits for the subscriber to drain it.
@@ -330,7 +337,8 @@ async fn follow(
         Out::CaughtUp {
             token: encode(&position),
         },
-    )?;
+    )
+    .await?;
     loop {
         let change: Change = match changes.recv().await {
             Ok(change) => change,
@@ -348,7 +356,8 @@ async fn follow(
                 change.version,
                 &position,
             ),
-        )?;
+        )
+        .await?;
     }
 }
 

@@ -24,8 +24,8 @@
 //! ## Limits and close codes
 //! At most [`SUBSCRIPTIONS_MAX`] subscriptions and [`REQUESTS_IN_FLIGHT_MAX`] operations in
 //! flight per socket; frames of at most [`FRAME_BYTES_MAX`]. The socket buffers at most
-//! [`SOCKET_BUFFER`] frames for the client: a client that cannot keep up (or whose
-//! subscription fell behind the table) is closed with code **4008** (`too slow: resume from
+//! [`SOCKET_BUFFER`] frames for the client: a client whose buffer stays full for
+//! [`SLOW_AFTER`] (or whose subscription fell behind the table) is closed with code **4008** (`too slow: resume from
 //! your last tokens`); it reconnects and subscribes with `from` = the last `id` it saw of each
 //! table. A frame that is not understood closes with **1003** (unsupported data) naming why
 //! (the reason cut to the 123 bytes a close frame holds).
@@ -41,12 +41,12 @@ use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use syncline_client::Error;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::http::{token, ApiError, Gateway};
 use crate::json::{decode, put_bytes};
-use crate::watch::{parse_token, subscribe};
+use crate::watch::{parse_token, subscribe, SLOW_AFTER};
 
 /// Subscriptions one socket may hold.
 pub const SUBSCRIPTIONS_MAX: usize = 256;
@@ -54,7 +54,8 @@ pub const SUBSCRIPTIONS_MAX: usize = 256;
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 /// Largest frame the client may send.
 pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
-/// Frames buffered for the client before it counts as too slow.
+/// Frames buffered for the client before it counts as too slow (the default of
+/// `--socket-buffer-frames`).
 pub const SOCKET_BUFFER: usize = 8192;
 /// The close code of a client that fell behind.
 pub const CLOSE_TOO_SLOW: u16 = 4008;
@@ -131,38 +132,74 @@ pub async fn ws(
         .on_upgrade(move |socket| serve(gateway, caller, socket)))
 }
 
-/// What to send the client: a frame, or a close.
-enum ToClient {
-    Frame(Value),
-    Close(u16, String),
+/// What goes to the client: frames through a bounded queue, and a close that overtakes them.
+#[derive(Clone)]
+struct Outbox {
+    frames: mpsc::Sender<Value>,
+    close: Arc<watch::Sender<Option<(u16, String)>>>,
 }
+
+impl Outbox {
+    /// Queues `frame`; a queue that stays full for [`SLOW_AFTER`] means the client is too
+    /// slow: the socket is closed with [`CLOSE_TOO_SLOW`] and false returned.
+    async fn frame(&self, frame: Value) -> bool {
+        if self.frames.send_timeout(frame, SLOW_AFTER).await.is_ok() {
+            return true;
+        }
+        self.close(CLOSE_TOO_SLOW, "too slow: resume from your last tokens");
+        false
+    }
+
+    /// Closes the socket with `code` (the first close asked for wins).
+    fn close(&self, code: u16, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.close.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some((code, reason));
+            true
+        });
+    }
+}
+
+/// How long the gateway tries to hand a close frame to a client that is not reading.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSocket) {
     use futures_util::{SinkExt as _, StreamExt as _};
     let (mut sink, mut stream) = socket.split();
-    let (out, mut out_rx) = mpsc::channel::<ToClient>(SOCKET_BUFFER);
+    let (frames, mut frames_rx) = mpsc::channel::<Value>(gateway.limits.socket_frames.max(1));
+    let (close, mut close_rx) = watch::channel::<Option<(u16, String)>>(None);
+    let out = Outbox {
+        frames,
+        close: Arc::new(close),
+    };
     let writer = tokio::spawn(async move {
         let mut ping = tokio::time::interval(PING_EVERY);
         loop {
-            let next = tokio::select! {
-                next = out_rx.recv() => next,
-                _ = ping.tick() => {
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
-                        return;
-                    }
-                    continue;
+            let message = tokio::select! {
+                biased;
+                changed = close_rx.changed() => {
+                    let Some((code, reason)) = close_rx.borrow_and_update().clone() else {
+                        if changed.is_err() { return; }
+                        continue;
+                    };
+                    // Queued frames are dropped: the client resumes from its tokens.
+                    let frame = Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from(close_reason(reason)),
+                    }));
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
+                    return;
                 }
+                next = frames_rx.recv() => match next {
+                    Some(frame) => Message::Text(Utf8Bytes::from(frame.to_string())),
+                    None => return,
+                },
+                _ = ping.tick() => Message::Ping(Default::default()),
             };
-            let message = match next {
-                Some(ToClient::Frame(frame)) => Message::Text(Utf8Bytes::from(frame.to_string())),
-                Some(ToClient::Close(code, reason)) => Message::Close(Some(CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from(close_reason(reason)),
-                })),
-                None => return,
-            };
-            let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
+            if sink.send(message).await.is_err() {
                 return;
             }
         }
@@ -175,12 +212,7 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
             Message::Text(text) => text,
             Message::Close(_) => break,
             Message::Binary(_) => {
-                let _ = out
-                    .send(ToClient::Close(
-                        CLOSE_UNSUPPORTED,
-                        "frames are JSON text".into(),
-                    ))
-                    .await;
+                out.close(CLOSE_UNSUPPORTED, "frames are JSON text");
                 break;
             }
             _ => continue,
@@ -188,12 +220,10 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
         let frame: Frame = match serde_json::from_str(&text) {
             Ok(frame) => frame,
             Err(error) => {
-                let _ = out
-                    .send(ToClient::Close(
-                        CLOSE_UNSUPPORTED,
-                        format!("a frame that is not understood: {error}"),
-                    ))
-                    .await;
+                out.close(
+                    CLOSE_UNSUPPORTED,
+                    format!("a frame that is not understood: {error}"),
+                );
                 break;
             }
         };
@@ -201,17 +231,12 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
         match frame {
             Frame::Auth { token } if !operated => caller = Some(token),
             Frame::Auth { .. } => {
-                let _ = out
-                    .send(ToClient::Close(
-                        CLOSE_UNSUPPORTED,
-                        "`auth` must be the first frame".into(),
-                    ))
-                    .await;
+                out.close(CLOSE_UNSUPPORTED, "`auth` must be the first frame");
                 break;
             }
             Frame::Ping => {
                 operated = true;
-                let _ = out.try_send(ToClient::Frame(json!({"op": "pong"})));
+                out.frame(json!({"op": "pong"})).await;
             }
             Frame::Subscribe { sub, table, from } => {
                 operated = true;
@@ -221,9 +246,8 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                     } else {
                         format!("at most {SUBSCRIPTIONS_MAX} subscriptions per socket")
                     };
-                    let _ = out.try_send(ToClient::Frame(
-                        json!({"sub": sub, "event": "error", "status": 400, "error": why}),
-                    ));
+                    out.frame(json!({"sub": sub, "event": "error", "status": 400, "error": why}))
+                        .await;
                     continue;
                 }
                 let task = tokio::spawn(follow(
@@ -241,9 +265,8 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                 if let Some(task) = subscriptions.remove(&sub) {
                     task.abort();
                 }
-                let _ = out.try_send(ToClient::Frame(
-                    json!({"sub": sub, "event": "unsubscribed"}),
-                ));
+                out.frame(json!({"sub": sub, "event": "unsubscribed"}))
+                    .await;
             }
             operation => {
                 operated = true;
@@ -255,12 +278,7 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                 let out = out.clone();
                 tokio::spawn(async move {
                     let answer = operate(&gateway, caller.as_deref(), operation).await;
-                    if out.try_send(ToClient::Frame(answer)).is_err() {
-                        let _ = out.try_send(ToClient::Close(
-                            CLOSE_TOO_SLOW,
-                            "too slow: resume from your last tokens".into(),
-                        ));
-                    }
+                    out.frame(answer).await;
                     drop(permit);
                 });
             }
@@ -295,7 +313,7 @@ async fn follow(
     sub: String,
     table: String,
     from: Option<String>,
-    out: mpsc::Sender<ToClient>,
+    out: Outbox,
 ) {
     let from = match from
         .filter(|f| !f.is_empty())
@@ -304,14 +322,14 @@ async fn follow(
     {
         Ok(from) => from,
         Err(error) => {
-            let _ = out.try_send(ToClient::Frame(error_frame("sub", &sub, error)));
+            out.frame(error_frame("sub", &sub, error)).await;
             return;
         }
     };
     let mut events = match subscribe(&gateway, caller.as_deref(), &table, from).await {
         Ok(events) => events,
         Err(error) => {
-            let _ = out.try_send(ToClient::Frame(error_frame("sub", &sub, error)));
+            out.frame(error_frame("sub", &sub, error)).await;
             return;
         }
     };
@@ -322,15 +340,12 @@ async fn follow(
         if let Some(token) = event.token() {
             frame.insert("id".into(), json!(token));
         }
-        if out.try_send(ToClient::Frame(Value::Object(frame))).is_err() {
-            break;
+        if !out.frame(Value::Object(frame)).await {
+            return;
         }
     }
-    // The table's stream ended under it: the client fell behind (or the table failed).
-    let _ = out.try_send(ToClient::Close(
-        CLOSE_TOO_SLOW,
-        "too slow: resume from your last tokens".into(),
-    ));
+    // The table's stream ended under it: this subscription fell behind (or the table failed).
+    out.close(CLOSE_TOO_SLOW, "too slow: resume from your last tokens");
 }
 
 fn error_frame(field: &str, id: &str, error: ApiError) -> Value {
