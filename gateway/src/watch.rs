@@ -16,6 +16,14 @@
 //! deletes after it), it sends `event: reset` and then the whole table as for a new client: the
 //! client drops what it holds and takes the snapshot.
 //!
+//! ## Plain topics
+//! A topic that is not a table streams its records: first `event: caught-up` whose `id` is
+//! the starting position, then `event: record` (data `{"partition", "offset", "key", "value",
+//! "timestamp"}`) with the token after it as `id`. It starts at the records produced from now
+//! on, at the first retained ones with `?from=earliest`, or right after a token (a token
+//! older than retention goes on from the first retained record). Each subscriber reads with a
+//! consumer of its own, with the caller's credentials, so the brokers check every fetch.
+//!
 //! ## Fan-out
 //! One [`SyncTable`] per table per gateway, opened with the gateway's own credentials and
 //! shared by every subscriber; a subscriber costs its connection, a cursor and a bounded
@@ -135,6 +143,21 @@ pub enum Out {
     },
     /// The token could not be served: drop what you hold, the table follows.
     Reset,
+    /// A record of a plain topic.
+    Record {
+        /// Its partition.
+        partition: u32,
+        /// Its offset.
+        offset: u64,
+        /// Its key (None: unkeyed).
+        key: Option<Bytes>,
+        /// Its value (None: a tombstone).
+        value: Option<Bytes>,
+        /// Its timestamp, ms since the Unix epoch.
+        timestamp: i64,
+        /// The resume token after it.
+        token: String,
+    },
 }
 
 impl Out {
@@ -145,6 +168,7 @@ impl Out {
             Out::Delete { .. } => "delete",
             Out::CaughtUp { .. } => "caught-up",
             Out::Reset => "reset",
+            Out::Record { .. } => "record",
         }
     }
 
@@ -152,7 +176,9 @@ impl Out {
     pub fn token(&self) -> Option<&str> {
         match self {
             Out::Put { token, .. } => token.as_deref(),
-            Out::Delete { token, .. } | Out::CaughtUp { token } => Some(token),
+            Out::Delete { token, .. } | Out::CaughtUp { token } | Out::Record { token, .. } => {
+                Some(token)
+            }
             Out::Reset => None,
         }
     }
@@ -175,6 +201,20 @@ impl Out {
             Out::Delete { key, version, .. } => {
                 put_bytes(&mut data, "key", Some(key));
                 data.insert("version".into(), json!(version));
+            }
+            Out::Record {
+                partition,
+                offset,
+                key,
+                value,
+                timestamp,
+                ..
+            } => {
+                data.insert("partition".into(), json!(partition));
+                data.insert("offset".into(), json!(offset));
+                put_bytes(&mut data, "key", key.as_deref());
+                put_bytes(&mut data, "value", value.as_deref());
+                data.insert("timestamp".into(), json!(timestamp));
             }
             Out::CaughtUp { .. } | Out::Reset => {}
         }
@@ -219,32 +259,136 @@ fn change_out(key: &[u8], value: Option<&[u8]>, version: u64, position: &[u64]) 
     }
 }
 
-/// Starts following `topic` for a caller presenting `caller` (its `read` checked first), from
-/// `from` (a resume token) or the snapshot: the receiver of what to tell it.
+/// Where a subscription starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Tables: the snapshot. Plain topics: the records produced from now on.
+    Now,
+    /// Plain topics: the first retained records (tables: the snapshot, as [`Start::Now`]).
+    Earliest,
+    /// Right after the event whose `id` this token is.
+    Token(Vec<u64>),
+}
+
+/// The start a client asks for: none (or empty) is [`Start::Now`], `earliest`, or a token.
+pub fn parse_start(text: Option<&str>) -> Result<Start, ApiError> {
+    match text.map(str::trim) {
+        None | Some("") | Some("latest") => Ok(Start::Now),
+        Some("earliest") => Ok(Start::Earliest),
+        Some(token) => decode(token).map(Start::Token),
+    }
+}
+
+/// Starts following `topic` for a caller presenting `caller`, from `start`: the receiver of
+/// what to tell it. A table is followed through the shared copy once the caller's `read` is
+/// checked; a plain topic by a consumer with the caller's own credentials (the brokers check
+/// every fetch).
 pub async fn subscribe(
     gateway: &Gateway,
     caller: Option<&str>,
     topic: &str,
-    from: Option<Vec<u64>>,
+    start: Start,
 ) -> Result<mpsc::Receiver<Out>, ApiError> {
+    let client = gateway.clients.client(caller).await?;
+    let description = client.describe_topic(topic).await?;
+    let (tx, rx) = mpsc::channel(gateway.limits.subscriber_events.max(1));
+    let name = topic.to_string();
+    if description.config.cleanup_policy != syncline_client::CleanupPolicy::Compact {
+        let starts = match start {
+            Start::Token(token) if token.len() == description.partitions.len() => token,
+            Start::Token(token) => {
+                return Err(ApiError::bad_request(format!(
+                    "the token names {} partitions; `{topic}` has {}",
+                    token.len(),
+                    description.partitions.len()
+                )))
+            }
+            Start::Earliest => description
+                .partitions
+                .iter()
+                .map(|p| p.log_start_offset)
+                .collect(),
+            Start::Now => description
+                .partitions
+                .iter()
+                .map(|p| p.durable_offset)
+                .collect(),
+        };
+        tokio::spawn(async move {
+            if let Err(error) = follow_records(&client, &name, starts, &tx).await {
+                tracing::debug!(topic = %name, %error, "a watch ended");
+            }
+        });
+        return Ok(rx);
+    }
     // The caller may read the table (a point read with its own credentials).
     let probe = gateway.clients.table(caller, topic).await?;
     probe.get(b"\0syncline-gateway-probe").await?;
     let own = gateway.clients.client(None).await?;
     let table = gateway.tables.get(&own, topic).await?;
-    let (tx, rx) = mpsc::channel(gateway.limits.subscriber_events.max(1));
-    let topic = topic.to_string();
+    let from = match start {
+        Start::Token(token) => Some(token),
+        Start::Now | Start::Earliest => None,
+    };
     tokio::spawn(async move {
-        if let Err(error) = follow(&own, &topic, &table, from, &tx).await {
-            tracing::debug!(%topic, %error, "a watch ended");
+        if let Err(error) = follow(&own, &name, &table, from, &tx).await {
+            tracing::debug!(topic = %name, %error, "a watch ended");
         }
     });
     Ok(rx)
 }
 
-/// A resume token from its text.
-pub fn parse_token(token: &str) -> Result<Vec<u64>, ApiError> {
-    decode(token)
+/// A plain topic's records from `starts` (a next offset per partition), each with the token
+/// after it. A position older than retention goes on from the first retained record.
+async fn follow_records(
+    client: &Client,
+    topic: &str,
+    starts: Vec<u64>,
+    tx: &Sender,
+) -> Result<(), Ended> {
+    let mut position = starts.clone();
+    send(
+        tx,
+        Out::CaughtUp {
+            token: encode(&position),
+        },
+    )
+    .await?;
+    let mut consumer = client
+        .consumer(
+            topic,
+            ConsumerConfig {
+                partition_starts: starts
+                    .iter()
+                    .enumerate()
+                    .map(|(p, &offset)| (p as u32, StartOffset::Offset(offset)))
+                    .collect(),
+                offset_reset: OffsetReset::Earliest,
+                ..ConsumerConfig::default()
+            },
+        )
+        .await?;
+    while let Some(record) = consumer.recv().await {
+        let record = record?;
+        let p = record.partition as usize;
+        if p >= position.len() || record.offset < position[p] {
+            continue;
+        }
+        position[p] = record.offset + 1;
+        send(
+            tx,
+            Out::Record {
+                partition: record.partition,
+                offset: record.offset,
+                key: record.key,
+                value: record.value,
+                timestamp: record.timestamp,
+                token: encode(&position),
+            },
+        )
+        .await?;
+    }
+    Err(Ended::Gone)
 }
 
 /// The SSE route.
@@ -255,15 +399,13 @@ pub async fn watch(
     headers: HeaderMap,
 ) -> Result<axum::response::Response, ApiError> {
     let caller = token(&headers)?;
-    let from = headers
+    let start = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
-        .or(query.from)
-        .filter(|t| !t.is_empty())
-        .map(|t| decode(&t))
-        .transpose()?;
-    let rx = subscribe(&gateway, caller.as_deref(), &topic, from).await?;
+        .or(query.from);
+    let start = parse_start(start.as_deref())?;
+    let rx = subscribe(&gateway, caller.as_deref(), &topic, start).await?;
     let events = ReceiverStream::new(rx).map(|out| Ok::<_, Infallible>(out.sse()));
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))

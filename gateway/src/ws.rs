@@ -6,8 +6,10 @@
 //!   cannot set headers on a WebSocket); `?token=T` on the URL or an `Authorization` header
 //!   at the upgrade do the same.
 //! - `{"op": "subscribe", "sub": "s1", "table": "prices", "from": "TOKEN"}` (`from`
-//!   optional): follow a table as [`crate::watch`] describes; frames `{"sub": "s1", "event":
-//!   "put" | "delete" | "caught-up" | "reset", "key", "value", "version", "id": TOKEN}`.
+//!   optional; `earliest` for a plain topic's first records): follow a table (or a plain
+//!   topic, named the same way) as [`crate::watch`] describes; frames `{"sub": "s1", "event":
+//!   "put" | "delete" | "caught-up" | "reset" | "record", "key", "value", "version", "id":
+//!   TOKEN}`.
 //! - `{"op": "unsubscribe", "sub": "s1"}`: answered `{"sub": "s1", "event": "unsubscribed"}`.
 //! - `{"op": "get", "req": "r1", "table": "t", "key": "k"}`: answered `{"req": "r1",
 //!   "status": 200, "key", "value", "version"}` or `{"req": "r1", "status": 404}`.
@@ -46,7 +48,7 @@ use tokio::task::JoinHandle;
 
 use crate::http::{token, ApiError, Gateway};
 use crate::json::{decode, put_bytes};
-use crate::watch::{parse_token, subscribe, SLOW_AFTER};
+use crate::watch::{parse_start, subscribe, SLOW_AFTER};
 
 /// Subscriptions one socket may hold.
 pub const SUBSCRIPTIONS_MAX: usize = 256;
@@ -315,11 +317,7 @@ async fn follow(
     from: Option<String>,
     out: Outbox,
 ) {
-    let from = match from
-        .filter(|f| !f.is_empty())
-        .map(|f| parse_token(&f))
-        .transpose()
-    {
+    let from = match parse_start(from.as_deref()) {
         Ok(from) => from,
         Err(error) => {
             out.frame(error_frame("sub", &sub, error)).await;
