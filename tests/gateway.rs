@@ -13,129 +13,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::gateway::{header, http, json_of, start_gateway};
 use common::BrokerProcess;
 use serde_json::{json, Value};
-
-struct GatewayProcess {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_gateway(broker: &str, extra: &[&str]) -> GatewayProcess {
-    let child = Command::new(common::binary("syncline-gateway"))
-        .args(["--listen", "127.0.0.1:0", "--broker", broker])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn syncline-gateway");
-    // Owned by the guard from here: killed and waited for however the test ends.
-    let mut gateway = GatewayProcess {
-        child,
-        addr: String::new(),
-    };
-    let stderr = gateway.child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the gateway logs `listening on`");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            gateway.addr = rest.split_whitespace().next().unwrap().to_string();
-            return gateway;
-        }
-    }
-}
-
-/// One HTTP/1.1 request: (status, headers lower-cased, body).
-fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    let head = String::from_utf8_lossy(&response[..split]).into_owned();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_lowercase(), v.trim().to_string()))
-        .collect();
-    let mut body = response[split + 4..].to_vec();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    if chunked {
-        let mut out = Vec::new();
-        let mut rest = &body[..];
-        loop {
-            let end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[..end]).unwrap(), 16).unwrap();
-            if size == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[end + 2..end + 2 + size]);
-            rest = &rest[end + 2 + size + 2..];
-        }
-        body = out;
-    }
-    (status, headers, body)
-}
-
-fn json_of(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
-fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-}
 
 #[test]
 fn tables_records_and_topics_over_http() {
@@ -910,4 +793,258 @@ fn watch_streams_a_plain_topic_from_an_offset_and_resumes() {
         "4",
         "only what came after the token"
     );
+}
+
+/// A rustls client config trusting the CA in `ca` (PEM).
+fn trusting(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    std::sync::Arc::new(config)
+}
+
+/// One HTTPS request to the gateway, trusting `ca`; Err with the handshake's error.
+fn https_get(addr: &str, ca: &std::path::Path, path: &str) -> Result<(u16, Vec<u8>), String> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut connection = rustls::ClientConnection::new(trusting(ca), name).unwrap();
+    let mut stream = stream;
+    while connection.is_handshaking() {
+        connection
+            .complete_io(&mut stream)
+            .map_err(|e| e.to_string())?;
+    }
+    let tls = rustls::StreamOwned::new(connection, stream);
+    let (status, _, body) = common::gateway::http_on(tls, addr, "GET", path, &[], b"");
+    Ok((status, body))
+}
+
+/// TLS on the gateway's own port: HTTPS and WSS with `--listen-cert`/`--listen-key`; a
+/// plain-text client gets no answer and a client that does not trust the certificate fails
+/// its handshake, while the gateway goes on serving; SIGHUP swaps in a new certificate for
+/// new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_https_and_wss_and_reloads_its_certificate_on_sighup() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let output = common::cluster::run_cli_at(
+        &broker.addr,
+        &["topic", "create", "board", "--cleanup", "compact"],
+    );
+    assert!(output.status.success());
+    let files = common::pki::Pki::new("gateway-ca").write(dir.path(), "gw");
+    let (cert, key) = (
+        files.server_cert.display().to_string(),
+        files.server_key.display().to_string(),
+    );
+    let gateway = start_gateway(
+        &broker.addr,
+        &["--listen-cert", &cert, "--listen-key", &key],
+    );
+    let g = gateway.addr.clone();
+
+    let (status, body) = tokio::task::block_in_place(|| https_get(&g, &files.ca, "/v1/topics"))
+        .expect("a TLS handshake with the gateway's certificate");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json_of(&body)["topics"][0]["name"], "board");
+
+    // Plain text on the TLS port: no HTTP answer, the connection is closed.
+    let mut plain = TcpStream::connect(&g).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    plain
+        .write_all(b"GET /v1/topics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain text was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A client trusting another CA fails its handshake.
+    let other = common::pki::Pki::new("other-ca").write(dir.path(), "other");
+    let refused = tokio::task::block_in_place(|| https_get(&g, &other.ca, "/v1/topics"));
+    assert!(
+        refused.is_err(),
+        "a certificate from another CA was trusted"
+    );
+
+    // WSS: a subscription over TLS.
+    let tcp = tokio::net::TcpStream::connect(&g).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(trusting(&files.ca));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut socket, _) = tokio_tungstenite::client_async(format!("wss://{g}/v1/ws"), tls)
+        .await
+        .unwrap();
+    let frame = json!({"op": "put", "req": 1, "table": "board", "key": "a", "value": "1"});
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    // Operations run concurrently: subscribe once the put is acknowledged.
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("an answer within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            assert_eq!(json_of(text.as_bytes())["status"], 200, "{text}");
+            break;
+        }
+    }
+    let frame = json!({"op": "subscribe", "sub": "s", "table": "board"});
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !seen.iter().any(|f: &Value| f["event"] == "caught-up") {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a frame within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            seen.push(json_of(text.as_bytes()));
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|f| f["event"] == "put" && f["key"] == "a" && f["value"] == "1"),
+        "{seen:?}"
+    );
+
+    // SIGHUP: a certificate from another CA, for new connections.
+    std::fs::copy(&other.server_cert, &files.server_cert).unwrap();
+    std::fs::copy(&other.server_key, &files.server_key).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &gateway.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((status, _)) =
+            tokio::task::block_in_place(|| https_get(&g, &other.ca, "/v1/topics"))
+        {
+            assert_eq!(status, 200);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new certificate is not served 30 s after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        tokio::task::block_in_place(|| https_get(&g, &files.ca, "/v1/topics")).is_err(),
+        "the old certificate is still served"
+    );
+    // The open WebSocket kept its connection.
+    socket
+        .send(Message::Text(json!({"op": "ping"}).to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .expect("a pong within 30 s")
+            .expect("the socket is open")
+            .unwrap();
+        if let Message::Text(text) = message {
+            if json_of(text.as_bytes())["op"] == "pong" {
+                break;
+            }
+        }
+    }
+}
+
+/// The console's JSON views: the cluster's nodes, a topic's partitions with offsets, consumer
+/// groups and their lag, as the CLI sees them.
+#[test]
+fn cluster_topic_and_group_views_show_offsets_and_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let cli = |args: &[&str]| {
+        let output = common::cluster::run_cli_at(&broker.addr, args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    cli(&["topic", "create", "orders", "--partitions", "2"]);
+    let gateway = start_gateway(&broker.addr, &[]);
+    let g = gateway.addr.as_str();
+    let records: Vec<Value> = (0..10)
+        .map(|i| json!({"key": format!("k{i}"), "value": format!("v{i}")}))
+        .collect();
+    let body = serde_json::to_vec(&records).unwrap();
+    let (status, _, answer) = http(g, "POST", "/v1/topics/orders/records", &[], &body);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    // A group that read 4 records and committed them.
+    cli(&[
+        "consume",
+        "orders",
+        "--group",
+        "billing",
+        "--timeout-ms",
+        "20000",
+        "--max-records",
+        "4",
+    ]);
+
+    let (status, _, body) = http(g, "GET", "/v1/cluster", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let cluster = json_of(&body);
+    assert_eq!(cluster["nodes"].as_array().unwrap().len(), 1, "{cluster}");
+    assert_eq!(cluster["nodes"][0]["alive"], true, "{cluster}");
+
+    let (status, _, body) = http(g, "GET", "/v1/topics/orders", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let topic = json_of(&body);
+    assert_eq!(topic["table"], false);
+    let partitions = topic["partitions"].as_array().unwrap();
+    assert_eq!(partitions.len(), 2, "{topic}");
+    let ends: u64 = partitions
+        .iter()
+        .map(|p| p["log_end_offset"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ends, 10, "{topic}");
+    let (status, _, _) = http(g, "GET", "/v1/topics/nope", &[], b"");
+    assert_eq!(status, 404);
+
+    let (status, _, body) = http(g, "GET", "/v1/groups", &[], b"");
+    assert_eq!(status, 200);
+    let groups = json_of(&body);
+    assert_eq!(groups["groups"][0]["group"], "billing", "{groups}");
+    let (status, _, body) = http(g, "GET", "/v1/groups/billing", &[], b"");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let group = json_of(&body);
+    assert_eq!(group["lag"], 6, "{group}");
+    let committed: u64 = group["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["committed_offset"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(committed, 4, "{group}");
 }

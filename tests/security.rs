@@ -20,85 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
+use common::pki::{Files, Pki};
 use common::BrokerProcess;
-
-/// A CA and what it issued, as PEM files in a directory.
-struct Pki {
-    ca: rcgen::Certificate,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let ca = params.self_signed(&key).unwrap();
-        let issuer = rcgen::Issuer::new(params, key);
-        Pki { ca, issuer }
-    }
-
-    /// A certificate for `names` (DNS names or IP addresses) with common name `cn`: (cert, key).
-    fn issue(&self, cn: &str, names: &[&str], client: bool) -> (String, String) {
-        let usage = if client {
-            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth]
-        } else {
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth]
-        };
-        self.issue_for(cn, names, usage)
-    }
-
-    /// A certificate with the extended key usages `usage` (a node's: both).
-    fn issue_for(
-        &self,
-        cn: &str,
-        names: &[&str],
-        usage: Vec<rcgen::ExtendedKeyUsagePurpose>,
-    ) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.extended_key_usages = usage;
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
-    fn write(&self, dir: &Path, prefix: &str) -> Files {
-        let write = |name: &str, text: &str| -> PathBuf {
-            let path = dir.join(format!("{prefix}-{name}"));
-            std::fs::write(&path, text).unwrap();
-            path
-        };
-        let (server_cert, server_key) = self.issue("broker", &["127.0.0.1", "localhost"], false);
-        let (client_cert, client_key) = self.issue("service-a", &[], true);
-        Files {
-            ca: write("ca.pem", &self.ca.pem()),
-            server_cert: write("server.pem", &server_cert),
-            server_key: write("server-key.pem", &server_key),
-            client_cert: write("client.pem", &client_cert),
-            client_key: write("client-key.pem", &client_key),
-        }
-    }
-}
-
-struct Files {
-    ca: PathBuf,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-}
 
 fn cli(broker: &BrokerProcess, tls: &[&Path], args: &[&str]) -> Output {
     let mut flags: Vec<String> = Vec::new();

@@ -53,7 +53,11 @@ impl Default for Limits {
 /// The gateway's routes over `gateway`.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     Router::new()
+        .route("/v1/cluster", get(crate::admin::cluster))
+        .route("/v1/groups", get(crate::admin::groups))
+        .route("/v1/groups/{group}", get(crate::admin::group))
         .route("/v1/topics", get(list_topics))
+        .route("/v1/topics/{topic}", get(crate::admin::topic))
         .route("/v1/topics/{topic}/records", post(post_records))
         .route("/v1/watch/{topic}", get(crate::watch::watch))
         .route("/v1/ws", get(crate::ws::ws))

@@ -16,6 +16,11 @@
 //!   ([`watch`]).
 //! - `GET /v1/ws`: a WebSocket of JSON frames: subscriptions to tables and get / put / delete
 //!   with compare-and-set ([`ws`]).
+//! - `GET /v1/cluster`, `GET /v1/topics/{topic}`, `GET /v1/groups`, `GET /v1/groups/{group}`:
+//!   nodes, partitions with offsets, groups with lag ([`admin`]).
+//!
+//! With `--listen-cert` and `--listen-key` it serves HTTPS and WSS instead, reloading the
+//! certificate on SIGHUP ([`tls`]).
 //!
 //! Keys in paths are URL-encoded UTF-8; with `?encoding=base64` the path's key is base64 of
 //! arbitrary bytes. In JSON, a key or value that is not UTF-8 is base64 with
@@ -29,16 +34,18 @@
 //! come back as 401 / 403 with the broker's message. Connections are kept per token (at most
 //! [`clients::CLIENTS_MAX`]).
 //!
-//! Still to come (issue 18): plain topics over SSE and WebSocket, the JS client and the web
-//! console, TLS on the gateway's own port.
+//! Still to come (issue 18): the JS client and the web console.
 //!
 //! Modules: [`clients`] (connections and table handles per caller), [`json`] (bytes <-> JSON),
+//! [`admin`] (read-only cluster views), [`tls`] (HTTPS on the gateway's port),
 //! [`http`] (routes and the error -> HTTP status mapping), [`watch`] (SSE and the shared
 //! table copies), [`ws`] (the WebSocket protocol). It may call `syncline-client` only.
 
+pub mod admin;
 pub mod clients;
 pub mod http;
 pub mod json;
+pub mod tls;
 pub mod watch;
 pub mod ws;
 

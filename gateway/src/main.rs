@@ -8,6 +8,7 @@ use clap::Parser;
 use syncline_client::{ClientConfig, TlsConfig};
 use syncline_gateway::clients::Clients;
 use syncline_gateway::http::{router, Gateway};
+use syncline_gateway::tls::{ServerTls, TlsFiles, TlsListener};
 
 /// HTTP/JSON access to a Syncline cluster for browsers and apps: tables (get, put and delete
 /// with compare-and-set by version), records, topics. A request's `Authorization: Bearer
@@ -15,9 +16,28 @@ use syncline_gateway::http::{router, Gateway};
 #[derive(Debug, Parser)]
 #[command(name = "syncline-gateway", version)]
 struct Flags {
-    /// Address to serve HTTP/1.1 and HTTP/2 (cleartext) on
+    /// Address to serve HTTP/1.1 and HTTP/2 on (cleartext unless --listen-cert is given)
     #[arg(long, env = "SYNCLINE_GATEWAY_LISTEN", default_value = syncline_gateway::DEFAULT_LISTEN)]
     listen: SocketAddr,
+
+    /// Serve HTTPS (and WSS) on --listen with this certificate chain (PEM, leaf first), with
+    /// --listen-key; reloaded on SIGHUP [default: plain HTTP]
+    #[arg(
+        long,
+        env = "SYNCLINE_GATEWAY_LISTEN_CERT",
+        value_name = "PEM",
+        requires = "listen_key"
+    )]
+    listen_cert: Option<PathBuf>,
+
+    /// The private key of --listen-cert (PEM: PKCS#8, PKCS#1 or SEC1)
+    #[arg(
+        long,
+        env = "SYNCLINE_GATEWAY_LISTEN_KEY",
+        value_name = "PEM",
+        requires = "listen_cert"
+    )]
+    listen_key: Option<PathBuf>,
 
     /// Brokers to bootstrap from, HOST:PORT[,HOST:PORT...]
     #[arg(long, env = "SYNCLINE_BROKER", default_value = "127.0.0.1:7450")]
@@ -87,24 +107,54 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(flags.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", flags.listen))?;
-    tracing::info!(
-        brokers = %flags.broker,
-        "listening on {}",
-        listener.local_addr()?
-    );
-    axum::serve(listener, router(gateway))
-        .with_graceful_shutdown(async {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(term) => term,
-                    Err(_) => return std::future::pending().await,
-                };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await?;
+    let local = listener.local_addr()?;
+    let app = router(gateway);
+    match flags.listen_cert.clone().zip(flags.listen_key.clone()) {
+        Some((cert, key)) => {
+            let tls = ServerTls::load(TlsFiles { cert, key })?;
+            reload_on_sighup(tls.clone());
+            tracing::info!(brokers = %flags.broker, "listening on {local} (TLS)");
+            axum::serve(TlsListener::new(listener, tls)?, app)
+                .with_graceful_shutdown(shutdown())
+                .await?;
+        }
+        None => {
+            tracing::info!(brokers = %flags.broker, "listening on {local}");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown())
+                .await?;
+        }
+    }
     Ok(())
+}
+
+/// Resolves at SIGTERM or Ctrl-C.
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Reads the certificate files again at each SIGHUP.
+fn reload_on_sighup(tls: Arc<ServerTls>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot catch SIGHUP: certificates reload only at a restart");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("SIGHUP: certificate reloaded"),
+                Err(error) => {
+                    tracing::error!(%error, "SIGHUP: certificate not reloaded; keeping the old one")
+                }
+            }
+        }
+    });
 }

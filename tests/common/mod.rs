@@ -4,9 +4,11 @@
 
 pub mod cluster;
 pub mod faults;
+pub mod gateway;
 pub mod history;
 pub mod linearizable;
 pub mod netns;
+pub mod pki;
 pub mod probe;
 pub mod workload;
 
