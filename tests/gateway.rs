@@ -1048,3 +1048,51 @@ fn cluster_topic_and_group_views_show_offsets_and_lag() {
         .sum();
     assert_eq!(committed, 4, "{group}");
 }
+
+/// The fan-out load tool, small: every subscriber over WebSocket and over SSE gets every
+/// change, and the summary has the documented JSON shape.
+#[test]
+fn the_gateway_bench_delivers_every_change_to_every_subscriber() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let gateway = start_gateway(&broker.addr, &[]);
+    for transport in ["ws", "sse"] {
+        let output = Command::new(common::binary("syncline-gateway-bench"))
+            .args(["--gateway", &gateway.addr, "--broker", &broker.addr])
+            .args([
+                "--table",
+                &format!("bench-{transport}"),
+                "--transport",
+                transport,
+            ])
+            .args([
+                "--subscribers",
+                "20",
+                "--rate",
+                "200",
+                "--duration",
+                "1",
+                "--json",
+            ])
+            .args(["--gateway-pid", &gateway.child.id().to_string()])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{transport}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let summary = json_of(stdout.as_bytes());
+        assert_eq!(summary["transport"], transport);
+        assert_eq!(summary["caught_up"], 20, "{summary}");
+        assert_eq!(summary["changes"], 200, "{summary}");
+        assert_eq!(summary["delivered"], 20 * 200, "{summary}");
+        assert_eq!(summary["missing"], 0, "{summary}");
+        assert!(summary["latency_ms"]["p99"].as_f64().is_some(), "{summary}");
+        assert!(
+            summary["gateway_rss_bytes"]["idle"].as_u64().unwrap() > 0,
+            "{summary}"
+        );
+    }
+}

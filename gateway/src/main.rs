@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::serve::ListenerExt as _;
 use clap::Parser;
 use syncline_client::{ClientConfig, TlsConfig};
 use syncline_gateway::clients::Clients;
@@ -120,6 +121,13 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             tracing::info!(brokers = %flags.broker, "listening on {local}");
+            // Events are small writes: without TCP_NODELAY, Nagle's algorithm and the
+            // client's delayed ACK hold some of them for ~40 ms.
+            let listener = listener.tap_io(|tcp| {
+                if let Err(error) = tcp.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown())
                 .await?;

@@ -153,6 +153,8 @@ impl TlsListener {
                 if done.is_closed() {
                     return;
                 }
+                // Small event writes must not wait for Nagle's algorithm (see main.rs).
+                let _ = stream.set_nodelay(true);
                 let handshake = tls.acceptor.accept(stream);
                 let done = done.clone();
                 tokio::spawn(async move {

@@ -456,12 +456,14 @@ async fn follow(
     let (entries, offsets, mut changes) = table.entries_offsets_and_changes();
     let mut position = offsets.clone();
     let resumable = match &from {
-        Some(token) => resumable(client, topic, token, &offsets).await?,
+        // Boxed (here and below): the task idles in the change loop, and should not carry
+        // the larger state of these calls all its life.
+        Some(token) => Box::pin(resumable(client, topic, token, &offsets)).await?,
         None => false,
     };
     if resumable {
         let token = from.unwrap_or_default();
-        replay(client, topic, &token, &offsets, &mut position, tx).await?;
+        Box::pin(replay(client, topic, &token, &offsets, &mut position, tx)).await?;
     } else {
         if from.is_some() {
             send(tx, Out::Reset).await?;

@@ -63,6 +63,11 @@ pub const SOCKET_BUFFER: usize = 8192;
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 /// The close code of a frame that is not understood.
 pub const CLOSE_UNSUPPORTED: u16 = 1003;
+/// Queued frames written together before a flush.
+const BATCH_FRAMES_MAX: usize = 64;
+/// Bytes a socket buffers for reading and writing (tungstenite's default is 128 KiB each;
+/// frames from browsers are small, and writes are flushed per burst).
+const SOCKET_IO_BUFFER: usize = 8 * 1024;
 /// How often the gateway pings an idle socket.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
@@ -131,6 +136,8 @@ pub async fn ws(
     let caller = token(&headers)?.or(query.token);
     Ok(upgrade
         .max_message_size(FRAME_BYTES_MAX)
+        .read_buffer_size(SOCKET_IO_BUFFER)
+        .write_buffer_size(SOCKET_IO_BUFFER)
         .on_upgrade(move |socket| serve(gateway, caller, socket)))
 }
 
@@ -201,7 +208,21 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                 },
                 _ = ping.tick() => Message::Ping(Default::default()),
             };
-            if sink.send(message).await.is_err() {
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+            // Frames already queued go out in the same write (one syscall for a burst, not
+            // one per frame), up to a bound so a close still overtakes a long queue.
+            for _ in 0..BATCH_FRAMES_MAX {
+                let Ok(frame) = frames_rx.try_recv() else {
+                    break;
+                };
+                let message = Message::Text(Utf8Bytes::from(frame.to_string()));
+                if sink.feed(message).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
                 return;
             }
         }
@@ -324,7 +345,9 @@ async fn follow(
             return;
         }
     };
-    let mut events = match subscribe(&gateway, caller.as_deref(), &table, from).await {
+    // Boxed: the task idles in the loop below, and should not carry the (much larger)
+    // state of the subscribe call all its life.
+    let mut events = match Box::pin(subscribe(&gateway, caller.as_deref(), &table, from)).await {
         Ok(events) => events,
         Err(error) => {
             out.frame(error_frame("sub", &sub, error)).await;
