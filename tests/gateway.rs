@@ -1096,3 +1096,31 @@ fn the_gateway_bench_delivers_every_change_to_every_subscriber() {
         );
     }
 }
+
+/// A close the client starts is answered with a close frame (a clean close, not 1006).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_close_from_the_client_is_answered() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let gateway = start_gateway(&broker.addr, &[]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", gateway.addr))
+        .await
+        .unwrap();
+    socket
+        .send(Message::Text(json!({"op": "ping"}).to_string().into()))
+        .await
+        .unwrap();
+    socket.send(Message::Close(None)).await.unwrap();
+    let mut answered = false;
+    while let Ok(Some(message)) = tokio::time::timeout(Duration::from_secs(30), socket.next()).await
+    {
+        match message {
+            Ok(Message::Close(_)) => answered = true,
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(answered, "the gateway did not answer the close");
+}

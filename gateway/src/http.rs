@@ -65,6 +65,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/tables/{topic}/{key}",
             get(get_key).put(put_key).delete(delete_key),
         )
+        .merge(crate::console::routes())
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(gateway)
 }

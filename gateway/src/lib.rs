@@ -2,7 +2,7 @@
 //! gRPC. It is a client of the cluster (through `syncline-client`), so it scales apart from the
 //! brokers and holds no data of its own.
 //!
-//! ## What it serves (this step)
+//! ## What it serves
 //! - `GET /v1/topics`: `{"topics": [{"name", "partitions", "table"}]}`.
 //! - `GET /v1/tables/{topic}/{key}`: 200 `{"key", "value", "version"}` (and an `ETag` of the
 //!   version) or 404.
@@ -34,15 +34,19 @@
 //! come back as 401 / 403 with the broker's message. Connections are kept per token (at most
 //! [`clients::CLIENTS_MAX`]).
 //!
-//! Still to come (issue 18): the JS client and the web console.
+//! It also serves the web console at `/console/` and the JS client at `/syncline.js` (with
+//! `/syncline.d.ts`), compiled into the binary ([`console`]; sources in `gateway/console/`
+//! and `gateway/js/`).
 //!
 //! Modules: [`clients`] (connections and table handles per caller), [`json`] (bytes <-> JSON),
-//! [`admin`] (read-only cluster views), [`tls`] (HTTPS on the gateway's port),
+//! [`admin`] (read-only cluster views), [`console`] (the console and the JS client), [`tls`]
+//! (HTTPS on the gateway's port),
 //! [`http`] (routes and the error -> HTTP status mapping), [`watch`] (SSE and the shared
 //! table copies), [`ws`] (the WebSocket protocol). It may call `syncline-client` only.
 
 pub mod admin;
 pub mod clients;
+pub mod console;
 pub mod http;
 pub mod json;
 pub mod tls;

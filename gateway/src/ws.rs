@@ -19,6 +19,11 @@
 //! - `{"op": "delete", "req": "r3", "table": "t", "key": "k", "if_version": N}` likewise.
 //! - `{"op": "ping"}`: answered `{"op": "pong"}` (WebSocket pings are answered too).
 //!
+//! Operations (get, put, delete) on one socket run concurrently: answers can come in another
+//! order than the requests, and two writes to one key sent back to back can land in either
+//! order. Match answers by `req`, and send a write that must follow another once the first is
+//! answered (the JS client does so per key).
+//!
 //! Keys and values that are not UTF-8 travel as base64 with `key_encoding` / `value_encoding`
 //! `"base64"`, both ways. A refused or failed operation is answered with its HTTP-like
 //! `status` and `error` (`{"sub": "s1", "event": "error", ...}` for a subscription).
@@ -199,7 +204,15 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                         code,
                         reason: Utf8Bytes::from(close_reason(reason)),
                     }));
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.send(frame)).await;
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        // After the client's own close, tungstenite has queued the reply and
+                        // refuses another close frame: flushing sends the queued one.
+                        if sink.send(frame).await.is_err() {
+                            let _ = sink.flush().await;
+                        }
+                        let _ = sink.close().await;
+                    })
+                    .await;
                     return;
                 }
                 next = frames_rx.recv() => match next {
@@ -233,7 +246,11 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
     while let Some(Ok(message)) = stream.next().await {
         let text = match message {
             Message::Text(text) => text,
-            Message::Close(_) => break,
+            Message::Close(_) => {
+                // Answer the client's close (else it sees 1006, an unclean close).
+                out.close(1000, "");
+                break;
+            }
             Message::Binary(_) => {
                 out.close(CLOSE_UNSUPPORTED, "frames are JSON text");
                 break;
