@@ -1124,3 +1124,109 @@ async fn a_websocket_close_from_the_client_is_answered() {
     }
     assert!(answered, "the gateway did not answer the close");
 }
+
+/// SSE: a token that compaction passed (a delete after it was removed) cannot be resumed
+/// exactly: the gateway sends `reset` and the table as it is now (without the deleted key),
+/// then `caught-up` and the live changes.
+#[test]
+fn a_token_older_than_the_compaction_horizon_gets_reset_and_the_current_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let cli = |args: &[&str]| {
+        let output = common::cluster::run_cli_at(&broker.addr, args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    cli(&[
+        "topic",
+        "create",
+        "menu",
+        "--cleanup",
+        "compact",
+        "--segment-bytes",
+        "65536",
+        "--delete-retention-ms",
+        "0",
+    ]);
+    let gateway = start_gateway(&broker.addr, &[]);
+    let g = gateway.addr.as_str();
+    let put = |key: &str, value: &str| {
+        let (status, _, body) = http(
+            g,
+            "PUT",
+            &format!("/v1/tables/menu/{key}"),
+            &[],
+            value.as_bytes(),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+    // soup is not first: the first batch of a segment keeps a record, and a kept older
+    // record of a key keeps its delete.
+    for key in ["bread", "salad", "soup"] {
+        put(key, "on");
+    }
+    let mut events = Events::open(g, "/v1/watch/menu", None);
+    let token = loop {
+        let (event, id, _) = events.next();
+        if event == "caught-up" {
+            break id.expect("caught-up carries a token");
+        }
+    };
+    drop(events);
+
+    // After the token: soup deleted, then enough writes to seal segments; compaction removes
+    // the delete (no delete retention), so the log no longer holds every change after it.
+    let (status, _, _) = http(g, "DELETE", "/v1/tables/menu/soup", &[], b"");
+    assert_eq!(status, 200);
+    let filler = "x".repeat(4096);
+    for round in 0..40 {
+        put(&format!("dish-{}", round % 4), &filler);
+    }
+    put("bread", "off");
+    // The first pass makes the delete removable; the next removes it.
+    for _ in 0..2 {
+        let stdout = cli(&["topic", "compact", "menu"]);
+        assert!(stdout.contains("compacted menu"), "{stdout}");
+    }
+    let (status, _, body) = http(g, "GET", "/v1/topics/menu", &[], b"");
+    assert_eq!(status, 200);
+    let topic = json_of(&body);
+    let horizon = topic["partitions"][0]["compaction_horizon"]
+        .as_u64()
+        .unwrap();
+    let at: u64 = token.parse().unwrap();
+    assert!(
+        horizon > at,
+        "compaction did not pass the token {at}: {topic}"
+    );
+
+    let mut events = Events::open(g, "/v1/watch/menu", Some(&token));
+    let (event, _, _) = events.next();
+    assert_eq!(event, "reset", "a token compaction passed is not resumable");
+    let mut table = std::collections::BTreeMap::new();
+    loop {
+        let (event, key, value, _) = events.next_change();
+        if event == "caught-up" {
+            break;
+        }
+        assert_eq!(event, "put");
+        table.insert(key, value.unwrap());
+    }
+    assert!(
+        !table.contains_key("soup"),
+        "the deleted key came back: {table:?}"
+    );
+    assert_eq!(table.get("bread").map(String::as_str), Some("off"));
+    assert_eq!(table.get("salad").map(String::as_str), Some("on"));
+    assert_eq!(table.len(), 2 + 4, "{table:?}");
+    put("soup", "back");
+    let (event, key, value, _) = events.next_change();
+    assert_eq!(
+        (event.as_str(), key.as_str(), value.as_deref()),
+        ("put", "soup", Some("back"))
+    );
+}

@@ -7,7 +7,7 @@
 //!   "alive", "leaving"}]}`.
 //! - `GET /v1/topics/{topic}`: `{"name", "table", "topic_id", "partitions": [{"partition",
 //!   "leader", "replicas", "caught_up", "log_start_offset", "durable_offset",
-//!   "log_end_offset", "size_bytes", "segments", "error"}]}` (`leader` and the replica lists
+//!   "log_end_offset", "size_bytes", "segments", "compaction_horizon", "error"}]}` (`leader` and the replica lists
 //!   from the cluster's placement; a single node leads everything).
 //! - `GET /v1/groups`: `{"groups": [{"group", "state", "members"}]}`.
 //! - `GET /v1/groups/{group}`: `{"group", "state", "members": [{"member_id", "client_id",
@@ -87,6 +87,7 @@ pub async fn topic(
                 "log_end_offset": p.log_end_offset,
                 "size_bytes": p.size_bytes,
                 "segments": p.segments,
+                "compaction_horizon": p.compaction_horizon,
                 "error": p.error,
             })
         })
