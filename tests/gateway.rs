@@ -1230,3 +1230,88 @@ fn a_token_older_than_the_compaction_horizon_gets_reset_and_the_current_table() 
         ("put", "soup", Some("back"))
     );
 }
+
+/// Subscribers that join while changes flow (the hub renders changes once for all of them)
+/// get, after their snapshot, every later change once, in order: no change older than their
+/// `caught-up` token, versions strictly increasing, and snapshot + changes equal to the table.
+#[test]
+fn subscribers_joining_during_writes_get_every_change_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let output = common::cluster::run_cli_at(
+        &broker.addr,
+        &["topic", "create", "flow", "--cleanup", "compact"],
+    );
+    assert!(output.status.success());
+    let gateway = start_gateway(&broker.addr, &[]);
+    let g = gateway.addr.clone();
+    let put = |g: &str, key: &str, value: &str| {
+        let (status, _, body) = http(
+            g,
+            "PUT",
+            &format!("/v1/tables/flow/{key}"),
+            &[],
+            value.as_bytes(),
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+    put(&g, "k0", "start");
+    let writer = {
+        let g = g.clone();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                put(&g, &format!("k{}", i % 10), &i.to_string());
+            }
+            put(&g, "done", "yes");
+        })
+    };
+    let subscribers: Vec<_> = (0..6)
+        .map(|n| {
+            let g = g.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(40 * n));
+                let mut events = Events::open(&g, "/v1/watch/flow", None);
+                let mut table = std::collections::BTreeMap::new();
+                let caught_up: u64 = loop {
+                    let (event, key, value, id) = events.next_change();
+                    if event == "caught-up" {
+                        break id.unwrap().parse().unwrap();
+                    }
+                    table.insert(key, value.unwrap());
+                };
+                let mut last = None;
+                loop {
+                    let (event, id, data) = events.next();
+                    let data = json_of(data.as_bytes());
+                    let version = data["version"].as_u64().unwrap();
+                    assert!(
+                        version >= caught_up,
+                        "{version} is in the snapshot ({caught_up})"
+                    );
+                    assert!(
+                        last < Some(version),
+                        "{version} after {last:?}: out of order or repeated"
+                    );
+                    assert_eq!(id.unwrap().parse::<u64>().unwrap(), version + 1);
+                    last = Some(version);
+                    let key = data["key"].as_str().unwrap().to_string();
+                    assert_eq!(event, "put");
+                    table.insert(key.clone(), data["value"].as_str().unwrap().to_string());
+                    if key == "done" {
+                        return table;
+                    }
+                }
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    let mut expected = std::collections::BTreeMap::new();
+    for key in (0..10).map(|i| format!("k{i}")).chain(["done".to_string()]) {
+        let (status, _, body) = http(&g, "GET", &format!("/v1/tables/flow/{key}"), &[], b"");
+        assert_eq!(status, 200);
+        expected.insert(key, json_of(&body)["value"].as_str().unwrap().to_string());
+    }
+    for subscriber in subscribers {
+        assert_eq!(subscriber.join().unwrap(), expected);
+    }
+}

@@ -46,9 +46,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use syncline_client::{
-    Change, Client, ConsumerConfig, Entry, Error, OffsetReset, StartOffset, SyncTable,
+    Changes, Client, ConsumerConfig, Entry, Error, OffsetReset, StartOffset, SyncTable,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 
@@ -64,27 +64,126 @@ pub const SLOW_AFTER: Duration = Duration::from_secs(5);
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-/// The shared copies of the tables being watched.
+/// Changes a table's hub buffers for its subscribers: one that falls further behind is
+/// disconnected and resumes from its token.
+const HUB_BUFFER: usize = 4096;
+
+/// The shared copies of the tables being watched, each with its hub.
 #[derive(Debug, Default)]
 pub struct Tables {
-    open: tokio::sync::Mutex<HashMap<String, SyncTable>>,
+    open: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+}
+
+/// One table's shared copy and the task that renders each of its changes once for every
+/// subscriber ([`Rendered`]).
+#[derive(Debug)]
+struct Hub {
+    table: SyncTable,
+    /// Taken (closing every subscriber's receiver) when the hub's task ends: the table failed,
+    /// or the hub fell behind it. The next subscriber then opens a new hub.
+    changes: parking_lot::Mutex<Option<broadcast::Sender<Arc<Rendered>>>>,
+}
+
+impl Hub {
+    /// A receiver of the changes from now on; None once the hub ended.
+    fn subscribe(&self) -> Option<broadcast::Receiver<Arc<Rendered>>> {
+        self.changes
+            .lock()
+            .as_ref()
+            .map(broadcast::Sender::subscribe)
+    }
+}
+
+/// A change rendered once for every subscriber: the event's name, its data as JSON text and
+/// the resume token after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    /// The key's partition.
+    pub partition: u32,
+    /// The change's version (its offset).
+    pub version: u64,
+    /// `put` or `delete`.
+    pub name: &'static str,
+    /// The data: `{"key", "value", "version"}` (`{"key", "version"}` for a delete).
+    pub data: String,
+    /// The resume token after the change.
+    pub token: String,
 }
 
 impl Tables {
-    /// The shared, caught-up copy of `topic` (opened with `client` on first use; reopened if
-    /// it stopped).
-    async fn get(&self, client: &Client, topic: &str) -> Result<SyncTable, Error> {
+    /// The hub of `topic`'s shared, caught-up copy (opened with `client` on first use;
+    /// reopened if it stopped).
+    async fn get(&self, client: &Client, topic: &str) -> Result<Arc<Hub>, Error> {
         let mut open = self.open.lock().await;
-        if let Some(table) = open.get(topic) {
-            if table.error().is_none() {
-                return Ok(table.clone());
+        let mut table = None;
+        if let Some(hub) = open.get(topic) {
+            if hub.table.error().is_none() {
+                if hub.changes.lock().is_some() {
+                    return Ok(hub.clone());
+                }
+                table = Some(hub.table.clone());
             }
         }
-        let table = client.sync_table(topic).await?;
-        table.wait_caught_up().await?;
-        open.insert(topic.to_string(), table.clone());
-        Ok(table)
+        let table = match table {
+            Some(table) => table,
+            None => {
+                let table = client.sync_table(topic).await?;
+                table.wait_caught_up().await?;
+                table
+            }
+        };
+        let (_, offsets, changes) = table.entries_offsets_and_changes();
+        let (sender, _) = broadcast::channel(HUB_BUFFER);
+        let hub = Arc::new(Hub {
+            table,
+            changes: parking_lot::Mutex::new(Some(sender)),
+        });
+        tokio::spawn(render_changes(
+            hub.clone(),
+            offsets,
+            changes,
+            topic.to_string(),
+        ));
+        open.insert(topic.to_string(), hub.clone());
+        Ok(hub)
     }
+}
+
+/// The hub's task: renders each change of the table once, with the token after it, for
+/// every subscriber. Ends (and marks the hub ended) when the table fails or the hub falls
+/// behind the table's change buffer; its subscribers are then disconnected and resume.
+async fn render_changes(hub: Arc<Hub>, offsets: Vec<u64>, mut changes: Changes, topic: String) {
+    let mut position = offsets;
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            Err(error) => {
+                tracing::debug!(%topic, %error, "a table's hub ended");
+                break;
+            }
+        };
+        if let Some(next) = position.get_mut(change.partition as usize) {
+            *next = (*next).max(change.version + 1);
+        }
+        let out = change_out(
+            &change.key,
+            change.value.as_deref(),
+            change.version,
+            &position,
+        );
+        let rendered = Rendered {
+            partition: change.partition,
+            version: change.version,
+            name: out.name(),
+            data: Value::Object(out.data()).to_string(),
+            token: encode(&position),
+        };
+        if let Some(sender) = hub.changes.lock().as_ref() {
+            // No receiver is fine: no one is watching right now.
+            let _ = sender.send(Arc::new(rendered));
+        }
+    }
+    hub.changes.lock().take();
 }
 
 /// `?from=TOKEN`.
@@ -143,6 +242,8 @@ pub enum Out {
     },
     /// The token could not be served: drop what you hold, the table follows.
     Reset,
+    /// A table's change, rendered once for every subscriber by its hub.
+    Change(Arc<Rendered>),
     /// A record of a plain topic.
     Record {
         /// Its partition.
@@ -166,6 +267,7 @@ impl Out {
         match self {
             Out::Put { .. } => "put",
             Out::Delete { .. } => "delete",
+            Out::Change(change) => change.name,
             Out::CaughtUp { .. } => "caught-up",
             Out::Reset => "reset",
             Out::Record { .. } => "record",
@@ -179,6 +281,7 @@ impl Out {
             Out::Delete { token, .. } | Out::CaughtUp { token } | Out::Record { token, .. } => {
                 Some(token)
             }
+            Out::Change(change) => Some(&change.token),
             Out::Reset => None,
         }
     }
@@ -216,6 +319,11 @@ impl Out {
                 put_bytes(&mut data, "value", value.as_deref());
                 data.insert("timestamp".into(), json!(timestamp));
             }
+            Out::Change(change) => {
+                if let Ok(Value::Object(map)) = serde_json::from_str(&change.data) {
+                    data = map;
+                }
+            }
             Out::CaughtUp { .. } | Out::Reset => {}
         }
         data
@@ -223,9 +331,12 @@ impl Out {
 
     /// As a server-sent event.
     pub fn sse(&self) -> Event {
-        let event = Event::default()
-            .event(self.name())
-            .data(Value::Object(self.data()).to_string());
+        let event = match self {
+            Out::Change(change) => Event::default().event(change.name).data(&change.data),
+            other => Event::default()
+                .event(other.name())
+                .data(Value::Object(other.data()).to_string()),
+        };
         match self.token() {
             Some(token) => event.id(token),
             None => event,
@@ -325,13 +436,13 @@ pub async fn subscribe(
     let probe = gateway.clients.table(caller, topic).await?;
     probe.get(b"\0syncline-gateway-probe").await?;
     let own = gateway.clients.client(None).await?;
-    let table = gateway.tables.get(&own, topic).await?;
+    let hub = gateway.tables.get(&own, topic).await?;
     let from = match start {
         Start::Token(token) => Some(token),
         Start::Now | Start::Earliest => None,
     };
     tokio::spawn(async move {
-        if let Err(error) = follow(&own, &name, &table, from, &tx).await {
+        if let Err(error) = follow(&own, &name, &hub, from, &tx).await {
             tracing::debug!(topic = %name, %error, "a watch ended");
         }
     });
@@ -449,11 +560,21 @@ async fn send(tx: &Sender, out: Out) -> Result<(), Ended> {
 async fn follow(
     client: &Client,
     topic: &str,
-    table: &SyncTable,
+    hub: &Hub,
     from: Option<Vec<u64>>,
     tx: &Sender,
 ) -> Result<(), Ended> {
-    let (entries, offsets, mut changes) = table.entries_offsets_and_changes();
+    // The hub's receiver first, then the snapshot: the hub lags the table, so every change
+    // after the snapshot comes through the receiver, and those the snapshot already holds
+    // (version below its offset) are skipped. The hub renders changes in the table's order,
+    // so by the first change after the snapshot it has seen all the snapshot holds, and its
+    // tokens are at or past the snapshot's.
+    let Some(mut changes) = hub.subscribe() else {
+        return Err(Ended::Failed(Error::Protocol(format!(
+            "the gateway's copy of `{topic}` stopped"
+        ))));
+    };
+    let (entries, offsets, _) = hub.table.entries_offsets_and_changes();
     let mut position = offsets.clone();
     let resumable = match &from {
         // Boxed (here and below): the task idles in the change loop, and should not carry
@@ -484,24 +605,21 @@ async fn follow(
     )
     .await?;
     loop {
-        let change: Change = match changes.recv().await {
+        let change = match changes.recv().await {
             Ok(change) => change,
-            Err(Error::ChangesLagged { .. }) => return Err(Ended::Gone),
-            Err(error) => return Err(Ended::Failed(error)),
+            // Fell behind the hub's buffer: the client resumes from its token.
+            Err(broadcast::error::RecvError::Lagged(_)) => return Err(Ended::Gone),
+            Err(broadcast::error::RecvError::Closed) => {
+                return Err(Ended::Failed(Error::Protocol(format!(
+                    "the gateway's copy of `{topic}` stopped"
+                ))))
+            }
         };
-        if let Some(next) = position.get_mut(change.partition as usize) {
-            *next = (*next).max(change.version + 1);
+        let held = offsets.get(change.partition as usize).copied().unwrap_or(0);
+        if change.version < held {
+            continue;
         }
-        send(
-            tx,
-            change_out(
-                &change.key,
-                change.value.as_deref(),
-                change.version,
-                &position,
-            ),
-        )
-        .await?;
+        send(tx, Out::Change(change)).await?;
     }
 }
 

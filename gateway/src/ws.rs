@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 
 use crate::http::{token, ApiError, Gateway};
 use crate::json::{decode, put_bytes};
-use crate::watch::{parse_start, subscribe, SLOW_AFTER};
+use crate::watch::{parse_start, subscribe, Out, SLOW_AFTER};
 
 /// Subscriptions one socket may hold.
 pub const SUBSCRIPTIONS_MAX: usize = 256;
@@ -149,7 +149,7 @@ pub async fn ws(
 /// What goes to the client: frames through a bounded queue, and a close that overtakes them.
 #[derive(Clone)]
 struct Outbox {
-    frames: mpsc::Sender<Value>,
+    frames: mpsc::Sender<String>,
     close: Arc<watch::Sender<Option<(u16, String)>>>,
 }
 
@@ -157,6 +157,11 @@ impl Outbox {
     /// Queues `frame`; a queue that stays full for [`SLOW_AFTER`] means the client is too
     /// slow: the socket is closed with [`CLOSE_TOO_SLOW`] and false returned.
     async fn frame(&self, frame: Value) -> bool {
+        self.text(frame.to_string()).await
+    }
+
+    /// Queues a frame already rendered as JSON text, as [`Outbox::frame`].
+    async fn text(&self, frame: String) -> bool {
         if self.frames.send_timeout(frame, SLOW_AFTER).await.is_ok() {
             return true;
         }
@@ -183,7 +188,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSocket) {
     use futures_util::{SinkExt as _, StreamExt as _};
     let (mut sink, mut stream) = socket.split();
-    let (frames, mut frames_rx) = mpsc::channel::<Value>(gateway.limits.socket_frames.max(1));
+    let (frames, mut frames_rx) = mpsc::channel::<String>(gateway.limits.socket_frames.max(1));
     let (close, mut close_rx) = watch::channel::<Option<(u16, String)>>(None);
     let out = Outbox {
         frames,
@@ -216,7 +221,7 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                     return;
                 }
                 next = frames_rx.recv() => match next {
-                    Some(frame) => Message::Text(Utf8Bytes::from(frame.to_string())),
+                    Some(frame) => Message::Text(Utf8Bytes::from(frame)),
                     None => return,
                 },
                 _ = ping.tick() => Message::Ping(Default::default()),
@@ -230,7 +235,7 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                 let Ok(frame) = frames_rx.try_recv() else {
                     break;
                 };
-                let message = Message::Text(Utf8Bytes::from(frame.to_string()));
+                let message = Message::Text(Utf8Bytes::from(frame));
                 if sink.feed(message).await.is_err() {
                     return;
                 }
@@ -371,7 +376,21 @@ async fn follow(
             return;
         }
     };
+    let sub_json = Value::String(sub.clone()).to_string();
     while let Some(event) = events.recv().await {
+        if let Out::Change(change) = &event {
+            // Rendered once by the table's hub: only this subscription's fields are added.
+            let data = change.data.strip_prefix('{').unwrap_or("}");
+            let separator = if data == "}" { "" } else { "," };
+            let frame = format!(
+                r#"{{"sub":{sub_json},"event":"{}","id":"{}"{separator}{data}"#,
+                change.name, change.token
+            );
+            if !out.text(frame).await {
+                return;
+            }
+            continue;
+        }
         let mut frame = event.data();
         frame.insert("sub".into(), json!(sub));
         frame.insert("event".into(), json!(event.name()));

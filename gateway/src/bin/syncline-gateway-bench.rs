@@ -13,9 +13,9 @@
 //!    was read at the subscriber (a delivery can beat the acknowledgement to the writer: it
 //!    then counts as 0). The p50/p99/max are over every (change, subscriber) pair; every
 //!    subscriber must get every change (the summary counts what was missing).
-//! 4. **Broker CPU**: CPU seconds the broker process used during the fan-out phase
+//! 4. **CPU**: CPU seconds the broker process used during the fan-out phase
 //!    (`/proc/PID/stat`, with `--broker-pid`), to show it does not depend on the subscriber
-//!    count.
+//!    count; and the gateway's (with `--gateway-pid`), per delivery.
 //!
 //! The summary is a table, or one JSON object with `--json`. Exit code 0 when every
 //! subscriber got every change, 1 otherwise.
@@ -402,6 +402,7 @@ async fn main() -> anyhow::Result<()> {
     let rss_idle = rss(flags.gateway_pid);
 
     let cpu_before = cpu_seconds(flags.broker_pid);
+    let gateway_cpu_before = cpu_seconds(flags.gateway_pid);
     let writing = Instant::now();
     let put_failures = write(&flags, &client, &shared).await?;
     let write_time = writing.elapsed();
@@ -418,6 +419,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let cpu_after = cpu_seconds(flags.broker_pid);
+    let gateway_cpu_after = cpu_seconds(flags.gateway_pid);
     let _ = stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(30), async {
         while subscribers.join_next().await.is_some() {}
@@ -432,6 +434,9 @@ async fn main() -> anyhow::Result<()> {
         .zip(rss_idle)
         .map(|(before, idle)| idle.saturating_sub(before) / (flags.subscribers.max(2) - 1) as u64);
     let broker_cpu = cpu_before.zip(cpu_after).map(|(a, b)| b - a);
+    let gateway_cpu = gateway_cpu_before
+        .zip(gateway_cpu_after)
+        .map(|(a, b)| b - a);
     let transport = match flags.transport {
         Transport::Ws => "ws",
         Transport::Sse => "sse",
@@ -458,6 +463,8 @@ async fn main() -> anyhow::Result<()> {
         },
         "gateway_rss_bytes": {"before": rss_before, "idle": rss_idle, "per_subscriber": per_subscriber},
         "broker_cpu_seconds": broker_cpu,
+        "gateway_cpu_seconds": gateway_cpu,
+        "gateway_cpu_us_per_delivery": gateway_cpu.map(|cpu| cpu * 1e6 / delivered.max(1) as f64),
     });
     if flags.json {
         println!("{summary}");
@@ -502,5 +509,13 @@ fn print_table(summary: &Value) {
     }
     if let Some(cpu) = summary["broker_cpu_seconds"].as_f64() {
         println!("broker CPU during the writes: {cpu:.2} s");
+    }
+    if let Some(cpu) = summary["gateway_cpu_seconds"].as_f64() {
+        println!(
+            "gateway CPU during the writes: {cpu:.2} s ({:.2} us per delivery)",
+            summary["gateway_cpu_us_per_delivery"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
     }
 }
