@@ -26,8 +26,14 @@
 //!
 //! ## Fan-out
 //! One [`SyncTable`] per table per gateway, opened with the gateway's own credentials and
-//! shared by every subscriber; a subscriber costs its connection, a cursor and a bounded
-//! buffer of [`SUBSCRIBER_BUFFER`] events. A subscriber whose buffer stays full for
+//! shared by every subscriber, and one hub task per table that renders each change once (its
+//! JSON data and the resume token after it, [`Rendered`]) into a broadcast buffer of
+//! [`HUB_BUFFER`] changes. A subscriber takes the hub's receiver before its snapshot and
+//! skips the changes the snapshot already holds (version below the snapshot's offset): the
+//! hub renders in the table's order, so its tokens are at or past the snapshot's by the
+//! first change after it. A subscriber costs its connection, a cursor and a bounded buffer of
+//! [`SUBSCRIBER_BUFFER`] events; a WebSocket frame is the rendered data with the
+//! subscription's name spliced in. A subscriber whose buffer stays full for
 //! [`SLOW_AFTER`] (or that falls behind the table's change buffer) is disconnected; it reconnects with its last token and
 //! resumes. Before serving, the caller's own credentials must be allowed to `read` the table
 //! (checked with the brokers by a point read), so the gateway serves only what the caller may
@@ -66,7 +72,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// Changes a table's hub buffers for its subscribers: one that falls further behind is
 /// disconnected and resumes from its token.
-const HUB_BUFFER: usize = 4096;
+pub const HUB_BUFFER: usize = 4096;
 
 /// The shared copies of the tables being watched, each with its hub.
 #[derive(Debug, Default)]
@@ -552,6 +558,12 @@ type Sender = mpsc::Sender<Out>;
 /// Sends, waiting at most [`SLOW_AFTER`] for room: a buffer that stays full that long means
 /// the subscriber is too slow.
 async fn send(tx: &Sender, out: Out) -> Result<(), Ended> {
+    // Room in the buffer (the usual case) needs no timer.
+    let out = match tx.try_send(out) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ended::Gone),
+        Err(mpsc::error::TrySendError::Full(out)) => out,
+    };
     tx.send_timeout(out, SLOW_AFTER)
         .await
         .map_err(|_| Ended::Gone)

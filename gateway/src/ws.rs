@@ -162,6 +162,12 @@ impl Outbox {
 
     /// Queues a frame already rendered as JSON text, as [`Outbox::frame`].
     async fn text(&self, frame: String) -> bool {
+        // Room in the queue (the usual case) needs no timer.
+        let frame = match self.frames.try_send(frame) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(frame)) => frame,
+        };
         if self.frames.send_timeout(frame, SLOW_AFTER).await.is_ok() {
             return true;
         }
