@@ -221,26 +221,9 @@ fn decode(token: &str) -> Result<Vec<u64>, ApiError> {
 /// One thing a subscriber is told (an SSE event, or a WebSocket frame).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Out {
-    /// A key's value: from the snapshot (no token) or a change (its token).
-    Put {
-        /// The key.
-        key: Bytes,
-        /// Its value.
-        value: Bytes,
-        /// Its version.
-        version: u64,
-        /// The resume token after it (changes only).
-        token: Option<String>,
-    },
-    /// A key was deleted.
-    Delete {
-        /// The key.
-        key: Bytes,
-        /// The delete's version.
-        version: u64,
-        /// The resume token after it.
-        token: String,
-    },
+    /// A key's value (from the snapshot, or a replayed change) or a delete (a replayed
+    /// change); boxed, as [`Out::Record`].
+    Entry(Box<EntryOut>),
     /// The snapshot (or the replay of what was missed) is complete.
     CaughtUp {
         /// The resume token here.
@@ -250,43 +233,60 @@ pub enum Out {
     Reset,
     /// A table's change, rendered once for every subscriber by its hub.
     Change(Arc<Rendered>),
-    /// A record of a plain topic.
-    Record {
-        /// Its partition.
-        partition: u32,
-        /// Its offset.
-        offset: u64,
-        /// Its key (None: unkeyed).
-        key: Option<Bytes>,
-        /// Its value (None: a tombstone).
-        value: Option<Bytes>,
-        /// Its timestamp, ms since the Unix epoch.
-        timestamp: i64,
-        /// The resume token after it.
-        token: String,
-    },
+    /// A record of a plain topic (boxed: it is the largest variant, and every slot of a
+    /// subscriber's buffer is as large as the largest).
+    Record(Box<RecordOut>),
+}
+
+/// A key's value, or its delete, as [`Out::Entry`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryOut {
+    /// The key.
+    pub key: Bytes,
+    /// Its value; None for a delete.
+    pub value: Option<Bytes>,
+    /// Its version.
+    pub version: u64,
+    /// The resume token after it (changes only).
+    pub token: Option<String>,
+}
+
+/// A record of a plain topic, as [`Out::Record`] tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordOut {
+    /// Its partition.
+    pub partition: u32,
+    /// Its offset.
+    pub offset: u64,
+    /// Its key (None: unkeyed).
+    pub key: Option<Bytes>,
+    /// Its value (None: a tombstone).
+    pub value: Option<Bytes>,
+    /// Its timestamp, ms since the Unix epoch.
+    pub timestamp: i64,
+    /// The resume token after it.
+    pub token: String,
 }
 
 impl Out {
     /// The event's name: `put`, `delete`, `caught-up`, `reset`.
     pub fn name(&self) -> &'static str {
         match self {
-            Out::Put { .. } => "put",
-            Out::Delete { .. } => "delete",
+            Out::Entry(entry) if entry.value.is_some() => "put",
+            Out::Entry(_) => "delete",
             Out::Change(change) => change.name,
             Out::CaughtUp { .. } => "caught-up",
             Out::Reset => "reset",
-            Out::Record { .. } => "record",
+            Out::Record(_) => "record",
         }
     }
 
     /// The resume token, where the event has one.
     pub fn token(&self) -> Option<&str> {
         match self {
-            Out::Put { token, .. } => token.as_deref(),
-            Out::Delete { token, .. } | Out::CaughtUp { token } | Out::Record { token, .. } => {
-                Some(token)
-            }
+            Out::Entry(entry) => entry.token.as_deref(),
+            Out::CaughtUp { token } => Some(token),
+            Out::Record(record) => Some(&record.token),
             Out::Change(change) => Some(&change.token),
             Out::Reset => None,
         }
@@ -297,33 +297,19 @@ impl Out {
     pub fn data(&self) -> Map<String, Value> {
         let mut data = Map::new();
         match self {
-            Out::Put {
-                key,
-                value,
-                version,
-                ..
-            } => {
-                put_bytes(&mut data, "key", Some(key));
-                put_bytes(&mut data, "value", Some(value));
-                data.insert("version".into(), json!(version));
+            Out::Entry(entry) => {
+                put_bytes(&mut data, "key", Some(&entry.key));
+                if let Some(value) = &entry.value {
+                    put_bytes(&mut data, "value", Some(value));
+                }
+                data.insert("version".into(), json!(entry.version));
             }
-            Out::Delete { key, version, .. } => {
-                put_bytes(&mut data, "key", Some(key));
-                data.insert("version".into(), json!(version));
-            }
-            Out::Record {
-                partition,
-                offset,
-                key,
-                value,
-                timestamp,
-                ..
-            } => {
-                data.insert("partition".into(), json!(partition));
-                data.insert("offset".into(), json!(offset));
-                put_bytes(&mut data, "key", key.as_deref());
-                put_bytes(&mut data, "value", value.as_deref());
-                data.insert("timestamp".into(), json!(timestamp));
+            Out::Record(record) => {
+                data.insert("partition".into(), json!(record.partition));
+                data.insert("offset".into(), json!(record.offset));
+                put_bytes(&mut data, "key", record.key.as_deref());
+                put_bytes(&mut data, "value", record.value.as_deref());
+                data.insert("timestamp".into(), json!(record.timestamp));
             }
             Out::Change(change) => {
                 if let Ok(Value::Object(map)) = serde_json::from_str(&change.data) {
@@ -351,29 +337,21 @@ impl Out {
 }
 
 fn entry_out(key: &[u8], entry: &Entry) -> Out {
-    Out::Put {
+    Out::Entry(Box::new(EntryOut {
         key: Bytes::copy_from_slice(key),
-        value: entry.value.clone(),
+        value: Some(entry.value.clone()),
         version: entry.version,
         token: None,
-    }
+    }))
 }
 
 fn change_out(key: &[u8], value: Option<&[u8]>, version: u64, position: &[u64]) -> Out {
-    let token = encode(position);
-    match value {
-        Some(value) => Out::Put {
-            key: Bytes::copy_from_slice(key),
-            value: Bytes::copy_from_slice(value),
-            version,
-            token: Some(token),
-        },
-        None => Out::Delete {
-            key: Bytes::copy_from_slice(key),
-            version,
-            token,
-        },
-    }
+    Out::Entry(Box::new(EntryOut {
+        key: Bytes::copy_from_slice(key),
+        value: value.map(Bytes::copy_from_slice),
+        version,
+        token: Some(encode(position)),
+    }))
 }
 
 /// Where a subscription starts.
@@ -494,14 +472,14 @@ async fn follow_records(
         position[p] = record.offset + 1;
         send(
             tx,
-            Out::Record {
+            Out::Record(Box::new(RecordOut {
                 partition: record.partition,
                 offset: record.offset,
                 key: record.key,
                 value: record.value,
                 timestamp: record.timestamp,
                 token: encode(&position),
-            },
+            })),
         )
         .await?;
     }
@@ -714,4 +692,20 @@ async fn replay(
     }
     position.copy_from_slice(offsets);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_a_subscriber_buffer_should_keep_its_slots_small() {
+        // Every slot of a subscriber's buffer is the size of the largest variant (tokio's
+        // channel allocates slots in blocks of 32): keep large payloads boxed.
+        assert!(
+            std::mem::size_of::<Out>() <= 32,
+            "{}",
+            std::mem::size_of::<Out>()
+        );
+    }
 }

@@ -72,7 +72,7 @@ pub const CLOSE_UNSUPPORTED: u16 = 1003;
 const BATCH_FRAMES_MAX: usize = 64;
 /// Bytes a socket buffers for reading and writing (tungstenite's default is 128 KiB each;
 /// frames from browsers are small, and writes are flushed per burst).
-const SOCKET_IO_BUFFER: usize = 8 * 1024;
+const SOCKET_IO_BUFFER: usize = 4 * 1024;
 /// How often the gateway pings an idle socket.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
