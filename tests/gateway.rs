@@ -71,6 +71,11 @@ fn tables_records_and_topics_over_http() {
     );
     assert_eq!(status, 412, "a stale If-Match");
     assert_eq!(json_of(&body)["current_version"], json!(v2));
+    assert_eq!(
+        json_of(&body)["current_value"],
+        "1.25",
+        "the value that won"
+    );
     let (status, _, body) = http(
         g,
         "PUT",
@@ -594,6 +599,7 @@ async fn websocket_subscribes_and_writes_with_compare_and_set() {
     let conflict = read(&mut socket).await;
     assert_eq!(conflict["status"], 412, "{conflict}");
     assert_eq!(conflict["current_version"], v2);
+    assert_eq!(conflict["current_value"], "2", "{conflict}");
     socket
         .send(send(
             json!({"op": "get", "req": "r4", "table": "board", "key": "a"}),

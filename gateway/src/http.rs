@@ -90,6 +90,33 @@ impl ApiError {
         (self.status.as_u16(), self.body)
     }
 
+    /// A conflict's answer with the key's current value: `current_version` and
+    /// `current_value` (null for an absent key) from one read after the refused write, so the
+    /// pair is consistent (and may be newer than the version the write was refused at). Other
+    /// errors, or a read that fails, are answered as they are.
+    pub(crate) async fn with_current_value(mut self, table: &Table, key: &[u8]) -> ApiError {
+        if self.status != StatusCode::PRECONDITION_FAILED {
+            return self;
+        }
+        let Ok(entry) = table.get(key).await else {
+            return self;
+        };
+        if let Value::Object(body) = &mut self.body {
+            body.remove("current_value_encoding");
+            match entry {
+                Some(entry) => {
+                    body.insert("current_version".into(), json!(entry.version));
+                    put_bytes(body, "current_value", Some(&entry.value));
+                }
+                None => {
+                    body.insert("current_version".into(), Value::Null);
+                    body.insert("current_value".into(), Value::Null);
+                }
+            }
+        }
+        self
+    }
+
     pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -324,8 +351,14 @@ async fn write_key(
                 "If-None-Match: * on a DELETE: a key that is absent has nothing to delete",
             ))
         }
-    }
-    .map_err(|e| failed(&gateway, token.as_deref(), &topic, e))?;
+    };
+    let written = match written {
+        Ok(written) => written,
+        Err(error) => {
+            let error = failed(&gateway, token.as_deref(), &topic, error);
+            return Err(error.with_current_value(&table, &key).await);
+        }
+    };
     let mut response = Json(json!({ "version": written.version })).into_response();
     response
         .headers_mut()

@@ -8,7 +8,7 @@
 //!   version) or 404.
 //! - `PUT /v1/tables/{topic}/{key}` with the value as the body; `If-Match: <version>` writes
 //!   only at that version, `If-None-Match: *` only where the key is absent: 200 `{"version"}`,
-//!   or 412 `{"current_version": N | null}` on a conflict.
+//!   or 412 `{"current_version": N | null, "current_value": V | null}` on a conflict.
 //! - `DELETE /v1/tables/{topic}/{key}`, with `If-Match` likewise.
 //! - `POST /v1/topics/{topic}/records` with a JSON array of `{"key", "value"}`: 200
 //!   `{"records": [{"partition", "offset"}]}` once all are acknowledged.

@@ -15,7 +15,8 @@
 //!   "status": 200, "key", "value", "version"}` or `{"req": "r1", "status": 404}`.
 //! - `{"op": "put", "req": "r2", "table": "t", "key": "k", "value": "v", "if_version": N}` or
 //!   `"if_absent": true`: answered `{"req": "r2", "status": 200, "version": N}`, or `{"req":
-//!   "r2", "status": 412, "current_version": N | null}` on a conflict.
+//!   "r2", "status": 412, "current_version": N | null, "current_value": V | null}` on a
+//!   conflict.
 //! - `{"op": "delete", "req": "r3", "table": "t", "key": "k", "if_version": N}` likewise.
 //! - `{"op": "ping"}`: answered `{"op": "pong"}` (WebSocket pings are answered too).
 //!
@@ -555,7 +556,14 @@ async fn write(
             ))
         }
     };
-    let written = written?;
+    let written = match written {
+        Ok(written) => written,
+        Err(error) => {
+            return Err(ApiError::from(error)
+                .with_current_value(&handle, &key)
+                .await)
+        }
+    };
     let mut answer = Map::new();
     answer.insert("version".into(), json!(written.version));
     Ok(answer)
