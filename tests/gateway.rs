@@ -177,7 +177,14 @@ fn tables_records_and_topics_over_http() {
         consumed.lines().collect::<Vec<_>>(),
         ["first", "second", "third"]
     );
-    let (status, _, body) = http(g, "POST", "/v1/topics/events/records", &[], b"{\"not\": 1}");
+    let json_type = [("Content-Type", "application/json")];
+    let (status, _, body) = http(
+        g,
+        "POST",
+        "/v1/topics/events/records",
+        &json_type,
+        b"{\"not\": 1}",
+    );
     assert_eq!(status, 400);
     assert!(json_of(&body)["error"]
         .as_str()
@@ -187,10 +194,23 @@ fn tables_records_and_topics_over_http() {
         g,
         "POST",
         "/v1/topics/missing/records",
-        &[],
+        &json_type,
         b"[{\"value\": \"x\"}]",
     );
     assert_eq!(status, 404);
+    // Another content type (what a cross-site form or `curl --data` sends) is refused.
+    let (status, _, body) = http(
+        g,
+        "POST",
+        "/v1/topics/events/records",
+        &[("Content-Type", "text/plain")],
+        b"[{\"value\": \"x\"}]",
+    );
+    assert_eq!(status, 415, "{}", String::from_utf8_lossy(&body));
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("application/json"));
 
     let (status, _, body) = http(g, "GET", "/v1/topics", &[], b"");
     assert_eq!(status, 200);
@@ -755,7 +775,7 @@ fn watch_streams_a_plain_topic_from_an_offset_and_resumes() {
             g,
             "POST",
             "/v1/topics/clicks/records",
-            &[],
+            &[("Content-Type", "application/json")],
             records.to_string().as_bytes(),
         );
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -1004,7 +1024,13 @@ fn cluster_topic_and_group_views_show_offsets_and_lag() {
         .map(|i| json!({"key": format!("k{i}"), "value": format!("v{i}")}))
         .collect();
     let body = serde_json::to_vec(&records).unwrap();
-    let (status, _, answer) = http(g, "POST", "/v1/topics/orders/records", &[], &body);
+    let (status, _, answer) = http(
+        g,
+        "POST",
+        "/v1/topics/orders/records",
+        &[("Content-Type", "application/json")],
+        &body,
+    );
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
     // A group that read 4 records and committed them.
     cli(&[
@@ -1319,5 +1345,81 @@ fn subscribers_joining_during_writes_get_every_change_once() {
     }
     for subscriber in subscribers {
         assert_eq!(subscriber.join().unwrap(), expected);
+    }
+}
+
+/// A WebSocket from a page of another site (its `Origin`) is refused unless `--allow-origin`
+/// names it; the gateway's own origin and clients without an `Origin` are served; a `sub`
+/// name over its limit closes the socket with 1003.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_from_other_sites_are_refused_unless_allowed() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let gateway = start_gateway(&broker.addr, &["--allow-origin", "https://app.example.com"]);
+    let connect = |origin: Option<String>| {
+        let url = format!("ws://{}/v1/ws", gateway.addr);
+        async move {
+            let mut request = url.into_client_request().unwrap();
+            if let Some(origin) = origin {
+                request
+                    .headers_mut()
+                    .insert("Origin", origin.parse().unwrap());
+            }
+            tokio_tungstenite::connect_async(request).await
+        }
+    };
+    match connect(Some("https://evil.example".into())).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(
+                body.contains("--allow-origin https://evil.example"),
+                "{body}"
+            );
+        }
+        other => panic!("a page of another site was let in: {other:?}"),
+    }
+    for origin in [
+        None,
+        Some("https://app.example.com".to_string()),
+        Some(format!("http://{}", gateway.addr)),
+    ] {
+        let (mut socket, _) = connect(origin.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{origin:?} refused: {e}"));
+        socket
+            .send(Message::Text(json!({"op": "ping"}).to_string().into()))
+            .await
+            .unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            pong,
+            Message::Text(json!({"op": "pong"}).to_string().into())
+        );
+    }
+    let (mut socket, _) = connect(None).await.unwrap();
+    let frame = json!({"op": "subscribe", "sub": "s".repeat(200), "table": "t"});
+    socket
+        .send(Message::Text(frame.to_string().into()))
+        .await
+        .unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Close(Some(close)) = message {
+            assert_eq!(u16::from(close.code), 1003);
+            assert!(close.reason.contains("`sub` is longer"), "{}", close.reason);
+            break;
+        }
     }
 }

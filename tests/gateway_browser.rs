@@ -74,7 +74,7 @@ fn the_console_in_headless_chromium_watches_edits_and_produces() {
         &gateway.addr,
         "POST",
         "/v1/topics/events/records",
-        &[],
+        &[("Content-Type", "application/json")],
         br#"[{"key": "a", "value": "1"}, {"key": "b", "value": "2"}]"#,
     );
     assert_eq!(status, 200);

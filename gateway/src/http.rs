@@ -29,6 +29,45 @@ pub struct Gateway {
     pub tables: crate::watch::Tables,
     /// Per-subscriber bounds.
     pub limits: Limits,
+    /// Web origins allowed to open a WebSocket besides the gateway's own (`--allow-origin`).
+    pub origins: Vec<String>,
+}
+
+/// Refuses a browser request made from another site: a WebSocket upgrade whose `Origin` is
+/// neither the gateway's own (its `Host`) nor one of `allowed` (`*` allows any). Browsers
+/// send `Origin` on every WebSocket and cannot forge it; other clients send none and are not
+/// concerned. Without this, any page a user visits could open a socket to a gateway on their
+/// machine or network and act with the gateway's own `--token`.
+pub(crate) fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
+        return Ok(());
+    }
+    let origin_host = origin
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.trim_end_matches('/'));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !origin_host.is_empty() && origin_host.eq_ignore_ascii_case(host) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::FORBIDDEN,
+        body: json!({
+            "error": format!(
+                "a page from `{origin}` may not use this gateway: start it with `--allow-origin {origin}` to allow it"
+            ),
+            "code": "PERMISSION_DENIED",
+        }),
+    })
 }
 
 /// How far a subscriber may fall behind before it is disconnected (it then resumes from its
@@ -373,6 +412,25 @@ async fn post_records(
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let token = token(&headers)?;
+    // A JSON content type makes a browser's cross-site POST need a CORS preflight (which this
+    // gateway does not grant), so another site's page cannot write records through it.
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    if !json_type {
+        return Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            body: json!({
+                "error": "send the records as `Content-Type: application/json`",
+                "code": "INVALID_ARGUMENT",
+            }),
+        });
+    }
     let records: Vec<RecordIn> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!(
             "the body must be a JSON array of {{\"key\", \"value\"}} objects: {e}"

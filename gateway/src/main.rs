@@ -71,6 +71,17 @@ struct Flags {
     )]
     tls_key: Option<PathBuf>,
 
+    /// A web origin (`https://app.example.com`) whose pages may open WebSockets to the gateway,
+    /// besides the gateway's own; repeat or comma-separate; `*` allows any (then every web
+    /// page a user opens can act with the gateway's --token)
+    #[arg(
+        long,
+        env = "SYNCLINE_GATEWAY_ALLOW_ORIGIN",
+        value_delimiter = ',',
+        value_name = "ORIGIN"
+    )]
+    allow_origin: Vec<String>,
+
     /// Events buffered per subscription before a subscriber that cannot keep up is
     /// disconnected (it resumes from its last token)
     #[arg(long, default_value_t = syncline_gateway::watch::SUBSCRIBER_BUFFER, value_name = "N")]
@@ -104,6 +115,7 @@ async fn main() -> anyhow::Result<()> {
             subscriber_events: flags.subscriber_buffer_events,
             socket_frames: flags.socket_buffer_frames,
         },
+        origins: flags.allow_origin.clone(),
     });
     let listener = tokio::net::TcpListener::bind(flags.listen)
         .await

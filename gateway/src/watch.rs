@@ -67,6 +67,10 @@ pub const SUBSCRIBER_BUFFER: usize = 4096;
 /// How long a subscriber's buffer may stay full before the subscriber counts as too slow and
 /// is disconnected.
 pub const SLOW_AFTER: Duration = Duration::from_secs(5);
+/// How long replaying what a resuming subscriber missed may take.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long opening a table's shared copy (and catching it up) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often an idle stream sends a comment, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -77,8 +81,14 @@ pub const HUB_BUFFER: usize = 4096;
 /// The shared copies of the tables being watched, each with its hub.
 #[derive(Debug, Default)]
 pub struct Tables {
-    open: tokio::sync::Mutex<HashMap<String, Arc<Hub>>>,
+    open: tokio::sync::Mutex<HashMap<String, Slot>>,
 }
+
+/// One table's hub, opened once by the first subscriber that needs it.
+type Slot = Arc<tokio::sync::Mutex<Option<Arc<Hub>>>>;
+
+/// Tables one gateway follows at once (each holds a full copy in memory).
+pub const TABLES_MAX: usize = 1024;
 
 /// One table's shared copy and the task that renders each of its changes once for every
 /// subscriber ([`Rendered`]).
@@ -91,6 +101,14 @@ struct Hub {
 }
 
 impl Hub {
+    /// Subscribers receiving its changes now.
+    fn receivers(&self) -> usize {
+        self.changes
+            .lock()
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
     /// A receiver of the changes from now on; None once the hub ended.
     fn subscribe(&self) -> Option<broadcast::Receiver<Arc<Rendered>>> {
         self.changes
@@ -118,11 +136,37 @@ pub struct Rendered {
 
 impl Tables {
     /// The hub of `topic`'s shared, caught-up copy (opened with `client` on first use;
-    /// reopened if it stopped).
+    /// reopened if it stopped). Each table has its own slot: a table that opens slowly (or
+    /// not at all, within [`OPEN_TIMEOUT`]) holds up only its own subscribers.
     async fn get(&self, client: &Client, topic: &str) -> Result<Arc<Hub>, Error> {
-        let mut open = self.open.lock().await;
+        let slot = {
+            let mut open = self.open.lock().await;
+            if open.len() >= TABLES_MAX && !open.contains_key(topic) {
+                // Forget the tables nobody watches any more before refusing.
+                open.retain(|_, slot| {
+                    let Ok(hub) = slot.try_lock() else {
+                        return true; // being opened
+                    };
+                    match hub.as_ref() {
+                        Some(hub) if hub.receivers() == 0 => {
+                            // Ends its task, which drops the copy.
+                            hub.changes.lock().take();
+                            false
+                        }
+                        _ => true,
+                    }
+                });
+                if open.len() >= TABLES_MAX {
+                    return Err(Error::Protocol(format!(
+                        "this gateway follows {TABLES_MAX} tables already"
+                    )));
+                }
+            }
+            open.entry(topic.to_string()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
         let mut table = None;
-        if let Some(hub) = open.get(topic) {
+        if let Some(hub) = slot.as_ref() {
             if hub.table.error().is_none() {
                 if hub.changes.lock().is_some() {
                     return Ok(hub.clone());
@@ -133,9 +177,17 @@ impl Tables {
         let table = match table {
             Some(table) => table,
             None => {
-                let table = client.sync_table(topic).await?;
-                table.wait_caught_up().await?;
-                table
+                let opening = async {
+                    let table = client.sync_table(topic).await?;
+                    table.wait_caught_up().await?;
+                    Ok::<_, Error>(table)
+                };
+                match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
+                    Ok(table) => table?,
+                    Err(_) => return Err(Error::Protocol(format!(
+                        "the gateway's copy of `{topic}` did not catch up within {OPEN_TIMEOUT:?}"
+                    ))),
+                }
             }
         };
         let (_, offsets, changes) = table.entries_offsets_and_changes();
@@ -150,7 +202,7 @@ impl Tables {
             changes,
             topic.to_string(),
         ));
-        open.insert(topic.to_string(), hub.clone());
+        *slot = Some(hub.clone());
         Ok(hub)
     }
 }
@@ -159,6 +211,15 @@ impl Tables {
 /// every subscriber. Ends (and marks the hub ended) when the table fails or the hub falls
 /// behind the table's change buffer; its subscribers are then disconnected and resume.
 async fn render_changes(hub: Arc<Hub>, offsets: Vec<u64>, mut changes: Changes, topic: String) {
+    /// Ends the hub however the task ends (a panic or an abort too), so that its subscribers
+    /// see their receivers close instead of waiting forever.
+    struct EndOnDrop(Arc<Hub>);
+    impl Drop for EndOnDrop {
+        fn drop(&mut self) {
+            self.0.changes.lock().take();
+        }
+    }
+    let _end = EndOnDrop(hub.clone());
     let mut position = offsets;
     loop {
         let change = match changes.recv().await {
@@ -168,8 +229,14 @@ async fn render_changes(hub: Arc<Hub>, offsets: Vec<u64>, mut changes: Changes, 
                 break;
             }
         };
-        if let Some(next) = position.get_mut(change.partition as usize) {
-            *next = (*next).max(change.version + 1);
+        // A change that a reload of the partition implies (compaction overtook the copy) does
+        // not move the token: the reload's puts come before its deletes, so a token taken in
+        // between would claim deletes the client has not seen. A client that resumes from the
+        // token before the reload gets `reset` instead (compaction passed it).
+        if !change.from_snapshot {
+            if let Some(next) = position.get_mut(change.partition as usize) {
+                *next = (*next).max(change.version + 1);
+            }
         }
         let out = change_out(
             &change.key,
@@ -184,12 +251,15 @@ async fn render_changes(hub: Arc<Hub>, offsets: Vec<u64>, mut changes: Changes, 
             data: Value::Object(out.data()).to_string(),
             token: encode(&position),
         };
-        if let Some(sender) = hub.changes.lock().as_ref() {
+        match hub.changes.lock().as_ref() {
             // No receiver is fine: no one is watching right now.
-            let _ = sender.send(Arc::new(rendered));
+            Some(sender) => {
+                let _ = sender.send(Arc::new(rendered));
+            }
+            // Evicted (see `Tables::get`).
+            None => break,
         }
     }
-    hub.changes.lock().take();
 }
 
 /// `?from=TOKEN`.
@@ -463,7 +533,13 @@ async fn follow_records(
             },
         )
         .await?;
-    while let Some(record) = consumer.recv().await {
+    loop {
+        // As for tables: a subscriber that left ends its consumer now, not at the next record.
+        let record = tokio::select! {
+            record = consumer.recv() => record,
+            _ = tx.closed() => return Err(Ended::Gone),
+        };
+        let Some(record) = record else { break };
         let record = record?;
         let p = record.partition as usize;
         if p >= position.len() || record.offset < position[p] {
@@ -595,7 +671,13 @@ async fn follow(
     )
     .await?;
     loop {
-        let change = match changes.recv().await {
+        // The subscriber may leave (unsubscribe, disconnect) while the table is quiet: end
+        // then, not at the next change.
+        let received = tokio::select! {
+            received = changes.recv() => received,
+            _ = tx.closed() => return Err(Ended::Gone),
+        };
+        let change = match received {
             Ok(change) => change,
             // Fell behind the hub's buffer: the client resumes from its token.
             Err(broadcast::error::RecvError::Lagged(_)) => return Err(Ended::Gone),
@@ -667,7 +749,16 @@ async fn replay(
             .iter()
             .all(|&p| consumer.position(p).unwrap_or(0) >= offsets[p as usize])
     };
+    let deadline = tokio::time::Instant::now() + REPLAY_TIMEOUT;
     while !done(&consumer) {
+        if tx.is_closed() {
+            return Err(Ended::Gone);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(Ended::Failed(Error::Protocol(format!(
+                "the replay of `{topic}` did not finish within {REPLAY_TIMEOUT:?}"
+            ))));
+        }
         let record = match tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await {
             Err(_) => continue,
             Ok(None) => return Err(Ended::Gone),

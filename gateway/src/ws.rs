@@ -31,7 +31,10 @@
 //!
 //! ## Limits and close codes
 //! At most [`SUBSCRIPTIONS_MAX`] subscriptions and [`REQUESTS_IN_FLIGHT_MAX`] operations in
-//! flight per socket; frames of at most [`FRAME_BYTES_MAX`]. The socket buffers at most
+//! flight per socket; frames of at most [`FRAME_BYTES_MAX`]; `sub` names of at most
+//! [`SUB_BYTES_MAX`] bytes and `req` ids of at most [`REQ_BYTES_MAX`] (longer: close 1003). A
+//! browser page from another site (an `Origin` that is not the gateway's own nor allowed by
+//! `--allow-origin`) is refused with 403 at the upgrade. The socket buffers at most
 //! [`SOCKET_BUFFER`] frames for the client: a client whose buffer stays full for
 //! [`SLOW_AFTER`] (or whose subscription fell behind the table) is closed with code **4008** (`too slow: resume from
 //! your last tokens`); it reconnects and subscribes with `from` = the last `id` it saw of each
@@ -60,6 +63,10 @@ use crate::watch::{parse_start, subscribe, Out, SLOW_AFTER};
 pub const SUBSCRIPTIONS_MAX: usize = 256;
 /// Operations (get, put, delete) one socket may have in flight.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Longest subscription name (`sub`), in bytes.
+pub const SUB_BYTES_MAX: usize = 128;
+/// Longest request id (`req`, as JSON), in bytes.
+pub const REQ_BYTES_MAX: usize = 256;
 /// Largest frame the client may send.
 pub const FRAME_BYTES_MAX: usize = 1024 * 1024;
 /// Frames buffered for the client before it counts as too slow (the default of
@@ -139,6 +146,7 @@ pub async fn ws(
     headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
+    crate::http::check_origin(&headers, &gateway.origins)?;
     let caller = token(&headers)?.or(query.token);
     Ok(upgrade
         .max_message_size(FRAME_BYTES_MAX)
@@ -279,6 +287,10 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
                 break;
             }
         };
+        if let Err(why) = check_ids(&frame) {
+            out.close(CLOSE_UNSUPPORTED, why);
+            break;
+        }
         subscriptions.retain(|_, task| !task.is_finished());
         match frame {
             Frame::Auth { token } if !operated => caller = Some(token),
@@ -341,6 +353,25 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
     }
     drop(out);
     let _ = writer.await;
+}
+
+/// Refuses a `sub` or `req` longer than their limits: they are copied into every answer or
+/// event of theirs, so their size bounds the socket's queued bytes.
+fn check_ids(frame: &Frame) -> Result<(), String> {
+    let (sub, req) = match frame {
+        Frame::Subscribe { sub, .. } | Frame::Unsubscribe { sub } => (Some(sub), None),
+        Frame::Get { req, .. } | Frame::Put { req, .. } | Frame::Delete { req, .. } => {
+            (None, Some(req))
+        }
+        Frame::Auth { .. } | Frame::Ping => (None, None),
+    };
+    if sub.is_some_and(|sub| sub.len() > SUB_BYTES_MAX) {
+        return Err(format!("`sub` is longer than {SUB_BYTES_MAX} bytes"));
+    }
+    if req.is_some_and(|req| req.to_string().len() > REQ_BYTES_MAX) {
+        return Err(format!("`req` is longer than {REQ_BYTES_MAX} bytes"));
+    }
+    Ok(())
 }
 
 /// A close frame's reason: at most 123 bytes (a control frame carries 125), cut at a

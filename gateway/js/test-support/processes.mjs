@@ -193,6 +193,10 @@ export function uniqueName(prefix) {
 
 /** An HTTP request to a gateway: `{status, body}` (body parsed as JSON when it is). */
 export async function http(gatewayUrl, method, pathname, { body, headers = {} } = {}) {
+  // Records are posted as JSON (the gateway refuses other content types on POST).
+  if (method === 'POST' && !Object.keys(headers).some((h) => h.toLowerCase() === 'content-type')) {
+    headers = { ...headers, 'Content-Type': 'application/json' };
+  }
   const response = await fetch(`${gatewayUrl}${pathname}`, { method, body, headers });
   const text = await response.text();
   let parsed = text;
