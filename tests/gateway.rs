@@ -1423,3 +1423,61 @@ async fn websockets_from_other_sites_are_refused_unless_allowed() {
         }
     }
 }
+
+/// A subscription whose stream fails (here: its topic is deleted under it) gets an `error`
+/// frame naming why, and only that subscription ends: the socket goes on (not a 4008 "too
+/// slow", which would make the client reconnect in a loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_subscription_gets_an_error_frame_and_the_socket_goes_on() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let cli = |args: &[&str]| {
+        let output = common::cluster::run_cli_at(&broker.addr, args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    cli(&["topic", "create", "doomed", "--partitions", "1"]);
+    let gateway = start_gateway(&broker.addr, &[]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", gateway.addr))
+        .await
+        .unwrap();
+    let send = |frame: Value| Message::Text(frame.to_string().into());
+    socket
+        .send(send(
+            json!({"op": "subscribe", "sub": "d", "table": "doomed"}),
+        ))
+        .await
+        .unwrap();
+    let read = async |socket: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+                .await
+                .expect("a frame within 60 s")
+                .expect("the socket is open")
+                .unwrap();
+            match message {
+                Message::Text(text) => return json_of(text.as_bytes()),
+                Message::Close(frame) => panic!("the socket was closed: {frame:?}"),
+                _ => continue,
+            }
+        }
+    };
+    let first = read(&mut socket).await;
+    assert_eq!(first["event"], "caught-up", "{first}");
+    cli(&["topic", "delete", "doomed"]);
+    let error = read(&mut socket).await;
+    assert_eq!(
+        (error["sub"].as_str(), error["event"].as_str()),
+        (Some("d"), Some("error")),
+        "{error}"
+    );
+    assert!(error["status"].as_u64().unwrap() >= 400, "{error}");
+    assert!(!error["error"].as_str().unwrap().is_empty(), "{error}");
+    socket.send(send(json!({"op": "ping"}))).await.unwrap();
+    assert_eq!(read(&mut socket).await, json!({"op": "pong"}));
+}

@@ -200,6 +200,9 @@ class Emitter {
   }
 }
 
+/** How long a socket must stay open for its loss to restart the backoff from the start. */
+const STABLE_AFTER_MS = 10_000;
+
 function backoffDelay(backoff, attempt) {
   const ceiling = Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(attempt, 30));
   // Jitter over the upper half, so that clients dropped together do not return together.
@@ -243,6 +246,7 @@ export class Connection extends Emitter {
   #connectTimeoutMs;
   #connectTimer = null;
   #heardAt = 0;
+  #openedAt = 0;
   #subscribers = new Map();
   #nextSub = 0;
   #requests = new Map();
@@ -343,6 +347,7 @@ export class Connection extends Emitter {
     clearTimeout(this.#connectTimer);
     this.#open = true;
     this.#heardAt = Date.now();
+    this.#openedAt = this.#heardAt;
     // `auth` must be the first frame (browsers cannot set an Authorization header).
     if (this.#token !== undefined) this.#send({ op: 'auth', token: this.#token });
     this.#setStatus('online');
@@ -366,7 +371,6 @@ export class Connection extends Emitter {
 
   #received(data) {
     this.#heardAt = Date.now();
-    this.#attempt = 0; // The gateway answers: the next loss starts the backoff afresh.
     let frame;
     try {
       frame = JSON.parse(data);
@@ -401,6 +405,11 @@ export class Connection extends Emitter {
     this.#setStatus('offline', { code, reason });
     for (const subscriber of this.#subscribers.values()) subscriber._lost(code, reason);
     if (this.#closed) return;
+    // A socket that stayed up a while starts the backoff afresh; one closed soon after it
+    // opened (a gateway that keeps refusing or closing it) keeps backing off, so clients do
+    // not reconnect in a tight loop.
+    if (this.#openedAt && Date.now() - this.#openedAt >= STABLE_AFTER_MS) this.#attempt = 0;
+    this.#openedAt = 0;
     const delay = backoffDelay(this.backoff, this.#attempt++);
     this.#reconnectTimer = setTimeout(() => this.#connect(), delay);
   }

@@ -16,6 +16,10 @@
 //! deletes after it), it sends `event: reset` and then the whole table as for a new client: the
 //! client drops what it holds and takes the snapshot.
 //!
+//! A stream that fails (the topic deleted, the caller refused, a replay that cannot finish)
+//! ends with `event: error` (data `{"status", "error"}`); one that ends because the
+//! subscriber fell behind just ends, and the subscriber resumes from its token.
+//!
 //! ## Plain topics
 //! A topic that is not a table streams its records: first `event: caught-up` whose `id` is
 //! the starting position, then `event: record` (data `{"partition", "offset", "key", "value",
@@ -184,9 +188,11 @@ impl Tables {
                 };
                 match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
                     Ok(table) => table?,
-                    Err(_) => return Err(Error::Protocol(format!(
+                    Err(_) => {
+                        return Err(Error::Protocol(format!(
                         "the gateway's copy of `{topic}` did not catch up within {OPEN_TIMEOUT:?}"
-                    ))),
+                    )))
+                    }
                 }
             }
         };
@@ -301,6 +307,14 @@ pub enum Out {
     },
     /// The token could not be served: drop what you hold, the table follows.
     Reset,
+    /// The stream ends: the table or the cluster failed or refused the caller (`error`, data
+    /// `{"status", "error"}`). Not sent when the subscriber itself fell behind.
+    Failed {
+        /// The HTTP-like status.
+        status: u16,
+        /// Why, for a person.
+        message: String,
+    },
     /// A table's change, rendered once for every subscriber by its hub.
     Change(Arc<Rendered>),
     /// A record of a plain topic (boxed: it is the largest variant, and every slot of a
@@ -347,6 +361,7 @@ impl Out {
             Out::Change(change) => change.name,
             Out::CaughtUp { .. } => "caught-up",
             Out::Reset => "reset",
+            Out::Failed { .. } => "error",
             Out::Record(_) => "record",
         }
     }
@@ -358,7 +373,7 @@ impl Out {
             Out::CaughtUp { token } => Some(token),
             Out::Record(record) => Some(&record.token),
             Out::Change(change) => Some(&change.token),
-            Out::Reset => None,
+            Out::Reset | Out::Failed { .. } => None,
         }
     }
 
@@ -385,6 +400,10 @@ impl Out {
                 if let Ok(Value::Object(map)) = serde_json::from_str(&change.data) {
                     data = map;
                 }
+            }
+            Out::Failed { status, message } => {
+                data.insert("status".into(), json!(status));
+                data.insert("error".into(), json!(message));
             }
             Out::CaughtUp { .. } | Out::Reset => {}
         }
@@ -482,6 +501,7 @@ pub async fn subscribe(
         tokio::spawn(async move {
             if let Err(error) = follow_records(&client, &name, starts, &tx).await {
                 tracing::debug!(topic = %name, %error, "a watch ended");
+                tell_failure(&tx, error);
             }
         });
         return Ok(rx);
@@ -498,6 +518,7 @@ pub async fn subscribe(
     tokio::spawn(async move {
         if let Err(error) = follow(&own, &name, &hub, from, &tx).await {
             tracing::debug!(topic = %name, %error, "a watch ended");
+            tell_failure(&tx, error);
         }
     });
     Ok(rx)
@@ -581,6 +602,19 @@ pub async fn watch(
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
         .into_response())
+}
+
+/// Tells the subscriber why its stream ends when that is not its own slowness (the table or
+/// the cluster failed, or refused it): an [`Out::Failed`] as the stream's last event.
+fn tell_failure(tx: &Sender, ended: Ended) {
+    if let Ended::Failed(error) = ended {
+        let (status, body) = ApiError::from(error).parts();
+        let message = body["error"]
+            .as_str()
+            .unwrap_or("the stream failed")
+            .to_string();
+        let _ = tx.try_send(Out::Failed { status, message });
+    }
 }
 
 /// Why a subscriber's stream ended.
@@ -681,11 +715,9 @@ async fn follow(
             Ok(change) => change,
             // Fell behind the hub's buffer: the client resumes from its token.
             Err(broadcast::error::RecvError::Lagged(_)) => return Err(Ended::Gone),
-            Err(broadcast::error::RecvError::Closed) => {
-                return Err(Ended::Failed(Error::Protocol(format!(
-                    "the gateway's copy of `{topic}` stopped"
-                ))))
-            }
+            // The hub ended (it fell behind the table, or the table failed): the client
+            // resumes from its token, on a new hub.
+            Err(broadcast::error::RecvError::Closed) => return Err(Ended::Gone),
         };
         let held = offsets.get(change.partition as usize).copied().unwrap_or(0);
         if change.version < held {

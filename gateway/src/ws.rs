@@ -416,6 +416,7 @@ async fn follow(
     };
     let sub_json = Value::String(sub.clone()).to_string();
     while let Some(event) = events.recv().await {
+        let failed = matches!(event, Out::Failed { .. });
         if let Out::Change(change) = &event {
             // Rendered once by the table's hub: only this subscription's fields are added.
             let data = change.data.strip_prefix('{').unwrap_or("}");
@@ -435,11 +436,13 @@ async fn follow(
         if let Some(token) = event.token() {
             frame.insert("id".into(), json!(token));
         }
-        if !out.frame(Value::Object(frame)).await {
+        if !out.frame(Value::Object(frame)).await || failed {
+            // A failure ends this subscription only (its `error` frame says why); the socket
+            // and its other subscriptions go on.
             return;
         }
     }
-    // The table's stream ended under it: this subscription fell behind (or the table failed).
+    // The stream ended without a failure: this subscription fell behind.
     out.close(CLOSE_TOO_SLOW, "too slow: resume from your last tokens");
 }
 
