@@ -69,6 +69,15 @@ fn the_console_in_headless_chromium_watches_edits_and_produces() {
         b"1.20",
     );
     assert_eq!(status, 200);
+    // A key that is not UTF-8 (bytes ff 00, base64 /wA=): shown as hex, in a row of its own.
+    let (status, _, _) = http(
+        &gateway.addr,
+        "PUT",
+        "/v1/tables/prices/%2FwA%3D?encoding=base64",
+        &[],
+        b"bytes",
+    );
+    assert_eq!(status, 200);
     // A group with a committed offset, for the lag view.
     let (status, _, _) = http(
         &gateway.addr,

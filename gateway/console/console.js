@@ -69,6 +69,17 @@ function showError(error) {
   show(el('div', { class: 'card' }, [el('h2', {}, 'Cannot load'), el('p', { class: 'error', id: 'error' }, error.message)]));
 }
 
+// A key as shown: its text, or 0x and hex for bytes that are not UTF-8.
+function label(key) {
+  if (typeof key === 'string') return key;
+  return `0x${[...key].map((b) => b.toString(16).padStart(2, '0')).join('')}`;
+}
+
+// A key's identity among the rows: text keys and byte keys never collide.
+function idOf(key) {
+  return typeof key === 'string' ? `s${key}` : `b${label(key)}`;
+}
+
 function text(value) {
   if (value === undefined || value === null) return '';
   if (typeof value === 'string') return value;
@@ -188,7 +199,8 @@ function liveTable(name) {
   const newValue = el('input', { id: 'new-value', placeholder: 'value' });
   const addForm = el('form', { id: 'add-form', class: 'row' }, [
     newKey, newValue, el('button', { type: 'submit' }, 'Add (only if absent)')]);
-  const rows = new Map();          // key -> <tr>
+  const rows = new Map();          // key id (see idOf) -> <tr>
+  const order = [];                // key ids, sorted: where a new row goes
   const card = el('div', { class: 'card' }, [
     el('h3', {}, ['Live table ', state, ' ', count]),
     el('div', { class: 'row' }, [search]),
@@ -201,10 +213,10 @@ function liveTable(name) {
     addForm,
   ]);
 
-  const matches = (key) => key.toLowerCase().includes(search.value.toLowerCase());
+  const matches = (key) => label(key).toLowerCase().includes(search.value.toLowerCase());
   const fail = (error) => {
     message.textContent = error instanceof ConflictError
-      ? `Conflict: ${error.key} is now at version ${error.currentVersion ?? '(deleted)'}; your change was not applied.`
+      ? `Conflict: ${label(error.key)} is now at version ${error.currentVersion ?? '(deleted)'}; your change was not applied.`
       : error.message;
   };
   const renderCount = () => { count.textContent = `${rows.size} key(s)`; };
@@ -213,11 +225,11 @@ function liveTable(name) {
     const valueCell = el('td', { class: 'value' }, text(entry.value));
     const edit = el('button', { class: 'secondary', 'data-action': 'edit' }, 'Edit');
     const remove = el('button', { class: 'danger', 'data-action': 'delete' }, 'Delete');
-    const tr = el('tr', { 'data-key': key }, [el('td', {}, key), valueCell, el('td', { class: 'num' }, entry.version),
-      el('td', {}, [edit, ' ', remove])]);
+    const tr = el('tr', { 'data-key': label(key) }, [el('td', {}, label(key)), valueCell,
+      el('td', { class: 'num' }, entry.version), el('td', {}, [edit, ' ', remove])]);
     edit.addEventListener('click', () => {
       tr.editing = true;   // changes from elsewhere do not replace the row while it is edited
-      const input = el('input', { value: text(entry.value), 'data-edit': key, size: 40 });
+      const input = el('input', { value: text(entry.value), 'data-edit': label(key), size: 40 });
       const save = el('button', { 'data-action': 'save' }, 'Save');
       valueCell.replaceChildren(el('form', { class: 'row' }, [input, save]));
       valueCell.querySelector('form').addEventListener('submit', async (event) => {
@@ -231,7 +243,7 @@ function liveTable(name) {
         // Show what the table holds now (the edit, or the value that won the race).
         tr.editing = false;
         const now = synced.get(key);
-        if (now) upsert(key, now); else { tr.remove(); rows.delete(key); renderCount(); }
+        if (now) upsert(key, now); else removeRow(key);
       });
       input.focus();
     });
@@ -244,7 +256,8 @@ function liveTable(name) {
   }
 
   function upsert(key, entry) {
-    const old = rows.get(key);
+    const id = idOf(key);
+    const old = rows.get(id);
     if (old?.editing) {
       // Keep the editor (it still compares against the version it started from); say that
       // the value moved on.
@@ -254,12 +267,28 @@ function liveTable(name) {
     const tr = rowFor(key, entry);
     if (old) old.replaceWith(tr);
     else {
-      // Keep rows sorted by key.
-      const after = [...rows.keys()].filter((k) => k > key).sort()[0];
-      if (after !== undefined) rows.get(after).before(tr); else body.append(tr);
+      // Keep rows sorted by key: binary search for the first id after this one.
+      let low = 0;
+      let high = order.length;
+      while (low < high) {
+        const middle = (low + high) >> 1;
+        if (order[middle] < id) low = middle + 1; else high = middle;
+      }
+      if (low < order.length) rows.get(order[low]).before(tr); else body.append(tr);
+      order.splice(low, 0, id);
     }
-    rows.set(key, tr);
+    rows.set(id, tr);
     tr.classList.add('flash');
+    renderCount();
+  }
+
+  function removeRow(key) {
+    const id = idOf(key);
+    const tr = rows.get(id);
+    if (!tr) return;
+    tr.remove();
+    rows.delete(id);
+    order.splice(order.indexOf(id), 1);
     renderCount();
   }
 
@@ -268,14 +297,8 @@ function liveTable(name) {
     state.className = `pill ${s === 'online' ? 'ok' : s === 'offline' ? 'bad' : ''}`;
   });
   synced.on('change', (change) => {
-    const key = text(change.key);
-    if (change.op === 'delete') {
-      rows.get(key)?.remove();
-      rows.delete(key);
-      renderCount();
-    } else {
-      upsert(key, { value: change.value, version: change.version });
-    }
+    if (change.op === 'delete') removeRow(change.key);
+    else upsert(change.key, { value: change.value, version: change.version });
   });
   synced.ready.then(() => {
     state.textContent = 'live';
@@ -283,7 +306,7 @@ function liveTable(name) {
     card.setAttribute('data-ready', 'true');
   }, fail);
   search.addEventListener('input', () => {
-    for (const [key, tr] of rows) tr.hidden = !matches(key);
+    for (const tr of rows.values()) tr.hidden = !matches(tr.dataset.key);
   });
   addForm.addEventListener('submit', async (event) => {
     event.preventDefault();

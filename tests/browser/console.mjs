@@ -51,6 +51,7 @@ try {
   await page.waitForSelector('[data-ready="true"]');
   await page.waitForSelector('#table-rows tr[data-key="apple"]');
   assert.match(await page.textContent('#table-rows tr[data-key="apple"] td.value'), /^1\.20$/);
+  await page.waitForSelector('#table-rows tr[data-key="0xff00"]');
 
   step = 'a put made elsewhere appears';
   const elsewhere = await http('PUT', '/v1/tables/prices/banana', '0.55');
@@ -88,6 +89,7 @@ try {
   await page.fill('#search', 'ban');
   await page.waitForFunction(() => document.querySelector('#table-rows tr[data-key="apple"]').hidden);
   assert.equal(await page.isVisible('#table-rows tr[data-key="banana"]'), true);
+  assert.equal(await page.isVisible('#table-rows tr[data-key="0xff00"]'), false);
   await page.fill('#search', '');
 
   step = 'screenshot of the live table, not blank';
