@@ -479,20 +479,17 @@ async fn operate(gateway: &Gateway, caller: Option<&str>, frame: Frame) -> Value
             if_version,
             if_absent,
         } => {
-            let value = decode(&value, value_encoding.as_deref(), "value");
-            let result = match value {
+            let result = match decode(&value, value_encoding.as_deref(), "value") {
                 Ok(value) => {
-                    write(
-                        gateway,
-                        caller,
-                        &table,
-                        &key,
+                    let put = Write {
+                        table,
+                        key,
                         key_encoding,
-                        Some(value),
+                        value: Some(value),
                         if_version,
                         if_absent,
-                    )
-                    .await
+                    };
+                    write(gateway, caller, put).await
                 }
                 Err(error) => Err(ApiError::bad_request(error)),
             };
@@ -504,20 +501,17 @@ async fn operate(gateway: &Gateway, caller: Option<&str>, frame: Frame) -> Value
             key,
             key_encoding,
             if_version,
-        } => (
-            req,
-            write(
-                gateway,
-                caller,
-                &table,
-                &key,
+        } => {
+            let delete = Write {
+                table,
+                key,
                 key_encoding,
-                None,
+                value: None,
                 if_version,
-                false,
-            )
-            .await,
-        ),
+                if_absent: false,
+            };
+            (req, write(gateway, caller, delete).await)
+        }
         _ => return json!({"status": 400, "error": "not an operation"}),
     };
     match result {
@@ -560,20 +554,25 @@ async fn get(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn write(
-    gateway: &Gateway,
-    caller: Option<&str>,
-    table: &str,
-    key: &str,
+/// A put (`value`) or delete (None) of a frame, with its condition.
+struct Write {
+    table: String,
+    key: String,
     key_encoding: Option<String>,
     value: Option<Vec<u8>>,
     if_version: Option<u64>,
     if_absent: bool,
+}
+
+async fn write(
+    gateway: &Gateway,
+    caller: Option<&str>,
+    write: Write,
 ) -> Result<Map<String, Value>, ApiError> {
-    let key = decode(key, key_encoding.as_deref(), "key").map_err(ApiError::bad_request)?;
-    let handle = gateway.clients.table(caller, table).await?;
-    let written: Result<_, Error> = match (value, if_version, if_absent) {
+    let key =
+        decode(&write.key, write.key_encoding.as_deref(), "key").map_err(ApiError::bad_request)?;
+    let handle = gateway.clients.table(caller, &write.table).await?;
+    let written: Result<_, Error> = match (write.value, write.if_version, write.if_absent) {
         (_, Some(_), true) => {
             return Err(ApiError::bad_request(
                 "give if_version or if_absent, not both",

@@ -209,6 +209,19 @@ impl BrokerService {
             .map_err(to_status)
     }
 
+    /// [`Self::authorize`] of `operation` on the topic a read request names.
+    fn authorize_on_topic<T: read_calls::OnTopic>(
+        &self,
+        request: &Request<T>,
+        operation: Operation,
+    ) -> Result<(), Status> {
+        self.authorize(
+            request,
+            operation,
+            Resource::topic(request.get_ref().topic()),
+        )
+    }
+
     /// Whether the principal of a call with `extensions` may see `resource` in a listing.
     fn may_describe(&self, extensions: &tonic::Extensions, resource: Resource<'_>) -> bool {
         self.access.may_describe(

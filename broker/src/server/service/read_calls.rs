@@ -10,11 +10,7 @@ impl BrokerService {
         &self,
         request: Request<v1::FetchRequest>,
     ) -> Result<Response<v1::FetchResponse>, Status> {
-        self.authorize(
-            &request,
-            Operation::Read,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Read)?;
         let principal = request.extensions().get::<Principal>().cloned();
         let request = request.into_inner();
         self.await_topic(&request.topic).await;
@@ -82,11 +78,7 @@ impl BrokerService {
         &self,
         request: Request<v1::SubscribeRequest>,
     ) -> Result<Response<ResponseStream<v1::FetchResponse>>, Status> {
-        self.authorize(
-            &request,
-            Operation::Read,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Read)?;
         let watch = self.watch_stream(request.extensions(), "Subscribe");
         let principal = request.extensions().get::<Principal>().cloned();
         let quotas = self.quotas.clone();
@@ -163,11 +155,7 @@ impl BrokerService {
         &self,
         request: Request<v1::ListOffsetsRequest>,
     ) -> Result<Response<v1::ListOffsetsResponse>, Status> {
-        self.authorize(
-            &request,
-            Operation::Describe,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Describe)?;
         let request = request.into_inner();
         self.await_topic(&request.topic).await;
         let (_topic, partition, log) = self.partition_log(&request.topic, request.partition)?;
@@ -195,11 +183,7 @@ impl BrokerService {
         &self,
         request: Request<v1::GetRequest>,
     ) -> Result<Response<v1::GetResponse>, Status> {
-        self.authorize(
-            &request,
-            Operation::Read,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Read)?;
         let request = request.into_inner();
         self.await_topic(&request.topic).await;
         // Linearizable on a replicated table: the leader confirms it still leads and has
@@ -231,11 +215,7 @@ impl BrokerService {
         &self,
         request: Request<v1::HistoryRequest>,
     ) -> Result<Response<v1::HistoryResponse>, Status> {
-        self.authorize(
-            &request,
-            Operation::Read,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Read)?;
         let request = request.into_inner();
         let partition = self
             .key_partition(&request.topic, &request.key)
@@ -305,11 +285,7 @@ impl BrokerService {
         &self,
         request: Request<v1::SnapshotRequest>,
     ) -> Result<Response<ResponseStream<v1::SnapshotResponse>>, Status> {
-        self.authorize(
-            &request,
-            Operation::Read,
-            Resource::topic(&request.get_ref().topic),
-        )?;
+        self.authorize_on_topic(&request, Operation::Read)?;
         let watch = self.watch_stream(request.extensions(), "Snapshot");
         let request = request.into_inner();
         self.check_running().map_err(to_status)?;
@@ -342,3 +318,28 @@ impl BrokerService {
         Ok(Response::new(stream))
     }
 }
+
+/// A read request that names one topic: what its permission is checked on.
+pub(super) trait OnTopic {
+    /// The topic the request reads.
+    fn topic(&self) -> &str;
+}
+
+macro_rules! on_topic {
+    ($($request:ty),* $(,)?) => {
+        $(impl OnTopic for $request {
+            fn topic(&self) -> &str {
+                &self.topic
+            }
+        })*
+    };
+}
+
+on_topic!(
+    v1::FetchRequest,
+    v1::SubscribeRequest,
+    v1::ListOffsetsRequest,
+    v1::GetRequest,
+    v1::HistoryRequest,
+    v1::SnapshotRequest,
+);
