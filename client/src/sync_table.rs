@@ -396,6 +396,13 @@ impl SyncTable {
         (copy_entries(&state), offsets, changes)
     }
 
+    /// Each partition's next offset (one past the last record applied): where the copy stands,
+    /// without copying it.
+    pub fn offsets(&self) -> Vec<u64> {
+        let state = self.shared.read();
+        state.partitions.iter().map(|p| p.next_offset).collect()
+    }
+
     /// A receiver of every change applied from now on, including the puts of the first
     /// snapshot load if it is not done yet.
     pub fn changes(&self) -> Changes {

@@ -670,33 +670,34 @@ async fn follow(
     // so by the first change after the snapshot it has seen all the snapshot holds, and its
     // tokens are at or past the snapshot's.
     let Some(mut changes) = hub.subscribe() else {
-        return Err(Ended::Failed(Error::Protocol(format!(
-            "the gateway's copy of `{topic}` stopped"
-        ))));
+        // The hub ended just now: the client comes back, onto a new one.
+        return Err(Ended::Gone);
     };
-    let (entries, offsets, _) = hub.table.entries_offsets_and_changes();
-    let mut position = offsets.clone();
+    // A resume needs only where the copy stands; a snapshot takes the entries with it.
+    let offsets = hub.table.offsets();
     let resumable = match &from {
         // Boxed (here and below): the task idles in the change loop, and should not carry
         // the larger state of these calls all its life.
         Some(token) => Box::pin(resumable(client, topic, token, &offsets)).await?,
         None => false,
     };
-    if resumable {
+    let (offsets, position) = if resumable {
         let token = from.unwrap_or_default();
+        let mut position = offsets.clone();
         Box::pin(replay(client, topic, &token, &offsets, &mut position, tx)).await?;
+        (offsets, position)
     } else {
         if from.is_some() {
             send(tx, Out::Reset).await?;
         }
+        let (entries, offsets, _) = hub.table.entries_offsets_and_changes();
         for (key, entry) in &entries {
-            // Paced by the buffer: a large table waits for the subscriber to drain it.
-            tx.send(entry_out(key, entry))
-                .await
-                .map_err(|_| Ended::Gone)?;
+            // Paced by the buffer: a large table waits for the subscriber to drain it (one
+            // that stops reading for SLOW_AFTER is dropped, and its copy with it).
+            send(tx, entry_out(key, entry)).await?;
         }
-    }
-    drop(entries);
+        (offsets.clone(), offsets)
+    };
     send(
         tx,
         Out::CaughtUp {
