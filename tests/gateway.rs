@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use common::gateway::{header, http, json_of, start_gateway};
+use common::gateway::{cli_ok, header, http, json_of, next_frame, start_gateway};
 use common::BrokerProcess;
 use serde_json::{json, Value};
 
@@ -24,15 +24,7 @@ use serde_json::{json, Value};
 fn tables_records_and_topics_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&["topic", "create", "prices", "--cleanup", "compact"]);
     cli(&["topic", "create", "events", "--partitions", "1"]);
     let gateway = start_gateway(&broker.addr, &[]);
@@ -404,14 +396,7 @@ impl Events {
 fn watch_streams_a_table_and_resumes_from_its_token_across_a_gateway_restart() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&[
         "topic",
         "create",
@@ -533,7 +518,7 @@ fn watch_streams_a_table_and_resumes_from_its_token_across_a_gateway_restart() {
 /// answered 412 with the current version; a frame that is not understood closes with 1003.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_subscribes_and_writes_with_compare_and_set() {
-    use futures_util::{SinkExt as _, StreamExt as _};
+    use futures_util::SinkExt as _;
     use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
@@ -553,20 +538,7 @@ async fn websocket_subscribes_and_writes_with_compare_and_set() {
         ))
         .await
         .unwrap();
-    let read = async |socket: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
-                .await
-                .expect("a frame within 30 s")
-                .expect("the socket is open")
-                .unwrap();
-            match message {
-                Message::Text(text) => return json_of(text.as_bytes()),
-                Message::Close(frame) => return json!({"closed": frame.map(|f| u16::from(f.code))}),
-                _ => continue,
-            }
-        }
-    };
+    let read = next_frame;
     let answer = read(&mut socket).await;
     assert_eq!(answer["req"], 1);
     assert_eq!(answer["status"], 200, "{answer}");
@@ -1009,14 +981,7 @@ async fn the_gateway_serves_https_and_wss_and_reloads_its_certificate_on_sighup(
 fn cluster_topic_and_group_views_show_offsets_and_lag() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&["topic", "create", "orders", "--partitions", "2"]);
     let gateway = start_gateway(&broker.addr, &[]);
     let g = gateway.addr.as_str();
@@ -1164,15 +1129,7 @@ async fn a_websocket_close_from_the_client_is_answered() {
 fn a_token_older_than_the_compaction_horizon_gets_reset_and_the_current_table() {
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&[
         "topic",
         "create",
@@ -1429,18 +1386,11 @@ async fn websockets_from_other_sites_are_refused_unless_allowed() {
 /// slow", which would make the client reconnect in a loop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_subscription_gets_an_error_frame_and_the_socket_goes_on() {
-    use futures_util::{SinkExt as _, StreamExt as _};
+    use futures_util::SinkExt as _;
     use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&["topic", "create", "doomed", "--partitions", "1"]);
     let gateway = start_gateway(&broker.addr, &[]);
     let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", gateway.addr))
@@ -1453,20 +1403,7 @@ async fn a_failed_subscription_gets_an_error_frame_and_the_socket_goes_on() {
         ))
         .await
         .unwrap();
-    let read = async |socket: &mut tokio_tungstenite::WebSocketStream<_>| -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
-                .await
-                .expect("a frame within 60 s")
-                .expect("the socket is open")
-                .unwrap();
-            match message {
-                Message::Text(text) => return json_of(text.as_bytes()),
-                Message::Close(frame) => panic!("the socket was closed: {frame:?}"),
-                _ => continue,
-            }
-        }
-    };
+    let read = next_frame;
     let first = read(&mut socket).await;
     assert_eq!(first["event"], "caught-up", "{first}");
     cli(&["topic", "delete", "doomed"]);

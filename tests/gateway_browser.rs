@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::gateway::{http, start_gateway};
+use common::gateway::{cli_ok, http, start_gateway};
 use common::BrokerProcess;
 
 /// What the browser test needs, or why it cannot run here.
@@ -50,14 +50,7 @@ fn the_console_in_headless_chromium_watches_edits_and_produces() {
     };
     let data = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&data.path().join("data"));
-    let cli = |args: &[&str]| {
-        let output = common::cluster::run_cli_at(&broker.addr, args);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
+    let cli = |args: &[&str]| cli_ok(&broker.addr, args);
     cli(&["topic", "create", "prices", "--cleanup", "compact"]);
     cli(&["topic", "create", "events", "--partitions", "1"]);
     let gateway = start_gateway(&broker.addr, &[]);

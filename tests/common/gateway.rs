@@ -137,3 +137,39 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_str())
 }
+
+/// Runs the `syncline` CLI against `broker`; panics with its stderr unless it succeeds;
+/// returns its stdout.
+pub fn cli_ok(broker: &str, args: &[&str]) -> String {
+    let output = super::cluster::run_cli_at(broker, args);
+    assert!(
+        output.status.success(),
+        "syncline {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The next text frame of a WebSocket as JSON (within 60 s); a close frame comes back as
+/// `{"closed": CODE}`.
+pub async fn next_frame<S>(socket: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("a frame within 60 s")
+            .expect("the socket is open")
+            .expect("a frame that parses");
+        match message {
+            Message::Text(text) => return json_of(text.as_bytes()),
+            Message::Close(frame) => {
+                return serde_json::json!({"closed": frame.map(|f| u16::from(f.code))})
+            }
+            _ => continue,
+        }
+    }
+}
