@@ -1092,6 +1092,21 @@ fn the_gateway_bench_delivers_every_change_to_every_subscriber() {
             "{summary}"
         );
     }
+    // 40 subscriptions with one caller: its read permission was checked with the brokers
+    // (a point read) once per table and then taken from the gateway's recent checks, not once
+    // per subscriber (the writer's puts are Produce calls, not Get).
+    let gets = broker_gets(&broker);
+    assert!(gets <= 4, "{gets} Get calls for 40 subscriptions");
+}
+
+/// How many Get calls the broker served (`syncline_requests_total{rpc="Get"}`).
+fn broker_gets(broker: &BrokerProcess) -> u64 {
+    let addr = broker.metrics_addr.as_deref().expect("metrics address");
+    common::scrape(addr)
+        .lines()
+        .filter(|line| line.starts_with("syncline_requests_total{") && line.contains("rpc=\"Get\""))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// A close the client starts is answered with a close frame (a clean close, not 1006).

@@ -29,7 +29,15 @@ pub struct Clients {
     clients: Mutex<HashMap<Option<TokenId>, (Client, Instant)>>,
     tables: ByTopic<Table>,
     producers: ByTopic<Producer>,
+    /// Callers whose `read` of a table the brokers allowed lately (see
+    /// [`Clients::read_checked`]).
+    reads: ByTopic<()>,
 }
+
+/// How long an allowed `read` of a table is taken as still allowed, so that many subscribers
+/// with one token (a page opened by thousands of browsers) cost the brokers one check, not
+/// one each. A revoked permission takes effect on new subscriptions after this long.
+pub const READ_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl std::fmt::Debug for Clients {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,7 +75,26 @@ impl Clients {
             clients: Mutex::new(HashMap::new()),
             tables: Mutex::new(HashMap::new()),
             producers: Mutex::new(HashMap::new()),
+            reads: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether the brokers allowed `token` to read the table `topic` within
+    /// [`READ_CHECK_TTL`].
+    pub fn read_checked(&self, token: Option<&str>, topic: &str) -> bool {
+        let key = (Self::id(token), topic.to_string());
+        self.reads
+            .lock()
+            .get(&key)
+            .is_some_and(|(_, at)| at.elapsed() < READ_CHECK_TTL)
+    }
+
+    /// Notes that the brokers allowed `token` to read the table `topic` just now.
+    pub fn read_allowed(&self, token: Option<&str>, topic: &str) {
+        let mut reads = self.reads.lock();
+        reads.retain(|_, (_, at)| at.elapsed() < READ_CHECK_TTL);
+        evict_oldest(&mut reads, TABLES_MAX);
+        reads.insert((Self::id(token), topic.to_string()), ((), Instant::now()));
     }
 
     fn id(token: Option<&str>) -> Option<TokenId> {

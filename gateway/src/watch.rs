@@ -473,42 +473,21 @@ pub async fn subscribe(
     topic: &str,
     start: Start,
 ) -> Result<mpsc::Receiver<Out>, ApiError> {
-    let client = gateway.clients.client(caller).await?;
-    let description = client.describe_topic(topic).await?;
+    // A table this caller was allowed to read a moment ago is served without asking the
+    // brokers again (see `clients::READ_CHECK_TTL`).
+    if !gateway.clients.read_checked(caller, topic) {
+        let client = gateway.clients.client(caller).await?;
+        let description = client.describe_topic(topic).await?;
+        if description.config.cleanup_policy != syncline_client::CleanupPolicy::Compact {
+            return follow_plain(gateway, client, description, topic, start);
+        }
+        // The caller may read the table (a point read with its own credentials).
+        let probe = gateway.clients.table(caller, topic).await?;
+        probe.get(b"\0syncline-gateway-probe").await?;
+        gateway.clients.read_allowed(caller, topic);
+    }
     let (tx, rx) = mpsc::channel(gateway.limits.subscriber_events.max(1));
     let name = topic.to_string();
-    if description.config.cleanup_policy != syncline_client::CleanupPolicy::Compact {
-        let starts = match start {
-            Start::Token(token) if token.len() == description.partitions.len() => token,
-            Start::Token(token) => {
-                return Err(ApiError::bad_request(format!(
-                    "the token names {} partitions; `{topic}` has {}",
-                    token.len(),
-                    description.partitions.len()
-                )))
-            }
-            Start::Earliest => description
-                .partitions
-                .iter()
-                .map(|p| p.log_start_offset)
-                .collect(),
-            Start::Now => description
-                .partitions
-                .iter()
-                .map(|p| p.durable_offset)
-                .collect(),
-        };
-        tokio::spawn(async move {
-            if let Err(error) = follow_records(&client, &name, starts, &tx).await {
-                tracing::debug!(topic = %name, %error, "a watch ended");
-                tell_failure(&tx, error);
-            }
-        });
-        return Ok(rx);
-    }
-    // The caller may read the table (a point read with its own credentials).
-    let probe = gateway.clients.table(caller, topic).await?;
-    probe.get(b"\0syncline-gateway-probe").await?;
     let own = gateway.clients.client(None).await?;
     let hub = gateway.tables.get(&own, topic).await?;
     let from = match start {
@@ -517,6 +496,46 @@ pub async fn subscribe(
     };
     tokio::spawn(async move {
         if let Err(error) = follow(&own, &name, &hub, from, &tx).await {
+            tracing::debug!(topic = %name, %error, "a watch ended");
+            tell_failure(&tx, error);
+        }
+    });
+    Ok(rx)
+}
+
+/// Starts following a plain topic `topic` (described by `description`) from `start`, with
+/// the caller's own `client`.
+fn follow_plain(
+    gateway: &Gateway,
+    client: Client,
+    description: syncline_client::TopicDescription,
+    topic: &str,
+    start: Start,
+) -> Result<mpsc::Receiver<Out>, ApiError> {
+    let starts = match start {
+        Start::Token(token) if token.len() == description.partitions.len() => token,
+        Start::Token(token) => {
+            return Err(ApiError::bad_request(format!(
+                "the token names {} partitions; `{topic}` has {}",
+                token.len(),
+                description.partitions.len()
+            )))
+        }
+        Start::Earliest => description
+            .partitions
+            .iter()
+            .map(|p| p.log_start_offset)
+            .collect(),
+        Start::Now => description
+            .partitions
+            .iter()
+            .map(|p| p.durable_offset)
+            .collect(),
+    };
+    let (tx, rx) = mpsc::channel(gateway.limits.subscriber_events.max(1));
+    let name = topic.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = follow_records(&client, &name, starts, &tx).await {
             tracing::debug!(topic = %name, %error, "a watch ended");
             tell_failure(&tx, error);
         }
