@@ -1433,3 +1433,45 @@ async fn a_failed_subscription_gets_an_error_frame_and_the_socket_goes_on() {
     socket.send(send(json!({"op": "ping"}))).await.unwrap();
     assert_eq!(read(&mut socket).await, json!({"op": "pong"}));
 }
+
+/// `--max-connections`: with the bound reached, a new connection is not served until one of
+/// the open ones closes; then it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_wait_for_one_to_close() {
+    use futures_util::SinkExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("data"));
+    let gateway = start_gateway(&broker.addr, &["--max-connections", "2"]);
+    let url = format!("ws://{}/v1/ws", gateway.addr);
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    for socket in [&mut first, &mut second] {
+        socket
+            .send(Message::Text(json!({"op": "ping"}).to_string().into()))
+            .await
+            .unwrap();
+        assert_eq!(next_frame(socket).await, json!({"op": "pong"}));
+    }
+    // A third: the kernel completes its handshake, the gateway does not take it.
+    let mut third = tokio::net::TcpStream::connect(&gateway.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/topics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        gateway.addr
+    );
+    third.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let early =
+        tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "served past the bound: {answer:?}");
+    // One closes: the third is served.
+    first.close(None).await.unwrap();
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(30), third.read_to_end(&mut answer))
+        .await
+        .expect("served within 30 s of a connection closing")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

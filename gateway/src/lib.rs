@@ -49,6 +49,7 @@ pub mod clients;
 pub mod console;
 pub mod http;
 pub mod json;
+pub mod limit;
 pub mod tls;
 pub mod watch;
 pub mod ws;

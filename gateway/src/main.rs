@@ -9,6 +9,7 @@ use clap::Parser;
 use syncline_client::{ClientConfig, TlsConfig};
 use syncline_gateway::clients::Clients;
 use syncline_gateway::http::{router, Gateway};
+use syncline_gateway::limit::Limited;
 use syncline_gateway::tls::{ServerTls, TlsFiles, TlsListener};
 
 /// HTTP/JSON access to a Syncline cluster for browsers and apps: tables (get, put and delete
@@ -82,6 +83,11 @@ struct Flags {
     )]
     allow_origin: Vec<String>,
 
+    /// Connections open at once; more wait in the kernel's backlog until others close (keep
+    /// it under the process's open-file limit)
+    #[arg(long, env = "SYNCLINE_GATEWAY_MAX_CONNECTIONS", default_value_t = syncline_gateway::limit::CONNECTIONS_MAX, value_name = "N")]
+    max_connections: usize,
+
     /// Events buffered per subscription before a subscriber that cannot keep up is
     /// disconnected (it resumes from its last token)
     #[arg(long, default_value_t = syncline_gateway::watch::SUBSCRIBER_BUFFER, value_name = "N")]
@@ -127,7 +133,8 @@ async fn main() -> anyhow::Result<()> {
             let tls = ServerTls::load(TlsFiles { cert, key })?;
             reload_on_sighup(tls.clone());
             tracing::info!(brokers = %flags.broker, "listening on {local} (TLS)");
-            axum::serve(TlsListener::new(listener, tls)?, app)
+            let listener = Limited::new(TlsListener::new(listener, tls)?, flags.max_connections);
+            axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown())
                 .await?;
         }
@@ -140,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
                     tracing::debug!(%error, "cannot set TCP_NODELAY");
                 }
             });
-            axum::serve(listener, app)
+            axum::serve(Limited::new(listener, flags.max_connections), app)
                 .with_graceful_shutdown(shutdown())
                 .await?;
         }
