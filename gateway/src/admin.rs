@@ -24,15 +24,14 @@ use axum::Json;
 use serde_json::{json, Value};
 use syncline_client::CleanupPolicy;
 
-use crate::http::{token, ApiError, Gateway};
+use crate::http::{caller_client, ApiError, Gateway};
 
 /// `GET /v1/cluster`.
 pub async fn cluster(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let token = token(&headers)?;
-    let client = gateway.clients.client(token.as_deref()).await?;
+    let client = caller_client(&gateway, &headers).await?;
     let cluster = client.describe_cluster().await?;
     let nodes: Vec<Value> = cluster
         .nodes
@@ -60,8 +59,7 @@ pub async fn topic(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let token = token(&headers)?;
-    let client = gateway.clients.client(token.as_deref()).await?;
+    let client = caller_client(&gateway, &headers).await?;
     let topic = client.describe_topic(&name).await?;
     // Placement is a cluster view; a caller without describe on the cluster still sees the
     // offsets, only not who leads.
@@ -105,8 +103,7 @@ pub async fn groups(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let token = token(&headers)?;
-    let client = gateway.clients.client(token.as_deref()).await?;
+    let client = caller_client(&gateway, &headers).await?;
     let groups: Vec<Value> = client
         .list_groups()
         .await?
@@ -122,8 +119,7 @@ pub async fn group(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let token = token(&headers)?;
-    let client = gateway.clients.client(token.as_deref()).await?;
+    let client = caller_client(&gateway, &headers).await?;
     let group = client.describe_group(&name).await?;
     let members: Vec<Value> = group
         .members

@@ -215,6 +215,16 @@ impl IntoResponse for ApiError {
 }
 
 /// The caller's bearer token, if it sent one.
+/// The cluster as the caller of a request reaches it: with its bearer token, else the
+/// gateway's own credentials.
+pub(crate) async fn caller_client(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+) -> Result<syncline_client::Client, ApiError> {
+    let token = token(headers)?;
+    Ok(gateway.clients.client(token.as_deref()).await?)
+}
+
 pub(crate) fn token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Ok(None);
@@ -303,8 +313,7 @@ async fn list_topics(
     State(gateway): State<Arc<Gateway>>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let token = token(&headers)?;
-    let client = gateway.clients.client(token.as_deref()).await?;
+    let client = caller_client(&gateway, &headers).await?;
     let topics: Vec<Value> = client
         .list_topics()
         .await?
