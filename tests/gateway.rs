@@ -1366,15 +1366,8 @@ async fn websockets_from_other_sites_are_refused_unless_allowed() {
             .send(Message::Text(json!({"op": "ping"}).to_string().into()))
             .await
             .unwrap();
-        let pong = tokio::time::timeout(Duration::from_secs(30), socket.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            pong,
-            Message::Text(json!({"op": "pong"}).to_string().into())
-        );
+        // Skips WebSocket pings: the answer is the text frame.
+        assert_eq!(next_frame(&mut socket).await, json!({"op": "pong"}));
     }
     let (mut socket, _) = connect(None).await.unwrap();
     let frame = json!({"op": "subscribe", "sub": "s".repeat(200), "table": "t"});

@@ -210,7 +210,9 @@ async fn serve(gateway: Arc<Gateway>, mut caller: Option<String>, socket: WebSoc
         close: Arc::new(close),
     };
     let writer = tokio::spawn(async move {
-        let mut ping = tokio::time::interval(PING_EVERY);
+        // The first ping after PING_EVERY, not at once (an interval's first tick is now).
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             let message = tokio::select! {
                 biased;
