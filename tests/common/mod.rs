@@ -1,5 +1,6 @@
 //! Shared helpers for integration tests: start the real `syncline-broker` binary on an
-//! ephemeral loopback port, find the binaries, connect a raw gRPC client.
+//! ephemeral loopback port, find the binaries, connect a raw gRPC client; real PostgreSQL
+//! and Redis servers (`pg`, `redis`) for the change-data-capture tests.
 #![allow(dead_code)]
 
 pub mod cluster;
@@ -8,8 +9,10 @@ pub mod gateway;
 pub mod history;
 pub mod linearizable;
 pub mod netns;
+pub mod pg;
 pub mod pki;
 pub mod probe;
+pub mod redis;
 pub mod workload;
 
 use std::io::{BufRead, BufReader};
