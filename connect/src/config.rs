@@ -268,7 +268,11 @@ impl Config {
                 self.source.len() + self.sink.len()
             )));
         }
-        check_topic_name("[connect]", "positions_topic", &self.connect.positions_topic)?;
+        check_topic_name(
+            "[connect]",
+            "positions_topic",
+            &self.connect.positions_topic,
+        )?;
         check_topic_name("[connect]", "status_topic", &self.connect.status_topic)?;
         let mut names = HashSet::new();
         for source in &self.source {
@@ -321,10 +325,16 @@ impl SourceConfig {
                     "{at}: key `tables`: {table:?} is listed twice"
                 )));
             }
-            check_topic_name(at, "topic_prefix", &format!("{}.{schema}.{name}", self.topic_prefix))?;
+            check_topic_name(
+                at,
+                "topic_prefix",
+                &format!("{}.{schema}.{name}", self.topic_prefix),
+            )?;
         }
         if self.topic_prefix.is_empty() {
-            return Err(ConfigError(format!("{at}: key `topic_prefix`: must not be empty")));
+            return Err(ConfigError(format!(
+                "{at}: key `topic_prefix`: must not be empty"
+            )));
         }
         for (key, value) in [("slot", &self.slot), ("publication", &self.publication)] {
             if let Some(value) = value {
@@ -341,14 +351,18 @@ impl SourceConfig {
             }
         }
         if self.partitions == Some(0) {
-            return Err(ConfigError(format!("{at}: key `partitions`: must be at least 1")));
+            return Err(ConfigError(format!(
+                "{at}: key `partitions`: must be at least 1"
+            )));
         }
         transform::validate(at, &self.transforms, true)
     }
 
     /// The replication slot's name.
     pub fn slot_name(&self) -> String {
-        self.slot.clone().unwrap_or_else(|| default_pg_name(&self.name))
+        self.slot
+            .clone()
+            .unwrap_or_else(|| default_pg_name(&self.name))
     }
 
     /// The publication's name.
@@ -373,7 +387,9 @@ impl SinkConfig {
             SinkKind::Http => check_url(at, &self.url, &["http://", "https://"])?,
         }
         if self.topics.is_empty() {
-            return Err(ConfigError(format!("{at}: key `topics`: list at least one topic")));
+            return Err(ConfigError(format!(
+                "{at}: key `topics`: list at least one topic"
+            )));
         }
         if self.topics.len() > SINK_TOPICS_MAX {
             return Err(ConfigError(format!(
@@ -410,8 +426,16 @@ impl SinkConfig {
         only("ttl_seconds", self.ttl_seconds.is_some(), SinkKind::Redis)?;
         only("key_prefix", self.key_prefix.is_some(), SinkKind::Redis)?;
         only("max_attempts", self.max_attempts.is_some(), SinkKind::Http)?;
-        only("retry_backoff_ms", self.retry_backoff_ms.is_some(), SinkKind::Http)?;
-        only("dead_letter_topic", self.dead_letter_topic.is_some(), SinkKind::Http)?;
+        only(
+            "retry_backoff_ms",
+            self.retry_backoff_ms.is_some(),
+            SinkKind::Http,
+        )?;
+        only(
+            "dead_letter_topic",
+            self.dead_letter_topic.is_some(),
+            SinkKind::Http,
+        )?;
         only("timeout_ms", self.timeout_ms.is_some(), SinkKind::Http)?;
         only("headers", self.headers.is_some(), SinkKind::Http)?;
         if self.kind == SinkKind::Postgres {
@@ -442,7 +466,9 @@ impl SinkConfig {
             }
         }
         if self.timeout_ms == Some(0) {
-            return Err(ConfigError(format!("{at}: key `timeout_ms`: must be at least 1")));
+            return Err(ConfigError(format!(
+                "{at}: key `timeout_ms`: must be at least 1"
+            )));
         }
         if let Some(topic) = &self.dead_letter_topic {
             check_topic_name(at, "dead_letter_topic", topic)?;
@@ -596,7 +622,10 @@ topic_prefix = "shop"
         );
         let config = Config::parse(&text).expect("parses");
         assert_eq!(config.source[0].slot_name(), "syncline_shop");
-        assert_eq!(config.source[0].topic_of("public", "items"), "shop.public.items");
+        assert_eq!(
+            config.source[0].topic_of("public", "items"),
+            "shop.public.items"
+        );
         assert_eq!(config.source[0].transforms.len(), 1);
         assert!(config.source[0].snapshot);
         assert_eq!(config.sink[0].group_name(), "connect.cache");
@@ -623,12 +652,17 @@ topic_prefix = "shop"
         assert!(error_of(sink).contains("key `table` is required"));
         let twice = format!("{SOURCE}{}", SOURCE);
         assert!(error_of(&twice).contains("another connector has this name"));
-        assert!(error_of(&SOURCE.replace("kind = \"postgres\"", "kind = \"mysql\"")).contains("kind"));
+        assert!(
+            error_of(&SOURCE.replace("kind = \"postgres\"", "kind = \"mysql\"")).contains("kind")
+        );
     }
 
     #[test]
     fn given_a_password_should_redact_it() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
         assert_eq!(redact("redis://h:6379/"), "redis://h:6379/");
     }
 }

@@ -97,7 +97,7 @@ pub fn column_json(type_id: u32, value: &ColumnValue) -> Value {
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len())
@@ -197,6 +197,7 @@ pub fn lsn_text(lsn: u64) -> String {
 }
 
 /// Parses `16/B374D848`.
+#[cfg(test)]
 pub fn parse_lsn(text: &str) -> Option<u64> {
     let (high, low) = text.trim().split_once('/')?;
     let high = u64::from_str_radix(high, 16).ok()?;
@@ -267,11 +268,17 @@ mod tests {
     #[test]
     fn given_typed_columns_should_map_them_to_json() {
         assert_eq!(column_json(oid::INT4, &text("42")), json!(42));
-        assert_eq!(column_json(oid::INT8, &text("-9000000000")), json!(-9_000_000_000i64));
+        assert_eq!(
+            column_json(oid::INT8, &text("-9000000000")),
+            json!(-9_000_000_000i64)
+        );
         assert_eq!(column_json(oid::BOOL, &text("t")), json!(true));
         assert_eq!(column_json(oid::FLOAT8, &text("1.5")), json!(1.5));
         assert_eq!(column_json(oid::FLOAT8, &text("NaN")), json!("NaN"));
-        assert_eq!(column_json(oid::JSONB, &text("{\"a\": [1]}")), json!({"a": [1]}));
+        assert_eq!(
+            column_json(oid::JSONB, &text("{\"a\": [1]}")),
+            json!({"a": [1]})
+        );
         assert_eq!(column_json(oid::BYTEA, &text("\\x0102ff")), json!("AQL/"));
         assert_eq!(column_json(1700, &text("12.340")), json!("12.340"));
         assert_eq!(column_json(25, &ColumnValue::Null), Value::Null);
@@ -289,9 +296,18 @@ mod tests {
 
     #[test]
     fn given_positions_should_round_trip_and_order() {
-        let a = Position { commit_lsn: 10, lsn: 3 };
-        let b = Position { commit_lsn: 10, lsn: 4 };
-        let c = Position { commit_lsn: 11, lsn: 1 };
+        let a = Position {
+            commit_lsn: 10,
+            lsn: 3,
+        };
+        let b = Position {
+            commit_lsn: 10,
+            lsn: 4,
+        };
+        let c = Position {
+            commit_lsn: 11,
+            lsn: 1,
+        };
         assert!(a < b && b < c);
         assert_eq!(Position::from_header(&b.to_header()), Some(b));
         assert_eq!(Position::from_header(&[0; 15]), None);
@@ -305,7 +321,10 @@ mod tests {
         assert_eq!(sink_change(Some(delete)).expect("ok").after, None);
         let update = br#"{"before":null,"after":{"id":1,"b":2},"op":"u","ts_ms":1}"#;
         let change = sink_change(Some(update)).expect("ok");
-        assert_eq!(change.after.expect("after").keys().collect::<Vec<_>>(), ["id", "b"]);
+        assert_eq!(
+            change.after.expect("after").keys().collect::<Vec<_>>(),
+            ["id", "b"]
+        );
         let plain = br#"{"id":2,"name":"x"}"#;
         assert!(sink_change(Some(plain)).expect("ok").after.is_some());
         assert!(sink_change(None).expect("ok").after.is_none());

@@ -49,10 +49,20 @@ error. Set RUST_LOG (e.g. RUST_LOG=syncline_connect=debug) for more logs.";
 )]
 struct Cli {
     /// The connectors file.
-    #[arg(long, global = true, env = "SYNCLINE_CONNECT_CONFIG", default_value = "connectors.toml")]
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCLINE_CONNECT_CONFIG",
+        default_value = "connectors.toml"
+    )]
     config: PathBuf,
     /// Broker address(es), HOST:PORT[,...] (overrides [connect] broker).
-    #[arg(long, global = true, env = "SYNCLINE_BROKER", value_name = "HOST:PORT[,...]")]
+    #[arg(
+        long,
+        global = true,
+        env = "SYNCLINE_BROKER",
+        value_name = "HOST:PORT[,...]"
+    )]
     broker: Option<String>,
     /// Bearer token for a cluster with authentication (overrides [connect] token).
     #[arg(long, global = true, env = "SYNCLINE_TOKEN", hide_env_values = true)]
@@ -83,7 +93,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");

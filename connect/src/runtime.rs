@@ -105,7 +105,10 @@ pub async fn run(config: Config, client: Client, cancel: CancellationToken) -> a
                     let text = status::metrics_text(&statuses);
                     async move {
                         (
-                            [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                            [(
+                                axum::http::header::CONTENT_TYPE,
+                                "text/plain; version=0.0.4",
+                            )],
                             text,
                         )
                     }
@@ -250,7 +253,9 @@ pub async fn read_tail_positions(
         let record = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
             .await
             .map_err(|_| anyhow!("reading the last record of {topic}/{partition}: timed out"))?
-            .ok_or_else(|| anyhow!("reading the last record of {topic}/{partition}: no record"))??;
+            .ok_or_else(|| {
+                anyhow!("reading the last record of {topic}/{partition}: no record")
+            })??;
         let position = record
             .headers
             .iter()

@@ -133,10 +133,6 @@ impl Status {
         self.lock().last_error = Some(error.to_owned());
     }
 
-    pub fn records_total(&self) -> u64 {
-        self.records_total.load(Ordering::Relaxed)
-    }
-
     pub fn report(&self, worker: &str) -> StatusReport {
         let mutable = self.lock();
         StatusReport {
@@ -159,9 +155,19 @@ impl Status {
 /// Prometheus text for the statuses of this process.
 pub fn metrics_text(statuses: &[Arc<Status>]) -> String {
     use std::fmt::Write as _;
-    const STATES: [&str; 6] = ["starting", "snapshotting", "streaming", "running", "failed", "stopped"];
+    const STATES: [&str; 6] = [
+        "starting",
+        "snapshotting",
+        "streaming",
+        "running",
+        "failed",
+        "stopped",
+    ];
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP syncline_connect_records_total Records written by a source or applied by a sink.");
+    let _ = writeln!(
+        out,
+        "# HELP syncline_connect_records_total Records written by a source or applied by a sink."
+    );
     let _ = writeln!(out, "# TYPE syncline_connect_records_total counter");
     for status in statuses {
         let report = status.report("");
@@ -171,7 +177,10 @@ pub fn metrics_text(statuses: &[Arc<Status>]) -> String {
             report.connector, report.kind, report.records_total
         );
     }
-    let _ = writeln!(out, "# HELP syncline_connect_errors_total Failures and warnings of a connector.");
+    let _ = writeln!(
+        out,
+        "# HELP syncline_connect_errors_total Failures and warnings of a connector."
+    );
     let _ = writeln!(out, "# TYPE syncline_connect_errors_total counter");
     for status in statuses {
         let report = status.report("");
@@ -193,7 +202,10 @@ pub fn metrics_text(statuses: &[Arc<Status>]) -> String {
             );
         }
     }
-    let _ = writeln!(out, "# HELP syncline_connect_state 1 for the connector's current state.");
+    let _ = writeln!(
+        out,
+        "# HELP syncline_connect_state 1 for the connector's current state."
+    );
     let _ = writeln!(out, "# TYPE syncline_connect_state gauge");
     for status in statuses {
         let report = status.report("");

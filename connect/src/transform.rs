@@ -87,7 +87,9 @@ pub fn validate(at: &str, specs: &[TransformSpec], source: bool) -> Result<(), C
         let at = format!("{at}: transforms[{i}]");
         let no_fields = |fields: &[String]| -> Result<(), ConfigError> {
             if fields.is_empty() {
-                return Err(ConfigError(format!("{at}: key `fields`: list at least one field")));
+                return Err(ConfigError(format!(
+                    "{at}: key `fields`: list at least one field"
+                )));
             }
             Ok(())
         };
@@ -172,7 +174,10 @@ pub fn apply(specs: &[TransformSpec], mut rows: Rows) -> Option<Rows> {
                 rows.topic = topic.replace("{value}", &topic_safe(&value));
             }
             row_spec => {
-                for row in [rows.before.as_mut(), rows.after.as_mut()].into_iter().flatten() {
+                for row in [rows.before.as_mut(), rows.after.as_mut()]
+                    .into_iter()
+                    .flatten()
+                {
                     apply_to_row(row_spec, row);
                 }
             }
@@ -248,9 +253,9 @@ fn matches(found: Option<&Value>, op: FilterOp, expected: Option<&Value>) -> boo
         FilterOp::Exists => found_present,
         FilterOp::Missing => !found_present,
         FilterOp::In => match (found, expected) {
-            (Some(found), Some(Value::Array(options))) => {
-                options.iter().any(|option| compare(found, option) == Some(std::cmp::Ordering::Equal))
-            }
+            (Some(found), Some(Value::Array(options))) => options
+                .iter()
+                .any(|option| compare(found, option) == Some(std::cmp::Ordering::Equal)),
             _ => false,
         },
         _ => {
@@ -343,7 +348,11 @@ fields = ["id", "title", "email", "ssn"]
         .expect("kept");
         let mut hasher = Sha256::new();
         hasher.update(b"s123");
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(
             serde_json::to_value(out.after.expect("after")).expect("json"),
             json!({"id": 1, "title": "a", "email": "****", "ssn": hex})
@@ -352,7 +361,8 @@ fields = ["id", "title", "email", "ssn"]
 
     #[test]
     fn given_filters_should_keep_only_matching_rows() {
-        let gt = specs("[[transforms]]\ntype = \"filter\"\nfield = \"qty\"\nop = \"gt\"\nvalue = 10\n");
+        let gt =
+            specs("[[transforms]]\ntype = \"filter\"\nfield = \"qty\"\nop = \"gt\"\nvalue = 10\n");
         assert!(apply(&gt, rows(json!({"qty": 11}))).is_some());
         assert!(apply(&gt, rows(json!({"qty": 10}))).is_none());
         assert!(apply(&gt, rows(json!({"qty": "12.5"}))).is_some());
@@ -385,14 +395,20 @@ fields = ["id", "title", "email", "ssn"]
         }
         let unknown = toml::from_str::<File>("[[transforms]]\ntype = \"drop\"\nfeilds = [\"a\"]\n");
         assert!(unknown.is_err());
-        let in_not_array: File =
-            toml::from_str("[[transforms]]\ntype = \"filter\"\nfield = \"a\"\nop = \"in\"\nvalue = 1\n")
-                .expect("parses");
+        let in_not_array: File = toml::from_str(
+            "[[transforms]]\ntype = \"filter\"\nfield = \"a\"\nop = \"in\"\nvalue = 1\n",
+        )
+        .expect("parses");
         let error = validate("sink \"s\"", &in_not_array.transforms, false).expect_err("invalid");
-        assert!(error.0.contains("transforms[0]: key `value`"), "{}", error.0);
-        let route: File =
-            toml::from_str("[[transforms]]\ntype = \"route\"\nfield = \"a\"\ntopic = \"t.{value}\"\n")
-                .expect("parses");
+        assert!(
+            error.0.contains("transforms[0]: key `value`"),
+            "{}",
+            error.0
+        );
+        let route: File = toml::from_str(
+            "[[transforms]]\ntype = \"route\"\nfield = \"a\"\ntopic = \"t.{value}\"\n",
+        )
+        .expect("parses");
         let error = validate("sink \"s\"", &route.transforms, false).expect_err("invalid");
         assert!(error.0.contains("only for sources"), "{}", error.0);
     }

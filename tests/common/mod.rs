@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod connect;
 pub mod faults;
 pub mod gateway;
 pub mod history;

@@ -112,7 +112,10 @@ async fn member(config: &SinkConfig, ctx: &Context, task: u32) -> anyhow::Result
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     let group_config = GroupConsumerConfig {
         auto_commit_interval: None,
-        client_id: Some(format!("syncline-connect/{}/{}/{task}", ctx.worker, config.name)),
+        client_id: Some(format!(
+            "syncline-connect/{}/{}/{task}",
+            ctx.worker, config.name
+        )),
         ..GroupConsumerConfig::default()
     };
     let mut consumer = ctx
@@ -158,12 +161,19 @@ async fn consume(
             }
         }
         target.apply(&batch).await?;
-        consumer.commit().await.context("committing the group's offsets")?;
+        consumer
+            .commit()
+            .await
+            .context("committing the group's offsets")?;
         ctx.status
             .add_records(batch.iter().filter(|r| r.apply).count() as u64);
         if let Some(last) = batch.last() {
-            ctx.status
-                .set_position(format!("{}/{}@{}", last.topic, last.partition, last.offset + 1));
+            ctx.status.set_position(format!(
+                "{}/{}@{}",
+                last.topic,
+                last.partition,
+                last.offset + 1
+            ));
         }
         batch.clear();
     }

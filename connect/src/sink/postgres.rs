@@ -7,7 +7,10 @@ pub struct PostgresTarget;
 
 impl PostgresTarget {
     pub async fn open(config: &SinkConfig) -> anyhow::Result<PostgresTarget> {
-        anyhow::bail!("sink {:?}: kind = \"postgres\" is not available yet", config.name)
+        anyhow::bail!(
+            "sink {:?}: kind = \"postgres\" is not available yet",
+            config.name
+        )
     }
 
     pub async fn apply(&mut self, _batch: &[SinkRecord]) -> anyhow::Result<()> {

@@ -25,8 +25,9 @@ pub struct RedisTarget {
 
 impl RedisTarget {
     pub async fn open(config: &SinkConfig) -> anyhow::Result<RedisTarget> {
-        let client = redis::Client::open(config.url.as_str())
-            .with_context(|| format!("sink {:?}: key `url`: {}", config.name, redact(&config.url)))?;
+        let client = redis::Client::open(config.url.as_str()).with_context(|| {
+            format!("sink {:?}: key `url`: {}", config.name, redact(&config.url))
+        })?;
         let connection = client
             .get_multiplexed_async_connection()
             .await

@@ -52,8 +52,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use pg_walstream::{
-    ChangeEvent, EventType, LogicalReplicationStream, ReplicationStreamConfig,
-    RetryConfig, RowData, SnapshotOutcome, StreamingMode,
+    ChangeEvent, EventType, LogicalReplicationStream, ReplicationStreamConfig, RetryConfig,
+    RowData, SnapshotOutcome, StreamingMode,
 };
 use serde::{Deserialize, Serialize};
 use syncline_client::{partition_for_key, DeliveryFuture, Producer};
@@ -144,14 +144,20 @@ async fn run_with(
              PostgreSQL"
         );
     }
-    let database: String = admin.query_one("SELECT current_database()", &[]).await?.get(0);
+    let database: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await?
+        .get(0);
 
     let mut tables = HashMap::new();
     for name in &config.tables {
         let (schema, table) =
             split_table(name).ok_or_else(|| anyhow!("table {name:?} is not \"schema.table\""))?;
         let key_columns = primary_key(admin, schema, table).await?;
-        tables.insert((schema.to_owned(), table.to_owned()), TableInfo { key_columns });
+        tables.insert(
+            (schema.to_owned(), table.to_owned()),
+            TableInfo { key_columns },
+        );
     }
     ensure_publication(admin, config).await?;
 
@@ -162,7 +168,10 @@ async fn run_with(
         .and_then(|entry| serde_json::from_slice(&entry.value).ok());
     let slot = config.slot_name();
     let slot_exists = admin
-        .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
         .await?
         .is_some();
     let snapshot_done = saved
@@ -492,7 +501,8 @@ async fn run_with(
                     let after = to_row(relation, &new_data);
                     // A changed primary key moves the row: a delete of the old key first.
                     if let Some(before) = &before {
-                        if key_json(before, &info.key_columns) != key_json(&after, &info.key_columns)
+                        if key_json(before, &info.key_columns)
+                            != key_json(&after, &info.key_columns)
                         {
                             let delete = Change {
                                 op: Op::Delete,
@@ -569,7 +579,9 @@ async fn run_with(
                     )
                     .await?;
                 }
-                EventType::Truncate { tables: truncated, .. } => {
+                EventType::Truncate {
+                    tables: truncated, ..
+                } => {
                     if transaction.as_ref().is_some_and(|t| t.replay) {
                         continue;
                     }
@@ -814,7 +826,10 @@ async fn ensure_publication(
         .map(|(schema, table)| format!("\"{schema}\".\"{table}\""))
         .collect();
     let exists = admin
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await?
         .is_some();
     if !exists {
@@ -840,10 +855,7 @@ async fn ensure_publication(
         let Some((schema, name)) = split_table(table) else {
             continue;
         };
-        if !published
-            .iter()
-            .any(|(s, t)| s == schema && t == name)
-        {
+        if !published.iter().any(|(s, t)| s == schema && t == name) {
             tracing::warn!(source = %config.name, %table, "adding the table to publication {publication}: its existing rows are copied only by a new snapshot");
             admin
                 .batch_execute(&format!(

@@ -141,6 +141,15 @@ enum Command {
     /// or describe which topics and groups, and who administers the cluster.
     #[command(subcommand)]
     Acl(acl::AclCommand),
+    /// Run connectors (change data capture from PostgreSQL; sinks into PostgreSQL, Redis and
+    /// HTTP) from a connectors.toml, or show their status: runs the `syncline-connect` binary
+    /// installed beside this one (see `syncline connect --help`).
+    #[command(disable_help_flag = true)]
+    Connect {
+        /// Arguments for `syncline-connect` (`--config FILE`, `status --json`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -357,6 +366,9 @@ struct ConsumeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Connect { args } = &cli.command {
+        return exec_connect(args, &cli.broker);
+    }
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -460,7 +472,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&client, &cli.broker, &connect, args).await,
         Command::Cluster(command) => cluster::run(&client, command).await,
         Command::Acl(command) => acl::run(&client, command).await,
+        Command::Connect { .. } => Err(anyhow!("`syncline connect` runs syncline-connect")),
     }
+}
+
+/// `syncline connect ARGS`: replaces this process with `syncline-connect ARGS` (the connector
+/// runtime is its own crate and binary), found beside this executable, else on PATH. The broker
+/// address is passed on unless ARGS name one.
+fn exec_connect(args: &[std::ffi::OsString], broker: &str) -> ExitCode {
+    use std::os::unix::process::CommandExt as _;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("syncline-connect")))
+        .filter(|path| path.exists());
+    let program = beside.unwrap_or_else(|| "syncline-connect".into());
+    let mut command = std::process::Command::new(&program);
+    // The default address is left to syncline-connect, whose file may name another.
+    if broker != "127.0.0.1:7450"
+        && !args
+            .iter()
+            .any(|a| a.to_string_lossy().starts_with("--broker"))
+    {
+        command.env("SYNCLINE_BROKER", broker);
+    }
+    let error = command.args(args).exec();
+    fail(&anyhow!("cannot run {}: {error}", program.display()))
 }
 
 async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
