@@ -2688,6 +2688,47 @@ async fn given_revoked_partition_its_buffered_records_should_not_be_handed_out()
 }
 
 #[tokio::test]
+async fn given_processed_on_commit_only_when_a_batch_in_hand_is_revoked_should_commit_only_what_was_committed(
+) {
+    let (client, broker) = start().await;
+    client
+        .create_topic("t", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    append_values(&broker, "t", 0, &["a", "b", "c", "d", "e", "f"]);
+    assign(&broker, "g", &[("t", 0)]);
+    let config = crate::GroupConsumerConfig {
+        processed_on_commit_only: true,
+        auto_commit_interval: Some(Duration::from_millis(20)),
+        ..manual_commits()
+    };
+    let mut consumer = client.group_consumer("g", &["t"], config).await.unwrap();
+    let mut events = consumer.events();
+    // A first batch, committed by the application.
+    for _ in 0..2 {
+        next_group_record(&mut consumer).await;
+    }
+    consumer.commit().await.unwrap();
+    // A second batch in hand (three records asked for one after another), not committed.
+    for _ in 0..3 {
+        next_group_record(&mut consumer).await;
+    }
+    // Auto-commits and the revocation store only the application's commit: offset 2.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assign(&broker, "g", &[]);
+    loop {
+        if let crate::GroupEvent::Revoked(_) = next_event(&mut events).await {
+            break;
+        }
+    }
+    let committed = broker.lock().groups["g"]
+        .commits
+        .get(&("t".to_owned(), 0))
+        .copied();
+    assert_eq!(committed, Some(2), "{:?}", group_calls(&broker));
+}
+
+#[tokio::test]
 async fn auto_commit_should_commit_handed_out_records_and_close_should_commit_then_leave() {
     let (client, broker) = start().await;
     client

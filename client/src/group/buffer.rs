@@ -17,9 +17,13 @@ pub(super) struct Owned {
     /// Tells this ownership apart from an earlier or later one of the same partition: a
     /// reader only delivers while its token is current.
     pub(super) token: u64,
-    /// One past the last record handed out (the start position before any): what a commit
-    /// stores.
+    /// One past the last record processed (the start position before any): what a commit
+    /// stores. Moves as records are handed out, or with
+    /// [`GroupConsumerConfig::processed_on_commit_only`](super::GroupConsumerConfig) only
+    /// when the application commits.
     pub(super) processed: u64,
+    /// One past the last record handed out (the start position before any).
+    pub(super) handed_out: u64,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +51,8 @@ pub(super) struct Shared {
     /// Signalled (all waiters) when the queue shrinks.
     pub(super) space_ready: Notify,
     pub(super) records_max: usize,
+    /// `processed` moves only on `commit` and `close` (batching applications).
+    pub(super) processed_on_commit_only: bool,
     /// Reader tasks the background task still keeps (finished ones included), for tests.
     #[cfg(test)]
     pub(super) reader_tasks: std::sync::atomic::AtomicUsize,
@@ -66,6 +72,15 @@ impl Buffer {
 }
 
 impl Shared {
+    /// Every record handed out is processed (the application committed or closed).
+    pub(super) fn mark_all_processed(&self) {
+        let mut buffer = self.lock();
+        buffer.in_hand = None;
+        for owned in buffer.owned.values_mut() {
+            owned.processed = owned.handed_out;
+        }
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, Buffer> {
         // A panic while holding the lock leaves plain data behind; go on with it.
         self.buffer

@@ -55,6 +55,12 @@ pub struct GroupConsumerConfig {
     /// Events kept for a [`GroupEvents`] reader that has not caught up; older ones are dropped
     /// for it (it is told how many).
     pub events_buffered_max: usize,
+    /// Records count as processed only when the application calls
+    /// [`GroupConsumer::commit`](super::GroupConsumer::commit) or `close`, not when it asks
+    /// for the next one: for an application that takes a batch of records before it applies
+    /// them. Background commits (auto-commit, a revoked partition) then store only what the
+    /// application committed, so a crash with a batch in hand never skips it. Default false.
+    pub processed_on_commit_only: bool,
 }
 
 impl Default for GroupConsumerConfig {
@@ -70,6 +76,7 @@ impl Default for GroupConsumerConfig {
             retry_backoff_max: Duration::from_secs(1),
             client_id: None,
             events_buffered_max: 1024,
+            processed_on_commit_only: false,
         }
     }
 }

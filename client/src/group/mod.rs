@@ -181,6 +181,7 @@ impl GroupConsumer {
             records_ready: Notify::new(),
             space_ready: Notify::new(),
             records_max: config.buffered_records_max,
+            processed_on_commit_only: config.processed_on_commit_only,
             #[cfg(test)]
             reader_tasks: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -273,11 +274,15 @@ impl GroupConsumer {
                 if let Some(item) = buffer.queue.pop_front() {
                     if let Ok(record) = &item {
                         let key = (Arc::clone(&record.topic), record.partition);
+                        let on_commit_only = self.shared.processed_on_commit_only;
                         if let Some(owned) = buffer.owned.get_mut(&key) {
-                            debug_assert!(record.offset >= owned.processed);
-                            owned.processed = record.offset.saturating_add(1);
-                            let token = owned.token;
-                            buffer.in_hand = Some((key, token, record.offset));
+                            debug_assert!(record.offset >= owned.handed_out);
+                            owned.handed_out = record.offset.saturating_add(1);
+                            if !on_commit_only {
+                                owned.processed = owned.handed_out;
+                                let token = owned.token;
+                                buffer.in_hand = Some((key, token, record.offset));
+                            }
                         }
                     }
                     drop(buffer);
@@ -310,7 +315,7 @@ impl GroupConsumer {
     /// reads, and waits for the broker's answer. Partitions without new records are left out.
     pub async fn commit(&self) -> Result<()> {
         // Committing says every record handed out is processed, the last one too.
-        self.shared.lock().in_hand = None;
+        self.shared.mark_all_processed();
         self.ask(Command::Commit).await
     }
 
@@ -318,7 +323,7 @@ impl GroupConsumer {
     /// to the other members at once). Records still buffered are dropped. Returns the commit's
     /// error if it failed (the member leaves anyway).
     pub async fn close(mut self) -> Result<()> {
-        self.shared.lock().in_hand = None;
+        self.shared.mark_all_processed();
         let result = self.ask(Command::Close).await;
         // The task ends by itself after answering.
         let _ = (&mut self.task).await;

@@ -21,12 +21,9 @@
 //! - A failing target (unreachable, refusing the write) fails the member; the runtime starts
 //!   it again with backoff, from the last commit.
 //!
-//! Known gap: the group consumer commits the records handed out before the one the member holds
-//! when a partition is revoked. A member that crashes after such a revocation and before
-//! applying its batch loses that batch's records for the Redis and HTTP sinks (the PostgreSQL
-//! sink's stored offsets do not help either, as the group starts past them). Rebalances are
-//! rare, and the window is one batch; closing it needs a client option to skip the
-//! revocation commit.
+//! Members take their records with `processed_on_commit_only`: a partition revoked while a
+//! batch is in hand is committed only up to the last applied batch, so the next owner applies
+//! the batch again rather than skipping it.
 
 mod http;
 mod postgres;
@@ -112,6 +109,7 @@ async fn member(config: &SinkConfig, ctx: &Context, task: u32) -> anyhow::Result
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     let group_config = GroupConsumerConfig {
         auto_commit_interval: None,
+        processed_on_commit_only: true,
         client_id: Some(format!(
             "syncline-connect/{}/{}/{task}",
             ctx.worker, config.name

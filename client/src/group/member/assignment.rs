@@ -171,7 +171,14 @@ impl Member {
             self.shared
                 .lock()
                 .owned
-                .insert(key.clone(), Owned { token, processed });
+                .insert(
+                    key.clone(),
+                    Owned {
+                        token,
+                        processed,
+                        handed_out: processed,
+                    },
+                );
             let task = match start {
                 Some(offset) => Some(self.spawn_reader(key.clone(), token, offset)),
                 None => {
