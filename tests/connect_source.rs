@@ -393,3 +393,48 @@ fn given_a_table_without_a_primary_key_or_a_bad_file_should_say_so() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_writes_to_other_tables_when_idle_should_advance_the_slot_with_heartbeats() {
+    let test = "given_writes_to_other_tables_when_idle_should_advance_the_slot_with_heartbeats";
+    if pg::skip_unless_available(test) {
+        return;
+    }
+    let postgres = Postgres::start().unwrap();
+    postgres
+        .psql(
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, qty int NOT NULL); \
+             CREATE TABLE noise (id serial PRIMARY KEY, line text)",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("broker"));
+    let connect = ConnectProcess::start(
+        dir.path(),
+        &source_config(&postgres, "\"public.items\"", "heartbeat_ms = 200"),
+        &broker.addr,
+    );
+    connect.wait_for_log("streaming", Duration::from_secs(30));
+    postgres
+        .psql("INSERT INTO noise (line) SELECT repeat('x', 100) FROM generate_series(1, 2000)")
+        .unwrap();
+    let written = postgres.psql("SELECT pg_current_wal_lsn()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let behind = postgres
+            .psql(&format!(
+                "SELECT confirmed_flush_lsn < '{written}'::pg_lsn FROM pg_replication_slots \
+                 WHERE slot_name = 'syncline_shop'"
+            ))
+            .unwrap();
+        if behind == "f" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed behind {written}\n{}",
+            connect.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

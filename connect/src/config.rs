@@ -136,6 +136,11 @@ pub struct SourceConfig {
     /// Copy the tables' current rows first (`op` = `"r"`) when the slot is new. Default true.
     #[serde(default = "default_true")]
     pub snapshot: bool,
+    /// While no change of the captured tables arrives for this long, the source writes a
+    /// logical-decoding message (`pg_logical_emit_message`) and confirms it, so the slot does
+    /// not hold back WAL that other tables and databases write. 0 turns it off. Default 10,000.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_ms: u64,
     /// Transforms applied to each change, in order.
     #[serde(default)]
     pub transforms: Vec<TransformSpec>,
@@ -143,6 +148,10 @@ pub struct SourceConfig {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_heartbeat_ms() -> u64 {
+    10_000
 }
 
 /// Where a sink writes.

@@ -196,6 +196,7 @@ async fn run_with(
     let stream_config = ReplicationStreamConfig::builder(slot.clone(), config.publication_name())
         .with_protocol_version(1)
         .with_streaming_mode(StreamingMode::Off)
+        .with_messages(config.heartbeat_ms > 0)
         .with_feedback_interval(Duration::from_secs(1))
         .with_retry_config(RetryConfig::default());
     let replication_url = replication_url(&config.url);
@@ -352,8 +353,15 @@ async fn run_with(
         let slot = slot.clone();
         async move {
             let mut written = 0;
+            let mut moved_at = tokio::time::Instant::now();
+            let heartbeat = Duration::from_millis(config.heartbeat_ms);
             loop {
-                tokio::time::sleep(POSITION_INTERVAL).await;
+                let tick = if config.heartbeat_ms == 0 {
+                    POSITION_INTERVAL
+                } else {
+                    POSITION_INTERVAL.min(heartbeat)
+                };
+                tokio::time::sleep(tick).await;
                 let lsn = confirmed.load(Ordering::Acquire);
                 if lsn != 0 && lsn != written {
                     let position = SourcePosition {
@@ -367,6 +375,19 @@ async fn run_with(
                         .put(config.name.as_bytes(), serde_json::to_vec(&position)?)
                         .await?;
                     written = lsn;
+                    moved_at = tokio::time::Instant::now();
+                }
+                // Idle: a message through the slot moves its confirmed position past the WAL
+                // that other tables and databases wrote meanwhile.
+                if config.heartbeat_ms > 0 && moved_at.elapsed() >= heartbeat {
+                    admin
+                        .execute(
+                            "SELECT pg_logical_emit_message(true, 'syncline.heartbeat', '')",
+                            &[],
+                        )
+                        .await
+                        .context("writing a heartbeat message")?;
+                    moved_at = tokio::time::Instant::now();
                 }
                 let lag: Option<i64> = admin
                     .query_one(

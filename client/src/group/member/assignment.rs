@@ -168,17 +168,14 @@ impl Member {
             self.next_token += 1;
             let token = self.next_token;
             let processed = start.unwrap_or(0);
-            self.shared
-                .lock()
-                .owned
-                .insert(
-                    key.clone(),
-                    Owned {
-                        token,
-                        processed,
-                        handed_out: processed,
-                    },
-                );
+            self.shared.lock().owned.insert(
+                key.clone(),
+                Owned {
+                    token,
+                    processed,
+                    handed_out: processed,
+                },
+            );
             let task = match start {
                 Some(offset) => Some(self.spawn_reader(key.clone(), token, offset)),
                 None => {
