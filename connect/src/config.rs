@@ -46,6 +46,10 @@ pub const SINK_TASKS_MAX: u32 = 64;
 pub const SINK_BATCH_MAX: usize = 10_000;
 /// Most attempts of one HTTP batch before it goes to the dead-letter topic.
 pub const HTTP_ATTEMPTS_MAX: u32 = 100;
+/// Largest first backoff of the HTTP sink: the backoff doubles up to 30 s anyway.
+pub const HTTP_RETRY_BACKOFF_MAX_MS: u64 = 30_000;
+/// Most extra headers of the HTTP sink's requests.
+pub const HTTP_HEADERS_MAX: usize = 64;
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -219,14 +223,16 @@ pub struct SinkConfig {
     pub key_prefix: Option<String>,
     /// http: attempts of one batch before its records go to the dead-letter topic. Default 5.
     pub max_attempts: Option<u32>,
-    /// http: first backoff between attempts, doubled each time up to 30 s. Default 200.
+    /// http: first backoff between attempts, in milliseconds, doubled each time up to 30 s.
+    /// Default 200; within [1, 30000].
     pub retry_backoff_ms: Option<u64>,
     /// http: topic that receives the records of a batch that failed `max_attempts` times.
     /// Default `<name>.dlq`, created if missing.
     pub dead_letter_topic: Option<String>,
     /// http: per-request timeout, in milliseconds. Default 10,000.
     pub timeout_ms: Option<u64>,
-    /// http: extra request headers (`{ Authorization = "Bearer ..." }`).
+    /// http: extra request headers (`{ Authorization = "Bearer ..." }`), at most 64. Names
+    /// are HTTP tokens; values have no control characters but tab.
     pub headers: Option<BTreeMap<String, String>>,
     /// Transforms applied to each record before it is written, in order.
     #[serde(default)]
@@ -479,6 +485,17 @@ impl SinkConfig {
                 "{at}: key `timeout_ms`: must be at least 1"
             )));
         }
+        if let Some(backoff) = self.retry_backoff_ms {
+            if backoff == 0 || backoff > HTTP_RETRY_BACKOFF_MAX_MS {
+                return Err(ConfigError(format!(
+                    "{at}: key `retry_backoff_ms`: {backoff} is outside \
+                     [1, {HTTP_RETRY_BACKOFF_MAX_MS}]"
+                )));
+            }
+        }
+        if let Some(headers) = &self.headers {
+            check_headers(at, headers)?;
+        }
         if let Some(topic) = &self.dead_letter_topic {
             check_topic_name(at, "dead_letter_topic", topic)?;
         }
@@ -587,6 +604,30 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// HTTP header names (RFC 9110 tokens) and values (no control characters but tab).
+fn check_headers(at: &str, headers: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    if headers.len() > HTTP_HEADERS_MAX {
+        return Err(ConfigError(format!(
+            "{at}: key `headers`: {} headers, at most {HTTP_HEADERS_MAX}",
+            headers.len()
+        )));
+    }
+    for (name, value) in headers {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || !name.bytes().all(token) {
+            return Err(ConfigError(format!(
+                "{at}: key `headers`: {name:?} is not a header name"
+            )));
+        }
+        if value.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(ConfigError(format!(
+                "{at}: key `headers`: the value of {name:?} has a control character"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Topic names as the broker accepts them: 1 to 249 bytes of `[A-Za-z0-9._-]`.
 fn check_topic_name(at: &str, key: &str, topic: &str) -> Result<(), ConfigError> {
     if topic.is_empty()
@@ -663,6 +704,26 @@ topic_prefix = "shop"
         assert!(error_of(&twice).contains("another connector has this name"));
         assert!(
             error_of(&SOURCE.replace("kind = \"postgres\"", "kind = \"mysql\"")).contains("kind")
+        );
+    }
+
+    #[test]
+    fn given_bad_http_keys_should_name_the_key() {
+        let sink = "[[sink]]\nname = \"hook\"\nkind = \"http\"\ntopics = [\"t\"]\n\
+                    url = \"http://h/\"\n";
+        Config::parse(&format!(
+            "{sink}headers = {{ Authorization = \"Bearer x\" }}\n"
+        ))
+        .expect("valid headers");
+        assert!(error_of(&format!("{sink}retry_backoff_ms = 0\n"))
+            .contains("sink \"hook\": key `retry_backoff_ms`: 0 is outside"));
+        assert!(
+            error_of(&format!("{sink}headers = {{ \"Bad Name\" = \"x\" }}\n"))
+                .contains("key `headers`: \"Bad Name\" is not a header name")
+        );
+        assert!(
+            error_of(&format!("{sink}headers = {{ X-A = \"a\\nb\" }}\n"))
+                .contains("key `headers`: the value of \"X-A\" has a control character")
         );
     }
 

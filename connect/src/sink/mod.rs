@@ -11,13 +11,16 @@
 //!
 //! - Redis and HTTP: at least once. A crash between applying a batch and committing it applies
 //!   the batch again (both writes are idempotent by key: a SET of the same value, a webhook that
-//!   receives each record's topic, partition and offset to deduplicate by).
+//!   receives each record's topic, partition and offset to deduplicate by). An HTTP batch the
+//!   webhook keeps refusing goes to the sink's dead-letter topic (`http` module doc).
 //! - PostgreSQL: exactly once. The batch and the next offset of each of its partitions are
-//!   written in one database transaction (table `syncline_sink_offsets`), and records below the
-//!   stored offset are skipped, so a batch applied before a crash is not applied again.
+//!   written in one database transaction (table `syncline_sink_offsets`, in the target table's
+//!   schema), and records below the stored offset are skipped, so a batch applied before a
+//!   crash is not applied again. The database, not the group, is the sink's progress of
+//!   record (`postgres` module doc).
 //! - A record whose value cannot be read as a change (not JSON, not an object) is skipped and
 //!   counted as an error in the sink's status, with the reason; it never stops the sink. The
-//!   HTTP sink sends such records as they are.
+//!   HTTP sink sends such records as they are (`op = "raw"`).
 //! - A failing target (unreachable, refusing the write) fails the member; the runtime starts
 //!   it again with backoff, from the last commit.
 //!
@@ -53,17 +56,22 @@ pub struct SinkRecord {
     pub key: Option<Bytes>,
     /// The raw value (`None`: a tombstone).
     pub value: Option<Bytes>,
-    /// The row to write; `None` deletes the key.
+    /// The row to write; `None` deletes the key (unless `raw`).
     pub after: Option<Row>,
-    /// `false` when a filter dropped the record, or its value could not be read: the target
-    /// skips it but its offset counts as applied.
+    /// `false` when a filter dropped the record, or its value could not be read and the
+    /// target cannot send it as it is: the target skips it but its offset counts as applied.
     pub apply: bool,
+    /// The value could not be read as a change (not JSON, not an object), so `after` is `None`
+    /// without meaning a delete. Only the HTTP sink applies such a record (`op = "raw"`, the
+    /// value as a string); for the others `apply` is `false`.
+    pub raw: bool,
 }
 
 /// Where a sink writes.
 enum Target {
     Redis(redis::RedisTarget),
-    Postgres(postgres::PostgresTarget),
+    /// Boxed: the largest by far, and there is one target per member.
+    Postgres(Box<postgres::PostgresTarget>),
     Http(http::HttpTarget),
 }
 
@@ -71,15 +79,24 @@ impl Target {
     async fn open(config: &SinkConfig, ctx: &Context) -> anyhow::Result<Target> {
         Ok(match config.kind {
             SinkKind::Redis => Target::Redis(redis::RedisTarget::open(config).await?),
-            SinkKind::Postgres => Target::Postgres(postgres::PostgresTarget::open(config).await?),
+            SinkKind::Postgres => {
+                Target::Postgres(Box::new(postgres::PostgresTarget::open(config).await?))
+            }
             SinkKind::Http => Target::Http(http::HttpTarget::open(config, ctx).await?),
         })
     }
 
-    async fn apply(&mut self, batch: &[SinkRecord]) -> anyhow::Result<()> {
+    async fn apply(&mut self, batch: &[SinkRecord], ctx: &Context) -> anyhow::Result<()> {
         match self {
             Target::Redis(target) => target.apply(batch).await,
-            Target::Postgres(target) => target.apply(batch).await,
+            Target::Postgres(target) => {
+                let applied = target.apply(batch).await;
+                for warning in target.take_warnings() {
+                    tracing::warn!(sink = %ctx.status.connector, "{warning}");
+                    ctx.status.warn(&warning);
+                }
+                applied
+            }
             Target::Http(target) => target.apply(batch).await,
         }
     }
@@ -158,7 +175,7 @@ async fn consume(
                 Err(_) => break,
             }
         }
-        target.apply(&batch).await?;
+        target.apply(&batch, ctx).await?;
         consumer
             .commit()
             .await
@@ -190,6 +207,7 @@ fn to_sink_record(
         value: record.value.clone(),
         after: None,
         apply: true,
+        raw: false,
     };
     match sink_change(record.value.as_deref()) {
         Ok(change) => {
@@ -204,13 +222,23 @@ fn to_sink_record(
             }
         }
         Err(reason) => {
+            // The HTTP sink passes such a record on as it is; the others cannot write it.
+            let sent_raw = config.kind == SinkKind::Http;
             let message = format!(
-                "{}/{}@{}: skipped: {reason}",
-                record.topic, record.partition, record.offset
+                "{}/{}@{}: {}: {reason}",
+                record.topic,
+                record.partition,
+                record.offset,
+                if sent_raw {
+                    "sent as op = \"raw\""
+                } else {
+                    "skipped"
+                }
             );
             tracing::warn!(sink = %config.name, "{message}");
             ctx.status.warn(&message);
-            sink_record.apply = config.kind == SinkKind::Http;
+            sink_record.apply = sent_raw;
+            sink_record.raw = sent_raw;
         }
     }
     sink_record
