@@ -222,14 +222,19 @@ pub fn sink_change(value: Option<&[u8]>) -> Result<SinkChange, String> {
             before: None,
         });
     };
-    let json: Value =
-        serde_json::from_slice(value).map_err(|e| format!("value is not JSON: {e}"))?;
-    let Value::Object(object) = &json else {
-        return Err("value is not a JSON object".to_owned());
+    // A Row (an IndexMap) keeps the columns in the order the value lists them; a `Value`
+    // would sort them.
+    let top: Row = match serde_json::from_slice(value) {
+        Ok(top) => top,
+        Err(e) => {
+            return Err(match serde_json::from_slice::<Value>(value) {
+                Ok(_) => "value is not a JSON object".to_owned(),
+                Err(_) => format!("value is not JSON: {e}"),
+            })
+        }
     };
-    if object.contains_key("op") && (object.contains_key("after") || object.contains_key("before"))
-    {
-        let envelope: Envelope = serde_json::from_value(json)
+    if top.contains_key("op") && (top.contains_key("after") || top.contains_key("before")) {
+        let envelope: Envelope = serde_json::from_slice(value)
             .map_err(|e| format!("value is not a change envelope: {e}"))?;
         let after = match envelope.op {
             Op::Delete => None,
@@ -240,9 +245,8 @@ pub fn sink_change(value: Option<&[u8]>) -> Result<SinkChange, String> {
             before: envelope.before,
         });
     }
-    let row: Row = serde_json::from_value(json).map_err(|e| format!("value: {e}"))?;
     Ok(SinkChange {
-        after: Some(row),
+        after: Some(top),
         before: None,
     })
 }

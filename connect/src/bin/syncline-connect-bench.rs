@@ -26,7 +26,10 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio_postgres::NoTls;
 
 #[derive(Debug, Parser)]
-#[command(name = "syncline-connect-bench", about = "Measures change data capture and sinks")]
+#[command(
+    name = "syncline-connect-bench",
+    about = "Measures change data capture and sinks"
+)]
 struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:7450")]
@@ -215,15 +218,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 1. The database alone.
     let alone_table = format!("bench_alone_{run_id}");
-    db.batch_execute(&format!("CREATE TABLE {alone_table} {columns}")).await?;
-    let alone = insert_load(&args.pg_url, &alone_table, 0, args.rows, args.batch, args.clients, None)
+    db.batch_execute(&format!("CREATE TABLE {alone_table} {columns}"))
         .await?;
+    let alone = insert_load(
+        &args.pg_url,
+        &alone_table,
+        0,
+        args.rows,
+        args.batch,
+        args.clients,
+        None,
+    )
+    .await?;
     let alone_rate = args.rows as f64 / alone.as_secs_f64();
-    eprintln!("database alone: {alone_rate:.0} rows/s ({} rows in {alone:?})", args.rows);
+    eprintln!(
+        "database alone: {alone_rate:.0} rows/s ({} rows in {alone:?})",
+        args.rows
+    );
 
     // 2. The same load captured.
     let table = format!("bench_cdc_{run_id}");
-    db.batch_execute(&format!("CREATE TABLE {table} {columns}")).await?;
+    db.batch_execute(&format!("CREATE TABLE {table} {columns}"))
+        .await?;
     let prefix = format!("bench{run_id}");
     let topic = format!("{prefix}.public.{table}");
     let source = format!(
@@ -231,16 +247,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
          tables = [\"public.{table}\"]\ntopic_prefix = \"{prefix}\"\npartitions = 1\n",
         args.pg_url
     );
-    let mut connect =
-        start_connect(&args.connect_bin, &dir, "source", &source, &args.broker, "streaming").await?;
+    let mut connect = start_connect(
+        &args.connect_bin,
+        &dir,
+        "source",
+        &source,
+        &args.broker,
+        "streaming",
+    )
+    .await?;
     let started = Instant::now();
     let reader = {
         let client = client.clone();
         let topic = topic.clone();
         let rows = args.rows;
-        tokio::spawn(async move { read_captured(&client, &topic, rows, Duration::from_secs(600)).await })
+        tokio::spawn(
+            async move { read_captured(&client, &topic, rows, Duration::from_secs(600)).await },
+        )
     };
-    insert_load(&args.pg_url, &table, 0, args.rows, args.batch, args.clients, None).await?;
+    insert_load(
+        &args.pg_url,
+        &table,
+        0,
+        args.rows,
+        args.batch,
+        args.clients,
+        None,
+    )
+    .await?;
     let committed = started.elapsed();
     let (full_lag, last) = reader.await??;
     let captured = last.duration_since(started);
@@ -259,7 +293,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let client = client.clone();
         let topic = topic.clone();
         let total = args.rows + paced_rows;
-        tokio::spawn(async move { read_captured(&client, &topic, total, Duration::from_secs(600)).await })
+        tokio::spawn(async move {
+            read_captured(&client, &topic, total, Duration::from_secs(600)).await
+        })
     };
     insert_load(
         &args.pg_url,
@@ -329,8 +365,10 @@ async fn sink_postgres(
     let columns = "(id bigint PRIMARY KEY, name text NOT NULL, qty int NOT NULL, at timestamptz)";
     let target = format!("bench_sink_{run_id}");
     let plain = format!("bench_plain_{run_id}");
-    db.batch_execute(&format!("CREATE TABLE {target} {columns}; CREATE TABLE {plain} {columns}"))
-        .await?;
+    db.batch_execute(&format!(
+        "CREATE TABLE {target} {columns}; CREATE TABLE {plain} {columns}"
+    ))
+    .await?;
 
     // The plain client: the same rows, 500 per transaction, the same upsert statement.
     let rows_json: Vec<Value> = (0..rows)
@@ -359,8 +397,15 @@ async fn sink_postgres(
         args.pg_url
     );
     let started = Instant::now();
-    let mut connect =
-        start_connect(&args.connect_bin, dir, "pgsink", &config, &args.broker, "INFO").await?;
+    let mut connect = start_connect(
+        &args.connect_bin,
+        dir,
+        "pgsink",
+        &config,
+        &args.broker,
+        "INFO",
+    )
+    .await?;
     let count_sql = format!("SELECT count(*) FROM {target}");
     loop {
         let count: i64 = db.query_one(&count_sql, &[]).await?.get(0);
@@ -379,7 +424,9 @@ async fn sink_postgres(
         "postgres sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; the sink's time includes its start)",
         sink_rate / plain_rate
     );
-    Ok(json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}))
+    Ok(
+        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}),
+    )
 }
 
 /// The Redis sink applying `rows` records of `topic`, next to a plain client pipelining the same
@@ -399,7 +446,8 @@ async fn sink_redis(
         let mut pipe = redis::pipe();
         for i in chunk_start..(chunk_start + 500).min(rows) {
             let value = json!({"id": i, "name": format!("name {i}"), "qty": i % 100, "at": "2026-12-04 00:00:00+00"});
-            pipe.set(format!("plain{run_id}:{{\"id\":{i}}}"), value.to_string()).ignore();
+            pipe.set(format!("plain{run_id}:{{\"id\":{i}}}"), value.to_string())
+                .ignore();
         }
         let () = pipe.query_async(&mut connection).await?;
     }
@@ -410,12 +458,22 @@ async fn sink_redis(
          url = \"{url}\"\nkey_prefix = \"sink{run_id}:\"\nbatch_size = 500\n"
     );
     let started = Instant::now();
-    let mut connect =
-        start_connect(&args.connect_bin, dir, "redissink", &config, &args.broker, "INFO").await?;
+    let mut connect = start_connect(
+        &args.connect_bin,
+        dir,
+        "redissink",
+        &config,
+        &args.broker,
+        "INFO",
+    )
+    .await?;
     let probe = format!("sink{run_id}:{{\"id\":{}}}", rows - 1);
     loop {
         // Records of one partition arrive in order: the last id present means all are.
-        let exists: bool = redis::cmd("EXISTS").arg(&probe).query_async(&mut connection).await?;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&probe)
+            .query_async(&mut connection)
+            .await?;
         if exists {
             break;
         }
@@ -430,7 +488,9 @@ async fn sink_redis(
         "redis sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; the sink's time includes its start)",
         sink_rate / plain_rate
     );
-    Ok(json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}))
+    Ok(
+        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}),
+    )
 }
 
 fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {

@@ -102,8 +102,25 @@ impl Target {
     }
 }
 
+/// How often a sink's lag (its group's, over its topics) is read.
+const LAG_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Runs the sink's tasks until one fails or the runtime stops.
 pub async fn run(config: &SinkConfig, ctx: &Context) -> anyhow::Result<()> {
+    // A source of the same file may be about to create the topics: wait for them quietly.
+    for topic in &config.topics {
+        let mut said = false;
+        while ctx.client.describe_topic(topic).await.is_err() {
+            if !said {
+                tracing::info!(sink = %config.name, %topic, "waiting for the topic to exist");
+                said = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = ctx.cancel.cancelled() => return Ok(()),
+            }
+        }
+    }
     let mut members = tokio::task::JoinSet::new();
     for task in 0..config.tasks {
         let config = config.clone();
@@ -111,14 +128,33 @@ pub async fn run(config: &SinkConfig, ctx: &Context) -> anyhow::Result<()> {
         members.spawn(async move { member(&config, &ctx, task).await });
     }
     ctx.status.set_state("running");
-    while let Some(joined) = members.join_next().await {
-        match joined {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => anyhow::bail!("a sink task panicked: {e}"),
+    let lag = async {
+        let group = config.group_name();
+        loop {
+            tokio::time::sleep(LAG_INTERVAL).await;
+            if let Ok(description) = ctx.client.describe_group(&group).await {
+                let lag: u64 = description
+                    .partitions
+                    .iter()
+                    .filter(|p| config.topics.contains(&p.topic))
+                    .map(|p| p.lag)
+                    .sum();
+                ctx.status.set_lag(lag);
+            }
+        }
+    };
+    tokio::pin!(lag);
+    loop {
+        tokio::select! {
+            joined = members.join_next() => match joined {
+                None => return Ok(()),
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => anyhow::bail!("a sink task panicked: {e}"),
+            },
+            () = &mut lag => {}
         }
     }
-    Ok(())
 }
 
 async fn member(config: &SinkConfig, ctx: &Context, task: u32) -> anyhow::Result<()> {
