@@ -76,11 +76,8 @@ async fn given_a_source_and_sinks_when_the_table_changes_should_keep_database_an
     postgres.psql_in("mirror", schema).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let broker = BrokerProcess::start(&dir.path().join("broker"));
-    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let metrics_addr = metrics.local_addr().unwrap().to_string();
-    drop(metrics);
     let config = format!(
-        "[connect]\nmetrics_listen = \"{metrics_addr}\"\n\n\
+        "[connect]\nmetrics_listen = \"127.0.0.1:0\"\n\n\
          [[source]]\nname = \"shop\"\nkind = \"postgres\"\nurl = \"{}\"\ntables = [\"public.items\"]\n\
          topic_prefix = \"shop\"\npartitions = 3\n\n\
          [[sink]]\nname = \"mirror\"\nkind = \"postgres\"\ntopics = [\"shop.public.items\"]\n\
@@ -91,6 +88,18 @@ async fn given_a_source_and_sinks_when_the_table_changes_should_keep_database_an
         redis.url()
     );
     let connect = ConnectProcess::start(dir.path(), &config, &broker.addr);
+    connect.wait_for_log("metrics on /metrics", Duration::from_secs(30));
+    let metrics_addr = connect
+        .log()
+        .lines()
+        .find_map(|line| {
+            let at = line.find("address=")?;
+            line[at + "address=".len()..]
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .expect("the metrics address in the log");
     write_load(&postgres, 1_000, 40);
 
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -101,12 +110,11 @@ async fn given_a_source_and_sinks_when_the_table_changes_should_keep_database_an
         let cached: BTreeMap<String, Value> = keys
             .lines()
             .filter(|k| !k.is_empty())
-            .map(|key| {
+            .filter_map(|key| {
+                // A key deleted between the scan and the GET reads as empty.
                 let value = redis.cli(&["GET", key]).unwrap();
-                (
-                    key.trim_start_matches("items:").to_owned(),
-                    serde_json::from_str(&value).unwrap(),
-                )
+                let value = serde_json::from_str(value.trim()).ok()?;
+                Some((key.trim_start_matches("items:").to_owned(), value))
             })
             .collect();
         if source == mirror && source == cached {

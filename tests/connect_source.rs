@@ -103,16 +103,29 @@ fn assert_no_duplicate_changes(records: &[CdcRecord]) {
     );
 }
 
-/// Runs `transactions` transactions of mixed inserts, updates and deletes on `items`.
+/// Runs `transactions` transactions of mixed inserts, updates and deletes on `items`. Every
+/// fifth also loads two rows with COPY (one WAL record, so one LSN, for both) and moves a row
+/// to another primary key (a delete and an insert at one LSN).
 fn write_load(postgres: &Postgres, first_id: i64, transactions: i64) {
     for t in 0..transactions {
         let id = first_id + t * 3;
+        let extra = if t % 5 == 4 {
+            format!(
+                "COPY items FROM PROGRAM 'printf \"{c}\\tc{c}\\t1\\n{c2}\\tc{c2}\\t2\\n\"'; \
+                 UPDATE items SET id = id + 1000000 WHERE id = {moved};",
+                c = 500_000 + id,
+                c2 = 500_001 + id,
+                moved = id - 4,
+            )
+        } else {
+            String::new()
+        };
         postgres
             .psql(&format!(
                 "BEGIN; \
                  INSERT INTO items VALUES ({id}, 'n{id}', {t}), ({a}, 'n{a}', {t}), ({b}, 'n{b}', {t}); \
                  UPDATE items SET qty = qty + 1, name = name || '+' WHERE id % 7 = {m}; \
-                 DELETE FROM items WHERE id = {d}; \
+                 DELETE FROM items WHERE id = {d}; {extra} \
                  COMMIT;",
                 a = id + 1,
                 b = id + 2,
@@ -308,6 +321,21 @@ async fn given_schema_changes_transforms_and_truncate_should_follow_or_report_th
         serde_json::json!({"id": 11, "qty": 20, "color": "blue"})
     );
 
+    // A delete of a kept row, and an update that stops a row matching, both leave the topic.
+    postgres
+        .psql("DELETE FROM items WHERE id = 4; UPDATE items SET qty = 1 WHERE id = 6")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = fold(&read_cdc(&mut client, "shop.public.items").await);
+        if !table.contains_key("{\"id\":4}") && !table.contains_key("{\"id\":6}") {
+            assert!(table.contains_key("{\"id\":7}"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "rows 4 and 6 stayed: {table:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     postgres.psql("TRUNCATE items").unwrap();
     connect.wait_for_log("TRUNCATE of public.items", Duration::from_secs(30));
 
@@ -370,6 +398,22 @@ fn given_a_table_without_a_primary_key_or_a_bad_file_should_say_so() {
     );
     connect.wait_for_log(
         "table public.logs has no primary key",
+        Duration::from_secs(30),
+    );
+    drop(connect);
+    postgres
+        .psql(
+            "CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id); \
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100)",
+        )
+        .unwrap();
+    let connect = ConnectProcess::start(
+        dir.path(),
+        &source_config(&postgres, "\"public.parted\"", "").replace("shop", "parts"),
+        &broker.addr,
+    );
+    connect.wait_for_log(
+        "table public.parted is partitioned",
         Duration::from_secs(30),
     );
 

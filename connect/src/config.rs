@@ -365,6 +365,12 @@ impl SourceConfig {
                 }
             }
         }
+        if self.heartbeat_ms != 0 && self.heartbeat_ms < 100 {
+            return Err(ConfigError(format!(
+                "{at}: key `heartbeat_ms`: {} is below 100 (0 turns heartbeats off)",
+                self.heartbeat_ms
+            )));
+        }
         if self.partitions == Some(0) {
             return Err(ConfigError(format!(
                 "{at}: key `partitions`: must be at least 1"

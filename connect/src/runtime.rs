@@ -121,22 +121,36 @@ pub async fn run(config: Config, client: Client, cancel: CancellationToken) -> a
     }
 
     let status_table = client.table(&config.connect.status_topic).await?;
+    // Statuses are written concurrently and given up after a while: a broker that is down
+    // must neither stall the runtime nor hold up its exit.
     let publish = |final_state: bool| {
         let statuses = statuses.clone();
         let status_table = &status_table;
         let worker = worker.clone();
         async move {
-            for status in &statuses {
+            let writes = statuses.iter().filter_map(|status| {
                 if final_state {
                     status.set_state("stopped");
                 }
                 let report = status.report(&worker);
                 let key = format!("{}@{}", report.connector, worker);
-                if let Ok(value) = serde_json::to_vec(&report) {
+                let value = serde_json::to_vec(&report).ok()?;
+                Some(async move {
                     if let Err(e) = status_table.put(key.as_bytes(), value).await {
                         tracing::debug!(error = %e, "publishing a status");
                     }
-                }
+                })
+            });
+            let deadline = if final_state {
+                PUBLISH_FINAL_TIMEOUT
+            } else {
+                status::PUBLISH_INTERVAL * 2
+            };
+            if tokio::time::timeout(deadline, futures::future::join_all(writes))
+                .await
+                .is_err()
+            {
+                tracing::debug!("publishing statuses timed out");
             }
         }
     };
@@ -157,7 +171,15 @@ pub async fn run(config: Config, client: Client, cancel: CancellationToken) -> a
     Ok(())
 }
 
-/// Runs a connector again and again until cancelled, with backoff after failures.
+/// How long the last status publication may take at exit.
+const PUBLISH_FINAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connector may take to stop once cancelled (a sink leaves its group, a source
+/// flushes its producers) before it is dropped.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs a connector again and again until cancelled, with backoff after failures. A cancelled
+/// connector sees the cancellation itself and stops cleanly, within [`STOP_GRACE`].
 async fn supervise<F, Fut>(ctx: Context, run: F)
 where
     F: Fn(Context) -> Fut,
@@ -167,9 +189,13 @@ where
     loop {
         let started = tokio::time::Instant::now();
         let attempt = ctx.clone();
+        let grace = async {
+            ctx.cancel.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
         let result = tokio::select! {
             result = run(attempt) => result,
-            _ = ctx.cancel.cancelled() => Ok(()),
+            () = grace => Ok(()),
         };
         if ctx.cancel.is_cancelled() {
             ctx.status.set_state("stopped");

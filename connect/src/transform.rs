@@ -136,6 +136,13 @@ pub fn validate(at: &str, specs: &[TransformSpec], source: bool) -> Result<(), C
                         "{at}: key `topic`: {topic:?} must contain {{value}}"
                     )));
                 }
+                // {value} becomes at most 128 characters; topic names are at most 249.
+                if topic.len() > 249 - 128 + "{value}".len() {
+                    return Err(ConfigError(format!(
+                        "{at}: key `topic`: {topic:?} is too long (at most 128 characters \
+                         around {{value}})"
+                    )));
+                }
             }
         }
     }
@@ -147,32 +154,33 @@ pub fn validate(at: &str, specs: &[TransformSpec], source: bool) -> Result<(), C
 pub struct Rows {
     /// The row before the change (updates and deletes, when known).
     pub before: Option<Row>,
-    /// The row after the change (inserts, updates, snapshot reads).
+    /// The row after the change (inserts, updates, snapshot reads); `None` for a delete.
     pub after: Option<Row>,
-    /// The topic the change goes to (sources); `route` rewrites it.
-    pub topic: String,
+    /// The row is new downstream (an insert or a snapshot read): a filter that rejects it
+    /// drops the change. Otherwise a rejected row may exist downstream, and the change becomes
+    /// a delete.
+    pub new_row: bool,
 }
 
-/// Applies transforms in order. `None`: a filter dropped the change.
+/// Applies transforms in order. `None`: a filter dropped the change. A filter never drops a
+/// delete (its `before` may hold only the key), and turns an update whose new row it rejects
+/// into a delete (`after` becomes `None`), so rows that stop matching leave the table.
 pub fn apply(specs: &[TransformSpec], mut rows: Rows) -> Option<Rows> {
     for spec in specs {
         match spec {
             TransformSpec::Filter { field, op, value } => {
-                let row = rows.after.as_ref().or(rows.before.as_ref());
-                let found = row.and_then(|row| row.get(field));
-                if !matches(found, *op, value.as_ref()) {
-                    return None;
+                let Some(after) = &rows.after else {
+                    continue;
+                };
+                if !matches(after.get(field), *op, value.as_ref()) {
+                    if rows.new_row {
+                        return None;
+                    }
+                    rows.after = None;
                 }
             }
-            TransformSpec::Route { field, topic } => {
-                let row = rows.after.as_ref().or(rows.before.as_ref());
-                let value = match row.and_then(|row| row.get(field)) {
-                    Some(Value::String(text)) => text.clone(),
-                    Some(Value::Null) | None => "null".to_owned(),
-                    Some(other) => other.to_string(),
-                };
-                rows.topic = topic.replace("{value}", &topic_safe(&value));
-            }
+            // Routing is decided on the transformed rows: [`route`].
+            TransformSpec::Route { .. } => {}
             row_spec => {
                 for row in [rows.before.as_mut(), rows.after.as_mut()]
                     .into_iter()
@@ -226,6 +234,33 @@ fn apply_to_row(spec: &TransformSpec, row: &mut Row) {
         }
         TransformSpec::Filter { .. } | TransformSpec::Route { .. } => {}
     }
+}
+
+/// The topic a row goes to: `default`, or the last `route`'s topic named after the row's field.
+pub fn route(specs: &[TransformSpec], row: &Row, default: &str) -> String {
+    let mut topic = default.to_owned();
+    for spec in specs {
+        if let TransformSpec::Route {
+            field,
+            topic: template,
+        } = spec
+        {
+            let value = match row.get(field) {
+                Some(Value::String(text)) => text.clone(),
+                Some(Value::Null) | None => "null".to_owned(),
+                Some(other) => other.to_string(),
+            };
+            topic = template.replace("{value}", &topic_safe(&value));
+        }
+    }
+    topic
+}
+
+/// Whether any transform routes.
+pub fn routes(specs: &[TransformSpec]) -> bool {
+    specs
+        .iter()
+        .any(|spec| matches!(spec, TransformSpec::Route { .. }))
 }
 
 /// A field value made fit for a topic name: characters outside `[A-Za-z0-9._-]` become `_`.
@@ -315,7 +350,7 @@ mod tests {
         Rows {
             before: None,
             after: serde_json::from_value(after).ok(),
-            topic: "t".to_owned(),
+            new_row: true,
         }
     }
 
@@ -372,6 +407,19 @@ fields = ["id", "title", "email", "ssn"]
         );
         assert!(apply(&within, rows(json!({"s": "b"}))).is_some());
         assert!(apply(&within, rows(json!({"s": "c"}))).is_none());
+        // An update whose new row no longer matches becomes a delete; a delete is never
+        // filtered.
+        let update = Rows {
+            new_row: false,
+            ..rows(json!({"qty": 1}))
+        };
+        assert_eq!(apply(&gt, update).expect("kept").after, None);
+        let delete = Rows {
+            before: serde_json::from_value(json!({"id": 1})).ok(),
+            after: None,
+            new_row: false,
+        };
+        assert!(apply(&gt, delete).is_some());
         let missing = specs("[[transforms]]\ntype = \"filter\"\nfield = \"d\"\nop = \"missing\"\n");
         assert!(apply(&missing, rows(json!({"d": null}))).is_some());
         assert!(apply(&missing, rows(json!({"d": 1}))).is_none());
@@ -382,8 +430,9 @@ fields = ["id", "title", "email", "ssn"]
         let route = specs(
             "[[transforms]]\ntype = \"route\"\nfield = \"region\"\ntopic = \"orders.{value}\"\n",
         );
-        let out = apply(&route, rows(json!({"region": "eu west"}))).expect("kept");
-        assert_eq!(out.topic, "orders.eu_west");
+        let row: Row = serde_json::from_value(json!({"region": "eu west"})).expect("row");
+        assert_eq!(super::route(&route, &row, "t"), "orders.eu_west");
+        assert!(routes(&route));
     }
 
     #[test]

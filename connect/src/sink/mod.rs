@@ -247,10 +247,11 @@ fn to_sink_record(
     };
     match sink_change(record.value.as_deref()) {
         Ok(change) => {
+            // A row a filter rejects is deleted downstream (it may be there from before).
             let rows = Rows {
                 before: change.before,
                 after: change.after,
-                topic: record.topic.to_string(),
+                new_row: false,
             };
             match transform::apply(&config.transforms, rows) {
                 Some(rows) => sink_record.after = rows.after,

@@ -14,38 +14,54 @@
 //!
 //! # Life of a source
 //!
-//! 1. Checks: `wal_level = logical`; each table exists and has a primary key (its columns, in
-//!    column order, make the record key). A missing table or key is a clear error naming it.
+//! 1. Checks ([`super::catalog`]): `wal_level = logical`; each table exists, is not
+//!    partitioned, has a primary key (its columns, in column order, make the record key) and a
+//!    replica identity that carries it. Each refusal names the table.
 //! 2. The publication is created for the tables if missing (tables missing from an existing one
 //!    are added); each table's topic `<prefix>.<schema>.<table>` is created (compacted) if
 //!    missing.
 //! 3. The position (key = the source's name in the positions topic) says whether a snapshot of
 //!    this slot completed. With a slot and a completed snapshot, streaming resumes at the slot's
-//!    confirmed position. Otherwise the slot is dropped if present, created again, and the
-//!    tables are copied inside the snapshot it exports (`op = "r"`); the position is marked
-//!    complete once every copied row is acknowledged. An interrupted snapshot is started over:
-//!    its rows are written again, which leaves each table topic with the same latest rows.
+//!    confirmed position. Without a slot, the source records "snapshot in progress", creates the
+//!    slot and copies the tables inside the snapshot it exports (`op = "r"`), and records the
+//!    snapshot complete once every copied row is acknowledged. A slot whose snapshot was
+//!    recorded in progress is dropped and the copy taken again; a slot the positions topic
+//!    knows nothing of is left alone and the source stops with an error that says what to do.
+//!    A copy taken again rewrites every row; rows deleted in between stay in the topic.
 //! 4. Streaming: each transaction's changes are written in commit order, then handed to the
 //!    confirmer, which waits until every record of the transaction (and of all before it) is
 //!    durably acknowledged by Syncline and only then reports the transaction's end LSN to
 //!    PostgreSQL as flushed. A crash anywhere makes PostgreSQL send again what was not
-//!    confirmed; nothing is skipped.
-//! 5. No duplicates after a crash: before streaming, the source reads the last record of every
-//!    partition it writes and its position header (commit LSN, change LSN), and skips every
-//!    resent change at or before it. Within a run, a reconnect's replay is skipped by commit
-//!    LSN. Retries of a batch are exact through the idempotent producer.
+//!    confirmed. Source producers retry for days (not the default 30 s), so a broker outage
+//!    stalls the source instead of failing records.
+//! 5. No duplicates after a crash: each record's position header is its transaction's commit
+//!    LSN and the change's ordinal in it (changes sharing an LSN, as COPY's rows do, stay
+//!    apart). Before streaming, the source reads the last record of every partition it writes
+//!    and skips every resent change at or before that position. Within a run, a reconnect's
+//!    replay is skipped by commit LSN. Retries of a batch are exact through the idempotent
+//!    producer. After a new snapshot, positions past its start (from an earlier history of the
+//!    database, say a restored backup) are not trusted.
 //!
 //! # What is reported, not mirrored
 //!
 //! - `TRUNCATE`: a topic cannot be emptied by a record; the source logs it, counts it as an
 //!   error in its status (state stays `streaming`) and goes on. Delete the topic's keys or
 //!   recreate the topic if the truncation should reach readers.
-//! - Tables without a primary key are refused at start.
+//! - Changes of relations the source does not capture (a publication shared with more tables)
+//!   are skipped and reported once per relation.
 //! - Schema changes: a `Relation` message precedes the first change after an `ALTER TABLE`, and
 //!   later changes carry the new columns (an added column appears in `after`, a dropped one
-//!   disappears). Type changes change the column's JSON type accordingly.
+//!   disappears). Type changes change the column's JSON type accordingly. A renamed table is
+//!   no longer captured under its old name (reported as above).
+//!
+//! # Residual risk
+//!
+//! A batch the broker refuses for good (not a timeout; records too large for a batch are
+//! refused before they are sent) stops the source, but batches already sent behind it may
+//! land; on restart their positions make the source skip the refused changes. The status
+//! shows the error.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,10 +72,11 @@ use pg_walstream::{
     RowData, SnapshotOutcome, StreamingMode,
 };
 use serde::{Deserialize, Serialize};
-use syncline_client::{partition_for_key, DeliveryFuture, Producer};
+use syncline_client::{partition_for_key, DeliveryFuture, Producer, ProducerConfig};
 use tokio::sync::mpsc;
 use tokio_postgres::NoTls;
 
+use super::catalog::{self, TableKey};
 use crate::config::{split_table, SourceConfig};
 use crate::envelope::{
     column_json, key_json, lsn_text, now_ms, Envelope, Op, Position, Row, SourceInfo,
@@ -72,6 +89,13 @@ use crate::transform::{self, Rows};
 const PENDING_TRANSACTIONS_MAX: usize = 4096;
 /// How often the position record and the lag are refreshed.
 const POSITION_INTERVAL: Duration = Duration::from_secs(1);
+/// Snapshot rows in flight before the copy waits for their acknowledgements.
+const SNAPSHOT_WINDOW: usize = 65_536;
+/// Most topics one source writes (its tables' and those `route` names).
+const OUTPUTS_MAX: usize = 1024;
+/// How long a source's producer retries a batch: a broker outage stalls the source, it does
+/// not fail records.
+const SOURCE_DELIVERY_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The source's record in the positions topic.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -85,12 +109,6 @@ pub struct SourcePosition {
     /// The last end LSN confirmed to PostgreSQL.
     pub confirmed_lsn: Option<String>,
     pub updated_ms: i64,
-}
-
-/// A captured table: its topic and key columns.
-#[derive(Debug, Clone)]
-struct TableInfo {
-    key_columns: Vec<String>,
 }
 
 /// Column types of a relation, from the latest `Relation` message (or the snapshot's catalog).
@@ -109,10 +127,30 @@ struct Output {
     tails: HashMap<u32, Position>,
 }
 
-/// A transaction's deliveries, confirmed once all are acknowledged.
+/// A transaction's deliveries, confirmed once all are acknowledged. `end_lsn` is `None` for
+/// the deliveries of a transaction cut by a reconnect: awaited, but nothing confirmed.
 struct Pending {
-    end_lsn: u64,
+    end_lsn: Option<u64>,
     deliveries: Vec<DeliveryFuture>,
+}
+
+/// A change ready to be transformed and written.
+struct Change {
+    op: Op,
+    before: Option<Row>,
+    after: Option<Row>,
+    source: SourceInfo,
+    position: Position,
+}
+
+/// The source's writing side: its tables and output topics.
+struct Writer<'a> {
+    config: &'a SourceConfig,
+    ctx: &'a Context,
+    tables: HashMap<(String, String), TableKey>,
+    outputs: HashMap<String, Output>,
+    /// Relations whose changes were skipped (not captured), reported once each.
+    reported: HashSet<(String, String)>,
 }
 
 /// Runs the source until it fails or `ctx.cancel` fires.
@@ -149,17 +187,29 @@ async fn run_with(
         .await?
         .get(0);
 
-    let mut tables = HashMap::new();
+    let mut writer = Writer {
+        config,
+        ctx,
+        tables: HashMap::new(),
+        outputs: HashMap::new(),
+        reported: HashSet::new(),
+    };
     for name in &config.tables {
         let (schema, table) =
             split_table(name).ok_or_else(|| anyhow!("table {name:?} is not \"schema.table\""))?;
-        let key_columns = primary_key(admin, schema, table).await?;
-        tables.insert(
-            (schema.to_owned(), table.to_owned()),
-            TableInfo { key_columns },
-        );
+        let key = catalog::table_key(admin, schema, table).await?;
+        if transform::routes(&config.transforms) && !key.identity_full {
+            bail!(
+                "table {schema}.{table}: a `route` transform needs REPLICA IDENTITY FULL (deletes \
+                 and moved rows must carry the routed column): ALTER TABLE {schema}.{table} \
+                 REPLICA IDENTITY FULL"
+            );
+        }
+        writer
+            .tables
+            .insert((schema.to_owned(), table.to_owned()), key);
     }
-    ensure_publication(admin, config).await?;
+    catalog::ensure_publication(admin, config).await?;
 
     let positions = ctx.client.table(&ctx.runtime.positions_topic).await?;
     let saved: Option<SourcePosition> = positions
@@ -167,6 +217,7 @@ async fn run_with(
         .await?
         .and_then(|entry| serde_json::from_slice(&entry.value).ok());
     let slot = config.slot_name();
+    let ours = saved.as_ref().filter(|p| p.slot == slot);
     let slot_exists = admin
         .query_opt(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
@@ -174,23 +225,42 @@ async fn run_with(
         )
         .await?
         .is_some();
-    let snapshot_done = saved
-        .as_ref()
-        .is_some_and(|p| p.slot == slot && p.snapshot_complete);
-    if slot_exists && config.snapshot && !snapshot_done {
+    let mut take_snapshot = config.snapshot && !slot_exists;
+    if slot_exists && config.snapshot && !ours.is_some_and(|p| p.snapshot_complete) {
+        if ours.is_none() {
+            bail!(
+                "replication slot {slot} exists, but the positions topic {} has no snapshot of \
+                 source {:?} in it: to copy the tables again drop the slot (SELECT \
+                 pg_drop_replication_slot('{slot}')); to stream from it without a copy set \
+                 snapshot = false",
+                ctx.runtime.positions_topic,
+                config.name
+            );
+        }
         tracing::info!(source = %config.name, %slot, "the slot's snapshot never completed: dropping the slot to take it again");
         admin
             .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
             .await
             .context("dropping the replication slot of an incomplete snapshot")?;
-    } else if !slot_exists && snapshot_done {
+        take_snapshot = true;
+    } else if !slot_exists && ours.is_some_and(|p| p.snapshot_complete) {
         tracing::warn!(source = %config.name, %slot, "the replication slot is gone: copying the tables again; rows deleted meanwhile stay in the topics");
     }
+    if take_snapshot {
+        let position = SourcePosition {
+            slot: slot.clone(),
+            snapshot_complete: false,
+            updated_ms: now_ms(),
+            ..SourcePosition::default()
+        };
+        positions
+            .put(config.name.as_bytes(), serde_json::to_vec(&position)?)
+            .await?;
+    }
 
-    let mut outputs: HashMap<String, Output> = HashMap::new();
-    for (schema, table) in tables.keys() {
-        let topic = config.topic_of(schema, table);
-        open_output(ctx, config, &mut outputs, &topic).await?;
+    let tables: Vec<(String, String)> = writer.tables.keys().cloned().collect();
+    for (schema, table) in &tables {
+        writer.open_output(&config.topic_of(schema, table)).await?;
     }
 
     let stream_config = ReplicationStreamConfig::builder(slot.clone(), config.publication_name())
@@ -199,13 +269,13 @@ async fn run_with(
         .with_messages(config.heartbeat_ms > 0)
         .with_feedback_interval(Duration::from_secs(1))
         .with_retry_config(RetryConfig::default());
-    let replication_url = replication_url(&config.url);
+    let replication_url = catalog::replication_url(&config.url);
     let stream = LogicalReplicationStream::new(&replication_url, stream_config)
         .await
         .map_err(|e| anyhow!("opening a replication connection: {e}"))?;
 
-    let mut relations: HashMap<u32, Relation> = HashMap::new();
-    let mut stream = if config.snapshot {
+    let mut snapshot_point = None;
+    let mut stream = if take_snapshot {
         match stream
             .snapshot()
             .await
@@ -214,6 +284,7 @@ async fn run_with(
             SnapshotOutcome::Available(snapshot) => {
                 status.set_state("snapshotting");
                 let consistent_point = snapshot.consistent_point().value();
+                snapshot_point = Some(consistent_point);
                 tracing::info!(source = %config.name, lsn = %lsn_text(consistent_point), "copying the tables");
                 let mut rows = snapshot.rows();
                 let started_ms = now_ms();
@@ -237,46 +308,37 @@ async fn run_with(
                             .map(|c| (c.name.to_string(), c.type_id))
                             .collect(),
                     };
-                    let Some(info) = tables.get(&(relation.schema.clone(), relation.table.clone()))
-                    else {
-                        continue;
-                    };
-                    let after = to_row(&relation, &row.data);
-                    let source = source_info(
-                        config,
-                        &database,
-                        &relation,
-                        "true",
-                        started_ms,
-                        None,
-                        Position {
-                            commit_lsn: consistent_point,
-                            lsn: 0,
-                        },
-                    );
-                    let change = Change {
-                        op: Op::Read,
-                        before: None,
-                        after: Some(after),
-                        source,
-                    };
                     let position = Position {
                         commit_lsn: consistent_point,
                         lsn: 0,
                     };
-                    write_change(
-                        ctx,
-                        config,
-                        &mut outputs,
-                        info,
-                        &relation,
-                        change,
+                    let change = Change {
+                        op: Op::Read,
+                        before: None,
+                        after: Some(to_row(&relation, &row.data)),
+                        source: source_info(
+                            config,
+                            &database,
+                            &relation,
+                            "true",
+                            started_ms,
+                            None,
+                            consistent_point,
+                            0,
+                        ),
                         position,
-                        false,
-                        &mut deliveries,
-                    )
-                    .await?;
-                    copied += 1;
+                    };
+                    if writer
+                        .write(&relation, change, false, &mut deliveries)
+                        .await?
+                    {
+                        copied += 1;
+                    }
+                    if deliveries.len() >= SNAPSHOT_WINDOW {
+                        for delivery in deliveries.drain(..) {
+                            delivery.await.context("writing a snapshot row")?;
+                        }
+                    }
                 }
                 let stream = rows
                     .finish()
@@ -311,9 +373,12 @@ async fn run_with(
     };
 
     // Tails: where each partition's records end, so that a resent change is not stored twice.
-    for output in outputs.values_mut() {
+    for output in writer.outputs.values_mut() {
         let topic = output.producer.topic().to_owned();
         output.tails = read_tail_positions(&ctx.client, &topic, output.partitions).await?;
+        if let Some(point) = snapshot_point {
+            clamp_tails(&topic, &mut output.tails, point);
+        }
     }
 
     stream
@@ -338,76 +403,22 @@ async fn run_with(
                         .await
                         .context("a change was not acknowledged by Syncline")?;
                 }
-                feedback.update_flushed_lsn(pending.end_lsn);
-                feedback.update_applied_lsn(pending.end_lsn);
-                confirmed.store(pending.end_lsn, Ordering::Release);
-                status.add_records(count);
-                status.set_position(lsn_text(pending.end_lsn));
-            }
-            anyhow::Ok(())
-        }
-    };
-    let reporter = {
-        let confirmed = confirmed.clone();
-        let positions = &positions;
-        let slot = slot.clone();
-        async move {
-            let mut written = 0;
-            let mut moved_at = tokio::time::Instant::now();
-            let heartbeat = Duration::from_millis(config.heartbeat_ms);
-            loop {
-                let tick = if config.heartbeat_ms == 0 {
-                    POSITION_INTERVAL
-                } else {
-                    POSITION_INTERVAL.min(heartbeat)
+                let Some(end_lsn) = pending.end_lsn else {
+                    continue;
                 };
-                tokio::time::sleep(tick).await;
-                let lsn = confirmed.load(Ordering::Acquire);
-                if lsn != 0 && lsn != written {
-                    let position = SourcePosition {
-                        slot: slot.clone(),
-                        snapshot_complete: true,
-                        consistent_point: None,
-                        confirmed_lsn: Some(lsn_text(lsn)),
-                        updated_ms: now_ms(),
-                    };
-                    positions
-                        .put(config.name.as_bytes(), serde_json::to_vec(&position)?)
-                        .await?;
-                    written = lsn;
-                    moved_at = tokio::time::Instant::now();
-                }
-                // Idle: a message through the slot moves its confirmed position past the WAL
-                // that other tables and databases wrote meanwhile.
-                if config.heartbeat_ms > 0 && moved_at.elapsed() >= heartbeat {
-                    admin
-                        .execute(
-                            "SELECT pg_logical_emit_message(true, 'syncline.heartbeat', '')",
-                            &[],
-                        )
-                        .await
-                        .context("writing a heartbeat message")?;
-                    moved_at = tokio::time::Instant::now();
-                }
-                let lag: Option<i64> = admin
-                    .query_one(
-                        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
-                         FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await
-                    .ok()
-                    .and_then(|row| row.get(0));
-                if let Some(lag) = lag {
-                    ctx.status.set_lag(lag.max(0) as u64);
-                }
+                feedback.update_flushed_lsn(end_lsn);
+                feedback.update_applied_lsn(end_lsn);
+                let previous = confirmed.fetch_max(end_lsn, Ordering::AcqRel);
+                status.add_records(count);
+                status.set_position(lsn_text(previous.max(end_lsn)));
             }
-            #[allow(unreachable_code)]
             anyhow::Ok(())
         }
     };
+    let reporter = report(config, ctx, admin, &positions, &slot, &confirmed);
     let reader = async {
         let mut last_commit = 0u64;
+        let mut relations: HashMap<u32, Relation> = HashMap::new();
         let mut transaction: Option<Transaction> = None;
         loop {
             let event: ChangeEvent = match events.next_event().await {
@@ -415,6 +426,7 @@ async fn run_with(
                 Err(pg_walstream::ReplicationError::Cancelled(_)) => return anyhow::Ok(()),
                 Err(e) => bail!("replication stream: {e}"),
             };
+            let lsn = event.lsn.value();
             match event.event_type {
                 EventType::Relation {
                     relation_id,
@@ -440,6 +452,17 @@ async fn run_with(
                     final_lsn,
                     commit_timestamp,
                 } => {
+                    // A transaction cut by a reconnect: its records still count before any
+                    // later confirmation.
+                    if let Some(cut) = transaction.take() {
+                        pending_tx
+                            .send(Pending {
+                                end_lsn: None,
+                                deliveries: cut.deliveries,
+                            })
+                            .await
+                            .map_err(|_| anyhow!("the confirmer stopped"))?;
+                    }
                     let final_lsn = final_lsn.value();
                     transaction = Some(Transaction {
                         commit_lsn: final_lsn,
@@ -448,6 +471,7 @@ async fn run_with(
                         // A reconnect resends from the confirmed position: skip what this run
                         // already wrote.
                         replay: final_lsn <= last_commit,
+                        ordinal: 0,
                         deliveries: Vec::new(),
                     });
                 }
@@ -460,7 +484,7 @@ async fn run_with(
                     }
                     pending_tx
                         .send(Pending {
-                            end_lsn: end_lsn.value(),
+                            end_lsn: Some(end_lsn.value()),
                             deliveries: done.deliveries,
                         })
                         .await
@@ -473,32 +497,19 @@ async fn run_with(
                         continue;
                     };
                     let relation = relation_of(&relations, relation_oid)?;
-                    let Some(info) = tables.get(&(relation.schema.clone(), relation.table.clone()))
-                    else {
-                        continue;
-                    };
-                    let position = Position {
-                        commit_lsn: txn.commit_lsn,
-                        lsn: event.lsn.value(),
-                    };
-                    let change = Change {
-                        op: Op::Create,
-                        before: None,
-                        after: Some(to_row(relation, &data)),
-                        source: txn.source(config, &database, relation, position),
-                    };
-                    write_change(
-                        ctx,
+                    let after = to_row(relation, &data);
+                    let change = txn.change(
                         config,
-                        &mut outputs,
-                        info,
+                        &database,
                         relation,
-                        change,
-                        position,
-                        true,
-                        &mut txn.deliveries,
-                    )
-                    .await?;
+                        Op::Create,
+                        None,
+                        Some(after),
+                        lsn,
+                    );
+                    writer
+                        .write(relation, change, true, &mut txn.deliveries)
+                        .await?;
                 }
                 EventType::Update {
                     relation_oid,
@@ -510,59 +521,38 @@ async fn run_with(
                         continue;
                     };
                     let relation = relation_of(&relations, relation_oid)?;
-                    let Some(info) = tables.get(&(relation.schema.clone(), relation.table.clone()))
-                    else {
-                        continue;
-                    };
-                    let position = Position {
-                        commit_lsn: txn.commit_lsn,
-                        lsn: event.lsn.value(),
-                    };
                     let before = old_data.as_ref().map(|old| to_row(relation, old));
                     let after = to_row(relation, &new_data);
                     // A changed primary key moves the row: a delete of the old key first.
-                    if let Some(before) = &before {
-                        if key_json(before, &info.key_columns)
-                            != key_json(&after, &info.key_columns)
+                    if let (Some(before), Some(key)) = (&before, writer.key_of(relation)) {
+                        if key_json(before, &key.key_columns) != key_json(&after, &key.key_columns)
                         {
-                            let delete = Change {
-                                op: Op::Delete,
-                                before: Some(before.clone()),
-                                after: None,
-                                source: txn.source(config, &database, relation, position),
-                            };
-                            write_change(
-                                ctx,
+                            let delete = txn.change(
                                 config,
-                                &mut outputs,
-                                info,
+                                &database,
                                 relation,
-                                delete,
-                                position,
-                                true,
-                                &mut txn.deliveries,
-                            )
-                            .await?;
+                                Op::Delete,
+                                Some(before.clone()),
+                                None,
+                                lsn,
+                            );
+                            writer
+                                .write(relation, delete, true, &mut txn.deliveries)
+                                .await?;
                         }
                     }
-                    let change = Change {
-                        op: Op::Update,
-                        before,
-                        after: Some(after),
-                        source: txn.source(config, &database, relation, position),
-                    };
-                    write_change(
-                        ctx,
+                    let change = txn.change(
                         config,
-                        &mut outputs,
-                        info,
+                        &database,
                         relation,
-                        change,
-                        position,
-                        true,
-                        &mut txn.deliveries,
-                    )
-                    .await?;
+                        Op::Update,
+                        before,
+                        Some(after),
+                        lsn,
+                    );
+                    writer
+                        .write(relation, change, true, &mut txn.deliveries)
+                        .await?;
                 }
                 EventType::Delete {
                     relation_oid,
@@ -573,32 +563,19 @@ async fn run_with(
                         continue;
                     };
                     let relation = relation_of(&relations, relation_oid)?;
-                    let Some(info) = tables.get(&(relation.schema.clone(), relation.table.clone()))
-                    else {
-                        continue;
-                    };
-                    let position = Position {
-                        commit_lsn: txn.commit_lsn,
-                        lsn: event.lsn.value(),
-                    };
-                    let change = Change {
-                        op: Op::Delete,
-                        before: Some(to_row(relation, &old_data)),
-                        after: None,
-                        source: txn.source(config, &database, relation, position),
-                    };
-                    write_change(
-                        ctx,
+                    let before = to_row(relation, &old_data);
+                    let change = txn.change(
                         config,
-                        &mut outputs,
-                        info,
+                        &database,
                         relation,
-                        change,
-                        position,
-                        true,
-                        &mut txn.deliveries,
-                    )
-                    .await?;
+                        Op::Delete,
+                        Some(before),
+                        None,
+                        lsn,
+                    );
+                    writer
+                        .write(relation, change, true, &mut txn.deliveries)
+                        .await?;
                 }
                 EventType::Truncate {
                     tables: truncated, ..
@@ -611,7 +588,7 @@ async fn run_with(
                         "TRUNCATE of {} at {} is not mirrored: the topics keep their rows \
                          (delete their keys or recreate the topics)",
                         names.join(", "),
-                        lsn_text(event.lsn.value())
+                        lsn_text(lsn)
                     );
                     tracing::warn!(source = %config.name, "{message}");
                     status.warn(&message);
@@ -626,10 +603,86 @@ async fn run_with(
         result = reporter => result,
     };
     let _ = events.shutdown().await;
-    for output in outputs.into_values() {
+    for output in writer.outputs.into_values() {
         output.producer.close().await;
     }
     result
+}
+
+/// Refreshes the position record, sends heartbeats while idle, and reads the slot's lag.
+async fn report(
+    config: &SourceConfig,
+    ctx: &Context,
+    admin: &tokio_postgres::Client,
+    positions: &syncline_client::Table,
+    slot: &str,
+    confirmed: &AtomicU64,
+) -> anyhow::Result<()> {
+    let mut written = 0;
+    let mut moved_at = tokio::time::Instant::now();
+    let heartbeat = Duration::from_millis(config.heartbeat_ms);
+    let tick = if config.heartbeat_ms == 0 {
+        POSITION_INTERVAL
+    } else {
+        POSITION_INTERVAL.min(heartbeat)
+    };
+    loop {
+        tokio::time::sleep(tick).await;
+        let lsn = confirmed.load(Ordering::Acquire);
+        if lsn != 0 && lsn != written {
+            let position = SourcePosition {
+                slot: slot.to_owned(),
+                snapshot_complete: true,
+                consistent_point: None,
+                confirmed_lsn: Some(lsn_text(lsn)),
+                updated_ms: now_ms(),
+            };
+            positions
+                .put(config.name.as_bytes(), serde_json::to_vec(&position)?)
+                .await?;
+            written = lsn;
+            moved_at = tokio::time::Instant::now();
+        }
+        // Idle: a message through the slot moves its confirmed position past the WAL that other
+        // tables and databases wrote meanwhile.
+        if config.heartbeat_ms > 0 && moved_at.elapsed() >= heartbeat {
+            admin
+                .execute(
+                    "SELECT pg_logical_emit_message(true, 'syncline.heartbeat', '')",
+                    &[],
+                )
+                .await
+                .context("writing a heartbeat message")?;
+            moved_at = tokio::time::Instant::now();
+        }
+        let lag: Option<i64> = admin
+            .query_one(
+                "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()
+            .and_then(|row| row.get(0));
+        if let Some(lag) = lag {
+            ctx.status.set_lag(lag.max(0) as u64);
+        }
+    }
+}
+
+/// After a new snapshot at `point`, no record of this slot's stream is stored yet: a tail past
+/// the snapshot's own rows comes from an earlier history of the database and is not trusted.
+fn clamp_tails(topic: &str, tails: &mut HashMap<u32, Position>, point: u64) {
+    let start = Position {
+        commit_lsn: point,
+        lsn: 0,
+    };
+    for (partition, tail) in tails.iter_mut() {
+        if *tail > start {
+            tracing::warn!(%topic, partition, tail = %lsn_text(tail.commit_lsn), snapshot = %lsn_text(point), "records past the new snapshot's start come from an earlier history: not skipping by them");
+            *tail = start;
+        }
+    }
 }
 
 /// A transaction being read.
@@ -638,37 +691,47 @@ struct Transaction {
     xid: u32,
     commit_ms: i64,
     replay: bool,
+    /// Changes so far; each change's position is (commit LSN, its ordinal).
+    ordinal: u64,
     deliveries: Vec<DeliveryFuture>,
 }
 
 impl Transaction {
-    fn source(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    fn change(
+        &mut self,
         config: &SourceConfig,
         database: &str,
         relation: &Relation,
-        position: Position,
-    ) -> SourceInfo {
-        source_info(
-            config,
-            database,
-            relation,
-            "false",
-            self.commit_ms,
-            Some(self.xid),
-            position,
-        )
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+        lsn: u64,
+    ) -> Change {
+        self.ordinal += 1;
+        Change {
+            op,
+            before,
+            after,
+            source: source_info(
+                config,
+                database,
+                relation,
+                "false",
+                self.commit_ms,
+                Some(self.xid),
+                self.commit_lsn,
+                lsn,
+            ),
+            position: Position {
+                commit_lsn: self.commit_lsn,
+                lsn: self.ordinal,
+            },
+        }
     }
 }
 
-/// A change before it is encoded.
-struct Change {
-    op: Op,
-    before: Option<Row>,
-    after: Option<Row>,
-    source: SourceInfo,
-}
-
+#[allow(clippy::too_many_arguments)]
 fn source_info(
     config: &SourceConfig,
     database: &str,
@@ -676,7 +739,8 @@ fn source_info(
     snapshot: &str,
     ts_ms: i64,
     tx_id: Option<u32>,
-    position: Position,
+    commit_lsn: u64,
+    lsn: u64,
 ) -> SourceInfo {
     SourceInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -685,12 +749,12 @@ fn source_info(
         ts_ms,
         snapshot: snapshot.to_owned(),
         db: database.to_owned(),
-        sequence: format!("[\"{}\",\"{}\"]", position.commit_lsn, position.lsn),
+        sequence: format!("[\"{commit_lsn}\",\"{lsn}\"]"),
         schema: relation.schema.clone(),
         table: relation.table.clone(),
         tx_id,
-        lsn: position.lsn,
-        commit_lsn: position.commit_lsn,
+        lsn,
+        commit_lsn,
     }
 }
 
@@ -709,191 +773,206 @@ fn to_row(relation: &Relation, data: &RowData) -> Row {
     row
 }
 
-/// Transforms, encodes and enqueues one change (and a tombstone after a delete); skips it if
-/// `skip_written` and its partition already holds it.
-#[allow(clippy::too_many_arguments)]
-async fn write_change(
-    ctx: &Context,
-    config: &SourceConfig,
-    outputs: &mut HashMap<String, Output>,
-    info: &TableInfo,
-    relation: &Relation,
-    change: Change,
-    position: Position,
-    skip_written: bool,
-    deliveries: &mut Vec<DeliveryFuture>,
-) -> anyhow::Result<()> {
-    let key_row = change
-        .after
-        .as_ref()
-        .or(change.before.as_ref())
-        .ok_or_else(|| anyhow!("a change with neither before nor after"))?;
-    let key = key_json(key_row, &info.key_columns);
-    let rows = Rows {
-        before: change.before,
-        after: change.after,
-        topic: config.topic_of(&relation.schema, &relation.table),
-    };
-    let Some(rows) = transform::apply(&config.transforms, rows) else {
-        return Ok(());
-    };
-    if !outputs.contains_key(&rows.topic) {
-        open_output(ctx, config, outputs, &rows.topic).await?;
-        let output = outputs
-            .get_mut(&rows.topic)
-            .ok_or_else(|| anyhow!("output {} vanished", rows.topic))?;
-        output.tails = read_tail_positions(&ctx.client, &rows.topic, output.partitions).await?;
-    }
-    let output = outputs
-        .get_mut(&rows.topic)
-        .ok_or_else(|| anyhow!("output {} vanished", rows.topic))?;
-    let partition = partition_for_key(&key, output.partitions);
-    let tail = output.tails.entry(partition).or_default();
-    if skip_written && position <= *tail {
-        return Ok(());
-    }
-    *tail = (*tail).max(position);
-    let envelope = Envelope {
-        before: rows.before,
-        after: rows.after,
-        source: Some(change.source),
-        op: change.op,
-        ts_ms: now_ms(),
-    };
-    let value = serde_json::to_vec(&envelope)?;
-    let header = position.to_header();
-    let headers = [(POSITION_HEADER, header.as_slice())];
-    deliveries.push(
-        output
-            .producer
-            .enqueue(Some(&key), Some(&value), &headers)
-            .await?,
-    );
-    if change.op == Op::Delete {
-        deliveries.push(output.producer.enqueue(Some(&key), None, &headers).await?);
-    }
-    Ok(())
-}
-
-async fn open_output(
-    ctx: &Context,
-    config: &SourceConfig,
-    outputs: &mut HashMap<String, Output>,
-    topic: &str,
-) -> anyhow::Result<()> {
-    let partitions = ensure_topic(&ctx.client, topic, config.partitions, true).await?;
-    let producer = ctx
-        .client
-        .producer(topic, syncline_client::ProducerConfig::default())
-        .await?;
-    outputs.insert(
-        topic.to_owned(),
-        Output {
-            producer,
-            partitions,
-            tails: HashMap::new(),
-        },
-    );
-    Ok(())
-}
-
-/// The primary key's columns in column order; an error naming the table if it has none or
-/// does not exist.
-async fn primary_key(
-    admin: &tokio_postgres::Client,
-    schema: &str,
-    table: &str,
-) -> anyhow::Result<Vec<String>> {
-    let exists = admin
-        .query_opt(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&schema, &table],
-        )
-        .await?;
-    if exists.is_none() {
-        bail!("table {schema}.{table} does not exist");
-    }
-    let rows = admin
-        .query(
-            "SELECT a.attname::text FROM pg_index i \
-             JOIN pg_class c ON c.oid = i.indrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey) \
-             WHERE n.nspname = $1 AND c.relname = $2 AND i.indisprimary \
-             ORDER BY a.attnum",
-            &[&schema, &table],
-        )
-        .await?;
-    if rows.is_empty() {
-        bail!(
-            "table {schema}.{table} has no primary key: change data capture keys each record by \
-             it (add a PRIMARY KEY, or leave the table out of `tables`)"
-        );
-    }
-    Ok(rows.iter().map(|row| row.get(0)).collect())
-}
-
-/// Creates the publication for the source's tables if missing, and adds tables it lacks.
-async fn ensure_publication(
-    admin: &tokio_postgres::Client,
-    config: &SourceConfig,
-) -> anyhow::Result<()> {
-    let publication = config.publication_name();
-    let quoted: Vec<String> = config
-        .tables
-        .iter()
-        .filter_map(|t| split_table(t))
-        .map(|(schema, table)| format!("\"{schema}\".\"{table}\""))
-        .collect();
-    let exists = admin
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await?
-        .is_some();
-    if !exists {
-        admin
-            .batch_execute(&format!(
-                "CREATE PUBLICATION \"{publication}\" FOR TABLE {}",
-                quoted.join(", ")
-            ))
-            .await
-            .with_context(|| format!("creating publication {publication}"))?;
-        return Ok(());
-    }
-    let published: Vec<(String, String)> = admin
-        .query(
-            "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
-            &[&publication],
-        )
-        .await?
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
-    for table in &config.tables {
-        let Some((schema, name)) = split_table(table) else {
-            continue;
-        };
-        if !published.iter().any(|(s, t)| s == schema && t == name) {
-            tracing::warn!(source = %config.name, %table, "adding the table to publication {publication}: its existing rows are copied only by a new snapshot");
-            admin
-                .batch_execute(&format!(
-                    "ALTER PUBLICATION \"{publication}\" ADD TABLE \"{schema}\".\"{name}\""
-                ))
-                .await
-                .with_context(|| format!("adding {table} to publication {publication}"))?;
+impl Writer<'_> {
+    /// The key of a captured relation; `None` (reported once) for one the source does not
+    /// capture.
+    fn key_of(&mut self, relation: &Relation) -> Option<&TableKey> {
+        let name = (relation.schema.clone(), relation.table.clone());
+        if !self.tables.contains_key(&name) {
+            if self.reported.insert(name) {
+                let message = format!(
+                    "changes of {}.{} are skipped: the source does not capture it (renamed, or \
+                     in a publication shared with other tables)",
+                    relation.schema, relation.table
+                );
+                tracing::warn!(source = %self.config.name, "{message}");
+                self.ctx.status.warn(&message);
+            }
+            return None;
         }
+        self.tables.get(&name)
     }
-    Ok(())
-}
 
-/// The URL of a replication connection (`replication=database`).
-fn replication_url(url: &str) -> String {
-    if url.contains('?') {
-        format!("{url}&replication=database")
-    } else {
-        format!("{url}?replication=database")
+    /// Transforms and writes one change; a delete (or an update a filter turned into one) also
+    /// writes a tombstone, and an update that `route`s the row elsewhere deletes it from the
+    /// topic it leaves. Skips records its partition already holds when `skip_written`. Returns
+    /// whether anything was written.
+    async fn write(
+        &mut self,
+        relation: &Relation,
+        change: Change,
+        skip_written: bool,
+        deliveries: &mut Vec<DeliveryFuture>,
+    ) -> anyhow::Result<bool> {
+        let Some(table) = self.key_of(relation) else {
+            return Ok(false);
+        };
+        let key_row = change
+            .after
+            .as_ref()
+            .or(change.before.as_ref())
+            .ok_or_else(|| anyhow!("a change with neither before nor after"))?;
+        let key = key_json(key_row, &table.key_columns);
+        let new_row = matches!(change.op, Op::Create | Op::Read);
+        let rows = Rows {
+            before: change.before,
+            after: change.after,
+            new_row,
+        };
+        let Some(rows) = transform::apply(&self.config.transforms, rows) else {
+            return Ok(false);
+        };
+        let specs = &self.config.transforms;
+        let home = self.config.topic_of(&relation.schema, &relation.table);
+        let before_topic = rows
+            .before
+            .as_ref()
+            .map(|row| transform::route(specs, row, &home));
+        let Some(after) = rows.after else {
+            // A delete, or an update a filter turned into one.
+            let topic = before_topic.unwrap_or(home);
+            let envelope = Envelope {
+                before: rows.before,
+                after: None,
+                source: Some(change.source),
+                op: Op::Delete,
+                ts_ms: now_ms(),
+            };
+            self.emit(
+                &topic,
+                &key,
+                &envelope,
+                change.position,
+                skip_written,
+                deliveries,
+            )
+            .await?;
+            return Ok(true);
+        };
+        let topic = transform::route(specs, &after, &home);
+        if let Some(left) = before_topic.filter(|t| change.op == Op::Update && *t != topic) {
+            let moved = Envelope {
+                before: rows.before.clone(),
+                after: None,
+                source: Some(change.source.clone()),
+                op: Op::Delete,
+                ts_ms: now_ms(),
+            };
+            self.emit(
+                &left,
+                &key,
+                &moved,
+                change.position,
+                skip_written,
+                deliveries,
+            )
+            .await?;
+        }
+        let envelope = Envelope {
+            before: rows.before,
+            after: Some(after),
+            source: Some(change.source),
+            op: change.op,
+            ts_ms: now_ms(),
+        };
+        self.emit(
+            &topic,
+            &key,
+            &envelope,
+            change.position,
+            skip_written,
+            deliveries,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    /// Enqueues one envelope (and a tombstone after a delete) unless its partition already
+    /// holds its position.
+    async fn emit(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        envelope: &Envelope,
+        position: Position,
+        skip_written: bool,
+        deliveries: &mut Vec<DeliveryFuture>,
+    ) -> anyhow::Result<()> {
+        if !self.outputs.contains_key(topic) {
+            self.open_output(topic).await?;
+            let output = self
+                .outputs
+                .get_mut(topic)
+                .ok_or_else(|| anyhow!("output {topic} vanished"))?;
+            output.tails = read_tail_positions(&self.ctx.client, topic, output.partitions).await?;
+        }
+        let output = self
+            .outputs
+            .get_mut(topic)
+            .ok_or_else(|| anyhow!("output {topic} vanished"))?;
+        let partition = partition_for_key(key, output.partitions);
+        let tail = output.tails.entry(partition).or_default();
+        if skip_written && position <= *tail {
+            return Ok(());
+        }
+        *tail = (*tail).max(position);
+        let value = serde_json::to_vec(envelope)?;
+        let header = position.to_header();
+        let headers = [(POSITION_HEADER, header.as_slice())];
+        let describe = |e: syncline_client::Error| {
+            anyhow!(
+                "writing the change of key {} to {topic}: {e}",
+                String::from_utf8_lossy(key)
+            )
+        };
+        deliveries.push(
+            output
+                .producer
+                .enqueue(Some(key), Some(&value), &headers)
+                .await
+                .map_err(describe)?,
+        );
+        if envelope.op == Op::Delete {
+            deliveries.push(
+                output
+                    .producer
+                    .enqueue(Some(key), None, &headers)
+                    .await
+                    .map_err(describe)?,
+            );
+        }
+        Ok(())
+    }
+
+    async fn open_output(&mut self, topic: &str) -> anyhow::Result<()> {
+        if self.outputs.len() >= OUTPUTS_MAX {
+            bail!(
+                "topic {topic} would be the source's {}th: at most {OUTPUTS_MAX} (check the \
+                 `route` transform's field)",
+                OUTPUTS_MAX + 1
+            );
+        }
+        let partitions =
+            ensure_topic(&self.ctx.client, topic, self.config.partitions, true).await?;
+        let producer = self
+            .ctx
+            .client
+            .producer(
+                topic,
+                ProducerConfig {
+                    delivery_timeout: SOURCE_DELIVERY_TIMEOUT,
+                    ..ProducerConfig::default()
+                },
+            )
+            .await?;
+        self.outputs.insert(
+            topic.to_owned(),
+            Output {
+                producer,
+                partitions,
+                tails: HashMap::new(),
+            },
+        );
+        Ok(())
     }
 }
