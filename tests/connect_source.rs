@@ -482,3 +482,64 @@ async fn given_writes_to_other_tables_when_idle_should_advance_the_slot_with_hea
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_a_route_transform_should_send_rows_by_field_and_move_them_between_topics() {
+    let test = "given_a_route_transform_should_send_rows_by_field_and_move_them_between_topics";
+    if pg::skip_unless_available(test) {
+        return;
+    }
+    let postgres = Postgres::start().unwrap();
+    postgres
+        .psql(
+            "CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL, qty int NOT NULL, \
+             region text); \
+             INSERT INTO items VALUES (1, 'a', 1, 'eu'), (2, 'b', 2, 'us'), (3, 'c', 3, 'eu');",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(&dir.path().join("broker"));
+    let route = "[[source.transforms]]\ntype = \"route\"\nfield = \"region\"\n\
+                 topic = \"orders.{value}\"\n";
+    // Without REPLICA IDENTITY FULL a route is refused: deletes would not carry the region.
+    let connect = ConnectProcess::start(
+        dir.path(),
+        &source_config(&postgres, "\"public.items\"", route),
+        &broker.addr,
+    );
+    connect.wait_for_log("needs REPLICA IDENTITY FULL", Duration::from_secs(30));
+    drop(connect);
+    postgres
+        .psql("ALTER TABLE items REPLICA IDENTITY FULL")
+        .unwrap();
+    let connect = ConnectProcess::start(
+        dir.path(),
+        &source_config(&postgres, "\"public.items\"", route),
+        &broker.addr,
+    );
+    connect.wait_for_log("streaming", Duration::from_secs(60));
+    // Row 3 moves from eu to us; row 1 is deleted; row 4 arrives in us.
+    postgres
+        .psql(
+            "UPDATE items SET region = 'us' WHERE id = 3; DELETE FROM items WHERE id = 1; \
+             INSERT INTO items VALUES (4, 'd', 4, 'us')",
+        )
+        .unwrap();
+    let mut client = broker.client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let eu = fold(&read_cdc(&mut client, "orders.eu").await);
+        let us = fold(&read_cdc(&mut client, "orders.us").await);
+        let keys = |t: &BTreeMap<String, Value>| t.keys().cloned().collect::<Vec<_>>();
+        if keys(&eu).is_empty() && keys(&us) == ["{\"id\":2}", "{\"id\":3}", "{\"id\":4}"] {
+            assert_eq!(us["{\"id\":3}"]["region"], "us");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "eu {eu:?}, us {us:?}\n{}",
+            connect.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
