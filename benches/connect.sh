@@ -63,6 +63,7 @@ for round in $(seq 1 "$rounds"); do
   log "round $round of $rounds"
   "$target/release/syncline-connect-bench" --broker "$broker" --pg-url "$pg_url" \
     --redis-url "redis://127.0.0.1:$redisport/" --connect-bin "$target/release/syncline-connect" \
+    --recvlogical "$pgbin/pg_recvlogical" \
     --json "$@" | tee -a "$work/results.jsonl"
 done
 python3 - "$work/results.jsonl" <<'PY'
@@ -72,6 +73,8 @@ def med(f): return statistics.median(f(r) for r in runs)
 def spread(f): v = [f(r) for r in runs]; return f"{min(v):.2f}-{max(v):.2f}"
 print(f"\n{len(runs)} rounds, medians (spread):")
 print(f"database alone            {med(lambda r: r['database_alone_rows_per_s']):>10.0f} rows/s")
+if all(r.get('recvlogical_rows_per_s') for r in runs):
+    print(f"pg_recvlogical > /dev/null {med(lambda r: r['recvlogical_rows_per_s']):>10.0f} rows/s  ratio {med(lambda r: r['recvlogical_rows_per_s'] / r['database_alone_rows_per_s']):.2f}x")
 print(f"captured end to end       {med(lambda r: r['captured_changes_per_s']):>10.0f} changes/s  ratio {med(lambda r: r['captured_ratio']):.2f}x ({spread(lambda r: r['captured_ratio'])})")
 print(f"lag at full rate          p50 {med(lambda r: r['full_rate_lag_ms']['p50']):.0f} ms  p99 {med(lambda r: r['full_rate_lag_ms']['p99']):.0f} ms")
 print(f"lag at half rate          p50 {med(lambda r: r['half_rate_lag_ms']['p50']):.0f} ms  p99 {med(lambda r: r['half_rate_lag_ms']['p99']):.0f} ms")

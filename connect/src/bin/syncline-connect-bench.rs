@@ -58,6 +58,10 @@ struct Args {
     /// Print one JSON line at the end.
     #[arg(long)]
     json: bool,
+    /// PostgreSQL's own `pg_recvlogical`: adds the baseline of the same load decoded into
+    /// /dev/null (the cheapest consumer of the same slot and plugin).
+    #[arg(long)]
+    recvlogical: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -240,6 +244,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.rows
     );
 
+    // 1b. The same load decoded by pg_recvlogical into /dev/null.
+    let recv_rate = match &args.recvlogical {
+        Some(bin) => Some(recvlogical_baseline(&args, &db, bin, run_id, columns).await?),
+        None => None,
+    };
+
     // 2. The same load captured.
     let table = format!("bench_cdc_{run_id}");
     db.batch_execute(&format!("CREATE TABLE {table} {columns}"))
@@ -339,6 +349,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             json!({
                 "rows": args.rows, "batch": args.batch, "clients": args.clients,
                 "database_alone_rows_per_s": alone_rate,
+                "recvlogical_rows_per_s": recv_rate,
                 "captured_changes_per_s": captured_rate,
                 "captured_ratio": captured_rate / alone_rate,
                 "full_rate_lag_ms": {"p50": full_lag.value_at_quantile(0.5), "p99": full_lag.value_at_quantile(0.99)},
@@ -350,6 +361,86 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The load while `pg_recvlogical` decodes it into /dev/null: rows per second from the first
+/// commit until the walsender has sent the last (`pg_stat_replication.sent_lsn`).
+async fn recvlogical_baseline(
+    args: &Args,
+    db: &tokio_postgres::Client,
+    bin: &str,
+    run_id: u32,
+    columns: &str,
+) -> anyhow::Result<f64> {
+    let table = format!("bench_recv_{run_id}");
+    let slot = format!("bench_recv_{run_id}");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} {columns}; CREATE PUBLICATION {slot} FOR TABLE {table}; \
+         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+    ))
+    .await?;
+    let mut child = tokio::process::Command::new(bin)
+        .args([
+            "--dbname",
+            &args.pg_url,
+            "--slot",
+            &slot,
+            "--start",
+            "--file",
+            "/dev/null",
+        ])
+        .args(["--status-interval", "1", "--fsync-interval", "1"])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            &format!("publication_names={slot}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    let started = Instant::now();
+    insert_load(
+        &args.pg_url,
+        &table,
+        0,
+        args.rows,
+        args.batch,
+        args.clients,
+        None,
+    )
+    .await?;
+    let end: String = db
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    loop {
+        let done: bool = db
+            .query_one(
+                "SELECT coalesce(bool_or(sent_lsn >= $1::text::pg_lsn), false) \
+                 FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'",
+                &[&end],
+            )
+            .await?
+            .get(0);
+        if done {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("pg_recvlogical was not sent {end} in 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rate = args.rows as f64 / started.elapsed().as_secs_f64();
+    let _ = child.kill().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.batch_execute(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await
+        .ok();
+    eprintln!("decoded by pg_recvlogical into /dev/null: {rate:.0} rows/s");
+    Ok(rate)
 }
 
 /// The PostgreSQL sink applying `rows` records of `topic`, next to a plain client doing the same
