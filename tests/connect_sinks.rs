@@ -3,7 +3,9 @@
 //!
 //! - PostgreSQL: inserts, partial updates (a TOASTed column left out), deletes (an `op = "d"`
 //!   envelope and a tombstone), a delete then a re-insert, typed columns and an unreadable
-//!   value end as the expected rows, and the stored offsets reach the topic's end.
+//!   value end as the expected rows, and the stored offsets reach the topic's end. Then
+//!   updates that leave out a NOT NULL column of existing rows are applied, the column keeping
+//!   its value; one of a row the table lacks fails with an error naming table, key and column.
 //! - PostgreSQL, exactly once: the connect process is killed (SIGKILL) twice while records
 //!   flow, and the group's offsets are then rewound to 0, so every record is delivered again;
 //!   a trigger records any update that does not move a row's version forward. There must be
@@ -171,9 +173,10 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     let postgres = Postgres::start().unwrap();
     postgres
         .psql(
-            "CREATE TABLE items (id integer PRIMARY KEY, name text, \
+            "CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, \
              qty integer NOT NULL DEFAULT 0, price numeric(10,2), tags text[], doc jsonb, \
              blob bytea); \
+             CREATE TABLE orphans (id integer PRIMARY KEY, big text NOT NULL, n integer); \
              CREATE SCHEMA shop; \
              CREATE TABLE shop.\"Tagged\" (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
              label text, loud text GENERATED ALWAYS AS (upper(label)) STORED)",
@@ -206,13 +209,28 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     produce(&client, topic, &records).await;
     let ends = end_offsets(&client, topic, partitions).await;
     assert_eq!(ends.iter().sum::<u64>(), records.len() as u64);
+    // An update of a row the table does not have, leaving out NOT NULL `big`: it cannot be
+    // inserted, and the error says which table, key and column.
+    let orphans = "shop.public.orphans";
+    create_topic(&client, orphans, 1).await;
+    produce(
+        &client,
+        orphans,
+        &[
+            (key(1), Some(insert(json!({"id": 1, "big": "b", "n": 1})))),
+            (key(2), Some(update(json!({"id": 2, "n": 5})))),
+        ],
+    )
+    .await;
 
     let config = format!(
         "[[sink]]\nname = \"mirror\"\nkind = \"postgres\"\ntopics = [\"{topic}\"]\n\
          url = \"{url}\"\ntable = \"items\"\nbatch_size = 7\n\n\
          [[sink]]\nname = \"tagged\"\nkind = \"postgres\"\ntopics = [\"{topic}\"]\n\
          url = \"{url}\"\ntable = \"shop.Tagged\"\n\
-         [[sink.transforms]]\ntype = \"rename\"\nfields = {{ name = \"label\" }}\n",
+         [[sink.transforms]]\ntype = \"rename\"\nfields = {{ name = \"label\" }}\n\n\
+         [[sink]]\nname = \"orphans\"\nkind = \"postgres\"\ntopics = [\"{orphans}\"]\n\
+         url = \"{url}\"\ntable = \"orphans\"\n",
         url = postgres.url()
     );
     let connect = ConnectProcess::start(dir.path(), &config, &broker.addr);
@@ -240,17 +258,20 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     }
     let tagged = tagged.join("\n");
     let want_offsets = offsets_text(&ends);
-    eventually(
-        "the table and the stored offsets reach the final state",
-        || {
-            let rows = postgres
-                .psql(
-                    "SELECT id || '|' || coalesce(name, '') || '|' || qty || '|' || \
+    let items_rows = || {
+        postgres
+            .psql(
+                "SELECT id || '|' || coalesce(name, '') || '|' || qty || '|' || \
                  coalesce(price::text, '') || '|' || coalesce(tags::text, '') || '|' || \
                  coalesce(doc::text, '') || '|' || coalesce(encode(blob, 'hex'), '') \
                  FROM items ORDER BY id",
-                )
-                .map_err(|e| e.to_string())?;
+            )
+            .map_err(|e| e.to_string())
+    };
+    eventually(
+        "the table and the stored offsets reach the final state",
+        || {
+            let rows = items_rows()?;
             let offsets = stored_offsets(&postgres, "mirror");
             let tagged_rows = postgres
                 .psql("SELECT id || '|' || label || '|' || loud FROM shop.\"Tagged\" ORDER BY id")
@@ -287,6 +308,66 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     })
     .await;
     assert_eq!(report["state"], "running", "{report}");
+
+    // Updates that leave out `name` (NOT NULL, without a default) of rows the table has, in
+    // batches of their own: applied, `name` kept. (An INSERT ... ON CONFLICT of the present
+    // columns fails NOT NULL before it sees the conflict.) For `tagged` they carry no column
+    // but the key: nothing to write.
+    produce(
+        &client,
+        topic,
+        &[
+            (key(1), Some(update(json!({"id": 1, "qty": 77})))),
+            (key(3), Some(update(json!({"id": 3, "price": "2.00"})))),
+        ],
+    )
+    .await;
+    let updated = expected
+        .replace("1|item-1|1|1.50|", "1|item-1|77|1.50|")
+        .replace("3|item-3|3|1.50|", "3|item-3|3|2.00|");
+    assert_ne!(updated, expected);
+    let ends = end_offsets(&client, topic, partitions).await;
+    let want_offsets = offsets_text(&ends);
+    eventually("partial updates of NOT NULL columns are applied", || {
+        let rows = items_rows()?;
+        let offsets = stored_offsets(&postgres, "mirror");
+        let tagged_offsets = postgres
+            .psql(
+                "SELECT \"partition\" || '|' || next_offset FROM shop.syncline_sink_offsets \
+                 WHERE sink = 'tagged' ORDER BY \"partition\"",
+            )
+            .unwrap_or_default();
+        if rows == updated && offsets == want_offsets && tagged_offsets == want_offsets {
+            Ok(())
+        } else {
+            Err(format!(
+                "rows:\n{rows}\noffsets:\n{offsets}\nconnect log:\n{}",
+                connect.log()
+            ))
+        }
+    })
+    .await;
+    eventually(
+        "the orphan update fails naming table, key and column",
+        || {
+            let reports = statuses(&connect.config, &broker.addr)?;
+            let report = reports.get("orphans").ok_or("no status yet")?;
+            let error = report["last_error"].as_str().unwrap_or_default();
+            if error.contains("public.orphans")
+                && error.contains("key {\"id\":2}")
+                && error.contains("column \"big\"")
+            {
+                Ok(())
+            } else {
+                Err(format!("{report}"))
+            }
+        },
+    )
+    .await;
+    let tagged_after = postgres
+        .psql("SELECT id || '|' || label || '|' || loud FROM shop.\"Tagged\" ORDER BY id")
+        .unwrap();
+    assert_eq!(tagged_after, tagged, "key-only rows change nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
