@@ -13,7 +13,8 @@
 //! - HTTP: a webhook that fails its first requests with 500 gets every record, in order per
 //!   partition, with its op; one that always fails sends the records to the dead-letter topic
 //!   with their origin in headers, and the sink's status shows the error.
-//! - Redis: `set` mode with a TTL and `hash` mode mirror the rows; a delete removes the key.
+//! - Redis: `set` mode with a TTL and `hash` mode mirror the rows; a delete removes the key; a
+//!   partial update keeps the hash fields it leaves out; a record without a key is reported.
 //!
 //! Skipped, loudly, where PostgreSQL or Redis is not installed, except under CI.
 
@@ -752,14 +753,24 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
             key(3),
             Some(insert(json!({"id": 3, "name": "cap", "qty": 9}))),
         ),
-        (
-            key(2),
-            Some(update(json!({"id": 2, "name": "ink", "qty": 2}))),
-        ),
+        // Leaves out `name` (an unchanged TOASTed column): the hash keeps its field.
+        (key(2), Some(update(json!({"id": 2, "qty": 2})))),
         (key(3), Some(delete(json!({"id": 3})))),
         (key(3), None),
     ];
     produce(&client, topic, &records).await;
+    // A record without a key: skipped, and reported in both sinks' status.
+    let producer = client
+        .producer(topic, ProducerConfig::default())
+        .await
+        .expect("producer");
+    let keyless = insert(json!({"id": 4, "name": "nib", "qty": 1}));
+    producer
+        .enqueue(None, Some(keyless.as_bytes()), &[])
+        .await
+        .expect("enqueue")
+        .await
+        .expect("delivered");
     let config = format!(
         "[[sink]]\nname = \"cache\"\nkind = \"redis\"\ntopics = [\"{topic}\"]\nurl = \"{url}\"\n\
          key_prefix = \"items:\"\nttl_seconds = 300\n\n\
@@ -783,7 +794,7 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
             .collect();
         let want_fields = BTreeMap::from([("id", "2"), ("name", "ink"), ("qty", "2")]);
         if parsed(&one) == json!({"id": 1, "name": "pen", "qty": 5})
-            && parsed(&two) == json!({"id": 2, "name": "ink", "qty": 2})
+            && parsed(&two) == json!({"id": 2, "qty": 2})
             && gone == "0"
             && fields == want_fields
         {
@@ -800,4 +811,17 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
     assert!(ttl > 0 && ttl <= 300, "TTL {ttl}");
     let no_ttl: i64 = cli(&["TTL", "h:{\"id\":1}"]).unwrap().parse().unwrap();
     assert_eq!(no_ttl, -1, "no ttl_seconds: no expiry");
+    eventually("both sinks report the record without a key", || {
+        let reports = statuses(&connect.config, &broker.addr)?;
+        for sink in ["cache", "hashes"] {
+            let report = reports.get(sink).ok_or("no status yet")?;
+            let error = report["last_error"].as_str().unwrap_or_default();
+            if !error.contains("skipped: a record without a key") {
+                return Err(format!("{report}"));
+            }
+            assert_eq!(report["state"], "running", "{report}");
+        }
+        Ok(())
+    })
+    .await;
 }

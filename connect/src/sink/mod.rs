@@ -88,7 +88,7 @@ impl Target {
 
     async fn apply(&mut self, batch: &[SinkRecord], ctx: &Context) -> anyhow::Result<()> {
         match self {
-            Target::Redis(target) => target.apply(batch).await,
+            Target::Redis(target) => target.apply(batch, ctx).await,
             Target::Postgres(target) => {
                 let applied = target.apply(batch).await;
                 for warning in target.take_warnings() {
