@@ -12,7 +12,9 @@
 //!   none, and the rows and offsets must be final.
 //! - HTTP: a webhook that fails its first requests with 500 gets every record, in order per
 //!   partition, with its op; one that always fails sends the records to the dead-letter topic
-//!   with their origin in headers, and the sink's status shows the error.
+//!   with their origin in headers, and the sink's status shows the error; one that answers
+//!   302 is not followed (a GET without the body) but dead-lettered at once, naming the
+//!   Location.
 //! - Redis: `set` mode with a TTL and `hash` mode mirror the rows; a delete removes the key; a
 //!   partial update keeps the hash fields it leaves out; a record without a key is reported.
 //!
@@ -557,6 +559,79 @@ async fn serve(webhook: Arc<Webhook>) -> String {
     format!("http://{address}/hook")
 }
 
+/// Serves a webhook that answers every POST with `302 Found` to `/landing`, which accepts
+/// anything (a followed redirect arrives there as a GET without the body); returns the hook's
+/// URL and the count of requests that reached the landing.
+async fn serve_redirect() -> (String, Arc<AtomicUsize>) {
+    use axum::http::{header, StatusCode};
+    let landed = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let counter = landed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/moved",
+            axum::routing::post(|| async { (StatusCode::FOUND, [(header::LOCATION, "/landing")]) }),
+        )
+        .route(
+            "/landing",
+            axum::routing::any(move || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::OK
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{address}/moved"), landed)
+}
+
+/// The first `count` records of `topic` (waiting for it to be created), within `deadline`.
+async fn read_records(
+    client: &Client,
+    topic: &str,
+    count: usize,
+    deadline: Instant,
+    log: impl Fn() -> String,
+) -> Vec<syncline_client::ConsumerRecord> {
+    let config = ConsumerConfig {
+        start: StartOffset::Earliest,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = loop {
+        match client.consumer(topic, config.clone()).await {
+            Ok(consumer) => break consumer,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("topic {topic}: {e}\n{}", log()),
+        }
+    };
+    let mut records = Vec::with_capacity(count);
+    while records.len() < count {
+        let record = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{count} records of {topic} in time\n{}", log()))
+            .expect("the consumer is open")
+            .expect("a record");
+        records.push(record);
+    }
+    records
+}
+
+/// The value of header `name` of `record`.
+fn header_of(record: &syncline_client::ConsumerRecord, name: &str) -> String {
+    record
+        .headers
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .unwrap_or_else(|| panic!("header {name} on {record:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
@@ -572,8 +647,10 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
     });
     let flaky_url = serve(flaky.clone()).await;
     let down_url = serve(down.clone()).await;
+    let (moved_url, landed) = serve_redirect().await;
     create_topic(&client, "hooks", 2).await;
     create_topic(&client, "hooks.down", 1).await;
+    create_topic(&client, "hooks.moved", 1).await;
 
     let key = |id: u32| json!({"id": id}).to_string();
     let mut records = Vec::new();
@@ -588,13 +665,16 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
         .map(|id| (key(id), Some(insert(json!({"id": id})))))
         .collect();
     produce(&client, "hooks.down", &down_records).await;
+    produce(&client, "hooks.moved", &down_records[..2]).await;
     let ends = end_offsets(&client, "hooks", 2).await;
 
     let config = format!(
         "[[sink]]\nname = \"flaky\"\nkind = \"http\"\ntopics = [\"hooks\"]\n\
          url = \"{flaky_url}\"\nretry_backoff_ms = 10\nheaders = {{ X-Token = \"secret\" }}\n\n\
          [[sink]]\nname = \"down\"\nkind = \"http\"\ntopics = [\"hooks.down\"]\n\
-         url = \"{down_url}\"\nmax_attempts = 2\nretry_backoff_ms = 10\n"
+         url = \"{down_url}\"\nmax_attempts = 2\nretry_backoff_ms = 10\n\n\
+         [[sink]]\nname = \"moved\"\nkind = \"http\"\ntopics = [\"hooks.moved\"]\n\
+         url = \"{moved_url}\"\nmax_attempts = 3\nretry_backoff_ms = 10\n"
     );
     let connect = ConnectProcess::start(dir.path(), &config, &broker.addr);
 
@@ -660,43 +740,21 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
     assert_eq!(ops["raw"][0]["value"], "not json");
 
     // The webhook that is down: every record to the dead-letter topic, with its origin.
-    let dead_config = ConsumerConfig {
-        start: StartOffset::Earliest,
-        ..ConsumerConfig::default()
-    };
     let deadline = Instant::now() + DEADLINE;
-    let mut consumer = loop {
-        match client.consumer("down.dlq", dead_config.clone()).await {
-            Ok(consumer) => break consumer,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("the dead-letter topic: {e}\n{}", connect.log()),
-        }
-    };
-    let mut dead = BTreeMap::new();
-    while dead.len() < down_records.len() {
-        let record = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("dead letters within the deadline")
-            .expect("the consumer is open")
-            .expect("a record");
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|h| h.key == name)
-                .map(|h| String::from_utf8_lossy(&h.value).into_owned())
-                .unwrap_or_else(|| panic!("header {name} on {record:?}"))
-        };
-        assert_eq!(header("syncline.dlq.topic"), "hooks.down");
-        assert_eq!(header("syncline.dlq.partition"), "0");
-        let error = header("syncline.dlq.error");
+    let dead = read_records(&client, "down.dlq", down_records.len(), deadline, || {
+        connect.log()
+    })
+    .await;
+    let mut offsets = BTreeSet::new();
+    for record in &dead {
+        assert_eq!(header_of(record, "syncline.dlq.topic"), "hooks.down");
+        assert_eq!(header_of(record, "syncline.dlq.partition"), "0");
+        let error = header_of(record, "syncline.dlq.error");
         assert!(
             error.contains("500") && error.contains("attempt 2 of 2"),
             "{error}"
         );
-        let offset: usize = header("syncline.dlq.offset").parse().unwrap();
+        let offset: usize = header_of(record, "syncline.dlq.offset").parse().unwrap();
         let (key, value) = &down_records[offset];
         assert_eq!(
             record.key.as_deref(),
@@ -708,8 +766,24 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
             value.as_deref().map(str::as_bytes),
             "the original value"
         );
-        dead.insert(offset, ());
+        offsets.insert(offset);
     }
+    assert_eq!(offsets.len(), down_records.len());
+    // The webhook that redirects: not followed (the POST would arrive as a GET without its
+    // body, and its 200 would count as delivered), not retried, dead-lettered with the Location.
+    let moved = read_records(&client, "moved.dlq", 2, deadline, || connect.log()).await;
+    for record in &moved {
+        let error = header_of(record, "syncline.dlq.error");
+        assert!(
+            error.contains("302") && error.contains("/landing") && error.contains("attempt 1 of 3"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        landed.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
     assert!(down.requests.load(Ordering::SeqCst) >= 2);
     eventually("the status shows the dead letters", || {
         let reports = statuses(&connect.config, &broker.addr)?;
