@@ -16,8 +16,10 @@
 //! - PostgreSQL: exactly once. The batch and the next offset of each of its partitions are
 //!   written in one database transaction (table `syncline_sink_offsets`, in the target table's
 //!   schema), and records below the stored offset are skipped, so a batch applied before a
-//!   crash is not applied again. The database, not the group, is the sink's progress of
-//!   record (`postgres` module doc).
+//!   crash is not applied again. A member still starts reading at the group's committed
+//!   offset, and the stored offsets only skip: after the database is restored to an earlier
+//!   state, the records between its stored offsets and the group's commit are not applied
+//!   again (`postgres` module doc).
 //! - A record whose value cannot be read as a change (not JSON, not an object) is skipped and
 //!   counted as an error in the sink's status, with the reason; it never stops the sink. The
 //!   HTTP sink sends such records as they are (`op = "raw"`).
