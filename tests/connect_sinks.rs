@@ -3,15 +3,20 @@
 //!
 //! - PostgreSQL: inserts, partial updates (a TOASTed column left out), deletes (an `op = "d"`
 //!   envelope and a tombstone), a delete then a re-insert, typed columns and an unreadable
-//!   value end as the expected rows, and the stored offsets reach the topic's end.
+//!   value end as the expected rows, and the stored offsets reach the topic's end. Then
+//!   updates that leave out a NOT NULL column of existing rows are applied, the column keeping
+//!   its value; one of a row the table lacks fails with an error naming table, key and column.
 //! - PostgreSQL, exactly once: the connect process is killed (SIGKILL) twice while records
 //!   flow, and the group's offsets are then rewound to 0, so every record is delivered again;
 //!   a trigger records any update that does not move a row's version forward. There must be
 //!   none, and the rows and offsets must be final.
 //! - HTTP: a webhook that fails its first requests with 500 gets every record, in order per
 //!   partition, with its op; one that always fails sends the records to the dead-letter topic
-//!   with their origin in headers, and the sink's status shows the error.
-//! - Redis: `set` mode with a TTL and `hash` mode mirror the rows; a delete removes the key.
+//!   with their origin in headers, and the sink's status shows the error; one that answers
+//!   302 is not followed (a GET without the body) but dead-lettered at once, naming the
+//!   Location.
+//! - Redis: `set` mode with a TTL and `hash` mode mirror the rows; a delete removes the key; a
+//!   partial update keeps the hash fields it leaves out; a record without a key is reported.
 //!
 //! Skipped, loudly, where PostgreSQL or Redis is not installed, except under CI.
 
@@ -171,9 +176,10 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     let postgres = Postgres::start().unwrap();
     postgres
         .psql(
-            "CREATE TABLE items (id integer PRIMARY KEY, name text, \
+            "CREATE TABLE items (id integer PRIMARY KEY, name text NOT NULL, \
              qty integer NOT NULL DEFAULT 0, price numeric(10,2), tags text[], doc jsonb, \
              blob bytea); \
+             CREATE TABLE orphans (id integer PRIMARY KEY, big text NOT NULL, n integer); \
              CREATE SCHEMA shop; \
              CREATE TABLE shop.\"Tagged\" (id integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
              label text, loud text GENERATED ALWAYS AS (upper(label)) STORED)",
@@ -206,13 +212,28 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     produce(&client, topic, &records).await;
     let ends = end_offsets(&client, topic, partitions).await;
     assert_eq!(ends.iter().sum::<u64>(), records.len() as u64);
+    // An update of a row the table does not have, leaving out NOT NULL `big`: it cannot be
+    // inserted, and the error says which table, key and column.
+    let orphans = "shop.public.orphans";
+    create_topic(&client, orphans, 1).await;
+    produce(
+        &client,
+        orphans,
+        &[
+            (key(1), Some(insert(json!({"id": 1, "big": "b", "n": 1})))),
+            (key(2), Some(update(json!({"id": 2, "n": 5})))),
+        ],
+    )
+    .await;
 
     let config = format!(
         "[[sink]]\nname = \"mirror\"\nkind = \"postgres\"\ntopics = [\"{topic}\"]\n\
          url = \"{url}\"\ntable = \"items\"\nbatch_size = 7\n\n\
          [[sink]]\nname = \"tagged\"\nkind = \"postgres\"\ntopics = [\"{topic}\"]\n\
          url = \"{url}\"\ntable = \"shop.Tagged\"\n\
-         [[sink.transforms]]\ntype = \"rename\"\nfields = {{ name = \"label\" }}\n",
+         [[sink.transforms]]\ntype = \"rename\"\nfields = {{ name = \"label\" }}\n\n\
+         [[sink]]\nname = \"orphans\"\nkind = \"postgres\"\ntopics = [\"{orphans}\"]\n\
+         url = \"{url}\"\ntable = \"orphans\"\n",
         url = postgres.url()
     );
     let connect = ConnectProcess::start(dir.path(), &config, &broker.addr);
@@ -240,17 +261,20 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     }
     let tagged = tagged.join("\n");
     let want_offsets = offsets_text(&ends);
-    eventually(
-        "the table and the stored offsets reach the final state",
-        || {
-            let rows = postgres
-                .psql(
-                    "SELECT id || '|' || coalesce(name, '') || '|' || qty || '|' || \
+    let items_rows = || {
+        postgres
+            .psql(
+                "SELECT id || '|' || coalesce(name, '') || '|' || qty || '|' || \
                  coalesce(price::text, '') || '|' || coalesce(tags::text, '') || '|' || \
                  coalesce(doc::text, '') || '|' || coalesce(encode(blob, 'hex'), '') \
                  FROM items ORDER BY id",
-                )
-                .map_err(|e| e.to_string())?;
+            )
+            .map_err(|e| e.to_string())
+    };
+    eventually(
+        "the table and the stored offsets reach the final state",
+        || {
+            let rows = items_rows()?;
             let offsets = stored_offsets(&postgres, "mirror");
             let tagged_rows = postgres
                 .psql("SELECT id || '|' || label || '|' || loud FROM shop.\"Tagged\" ORDER BY id")
@@ -287,6 +311,66 @@ async fn given_cdc_changes_when_sunk_into_postgres_should_leave_the_final_rows()
     })
     .await;
     assert_eq!(report["state"], "running", "{report}");
+
+    // Updates that leave out `name` (NOT NULL, without a default) of rows the table has, in
+    // batches of their own: applied, `name` kept. (An INSERT ... ON CONFLICT of the present
+    // columns fails NOT NULL before it sees the conflict.) For `tagged` they carry no column
+    // but the key: nothing to write.
+    produce(
+        &client,
+        topic,
+        &[
+            (key(1), Some(update(json!({"id": 1, "qty": 77})))),
+            (key(3), Some(update(json!({"id": 3, "price": "2.00"})))),
+        ],
+    )
+    .await;
+    let updated = expected
+        .replace("1|item-1|1|1.50|", "1|item-1|77|1.50|")
+        .replace("3|item-3|3|1.50|", "3|item-3|3|2.00|");
+    assert_ne!(updated, expected);
+    let ends = end_offsets(&client, topic, partitions).await;
+    let want_offsets = offsets_text(&ends);
+    eventually("partial updates of NOT NULL columns are applied", || {
+        let rows = items_rows()?;
+        let offsets = stored_offsets(&postgres, "mirror");
+        let tagged_offsets = postgres
+            .psql(
+                "SELECT \"partition\" || '|' || next_offset FROM shop.syncline_sink_offsets \
+                 WHERE sink = 'tagged' ORDER BY \"partition\"",
+            )
+            .unwrap_or_default();
+        if rows == updated && offsets == want_offsets && tagged_offsets == want_offsets {
+            Ok(())
+        } else {
+            Err(format!(
+                "rows:\n{rows}\noffsets:\n{offsets}\nconnect log:\n{}",
+                connect.log()
+            ))
+        }
+    })
+    .await;
+    eventually(
+        "the orphan update fails naming table, key and column",
+        || {
+            let reports = statuses(&connect.config, &broker.addr)?;
+            let report = reports.get("orphans").ok_or("no status yet")?;
+            let error = report["last_error"].as_str().unwrap_or_default();
+            if error.contains("public.orphans")
+                && error.contains("key {\"id\":2}")
+                && error.contains("column \"big\"")
+            {
+                Ok(())
+            } else {
+                Err(format!("{report}"))
+            }
+        },
+    )
+    .await;
+    let tagged_after = postgres
+        .psql("SELECT id || '|' || label || '|' || loud FROM shop.\"Tagged\" ORDER BY id")
+        .unwrap();
+    assert_eq!(tagged_after, tagged, "key-only rows change nothing");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -475,6 +559,79 @@ async fn serve(webhook: Arc<Webhook>) -> String {
     format!("http://{address}/hook")
 }
 
+/// Serves a webhook that answers every POST with `302 Found` to `/landing`, which accepts
+/// anything (a followed redirect arrives there as a GET without the body); returns the hook's
+/// URL and the count of requests that reached the landing.
+async fn serve_redirect() -> (String, Arc<AtomicUsize>) {
+    use axum::http::{header, StatusCode};
+    let landed = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let counter = landed.clone();
+    let app = axum::Router::new()
+        .route(
+            "/moved",
+            axum::routing::post(|| async { (StatusCode::FOUND, [(header::LOCATION, "/landing")]) }),
+        )
+        .route(
+            "/landing",
+            axum::routing::any(move || {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::OK
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (format!("http://{address}/moved"), landed)
+}
+
+/// The first `count` records of `topic` (waiting for it to be created), within `deadline`.
+async fn read_records(
+    client: &Client,
+    topic: &str,
+    count: usize,
+    deadline: Instant,
+    log: impl Fn() -> String,
+) -> Vec<syncline_client::ConsumerRecord> {
+    let config = ConsumerConfig {
+        start: StartOffset::Earliest,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = loop {
+        match client.consumer(topic, config.clone()).await {
+            Ok(consumer) => break consumer,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("topic {topic}: {e}\n{}", log()),
+        }
+    };
+    let mut records = Vec::with_capacity(count);
+    while records.len() < count {
+        let record = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{count} records of {topic} in time\n{}", log()))
+            .expect("the consumer is open")
+            .expect("a record");
+        records.push(record);
+    }
+    records
+}
+
+/// The value of header `name` of `record`.
+fn header_of(record: &syncline_client::ConsumerRecord, name: &str) -> String {
+    record
+        .headers
+        .iter()
+        .find(|h| h.key == name)
+        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+        .unwrap_or_else(|| panic!("header {name} on {record:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_letter() {
     let dir = tempfile::tempdir().unwrap();
@@ -490,8 +647,10 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
     });
     let flaky_url = serve(flaky.clone()).await;
     let down_url = serve(down.clone()).await;
+    let (moved_url, landed) = serve_redirect().await;
     create_topic(&client, "hooks", 2).await;
     create_topic(&client, "hooks.down", 1).await;
+    create_topic(&client, "hooks.moved", 1).await;
 
     let key = |id: u32| json!({"id": id}).to_string();
     let mut records = Vec::new();
@@ -506,13 +665,16 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
         .map(|id| (key(id), Some(insert(json!({"id": id})))))
         .collect();
     produce(&client, "hooks.down", &down_records).await;
+    produce(&client, "hooks.moved", &down_records[..2]).await;
     let ends = end_offsets(&client, "hooks", 2).await;
 
     let config = format!(
         "[[sink]]\nname = \"flaky\"\nkind = \"http\"\ntopics = [\"hooks\"]\n\
          url = \"{flaky_url}\"\nretry_backoff_ms = 10\nheaders = {{ X-Token = \"secret\" }}\n\n\
          [[sink]]\nname = \"down\"\nkind = \"http\"\ntopics = [\"hooks.down\"]\n\
-         url = \"{down_url}\"\nmax_attempts = 2\nretry_backoff_ms = 10\n"
+         url = \"{down_url}\"\nmax_attempts = 2\nretry_backoff_ms = 10\n\n\
+         [[sink]]\nname = \"moved\"\nkind = \"http\"\ntopics = [\"hooks.moved\"]\n\
+         url = \"{moved_url}\"\nmax_attempts = 3\nretry_backoff_ms = 10\n"
     );
     let connect = ConnectProcess::start(dir.path(), &config, &broker.addr);
 
@@ -578,43 +740,21 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
     assert_eq!(ops["raw"][0]["value"], "not json");
 
     // The webhook that is down: every record to the dead-letter topic, with its origin.
-    let dead_config = ConsumerConfig {
-        start: StartOffset::Earliest,
-        ..ConsumerConfig::default()
-    };
     let deadline = Instant::now() + DEADLINE;
-    let mut consumer = loop {
-        match client.consumer("down.dlq", dead_config.clone()).await {
-            Ok(consumer) => break consumer,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("the dead-letter topic: {e}\n{}", connect.log()),
-        }
-    };
-    let mut dead = BTreeMap::new();
-    while dead.len() < down_records.len() {
-        let record = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .expect("dead letters within the deadline")
-            .expect("the consumer is open")
-            .expect("a record");
-        let header = |name: &str| {
-            record
-                .headers
-                .iter()
-                .find(|h| h.key == name)
-                .map(|h| String::from_utf8_lossy(&h.value).into_owned())
-                .unwrap_or_else(|| panic!("header {name} on {record:?}"))
-        };
-        assert_eq!(header("syncline.dlq.topic"), "hooks.down");
-        assert_eq!(header("syncline.dlq.partition"), "0");
-        let error = header("syncline.dlq.error");
+    let dead = read_records(&client, "down.dlq", down_records.len(), deadline, || {
+        connect.log()
+    })
+    .await;
+    let mut offsets = BTreeSet::new();
+    for record in &dead {
+        assert_eq!(header_of(record, "syncline.dlq.topic"), "hooks.down");
+        assert_eq!(header_of(record, "syncline.dlq.partition"), "0");
+        let error = header_of(record, "syncline.dlq.error");
         assert!(
             error.contains("500") && error.contains("attempt 2 of 2"),
             "{error}"
         );
-        let offset: usize = header("syncline.dlq.offset").parse().unwrap();
+        let offset: usize = header_of(record, "syncline.dlq.offset").parse().unwrap();
         let (key, value) = &down_records[offset];
         assert_eq!(
             record.key.as_deref(),
@@ -626,8 +766,24 @@ async fn given_failing_webhooks_when_sinking_over_http_should_retry_then_dead_le
             value.as_deref().map(str::as_bytes),
             "the original value"
         );
-        dead.insert(offset, ());
+        offsets.insert(offset);
     }
+    assert_eq!(offsets.len(), down_records.len());
+    // The webhook that redirects: not followed (the POST would arrive as a GET without its
+    // body, and its 200 would count as delivered), not retried, dead-lettered with the Location.
+    let moved = read_records(&client, "moved.dlq", 2, deadline, || connect.log()).await;
+    for record in &moved {
+        let error = header_of(record, "syncline.dlq.error");
+        assert!(
+            error.contains("302") && error.contains("/landing") && error.contains("attempt 1 of 3"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        landed.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
     assert!(down.requests.load(Ordering::SeqCst) >= 2);
     eventually("the status shows the dead letters", || {
         let reports = statuses(&connect.config, &broker.addr)?;
@@ -671,14 +827,24 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
             key(3),
             Some(insert(json!({"id": 3, "name": "cap", "qty": 9}))),
         ),
-        (
-            key(2),
-            Some(update(json!({"id": 2, "name": "ink", "qty": 2}))),
-        ),
+        // Leaves out `name` (an unchanged TOASTed column): the hash keeps its field.
+        (key(2), Some(update(json!({"id": 2, "qty": 2})))),
         (key(3), Some(delete(json!({"id": 3})))),
         (key(3), None),
     ];
     produce(&client, topic, &records).await;
+    // A record without a key: skipped, and reported in both sinks' status.
+    let producer = client
+        .producer(topic, ProducerConfig::default())
+        .await
+        .expect("producer");
+    let keyless = insert(json!({"id": 4, "name": "nib", "qty": 1}));
+    producer
+        .enqueue(None, Some(keyless.as_bytes()), &[])
+        .await
+        .expect("enqueue")
+        .await
+        .expect("delivered");
     let config = format!(
         "[[sink]]\nname = \"cache\"\nkind = \"redis\"\ntopics = [\"{topic}\"]\nurl = \"{url}\"\n\
          key_prefix = \"items:\"\nttl_seconds = 300\n\n\
@@ -702,7 +868,7 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
             .collect();
         let want_fields = BTreeMap::from([("id", "2"), ("name", "ink"), ("qty", "2")]);
         if parsed(&one) == json!({"id": 1, "name": "pen", "qty": 5})
-            && parsed(&two) == json!({"id": 2, "name": "ink", "qty": 2})
+            && parsed(&two) == json!({"id": 2, "qty": 2})
             && gone == "0"
             && fields == want_fields
         {
@@ -719,4 +885,17 @@ async fn given_cdc_changes_when_sunk_into_redis_should_mirror_keys_and_hashes() 
     assert!(ttl > 0 && ttl <= 300, "TTL {ttl}");
     let no_ttl: i64 = cli(&["TTL", "h:{\"id\":1}"]).unwrap().parse().unwrap();
     assert_eq!(no_ttl, -1, "no ttl_seconds: no expiry");
+    eventually("both sinks report the record without a key", || {
+        let reports = statuses(&connect.config, &broker.addr)?;
+        for sink in ["cache", "hashes"] {
+            let report = reports.get(sink).ok_or("no status yet")?;
+            let error = report["last_error"].as_str().unwrap_or_default();
+            if !error.contains("skipped: a record without a key") {
+                return Err(format!("{report}"));
+            }
+            assert_eq!(report["state"], "running", "{report}");
+        }
+        Ok(())
+    })
+    .await;
 }

@@ -46,6 +46,8 @@ pub const SINK_TASKS_MAX: u32 = 64;
 pub const SINK_BATCH_MAX: usize = 10_000;
 /// Most attempts of one HTTP batch before it goes to the dead-letter topic.
 pub const HTTP_ATTEMPTS_MAX: u32 = 100;
+/// Largest Redis `ttl_seconds`: 10 years (so the expiry fits Redis's and our integers).
+pub const REDIS_TTL_SECONDS_MAX: u64 = 10 * 365 * 24 * 3600;
 /// Largest first backoff of the HTTP sink: the backoff doubles up to 30 s anyway.
 pub const HTTP_RETRY_BACKOFF_MAX_MS: u64 = 30_000;
 /// Most extra headers of the HTTP sink's requests.
@@ -217,7 +219,7 @@ pub struct SinkConfig {
     pub table: Option<String>,
     /// redis: `"set"` (default) or `"hash"`.
     pub mode: Option<RedisMode>,
-    /// redis: expiry of every key written, in seconds. None if absent.
+    /// redis: expiry of every key written, in seconds, within [1, 10 years]. None if absent.
     pub ttl_seconds: Option<u64>,
     /// redis: prefix of every Redis key (`"items:"`). Default empty.
     pub key_prefix: Option<String>,
@@ -477,6 +479,11 @@ impl SinkConfig {
         if self.ttl_seconds == Some(0) {
             return Err(ConfigError(format!(
                 "{at}: key `ttl_seconds`: must be at least 1 (leave it out for no expiry)"
+            )));
+        }
+        if let Some(ttl) = self.ttl_seconds.filter(|&ttl| ttl > REDIS_TTL_SECONDS_MAX) {
+            return Err(ConfigError(format!(
+                "{at}: key `ttl_seconds`: {ttl} is above {REDIS_TTL_SECONDS_MAX} (10 years)"
             )));
         }
         if let Some(attempts) = self.max_attempts {

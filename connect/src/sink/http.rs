@@ -23,8 +23,10 @@
 //! A 2xx answer accepts the POST. A 5xx, 408 or 429 answer, a timeout (`timeout_ms`, default
 //! 10 s) or a connection error is retried after a backoff (`retry_backoff_ms`, default 200 ms,
 //! doubled after each attempt up to 30 s, and at least the answer's `Retry-After` seconds).
-//! Any other answer (another 4xx, a 3xx left after redirects) is final: the same body would
-//! get the same answer. After `max_attempts` attempts (default 5) or a final answer, the
+//! Any other answer (another 4xx, any 3xx) is final: the same body would get the same answer.
+//! Redirects are not followed (a 301, 302 or 303 would turn the POST into a GET without the
+//! body, whose 2xx would count as delivered): a 3xx fails naming its `Location`, so point
+//! `url` at the final endpoint. After `max_attempts` attempts (default 5) or a final answer, the
 //! POST's records go to the dead-letter topic (`dead_letter_topic`, default `<name>.dlq`,
 //! created if missing, not compacted) with their original key and value and the headers
 //! `syncline.dlq.topic`, `syncline.dlq.partition`, `syncline.dlq.offset` (decimal text) and
@@ -46,7 +48,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
+use reqwest::header::{
+    HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT,
+};
 use serde::Serialize;
 use serde_json::Value;
 use syncline_client::{Producer, ProducerConfig};
@@ -141,6 +145,7 @@ impl HttpTarget {
             .default_headers(headers)
             .timeout(timeout)
             .connect_timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .with_context(|| format!("{at}: building the HTTP client"))?;
         Ok(HttpTarget {
@@ -220,10 +225,27 @@ impl HttpTarget {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
+        let location = response
+            .headers()
+            .get(LOCATION)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
         // Read (a bounded part of) the body either way, so the connection can be reused.
         let text = read_prefix(response, ERROR_TEXT_MAX).await;
         if status.is_success() {
             return Ok(());
+        }
+        if status.is_redirection() {
+            return Err(Failure {
+                message: format!(
+                    "HTTP {status}: a redirect to {}, not followed (a POST redirected would \
+                     arrive without its body): set `url` to the final endpoint",
+                    location
+                        .as_deref()
+                        .map_or("(no Location)".to_owned(), redact)
+                ),
+                retry: false,
+                retry_after: None,
+            });
         }
         let retry = status.is_server_error()
             || status == reqwest::StatusCode::REQUEST_TIMEOUT

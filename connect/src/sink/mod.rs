@@ -16,8 +16,10 @@
 //! - PostgreSQL: exactly once. The batch and the next offset of each of its partitions are
 //!   written in one database transaction (table `syncline_sink_offsets`, in the target table's
 //!   schema), and records below the stored offset are skipped, so a batch applied before a
-//!   crash is not applied again. The database, not the group, is the sink's progress of
-//!   record (`postgres` module doc).
+//!   crash is not applied again. A member still starts reading at the group's committed
+//!   offset, and the stored offsets only skip: after the database is restored to an earlier
+//!   state, the records between its stored offsets and the group's commit are not applied
+//!   again (`postgres` module doc).
 //! - A record whose value cannot be read as a change (not JSON, not an object) is skipped and
 //!   counted as an error in the sink's status, with the reason; it never stops the sink. The
 //!   HTTP sink sends such records as they are (`op = "raw"`).
@@ -26,7 +28,12 @@
 //!
 //! Members take their records with `processed_on_commit_only`: a partition revoked while a
 //! batch is in hand is committed only up to the last applied batch, so the next owner applies
-//! the batch again rather than skipping it.
+//! the batch again rather than skipping it. And before applying a batch, a member drops the
+//! records of partitions no longer in its assignment (revoked, or lost with its session, while
+//! it gathered the batch): their next owner applies them, and an old owner that applied them
+//! after the new one had moved on would write older rows over newer ones. A revocation during
+//! the apply itself remains possible: the PostgreSQL sink skips such records by its stored
+//! offsets; for Redis and HTTP it is part of at least once.
 
 mod http;
 mod postgres;
@@ -37,7 +44,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use syncline_client::{GroupConsumer, GroupConsumerConfig};
+use syncline_client::{GroupConsumer, GroupConsumerConfig, TopicPartition};
 
 use crate::config::{SinkConfig, SinkKind};
 use crate::envelope::{sink_change, Row};
@@ -88,7 +95,7 @@ impl Target {
 
     async fn apply(&mut self, batch: &[SinkRecord], ctx: &Context) -> anyhow::Result<()> {
         match self {
-            Target::Redis(target) => target.apply(batch).await,
+            Target::Redis(target) => target.apply(batch, ctx).await,
             Target::Postgres(target) => {
                 let applied = target.apply(batch).await;
                 for warning in target.take_warnings() {
@@ -211,6 +218,17 @@ async fn consume(
                 Err(_) => break,
             }
         }
+        let dropped = retain_assigned(&mut batch, &consumer.assignment());
+        if dropped > 0 {
+            tracing::info!(
+                sink = %config.name,
+                dropped,
+                "records of partitions no longer assigned to this member: left to their new owner"
+            );
+        }
+        if batch.is_empty() {
+            continue;
+        }
         target.apply(&batch, ctx).await?;
         consumer
             .commit()
@@ -228,6 +246,20 @@ async fn consume(
         }
         batch.clear();
     }
+}
+
+/// Keeps the records of the partitions in `assignment` (sorted, as
+/// [`GroupConsumer::assignment`] returns it); returns how many it dropped.
+fn retain_assigned(batch: &mut Vec<SinkRecord>, assignment: &[TopicPartition]) -> usize {
+    let before = batch.len();
+    batch.retain(|record| {
+        assignment
+            .binary_search_by(|owned| {
+                (owned.topic.as_str(), owned.partition).cmp(&(&*record.topic, record.partition))
+            })
+            .is_ok()
+    });
+    before - batch.len()
 }
 
 fn to_sink_record(
@@ -279,4 +311,54 @@ fn to_sink_record(
         }
     }
     sink_record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str, partition: u32, offset: u64) -> SinkRecord {
+        SinkRecord {
+            topic: Arc::from(topic),
+            partition,
+            offset,
+            key: None,
+            value: None,
+            after: None,
+            apply: true,
+            raw: false,
+        }
+    }
+
+    #[test]
+    fn given_records_of_revoked_partitions_should_drop_them_before_the_apply() {
+        let mut batch = vec![
+            record("a", 0, 5),
+            record("a", 1, 7),
+            record("b", 0, 1),
+            record("a", 0, 6),
+            record("b", 2, 3),
+        ];
+        // Partition a/1 was revoked and b/2 lost while the batch was gathered.
+        let assignment = [TopicPartition::new("a", 0), TopicPartition::new("b", 0)];
+        assert_eq!(retain_assigned(&mut batch, &assignment), 2);
+        let kept: Vec<(String, u32, u64)> = batch
+            .iter()
+            .map(|r| (r.topic.to_string(), r.partition, r.offset))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                ("a".to_owned(), 0, 5),
+                ("b".to_owned(), 0, 1),
+                ("a".to_owned(), 0, 6)
+            ]
+        );
+        assert_eq!(
+            retain_assigned(&mut batch, &[]),
+            3,
+            "nothing assigned any more"
+        );
+        assert!(batch.is_empty());
+    }
 }

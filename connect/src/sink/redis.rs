@@ -1,12 +1,18 @@
 //! The Redis sink: each record's key (its text, after `key_prefix`) holds the row.
 //!
-//! - `mode = "set"` (default): `SET key <after as JSON>`, with `EX ttl_seconds` when set.
-//! - `mode = "hash"`: `DEL key` then `HSET key column value ...` (strings as they are, other
-//!   values as JSON text), then `EXPIRE key ttl_seconds` when set. The DEL keeps a dropped
-//!   column from lingering.
+//! - `mode = "set"` (default): `SET key <after as JSON>`, with `EX ttl_seconds` when set. The
+//!   value is the record's row as it is, so an update that leaves out a column (a CDC update
+//!   of a row whose large, TOASTed value did not change) stores the row without that column.
+//! - `mode = "hash"`: `HSET key column value ...` of the row's columns (strings as they are,
+//!   other values as JSON text), then `EXPIRE key ttl_seconds` when set. An upsert never
+//!   deletes the hash first, so a column the update leaves out (an unchanged TOASTed value)
+//!   keeps its field; in turn a field of a column dropped from the table (or from the rows by a
+//!   transform) lingers until the key is deleted.
 //! - A delete (tombstone or `op = "d"`): `DEL key`.
 //!
-//! A batch is one pipeline (one round trip). Records without a key are skipped and reported.
+//! A batch is one `MULTI`/`EXEC` transaction in one pipeline (one round trip), so each
+//! record's commands (and the batch's) apply all or nothing. Records without a key are skipped
+//! and reported in the sink's status.
 
 use anyhow::Context as _;
 use redis::aio::MultiplexedConnection;
@@ -14,6 +20,7 @@ use serde_json::Value;
 
 use super::SinkRecord;
 use crate::config::{redact, RedisMode, SinkConfig};
+use crate::runtime::Context;
 
 pub struct RedisTarget {
     connection: MultiplexedConnection,
@@ -41,12 +48,18 @@ impl RedisTarget {
         })
     }
 
-    pub async fn apply(&mut self, batch: &[SinkRecord]) -> anyhow::Result<()> {
+    pub async fn apply(&mut self, batch: &[SinkRecord], ctx: &Context) -> anyhow::Result<()> {
         let mut pipe = redis::pipe();
+        pipe.atomic();
         let mut commands = 0;
         for record in batch.iter().filter(|r| r.apply) {
             let Some(key) = &record.key else {
-                tracing::warn!(sink = %self.name, topic = %record.topic, partition = record.partition, offset = record.offset, "a record without a key: skipped");
+                let message = format!(
+                    "{}/{}@{}: skipped: a record without a key (the Redis key)",
+                    record.topic, record.partition, record.offset
+                );
+                tracing::warn!(sink = %self.name, "{message}");
+                ctx.status.warn(&message);
                 continue;
             };
             let key = format!("{}{}", self.key_prefix, String::from_utf8_lossy(key));
@@ -63,7 +76,7 @@ impl RedisTarget {
                         };
                     }
                     RedisMode::Hash => {
-                        pipe.del(&key).ignore();
+                        // No DEL first: a partial update keeps the fields it leaves out.
                         let fields: Vec<(String, String)> = row
                             .iter()
                             .map(|(column, value)| {
@@ -78,7 +91,9 @@ impl RedisTarget {
                             pipe.hset_multiple(&key, &fields).ignore();
                         }
                         if let Some(ttl) = self.ttl_seconds {
-                            pipe.expire(&key, ttl as i64).ignore();
+                            // The config bounds it to 10 years: no overflow.
+                            let ttl = i64::try_from(ttl).context("ttl_seconds above 2^63")?;
+                            pipe.expire(&key, ttl).ignore();
                         }
                     }
                 },
@@ -92,5 +107,29 @@ impl RedisTarget {
                 .context("writing the batch to Redis")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, REDIS_TTL_SECONDS_MAX};
+
+    fn sink(ttl: u64) -> String {
+        format!(
+            "[[sink]]\nname = \"cache\"\nkind = \"redis\"\ntopics = [\"t\"]\n\
+             url = \"redis://127.0.0.1:6379/\"\nttl_seconds = {ttl}\n"
+        )
+    }
+
+    #[test]
+    fn given_a_ttl_beyond_ten_years_should_refuse_it_naming_the_key() {
+        assert!(Config::parse(&sink(REDIS_TTL_SECONDS_MAX)).is_ok());
+        for ttl in [REDIS_TTL_SECONDS_MAX + 1, i64::MAX as u64] {
+            let error = Config::parse(&sink(ttl)).expect_err("refused").0;
+            assert!(
+                error.contains("sink \"cache\": key `ttl_seconds`"),
+                "{error}"
+            );
+        }
     }
 }

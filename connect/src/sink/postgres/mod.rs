@@ -2,13 +2,22 @@
 //!
 //! # What it writes
 //!
-//! - A record with a row (`after`) is an upsert: `INSERT ... ON CONFLICT (key) DO UPDATE` of
-//!   the row's columns that the table has (other fields are ignored; a table column the row
-//!   leaves out keeps its value on an update and gets its default on an insert, so a TOASTed
-//!   column that a CDC update leaves out is not cleared). PostgreSQL converts each JSON value
-//!   to its column's type (`jsonb_populate_recordset`): strings through the type's input
-//!   function, so `numeric`, timestamps and arrays arrive as the text the source printed;
-//!   `bytea` columns take the source's base64 (decoded here).
+//! - A record with a row (`after`) is an upsert of the row's columns that the table has (other
+//!   fields are ignored):
+//!   - a row with every column of the table: `INSERT ... ON CONFLICT (key) DO UPDATE`;
+//!   - a row that leaves columns out (a CDC update leaves out a TOASTed column whose value did
+//!     not change): an `UPDATE` of its columns where the key matches (the rows numbered, so
+//!     that it returns which it found), so the columns left out keep their value; then an
+//!     `INSERT ... ON CONFLICT` of only the keys that the UPDATE did not find, where the
+//!     columns left out get their default. (An INSERT first would check NOT NULL before ON
+//!     CONFLICT sees that the row exists, and fail for a row that is there.) That insert
+//!     fails if a NOT NULL column without a default is left out: the error names the table,
+//!     the key and the column, and the batch fails (and is retried with backoff) until the
+//!     row exists or the record is dealt with.
+//!
+//!   PostgreSQL converts each JSON value to its column's type (`jsonb_populate_record(set)`):
+//!   strings through the type's input function, so `numeric`, timestamps and arrays arrive as
+//!   the text the source printed; `bytea` columns take the source's base64 (decoded here).
 //! - A record without a row (a tombstone, or an envelope with `op = "d"`) deletes by key.
 //! - The key columns are the table's primary key (else its first unique index without a
 //!   predicate or expressions). Their values come from the row, or for a value the row lacks
@@ -20,7 +29,7 @@
 //! applying its records in order: later columns override earlier ones, and a delete followed
 //! by an upsert deletes the row before inserting it. So no statement touches a row twice
 //! (which `ON CONFLICT DO UPDATE` refuses). Then, in one transaction: the deletes, the upserts
-//! (one statement per set of columns present), and the partitions' next offsets.
+//! (statements per set of columns present), and the partitions' next offsets.
 //!
 //! # Delivery: exactly once
 //!
@@ -31,9 +40,16 @@
 //! order) and skips every record below the stored offset. The group's committed offset can lag
 //! the database's (a crash between the database commit and the group commit, or a partition
 //! that moves to another member meanwhile): the records it redelivers are skipped, so none is
-//! applied twice. The table, not the group, is the source of truth for this sink's progress.
-//! The stored offsets are read in every transaction, not cached: another member (after a
-//! rebalance, or a zombie one) may have moved them on since.
+//! applied twice. The stored offsets are read in every transaction, not cached: another
+//! member (after a rebalance, or a zombie one) may have moved them on since.
+//!
+//! A member starts reading at the group's committed offset, and the stored offsets only skip
+//! records below them: they never rewind the reading. So where the database is behind the
+//! group (restored from a backup taken before the last batches), the records between the
+//! database's stored offsets and the group's commit are not applied again, and the restored
+//! rows stay as the backup has them until their keys change again. To replay them, stop the
+//! sink and rewind the group to the stored offsets (`syncline group reset-offsets connect.<name>
+//! --topic T --to-offset N --partition P`).
 //!
 //! Two members that write the same rows at once (several topics into one table) may deadlock;
 //! PostgreSQL aborts one transaction and it is retried ([`RETRIES`]). Any other failure fails
@@ -57,12 +73,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context as _};
 use indexmap::IndexMap;
+use serde_json::{Map, Value};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Statement};
+use tokio_postgres::{NoTls, Statement, Transaction};
 
 use super::SinkRecord;
 use crate::config::{redact, SinkConfig};
-use plan::{chunks, Column, Plan, Table};
+use plan::{chunk_ranges, chunks, Column, Plan, Table};
 
 /// Name of the offsets table, in the target table's schema.
 pub const OFFSETS_TABLE: &str = "syncline_sink_offsets";
@@ -98,6 +115,8 @@ pub struct PostgresTarget {
     offsets: OffsetStatements,
     /// Upserts by the table-order indexes of their columns.
     upserts: HashMap<Vec<usize>, Statement>,
+    /// Updates of rows that lack some columns, by the same indexes.
+    updates: HashMap<Vec<usize>, Statement>,
     /// Partitions known to have an offset row (rows are never deleted).
     known_partitions: HashSet<(Arc<str>, u32)>,
     warnings: Vec<String>,
@@ -150,6 +169,7 @@ impl PostgresTarget {
             table,
             offsets,
             upserts: HashMap::new(),
+            updates: HashMap::new(),
             known_partitions: HashSet::new(),
             warnings: Vec::new(),
         })
@@ -257,30 +277,55 @@ impl PostgresTarget {
             );
         }
 
-        for chunk in chunks(plan.deletes()) {
+        for chunk in chunks(&plan.deletes()).context("encoding keys as JSON")? {
             transaction
                 .execute(&self.offsets.delete, &[&chunk])
                 .await
                 .context("deleting rows")?;
         }
         for (columns, rows) in plan.upserts() {
-            if !self.upserts.contains_key(&columns) {
-                if self.upserts.len() >= CACHED_STATEMENTS_MAX {
-                    self.upserts.clear();
+            let upsert = prepared(&mut self.upserts, &transaction, &columns, || {
+                upsert_sql(&self.table, &columns)
+            })
+            .await?;
+            // Rows with every column: the upsert. Rows without some (an update that left out
+            // unchanged TOASTed columns): an UPDATE of the rows the table has, then an insert
+            // of the others only, since an INSERT checks NOT NULL before ON CONFLICT.
+            let inserts = if columns.len() == self.table.columns.len() {
+                rows
+            } else {
+                let update = prepared(&mut self.updates, &transaction, &columns, || {
+                    update_sql(&self.table, &columns)
+                })
+                .await?;
+                let mut found = vec![false; rows.len()];
+                for (chunk, range) in chunk_ranges(&rows).context("encoding rows as JSON")? {
+                    for row in transaction
+                        .query(&update, &[&chunk])
+                        .await
+                        .context("updating rows")?
+                    {
+                        let ordinal: i64 = row.get(0);
+                        let index = usize::try_from(ordinal - 1)
+                            .ok()
+                            .map(|i| range.start + i)
+                            .filter(|i| range.contains(i))
+                            .ok_or_else(|| anyhow!("the update returned row {ordinal}"))?;
+                        found[index] = true;
+                    }
                 }
-                let sql = upsert_sql(&self.table, &columns);
-                let statement = transaction
-                    .prepare(&sql)
-                    .await
-                    .with_context(|| format!("preparing {sql}"))?;
-                self.upserts.insert(columns.clone(), statement);
-            }
-            let statement = &self.upserts[&columns];
-            for chunk in chunks(rows) {
-                transaction
-                    .execute(statement, &[&chunk])
-                    .await
-                    .context("upserting rows")?;
+                rows.into_iter()
+                    .zip(found)
+                    .filter(|(_, found)| !found)
+                    .map(|(row, _)| row)
+                    .collect()
+            };
+            for (chunk, range) in chunk_ranges(&inserts).context("encoding rows as JSON")? {
+                if let Err(e) = transaction.execute(&upsert, &[&chunk]).await {
+                    let context = missing_column_error(&self.table, &inserts[range], &e)
+                        .unwrap_or_else(|| "upserting rows".to_owned());
+                    return Err(anyhow::Error::new(e).context(context));
+                }
             }
         }
 
@@ -304,6 +349,64 @@ impl PostgresTarget {
         self.known_partitions.extend(batch_next.into_keys());
         Ok(plan.warnings)
     }
+}
+
+/// The statement of `sql` for `columns`, prepared once and then cached (the cache emptied
+/// when full, see [`CACHED_STATEMENTS_MAX`]).
+async fn prepared(
+    cache: &mut HashMap<Vec<usize>, Statement>,
+    transaction: &Transaction<'_>,
+    columns: &[usize],
+    sql: impl FnOnce() -> String,
+) -> anyhow::Result<Statement> {
+    if let Some(statement) = cache.get(columns) {
+        return Ok(statement.clone());
+    }
+    if cache.len() >= CACHED_STATEMENTS_MAX {
+        cache.clear();
+    }
+    let sql = sql();
+    let statement = transaction
+        .prepare(&sql)
+        .await
+        .with_context(|| format!("preparing {sql}"))?;
+    cache.insert(columns.to_vec(), statement.clone());
+    Ok(statement)
+}
+
+/// For an insert that failed a NOT NULL constraint, which row and column: the first of `rows`
+/// without a value for the column PostgreSQL names, with its key.
+fn missing_column_error(
+    table: &Table,
+    rows: &[Map<String, Value>],
+    error: &tokio_postgres::Error,
+) -> Option<String> {
+    let db = error.as_db_error()?;
+    if *db.code() != SqlState::NOT_NULL_VIOLATION {
+        return None;
+    }
+    let column = db.column()?;
+    let lacking = rows
+        .iter()
+        .filter(|row| row.get(column).is_none_or(Value::is_null))
+        .collect::<Vec<_>>();
+    let first = lacking.first()?;
+    let key: Map<String, Value> = table
+        .key
+        .iter()
+        .filter_map(|name| Some((name.clone(), first.get(name)?.clone())))
+        .collect();
+    let others = match lacking.len() {
+        1 => String::new(),
+        n => format!(" (and {} more such row(s))", n - 1),
+    };
+    Some(format!(
+        "{}: cannot insert the row of key {}{others}: it is not in the table, and its record \
+         has no value for column {column:?}, which is NOT NULL (an update that left out an \
+         unchanged column, of a row the table does not have)",
+        table.display,
+        Value::Object(key)
+    ))
 }
 
 /// Whether PostgreSQL aborted the transaction for a conflict that a retry may not meet.
@@ -527,6 +630,53 @@ fn upsert_sql(table: &Table, columns: &[usize]) -> String {
     )
 }
 
+/// For rows that have exactly `columns` (indexes into `table.columns`) but not all of the
+/// table's: an UPDATE of those that exist by the key (of the non-key columns given), or
+/// without any such column a SELECT of those that exist; either returns the 1-based ordinals
+/// (in `$1`) of the rows found.
+fn update_sql(table: &Table, columns: &[usize]) -> String {
+    let names: Vec<(&String, &Column)> = columns
+        .iter()
+        .filter_map(|&i| table.columns.get_index(i))
+        .collect();
+    let sets = names
+        .iter()
+        .filter(|(name, _)| !table.key.contains(name))
+        .map(|(_, column)| format!("{0} = (s.r).{0}", column.quoted))
+        .collect::<Vec<_>>();
+    let target_keys = table
+        .key
+        .iter()
+        .map(|column| format!("t.{}", quote(column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row_keys = table
+        .key
+        .iter()
+        .map(|column| format!("(s.r).{}", quote(column)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows = format!(
+        "(SELECT e.n, jsonb_populate_record(NULL::{table}, e.doc) AS r \
+         FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS e(doc, n)) AS s",
+        table = table.quoted
+    );
+    if sets.is_empty() {
+        format!(
+            "SELECT s.n FROM {rows} WHERE EXISTS \
+             (SELECT 1 FROM {table} AS t WHERE ({target_keys}) = ({row_keys}))",
+            table = table.quoted
+        )
+    } else {
+        format!(
+            "UPDATE {table} AS t SET {sets} FROM {rows} \
+             WHERE ({target_keys}) = ({row_keys}) RETURNING s.n",
+            table = table.quoted,
+            sets = sets.join(", ")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::plan::tests::table;
@@ -548,5 +698,26 @@ mod tests {
              ON CONFLICT (\"id\") DO UPDATE SET \"name\" = EXCLUDED.\"name\""
         );
         assert!(upsert_sql(&table, &[0]).ends_with("ON CONFLICT (\"id\") DO NOTHING"));
+    }
+
+    #[test]
+    fn given_a_partial_column_set_should_update_by_the_key_and_return_the_ordinals() {
+        let table = table();
+        let rows = "(SELECT e.n, jsonb_populate_record(NULL::\"public\".\"items\", e.doc) AS r \
+                    FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS e(doc, n)) AS s";
+        assert_eq!(
+            update_sql(&table, &[0, 2]),
+            format!(
+                "UPDATE \"public\".\"items\" AS t SET \"qty\" = (s.r).\"qty\" FROM {rows} \
+                 WHERE (t.\"id\") = ((s.r).\"id\") RETURNING s.n"
+            )
+        );
+        assert_eq!(
+            update_sql(&table, &[0]),
+            format!(
+                "SELECT s.n FROM {rows} WHERE EXISTS (SELECT 1 FROM \"public\".\"items\" AS t \
+                 WHERE (t.\"id\") = ((s.r).\"id\"))"
+            )
+        );
     }
 }

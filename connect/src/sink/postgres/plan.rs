@@ -4,6 +4,7 @@
 //! without a database.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use base64::Engine as _;
 use indexmap::IndexMap;
@@ -39,25 +40,38 @@ pub(super) struct Table {
 
 /// JSON objects as JSON array texts of at most [`STATEMENT_JSON_BYTES_MAX`] each (a bigger
 /// object alone).
-pub(super) fn chunks(objects: Objects) -> Vec<String> {
+pub(super) fn chunks(objects: &[Map<String, Value>]) -> serde_json::Result<Vec<String>> {
+    Ok(chunk_ranges(objects)?
+        .into_iter()
+        .map(|(text, _)| text)
+        .collect())
+}
+
+/// [`chunks`], each with the range of `objects` it holds (so a statement's answers about its
+/// rows, by their 1-based ordinal in the chunk, lead back to them).
+pub(super) fn chunk_ranges(
+    objects: &[Map<String, Value>],
+) -> serde_json::Result<Vec<(String, Range<usize>)>> {
     let mut out = Vec::new();
     let mut current = String::from("[");
-    for object in objects {
-        let text = Value::Object(object).to_string();
-        if current.len() > 1 && current.len() + text.len() + 2 > STATEMENT_JSON_BYTES_MAX {
+    let mut start = 0;
+    for (i, object) in objects.iter().enumerate() {
+        let text = serde_json::to_string(object)?;
+        if i > start && current.len() + text.len() + 2 > STATEMENT_JSON_BYTES_MAX {
             current.push(']');
-            out.push(std::mem::replace(&mut current, String::from("[")));
+            out.push((std::mem::replace(&mut current, String::from("[")), start..i));
+            start = i;
         }
-        if current.len() > 1 {
+        if i > start {
             current.push(',');
         }
         current.push_str(&text);
     }
-    if current.len() > 1 {
+    if start < objects.len() {
         current.push(']');
-        out.push(current);
+        out.push((current, start..objects.len()));
     }
-    out
+    Ok(out)
 }
 
 /// Row (or key) objects, as sent to `jsonb_populate_recordset`.
@@ -373,13 +387,19 @@ pub(super) mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        let texts = chunks(rows);
+        let ranges: Vec<Range<usize>> = chunk_ranges(&rows)
+            .expect("encodes")
+            .into_iter()
+            .map(|(_, range)| range)
+            .collect();
+        assert_eq!(ranges, [0..2, 2..4]);
+        let texts = chunks(&rows).expect("encodes");
         assert_eq!(texts.len(), 2);
         for text in &texts {
             assert!(text.len() <= STATEMENT_JSON_BYTES_MAX);
             let parsed: Vec<Value> = serde_json::from_str(text).expect("a JSON array");
             assert_eq!(parsed.len(), 2);
         }
-        assert!(chunks(Vec::new()).is_empty());
+        assert!(chunks(&[]).expect("encodes").is_empty());
     }
 }
