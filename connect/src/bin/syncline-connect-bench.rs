@@ -375,8 +375,12 @@ async fn recvlogical_baseline(
     let table = format!("bench_recv_{run_id}");
     let slot = format!("bench_recv_{run_id}");
     db.batch_execute(&format!(
-        "CREATE TABLE {table} {columns}; CREATE PUBLICATION {slot} FOR TABLE {table}; \
-         SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
+        "CREATE TABLE {table} {columns}; CREATE PUBLICATION {slot} FOR TABLE {table}"
+    ))
+    .await?;
+    // Its own statement: a slot cannot be created in a transaction that wrote.
+    db.batch_execute(&format!(
+        "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
     ))
     .await?;
     let mut child = tokio::process::Command::new(bin)
@@ -499,25 +503,33 @@ async fn sink_postgres(
     )
     .await?;
     let count_sql = format!("SELECT count(*) FROM {target}");
+    // Steady rate: from the first applied row to the last (the start, group join included, is
+    // reported apart).
+    let mut first: Option<(Instant, u64)> = None;
     loop {
-        let count: i64 = db.query_one(&count_sql, &[]).await?.get(0);
-        if count as u64 >= rows {
+        let count = db.query_one(&count_sql, &[]).await?.get::<_, i64>(0) as u64;
+        if count > 0 && first.is_none() {
+            first = Some((Instant::now(), count));
+        }
+        if count >= rows {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
             bail!("the PostgreSQL sink applied {count} of {rows} rows in 600 s");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let sink_rate = rows as f64 / started.elapsed().as_secs_f64();
+    let (first_at, first_count) = first.unwrap_or((started, 0));
+    let startup = first_at.duration_since(started).as_secs_f64();
+    let sink_rate = (rows - first_count) as f64 / first_at.elapsed().as_secs_f64();
     let _ = connect.kill().await;
     let _ = client;
     eprintln!(
-        "postgres sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; the sink's time includes its start)",
+        "postgres sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; first row applied {startup:.2} s after start)",
         sink_rate / plain_rate
     );
     Ok(
-        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}),
+        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate, "startup_s": startup}),
     )
 }
 
@@ -559,29 +571,39 @@ async fn sink_redis(
         "INFO",
     )
     .await?;
+    let first_probe = format!("sink{run_id}:{{\"id\":0}}");
     let probe = format!("sink{run_id}:{{\"id\":{}}}", rows - 1);
+    let mut first_at = None;
     loop {
         // Records of one partition arrive in order: the last id present means all are.
-        let exists: bool = redis::cmd("EXISTS")
+        let (first, last): (bool, bool) = redis::pipe()
+            .cmd("EXISTS")
+            .arg(&first_probe)
+            .cmd("EXISTS")
             .arg(&probe)
             .query_async(&mut connection)
             .await?;
-        if exists {
+        if first && first_at.is_none() {
+            first_at = Some(Instant::now());
+        }
+        if last {
             break;
         }
         if started.elapsed() > Duration::from_secs(600) {
             bail!("the Redis sink did not apply {rows} rows in 600 s");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let sink_rate = rows as f64 / started.elapsed().as_secs_f64();
+    let first_at = first_at.unwrap_or(started);
+    let startup = first_at.duration_since(started).as_secs_f64();
+    let sink_rate = rows as f64 / first_at.elapsed().as_secs_f64();
     let _ = connect.kill().await;
     eprintln!(
-        "redis sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; the sink's time includes its start)",
+        "redis sink: {sink_rate:.0} rows/s vs a plain client {plain_rate:.0} rows/s ({:.2}x; first row applied {startup:.2} s after start)",
         sink_rate / plain_rate
     );
     Ok(
-        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate}),
+        json!({"sink_rows_per_s": sink_rate, "plain_rows_per_s": plain_rate, "ratio": sink_rate / plain_rate, "startup_s": startup}),
     )
 }
 

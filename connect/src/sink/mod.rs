@@ -51,6 +51,11 @@ use crate::envelope::{sink_change, Row};
 use crate::runtime::Context;
 use crate::transform::{self, Rows};
 
+/// Longest time between group commits while a member is behind (it commits after every batch
+/// once caught up). A crash re-delivers at most this much to the next owner: the PostgreSQL
+/// sink skips it by its stored offsets, Redis and HTTP apply it again (at least once).
+pub const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How long a member waits for more records once it holds one, before it applies the batch.
 pub const LINGER: Duration = Duration::from_millis(20);
 
@@ -201,6 +206,7 @@ async fn consume(
     target: &mut Target,
 ) -> anyhow::Result<()> {
     let mut batch = Vec::with_capacity(config.batch_size);
+    let mut committed_at = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             record = consumer.recv() => record,
@@ -218,6 +224,9 @@ async fn consume(
                 Err(_) => break,
             }
         }
+        // A batch that did not fill up means the member caught up: commit now. Behind, commit
+        // once per COMMIT_INTERVAL (each commit is a durable write on the broker).
+        let caught_up = batch.len() < config.batch_size;
         let dropped = retain_assigned(&mut batch, &consumer.assignment());
         if dropped > 0 {
             tracing::info!(
@@ -230,10 +239,13 @@ async fn consume(
             continue;
         }
         target.apply(&batch, ctx).await?;
-        consumer
-            .commit()
-            .await
-            .context("committing the group's offsets")?;
+        if caught_up || committed_at.elapsed() >= COMMIT_INTERVAL {
+            consumer
+                .commit()
+                .await
+                .context("committing the group's offsets")?;
+            committed_at = tokio::time::Instant::now();
+        }
         ctx.status
             .add_records(batch.iter().filter(|r| r.apply).count() as u64);
         if let Some(last) = batch.last() {
