@@ -9,53 +9,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::connect::ConnectProcess;
+use common::connect::{rows_of, write_load, ConnectProcess};
 use common::pg::{self, Postgres};
 use common::redis::{self, Redis};
 use common::BrokerProcess;
 use serde_json::Value;
-
-/// `{"id":N}` → the row as JSON, from `database`.
-fn rows_of(postgres: &Postgres, database: &str, table: &str) -> BTreeMap<String, Value> {
-    postgres
-        .psql_in(
-            database,
-            &format!(
-                "SELECT json_build_object('id', id)::text || E'\\t' || row_to_json(t)::text \
-                 FROM {table} t ORDER BY id"
-            ),
-        )
-        .unwrap()
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|line| {
-            let (key, row) = line.split_once('\t').unwrap();
-            (
-                serde_json::from_str::<Value>(key).unwrap().to_string(),
-                serde_json::from_str(row).unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn write_load(postgres: &Postgres, first_id: i64, transactions: i64) {
-    for t in 0..transactions {
-        let id = first_id + t * 3;
-        postgres
-            .psql(&format!(
-                "BEGIN; \
-                 INSERT INTO items VALUES ({id}, 'n{id}', {t}), ({a}, 'n{a}', {t}), ({b}, 'n{b}', {t}); \
-                 UPDATE items SET qty = qty + 1, name = name || '+' WHERE id % 7 = {m}; \
-                 DELETE FROM items WHERE id = {d}; \
-                 COMMIT;",
-                a = id + 1,
-                b = id + 2,
-                m = t % 7,
-                d = id - 5,
-            ))
-            .unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_a_source_and_sinks_when_the_table_changes_should_keep_database_and_cache_equal() {
@@ -133,6 +91,7 @@ async fn given_a_source_and_sinks_when_the_table_changes_should_keep_database_an
     }
 
     let text = common::scrape(&metrics_addr);
+    common::promtool_check(&text);
     for connector in ["shop", "mirror", "cache"] {
         assert!(
             text.contains(&format!(

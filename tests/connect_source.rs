@@ -9,28 +9,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use common::connect::{fold, read_cdc, CdcRecord, ConnectProcess};
+use common::connect::{fold, read_cdc, rows_of, write_load, CdcRecord, ConnectProcess};
 use common::pg::{self, Postgres};
 use common::BrokerProcess;
 use serde_json::Value;
-
-/// The source table as the topic should compact to: `{"id":N}` → the row as JSON.
-fn table_rows(postgres: &Postgres, table: &str) -> BTreeMap<String, Value> {
-    let out = postgres
-        .psql(&format!(
-            "SELECT json_build_object('id', id)::text || E'\\t' || row_to_json(t)::text \
-             FROM {table} t ORDER BY id"
-        ))
-        .unwrap();
-    out.lines()
-        .filter(|l| !l.is_empty())
-        .map(|line| {
-            let (key, row) = line.split_once('\t').unwrap();
-            let key: Value = serde_json::from_str(key).unwrap();
-            (key.to_string(), serde_json::from_str(row).unwrap())
-        })
-        .collect()
-}
 
 fn source_config(postgres: &Postgres, tables: &str, extra: &str) -> String {
     format!(
@@ -51,7 +33,7 @@ async fn wait_until_mirrored(
     let mut client = broker.client().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let expected = table_rows(postgres, table);
+        let expected = rows_of(postgres, "postgres", table);
         let records = read_cdc(&mut client, topic).await;
         let got = fold(&records);
         if got == expected {
@@ -101,39 +83,6 @@ fn assert_no_duplicate_changes(records: &[CdcRecord]) {
         duplicates.is_empty(),
         "changes stored twice: {duplicates:?}"
     );
-}
-
-/// Runs `transactions` transactions of mixed inserts, updates and deletes on `items`. Every
-/// fifth also loads two rows with COPY (one WAL record, so one LSN, for both) and moves a row
-/// to another primary key (a delete and an insert at one LSN).
-fn write_load(postgres: &Postgres, first_id: i64, transactions: i64) {
-    for t in 0..transactions {
-        let id = first_id + t * 3;
-        let extra = if t % 5 == 4 {
-            format!(
-                "COPY items FROM PROGRAM 'printf \"{c}\\tc{c}\\t1\\n{c2}\\tc{c2}\\t2\\n\"'; \
-                 UPDATE items SET id = id + 1000000 WHERE id = {moved};",
-                c = 500_000 + id,
-                c2 = 500_001 + id,
-                moved = id - 4,
-            )
-        } else {
-            String::new()
-        };
-        postgres
-            .psql(&format!(
-                "BEGIN; \
-                 INSERT INTO items VALUES ({id}, 'n{id}', {t}), ({a}, 'n{a}', {t}), ({b}, 'n{b}', {t}); \
-                 UPDATE items SET qty = qty + 1, name = name || '+' WHERE id % 7 = {m}; \
-                 DELETE FROM items WHERE id = {d}; {extra} \
-                 COMMIT;",
-                a = id + 1,
-                b = id + 2,
-                m = t % 7,
-                d = id - 5,
-            ))
-            .unwrap();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,9 +7,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::Command;
-
 use common::{run_broker, scrape, BrokerProcess};
 use syncline_proto::v1;
 
@@ -120,44 +117,7 @@ async fn given_traffic_when_scraped_should_expose_moving_metrics_that_pass_promt
     );
     assert!(sample(&text, "syncline_partition_size_bytes", &["topic=\"m\""]).unwrap() > 0.0);
 
-    promtool_check(&text);
-}
-
-/// Lints the exposition text with promtool (Debian's `prometheus` package; .ci/run installs it).
-fn promtool_check(text: &str) {
-    match Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-    {
-        Ok(mut child) => {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-            let output = child.wait_with_output().unwrap();
-            let report = format!(
-                "{}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-            assert!(
-                output.status.success() && report.trim().is_empty(),
-                "promtool: {report}"
-            );
-        }
-        Err(error) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "promtool is required under CI: {error}"
-            );
-            eprintln!("promtool not installed; skipping the lint (CI installs it)");
-        }
-    }
+    common::promtool_check(&text);
 }
 
 /// The `# TYPE` of `name` in the exposition text.
@@ -215,7 +175,7 @@ async fn given_fresh_broker_when_scraped_should_serve_every_listed_metric_at_zer
             "{name} is served but missing from syncline_broker::metrics::METRICS"
         );
     }
-    promtool_check(&text);
+    common::promtool_check(&text);
 }
 
 #[test]

@@ -163,60 +163,62 @@ pub fn metrics_text(statuses: &[Arc<Status>]) -> String {
         "failed",
         "stopped",
     ];
+    let reports: Vec<StatusReport> = statuses.iter().map(|s| s.report("")).collect();
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP syncline_connect_records_total Records written by a source or applied by a sink."
-    );
-    let _ = writeln!(out, "# TYPE syncline_connect_records_total counter");
-    for status in statuses {
-        let report = status.report("");
-        let _ = writeln!(
-            out,
-            "syncline_connect_records_total{{connector=\"{}\",kind=\"{}\"}} {}",
-            report.connector, report.kind, report.records_total
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP syncline_connect_errors_total Failures and warnings of a connector."
-    );
-    let _ = writeln!(out, "# TYPE syncline_connect_errors_total counter");
-    for status in statuses {
-        let report = status.report("");
-        let _ = writeln!(
-            out,
-            "syncline_connect_errors_total{{connector=\"{}\",kind=\"{}\"}} {}",
-            report.connector, report.kind, report.errors_total
-        );
-    }
-    let _ = writeln!(out, "# HELP syncline_connect_lag How far a connector is behind (bytes of WAL for sources, records for sinks).");
-    let _ = writeln!(out, "# TYPE syncline_connect_lag gauge");
-    for status in statuses {
-        let report = status.report("");
-        if let Some(lag) = report.lag {
-            let _ = writeln!(
-                out,
-                "syncline_connect_lag{{connector=\"{}\",kind=\"{}\",unit=\"{}\"}} {}",
-                report.connector, report.kind, report.lag_unit, lag
-            );
+    let mut family = |name: &str, kind: &str, help: &str, lines: Vec<String>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for line in lines {
+            let _ = writeln!(out, "{name}{line}");
         }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP syncline_connect_state 1 for the connector's current state."
+    };
+    let labels = |r: &StatusReport| format!("connector=\"{}\",kind=\"{}\"", r.connector, r.kind);
+    family(
+        "syncline_connect_records_total",
+        "counter",
+        "Records written by a source or applied by a sink.",
+        reports
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.records_total))
+            .collect(),
     );
-    let _ = writeln!(out, "# TYPE syncline_connect_state gauge");
-    for status in statuses {
-        let report = status.report("");
-        for state in STATES {
-            let _ = writeln!(
-                out,
-                "syncline_connect_state{{connector=\"{}\",state=\"{state}\"}} {}",
-                report.connector,
-                u8::from(report.state == state)
-            );
-        }
-    }
+    family(
+        "syncline_connect_errors_total",
+        "counter",
+        "Failures and warnings of a connector.",
+        reports
+            .iter()
+            .map(|r| format!("{{{}}} {}", labels(r), r.errors_total))
+            .collect(),
+    );
+    family(
+        "syncline_connect_lag",
+        "gauge",
+        "How far a connector is behind (bytes of WAL for sources, records for sinks).",
+        reports
+            .iter()
+            .filter_map(|r| {
+                let lag = r.lag?;
+                Some(format!("{{{},unit=\"{}\"}} {lag}", labels(r), r.lag_unit))
+            })
+            .collect(),
+    );
+    family(
+        "syncline_connect_state",
+        "gauge",
+        "1 for the connector's current state.",
+        reports
+            .iter()
+            .flat_map(|r| {
+                STATES.iter().map(move |state| {
+                    format!(
+                        "{{connector=\"{}\",state=\"{state}\"}} {}",
+                        r.connector,
+                        u8::from(r.state == *state)
+                    )
+                })
+            })
+            .collect(),
+    );
     out
 }

@@ -13,6 +13,7 @@ use syncline_proto::v1::broker_client::BrokerClient;
 use tonic::transport::Channel;
 
 use super::binary;
+use super::pg::Postgres;
 
 /// A running `syncline-connect --config FILE --broker ADDR`.
 pub struct ConnectProcess {
@@ -158,4 +159,60 @@ pub fn fold(records: &[CdcRecord]) -> BTreeMap<String, Value> {
         }
     }
     table
+}
+
+/// `{"id":N}` → the row as JSON, of `table` in `database` (tables keyed by `id`).
+pub fn rows_of(postgres: &Postgres, database: &str, table: &str) -> BTreeMap<String, Value> {
+    postgres
+        .psql_in(
+            database,
+            &format!(
+                "SELECT json_build_object('id', id)::text || E'\\t' || row_to_json(t)::text \
+                 FROM {table} t ORDER BY id"
+            ),
+        )
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let (key, row) = line.split_once('\t').unwrap();
+            (
+                serde_json::from_str::<Value>(key).unwrap().to_string(),
+                serde_json::from_str(row).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Runs `transactions` transactions of mixed inserts, updates and deletes on `items`. Every
+/// fifth also loads two rows with COPY (one WAL record, so one LSN, for both) and moves a row
+/// to another primary key (a delete and an insert at one LSN).
+pub fn write_load(postgres: &Postgres, first_id: i64, transactions: i64) {
+    for t in 0..transactions {
+        let id = first_id + t * 3;
+        let extra = if t % 5 == 4 {
+            format!(
+                "COPY items FROM PROGRAM 'printf \"{c}\\tc{c}\\t1\\n{c2}\\tc{c2}\\t2\\n\"'; \
+                 UPDATE items SET id = id + 1000000 WHERE id = {moved};",
+                c = 500_000 + id,
+                c2 = 500_001 + id,
+                moved = id - 4,
+            )
+        } else {
+            String::new()
+        };
+        postgres
+            .psql(&format!(
+                "BEGIN; \
+                 INSERT INTO items VALUES ({id}, 'n{id}', {t}), ({a}, 'n{a}', {t}), ({b}, 'n{b}', {t}); \
+                 UPDATE items SET qty = qty + 1, name = name || '+' WHERE id % 7 = {m}; \
+                 DELETE FROM items WHERE id = {d}; {extra} \
+                 COMMIT;",
+                a = id + 1,
+                b = id + 2,
+                m = t % 7,
+                d = id - 5,
+            ))
+            .unwrap();
+    }
 }

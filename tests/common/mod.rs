@@ -311,3 +311,35 @@ pub fn cluster_sum(cluster: &mut cluster::Cluster, name: &str) -> f64 {
         .filter_map(|text| gauge(&text, name))
         .sum()
 }
+
+/// Lints the exposition text with promtool (Debian's `prometheus` package; .ci/run installs it).
+pub fn promtool_check(text: &str) {
+    match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+            let output = child.wait_with_output().unwrap();
+            let report = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                output.status.success() && report.trim().is_empty(),
+                "promtool: {report}"
+            );
+        }
+        Err(error) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is required under CI: {error}"
+            );
+            eprintln!("promtool not installed; skipping the lint (CI installs it)");
+        }
+    }
+}
