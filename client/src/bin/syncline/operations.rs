@@ -231,6 +231,14 @@ pub async fn rebalance(
 }
 
 /// `syncline cluster remove-node`.
+/// Whether `node` is still a member of the cluster (true when that cannot be told).
+async fn is_member(client: &Client, node: u64) -> bool {
+    match client.describe_cluster().await {
+        Ok(cluster) => cluster.nodes.iter().any(|n| n.id == node),
+        Err(_) => true,
+    }
+}
+
 pub async fn remove_node(
     client: &Client,
     node: u64,
@@ -257,6 +265,13 @@ pub async fn remove_node(
                 tracing::debug!(%error, "remove-node: retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
+            }
+            // An earlier call was accepted and the node is gone: the removal went through, and
+            // this answer is to a retry whose first attempt's reply was lost (say, a leader
+            // change right after the removal committed).
+            Err(error) if announced && !is_member(client, node).await => {
+                tracing::debug!(%error, "remove-node: the node is no longer a member");
+                break;
             }
             Err(error) => return Err(error.into()),
         };
