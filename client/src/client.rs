@@ -217,7 +217,8 @@ impl Client {
             .await
             .map_err(|error| Error::from_transport(&address.authority, &error))?;
         let bootstrap = Node {
-            grpc: routing::grpc(channel, config),
+            grpc: routing::grpc(channel.clone(), config),
+            raw: routing::raw(channel, config),
             address: Arc::from(address.authority.as_str()),
         };
         let router = Arc::new(Router::new(config.clone(), bootstrap));
@@ -329,6 +330,11 @@ impl Client {
 
     /// [`Client::stream_error`] for a stream carrying many partitions (ProduceStream): a
     /// `NotLeader` detail names its partition.
+    /// The settings the client was made with.
+    pub(crate) fn config(&self) -> &ClientConfig {
+        self.router.config()
+    }
+
     pub(crate) fn stream_error_any_partition(
         &self,
         address: &Arc<str>,

@@ -54,7 +54,11 @@ use crate::client::ClientConfig;
 use crate::error::{Error, Result};
 
 /// The generated gRPC client on one node's connection (with the client's credentials).
-pub type Grpc = BrokerClient<tonic::service::interceptor::InterceptedService<Channel, Credentials>>;
+pub type Grpc = BrokerClient<Raw>;
+
+/// One node's connection with the client's credentials, for calls framed by hand
+/// (`ProduceStream`: see `syncline_proto::wire`).
+pub(crate) type Raw = tonic::service::interceptor::InterceptedService<Channel, Credentials>;
 
 /// Adds the client's bearer token (if any) to every call as `authorization: Bearer TOKEN`.
 #[derive(Clone, Default)]
@@ -169,10 +173,17 @@ pub(crate) fn grpc(channel: Channel, config: &ClientConfig) -> Grpc {
         .max_encoding_message_size(config.message_bytes_max)
 }
 
+/// `channel` with the client's credentials, for calls framed by hand.
+pub(crate) fn raw(channel: Channel, config: &ClientConfig) -> Raw {
+    tonic::service::interceptor::InterceptedService::new(channel, config.credentials.clone())
+}
+
 /// One node's connection, as a call uses it.
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
     pub(crate) grpc: Grpc,
+    /// The same connection, for calls framed by hand.
+    pub(crate) raw: Raw,
     /// `host:port`, for errors.
     pub(crate) address: Arc<str>,
 }
@@ -233,7 +244,7 @@ struct Member {
     address: Arc<str>,
     alive: bool,
     /// Created on first use.
-    grpc: Option<Grpc>,
+    grpc: Option<(Grpc, Raw)>,
     /// Its address does not parse: calls go to the bootstrap node instead.
     unusable: bool,
 }
@@ -284,6 +295,10 @@ impl Router {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
     pub(crate) fn bootstrap(&self) -> &Node {
         &self.bootstrap
     }
@@ -300,7 +315,13 @@ impl Router {
             let endpoint = BrokerAddress::parse(&member.address)
                 .and_then(|address| endpoint(&address, &self.config));
             match endpoint {
-                Ok(endpoint) => member.grpc = Some(grpc(endpoint.connect_lazy(), &self.config)),
+                Ok(endpoint) => {
+                    let channel = endpoint.connect_lazy();
+                    member.grpc = Some((
+                        grpc(channel.clone(), &self.config),
+                        raw(channel, &self.config),
+                    ));
+                }
                 Err(error) => {
                     // The bootstrap node's answer (NotLeader, say) tells the caller the rest.
                     tracing::warn!(
@@ -313,8 +334,10 @@ impl Router {
                 }
             }
         }
+        let (grpc, raw) = member.grpc.clone()?;
         Some(Node {
-            grpc: member.grpc.clone()?,
+            grpc,
+            raw,
             address: member.address.clone(),
         })
     }

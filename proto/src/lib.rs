@@ -8,6 +8,7 @@
 //! - [`partitioner`]: the stable key -> partition function (Kafka's murmur2).
 //! - [`size`]: byte sizes with units (`64MiB`), parsed alike by the broker's settings and the
 //!   CLI (no wire meaning; shared here because both depend on this crate).
+//! - [`wire`]: gRPC message framing of `ProduceStream` without copying batches (both ends).
 //! - [`v1`]: the prost/tonic code generated from `proto/syncline.proto`.
 
 pub mod batch;
@@ -15,6 +16,7 @@ pub mod codec;
 pub mod error_details;
 pub mod partitioner;
 pub mod size;
+pub mod wire;
 
 /// Generated protobuf and gRPC code for package `syncline.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -8,6 +8,7 @@ pub mod budget;
 pub mod connections;
 mod decode_limit;
 pub(crate) mod peer;
+mod produce_wire;
 pub mod quota;
 mod reads;
 mod service;
@@ -326,11 +327,12 @@ impl Broker {
         })
         .with_access(access.clone())
         .with_quotas(quotas);
-        let broker = BrokerServer::new(service)
+        let message_bytes_max = 2 * limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES;
+        let broker = BrokerServer::new(service.clone())
             // Twice the batch limit, so an oversized batch reaches our check and gets a clear
             // RESOURCE_EXHAUSTED (past this limit tonic answers OUT_OF_RANGE, which DecodeLimit
             // below turns into RESOURCE_EXHAUSTED).
-            .max_decoding_message_size(2 * limits.max_batch_bytes as usize + MESSAGE_SLACK_BYTES)
+            .max_decoding_message_size(message_bytes_max)
             // A response holds at least one whole batch (up to max_batch_bytes) and, when
             // records are decoded, about twice the batch bytes.
             .max_encoding_message_size(
@@ -484,11 +486,15 @@ impl Broker {
             .http2_keepalive_interval(Some(Duration::from_millis(settings.keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(Duration::from_millis(settings.keepalive_timeout_ms)))
             .tcp_nodelay(true)
+            .max_frame_size(Some(produce_wire::MAX_FRAME_BYTES))
             .add_service(health)
             .add_service(auth::Authenticated::new(reflection, auth.clone()))
             .add_optional_service(peer)
             .add_service(decode_limit::DecodeLimit::new(
-                budget::HoldUnaryPermits::new(auth::Authenticated::new(broker, auth)),
+                budget::HoldUnaryPermits::new(auth::Authenticated::new(
+                    produce_wire::ProduceWire::new(broker, service, message_bytes_max),
+                    auth,
+                )),
                 limits.max_batch_bytes,
             ))
             .serve_with_incoming_shutdown(incoming, shutdown);

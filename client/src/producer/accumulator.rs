@@ -127,6 +127,11 @@ pub struct Accumulator<W> {
     /// The sticky partition, or the next round-robin partition.
     unkeyed_next: u32,
     open: Vec<Option<OpenBatch<W>>>,
+    /// Per partition, the bytes and records of its last sealed batch: a new batch reserves as
+    /// much, so a steady stream encodes without growing (and copying) its buffer. Growing from
+    /// 16 KiB to 1 MiB copied each batch about once more (`realloc`, ~4% of a 1 KiB
+    /// producer's CPU).
+    last_sealed: Vec<(usize, usize)>,
 }
 
 impl<W> Accumulator<W> {
@@ -148,6 +153,7 @@ impl<W> Accumulator<W> {
             unkeyed,
             unkeyed_next: seed % partitions,
             open: (0..partitions).map(|_| None).collect(),
+            last_sealed: vec![(0, 0); partitions as usize],
         }
     }
 
@@ -216,15 +222,21 @@ impl<W> Accumulator<W> {
         let slot = &mut self.open[partition as usize];
         let mut opened = slot.is_none();
         let batch_bytes_max = self.batch_bytes_max;
+        let (last_bytes, last_records) = self.last_sealed[partition as usize];
         let batch = slot.get_or_insert_with(|| {
             let now = now();
             OpenBatch {
-                // Room for the header and this record, or a modest start that grows.
+                // Room for the header and this record, and for as much as the partition's
+                // last batch held, or a modest start that grows.
                 builder: BatchBuilder::with_capacity(
                     HEADER_LEN
-                        + record_bytes.max(INITIAL_BATCH_CAPACITY_BYTES.min(batch_bytes_max)),
+                        + record_bytes.max(
+                            INITIAL_BATCH_CAPACITY_BYTES
+                                .max(last_bytes)
+                                .min(batch_bytes_max),
+                        ),
                 ),
-                waiters: Vec::new(),
+                waiters: Vec::with_capacity(last_records.max(1)),
                 opened_at: now,
                 deadline: now + linger,
             }
@@ -252,6 +264,7 @@ impl<W> Accumulator<W> {
             self.unkeyed_next = (partition + 1) % self.partitions;
         }
         let record_count = batch.builder.record_count();
+        self.last_sealed[partition as usize] = (batch.builder.encoded_len(), batch.waiters.len());
         Some(SealedBatch {
             partition,
             builder: batch.builder,

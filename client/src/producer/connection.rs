@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use syncline_proto::v1::{ProduceRequest, ProduceResponse};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::Code;
 
 use crate::client::Client;
@@ -179,30 +178,29 @@ async fn run(
     requests: mpsc::UnboundedReceiver<ProduceRequest>,
 ) {
     let address = &node.address;
-    let mut grpc = node.grpc.clone();
-    let error = match grpc
-        .produce_stream(UnboundedReceiverStream::new(requests))
-        .await
-    {
+    let opened = super::wire_call::open(
+        node.raw.clone(),
+        requests,
+        client.config().message_bytes_max,
+    )
+    .await;
+    let error = match opened {
         Err(status) => client.stream_error_any_partition(address, status),
-        Ok(response) => {
-            let mut responses = response.into_inner();
-            loop {
-                match responses.message().await {
-                    Ok(Some(response)) => {
-                        let correlation_id = response.correlation_id;
-                        if !shared.complete(response) {
-                            tracing::debug!(
-                                correlation_id,
-                                "produce response for a request nobody waits for"
-                            );
-                        }
+        Ok(mut responses) => loop {
+            match responses.message().await {
+                Ok(Some(response)) => {
+                    let correlation_id = response.correlation_id;
+                    if !shared.complete(response) {
+                        tracing::debug!(
+                            correlation_id,
+                            "produce response for a request nobody waits for"
+                        );
                     }
-                    Ok(None) => break stream_gone(address),
-                    Err(status) => break client.stream_error_any_partition(address, status),
                 }
+                Ok(None) => break stream_gone(address),
+                Err(status) => break client.stream_error_any_partition(address, status),
             }
-        }
+        },
     };
     let pending = shared.lock().replies.len();
     if pending > 0 {

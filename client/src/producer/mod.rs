@@ -65,6 +65,7 @@
 mod accumulator;
 mod connection;
 mod idempotence;
+mod wire_call;
 
 pub use accumulator::UnkeyedPartitioning;
 pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};

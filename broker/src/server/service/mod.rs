@@ -90,7 +90,7 @@ const TOPIC_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// compacts those and does not fan out again.
 const LOCAL_ONLY_HEADER: &str = "syncline-local-only";
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+pub(super) type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// Records the request's outcome and latency (see `crate::metrics`).
 fn finish<T>(rpc: &'static str, started: Instant, result: Result<T, Status>) -> Result<T, Status> {

@@ -176,7 +176,22 @@ impl BrokerService {
         request: Request<Streaming<v1::ProduceRequest>>,
     ) -> Result<Response<ResponseStream<v1::ProduceResponse>>, Status> {
         let principal = request.extensions().get::<Principal>().cloned();
-        let mut inbound = request.into_inner();
+        Ok(Response::new(
+            self.produce_stream_responses(principal, request.into_inner()),
+        ))
+    }
+
+    /// The responses of a `ProduceStream` whose requests are `inbound`: decoded by tonic
+    /// (`produce_stream_call`) or by `super::super::produce_wire` (the path clients take,
+    /// without copying batches).
+    pub fn produce_stream_responses<S>(
+        &self,
+        principal: Option<Principal>,
+        mut inbound: S,
+    ) -> ResponseStream<v1::ProduceResponse>
+    where
+        S: Stream<Item = Result<v1::ProduceRequest, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT_MAX);
         let service = self.clone();
         let mut shutdown = self.shutdown.clone();
@@ -288,7 +303,6 @@ impl BrokerService {
                 }
             }
         });
-        let stream: ResponseStream<v1::ProduceResponse> = Box::pin(ReceiverStream::new(rx));
-        Ok(Response::new(stream))
+        Box::pin(ReceiverStream::new(rx))
     }
 }
