@@ -415,3 +415,71 @@ async fn given_20_mib_produce_over_the_message_limit_should_be_resource_exhauste
         .unwrap_err();
     assert_eq!(range.code(), Code::OutOfRange, "{range:?}");
 }
+
+/// Sends `body` as the whole HTTP/2 body of a ProduceStream call, not even framed by gRPC, and
+/// returns the call's final status.
+async fn raw_produce_stream(broker: &BrokerProcess, body: &'static [u8]) -> tonic::Status {
+    use tonic::codegen::{http, Service};
+    let mut channel = tonic::transport::Endpoint::from_shared(broker.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .unwrap();
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("/syncline.v1.Broker/ProduceStream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(axum::body::Body::from(body)))
+        .unwrap();
+    let response = channel.call(request).await.unwrap();
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    loop {
+        let frame = std::future::poll_fn(|cx| {
+            http_body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+        })
+        .await;
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    return tonic::Status::from_header_map(trailers).expect("no grpc-status");
+                }
+            }
+            Some(Err(status)) => return status,
+            None => panic!("the stream ended without a status"),
+        }
+    }
+}
+
+/// The broker frames ProduceStream itself (`server::produce_wire`): a compressed message (never
+/// negotiated) and a stream that ends inside a message are refused with INVALID_ARGUMENT, and
+/// a clean end is OK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_broken_grpc_framing_on_produce_stream_should_be_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    // Compressed flag 1, one byte of message.
+    let compressed = raw_produce_stream(&broker, &[1, 0, 0, 0, 1, 0]).await;
+    assert_eq!(compressed.code(), Code::InvalidArgument, "{compressed:?}");
+    assert!(compressed.message().contains("compressed"), "{compressed:?}");
+    // A 10-byte message of which 2 bytes arrive before the end of the stream.
+    let truncated = raw_produce_stream(&broker, &[0, 0, 0, 0, 10, 8, 1]).await;
+    assert_eq!(truncated.code(), Code::InvalidArgument, "{truncated:?}");
+    assert!(truncated.message().contains("ended inside a message"), "{truncated:?}");
+    // Half a prefix.
+    let prefix = raw_produce_stream(&broker, &[0, 0]).await;
+    assert_eq!(prefix.code(), Code::InvalidArgument, "{prefix:?}");
+    // No message at all: the call ends with OK.
+    let empty = raw_produce_stream(&broker, &[]).await;
+    assert_eq!(empty.code(), Code::Ok, "{empty:?}");
+    // The broker still serves.
+    let mut client = broker.client().await;
+    create(&mut client, "after", v1::CleanupPolicy::Delete).await;
+    assert_eq!(end_offset(&mut client, "after").await, 0);
+}
