@@ -467,11 +467,17 @@ async fn given_broken_grpc_framing_on_produce_stream_should_be_invalid_argument(
     // Compressed flag 1, one byte of message.
     let compressed = raw_produce_stream(&broker, &[1, 0, 0, 0, 1, 0]).await;
     assert_eq!(compressed.code(), Code::InvalidArgument, "{compressed:?}");
-    assert!(compressed.message().contains("compressed"), "{compressed:?}");
+    assert!(
+        compressed.message().contains("compressed"),
+        "{compressed:?}"
+    );
     // A 10-byte message of which 2 bytes arrive before the end of the stream.
     let truncated = raw_produce_stream(&broker, &[0, 0, 0, 0, 10, 8, 1]).await;
     assert_eq!(truncated.code(), Code::InvalidArgument, "{truncated:?}");
-    assert!(truncated.message().contains("ended inside a message"), "{truncated:?}");
+    assert!(
+        truncated.message().contains("ended inside a message"),
+        "{truncated:?}"
+    );
     // Half a prefix.
     let prefix = raw_produce_stream(&broker, &[0, 0]).await;
     assert_eq!(prefix.code(), Code::InvalidArgument, "{prefix:?}");

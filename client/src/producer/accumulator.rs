@@ -9,15 +9,19 @@
 //! deadline (first record + linger) passes, or on flush. A record bigger than `batch_bytes_max`
 //! travels alone in its own batch. Time is passed in by the caller (tests use fake instants).
 //!
-//! Each record carries a waiter `W` (the producer's reply channel and buffer permit); the sealed
-//! batch hands the waiters back in record order, so waiter `i` gets offset `base_offset + i`.
+//! Each batch has one outcome (`super::delivery`) that its records' futures share: the append
+//! returns it with the record's index, and record `i` gets offset `base_offset + i`. Each
+//! record also carries a waiter `W` (the producer's: the record's share of the memory budget),
+//! handed back in record order with the sealed batch.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use syncline_proto::batch::{BatchBuilder, BatchError, HEADER_LEN};
 use syncline_proto::partitioner::partition_for_key;
 
+use super::delivery::{BatchOutcome, Completion};
 use super::idempotence::Stamp;
 
 /// Where records without a key go.
@@ -73,6 +77,8 @@ pub struct SealedBatch<W> {
     pub record_count: u32,
     /// One waiter per record, in record order.
     pub waiters: Vec<W>,
+    /// The outcome its records' futures read.
+    pub completion: Completion,
     /// When its first record was appended: the delivery timeout counts from here.
     pub opened_at: Instant,
 }
@@ -103,12 +109,16 @@ pub struct Appended<W> {
     pub sealed: Vec<SealedBatch<W>>,
     /// Whether the record opened a new batch that is still open (a new linger deadline).
     pub opened: bool,
+    /// The outcome of the record's batch, and the record's index in it.
+    pub outcome: Arc<BatchOutcome>,
+    pub index: u32,
 }
 
 #[derive(Debug)]
 struct OpenBatch<W> {
     builder: BatchBuilder,
     waiters: Vec<W>,
+    completion: Completion,
     opened_at: Instant,
     deadline: Instant,
 }
@@ -237,6 +247,7 @@ impl<W> Accumulator<W> {
                         ),
                 ),
                 waiters: Vec::with_capacity(last_records.max(1)),
+                completion: Completion::default(),
                 opened_at: now,
                 deadline: now + linger,
             }
@@ -244,7 +255,9 @@ impl<W> Accumulator<W> {
         batch
             .builder
             .push(record.timestamp, record.key, record.value, record.headers);
+        let index = batch.waiters.len() as u32;
         batch.waiters.push(waiter);
+        let outcome = batch.completion.outcome().clone();
         if batch.builder.encoded_len() >= self.batch_bytes_max {
             sealed.extend(self.seal(partition));
             opened = false;
@@ -253,6 +266,8 @@ impl<W> Accumulator<W> {
             partition,
             sealed,
             opened,
+            outcome,
+            index,
         }
     }
 
@@ -270,6 +285,7 @@ impl<W> Accumulator<W> {
             builder: batch.builder,
             record_count,
             waiters: batch.waiters,
+            completion: batch.completion,
             opened_at: batch.opened_at,
         })
     }

@@ -64,28 +64,28 @@
 
 mod accumulator;
 mod connection;
+mod delivery;
 mod idempotence;
 mod wire_call;
 
 pub use accumulator::UnkeyedPartitioning;
+pub use delivery::{Delivery, DeliveryFuture};
 pub use idempotence::{ProducerIdentity, PARTITION_WINDOW_BATCHES};
 
 use std::collections::{BTreeSet, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use syncline_proto::batch::{BATCH_LEN_MAX, HEADER_LEN, MAX_HEADERS_PER_RECORD};
 use syncline_proto::error_details::not_leader_status;
 use syncline_proto::v1;
-use tokio::sync::{mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use self::accumulator::{finish_batch, record_size_max, Accumulator, RecordRef, SealedBatch};
 use self::connection::{Attempt, Connection};
+use self::delivery::Completion;
 use self::idempotence::{Next, Outcome, Sequences, Stamp};
 use crate::client::Client;
 use crate::error::{is_producer_fenced, not_leader_in_message, Error, Result};
@@ -234,42 +234,6 @@ impl ProducerConfig {
     }
 }
 
-/// Where a record was stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    /// The partition.
-    pub partition: u32,
-    /// Its offset in the partition (also its version).
-    pub offset: u64,
-    /// The timestamp it was sent with, ms since the Unix epoch.
-    pub timestamp: i64,
-}
-
-/// The outcome of one record, resolved when its batch is acknowledged or fails.
-#[derive(Debug)]
-#[must_use = "a delivery future does nothing but report; await it to see failures"]
-pub struct DeliveryFuture {
-    partition: u32,
-    reply: oneshot::Receiver<Result<Delivery>>,
-}
-
-impl DeliveryFuture {
-    /// The partition the record went to (known before it is acknowledged).
-    pub fn partition(&self) -> u32 {
-        self.partition
-    }
-}
-
-impl Future for DeliveryFuture {
-    type Output = Result<Delivery>;
-
-    fn poll(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.reply)
-            .poll(context)
-            .map(|result| result.unwrap_or(Err(Error::Closed("producer"))))
-    }
-}
-
 /// A batching producer for one topic; see the module doc. Cheap to clone: clones share the
 /// batches, the connection and the budget.
 #[derive(Debug, Clone)]
@@ -285,15 +249,32 @@ struct Handle {
     _closer: watch::Sender<()>,
 }
 
-/// One record's place in a batch: where to send its outcome, its timestamp, and its share of
-/// the memory budget (returned when this is dropped).
+/// One record's place in a batch: its share of the memory budget, in permits (bytes). The
+/// permits are taken from the semaphore and forgotten per record, and given back once per
+/// batch by a [`Budget`].
+type Waiter = u32;
+
+/// A batch's share of the memory budget, given back to the semaphore when dropped.
 #[derive(Debug)]
-struct Waiter {
-    reply: oneshot::Sender<Result<Delivery>>,
-    timestamp: i64,
-    /// The record's share of the memory budget; merged into one permit per batch when the
-    /// batch is dispatched, so the budget is returned once per batch, not once per record.
-    budget: Option<OwnedSemaphorePermit>,
+struct Budget {
+    semaphore: Arc<Semaphore>,
+    permits: usize,
+}
+
+impl Budget {
+    /// The budget of records whose permits were forgotten.
+    fn of(semaphore: &Arc<Semaphore>, waiters: &[Waiter]) -> Budget {
+        Budget {
+            semaphore: semaphore.clone(),
+            permits: waiters.iter().map(|&permits| permits as usize).sum(),
+        }
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.semaphore.add_permits(self.permits);
+    }
 }
 
 /// A sealed batch with its place in the flush order.
@@ -311,8 +292,9 @@ struct Sent {
     /// When the first attempt's request was handed to the connection.
     submitted_at: std::time::Instant,
     /// The batch's records' memory budget, returned when the batch is resolved.
-    _budget: Option<OwnedSemaphorePermit>,
-    waiters: Vec<Waiter>,
+    _budget: Budget,
+    /// The outcome its records' futures read.
+    completion: Completion,
     opened_at: std::time::Instant,
     /// Its idempotence fields, when the producer is idempotent.
     stamp: Option<Stamp>,
@@ -495,39 +477,39 @@ impl Producer {
                 max: record_max,
             });
         };
-        let budget = shared
-            .budget
-            .clone()
-            .acquire_many_owned(permits)
-            .await
-            .map_err(|_| Error::Closed("producer"))?;
-        let (reply, receiver) = oneshot::channel();
+        // Forgotten here, given back per batch (`Budget`).
+        match shared.budget.try_acquire_many(permits) {
+            Ok(permit) => permit.forget(),
+            Err(_) => shared
+                .budget
+                .acquire_many(permits)
+                .await
+                .map_err(|_| Error::Closed("producer"))?
+                .forget(),
+        }
         let timestamp = now_ms();
-        let waiter = Waiter {
-            reply,
-            timestamp,
-            budget: Some(budget),
-        };
         let record = RecordRef {
             timestamp,
             key,
             value,
             headers,
         };
-        let partition = {
+        let appended = {
             let mut accumulator = lock(&shared.accumulator);
-            let appended =
-                accumulator.append_sized(record, size, || Instant::now().into_std(), waiter);
-            shared.push_ready(appended.sealed);
+            let mut appended =
+                accumulator.append_sized(record, size, || Instant::now().into_std(), permits);
+            shared.push_ready(std::mem::take(&mut appended.sealed));
             if appended.opened {
                 shared.batch_opened.notify_one();
             }
-            appended.partition
+            appended
         };
-        Ok(DeliveryFuture {
-            partition,
-            reply: receiver,
-        })
+        Ok(DeliveryFuture::new(
+            appended.partition,
+            appended.index,
+            timestamp,
+            appended.outcome,
+        ))
     }
 
     /// Seals every open batch and waits until every record enqueued before this call is
@@ -562,7 +544,8 @@ impl Shared {
             };
             if let Err(mpsc::error::SendError(ready)) = self.ready.send(ready) {
                 // Only after the dispatcher stopped, which happens once every handle is gone.
-                fail_all(ready.batch.waiters, &Error::Closed("producer"));
+                drop(Budget::of(&self.budget, &ready.batch.waiters));
+                ready.batch.completion.fail(&Error::Closed("producer"));
             }
         }
     }
@@ -787,12 +770,6 @@ impl Shared {
     }
 }
 
-fn fail_all(waiters: Vec<Waiter>, error: &Error) {
-    for waiter in waiters {
-        let _ = waiter.reply.send(Err(error.clone()));
-    }
-}
-
 /// Seals batches whose linger ran out and sends sealed batches in order, as in-flight slots
 /// free up. Stops when the last producer handle is dropped, after sending what was left.
 async fn run_dispatcher(
@@ -844,18 +821,14 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
         partition,
         builder,
         record_count,
-        mut waiters,
+        waiters,
+        completion,
         opened_at,
     } = batch;
-    let mut budget: Option<OwnedSemaphorePermit> = None;
-    for permit in waiters.iter_mut().filter_map(|waiter| waiter.budget.take()) {
-        match &mut budget {
-            Some(merged) => merged.merge(permit),
-            None => budget = Some(permit),
-        }
-    }
+    let budget = Budget::of(&shared.budget, &waiters);
+    drop(waiters);
     let Ok(slot) = shared.in_flight.clone().acquire_owned().await else {
-        fail_all(waiters, &Error::Closed("producer"));
+        completion.fail(&Error::Closed("producer"));
         return;
     };
     // A batch that waited for a slot past its deadline is not sent at all: sending it now
@@ -869,7 +842,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
             elapsed_ms: elapsed_ms(opened_at),
             last_error: None,
         };
-        fail_all(waiters, &error);
+        completion.fail(&error);
         return;
     }
     let stamp = match shared
@@ -878,7 +851,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
     {
         Ok(stamp) => stamp,
         Err(error) => {
-            fail_all(waiters, &error);
+            completion.fail(&error);
             return;
         }
     };
@@ -889,7 +862,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
                 // Never sent: the next batch takes its sequence.
                 lock(sequences).unassign(stamp);
             }
-            fail_all(waiters, &Error::Batch(error));
+            completion.fail(&Error::Batch(error));
             return;
         }
     };
@@ -898,7 +871,7 @@ async fn dispatch(shared: &Arc<Shared>, ready: Ready) {
         record_count,
         submitted_at: std::time::Instant::now(),
         _budget: budget,
-        waiters,
+        completion,
         opened_at,
         stamp,
         _ticket: ticket,
@@ -1076,17 +1049,8 @@ async fn deliver(
         shared.resolve(stamp, &outcome);
     }
     match outcome {
-        Ok(base_offset) => {
-            for (index, waiter) in sent.waiters.into_iter().enumerate() {
-                let delivery = Delivery {
-                    partition,
-                    offset: base_offset + index as u64,
-                    timestamp: waiter.timestamp,
-                };
-                let _ = waiter.reply.send(Ok(delivery));
-            }
-        }
-        Err(error) => fail_all(sent.waiters, &error),
+        Ok(base_offset) => sent.completion.acknowledge(base_offset),
+        Err(error) => sent.completion.fail(&error),
     }
 }
 
