@@ -59,7 +59,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 : "${IGGY_BIN:?set IGGY_BIN to the directory of iggy-server and iggy-bench (see --help)}"
-: "${IGGY_CONFIG:?set IGGY_CONFIG to Iggy's core/server/config.toml (see --help)}"
+: "${IGGY_CONFIG:?set IGGY_CONFIG to the core/server/config.toml of Iggy (see --help)}"
 for b in "$IGGY_BIN/iggy-server" "$IGGY_BIN/iggy-bench"; do
   [ -x "$b" ] || { echo "missing $b" >&2; exit 1; }
 done
@@ -159,8 +159,12 @@ run_iggy() {  # run_iggy NAME SIZE CONSUMERS ACKS RECORDS ROUND
     sleep 0.05
   done
   [ -n "$addr" ] || { tail -5 "$dir/server.log" >&2; exit 1; }
-  local mode=pinned-producer actors=(--producers 1) fsync=()
-  if [ "$consumers" != 0 ]; then mode=pinned-producer-and-consumer; actors=(--producers 1 --consumers 1); fi
+  local mode=pinned-producer
+  local -a actors=(--producers 1) fsync=()
+  if [ "$consumers" != 0 ]; then
+    mode=pinned-producer-and-consumer
+    actors=(--producers 1 --consumers 1)
+  fi
   if [ "$acks" = durable ]; then fsync=(--enforce-fsync); fi
   local t0; t0=$(cpu_ticks "$SERVER_PID")
   if ! /usr/bin/time -f "%U %S" -o "$dir/time" "$IGGY_BIN/iggy-bench" --message-size "$size" \

@@ -128,3 +128,67 @@ async fn given_offset_past_the_log_should_apply_the_reset_policy() {
         .unwrap();
     assert_eq!(record.offset, 0, "reset to earliest");
 }
+
+/// `enqueue_with_timestamp` stores the given timestamp (the bench passes its own send time this
+/// way), next to records timestamped by the producer's clock; offsets are base + index within
+/// each batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_timestamps_from_the_caller_should_be_stored_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start(dir.path());
+    let client = Client::connect(&broker.addr).await.unwrap();
+    client
+        .create_topic("events", TopicConfig::with_partitions(1))
+        .await
+        .unwrap();
+    let producer = client
+        .producer("events", ProducerConfig::default())
+        .await
+        .unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let mut pending = Vec::new();
+    for i in 0..10i64 {
+        let delivery = if i % 2 == 0 {
+            producer
+                .enqueue_with_timestamp(None, Some(b"given"), &[], 1_000_000 + i)
+                .await
+        } else {
+            producer.enqueue(None, Some(b"clock"), &[]).await
+        };
+        pending.push(delivery.unwrap());
+    }
+    let mut offsets = Vec::new();
+    for (i, delivery) in pending.into_iter().enumerate() {
+        let delivery = delivery.await.unwrap();
+        offsets.push(delivery.offset);
+        if i % 2 == 0 {
+            assert_eq!(delivery.timestamp, 1_000_000 + i as i64);
+        } else {
+            assert!(delivery.timestamp >= before, "{delivery:?}");
+        }
+    }
+    assert_eq!(offsets, (0..10).collect::<Vec<u64>>());
+    producer.close().await;
+    let config = ConsumerConfig {
+        start: StartOffset::Earliest,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = client.consumer("events", config).await.unwrap();
+    for i in 0..10i64 {
+        let record = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+            .await
+            .expect("records keep coming")
+            .expect("stream open")
+            .unwrap();
+        assert_eq!(record.offset, i as u64);
+        if i % 2 == 0 {
+            assert_eq!(record.timestamp, 1_000_000 + i);
+            assert_eq!(record.value.as_deref(), Some(&b"given"[..]));
+        } else {
+            assert!(record.timestamp >= before);
+        }
+    }
+}

@@ -449,6 +449,30 @@ impl Producer {
         value: Option<&[u8]>,
         headers: &[(&str, &[u8])],
     ) -> Result<DeliveryFuture> {
+        self.enqueue_record(key, value, headers, None).await
+    }
+
+    /// [`Producer::enqueue`] with the record's timestamp given (ms since the Unix epoch)
+    /// instead of read from the clock: an event's own time, or a time the caller already read
+    /// (which spares a clock read per record).
+    pub async fn enqueue_with_timestamp(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        timestamp: i64,
+    ) -> Result<DeliveryFuture> {
+        self.enqueue_record(key, value, headers, Some(timestamp))
+            .await
+    }
+
+    async fn enqueue_record(
+        &self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
+        timestamp: Option<i64>,
+    ) -> Result<DeliveryFuture> {
         let shared = &self.handle.shared;
         if shared.fenced.load(Ordering::Acquire) {
             if let Some(error) = shared
@@ -487,7 +511,7 @@ impl Producer {
                 .map_err(|_| Error::Closed("producer"))?
                 .forget(),
         }
-        let timestamp = now_ms();
+        let timestamp = timestamp.unwrap_or_else(now_ms);
         let record = RecordRef {
             timestamp,
             key,

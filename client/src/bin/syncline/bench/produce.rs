@@ -115,7 +115,12 @@ pub async fn run(producer: Producer, plan: ProducerPlan) -> anyhow::Result<Produ
         let sent_ns = plan.clock.ns(now);
         let value = writer.encode(plan.id, key_index, sequence, sent_ns);
         let bytes = value.len() + key.map_or(0, <[u8]>::len);
-        let delivery = match producer.enqueue(key, Some(value), &[]).await {
+        // The record's timestamp is its send time: one clock read per record, not two.
+        let timestamp = i64::try_from(sent_ns / 1_000_000).unwrap_or(i64::MAX);
+        let delivery = match producer
+            .enqueue_with_timestamp(key, Some(value), &[], timestamp)
+            .await
+        {
             Ok(delivery) => delivery,
             Err(error) => break Err(error),
         };
