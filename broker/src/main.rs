@@ -5,14 +5,20 @@ use syncline_broker::config::{Config, Flags};
 use syncline_broker::server::Broker;
 use tracing_subscriber::EnvFilter;
 
-/// mimalloc instead of glibc's allocator. The HTTP/2 read buffer of a produce stream is
-/// regrown for every batch (1 MiB by default), above glibc's mmap threshold: each was a fresh
-/// mapping, faulted in and zeroed page by page, then unmapped (page faults, `clear_page` and
-/// `munmap` were ~7% of the broker's CPU with 1 KiB records). With mimalloc the broker spent
-/// ~15% less CPU per GB produced (BENCHMARKS.md "Ahead of Iggy"). The client's binary keeps
-/// glibc: mimalloc made the producer slower there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// glibc's allocator, told to keep batch-sized buffers. The HTTP/2 read buffer of a produce
+/// stream is regrown for every batch (1 MiB by default), above glibc's default mmap threshold:
+/// each was a fresh mapping, faulted in and zeroed page by page, then unmapped (page faults,
+/// `clear_page` and `munmap` were ~7% of the broker's CPU with 1 KiB records). Served from the
+/// heap instead, and the heap not trimmed below 256 MiB of free space, freed buffers are
+/// reused. (mimalloc saved as much CPU but tripled the p99 of produce latency at a steady rate:
+/// BENCHMARKS.md "Ahead of Iggy".)
+fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    }
+}
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not when the
 /// future is first polled: a SIGTERM that arrives right after `listening on` (as soon as a
@@ -43,6 +49,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 fn main() -> std::process::ExitCode {
+    tune_allocator();
     let flags = Flags::parse();
     let config = match Config::load(flags) {
         Ok(config) => config,

@@ -298,6 +298,25 @@ impl Client {
         Ok(answer)
     }
 
+    /// [`Client::on_partition`] with the node's whole connection (for calls framed by hand,
+    /// `producer::wire_call`).
+    pub(crate) async fn on_partition_node<T, F, Fut>(
+        &self,
+        topic: &str,
+        partition: u32,
+        call: F,
+    ) -> std::result::Result<T, Failure>
+    where
+        F: FnMut(Node) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let (answer, _) = self
+            .router
+            .call_node(Target::Partition(topic, partition), call)
+            .await?;
+        Ok(answer)
+    }
+
     /// [`Client::on_partition`] for a streaming call: also the address of the node that
     /// answered, for [`Client::stream_error`].
     pub(crate) async fn open_on_partition<T, F, Fut>(
@@ -328,13 +347,13 @@ impl Client {
         Error::from_status(address, status)
     }
 
-    /// [`Client::stream_error`] for a stream carrying many partitions (ProduceStream): a
-    /// `NotLeader` detail names its partition.
     /// The settings the client was made with.
     pub(crate) fn config(&self) -> &ClientConfig {
         self.router.config()
     }
 
+    /// [`Client::stream_error`] for a stream carrying many partitions (ProduceStream): a
+    /// `NotLeader` detail names its partition.
     pub(crate) fn stream_error_any_partition(
         &self,
         address: &Arc<str>,

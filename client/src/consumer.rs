@@ -442,14 +442,17 @@ impl PartitionReader {
                 max_wait_ms,
                 decode_records: false,
             };
-            let result = self
-                .client
-                .on_partition(&self.topic, self.partition, |mut grpc| {
-                    let request = request.clone();
-                    async move { grpc.fetch(request).await }
-                })
-                .await
-                .map_err(Error::from);
+            let message_bytes_max = self.client.config().message_bytes_max;
+            let result =
+                self.client
+                    .on_partition_node(&self.topic, self.partition, |node| {
+                        let request = request.clone();
+                        async move {
+                            crate::wire_call::fetch(node.raw, &request, message_bytes_max).await
+                        }
+                    })
+                    .await
+                    .map_err(Error::from);
             let error = match result {
                 Ok(response) => {
                     failing_since = None;

@@ -94,6 +94,7 @@ mod routing;
 mod snapshot;
 mod sync_table;
 mod table;
+mod wire_call;
 
 pub use syncline_proto::batch;
 pub use syncline_proto::batch::Header;

@@ -129,6 +129,9 @@ const LEADER_MOVE_BACKOFF: std::time::Duration = std::time::Duration::from_milli
 /// waiting for window updates (the defaults of 64 KiB throttle bulk produce and fetch).
 const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
 const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// The largest HTTP/2 frame the client accepts (the default is 16 KiB): room for a fetch of
+/// the default 1 MiB and its fields in one frame.
+const MAX_FRAME_BYTES: u32 = 2 * 1024 * 1024 + 64 * 1024;
 
 /// The endpoint for `address` with the client's connection settings.
 pub(crate) fn endpoint(address: &BrokerAddress, config: &ClientConfig) -> Result<Endpoint> {
@@ -159,6 +162,9 @@ pub(crate) fn endpoint(address: &BrokerAddress, config: &ClientConfig) -> Result
     Ok(endpoint
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
+        // Fetched batches arrive in one DATA frame each (decoded without a copy:
+        // `crate::wire_call`).
+        .max_frame_size(MAX_FRAME_BYTES)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(config.keepalive_interval)
@@ -669,11 +675,24 @@ impl Router {
         F: FnMut(Grpc) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
+        self.call_node(target, |node: Node| call(node.grpc)).await
+    }
+
+    /// [`Router::call`] with the node's whole connection (for calls framed by hand).
+    pub(crate) async fn call_node<T, F, Fut>(
+        &self,
+        target: Target<'_>,
+        mut call: F,
+    ) -> std::result::Result<(T, Arc<str>), Failure>
+    where
+        F: FnMut(Node) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
         let mut redirects = 0;
         let started = std::time::Instant::now();
         loop {
             let node = self.route(target).await;
-            let status = match call(node.grpc.clone()).await {
+            let status = match call(node.clone()).await {
                 Ok(response) => return Ok((response.into_inner(), node.address)),
                 Err(status) => status,
             };

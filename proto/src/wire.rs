@@ -6,7 +6,7 @@
 //! before decoding. For 1 KiB records those two `memmove`s were ~8% of the client's and ~10% of
 //! the broker's CPU (perf, BENCHMARKS.md "Ahead of Iggy"). `ProduceStream` therefore frames its
 //! messages with this module instead, on both sides (client: `producer::connection`; broker:
-//! `server::produce_wire`):
+//! `server::wire_calls`; `Fetch` likewise, the other way):
 //! - [`encode_with_payload`] returns a message as two `Bytes`: the prefix and every field but
 //!   the payload, then the payload itself (the batch, as the producer built it). HTTP/2 sends the
 //!   second as DATA frames that point into it.
@@ -43,6 +43,8 @@ pub const PREFIX_LEN: usize = 5;
 
 /// The field number of `ProduceRequest.batch` (pinned by a test against prost's encoding).
 pub const PRODUCE_BATCH_FIELD: u32 = 5;
+/// The field number of `FetchResponse.batches` (pinned likewise).
+pub const FETCH_BATCHES_FIELD: u32 = 2;
 
 /// A stream's framing is broken (the message is not read; the stream cannot go on).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -309,6 +311,26 @@ mod tests {
             assert_eq!(len, request.encoded_len());
             assert_eq!(payload.as_ptr(), request.batch.as_ptr());
         }
+    }
+
+    #[test]
+    fn fetch_batches_field_should_match_prost() {
+        let response = v1::FetchResponse {
+            partition: 2,
+            batches: Bytes::from(vec![3u8; 5000]),
+            next_offset: 77,
+            high_watermark: 80,
+            ..Default::default()
+        };
+        let mut fields = response.clone();
+        let batches = std::mem::take(&mut fields.batches);
+        let [head, payload] = encode_with_payload(&fields, FETCH_BATCHES_FIELD, batches);
+        let mut reader = MessageReader::new(1 << 20);
+        reader.push(head);
+        reader.push(payload.clone());
+        let decoded = v1::FetchResponse::decode(reader.next_message().unwrap().unwrap()).unwrap();
+        assert_eq!(decoded, response);
+        assert_eq!(decoded.batches.as_ptr(), payload.as_ptr());
     }
 
     #[test]

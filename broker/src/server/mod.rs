@@ -8,13 +8,13 @@ pub mod budget;
 pub mod connections;
 mod decode_limit;
 pub(crate) mod peer;
-mod produce_wire;
 pub mod quota;
 mod reads;
 mod service;
 mod stall;
 pub mod status;
 pub mod tls;
+mod wire_calls;
 
 use crate::group::{Coordinator, GroupConfig};
 use std::future::Future;
@@ -486,13 +486,13 @@ impl Broker {
             .http2_keepalive_interval(Some(Duration::from_millis(settings.keepalive_interval_ms)))
             .http2_keepalive_timeout(Some(Duration::from_millis(settings.keepalive_timeout_ms)))
             .tcp_nodelay(true)
-            .max_frame_size(Some(produce_wire::MAX_FRAME_BYTES))
+            .max_frame_size(Some(wire_calls::MAX_FRAME_BYTES))
             .add_service(health)
             .add_service(auth::Authenticated::new(reflection, auth.clone()))
             .add_optional_service(peer)
             .add_service(decode_limit::DecodeLimit::new(
                 budget::HoldUnaryPermits::new(auth::Authenticated::new(
-                    produce_wire::ProduceWire::new(broker, service, message_bytes_max),
+                    wire_calls::WireCalls::new(broker, service, message_bytes_max),
                     auth,
                 )),
                 limits.max_batch_bytes,

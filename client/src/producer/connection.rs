@@ -178,7 +178,7 @@ async fn run(
     requests: mpsc::UnboundedReceiver<ProduceRequest>,
 ) {
     let address = &node.address;
-    let opened = super::wire_call::open(
+    let opened = crate::wire_call::open_produce_stream(
         node.raw.clone(),
         requests,
         client.config().message_bytes_max,

@@ -66,7 +66,6 @@ mod accumulator;
 mod connection;
 mod delivery;
 mod idempotence;
-mod wire_call;
 
 pub use accumulator::UnkeyedPartitioning;
 pub use delivery::{Delivery, DeliveryFuture};

@@ -182,7 +182,7 @@ impl BrokerService {
     }
 
     /// The responses of a `ProduceStream` whose requests are `inbound`: decoded by tonic
-    /// (`produce_stream_call`) or by `super::super::produce_wire` (the path clients take,
+    /// (`produce_stream_call`) or by `super::super::wire_calls` (the path clients take,
     /// without copying batches).
     pub fn produce_stream_responses<S>(
         &self,

@@ -1,10 +1,13 @@
-//! `ProduceStream` served without tonic's decode copy.
+//! The calls that carry batches, served without tonic's copies: `ProduceStream` and `Fetch`.
 //!
 //! tonic's `Streaming` appends every HTTP/2 DATA frame of a request to one buffer and decodes
 //! from there: each batch was copied once more in user space after the kernel's receive copy
 //! (~10% of the broker's CPU with 1 KiB records, `memmove` and `realloc` under
-//! `StreamingInner::poll_frame`). [`ProduceWire`] wraps the generated Broker server and answers
-//! `ProduceStream` itself:
+//! `StreamingInner::poll_frame`); and its encoder copies every response, a Fetch's batches
+//! included, into the response body's buffer. [`WireCalls`] wraps the generated Broker server
+//! and frames these two calls itself.
+//!
+//! `ProduceStream`:
 //! - the request body's frames go through [`MessageReader`](syncline_proto::wire), which hands
 //!   out each message as the slices of the frames it came in, and prost decodes the batch as a
 //!   slice of its frame: the log appends the bytes the kernel received into. The client sends
@@ -14,6 +17,12 @@
 //! - the requests then take the very path tonic's would (`produce_stream_responses`: ACLs,
 //!   quotas, limits, acknowledgements), and the responses are framed with
 //!   [`wire::encode`](syncline_proto::wire::encode), a stream error or the end as trailers.
+//!
+//! `Fetch`: the request is read whole and handed to the service's own `fetch` (the same
+//! handler, with the request's metadata and extensions: principal, connection); the response
+//! is framed with [`encode_with_payload`](syncline_proto::wire::encode_with_payload), so its
+//! batches (slices of the segments' mappings) go to h2 as a DATA frame of their own, and its
+//! extensions (the response budget's permit) stay on the response.
 //!
 //! What tonic's server did besides, and what stands in for it here: the message size limit
 //! (the same limit, refused with the same status before the message is buffered); compression
@@ -37,11 +46,14 @@ use tonic::codegen::{http, BoxFuture, Service};
 use tonic::server::NamedService;
 use tonic::Status;
 
+use syncline_proto::v1::broker_server::Broker;
+
 use super::auth::Principal;
 use super::service::{BrokerService, ResponseStream};
 
-/// The call this module serves.
+/// The calls this module serves.
 pub const PRODUCE_STREAM_PATH: &str = "/syncline.v1.Broker/ProduceStream";
+pub const FETCH_PATH: &str = "/syncline.v1.Broker/Fetch";
 
 /// The largest HTTP/2 frame the broker accepts (`SETTINGS_MAX_FRAME_SIZE`; the default is
 /// 16 KiB). Room for a 2 MiB batch and its request fields in one frame; a frame's buffer is
@@ -52,19 +64,19 @@ pub const MAX_FRAME_BYTES: u32 = 2 * 1024 * 1024 + 64 * 1024;
 /// Responses coalesced into one DATA frame at most (they are ~20 bytes each).
 const RESPONSE_CHUNK_BYTES: usize = 16 * 1024;
 
-/// The Broker server with `ProduceStream` answered here; see the module doc.
+/// The Broker server with `ProduceStream` and `Fetch` answered here; see the module doc.
 #[derive(Debug, Clone)]
-pub struct ProduceWire<S> {
+pub struct WireCalls<S> {
     inner: S,
     service: BrokerService,
     /// The largest request message (the Broker server's decoding limit).
     message_bytes_max: usize,
 }
 
-impl<S> ProduceWire<S> {
+impl<S> WireCalls<S> {
     /// Wraps `inner`, the generated server of `service`.
     pub fn new(inner: S, service: BrokerService, message_bytes_max: usize) -> Self {
-        ProduceWire {
+        WireCalls {
             inner,
             service,
             message_bytes_max,
@@ -72,14 +84,15 @@ impl<S> ProduceWire<S> {
     }
 }
 
-impl<S: NamedService> NamedService for ProduceWire<S> {
+impl<S: NamedService> NamedService for WireCalls<S> {
     const NAME: &'static str = S::NAME;
 }
 
-impl<S> Service<http::Request<Body>> for ProduceWire<S>
+impl<S> Service<http::Request<Body>> for WireCalls<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
@@ -90,9 +103,23 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != PRODUCE_STREAM_PATH {
-            return Box::pin(self.inner.call(request));
+        match request.uri().path() {
+            PRODUCE_STREAM_PATH => self.produce_stream(request),
+            FETCH_PATH => {
+                let service = self.service.clone();
+                let message_bytes_max = self.message_bytes_max;
+                Box::pin(async move { Ok(fetch(service, request, message_bytes_max).await) })
+            }
+            _ => Box::pin(self.inner.call(request)),
         }
+    }
+}
+
+impl<S> WireCalls<S> {
+    fn produce_stream<E: Send + 'static>(
+        &mut self,
+        request: http::Request<Body>,
+    ) -> BoxFuture<http::Response<Body>, E> {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
         let principal = parts.extensions.get::<Principal>().cloned();
@@ -116,6 +143,110 @@ where
                 Status::internal(format!("could not build the response: {error}")).into_http()
             }))
         })
+    }
+}
+
+/// One `Fetch`: the request read whole, the service's own handler, the response framed with
+/// its batches as a frame of their own.
+async fn fetch(
+    service: BrokerService,
+    request: http::Request<Body>,
+    message_bytes_max: usize,
+) -> http::Response<Body> {
+    let (parts, body) = request.into_parts();
+    let message = match read_request::<v1::FetchRequest>(body, message_bytes_max).await {
+        Ok(message) => message,
+        Err(status) => return status.into_http(),
+    };
+    let request = tonic::Request::from_parts(
+        tonic::metadata::MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        message,
+    );
+    let (metadata, mut message, extensions) = match Broker::fetch(&service, request).await {
+        Ok(response) => response.into_parts(),
+        Err(status) => return status.into_http(),
+    };
+    let batches = std::mem::take(&mut message.batches);
+    let [head, batches] = wire::encode_with_payload(&message, wire::FETCH_BATCHES_FIELD, batches);
+    let mut response = http::Response::new(Body::new(Frames {
+        frames: [Some(head), Some(batches).filter(|b| !b.is_empty())],
+        next: 0,
+    }));
+    *response.headers_mut() = metadata.into_headers();
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    *response.extensions_mut() = extensions;
+    response
+}
+
+/// The one message of a unary request's body.
+async fn read_request<M: prost::Message + Default>(
+    mut body: Body,
+    message_bytes_max: usize,
+) -> Result<M, Status> {
+    let mut reader = MessageReader::new(message_bytes_max);
+    let mut message = None;
+    loop {
+        if let Some(next) = reader.next_message().map_err(frame_status)? {
+            if message.is_some() {
+                return Err(Status::invalid_argument(
+                    "a unary request carried more than one message",
+                ));
+            }
+            message = Some(M::decode(next).map_err(|error| {
+                Status::invalid_argument(format!(
+                    "the request is not a valid protobuf message: {error}"
+                ))
+            })?);
+            continue;
+        }
+        match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    reader.push(data);
+                }
+            }
+            Some(Err(status)) => return Err(status),
+            None => break,
+        }
+    }
+    reader.finish().map_err(frame_status)?;
+    message.ok_or_else(|| Status::invalid_argument("the request carried no message"))
+}
+
+/// A response body of at most two frames, then OK trailers.
+struct Frames {
+    frames: [Option<Bytes>; 2],
+    next: usize,
+}
+
+impl HttpBody for Frames {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        while self.next < self.frames.len() {
+            let next = self.next;
+            self.next += 1;
+            if let Some(data) = self.frames[next].take() {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+        }
+        if self.next == self.frames.len() {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))));
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.next > self.frames.len()
     }
 }
 

@@ -1,22 +1,27 @@
-//! The `ProduceStream` call framed by hand (`syncline_proto::wire`), so that a batch goes from
-//! the producer's buffer to the socket without another copy.
+//! The calls that carry batches, framed by hand (`syncline_proto::wire`), so that a batch is
+//! not copied in user space on its way between the socket and the producer or consumer.
 //!
-//! tonic's generated client encodes each request, batch included, into the request body's
-//! buffer: a `memmove` of every byte produced (~8% of a 1 KiB producer's CPU, under prost's
-//! `BytesAdapter::append_to`). Here each request becomes two DATA frames: its prefix and
-//! fields, then the batch `Bytes` itself, which h2 writes from where it is (small batches are
-//! joined into one frame instead: one frame costs less than the copy then). The responses are
-//! small and are read with the same framing. Everything else is what tonic's client does for a
-//! streaming call: the same path and headers, the channel's credentials (the interceptor still
-//! adds the token), a trailers-only status, and a missing final status treated as tonic does.
+//! - `ProduceStream` ([`open_produce_stream`]): tonic's generated client encodes each request,
+//!   batch included, into the request body's buffer: a `memmove` of every byte produced (~8%
+//!   of a 1 KiB producer's CPU, under prost's `BytesAdapter::append_to`). Here each request
+//!   becomes two DATA frames: its prefix and fields, then the batch `Bytes` itself, which h2
+//!   writes from where it is (small batches are joined into one frame instead: one frame costs
+//!   less than the copy then). The responses are small and are read with the same framing.
+//! - `Fetch` ([`fetch`]): tonic's decoder copies the response (the batches) into one buffer
+//!   before decoding; here the response is decoded from the frames it arrived in, the batches
+//!   a slice of them when they lie in one (the client accepts 2 MiB frames, and the broker
+//!   sends the batches as a frame of their own).
+//!
+//! Everything else is what tonic's client does: the same paths and headers, the channel's
+//! credentials (the interceptor still adds the token), a trailers-only status, and a missing
+//! final status treated as tonic does.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body as HttpBody, Frame};
-use prost::Message as _;
-use syncline_proto::v1::{ProduceRequest, ProduceResponse};
+use syncline_proto::v1::{FetchRequest, FetchResponse, ProduceRequest, ProduceResponse};
 use syncline_proto::wire::{self, MessageReader, PRODUCE_BATCH_FIELD};
 use tokio::sync::mpsc;
 use tonic::body::Body;
@@ -25,32 +30,62 @@ use tonic::{Code, Status};
 
 use crate::routing::Raw;
 
-/// The call's path.
-const PATH: &str = "/syncline.v1.Broker/ProduceStream";
+const PRODUCE_STREAM: &str = "/syncline.v1.Broker/ProduceStream";
+const FETCH: &str = "/syncline.v1.Broker/Fetch";
 
 /// Batches up to this size travel in the same DATA frame as their request's fields (copied
 /// there); larger ones in a frame of their own.
 const JOIN_BYTES_MAX: usize = 4096;
 
-/// Opens the call on `raw`; `requests` are sent as they come, until the sender is dropped.
-pub(super) async fn open(
-    mut raw: Raw,
+/// Opens `ProduceStream` on `raw`; `requests` are sent as they come, until the sender is
+/// dropped.
+pub(crate) async fn open_produce_stream(
+    raw: Raw,
     requests: mpsc::UnboundedReceiver<ProduceRequest>,
     message_bytes_max: usize,
-) -> Result<Responses, Status> {
+) -> Result<Responses<ProduceResponse>, Status> {
+    let body = Body::new(Requests {
+        requests,
+        payload: None,
+    });
+    open(raw, PRODUCE_STREAM, body, message_bytes_max).await
+}
+
+/// One `Fetch` on `raw`.
+pub(crate) async fn fetch(
+    raw: Raw,
+    request: &FetchRequest,
+    message_bytes_max: usize,
+) -> Result<tonic::Response<FetchResponse>, Status> {
+    let body = Body::new(OneFrame(Some(wire::encode(request))));
+    let mut responses = open(raw, FETCH, body, message_bytes_max).await?;
+    let Some(response) = responses.message().await? else {
+        return Err(Status::internal("Missing response message."));
+    };
+    // The final status follows the message (a unary call has one).
+    if responses.message().await?.is_some() {
+        return Err(Status::internal("a Fetch answered more than one message"));
+    }
+    Ok(tonic::Response::new(response))
+}
+
+/// Starts the call `path` on `raw` with `body` and reads its response headers.
+async fn open<M>(
+    mut raw: Raw,
+    path: &'static str,
+    body: Body,
+    message_bytes_max: usize,
+) -> Result<Responses<M>, Status> {
     std::future::poll_fn(|cx| raw.poll_ready(cx))
         .await
         .map_err(|error| Status::unknown(format!("Service was not ready: {error}")))?;
     let request = http::Request::builder()
         .method(http::Method::POST)
-        .uri(PATH)
+        .uri(path)
         .version(http::Version::HTTP_2)
         .header(http::header::TE, "trailers")
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .body(Body::new(Requests {
-            requests,
-            payload: None,
-        }))
+        .body(body)
         .map_err(|error| Status::internal(format!("could not build the request: {error}")))?;
     let response = raw
         .call(request)
@@ -68,7 +103,27 @@ pub(super) async fn open(
         reader: MessageReader::new(message_bytes_max),
         http_status,
         ended,
+        _message: std::marker::PhantomData,
     })
+}
+
+/// A request body of one frame.
+struct OneFrame(Option<Bytes>);
+
+impl HttpBody for OneFrame {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Poll::Ready(self.0.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
 }
 
 /// The request body: each request as its fields and then its batch.
@@ -106,26 +161,27 @@ impl HttpBody for Requests {
     }
 }
 
-/// The responses of the call.
-pub(super) struct Responses {
+/// The responses of a call.
+pub(crate) struct Responses<M> {
     body: Body,
     reader: MessageReader,
     http_status: http::StatusCode,
     /// The final status was read (OK).
     ended: bool,
+    _message: std::marker::PhantomData<fn() -> M>,
 }
 
-impl Responses {
+impl<M: prost::Message + Default> Responses<M> {
     /// The next response; `None` when the broker ended the call with OK.
-    pub(super) async fn message(&mut self) -> Result<Option<ProduceResponse>, Status> {
+    pub(crate) async fn message(&mut self) -> Result<Option<M>, Status> {
         loop {
             if let Some(message) = self
                 .reader
                 .next_message()
-                .map_err(|error| Status::internal(format!("a produce response: {error}")))?
+                .map_err(|error| Status::internal(format!("a response: {error}")))?
             {
-                return ProduceResponse::decode(message).map(Some).map_err(|error| {
-                    Status::internal(format!("a produce response does not decode: {error}"))
+                return M::decode(message).map(Some).map_err(|error| {
+                    Status::internal(format!("a response does not decode: {error}"))
                 });
             }
             if self.ended {
@@ -174,6 +230,6 @@ fn missing_status(http_status: http::StatusCode) -> Status {
     };
     Status::new(
         code,
-        format!("the produce stream ended with HTTP status {http_status} and no gRPC status"),
+        format!("the call ended with HTTP status {http_status} and no gRPC status"),
     )
 }
