@@ -132,6 +132,11 @@ try:
     j = json.load(open(d + "/out.json"))
 except Exception:
     sys.exit(0)
+v = j.get("verify", {})
+bad = sum(v.get(k, 0) for k in ("lost", "duplicated", "reordered", "corrupt", "produce_errors"))
+if bad:
+    print("syncline %s round %s: verification failed (%s): left out" % (name, rnd, v), file=sys.stderr)
+    sys.exit(0)
 side = j["consume"] if consumers != "0" else j["produce"]
 client = sum(map(float, open(d + "/time").read().split()))
 print("\t".join(map(str, ["syncline", name, rnd, side["records_per_sec"],

@@ -96,7 +96,9 @@ Options:
 
 Environment: CARGO_TARGET_DIR (default ./target); KEEP_WORK=1 keeps the work directory (broker
 logs and data, raw outputs, the failover producers' lines) instead of deleting it. Needs bash 5
-($EPOCHREALTIME) and python3.
+($EPOCHREALTIME) and python3. LATENCY_RATES="single:100=R cluster:100=R single:1024=R
+cluster:1024=R" pins the latency part's rates (records/s) instead of half of the produce part's:
+to compare two builds at the same rates.
 EOF
 }
 
@@ -428,8 +430,14 @@ print("\t".join(["produce", target, size, "-", run, "%.0f" % p["records_per_sec"
 PY
 }
 
-# half_rate TARGET SIZE: half of the median produce records/s (0 when there is none).
+# half_rate TARGET SIZE: half of the median produce records/s (0 when there is none), or the
+# rate LATENCY_RATES pins for TARGET and SIZE (e.g. LATENCY_RATES="single:100=1260000
+# cluster:100=510000": to compare two builds at the same rates, not at half of each one's own).
 half_rate() {
+  local pinned
+  for pinned in ${LATENCY_RATES:-}; do
+    if [ "${pinned%%=*}" = "$1:$2" ]; then echo "${pinned#*=}"; return; fi
+  done
   python3 - "$RESULTS" "$1" "$2" <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]

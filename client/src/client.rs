@@ -285,21 +285,18 @@ impl Client {
         &self,
         topic: &str,
         partition: u32,
-        call: F,
+        mut call: F,
     ) -> std::result::Result<T, Failure>
     where
         F: FnMut(Grpc) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let (answer, _) = self
-            .router
-            .call(Target::Partition(topic, partition), call)
-            .await?;
-        Ok(answer)
+        self.on_partition_node(topic, partition, |node: Node| call(node.grpc))
+            .await
     }
 
     /// [`Client::on_partition`] with the node's whole connection (for calls framed by hand,
-    /// `producer::wire_call`).
+    /// `crate::wire_call`).
     pub(crate) async fn on_partition_node<T, F, Fut>(
         &self,
         topic: &str,

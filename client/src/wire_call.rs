@@ -57,7 +57,7 @@ pub(crate) async fn fetch(
     request: &FetchRequest,
     message_bytes_max: usize,
 ) -> Result<tonic::Response<FetchResponse>, Status> {
-    let body = Body::new(OneFrame(Some(wire::encode(request))));
+    let body = Body::new(wire::Frames::new([wire::encode(request)], None));
     let mut responses = open(raw, FETCH, body, message_bytes_max).await?;
     let Some(response) = responses.message().await? else {
         return Err(Status::internal("Missing response message."));
@@ -105,25 +105,6 @@ async fn open<M>(
         ended,
         _message: std::marker::PhantomData,
     })
-}
-
-/// A request body of one frame.
-struct OneFrame(Option<Bytes>);
-
-impl HttpBody for OneFrame {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        Poll::Ready(self.0.take().map(|data| Ok(Frame::data(data))))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.0.is_none()
-    }
 }
 
 /// The request body: each request as its fields and then its batch.

@@ -213,6 +213,47 @@ impl MessageReader {
     }
 }
 
+/// An HTTP/2 body of the given DATA frames, then (if given) trailers: a unary call's request
+/// or response framed by hand.
+#[derive(Debug)]
+pub struct Frames {
+    frames: VecDeque<Bytes>,
+    trailers: Option<tonic::codegen::http::HeaderMap>,
+}
+
+impl Frames {
+    /// A body of `frames` (empty ones are left out), then `trailers`.
+    pub fn new(
+        frames: impl IntoIterator<Item = Bytes>,
+        trailers: Option<tonic::codegen::http::HeaderMap>,
+    ) -> Frames {
+        Frames {
+            frames: frames.into_iter().filter(|f| !f.is_empty()).collect(),
+            trailers,
+        }
+    }
+}
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let next = match self.frames.pop_front() {
+            Some(data) => Some(http_body::Frame::data(data)),
+            None => self.trailers.take().map(http_body::Frame::trailers),
+        };
+        std::task::Poll::Ready(next.map(Ok))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.trailers.is_none()
+    }
+}
+
 /// One message as the slices of the frames it arrived in: a [`Buf`] whose `copy_to_bytes` is a
 /// slice (no copy) when the bytes lie in one frame, which is how prost reads `bytes` fields.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -169,10 +169,10 @@ async fn fetch(
     };
     let batches = std::mem::take(&mut message.batches);
     let [head, batches] = wire::encode_with_payload(&message, wire::FETCH_BATCHES_FIELD, batches);
-    let mut response = http::Response::new(Body::new(Frames {
-        frames: [Some(head), Some(batches).filter(|b| !b.is_empty())],
-        next: 0,
-    }));
+    let mut response = http::Response::new(Body::new(wire::Frames::new(
+        [head, batches],
+        Some(trailers(&Status::ok(""))),
+    )));
     *response.headers_mut() = metadata.into_headers();
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -215,39 +215,6 @@ async fn read_request<M: prost::Message + Default>(
     }
     reader.finish().map_err(frame_status)?;
     message.ok_or_else(|| Status::invalid_argument("the request carried no message"))
-}
-
-/// A response body of at most two frames, then OK trailers.
-struct Frames {
-    frames: [Option<Bytes>; 2],
-    next: usize,
-}
-
-impl HttpBody for Frames {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        while self.next < self.frames.len() {
-            let next = self.next;
-            self.next += 1;
-            if let Some(data) = self.frames[next].take() {
-                return Poll::Ready(Some(Ok(Frame::data(data))));
-            }
-        }
-        if self.next == self.frames.len() {
-            self.next += 1;
-            return Poll::Ready(Some(Ok(Frame::trailers(trailers(&Status::ok(""))))));
-        }
-        Poll::Ready(None)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.next > self.frames.len()
-    }
 }
 
 /// The requests of one `ProduceStream`, decoded from its body without copying batches.
