@@ -57,7 +57,7 @@ use crate::error::{Error, Result};
 pub type Grpc = BrokerClient<Raw>;
 
 /// One node's connection with the client's credentials, for calls framed by hand
-/// (`ProduceStream`: see `syncline_proto::wire`).
+/// (`ProduceStream` and `Fetch`: see `crate::wire_call`).
 pub(crate) type Raw = tonic::service::interceptor::InterceptedService<Channel, Credentials>;
 
 /// Adds the client's bearer token (if any) to every call as `authorization: Bearer TOKEN`.
